@@ -1,0 +1,255 @@
+//! Encode once, send many.
+//!
+//! A length-delimited sub-message and a `bytes` field share one wire format, so a
+//! `DiscoveryResponse` whose `repeated google.protobuf.Any resources = 2` is declared
+//! here as `repeated bytes` is wire-compatible with Envoy's. Each resource version is
+//! serialized once into an [`EncodedResource`]; every response that carries it clones
+//! a reference-counted [`Bytes`], never the message.
+//!
+//! The delta form is encoded as a whole `envoy.service.discovery.v3.Resource` (name,
+//! version, Any), with the Any written last so that the SotW form is a zero-copy
+//! suffix of the same buffer.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use prost::Message;
+use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
+
+/// Wire mirror of `envoy.service.discovery.v3.DiscoveryResponse`.
+#[derive(Clone, PartialEq, Message)]
+pub struct DiscoveryResponseWire {
+    #[prost(string, tag = "1")]
+    pub version_info: String,
+    /// Each element is an encoded `google.protobuf.Any`.
+    #[prost(bytes = "bytes", repeated, tag = "2")]
+    pub resources: Vec<Bytes>,
+    #[prost(string, tag = "4")]
+    pub type_url: String,
+    #[prost(string, tag = "5")]
+    pub nonce: String,
+    #[prost(message, optional, tag = "6")]
+    pub control_plane: Option<ControlPlaneWire>,
+}
+
+/// Wire mirror of `envoy.service.discovery.v3.DeltaDiscoveryResponse`.
+#[derive(Clone, PartialEq, Message)]
+pub struct DeltaDiscoveryResponseWire {
+    #[prost(string, tag = "1")]
+    pub system_version_info: String,
+    /// Each element is an encoded `envoy.service.discovery.v3.Resource`.
+    #[prost(bytes = "bytes", repeated, tag = "2")]
+    pub resources: Vec<Bytes>,
+    #[prost(string, tag = "4")]
+    pub type_url: String,
+    #[prost(string, tag = "5")]
+    pub nonce: String,
+    #[prost(string, repeated, tag = "6")]
+    pub removed_resources: Vec<String>,
+    #[prost(message, optional, tag = "7")]
+    pub control_plane: Option<ControlPlaneWire>,
+}
+
+/// Wire mirror of `envoy.config.core.v3.ControlPlane`.
+#[derive(Clone, PartialEq, Message)]
+pub struct ControlPlaneWire {
+    #[prost(string, tag = "1")]
+    pub identifier: String,
+}
+
+/// One version of one xDS resource, serialized once.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EncodedResource {
+    name: Bytes,
+    version: Bytes,
+    /// An encoded `envoy.service.discovery.v3.Resource{version=1, name=3, resource=2}`.
+    delta: Bytes,
+    /// Offset in `delta` at which the encoded `Any` starts.
+    any_offset: usize,
+}
+
+impl std::fmt::Debug for EncodedResource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EncodedResource")
+            .field("name", &self.name())
+            .field("version", &self.version())
+            .field("bytes", &self.delta.len())
+            .finish()
+    }
+}
+
+impl EncodedResource {
+    /// Encodes `message` of type `type_url` under `name` at `version`.
+    pub fn encode<M: Message>(type_url: &str, name: &str, version: &str, message: &M) -> Self {
+        Self::from_body(type_url, name, version, &message.encode_to_vec())
+    }
+
+    /// Builds the wire forms from an already encoded message body.
+    pub fn from_body(type_url: &str, name: &str, version: &str, body: &[u8]) -> Self {
+        let any_len = len_field(1, type_url.len()) + len_field(2, body.len());
+        let total = len_field(1, version.len()) + len_field(3, name.len()) + len_field(2, any_len);
+        let mut buf = BytesMut::with_capacity(total);
+        put_len_field(&mut buf, 1, version.as_bytes());
+        put_len_field(&mut buf, 3, name.as_bytes());
+        encode_key(2, WireType::LengthDelimited, &mut buf);
+        encode_varint(any_len as u64, &mut buf);
+        let any_offset = buf.len();
+        put_len_field(&mut buf, 1, type_url.as_bytes());
+        put_len_field(&mut buf, 2, body);
+        debug_assert_eq!(buf.len(), total);
+        let delta = buf.freeze();
+        // Name and version are views into the same buffer: no extra allocation.
+        let version_at = key_len(1) + encoded_len_varint(version.len() as u64);
+        let name_at = version_at + version.len() + key_len(3) + encoded_len_varint(name.len() as u64);
+        Self {
+            version: delta.slice(version_at..version_at + version.len()),
+            name: delta.slice(name_at..name_at + name.len()),
+            delta,
+            any_offset,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        // Built from a &str in `from_body`.
+        std::str::from_utf8(&self.name).unwrap_or_default()
+    }
+
+    pub fn version(&self) -> &str {
+        std::str::from_utf8(&self.version).unwrap_or_default()
+    }
+
+    /// The encoded `google.protobuf.Any`, for SotW responses.
+    pub fn any_bytes(&self) -> Bytes {
+        self.delta.slice(self.any_offset..)
+    }
+
+    /// The encoded `envoy.service.discovery.v3.Resource`, for Delta responses.
+    pub fn delta_bytes(&self) -> Bytes {
+        self.delta.clone()
+    }
+
+    /// The serialized resource message itself (the `Any.value`).
+    pub fn body(&self) -> Bytes {
+        let any = self.any_bytes();
+        let mut at = 0;
+        // Skip Any.type_url (field 1), then the key and length of Any.value (field 2).
+        for _ in 0..2 {
+            at += key_len(1);
+            let len = decode_varint_at(&any, &mut at);
+            if at + len > any.len() {
+                return Bytes::new();
+            }
+            if any.len() - at == len {
+                return any.slice(at..);
+            }
+            at += len;
+        }
+        Bytes::new()
+    }
+
+    /// Bytes held by this resource version.
+    pub fn size(&self) -> usize {
+        self.delta.len()
+    }
+}
+
+fn decode_varint_at(buf: &[u8], at: &mut usize) -> usize {
+    let mut value = 0usize;
+    let mut shift = 0;
+    while *at < buf.len() {
+        let b = buf[*at];
+        *at += 1;
+        value |= ((b & 0x7f) as usize) << shift;
+        if b & 0x80 == 0 {
+            break;
+        }
+        shift += 7;
+    }
+    value
+}
+
+const fn key_len(_tag: u32) -> usize {
+    // Every tag used here is below 16: its key fits in one byte.
+    1
+}
+
+fn len_field(tag: u32, len: usize) -> usize {
+    if len == 0 {
+        0
+    } else {
+        key_len(tag) + encoded_len_varint(len as u64) + len
+    }
+}
+
+fn put_len_field(buf: &mut BytesMut, tag: u32, value: &[u8]) {
+    if value.is_empty() {
+        return; // proto3: an empty string or bytes field is not written.
+    }
+    encode_key(tag, WireType::LengthDelimited, buf);
+    encode_varint(value.len() as u64, buf);
+    buf.put_slice(value);
+}
+
+#[allow(clippy::all, missing_debug_implementations)]
+mod generated {
+    include!(concat!(env!("OUT_DIR"), "/envoy.service.discovery.v3.AggregatedDiscoveryService.rs"));
+}
+
+pub use generated::aggregated_discovery_service_server as ads_server;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envoy::envoy::config::cluster::v3::Cluster;
+    use crate::envoy::envoy::service::discovery::v3::{
+        DeltaDiscoveryResponse, DiscoveryResponse,
+    };
+
+    fn cluster(name: &str) -> Cluster {
+        Cluster { name: name.into(), ..Default::default() }
+    }
+
+    #[test]
+    fn sotw_wire_decodes_as_envoy_discovery_response() {
+        let c = cluster("outbound|8080||reviews");
+        let r = EncodedResource::encode(crate::type_url::CLUSTER, &c.name, "v1", &c);
+        assert_eq!(r.name(), "outbound|8080||reviews");
+        assert_eq!(r.version(), "v1");
+        let wire = DiscoveryResponseWire {
+            version_info: "7".into(),
+            resources: vec![r.any_bytes(), r.any_bytes()],
+            type_url: crate::type_url::CLUSTER.into(),
+            nonce: "n1".into(),
+            control_plane: None,
+        };
+        let decoded = DiscoveryResponse::decode(wire.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(decoded.version_info, "7");
+        assert_eq!(decoded.nonce, "n1");
+        assert_eq!(decoded.resources.len(), 2);
+        assert_eq!(decoded.resources[0].type_url, crate::type_url::CLUSTER);
+        let back = Cluster::decode(decoded.resources[0].value.as_slice()).unwrap();
+        assert_eq!(back, c);
+        assert_eq!(r.body().as_ref(), c.encode_to_vec().as_slice());
+    }
+
+    #[test]
+    fn delta_wire_decodes_as_envoy_delta_response() {
+        // A body above 127 bytes exercises multi-byte length varints.
+        let c = cluster(&"x".repeat(300));
+        let r = EncodedResource::encode(crate::type_url::CLUSTER, &c.name, "abc", &c);
+        let wire = DeltaDiscoveryResponseWire {
+            system_version_info: "3".into(),
+            resources: vec![r.delta_bytes()],
+            type_url: crate::type_url::CLUSTER.into(),
+            nonce: "n2".into(),
+            removed_resources: vec!["gone".into()],
+            control_plane: None,
+        };
+        let d = DeltaDiscoveryResponse::decode(wire.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(d.removed_resources, vec!["gone".to_string()]);
+        let res = &d.resources[0];
+        assert_eq!(res.name, c.name);
+        assert_eq!(res.version, "abc");
+        let any = res.resource.as_ref().unwrap();
+        assert_eq!(Cluster::decode(any.value.as_slice()).unwrap(), c);
+        assert_eq!(r.body().as_ref(), c.encode_to_vec().as_slice());
+    }
+}
