@@ -1,1 +1,134 @@
-fn main() {}
+//! `tributary`: the hub binary. Thin: flags → [`HubConfig`] → [`Hub::start`] → wait
+//! for a signal → drain.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tributary_controlplane::app::{Hub, HubConfig};
+use tributary_controlplane::config::{self, parse_duration};
+
+#[derive(Debug, Parser)]
+#[command(name = "tributary", version, about = "Tributary: a sharded multi-cluster service-mesh control plane")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a hub: serve xDS for the mesh described by config files.
+    Hub(HubArgs),
+    /// Validate config files and exit (0: valid; 1: errors, printed one per line).
+    Validate {
+        /// Config files or directories of *.yaml / *.yml.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct HubArgs {
+    /// Config file or directory of *.yaml / *.yml (repeatable).
+    #[arg(long = "config", required = true, env = "TRIBUTARY_CONFIG")]
+    config: Vec<PathBuf>,
+    /// Address for xDS (ADS, SotW and Delta); `[::]:18000` for IPv6/dual-stack.
+    #[arg(long, default_value = "127.0.0.1:18000", env = "TRIBUTARY_XDS_ADDR")]
+    xds_addr: SocketAddr,
+    /// Address for the admin HTTP endpoint (/healthz, /readyz, /metrics, /status/*).
+    #[arg(long, default_value = "127.0.0.1:19001", env = "TRIBUTARY_ADMIN_ADDR")]
+    admin_addr: SocketAddr,
+    /// How often config files are checked for changes (e.g. 200ms, 1s).
+    #[arg(long, default_value = "500ms", value_parser = parse_duration_arg)]
+    poll_interval: Duration,
+    /// Environment of proxies whose node metadata has no "tributary.io/env".
+    #[arg(long, default_value = config::DEFAULT_ENVIRONMENT)]
+    default_env: String,
+    /// Once ready, write {"xds": ADDR, "admin": ADDR} (JSON) to this file.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+}
+
+fn parse_duration_arg(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err("must be greater than zero".into());
+    }
+    Ok(d)
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Validate { paths } => validate(&paths),
+        Command::Hub(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(hub(args))
+        }
+    }
+}
+
+fn validate(paths: &[PathBuf]) -> anyhow::Result<()> {
+    match config::watch::load(paths) {
+        Ok((files, mesh)) => {
+            let services: usize = mesh.environments.values().map(|e| e.services.len()).sum();
+            println!("ok: {} file(s), {} environment(s), {} service(s)", files.len(), mesh.environments.len(), services);
+            Ok(())
+        }
+        Err(config::watch::LoadError::Invalid(errors)) => {
+            for e in &errors.0 {
+                println!("{e}");
+            }
+            std::process::exit(1);
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn hub(args: HubArgs) -> anyhow::Result<()> {
+    let cfg = HubConfig {
+        config_paths: args.config,
+        xds_addr: args.xds_addr,
+        admin_addr: args.admin_addr,
+        poll_interval: args.poll_interval,
+        default_env: args.default_env,
+    };
+    tracing::info!(?cfg, "starting hub");
+    let hub = Hub::start(cfg).await?;
+    if let Some(path) = &args.ready_file {
+        let body = serde_json::json!({ "xds": hub.xds_addr.to_string(), "admin": hub.admin_addr.to_string() });
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, body.to_string()).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    }
+    hub.run_until(shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,105 @@
+//! The hub's admin HTTP endpoint: health, readiness, metrics, sync and config status.
+//!
+//! | path | what |
+//! |---|---|
+//! | `/healthz` | 200 while the process serves |
+//! | `/readyz` | 200 once the initial config is applied and the xDS port is bound |
+//! | `/metrics` | Prometheus text format |
+//! | `/status/sync` | JSON: every connected xDS client, per type: sent, ACKed, NACKed |
+//! | `/status/config` | JSON: config files, last applied generation, last errors |
+//! | `/status/shards` | JSON: per environment: snapshot seq and resource counts |
+//! | `/config_dump?env=E&type=CDS` | JSON: resource names and versions of a shard |
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::get;
+use prometheus_client::registry::Registry;
+use serde_json::json;
+
+use crate::config::watch::ConfigStatus;
+use crate::status::SyncRegistry;
+use crate::xds::XdsType;
+use crate::xds::snapshot::Shards;
+
+#[derive(Debug, Clone)]
+pub struct AdminState {
+    pub registry: Arc<Registry>,
+    pub sync: Arc<SyncRegistry>,
+    pub shards: Arc<Shards>,
+    pub config: Arc<Mutex<ConfigStatus>>,
+    pub ready: Arc<AtomicBool>,
+}
+
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/status/sync", get(sync_status))
+        .route("/status/config", get(config_status))
+        .route("/status/shards", get(shards))
+        .route("/config_dump", get(config_dump))
+        .with_state(state)
+}
+
+async fn readyz(State(s): State<AdminState>) -> Response {
+    if s.ready.load(Ordering::Acquire) {
+        "ready\n".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: initial config not applied\n").into_response()
+    }
+}
+
+async fn metrics(State(s): State<AdminState>) -> Response {
+    let mut text = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &s.registry) {
+        return (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {e}\n")).into_response();
+    }
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        text,
+    )
+        .into_response()
+}
+
+async fn sync_status(State(s): State<AdminState>) -> Json<serde_json::Value> {
+    Json(json!({ "clients": s.sync.snapshot() }))
+}
+
+async fn config_status(State(s): State<AdminState>) -> Json<ConfigStatus> {
+    Json(s.config.lock().unwrap().clone())
+}
+
+async fn shards(State(s): State<AdminState>) -> Json<serde_json::Value> {
+    Json(json!({ "shards": s.shards.summaries() }))
+}
+
+async fn config_dump(State(s): State<AdminState>, Query(q): Query<HashMap<String, String>>) -> Response {
+    let Some(env) = q.get("env") else {
+        return (StatusCode::BAD_REQUEST, format!("missing ?env=, one of {:?}\n", s.shards.environments())).into_response();
+    };
+    let types: Vec<XdsType> = match q.get("type") {
+        None => XdsType::ALL.to_vec(),
+        Some(t) => match XdsType::ALL.into_iter().find(|x| x.short().eq_ignore_ascii_case(t)) {
+            Some(x) => vec![x],
+            None => return (StatusCode::BAD_REQUEST, format!("unknown type {t:?}, expected CDS, EDS, LDS, RDS or SDS\n")).into_response(),
+        },
+    };
+    let snap = s.shards.current(env);
+    let mut out = serde_json::Map::new();
+    for ty in types {
+        let list: Vec<_> = snap
+            .of_type(ty)
+            .values()
+            .map(|r| json!({ "name": r.name(), "version": r.version(), "bytes": r.size() }))
+            .collect();
+        out.insert(ty.short().to_string(), list.into());
+    }
+    Json(json!({ "environment": env, "seq": snap.seq, "resources": out })).into_response()
+}

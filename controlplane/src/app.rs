@@ -1,0 +1,186 @@
+//! Assembles a hub from its config: binds the ports, loads the initial config, starts
+//! the index, the file source, the ADS server and the admin endpoint.
+//!
+//! [`Hub::start`] returns once everything is bound and the initial config is applied,
+//! with the bound addresses (tests bind port 0) and a handle that drains on shutdown.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::info;
+use tributary_proto::wire::ads_server::AggregatedDiscoveryServiceServer;
+
+use crate::admin::{self, AdminState};
+use crate::config::watch::FileSource;
+use crate::index;
+use crate::metrics::Metrics;
+use crate::model::Mesh;
+use crate::status::SyncRegistry;
+use crate::xds::server::AdsServer;
+use crate::xds::snapshot::Shards;
+
+/// Everything a hub needs to start. Built by `main` from flags, or directly by tests.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// Config files or directories of `*.yaml`.
+    pub config_paths: Vec<PathBuf>,
+    pub xds_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub poll_interval: Duration,
+    /// Environment of proxies whose node names none.
+    pub default_env: String,
+}
+
+impl HubConfig {
+    pub fn local(config_paths: Vec<PathBuf>) -> Self {
+        Self {
+            config_paths,
+            xds_addr: "127.0.0.1:0".parse().unwrap(),
+            admin_addr: "127.0.0.1:0".parse().unwrap(),
+            poll_interval: Duration::from_millis(500),
+            default_env: crate::config::DEFAULT_ENVIRONMENT.to_string(),
+        }
+    }
+}
+
+/// A running hub.
+#[derive(Debug)]
+pub struct Hub {
+    pub xds_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub shards: Arc<Shards>,
+    pub sync: Arc<SyncRegistry>,
+    pub metrics: Arc<Metrics>,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<anyhow::Result<()>>,
+}
+
+impl Hub {
+    pub async fn start(cfg: HubConfig) -> anyhow::Result<Hub> {
+        let mut registry = Registry::default();
+        let metrics = Arc::new(Metrics::new(&mut registry));
+        let shards = Arc::new(Shards::default());
+        let sync = Arc::new(SyncRegistry::default());
+        let ready = Arc::new(AtomicBool::new(false));
+
+        let source = FileSource::new(cfg.config_paths.clone(), cfg.poll_interval, metrics.clone());
+        let config_status = source.status();
+        let (contents, mesh) = source.initial().context("loading the initial config")?;
+        index::apply(&Mesh::default(), &mesh, &shards, &metrics);
+        let (mesh_tx, mesh_rx) = watch::channel(Arc::new(mesh));
+
+        let xds_listener = TcpListener::bind(cfg.xds_addr)
+            .await
+            .with_context(|| format!("binding the xDS address {}", cfg.xds_addr))?;
+        let admin_listener = TcpListener::bind(cfg.admin_addr)
+            .await
+            .with_context(|| format!("binding the admin address {}", cfg.admin_addr))?;
+        let xds_addr = xds_listener.local_addr()?;
+        let admin_addr = admin_listener.local_addr()?;
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let stopped = move || {
+            let mut rx = shutdown_rx.clone();
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+        };
+        let mut tasks = JoinSet::new();
+
+        tasks.spawn({
+            let (shards, metrics) = (shards.clone(), metrics.clone());
+            async move {
+                index::run(mesh_rx, shards, metrics).await;
+                Ok(())
+            }
+        });
+        tasks.spawn({
+            let stop = stopped();
+            async move {
+                tokio::select! {
+                    _ = source.run(contents, mesh_tx) => {}
+                    _ = stop => {}
+                }
+                Ok(())
+            }
+        });
+
+        let ads = AdsServer::new(shards.clone(), sync.clone(), metrics.clone(), cfg.default_env.clone());
+        let ads = AggregatedDiscoveryServiceServer::new(ads)
+            .max_decoding_message_size(16 << 20)
+            .max_encoding_message_size(usize::MAX);
+        tasks.spawn({
+            let stop = stopped();
+            async move {
+                tonic::transport::Server::builder()
+                    .tcp_nodelay(true)
+                    .http2_keepalive_interval(Some(Duration::from_secs(30)))
+                    .add_service(ads)
+                    .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(xds_listener), stop)
+                    .await
+                    .context("xDS server")
+            }
+        });
+
+        let state = AdminState {
+            registry: Arc::new(registry),
+            sync: sync.clone(),
+            shards: shards.clone(),
+            config: config_status,
+            ready: ready.clone(),
+        };
+        tasks.spawn({
+            let stop = stopped();
+            async move {
+                axum::serve(admin_listener, admin::router(state))
+                    .with_graceful_shutdown(stop)
+                    .await
+                    .context("admin server")
+            }
+        });
+
+        ready.store(true, Ordering::Release);
+        info!(%xds_addr, %admin_addr, environments = ?shards.environments(), "hub ready");
+        Ok(Hub { xds_addr, admin_addr, shards, sync, metrics, shutdown, tasks })
+    }
+
+    /// Stops accepting, ends every stream and waits for the tasks.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        let _ = self.shutdown.send(true);
+        self.tasks.abort_all();
+        while let Some(r) = self.tasks.join_next().await {
+            match r {
+                Ok(Err(e)) => return Err(e),
+                Ok(Ok(())) => {}
+                Err(e) if e.is_cancelled() => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs until `signal` resolves or a task fails.
+    pub async fn run_until(mut self, signal: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+        tokio::select! {
+            _ = signal => {
+                info!("shutting down");
+                self.shutdown().await
+            }
+            Some(r) = self.tasks.join_next() => {
+                match r {
+                    Ok(Ok(())) => Err(anyhow::anyhow!("a hub task ended unexpectedly")),
+                    Ok(Err(e)) => Err(e),
+                    Err(e) => Err(e.into()),
+                }
+            }
+        }
+    }
+}

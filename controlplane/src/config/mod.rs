@@ -1,0 +1,763 @@
+//! The file config source: Kubernetes-style YAML documents → a validated [`Mesh`].
+//!
+//! Parsing is a pure function of file names and contents ([`parse_files`]), so it is
+//! tested without touching the disk; [`watch`] reads the files and feeds the index.
+//! Every error names the file, the document, the field and what was expected, and a
+//! file set with any error is rejected whole (the last good config stays in force).
+
+pub mod watch;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::model::{
+    Destination, Endpoint, Gateway, GatewayListener, HeaderMatch, HeaderValueMatch,
+    Health, Locality, Mesh, ObjectKey, PathMatch, Protocol, Route, RouteRule, Service,
+    ServicePort, Subset,
+};
+
+pub const API_VERSION: &str = "tributary.io/v1alpha1";
+pub const DEFAULT_NAMESPACE: &str = "default";
+pub const DEFAULT_ENVIRONMENT: &str = "default";
+
+/// One problem in one document. Not retryable: the input must change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}: {document}: {field}{sep}{message}", sep = if field.is_empty() { "" } else { ": " })]
+pub struct ConfigError {
+    pub file: String,
+    /// `document N (Kind namespace/name)`, or `document N` before the name is known.
+    pub document: String,
+    /// Dotted path of the offending field, e.g. `spec.ports[0].port`; may be empty.
+    pub field: String,
+    pub message: String,
+}
+
+/// All the errors of one attempt to load a file set.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{} config error(s):\n{}", .0.len(), .0.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+// ---- raw documents, as written --------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDocument {
+    #[serde(rename = "apiVersion")]
+    api_version: Option<String>,
+    kind: Option<String>,
+    metadata: Option<RawMetadata>,
+    spec: Option<serde_yaml::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetadata {
+    name: Option<String>,
+    namespace: Option<String>,
+    environment: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    #[serde(default)]
+    hosts: Vec<String>,
+    #[serde(default)]
+    ports: Vec<RawServicePort>,
+    #[serde(default)]
+    subsets: Vec<RawSubset>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServicePort {
+    name: Option<String>,
+    port: i64,
+    protocol: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSubset {
+    name: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEndpoints {
+    service: Option<String>,
+    #[serde(default)]
+    endpoints: Vec<RawEndpoint>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEndpoint {
+    address: String,
+    port: Option<i64>,
+    #[serde(default)]
+    ports: BTreeMap<String, i64>,
+    #[serde(default)]
+    locality: RawLocality,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    weight: Option<i64>,
+    health: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLocality {
+    #[serde(default)]
+    region: String,
+    #[serde(default)]
+    zone: String,
+    #[serde(default)]
+    cluster: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    #[serde(default)]
+    hosts: Vec<String>,
+    port: Option<i64>,
+    #[serde(default)]
+    http: Vec<RawRule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    #[serde(rename = "match", default)]
+    matches: RawMatch,
+    #[serde(default)]
+    destinations: Vec<RawDestination>,
+    timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMatch {
+    path: Option<RawStringMatch>,
+    #[serde(default)]
+    headers: Vec<RawHeaderMatch>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStringMatch {
+    prefix: Option<String>,
+    exact: Option<String>,
+    regex: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHeaderMatch {
+    name: String,
+    exact: Option<String>,
+    prefix: Option<String>,
+    regex: Option<String>,
+    present: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDestination {
+    service: String,
+    port: Option<i64>,
+    subset: Option<String>,
+    weight: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGateway {
+    #[serde(default)]
+    listeners: Vec<RawGatewayListener>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGatewayListener {
+    name: String,
+    address: Option<String>,
+    port: i64,
+    protocol: Option<String>,
+    hosts: Option<Vec<String>>,
+}
+
+// ---- parsing ----------------------------------------------------------------------
+
+/// A parsed document waiting for cross-object validation.
+struct Doc<T> {
+    file: String,
+    document: String,
+    env: String,
+    key: ObjectKey,
+    spec: T,
+}
+
+impl<T> Doc<T> {
+    fn err(&self, field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.file.clone(),
+            document: self.document.clone(),
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Parsed {
+    services: Vec<Doc<RawService>>,
+    endpoints: Vec<Doc<RawEndpoints>>,
+    routes: Vec<Doc<RawRoute>>,
+    gateways: Vec<Doc<RawGateway>>,
+}
+
+/// Parses and validates a file set: `(file name, contents)` pairs, in load order.
+pub fn parse_files<'a>(
+    files: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Result<Mesh, ConfigErrors> {
+    let mut errors = Vec::new();
+    let mut parsed = Parsed::default();
+    let mut seen: HashMap<(String, String, ObjectKey), String> = HashMap::new();
+    for (file, text) in files {
+        parse_file(file, text, &mut parsed, &mut seen, &mut errors);
+    }
+    let mesh = build_mesh(parsed, &mut errors);
+    if errors.is_empty() { Ok(mesh) } else { Err(ConfigErrors(errors)) }
+}
+
+fn parse_file(
+    file: &str,
+    text: &str,
+    parsed: &mut Parsed,
+    seen: &mut HashMap<(String, String, ObjectKey), String>,
+    errors: &mut Vec<ConfigError>,
+) {
+    for (index, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let number = index + 1;
+        let doc_err = |document: String, field: &str, message: String| ConfigError {
+            file: file.to_string(),
+            document,
+            field: field.to_string(),
+            message,
+        };
+        let value = match serde_yaml::Value::deserialize(de) {
+            Ok(v) => v,
+            Err(e) => {
+                errors.push(doc_err(format!("document {number}"), "", format!("invalid YAML: {e}")));
+                // The rest of the stream cannot be trusted after a syntax error.
+                return;
+            }
+        };
+        if value.is_null() {
+            continue; // an empty document (e.g. a trailing `---`)
+        }
+        let raw: RawDocument = match serde_yaml::from_value(value) {
+            Ok(raw) => raw,
+            Err(e) => {
+                errors.push(doc_err(format!("document {number}"), "", yaml_message(&e)));
+                continue;
+            }
+        };
+        let anon = format!("document {number}");
+        match raw.api_version.as_deref() {
+            Some(API_VERSION) => {}
+            Some(other) => {
+                errors.push(doc_err(anon, "apiVersion", format!("{other:?} is not supported, expected {API_VERSION:?}")));
+                continue;
+            }
+            None => {
+                errors.push(doc_err(anon, "apiVersion", format!("missing, expected {API_VERSION:?}")));
+                continue;
+            }
+        }
+        let Some(kind) = raw.kind else {
+            errors.push(doc_err(anon, "kind", "missing, expected one of Service, Endpoints, Route, Gateway".into()));
+            continue;
+        };
+        let Some(meta) = raw.metadata else {
+            errors.push(doc_err(format!("document {number} ({kind})"), "metadata", "missing, expected metadata.name".into()));
+            continue;
+        };
+        let namespace = meta.namespace.unwrap_or_else(|| DEFAULT_NAMESPACE.to_string());
+        let env = meta.environment.unwrap_or_else(|| DEFAULT_ENVIRONMENT.to_string());
+        let name = meta.name.unwrap_or_default();
+        let document = format!("document {number} ({kind} {env}/{namespace}/{name})");
+        let _ = meta.labels;
+        let mut bad_name = false;
+        for (field, value) in [("metadata.name", &name), ("metadata.namespace", &namespace), ("metadata.environment", &env)] {
+            if let Err(message) = check_dns_name(value) {
+                errors.push(doc_err(document.clone(), field, message));
+                bad_name = true;
+            }
+        }
+        if bad_name {
+            continue;
+        }
+        let key = ObjectKey { namespace, name };
+        if let Some(first) = seen.insert((env.clone(), kind.clone(), key.clone()), format!("{file} {document}")) {
+            errors.push(doc_err(document.clone(), "metadata.name", format!("duplicate {kind} {key} in environment {env:?} (first defined in {first})")));
+            continue;
+        }
+        let spec = raw.spec.unwrap_or(serde_yaml::Value::Null);
+        let spec = if spec.is_null() { serde_yaml::Value::Mapping(Default::default()) } else { spec };
+        macro_rules! push {
+            ($list:ident, $ty:ty) => {
+                match serde_yaml::from_value::<$ty>(spec) {
+                    Ok(spec) => parsed.$list.push(Doc { file: file.to_string(), document, env, key, spec }),
+                    Err(e) => errors.push(doc_err(document, &spec_field(&e), yaml_message(&e))),
+                }
+            };
+        }
+        match kind.as_str() {
+            "Service" => push!(services, RawService),
+            "Endpoints" => push!(endpoints, RawEndpoints),
+            "Route" => push!(routes, RawRoute),
+            "Gateway" => push!(gateways, RawGateway),
+            other => errors.push(doc_err(document, "kind", format!("{other:?} is not a known kind, expected one of Service, Endpoints, Route, Gateway"))),
+        }
+    }
+}
+
+/// serde_yaml prefixes nested errors with their path (`ports[0]: unknown field ...`);
+/// turn that into our `spec.` field path.
+fn spec_field(e: &serde_yaml::Error) -> String {
+    let text = e.to_string();
+    match text.split_once(": ") {
+        Some((path, _)) if !path.contains(' ') => format!("spec.{path}"),
+        _ => "spec".to_string(),
+    }
+}
+
+fn yaml_message(e: &serde_yaml::Error) -> String {
+    let text = e.to_string();
+    match text.split_once(": ") {
+        Some((path, rest)) if !path.contains(' ') => rest.to_string(),
+        _ => text,
+    }
+}
+
+fn check_dns_name(value: &str) -> Result<(), String> {
+    let ok = !value.is_empty()
+        && value.len() <= 253
+        && value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && value.as_bytes()[0].is_ascii_alphanumeric()
+        && value.as_bytes()[value.len() - 1].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{value:?} is not a valid name, expected lower-case letters, digits, '-' and '.', starting and ending with a letter or digit, at most 253 characters"))
+    }
+}
+
+fn check_port(value: i64) -> Result<u16, String> {
+    u16::try_from(value)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{value} is out of range, expected 1..=65535"))
+}
+
+fn parse_address(value: &str) -> Result<IpAddr, String> {
+    let trimmed = value.trim_start_matches('[').trim_end_matches(']');
+    trimmed
+        .parse()
+        .map_err(|_| format!("{value:?} is not an IPv4 or IPv6 address"))
+}
+
+/// Parses `250ms`, `5s`, `1m`, `1.5s`.
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    let value = value.trim();
+    let (number, unit) = value
+        .find(|c: char| c.is_ascii_alphabetic())
+        .map(|i| value.split_at(i))
+        .ok_or_else(|| format!("{value:?} has no unit, expected e.g. 250ms, 5s, 1m"))?;
+    let n: f64 = number
+        .parse()
+        .map_err(|_| format!("{value:?} is not a duration, expected e.g. 250ms, 5s, 1m"))?;
+    let scale = match unit {
+        "ms" => 0.001,
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(format!("{value:?} has unknown unit {unit:?}, expected ms, s, m or h")),
+    };
+    let secs = n * scale;
+    if !(secs.is_finite() && secs >= 0.0) {
+        return Err(format!("{value:?} must be a non-negative duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_protocol(value: Option<&str>) -> Result<Protocol, String> {
+    match value.unwrap_or("HTTP") {
+        "HTTP" => Ok(Protocol::Http),
+        "HTTP2" => Ok(Protocol::Http2),
+        "GRPC" => Ok(Protocol::Grpc),
+        "TCP" => Ok(Protocol::Tcp),
+        other => Err(format!("{other:?} is not a protocol, expected HTTP, HTTP2, GRPC or TCP")),
+    }
+}
+
+fn parse_health(value: Option<&str>) -> Result<Health, String> {
+    match value.unwrap_or("HEALTHY") {
+        "HEALTHY" => Ok(Health::Healthy),
+        "UNHEALTHY" => Ok(Health::Unhealthy),
+        "DRAINING" => Ok(Health::Draining),
+        "UNKNOWN" => Ok(Health::Unknown),
+        other => Err(format!("{other:?} is not a health status, expected HEALTHY, UNHEALTHY, DRAINING or UNKNOWN")),
+    }
+}
+
+// ---- cross-object validation ----------------------------------------------------
+
+fn build_mesh(parsed: Parsed, errors: &mut Vec<ConfigError>) -> Mesh {
+    let mut mesh = Mesh::default();
+    // Hosts are unique per environment: host -> owning service.
+    let mut hosts: HashMap<(String, String), ObjectKey> = HashMap::new();
+
+    for doc in &parsed.services {
+        if let Some(service) = build_service(doc, &mut hosts, errors) {
+            mesh.environments.entry(doc.env.clone()).or_default().services.insert(doc.key.clone(), service);
+        }
+    }
+    for doc in &parsed.endpoints {
+        build_endpoints(doc, &mut mesh, errors);
+    }
+    for doc in &parsed.routes {
+        if let Some(route) = build_route(doc, &mesh, &hosts, errors) {
+            mesh.environments.entry(doc.env.clone()).or_default().routes.push(route);
+        }
+    }
+    for doc in &parsed.gateways {
+        if let Some(gateway) = build_gateway(doc, errors) {
+            mesh.environments.entry(doc.env.clone()).or_default().gateways.insert(gateway.name.clone(), gateway);
+        }
+    }
+    mesh
+}
+
+fn build_service(
+    doc: &Doc<RawService>,
+    hosts: &mut HashMap<(String, String), ObjectKey>,
+    errors: &mut Vec<ConfigError>,
+) -> Option<Service> {
+    let before = errors.len();
+    let spec = &doc.spec;
+    if spec.hosts.is_empty() {
+        errors.push(doc.err("spec.hosts", "must list at least one host"));
+    }
+    for (i, host) in spec.hosts.iter().enumerate() {
+        if let Err(message) = check_dns_name(host) {
+            errors.push(doc.err(format!("spec.hosts[{i}]"), message));
+        } else if let Some(owner) = hosts.insert((doc.env.clone(), host.clone()), doc.key.clone()) {
+            if owner != doc.key {
+                errors.push(doc.err(format!("spec.hosts[{i}]"), format!("host {host:?} is already used by Service {owner} in environment {:?}", doc.env)));
+            }
+        }
+    }
+    if spec.ports.is_empty() {
+        errors.push(doc.err("spec.ports", "must list at least one port"));
+    }
+    let mut ports = Vec::new();
+    for (i, p) in spec.ports.iter().enumerate() {
+        let field = format!("spec.ports[{i}]");
+        let port = check_port(p.port).map_err(|m| errors.push(doc.err(format!("{field}.port"), m))).ok();
+        let protocol = parse_protocol(p.protocol.as_deref()).map_err(|m| errors.push(doc.err(format!("{field}.protocol"), m))).ok();
+        let name = match &p.name {
+            Some(n) if !n.is_empty() => n.clone(),
+            _ => {
+                errors.push(doc.err(format!("{field}.name"), "missing, every port needs a name (endpoints map ports by name)"));
+                continue;
+            }
+        };
+        if ports.iter().any(|q: &ServicePort| q.name == name) {
+            errors.push(doc.err(format!("{field}.name"), format!("duplicate port name {name:?}")));
+        }
+        if let (Some(port), Some(protocol)) = (port, protocol) {
+            if ports.iter().any(|q: &ServicePort| q.port == port) {
+                errors.push(doc.err(format!("{field}.port"), format!("duplicate port {port}")));
+            }
+            ports.push(ServicePort { name, port, protocol });
+        }
+    }
+    let mut subsets: Vec<Subset> = Vec::new();
+    for (i, s) in spec.subsets.iter().enumerate() {
+        if let Err(message) = check_dns_name(&s.name) {
+            errors.push(doc.err(format!("spec.subsets[{i}].name"), message));
+        } else if subsets.iter().any(|q| q.name == s.name) {
+            errors.push(doc.err(format!("spec.subsets[{i}].name"), format!("duplicate subset {:?}", s.name)));
+        } else {
+            subsets.push(Subset { name: s.name.clone(), labels: s.labels.clone() });
+        }
+    }
+    (errors.len() == before).then(|| Service {
+        key: doc.key.clone(),
+        hosts: spec.hosts.clone(),
+        ports,
+        subsets,
+        endpoints: Vec::new(),
+    })
+}
+
+fn build_endpoints(doc: &Doc<RawEndpoints>, mesh: &mut Mesh, errors: &mut Vec<ConfigError>) {
+    let service_name = doc.spec.service.clone().unwrap_or_else(|| doc.key.name.clone());
+    let service_key = ObjectKey { namespace: doc.key.namespace.clone(), name: service_name };
+    let Some(service) = mesh
+        .environments
+        .get_mut(&doc.env)
+        .and_then(|env| env.services.get_mut(&service_key))
+    else {
+        errors.push(doc.err("spec.service", format!("{service_key} is not a Service in environment {:?}", doc.env)));
+        return;
+    };
+    let before = errors.len();
+    let mut endpoints = Vec::with_capacity(doc.spec.endpoints.len());
+    for (i, e) in doc.spec.endpoints.iter().enumerate() {
+        let field = format!("spec.endpoints[{i}]");
+        let address = parse_address(&e.address).map_err(|m| errors.push(doc.err(format!("{field}.address"), m))).ok();
+        let port = e.port.map(check_port).transpose().map_err(|m| errors.push(doc.err(format!("{field}.port"), m))).ok().flatten();
+        let mut ports = BTreeMap::new();
+        for (name, value) in &e.ports {
+            if service.ports.iter().all(|p| &p.name != name) {
+                let known: Vec<_> = service.ports.iter().map(|p| p.name.as_str()).collect();
+                errors.push(doc.err(format!("{field}.ports.{name}"), format!("{name:?} is not a port of Service {service_key}, expected one of {known:?}")));
+            }
+            match check_port(*value) {
+                Ok(p) => {
+                    ports.insert(name.clone(), p);
+                }
+                Err(m) => errors.push(doc.err(format!("{field}.ports.{name}"), m)),
+            }
+        }
+        if e.port.is_none() && e.ports.is_empty() {
+            errors.push(doc.err(format!("{field}.port"), "missing, expected `port` or `ports`"));
+        }
+        let weight = match e.weight.unwrap_or(1) {
+            w @ 1..=1_000_000 => w as u32,
+            w => {
+                errors.push(doc.err(format!("{field}.weight"), format!("{w} is out of range, expected 1..=1000000")));
+                1
+            }
+        };
+        let health = parse_health(e.health.as_deref()).map_err(|m| errors.push(doc.err(format!("{field}.health"), m))).ok();
+        if let (Some(address), Some(health)) = (address, health) {
+            endpoints.push(Endpoint {
+                address,
+                port,
+                ports,
+                locality: Locality {
+                    region: e.locality.region.clone(),
+                    zone: e.locality.zone.clone(),
+                    cluster: e.locality.cluster.clone(),
+                },
+                labels: e.labels.clone(),
+                weight,
+                health,
+            });
+        }
+    }
+    if errors.len() == before {
+        service.endpoints.extend(endpoints);
+    }
+}
+
+fn build_route(
+    doc: &Doc<RawRoute>,
+    mesh: &Mesh,
+    hosts: &HashMap<(String, String), ObjectKey>,
+    errors: &mut Vec<ConfigError>,
+) -> Option<Route> {
+    let before = errors.len();
+    let spec = &doc.spec;
+    let services = mesh.environments.get(&doc.env).map(|e| &e.services);
+    let lookup = |key: &ObjectKey| services.and_then(|s| s.get(key));
+    if spec.hosts.is_empty() {
+        errors.push(doc.err("spec.hosts", "must list at least one host"));
+    }
+    let mut host_services = BTreeSet::new();
+    for (i, host) in spec.hosts.iter().enumerate() {
+        match hosts.get(&(doc.env.clone(), host.clone())) {
+            Some(owner) => {
+                host_services.insert(owner.clone());
+            }
+            None => errors.push(doc.err(format!("spec.hosts[{i}]"), format!("{host:?} is not a host of any Service in environment {:?}", doc.env))),
+        }
+    }
+    let port = match spec.port {
+        Some(p) => check_port(p).map_err(|m| errors.push(doc.err("spec.port", m))).ok(),
+        None => {
+            let mut numbers = BTreeSet::new();
+            for key in &host_services {
+                if let Some(s) = lookup(key) {
+                    numbers.extend(s.ports.iter().map(|p| p.port));
+                }
+            }
+            if numbers.len() == 1 {
+                numbers.into_iter().next()
+            } else {
+                if !host_services.is_empty() {
+                    errors.push(doc.err("spec.port", format!("missing: the hosts' services have ports {numbers:?}, name the one this route applies to")));
+                }
+                None
+            }
+        }
+    };
+    if let Some(port) = port {
+        for key in &host_services {
+            if lookup(key).is_some_and(|s| s.port(port).is_none()) {
+                errors.push(doc.err("spec.port", format!("{port} is not a port of Service {key}")));
+            }
+        }
+    }
+    if spec.http.is_empty() {
+        errors.push(doc.err("spec.http", "must list at least one rule"));
+    }
+    let mut rules = Vec::new();
+    for (i, rule) in spec.http.iter().enumerate() {
+        let field = format!("spec.http[{i}]");
+        let path = match &rule.matches.path {
+            None => PathMatch::Prefix("/".into()),
+            Some(m) => match (&m.prefix, &m.exact, &m.regex) {
+                (Some(p), None, None) => PathMatch::Prefix(p.clone()),
+                (None, Some(p), None) => PathMatch::Exact(p.clone()),
+                (None, None, Some(p)) => PathMatch::Regex(p.clone()),
+                _ => {
+                    errors.push(doc.err(format!("{field}.match.path"), "expected exactly one of prefix, exact, regex"));
+                    PathMatch::Prefix("/".into())
+                }
+            },
+        };
+        let mut headers = Vec::new();
+        for (j, h) in rule.matches.headers.iter().enumerate() {
+            let value = match (&h.exact, &h.prefix, &h.regex, h.present) {
+                (Some(v), None, None, None) => HeaderValueMatch::Exact(v.clone()),
+                (None, Some(v), None, None) => HeaderValueMatch::Prefix(v.clone()),
+                (None, None, Some(v), None) => HeaderValueMatch::Regex(v.clone()),
+                (None, None, None, Some(true)) => HeaderValueMatch::Present,
+                _ => {
+                    errors.push(doc.err(format!("{field}.match.headers[{j}]"), "expected exactly one of exact, prefix, regex, present: true"));
+                    continue;
+                }
+            };
+            if h.name.is_empty() {
+                errors.push(doc.err(format!("{field}.match.headers[{j}].name"), "must not be empty"));
+            }
+            headers.push(HeaderMatch { name: h.name.to_ascii_lowercase(), value });
+        }
+        if rule.destinations.is_empty() {
+            errors.push(doc.err(format!("{field}.destinations"), "must list at least one destination"));
+        }
+        let mut destinations = Vec::new();
+        let mut total: u64 = 0;
+        for (j, d) in rule.destinations.iter().enumerate() {
+            let dfield = format!("{field}.destinations[{j}]");
+            let key = match d.service.split_once('/') {
+                Some((ns, name)) => ObjectKey { namespace: ns.into(), name: name.into() },
+                None => ObjectKey { namespace: doc.key.namespace.clone(), name: d.service.clone() },
+            };
+            let Some(service) = lookup(&key) else {
+                errors.push(doc.err(format!("{dfield}.service"), format!("{key} is not a Service in environment {:?}", doc.env)));
+                continue;
+            };
+            let dport = match d.port {
+                Some(p) => match check_port(p) {
+                    Ok(p) => Some(p),
+                    Err(m) => {
+                        errors.push(doc.err(format!("{dfield}.port"), m));
+                        None
+                    }
+                },
+                None if service.ports.len() == 1 => Some(service.ports[0].port),
+                None => port,
+            };
+            let Some(dport) = dport else {
+                if d.port.is_none() {
+                    errors.push(doc.err(format!("{dfield}.port"), format!("missing: Service {key} has several ports")));
+                }
+                continue;
+            };
+            if service.port(dport).is_none() {
+                errors.push(doc.err(format!("{dfield}.port"), format!("{dport} is not a port of Service {key}")));
+            }
+            if let Some(subset) = &d.subset {
+                if service.subset(subset).is_none() {
+                    errors.push(doc.err(format!("{dfield}.subset"), format!("{subset:?} is not a subset of Service {key}")));
+                }
+            }
+            let weight = match d.weight.unwrap_or(1) {
+                w @ 0..=1_000_000 => w as u32,
+                w => {
+                    errors.push(doc.err(format!("{dfield}.weight"), format!("{w} is out of range, expected 0..=1000000")));
+                    0
+                }
+            };
+            total += u64::from(weight);
+            destinations.push(Destination { service: key, port: dport, subset: d.subset.clone(), weight });
+        }
+        if !rule.destinations.is_empty() && total == 0 {
+            errors.push(doc.err(format!("{field}.destinations"), "weights sum to zero, expected at least one positive weight"));
+        }
+        let timeout = rule
+            .timeout
+            .as_deref()
+            .map(parse_duration)
+            .transpose()
+            .map_err(|m| errors.push(doc.err(format!("{field}.timeout"), m)))
+            .ok()
+            .flatten();
+        rules.push(RouteRule { path, headers, destinations, timeout });
+    }
+    let port = port?;
+    (errors.len() == before).then(|| Route { key: doc.key.clone(), hosts: spec.hosts.clone(), port, rules })
+}
+
+fn build_gateway(doc: &Doc<RawGateway>, errors: &mut Vec<ConfigError>) -> Option<Gateway> {
+    let before = errors.len();
+    let mut listeners: Vec<GatewayListener> = Vec::new();
+    if doc.spec.listeners.is_empty() {
+        errors.push(doc.err("spec.listeners", "must list at least one listener"));
+    }
+    for (i, l) in doc.spec.listeners.iter().enumerate() {
+        let field = format!("spec.listeners[{i}]");
+        if let Err(m) = check_dns_name(&l.name) {
+            errors.push(doc.err(format!("{field}.name"), m));
+        }
+        if listeners.iter().any(|q| q.name == l.name) {
+            errors.push(doc.err(format!("{field}.name"), format!("duplicate listener {:?}", l.name)));
+        }
+        let address = parse_address(l.address.as_deref().unwrap_or("0.0.0.0")).map_err(|m| errors.push(doc.err(format!("{field}.address"), m))).ok();
+        let port = check_port(l.port).map_err(|m| errors.push(doc.err(format!("{field}.port"), m))).ok();
+        match l.protocol.as_deref().unwrap_or("HTTP") {
+            "HTTP" => {}
+            other => errors.push(doc.err(format!("{field}.protocol"), format!("{other:?} is not supported, expected HTTP"))),
+        }
+        let hosts = match &l.hosts {
+            None => None,
+            Some(h) if h.iter().any(|h| h == "*") => None,
+            Some(h) => Some(h.clone()),
+        };
+        if let (Some(address), Some(port)) = (address, port) {
+            if let Some(other) = listeners.iter().find(|q| q.address == address && q.port == port) {
+                errors.push(doc.err(format!("{field}.port"), format!("{address} port {port} is already used by listener {:?}", other.name)));
+            }
+            listeners.push(GatewayListener { name: l.name.clone(), address, port, hosts });
+        }
+    }
+    (errors.len() == before).then(|| Gateway { name: doc.key.name.clone(), listeners })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,17 @@
+//! The Tributary hub.
+//!
+//! Data flow (see `ARCHITECTURE.md`): a config source ([`config`]) produces a validated
+//! [`model::Mesh`]; the [`index`] — the single writer — regenerates the environments
+//! that changed ([`xds::generate`]) and publishes immutable per-environment snapshots
+//! ([`xds::snapshot`]); each ADS stream ([`xds::server`]) diffs the newest snapshot
+//! against what its client holds and sends only the difference from pre-encoded
+//! bytes. [`admin`] serves health, metrics and sync status; [`app`] wires it together.
+
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod index;
+pub mod metrics;
+pub mod model;
+pub mod status;
+pub mod xds;

@@ -1,0 +1,97 @@
+//! The hub's Prometheus metrics, registered once into one registry.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::xds::XdsType;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TypeLabel {
+    pub r#type: &'static str,
+}
+
+impl From<XdsType> for TypeLabel {
+    fn from(t: XdsType) -> Self {
+        TypeLabel { r#type: t.short() }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtocolLabel {
+    pub protocol: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EnvLabel {
+    pub environment: String,
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    pub xds_connections: Family<ProtocolLabel, Gauge>,
+    pub xds_requests: Family<TypeLabel, Counter>,
+    pub xds_responses: Family<TypeLabel, Counter>,
+    pub xds_resources_sent: Family<TypeLabel, Counter>,
+    pub xds_bytes_sent: Family<TypeLabel, Counter>,
+    pub xds_acks: Family<TypeLabel, Counter>,
+    pub xds_nacks: Family<TypeLabel, Counter>,
+    pub xds_pump_seconds: Histogram,
+    pub config_reloads: Counter,
+    pub config_reload_errors: Counter,
+    pub snapshots_published: Family<EnvLabel, Counter>,
+    pub generation_seconds: Histogram,
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them under the `tributary` prefix.
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Metrics {
+            xds_connections: Family::default(),
+            xds_requests: Family::default(),
+            xds_responses: Family::default(),
+            xds_resources_sent: Family::default(),
+            xds_bytes_sent: Family::default(),
+            xds_acks: Family::default(),
+            xds_nacks: Family::default(),
+            xds_pump_seconds: Histogram::new(exponential_buckets(1e-6, 4.0, 12)),
+            config_reloads: Counter::default(),
+            config_reload_errors: Counter::default(),
+            snapshots_published: Family::default(),
+            generation_seconds: Histogram::new(exponential_buckets(1e-5, 4.0, 12)),
+        };
+        let r = registry.sub_registry_with_prefix("tributary");
+        r.register("xds_connections", "Connected xDS streams", m.xds_connections.clone());
+        r.register("xds_requests", "xDS requests received", m.xds_requests.clone());
+        r.register("xds_responses", "xDS responses sent", m.xds_responses.clone());
+        r.register("xds_resources_sent", "Resources carried by xDS responses", m.xds_resources_sent.clone());
+        r.register("xds_bytes_sent", "Encoded resource bytes carried by xDS responses", m.xds_bytes_sent.clone());
+        r.register("xds_acks", "xDS responses ACKed", m.xds_acks.clone());
+        r.register("xds_nacks", "xDS responses NACKed", m.xds_nacks.clone());
+        r.register("xds_pump_seconds", "Time one stream spends diffing and queueing responses for one wake-up", m.xds_pump_seconds.clone());
+        r.register("config_reloads", "Config file sets applied", m.config_reloads.clone());
+        r.register("config_reload_errors", "Config file sets rejected", m.config_reload_errors.clone());
+        r.register("snapshots_published", "Snapshots published per environment", m.snapshots_published.clone());
+        r.register("generation_seconds", "Time to generate one environment's resources", m.generation_seconds.clone());
+        m
+    }
+
+    /// Counts a connection until the guard is dropped.
+    pub fn connection_guard(&self, protocol: &'static str) -> ConnectionGuard {
+        let gauge = self.xds_connections.get_or_create(&ProtocolLabel { protocol }).clone();
+        gauge.inc();
+        ConnectionGuard(gauge)
+    }
+}
+
+#[derive(Debug)]
+pub struct ConnectionGuard(Gauge);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

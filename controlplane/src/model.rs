@@ -1,0 +1,203 @@
+//! The mesh model: validated services, endpoints, routes and gateways, per environment.
+//!
+//! Pure data, no I/O and no protocol types. Config sources (files today, federation
+//! and the store later) produce a [`Mesh`]; the xDS generator consumes one
+//! [`Environment`] at a time.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::Duration;
+
+/// Everything the hub knows, keyed by environment (the shard and isolation boundary).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Mesh {
+    pub environments: BTreeMap<String, Environment>,
+}
+
+/// One environment's config. Nothing here refers to another environment.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Environment {
+    pub services: BTreeMap<ObjectKey, Service>,
+    pub routes: Vec<Route>,
+    pub gateways: BTreeMap<String, Gateway>,
+}
+
+/// `namespace/name` of an object within one environment.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Service {
+    pub key: ObjectKey,
+    /// At least one; the first is canonical and names the service's clusters.
+    pub hosts: Vec<String>,
+    pub ports: Vec<ServicePort>,
+    pub subsets: Vec<Subset>,
+    /// Every endpoint of the service, from every `Endpoints` object that names it.
+    pub endpoints: Vec<Endpoint>,
+}
+
+impl Service {
+    pub fn canonical_host(&self) -> &str {
+        &self.hosts[0]
+    }
+
+    pub fn port(&self, number: u16) -> Option<&ServicePort> {
+        self.ports.iter().find(|p| p.port == number)
+    }
+
+    pub fn subset(&self, name: &str) -> Option<&Subset> {
+        self.subsets.iter().find(|s| s.name == name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePort {
+    pub name: String,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http,
+    Http2,
+    Grpc,
+    Tcp,
+}
+
+impl Protocol {
+    /// Routed at L7 (HTTP route tables apply).
+    pub fn is_http(self) -> bool {
+        !matches!(self, Protocol::Tcp)
+    }
+
+    /// Upstream connections speak HTTP/2.
+    pub fn is_http2(self) -> bool {
+        matches!(self, Protocol::Http2 | Protocol::Grpc)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subset {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Subset {
+    pub fn selects(&self, endpoint: &Endpoint) -> bool {
+        self.labels.iter().all(|(k, v)| endpoint.labels.get(k) == Some(v))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub address: IpAddr,
+    /// The endpoint port for every service port not named in `ports`.
+    pub port: Option<u16>,
+    /// Service port name -> endpoint port.
+    pub ports: BTreeMap<String, u16>,
+    pub locality: Locality,
+    pub labels: BTreeMap<String, String>,
+    pub weight: u32,
+    pub health: Health,
+}
+
+impl Endpoint {
+    /// The port this endpoint serves `service_port` on, if it serves it.
+    pub fn port_for(&self, service_port: &ServicePort) -> Option<u16> {
+        self.ports.get(&service_port.name).copied().or(self.port)
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Locality {
+    pub region: String,
+    pub zone: String,
+    /// The Kubernetes cluster; xDS `sub_zone`.
+    pub cluster: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    Healthy,
+    Unhealthy,
+    Draining,
+    Unknown,
+}
+
+/// HTTP routing for some hosts on one service port.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    pub key: ObjectKey,
+    pub hosts: Vec<String>,
+    pub port: u16,
+    pub rules: Vec<RouteRule>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteRule {
+    pub path: PathMatch,
+    pub headers: Vec<HeaderMatch>,
+    pub destinations: Vec<Destination>,
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathMatch {
+    Prefix(String),
+    Exact(String),
+    Regex(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderMatch {
+    pub name: String,
+    pub value: HeaderValueMatch,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderValueMatch {
+    Exact(String),
+    Prefix(String),
+    Regex(String),
+    Present,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Destination {
+    pub service: ObjectKey,
+    pub port: u16,
+    pub subset: Option<String>,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gateway {
+    pub name: String,
+    pub listeners: Vec<GatewayListener>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatewayListener {
+    pub name: String,
+    pub address: IpAddr,
+    pub port: u16,
+    /// Service hosts routed here; `None` routes every service of the environment.
+    pub hosts: Option<Vec<String>>,
+}
+
+impl GatewayListener {
+    pub fn routes_host(&self, host: &str) -> bool {
+        self.hosts.as_ref().is_none_or(|hosts| hosts.iter().any(|h| h == host))
+    }
+}

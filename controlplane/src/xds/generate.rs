@@ -1,0 +1,497 @@
+//! Generation: one [`Environment`] → every xDS resource of that shard, each encoded once.
+//!
+//! Each resource is built by a small function of only its own inputs (a service, a
+//! port, a subset, the routes naming it), so that incremental generation can call them
+//! per touched key. Versions are content hashes of the encoded body, so regenerating an
+//! unchanged resource yields the same version and is dropped by the snapshot diff.
+//! Naming is documented in `docs/xds.md`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+
+use prost::Message;
+use tributary_proto::envoy::envoy::config::cluster::v3::{
+    Cluster, cluster::ClusterDiscoveryType, cluster::DiscoveryType, cluster::EdsClusterConfig,
+    cluster::LbPolicy,
+};
+use tributary_proto::envoy::envoy::config::core::v3::{
+    Address, AggregatedConfigSource, ApiVersion, ConfigSource, HealthStatus,
+    Locality as PbLocality, SocketAddress, address, config_source::ConfigSourceSpecifier,
+    socket_address::PortSpecifier,
+};
+use tributary_proto::envoy::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, Endpoint as PbEndpoint, LbEndpoint, LocalityLbEndpoints,
+    lb_endpoint::HostIdentifier,
+};
+use tributary_proto::envoy::envoy::config::listener::v3::{
+    ApiListener, Filter, FilterChain, Listener, filter::ConfigType,
+};
+use tributary_proto::envoy::envoy::config::route::v3::{
+    HeaderMatcher, Route as PbRoute, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
+    WeightedCluster, header_matcher::HeaderMatchSpecifier, route::Action,
+    route_action::ClusterSpecifier, route_match::PathSpecifier, weighted_cluster::ClusterWeight,
+};
+use tributary_proto::envoy::envoy::extensions::filters::http::router::v3::Router;
+use tributary_proto::envoy::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, HttpFilter, Rds, http_connection_manager::RouteSpecifier,
+    http_filter::ConfigType as HttpFilterConfigType,
+};
+use tributary_proto::envoy::envoy::extensions::upstreams::http::v3::{
+    HttpProtocolOptions, http_protocol_options::ExplicitHttpConfig,
+    http_protocol_options::explicit_http_config::ProtocolConfig,
+};
+use tributary_proto::envoy::envoy::config::core::v3::Http2ProtocolOptions;
+use tributary_proto::envoy::envoy::r#type::matcher::v3::{
+    RegexMatcher, StringMatcher, string_matcher::MatchPattern,
+};
+use tributary_proto::envoy::google::protobuf::{Any, BoolValue, Duration as PbDuration, UInt32Value};
+use tributary_proto::type_url;
+use tributary_proto::wire::EncodedResource;
+
+use super::XdsType;
+use crate::model::{
+    Destination, Endpoint, Environment, GatewayListener, HeaderValueMatch, Health, PathMatch,
+    RouteRule, Service, ServicePort,
+};
+
+/// Every resource of one environment, plus which listeners each role sees on a
+/// wildcard subscription.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EnvResources {
+    pub by_type: [BTreeMap<Arc<str>, EncodedResource>; XdsType::COUNT],
+    pub roles: RoleListeners,
+}
+
+/// Listener names a wildcard LDS subscription selects, per role.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoleListeners {
+    pub sidecar: BTreeSet<Arc<str>>,
+    pub gateways: BTreeMap<String, BTreeSet<Arc<str>>>,
+}
+
+pub const VIRTUAL_OUTBOUND: &str = "virtualOutbound";
+pub const VIRTUAL_OUTBOUND_PORT: u16 = 15001;
+const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
+
+pub fn cluster_name(port: u16, subset: &str, host: &str) -> String {
+    format!("outbound|{port}|{subset}|{host}")
+}
+
+pub fn gateway_resource_name(gateway: &str, listener: &str) -> String {
+    format!("gateway|{gateway}|{listener}")
+}
+
+/// Content version: FNV-1a 64 over the encoded body, as 16 hex digits. Stable across
+/// hub restarts, so reconnecting Delta clients are not re-sent what they hold.
+pub fn content_version(body: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in body {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+fn encode<M: Message>(ty: XdsType, name: &str, message: &M) -> EncodedResource {
+    let body = message.encode_to_vec();
+    EncodedResource::from_body(ty.type_url(), name, &content_version(&body), &body)
+}
+
+fn any<M: Message>(type_url: &str, message: &M) -> Any {
+    Any { type_url: type_url.to_string(), value: message.encode_to_vec() }
+}
+
+fn ads_source() -> ConfigSource {
+    ConfigSource {
+        resource_api_version: ApiVersion::V3 as i32,
+        config_source_specifier: Some(ConfigSourceSpecifier::Ads(AggregatedConfigSource {})),
+        ..Default::default()
+    }
+}
+
+fn socket(address: IpAddr, port: u16) -> Address {
+    Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: address.to_string(),
+            port_specifier: Some(PortSpecifier::PortValue(u32::from(port))),
+            ..Default::default()
+        })),
+    }
+}
+
+/// Generates every resource of `env`.
+pub fn generate(env: &Environment) -> EnvResources {
+    let mut out = EnvResources::default();
+    let mut put = |ty: XdsType, r: EncodedResource| {
+        out.by_type[ty as usize].insert(Arc::from(r.name()), r);
+    };
+
+    for service in env.services.values() {
+        for port in &service.ports {
+            for subset in std::iter::once(None).chain(service.subsets.iter().map(|s| Some(s.name.as_str()))) {
+                let name = cluster_name(port.port, subset.unwrap_or(""), service.canonical_host());
+                put(XdsType::Cluster, encode(XdsType::Cluster, &name, &cluster(&name, port)));
+                let cla = load_assignment(&name, service, port, subset);
+                put(XdsType::Endpoint, encode(XdsType::Endpoint, &name, &cla));
+            }
+        }
+    }
+    put(XdsType::Cluster, encode(XdsType::Cluster, PASSTHROUGH_CLUSTER, &passthrough_cluster()));
+
+    // Sidecar and proxyless route tables: one per HTTP service port number.
+    let mut http_ports: BTreeMap<u16, Vec<&Service>> = BTreeMap::new();
+    for service in env.services.values() {
+        for port in service.ports.iter().filter(|p| p.protocol.is_http()) {
+            http_ports.entry(port.port).or_default().push(service);
+        }
+    }
+    let mut sidecar = BTreeSet::new();
+    for (port, services) in &http_ports {
+        let name = port.to_string();
+        let vhosts = services.iter().map(|s| virtual_host(s, env, Some(*port), *port)).collect();
+        let rc = RouteConfiguration { name: name.clone(), virtual_hosts: vhosts, ..Default::default() };
+        put(XdsType::Route, encode(XdsType::Route, &name, &rc));
+
+        let listener_name = format!("0.0.0.0_{port}");
+        let l = Listener {
+            name: listener_name.clone(),
+            address: Some(socket(IpAddr::V4(Ipv4Addr::UNSPECIFIED), *port)),
+            bind_to_port: Some(BoolValue { value: false }),
+            filter_chains: vec![http_filter_chain(&format!("outbound_{port}"), &name)],
+            ..Default::default()
+        };
+        put(XdsType::Listener, encode(XdsType::Listener, &listener_name, &l));
+        sidecar.insert(Arc::from(listener_name.as_str()));
+
+        // gRPC proxyless API listeners, named as the client's target.
+        for service in services {
+            let first_port = service.ports.first().map(|p| p.port);
+            for host in &service.hosts {
+                let mut names = vec![format!("{host}:{port}")];
+                if first_port == Some(*port) {
+                    names.push(host.clone());
+                }
+                for n in names {
+                    put(XdsType::Listener, encode(XdsType::Listener, &n, &api_listener(&n, &name)));
+                }
+            }
+        }
+    }
+    if !http_ports.is_empty() {
+        let l = Listener {
+            name: VIRTUAL_OUTBOUND.into(),
+            address: Some(socket(IpAddr::V4(Ipv4Addr::UNSPECIFIED), VIRTUAL_OUTBOUND_PORT)),
+            use_original_dst: Some(BoolValue { value: true }),
+            filter_chains: vec![tcp_passthrough_chain()],
+            ..Default::default()
+        };
+        put(XdsType::Listener, encode(XdsType::Listener, VIRTUAL_OUTBOUND, &l));
+        sidecar.insert(Arc::from(VIRTUAL_OUTBOUND));
+    }
+    out.roles.sidecar = sidecar;
+
+    for gateway in env.gateways.values() {
+        let mut names = BTreeSet::new();
+        for listener in &gateway.listeners {
+            let name = gateway_resource_name(&gateway.name, &listener.name);
+            let rc = gateway_routes(&name, env, listener);
+            put(XdsType::Route, encode(XdsType::Route, &name, &rc));
+            let l = Listener {
+                name: name.clone(),
+                address: Some(socket(listener.address, listener.port)),
+                filter_chains: vec![http_filter_chain(&format!("gateway_{}_{}", gateway.name, listener.name), &name)],
+                ..Default::default()
+            };
+            put(XdsType::Listener, encode(XdsType::Listener, &name, &l));
+            names.insert(Arc::from(name.as_str()));
+        }
+        out.roles.gateways.insert(gateway.name.clone(), names);
+    }
+    out
+}
+
+fn cluster(name: &str, port: &ServicePort) -> Cluster {
+    let mut c = Cluster {
+        name: name.to_string(),
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+        eds_cluster_config: Some(EdsClusterConfig {
+            eds_config: Some(ads_source()),
+            service_name: name.to_string(),
+        }),
+        connect_timeout: Some(PbDuration { seconds: 1, nanos: 0 }),
+        lb_policy: LbPolicy::RoundRobin as i32,
+        ..Default::default()
+    };
+    if port.protocol.is_http2() {
+        let options = HttpProtocolOptions {
+            upstream_protocol_options: Some(
+                tributary_proto::envoy::envoy::extensions::upstreams::http::v3::http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
+                    ExplicitHttpConfig {
+                        protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(Http2ProtocolOptions::default())),
+                    },
+                ),
+            ),
+            ..Default::default()
+        };
+        c.typed_extension_protocol_options.insert(
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
+            any("type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions", &options),
+        );
+    }
+    c
+}
+
+fn passthrough_cluster() -> Cluster {
+    Cluster {
+        name: PASSTHROUGH_CLUSTER.into(),
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::OriginalDst as i32)),
+        lb_policy: LbPolicy::ClusterProvided as i32,
+        connect_timeout: Some(PbDuration { seconds: 1, nanos: 0 }),
+        ..Default::default()
+    }
+}
+
+/// The endpoints of `service` serving `port`, selected by `subset`, grouped by locality.
+pub fn load_assignment(
+    name: &str,
+    service: &Service,
+    port: &ServicePort,
+    subset: Option<&str>,
+) -> ClusterLoadAssignment {
+    let selector = subset.and_then(|s| service.subset(s));
+    let mut by_locality: BTreeMap<&crate::model::Locality, (u32, Vec<LbEndpoint>)> = BTreeMap::new();
+    for e in &service.endpoints {
+        if selector.is_some_and(|s| !s.selects(e)) {
+            continue;
+        }
+        let Some(p) = e.port_for(port) else { continue };
+        let entry = by_locality.entry(&e.locality).or_default();
+        entry.0 = entry.0.saturating_add(e.weight);
+        entry.1.push(lb_endpoint(e, p));
+    }
+    ClusterLoadAssignment {
+        cluster_name: name.to_string(),
+        endpoints: by_locality
+            .into_iter()
+            .map(|(l, (weight, lb_endpoints))| LocalityLbEndpoints {
+                locality: Some(PbLocality {
+                    region: l.region.clone(),
+                    zone: l.zone.clone(),
+                    sub_zone: l.cluster.clone(),
+                }),
+                lb_endpoints,
+                // gRPC clients drop localities without a weight.
+                load_balancing_weight: Some(UInt32Value { value: weight.max(1) }),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn lb_endpoint(e: &Endpoint, port: u16) -> LbEndpoint {
+    LbEndpoint {
+        host_identifier: Some(HostIdentifier::Endpoint(PbEndpoint {
+            address: Some(socket(e.address, port)),
+            ..Default::default()
+        })),
+        health_status: match e.health {
+            Health::Healthy => HealthStatus::Healthy,
+            Health::Unhealthy => HealthStatus::Unhealthy,
+            Health::Draining => HealthStatus::Draining,
+            Health::Unknown => HealthStatus::Unknown,
+        } as i32,
+        load_balancing_weight: Some(UInt32Value { value: e.weight }),
+        ..Default::default()
+    }
+}
+
+fn router_filter() -> HttpFilter {
+    HttpFilter {
+        name: "envoy.filters.http.router".into(),
+        config_type: Some(HttpFilterConfigType::TypedConfig(any(type_url::ROUTER, &Router::default()))),
+        ..Default::default()
+    }
+}
+
+fn hcm(stat_prefix: &str, route_config_name: &str) -> HttpConnectionManager {
+    HttpConnectionManager {
+        stat_prefix: stat_prefix.to_string(),
+        route_specifier: Some(RouteSpecifier::Rds(Rds {
+            config_source: Some(ads_source()),
+            route_config_name: route_config_name.to_string(),
+        })),
+        http_filters: vec![router_filter()],
+        ..Default::default()
+    }
+}
+
+fn http_filter_chain(stat_prefix: &str, route_config_name: &str) -> FilterChain {
+    FilterChain {
+        filters: vec![Filter {
+            name: "envoy.filters.network.http_connection_manager".into(),
+            config_type: Some(ConfigType::TypedConfig(any(
+                type_url::HTTP_CONNECTION_MANAGER,
+                &hcm(stat_prefix, route_config_name),
+            ))),
+        }],
+        ..Default::default()
+    }
+}
+
+fn tcp_passthrough_chain() -> FilterChain {
+    use tributary_proto::envoy::envoy::extensions::filters::network::tcp_proxy::v3::{
+        TcpProxy, tcp_proxy::ClusterSpecifier as TcpCluster,
+    };
+    let proxy = TcpProxy {
+        stat_prefix: PASSTHROUGH_CLUSTER.into(),
+        cluster_specifier: Some(TcpCluster::Cluster(PASSTHROUGH_CLUSTER.into())),
+        ..Default::default()
+    };
+    FilterChain {
+        filters: vec![Filter {
+            name: "envoy.filters.network.tcp_proxy".into(),
+            config_type: Some(ConfigType::TypedConfig(any(
+                "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                &proxy,
+            ))),
+        }],
+        ..Default::default()
+    }
+}
+
+fn api_listener(name: &str, route_config_name: &str) -> Listener {
+    Listener {
+        name: name.to_string(),
+        api_listener: Some(ApiListener {
+            api_listener: Some(any(type_url::HTTP_CONNECTION_MANAGER, &hcm(name, route_config_name))),
+        }),
+        ..Default::default()
+    }
+}
+
+/// Domains of a service's virtual host: each host, and each host with `:port`.
+fn domains(service: &Service, port: u16) -> Vec<String> {
+    let mut d = Vec::with_capacity(service.hosts.len() * 2);
+    for h in &service.hosts {
+        d.push(h.clone());
+        d.push(format!("{h}:{port}"));
+    }
+    d
+}
+
+/// The virtual host of `service`: rules of every Route naming one of its hosts (on
+/// `route_port`, or any port when `None`), else a default route to `default_port`.
+fn virtual_host(service: &Service, env: &Environment, route_port: Option<u16>, domain_port: u16) -> VirtualHost {
+    let mut routes = Vec::new();
+    for route in &env.routes {
+        let names_service = route.hosts.iter().any(|h| service.hosts.contains(h));
+        if names_service && route_port.is_none_or(|p| p == route.port) {
+            routes.extend(route.rules.iter().map(|r| route_rule(r, env)));
+        }
+    }
+    if routes.is_empty() {
+        let port = route_port
+            .or_else(|| service.ports.iter().find(|p| p.protocol.is_http()).map(|p| p.port))
+            .unwrap_or(domain_port);
+        routes.push(PbRoute {
+            r#match: Some(RouteMatch {
+                path_specifier: Some(PathSpecifier::Prefix("/".into())),
+                ..Default::default()
+            }),
+            action: Some(Action::Route(RouteAction {
+                cluster_specifier: Some(ClusterSpecifier::Cluster(cluster_name(port, "", service.canonical_host()))),
+                ..Default::default()
+            })),
+            ..Default::default()
+        });
+    }
+    VirtualHost {
+        name: format!("{}:{domain_port}", service.canonical_host()),
+        domains: domains(service, domain_port),
+        routes,
+        ..Default::default()
+    }
+}
+
+fn gateway_routes(name: &str, env: &Environment, listener: &GatewayListener) -> RouteConfiguration {
+    let vhosts = env
+        .services
+        .values()
+        .filter(|s| s.ports.iter().any(|p| p.protocol.is_http()))
+        .filter(|s| s.hosts.iter().any(|h| listener.routes_host(h)))
+        .map(|s| virtual_host(s, env, None, listener.port))
+        .collect();
+    RouteConfiguration { name: name.to_string(), virtual_hosts: vhosts, ..Default::default() }
+}
+
+fn destination_cluster(d: &Destination, env: &Environment) -> String {
+    let host = env.services.get(&d.service).map(|s| s.canonical_host()).unwrap_or_default();
+    cluster_name(d.port, d.subset.as_deref().unwrap_or(""), host)
+}
+
+fn regex(pattern: &str) -> RegexMatcher {
+    RegexMatcher { regex: pattern.to_string(), ..Default::default() }
+}
+
+fn route_rule(rule: &RouteRule, env: &Environment) -> PbRoute {
+    let path = match &rule.path {
+        PathMatch::Prefix(p) => PathSpecifier::Prefix(p.clone()),
+        PathMatch::Exact(p) => PathSpecifier::Path(p.clone()),
+        PathMatch::Regex(p) => PathSpecifier::SafeRegex(regex(p)),
+    };
+    let headers = rule
+        .headers
+        .iter()
+        .map(|h| HeaderMatcher {
+            name: h.name.clone(),
+            header_match_specifier: Some(match &h.value {
+                HeaderValueMatch::Present => HeaderMatchSpecifier::PresentMatch(true),
+                HeaderValueMatch::Exact(v) => string_match(MatchPattern::Exact(v.clone())),
+                HeaderValueMatch::Prefix(v) => string_match(MatchPattern::Prefix(v.clone())),
+                HeaderValueMatch::Regex(v) => string_match(MatchPattern::SafeRegex(regex(v))),
+            }),
+            ..Default::default()
+        })
+        .collect();
+    let weighted: Vec<&Destination> = rule.destinations.iter().filter(|d| d.weight > 0).collect();
+    let cluster_specifier = if weighted.len() == 1 {
+        ClusterSpecifier::Cluster(destination_cluster(weighted[0], env))
+    } else {
+        ClusterSpecifier::WeightedClusters(WeightedCluster {
+            clusters: weighted
+                .iter()
+                .map(|d| ClusterWeight {
+                    name: destination_cluster(d, env),
+                    weight: Some(UInt32Value { value: d.weight }),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+    };
+    PbRoute {
+        r#match: Some(RouteMatch {
+            path_specifier: Some(path),
+            headers,
+            ..Default::default()
+        }),
+        action: Some(Action::Route(RouteAction {
+            cluster_specifier: Some(cluster_specifier),
+            timeout: rule.timeout.map(|t| PbDuration {
+                seconds: t.as_secs() as i64,
+                nanos: t.subsec_nanos() as i32,
+            }),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+fn string_match(pattern: MatchPattern) -> HeaderMatchSpecifier {
+    HeaderMatchSpecifier::StringMatch(StringMatcher {
+        match_pattern: Some(pattern),
+        ..Default::default()
+    })
+}

@@ -1,0 +1,150 @@
+//! Immutable per-environment snapshots and the registry that publishes them.
+//!
+//! The index task is the only writer: it hands each environment's freshly generated
+//! resources to [`Shards::publish`], which diffs them against the current snapshot
+//! and publishes a new one only if some resource version changed. Connections hold a
+//! `watch::Receiver`: it coalesces, so a slow connection sees only the newest
+//! snapshot, and fan-out carries a dirty signal, never a copy of the data.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use tokio::sync::watch;
+use tributary_proto::wire::EncodedResource;
+
+use super::XdsType;
+use super::generate::{EnvResources, RoleListeners};
+
+/// Names changed (added, updated or removed) between two snapshots, per type.
+pub type Changes = [BTreeSet<Arc<str>>; XdsType::COUNT];
+
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub environment: Arc<str>,
+    /// Starts at 0 (empty) and grows by one per published change.
+    pub seq: u64,
+    pub resources: EnvResources,
+    /// What changed since `seq - 1`.
+    pub changed: Changes,
+    /// The role → listener sets changed since `seq - 1`.
+    pub roles_changed: bool,
+}
+
+impl Snapshot {
+    pub fn get(&self, ty: XdsType, name: &str) -> Option<&EncodedResource> {
+        self.resources.by_type[ty as usize].get(name)
+    }
+
+    pub fn of_type(&self, ty: XdsType) -> &BTreeMap<Arc<str>, EncodedResource> {
+        &self.resources.by_type[ty as usize]
+    }
+
+    pub fn roles(&self) -> &RoleListeners {
+        &self.resources.roles
+    }
+}
+
+/// Diff of two resource sets: names added, updated or removed, per type.
+pub fn diff(old: &EnvResources, new: &EnvResources) -> Changes {
+    let mut changes: Changes = Default::default();
+    for ty in XdsType::ALL {
+        let (a, b) = (&old.by_type[ty as usize], &new.by_type[ty as usize]);
+        let set = &mut changes[ty as usize];
+        for (name, r) in b {
+            if a.get(name).is_none_or(|o| o.version() != r.version()) {
+                set.insert(name.clone());
+            }
+        }
+        set.extend(a.keys().filter(|n| !b.contains_key(*n)).cloned());
+    }
+    changes
+}
+
+/// The per-environment snapshot channels.
+#[derive(Debug, Default)]
+pub struct Shards {
+    // Held only to look up or create an environment's channel (at connect and publish),
+    // never across an await and never on a per-response path.
+    inner: Mutex<HashMap<Arc<str>, watch::Sender<Arc<Snapshot>>>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ShardSummary {
+    pub environment: String,
+    pub seq: u64,
+    pub clusters: usize,
+    pub endpoints: usize,
+    pub listeners: usize,
+    pub routes: usize,
+}
+
+impl Shards {
+    fn sender(&self, environment: &str) -> watch::Sender<Arc<Snapshot>> {
+        let mut map = self.inner.lock().unwrap();
+        if let Some(tx) = map.get(environment) {
+            return tx.clone();
+        }
+        let env: Arc<str> = Arc::from(environment);
+        let empty = Snapshot { environment: env.clone(), ..Default::default() };
+        let (tx, _) = watch::channel(Arc::new(empty));
+        map.insert(env, tx.clone());
+        tx
+    }
+
+    /// A receiver for `environment`'s snapshots; an environment with no config yet
+    /// starts empty and fills when config for it arrives.
+    pub fn subscribe(&self, environment: &str) -> watch::Receiver<Arc<Snapshot>> {
+        self.sender(environment).subscribe()
+    }
+
+    pub fn current(&self, environment: &str) -> Arc<Snapshot> {
+        self.sender(environment).borrow().clone()
+    }
+
+    /// Publishes `resources` as `environment`'s new snapshot if anything changed.
+    /// Returns the new sequence number, or `None` when nothing changed (no push).
+    pub fn publish(&self, environment: &str, resources: EnvResources) -> Option<u64> {
+        let tx = self.sender(environment);
+        let current = tx.borrow().clone();
+        let changed = diff(&current.resources, &resources);
+        let roles_changed = current.resources.roles != resources.roles;
+        if !roles_changed && changed.iter().all(BTreeSet::is_empty) {
+            return None;
+        }
+        let seq = current.seq + 1;
+        let next = Snapshot {
+            environment: current.environment.clone(),
+            seq,
+            resources,
+            changed,
+            roles_changed,
+        };
+        tx.send_replace(Arc::new(next));
+        Some(seq)
+    }
+
+    pub fn environments(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.inner.lock().unwrap().keys().map(|k| k.to_string()).collect();
+        v.sort();
+        v
+    }
+
+    pub fn summaries(&self) -> Vec<ShardSummary> {
+        self.environments()
+            .into_iter()
+            .map(|env| {
+                let s = self.current(&env);
+                let n = |t: XdsType| s.of_type(t).len();
+                ShardSummary {
+                    environment: env,
+                    seq: s.seq,
+                    clusters: n(XdsType::Cluster),
+                    endpoints: n(XdsType::Endpoint),
+                    listeners: n(XdsType::Listener),
+                    routes: n(XdsType::Route),
+                }
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,272 @@
+"""Envoy 1.40 (SotW ADS and Delta ADS) against the hub, over IPv4 and IPv6 loopback."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from peers import (
+    FAMILIES, Envoy, HttpBackend, HttpClient, Hub, dest, endpoint, endpoints, free_port, gateway,
+    metric_sum, route, service, share, tail, wait_until,
+)
+
+HOST = "reviews.prod"
+PORT = 9080
+LISTENER = "gateway|edge|http"
+CL = {s: f"outbound|{PORT}|{s}|{HOST}" for s in ("", "v1", "v2", "v3")}
+ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+
+# RE2 accepts this syntax but Envoy rejects it: its RE2 program size (~509) is over
+# Envoy's default `re2.max_program_size.error_level` of 100. A hub that validates
+# regexes with a regex library (syntax) accepts it, so it reaches Envoy and is NACKed.
+NACK_REGEX = "/nack[a-z]{500}"
+
+
+@pytest.fixture(params=["GRPC", "DELTA_GRPC"])
+def api_type(request):
+    return request.param
+
+
+@pytest.fixture(params=["ipv4", "ipv6"])
+def family(request):
+    return request.param
+
+
+def reviews_mesh(addr: str, backends: dict[str, HttpBackend], gw_port: int,
+                 default_split: dict[str, int] | None = None, extra_rules: list[dict] | None = None) -> list[dict]:
+    split = default_split or {"v1": 80, "v2": 20}
+    rules = list(extra_rules or [])
+    rules.append({"match": {"headers": [{"name": "x-canary", "exact": "true"}]},
+                  "destinations": [dest("reviews", "v2", 100)]})
+    rules.append({"destinations": [dest("reviews", s, w) for s, w in split.items()]})
+    return [
+        service("reviews", [HOST], [{"name": "http", "port": PORT, "protocol": "HTTP"}],
+                subsets=[{"name": s, "labels": {"version": s}} for s in sorted(backends)]),
+        endpoints("reviews", [endpoint(b.host, b.port, {"version": s}) for s, b in sorted(backends.items())]),
+        route("reviews", [HOST], rules, port=PORT),
+        gateway("edge", [{"name": "http", "address": addr, "port": gw_port, "protocol": "HTTP",
+                          "hosts": ["*"]}]),
+    ]
+
+
+@dataclass
+class Stack:
+    family: str
+    addr: str
+    hub: Hub
+    envoy: Envoy
+    backends: dict[str, HttpBackend]
+    gw_port: int
+    client: HttpClient
+
+    def docs(self, **kw) -> list[dict]:
+        return reviews_mesh(self.addr, self.backends, self.gw_port, **kw)
+
+
+def wait_warm(envoy: Envoy, expected: dict[str, HttpBackend], timeout: float = 15.0):
+    """Every expected subset cluster is active with exactly its backend's endpoint."""
+    def warm():
+        eps = envoy.dynamic_endpoints()
+        for s, b in expected.items():
+            if eps.get(CL[s]) != [(b.host, b.port)]:
+                return False
+        return LISTENER in envoy.dynamic_listeners() and LISTENER in envoy.dynamic_routes()
+    wait_until(warm, timeout, f"Envoy warm with clusters {sorted(expected)}")
+
+
+@pytest.fixture
+def stack(family, api_type, make_hub, make_envoy, make_http_backend):
+    addr = FAMILIES[family]
+    backends = {s: make_http_backend(s, family) for s in ("v1", "v2")}
+    gw_port = free_port(addr)
+    hub = make_hub(family, reviews_mesh(addr, backends, gw_port))
+    envoy = make_envoy(hub, api_type, node_id=f"edge-{family}-{api_type.lower()}")
+    wait_warm(envoy, backends)
+    client = HttpClient(addr, gw_port)
+    # The listener is active in config_dump slightly before its socket accepts.
+    wait_until(lambda: client.key(HOST) in ("v1", "v2"), 10, "first request through the gateway")
+    yield Stack(family, addr, hub, envoy, backends, gw_port, client)
+    client.close()
+
+
+# ------------------------------------------------------------------------- tests
+
+
+def test_resources_warm(stack: Stack):
+    e = stack.envoy
+    listeners = e.dynamic_listeners()
+    assert list(listeners) == [LISTENER], f"listeners: {list(listeners)}"
+    sa = listeners[LISTENER]["address"]["socket_address"]
+    assert (sa["address"], int(sa["port_value"])) == (stack.addr, stack.gw_port), sa
+
+    routes = e.dynamic_routes()
+    assert LISTENER in routes, f"route configs: {list(routes)}"
+    vhosts = [vh for vh in routes[LISTENER].get("virtual_hosts", []) if HOST in vh.get("domains", [])]
+    assert vhosts, f"no virtual host for {HOST}: {routes[LISTENER]}"
+    weighted = [r["route"]["weighted_clusters"] for r in vhosts[0]["routes"]
+                if "weighted_clusters" in r.get("route", {})]
+    assert weighted, f"no weighted_clusters route: {vhosts[0]['routes']}"
+    got = {c["name"]: int(c.get("weight", 0)) for c in weighted[-1]["clusters"]}
+    assert set(got) == {CL["v1"], CL["v2"]}, got
+    assert got[CL["v1"]] * 20 == got[CL["v2"]] * 80, f"weights not 80:20: {got}"
+
+    clusters = e.dynamic_clusters()
+    for s in ("", "v1", "v2"):
+        assert CL[s] in clusters, f"{CL[s]} not in {sorted(clusters)}"
+    eps = e.dynamic_endpoints()
+    for s, b in stack.backends.items():
+        assert eps[CL[s]] == [(b.host, b.port)], eps
+    assert sorted(eps[CL[""]]) == sorted((b.host, b.port) for b in stack.backends.values()), eps
+
+    # /clusters: every host known and healthy per EDS.
+    cj = e.clusters_json()
+    for s in ("v1", "v2"):
+        hosts = cj.get(CL[s], [])
+        assert len(hosts) == 1, f"{CL[s]}: {hosts}"
+        assert hosts[0].get("health_status", {}).get("eds_health_status", "HEALTHY") == "HEALTHY", hosts
+
+    # The hub sees this node as ACKed on every type it was sent.
+    def acked():
+        c = stack.hub.client(e.node_id)
+        if not c:
+            return None
+        types = {t["type_url"].rsplit(".", 1)[-1]: t for t in c["types"]}
+        need = {"Listener", "RouteConfiguration", "Cluster", "ClusterLoadAssignment"}
+        if not need <= set(types):
+            return None
+        if all(types[n]["last_acked_version"] == types[n]["last_sent_version"] for n in need):
+            return c
+        return None
+    c = wait_until(acked, 10, "/status/sync showing every type ACKed")
+    assert c["protocol"] == ("delta" if stack.envoy.api_type == "DELTA_GRPC" else "sotw"), c
+    assert c["environment"] == "prod", c
+    assert all(t["nacks_total"] == 0 and t["last_nack"] is None for t in c["types"]), c
+
+
+def test_weighted_split(stack: Stack):
+    counts = stack.client.counts(2000, HOST)
+    assert set(counts) <= {"v1", "v2"}, f"non-backend answers: {counts}"
+    assert abs(share(counts, "v1") - 0.80) <= 0.05, counts
+    assert abs(share(counts, "v2") - 0.20) <= 0.05, counts
+
+
+def test_header_match(stack: Stack):
+    counts = stack.client.counts(300, HOST, headers={"x-canary": "true"})
+    assert counts == {"v2": 300}, counts
+    # A different value falls through to the default split.
+    counts = stack.client.counts(300, HOST, headers={"x-canary": "false"})
+    assert set(counts) == {"v1", "v2"}, counts
+
+
+def _follow(client: HttpClient, want: str, t_write: float, timeout: float, streak_len: int = 50):
+    """Send requests until `streak_len` in a row answer `want`; returns the time from
+    `t_write` to the first request of that streak, and what was seen on the way."""
+    seen: dict[str, int] = {}
+    streak_start = None
+    streak = 0
+    deadline = t_write + timeout
+    while time.monotonic() < deadline:
+        t = time.monotonic()
+        k = client.key(HOST)
+        seen[k] = seen.get(k, 0) + 1
+        if k == want:
+            if streak == 0:
+                streak_start = t
+            streak += 1
+            if streak >= streak_len:
+                return streak_start - t_write, seen
+        else:
+            streak = 0
+    raise AssertionError(f"traffic did not move to {want} within {timeout}s; seen {seen}")
+
+
+def test_config_update_without_restart(stack: Stack, make_http_backend):
+    e = stack.envoy
+    v3 = make_http_backend("v3", stack.family)
+    stack.backends["v3"] = v3
+    pid_before = e.proc.pid
+    t_write = stack.hub.write_config(stack.docs(default_split={"v3": 1}))
+    elapsed, seen = _follow(stack.client, "v3", t_write, timeout=10)
+    # Budget: 2 s after the write plus one hub poll interval (100 ms).
+    assert elapsed < 2.1, f"traffic moved to v3 after {elapsed:.2f}s (seen {seen})"
+    # Never a request without an upstream (make-before-break: route after cluster).
+    assert not [k for k in seen if k.startswith(("status:", "error:"))], seen
+    assert e.proc.alive() and e.proc.pid == pid_before
+    assert e.dynamic_endpoints().get(CL["v3"]) == [(v3.host, v3.port)]
+
+    # Endpoint change: v3's subset now points at a fresh backend (same label).
+    v3b = make_http_backend("v3b", stack.family)
+    docs = stack.docs(default_split={"v3": 1})
+    eps_doc = docs[1]
+    eps_doc["spec"]["endpoints"] = [ep for ep in eps_doc["spec"]["endpoints"] if ep["labels"]["version"] != "v3"]
+    eps_doc["spec"]["endpoints"].append(endpoint(v3b.host, v3b.port, {"version": "v3"}))
+    t_write = stack.hub.write_config(docs)
+    elapsed, seen = _follow(stack.client, "v3b", t_write, timeout=10)
+    assert elapsed < 2.1, f"traffic moved to the new v3 endpoint after {elapsed:.2f}s (seen {seen})"
+    assert not [k for k in seen if k.startswith(("status:", "error:"))], seen
+
+
+@pytest.mark.parametrize("family", ["ipv4"])
+def test_nack_keeps_last_good_config(stack: Stack):
+    hub, e = stack.hub, stack.envoy
+    m0 = hub.metrics()
+    reload_errors0 = metric_sum(m0, "tributary_config_reload_errors_total")
+    good = hub.client(e.node_id)
+    assert good, hub.sync_status()
+
+    # Valid for the hub (RE2 syntax), rejected by Envoy.
+    bad_rule = {"match": {"path": {"regex": NACK_REGEX}}, "destinations": [dest("reviews", "v2", 1)]}
+    hub.write_config(stack.docs(extra_rules=[bad_rule]))
+
+    def nacked():
+        c = hub.client(e.node_id)
+        for t in (c or {}).get("types", []):
+            if t["type_url"] == ROUTE_TYPE and t.get("last_nack"):
+                return t
+        if metric_sum(hub.metrics(), "tributary_config_reload_errors_total") > reload_errors0:
+            raise AssertionError(f"the hub rejected the config instead of serving it: {hub.config_status()}")
+        return None
+    t = wait_until(nacked, 10, "a RouteConfiguration NACK in /status/sync")
+    nack = t["last_nack"]
+    assert "program size" in nack["message"] and "nack" in nack["message"], nack
+    assert nack.get("nonce"), nack
+
+    # Envoy logged the rejection and kept serving the last good route config.
+    wait_until(lambda: "rejected" in e.log.read_text() and NACK_REGEX in e.log.read_text(), 5,
+               "Envoy log line about the rejected RouteConfiguration")
+    routes = e.dynamic_routes()[LISTENER]
+    assert NACK_REGEX not in str(routes), "Envoy applied the rejected route config"
+    counts = stack.client.counts(500, HOST)
+    assert set(counts) == {"v1", "v2"}, counts
+    assert abs(share(counts, "v1") - 0.80) <= 0.07, counts
+
+    # No NACK loop: observe the hub for 3 s; the NACK count stays at one or two and it
+    # does not keep sending responses to this client.
+    m1 = hub.metrics()
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        c = hub.client(e.node_id)
+        nacks = sum(t["nacks_total"] for t in c["types"])
+        assert nacks <= 2, f"NACK loop: {c}"
+        time.sleep(0.2)
+    m2 = hub.metrics()
+    n_nacks = metric_sum(m2, "tributary_xds_nacks_total") - metric_sum(m0, "tributary_xds_nacks_total")
+    assert 1 <= n_nacks <= 2, f"tributary_xds_nacks_total grew by {n_nacks}"
+    resp_metric = next((n for n in ("tributary_xds_responses_total", "tributary_xds_pushes_total",
+                                    "tributary_xds_responses_sent_total")
+                        if any(k.split("{")[0] == n for k in m2)), None)
+    assert resp_metric, f"no xDS responses metric among {sorted({k.split('{')[0] for k in m2})}"
+    grew = metric_sum(m2, resp_metric) - metric_sum(m1, resp_metric)
+    assert grew <= 1, f"{resp_metric} grew by {grew} in 3 s after the NACK (re-send loop?)"
+
+    # Fixing the config is applied: ACKed again and traffic follows.
+    t_write = hub.write_config(stack.docs(default_split={"v2": 1}))
+    _follow(stack.client, "v2", t_write, timeout=10)
+
+    def acked_again():
+        c = hub.client(e.node_id)
+        t = next(t for t in c["types"] if t["type_url"] == ROUTE_TYPE)
+        return t["last_acked_version"] == t["last_sent_version"] and t
+    wait_until(acked_again, 5, "the fixed RouteConfiguration ACKed")
