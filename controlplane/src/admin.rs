@@ -52,17 +52,28 @@ async fn readyz(State(s): State<AdminState>) -> Response {
     if s.ready.load(Ordering::Acquire) {
         "ready\n".into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: initial config not applied\n").into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: initial config not applied\n",
+        )
+            .into_response()
     }
 }
 
 async fn metrics(State(s): State<AdminState>) -> Response {
     let mut text = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &s.registry) {
-        return (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {e}\n")).into_response();
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding metrics: {e}\n"),
+        )
+            .into_response();
     }
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         text,
     )
         .into_response()
@@ -80,15 +91,31 @@ async fn shards(State(s): State<AdminState>) -> Json<serde_json::Value> {
     Json(json!({ "shards": s.shards.summaries() }))
 }
 
-async fn config_dump(State(s): State<AdminState>, Query(q): Query<HashMap<String, String>>) -> Response {
+async fn config_dump(
+    State(s): State<AdminState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
     let Some(env) = q.get("env") else {
-        return (StatusCode::BAD_REQUEST, format!("missing ?env=, one of {:?}\n", s.shards.environments())).into_response();
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("missing ?env=, one of {:?}\n", s.shards.environments()),
+        )
+            .into_response();
     };
     let types: Vec<XdsType> = match q.get("type") {
         None => XdsType::ALL.to_vec(),
-        Some(t) => match XdsType::ALL.into_iter().find(|x| x.short().eq_ignore_ascii_case(t)) {
+        Some(t) => match XdsType::ALL
+            .into_iter()
+            .find(|x| x.short().eq_ignore_ascii_case(t))
+        {
             Some(x) => vec![x],
-            None => return (StatusCode::BAD_REQUEST, format!("unknown type {t:?}, expected CDS, EDS, LDS, RDS or SDS\n")).into_response(),
+            None => {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown type {t:?}, expected CDS, EDS, LDS, RDS or SDS\n"),
+                )
+                    .into_response();
+            }
         },
     };
     let snap = s.shards.current(env);

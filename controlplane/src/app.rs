@@ -113,7 +113,12 @@ impl Hub {
             }
         });
 
-        let ads = AdsServer::new(shards.clone(), sync.clone(), metrics.clone(), cfg.default_env.clone());
+        let ads = AdsServer::new(
+            shards.clone(),
+            sync.clone(),
+            metrics.clone(),
+            cfg.default_env.clone(),
+        );
         let ads = AggregatedDiscoveryServiceServer::new(ads)
             .max_decoding_message_size(16 << 20)
             .max_encoding_message_size(usize::MAX);
@@ -124,7 +129,10 @@ impl Hub {
                     .tcp_nodelay(true)
                     .http2_keepalive_interval(Some(Duration::from_secs(30)))
                     .add_service(ads)
-                    .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(xds_listener), stop)
+                    .serve_with_incoming_shutdown(
+                        tonic::transport::server::TcpIncoming::from(xds_listener),
+                        stop,
+                    )
                     .await
                     .context("xDS server")
             }
@@ -149,7 +157,15 @@ impl Hub {
 
         ready.store(true, Ordering::Release);
         info!(%xds_addr, %admin_addr, environments = ?shards.environments(), "hub ready");
-        Ok(Hub { xds_addr, admin_addr, shards, sync, metrics, shutdown, tasks })
+        Ok(Hub {
+            xds_addr,
+            admin_addr,
+            shards,
+            sync,
+            metrics,
+            shutdown,
+            tasks,
+        })
     }
 
     /// Stops accepting, ends every stream and waits for the tasks.
@@ -168,7 +184,10 @@ impl Hub {
     }
 
     /// Runs until `signal` resolves or a task fails.
-    pub async fn run_until(mut self, signal: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+    pub async fn run_until(
+        mut self,
+        signal: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<()> {
         tokio::select! {
             _ = signal => {
                 info!("shutting down");

@@ -20,7 +20,11 @@ use crate::xds::snapshot::Shards;
 /// Applies `mesh` on top of `previous`, publishing the environments that changed.
 pub fn apply(previous: &Mesh, mesh: &Mesh, shards: &Shards, metrics: &Metrics) {
     let empty = Environment::default();
-    let envs: BTreeSet<&String> = previous.environments.keys().chain(mesh.environments.keys()).collect();
+    let envs: BTreeSet<&String> = previous
+        .environments
+        .keys()
+        .chain(mesh.environments.keys())
+        .collect();
     for env in envs {
         let old = previous.environments.get(env);
         let new = mesh.environments.get(env).unwrap_or(&empty);
@@ -29,9 +33,16 @@ pub fn apply(previous: &Mesh, mesh: &Mesh, shards: &Shards, metrics: &Metrics) {
         }
         let started = Instant::now();
         let resources = generate(new);
-        metrics.generation_seconds.observe(started.elapsed().as_secs_f64());
+        metrics
+            .generation_seconds
+            .observe(started.elapsed().as_secs_f64());
         if let Some(seq) = shards.publish(env, resources) {
-            metrics.snapshots_published.get_or_create(&EnvLabel { environment: env.clone() }).inc();
+            metrics
+                .snapshots_published
+                .get_or_create(&EnvLabel {
+                    environment: env.clone(),
+                })
+                .inc();
             info!(environment = %env, seq, "snapshot published");
         }
     }
@@ -40,7 +51,11 @@ pub fn apply(previous: &Mesh, mesh: &Mesh, shards: &Shards, metrics: &Metrics) {
 /// Runs until the config source goes away. The mesh in `updates` when called must
 /// already be applied (start-up applies it before serving, so readiness means "has
 /// config").
-pub async fn run(mut updates: watch::Receiver<Arc<Mesh>>, shards: Arc<Shards>, metrics: Arc<Metrics>) {
+pub async fn run(
+    mut updates: watch::Receiver<Arc<Mesh>>,
+    shards: Arc<Shards>,
+    metrics: Arc<Metrics>,
+) {
     let mut current = updates.borrow_and_update().clone();
     while updates.changed().await.is_ok() {
         let next = updates.borrow_and_update().clone();

@@ -11,7 +11,11 @@ use tributary_controlplane::app::{Hub, HubConfig};
 use tributary_controlplane::config::{self, parse_duration};
 
 #[derive(Debug, Parser)]
-#[command(name = "tributary", version, about = "Tributary: a sharded multi-cluster service-mesh control plane")]
+#[command(
+    name = "tributary",
+    version,
+    about = "Tributary: a sharded multi-cluster service-mesh control plane"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -71,7 +75,9 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Validate { paths } => validate(&paths),
         Command::Hub(args) => {
-            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
             runtime.block_on(hub(args))
         }
     }
@@ -81,7 +87,12 @@ fn validate(paths: &[PathBuf]) -> anyhow::Result<()> {
     match config::watch::load(paths) {
         Ok((files, mesh)) => {
             let services: usize = mesh.environments.values().map(|e| e.services.len()).sum();
-            println!("ok: {} file(s), {} environment(s), {} service(s)", files.len(), mesh.environments.len(), services);
+            println!(
+                "ok: {} file(s), {} environment(s), {} service(s)",
+                files.len(),
+                mesh.environments.len(),
+                services
+            );
             Ok(())
         }
         Err(config::watch::LoadError::Invalid(errors)) => {
@@ -107,7 +118,8 @@ async fn hub(args: HubArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.ready_file {
         let body = serde_json::json!({ "xds": hub.xds_addr.to_string(), "admin": hub.admin_addr.to_string() });
         let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, body.to_string()).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::write(&tmp, body.to_string())
+            .with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     }
     hub.run_until(shutdown_signal()).await
@@ -117,13 +129,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

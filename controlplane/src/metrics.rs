@@ -64,24 +64,67 @@ impl Metrics {
             generation_seconds: Histogram::new(exponential_buckets(1e-5, 4.0, 12)),
         };
         let r = registry.sub_registry_with_prefix("tributary");
-        r.register("xds_connections", "Connected xDS streams", m.xds_connections.clone());
-        r.register("xds_requests", "xDS requests received", m.xds_requests.clone());
-        r.register("xds_responses", "xDS responses sent", m.xds_responses.clone());
-        r.register("xds_resources_sent", "Resources carried by xDS responses", m.xds_resources_sent.clone());
-        r.register("xds_bytes_sent", "Encoded resource bytes carried by xDS responses", m.xds_bytes_sent.clone());
+        r.register(
+            "xds_connections",
+            "Connected xDS streams",
+            m.xds_connections.clone(),
+        );
+        r.register(
+            "xds_requests",
+            "xDS requests received",
+            m.xds_requests.clone(),
+        );
+        r.register(
+            "xds_responses",
+            "xDS responses sent",
+            m.xds_responses.clone(),
+        );
+        r.register(
+            "xds_resources_sent",
+            "Resources carried by xDS responses",
+            m.xds_resources_sent.clone(),
+        );
+        r.register(
+            "xds_bytes_sent",
+            "Encoded resource bytes carried by xDS responses",
+            m.xds_bytes_sent.clone(),
+        );
         r.register("xds_acks", "xDS responses ACKed", m.xds_acks.clone());
         r.register("xds_nacks", "xDS responses NACKed", m.xds_nacks.clone());
-        r.register("xds_pump_seconds", "Time one stream spends diffing and queueing responses for one wake-up", m.xds_pump_seconds.clone());
-        r.register("config_reloads", "Config file sets applied", m.config_reloads.clone());
-        r.register("config_reload_errors", "Config file sets rejected", m.config_reload_errors.clone());
-        r.register("snapshots_published", "Snapshots published per environment", m.snapshots_published.clone());
-        r.register("generation_seconds", "Time to generate one environment's resources", m.generation_seconds.clone());
+        r.register(
+            "xds_pump_seconds",
+            "Time one stream spends diffing and queueing responses for one wake-up",
+            m.xds_pump_seconds.clone(),
+        );
+        r.register(
+            "config_reloads",
+            "Config file sets applied",
+            m.config_reloads.clone(),
+        );
+        r.register(
+            "config_reload_errors",
+            "Config file sets rejected",
+            m.config_reload_errors.clone(),
+        );
+        r.register(
+            "snapshots_published",
+            "Snapshots published per environment",
+            m.snapshots_published.clone(),
+        );
+        r.register(
+            "generation_seconds",
+            "Time to generate one environment's resources",
+            m.generation_seconds.clone(),
+        );
         m
     }
 
     /// Counts a connection until the guard is dropped.
     pub fn connection_guard(&self, protocol: &'static str) -> ConnectionGuard {
-        let gauge = self.xds_connections.get_or_create(&ProtocolLabel { protocol }).clone();
+        let gauge = self
+            .xds_connections
+            .get_or_create(&ProtocolLabel { protocol })
+            .clone();
         gauge.inc();
         ConnectionGuard(gauge)
     }

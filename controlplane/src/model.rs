@@ -95,7 +95,9 @@ pub struct Subset {
 
 impl Subset {
     pub fn selects(&self, endpoint: &Endpoint) -> bool {
-        self.labels.iter().all(|(k, v)| endpoint.labels.get(k) == Some(v))
+        self.labels
+            .iter()
+            .all(|(k, v)| endpoint.labels.get(k) == Some(v))
     }
 }
 
@@ -198,6 +200,8 @@ pub struct GatewayListener {
 
 impl GatewayListener {
     pub fn routes_host(&self, host: &str) -> bool {
-        self.hosts.as_ref().is_none_or(|hosts| hosts.iter().any(|h| h == host))
+        self.hosts
+            .as_ref()
+            .is_none_or(|hosts| hosts.iter().any(|h| h == host))
     }
 }

@@ -85,7 +85,10 @@ impl Drop for Registration {
 impl SyncRegistry {
     pub fn register(self: &Arc<Self>, id: u64, status: Arc<Mutex<ClientStatus>>) -> Registration {
         self.clients.lock().unwrap().insert(id, status);
-        Registration { registry: self.clone(), id }
+        Registration {
+            registry: self.clone(),
+            id,
+        }
     }
 
     /// A copy of every client's record, in connection order.

@@ -12,7 +12,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message;
-use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
+use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
 
 /// Wire mirror of `envoy.service.discovery.v3.DiscoveryResponse`.
 #[derive(Clone, PartialEq, Message)]
@@ -98,7 +98,8 @@ impl EncodedResource {
         let delta = buf.freeze();
         // Name and version are views into the same buffer: no extra allocation.
         let version_at = key_len(1) + encoded_len_varint(version.len() as u64);
-        let name_at = version_at + version.len() + key_len(3) + encoded_len_varint(name.len() as u64);
+        let name_at =
+            version_at + version.len() + key_len(3) + encoded_len_varint(name.len() as u64);
         Self {
             version: delta.slice(version_at..version_at + version.len()),
             name: delta.slice(name_at..name_at + name.len()),
@@ -190,7 +191,10 @@ fn put_len_field(buf: &mut BytesMut, tag: u32, value: &[u8]) {
 
 #[allow(clippy::all, missing_debug_implementations)]
 mod generated {
-    include!(concat!(env!("OUT_DIR"), "/envoy.service.discovery.v3.AggregatedDiscoveryService.rs"));
+    include!(concat!(
+        env!("OUT_DIR"),
+        "/envoy.service.discovery.v3.AggregatedDiscoveryService.rs"
+    ));
 }
 
 pub use generated::aggregated_discovery_service_server as ads_server;
@@ -199,12 +203,13 @@ pub use generated::aggregated_discovery_service_server as ads_server;
 mod tests {
     use super::*;
     use crate::envoy::envoy::config::cluster::v3::Cluster;
-    use crate::envoy::envoy::service::discovery::v3::{
-        DeltaDiscoveryResponse, DiscoveryResponse,
-    };
+    use crate::envoy::envoy::service::discovery::v3::{DeltaDiscoveryResponse, DiscoveryResponse};
 
     fn cluster(name: &str) -> Cluster {
-        Cluster { name: name.into(), ..Default::default() }
+        Cluster {
+            name: name.into(),
+            ..Default::default()
+        }
     }
 
     #[test]

@@ -86,8 +86,9 @@ def go_client() -> Path:
 def make_hub(tmp_path, hub_bin):
     hubs: list[Hub] = []
 
-    def make(family: str = "ipv4", docs: list[dict] | None = None, poll_interval: str = "100ms") -> Hub:
-        h = Hub(tmp_path / f"h{len(hubs)}", family=family, poll_interval=poll_interval)
+    def make(family: str = "ipv4", docs: list[dict] | None = None, poll_interval: str = "100ms",
+             xds_port: int = 0) -> Hub:
+        h = Hub(tmp_path / f"h{len(hubs)}", family=family, poll_interval=poll_interval, xds_port=xds_port)
         if docs is not None:
             h.write_config(docs)
         hubs.append(h)

@@ -78,6 +78,20 @@ def wait_until(cond: Callable[[], Any], timeout: float, what: str, interval: flo
         time.sleep(interval)
 
 
+def wait_equal(fn: Callable[[], Any], expected: Any, timeout: float, what: str, interval: float = 0.05):
+    """Poll until `fn()` == `expected`; on timeout report the last value seen."""
+    seen: list[Any] = []
+
+    def cond():
+        v = fn()
+        seen[:] = [v]
+        return v == expected
+    try:
+        wait_until(cond, timeout, what, interval)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; expected {expected!r}, last value {seen[0] if seen else None!r}") from None
+
+
 def http_get_json(url: str, timeout: float = 5.0) -> Any:
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return json.loads(r.read().decode())
@@ -211,7 +225,7 @@ class Hub:
     """The `tributary hub` under test, with a config dir of YAML written from dicts."""
 
     def __init__(self, workdir: Path, family: str = "ipv4", poll_interval: str = "100ms",
-                 extra_args: Iterable[str] = ()):
+                 extra_args: Iterable[str] = (), xds_port: int = 0):
         self.dir = workdir / "hub"
         self.config_dir = self.dir / "config"
         self.config_dir.mkdir(parents=True, exist_ok=True)
@@ -220,6 +234,7 @@ class Hub:
         self.family = family
         self.poll_interval = poll_interval
         self.extra_args = list(extra_args)
+        self.xds_port = xds_port
         self.proc: Proc | None = None
         self.xds: tuple[str, int] | None = None
         self.admin: tuple[str, int] | None = None
@@ -243,7 +258,7 @@ class Hub:
                 "in the repo root (or set TRIBUTARY_BIN)")
         host = FAMILIES[self.family]
         argv = [str(binary), "hub", "--config", str(self.config_dir),
-                "--xds-addr", hostport(host, 0), "--admin-addr", "127.0.0.1:0",
+                "--xds-addr", hostport(host, self.xds_port), "--admin-addr", "127.0.0.1:0",
                 "--ready-file", str(self.ready_file), "--poll-interval", self.poll_interval,
                 *self.extra_args]
         env = dict(os.environ)
@@ -270,6 +285,13 @@ class Hub:
     def stop(self):
         if self.proc:
             self.proc.stop()
+
+    def restart(self, timeout: float = 20.0):
+        """Stop and start again on the same xDS port (needs a fixed `xds_port`)."""
+        assert self.xds_port, "restart needs a Hub with a fixed xds_port"
+        self.stop()
+        self.ready_file.unlink(missing_ok=True)
+        return self.start(timeout)
 
     # admin ------------------------------------------------------------------------
     @property
@@ -298,8 +320,12 @@ class Hub:
         return parse_prometheus(text)
 
     def client(self, node_id: str) -> dict | None:
+        """The /status/sync record of `node_id`, with `types` normalized to a list of
+        per-type records (the hub may serve a list or a map keyed by short type name)."""
         for c in self.sync_status().get("clients", []):
             if c.get("node_id") == node_id:
+                if isinstance(c.get("types"), dict):
+                    c = dict(c, types=list(c["types"].values()))
                 return c
         return None
 
@@ -386,7 +412,8 @@ class Envoy:
     def start(self, timeout: float = 20.0):
         base_id = (os.getpid() % 10000) * 100 + next(_base_ids)
         argv = [envoy_binary(), "-c", str(self.bootstrap_path), "--base-id", str(base_id),
-                "--concurrency", "1", "-l", "info", "--drain-time-s", "1",
+                "--concurrency", "1", "-l", "info", "--component-log-level", "main:warning",
+                "--drain-time-s", "1", "--file-flush-interval-msec", "100",
                 "--log-path", str(self.log)]
         self.proc = Proc(f"envoy {self.node_id}", argv, self.dir / "envoy.stdout", env=dict(os.environ))
         LOG_REGISTRY.append((f"envoy {self.node_id} log", self.log))
@@ -403,6 +430,13 @@ class Envoy:
     def stop(self):
         if self.proc:
             self.proc.stop()
+
+    def restart(self, timeout: float = 20.0):
+        """Stop and start again on the same xDS port (needs a fixed `xds_port`)."""
+        assert self.xds_port, "restart needs a Hub with a fixed xds_port"
+        self.stop()
+        self.ready_file.unlink(missing_ok=True)
+        return self.start(timeout)
 
     # admin ------------------------------------------------------------------------
     def admin_get(self, path: str) -> tuple[int, str]:

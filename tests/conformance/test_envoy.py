@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 
@@ -9,7 +10,7 @@ import pytest
 
 from peers import (
     FAMILIES, Envoy, HttpBackend, HttpClient, Hub, dest, endpoint, endpoints, free_port, gateway,
-    metric_sum, route, service, share, tail, wait_until,
+    metric_sum, route, service, share, tail, wait_equal, wait_until,
 )
 
 HOST = "reviews.prod"
@@ -77,18 +78,30 @@ def wait_warm(envoy: Envoy, expected: dict[str, HttpBackend], timeout: float = 1
 
 
 @pytest.fixture
-def stack(family, api_type, make_hub, make_envoy, make_http_backend):
-    addr = FAMILIES[family]
-    backends = {s: make_http_backend(s, family) for s in ("v1", "v2")}
-    gw_port = free_port(addr)
-    hub = make_hub(family, reviews_mesh(addr, backends, gw_port))
-    envoy = make_envoy(hub, api_type, node_id=f"edge-{family}-{api_type.lower()}")
-    wait_warm(envoy, backends)
-    client = HttpClient(addr, gw_port)
-    # The listener is active in config_dump slightly before its socket accepts.
-    wait_until(lambda: client.key(HOST) in ("v1", "v2"), 10, "first request through the gateway")
-    yield Stack(family, addr, hub, envoy, backends, gw_port, client)
-    client.close()
+def build_stack(make_hub, make_envoy, make_http_backend):
+    clients: list[HttpClient] = []
+
+    def build(family: str, api_type: str, xds_port: int = 0) -> Stack:
+        addr = FAMILIES[family]
+        backends = {s: make_http_backend(s, family) for s in ("v1", "v2")}
+        gw_port = free_port(addr)
+        hub = make_hub(family, reviews_mesh(addr, backends, gw_port), xds_port=xds_port)
+        envoy = make_envoy(hub, api_type, node_id=f"edge-{family}-{api_type.lower()}")
+        wait_warm(envoy, backends)
+        client = HttpClient(addr, gw_port)
+        clients.append(client)
+        # The listener is active in config_dump slightly before its socket accepts.
+        wait_until(lambda: client.key(HOST) in ("v1", "v2"), 10, "first request through the gateway")
+        return Stack(family, addr, hub, envoy, backends, gw_port, client)
+
+    yield build
+    for c in clients:
+        c.close()
+
+
+@pytest.fixture
+def stack(family, api_type, build_stack):
+    return build_stack(family, api_type)
 
 
 # ------------------------------------------------------------------------- tests
@@ -207,6 +220,21 @@ def test_config_update_without_restart(stack: Stack, make_http_backend):
     assert elapsed < 2.1, f"traffic moved to the new v3 endpoint after {elapsed:.2f}s (seen {seen})"
     assert not [k for k in seen if k.startswith(("status:", "error:"))], seen
 
+    # Removal: subsets v1 and v2 go away; Envoy drops their clusters (SotW: absent
+    # from the wildcard CDS response; Delta: removed_resources), traffic unaffected.
+    docs = stack.docs(default_split={"v3": 1})
+    docs[0]["spec"]["subsets"] = [{"name": "v3", "labels": {"version": "v3"}}]
+    docs[2]["spec"]["http"] = [docs[2]["spec"]["http"][-1]]  # drop the x-canary -> v2 rule
+    docs[1]["spec"]["endpoints"] = [endpoint(v3b.host, v3b.port, {"version": "v3"})]
+    stack.hub.write_config(docs)
+    wait_equal(lambda: sorted(c for c in e.dynamic_clusters() if c.startswith("outbound|")),
+               sorted([CL[""], CL["v3"]]), 5,
+               "Envoy dropping the clusters of removed subsets v1, v2")
+    wait_equal(lambda: sorted(c for c in e.dynamic_endpoints() if c.startswith("outbound|")),
+               sorted([CL[""], CL["v3"]]), 5,
+               "Envoy dropping the endpoints of removed subsets v1, v2")
+    assert stack.client.counts(100, HOST) == {"v3b": 100}
+
 
 @pytest.mark.parametrize("family", ["ipv4"])
 def test_nack_keeps_last_good_config(stack: Stack):
@@ -245,12 +273,17 @@ def test_nack_keeps_last_good_config(stack: Stack):
     # No NACK loop: observe the hub for 3 s; the NACK count stays at one or two and it
     # does not keep sending responses to this client.
     m1 = hub.metrics()
+    c1 = hub.client(e.node_id)
     deadline = time.monotonic() + 3
     while time.monotonic() < deadline:
         c = hub.client(e.node_id)
         nacks = sum(t["nacks_total"] for t in c["types"])
         assert nacks <= 2, f"NACK loop: {c}"
         time.sleep(0.2)
+    if all("responses_total" in t for t in c1["types"]):
+        sent1 = sum(t["responses_total"] for t in c1["types"])
+        sent2 = sum(t["responses_total"] for t in hub.client(e.node_id)["types"])
+        assert sent2 - sent1 <= 1, f"{sent2 - sent1} responses sent to {e.node_id} in 3 s after the NACK"
     m2 = hub.metrics()
     n_nacks = metric_sum(m2, "tributary_xds_nacks_total") - metric_sum(m0, "tributary_xds_nacks_total")
     assert 1 <= n_nacks <= 2, f"tributary_xds_nacks_total grew by {n_nacks}"
@@ -270,3 +303,61 @@ def test_nack_keeps_last_good_config(stack: Stack):
         t = next(t for t in c["types"] if t["type_url"] == ROUTE_TYPE)
         return t["last_acked_version"] == t["last_sent_version"] and t
     wait_until(acked_again, 5, "the fixed RouteConfiguration ACKed")
+
+
+@pytest.mark.parametrize("family", ["ipv4"])
+def test_invalid_config_keeps_last_good(stack: Stack):
+    hub, e = stack.hub, stack.envoy
+    errors0 = metric_sum(hub.metrics(), "tributary_config_reload_errors_total")
+    docs = stack.docs(default_split={"v2": 1})
+    docs[0]["spec"]["ports"][0]["port"] = 70000      # out of range
+    hub.write_config(docs)
+    wait_until(lambda: metric_sum(hub.metrics(), "tributary_config_reload_errors_total") > errors0, 5,
+               "tributary_config_reload_errors_total to count the bad change")
+    status = hub.config_status()
+    assert "70000" in json.dumps(status) and "mesh.yaml" in json.dumps(status), status
+    # Nothing reached Envoy: still the 80/20 split, every type still ACKed, no NACK.
+    counts = stack.client.counts(500, HOST)
+    assert set(counts) == {"v1", "v2"} and abs(share(counts, "v1") - 0.8) <= 0.07, counts
+    c = hub.client(e.node_id)
+    assert all(t["nacks_total"] == 0 for t in c["types"]), c
+    # The fixed file is applied.
+    t_write = hub.write_config(stack.docs(default_split={"v2": 1}))
+    _follow(stack.client, "v2", t_write, timeout=10)
+
+
+@pytest.mark.parametrize("family", ["ipv4"])
+def test_hub_restart(family, api_type, build_stack):
+    xds_port = free_port(FAMILIES[family])
+    stack = build_stack(family, api_type, xds_port=xds_port)
+    hub, e = stack.hub, stack.envoy
+
+    hub.stop()
+    wait_until(lambda: e.stat("control_plane.connected_state") == 0, 10,
+               "Envoy noticing the control plane is gone")
+    # Envoy keeps serving its last config without a control plane.
+    counts = stack.client.counts(300, HOST)
+    assert set(counts) == {"v1", "v2"}, counts
+
+    hub.restart()
+    wait_until(lambda: e.stat("control_plane.connected_state") == 1, 20, "Envoy reconnecting")
+
+    def acked():
+        c = hub.client(e.node_id)
+        if not c:
+            return None
+        ts = [t for t in c["types"] if t["type_url"].rsplit(".", 1)[-1] in
+              ("Cluster", "ClusterLoadAssignment", "Listener", "RouteConfiguration")]
+        return c if len(ts) == 4 and all(t["last_acked_version"] == t["last_sent_version"] for t in ts) else None
+    wait_until(acked, 10, "the reconnected Envoy in /status/sync with every type ACKed")
+    if api_type == "DELTA_GRPC":
+        # Content-hash versions survive a restart: a Delta client reconnecting with
+        # initial_resource_versions is not sent unchanged resources again.
+        m = hub.metrics()
+        assert metric_sum(m, "tributary_xds_requests_total") > 0, "no tributary_xds_requests_total series"
+        sent = {k: v for k, v in m.items() if k.startswith("tributary_xds_resources_sent_total") and v}
+        assert not sent, f"the restarted hub re-sent unchanged resources to a Delta client: {sent}"
+
+    # Changes after the restart still reach Envoy.
+    t_write = hub.write_config(stack.docs(default_split={"v2": 1}))
+    _follow(stack.client, "v2", t_write, timeout=10)

@@ -14,9 +14,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::model::{
-    Destination, Endpoint, Gateway, GatewayListener, HeaderMatch, HeaderValueMatch,
-    Health, Locality, Mesh, ObjectKey, PathMatch, Protocol, Route, RouteRule, Service,
-    ServicePort, Subset,
+    Destination, Endpoint, Gateway, GatewayListener, HeaderMatch, HeaderValueMatch, Health,
+    Locality, Mesh, ObjectKey, PathMatch, Protocol, Route, RouteRule, Service, ServicePort, Subset,
 };
 
 pub const API_VERSION: &str = "tributary.io/v1alpha1";
@@ -236,7 +235,11 @@ pub fn parse_files<'a>(
         parse_file(file, text, &mut parsed, &mut seen, &mut errors);
     }
     let mesh = build_mesh(parsed, &mut errors);
-    if errors.is_empty() { Ok(mesh) } else { Err(ConfigErrors(errors)) }
+    if errors.is_empty() {
+        Ok(mesh)
+    } else {
+        Err(ConfigErrors(errors))
+    }
 }
 
 fn parse_file(
@@ -257,7 +260,11 @@ fn parse_file(
         let value = match serde_yaml::Value::deserialize(de) {
             Ok(v) => v,
             Err(e) => {
-                errors.push(doc_err(format!("document {number}"), "", format!("invalid YAML: {e}")));
+                errors.push(doc_err(
+                    format!("document {number}"),
+                    "",
+                    format!("invalid YAML: {e}"),
+                ));
                 // The rest of the stream cannot be trusted after a syntax error.
                 return;
             }
@@ -276,29 +283,53 @@ fn parse_file(
         match raw.api_version.as_deref() {
             Some(API_VERSION) => {}
             Some(other) => {
-                errors.push(doc_err(anon, "apiVersion", format!("{other:?} is not supported, expected {API_VERSION:?}")));
+                errors.push(doc_err(
+                    anon,
+                    "apiVersion",
+                    format!("{other:?} is not supported, expected {API_VERSION:?}"),
+                ));
                 continue;
             }
             None => {
-                errors.push(doc_err(anon, "apiVersion", format!("missing, expected {API_VERSION:?}")));
+                errors.push(doc_err(
+                    anon,
+                    "apiVersion",
+                    format!("missing, expected {API_VERSION:?}"),
+                ));
                 continue;
             }
         }
         let Some(kind) = raw.kind else {
-            errors.push(doc_err(anon, "kind", "missing, expected one of Service, Endpoints, Route, Gateway".into()));
+            errors.push(doc_err(
+                anon,
+                "kind",
+                "missing, expected one of Service, Endpoints, Route, Gateway".into(),
+            ));
             continue;
         };
         let Some(meta) = raw.metadata else {
-            errors.push(doc_err(format!("document {number} ({kind})"), "metadata", "missing, expected metadata.name".into()));
+            errors.push(doc_err(
+                format!("document {number} ({kind})"),
+                "metadata",
+                "missing, expected metadata.name".into(),
+            ));
             continue;
         };
-        let namespace = meta.namespace.unwrap_or_else(|| DEFAULT_NAMESPACE.to_string());
-        let env = meta.environment.unwrap_or_else(|| DEFAULT_ENVIRONMENT.to_string());
+        let namespace = meta
+            .namespace
+            .unwrap_or_else(|| DEFAULT_NAMESPACE.to_string());
+        let env = meta
+            .environment
+            .unwrap_or_else(|| DEFAULT_ENVIRONMENT.to_string());
         let name = meta.name.unwrap_or_default();
         let document = format!("document {number} ({kind} {env}/{namespace}/{name})");
         let _ = meta.labels;
         let mut bad_name = false;
-        for (field, value) in [("metadata.name", &name), ("metadata.namespace", &namespace), ("metadata.environment", &env)] {
+        for (field, value) in [
+            ("metadata.name", &name),
+            ("metadata.namespace", &namespace),
+            ("metadata.environment", &env),
+        ] {
             if let Err(message) = check_dns_name(value) {
                 errors.push(doc_err(document.clone(), field, message));
                 bad_name = true;
@@ -308,17 +339,42 @@ fn parse_file(
             continue;
         }
         let key = ObjectKey { namespace, name };
-        if let Some(first) = seen.insert((env.clone(), kind.clone(), key.clone()), format!("{file} {document}")) {
-            errors.push(doc_err(document.clone(), "metadata.name", format!("duplicate {kind} {key} in environment {env:?} (first defined in {first})")));
+        if let Some(first) = seen.insert(
+            (env.clone(), kind.clone(), key.clone()),
+            format!("{file} {document}"),
+        ) {
+            errors.push(doc_err(
+                document.clone(),
+                "metadata.name",
+                format!("duplicate {kind} {key} in environment {env:?} (first defined in {first})"),
+            ));
             continue;
         }
         let spec = raw.spec.unwrap_or(serde_yaml::Value::Null);
-        let spec = if spec.is_null() { serde_yaml::Value::Mapping(Default::default()) } else { spec };
+        let spec = if spec.is_null() {
+            serde_yaml::Value::Mapping(Default::default())
+        } else {
+            spec
+        };
         macro_rules! push {
             ($list:ident, $ty:ty) => {
-                match serde_yaml::from_value::<$ty>(spec) {
-                    Ok(spec) => parsed.$list.push(Doc { file: file.to_string(), document, env, key, spec }),
-                    Err(e) => errors.push(doc_err(document, &spec_field(&e), yaml_message(&e))),
+                match serde_path_to_error::deserialize::<_, $ty>(spec) {
+                    Ok(spec) => parsed.$list.push(Doc {
+                        file: file.to_string(),
+                        document,
+                        env,
+                        key,
+                        spec,
+                    }),
+                    Err(e) => {
+                        let path = e.path().to_string();
+                        let field = if path == "." {
+                            "spec".to_string()
+                        } else {
+                            format!("spec.{path}")
+                        };
+                        errors.push(doc_err(document, &field, yaml_message(e.inner())))
+                    }
                 }
             };
         }
@@ -329,16 +385,6 @@ fn parse_file(
             "Gateway" => push!(gateways, RawGateway),
             other => errors.push(doc_err(document, "kind", format!("{other:?} is not a known kind, expected one of Service, Endpoints, Route, Gateway"))),
         }
-    }
-}
-
-/// serde_yaml prefixes nested errors with their path (`ports[0]: unknown field ...`);
-/// turn that into our `spec.` field path.
-fn spec_field(e: &serde_yaml::Error) -> String {
-    let text = e.to_string();
-    match text.split_once(": ") {
-        Some((path, _)) if !path.contains(' ') => format!("spec.{path}"),
-        _ => "spec".to_string(),
     }
 }
 
@@ -353,13 +399,17 @@ fn yaml_message(e: &serde_yaml::Error) -> String {
 fn check_dns_name(value: &str) -> Result<(), String> {
     let ok = !value.is_empty()
         && value.len() <= 253
-        && value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
         && value.as_bytes()[0].is_ascii_alphanumeric()
         && value.as_bytes()[value.len() - 1].is_ascii_alphanumeric();
     if ok {
         Ok(())
     } else {
-        Err(format!("{value:?} is not a valid name, expected lower-case letters, digits, '-' and '.', starting and ending with a letter or digit, at most 253 characters"))
+        Err(format!(
+            "{value:?} is not a valid name, expected lower-case letters, digits, '-' and '.', starting and ending with a letter or digit, at most 253 characters"
+        ))
     }
 }
 
@@ -392,7 +442,11 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
         "s" => 1.0,
         "m" => 60.0,
         "h" => 3600.0,
-        _ => return Err(format!("{value:?} has unknown unit {unit:?}, expected ms, s, m or h")),
+        _ => {
+            return Err(format!(
+                "{value:?} has unknown unit {unit:?}, expected ms, s, m or h"
+            ));
+        }
     };
     let secs = n * scale;
     if !(secs.is_finite() && secs >= 0.0) {
@@ -407,7 +461,9 @@ fn parse_protocol(value: Option<&str>) -> Result<Protocol, String> {
         "HTTP2" => Ok(Protocol::Http2),
         "GRPC" => Ok(Protocol::Grpc),
         "TCP" => Ok(Protocol::Tcp),
-        other => Err(format!("{other:?} is not a protocol, expected HTTP, HTTP2, GRPC or TCP")),
+        other => Err(format!(
+            "{other:?} is not a protocol, expected HTTP, HTTP2, GRPC or TCP"
+        )),
     }
 }
 
@@ -417,7 +473,9 @@ fn parse_health(value: Option<&str>) -> Result<Health, String> {
         "UNHEALTHY" => Ok(Health::Unhealthy),
         "DRAINING" => Ok(Health::Draining),
         "UNKNOWN" => Ok(Health::Unknown),
-        other => Err(format!("{other:?} is not a health status, expected HEALTHY, UNHEALTHY, DRAINING or UNKNOWN")),
+        other => Err(format!(
+            "{other:?} is not a health status, expected HEALTHY, UNHEALTHY, DRAINING or UNKNOWN"
+        )),
     }
 }
 
@@ -430,7 +488,11 @@ fn build_mesh(parsed: Parsed, errors: &mut Vec<ConfigError>) -> Mesh {
 
     for doc in &parsed.services {
         if let Some(service) = build_service(doc, &mut hosts, errors) {
-            mesh.environments.entry(doc.env.clone()).or_default().services.insert(doc.key.clone(), service);
+            mesh.environments
+                .entry(doc.env.clone())
+                .or_default()
+                .services
+                .insert(doc.key.clone(), service);
         }
     }
     for doc in &parsed.endpoints {
@@ -438,12 +500,20 @@ fn build_mesh(parsed: Parsed, errors: &mut Vec<ConfigError>) -> Mesh {
     }
     for doc in &parsed.routes {
         if let Some(route) = build_route(doc, &mesh, &hosts, errors) {
-            mesh.environments.entry(doc.env.clone()).or_default().routes.push(route);
+            mesh.environments
+                .entry(doc.env.clone())
+                .or_default()
+                .routes
+                .push(route);
         }
     }
     for doc in &parsed.gateways {
         if let Some(gateway) = build_gateway(doc, errors) {
-            mesh.environments.entry(doc.env.clone()).or_default().gateways.insert(gateway.name.clone(), gateway);
+            mesh.environments
+                .entry(doc.env.clone())
+                .or_default()
+                .gateways
+                .insert(gateway.name.clone(), gateway);
         }
     }
     mesh
@@ -460,12 +530,21 @@ fn build_service(
         errors.push(doc.err("spec.hosts", "must list at least one host"));
     }
     for (i, host) in spec.hosts.iter().enumerate() {
+        let field = format!("spec.hosts[{i}]");
         if let Err(message) = check_dns_name(host) {
-            errors.push(doc.err(format!("spec.hosts[{i}]"), message));
-        } else if let Some(owner) = hosts.insert((doc.env.clone(), host.clone()), doc.key.clone()) {
-            if owner != doc.key {
-                errors.push(doc.err(format!("spec.hosts[{i}]"), format!("host {host:?} is already used by Service {owner} in environment {:?}", doc.env)));
-            }
+            errors.push(doc.err(field, message));
+        } else if spec.hosts[..i].contains(host) {
+            errors.push(doc.err(field, format!("duplicate host {host:?}")));
+        } else if let Some(owner) = hosts.get(&(doc.env.clone(), host.clone())) {
+            errors.push(doc.err(
+                field,
+                format!(
+                    "host {host:?} is already used by Service {owner} in environment {:?}",
+                    doc.env
+                ),
+            ));
+        } else {
+            hosts.insert((doc.env.clone(), host.clone()), doc.key.clone());
         }
     }
     if spec.ports.is_empty() {
@@ -474,23 +553,37 @@ fn build_service(
     let mut ports = Vec::new();
     for (i, p) in spec.ports.iter().enumerate() {
         let field = format!("spec.ports[{i}]");
-        let port = check_port(p.port).map_err(|m| errors.push(doc.err(format!("{field}.port"), m))).ok();
-        let protocol = parse_protocol(p.protocol.as_deref()).map_err(|m| errors.push(doc.err(format!("{field}.protocol"), m))).ok();
+        let port = check_port(p.port)
+            .map_err(|m| errors.push(doc.err(format!("{field}.port"), m)))
+            .ok();
+        let protocol = parse_protocol(p.protocol.as_deref())
+            .map_err(|m| errors.push(doc.err(format!("{field}.protocol"), m)))
+            .ok();
         let name = match &p.name {
             Some(n) if !n.is_empty() => n.clone(),
             _ => {
-                errors.push(doc.err(format!("{field}.name"), "missing, every port needs a name (endpoints map ports by name)"));
+                errors.push(doc.err(
+                    format!("{field}.name"),
+                    "missing, every port needs a name (endpoints map ports by name)",
+                ));
                 continue;
             }
         };
         if ports.iter().any(|q: &ServicePort| q.name == name) {
-            errors.push(doc.err(format!("{field}.name"), format!("duplicate port name {name:?}")));
+            errors.push(doc.err(
+                format!("{field}.name"),
+                format!("duplicate port name {name:?}"),
+            ));
         }
         if let (Some(port), Some(protocol)) = (port, protocol) {
             if ports.iter().any(|q: &ServicePort| q.port == port) {
                 errors.push(doc.err(format!("{field}.port"), format!("duplicate port {port}")));
             }
-            ports.push(ServicePort { name, port, protocol });
+            ports.push(ServicePort {
+                name,
+                port,
+                protocol,
+            });
         }
     }
     let mut subsets: Vec<Subset> = Vec::new();
@@ -498,9 +591,15 @@ fn build_service(
         if let Err(message) = check_dns_name(&s.name) {
             errors.push(doc.err(format!("spec.subsets[{i}].name"), message));
         } else if subsets.iter().any(|q| q.name == s.name) {
-            errors.push(doc.err(format!("spec.subsets[{i}].name"), format!("duplicate subset {:?}", s.name)));
+            errors.push(doc.err(
+                format!("spec.subsets[{i}].name"),
+                format!("duplicate subset {:?}", s.name),
+            ));
         } else {
-            subsets.push(Subset { name: s.name.clone(), labels: s.labels.clone() });
+            subsets.push(Subset {
+                name: s.name.clone(),
+                labels: s.labels.clone(),
+            });
         }
     }
     (errors.len() == before).then(|| Service {
@@ -513,27 +612,53 @@ fn build_service(
 }
 
 fn build_endpoints(doc: &Doc<RawEndpoints>, mesh: &mut Mesh, errors: &mut Vec<ConfigError>) {
-    let service_name = doc.spec.service.clone().unwrap_or_else(|| doc.key.name.clone());
-    let service_key = ObjectKey { namespace: doc.key.namespace.clone(), name: service_name };
+    let service_name = doc
+        .spec
+        .service
+        .clone()
+        .unwrap_or_else(|| doc.key.name.clone());
+    let service_key = ObjectKey {
+        namespace: doc.key.namespace.clone(),
+        name: service_name,
+    };
     let Some(service) = mesh
         .environments
         .get_mut(&doc.env)
         .and_then(|env| env.services.get_mut(&service_key))
     else {
-        errors.push(doc.err("spec.service", format!("{service_key} is not a Service in environment {:?}", doc.env)));
+        errors.push(doc.err(
+            "spec.service",
+            format!(
+                "{service_key} is not a Service in environment {:?}",
+                doc.env
+            ),
+        ));
         return;
     };
     let before = errors.len();
     let mut endpoints = Vec::with_capacity(doc.spec.endpoints.len());
     for (i, e) in doc.spec.endpoints.iter().enumerate() {
         let field = format!("spec.endpoints[{i}]");
-        let address = parse_address(&e.address).map_err(|m| errors.push(doc.err(format!("{field}.address"), m))).ok();
-        let port = e.port.map(check_port).transpose().map_err(|m| errors.push(doc.err(format!("{field}.port"), m))).ok().flatten();
+        let address = parse_address(&e.address)
+            .map_err(|m| errors.push(doc.err(format!("{field}.address"), m)))
+            .ok();
+        let port = e
+            .port
+            .map(check_port)
+            .transpose()
+            .map_err(|m| errors.push(doc.err(format!("{field}.port"), m)))
+            .ok()
+            .flatten();
         let mut ports = BTreeMap::new();
         for (name, value) in &e.ports {
             if service.ports.iter().all(|p| &p.name != name) {
                 let known: Vec<_> = service.ports.iter().map(|p| p.name.as_str()).collect();
-                errors.push(doc.err(format!("{field}.ports.{name}"), format!("{name:?} is not a port of Service {service_key}, expected one of {known:?}")));
+                errors.push(doc.err(
+                    format!("{field}.ports.{name}"),
+                    format!(
+                        "{name:?} is not a port of Service {service_key}, expected one of {known:?}"
+                    ),
+                ));
             }
             match check_port(*value) {
                 Ok(p) => {
@@ -543,16 +668,24 @@ fn build_endpoints(doc: &Doc<RawEndpoints>, mesh: &mut Mesh, errors: &mut Vec<Co
             }
         }
         if e.port.is_none() && e.ports.is_empty() {
-            errors.push(doc.err(format!("{field}.port"), "missing, expected `port` or `ports`"));
+            errors.push(doc.err(
+                format!("{field}.port"),
+                "missing, expected `port` or `ports`",
+            ));
         }
         let weight = match e.weight.unwrap_or(1) {
             w @ 1..=1_000_000 => w as u32,
             w => {
-                errors.push(doc.err(format!("{field}.weight"), format!("{w} is out of range, expected 1..=1000000")));
+                errors.push(doc.err(
+                    format!("{field}.weight"),
+                    format!("{w} is out of range, expected 1..=1000000"),
+                ));
                 1
             }
         };
-        let health = parse_health(e.health.as_deref()).map_err(|m| errors.push(doc.err(format!("{field}.health"), m))).ok();
+        let health = parse_health(e.health.as_deref())
+            .map_err(|m| errors.push(doc.err(format!("{field}.health"), m)))
+            .ok();
         if let (Some(address), Some(health)) = (address, health) {
             endpoints.push(Endpoint {
                 address,
@@ -593,11 +726,19 @@ fn build_route(
             Some(owner) => {
                 host_services.insert(owner.clone());
             }
-            None => errors.push(doc.err(format!("spec.hosts[{i}]"), format!("{host:?} is not a host of any Service in environment {:?}", doc.env))),
+            None => errors.push(doc.err(
+                format!("spec.hosts[{i}]"),
+                format!(
+                    "{host:?} is not a host of any Service in environment {:?}",
+                    doc.env
+                ),
+            )),
         }
     }
     let port = match spec.port {
-        Some(p) => check_port(p).map_err(|m| errors.push(doc.err("spec.port", m))).ok(),
+        Some(p) => check_port(p)
+            .map_err(|m| errors.push(doc.err("spec.port", m)))
+            .ok(),
         None => {
             let mut numbers = BTreeSet::new();
             for key in &host_services {
@@ -618,7 +759,10 @@ fn build_route(
     if let Some(port) = port {
         for key in &host_services {
             if lookup(key).is_some_and(|s| s.port(port).is_none()) {
-                errors.push(doc.err("spec.port", format!("{port} is not a port of Service {key}")));
+                errors.push(doc.err(
+                    "spec.port",
+                    format!("{port} is not a port of Service {key}"),
+                ));
             }
         }
     }
@@ -635,7 +779,10 @@ fn build_route(
                 (None, Some(p), None) => PathMatch::Exact(p.clone()),
                 (None, None, Some(p)) => PathMatch::Regex(p.clone()),
                 _ => {
-                    errors.push(doc.err(format!("{field}.match.path"), "expected exactly one of prefix, exact, regex"));
+                    errors.push(doc.err(
+                        format!("{field}.match.path"),
+                        "expected exactly one of prefix, exact, regex",
+                    ));
                     PathMatch::Prefix("/".into())
                 }
             },
@@ -648,28 +795,49 @@ fn build_route(
                 (None, None, Some(v), None) => HeaderValueMatch::Regex(v.clone()),
                 (None, None, None, Some(true)) => HeaderValueMatch::Present,
                 _ => {
-                    errors.push(doc.err(format!("{field}.match.headers[{j}]"), "expected exactly one of exact, prefix, regex, present: true"));
+                    errors.push(doc.err(
+                        format!("{field}.match.headers[{j}]"),
+                        "expected exactly one of exact, prefix, regex, present: true",
+                    ));
                     continue;
                 }
             };
             if h.name.is_empty() {
-                errors.push(doc.err(format!("{field}.match.headers[{j}].name"), "must not be empty"));
+                errors.push(doc.err(
+                    format!("{field}.match.headers[{j}].name"),
+                    "must not be empty",
+                ));
             }
-            headers.push(HeaderMatch { name: h.name.to_ascii_lowercase(), value });
+            headers.push(HeaderMatch {
+                name: h.name.to_ascii_lowercase(),
+                value,
+            });
         }
         if rule.destinations.is_empty() {
-            errors.push(doc.err(format!("{field}.destinations"), "must list at least one destination"));
+            errors.push(doc.err(
+                format!("{field}.destinations"),
+                "must list at least one destination",
+            ));
         }
         let mut destinations = Vec::new();
         let mut total: u64 = 0;
         for (j, d) in rule.destinations.iter().enumerate() {
             let dfield = format!("{field}.destinations[{j}]");
             let key = match d.service.split_once('/') {
-                Some((ns, name)) => ObjectKey { namespace: ns.into(), name: name.into() },
-                None => ObjectKey { namespace: doc.key.namespace.clone(), name: d.service.clone() },
+                Some((ns, name)) => ObjectKey {
+                    namespace: ns.into(),
+                    name: name.into(),
+                },
+                None => ObjectKey {
+                    namespace: doc.key.namespace.clone(),
+                    name: d.service.clone(),
+                },
             };
             let Some(service) = lookup(&key) else {
-                errors.push(doc.err(format!("{dfield}.service"), format!("{key} is not a Service in environment {:?}", doc.env)));
+                errors.push(doc.err(
+                    format!("{dfield}.service"),
+                    format!("{key} is not a Service in environment {:?}", doc.env),
+                ));
                 continue;
             };
             let dport = match d.port {
@@ -685,30 +853,50 @@ fn build_route(
             };
             let Some(dport) = dport else {
                 if d.port.is_none() {
-                    errors.push(doc.err(format!("{dfield}.port"), format!("missing: Service {key} has several ports")));
+                    errors.push(doc.err(
+                        format!("{dfield}.port"),
+                        format!("missing: Service {key} has several ports"),
+                    ));
                 }
                 continue;
             };
             if service.port(dport).is_none() {
-                errors.push(doc.err(format!("{dfield}.port"), format!("{dport} is not a port of Service {key}")));
+                errors.push(doc.err(
+                    format!("{dfield}.port"),
+                    format!("{dport} is not a port of Service {key}"),
+                ));
             }
-            if let Some(subset) = &d.subset {
-                if service.subset(subset).is_none() {
-                    errors.push(doc.err(format!("{dfield}.subset"), format!("{subset:?} is not a subset of Service {key}")));
-                }
+            if let Some(subset) = &d.subset
+                && service.subset(subset).is_none()
+            {
+                errors.push(doc.err(
+                    format!("{dfield}.subset"),
+                    format!("{subset:?} is not a subset of Service {key}"),
+                ));
             }
             let weight = match d.weight.unwrap_or(1) {
                 w @ 0..=1_000_000 => w as u32,
                 w => {
-                    errors.push(doc.err(format!("{dfield}.weight"), format!("{w} is out of range, expected 0..=1000000")));
+                    errors.push(doc.err(
+                        format!("{dfield}.weight"),
+                        format!("{w} is out of range, expected 0..=1000000"),
+                    ));
                     0
                 }
             };
             total += u64::from(weight);
-            destinations.push(Destination { service: key, port: dport, subset: d.subset.clone(), weight });
+            destinations.push(Destination {
+                service: key,
+                port: dport,
+                subset: d.subset.clone(),
+                weight,
+            });
         }
         if !rule.destinations.is_empty() && total == 0 {
-            errors.push(doc.err(format!("{field}.destinations"), "weights sum to zero, expected at least one positive weight"));
+            errors.push(doc.err(
+                format!("{field}.destinations"),
+                "weights sum to zero, expected at least one positive weight",
+            ));
         }
         let timeout = rule
             .timeout
@@ -718,10 +906,20 @@ fn build_route(
             .map_err(|m| errors.push(doc.err(format!("{field}.timeout"), m)))
             .ok()
             .flatten();
-        rules.push(RouteRule { path, headers, destinations, timeout });
+        rules.push(RouteRule {
+            path,
+            headers,
+            destinations,
+            timeout,
+        });
     }
     let port = port?;
-    (errors.len() == before).then(|| Route { key: doc.key.clone(), hosts: spec.hosts.clone(), port, rules })
+    (errors.len() == before).then(|| Route {
+        key: doc.key.clone(),
+        hosts: spec.hosts.clone(),
+        port,
+        rules,
+    })
 }
 
 fn build_gateway(doc: &Doc<RawGateway>, errors: &mut Vec<ConfigError>) -> Option<Gateway> {
@@ -736,13 +934,23 @@ fn build_gateway(doc: &Doc<RawGateway>, errors: &mut Vec<ConfigError>) -> Option
             errors.push(doc.err(format!("{field}.name"), m));
         }
         if listeners.iter().any(|q| q.name == l.name) {
-            errors.push(doc.err(format!("{field}.name"), format!("duplicate listener {:?}", l.name)));
+            errors.push(doc.err(
+                format!("{field}.name"),
+                format!("duplicate listener {:?}", l.name),
+            ));
         }
-        let address = parse_address(l.address.as_deref().unwrap_or("0.0.0.0")).map_err(|m| errors.push(doc.err(format!("{field}.address"), m))).ok();
-        let port = check_port(l.port).map_err(|m| errors.push(doc.err(format!("{field}.port"), m))).ok();
+        let address = parse_address(l.address.as_deref().unwrap_or("0.0.0.0"))
+            .map_err(|m| errors.push(doc.err(format!("{field}.address"), m)))
+            .ok();
+        let port = check_port(l.port)
+            .map_err(|m| errors.push(doc.err(format!("{field}.port"), m)))
+            .ok();
         match l.protocol.as_deref().unwrap_or("HTTP") {
             "HTTP" => {}
-            other => errors.push(doc.err(format!("{field}.protocol"), format!("{other:?} is not supported, expected HTTP"))),
+            other => errors.push(doc.err(
+                format!("{field}.protocol"),
+                format!("{other:?} is not supported, expected HTTP"),
+            )),
         }
         let hosts = match &l.hosts {
             None => None,
@@ -750,13 +958,30 @@ fn build_gateway(doc: &Doc<RawGateway>, errors: &mut Vec<ConfigError>) -> Option
             Some(h) => Some(h.clone()),
         };
         if let (Some(address), Some(port)) = (address, port) {
-            if let Some(other) = listeners.iter().find(|q| q.address == address && q.port == port) {
-                errors.push(doc.err(format!("{field}.port"), format!("{address} port {port} is already used by listener {:?}", other.name)));
+            if let Some(other) = listeners
+                .iter()
+                .find(|q| q.address == address && q.port == port)
+            {
+                errors.push(doc.err(
+                    format!("{field}.port"),
+                    format!(
+                        "{address} port {port} is already used by listener {:?}",
+                        other.name
+                    ),
+                ));
             }
-            listeners.push(GatewayListener { name: l.name.clone(), address, port, hosts });
+            listeners.push(GatewayListener {
+                name: l.name.clone(),
+                address,
+                port,
+                hosts,
+            });
         }
     }
-    (errors.len() == before).then(|| Gateway { name: doc.key.name.clone(), listeners })
+    (errors.len() == before).then(|| Gateway {
+        name: doc.key.name.clone(),
+        listeners,
+    })
 }
 
 #[cfg(test)]

@@ -21,7 +21,10 @@ use crate::model::Mesh;
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{0}: no *.yaml or *.yml files found")]
     Empty(String),
     #[error(transparent)]
@@ -45,14 +48,19 @@ pub struct ConfigStatus {
 pub fn list_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, LoadError> {
     let mut files = Vec::new();
     for path in paths {
-        let io = |source| LoadError::Io { path: path.display().to_string(), source };
+        let io = |source| LoadError::Io {
+            path: path.display().to_string(),
+            source,
+        };
         let meta = std::fs::metadata(path).map_err(io)?;
         if meta.is_dir() {
             let mut found = Vec::new();
             for entry in std::fs::read_dir(path).map_err(io)? {
                 let p = entry.map_err(io)?.path();
                 let yaml = p.extension().is_some_and(|e| e == "yaml" || e == "yml");
-                let hidden = p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'));
+                let hidden = p
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'));
                 if yaml && !hidden && p.is_file() {
                     found.push(p);
                 }
@@ -77,7 +85,10 @@ pub fn read_files(files: &[PathBuf]) -> Result<Vec<(String, String)>, LoadError>
         .map(|f| {
             std::fs::read_to_string(f)
                 .map(|text| (f.display().to_string(), text))
-                .map_err(|source| LoadError::Io { path: f.display().to_string(), source })
+                .map_err(|source| LoadError::Io {
+                    path: f.display().to_string(),
+                    source,
+                })
         })
         .collect()
 }
@@ -104,7 +115,12 @@ impl FileSource {
             paths: paths.iter().map(|p| p.display().to_string()).collect(),
             ..Default::default()
         };
-        Self { paths, interval, status: Arc::new(Mutex::new(status)), metrics }
+        Self {
+            paths,
+            interval,
+            status: Arc::new(Mutex::new(status)),
+            metrics,
+        }
     }
 
     pub fn status(&self) -> Arc<Mutex<ConfigStatus>> {
@@ -131,20 +147,24 @@ impl FileSource {
             }
             let paths = self.paths.clone();
             // File I/O and parsing off the async workers.
-            let contents = match tokio::task::spawn_blocking(move || read_files(&list_files(&paths)?)).await {
-                Ok(Ok(c)) => c,
-                Ok(Err(e)) => {
-                    self.record_failure(&e, &mut last_error);
-                    continue;
-                }
-                Err(_) => continue,
-            };
+            let contents =
+                match tokio::task::spawn_blocking(move || read_files(&list_files(&paths)?)).await {
+                    Ok(Ok(c)) => c,
+                    Ok(Err(e)) => {
+                        self.record_failure(&e, &mut last_error);
+                        continue;
+                    }
+                    Err(_) => continue,
+                };
             if contents == last {
                 continue;
             }
             let parsed = {
                 let c = contents.clone();
-                tokio::task::spawn_blocking(move || parse_files(c.iter().map(|(f, t)| (f.as_str(), t.as_str())))).await
+                tokio::task::spawn_blocking(move || {
+                    parse_files(c.iter().map(|(f, t)| (f.as_str(), t.as_str())))
+                })
+                .await
             };
             match parsed {
                 Ok(Ok(mesh)) => {
@@ -181,13 +201,18 @@ impl FileSource {
 
     fn record_failure(&self, e: &LoadError, last_error: &mut Option<String>) {
         let lines: Vec<String> = match e {
-            LoadError::Invalid(ConfigErrors(list)) => list.iter().map(ConfigError::to_string).collect(),
+            LoadError::Invalid(ConfigErrors(list)) => {
+                list.iter().map(ConfigError::to_string).collect()
+            }
             other => vec![other.to_string()],
         };
         let joined = lines.join("\n");
         if last_error.as_deref() != Some(joined.as_str()) {
             self.metrics.config_reload_errors.inc();
-            error!("config rejected, still serving the last good config:\n  {}", lines.join("\n  "));
+            error!(
+                "config rejected, still serving the last good config:\n  {}",
+                lines.join("\n  ")
+            );
             *last_error = Some(joined);
         }
         self.status.lock().unwrap().last_errors = lines;

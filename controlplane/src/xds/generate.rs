@@ -15,6 +15,7 @@ use tributary_proto::envoy::envoy::config::cluster::v3::{
     Cluster, cluster::ClusterDiscoveryType, cluster::DiscoveryType, cluster::EdsClusterConfig,
     cluster::LbPolicy,
 };
+use tributary_proto::envoy::envoy::config::core::v3::Http2ProtocolOptions;
 use tributary_proto::envoy::envoy::config::core::v3::{
     Address, AggregatedConfigSource, ApiVersion, ConfigSource, HealthStatus,
     Locality as PbLocality, SocketAddress, address, config_source::ConfigSourceSpecifier,
@@ -41,11 +42,12 @@ use tributary_proto::envoy::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options::ExplicitHttpConfig,
     http_protocol_options::explicit_http_config::ProtocolConfig,
 };
-use tributary_proto::envoy::envoy::config::core::v3::Http2ProtocolOptions;
 use tributary_proto::envoy::envoy::r#type::matcher::v3::{
     RegexMatcher, StringMatcher, string_matcher::MatchPattern,
 };
-use tributary_proto::envoy::google::protobuf::{Any, BoolValue, Duration as PbDuration, UInt32Value};
+use tributary_proto::envoy::google::protobuf::{
+    Any, BoolValue, Duration as PbDuration, UInt32Value,
+};
 use tributary_proto::type_url;
 use tributary_proto::wire::EncodedResource;
 
@@ -99,7 +101,10 @@ fn encode<M: Message>(ty: XdsType, name: &str, message: &M) -> EncodedResource {
 }
 
 fn any<M: Message>(type_url: &str, message: &M) -> Any {
-    Any { type_url: type_url.to_string(), value: message.encode_to_vec() }
+    Any {
+        type_url: type_url.to_string(),
+        value: message.encode_to_vec(),
+    }
 }
 
 fn ads_source() -> ConfigSource {
@@ -129,15 +134,27 @@ pub fn generate(env: &Environment) -> EnvResources {
 
     for service in env.services.values() {
         for port in &service.ports {
-            for subset in std::iter::once(None).chain(service.subsets.iter().map(|s| Some(s.name.as_str()))) {
+            for subset in
+                std::iter::once(None).chain(service.subsets.iter().map(|s| Some(s.name.as_str())))
+            {
                 let name = cluster_name(port.port, subset.unwrap_or(""), service.canonical_host());
-                put(XdsType::Cluster, encode(XdsType::Cluster, &name, &cluster(&name, port)));
+                put(
+                    XdsType::Cluster,
+                    encode(XdsType::Cluster, &name, &cluster(&name, port)),
+                );
                 let cla = load_assignment(&name, service, port, subset);
                 put(XdsType::Endpoint, encode(XdsType::Endpoint, &name, &cla));
             }
         }
     }
-    put(XdsType::Cluster, encode(XdsType::Cluster, PASSTHROUGH_CLUSTER, &passthrough_cluster()));
+    put(
+        XdsType::Cluster,
+        encode(
+            XdsType::Cluster,
+            PASSTHROUGH_CLUSTER,
+            &passthrough_cluster(),
+        ),
+    );
 
     // Sidecar and proxyless route tables: one per HTTP service port number.
     let mut http_ports: BTreeMap<u16, Vec<&Service>> = BTreeMap::new();
@@ -149,8 +166,15 @@ pub fn generate(env: &Environment) -> EnvResources {
     let mut sidecar = BTreeSet::new();
     for (port, services) in &http_ports {
         let name = port.to_string();
-        let vhosts = services.iter().map(|s| virtual_host(s, env, Some(*port), *port)).collect();
-        let rc = RouteConfiguration { name: name.clone(), virtual_hosts: vhosts, ..Default::default() };
+        let vhosts = services
+            .iter()
+            .map(|s| virtual_host(s, env, Some(*port), *port))
+            .collect();
+        let rc = RouteConfiguration {
+            name: name.clone(),
+            virtual_hosts: vhosts,
+            ..Default::default()
+        };
         put(XdsType::Route, encode(XdsType::Route, &name, &rc));
 
         let listener_name = format!("0.0.0.0_{port}");
@@ -161,7 +185,10 @@ pub fn generate(env: &Environment) -> EnvResources {
             filter_chains: vec![http_filter_chain(&format!("outbound_{port}"), &name)],
             ..Default::default()
         };
-        put(XdsType::Listener, encode(XdsType::Listener, &listener_name, &l));
+        put(
+            XdsType::Listener,
+            encode(XdsType::Listener, &listener_name, &l),
+        );
         sidecar.insert(Arc::from(listener_name.as_str()));
 
         // gRPC proxyless API listeners, named as the client's target.
@@ -173,7 +200,10 @@ pub fn generate(env: &Environment) -> EnvResources {
                     names.push(host.clone());
                 }
                 for n in names {
-                    put(XdsType::Listener, encode(XdsType::Listener, &n, &api_listener(&n, &name)));
+                    put(
+                        XdsType::Listener,
+                        encode(XdsType::Listener, &n, &api_listener(&n, &name)),
+                    );
                 }
             }
         }
@@ -181,12 +211,18 @@ pub fn generate(env: &Environment) -> EnvResources {
     if !http_ports.is_empty() {
         let l = Listener {
             name: VIRTUAL_OUTBOUND.into(),
-            address: Some(socket(IpAddr::V4(Ipv4Addr::UNSPECIFIED), VIRTUAL_OUTBOUND_PORT)),
+            address: Some(socket(
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                VIRTUAL_OUTBOUND_PORT,
+            )),
             use_original_dst: Some(BoolValue { value: true }),
             filter_chains: vec![tcp_passthrough_chain()],
             ..Default::default()
         };
-        put(XdsType::Listener, encode(XdsType::Listener, VIRTUAL_OUTBOUND, &l));
+        put(
+            XdsType::Listener,
+            encode(XdsType::Listener, VIRTUAL_OUTBOUND, &l),
+        );
         sidecar.insert(Arc::from(VIRTUAL_OUTBOUND));
     }
     out.roles.sidecar = sidecar;
@@ -200,7 +236,10 @@ pub fn generate(env: &Environment) -> EnvResources {
             let l = Listener {
                 name: name.clone(),
                 address: Some(socket(listener.address, listener.port)),
-                filter_chains: vec![http_filter_chain(&format!("gateway_{}_{}", gateway.name, listener.name), &name)],
+                filter_chains: vec![http_filter_chain(
+                    &format!("gateway_{}_{}", gateway.name, listener.name),
+                    &name,
+                )],
                 ..Default::default()
             };
             put(XdsType::Listener, encode(XdsType::Listener, &name, &l));
@@ -219,7 +258,10 @@ fn cluster(name: &str, port: &ServicePort) -> Cluster {
             eds_config: Some(ads_source()),
             service_name: name.to_string(),
         }),
-        connect_timeout: Some(PbDuration { seconds: 1, nanos: 0 }),
+        connect_timeout: Some(PbDuration {
+            seconds: 1,
+            nanos: 0,
+        }),
         lb_policy: LbPolicy::RoundRobin as i32,
         ..Default::default()
     };
@@ -236,7 +278,10 @@ fn cluster(name: &str, port: &ServicePort) -> Cluster {
         };
         c.typed_extension_protocol_options.insert(
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
-            any("type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions", &options),
+            any(
+                "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                &options,
+            ),
         );
     }
     c
@@ -245,9 +290,14 @@ fn cluster(name: &str, port: &ServicePort) -> Cluster {
 fn passthrough_cluster() -> Cluster {
     Cluster {
         name: PASSTHROUGH_CLUSTER.into(),
-        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::OriginalDst as i32)),
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(
+            DiscoveryType::OriginalDst as i32,
+        )),
         lb_policy: LbPolicy::ClusterProvided as i32,
-        connect_timeout: Some(PbDuration { seconds: 1, nanos: 0 }),
+        connect_timeout: Some(PbDuration {
+            seconds: 1,
+            nanos: 0,
+        }),
         ..Default::default()
     }
 }
@@ -260,7 +310,8 @@ pub fn load_assignment(
     subset: Option<&str>,
 ) -> ClusterLoadAssignment {
     let selector = subset.and_then(|s| service.subset(s));
-    let mut by_locality: BTreeMap<&crate::model::Locality, (u32, Vec<LbEndpoint>)> = BTreeMap::new();
+    let mut by_locality: BTreeMap<&crate::model::Locality, (u32, Vec<LbEndpoint>)> =
+        BTreeMap::new();
     for e in &service.endpoints {
         if selector.is_some_and(|s| !s.selects(e)) {
             continue;
@@ -282,7 +333,9 @@ pub fn load_assignment(
                 }),
                 lb_endpoints,
                 // gRPC clients drop localities without a weight.
-                load_balancing_weight: Some(UInt32Value { value: weight.max(1) }),
+                load_balancing_weight: Some(UInt32Value {
+                    value: weight.max(1),
+                }),
                 ..Default::default()
             })
             .collect(),
@@ -310,7 +363,10 @@ fn lb_endpoint(e: &Endpoint, port: u16) -> LbEndpoint {
 fn router_filter() -> HttpFilter {
     HttpFilter {
         name: "envoy.filters.http.router".into(),
-        config_type: Some(HttpFilterConfigType::TypedConfig(any(type_url::ROUTER, &Router::default()))),
+        config_type: Some(HttpFilterConfigType::TypedConfig(any(
+            type_url::ROUTER,
+            &Router::default(),
+        ))),
         ..Default::default()
     }
 }
@@ -365,7 +421,10 @@ fn api_listener(name: &str, route_config_name: &str) -> Listener {
     Listener {
         name: name.to_string(),
         api_listener: Some(ApiListener {
-            api_listener: Some(any(type_url::HTTP_CONNECTION_MANAGER, &hcm(name, route_config_name))),
+            api_listener: Some(any(
+                type_url::HTTP_CONNECTION_MANAGER,
+                &hcm(name, route_config_name),
+            )),
         }),
         ..Default::default()
     }
@@ -383,7 +442,12 @@ fn domains(service: &Service, port: u16) -> Vec<String> {
 
 /// The virtual host of `service`: rules of every Route naming one of its hosts (on
 /// `route_port`, or any port when `None`), else a default route to `default_port`.
-fn virtual_host(service: &Service, env: &Environment, route_port: Option<u16>, domain_port: u16) -> VirtualHost {
+fn virtual_host(
+    service: &Service,
+    env: &Environment,
+    route_port: Option<u16>,
+    domain_port: u16,
+) -> VirtualHost {
     let mut routes = Vec::new();
     for route in &env.routes {
         let names_service = route.hosts.iter().any(|h| service.hosts.contains(h));
@@ -393,7 +457,13 @@ fn virtual_host(service: &Service, env: &Environment, route_port: Option<u16>, d
     }
     if routes.is_empty() {
         let port = route_port
-            .or_else(|| service.ports.iter().find(|p| p.protocol.is_http()).map(|p| p.port))
+            .or_else(|| {
+                service
+                    .ports
+                    .iter()
+                    .find(|p| p.protocol.is_http())
+                    .map(|p| p.port)
+            })
             .unwrap_or(domain_port);
         routes.push(PbRoute {
             r#match: Some(RouteMatch {
@@ -401,7 +471,11 @@ fn virtual_host(service: &Service, env: &Environment, route_port: Option<u16>, d
                 ..Default::default()
             }),
             action: Some(Action::Route(RouteAction {
-                cluster_specifier: Some(ClusterSpecifier::Cluster(cluster_name(port, "", service.canonical_host()))),
+                cluster_specifier: Some(ClusterSpecifier::Cluster(cluster_name(
+                    port,
+                    "",
+                    service.canonical_host(),
+                ))),
                 ..Default::default()
             })),
             ..Default::default()
@@ -423,16 +497,27 @@ fn gateway_routes(name: &str, env: &Environment, listener: &GatewayListener) -> 
         .filter(|s| s.hosts.iter().any(|h| listener.routes_host(h)))
         .map(|s| virtual_host(s, env, None, listener.port))
         .collect();
-    RouteConfiguration { name: name.to_string(), virtual_hosts: vhosts, ..Default::default() }
+    RouteConfiguration {
+        name: name.to_string(),
+        virtual_hosts: vhosts,
+        ..Default::default()
+    }
 }
 
 fn destination_cluster(d: &Destination, env: &Environment) -> String {
-    let host = env.services.get(&d.service).map(|s| s.canonical_host()).unwrap_or_default();
+    let host = env
+        .services
+        .get(&d.service)
+        .map(|s| s.canonical_host())
+        .unwrap_or_default();
     cluster_name(d.port, d.subset.as_deref().unwrap_or(""), host)
 }
 
 fn regex(pattern: &str) -> RegexMatcher {
-    RegexMatcher { regex: pattern.to_string(), ..Default::default() }
+    RegexMatcher {
+        regex: pattern.to_string(),
+        ..Default::default()
+    }
 }
 
 fn route_rule(rule: &RouteRule, env: &Environment) -> PbRoute {

@@ -24,8 +24,13 @@ pub enum XdsType {
 
 impl XdsType {
     pub const COUNT: usize = 5;
-    pub const ALL: [XdsType; Self::COUNT] =
-        [XdsType::Cluster, XdsType::Endpoint, XdsType::Listener, XdsType::Route, XdsType::Secret];
+    pub const ALL: [XdsType; Self::COUNT] = [
+        XdsType::Cluster,
+        XdsType::Endpoint,
+        XdsType::Listener,
+        XdsType::Route,
+        XdsType::Secret,
+    ];
 
     pub fn type_url(self) -> &'static str {
         match self {

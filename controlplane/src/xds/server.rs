@@ -23,7 +23,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, debug, info, info_span, warn};
 use tributary_proto::envoy::envoy::config::core::v3::Node;
-use tributary_proto::envoy::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use tributary_proto::envoy::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DiscoveryRequest,
+};
 use tributary_proto::envoy::google::protobuf::value::Kind;
 use tributary_proto::wire::{
     ControlPlaneWire, DeltaDiscoveryResponseWire, DiscoveryResponseWire, EncodedResource,
@@ -62,7 +64,9 @@ impl NodeInfo {
     /// Reads identity from `node`; `default_env` when it names no environment.
     pub fn from_node(node: &Node, default_env: &str) -> Result<Self, Status> {
         if node.id.is_empty() {
-            return Err(Status::invalid_argument("node.id is empty: every xDS client must identify itself with a node id"));
+            return Err(Status::invalid_argument(
+                "node.id is empty: every xDS client must identify itself with a node id",
+            ));
         }
         let meta = |key: &str| -> Option<String> {
             let v = node.metadata.as_ref()?.fields.get(key)?;
@@ -94,8 +98,19 @@ pub struct AdsServer {
 }
 
 impl AdsServer {
-    pub fn new(shards: Arc<Shards>, registry: Arc<SyncRegistry>, metrics: Arc<Metrics>, default_env: String) -> Self {
-        Self { shards, registry, metrics, default_env, next_id: AtomicU64::new(1) }
+    pub fn new(
+        shards: Arc<Shards>,
+        registry: Arc<SyncRegistry>,
+        metrics: Arc<Metrics>,
+        default_env: String,
+    ) -> Self {
+        Self {
+            shards,
+            registry,
+            metrics,
+            default_env,
+            next_id: AtomicU64::new(1),
+        }
     }
 }
 
@@ -192,7 +207,9 @@ impl Dialect for Sotw {
     fn apply(req: DiscoveryRequest, ty: XdsType, conn: &mut Conn) -> Result<(), Status> {
         let first = conn.types[ty as usize].is_none();
         if !req.response_nonce.is_empty() {
-            let pending = conn.types[ty as usize].as_ref().and_then(|ts| ts.pending.as_ref());
+            let pending = conn.types[ty as usize]
+                .as_ref()
+                .and_then(|ts| ts.pending.as_ref());
             match pending.map(|p| p.nonce == req.response_nonce) {
                 Some(true) => {
                     let error = req.error_detail.as_ref().map(|e| e.message.clone());
@@ -231,10 +248,16 @@ impl Dialect for Sotw {
     fn response(out: Outgoing, ty: XdsType) -> DiscoveryResponseWire {
         DiscoveryResponseWire {
             version_info: out.version,
-            resources: out.resources.iter().map(EncodedResource::any_bytes).collect(),
+            resources: out
+                .resources
+                .iter()
+                .map(EncodedResource::any_bytes)
+                .collect(),
             type_url: ty.type_url().to_string(),
             nonce: out.nonce,
-            control_plane: Some(ControlPlaneWire { identifier: CONTROL_PLANE_ID.into() }),
+            control_plane: Some(ControlPlaneWire {
+                identifier: CONTROL_PLANE_ID.into(),
+            }),
         }
     }
 }
@@ -269,7 +292,13 @@ impl Dialect for Delta {
             // What the client already holds from an earlier stream: not sent again
             // while the version is unchanged.
             for (name, version) in req.initial_resource_versions {
-                ts.held.insert(Arc::from(name.as_str()), Held { version: version.into(), resource: None });
+                ts.held.insert(
+                    Arc::from(name.as_str()),
+                    Held {
+                        version: version.into(),
+                        resource: None,
+                    },
+                );
             }
             // Legacy wildcard: a first request naming nothing subscribes to everything.
             ts.wildcard = req.resource_names_subscribe.is_empty();
@@ -303,11 +332,17 @@ impl Dialect for Delta {
     fn response(out: Outgoing, ty: XdsType) -> DeltaDiscoveryResponseWire {
         DeltaDiscoveryResponseWire {
             system_version_info: out.version,
-            resources: out.resources.iter().map(EncodedResource::delta_bytes).collect(),
+            resources: out
+                .resources
+                .iter()
+                .map(EncodedResource::delta_bytes)
+                .collect(),
             type_url: ty.type_url().to_string(),
             nonce: out.nonce,
             removed_resources: out.removed.iter().map(|n| n.to_string()).collect(),
-            control_plane: Some(ControlPlaneWire { identifier: CONTROL_PLANE_ID.into() }),
+            control_plane: Some(ControlPlaneWire {
+                identifier: CONTROL_PLANE_ID.into(),
+            }),
         }
     }
 }
@@ -380,7 +415,11 @@ impl Conn {
     }
 
     /// Every name a wildcard subscription of `ty` selects.
-    fn wildcard_names<'s>(&self, snap: &'s Snapshot, ty: XdsType) -> Box<dyn Iterator<Item = &'s Arc<str>> + 's> {
+    fn wildcard_names<'s>(
+        &self,
+        snap: &'s Snapshot,
+        ty: XdsType,
+    ) -> Box<dyn Iterator<Item = &'s Arc<str>> + 's> {
         match ty {
             XdsType::Listener => Box::new(self.role_listeners(snap).into_iter().flatten()),
             _ => Box::new(snap.of_type(ty).keys()),
@@ -389,7 +428,9 @@ impl Conn {
 
     /// ACK (`error` is `None`) or NACK of the pending response of `ty`.
     fn complete(&mut self, ty: XdsType, client_version: &str, error: Option<String>) {
-        let Some(ts) = self.types[ty as usize].as_mut() else { return };
+        let Some(ts) = self.types[ty as usize].as_mut() else {
+            return;
+        };
         let Some(p) = ts.pending.take() else { return };
         let mut status = self.status.lock().unwrap();
         let st = status.types.entry(ty.short()).or_default();
@@ -400,7 +441,13 @@ impl Conn {
                 }
                 for r in p.sent {
                     ts.rejected.remove(r.name());
-                    ts.held.insert(Arc::from(r.name()), Held { version: r.version().into(), resource: Some(r) });
+                    ts.held.insert(
+                        Arc::from(r.name()),
+                        Held {
+                            version: r.version().into(),
+                            resource: Some(r),
+                        },
+                    );
                 }
                 for n in &p.removed {
                     ts.held.remove(n);
@@ -439,7 +486,9 @@ impl Conn {
         if ts.pending.is_some() {
             return None;
         }
-        let full_scan = ts.dirty_full || ts.seen_seq + 1 != snap.seq || (ty == XdsType::Listener && snap.roles_changed);
+        let full_scan = ts.dirty_full
+            || ts.seen_seq + 1 != snap.seq
+            || (ty == XdsType::Listener && snap.roles_changed);
         if !full_scan && ts.seen_seq == snap.seq && !ts.force {
             return None;
         }
@@ -496,13 +545,22 @@ impl Conn {
             }
             removed.clear();
         }
-        let send = if full_set { changed || force } else { !updates.is_empty() || !removed.is_empty() || force };
+        let send = if full_set {
+            changed || force
+        } else {
+            !updates.is_empty() || !removed.is_empty() || force
+        };
         if !send {
             return None;
         }
         let resources = if full_set {
             // The complete set, keeping the last good version of anything NACKed.
-            let mut names: BTreeSet<Arc<str>> = ts.names.iter().filter(|n| snap.get(ty, n).is_some()).cloned().collect();
+            let mut names: BTreeSet<Arc<str>> = ts
+                .names
+                .iter()
+                .filter(|n| snap.get(ty, n).is_some())
+                .cloned()
+                .collect();
             if ts.wildcard {
                 names.extend(self.wildcard_names(snap, ty).cloned());
             }
@@ -512,7 +570,11 @@ impl Conn {
                 .filter_map(|n| {
                     let r = snap.get(ty, &n)?;
                     let rejected = ts.rejected.get(&n).is_some_and(|v| **v == *r.version());
-                    if rejected { ts.held.get(&n).and_then(|h| h.resource.clone()) } else { Some(r.clone()) }
+                    if rejected {
+                        ts.held.get(&n).and_then(|h| h.resource.clone())
+                    } else {
+                        Some(r.clone())
+                    }
                 })
                 .collect()
         } else {
@@ -539,16 +601,27 @@ impl Conn {
     /// LDS and RDS wait while CDS or EDS is in flight: a listener or route must not
     /// reach a client before the clusters it names.
     fn gated(&self, ty: XdsType) -> bool {
-        let in_flight = |t: XdsType| self.types[t as usize].as_ref().is_some_and(|s| s.pending.is_some());
-        matches!(ty, XdsType::Listener | XdsType::Route) && (in_flight(XdsType::Cluster) || in_flight(XdsType::Endpoint))
+        let in_flight = |t: XdsType| {
+            self.types[t as usize]
+                .as_ref()
+                .is_some_and(|s| s.pending.is_some())
+        };
+        matches!(ty, XdsType::Listener | XdsType::Route)
+            && (in_flight(XdsType::Cluster) || in_flight(XdsType::Endpoint))
     }
 
     fn record_sent(&self, ty: XdsType, out: &Outgoing) {
         let bytes: usize = out.resources.iter().map(EncodedResource::size).sum();
         let label = ty.into();
         self.metrics.xds_responses.get_or_create(&label).inc();
-        self.metrics.xds_resources_sent.get_or_create(&label).inc_by(out.resources.len() as u64);
-        self.metrics.xds_bytes_sent.get_or_create(&label).inc_by(bytes as u64);
+        self.metrics
+            .xds_resources_sent
+            .get_or_create(&label)
+            .inc_by(out.resources.len() as u64);
+        self.metrics
+            .xds_bytes_sent
+            .get_or_create(&label)
+            .inc_by(bytes as u64);
         let mut status = self.status.lock().unwrap();
         let st = status.types.entry(ty.short()).or_default();
         st.type_url = ty.type_url();
@@ -560,7 +633,9 @@ impl Conn {
     }
 
     fn record_subscription(&self, ty: XdsType) {
-        let Some(ts) = self.types[ty as usize].as_ref() else { return };
+        let Some(ts) = self.types[ty as usize].as_ref() else {
+            return;
+        };
         let mut status = self.status.lock().unwrap();
         let st = status.types.entry(ty.short()).or_default();
         st.type_url = ty.type_url();
@@ -576,7 +651,13 @@ async fn run<D: Dialect>(
 ) where
     Streaming<D::Req>: Send,
 {
-    let span = info_span!("ads", stream = ctx.id, protocol = D::NAME, node = tracing::field::Empty, env = tracing::field::Empty);
+    let span = info_span!(
+        "ads",
+        stream = ctx.id,
+        protocol = D::NAME,
+        node = tracing::field::Empty,
+        env = tracing::field::Empty
+    );
     async move {
         if let Err(status) = serve::<D>(&ctx, inbound, &tx).await {
             info!(code = ?status.code(), message = status.message(), "stream ended with an error");
@@ -592,7 +673,9 @@ async fn serve<D: Dialect>(
     mut inbound: Streaming<D::Req>,
     tx: &mpsc::Sender<Result<D::Resp, Status>>,
 ) -> Result<(), Status> {
-    let Some(first) = inbound.message().await? else { return Ok(()) };
+    let Some(first) = inbound.message().await? else {
+        return Ok(());
+    };
     let Some(node) = D::node(&first) else {
         return Err(Status::invalid_argument(
             "the first request of an xDS stream must carry a node (node.id, and metadata \"tributary.io/env\" to pick an environment)",
@@ -686,6 +769,8 @@ async fn pump<D: Dialect>(
             }
         }
     }
-    conn.metrics.xds_pump_seconds.observe(started.elapsed().as_secs_f64());
+    conn.metrics
+        .xds_pump_seconds
+        .observe(started.elapsed().as_secs_f64());
     Ok(())
 }

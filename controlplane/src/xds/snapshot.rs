@@ -86,7 +86,10 @@ impl Shards {
             return tx.clone();
         }
         let env: Arc<str> = Arc::from(environment);
-        let empty = Snapshot { environment: env.clone(), ..Default::default() };
+        let empty = Snapshot {
+            environment: env.clone(),
+            ..Default::default()
+        };
         let (tx, _) = watch::channel(Arc::new(empty));
         map.insert(env, tx.clone());
         tx
@@ -125,7 +128,13 @@ impl Shards {
     }
 
     pub fn environments(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.inner.lock().unwrap().keys().map(|k| k.to_string()).collect();
+        let mut v: Vec<String> = self
+            .inner
+            .lock()
+            .unwrap()
+            .keys()
+            .map(|k| k.to_string())
+            .collect();
         v.sort();
         v
     }
