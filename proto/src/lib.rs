@@ -14,7 +14,7 @@ pub mod wire;
 pub mod federation {
     pub mod v1 {
         #![allow(clippy::all, missing_debug_implementations)]
-        tonic::include_proto!("tributary.federation.v1");
+        include!("generated/tributary.federation.v1.rs");
     }
 }
 
@@ -22,7 +22,7 @@ pub mod federation {
 pub mod directory {
     pub mod v1 {
         #![allow(clippy::all, missing_debug_implementations)]
-        tonic::include_proto!("tributary.directory.v1");
+        include!("generated/tributary.directory.v1.rs");
     }
 }
 
@@ -30,7 +30,7 @@ pub mod directory {
 pub mod admin {
     pub mod v1 {
         #![allow(clippy::all, missing_debug_implementations)]
-        tonic::include_proto!("tributary.admin.v1");
+        include!("generated/tributary.admin.v1.rs");
     }
 }
 

@@ -361,3 +361,33 @@ def test_hub_restart(family, api_type, build_stack):
     # Changes after the restart still reach Envoy.
     t_write = hub.write_config(stack.docs(default_split={"v2": 1}))
     _follow(stack.client, "v2", t_write, timeout=10)
+
+
+@pytest.mark.parametrize("family", ["ipv4"])
+def test_environment_isolation(stack: Stack, make_envoy):
+    """An Envoy of environment `staging` (whose Gateway `edge` exists, but no services)
+    sees none of prod's clusters or hosts, and its listener answers 404 for them."""
+    hub = stack.hub
+    st_port = free_port(stack.addr)
+    docs = stack.docs()
+    docs.append(gateway("edge", [{"name": "http", "address": stack.addr, "port": st_port,
+                                  "protocol": "HTTP", "hosts": ["*"]}], env="staging"))
+    reloads0 = metric_sum(hub.metrics(), "tributary_config_reloads_total")
+    hub.write_config(docs)
+    wait_until(lambda: metric_sum(hub.metrics(), "tributary_config_reloads_total") > reloads0, 5,
+               "the config with the staging Gateway applied")
+    st = make_envoy(hub, stack.envoy.api_type, node_id=f"staging-{stack.envoy.api_type.lower()}",
+                    metadata={"tributary.io/env": "staging", "tributary.io/gateway": "edge"})
+    wait_equal(lambda: list(st.dynamic_listeners()), [LISTENER], 10, "the staging gateway listener")
+    sa = st.dynamic_listeners()[LISTENER]["address"]["socket_address"]
+    assert int(sa["port_value"]) == st_port, sa
+    assert not [c for c in st.dynamic_clusters() if c.startswith("outbound|")], st.dynamic_clusters()
+    assert HOST not in json.dumps(st.dynamic_routes()), st.dynamic_routes()
+    c = HttpClient(stack.addr, st_port)
+    try:
+        wait_equal(lambda: c.key(HOST), "status:404", 5, "404 for a prod host on the staging listener")
+    finally:
+        c.close()
+    assert hub.client(st.node_id)["environment"] == "staging"
+    # prod is unaffected.
+    assert set(stack.client.counts(100, HOST)) == {"v1", "v2"}

@@ -9,9 +9,7 @@ import time
 
 import pytest
 
-from peers import (
-    GREETER_TARGET, dest, greeter_mesh, share, wait_until,
-)
+from peers import EMPTY, GREETER_TARGET, UNARY, dest, greeter_mesh, share, wait_until
 
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
 
@@ -62,6 +60,16 @@ def test_header_match(family, make_hub, make_grpc_backend, make_py_grpc_client):
     client = make_py_grpc_client(hub, GREETER_TARGET)
     assert client.run(100, metadata={"x-canary": "true"})["counts"] == {"v2": 100}
     assert client.run(100)["counts"] == {"v1": 100}
+
+
+def test_path_match(family, make_hub, make_grpc_backend, make_py_grpc_client):
+    bs = {v: make_grpc_backend(v, family) for v in ("a", "b")}
+    rules = [{"match": {"path": {"prefix": EMPTY}}, "destinations": [dest("greeter", "a", 1)]},
+             {"destinations": [dest("greeter", "b", 1)]}]
+    hub = make_hub(family, greeter_mesh(bs, rules))
+    client = make_py_grpc_client(hub, GREETER_TARGET)
+    assert client.run(50, method=EMPTY)["counts"] == {"a": 50}
+    assert client.run(50, method=UNARY)["counts"] == {"b": 50}
 
 
 def test_endpoint_change_moves_traffic(family, make_hub, make_grpc_backend, make_py_grpc_client):
