@@ -553,3 +553,28 @@ async fn unchanged_config_rewrite_pushes_nothing() {
         .await;
     assert_eq!(hub.hub.shards.current("prod").seq, before);
 }
+
+/// Envoy re-creates an updated cluster and warms it only when its endpoints arrive:
+/// an updated cluster's load assignment follows its CDS response even though the
+/// endpoints did not change.
+#[tokio::test]
+async fn updated_cluster_is_followed_by_its_endpoints() {
+    let hub = two_services().await;
+    let mut s = Sotw::open(&hub).await;
+    s.request(Some(node("n1", "prod")), CDS, &[], None).await;
+    let cds = s.recv().await;
+    s.ack(&cds, &[]).await;
+    let (ca, cb) = (cluster("a"), cluster("b"));
+    s.request(None, EDS, &[&ca, &cb], None).await;
+    let eds = s.recv().await;
+    s.ack(&eds, &[&ca, &cb]).await;
+
+    // b's port becomes GRPC: its clusters change (HTTP/2 upstream), its endpoints do not.
+    let grpc_b = service("b", "prod", 8080).replace("protocol: HTTP", "protocol: GRPC");
+    hub.write_and_wait("prod", "services.yaml", docs(&[service("a", "prod", 8080), grpc_b])).await;
+    let cds2 = s.recv().await;
+    assert_eq!(cds2.type_url, CDS);
+    let eds2 = s.recv().await;
+    assert_eq!(eds2.type_url, EDS);
+    assert_eq!(names(&eds2), vec![cb.clone()], "only the replaced, subscribed cluster's endpoints");
+}

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import peers  # noqa: E402
 from peers import (  # noqa: E402
-    FAMILIES, Envoy, GrpcBackend, HttpBackend, Hub, Proc, grpc_bootstrap, hub_binary, wait_until,
+    FAMILIES, Envoy, GrpcBackend, HttpBackend, Hub, Proc, grpc_bootstrap, hub_binary,
 )
 
 HERE = Path(__file__).resolve().parent

@@ -10,7 +10,7 @@ import pytest
 
 from peers import (
     FAMILIES, Envoy, HttpBackend, HttpClient, Hub, dest, endpoint, endpoints, free_port, gateway,
-    metric_sum, route, service, share, tail, wait_equal, wait_until,
+    metric_sum, route, service, share, wait_equal, wait_until,
 )
 
 HOST = "reviews.prod"

@@ -532,6 +532,23 @@ impl Conn {
         let force = ts.force;
         let full_set = sotw && ty.sotw_full_state();
         let changed = !updates.is_empty() || !removed.is_empty();
+        if ty == XdsType::Cluster {
+            // Envoy re-creates an updated cluster, and the new one warms only when
+            // its endpoints arrive again: re-send the load assignments of clusters
+            // the client held at another version (right after this CDS response).
+            let replaced: Vec<Arc<str>> = updates
+                .iter()
+                .filter(|r| ts.held.contains_key(r.name()))
+                .map(|r| Arc::from(r.name()))
+                .collect();
+            if let Some(eds) = self.types[XdsType::Endpoint as usize].as_mut() {
+                for name in replaced {
+                    if eds.held.remove(&name).is_some() {
+                        eds.dirty_full = true;
+                    }
+                }
+            }
+        }
         let ts = self.types[ty as usize].as_mut()?;
         ts.seen_seq = snap.seq;
         ts.dirty_full = false;
