@@ -8,6 +8,7 @@
 //! | `/status/sync` | JSON: every connected xDS client, per type: sent, ACKed, NACKed |
 //! | `/status/config` | JSON: config files, last applied generation, last errors |
 //! | `/status/shards` | JSON: per environment: snapshot seq and resource counts |
+//! | `/status/clusters` | JSON: federated clusters: connected or in grace, version, counts, lag |
 //! | `/config_dump?env=E&type=CDS` | JSON: resource names and versions of a shard |
 
 use std::collections::HashMap;
@@ -23,6 +24,7 @@ use prometheus_client::registry::Registry;
 use serde_json::json;
 
 use crate::config::watch::ConfigStatus;
+use crate::index::IndexHandle;
 use crate::status::SyncRegistry;
 use crate::xds::XdsType;
 use crate::xds::snapshot::Shards;
@@ -34,6 +36,7 @@ pub struct AdminState {
     pub shards: Arc<Shards>,
     pub config: Arc<Mutex<ConfigStatus>>,
     pub ready: Arc<AtomicBool>,
+    pub index: IndexHandle,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -44,6 +47,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/status/sync", get(sync_status))
         .route("/status/config", get(config_status))
         .route("/status/shards", get(shards))
+        .route("/status/clusters", get(clusters))
         .route("/config_dump", get(config_dump))
         .with_state(state)
 }
@@ -85,6 +89,10 @@ async fn sync_status(State(s): State<AdminState>) -> Json<serde_json::Value> {
 
 async fn config_status(State(s): State<AdminState>) -> Json<ConfigStatus> {
     Json(s.config.lock().unwrap().clone())
+}
+
+async fn clusters(State(s): State<AdminState>) -> Json<serde_json::Value> {
+    Json(json!({ "clusters": *s.index.clusters() }))
 }
 
 async fn shards(State(s): State<AdminState>) -> Json<serde_json::Value> {

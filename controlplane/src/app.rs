@@ -20,9 +20,10 @@ use tributary_proto::wire::ads_server::AggregatedDiscoveryServiceServer;
 
 use crate::admin::{self, AdminState};
 use crate::config::watch::FileSource;
-use crate::index;
+use crate::federation::server::FederationService;
+use crate::index::debounce::DebounceConfig;
+use crate::index::{Command, Index, IndexConfig, IndexHandle};
 use crate::metrics::Metrics;
-use crate::model::Mesh;
 use crate::status::SyncRegistry;
 use crate::xds::server::AdsServer;
 use crate::xds::snapshot::Shards;
@@ -37,6 +38,11 @@ pub struct HubConfig {
     pub poll_interval: Duration,
     /// Environment of proxies whose node names none.
     pub default_env: String,
+    pub debounce: DebounceConfig,
+    /// How long a disconnected cluster's endpoints are kept.
+    pub grace: Duration,
+    /// Federation heartbeat interval (an agent silent for 3 of them is dropped).
+    pub heartbeat: Duration,
 }
 
 impl HubConfig {
@@ -47,6 +53,9 @@ impl HubConfig {
             admin_addr: "127.0.0.1:0".parse().unwrap(),
             poll_interval: Duration::from_millis(500),
             default_env: crate::config::DEFAULT_ENVIRONMENT.to_string(),
+            debounce: DebounceConfig::default(),
+            grace: Duration::from_secs(60),
+            heartbeat: Duration::from_secs(10),
         }
     }
 }
@@ -59,6 +68,7 @@ pub struct Hub {
     pub shards: Arc<Shards>,
     pub sync: Arc<SyncRegistry>,
     pub metrics: Arc<Metrics>,
+    pub index: IndexHandle,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<anyhow::Result<()>>,
 }
@@ -74,8 +84,21 @@ impl Hub {
         let source = FileSource::new(cfg.config_paths.clone(), cfg.poll_interval, metrics.clone());
         let config_status = source.status();
         let (contents, mesh) = source.initial().context("loading the initial config")?;
-        index::apply(&Mesh::default(), &mesh, &shards, &metrics);
-        let (mesh_tx, mesh_rx) = watch::channel(Arc::new(mesh));
+        // The initial config is applied before anything is served: ready means "has config".
+        let mut index = Index::new(
+            IndexConfig {
+                debounce: cfg.debounce,
+                grace: cfg.grace,
+            },
+            shards.clone(),
+            metrics.clone(),
+        );
+        let now = tokio::time::Instant::now();
+        index.set_file(Arc::new(mesh.clone()), now);
+        index.flush(now);
+        let (mesh_tx, mut mesh_rx) = watch::channel(Arc::new(mesh));
+        mesh_rx.borrow_and_update();
+        let (index, index_task) = index.spawn(1024);
 
         let xds_listener = TcpListener::bind(cfg.xds_addr)
             .await
@@ -95,10 +118,19 @@ impl Hub {
         };
         let mut tasks = JoinSet::new();
 
+        tasks.spawn(async move {
+            index_task.await.context("index task")?;
+            Ok(())
+        });
         tasks.spawn({
-            let (shards, metrics) = (shards.clone(), metrics.clone());
+            let index = index.clone();
             async move {
-                index::run(mesh_rx, shards, metrics).await;
+                while mesh_rx.changed().await.is_ok() {
+                    let mesh = mesh_rx.borrow_and_update().clone();
+                    if index.send(Command::File(mesh)).await.is_err() {
+                        break;
+                    }
+                }
                 Ok(())
             }
         });
@@ -122,13 +154,19 @@ impl Hub {
         let ads = AggregatedDiscoveryServiceServer::new(ads)
             .max_decoding_message_size(16 << 20)
             .max_encoding_message_size(usize::MAX);
+        let federation = tributary_proto::federation::v1::federation_server::FederationServer::new(
+            FederationService::new(index.clone(), metrics.clone(), cfg.heartbeat),
+        )
+        .max_decoding_message_size(64 << 20);
         tasks.spawn({
             let stop = stopped();
             async move {
                 tonic::transport::Server::builder()
                     .tcp_nodelay(true)
                     .http2_keepalive_interval(Some(Duration::from_secs(30)))
+                    .http2_keepalive_timeout(Some(Duration::from_secs(20)))
                     .add_service(ads)
+                    .add_service(federation)
                     .serve_with_incoming_shutdown(
                         tonic::transport::server::TcpIncoming::from(xds_listener),
                         stop,
@@ -144,6 +182,7 @@ impl Hub {
             shards: shards.clone(),
             config: config_status,
             ready: ready.clone(),
+            index: index.clone(),
         };
         tasks.spawn({
             let stop = stopped();
@@ -163,6 +202,7 @@ impl Hub {
             shards,
             sync,
             metrics,
+            index,
             shutdown,
             tasks,
         })

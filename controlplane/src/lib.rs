@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod federation;
 pub mod index;
 pub mod metrics;
 pub mod model;

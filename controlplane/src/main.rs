@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tributary_controlplane::app::{Hub, HubConfig};
 use tributary_controlplane::config::{self, parse_duration};
+use tributary_controlplane::index::debounce::DebounceConfig;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -53,6 +54,18 @@ struct HubArgs {
     /// Once ready, write {"xds": ADDR, "admin": ADDR} (JSON) to this file.
     #[arg(long)]
     ready_file: Option<PathBuf>,
+    /// Push after this much quiet following a change (trailing-edge debounce).
+    #[arg(long, default_value = "100ms", value_parser = parse_duration_arg)]
+    debounce_quiet: Duration,
+    /// ... but never later than this after the first change of a burst.
+    #[arg(long, default_value = "1s", value_parser = parse_duration_arg)]
+    debounce_cap: Duration,
+    /// Keep a disconnected cluster's endpoints this long before withdrawing them.
+    #[arg(long, default_value = "60s", value_parser = parse_duration_arg)]
+    grace: Duration,
+    /// Federation heartbeat interval; an agent silent for three is dropped.
+    #[arg(long, default_value = "10s", value_parser = parse_duration_arg)]
+    heartbeat: Duration,
 }
 
 fn parse_duration_arg(s: &str) -> Result<Duration, String> {
@@ -112,7 +125,20 @@ async fn hub(args: HubArgs) -> anyhow::Result<()> {
         admin_addr: args.admin_addr,
         poll_interval: args.poll_interval,
         default_env: args.default_env,
+        debounce: DebounceConfig {
+            quiet: args.debounce_quiet,
+            cap: args.debounce_cap,
+        },
+        grace: args.grace,
+        heartbeat: args.heartbeat,
     };
+    if cfg.debounce.cap < cfg.debounce.quiet {
+        anyhow::bail!(
+            "--debounce-cap ({:?}) must not be shorter than --debounce-quiet ({:?})",
+            cfg.debounce.cap,
+            cfg.debounce.quiet
+        );
+    }
     tracing::info!(?cfg, "starting hub");
     let hub = Hub::start(cfg).await?;
     if let Some(path) = &args.ready_file {

@@ -1,5 +1,7 @@
 //! The hub's Prometheus metrics, registered once into one registry.
 
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -30,8 +32,27 @@ pub struct EnvLabel {
     pub environment: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabel {
+    pub cluster: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
+    pub federation_messages: Family<KindLabel, Counter>,
+    pub federation_changes_applied: Counter,
+    pub federation_item_errors: Counter,
+    pub federation_lag_seconds: Family<ClusterLabel, Gauge<f64, AtomicU64>>,
+    pub federation_reconnects: Counter,
+    pub federation_rejected: Counter,
+    pub federation_clusters_connected: Gauge,
+    pub federation_clusters_grace: Gauge,
+    pub debounce_seconds: Histogram,
     pub xds_connections: Family<ProtocolLabel, Gauge>,
     pub xds_requests: Family<TypeLabel, Counter>,
     pub xds_responses: Family<TypeLabel, Counter>,
@@ -50,6 +71,15 @@ impl Metrics {
     /// Creates the metrics and registers them under the `tributary` prefix.
     pub fn new(registry: &mut Registry) -> Self {
         let m = Metrics {
+            federation_messages: Family::default(),
+            federation_changes_applied: Counter::default(),
+            federation_item_errors: Counter::default(),
+            federation_lag_seconds: Family::default(),
+            federation_reconnects: Counter::default(),
+            federation_rejected: Counter::default(),
+            federation_clusters_connected: Gauge::default(),
+            federation_clusters_grace: Gauge::default(),
+            debounce_seconds: Histogram::new(exponential_buckets(1e-3, 2.0, 12)),
             xds_connections: Family::default(),
             xds_requests: Family::default(),
             xds_responses: Family::default(),

@@ -571,10 +571,19 @@ async fn updated_cluster_is_followed_by_its_endpoints() {
 
     // b's port becomes GRPC: its clusters change (HTTP/2 upstream), its endpoints do not.
     let grpc_b = service("b", "prod", 8080).replace("protocol: HTTP", "protocol: GRPC");
-    hub.write_and_wait("prod", "services.yaml", docs(&[service("a", "prod", 8080), grpc_b])).await;
+    hub.write_and_wait(
+        "prod",
+        "services.yaml",
+        docs(&[service("a", "prod", 8080), grpc_b]),
+    )
+    .await;
     let cds2 = s.recv().await;
     assert_eq!(cds2.type_url, CDS);
     let eds2 = s.recv().await;
     assert_eq!(eds2.type_url, EDS);
-    assert_eq!(names(&eds2), vec![cb.clone()], "only the replaced, subscribed cluster's endpoints");
+    assert_eq!(
+        names(&eds2),
+        vec![cb.clone()],
+        "only the replaced, subscribed cluster's endpoints"
+    );
 }

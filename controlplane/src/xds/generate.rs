@@ -57,11 +57,15 @@ use crate::model::{
     RouteRule, Service, ServicePort,
 };
 
+/// Resources of one environment by type, in persistent maps: a snapshot is an O(1)
+/// clone, and replacing one service's resources is O(log n).
+pub type ResourceMap = imbl::OrdMap<Arc<str>, EncodedResource>;
+
 /// Every resource of one environment, plus which listeners each role sees on a
 /// wildcard subscription.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct EnvResources {
-    pub by_type: [BTreeMap<Arc<str>, EncodedResource>; XdsType::COUNT],
+    pub by_type: [ResourceMap; XdsType::COUNT],
     pub roles: RoleListeners,
 }
 
@@ -71,6 +75,9 @@ pub struct RoleListeners {
     pub sidecar: BTreeSet<Arc<str>>,
     pub gateways: BTreeMap<String, BTreeSet<Arc<str>>>,
 }
+
+/// Generated resources, before they are placed in a snapshot.
+pub type Generated = Vec<(XdsType, EncodedResource)>;
 
 pub const VIRTUAL_OUTBOUND: &str = "virtualOutbound";
 pub const VIRTUAL_OUTBOUND_PORT: u16 = 15001;
@@ -128,33 +135,76 @@ fn socket(address: IpAddr, port: u16) -> Address {
 /// Generates every resource of `env`.
 pub fn generate(env: &Environment) -> EnvResources {
     let mut out = EnvResources::default();
-    let mut put = |ty: XdsType, r: EncodedResource| {
-        out.by_type[ty as usize].insert(Arc::from(r.name()), r);
-    };
-
+    let mut all = Generated::new();
     for service in env.services.values() {
-        for port in &service.ports {
-            for subset in
-                std::iter::once(None).chain(service.subsets.iter().map(|s| Some(s.name.as_str())))
-            {
-                let name = cluster_name(port.port, subset.unwrap_or(""), service.canonical_host());
-                put(
-                    XdsType::Cluster,
-                    encode(XdsType::Cluster, &name, &cluster(&name, port)),
-                );
-                let cla = load_assignment(&name, service, port, subset);
-                put(XdsType::Endpoint, encode(XdsType::Endpoint, &name, &cla));
+        service_resources(service, &mut all);
+    }
+    out.roles = shared_resources(env, &mut all);
+    for (ty, r) in all {
+        out.by_type[ty as usize].insert(Arc::from(r.name()), r);
+    }
+    out
+}
+
+fn subsets(service: &Service) -> impl Iterator<Item = Option<&str>> {
+    std::iter::once(None).chain(service.subsets.iter().map(|s| Some(s.name.as_str())))
+}
+
+/// The resources that depend on `service` alone: its clusters, their load
+/// assignments, and its gRPC API listeners.
+pub fn service_resources(service: &Service, out: &mut Generated) {
+    for port in &service.ports {
+        for subset in subsets(service) {
+            let name = cluster_name(port.port, subset.unwrap_or(""), service.canonical_host());
+            out.push((
+                XdsType::Cluster,
+                encode(XdsType::Cluster, &name, &cluster(&name, port)),
+            ));
+        }
+    }
+    endpoint_resources(service, out);
+    let first_port = service.ports.first().map(|p| p.port);
+    for port in service.ports.iter().filter(|p| p.protocol.is_http()) {
+        let route = port.port.to_string();
+        for host in &service.hosts {
+            let mut names = vec![format!("{host}:{}", port.port)];
+            if first_port == Some(port.port) {
+                names.push(host.clone());
+            }
+            for n in names {
+                out.push((
+                    XdsType::Listener,
+                    encode(XdsType::Listener, &n, &api_listener(&n, &route)),
+                ));
             }
         }
     }
-    put(
+}
+
+/// The load assignments of `service`'s clusters: all an endpoint change touches.
+pub fn endpoint_resources(service: &Service, out: &mut Generated) {
+    for port in &service.ports {
+        for subset in subsets(service) {
+            let name = cluster_name(port.port, subset.unwrap_or(""), service.canonical_host());
+            let cla = load_assignment(&name, service, port, subset);
+            out.push((XdsType::Endpoint, encode(XdsType::Endpoint, &name, &cla)));
+        }
+    }
+}
+
+/// The resources that depend on many services: route tables, sidecar and gateway
+/// listeners, the passthrough cluster. Regenerated only when a service's hosts or
+/// ports, a route or a gateway change — never for an endpoint change.
+pub fn shared_resources(env: &Environment, out: &mut Generated) -> RoleListeners {
+    let mut roles = RoleListeners::default();
+    out.push((
         XdsType::Cluster,
         encode(
             XdsType::Cluster,
             PASSTHROUGH_CLUSTER,
             &passthrough_cluster(),
         ),
-    );
+    ));
 
     // Sidecar and proxyless route tables: one per HTTP service port number.
     let mut http_ports: BTreeMap<u16, Vec<&Service>> = BTreeMap::new();
@@ -163,7 +213,6 @@ pub fn generate(env: &Environment) -> EnvResources {
             http_ports.entry(port.port).or_default().push(service);
         }
     }
-    let mut sidecar = BTreeSet::new();
     for (port, services) in &http_ports {
         let name = port.to_string();
         let vhosts = services
@@ -175,7 +224,7 @@ pub fn generate(env: &Environment) -> EnvResources {
             virtual_hosts: vhosts,
             ..Default::default()
         };
-        put(XdsType::Route, encode(XdsType::Route, &name, &rc));
+        out.push((XdsType::Route, encode(XdsType::Route, &name, &rc)));
 
         let listener_name = format!("0.0.0.0_{port}");
         let l = Listener {
@@ -185,28 +234,11 @@ pub fn generate(env: &Environment) -> EnvResources {
             filter_chains: vec![http_filter_chain(&format!("outbound_{port}"), &name)],
             ..Default::default()
         };
-        put(
+        out.push((
             XdsType::Listener,
             encode(XdsType::Listener, &listener_name, &l),
-        );
-        sidecar.insert(Arc::from(listener_name.as_str()));
-
-        // gRPC proxyless API listeners, named as the client's target.
-        for service in services {
-            let first_port = service.ports.first().map(|p| p.port);
-            for host in &service.hosts {
-                let mut names = vec![format!("{host}:{port}")];
-                if first_port == Some(*port) {
-                    names.push(host.clone());
-                }
-                for n in names {
-                    put(
-                        XdsType::Listener,
-                        encode(XdsType::Listener, &n, &api_listener(&n, &name)),
-                    );
-                }
-            }
-        }
+        ));
+        roles.sidecar.insert(Arc::from(listener_name.as_str()));
     }
     if !http_ports.is_empty() {
         let l = Listener {
@@ -219,20 +251,19 @@ pub fn generate(env: &Environment) -> EnvResources {
             filter_chains: vec![tcp_passthrough_chain()],
             ..Default::default()
         };
-        put(
+        out.push((
             XdsType::Listener,
             encode(XdsType::Listener, VIRTUAL_OUTBOUND, &l),
-        );
-        sidecar.insert(Arc::from(VIRTUAL_OUTBOUND));
+        ));
+        roles.sidecar.insert(Arc::from(VIRTUAL_OUTBOUND));
     }
-    out.roles.sidecar = sidecar;
 
     for gateway in env.gateways.values() {
         let mut names = BTreeSet::new();
         for listener in &gateway.listeners {
             let name = gateway_resource_name(&gateway.name, &listener.name);
             let rc = gateway_routes(&name, env, listener);
-            put(XdsType::Route, encode(XdsType::Route, &name, &rc));
+            out.push((XdsType::Route, encode(XdsType::Route, &name, &rc)));
             let l = Listener {
                 name: name.clone(),
                 address: Some(socket(listener.address, listener.port)),
@@ -242,12 +273,12 @@ pub fn generate(env: &Environment) -> EnvResources {
                 )],
                 ..Default::default()
             };
-            put(XdsType::Listener, encode(XdsType::Listener, &name, &l));
+            out.push((XdsType::Listener, encode(XdsType::Listener, &name, &l)));
             names.insert(Arc::from(name.as_str()));
         }
-        out.roles.gateways.insert(gateway.name.clone(), names);
+        roles.gateways.insert(gateway.name.clone(), names);
     }
-    out
+    roles
 }
 
 fn cluster(name: &str, port: &ServicePort) -> Cluster {

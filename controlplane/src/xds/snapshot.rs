@@ -6,15 +6,16 @@
 //! `watch::Receiver`: it coalesces, so a slow connection sees only the newest
 //! snapshot, and fan-out carries a dirty signal, never a copy of the data.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use serde::Serialize;
 use tokio::sync::watch;
 use tributary_proto::wire::EncodedResource;
 
 use super::XdsType;
-use super::generate::{EnvResources, RoleListeners};
+use super::generate::{EnvResources, ResourceMap, RoleListeners};
 
 /// Names changed (added, updated or removed) between two snapshots, per type.
 pub type Changes = [BTreeSet<Arc<str>>; XdsType::COUNT];
@@ -29,6 +30,9 @@ pub struct Snapshot {
     pub changed: Changes,
     /// The role → listener sets changed since `seq - 1`.
     pub roles_changed: bool,
+    /// When the oldest change in this snapshot (since `seq - 1`) was first observed
+    /// at its source (an agent, or the file source): the start of its convergence.
+    pub origin: Option<SystemTime>,
 }
 
 impl Snapshot {
@@ -36,7 +40,7 @@ impl Snapshot {
         self.resources.by_type[ty as usize].get(name)
     }
 
-    pub fn of_type(&self, ty: XdsType) -> &BTreeMap<Arc<str>, EncodedResource> {
+    pub fn of_type(&self, ty: XdsType) -> &ResourceMap {
         &self.resources.by_type[ty as usize]
     }
 
@@ -105,12 +109,24 @@ impl Shards {
         self.sender(environment).borrow().clone()
     }
 
-    /// Publishes `resources` as `environment`'s new snapshot if anything changed.
-    /// Returns the new sequence number, or `None` when nothing changed (no push).
+    /// Publishes `resources` as `environment`'s new snapshot, diffing it against the
+    /// current one. Returns the new sequence number, or `None` when nothing changed.
     pub fn publish(&self, environment: &str, resources: EnvResources) -> Option<u64> {
+        let changed = diff(&self.current(environment).resources, &resources);
+        self.publish_changes(environment, resources, changed, None)
+    }
+
+    /// Publishes `resources` whose difference from the current snapshot the caller
+    /// already knows (`changed`): the index's incremental path, O(changes).
+    pub fn publish_changes(
+        &self,
+        environment: &str,
+        resources: EnvResources,
+        changed: Changes,
+        origin: Option<SystemTime>,
+    ) -> Option<u64> {
         let tx = self.sender(environment);
         let current = tx.borrow().clone();
-        let changed = diff(&current.resources, &resources);
         let roles_changed = current.resources.roles != resources.roles;
         if !roles_changed && changed.iter().all(BTreeSet::is_empty) {
             return None;
@@ -122,6 +138,7 @@ impl Shards {
             resources,
             changed,
             roles_changed,
+            origin,
         };
         tx.send_replace(Arc::new(next));
         Some(seq)

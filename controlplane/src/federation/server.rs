@@ -1,0 +1,241 @@
+//! The hub side of the federation stream: one session task per agent.
+//!
+//! A session reads the agent's Hello, asks the index to admit the cluster (a second
+//! live agent for the same cluster id is rejected), answers Welcome, then converts and
+//! validates each batch at the edge and hands it to the index, acknowledging its
+//! version with the items it rejected. When the stream ends the index starts the
+//! cluster's grace period. Sessions never touch the index's state directly.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use futures_util::Stream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{Instrument, info, info_span, warn};
+use tributary_proto::federation::v1::federation_server::Federation;
+use tributary_proto::federation::v1::{self as pb, agent_message, hub_message};
+
+use super::convert;
+use crate::index::{Command, IndexHandle};
+use crate::metrics::{KindLabel, Metrics};
+
+#[derive(Debug)]
+pub struct FederationService {
+    index: IndexHandle,
+    metrics: Arc<Metrics>,
+    heartbeat: Duration,
+    next_session: AtomicU64,
+}
+
+impl FederationService {
+    pub fn new(index: IndexHandle, metrics: Arc<Metrics>, heartbeat: Duration) -> Self {
+        Self {
+            index,
+            metrics,
+            heartbeat,
+            next_session: AtomicU64::new(1),
+        }
+    }
+}
+
+fn hub(kind: hub_message::Kind) -> Result<pb::HubMessage, Status> {
+    Ok(pb::HubMessage { kind: Some(kind) })
+}
+
+fn now_nanos() -> i64 {
+    convert::to_unix_nanos(SystemTime::now())
+}
+
+#[tonic::async_trait]
+impl Federation for FederationService {
+    type StreamStream = Pin<Box<dyn Stream<Item = Result<pb::HubMessage, Status>> + Send>>;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let (tx, rx) = mpsc::channel(16);
+        let session = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let span = info_span!("federation", session, cluster = tracing::field::Empty);
+        let (index, metrics, heartbeat) =
+            (self.index.clone(), self.metrics.clone(), self.heartbeat);
+        let peer = request.remote_addr();
+        tokio::spawn(
+            async move {
+                if let Err(status) = run(session, index, metrics, heartbeat, request.into_inner(), &tx).await {
+                    warn!(code = ?status.code(), message = status.message(), ?peer, "federation session ended with an error");
+                    let _ = tx.send(Err(status)).await;
+                }
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+async fn run(
+    session: u64,
+    index: IndexHandle,
+    metrics: Arc<Metrics>,
+    heartbeat: Duration,
+    mut inbound: Streaming<pb::AgentMessage>,
+    tx: &mpsc::Sender<Result<pb::HubMessage, Status>>,
+) -> Result<(), Status> {
+    let first = inbound
+        .message()
+        .await?
+        .ok_or_else(|| Status::cancelled("stream closed before Hello"))?;
+    let Some(agent_message::Kind::Hello(hello)) = first.kind else {
+        return Err(Status::invalid_argument(
+            "the first federation message must be a Hello",
+        ));
+    };
+    let info = convert::cluster_info(&hello).map_err(Status::invalid_argument)?;
+    let cluster = info.id.clone();
+    tracing::Span::current().record("cluster", cluster.as_str());
+    let (reply, answer) = oneshot::channel();
+    index
+        .send(Command::Hello {
+            info: info.clone(),
+            last_acked: hello.last_acked_version,
+            session,
+            reply,
+        })
+        .await
+        .map_err(Status::unavailable)?;
+    let welcome = match answer
+        .await
+        .map_err(|_| Status::unavailable("the index has stopped"))?
+    {
+        Ok(w) => w,
+        Err(message) => {
+            let _ = tx
+                .send(hub(hub_message::Kind::Reject(pb::Reject {
+                    message: message.clone(),
+                })))
+                .await;
+            return Err(Status::already_exists(message));
+        }
+    };
+    if tx
+        .send(hub(hub_message::Kind::Welcome(pb::Welcome {
+            resume: welcome.resume,
+            hub_version: welcome.hub_version,
+        })))
+        .await
+        .is_err()
+    {
+        index.send(Command::Gone { cluster, session }).await.ok();
+        return Ok(());
+    }
+
+    let result = serve(
+        session,
+        &cluster,
+        &info,
+        &index,
+        &metrics,
+        heartbeat,
+        &mut inbound,
+        tx,
+    )
+    .await;
+    index
+        .send(Command::Gone {
+            cluster: cluster.clone(),
+            session,
+        })
+        .await
+        .ok();
+    info!("agent session ended");
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve(
+    session: u64,
+    cluster: &str,
+    info: &crate::federation::ClusterInfo,
+    index: &IndexHandle,
+    metrics: &Metrics,
+    heartbeat: Duration,
+    inbound: &mut Streaming<pb::AgentMessage>,
+    tx: &mpsc::Sender<Result<pb::HubMessage, Status>>,
+) -> Result<(), Status> {
+    let mut ticker = tokio::time::interval(heartbeat);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_seen = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            msg = inbound.message() => {
+                let msg = match msg {
+                    Ok(Some(m)) => m,
+                    Ok(None) => return Ok(()),
+                    Err(status) => {
+                        info!(%status, "agent stream error");
+                        return Ok(());
+                    }
+                };
+                last_seen = tokio::time::Instant::now();
+                match msg.kind {
+                    Some(agent_message::Kind::Batch(b)) => {
+                        metrics.federation_messages.get_or_create(&KindLabel { kind: "batch" }).inc();
+                        let version = b.version;
+                        let (batch, errors) = match convert::batch(b, info) {
+                            Ok(x) => x,
+                            Err(message) => {
+                                warn!(version, %message, "batch rejected");
+                                metrics.federation_item_errors.inc();
+                                (crate::federation::Batch { version, ..Default::default() }, vec![crate::federation::ItemError { index: 0, message }])
+                            }
+                        };
+                        if !errors.is_empty() {
+                            metrics.federation_item_errors.inc_by(errors.len() as u64);
+                            for e in errors.iter().take(5) {
+                                warn!(version, item = e.index, error = %e.message, "invalid federation item rejected");
+                            }
+                        }
+                        let (reply, answer) = oneshot::channel();
+                        index
+                            .send(Command::Batch { cluster: cluster.to_string(), session, batch, reply })
+                            .await
+                            .map_err(Status::unavailable)?;
+                        answer
+                            .await
+                            .map_err(|_| Status::unavailable("the index has stopped"))?
+                            .map_err(Status::failed_precondition)?;
+                        let ack = pb::Ack {
+                            version,
+                            errors: errors.into_iter().map(|e| pb::ItemError { index: e.index, message: e.message }).collect(),
+                        };
+                        if tx.send(hub(hub_message::Kind::Ack(ack))).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    Some(agent_message::Kind::Heartbeat(_)) => {
+                        metrics.federation_messages.get_or_create(&KindLabel { kind: "heartbeat" }).inc();
+                    }
+                    Some(agent_message::Kind::Hello(_)) => {
+                        return Err(Status::invalid_argument("Hello may only be the first message of a stream"));
+                    }
+                    None => {
+                        metrics.federation_item_errors.inc();
+                        warn!("empty federation message ignored");
+                    }
+                }
+            }
+            _ = ticker.tick() => {
+                if last_seen.elapsed() > heartbeat * 3 {
+                    return Err(Status::deadline_exceeded(format!("no message from the agent for {:?}", last_seen.elapsed())));
+                }
+                if tx.send(hub(hub_message::Kind::Heartbeat(pb::Heartbeat { unix_nanos: now_nanos() }))).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
