@@ -43,6 +43,8 @@ pub struct HubConfig {
     pub grace: Duration,
     /// Federation heartbeat interval (an agent silent for 3 of them is dropped).
     pub heartbeat: Duration,
+    /// Hold xDS responses this long after start so agents can resync first.
+    pub sync_wait: Duration,
 }
 
 impl HubConfig {
@@ -56,6 +58,7 @@ impl HubConfig {
             debounce: DebounceConfig::default(),
             grace: Duration::from_secs(60),
             heartbeat: Duration::from_secs(10),
+            sync_wait: Duration::ZERO,
         }
     }
 }
@@ -145,11 +148,25 @@ impl Hub {
             }
         });
 
+        let (synced_tx, synced) = watch::channel(cfg.sync_wait.is_zero());
+        if !cfg.sync_wait.is_zero() {
+            let (wait, ready) = (cfg.sync_wait, ready.clone());
+            tasks.spawn(async move {
+                tokio::time::sleep(wait).await;
+                info!(?wait, "sync wait over: serving xDS");
+                let _ = synced_tx.send(true);
+                ready.store(true, Ordering::Release);
+                // Keep the channel open for the hub's lifetime.
+                std::future::pending::<()>().await;
+                Ok(())
+            });
+        }
         let ads = AdsServer::new(
             shards.clone(),
             sync.clone(),
             metrics.clone(),
             cfg.default_env.clone(),
+            synced,
         );
         let ads = AggregatedDiscoveryServiceServer::new(ads)
             .max_decoding_message_size(16 << 20)
@@ -194,7 +211,9 @@ impl Hub {
             }
         });
 
-        ready.store(true, Ordering::Release);
+        if cfg.sync_wait.is_zero() {
+            ready.store(true, Ordering::Release);
+        }
         info!(%xds_addr, %admin_addr, environments = ?shards.environments(), "hub ready");
         Ok(Hub {
             xds_addr,

@@ -8,6 +8,7 @@
 //! bytes. [`admin`] serves health, metrics and sync status; [`app`] wires it together.
 
 pub mod admin;
+pub mod agent;
 pub mod app;
 pub mod config;
 pub mod federation;

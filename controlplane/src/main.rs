@@ -7,6 +7,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use std::sync::Arc;
+
+use tributary_controlplane::agent::{self, AgentConfig, ClusterState};
 use tributary_controlplane::app::{Hub, HubConfig};
 use tributary_controlplane::config::{self, parse_duration};
 use tributary_controlplane::index::debounce::DebounceConfig;
@@ -26,6 +29,8 @@ struct Cli {
 enum Command {
     /// Run a hub: serve xDS for the mesh described by config files.
     Hub(HubArgs),
+    /// Run a remote agent: stream one cluster's services and endpoints to a hub.
+    Remote(RemoteArgs),
     /// Validate config files and exit (0: valid; 1: errors, printed one per line).
     Validate {
         /// Config files or directories of *.yaml / *.yml.
@@ -66,6 +71,48 @@ struct HubArgs {
     /// Federation heartbeat interval; an agent silent for three is dropped.
     #[arg(long, default_value = "10s", value_parser = parse_duration_arg)]
     heartbeat: Duration,
+    /// After start, hold xDS responses this long so agents can resync first (a
+    /// restarted hub must not tell proxies that federated endpoints vanished).
+    /// 0s when no agents feed this hub.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    sync_wait: Duration,
+}
+
+#[derive(Debug, clap::Args)]
+struct RemoteArgs {
+    /// The hub's gRPC address (federation is served on the xDS port).
+    #[arg(long, default_value = "http://127.0.0.1:18000", env = "TRIBUTARY_HUB")]
+    hub: String,
+    /// This cluster's id: unique across the mesh.
+    #[arg(long, env = "TRIBUTARY_CLUSTER_ID")]
+    cluster_id: String,
+    #[arg(long, default_value = "", env = "TRIBUTARY_REGION")]
+    region: String,
+    /// Default zone of endpoints that name none (Kubernetes: also the nodes' zone labels).
+    #[arg(long, default_value = "", env = "TRIBUTARY_ZONE")]
+    zone: String,
+    #[arg(long, default_value = "")]
+    network: String,
+    /// Export the services of these YAML files (same format as the hub's config)
+    /// instead of watching Kubernetes.
+    #[arg(long = "file", conflicts_with = "kubeconfig")]
+    files: Vec<PathBuf>,
+    /// Watch the Kubernetes API with this kubeconfig (default: in-cluster config or
+    /// $KUBECONFIG).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Export services of namespaces without a "tributary.io/env" label into this
+    /// environment (default: do not export them).
+    #[arg(long)]
+    default_env: Option<String>,
+    /// Changes within this window are sent in one batch.
+    #[arg(long, default_value = "50ms", value_parser = parse_duration_arg)]
+    debounce: Duration,
+    #[arg(long, default_value = "10s", value_parser = parse_duration_arg)]
+    heartbeat: Duration,
+    /// Poll interval of --file sources.
+    #[arg(long, default_value = "500ms", value_parser = parse_duration_arg)]
+    poll_interval: Duration,
 }
 
 fn parse_duration_arg(s: &str) -> Result<Duration, String> {
@@ -87,13 +134,15 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Validate { paths } => validate(&paths),
-        Command::Hub(args) => {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
-            runtime.block_on(hub(args))
-        }
+        Command::Hub(args) => runtime()?.block_on(hub(args)),
+        Command::Remote(args) => runtime()?.block_on(remote(args)),
     }
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
 }
 
 fn validate(paths: &[PathBuf]) -> anyhow::Result<()> {
@@ -131,6 +180,7 @@ async fn hub(args: HubArgs) -> anyhow::Result<()> {
         },
         grace: args.grace,
         heartbeat: args.heartbeat,
+        sync_wait: args.sync_wait,
     };
     if cfg.debounce.cap < cfg.debounce.quiet {
         anyhow::bail!(
@@ -149,6 +199,38 @@ async fn hub(args: HubArgs) -> anyhow::Result<()> {
         std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     }
     hub.run_until(shutdown_signal()).await
+}
+
+async fn remote(args: RemoteArgs) -> anyhow::Result<()> {
+    let mut cfg = AgentConfig::new(args.hub, args.cluster_id);
+    cfg.region = args.region;
+    cfg.zone = args.zone;
+    cfg.network = args.network;
+    cfg.debounce = args.debounce;
+    cfg.heartbeat = args.heartbeat;
+    let (tx, rx) = tokio::sync::watch::channel(Arc::new(ClusterState::default()));
+    let source = if !args.files.is_empty() {
+        // Refuse to start on an invalid file: nothing would be exported.
+        let mesh = agent::file::load(&args.files).map_err(|e| anyhow::anyhow!("{e}"))?;
+        tx.send_replace(Arc::new(agent::file::cluster_state(
+            &mesh,
+            &ClusterState::default(),
+            std::time::SystemTime::now(),
+        )));
+        tokio::spawn(agent::file::run(args.files, args.poll_interval, tx))
+    } else {
+        let opts = agent::kube::KubeOptions {
+            kubeconfig: args.kubeconfig,
+            default_env: args.default_env,
+            zone: cfg.zone.clone(),
+        };
+        let client = agent::kube::client(&opts).await?;
+        tokio::spawn(agent::kube::run(client, opts, tx))
+    };
+    tracing::info!(?cfg, "starting agent");
+    agent::run(cfg, rx, shutdown_signal()).await;
+    source.abort();
+    Ok(())
 }
 
 async fn shutdown_signal() {

@@ -259,6 +259,8 @@ class Hub:
         argv = [str(binary), "hub", "--config", str(self.config_dir),
                 "--xds-addr", hostport(host, self.xds_port), "--admin-addr", "127.0.0.1:0",
                 "--ready-file", str(self.ready_file), "--poll-interval", self.poll_interval,
+                # No agents feed these hubs: serve at once.
+                "--sync-wait", "0s",
                 *self.extra_args]
         env = dict(os.environ)
         env.setdefault("RUST_LOG", "info")

@@ -95,6 +95,9 @@ pub struct AdsServer {
     metrics: Arc<Metrics>,
     default_env: String,
     next_id: AtomicU64,
+    /// False until the hub's start-up sync wait is over: streams hold their first
+    /// response until then.
+    synced: watch::Receiver<bool>,
 }
 
 impl AdsServer {
@@ -103,6 +106,7 @@ impl AdsServer {
         registry: Arc<SyncRegistry>,
         metrics: Arc<Metrics>,
         default_env: String,
+        synced: watch::Receiver<bool>,
     ) -> Self {
         Self {
             shards,
@@ -110,6 +114,7 @@ impl AdsServer {
             metrics,
             default_env,
             next_id: AtomicU64::new(1),
+            synced,
         }
     }
 }
@@ -153,6 +158,7 @@ impl AdsServer {
             registry: self.registry.clone(),
             metrics: self.metrics.clone(),
             default_env: self.default_env.clone(),
+            synced: self.synced.clone(),
         }
     }
 }
@@ -164,6 +170,7 @@ struct StreamContext {
     registry: Arc<SyncRegistry>,
     metrics: Arc<Metrics>,
     default_env: String,
+    synced: watch::Receiver<bool>,
 }
 
 // ---- the two wire dialects ------------------------------------------------------
@@ -699,6 +706,10 @@ async fn serve<D: Dialect>(
         ));
     };
     let node = NodeInfo::from_node(node, &ctx.default_env)?;
+    let mut synced = ctx.synced.clone();
+    if synced.wait_for(|s| *s).await.is_err() {
+        return Ok(());
+    }
     let span = tracing::Span::current();
     span.record("node", node.id.as_str());
     span.record("env", node.environment.as_str());
