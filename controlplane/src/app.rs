@@ -113,22 +113,34 @@ impl Hub {
         let admin_addr = admin_listener.local_addr()?;
 
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let stop_rx = shutdown_rx.clone();
         let stopped = move || {
-            let mut rx = shutdown_rx.clone();
+            let mut rx = stop_rx.clone();
             async move {
                 let _ = rx.wait_for(|s| *s).await;
             }
         };
         let mut tasks = JoinSet::new();
 
-        tasks.spawn(async move {
-            index_task.await.context("index task")?;
-            Ok(())
+        tasks.spawn({
+            let stop = stopped();
+            async move {
+                let abort = index_task.abort_handle();
+                tokio::select! {
+                    r = index_task => r.context("index task")?,
+                    _ = stop => abort.abort(),
+                }
+                Ok(())
+            }
         });
         tasks.spawn({
             let index = index.clone();
+            let mut stopping = shutdown_rx.clone();
             async move {
-                while mesh_rx.changed().await.is_ok() {
+                while tokio::select! {
+                    changed = mesh_rx.changed() => changed.is_ok(),
+                    _ = stopping.wait_for(|s| *s) => false,
+                } {
                     let mesh = mesh_rx.borrow_and_update().clone();
                     if index.send(Command::File(mesh)).await.is_err() {
                         break;
@@ -151,13 +163,19 @@ impl Hub {
         let (synced_tx, synced) = watch::channel(cfg.sync_wait.is_zero());
         if !cfg.sync_wait.is_zero() {
             let (wait, ready) = (cfg.sync_wait, ready.clone());
+            let stop = stopped();
             tasks.spawn(async move {
-                tokio::time::sleep(wait).await;
-                info!(?wait, "sync wait over: serving xDS");
-                let _ = synced_tx.send(true);
-                ready.store(true, Ordering::Release);
-                // Keep the channel open for the hub's lifetime.
-                std::future::pending::<()>().await;
+                tokio::pin!(stop);
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {
+                        info!(?wait, "sync wait over: serving xDS");
+                        let _ = synced_tx.send(true);
+                        ready.store(true, Ordering::Release);
+                        // Keep the channel open for the hub's lifetime.
+                        (&mut stop).await;
+                    }
+                    _ = &mut stop => {}
+                }
                 Ok(())
             });
         }
@@ -167,12 +185,18 @@ impl Hub {
             metrics.clone(),
             cfg.default_env.clone(),
             synced,
+            shutdown_rx.clone(),
         );
         let ads = AggregatedDiscoveryServiceServer::new(ads)
             .max_decoding_message_size(16 << 20)
             .max_encoding_message_size(usize::MAX);
         let federation = tributary_proto::federation::v1::federation_server::FederationServer::new(
-            FederationService::new(index.clone(), metrics.clone(), cfg.heartbeat),
+            FederationService::new(
+                index.clone(),
+                metrics.clone(),
+                cfg.heartbeat,
+                shutdown_rx.clone(),
+            ),
         )
         .max_decoding_message_size(64 << 20);
         tasks.spawn({
@@ -230,16 +254,21 @@ impl Hub {
     /// Stops accepting, ends every stream and waits for the tasks.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         let _ = self.shutdown.send(true);
-        self.tasks.abort_all();
-        while let Some(r) = self.tasks.join_next().await {
-            match r {
-                Ok(Err(e)) => return Err(e),
-                Ok(Ok(())) => {}
-                Err(e) if e.is_cancelled() => {}
-                Err(e) => return Err(e.into()),
+        // Streams end on the signal and the servers drain; give them a bounded time.
+        let drained = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(r) = self.tasks.join_next().await {
+                match r {
+                    Ok(Err(e)) => return Err(e),
+                    Ok(Ok(())) => {}
+                    Err(e) if e.is_cancelled() => {}
+                    Err(e) => return Err(e.into()),
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        })
+        .await;
+        self.tasks.abort_all();
+        drained.unwrap_or(Ok(()))
     }
 
     /// Runs until `signal` resolves or a task fails.

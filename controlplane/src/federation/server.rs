@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use futures_util::Stream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, info, info_span, warn};
@@ -29,15 +29,22 @@ pub struct FederationService {
     metrics: Arc<Metrics>,
     heartbeat: Duration,
     next_session: AtomicU64,
+    stopping: watch::Receiver<bool>,
 }
 
 impl FederationService {
-    pub fn new(index: IndexHandle, metrics: Arc<Metrics>, heartbeat: Duration) -> Self {
+    pub fn new(
+        index: IndexHandle,
+        metrics: Arc<Metrics>,
+        heartbeat: Duration,
+        stopping: watch::Receiver<bool>,
+    ) -> Self {
         Self {
             index,
             metrics,
             heartbeat,
             next_session: AtomicU64::new(1),
+            stopping,
         }
     }
 }
@@ -64,9 +71,14 @@ impl Federation for FederationService {
         let (index, metrics, heartbeat) =
             (self.index.clone(), self.metrics.clone(), self.heartbeat);
         let peer = request.remote_addr();
+        let mut stopping = self.stopping.clone();
         tokio::spawn(
             async move {
-                if let Err(status) = run(session, index, metrics, heartbeat, request.into_inner(), &tx).await {
+                let result = tokio::select! {
+                    r = run(session, index.clone(), metrics, heartbeat, request.into_inner(), &tx) => r,
+                    _ = stopping.wait_for(|s| *s) => Err(Status::unavailable("the hub is shutting down")),
+                };
+                if let Err(status) = result {
                     warn!(code = ?status.code(), message = status.message(), ?peer, "federation session ended with an error");
                     let _ = tx.send(Err(status)).await;
                 }

@@ -98,6 +98,9 @@ pub struct AdsServer {
     /// False until the hub's start-up sync wait is over: streams hold their first
     /// response until then.
     synced: watch::Receiver<bool>,
+    /// Turns true when the hub shuts down: every stream ends with UNAVAILABLE so its
+    /// client reconnects elsewhere or later.
+    stopping: watch::Receiver<bool>,
 }
 
 impl AdsServer {
@@ -107,6 +110,7 @@ impl AdsServer {
         metrics: Arc<Metrics>,
         default_env: String,
         synced: watch::Receiver<bool>,
+        stopping: watch::Receiver<bool>,
     ) -> Self {
         Self {
             shards,
@@ -115,6 +119,7 @@ impl AdsServer {
             default_env,
             next_id: AtomicU64::new(1),
             synced,
+            stopping,
         }
     }
 }
@@ -159,6 +164,7 @@ impl AdsServer {
             metrics: self.metrics.clone(),
             default_env: self.default_env.clone(),
             synced: self.synced.clone(),
+            stopping: self.stopping.clone(),
         }
     }
 }
@@ -171,6 +177,7 @@ struct StreamContext {
     metrics: Arc<Metrics>,
     default_env: String,
     synced: watch::Receiver<bool>,
+    stopping: watch::Receiver<bool>,
 }
 
 // ---- the two wire dialects ------------------------------------------------------
@@ -706,6 +713,7 @@ async fn serve<D: Dialect>(
         ));
     };
     let node = NodeInfo::from_node(node, &ctx.default_env)?;
+    let mut stopping = ctx.stopping.clone();
     let mut synced = ctx.synced.clone();
     if synced.wait_for(|s| *s).await.is_err() {
         return Ok(());
@@ -771,6 +779,9 @@ async fn serve<D: Dialect>(
                 if changed.is_err() {
                     break;
                 }
+            }
+            _ = stopping.wait_for(|s| *s) => {
+                return Err(Status::unavailable("the hub is shutting down"));
             }
         }
     }

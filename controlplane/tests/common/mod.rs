@@ -180,6 +180,21 @@ pub struct Delta {
 }
 
 impl Delta {
+    pub async fn open_addr(addr: std::net::SocketAddr) -> Delta {
+        let (tx, rx) = mpsc::channel(16);
+        let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let stream = client
+            .delta_aggregated_resources(ReceiverStream::new(rx))
+            .await
+            .unwrap();
+        Delta {
+            tx,
+            rx: stream.into_inner(),
+        }
+    }
+
     pub async fn open(hub: &TestHub) -> Delta {
         let (tx, rx) = mpsc::channel(16);
         let stream = hub
