@@ -6,7 +6,7 @@
 # 1.30 is the newest minor that works with Debian's etcd 3.4.23 (1.31+ wants >= 3.4.31).
 #
 # Usage:   tests/kube/build-apiserver.sh            # last stdout line = binary path
-# Env:     KUBE_APISERVER_CACHE  output dir (default $REPO/target/peers/kube-apiserver-<ver>)
+# Env:     KUBE_APISERVER_CACHE  output dir (default ~/.cache/tributary/kube-apiserver-<ver>)
 #          GOMODCACHE / GOCACHE / GOFLAGS / GOPROXY are honoured as set.
 #          KUBE_APISERVER_REBUILD=1 forces a rebuild.
 # Cached:  if $KUBE_APISERVER_CACHE/kube-apiserver exists and is executable, nothing is built.
@@ -27,7 +27,8 @@ if [[ -z "$K8S_VERSION" ]]; then
   exit 1
 fi
 
-CACHE="${KUBE_APISERVER_CACHE:-$REPO/target/peers/kube-apiserver-$K8S_VERSION}"
+# Outside the repository, so fresh clones on the same machine (CI) reuse the build.
+CACHE="${KUBE_APISERVER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tributary/kube-apiserver-$K8S_VERSION}"
 BIN="$CACHE/kube-apiserver"
 
 if [[ -x "$BIN" && "${KUBE_APISERVER_REBUILD:-0}" != 1 ]]; then

@@ -126,8 +126,9 @@ def find_apiserver(build: bool = True) -> str:
     if not build:
         # Look for a cached build without building.
         cache = os.environ.get("KUBE_APISERVER_CACHE")
+        default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tributary"
         candidates = [Path(cache) / "kube-apiserver"] if cache else sorted(
-            (REPO / "target" / "peers").glob("kube-apiserver-v*/kube-apiserver"), reverse=True)
+            default.glob("kube-apiserver-v*/kube-apiserver"), reverse=True)
         for c in candidates:
             if os.access(c, os.X_OK):
                 return str(c)
