@@ -612,13 +612,19 @@ async fn sleep_until(at: Option<Instant>) {
 
 /// The merged service `key` of `env`: the file's definition and every cluster's
 /// declaration in that environment, with their endpoints.
+///
+/// Declarations only add: ports are a union by number (the first declaration of a
+/// number names it), hosts a union. The canonical host — which names the clusters —
+/// does not depend on which cluster declared first: the file's first host, else
+/// `name.namespace.svc.cluster.local` when declared, else the smallest host. So one
+/// cluster can never take another's ports or rename the service under it.
 fn merged(sources: &Sources, env: &str, key: &ObjectKey) -> Option<Service> {
-    let mut svc = sources
+    let file = sources
         .file
         .environments
         .get(env)
-        .and_then(|e| e.services.get(key))
-        .cloned();
+        .and_then(|e| e.services.get(key));
+    let mut svc = file.cloned();
     for c in sources.clusters.values() {
         let Some(fs) = c.services.get(key).filter(|f| f.environment == env) else {
             continue;
@@ -636,12 +642,43 @@ fn merged(sources: &Sources, env: &str, key: &ObjectKey) -> Option<Service> {
             }
         }
         for p in &fs.ports {
-            if !s.ports.iter().any(|q| q.name == p.name || q.port == p.port) {
+            if !s.ports.iter().any(|q| q.port == p.port) {
                 s.ports.push(p.clone());
             }
         }
         if let Some(eps) = c.endpoints.get(key) {
-            s.endpoints.extend(eps.iter().cloned());
+            // Endpoints name ports as their cluster does; the merged service may name
+            // the same port number differently. Translate through the number.
+            let rename: HashMap<&str, &str> = fs
+                .ports
+                .iter()
+                .filter_map(|p| {
+                    s.ports
+                        .iter()
+                        .find(|q| q.port == p.port)
+                        .map(|q| (p.name.as_str(), q.name.as_str()))
+                })
+                .filter(|(a, b)| a != b)
+                .collect();
+            s.endpoints.extend(eps.iter().map(|e| {
+                let mut e = e.clone();
+                if !rename.is_empty() {
+                    e.ports = e
+                        .ports
+                        .into_iter()
+                        .map(|(n, p)| (rename.get(n.as_str()).map_or(n, |r| r.to_string()), p))
+                        .collect();
+                }
+                e
+            }));
+        }
+    }
+    if let Some(s) = svc.as_mut().filter(|_| file.is_none()) {
+        let conventional = format!("{}.{}.svc.cluster.local", key.name, key.namespace);
+        s.hosts.sort();
+        if let Some(i) = s.hosts.iter().position(|h| *h == conventional) {
+            let h = s.hosts.remove(i);
+            s.hosts.insert(0, h);
         }
     }
     svc
