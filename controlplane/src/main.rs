@@ -31,12 +31,38 @@ enum Command {
     Hub(HubArgs),
     /// Run a remote agent: stream one cluster's services and endpoints to a hub.
     Remote(RemoteArgs),
+    /// Show a hub's status: federated clusters, connected proxies, or shards.
+    Status {
+        #[command(subcommand)]
+        what: StatusWhat,
+        /// The hub's admin address.
+        #[arg(
+            long,
+            global = true,
+            default_value = "127.0.0.1:19001",
+            env = "TRIBUTARY_ADMIN_ADDR"
+        )]
+        admin: String,
+        /// Print the raw JSON instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
+    },
     /// Validate config files and exit (0: valid; 1: errors, printed one per line).
     Validate {
         /// Config files or directories of *.yaml / *.yml.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+}
+
+#[derive(Debug, Clone, Copy, Subcommand)]
+enum StatusWhat {
+    /// Federated clusters: connected or in grace, version, counts, lag.
+    Clusters,
+    /// Connected xDS clients: per type, sent / ACKed versions and NACKs.
+    Sync,
+    /// Environments: snapshot sequence and resource counts.
+    Shards,
 }
 
 #[derive(Debug, clap::Args)]
@@ -136,6 +162,7 @@ fn main() -> anyhow::Result<()> {
         Command::Validate { paths } => validate(&paths),
         Command::Hub(args) => runtime()?.block_on(hub(args)),
         Command::Remote(args) => runtime()?.block_on(remote(args)),
+        Command::Status { what, admin, json } => runtime()?.block_on(status(what, &admin, json)),
     }
 }
 
@@ -230,6 +257,163 @@ async fn remote(args: RemoteArgs) -> anyhow::Result<()> {
     tracing::info!(?cfg, "starting agent");
     agent::run(cfg, rx, shutdown_signal()).await;
     source.abort();
+    Ok(())
+}
+
+/// A plain HTTP/1.1 GET against the admin port (loopback, no TLS).
+async fn admin_get(admin: &str, path: &str) -> anyhow::Result<serde_json::Value> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = admin.trim_start_matches("http://").trim_end_matches('/');
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to the hub's admin endpoint {addr} (--admin)"))?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(req.as_bytes()).await?;
+    let mut buf = Vec::new();
+    stream.read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow::anyhow!("{addr}{path}: malformed HTTP response"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        anyhow::bail!("{addr}{path}: {}", head.lines().next().unwrap_or_default());
+    }
+    serde_json::from_str(body).with_context(|| format!("{addr}{path}: response is not JSON"))
+}
+
+async fn status(what: StatusWhat, admin: &str, json: bool) -> anyhow::Result<()> {
+    let path = match what {
+        StatusWhat::Clusters => "/status/clusters",
+        StatusWhat::Sync => "/status/sync",
+        StatusWhat::Shards => "/status/shards",
+    };
+    let v = admin_get(admin, path).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let s = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    match what {
+        StatusWhat::Clusters => {
+            rows.push(
+                [
+                    "CLUSTER",
+                    "STATE",
+                    "REGION",
+                    "ZONE",
+                    "VERSION",
+                    "SERVICES",
+                    "ENDPOINTS",
+                    "LAG",
+                    "SESSIONS",
+                ]
+                .map(String::from)
+                .to_vec(),
+            );
+            for c in v["clusters"].as_array().into_iter().flatten() {
+                let lag = c["lag_seconds"]
+                    .as_f64()
+                    .map_or("-".into(), |l| format!("{:.0}ms", l * 1000.0));
+                let state = match c["grace_until_unix"].as_f64() {
+                    Some(until) => {
+                        let now = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.as_secs_f64())
+                            .unwrap_or_default();
+                        format!("grace ({:.0}s left)", (until - now).max(0.0))
+                    }
+                    None => s(&c["state"]),
+                };
+                rows.push(vec![
+                    s(&c["id"]),
+                    state,
+                    s(&c["region"]),
+                    s(&c["zone"]),
+                    s(&c["last_version"]),
+                    s(&c["services"]),
+                    s(&c["endpoints"]),
+                    lag,
+                    s(&c["sessions"]),
+                ]);
+            }
+        }
+        StatusWhat::Sync => {
+            rows.push(
+                [
+                    "NODE",
+                    "ENV",
+                    "ROLE",
+                    "PROTOCOL",
+                    "TYPE",
+                    "SENT",
+                    "ACKED",
+                    "NACKS",
+                    "LAST NACK",
+                ]
+                .map(String::from)
+                .to_vec(),
+            );
+            for c in v["clients"].as_array().into_iter().flatten() {
+                for (ty, t) in c["types"].as_object().into_iter().flatten() {
+                    let nack = t["last_nack"]["message"]
+                        .as_str()
+                        .map(|m| m.chars().take(60).collect())
+                        .unwrap_or_else(|| "-".into());
+                    rows.push(vec![
+                        s(&c["node_id"]),
+                        s(&c["environment"]),
+                        s(&c["role"]),
+                        s(&c["protocol"]),
+                        ty.clone(),
+                        s(&t["last_sent_version"]),
+                        s(&t["last_acked_version"]),
+                        s(&t["nacks_total"]),
+                        nack,
+                    ]);
+                }
+            }
+        }
+        StatusWhat::Shards => {
+            rows.push(
+                [
+                    "ENVIRONMENT",
+                    "SEQ",
+                    "CLUSTERS",
+                    "ENDPOINTS",
+                    "LISTENERS",
+                    "ROUTES",
+                ]
+                .map(String::from)
+                .to_vec(),
+            );
+            for e in v["shards"].as_array().into_iter().flatten() {
+                rows.push(vec![
+                    s(&e["environment"]),
+                    s(&e["seq"]),
+                    s(&e["clusters"]),
+                    s(&e["endpoints"]),
+                    s(&e["listeners"]),
+                    s(&e["routes"]),
+                ]);
+            }
+        }
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
     Ok(())
 }
 
