@@ -37,6 +37,8 @@ pub struct AdminState {
     pub config: Arc<Mutex<ConfigStatus>>,
     pub ready: Arc<AtomicBool>,
     pub index: IndexHandle,
+    /// A client that has not ACKed a response for this long is STALE.
+    pub stale_after: std::time::Duration,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -84,7 +86,14 @@ async fn metrics(State(s): State<AdminState>) -> Response {
 }
 
 async fn sync_status(State(s): State<AdminState>) -> Json<serde_json::Value> {
-    Json(json!({ "clients": s.sync.snapshot() }))
+    let clients = s.sync.snapshot_marking_stale(s.stale_after);
+    let stale = clients
+        .iter()
+        .filter(|c| c.types.values().any(|t| t.stale))
+        .count();
+    Json(
+        json!({ "stale_after_seconds": s.stale_after.as_secs_f64(), "stale_clients": stale, "clients": clients }),
+    )
 }
 
 async fn config_status(State(s): State<AdminState>) -> Json<ConfigStatus> {

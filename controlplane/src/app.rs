@@ -45,6 +45,10 @@ pub struct HubConfig {
     pub heartbeat: Duration,
     /// Hold xDS responses this long after start so agents can resync first.
     pub sync_wait: Duration,
+    /// A client that has not ACKed a response for this long is marked STALE.
+    pub stale_after: Duration,
+    /// Most streams doing their initial sync at once; the rest wait (reconnect storms).
+    pub max_initial_syncs: usize,
 }
 
 impl HubConfig {
@@ -59,6 +63,8 @@ impl HubConfig {
             grace: Duration::from_secs(60),
             heartbeat: Duration::from_secs(10),
             sync_wait: Duration::ZERO,
+            stale_after: Duration::from_secs(10),
+            max_initial_syncs: 256,
         }
     }
 }
@@ -186,6 +192,7 @@ impl Hub {
             cfg.default_env.clone(),
             synced,
             shutdown_rx.clone(),
+            cfg.max_initial_syncs,
         );
         let ads = AggregatedDiscoveryServiceServer::new(ads)
             .max_decoding_message_size(16 << 20)
@@ -224,6 +231,7 @@ impl Hub {
             config: config_status,
             ready: ready.clone(),
             index: index.clone(),
+            stale_after: cfg.stale_after,
         };
         tasks.spawn({
             let stop = stopped();

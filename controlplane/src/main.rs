@@ -102,6 +102,12 @@ struct HubArgs {
     /// 0s when no agents feed this hub.
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     sync_wait: Duration,
+    /// Mark a client STALE in /status/sync when a response waits this long for its ACK.
+    #[arg(long, default_value = "10s", value_parser = parse_duration_arg)]
+    stale_after: Duration,
+    /// Streams doing their initial sync at once; more wait their turn (reconnect storms).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    max_initial_syncs: u32,
 }
 
 #[derive(Debug, clap::Args)]
@@ -208,6 +214,8 @@ async fn hub(args: HubArgs) -> anyhow::Result<()> {
         grace: args.grace,
         heartbeat: args.heartbeat,
         sync_wait: args.sync_wait,
+        stale_after: args.stale_after,
+        max_initial_syncs: args.max_initial_syncs as usize,
     };
     if cfg.debounce.cap < cfg.debounce.quiet {
         anyhow::bail!(

@@ -53,6 +53,9 @@ pub struct Metrics {
     pub federation_clusters_connected: Gauge,
     pub federation_clusters_grace: Gauge,
     pub debounce_seconds: Histogram,
+    pub convergence_seconds: Family<TypeLabel, Histogram>,
+    pub xds_ack_seconds: Histogram,
+    pub xds_admission_waiting: Gauge,
     pub xds_connections: Family<ProtocolLabel, Gauge>,
     pub xds_requests: Family<TypeLabel, Counter>,
     pub xds_responses: Family<TypeLabel, Counter>,
@@ -80,6 +83,11 @@ impl Metrics {
             federation_clusters_connected: Gauge::default(),
             federation_clusters_grace: Gauge::default(),
             debounce_seconds: Histogram::new(exponential_buckets(1e-3, 2.0, 12)),
+            convergence_seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(1e-3, 1.5, 28))
+            }),
+            xds_ack_seconds: Histogram::new(exponential_buckets(1e-4, 2.0, 18)),
+            xds_admission_waiting: Gauge::default(),
             xds_connections: Family::default(),
             xds_requests: Family::default(),
             xds_responses: Family::default(),

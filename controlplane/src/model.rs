@@ -20,6 +20,32 @@ pub struct Environment {
     pub services: BTreeMap<ObjectKey, Service>,
     pub routes: Vec<Route>,
     pub gateways: BTreeMap<String, Gateway>,
+    /// Sidecar dependency scopes, by name.
+    pub sidecars: BTreeMap<String, SidecarScope>,
+}
+
+/// What a scoped sidecar depends on: it receives only these services' clusters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SidecarScope {
+    pub name: String,
+    pub dependencies: Vec<Dependency>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dependency {
+    /// Every service of a namespace.
+    Namespace(String),
+    /// The service that has this host.
+    Host(String),
+}
+
+impl SidecarScope {
+    pub fn selects(&self, service: &Service) -> bool {
+        self.dependencies.iter().any(|d| match d {
+            Dependency::Namespace(ns) => service.key.namespace == *ns,
+            Dependency::Host(h) => service.hosts.iter().any(|x| x == h),
+        })
+    }
 }
 
 /// `namespace/name` of an object within one environment.

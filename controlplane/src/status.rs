@@ -46,6 +46,10 @@ pub struct TypeStatus {
     pub last_acked_at_unix: Option<f64>,
     /// Nonce of the response awaiting ACK, if any.
     pub pending_nonce: Option<String>,
+    /// When that response was sent.
+    pub pending_since_unix: Option<f64>,
+    /// Sent a version and has not ACKed or NACKed it within the stale threshold.
+    pub stale: bool,
     pub responses_total: u64,
     pub nacks_total: u64,
     pub last_nack: Option<NackRecord>,
@@ -93,8 +97,34 @@ impl SyncRegistry {
 
     /// A copy of every client's record, in connection order.
     pub fn snapshot(&self) -> Vec<ClientStatus> {
+        self.snapshot_marking_stale(std::time::Duration::MAX)
+    }
+
+    /// Like [`Self::snapshot`], marking as stale every type whose response has waited
+    /// for its ACK longer than `threshold`.
+    pub fn snapshot_marking_stale(&self, threshold: std::time::Duration) -> Vec<ClientStatus> {
         let records: Vec<_> = self.clients.lock().unwrap().values().cloned().collect();
-        records.iter().map(|r| r.lock().unwrap().clone()).collect()
+        let now = unix_now();
+        records
+            .iter()
+            .map(|r| {
+                let mut c = r.lock().unwrap().clone();
+                for t in c.types.values_mut() {
+                    t.stale = t
+                        .pending_since_unix
+                        .is_some_and(|since| now - since > threshold.as_secs_f64());
+                }
+                c
+            })
+            .collect()
+    }
+
+    /// Clients with at least one stale type.
+    pub fn stale_count(&self, threshold: std::time::Duration) -> usize {
+        self.snapshot_marking_stale(threshold)
+            .iter()
+            .filter(|c| c.types.values().any(|t| t.stale))
+            .count()
     }
 
     pub fn len(&self) -> usize {

@@ -587,3 +587,175 @@ async fn updated_cluster_is_followed_by_its_endpoints() {
         "only the replaced, subscribed cluster's endpoints"
     );
 }
+
+/// A scoped sidecar's wildcard CDS carries only its dependencies; an unknown scope
+/// carries nothing; an unscoped sidecar gets its whole environment.
+#[tokio::test]
+async fn sidecar_scope_limits_wildcard_clusters() {
+    let scope = "apiVersion: tributary.io/v1alpha1\nkind: Sidecar\nmetadata: {name: frontend, environment: prod}\nspec:\n  dependencies: [{host: a.prod}]\n".to_string();
+    let hub = TestHub::start(&[
+        (
+            "services.yaml",
+            docs(&[service("a", "prod", 8080), service("b", "prod", 8080)]),
+        ),
+        ("scope.yaml", scope),
+    ])
+    .await;
+    let mut scoped = Delta::open(&hub).await;
+    scoped
+        .subscribe(
+            Some(node_with(
+                "fe-1",
+                "prod",
+                &[("tributary.io/sidecar", "frontend")],
+            )),
+            CDS,
+            &[],
+        )
+        .await;
+    let r = scoped.recv().await;
+    assert_eq!(
+        delta_names(&r),
+        sorted(vec![
+            cluster("a"),
+            subset_cluster("a"),
+            "PassthroughCluster".into()
+        ])
+    );
+    scoped.ack(&r).await;
+
+    let mut unknown = Delta::open(&hub).await;
+    unknown
+        .subscribe(
+            Some(node_with(
+                "x-1",
+                "prod",
+                &[("tributary.io/sidecar", "typo")],
+            )),
+            CDS,
+            &[],
+        )
+        .await;
+    assert!(
+        unknown.recv().await.resources.is_empty(),
+        "an unknown scope selects nothing"
+    );
+
+    let mut all = Delta::open(&hub).await;
+    all.subscribe(Some(node("plain-1", "prod")), CDS, &[]).await;
+    assert_eq!(delta_names(&all.recv().await), all_clusters(&["a", "b"]));
+
+    // Widening the scope sends the new dependency's clusters, and only those.
+    let wider = "apiVersion: tributary.io/v1alpha1\nkind: Sidecar\nmetadata: {name: frontend, environment: prod}\nspec:\n  dependencies: [{host: a.prod}, {namespace: default}]\n".to_string();
+    hub.write_and_wait("prod", "scope.yaml", wider).await;
+    let r2 = scoped.recv().await;
+    assert_eq!(
+        delta_names(&r2),
+        sorted(vec![cluster("b"), subset_cluster("b")])
+    );
+}
+
+/// On ACK the hub records end-to-end convergence from the change's origin.
+#[tokio::test]
+async fn convergence_is_recorded_on_ack() {
+    let hub = two_services().await;
+    let mut d = Delta::open(&hub).await;
+    d.subscribe(Some(node("c-1", "prod")), EDS, &[&cluster("a")])
+        .await;
+    let r = d.recv().await;
+    d.ack(&r).await;
+    let eps = docs(&[
+        endpoints("a", "prod", &["10.0.0.5"], 80),
+        endpoints("b", "prod", &["10.0.0.2"], 80),
+    ]);
+    hub.write_and_wait("prod", "endpoints.yaml", eps).await;
+    let r2 = d.recv().await;
+    let before = convergence_count(&hub);
+    d.ack(&r2).await;
+    // The ACK is processed asynchronously: wait for the sample.
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while convergence_count(&hub) == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no convergence sample recorded"
+        );
+        tokio::task::yield_now().await;
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+fn convergence_count(hub: &TestHub) -> u64 {
+    let mut text = String::new();
+    let mut reg = prometheus_client::registry::Registry::default();
+    reg.register("c", "c", hub.hub.metrics.convergence_seconds.clone());
+    prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("c_count{type=\"EDS\"}"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
+}
+
+/// A client that does not ACK is marked STALE; one that ACKs is not.
+#[tokio::test]
+async fn unacked_clients_are_marked_stale() {
+    let hub = TestHub::start_with(&[("s.yaml", docs(&[service("a", "prod", 8080)]))], |c| {
+        c.stale_after = std::time::Duration::from_millis(100);
+    })
+    .await;
+    let mut slow = Delta::open(&hub).await;
+    slow.subscribe(Some(node("slow", "prod")), CDS, &[]).await;
+    let _ = slow.recv().await; // never ACKed
+    let mut fast = Delta::open(&hub).await;
+    fast.subscribe(Some(node("fast", "prod")), CDS, &[]).await;
+    let r = fast.recv().await;
+    fast.ack(&r).await;
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let clients = hub
+            .hub
+            .sync
+            .snapshot_marking_stale(std::time::Duration::from_millis(100));
+        let stale = |id: &str| {
+            clients
+                .iter()
+                .find(|c| c.node_id == id)
+                .is_some_and(|c| c.types.values().any(|t| t.stale))
+        };
+        if stale("slow") {
+            assert!(!stale("fast"));
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slow client never became stale"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Initial syncs are admitted through a limit: with one slot, the second stream
+/// waits until the first has ACKed its initial sync, then completes.
+#[tokio::test]
+async fn reconnect_storm_is_admitted_through_a_limit() {
+    let hub = TestHub::start_with(&[("s.yaml", docs(&[service("a", "prod", 8080)]))], |c| {
+        c.max_initial_syncs = 1
+    })
+    .await;
+    let mut first = Delta::open(&hub).await;
+    first.subscribe(Some(node("n1", "prod")), CDS, &[]).await;
+    let r1 = first.recv().await;
+    let mut second = Delta::open(&hub).await;
+    second.subscribe(Some(node("n2", "prod")), CDS, &[]).await;
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while hub.hub.metrics.xds_admission_waiting.get() != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second stream was not held"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    first.ack(&r1).await;
+    let r2 = second.recv().await;
+    assert_eq!(delta_names(&r2), all_clusters(&["a"]));
+    assert_eq!(hub.hub.metrics.xds_admission_waiting.get(), 0);
+}

@@ -14,8 +14,9 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::model::{
-    Destination, Endpoint, Gateway, GatewayListener, HeaderMatch, HeaderValueMatch, Health,
-    Locality, Mesh, ObjectKey, PathMatch, Protocol, Route, RouteRule, Service, ServicePort, Subset,
+    Dependency, Destination, Endpoint, Gateway, GatewayListener, HeaderMatch, HeaderValueMatch,
+    Health, Locality, Mesh, ObjectKey, PathMatch, Protocol, Route, RouteRule, Service, ServicePort,
+    SidecarScope, Subset,
 };
 
 pub const API_VERSION: &str = "tributary.io/v1alpha1";
@@ -179,6 +180,20 @@ struct RawDestination {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawSidecar {
+    #[serde(default)]
+    dependencies: Vec<RawDependency>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDependency {
+    namespace: Option<String>,
+    host: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawGateway {
     #[serde(default)]
     listeners: Vec<RawGatewayListener>,
@@ -222,6 +237,7 @@ struct Parsed {
     endpoints: Vec<Doc<RawEndpoints>>,
     routes: Vec<Doc<RawRoute>>,
     gateways: Vec<Doc<RawGateway>>,
+    sidecars: Vec<Doc<RawSidecar>>,
 }
 
 /// Parses and validates a file set: `(file name, contents)` pairs, in load order.
@@ -303,7 +319,7 @@ fn parse_file(
             errors.push(doc_err(
                 anon,
                 "kind",
-                "missing, expected one of Service, Endpoints, Route, Gateway".into(),
+                "missing, expected one of Service, Endpoints, Route, Gateway, Sidecar".into(),
             ));
             continue;
         };
@@ -383,7 +399,8 @@ fn parse_file(
             "Endpoints" => push!(endpoints, RawEndpoints),
             "Route" => push!(routes, RawRoute),
             "Gateway" => push!(gateways, RawGateway),
-            other => errors.push(doc_err(document, "kind", format!("{other:?} is not a known kind, expected one of Service, Endpoints, Route, Gateway"))),
+            "Sidecar" => push!(sidecars, RawSidecar),
+            other => errors.push(doc_err(document, "kind", format!("{other:?} is not a known kind, expected one of Service, Endpoints, Route, Gateway, Sidecar"))),
         }
     }
 }
@@ -505,6 +522,15 @@ fn build_mesh(parsed: Parsed, errors: &mut Vec<ConfigError>) -> Mesh {
                 .or_default()
                 .routes
                 .push(route);
+        }
+    }
+    for doc in &parsed.sidecars {
+        if let Some(scope) = build_sidecar(doc, errors) {
+            mesh.environments
+                .entry(doc.env.clone())
+                .or_default()
+                .sidecars
+                .insert(scope.name.clone(), scope);
         }
     }
     for doc in &parsed.gateways {
@@ -919,6 +945,35 @@ fn build_route(
         hosts: spec.hosts.clone(),
         port,
         rules,
+    })
+}
+
+fn build_sidecar(doc: &Doc<RawSidecar>, errors: &mut Vec<ConfigError>) -> Option<SidecarScope> {
+    let before = errors.len();
+    if doc.spec.dependencies.is_empty() {
+        errors.push(doc.err(
+            "spec.dependencies",
+            "must list at least one dependency (namespace or host)",
+        ));
+    }
+    let mut dependencies = Vec::new();
+    for (i, d) in doc.spec.dependencies.iter().enumerate() {
+        let field = format!("spec.dependencies[{i}]");
+        match (&d.namespace, &d.host) {
+            (Some(ns), None) => match check_dns_name(ns) {
+                Ok(()) => dependencies.push(Dependency::Namespace(ns.clone())),
+                Err(m) => errors.push(doc.err(format!("{field}.namespace"), m)),
+            },
+            (None, Some(h)) => match check_dns_name(h) {
+                Ok(()) => dependencies.push(Dependency::Host(h.clone())),
+                Err(m) => errors.push(doc.err(format!("{field}.host"), m)),
+            },
+            _ => errors.push(doc.err(field, "expected exactly one of namespace, host")),
+        }
+    }
+    (errors.len() == before).then(|| SidecarScope {
+        name: doc.key.name.clone(),
+        dependencies,
     })
 }
 

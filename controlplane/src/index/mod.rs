@@ -284,7 +284,8 @@ impl Index {
                     dirty.keys.insert(k.clone());
                 }
             }
-            dirty.routing |= a.routes != b.routes || a.gateways != b.gateways;
+            dirty.routing |=
+                a.routes != b.routes || a.gateways != b.gateways || a.sidecars != b.sidecars;
         }
         if touched {
             self.note_origin(SystemTime::now());
@@ -535,6 +536,18 @@ impl Index {
             let started = std::time::Instant::now();
             let st = self.envs.entry(env.clone()).or_default();
             let changes = flush_env(&self.sources, &env, st, d);
+            // Each changed resource's convergence starts at the oldest change of this flush.
+            let origin_at = origin.unwrap_or_else(SystemTime::now);
+            for ty in XdsType::ALL {
+                let i = ty as usize;
+                for name in &changes[i] {
+                    if st.resources.by_type[i].contains_key(name) {
+                        st.resources.origins[i].insert(name.clone(), origin_at);
+                    } else {
+                        st.resources.origins[i].remove(name);
+                    }
+                }
+            }
             self.metrics
                 .generation_seconds
                 .observe(started.elapsed().as_secs_f64());
@@ -695,6 +708,7 @@ fn flush_env(sources: &Sources, env: &str, st: &mut EnvState, d: EnvDirty) -> Ch
         let file = sources.file.environments.get(env);
         st.model.routes = file.map(|e| e.routes.clone()).unwrap_or_default();
         st.model.gateways = file.map(|e| e.gateways.clone()).unwrap_or_default();
+        st.model.sidecars = file.map(|e| e.sidecars.clone()).unwrap_or_default();
     }
     for key in d.keys {
         let mut new = merged(sources, env, &key);

@@ -67,6 +67,9 @@ pub type ResourceMap = imbl::OrdMap<Arc<str>, EncodedResource>;
 pub struct EnvResources {
     pub by_type: [ResourceMap; XdsType::COUNT],
     pub roles: RoleListeners,
+    /// When the change that produced each resource's current version was first
+    /// observed at its source: the start of its convergence.
+    pub origins: [imbl::OrdMap<Arc<str>, std::time::SystemTime>; XdsType::COUNT],
 }
 
 /// Listener names a wildcard LDS subscription selects, per role.
@@ -74,6 +77,9 @@ pub struct EnvResources {
 pub struct RoleListeners {
     pub sidecar: BTreeSet<Arc<str>>,
     pub gateways: BTreeMap<String, BTreeSet<Arc<str>>>,
+    /// Per sidecar scope: the clusters its dependencies select (a scoped sidecar's
+    /// wildcard CDS). Computed once per scope, never per proxy.
+    pub scopes: BTreeMap<String, Arc<BTreeSet<Arc<str>>>>,
 }
 
 /// Generated resources, before they are placed in a snapshot.
@@ -256,6 +262,22 @@ pub fn shared_resources(env: &Environment, out: &mut Generated) -> RoleListeners
             encode(XdsType::Listener, VIRTUAL_OUTBOUND, &l),
         ));
         roles.sidecar.insert(Arc::from(VIRTUAL_OUTBOUND));
+    }
+
+    for scope in env.sidecars.values() {
+        let mut clusters: BTreeSet<Arc<str>> = BTreeSet::new();
+        clusters.insert(Arc::from(PASSTHROUGH_CLUSTER));
+        for service in env.services.values().filter(|s| scope.selects(s)) {
+            for port in &service.ports {
+                for subset in subsets(service) {
+                    clusters.insert(Arc::from(
+                        cluster_name(port.port, subset.unwrap_or(""), service.canonical_host())
+                            .as_str(),
+                    ));
+                }
+            }
+        }
+        roles.scopes.insert(scope.name.clone(), Arc::new(clusters));
     }
 
     for gateway in env.gateways.values() {

@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use futures_util::Stream;
 use tokio::sync::{mpsc, watch};
@@ -39,6 +39,7 @@ use crate::status::{ClientStatus, NackRecord, SyncRegistry, unix_now};
 
 pub const ENV_METADATA_KEY: &str = "tributary.io/env";
 pub const GATEWAY_METADATA_KEY: &str = "tributary.io/gateway";
+pub const SIDECAR_METADATA_KEY: &str = "tributary.io/sidecar";
 const CONTROL_PLANE_ID: &str = "tributary";
 
 /// Outbound responses buffered per stream. One response per type is in flight at
@@ -52,6 +53,8 @@ pub struct NodeInfo {
     pub cluster: String,
     pub environment: String,
     pub role: Role,
+    /// A sidecar's dependency scope (a `Sidecar` object of its environment).
+    pub scope: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,6 +86,7 @@ impl NodeInfo {
                 Some(g) => Role::Gateway(g),
                 None => Role::Sidecar,
             },
+            scope: meta(SIDECAR_METADATA_KEY).filter(|_| meta(GATEWAY_METADATA_KEY).is_none()),
         })
     }
 }
@@ -101,6 +105,8 @@ pub struct AdsServer {
     /// Turns true when the hub shuts down: every stream ends with UNAVAILABLE so its
     /// client reconnects elsewhere or later.
     stopping: watch::Receiver<bool>,
+    /// Initial-sync slots: a reconnect storm is admitted through this, not all at once.
+    admission: Arc<tokio::sync::Semaphore>,
 }
 
 impl AdsServer {
@@ -111,6 +117,7 @@ impl AdsServer {
         default_env: String,
         synced: watch::Receiver<bool>,
         stopping: watch::Receiver<bool>,
+        max_initial_syncs: usize,
     ) -> Self {
         Self {
             shards,
@@ -120,6 +127,7 @@ impl AdsServer {
             next_id: AtomicU64::new(1),
             synced,
             stopping,
+            admission: Arc::new(tokio::sync::Semaphore::new(max_initial_syncs.max(1))),
         }
     }
 }
@@ -165,6 +173,7 @@ impl AdsServer {
             default_env: self.default_env.clone(),
             synced: self.synced.clone(),
             stopping: self.stopping.clone(),
+            admission: self.admission.clone(),
         }
     }
 }
@@ -178,6 +187,7 @@ struct StreamContext {
     default_env: String,
     synced: watch::Receiver<bool>,
     stopping: watch::Receiver<bool>,
+    admission: Arc<tokio::sync::Semaphore>,
 }
 
 // ---- the two wire dialects ------------------------------------------------------
@@ -380,6 +390,10 @@ struct Pending {
     removed: Vec<Arc<str>>,
     /// A SotW full-state response: on ACK, the client holds exactly `sent`.
     full_set: bool,
+    /// Origin of the oldest change this response carries: its ACK completes that
+    /// change's convergence for this client.
+    origin: Option<SystemTime>,
+    sent_at: SystemTime,
 }
 
 #[derive(Debug, Default)]
@@ -417,8 +431,18 @@ impl Conn {
     fn in_wildcard(&self, snap: &Snapshot, ty: XdsType, name: &str) -> bool {
         match ty {
             XdsType::Listener => self.role_listeners(snap).is_some_and(|s| s.contains(name)),
+            XdsType::Cluster if self.node.scope.is_some() => {
+                self.scope(snap).is_some_and(|s| s.contains(name))
+            }
             _ => snap.get(ty, name).is_some(),
         }
+    }
+
+    /// A scoped sidecar's clusters (`None` for an unknown scope: it gets nothing, so
+    /// a typo never widens what a proxy sees).
+    fn scope<'s>(&self, snap: &'s Snapshot) -> Option<&'s BTreeSet<Arc<str>>> {
+        let name = self.node.scope.as_ref()?;
+        snap.roles().scopes.get(name).map(|s| s.as_ref())
     }
 
     fn role_listeners<'s>(&self, snap: &'s Snapshot) -> Option<&'s BTreeSet<Arc<str>>> {
@@ -436,6 +460,9 @@ impl Conn {
     ) -> Box<dyn Iterator<Item = &'s Arc<str>> + 's> {
         match ty {
             XdsType::Listener => Box::new(self.role_listeners(snap).into_iter().flatten()),
+            XdsType::Cluster if self.node.scope.is_some() => {
+                Box::new(self.scope(snap).into_iter().flatten())
+            }
             _ => Box::new(snap.of_type(ty).keys()),
         }
     }
@@ -466,6 +493,18 @@ impl Conn {
                 for n in &p.removed {
                     ts.held.remove(n);
                 }
+                if let Some(origin) = p.origin {
+                    let now = SystemTime::now();
+                    if let Ok(d) = now.duration_since(origin) {
+                        self.metrics
+                            .convergence_seconds
+                            .get_or_create(&ty.into())
+                            .observe(d.as_secs_f64());
+                    }
+                }
+                if let Ok(rtt) = SystemTime::now().duration_since(p.sent_at) {
+                    self.metrics.xds_ack_seconds.observe(rtt.as_secs_f64());
+                }
                 st.last_acked_version = p.version.clone();
                 st.last_acked_at_unix = Some(unix_now());
                 st.resources = ts.held.len();
@@ -492,6 +531,7 @@ impl Conn {
             }
         }
         st.pending_nonce = None;
+        st.pending_since_unix = None;
     }
 
     /// Builds the next response for `ty` if the client needs one.
@@ -502,7 +542,7 @@ impl Conn {
         }
         let full_scan = ts.dirty_full
             || ts.seen_seq + 1 != snap.seq
-            || (ty == XdsType::Listener && snap.roles_changed);
+            || (matches!(ty, XdsType::Listener | XdsType::Cluster) && snap.roles_changed);
         if !full_scan && ts.seen_seq == snap.seq && !ts.force {
             return None;
         }
@@ -584,6 +624,12 @@ impl Conn {
         if !send {
             return None;
         }
+        let origins = &snap.resources.origins[ty as usize];
+        let origin = updates
+            .iter()
+            .filter_map(|r| origins.get(r.name()).copied())
+            .chain(snap.origin.filter(|_| !removed.is_empty()))
+            .min();
         let resources = if full_set {
             // The complete set, keeping the last good version of anything NACKed.
             let mut names: BTreeSet<Arc<str>> = ts
@@ -625,6 +671,8 @@ impl Conn {
             sent: out.resources.clone(),
             removed: out.removed.clone(),
             full_set,
+            origin,
+            sent_at: SystemTime::now(),
         });
         Some(out)
     }
@@ -659,6 +707,7 @@ impl Conn {
         st.last_sent_version = out.version.clone();
         st.last_sent_at_unix = Some(unix_now());
         st.pending_nonce = Some(out.nonce.clone());
+        st.pending_since_unix = Some(unix_now());
         st.responses_total += 1;
         debug!(r#type = ty.short(), version = %out.version, resources = out.resources.len(), removed = out.removed.len(), bytes, "sent");
     }
@@ -718,6 +767,12 @@ async fn serve<D: Dialect>(
     if synced.wait_for(|s| *s).await.is_err() {
         return Ok(());
     }
+    // Held until the initial sync is ACKed (or 10 s pass): a reconnect storm is
+    // admitted a bounded number of streams at a time.
+    ctx.metrics.xds_admission_waiting.inc();
+    let permit = ctx.admission.clone().acquire_owned().await;
+    ctx.metrics.xds_admission_waiting.dec();
+    let mut admitted = permit.ok().map(|p| (p, Instant::now()));
     let span = tracing::Span::current();
     span.record("node", node.id.as_str());
     span.record("env", node.environment.as_str());
@@ -765,6 +820,12 @@ async fn serve<D: Dialect>(
         }
         let snap = snapshots.borrow_and_update().clone();
         pump::<D>(&mut conn, &snap, tx).await?;
+        if admitted.as_ref().is_some_and(|(_, since)| {
+            let synced = conn.nonce > 0 && conn.types.iter().flatten().all(|t| t.pending.is_none());
+            synced || since.elapsed() > std::time::Duration::from_secs(10)
+        }) {
+            admitted = None;
+        }
 
         tokio::select! {
             msg = inbound.message() => match msg {
@@ -783,6 +844,8 @@ async fn serve<D: Dialect>(
             _ = stopping.wait_for(|s| *s) => {
                 return Err(Status::unavailable("the hub is shutting down"));
             }
+            // A client that never ACKs its initial sync gives its slot back.
+            _ = tokio::time::sleep(std::time::Duration::from_secs(10)), if admitted.is_some() => {}
         }
     }
     info!(dialect = conn.dialect, "disconnected");

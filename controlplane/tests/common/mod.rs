@@ -54,6 +54,13 @@ pub struct TestHub {
 
 impl TestHub {
     pub async fn start(files: &[(&str, String)]) -> TestHub {
+        Self::start_with(files, |_| {}).await
+    }
+
+    pub async fn start_with(
+        files: &[(&str, String)],
+        tweak: impl FnOnce(&mut HubConfig),
+    ) -> TestHub {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
@@ -64,6 +71,7 @@ impl TestHub {
         }
         let mut cfg = HubConfig::local(vec![dir.path().to_path_buf()]);
         cfg.poll_interval = Duration::from_millis(20);
+        tweak(&mut cfg);
         let hub = Hub::start(cfg).await.expect("hub starts");
         TestHub { hub, dir }
     }
@@ -93,6 +101,21 @@ impl TestHub {
     pub fn sync_status(&self) -> serde_json::Value {
         serde_json::to_value(self.hub.sync.snapshot()).unwrap()
     }
+}
+
+/// A node with extra string metadata (e.g. `tributary.io/sidecar`).
+pub fn node_with(id: &str, env: &str, extra: &[(&str, &str)]) -> Node {
+    let mut n = node(id, env);
+    let fields = &mut n.metadata.as_mut().unwrap().fields;
+    for (k, v) in extra {
+        fields.insert(
+            k.to_string(),
+            Value {
+                kind: Some(Kind::StringValue(v.to_string())),
+            },
+        );
+    }
+    n
 }
 
 pub fn node(id: &str, env: &str) -> Node {
