@@ -1,0 +1,185 @@
+//! Child processes under test (the hub, the go-control-plane peer): start, wait for
+//! their ready file, measure CPU and peak memory from /proc, stop by pid.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+pub struct Proc {
+    pub name: &'static str,
+    pub child: Child,
+    pub ready: serde_json::Value,
+    pub log: PathBuf,
+    ticks_per_second: f64,
+}
+
+impl Proc {
+    /// Starts `argv` with `--ready-file` appended and waits for that file.
+    pub fn start(name: &'static str, argv: &[String], dir: &Path) -> anyhow::Result<Proc> {
+        let ready_file = dir.join(format!("{name}.ready.json"));
+        let log = dir.join(format!("{name}.log"));
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]).arg("--ready-file").arg(&ready_file);
+        let out = std::fs::File::create(&log)?;
+        cmd.stdout(Stdio::from(out.try_clone()?))
+            .stderr(Stdio::from(out))
+            .stdin(Stdio::null());
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting {name}: {argv:?}"))?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let ready = loop {
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "{name} exited with {status} before it was ready; log: {}",
+                    log.display()
+                );
+            }
+            if let Ok(text) = std::fs::read_to_string(&ready_file) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                    break v;
+                }
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("{name} not ready within 60 s; log: {}", log.display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        Ok(Proc {
+            name,
+            child,
+            ready,
+            log,
+            ticks_per_second: clock_ticks(),
+        })
+    }
+
+    pub fn addr(&self, key: &str) -> anyhow::Result<String> {
+        self.ready[key]
+            .as_str()
+            .map(str::to_string)
+            .with_context(|| format!("{} ready file has no {key:?}", self.name))
+    }
+
+    /// User + system CPU seconds so far.
+    pub fn cpu_seconds(&self) -> f64 {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())) else {
+            return 0.0;
+        };
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        // utime and stime are fields 14 and 15 of /proc/PID/stat: 12 and 13 here.
+        (ticks(11) + ticks(12)) / self.ticks_per_second
+    }
+
+    /// Peak resident memory (VmHWM) in bytes.
+    pub fn peak_rss_bytes(&self) -> u64 {
+        status_kb(self.child.id(), "VmHWM:") * 1024
+    }
+
+    pub fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").arg("-TERM").arg(&pid).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn status_kb(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// A minimal HTTP/1.1 request to a loopback control or admin port.
+pub async fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await?;
+    s.write_all(body).await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((code, body.to_string()))
+}
+
+/// Standard base64 (the peer's control API carries resources as base64 protobuf).
+pub fn base64(data: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        out.push(A[(n >> 18) as usize & 63] as char);
+        out.push(A[(n >> 12) as usize & 63] as char);
+        out.push(if chunk.len() > 1 {
+            A[(n >> 6) as usize & 63] as char
+        } else {
+            '='
+        });
+        out.push(if chunk.len() > 2 {
+            A[n as usize & 63] as char
+        } else {
+            '='
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64_matches_the_standard() {
+        assert_eq!(super::base64(b""), "");
+        assert_eq!(super::base64(b"f"), "Zg==");
+        assert_eq!(super::base64(b"fo"), "Zm8=");
+        assert_eq!(super::base64(b"foobar"), "Zm9vYmFy");
+    }
+}
