@@ -158,10 +158,7 @@ impl Progress {
         let g = shared.gateway.read().unwrap().clone();
         let Some(g) = g else { return };
         if let Ok(rc) = RouteConfiguration::decode(body) {
-            let has = rc
-                .virtual_hosts
-                .iter()
-                .any(|v| v.domains.iter().any(|d| *d == g.host));
+            let has = rc.virtual_hosts.iter().any(|v| v.domains.contains(&g.host));
             self.route_has_host = Some((g.phase, has));
         }
     }
@@ -220,11 +217,11 @@ pub async fn run(
     } else {
         sotw(channel, &spec, &shared, &mut stop).await
     };
-    if let Err(e) = r {
-        if !*stop.borrow() {
-            shared.errors.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(client = %spec.id, error = %e, "client stream failed");
-        }
+    if let Err(e) = r
+        && !*stop.borrow()
+    {
+        shared.errors.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(client = %spec.id, error = %e, "client stream failed");
     }
 }
 

@@ -37,10 +37,10 @@ impl Proc {
                     log.display()
                 );
             }
-            if let Ok(text) = std::fs::read_to_string(&ready_file) {
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
-                    break v;
-                }
+            if let Ok(text) = std::fs::read_to_string(&ready_file)
+                && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+            {
+                break v;
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
