@@ -125,11 +125,10 @@ fn size(a: &Args) -> anyhow::Result<Size> {
 
 fn progress(label: &str, done: usize, total: usize) {
     let width = 30;
-    let filled = if total == 0 {
-        width
-    } else {
-        done * width / total
-    };
+    let filled = (done * width)
+        .checked_div(total)
+        .unwrap_or(width)
+        .min(width);
     eprint!(
         "\r  {label:<28} [{}{}] {done}/{total}   ",
         "#".repeat(filled),
