@@ -55,11 +55,17 @@ pub struct ControlPlaneWire {
     pub identifier: String,
 }
 
-/// One version of one xDS resource, serialized once.
+/// One version of one xDS resource, serialized once. Cloning is one reference-count
+/// increment: snapshots, per-client records and in-flight responses share it.
 #[derive(Clone, PartialEq, Eq)]
-pub struct EncodedResource {
-    name: Bytes,
-    version: Bytes,
+pub struct EncodedResource(std::sync::Arc<Inner>);
+
+#[derive(PartialEq, Eq)]
+struct Inner {
+    name: std::sync::Arc<str>,
+    version: Box<str>,
+    /// `version` as a number, for cheap comparisons on the hot path.
+    version_hash: u64,
     /// An encoded `envoy.service.discovery.v3.Resource{version=1, name=3, resource=2}`.
     delta: Bytes,
     /// Offset in `delta` at which the encoded `Any` starts.
@@ -71,9 +77,27 @@ impl std::fmt::Debug for EncodedResource {
         f.debug_struct("EncodedResource")
             .field("name", &self.name())
             .field("version", &self.version())
-            .field("bytes", &self.delta.len())
+            .field("bytes", &self.0.delta.len())
             .finish()
     }
+}
+
+/// The numeric form of a resource version: the 16-hex-digit content hash parsed, or
+/// (for a version string of another form, e.g. from a client's
+/// `initial_resource_versions`) a hash of the string, which never equals a content
+/// hash of ours by accident in practice.
+pub fn version_hash(version: &str) -> u64 {
+    if version.len() == 16
+        && let Ok(v) = u64::from_str_radix(version, 16)
+    {
+        return v;
+    }
+    let mut h: u64 = 0x8422_2325_cbf2_9ce4;
+    for b in version.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^ 0x5555_5555_5555_5555
 }
 
 impl EncodedResource {
@@ -95,36 +119,41 @@ impl EncodedResource {
         put_len_field(&mut buf, 1, type_url.as_bytes());
         put_len_field(&mut buf, 2, body);
         debug_assert_eq!(buf.len(), total);
-        let delta = buf.freeze();
-        // Name and version are views into the same buffer: no extra allocation.
-        let version_at = key_len(1) + encoded_len_varint(version.len() as u64);
-        let name_at =
-            version_at + version.len() + key_len(3) + encoded_len_varint(name.len() as u64);
-        Self {
-            version: delta.slice(version_at..version_at + version.len()),
-            name: delta.slice(name_at..name_at + name.len()),
-            delta,
+        Self(std::sync::Arc::new(Inner {
+            name: std::sync::Arc::from(name),
+            version: version.into(),
+            version_hash: version_hash(version),
+            delta: buf.freeze(),
             any_offset,
-        }
+        }))
     }
 
     pub fn name(&self) -> &str {
-        // Built from a &str in `from_body`.
-        std::str::from_utf8(&self.name).unwrap_or_default()
+        &self.0.name
+    }
+
+    /// The name, shared: cloning it allocates nothing.
+    pub fn name_arc(&self) -> &std::sync::Arc<str> {
+        &self.0.name
     }
 
     pub fn version(&self) -> &str {
-        std::str::from_utf8(&self.version).unwrap_or_default()
+        &self.0.version
+    }
+
+    /// [`version_hash`] of [`Self::version`], precomputed.
+    pub fn version_hash(&self) -> u64 {
+        self.0.version_hash
     }
 
     /// The encoded `google.protobuf.Any`, for SotW responses.
     pub fn any_bytes(&self) -> Bytes {
-        self.delta.slice(self.any_offset..)
+        self.0.delta.slice(self.0.any_offset..)
     }
 
     /// The encoded `envoy.service.discovery.v3.Resource`, for Delta responses.
     pub fn delta_bytes(&self) -> Bytes {
-        self.delta.clone()
+        self.0.delta.clone()
     }
 
     /// The serialized resource message itself (the `Any.value`).
@@ -148,7 +177,7 @@ impl EncodedResource {
 
     /// Bytes held by this resource version.
     pub fn size(&self) -> usize {
-        self.delta.len()
+        self.0.delta.len()
     }
 }
 
@@ -218,6 +247,8 @@ mod tests {
         let r = EncodedResource::encode(crate::type_url::CLUSTER, &c.name, "v1", &c);
         assert_eq!(r.name(), "outbound|8080||reviews");
         assert_eq!(r.version(), "v1");
+        assert_eq!(r.version_hash(), version_hash("v1"));
+        assert_eq!(version_hash("00000000000000ff"), 255);
         let wire = DiscoveryResponseWire {
             version_info: "7".into(),
             resources: vec![r.any_bytes(), r.any_bytes()],

@@ -10,7 +10,7 @@
 //! the client ACKs or NACKs, from the newest snapshot, so a slow client skips versions
 //! and a stream's memory is bounded whatever the churn.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,7 +29,7 @@ use tributary_proto::envoy::envoy::service::discovery::v3::{
 use tributary_proto::envoy::google::protobuf::value::Kind;
 use tributary_proto::wire::{
     ControlPlaneWire, DeltaDiscoveryResponseWire, DiscoveryResponseWire, EncodedResource,
-    ads_server::AggregatedDiscoveryService,
+    ads_server::AggregatedDiscoveryService, version_hash,
 };
 
 use super::XdsType;
@@ -248,13 +248,14 @@ impl Dialect for Sotw {
         let ts = conn.types[ty as usize].get_or_insert_with(TypeState::default);
         let wildcard = ty.sotw_full_state()
             && (req.resource_names.is_empty() || req.resource_names.iter().any(|n| n == "*"));
-        let names: BTreeSet<Arc<str>> = req
-            .resource_names
-            .iter()
-            .filter(|n| n.as_str() != "*")
-            .map(|n| Arc::from(n.as_str()))
-            .collect();
-        if first || wildcard != ts.wildcard || names != ts.names {
+        // An ACK re-lists every name: compare before allocating anything.
+        let explicit = req.resource_names.iter().filter(|n| n.as_str() != "*");
+        let unchanged = !first
+            && wildcard == ts.wildcard
+            && explicit.clone().count() == ts.names.len()
+            && explicit.clone().all(|n| ts.names.contains(n.as_str()));
+        if !unchanged {
+            let names: HashSet<Arc<str>> = explicit.map(|n| Arc::from(n.as_str())).collect();
             if !ty.sotw_full_state() {
                 // The client forgets what it unsubscribed; send it again if re-added.
                 ts.held.retain(|n, _| names.contains(n));
@@ -319,7 +320,7 @@ impl Dialect for Delta {
                 ts.held.insert(
                     Arc::from(name.as_str()),
                     Held {
-                        version: version.into(),
+                        version: version_hash(&version),
                         resource: None,
                     },
                 );
@@ -377,7 +378,9 @@ impl Dialect for Delta {
 /// SotW full-state response can keep serving the last good version after a NACK.
 #[derive(Debug, Clone)]
 struct Held {
-    version: Box<str>,
+    /// [`EncodedResource::version_hash`] of the version held.
+    version: u64,
+    /// Kept for SotW full-state types only.
     resource: Option<EncodedResource>,
 }
 
@@ -399,13 +402,13 @@ struct Pending {
 #[derive(Debug, Default)]
 struct TypeState {
     wildcard: bool,
-    names: BTreeSet<Arc<str>>,
-    held: BTreeMap<Arc<str>, Held>,
+    names: HashSet<Arc<str>>,
+    held: HashMap<Arc<str>, Held>,
     pending: Option<Pending>,
     /// Versions the client NACKed: never sent to it again.
-    rejected: HashMap<Arc<str>, Box<str>>,
+    rejected: HashMap<Arc<str>, u64>,
     /// Delta: subscribed names already reported as not existing.
-    absent_told: BTreeSet<Arc<str>>,
+    absent_told: HashSet<Arc<str>>,
     /// Snapshot seq this type was last reconciled against.
     seen_seq: u64,
     /// Reconcile against the whole snapshot, not just its change set.
@@ -481,14 +484,14 @@ impl Conn {
                     ts.held.clear();
                 }
                 for r in p.sent {
-                    ts.rejected.remove(r.name());
-                    ts.held.insert(
-                        Arc::from(r.name()),
-                        Held {
-                            version: r.version().into(),
-                            resource: Some(r),
-                        },
-                    );
+                    if !ts.rejected.is_empty() {
+                        ts.rejected.remove(r.name());
+                    }
+                    let held = Held {
+                        version: r.version_hash(),
+                        resource: p.full_set.then(|| r.clone()),
+                    };
+                    ts.held.insert(r.name_arc().clone(), held);
                 }
                 for n in &p.removed {
                     ts.held.remove(n);
@@ -513,7 +516,7 @@ impl Conn {
             }
             Some(message) => {
                 for r in &p.sent {
-                    ts.rejected.insert(Arc::from(r.name()), r.version().into());
+                    ts.rejected.insert(r.name_arc().clone(), r.version_hash());
                 }
                 // Reconcile again: the response is void, what the client holds is not.
                 ts.dirty_full = true;
@@ -546,42 +549,41 @@ impl Conn {
         if !full_scan && ts.seen_seq == snap.seq && !ts.force {
             return None;
         }
-        let candidates: Vec<Arc<str>> = if full_scan {
-            let mut all: BTreeSet<Arc<str>> = ts.names.clone();
-            if ts.wildcard {
-                all.extend(self.wildcard_names(snap, ty).cloned());
-            }
-            all.extend(ts.held.keys().cloned());
-            all.into_iter().collect()
-        } else if ts.seen_seq == snap.seq {
-            Vec::new()
-        } else {
-            snap.changed[ty as usize].iter().cloned().collect()
-        };
-
         let mut updates = Vec::new();
         let mut removed = Vec::new();
         let mut newly_absent = Vec::new();
-        for name in candidates {
-            let visible = self.visible(snap, ty, ts, &name);
-            let current = if visible { snap.get(ty, &name) } else { None };
-            let held = ts.held.get(&name);
+        let mut visit = |name: &Arc<str>| {
+            let visible = self.visible(snap, ty, ts, name);
+            let current = if visible { snap.get(ty, name) } else { None };
+            let held = ts.held.get(name);
             match current {
                 Some(r) => {
-                    let same = held.is_some_and(|h| *h.version == *r.version());
-                    let rejected = ts.rejected.get(&name).is_some_and(|v| **v == *r.version());
+                    let v = r.version_hash();
+                    let same = held.is_some_and(|h| h.version == v);
+                    let rejected = !ts.rejected.is_empty() && ts.rejected.get(name) == Some(&v);
                     if !same && !rejected {
                         updates.push(r.clone());
                     }
                 }
-                None if held.is_some() => removed.push(name),
-                None if visible && !sotw && !ts.absent_told.contains(&name) => {
+                None if held.is_some() => removed.push(name.clone()),
+                None if visible && !sotw && !ts.absent_told.contains(name) => {
                     // Delta: tell the client a name it asked for does not exist.
                     newly_absent.push(name.clone());
-                    removed.push(name);
+                    removed.push(name.clone());
                 }
                 None => {}
             }
+        };
+        if full_scan {
+            let mut all: HashSet<Arc<str>> = ts.names.clone();
+            if ts.wildcard {
+                all.extend(self.wildcard_names(snap, ty).cloned());
+            }
+            all.extend(ts.held.keys().cloned());
+            all.iter().for_each(&mut visit);
+        } else if ts.seen_seq != snap.seq {
+            // The fast path: only what changed since the snapshot this client saw.
+            snap.changed[ty as usize].iter().for_each(&mut visit);
         }
         let force = ts.force;
         let full_set = sotw && ty.sotw_full_state();
@@ -593,7 +595,7 @@ impl Conn {
             let replaced: Vec<Arc<str>> = updates
                 .iter()
                 .filter(|r| ts.held.contains_key(r.name()))
-                .map(|r| Arc::from(r.name()))
+                .map(|r| r.name_arc().clone())
                 .collect();
             if let Some(eds) = self.types[XdsType::Endpoint as usize].as_mut() {
                 for name in replaced {
@@ -646,7 +648,7 @@ impl Conn {
                 .into_iter()
                 .filter_map(|n| {
                     let r = snap.get(ty, &n)?;
-                    let rejected = ts.rejected.get(&n).is_some_and(|v| **v == *r.version());
+                    let rejected = ts.rejected.get(&n) == Some(&r.version_hash());
                     if rejected {
                         ts.held.get(&n).and_then(|h| h.resource.clone())
                     } else {
