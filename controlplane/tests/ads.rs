@@ -759,3 +759,30 @@ async fn reconnect_storm_is_admitted_through_a_limit() {
     assert_eq!(delta_names(&r2), all_clusters(&["a"]));
     assert_eq!(hub.hub.metrics.xds_admission_waiting.get(), 0);
 }
+
+/// A diff larger than one response goes out in several, each after the previous ACK,
+/// and together they carry everything exactly once.
+#[tokio::test]
+async fn large_diffs_are_sent_in_bounded_responses() {
+    let names: Vec<String> = (0..600).map(|i| format!("svc{i}")).collect();
+    let svcs: Vec<String> = names.iter().map(|n| service(n, "prod", 8080)).collect();
+    let hub = TestHub::start(&[("s.yaml", docs(&svcs))]).await;
+    let mut d = Delta::open(&hub).await;
+    d.subscribe(Some(node("big", "prod")), CDS, &[]).await;
+    let mut got: Vec<String> = Vec::new();
+    let mut responses = 0;
+    while got.len() < 2 * names.len() + 1 {
+        let r = d.recv().await;
+        let size: usize = r.resources.iter().map(|x| x.encoded_len()).sum();
+        assert!(size <= 160 * 1024, "response of {size} bytes");
+        got.extend(delta_names(&r));
+        responses += 1;
+        d.ack(&r).await;
+    }
+    assert!(responses > 1, "expected the diff to be split");
+    let total = got.len();
+    got.sort();
+    got.dedup();
+    assert_eq!(got.len(), total, "a resource was sent twice");
+    assert_eq!(got.len(), 2 * names.len() + 1);
+}

@@ -199,8 +199,12 @@ func decodeResourcesBody(r io.Reader) (typ string, upserts []rawUpsert, deletes 
 				return
 			}
 		case "upsert":
-			if err = expectDelim(dec, '{', `"upsert"`); err != nil {
-				return
+			var isNull bool
+			if isNull, err = expectDelimOrNull(dec, '{', `"upsert"`); err != nil || isNull {
+				if err != nil {
+					return
+				}
+				continue
 			}
 			names := map[string]bool{}
 			for dec.More() {
@@ -235,8 +239,12 @@ func decodeResourcesBody(r io.Reader) (typ string, upserts []rawUpsert, deletes 
 				return
 			}
 		case "delete":
-			if err = expectDelim(dec, '[', `"delete"`); err != nil {
-				return
+			var isNull bool
+			if isNull, err = expectDelimOrNull(dec, '[', `"delete"`); err != nil || isNull {
+				if err != nil {
+					return
+				}
+				continue
 			}
 			for dec.More() {
 				var name string
@@ -275,6 +283,21 @@ func tokenErr(err error, what string) error {
 		return &httpError{code: http.StatusRequestEntityTooLarge, msg: err.Error()}
 	}
 	return badRequest("invalid JSON reading %s: %v", what, err)
+}
+
+// expectDelimOrNull accepts the opening delimiter d or a JSON null.
+func expectDelimOrNull(dec *json.Decoder, d json.Delim, what string) (isNull bool, err error) {
+	tok, err := dec.Token()
+	if err != nil {
+		return false, tokenErr(err, what)
+	}
+	if tok == nil {
+		return true, nil
+	}
+	if got, ok := tok.(json.Delim); !ok || got != d {
+		return false, badRequest("invalid JSON: expected %q or null at %s, got %v", string(d), what, tok)
+	}
+	return false, nil
 }
 
 func expectDelim(dec *json.Decoder, d json.Delim, what string) error {
@@ -363,10 +386,12 @@ func (s *stats) applyResources(body io.Reader) (string, error) {
 func (s *stats) handleStats(w http.ResponseWriter, _ *http.Request) {
 	resources := map[string]int{}
 	versions := map[string]string{}
-	watches := map[string]int{}
+	wildcard := map[string]int{}
 	for _, t := range served {
 		resources[t.short] = t.cache.NumResources()
-		watches[t.short] = t.cache.NumCacheWatches()
+		// NumCacheWatches is not used: in v0.14.0 it is decremented twice for a
+		// triggered watch and goes negative. The wildcard map size is exact.
+		wildcard[t.short] = t.cache.NumWildcardWatches()
 		t.mu.Lock()
 		versions[t.short] = t.versionString()
 		t.mu.Unlock()
@@ -376,7 +401,7 @@ func (s *stats) handleStats(w http.ResponseWriter, _ *http.Request) {
 	writeJSON(w, http.StatusOK, map[string]any{
 		"resources":              resources,
 		"versions":               versions,
-		"cache_watches":          watches,
+		"wildcard_watches":       wildcard,
 		"streams_open":           s.sotwOpen.Load() + s.deltaOpen.Load(),
 		"sotw_streams_open":      s.sotwOpen.Load(),
 		"delta_streams_open":     s.deltaOpen.Load(),

@@ -79,6 +79,9 @@ struct Args {
     /// Hub debounce quiet period.
     #[arg(long, default_value = "100ms")]
     debounce: String,
+    /// Extra hub flag (repeatable), e.g. --hub-arg=--max-initial-syncs=64.
+    #[arg(long = "hub-arg", allow_hyphen_values = true)]
+    hub_args: Vec<String>,
     /// Fraction of sidecars using SotW (the rest and all gateways use Delta).
     #[arg(long, default_value_t = 0.5)]
     sotw_fraction: f64,
@@ -195,17 +198,28 @@ enum Target {
 impl Target {
     /// Pushes the scenario's current state of `services` (and, for the peer, the
     /// shared resources when `shared`).
+    /// The agents' next states (ours), computed before the clock starts.
+    fn prepare(&self, sc: &Scenario, clusters: &[usize]) -> Vec<(usize, Arc<ClusterState>)> {
+        match self {
+            Target::Ours { .. } => clusters
+                .iter()
+                .map(|&c| (c, Arc::new(sc.cluster_state(c))))
+                .collect(),
+            Target::Peer { .. } => Vec::new(),
+        }
+    }
+
     async fn push(
         &self,
         sc: &Scenario,
-        clusters: &[usize],
+        prepared: Vec<(usize, Arc<ClusterState>)>,
         services: &[usize],
         new_services: bool,
     ) -> anyhow::Result<()> {
         match self {
             Target::Ours { agents, .. } => {
-                for &c in clusters {
-                    agents[c].send_replace(Arc::new(sc.cluster_state(c)));
+                for (c, state) in prepared {
+                    agents[c].send_replace(state);
                 }
                 Ok(())
             }
@@ -386,8 +400,11 @@ async fn run(
         clusters.sort();
         clusters.dedup();
         let services: Vec<usize> = changes.iter().map(|(i, _)| *i).collect();
+        // The harness's own work (the clusters' next state) happens before the clock
+        // starts; the injection itself is inside the measurement.
+        let prepared = target.prepare(&sc, &clusters);
         begin(&shared, expected, None, total, phase);
-        target.push(&sc, &clusters, &services, false).await?;
+        target.push(&sc, prepared, &services, false).await?;
         lost += wait_phase(
             &shared,
             &format!("round {}/{}", round + 1, sc.size.rounds),
@@ -420,8 +437,9 @@ async fn run(
             .collect();
         clusters.sort();
         clusters.dedup();
+        let prepared = target.prepare(&sc, &clusters);
         begin(&shared, HashMap::new(), Some(g), sc.size.gateways, phase);
-        target.push(&sc, &clusters, &new, true).await?;
+        target.push(&sc, prepared, &new, true).await?;
         lost += wait_phase(&shared, "gateway config change", sc.size.gateways, timeout).await;
         config_change = std::mem::take(&mut *shared.samples.lock().unwrap());
     }
@@ -514,6 +532,7 @@ async fn ours(args: &Args, sc: &Scenario, dir: &std::path::Path) -> anyhow::Resu
     ]
     .iter()
     .map(|s| s.to_string())
+    .chain(args.hub_args.iter().cloned())
     .collect();
     let proc = Proc::start("hub", &argv, dir)?;
     let (xds, admin) = (proc.addr("xds")?, proc.addr("admin")?);

@@ -415,6 +415,44 @@ struct TypeState {
     dirty_full: bool,
     /// Send a response even if it carries nothing (answers a subscription).
     force: bool,
+    /// The rest of a diff too large for one response, valid for `backlog_seq`.
+    backlog: Vec<EncodedResource>,
+    backlog_seq: u64,
+}
+
+/// Largest response body a stream builds at once (bigger diffs go out in several
+/// responses, each after the previous one's ACK). Bounds the encoder buffer every
+/// stream keeps, which is what a fleet's memory is made of.
+const MAX_RESPONSE_BYTES: usize = 128 * 1024;
+
+/// When the oldest change among `sent` and `removed` was observed at its source.
+fn origin_of(
+    snap: &Snapshot,
+    ty: XdsType,
+    sent: &[EncodedResource],
+    removed: &[Arc<str>],
+) -> Option<SystemTime> {
+    let origins = &snap.resources.origins[ty as usize];
+    sent.iter()
+        .filter_map(|r| origins.get(r.name()).copied())
+        .chain(snap.origin.filter(|_| !removed.is_empty()))
+        .min()
+}
+
+/// Splits off the first response's worth of `updates`, leaving the rest.
+fn take_chunk(updates: &mut Vec<EncodedResource>) -> Vec<EncodedResource> {
+    let mut size = 0;
+    let n = updates
+        .iter()
+        .take_while(|r| {
+            size += r.size();
+            size <= MAX_RESPONSE_BYTES
+        })
+        .count()
+        .max(1)
+        .min(updates.len());
+    let rest = updates.split_off(n);
+    std::mem::replace(updates, rest)
 }
 
 struct Conn {
@@ -539,16 +577,30 @@ impl Conn {
 
     /// Builds the next response for `ty` if the client needs one.
     fn build(&mut self, ty: XdsType, snap: &Snapshot, sotw: bool) -> Option<Outgoing> {
-        let ts = self.types[ty as usize].as_ref()?;
+        let ts = self.types[ty as usize].as_mut()?;
         if ts.pending.is_some() {
+            return None;
+        }
+        if !ts.backlog.is_empty() {
+            if ts.backlog_seq == snap.seq && !ts.dirty_full {
+                // Continue a large diff: the snapshot has not moved since it was made.
+                let chunk = take_chunk(&mut ts.backlog);
+                let origin = origin_of(snap, ty, &chunk, &[]);
+                return Some(self.respond(ty, snap, chunk, Vec::new(), false, origin));
+            }
+            // The snapshot moved on: what is left may be stale; reconcile afresh.
+            ts.backlog.clear();
+            ts.dirty_full = true;
+        }
+        let ts = self.types[ty as usize].as_ref()?;
+        // Nothing new since this type was last reconciled: nothing to do. (Every ACK
+        // wakes the stream; this keeps an ACK from costing a scan.)
+        if ts.seen_seq == snap.seq && !ts.dirty_full && !ts.force {
             return None;
         }
         let full_scan = ts.dirty_full
             || ts.seen_seq + 1 != snap.seq
             || (matches!(ty, XdsType::Listener | XdsType::Cluster) && snap.roles_changed);
-        if !full_scan && ts.seen_seq == snap.seq && !ts.force {
-            return None;
-        }
         let mut updates = Vec::new();
         let mut removed = Vec::new();
         let mut newly_absent = Vec::new();
@@ -582,8 +634,21 @@ impl Conn {
             all.extend(ts.held.keys().cloned());
             all.iter().for_each(&mut visit);
         } else if ts.seen_seq != snap.seq {
-            // The fast path: only what changed since the snapshot this client saw.
-            snap.changed[ty as usize].iter().for_each(&mut visit);
+            // The fast path: only what changed since the snapshot this client saw,
+            // walking whichever is smaller — the change set or this client's names.
+            let changed = &snap.changed[ty as usize];
+            if ts.wildcard || changed.len() <= ts.names.len() + ts.held.len() {
+                changed.iter().for_each(&mut visit);
+            } else {
+                ts.names
+                    .iter()
+                    .filter(|n| changed.contains(*n))
+                    .for_each(&mut visit);
+                ts.held
+                    .keys()
+                    .filter(|n| changed.contains(*n) && !ts.names.contains(*n))
+                    .for_each(&mut visit);
+            }
         }
         let force = ts.force;
         let full_set = sotw && ty.sotw_full_state();
@@ -626,12 +691,8 @@ impl Conn {
         if !send {
             return None;
         }
-        let origins = &snap.resources.origins[ty as usize];
-        let origin = updates
-            .iter()
-            .filter_map(|r| origins.get(r.name()).copied())
-            .chain(snap.origin.filter(|_| !removed.is_empty()))
-            .min();
+        // Convergence counts from the oldest change this client is sent.
+        let origin = origin_of(snap, ty, &updates, &removed);
         let resources = if full_set {
             // The complete set, keeping the last good version of anything NACKed.
             let mut names: BTreeSet<Arc<str>> = ts
@@ -657,26 +718,48 @@ impl Conn {
                 })
                 .collect()
         } else {
-            updates
+            let mut updates = updates;
+            let first = take_chunk(&mut updates);
+            if !updates.is_empty() {
+                let ts = self.types[ty as usize].as_mut()?;
+                ts.backlog = updates;
+                ts.backlog_seq = snap.seq;
+            }
+            first
         };
+        let removed = if full_set { Vec::new() } else { removed };
+        Some(self.respond(ty, snap, resources, removed, full_set, origin))
+    }
+
+    /// Records `resources` and `removed` as the pending response of `ty`.
+    fn respond(
+        &mut self,
+        ty: XdsType,
+        snap: &Snapshot,
+        resources: Vec<EncodedResource>,
+        removed: Vec<Arc<str>>,
+        full_set: bool,
+        origin: Option<SystemTime>,
+    ) -> Outgoing {
         self.nonce += 1;
         let out = Outgoing {
             version: snap.seq.to_string(),
             nonce: self.nonce.to_string(),
             resources,
-            removed: if full_set { Vec::new() } else { removed },
+            removed,
         };
-        let ts = self.types[ty as usize].as_mut()?;
-        ts.pending = Some(Pending {
-            nonce: out.nonce.clone(),
-            version: out.version.clone(),
-            sent: out.resources.clone(),
-            removed: out.removed.clone(),
-            full_set,
-            origin,
-            sent_at: SystemTime::now(),
-        });
-        Some(out)
+        if let Some(ts) = self.types[ty as usize].as_mut() {
+            ts.pending = Some(Pending {
+                nonce: out.nonce.clone(),
+                version: out.version.clone(),
+                sent: out.resources.clone(),
+                removed: out.removed.clone(),
+                full_set,
+                origin,
+                sent_at: SystemTime::now(),
+            });
+        }
+        out
     }
 
     /// LDS and RDS wait while CDS or EDS is in flight: a listener or route must not

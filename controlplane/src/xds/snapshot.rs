@@ -6,7 +6,7 @@
 //! `watch::Receiver`: it coalesces, so a slow connection sees only the newest
 //! snapshot, and fan-out carries a dirty signal, never a copy of the data.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -18,7 +18,7 @@ use super::XdsType;
 use super::generate::{EnvResources, ResourceMap, RoleListeners};
 
 /// Names changed (added, updated or removed) between two snapshots, per type.
-pub type Changes = [BTreeSet<Arc<str>>; XdsType::COUNT];
+pub type Changes = [HashSet<Arc<str>>; XdsType::COUNT];
 
 #[derive(Debug, Default)]
 pub struct Snapshot {
@@ -128,7 +128,7 @@ impl Shards {
         let tx = self.sender(environment);
         let current = tx.borrow().clone();
         let roles_changed = current.resources.roles != resources.roles;
-        if !roles_changed && changed.iter().all(BTreeSet::is_empty) {
+        if !roles_changed && changed.iter().all(HashSet::is_empty) {
             return None;
         }
         let seq = current.seq + 1;
