@@ -70,6 +70,16 @@ struct Args {
     /// The hub binary (default: `tributary` next to this binary).
     #[arg(long)]
     hub_bin: Option<PathBuf>,
+    /// Use a hub that is already running: its xDS/federation address (no hub is
+    /// started; pass --hub-admin too, and --hub-pid to measure its CPU and memory).
+    /// Its config needs the scenario's gateway (see `scenario::hub_config_yaml`).
+    #[arg(long, requires = "hub_admin")]
+    hub_addr: Option<String>,
+    /// The running hub's admin address.
+    #[arg(long)]
+    hub_admin: Option<String>,
+    #[arg(long)]
+    hub_pid: Option<u32>,
     /// The peer binary (default: loadtest/peer/bin/gcp-peer).
     #[arg(long)]
     peer_bin: Option<PathBuf>,
@@ -534,7 +544,14 @@ async fn ours(args: &Args, sc: &Scenario, dir: &std::path::Path) -> anyhow::Resu
     .map(|s| s.to_string())
     .chain(args.hub_args.iter().cloned())
     .collect();
-    let proc = Proc::start("hub", &argv, dir)?;
+    let proc = match (&args.hub_addr, &args.hub_admin) {
+        (Some(x), Some(a)) => Proc::attach(
+            "hub",
+            serde_json::json!({ "xds": x, "admin": a }),
+            args.hub_pid,
+        ),
+        _ => Proc::start("hub", &argv, dir)?,
+    };
     let (xds, admin) = (proc.addr("xds")?, proc.addr("admin")?);
 
     // The estate arrives through the federation protocol, one agent per cluster.

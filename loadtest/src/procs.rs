@@ -9,7 +9,9 @@ use anyhow::{Context, bail};
 
 pub struct Proc {
     pub name: &'static str,
-    pub child: Child,
+    /// `None` when attached to a process someone else started (`--hub-addr`).
+    pub child: Option<Child>,
+    pub pid: Option<u32>,
     pub ready: serde_json::Value,
     pub log: PathBuf,
     ticks_per_second: f64,
@@ -50,11 +52,25 @@ impl Proc {
         };
         Ok(Proc {
             name,
-            child,
+            pid: Some(child.id()),
+            child: Some(child),
             ready,
             log,
             ticks_per_second: clock_ticks(),
         })
+    }
+
+    /// A control plane started elsewhere: `ready` holds its addresses; CPU and memory
+    /// are read only if its `pid` is given (and on this machine).
+    pub fn attach(name: &'static str, ready: serde_json::Value, pid: Option<u32>) -> Proc {
+        Proc {
+            name,
+            child: None,
+            pid,
+            ready,
+            log: PathBuf::from("(external)"),
+            ticks_per_second: clock_ticks(),
+        }
     }
 
     pub fn addr(&self, key: &str) -> anyhow::Result<String> {
@@ -66,7 +82,8 @@ impl Proc {
 
     /// User + system CPU seconds so far.
     pub fn cpu_seconds(&self) -> f64 {
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())) else {
+        let Some(pid) = self.pid else { return 0.0 };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
             return 0.0;
         };
         // Fields after the command name, which is in parentheses and may hold spaces.
@@ -79,21 +96,24 @@ impl Proc {
 
     /// Peak resident memory (VmHWM) in bytes.
     pub fn peak_rss_bytes(&self) -> u64 {
-        status_kb(self.child.id(), "VmHWM:") * 1024
+        self.pid.map_or(0, |pid| status_kb(pid, "VmHWM:") * 1024)
     }
 
     pub fn stop(mut self) {
-        let pid = self.child.id().to_string();
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let pid = child.id().to_string();
         let _ = Command::new("kill").arg("-TERM").arg(&pid).status();
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
+            if let Ok(Some(_)) = child.try_wait() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
