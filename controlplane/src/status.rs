@@ -119,14 +119,6 @@ impl SyncRegistry {
             .collect()
     }
 
-    /// Clients with at least one stale type.
-    pub fn stale_count(&self, threshold: std::time::Duration) -> usize {
-        self.snapshot_marking_stale(threshold)
-            .iter()
-            .filter(|c| c.types.values().any(|t| t.stale))
-            .count()
-    }
-
     pub fn len(&self) -> usize {
         self.clients.lock().unwrap().len()
     }
