@@ -118,12 +118,4 @@ impl SyncRegistry {
             })
             .collect()
     }
-
-    pub fn len(&self) -> usize {
-        self.clients.lock().unwrap().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }

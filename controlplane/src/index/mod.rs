@@ -567,7 +567,6 @@ impl Index {
     }
 
     fn publish_status(&self) {
-        let now = SystemTime::now();
         let list = self
             .sources
             .clusters
@@ -611,7 +610,6 @@ impl Index {
         self.metrics
             .federation_clusters_grace
             .set((self.sources.clusters.len() - connected) as i64);
-        let _ = now;
         self.status.send_replace(Arc::new(list));
     }
 }

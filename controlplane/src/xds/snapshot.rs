@@ -49,22 +49,6 @@ impl Snapshot {
     }
 }
 
-/// Diff of two resource sets: names added, updated or removed, per type.
-pub fn diff(old: &EnvResources, new: &EnvResources) -> Changes {
-    let mut changes: Changes = Default::default();
-    for ty in XdsType::ALL {
-        let (a, b) = (&old.by_type[ty as usize], &new.by_type[ty as usize]);
-        let set = &mut changes[ty as usize];
-        for (name, r) in b {
-            if a.get(name).is_none_or(|o| o.version() != r.version()) {
-                set.insert(name.clone());
-            }
-        }
-        set.extend(a.keys().filter(|n| !b.contains_key(*n)).cloned());
-    }
-    changes
-}
-
 /// The per-environment snapshot channels.
 #[derive(Debug, Default)]
 pub struct Shards {
@@ -107,13 +91,6 @@ impl Shards {
 
     pub fn current(&self, environment: &str) -> Arc<Snapshot> {
         self.sender(environment).borrow().clone()
-    }
-
-    /// Publishes `resources` as `environment`'s new snapshot, diffing it against the
-    /// current one. Returns the new sequence number, or `None` when nothing changed.
-    pub fn publish(&self, environment: &str, resources: EnvResources) -> Option<u64> {
-        let changed = diff(&self.current(environment).resources, &resources);
-        self.publish_changes(environment, resources, changed, None)
     }
 
     /// Publishes `resources` whose difference from the current snapshot the caller
