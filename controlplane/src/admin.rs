@@ -135,6 +135,16 @@ async fn config_dump(
             }
         },
     };
+    if !s.shards.contains(env) {
+        return (
+            StatusCode::NOT_FOUND,
+            format!(
+                "environment {env:?} is not served by this hub, expected one of {:?}\n",
+                s.shards.environments()
+            ),
+        )
+            .into_response();
+    }
     let snap = s.shards.current(env);
     let mut out = serde_json::Map::new();
     for ty in types {

@@ -142,7 +142,7 @@ async fn wait_snapshot(
     what: &str,
     f: impl FnMut(&Arc<Snapshot>) -> bool,
 ) -> Arc<Snapshot> {
-    let mut rx = hub.shards.subscribe(env);
+    let mut rx = hub.shards.subscribe_or_create(env);
     tokio::time::timeout(Duration::from_secs(30), rx.wait_for(f))
         .await
         .unwrap_or_else(|_| panic!("timed out waiting for: {what}"))

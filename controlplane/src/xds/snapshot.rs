@@ -49,12 +49,34 @@ impl Snapshot {
     }
 }
 
-/// The per-environment snapshot channels.
-#[derive(Debug, Default)]
+/// The per-environment snapshot channels, and the hub-wide withdrawal hold.
+///
+/// Environments come into being only when the index publishes config for them: a
+/// client (or an admin query) naming an environment the hub does not serve gets
+/// nothing and allocates nothing here.
+#[derive(Debug)]
 pub struct Shards {
     // Held only to look up or create an environment's channel (at connect and publish),
     // never across an await and never on a per-response path.
     inner: Mutex<HashMap<Arc<str>, watch::Sender<Arc<Snapshot>>>>,
+    /// Bumped whenever an environment is created: streams waiting for theirs wake.
+    created: watch::Sender<u64>,
+    /// True while the hub may not yet hold everything its remote clusters provide
+    /// (after a restart, until each known cluster has resynced or its grace period
+    /// has run out): streams withhold removals meanwhile.
+    withdrawals_held: watch::Sender<bool>,
+    empty: Arc<Snapshot>,
+}
+
+impl Default for Shards {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::default(),
+            created: watch::channel(0).0,
+            withdrawals_held: watch::channel(false).0,
+            empty: Arc::new(Snapshot::default()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -68,6 +90,8 @@ pub struct ShardSummary {
 }
 
 impl Shards {
+    /// The channel of `environment`, created (empty) if the hub has none yet. Only
+    /// the index creates environments, and tests; never client input.
     fn sender(&self, environment: &str) -> watch::Sender<Arc<Snapshot>> {
         let mut map = self.inner.lock().unwrap();
         if let Some(tx) = map.get(environment) {
@@ -80,17 +104,55 @@ impl Shards {
         };
         let (tx, _) = watch::channel(Arc::new(empty));
         map.insert(env, tx.clone());
+        drop(map);
+        self.created.send_modify(|n| *n += 1);
         tx
     }
 
-    /// A receiver for `environment`'s snapshots; an environment with no config yet
-    /// starts empty and fills when config for it arrives.
-    pub fn subscribe(&self, environment: &str) -> watch::Receiver<Arc<Snapshot>> {
+    fn existing(&self, environment: &str) -> Option<watch::Sender<Arc<Snapshot>>> {
+        self.inner.lock().unwrap().get(environment).cloned()
+    }
+
+    /// A receiver for `environment`'s snapshots, or `None` when the hub serves no
+    /// such environment (nothing is allocated for it).
+    pub fn subscribe(&self, environment: &str) -> Option<watch::Receiver<Arc<Snapshot>>> {
+        self.existing(environment).map(|tx| tx.subscribe())
+    }
+
+    /// Like [`Self::subscribe`], creating the environment (empty) if needed: for the
+    /// index and for tests that wait for an environment to fill.
+    pub fn subscribe_or_create(&self, environment: &str) -> watch::Receiver<Arc<Snapshot>> {
         self.sender(environment).subscribe()
     }
 
+    /// Changes whenever an environment is created.
+    pub fn watch_created(&self) -> watch::Receiver<u64> {
+        self.created.subscribe()
+    }
+
+    /// The current snapshot of `environment`; an empty one (seq 0) when the hub
+    /// serves no such environment.
     pub fn current(&self, environment: &str) -> Arc<Snapshot> {
-        self.sender(environment).borrow().clone()
+        self.existing(environment)
+            .map(|tx| tx.borrow().clone())
+            .unwrap_or_else(|| self.empty.clone())
+    }
+
+    pub fn contains(&self, environment: &str) -> bool {
+        self.inner.lock().unwrap().contains_key(environment)
+    }
+
+    /// Holds (or releases) every stream's removals; see [`Shards`].
+    pub fn hold_withdrawals(&self, held: bool) {
+        self.withdrawals_held.send_if_modified(|h| {
+            let changed = *h != held;
+            *h = held;
+            changed
+        });
+    }
+
+    pub fn withdrawals_held(&self) -> watch::Receiver<bool> {
+        self.withdrawals_held.subscribe()
     }
 
     /// Publishes `resources` whose difference from the current snapshot the caller
