@@ -25,8 +25,12 @@ use crate::index::debounce::DebounceConfig;
 use crate::index::{Command, Index, IndexConfig, IndexHandle};
 use crate::metrics::Metrics;
 use crate::status::SyncRegistry;
-use crate::xds::server::AdsServer;
+use crate::xds::server::{AdsServer, StreamLimits};
 use crate::xds::snapshot::Shards;
+
+/// Default of `--max-request-bytes`: an Envoy subscribed by name to every cluster
+/// of a very large environment sends requests of a few MiB.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 16 << 20;
 
 /// Everything a hub needs to start. Built by `main` from flags, or directly by tests.
 #[derive(Debug, Clone)]
@@ -49,6 +53,10 @@ pub struct HubConfig {
     pub stale_after: Duration,
     /// Most streams doing their initial sync at once; the rest wait (reconnect storms).
     pub max_initial_syncs: usize,
+    /// Bounds on what one xDS stream may make the hub hold.
+    pub stream_limits: StreamLimits,
+    /// Largest xDS request the hub decodes; a larger one ends its stream.
+    pub max_request_bytes: usize,
 }
 
 impl HubConfig {
@@ -65,6 +73,8 @@ impl HubConfig {
             sync_wait: Duration::ZERO,
             stale_after: Duration::from_secs(10),
             max_initial_syncs: 256,
+            stream_limits: StreamLimits::default(),
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
         }
     }
 }
@@ -190,12 +200,13 @@ impl Hub {
             sync.clone(),
             metrics.clone(),
             cfg.default_env.clone(),
+            cfg.stream_limits,
             synced,
             shutdown_rx.clone(),
             cfg.max_initial_syncs,
         );
         let ads = AggregatedDiscoveryServiceServer::new(ads)
-            .max_decoding_message_size(16 << 20)
+            .max_decoding_message_size(cfg.max_request_bytes)
             .max_encoding_message_size(usize::MAX);
         let federation = tributary_proto::federation::v1::federation_server::FederationServer::new(
             FederationService::new(

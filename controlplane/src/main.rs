@@ -13,6 +13,7 @@ use tributary_controlplane::agent::{self, AgentConfig, ClusterState};
 use tributary_controlplane::app::{Hub, HubConfig};
 use tributary_controlplane::config::{self, parse_duration};
 use tributary_controlplane::index::debounce::DebounceConfig;
+use tributary_controlplane::xds::server::StreamLimits;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -108,6 +109,16 @@ struct HubArgs {
     /// Streams doing their initial sync at once; more wait their turn (reconnect storms).
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     max_initial_syncs: u32,
+    /// Most resource names one xDS stream may subscribe to per type; a client asking
+    /// for more gets RESOURCE_EXHAUSTED (wildcards are not counted).
+    #[arg(long, default_value_t = StreamLimits::default().max_names_per_type)]
+    max_names_per_type: usize,
+    /// Most resource names a NACK record in /status/sync keeps.
+    #[arg(long, default_value_t = StreamLimits::default().nack_record_names)]
+    nack_record_names: usize,
+    /// Largest xDS request (bytes) the hub decodes; a larger one ends its stream.
+    #[arg(long, default_value_t = tributary_controlplane::app::DEFAULT_MAX_REQUEST_BYTES)]
+    max_request_bytes: usize,
 }
 
 #[derive(Debug, clap::Args)]
@@ -216,6 +227,11 @@ async fn hub(args: HubArgs) -> anyhow::Result<()> {
         sync_wait: args.sync_wait,
         stale_after: args.stale_after,
         max_initial_syncs: args.max_initial_syncs as usize,
+        stream_limits: StreamLimits {
+            max_names_per_type: args.max_names_per_type,
+            nack_record_names: args.nack_record_names,
+        },
+        max_request_bytes: args.max_request_bytes,
     };
     if cfg.debounce.cap < cfg.debounce.quiet {
         anyhow::bail!(

@@ -22,6 +22,8 @@ pub struct ClientStatus {
     pub node_id: String,
     pub cluster: String,
     pub environment: String,
+    /// False while the hub serves no such environment: the client gets nothing.
+    pub environment_served: bool,
     /// `sidecar` or `gateway/<name>`.
     pub role: String,
     /// `sotw` or `delta`.
@@ -38,6 +40,9 @@ pub struct TypeStatus {
     pub wildcard: bool,
     /// Names subscribed explicitly.
     pub subscribed: usize,
+    /// Removals held back: make-before-break (a cluster leaves once the routes that
+    /// named it are answered) or the hub's withdrawal hold after a restart.
+    pub deferred_removals: usize,
     /// Resources the client holds, as of its last ACK.
     pub resources: usize,
     pub last_sent_version: String,
@@ -64,7 +69,11 @@ pub struct NackRecord {
     pub client_version: String,
     /// The client's `error_detail.message`.
     pub message: String,
+    /// The resources the client rejected (those its message names; every resource
+    /// of the response when it names none), at most `--nack-record-names` of them.
     pub resources: Vec<String>,
+    /// How many resources it rejected in all.
+    pub resources_total: usize,
     pub at_unix: f64,
 }
 

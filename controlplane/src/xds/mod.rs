@@ -3,12 +3,15 @@
 //! - [`generate`]: one environment's model → encoded resources (once per shard).
 //! - [`snapshot`]: immutable per-environment snapshots and the shard registry that
 //!   publishes them (single writer, many readers, a dirty signal for fan-out).
-//! - [`server`]: SotW and Delta ADS streams; each diffs the newest snapshot against
-//!   what its client holds.
+//! - [`stream`]: one stream's state machine: subscriptions, what the client holds,
+//!   NACKs, make-before-break ordering; pure logic, fuzzed against a client model.
+//! - [`server`]: SotW and Delta ADS streams (the tonic side), each driving a
+//!   [`stream::StreamState`] with requests and the newest snapshot.
 
 pub mod generate;
 pub mod server;
 pub mod snapshot;
+pub mod stream;
 
 use tributary_proto::type_url;
 
