@@ -119,6 +119,9 @@ struct HubArgs {
     /// Largest xDS request (bytes) the hub decodes; a larger one ends its stream.
     #[arg(long, default_value_t = tributary_controlplane::app::DEFAULT_MAX_REQUEST_BYTES)]
     max_request_bytes: usize,
+    /// Conformance tests only: ports named test-invalid* yield clusters Envoy rejects.
+    #[arg(long, hide = true)]
+    test_hooks: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -212,6 +215,12 @@ fn validate(paths: &[PathBuf]) -> anyhow::Result<()> {
 }
 
 async fn hub(args: HubArgs) -> anyhow::Result<()> {
+    if args.test_hooks {
+        tracing::warn!(
+            "--test-hooks: ports named test-invalid* yield invalid clusters; never use this outside tests"
+        );
+        tributary_controlplane::xds::generate::enable_test_hooks();
+    }
     let cfg = HubConfig {
         config_paths: args.config,
         xds_addr: args.xds_addr,

@@ -232,6 +232,18 @@ async fn sotw_nack_keeps_last_good_and_is_not_resent() {
     })
     .await;
 
+    // What the message does not name may not have been applied: it is sent once
+    // more, without the rejected cluster.
+    let resend = s.recv().await;
+    assert_eq!(resend.type_url, CDS);
+    let got = names(&resend);
+    assert!(
+        !got.contains(&cluster("c")),
+        "the rejected version was re-sent: {got:?}"
+    );
+    assert!(got.contains(&subset_cluster("c")), "{got:?}");
+    s.ack(&resend, &[]).await;
+
     // The next change is endpoint-only: the next message must be that EDS update,
     // not the rejected CDS version again.
     let eps = docs(&[
@@ -246,7 +258,7 @@ async fn sotw_nack_keeps_last_good_and_is_not_resent() {
     let status = hub.sync_status();
     let cds = &status[0]["types"]["CDS"];
     assert_eq!(cds["nacks_total"], 1);
-    assert_eq!(cds["last_acked_version"], good.version_info.as_str());
+    assert_eq!(cds["last_acked_version"], resend.version_info.as_str());
     assert_eq!(cds["last_nack"]["version"], bad.version_info.as_str());
     assert!(
         cds["last_nack"]["message"]

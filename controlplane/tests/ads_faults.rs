@@ -98,6 +98,21 @@ async fn sotw_nack_of_one_cluster_keeps_the_others() {
         envoy_cds_nack(&[&cluster("bad")]),
     ))
     .await;
+    // Whether the client applied the three others is unknown (Envoy rejects a whole
+    // response when a cluster fails validation while decoding): the next full set
+    // carries them, and not the rejected one.
+    let resend = s.recv().await;
+    assert_eq!(
+        names(&resend),
+        sorted(
+            ["old", "c1", "c2", "c3"]
+                .iter()
+                .map(|n| cluster(n))
+                .chain(["PassthroughCluster".to_string()])
+                .collect()
+        )
+    );
+    s.ack(&resend, &[]).await;
 
     let mut present = vec!["old", "c1", "c2", "c3", "bad"];
     for i in 1..=5 {
@@ -204,6 +219,14 @@ async fn delta_nack_of_one_cluster_keeps_the_others() {
         ..Default::default()
     })
     .await;
+    // The three the message does not name are sent once more (the client may have
+    // rejected the response whole); the rejected one is not.
+    let resend = d.recv().await;
+    assert_eq!(
+        delta_names(&resend),
+        sorted(["c1", "c2", "c3"].iter().map(|n| cluster(n)).collect())
+    );
+    d.ack(&resend).await;
 
     let mut present = vec!["old", "c1", "c2", "c3", "bad"];
     for i in 1..=5 {

@@ -87,8 +87,9 @@ def make_hub(tmp_path, hub_bin):
     hubs: list[Hub] = []
 
     def make(family: str = "ipv4", docs: list[dict] | None = None, poll_interval: str = "100ms",
-             xds_port: int = 0) -> Hub:
-        h = Hub(tmp_path / f"h{len(hubs)}", family=family, poll_interval=poll_interval, xds_port=xds_port)
+             xds_port: int = 0, extra_args: list[str] | None = None) -> Hub:
+        h = Hub(tmp_path / f"h{len(hubs)}", family=family, poll_interval=poll_interval, xds_port=xds_port,
+                extra_args=extra_args or ())
         if docs is not None:
             h.write_config(docs)
         hubs.append(h)

@@ -156,16 +156,33 @@ fn subsets(service: &Service) -> impl Iterator<Item = Option<&str>> {
     std::iter::once(None).chain(service.subsets.iter().map(|s| Some(s.name.as_str())))
 }
 
+/// Test hooks (`tributary hub --test-hooks`, for the conformance tests only): a
+/// service port whose name starts with [`TEST_INVALID_PORT_PREFIX`] yields clusters
+/// that Envoy rejects (a zero connect timeout), so that a real NACK of one cluster
+/// can be provoked and watched. Off unless that hidden flag is given.
+static TEST_HOOKS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+pub const TEST_INVALID_PORT_PREFIX: &str = "test-invalid";
+
+pub fn enable_test_hooks() {
+    TEST_HOOKS.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn invalid_for_tests(port: &ServicePort) -> bool {
+    TEST_HOOKS.load(std::sync::atomic::Ordering::Relaxed)
+        && port.name.starts_with(TEST_INVALID_PORT_PREFIX)
+}
+
 /// The resources that depend on `service` alone: its clusters, their load
 /// assignments, and its gRPC API listeners.
 pub fn service_resources(service: &Service, out: &mut Generated) {
     for port in &service.ports {
         for subset in subsets(service) {
             let name = cluster_name(port.port, subset.unwrap_or(""), service.canonical_host());
-            out.push((
-                XdsType::Cluster,
-                encode(XdsType::Cluster, &name, &cluster(&name, port)),
-            ));
+            let mut c = cluster(&name, port);
+            if invalid_for_tests(port) {
+                c.connect_timeout = Some(PbDuration::default());
+            }
+            out.push((XdsType::Cluster, encode(XdsType::Cluster, &name, &c)));
         }
     }
     endpoint_resources(service, out);

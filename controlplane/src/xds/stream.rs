@@ -368,33 +368,51 @@ impl StreamState {
             Some(message) => rejected_by_message(message, &p.sent)
                 .unwrap_or_else(|| p.sent.iter().map(|r| r.name_arc().clone()).collect()),
         };
-        // Resources the client may or may not have applied: after a NACK that names
-        // others, a client with one watch per resource (routes, endpoints) may have
-        // stopped before reaching them. They are sent again; a duplicate is harmless.
-        let uncertain = error.is_some() && !ty.sotw_full_state();
+        // After a NACK, the resources it does not name may or may not have been
+        // applied: Envoy applies the valid listeners and clusters of a response when
+        // adding one fails, but rejects the whole response when one fails validation
+        // while decoding (naming it all the same), and a client with one watch per
+        // route table or load assignment may stop before reaching the others. Those
+        // that changed are sent once more; a client that has them ignores the
+        // duplicate. Those that did not change, it holds either way.
         let previous = if p.full_set {
             std::mem::take(&mut ts.held)
         } else {
             HashMap::new()
         };
+        let mut uncertain = false;
         for r in &p.sent {
             let name = r.name_arc();
+            let prior = if p.full_set {
+                previous.get(name).cloned()
+            } else {
+                ts.held.get(name).cloned()
+            };
             if rejected.contains(name) {
                 ts.rejected.insert(name.clone(), r.version_hash());
                 // The client keeps its last good version (a full set that named the
                 // resource at a rejected version does not remove it).
-                if let Some(h) = previous.get(name) {
-                    ts.held.insert(name.clone(), h.clone());
+                if let Some(h) = prior.filter(|_| p.full_set) {
+                    ts.held.insert(name.clone(), h);
                 }
                 continue;
             }
-            ts.held.insert(
-                name.clone(),
+            let v = r.version_hash();
+            let certain = error.is_none() || prior.as_ref().is_some_and(|h| h.version == Some(v));
+            let held = if certain {
                 Held {
-                    version: (!uncertain).then(|| r.version_hash()),
+                    version: Some(v),
                     resource: p.full_set.then(|| r.clone()),
-                },
-            );
+                }
+            } else {
+                // Until the resend is answered, the last good version we know of.
+                uncertain = true;
+                Held {
+                    version: None,
+                    resource: prior.and_then(|h| h.resource),
+                }
+            };
+            ts.held.insert(name.clone(), held);
         }
         for n in &p.removed {
             ts.held.remove(n);
