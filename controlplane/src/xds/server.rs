@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::Stream;
+use futures_util::{FutureExt, Stream};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -48,6 +48,9 @@ const CONTROL_PLANE_ID: &str = "tributary";
 /// Outbound responses buffered per stream. One response per type is in flight at
 /// most, so the stream task never waits on this.
 const OUTBOUND_BUFFER: usize = XdsType::COUNT + 1;
+
+/// Most requests applied together before the stream answers.
+const MAX_BURST: usize = 64;
 
 /// How long a stream keeps its initial-sync slot if its client never ACKs.
 const ADMISSION_TIMEOUT: Duration = Duration::from_secs(10);
@@ -374,7 +377,12 @@ async fn serve<D: Dialect>(
 
     let mut next = Some(first);
     loop {
-        if let Some(req) = next.take() {
+        // Apply this request and any that have already arrived before answering: a
+        // client that (re)connects sends a burst (Envoy: every type, with what it
+        // holds), and answering the first before reading the rest would, e.g.,
+        // remove a cluster that a route the client has not yet told us about names.
+        let mut burst = 0;
+        while let Some(req) = next.take() {
             let url = D::type_url(&req).to_string();
             let Some(ty) = XdsType::from_type_url(&url) else {
                 let supported: Vec<&str> = XdsType::ALL.iter().map(|t| t.type_url()).collect();
@@ -386,6 +394,18 @@ async fn serve<D: Dialect>(
             ctx.metrics.xds_requests.get_or_create(&ty.into()).inc();
             D::apply(req, ty, &mut state)?;
             state.record_subscription(ty);
+            burst += 1;
+            if burst < MAX_BURST {
+                match inbound.message().now_or_never() {
+                    Some(Ok(Some(req))) => next = Some(req),
+                    Some(Ok(None)) => return Ok(()),
+                    Some(Err(status)) => {
+                        debug!(%status, "client stream error");
+                        return Ok(());
+                    }
+                    None => {}
+                }
+            }
         }
         if let Some(rx) = snapshots.as_mut() {
             let snap = rx.borrow_and_update().clone();

@@ -145,8 +145,13 @@ struct TypeState {
     /// Send a response even if it carries nothing (answers a subscription).
     force: bool,
     /// SotW: the client's first request carried a version, so it holds resources
-    /// from an earlier stream that we cannot name.
+    /// from an earlier stream that we cannot name (until a full set is answered).
     unknown_held: bool,
+    /// SotW: a full set of this stream was ACKed, so we know what the client holds.
+    /// (A client whose earlier stream's responses were all NACKed asks with an
+    /// empty version, yet may hold what it applied of them.)
+    set_confirmed: bool,
+
     /// The rest of a diff too large for one response, valid for `backlog_seq`.
     backlog: Vec<EncodedResource>,
     backlog_seq: u64,
@@ -253,8 +258,9 @@ impl StreamState {
             let names: HashSet<Arc<str>> = explicit.map(|n| Arc::from(n.as_str())).collect();
             if !ty.sotw_full_state() {
                 // The client forgets what it unsubscribed; send it again if re-added.
+                // (What it rejected stays rejected: subscribing again does not
+                // make that version valid.)
                 ts.held.retain(|n, _| names.contains(n));
-                ts.rejected.retain(|n, _| names.contains(n));
                 ts.deferred.retain(|n| names.contains(n));
                 if ty == XdsType::Endpoint {
                     self.warming.retain(|n| names.contains(n));
@@ -327,7 +333,6 @@ impl StreamState {
                 ts.names.remove(name.as_str());
                 ts.held.remove(name.as_str());
                 ts.absent_told.remove(name.as_str());
-                ts.rejected.remove(name.as_str());
                 ts.deferred.remove(name.as_str());
                 if ty == XdsType::Endpoint {
                     self.warming.remove(name.as_str());
@@ -383,6 +388,10 @@ impl StreamState {
         let mut uncertain = false;
         for r in &p.sent {
             let name = r.name_arc();
+            if !ty.sotw_full_state() && !ts.wildcard && !ts.names.contains(name) {
+                // Unsubscribed while the response was in flight: the client drops it.
+                continue;
+            }
             let prior = if p.full_set {
                 previous.get(name).cloned()
             } else {
@@ -398,6 +407,9 @@ impl StreamState {
                 continue;
             }
             let v = r.version_hash();
+            // Certain: ACKed, or the client held this version already. (Resending
+            // the uncertain ones cannot loop: each NACK rejects at least one more
+            // version, and a rejected version is not sent again.)
             let certain = error.is_none() || prior.as_ref().is_some_and(|h| h.version == Some(v));
             let held = if certain {
                 Held {
@@ -405,20 +417,53 @@ impl StreamState {
                     resource: p.full_set.then(|| r.clone()),
                 }
             } else {
-                // Until the resend is answered, the last good version we know of.
+                // Sent again until answered; meanwhile a full set that must keep it
+                // (a removal waits) serves the version it may hold.
                 uncertain = true;
                 Held {
                     version: None,
-                    resource: prior.and_then(|h| h.resource),
+                    resource: p.full_set.then(|| r.clone()),
                 }
             };
             ts.held.insert(name.clone(), held);
         }
-        for n in &p.removed {
-            ts.held.remove(n);
+        if error.is_none() {
+            for n in &p.removed {
+                ts.held.remove(n);
+            }
+        } else {
+            // A NACKed response may not have been applied at all: its removals (Delta)
+            // and what its full set left out (SotW) are sent again.
+            for n in &p.removed {
+                if let Some(h) = ts.held.get_mut(n) {
+                    h.version = None;
+                    uncertain = true;
+                }
+            }
+            for (n, h) in previous {
+                if !ts.held.contains_key(&n) && !rejected.contains(&n) {
+                    uncertain = true;
+                    ts.held.insert(
+                        n,
+                        Held {
+                            version: None,
+                            resource: h.resource,
+                        },
+                    );
+                }
+            }
         }
         if p.full_set {
-            ts.unknown_held = false;
+            if error.is_none() {
+                ts.unknown_held = false;
+                ts.set_confirmed = true;
+            } else if !ts.set_confirmed {
+                // What the client holds is not known (it may have rejected the set
+                // whole, and hold what it had before this stream): send the set
+                // again, without what it rejected, to settle it.
+                uncertain = true;
+                ts.force = true;
+            }
         }
         match ty {
             XdsType::Endpoint => {
@@ -491,29 +536,59 @@ impl StreamState {
 
     // ---- building responses -----------------------------------------------------
 
-    /// LDS and RDS wait while CDS is in flight or a cluster they may name is still
-    /// warming (its endpoints sent but not answered): a listener or route must not
-    /// reach a client before the clusters it names.
+    /// LDS and RDS wait while CDS is in flight or not yet sent for this snapshot, or
+    /// a cluster they may name is still warming (its endpoints sent but not
+    /// answered): a listener or route must not reach a client before the clusters
+    /// it names.
     pub fn gated(&mut self, ty: XdsType, snap: &Snapshot) -> bool {
         if !matches!(ty, XdsType::Listener | XdsType::Route) {
             return false;
         }
+        // Clusters go first: in flight, not yet built from this snapshot (e.g. a full
+        // set withheld during the withdrawal hold), or not all sent.
         if self.types[XdsType::Cluster as usize]
             .as_ref()
-            .is_some_and(|s| s.pending.is_some())
+            .is_some_and(|c| {
+                c.pending.is_some()
+                    || !c.backlog.is_empty()
+                    || c.seen_seq != snap.seq
+                    || c.dirty_full
+                    || c.force
+            })
         {
             return true;
         }
         if !self.warming.is_empty() {
-            // A cluster warms only while its endpoints can still arrive: it exists,
-            // the client holds the cluster and asks for its endpoints.
+            // A warming cluster's endpoints go out (again) even if the client holds
+            // them at the current version: Envoy warms a created or re-created cluster
+            // only when they arrive.
+            let endpoints = snap.of_type(XdsType::Endpoint);
+            if let Some(eds) = self.types[XdsType::Endpoint as usize].as_mut()
+                && eds.pending.is_none()
+            {
+                for n in &self.warming {
+                    let current = endpoints.get(n).map(EncodedResource::version_hash);
+                    if current.is_some() && eds.held.get(n).is_some_and(|h| h.version == current) {
+                        eds.held.remove(n);
+                        eds.dirty_full = true;
+                    }
+                }
+            }
+            // A cluster warms only while its endpoints can still arrive: they exist
+            // at a version the client has not rejected, and the client holds the
+            // cluster and asks for its endpoints.
             let eds = self.types[XdsType::Endpoint as usize].as_ref();
             let cds = self.types[XdsType::Cluster as usize].as_ref();
             let endpoints = snap.of_type(XdsType::Endpoint);
             self.warming.retain(|n| {
-                endpoints.contains_key(n)
-                    && cds.is_some_and(|c| c.held.contains_key(n))
-                    && eds.is_some_and(|e| e.wildcard || e.names.contains(n))
+                let Some(cla) = endpoints.get(n) else {
+                    return false;
+                };
+                cds.is_some_and(|c| c.held.contains_key(n))
+                    && eds.is_some_and(|e| {
+                        (e.wildcard || e.names.contains(n))
+                            && e.rejected.get(n) != Some(&cla.version_hash())
+                    })
             });
         }
         !self.warming.is_empty()
@@ -639,6 +714,14 @@ impl StreamState {
             }
             all.extend(ts.held.keys().cloned());
             all.iter().for_each(&mut visit);
+            // Rejections of resources that changed or went away (including ones the
+            // client no longer asks for) are forgotten: this bounds them by what exists.
+            unrejected.extend(
+                ts.rejected
+                    .iter()
+                    .filter(|(n, v)| snap.get(ty, n).is_none_or(|r| r.version_hash() != **v))
+                    .map(|(n, _)| n.clone()),
+            );
         } else {
             if ts.seen_seq != snap.seq {
                 // The fast path: only what changed since the snapshot this client saw,
@@ -743,6 +826,10 @@ impl StreamState {
             .filter_map(|n| {
                 let r = snap.get(ty, n)?;
                 if ts.rejected.get(n) == Some(&r.version_hash()) {
+                    // The last good version, or nothing if we never sent it one. (A
+                    // client that kept one from an earlier stream loses it here: we
+                    // cannot name it, and sending the rejected version again would
+                    // have a client that rejects whole responses reject every one.)
                     kept(n)
                 } else {
                     Some(r.clone())
