@@ -270,7 +270,7 @@ mod host_tests {
             assert!(normalize_host(bad).is_err(), "{bad:?} accepted");
         }
         assert!(normalize_host(&"a".repeat(64)).is_err(), "label over 63");
-        let long = ["a".repeat(63); 4].join(".");
+        let long = vec!["a".repeat(63); 4].join(".");
         assert!(normalize_host(&long).is_err(), "host over 253");
     }
 }

@@ -163,9 +163,9 @@ struct ClusterState {
     grace_until: Option<Instant>,
     grace_until_wall: Option<SystemTime>,
     last_version: u64,
-    /// The version an agent of `info.incarnation` may resume from: the last batch
-    /// that completed a state. `None` while a split diff or resync is incomplete.
-    resumable: Option<u64>,
+    /// The incarnation and version an agent may resume from: the last batch that
+    /// completed a state. `None` while a split diff or resync is incomplete.
+    resumable: Option<(String, u64)>,
     /// The full resync in progress: the keys it has named so far.
     resync: Option<Resync>,
     last_origin: Option<SystemTime>,
@@ -489,9 +489,11 @@ impl Index {
         // the hub holds may resume; any other agent resyncs in full.
         let resume = had_state
             && last_acked != 0
-            && state.resumable == Some(last_acked)
             && !info.incarnation.is_empty()
-            && info.incarnation == state.info.incarnation;
+            && state
+                .resumable
+                .as_ref()
+                .is_some_and(|(inc, v)| *inc == info.incarnation && *v == last_acked);
         state.session = Some(session);
         state.sessions += 1;
         state.grace_until = None;
@@ -555,7 +557,7 @@ impl Index {
         }
         state.last_version = version;
         // Only a complete state can be resumed from.
-        state.resumable = (!more).then_some(version);
+        state.resumable = (!more).then(|| (state.info.incarnation.clone(), version));
         state.changes_applied += n;
         let wall = SystemTime::now();
         state.last_applied = Some(wall);
@@ -1008,6 +1010,7 @@ fn flush_env(sources: &Sources, env: &str, st: &mut EnvState, d: EnvDirty) -> Ch
     // A service whose claim moves a host's ownership puts the services that gained or
     // lost it back on the list: they are re-merged in this same flush.
     let mut work = d.keys;
+    let mut settled: BTreeMap<ObjectKey, Option<Service>> = BTreeMap::new();
     while let Some(key) = work.pop_first() {
         let mut new = merged(sources, env, &key);
         let in_file = sources
@@ -1033,32 +1036,39 @@ fn flush_env(sources: &Sources, env: &str, st: &mut EnvState, d: EnvDirty) -> Ch
                 new = None;
             }
         }
+        settled.insert(key, new);
+    }
+    // Withdraw every changed service's stale resources before inserting any new ones:
+    // a resource name (an API listener of a host) may move from one service to another.
+    let mut inserts = Vec::new();
+    for (key, new) in settled {
         let old = st.model.services.get(&key);
         if new.as_ref() == old {
             continue;
         }
         let mut generated = Generated::new();
         match (old, &new) {
-            (Some(o), Some(n)) if same_spec(o, n) => {
-                endpoint_resources(n, &mut generated);
-                upsert(&mut st.resources, generated, &mut changes);
-            }
+            (Some(o), Some(n)) if same_spec(o, n) => endpoint_resources(n, &mut generated),
             _ => {
                 shared = true;
                 if let Some(n) = &new {
                     service_resources(n, &mut generated);
                 }
                 let old_names = st.owned.remove(&key).unwrap_or_default();
-                let names = replace(&mut st.resources, &old_names, generated, &mut changes);
+                let names = remove_stale(&mut st.resources, &old_names, &generated, &mut changes);
                 if !names.is_empty() {
                     st.owned.insert(key.clone(), names);
                 }
             }
         }
+        inserts.push(generated);
         match new {
             Some(n) => st.model.services.insert(key, n),
             None => st.model.services.remove(&key),
         };
+    }
+    for generated in inserts {
+        upsert(&mut st.resources, generated, &mut changes);
     }
     if shared {
         let mut generated = Generated::new();
@@ -1132,11 +1142,12 @@ fn upsert(res: &mut EnvResources, generated: Generated, changes: &mut Changes) {
     }
 }
 
-/// Replaces the resources named `old` with `generated`; returns the new names.
-fn replace(
+/// Removes the resources named `old` that `generated` no longer has; returns the
+/// names `generated` has (inserted by the caller with [`upsert`]).
+fn remove_stale(
     res: &mut EnvResources,
     old: &[(XdsType, Arc<str>)],
-    generated: Generated,
+    generated: &Generated,
     changes: &mut Changes,
 ) -> Vec<(XdsType, Arc<str>)> {
     let names: Vec<(XdsType, Arc<str>)> = generated
@@ -1149,6 +1160,17 @@ fn replace(
             changes[n.0 as usize].insert(n.1.clone());
         }
     }
+    names
+}
+
+/// Replaces the resources named `old` with `generated`; returns the new names.
+fn replace(
+    res: &mut EnvResources,
+    old: &[(XdsType, Arc<str>)],
+    generated: Generated,
+    changes: &mut Changes,
+) -> Vec<(XdsType, Arc<str>)> {
+    let names = remove_stale(res, old, &generated, changes);
     upsert(res, generated, changes);
     names
 }
