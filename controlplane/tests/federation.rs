@@ -60,6 +60,7 @@ fn pb_endpoint(addr: &str, ready: bool) -> pb::Endpoint {
         serving: ready,
         terminating: false,
         labels: Default::default(),
+        ..Default::default()
     }
 }
 
@@ -553,6 +554,7 @@ async fn bad_items_are_rejected_and_the_rest_applied() {
         version: 1,
         full: false,
         changes,
+        ..Default::default()
     };
     tx.send(pb::AgentMessage {
         kind: Some(agent_message::Kind::Batch(batch)),
@@ -586,6 +588,7 @@ async fn bad_items_are_rejected_and_the_rest_applied() {
         version: 2,
         full: false,
         changes: vec![],
+        ..Default::default()
     };
     tx.send(pb::AgentMessage {
         kind: Some(agent_message::Kind::Batch(batch)),

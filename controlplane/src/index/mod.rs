@@ -184,6 +184,13 @@ struct Resync {
     endpoints: HashSet<ObjectKey>,
 }
 
+/// One cluster's state as the index holds it (see [`Index::held`]).
+#[derive(Debug, Clone, Copy)]
+pub struct HeldCluster<'a> {
+    pub services: &'a BTreeMap<ObjectKey, FedService>,
+    pub endpoints: &'a BTreeMap<ObjectKey, Vec<FedEndpoint>>,
+}
+
 /// A known cluster waiting for its resync after the hub started.
 #[derive(Debug)]
 struct Pending {
@@ -701,6 +708,15 @@ impl Index {
             self.note_origin(SystemTime::now());
         }
         self.publish_status();
+    }
+
+    /// What the index holds for `cluster`: its services and endpoint sets (for
+    /// tests and the fuzz target, which compare it with a model).
+    pub fn held(&self, cluster: &str) -> Option<HeldCluster<'_>> {
+        self.sources.clusters.get(cluster).map(|c| HeldCluster {
+            services: &c.services,
+            endpoints: &c.endpoints,
+        })
     }
 
     /// Regenerates what the pending changes touched and publishes.
