@@ -1028,3 +1028,213 @@ async fn two_hubs_may_not_share_a_state_dir() {
         "{err}"
     );
 }
+
+/// What a reconnecting xDS client saw: (when, held withdrawals at that moment,
+/// names added or listed, names removed).
+type Log = Arc<std::sync::Mutex<Vec<(Instant, bool, Vec<String>, Vec<String>)>>>;
+
+/// A Delta CDS client that reconnects like Envoy: wildcard, announcing what it holds
+/// in `initial_resource_versions`; records every response and ACKs it.
+async fn delta_client(addr: std::net::SocketAddr, log: Log, held: watch::Receiver<bool>) {
+    use tributary_proto::envoy::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    let mut have: std::collections::HashMap<String, String> = Default::default();
+    loop {
+        if let Ok(mut client) = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}")).await {
+            let (tx, rx) = tokio::sync::mpsc::channel(8);
+            let first = DeltaDiscoveryRequest {
+                node: Some(node("delta-1", "prod")),
+                type_url: CDS.into(),
+                initial_resource_versions: have.clone(),
+                ..Default::default()
+            };
+            tx.send(first).await.unwrap();
+            if let Ok(resp) = client.delta_aggregated_resources(ReceiverStream::new(rx)).await {
+                let mut stream = resp.into_inner();
+                while let Ok(Some(r)) = stream.message().await {
+                    for res in &r.resources {
+                        have.insert(res.name.clone(), res.version.clone());
+                    }
+                    for n in &r.removed_resources {
+                        have.remove(n);
+                    }
+                    log.lock().unwrap().push((
+                        Instant::now(),
+                        *held.borrow(),
+                        r.resources.iter().map(|x| x.name.clone()).collect(),
+                        r.removed_resources.clone(),
+                    ));
+                    let ack = DeltaDiscoveryRequest {
+                        type_url: CDS.into(),
+                        response_nonce: r.nonce.clone(),
+                        ..Default::default()
+                    };
+                    if tx.send(ack).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A SotW CDS client that reconnects like Envoy: wildcard, with the last ACKed
+/// `version_info`; records the full set of every response and ACKs it.
+async fn sotw_client(addr: std::net::SocketAddr, log: Log, held: watch::Receiver<bool>) {
+    use tributary_proto::envoy::envoy::service::discovery::v3::DiscoveryRequest;
+    use tributary_proto::envoy::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    let mut version = String::new();
+    loop {
+        if let Ok(mut client) = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}")).await {
+            let (tx, rx) = tokio::sync::mpsc::channel(8);
+            let first = DiscoveryRequest {
+                node: Some(node("sotw-1", "prod")),
+                type_url: CDS.into(),
+                version_info: version.clone(),
+                ..Default::default()
+            };
+            tx.send(first).await.unwrap();
+            if let Ok(resp) = client.stream_aggregated_resources(ReceiverStream::new(rx)).await {
+                let mut stream = resp.into_inner();
+                while let Ok(Some(r)) = stream.message().await {
+                    log.lock()
+                        .unwrap()
+                        .push((Instant::now(), *held.borrow(), names(&r), vec![]));
+                    version = r.version_info.clone();
+                    let ack = DiscoveryRequest {
+                        type_url: CDS.into(),
+                        version_info: r.version_info.clone(),
+                        response_nonce: r.nonce.clone(),
+                        ..Default::default()
+                    };
+                    if tx.send(ack).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn cds_name(name: &str) -> String {
+    format!("outbound|80||{}", host(name))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the stream half (xds/server.rs withholding removals while Shards::withdrawals_held)"]
+async fn a_hub_restart_withdraws_nothing_while_agents_return() {
+    const CLUSTERS: usize = 20;
+    let state_dir = tempfile::tempdir().unwrap();
+    let start = |addr: Option<std::net::SocketAddr>| {
+        let dir = state_dir.path().to_path_buf();
+        hub_with(move |c| {
+            c.state_dir = Some(dir);
+            c.grace = Duration::from_secs(60);
+            if let Some(a) = addr {
+                c.xds_addr = a;
+            }
+        })
+    };
+    let (hub, _cfg1) = start(None).await;
+    let addr = hub.xds_addr;
+    let services: Vec<String> = (0..CLUSTERS).map(|i| format!("svc-{i}")).collect();
+    let agent_for = |i: usize| {
+        TestAgent::start(
+            addr,
+            &format!("cluster-{i}"),
+            state(&[services[i].as_str()], &[pb_endpoint(&format!("10.6.0.{}", i + 1), true)]),
+        )
+    };
+    let agents: Vec<TestAgent> = (0..CLUSTERS).map(agent_for).collect();
+    let all = |s: &Arc<Snapshot>| {
+        services
+            .iter()
+            .all(|n| s.get(XdsType::Cluster, &cds_name(n)).is_some())
+    };
+    wait_snapshot(&hub, "prod", "every cluster's service", all).await;
+
+    // Clients that outlive the hub; `held` follows whichever hub is running.
+    let (held_tx, held_rx) = watch::channel(false);
+    let (delta_log, sotw_log): (Log, Log) = Default::default();
+    let clients = [
+        tokio::spawn(delta_client(addr, delta_log.clone(), held_rx.clone())),
+        tokio::spawn(sotw_client(addr, sotw_log.clone(), held_rx.clone())),
+    ];
+    let complete = |log: &Log| {
+        log.lock()
+            .unwrap()
+            .iter()
+            .any(|(_, _, names, _)| services.iter().all(|n| names.contains(&cds_name(n))))
+    };
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while !(complete(&delta_log) && complete(&sotw_log)) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("both clients hold every federated service");
+
+    // The hub goes away for 30 s; then it returns, and the agents come back one by
+    // one over 11 s (new processes: they resync in full).
+    hub.shutdown().await.unwrap();
+    for a in agents {
+        a.stop().await;
+    }
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let restarted = Instant::now();
+    let (hub, _cfg2) = start(Some(addr)).await;
+    let mut hold = hub.shards.withdrawals_held();
+    assert!(*hold.borrow(), "the restarted hub holds withdrawals for its known clusters");
+    let forward = tokio::spawn(async move {
+        loop {
+            let h = *hold.borrow_and_update();
+            held_tx.send_replace(h);
+            if hold.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut agents = Vec::new();
+    for i in 0..CLUSTERS {
+        agents.push(agent_for(i));
+        tokio::time::sleep(Duration::from_millis(550)).await;
+    }
+    wait_snapshot(&hub, "prod", "every cluster's service again", all).await;
+    let mut held = hub.shards.withdrawals_held();
+    tokio::time::timeout(Duration::from_secs(30), held.wait_for(|h| !*h))
+        .await
+        .expect("the hold is lifted once every known cluster resynced")
+        .unwrap();
+    assert!(hub.index.resync_pending().is_empty());
+    // Let the clients settle on the final state.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let fed: Vec<String> = services.iter().map(|n| cds_name(n)).collect();
+    for (at, held, _, removed) in delta_log.lock().unwrap().iter().filter(|e| e.0 > restarted) {
+        let lost: Vec<&String> = removed.iter().filter(|n| fed.contains(n)).collect();
+        assert!(
+            lost.is_empty(),
+            "a Delta client was told {lost:?} were removed {:?} after the restart (hold on: {held})",
+            *at - restarted
+        );
+    }
+    let sotw = sotw_log.lock().unwrap();
+    let after: Vec<_> = sotw.iter().filter(|e| e.0 > restarted).collect();
+    assert!(!after.is_empty(), "the SotW client reconnected");
+    for (at, held, names, _) in after {
+        let missing: Vec<&String> = fed.iter().filter(|n| !names.contains(n)).collect();
+        assert!(
+            missing.is_empty(),
+            "a SotW set {:?} after the restart lacked {missing:?} (hold on: {held})",
+            *at - restarted
+        );
+    }
+    for c in clients {
+        c.abort();
+    }
+    forward.abort();
+    for a in agents {
+        a.stop().await;
+    }
+}
