@@ -110,7 +110,11 @@ struct HubArgs {
     max_initial_syncs: u32,
     /// Where the hub remembers which clusters fed it, so that after a restart it
     /// withholds their withdrawals until they resync (locked: one hub per dir).
-    #[arg(long, default_value = "/var/lib/tributary", env = "TRIBUTARY_STATE_DIR")]
+    #[arg(
+        long,
+        default_value = "/var/lib/tributary",
+        env = "TRIBUTARY_STATE_DIR"
+    )]
     state_dir: PathBuf,
     /// Most changes in one federation batch; a larger one is rejected (not applied).
     /// Advertised to agents, which split their batches to fit.

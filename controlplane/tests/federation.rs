@@ -667,7 +667,10 @@ async fn a_cluster_with_200000_endpoints_resyncs_completely() {
         let endpoints = (0..PER_SERVICE)
             .map(|j| {
                 let n = i * PER_SERVICE + j;
-                pb_endpoint(&format!("10.{}.{}.{}", n >> 16, (n >> 8) & 255, n & 255), true)
+                pb_endpoint(
+                    &format!("10.{}.{}.{}", n >> 16, (n >> 8) & 255, n & 255),
+                    true,
+                )
             })
             .collect();
         let set = pb::EndpointSet {
@@ -687,7 +690,10 @@ async fn a_cluster_with_200000_endpoints_resyncs_completely() {
     let big = status.iter().find(|c| c.id == "big").unwrap();
     assert_eq!(big.batches_rejected, 0, "{:?}", big.last_batch_error);
     assert!(!big.resync_in_progress);
-    assert!(big.last_version > 1, "the resync was split into several batches");
+    assert!(
+        big.last_version > 1,
+        "the resync was split into several batches"
+    );
     let last = cla_name(&format!("s{}", SERVICES - 1));
     let snap = wait_snapshot(&hub, "prod", "the last service's endpoints", |s| {
         cla(s, &last).is_some_and(|c| endpoint_count(&c) == PER_SERVICE)
@@ -701,7 +707,10 @@ async fn a_cluster_with_200000_endpoints_resyncs_completely() {
 async fn one_bad_address_among_1000_keeps_the_other_999_and_its_previous_form() {
     let (hub, _dir) = hub_with(|_| {}).await;
     let (tx, mut s) = raw_session(&hub, "c7").await;
-    assert!(matches!(next_kind(&mut s).await, hub_message::Kind::Welcome(_)));
+    assert!(matches!(
+        next_kind(&mut s).await,
+        hub_message::Kind::Welcome(_)
+    ));
     let endpoint = |i: usize, addr: String, port: u32| pb::Endpoint {
         addresses: vec![addr],
         ports: [("http".to_string(), port)].into(),
@@ -727,7 +736,11 @@ async fn one_bad_address_among_1000_keeps_the_other_999_and_its_previous_form() 
     // Every endpoint moves to port 9090; endpoint 17's new address is invalid.
     let second: Vec<pb::Endpoint> = (0..1000)
         .map(|i| {
-            let a = if i == 17 { "10.0.0.999".to_string() } else { addr(i) };
+            let a = if i == 17 {
+                "10.0.0.999".to_string()
+            } else {
+                addr(i)
+            };
             endpoint(i, a, 9090)
         })
         .collect();
@@ -745,9 +758,9 @@ async fn one_bad_address_among_1000_keeps_the_other_999_and_its_previous_form() 
     assert_eq!(ack.errors.len(), 1, "{:?}", ack.errors);
     assert_eq!(ack.errors[0].index, 0);
     assert!(
-        ack.errors[0]
-            .message
-            .starts_with(r#"endpoints[17].addresses[0]: "10.0.0.999" is not an IPv4 or IPv6 address"#),
+        ack.errors[0].message.starts_with(
+            r#"endpoints[17].addresses[0]: "10.0.0.999" is not an IPv4 or IPv6 address"#
+        ),
         "{}",
         ack.errors[0].message
     );
@@ -785,7 +798,11 @@ async fn one_bad_address_among_1000_keeps_the_other_999_and_its_previous_form() 
     let all = ports(&cla(&snap, &cla_name("web")).unwrap());
     assert_eq!(all.len(), 1000);
     let old: Vec<_> = all.iter().filter(|(_, p)| *p == 8080).collect();
-    assert_eq!(old, [&(addr(17), 8080)], "endpoint 17 keeps its previous form");
+    assert_eq!(
+        old,
+        [&(addr(17), 8080)],
+        "endpoint 17 keeps its previous form"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -793,8 +810,46 @@ async fn oversize_batches_and_messages_are_rejected_not_acknowledged() {
     let (hub, _dir) = hub_with(|c| {
         c.federation.max_batch_changes = 100;
         c.federation.max_message_bytes = 64 << 10;
+        c.federation.max_endpoints_per_set = 20;
     })
     .await;
+    // Over the endpoint-set limit: that item is rejected, the batch applied.
+    let (tx, mut s) = raw_session(&hub, "sets").await;
+    assert!(matches!(
+        next_kind(&mut s).await,
+        hub_message::Kind::Welcome(_)
+    ));
+    let eps = |n: usize| {
+        (0..n)
+            .map(|i| pb_endpoint(&format!("10.8.0.{}", i + 1), true))
+            .collect()
+    };
+    tx.send(batch_msg(pb::ChangeBatch {
+        version: 1,
+        full: true,
+        changes: vec![
+            upsert_svc("fine"),
+            upsert_eps("fine", eps(20)),
+            upsert_svc("wide"),
+            upsert_eps("wide", eps(21)),
+        ],
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    let hub_message::Kind::Ack(ack) = next_kind(&mut s).await else {
+        panic!("expected Ack")
+    };
+    assert_eq!(ack.errors.len(), 1, "{:?}", ack.errors);
+    assert_eq!(ack.errors[0].index, 3);
+    assert!(
+        ack.errors[0]
+            .message
+            .contains("21 endpoints exceed the limit of 20 (--federation-max-endpoints-per-set)"),
+        "{}",
+        ack.errors[0].message
+    );
+    drop(tx);
     // Over the change limit: a BatchRejected, never an Ack, then the stream ends.
     let (tx, mut s) = raw_session(&hub, "big").await;
     let hub_message::Kind::Welcome(w) = next_kind(&mut s).await else {
@@ -813,7 +868,11 @@ async fn oversize_batches_and_messages_are_rejected_not_acknowledged() {
     match next_kind(&mut s).await {
         hub_message::Kind::BatchRejected(r) => {
             assert_eq!(r.version, 1);
-            assert!(r.message.contains("101 changes exceed the limit of 100"), "{}", r.message);
+            assert!(
+                r.message.contains("101 changes exceed the limit of 100"),
+                "{}",
+                r.message
+            );
         }
         other => panic!("expected BatchRejected, got {other:?}"),
     }
@@ -824,14 +883,28 @@ async fn oversize_batches_and_messages_are_rejected_not_acknowledged() {
     })
     .await;
     let big = status.iter().find(|c| c.id == "big").unwrap();
-    assert_eq!((big.services, big.last_version), (0, 0), "nothing applied, nothing acknowledged");
-    assert!(big.last_batch_error.as_deref().unwrap().contains("exceed the limit"));
+    assert_eq!(
+        (big.services, big.last_version),
+        (0, 0),
+        "nothing applied, nothing acknowledged"
+    );
+    assert!(
+        big.last_batch_error
+            .as_deref()
+            .unwrap()
+            .contains("exceed the limit")
+    );
 
     // Over the decode limit: a clear error, and the hub stays up.
     let (tx, mut s) = raw_session(&hub, "huge").await;
-    assert!(matches!(next_kind(&mut s).await, hub_message::Kind::Welcome(_)));
+    assert!(matches!(
+        next_kind(&mut s).await,
+        hub_message::Kind::Welcome(_)
+    ));
     let mut fat = pb_service("fat", "prod");
-    fat.hosts = (0..2000).map(|i| format!("host-{i:04}.shop.example.internal")).collect();
+    fat.hosts = (0..2000)
+        .map(|i| format!("host-{i:04}.shop.example.internal"))
+        .collect();
     tx.send(batch_msg(pb::ChangeBatch {
         version: 1,
         changes: vec![pb::Change {
@@ -844,12 +917,22 @@ async fn oversize_batches_and_messages_are_rejected_not_acknowledged() {
     .unwrap();
     match next_kind(&mut s).await {
         hub_message::Kind::BatchRejected(r) => {
-            assert!(r.message.contains("exceeds the hub's limit of 65536 bytes"), "{}", r.message)
+            assert!(
+                r.message.contains("exceeds the hub's limit of 65536 bytes"),
+                "{}",
+                r.message
+            )
         }
         other => panic!("expected BatchRejected, got {other:?}"),
     }
-    let err = tokio::time::timeout(TIMEOUT, s.message()).await.unwrap().unwrap_err();
-    assert!(err.message().contains("--federation-max-message-bytes"), "{err}");
+    let err = tokio::time::timeout(TIMEOUT, s.message())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        err.message().contains("--federation-max-message-bytes"),
+        "{err}"
+    );
     let rejected = hub.metrics.federation_batches_rejected.get();
     assert_eq!(rejected, 2);
     let (_, body) = http_get(hub.admin_addr, "/metrics").await;
@@ -858,7 +941,11 @@ async fn oversize_batches_and_messages_are_rejected_not_acknowledged() {
         "{body}"
     );
     // Still serving: a well-behaved agent federates.
-    let agent = TestAgent::start(hub.xds_addr, "ok", state(&["web"], &[pb_endpoint("10.3.0.1", true)]));
+    let agent = TestAgent::start(
+        hub.xds_addr,
+        "ok",
+        state(&["web"], &[pb_endpoint("10.3.0.1", true)]),
+    );
     wait_snapshot(&hub, "prod", "the next agent's service", |s| {
         cla(s, &cla_name("web")).is_some_and(|c| endpoint_count(&c) == 1)
     })
@@ -933,7 +1020,9 @@ async fn the_agent_reports_a_rejected_batch_and_resyncs() {
     };
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(tributary_proto::federation::v1::federation_server::FederationServer::new(scripted))
+            .add_service(
+                tributary_proto::federation::v1::federation_server::FederationServer::new(scripted),
+            )
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
     );
     let mut cfg = AgentConfig::new(format!("http://{addr}"), "c1");
@@ -942,12 +1031,24 @@ async fn the_agent_reports_a_rejected_batch_and_resyncs() {
     let telemetry = Arc::new(Telemetry::new(&cfg, agent::new_incarnation()));
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin_addr = admin.local_addr().unwrap();
-    tokio::spawn(agent::admin::serve(admin, telemetry.clone(), std::future::pending()));
+    tokio::spawn(agent::admin::serve(
+        admin,
+        telemetry.clone(),
+        std::future::pending(),
+    ));
     let (_tx, rx) = watch::channel(Arc::new(state(&["web"], &[pb_endpoint("10.4.0.1", true)])));
-    let task = tokio::spawn(agent::run_with(cfg, rx, std::future::pending(), telemetry.clone()));
+    let task = tokio::spawn(agent::run_with(
+        cfg,
+        rx,
+        std::future::pending(),
+        telemetry.clone(),
+    ));
 
     async fn next(h: &mut tokio::sync::mpsc::UnboundedReceiver<pb::Hello>) -> pb::Hello {
-        tokio::time::timeout(TIMEOUT, h.recv()).await.unwrap().unwrap()
+        tokio::time::timeout(TIMEOUT, h.recv())
+            .await
+            .unwrap()
+            .unwrap()
     }
     let first = next(&mut hellos).await;
     let second = next(&mut hellos).await;
@@ -971,7 +1072,10 @@ async fn the_agent_reports_a_rejected_batch_and_resyncs() {
     .expect("the resync is acknowledged");
     let (line, body) = http_get(admin_addr, "/metrics").await;
     assert!(line.contains("200"), "{line}");
-    assert!(body.contains("tributary_agent_batches_rejected_total 1"), "{body}");
+    assert!(
+        body.contains("tributary_agent_batches_rejected_total 1"),
+        "{body}"
+    );
     let (_, body) = http_get(admin_addr, "/status").await;
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["batches_rejected"], 1);
@@ -983,14 +1087,22 @@ async fn the_agent_reports_a_rejected_batch_and_resyncs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_agent_process_with_a_matching_counter_does_not_resume() {
     let (hub, _dir) = hub_with(|_| {}).await;
-    let agent = TestAgent::start(hub.xds_addr, "c1", state(&["web"], &[pb_endpoint("10.5.0.1", true)]));
+    let agent = TestAgent::start(
+        hub.xds_addr,
+        "c1",
+        state(&["web"], &[pb_endpoint("10.5.0.1", true)]),
+    );
     let status = wait_clusters(&hub, "c1 synced", |c| {
-        c.iter().any(|c| c.id == "c1" && c.last_version >= 1 && c.services == 1)
+        c.iter()
+            .any(|c| c.id == "c1" && c.last_version >= 1 && c.services == 1)
     })
     .await;
     let version = status.iter().find(|c| c.id == "c1").unwrap().last_version;
     agent.stop().await;
-    wait_clusters(&hub, "c1 in grace", |c| c.iter().any(|c| c.id == "c1" && c.state == "grace")).await;
+    wait_clusters(&hub, "c1 in grace", |c| {
+        c.iter().any(|c| c.id == "c1" && c.state == "grace")
+    })
+    .await;
     // Another process, whose own counter happens to be at the same version.
     let mut client = FederationClient::connect(format!("http://{}", hub.xds_addr))
         .await
@@ -1006,7 +1118,11 @@ async fn a_new_agent_process_with_a_matching_counter_does_not_resume() {
     })
     .await
     .unwrap();
-    let mut s = client.stream(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let mut s = client
+        .stream(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
     match next_kind(&mut s).await {
         hub_message::Kind::Welcome(w) => assert!(!w.resume, "resumed another process's state"),
         other => panic!("expected Welcome, got {other:?}"),
@@ -1039,7 +1155,9 @@ async fn delta_client(addr: std::net::SocketAddr, log: Log, held: watch::Receive
     use tributary_proto::envoy::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
     let mut have: std::collections::HashMap<String, String> = Default::default();
     loop {
-        if let Ok(mut client) = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}")).await {
+        if let Ok(mut client) =
+            AggregatedDiscoveryServiceClient::connect(format!("http://{addr}")).await
+        {
             let (tx, rx) = tokio::sync::mpsc::channel(8);
             let first = DeltaDiscoveryRequest {
                 node: Some(node("delta-1", "prod")),
@@ -1048,7 +1166,10 @@ async fn delta_client(addr: std::net::SocketAddr, log: Log, held: watch::Receive
                 ..Default::default()
             };
             tx.send(first).await.unwrap();
-            if let Ok(resp) = client.delta_aggregated_resources(ReceiverStream::new(rx)).await {
+            if let Ok(resp) = client
+                .delta_aggregated_resources(ReceiverStream::new(rx))
+                .await
+            {
                 let mut stream = resp.into_inner();
                 while let Ok(Some(r)) = stream.message().await {
                     for res in &r.resources {
@@ -1085,7 +1206,9 @@ async fn sotw_client(addr: std::net::SocketAddr, log: Log, held: watch::Receiver
     use tributary_proto::envoy::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
     let mut version = String::new();
     loop {
-        if let Ok(mut client) = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}")).await {
+        if let Ok(mut client) =
+            AggregatedDiscoveryServiceClient::connect(format!("http://{addr}")).await
+        {
             let (tx, rx) = tokio::sync::mpsc::channel(8);
             let first = DiscoveryRequest {
                 node: Some(node("sotw-1", "prod")),
@@ -1094,7 +1217,10 @@ async fn sotw_client(addr: std::net::SocketAddr, log: Log, held: watch::Receiver
                 ..Default::default()
             };
             tx.send(first).await.unwrap();
-            if let Ok(resp) = client.stream_aggregated_resources(ReceiverStream::new(rx)).await {
+            if let Ok(resp) = client
+                .stream_aggregated_resources(ReceiverStream::new(rx))
+                .await
+            {
                 let mut stream = resp.into_inner();
                 while let Ok(Some(r)) = stream.message().await {
                     log.lock()
@@ -1143,7 +1269,10 @@ async fn a_hub_restart_withdraws_nothing_while_agents_return() {
         TestAgent::start(
             addr,
             &format!("cluster-{i}"),
-            state(&[services[i].as_str()], &[pb_endpoint(&format!("10.6.0.{}", i + 1), true)]),
+            state(
+                &[services[i].as_str()],
+                &[pb_endpoint(&format!("10.6.0.{}", i + 1), true)],
+            ),
         )
     };
     let agents: Vec<TestAgent> = (0..CLUSTERS).map(agent_for).collect();
@@ -1185,7 +1314,10 @@ async fn a_hub_restart_withdraws_nothing_while_agents_return() {
     let restarted = Instant::now();
     let (hub, _cfg2) = start(Some(addr)).await;
     let mut hold = hub.shards.withdrawals_held();
-    assert!(*hold.borrow(), "the restarted hub holds withdrawals for its known clusters");
+    assert!(
+        *hold.borrow(),
+        "the restarted hub holds withdrawals for its known clusters"
+    );
     let forward = tokio::spawn(async move {
         loop {
             let h = *hold.borrow_and_update();
@@ -1219,7 +1351,7 @@ async fn a_hub_restart_withdraws_nothing_while_agents_return() {
             *at - restarted
         );
     }
-    let sotw = sotw_log.lock().unwrap();
+    let sotw = sotw_log.lock().unwrap().clone();
     let after: Vec<_> = sotw.iter().filter(|e| e.0 > restarted).collect();
     assert!(!after.is_empty(), "the SotW client reconnected");
     for (at, held, names, _) in after {

@@ -282,7 +282,8 @@ fn random_and_malformed_batches_never_crash_or_corrupt_another_cluster() {
             if std::env::var("PROP_DEBUG").is_ok_and(|v| v == seed.to_string()) {
                 eprintln!("round {round}: {raw:#?}");
             }
-            let (batch, errors) = convert::batch(raw, &bad, &Limits::default()).expect("not oversize");
+            let (batch, errors) =
+                convert::batch(raw, &bad, &Limits::default()).expect("not oversize");
             // Every item is applied or reported: an item rejected whole is reported
             // (and may stand as a "keep" of its key); an endpoint set with bad
             // endpoints is applied and reports each of them.
@@ -481,12 +482,14 @@ fn to_pb(item: &Item) -> pb::Change {
             endpoints: eps
                 .iter()
                 .map(|(name, addr, bad)| pb::Endpoint {
-                    addresses: vec![if *bad {
-                        BAD_ADDRS[addr % BAD_ADDRS.len()]
-                    } else {
-                        GOOD_ADDRS[*addr]
-                    }
-                    .to_string()],
+                    addresses: vec![
+                        if *bad {
+                            BAD_ADDRS[addr % BAD_ADDRS.len()]
+                        } else {
+                            GOOD_ADDRS[*addr]
+                        }
+                        .to_string(),
+                    ],
                     ports: [("http".to_string(), 8080)].into(),
                     ready: true,
                     serving: true,
@@ -624,8 +627,7 @@ impl Harness {
             more,
             changes: items.iter().map(to_pb).collect(),
         };
-        let batch =
-            convert::batch(raw, &self.info, &Limits::default()).map(|(b, _errors)| b);
+        let batch = convert::batch(raw, &self.info, &Limits::default()).map(|(b, _errors)| b);
         let (reply, mut answer) = oneshot::channel();
         self.ix.handle(
             Command::Batch {

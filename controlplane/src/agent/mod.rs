@@ -386,7 +386,13 @@ async fn send_split(
             .map_err(|_| AgentError::Protocol("outbound stream closed".into()))?;
         telemetry.sent(mem.version, n);
     }
-    debug!(changes = total, parts, full, version = mem.version, "batch sent");
+    debug!(
+        changes = total,
+        parts,
+        full,
+        version = mem.version,
+        "batch sent"
+    );
     Ok(Some(mem.version))
 }
 
@@ -552,7 +558,10 @@ mod tests {
         let changes: Vec<pb::Change> = (0..25).map(|i| upsert(&format!("s{i}"), 100)).collect();
         let (batches, too_large) = split(changes.clone(), 10, usize::MAX);
         assert!(too_large.is_empty());
-        assert_eq!(batches.iter().map(Vec::len).collect::<Vec<_>>(), [10, 10, 5]);
+        assert_eq!(
+            batches.iter().map(Vec::len).collect::<Vec<_>>(),
+            [10, 10, 5]
+        );
         assert_eq!(batches.concat(), changes);
         let max_bytes = 1_000;
         let (batches, _) = split(changes.clone(), 1_000, max_bytes);

@@ -13,12 +13,12 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::model::normalize_host;
 use crate::model::{
     Dependency, Destination, Endpoint, Gateway, GatewayListener, HeaderMatch, HeaderValueMatch,
     Health, Locality, Mesh, ObjectKey, PathMatch, Protocol, Route, RouteRule, Service, ServicePort,
     SidecarScope, Subset,
 };
-use crate::model::normalize_host;
 
 pub const API_VERSION: &str = "tributary.io/v1alpha1";
 pub const DEFAULT_NAMESPACE: &str = "default";

@@ -215,8 +215,7 @@ fn endpoints(
         keep: Vec::new(),
     };
     for (i, e) in set.endpoints.iter().enumerate() {
-        if let Err(message) = endpoint(&format!("endpoints[{i}]"), e, cluster, &mut out.endpoints)
-        {
+        if let Err(message) = endpoint(&format!("endpoints[{i}]"), e, cluster, &mut out.endpoints) {
             if e.name.is_empty() {
                 errors.push(format!("{message} (endpoint dropped)"));
             } else {
@@ -262,9 +261,11 @@ pub fn batch(
                     (m, keep)
                 })
             }
-            Some(pb::change::Kind::ServiceDelete(r)) => key("service_delete", &r.namespace, &r.name)
-                .map(ChangeKind::DeleteService)
-                .map_err(|m| (m, None)),
+            Some(pb::change::Kind::ServiceDelete(r)) => {
+                key("service_delete", &r.namespace, &r.name)
+                    .map(ChangeKind::DeleteService)
+                    .map_err(|m| (m, None))
+            }
             Some(pb::change::Kind::EndpointsUpsert(e)) => {
                 match key("endpoints", &e.namespace, &e.service) {
                     Err(m) => Err((m, None)),

@@ -212,7 +212,8 @@ impl Session<'_> {
                 warn!(version, item = e.index, error = %e.message, "invalid federation item rejected");
             }
         }
-        self.submit(version, converted.map(|(batch, _)| batch)).await?;
+        self.submit(version, converted.map(|(batch, _)| batch))
+            .await?;
         Ok(errors
             .into_iter()
             .map(|e| pb::ItemError {

@@ -44,7 +44,9 @@ pub enum StateError {
         "state dir {dir} is in use by another hub ({holder}); two hubs must not share one --state-dir"
     )]
     Locked { dir: PathBuf, holder: String },
-    #[error("state dir {dir}: {file} is not a valid state file: {message}; move it away to start afresh")]
+    #[error(
+        "state dir {dir}: {file} is not a valid state file: {message}; move it away to start afresh"
+    )]
     Corrupt {
         dir: PathBuf,
         file: PathBuf,
@@ -144,7 +146,8 @@ impl KnownClusters for StateDir {
         // tmp + fsync + rename + fsync(dir): a crash leaves the old or the new list.
         let tmp = self.dir.join(format!("{STATE_FILE}.tmp"));
         let mut f = File::create(&tmp).map_err(io("writing clusters.json.tmp"))?;
-        f.write_all(&body).map_err(io("writing clusters.json.tmp"))?;
+        f.write_all(&body)
+            .map_err(io("writing clusters.json.tmp"))?;
         f.sync_all().map_err(io("syncing clusters.json.tmp"))?;
         std::fs::rename(&tmp, self.dir.join(STATE_FILE)).map_err(io("renaming clusters.json"))?;
         File::open(&self.dir)
@@ -188,6 +191,9 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         std::fs::write(tmp.path().join(STATE_FILE), "{not json").unwrap();
         let err = StateDir::open(tmp.path()).unwrap_err().to_string();
-        assert!(err.contains("clusters.json is not a valid state file"), "{err}");
+        assert!(
+            err.contains("clusters.json is not a valid state file"),
+            "{err}"
+        );
     }
 }

@@ -597,10 +597,7 @@ impl Index {
             "batch applied"
         );
         if resynced && self.pending.remove(cluster).is_some() {
-            info!(
-                cluster,
-                "known cluster resynced after the hub's start"
-            );
+            info!(cluster, "known cluster resynced after the hub's start");
             self.publish_pending();
             self.maybe_release();
         }
@@ -1107,7 +1104,10 @@ fn claim_hosts(
 ) {
     let old = st.claimed.remove(key).unwrap_or_default();
     let owner = |st: &EnvState, h: &str| -> Option<ObjectKey> {
-        st.claims.get(h).and_then(|c| c.first()).map(|c| c.key.clone())
+        st.claims
+            .get(h)
+            .and_then(|c| c.first())
+            .map(|c| c.key.clone())
     };
     let affected: BTreeSet<&String> = old.iter().chain(hosts.iter()).collect();
     let before: Vec<Option<ObjectKey>> = affected.iter().map(|h| owner(st, h)).collect();

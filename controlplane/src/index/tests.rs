@@ -437,7 +437,11 @@ fn an_invalid_named_endpoint_keeps_its_previous_form() {
     ix.apply_batch(
         "c1",
         1,
-        batch(2, false, vec![change(ChangeKind::UpsertEndpoints(key("a"), second))]),
+        batch(
+            2,
+            false,
+            vec![change(ChangeKind::UpsertEndpoints(key("a"), second))],
+        ),
         Instant::now(),
     )
     .unwrap();
@@ -495,7 +499,10 @@ fn resources(shards: &Shards, env: &str) -> Vec<(XdsType, String, String)> {
 fn host_ownership_does_not_depend_on_arrival_order_and_returns_on_release() {
     // `b` declares a's conventional host: `a` owns it (rule 2) whichever comes first.
     let mut b_svc = fed_service("b", "prod");
-    b_svc.hosts = vec!["b.ns.svc.cluster.local".into(), "a.ns.svc.cluster.local".into()];
+    b_svc.hosts = vec![
+        "b.ns.svc.cluster.local".into(),
+        "a.ns.svc.cluster.local".into(),
+    ];
     // `z` and `y` both claim "shared.example": the lower namespace/name (`y`) owns it.
     let mut z_svc = fed_service("z", "prod");
     z_svc.hosts.push("shared.example".into());
@@ -524,11 +531,18 @@ fn host_ownership_does_not_depend_on_arrival_order_and_returns_on_release() {
     let (_, s1) = run(&[&a_svc, &b_svc, &z_svc, &y_svc]);
     let (mut ix, s2) = run(&[&y_svc, &z_svc, &b_svc, &a_svc]);
     let first = resources(&s1, "prod");
-    assert_eq!(first, resources(&s2, "prod"), "arrival order changed the snapshot");
+    assert_eq!(
+        first,
+        resources(&s2, "prod"),
+        "arrival order changed the snapshot"
+    );
     let hosts = |ix: &Index, n: &str| ix.envs["prod"].model.services[&key(n)].hosts.clone();
     assert_eq!(hosts(&ix, "a"), ["a.ns.svc.cluster.local"]);
     assert_eq!(hosts(&ix, "b"), ["b.ns.svc.cluster.local"]);
-    assert_eq!(hosts(&ix, "y"), ["y.ns.svc.cluster.local", "shared.example"]);
+    assert_eq!(
+        hosts(&ix, "y"),
+        ["y.ns.svc.cluster.local", "shared.example"]
+    );
     assert_eq!(hosts(&ix, "z"), ["z.ns.svc.cluster.local"]);
 
     // The owners let go: the losers get the hosts back in the same flush.
@@ -543,7 +557,10 @@ fn host_ownership_does_not_depend_on_arrival_order_and_returns_on_release() {
         hosts(&ix, "b"),
         ["b.ns.svc.cluster.local", "a.ns.svc.cluster.local"]
     );
-    assert_eq!(hosts(&ix, "z"), ["z.ns.svc.cluster.local", "shared.example"]);
+    assert_eq!(
+        hosts(&ix, "z"),
+        ["z.ns.svc.cluster.local", "shared.example"]
+    );
     let s = s2.current("prod");
     use prost::Message;
     let route = tributary_proto::envoy::envoy::config::route::v3::RouteConfiguration::decode(
@@ -616,7 +633,12 @@ fn a_host_in_two_spellings_is_one_host() {
     let n = domains.len();
     domains.sort();
     domains.dedup();
-    assert_eq!(domains.len(), n, "duplicate domains: {:?}", route.virtual_hosts);
+    assert_eq!(
+        domains.len(),
+        n,
+        "duplicate domains: {:?}",
+        route.virtual_hosts
+    );
     assert_eq!(
         ix.envs["prod"].model.services[&key("reviews")].hosts,
         ["reviews.prod", "reviews.ns"]
@@ -679,7 +701,10 @@ fn withdrawals_are_held_until_every_known_cluster_resync_is_published() {
     assert!(!has_d(&shards));
     ix.flush(t0);
     assert!(has_d(&shards));
-    assert!(!*held.borrow(), "released at the end of the publishing flush");
+    assert!(
+        !*held.borrow(),
+        "released at the end of the publishing flush"
+    );
     // Nothing new to remember so far; a new cluster is saved at once.
     assert!(saved.0.lock().unwrap().is_empty());
     connect(&mut ix, "c3", 3, &["e"]);
@@ -704,5 +729,9 @@ fn a_known_cluster_that_never_returns_stops_the_hold_at_its_grace() {
     ix.expire(t0 + ix.cfg.grace);
     assert!(!*held.borrow());
     assert!(ix.pending_status.borrow().is_empty());
-    assert_eq!(saved.0.lock().unwrap().last().cloned(), Some(vec![]), "forgotten");
+    assert_eq!(
+        saved.0.lock().unwrap().last().cloned(),
+        Some(vec![]),
+        "forgotten"
+    );
 }

@@ -862,7 +862,8 @@ async fn serve<D: Dialect>(
     span.record("node", node.id.as_str());
     span.record("env", node.environment.as_str());
 
-    let mut snapshots: watch::Receiver<Arc<Snapshot>> = ctx.shards.subscribe_or_create(&node.environment);
+    let mut snapshots: watch::Receiver<Arc<Snapshot>> =
+        ctx.shards.subscribe_or_create(&node.environment);
     let status = Arc::new(Mutex::new(ClientStatus {
         node_id: node.id.clone(),
         cluster: node.cluster.clone(),
