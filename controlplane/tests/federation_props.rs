@@ -380,6 +380,15 @@ const HOSTS: &[&str] = &["a.ns", "A.NS", "b.ns", "shared.example", "Shared.Examp
 const GOOD_ADDRS: &[&str] = &["10.0.0.1", "10.0.0.2", "fd00::1", "10.0.0.3"];
 const BAD_ADDRS: &[&str] = &["10.0.0.999", "", "fd00::zz"];
 const EP_NAMES: &[&str] = &["", "p1", "p2", "p3"];
+/// Sets with more endpoints than this are rejected whole (kept as they were).
+const MAX_SET: usize = 3;
+
+fn limits() -> Limits {
+    Limits {
+        max_endpoints_per_set: MAX_SET,
+        ..Limits::default()
+    }
+}
 
 #[derive(Debug, Clone)]
 enum Item {
@@ -418,7 +427,7 @@ fn item() -> impl Strategy<Value = Item> {
         4 => (key.clone(), prop::collection::vec(0..HOSTS.len(), 1..3), prop_oneof![6 => Just(0u8), 1 => Just(1u8), 1 => Just(2u8), 1 => Just(3u8)])
             .prop_map(|(key, hosts, damage)| Item::Service { key, hosts, damage }),
         1 => key.clone().prop_map(Item::DeleteService),
-        4 => (key.clone(), prop::collection::vec((0..EP_NAMES.len(), 0..GOOD_ADDRS.len(), prop::bool::weighted(0.2)), 0..4))
+        4 => (key.clone(), prop::collection::vec((0..EP_NAMES.len(), 0..GOOD_ADDRS.len(), prop::bool::weighted(0.2)), 0..MAX_SET + 2))
             .prop_map(|(key, eps)| Item::Endpoints { key, eps }),
         1 => key.prop_map(Item::DeleteEndpoints),
         1 => Just(Item::BadKey),
@@ -553,6 +562,9 @@ impl Model {
                 if let Some(n) = resync {
                     n.endpoints.insert(k.clone());
                 }
+                if eps.len() > MAX_SET {
+                    return; // the set is rejected whole: the previous one stays
+                }
                 let mut new = Vec::new();
                 let mut keep = Vec::new();
                 for (name, addr, bad) in eps {
@@ -627,7 +639,7 @@ impl Harness {
             more,
             changes: items.iter().map(to_pb).collect(),
         };
-        let batch = convert::batch(raw, &self.info, &Limits::default()).map(|(b, _errors)| b);
+        let batch = convert::batch(raw, &self.info, &limits()).map(|(b, _errors)| b);
         let (reply, mut answer) = oneshot::channel();
         self.ix.handle(
             Command::Batch {
