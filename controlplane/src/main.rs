@@ -366,6 +366,7 @@ async fn status(what: StatusWhat, admin: &str, json: bool) -> anyhow::Result<()>
                     "ENDPOINTS",
                     "LAG",
                     "SESSIONS",
+                    "REJECTED",
                 ]
                 .map(String::from)
                 .to_vec(),
@@ -394,7 +395,20 @@ async fn status(what: StatusWhat, admin: &str, json: bool) -> anyhow::Result<()>
                     s(&c["endpoints"]),
                     lag,
                     s(&c["sessions"]),
+                    s(&c["batches_rejected"]),
                 ]);
+            }
+            let pending: Vec<String> = v["resync_pending"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| s(&p["id"]))
+                .collect();
+            if !pending.is_empty() {
+                println!(
+                    "withdrawals held until these known clusters resync: {}",
+                    pending.join(", ")
+                );
             }
         }
         StatusWhat::Sync => {
