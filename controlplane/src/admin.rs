@@ -8,7 +8,7 @@
 //! | `/status/sync` | JSON: every connected xDS client, per type: sent, ACKed, NACKed |
 //! | `/status/config` | JSON: config files, last applied generation, last errors |
 //! | `/status/shards` | JSON: per environment: snapshot seq and resource counts |
-//! | `/status/clusters` | JSON: federated clusters: connected or in grace, version, counts, lag |
+//! | `/status/clusters` | JSON: federated clusters: connected or in grace, version, counts, lag, rejected batches; known clusters pending resync after a restart, and whether withdrawals are held |
 //! | `/config_dump?env=E&type=CDS` | JSON: resource names and versions of a shard |
 
 use std::collections::HashMap;
@@ -56,7 +56,16 @@ pub fn router(state: AdminState) -> Router {
 
 async fn readyz(State(s): State<AdminState>) -> Response {
     if s.ready.load(Ordering::Acquire) {
-        "ready\n".into_response()
+        let pending = s.index.resync_pending();
+        if pending.is_empty() {
+            return "ready\n".into_response();
+        }
+        let ids: Vec<&str> = pending.iter().map(|p| p.id.as_str()).collect();
+        format!(
+            "ready; withdrawals held until these known clusters resync (or their grace period ends): {}\n",
+            ids.join(", ")
+        )
+        .into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -101,7 +110,12 @@ async fn config_status(State(s): State<AdminState>) -> Json<ConfigStatus> {
 }
 
 async fn clusters(State(s): State<AdminState>) -> Json<serde_json::Value> {
-    Json(json!({ "clusters": *s.index.clusters() }))
+    let held = *s.shards.withdrawals_held().borrow();
+    Json(json!({
+        "clusters": *s.index.clusters(),
+        "resync_pending": *s.index.resync_pending(),
+        "withdrawals_held": held,
+    }))
 }
 
 async fn shards(State(s): State<AdminState>) -> Json<serde_json::Value> {

@@ -20,8 +20,10 @@ use tributary_proto::wire::ads_server::AggregatedDiscoveryServiceServer;
 
 use crate::admin::{self, AdminState};
 use crate::config::watch::FileSource;
+use crate::federation::Limits;
 use crate::federation::server::FederationService;
 use crate::index::debounce::DebounceConfig;
+use crate::index::known::StateDir;
 use crate::index::{Command, Index, IndexConfig, IndexHandle};
 use crate::metrics::Metrics;
 use crate::status::SyncRegistry;
@@ -57,6 +59,11 @@ pub struct HubConfig {
     pub stream_limits: StreamLimits,
     /// Largest xDS request the hub decodes; a larger one ends its stream.
     pub max_request_bytes: usize,
+    /// Where the hub remembers which clusters fed it (locked while it runs); `None`:
+    /// nothing is remembered, so a restart does not wait for known clusters.
+    pub state_dir: Option<PathBuf>,
+    /// Bounds on what agents may send.
+    pub federation: Limits,
 }
 
 impl HubConfig {
@@ -75,6 +82,8 @@ impl HubConfig {
             max_initial_syncs: 256,
             stream_limits: StreamLimits::default(),
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            state_dir: None,
+            federation: Limits::default(),
         }
     }
 }
@@ -113,6 +122,11 @@ impl Hub {
             metrics.clone(),
         );
         let now = tokio::time::Instant::now();
+        if let Some(dir) = &cfg.state_dir {
+            let (state, known) = StateDir::open(dir)?;
+            info!(dir = %dir.display(), known = known.len(), "state dir opened");
+            index.restore(known, Box::new(state), now);
+        }
         index.set_file(Arc::new(mesh.clone()), now);
         index.flush(now);
         let (mesh_tx, mut mesh_rx) = watch::channel(Arc::new(mesh));
@@ -213,10 +227,11 @@ impl Hub {
                 index.clone(),
                 metrics.clone(),
                 cfg.heartbeat,
+                cfg.federation,
                 shutdown_rx.clone(),
             ),
         )
-        .max_decoding_message_size(64 << 20);
+        .max_decoding_message_size(cfg.federation.max_message_bytes);
         tasks.spawn({
             let stop = stopped();
             async move {

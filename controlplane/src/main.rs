@@ -122,6 +122,24 @@ struct HubArgs {
     /// Conformance tests only: ports named test-invalid* yield clusters Envoy rejects.
     #[arg(long, hide = true)]
     test_hooks: bool,
+    /// Where the hub remembers which clusters fed it, so that after a restart it
+    /// withholds their withdrawals until they resync (locked: one hub per dir).
+    #[arg(
+        long,
+        default_value = "/var/lib/tributary",
+        env = "TRIBUTARY_STATE_DIR"
+    )]
+    state_dir: PathBuf,
+    /// Most changes in one federation batch; a larger one is rejected (not applied).
+    /// Advertised to agents, which split their batches to fit.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    federation_max_batch: u32,
+    /// Most bytes of one federation message (the decode limit); advertised to agents.
+    #[arg(long, default_value_t = 16 << 20, value_parser = clap::value_parser!(u64).range(4096..=(1 << 30)))]
+    federation_max_message_bytes: u64,
+    /// Most endpoints in one federated endpoint set; a larger set is rejected as an item.
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..))]
+    federation_max_endpoints_per_set: u32,
 }
 
 #[derive(Debug, clap::Args)]
@@ -159,6 +177,15 @@ struct RemoteArgs {
     /// Poll interval of --file sources.
     #[arg(long, default_value = "500ms", value_parser = parse_duration_arg)]
     poll_interval: Duration,
+    /// Most changes per batch (the hub's advertised limit applies when lower).
+    #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u32).range(1..))]
+    max_batch: u32,
+    /// Most encoded bytes per batch (the hub's advertised limit applies when lower).
+    #[arg(long, default_value_t = 4 << 20, value_parser = clap::value_parser!(u64).range(4096..=(1 << 30)))]
+    max_batch_bytes: u64,
+    /// Serve /healthz, /metrics and /status here (e.g. 0.0.0.0:19002); off by default.
+    #[arg(long, env = "TRIBUTARY_AGENT_ADMIN_ADDR")]
+    admin_addr: Option<SocketAddr>,
 }
 
 fn parse_duration_arg(s: &str) -> Result<Duration, String> {
@@ -241,6 +268,12 @@ async fn hub(args: HubArgs) -> anyhow::Result<()> {
             nack_record_names: args.nack_record_names,
         },
         max_request_bytes: args.max_request_bytes,
+        state_dir: Some(args.state_dir),
+        federation: tributary_controlplane::federation::Limits {
+            max_batch_changes: args.federation_max_batch as usize,
+            max_message_bytes: args.federation_max_message_bytes as usize,
+            max_endpoints_per_set: args.federation_max_endpoints_per_set as usize,
+        },
     };
     if cfg.debounce.cap < cfg.debounce.quiet {
         anyhow::bail!(
@@ -268,6 +301,20 @@ async fn remote(args: RemoteArgs) -> anyhow::Result<()> {
     cfg.network = args.network;
     cfg.debounce = args.debounce;
     cfg.heartbeat = args.heartbeat;
+    cfg.max_batch = args.max_batch as usize;
+    cfg.max_batch_bytes = args.max_batch_bytes as usize;
+    let telemetry = Arc::new(agent::admin::Telemetry::new(&cfg, agent::new_incarnation()));
+    if let Some(addr) = args.admin_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the agent's admin address {addr} (--admin-addr)"))?;
+        tracing::info!(addr = %listener.local_addr()?, "agent admin endpoint");
+        tokio::spawn(agent::admin::serve(
+            listener,
+            telemetry.clone(),
+            std::future::pending(),
+        ));
+    }
     let (tx, rx) = tokio::sync::watch::channel(Arc::new(ClusterState::default()));
     let source = if !args.files.is_empty() {
         // Refuse to start on an invalid file: nothing would be exported.
@@ -288,7 +335,7 @@ async fn remote(args: RemoteArgs) -> anyhow::Result<()> {
         tokio::spawn(agent::kube::run(client, opts, tx))
     };
     tracing::info!(?cfg, "starting agent");
-    agent::run(cfg, rx, shutdown_signal()).await;
+    agent::run_with(cfg, rx, shutdown_signal(), telemetry).await;
     source.abort();
     Ok(())
 }
@@ -344,6 +391,7 @@ async fn status(what: StatusWhat, admin: &str, json: bool) -> anyhow::Result<()>
                     "ENDPOINTS",
                     "LAG",
                     "SESSIONS",
+                    "REJECTED",
                 ]
                 .map(String::from)
                 .to_vec(),
@@ -372,7 +420,20 @@ async fn status(what: StatusWhat, admin: &str, json: bool) -> anyhow::Result<()>
                     s(&c["endpoints"]),
                     lag,
                     s(&c["sessions"]),
+                    s(&c["batches_rejected"]),
                 ]);
+            }
+            let pending: Vec<String> = v["resync_pending"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| s(&p["id"]))
+                .collect();
+            if !pending.is_empty() {
+                println!(
+                    "withdrawals held until these known clusters resync: {}",
+                    pending.join(", ")
+                );
             }
         }
         StatusWhat::Sync => {

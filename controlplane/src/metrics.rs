@@ -50,6 +50,7 @@ pub struct Metrics {
     pub federation_lag_seconds: Family<ClusterLabel, Gauge<f64, AtomicU64>>,
     pub federation_reconnects: Counter,
     pub federation_rejected: Counter,
+    pub federation_batches_rejected: Counter,
     pub federation_clusters_connected: Gauge,
     pub federation_clusters_grace: Gauge,
     pub debounce_seconds: Histogram,
@@ -80,6 +81,7 @@ impl Metrics {
             federation_lag_seconds: Family::default(),
             federation_reconnects: Counter::default(),
             federation_rejected: Counter::default(),
+            federation_batches_rejected: Counter::default(),
             federation_clusters_connected: Gauge::default(),
             federation_clusters_grace: Gauge::default(),
             debounce_seconds: Histogram::new(exponential_buckets(1e-3, 2.0, 12)),
@@ -154,7 +156,56 @@ impl Metrics {
             "Time to generate one environment's resources",
             m.generation_seconds.clone(),
         );
+        m.register_federation(r);
         m
+    }
+
+    fn register_federation(&self, r: &mut Registry) {
+        r.register(
+            "federation_messages",
+            "Federation messages received, by kind",
+            self.federation_messages.clone(),
+        );
+        r.register(
+            "federation_changes_applied",
+            "Federation changes applied to the index",
+            self.federation_changes_applied.clone(),
+        );
+        r.register(
+            "federation_item_errors",
+            "Federation items rejected as invalid",
+            self.federation_item_errors.clone(),
+        );
+        r.register(
+            "federation_lag_seconds",
+            "Apply time minus origin time of each cluster's last change",
+            self.federation_lag_seconds.clone(),
+        );
+        r.register(
+            "federation_reconnects",
+            "Agents that connected again for a known cluster",
+            self.federation_reconnects.clone(),
+        );
+        r.register(
+            "federation_rejected",
+            "Agent sessions rejected (cluster id already live)",
+            self.federation_rejected.clone(),
+        );
+        r.register(
+            "federation_batches_rejected",
+            "Federation batches rejected and not applied (oversize, undecodable, session not live)",
+            self.federation_batches_rejected.clone(),
+        );
+        r.register(
+            "federation_clusters_connected",
+            "Remote clusters with a live agent",
+            self.federation_clusters_connected.clone(),
+        );
+        r.register(
+            "federation_clusters_grace",
+            "Remote clusters in their grace period",
+            self.federation_clusters_grace.clone(),
+        );
     }
 
     /// Counts a connection until the guard is dropped.

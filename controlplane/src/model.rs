@@ -231,3 +231,46 @@ impl GatewayListener {
             .is_none_or(|hosts| hosts.iter().any(|h| h == host))
     }
 }
+
+/// The one host validation, for every source (files, federation): lower-cases `value`
+/// (DNS names are case-insensitive, and two spellings of one host must be one host)
+/// and checks it is a DNS name: labels of letters, digits and '-', separated by '.',
+/// each 1..=63 characters and not starting or ending with '-', at most 253 in all.
+/// The error says what was wrong; the caller prefixes the field.
+pub fn normalize_host(value: &str) -> Result<String, String> {
+    let host = value.to_ascii_lowercase();
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if !host.is_empty() && host.len() <= 253 && host.split('.').all(label_ok) {
+        Ok(host)
+    } else {
+        Err(format!(
+            "{value:?} is not a valid host, expected a DNS name: labels of letters, digits and '-' (1..=63 characters, not starting or ending with '-') separated by '.', at most 253 characters"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod host_tests {
+    use super::normalize_host;
+
+    #[test]
+    fn hosts_are_lower_cased_and_validated() {
+        assert_eq!(normalize_host("Reviews.PROD").unwrap(), "reviews.prod");
+        assert_eq!(
+            normalize_host("a-1.b.svc.cluster.local").unwrap(),
+            "a-1.b.svc.cluster.local"
+        );
+        for bad in ["", "a..b", "-a.b", "a-.b", "a b", "a_b", ".a", "a.", "é.b"] {
+            assert!(normalize_host(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(normalize_host(&"a".repeat(64)).is_err(), "label over 63");
+        let long = vec!["a".repeat(63); 4].join(".");
+        assert!(normalize_host(&long).is_err(), "host over 253");
+    }
+}

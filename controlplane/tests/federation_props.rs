@@ -13,7 +13,7 @@ use prometheus_client::registry::Registry;
 use prost::Message;
 use tokio::time::Instant;
 use tributary_controlplane::federation::ClusterInfo;
-use tributary_controlplane::federation::convert;
+use tributary_controlplane::federation::{ChangeKind, Limits, convert};
 use tributary_controlplane::index::{Index, IndexConfig};
 use tributary_controlplane::metrics::Metrics;
 use tributary_controlplane::xds::XdsType;
@@ -124,6 +124,7 @@ fn endpoints(r: &mut Rng) -> pb::EndpointSet {
             serving: r.chance(70),
             terminating: r.chance(10),
             labels: Default::default(),
+            ..Default::default()
         })
         .collect();
     pb::EndpointSet {
@@ -223,6 +224,7 @@ fn good_batch() -> pb::ChangeBatch {
         version: 1,
         full: true,
         changes,
+        ..Default::default()
     }
 }
 
@@ -253,7 +255,7 @@ fn random_and_malformed_batches_never_crash_or_corrupt_another_cluster() {
             ..Default::default()
         };
         ix.hello(good.clone(), 0, 1).unwrap();
-        let (b, errs) = convert::batch(good_batch(), &good).unwrap();
+        let (b, errs) = convert::batch(good_batch(), &good, &Limits::default()).unwrap();
         assert!(errs.is_empty());
         ix.apply_batch("good", 1, b, Instant::now()).unwrap();
         ix.flush(Instant::now());
@@ -272,6 +274,7 @@ fn random_and_malformed_batches_never_crash_or_corrupt_another_cluster() {
                 version: round + 1,
                 full: r.chance(25),
                 changes: (0..n).map(|_| change(&mut r)).collect(),
+                ..Default::default()
             };
             // The wire round trip as well: whatever was sent decodes the same.
             let raw = pb::ChangeBatch::decode(raw.encode_to_vec().as_slice()).unwrap();
@@ -279,12 +282,35 @@ fn random_and_malformed_batches_never_crash_or_corrupt_another_cluster() {
             if std::env::var("PROP_DEBUG").is_ok_and(|v| v == seed.to_string()) {
                 eprintln!("round {round}: {raw:#?}");
             }
-            let (batch, errors) = convert::batch(raw, &bad).expect("not oversize");
+            let (batch, errors) =
+                convert::batch(raw, &bad, &Limits::default()).expect("not oversize");
+            // Every item is applied or reported: an item rejected whole is reported
+            // (and may stand as a "keep" of its key); an endpoint set with bad
+            // endpoints is applied and reports each of them.
+            let per_endpoint = |m: &str| {
+                m.ends_with("(endpoint dropped)") || m.ends_with("keeps its previous form)")
+            };
+            let rejected: std::collections::BTreeSet<u32> = errors
+                .iter()
+                .filter(|e| !per_endpoint(&e.message))
+                .map(|e| e.index)
+                .collect();
+            let applied = batch
+                .changes
+                .iter()
+                .filter(|c| {
+                    !matches!(
+                        c.kind,
+                        ChangeKind::KeepService(_) | ChangeKind::KeepEndpoints(_)
+                    )
+                })
+                .count();
             assert_eq!(
-                batch.changes.len() + errors.len(),
+                applied + rejected.len(),
                 total,
                 "seed {seed}: every item is applied or reported"
             );
+            assert!(errors.iter().all(|e| (e.index as usize) < total));
             ix.apply_batch("bad", 2, batch, Instant::now()).unwrap();
             if r.chance(50) {
                 ix.flush(Instant::now());
@@ -325,8 +351,414 @@ fn oversize_batches_are_rejected_whole() {
     let raw = pb::ChangeBatch {
         version: 3,
         full: false,
-        changes: vec![change; convert::MAX_BATCH_CHANGES + 1],
+        changes: vec![change; Limits::default().max_batch_changes + 1],
+        ..Default::default()
     };
-    let err = convert::batch(raw, &info).unwrap_err();
+    let err = convert::batch(raw, &info, &Limits::default()).unwrap_err();
     assert!(err.contains("exceed the limit"), "{err}");
+}
+
+// ---- fuzz_federation_batches: batches against a reference model ----------------
+//
+// One cluster's agent sends random sequences of batches: incremental ones, full
+// resyncs split into parts, resyncs interrupted by an (invalid) incremental batch,
+// and reconnects; items are valid or damaged (bad hosts, bad ports, bad addresses,
+// empty changes), keys repeat within a batch, hosts come in case variants. After
+// every batch, what the index holds for the cluster must equal a reference model of
+// the documented semantics, and nothing may panic. `TRIBUTARY_FUZZ_CASES` sets the
+// number of cases (`scripts/fuzz` runs 1,000,000 in release mode).
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+use tokio::sync::oneshot;
+use tributary_controlplane::index::Command;
+use tributary_controlplane::model::ObjectKey;
+
+const KEYS: &[&str] = &["a", "b", "c"];
+const HOSTS: &[&str] = &["a.ns", "A.NS", "b.ns", "shared.example", "Shared.Example"];
+const GOOD_ADDRS: &[&str] = &["10.0.0.1", "10.0.0.2", "fd00::1", "10.0.0.3"];
+const BAD_ADDRS: &[&str] = &["10.0.0.999", "", "fd00::zz"];
+const EP_NAMES: &[&str] = &["", "p1", "p2", "p3"];
+/// Sets with more endpoints than this are rejected whole (kept as they were).
+const MAX_SET: usize = 3;
+
+fn limits() -> Limits {
+    Limits {
+        max_endpoints_per_set: MAX_SET,
+        ..Limits::default()
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Item {
+    /// A service upsert; `damage`: 0 none, 1 bad host, 2 no ports, 3 port 0.
+    Service {
+        key: usize,
+        hosts: Vec<usize>,
+        damage: u8,
+    },
+    DeleteService(usize),
+    /// Endpoints: (name, address; `bad` picks from BAD_ADDRS).
+    Endpoints {
+        key: usize,
+        eps: Vec<(usize, usize, bool)>,
+    },
+    DeleteEndpoints(usize),
+    /// A change with an invalid key (empty name): rejected, names nothing.
+    BadKey,
+    Empty,
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Incremental(Vec<Item>),
+    /// A full resync in parts (each part non-empty or not).
+    Resync(Vec<Vec<Item>>),
+    /// The first part of a resync, then an incremental batch: rejected, the session
+    /// ends, the agent reconnects.
+    Interrupted(Vec<Item>, Vec<Item>),
+    Reconnect,
+}
+
+fn item() -> impl Strategy<Value = Item> {
+    let key = 0..KEYS.len();
+    prop_oneof![
+        4 => (key.clone(), prop::collection::vec(0..HOSTS.len(), 1..3), prop_oneof![6 => Just(0u8), 1 => Just(1u8), 1 => Just(2u8), 1 => Just(3u8)])
+            .prop_map(|(key, hosts, damage)| Item::Service { key, hosts, damage }),
+        1 => key.clone().prop_map(Item::DeleteService),
+        4 => (key.clone(), prop::collection::vec((0..EP_NAMES.len(), 0..GOOD_ADDRS.len(), prop::bool::weighted(0.2)), 0..MAX_SET + 2))
+            .prop_map(|(key, eps)| Item::Endpoints { key, eps }),
+        1 => key.prop_map(Item::DeleteEndpoints),
+        1 => Just(Item::BadKey),
+        1 => Just(Item::Empty),
+    ]
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let items = || prop::collection::vec(item(), 0..6);
+    prop_oneof![
+        4 => items().prop_map(Op::Incremental),
+        3 => prop::collection::vec(items(), 1..4).prop_map(Op::Resync),
+        1 => (items(), items()).prop_map(|(a, b)| Op::Interrupted(a, b)),
+        1 => Just(Op::Reconnect),
+    ]
+}
+
+fn okey(i: usize) -> ObjectKey {
+    ObjectKey {
+        namespace: "ns".into(),
+        name: KEYS[i].into(),
+    }
+}
+
+fn to_pb(item: &Item) -> pb::Change {
+    use pb::change::Kind;
+    let kind = match item {
+        Item::Service { key, hosts, damage } => {
+            let mut hosts: Vec<String> = hosts.iter().map(|h| HOSTS[*h].to_string()).collect();
+            if *damage == 1 {
+                hosts.push("bad host".into());
+            }
+            let ports = match damage {
+                2 => vec![],
+                3 => vec![pb::ServicePort {
+                    name: "http".into(),
+                    port: 0,
+                    protocol: "HTTP".into(),
+                }],
+                _ => vec![pb::ServicePort {
+                    name: "http".into(),
+                    port: 80,
+                    protocol: "HTTP".into(),
+                }],
+            };
+            Some(Kind::ServiceUpsert(pb::Service {
+                namespace: "ns".into(),
+                name: KEYS[*key].into(),
+                hosts,
+                ports,
+                environment: "prod".into(),
+            }))
+        }
+        Item::DeleteService(k) => Some(Kind::ServiceDelete(pb::ServiceRef {
+            namespace: "ns".into(),
+            name: KEYS[*k].into(),
+        })),
+        Item::Endpoints { key, eps } => Some(Kind::EndpointsUpsert(pb::EndpointSet {
+            namespace: "ns".into(),
+            service: KEYS[*key].into(),
+            endpoints: eps
+                .iter()
+                .map(|(name, addr, bad)| pb::Endpoint {
+                    addresses: vec![
+                        if *bad {
+                            BAD_ADDRS[addr % BAD_ADDRS.len()]
+                        } else {
+                            GOOD_ADDRS[*addr]
+                        }
+                        .to_string(),
+                    ],
+                    ports: [("http".to_string(), 8080)].into(),
+                    ready: true,
+                    serving: true,
+                    name: EP_NAMES[*name].into(),
+                    ..Default::default()
+                })
+                .collect(),
+        })),
+        Item::DeleteEndpoints(k) => Some(Kind::EndpointsDelete(pb::ServiceRef {
+            namespace: "ns".into(),
+            name: KEYS[*k].into(),
+        })),
+        Item::BadKey => Some(Kind::ServiceDelete(pb::ServiceRef {
+            namespace: "ns".into(),
+            name: String::new(),
+        })),
+        Item::Empty => None,
+    };
+    pb::Change {
+        origin_unix_nanos: 1,
+        kind,
+    }
+}
+
+/// The documented semantics, on their own: per key, the service (its lower-cased,
+/// de-duplicated hosts) and the endpoints as (name, address).
+#[derive(Debug, Default, Clone, PartialEq)]
+struct Model {
+    services: BTreeMap<ObjectKey, Vec<String>>,
+    endpoints: BTreeMap<ObjectKey, Vec<(String, String)>>,
+}
+
+#[derive(Debug, Default)]
+struct Named {
+    services: std::collections::BTreeSet<ObjectKey>,
+    endpoints: std::collections::BTreeSet<ObjectKey>,
+}
+
+impl Model {
+    fn apply(&mut self, item: &Item, resync: Option<&mut Named>) {
+        match item {
+            Item::Service { key, hosts, damage } => {
+                let k = okey(*key);
+                if let Some(n) = resync {
+                    n.services.insert(k.clone());
+                }
+                if *damage != 0 {
+                    return; // rejected: the previous form stays
+                }
+                let mut hs: Vec<String> = Vec::new();
+                for h in hosts {
+                    let h = HOSTS[*h].to_ascii_lowercase();
+                    if !hs.contains(&h) {
+                        hs.push(h);
+                    }
+                }
+                self.services.insert(k, hs);
+            }
+            Item::Endpoints { key, eps } => {
+                let k = okey(*key);
+                if let Some(n) = resync {
+                    n.endpoints.insert(k.clone());
+                }
+                if eps.len() > MAX_SET {
+                    return; // the set is rejected whole: the previous one stays
+                }
+                let mut new = Vec::new();
+                let mut keep = Vec::new();
+                for (name, addr, bad) in eps {
+                    let name = EP_NAMES[*name].to_string();
+                    if *bad {
+                        if !name.is_empty() {
+                            keep.push(name);
+                        }
+                    } else {
+                        let a: std::net::IpAddr = GOOD_ADDRS[*addr].parse().unwrap();
+                        new.push((name, a.to_string()));
+                    }
+                }
+                let old = self.endpoints.get(&k).cloned().unwrap_or_default();
+                new.extend(old.into_iter().filter(|(n, _)| keep.contains(n)));
+                self.endpoints.insert(k, new);
+            }
+            Item::DeleteService(k) if resync.is_none() => {
+                self.services.remove(&okey(*k));
+            }
+            Item::DeleteEndpoints(k) if resync.is_none() => {
+                self.endpoints.remove(&okey(*k));
+            }
+            _ => {}
+        }
+    }
+
+    fn finish(&mut self, named: &Named) {
+        self.services.retain(|k, _| named.services.contains(k));
+        self.endpoints.retain(|k, _| named.endpoints.contains(k));
+    }
+}
+
+struct Harness {
+    ix: Index,
+    shards: Arc<Shards>,
+    info: ClusterInfo,
+    session: u64,
+    version: u64,
+    model: Model,
+}
+
+impl Harness {
+    fn new() -> Self {
+        let shards = Arc::new(Shards::default());
+        let metrics = Arc::new(Metrics::new(&mut Registry::default()));
+        let mut ix = Index::new(IndexConfig::default(), shards.clone(), metrics);
+        let info = ClusterInfo {
+            id: "c".into(),
+            region: "r".into(),
+            zone: "z".into(),
+            incarnation: "fuzz".into(),
+            ..Default::default()
+        };
+        ix.hello(info.clone(), 0, 1).unwrap();
+        Harness {
+            ix,
+            shards,
+            info,
+            session: 1,
+            version: 0,
+            model: Model::default(),
+        }
+    }
+
+    /// Sends a batch through the index's command path; `Ok` if it was applied.
+    fn send(&mut self, full: bool, more: bool, items: &[Item]) -> Result<(), String> {
+        self.version += 1;
+        let raw = pb::ChangeBatch {
+            version: self.version,
+            full,
+            more,
+            changes: items.iter().map(to_pb).collect(),
+        };
+        let batch = convert::batch(raw, &self.info, &limits()).map(|(b, _errors)| b);
+        let (reply, mut answer) = oneshot::channel();
+        self.ix.handle(
+            Command::Batch {
+                cluster: "c".into(),
+                session: self.session,
+                version: self.version,
+                batch,
+                reply,
+            },
+            Instant::now(),
+        );
+        answer.try_recv().expect("the index answers at once")
+    }
+
+    fn reconnect(&mut self) {
+        self.ix.gone("c", self.session, Instant::now());
+        self.session += 1;
+        self.ix.hello(self.info.clone(), 0, self.session).unwrap();
+    }
+
+    fn held(&self) -> Model {
+        let h = self.ix.held("c").expect("cluster held");
+        Model {
+            services: h
+                .services
+                .iter()
+                .map(|(k, s)| (k.clone(), s.hosts.clone()))
+                .collect(),
+            endpoints: h
+                .endpoints
+                .iter()
+                .map(|(k, v)| {
+                    let v = v
+                        .iter()
+                        .map(|e| (e.name.clone(), e.endpoint.address.to_string()))
+                        .collect();
+                    (k.clone(), v)
+                })
+                .collect(),
+        }
+    }
+
+    fn run(&mut self, op: &Op) {
+        match op {
+            Op::Incremental(items) => {
+                self.send(false, false, items).expect("applied");
+                for i in items {
+                    self.model.apply(i, None);
+                }
+            }
+            Op::Resync(parts) => {
+                let mut named = Named::default();
+                for (n, items) in parts.iter().enumerate() {
+                    let more = n + 1 < parts.len();
+                    self.send(true, more, items).expect("applied");
+                    for i in items {
+                        self.model.apply(i, Some(&mut named));
+                    }
+                    if more {
+                        assert_eq!(self.held(), self.model, "mid-resync: nothing deleted yet");
+                    }
+                }
+                self.model.finish(&named);
+            }
+            Op::Interrupted(first, incremental) => {
+                self.send(true, true, first).expect("applied");
+                let mut named = Named::default();
+                for i in first {
+                    self.model.apply(i, Some(&mut named));
+                }
+                let err = self.send(false, false, incremental).unwrap_err();
+                assert!(err.contains("full resync"), "{err}");
+                self.reconnect();
+            }
+            Op::Reconnect => self.reconnect(),
+        }
+    }
+}
+
+fn fuzz_cases() -> u32 {
+    std::env::var("TRIBUTARY_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: fuzz_cases(),
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn fuzz_federation_batches(ops in prop::collection::vec(op(), 1..8)) {
+        let mut h = Harness::new();
+        for op in &ops {
+            h.run(op);
+            prop_assert_eq!(h.held(), h.model.clone(), "after {:?}", op);
+        }
+        // Whatever was sent, the published config is valid: no route table repeats a
+        // domain (Envoy would NACK it), and every resource decodes.
+        h.ix.flush(Instant::now());
+        let snap = h.shards.current("prod");
+        if let Some(r) = snap.get(XdsType::Route, "80") {
+            use tributary_proto::envoy::envoy::config::route::v3::RouteConfiguration;
+            let route = RouteConfiguration::decode(r.body()).unwrap();
+            let mut domains: Vec<String> = route
+                .virtual_hosts
+                .iter()
+                .flat_map(|v| v.domains.iter().map(|d| d.to_ascii_lowercase()))
+                .collect();
+            let n = domains.len();
+            domains.sort();
+            domains.dedup();
+            prop_assert_eq!(domains.len(), n, "a domain repeats");
+        }
+        for (_, r) in snap.of_type(XdsType::Endpoint).iter() {
+            ClusterLoadAssignment::decode(r.body()).unwrap();
+        }
+    }
 }

@@ -526,6 +526,7 @@ async fn ours(args: &Args, sc: &Scenario, dir: &std::path::Path) -> anyhow::Resu
     let config = dir.join("hub-config");
     std::fs::create_dir_all(&config)?;
     std::fs::write(config.join("gateway.yaml"), scenario::hub_config_yaml())?;
+    let state = dir.join("hub-state");
     let argv: Vec<String> = [
         hub_bin.to_string_lossy().as_ref(),
         "hub",
@@ -537,6 +538,8 @@ async fn ours(args: &Args, sc: &Scenario, dir: &std::path::Path) -> anyhow::Resu
         "127.0.0.1:0",
         "--sync-wait",
         "0s",
+        "--state-dir",
+        &state.to_string_lossy(),
         "--debounce-quiet",
         &args.debounce,
     ]

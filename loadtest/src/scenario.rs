@@ -183,6 +183,7 @@ impl Scenario {
                     serving: true,
                     terminating: false,
                     labels: Default::default(),
+                    name: String::new(),
                 })
                 .collect();
             if eps.is_empty() {

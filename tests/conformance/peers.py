@@ -260,7 +260,7 @@ class Hub:
                 "--xds-addr", hostport(host, self.xds_port), "--admin-addr", "127.0.0.1:0",
                 "--ready-file", str(self.ready_file), "--poll-interval", self.poll_interval,
                 # No agents feed these hubs: serve at once.
-                "--sync-wait", "0s",
+                "--sync-wait", "0s", "--state-dir", str(self.dir / "state"),
                 *self.extra_args]
         env = dict(os.environ)
         env.setdefault("RUST_LOG", "info")

@@ -49,6 +49,8 @@ pub fn cluster_state(mesh: &Mesh, previous: &ClusterState, now: SystemTime) -> C
                     serving: !matches!(ep.health, Health::Unhealthy),
                     terminating: matches!(ep.health, Health::Draining),
                     labels: ep.labels.clone().into_iter().collect(),
+                    // File endpoints have no identity beyond their address.
+                    name: String::new(),
                 })
                 .collect();
             let set = pb::EndpointSet {

@@ -207,6 +207,13 @@ impl Objects {
                 let serving = c.and_then(|c| c.serving).unwrap_or(ready);
                 let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
                 let node = e.node_name.clone().unwrap_or_default();
+                // The endpoint's identity: its pod (targetRef), else its hostname.
+                let name = e
+                    .target_ref
+                    .as_ref()
+                    .and_then(|r| r.name.clone())
+                    .or_else(|| e.hostname.clone())
+                    .unwrap_or_default();
                 let zone = e
                     .zone
                     .clone()
@@ -221,6 +228,7 @@ impl Objects {
                     serving,
                     terminating,
                     labels: Default::default(),
+                    name,
                 });
             }
         }

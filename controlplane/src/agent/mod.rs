@@ -7,7 +7,14 @@
 //! watching, and on return the agent sends the net result (a diff from the last
 //! acknowledged state when the hub still holds it, otherwise a full snapshot the hub
 //! diffs itself), so memory stays bounded however long the outage.
+//!
+//! Every batch is split to fit the hub's limits (advertised in its Welcome) and the
+//! agent's own (`max_batch`, `max_batch_bytes`); a split full resync carries
+//! `more = true` on all but its last part. A batch the hub rejects is never taken as
+//! acknowledged: the agent logs it, counts it ([`admin`]), ends the session and
+//! reconnects with backoff, resyncing from its last acknowledged state.
 
+pub mod admin;
 pub mod file;
 pub mod kube;
 
@@ -15,13 +22,16 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use backon::BackoffBuilder;
+use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 use tributary_proto::federation::v1::federation_client::FederationClient;
 use tributary_proto::federation::v1::{self as pb, agent_message, change, hub_message};
 
+use self::admin::Telemetry;
 use crate::federation::convert::to_unix_nanos;
 use crate::model::ObjectKey;
 
@@ -41,8 +51,12 @@ pub struct AgentConfig {
     pub heartbeat: Duration,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
-    /// Most changes per incremental batch (larger diffs are split).
+    /// Most changes per batch (larger diffs and resyncs are split); the hub's
+    /// advertised limit applies when it is lower.
     pub max_batch: usize,
+    /// Most encoded bytes per batch; the hub's advertised message limit applies when
+    /// it is lower.
+    pub max_batch_bytes: usize,
 }
 
 impl AgentConfig {
@@ -58,6 +72,7 @@ impl AgentConfig {
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
             max_batch: 5_000,
+            max_batch_bytes: 4 << 20,
         }
     }
 }
@@ -162,12 +177,19 @@ pub fn full(state: &ClusterState) -> Vec<pb::Change> {
     diff(&ClusterState::default(), state, SystemTime::now())
 }
 
-/// Survives reconnects: what the hub has acknowledged.
-#[derive(Debug, Default)]
+/// Survives reconnects: who this agent process is, and what the hub acknowledged.
+#[derive(Debug)]
 struct Memory {
+    /// Random per process: versions count per incarnation.
+    incarnation: String,
     version: u64,
     acked_version: u64,
     acked: Arc<ClusterState>,
+}
+
+/// A new random incarnation id (not secret: it only tells agent processes apart).
+pub fn new_incarnation() -> String {
+    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
 }
 
 /// Why a session ended.
@@ -181,67 +203,209 @@ pub enum AgentError {
     /// Retryable after a while: the hub refused this agent (e.g. a live agent holds the cluster id).
     #[error("rejected by the hub: {0}")]
     Rejected(String),
+    /// Retryable: the hub did not apply batch `version`; the agent resyncs from its
+    /// last acknowledged state on the next session.
+    #[error("the hub rejected batch {version} (not applied): {message}")]
+    BatchRejected { version: u64, message: String },
     #[error("protocol: {0}")]
     Protocol(String),
+}
+
+/// Reconnect delay caps: `initial` doubling up to `max` (a fresh schedule after a
+/// long session). Each delay is drawn uniformly below its cap (full jitter).
+fn backoff(cfg: &AgentConfig) -> backon::ExponentialBackoff {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(cfg.backoff_initial)
+        .with_max_delay(cfg.backoff_max)
+        .with_factor(2.0)
+        .without_max_times()
+        .build()
+}
+
+/// Full jitter: uniform in `[0, cap)`. (backon's own jitter adds up to one more
+/// `cap` on top, which would double the documented maximum.)
+fn full_jitter(cap: Duration) -> Duration {
+    cap.mul_f64(fastrand::f64())
 }
 
 /// Runs the agent until `shutdown` resolves: connects, streams, and reconnects with
 /// exponential backoff and full jitter.
 pub async fn run(
     cfg: AgentConfig,
-    mut state: watch::Receiver<Arc<ClusterState>>,
+    state: watch::Receiver<Arc<ClusterState>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
+    let telemetry = Arc::new(Telemetry::new(&cfg, new_incarnation()));
+    run_with(cfg, state, shutdown, telemetry).await
+}
+
+/// [`run`], reporting into `telemetry` (served by [`admin::serve`]); the agent's
+/// incarnation is `telemetry`'s.
+pub async fn run_with(
+    cfg: AgentConfig,
+    mut state: watch::Receiver<Arc<ClusterState>>,
+    shutdown: impl std::future::Future<Output = ()>,
+    telemetry: Arc<Telemetry>,
+) {
     tokio::pin!(shutdown);
-    let mut mem = Memory::default();
-    let mut attempt: u32 = 0;
-    let mut rng = Jitter::seeded();
+    let mut mem = Memory {
+        incarnation: telemetry.incarnation().to_string(),
+        version: 0,
+        acked_version: 0,
+        acked: Arc::default(),
+    };
+    let mut delays = backoff(&cfg);
     loop {
         let started = Instant::now();
+        telemetry.set_state("connecting");
         let result = tokio::select! {
-            r = session(&cfg, &mut state, &mut mem) => r,
-            _ = &mut shutdown => return,
+            r = session(&cfg, &mut state, &mut mem, &telemetry) => r,
+            _ = &mut shutdown => {
+                telemetry.set_state("stopped");
+                return;
+            }
         };
+        telemetry.session_ended(result.as_ref().err().map(ToString::to_string));
         match result {
             Ok(()) => info!(hub = %cfg.hub, "hub closed the federation stream"),
+            Err(e @ AgentError::BatchRejected { .. }) => {
+                error!(hub = %cfg.hub, error = %e, "federation session ended: batch rejected; reconnecting to resync")
+            }
             Err(e) => warn!(hub = %cfg.hub, error = %e, "federation session ended"),
         }
         // A session that lasted a while resets the backoff.
         if started.elapsed() > Duration::from_secs(30) {
-            attempt = 0;
+            delays = backoff(&cfg);
         }
-        let cap = cfg
-            .backoff_max
-            .min(cfg.backoff_initial.saturating_mul(1u32 << attempt.min(16)));
-        let delay = rng.upto(cap);
-        attempt += 1;
-        debug!(?delay, attempt, "reconnecting after backoff");
+        let delay = full_jitter(delays.next().unwrap_or(cfg.backoff_max));
+        debug!(?delay, "reconnecting after backoff");
+        telemetry.set_state("backoff");
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = &mut shutdown => return,
+            _ = &mut shutdown => {
+                telemetry.set_state("stopped");
+                return;
+            }
         }
     }
 }
 
-fn batch_msg(version: u64, full: bool, changes: Vec<pb::Change>) -> pb::AgentMessage {
+fn batch_msg(version: u64, full: bool, more: bool, changes: Vec<pb::Change>) -> pb::AgentMessage {
     pb::AgentMessage {
         kind: Some(agent_message::Kind::Batch(pb::ChangeBatch {
             version,
             full,
             changes,
+            more,
         })),
     }
+}
+
+/// Bytes a batch needs besides its changes (version, flags, message framing).
+const BATCH_ENVELOPE_BYTES: usize = 64;
+
+/// Splits `changes` into batches of at most `max_changes` changes and `max_bytes`
+/// encoded bytes each, in order. A change too large for any batch on its own is
+/// returned apart (it can never be sent). Always returns at least one (maybe empty)
+/// batch, so an empty full resync is still sent.
+pub fn split(
+    changes: Vec<pb::Change>,
+    max_changes: usize,
+    max_bytes: usize,
+) -> (Vec<Vec<pb::Change>>, Vec<pb::Change>) {
+    let max_changes = max_changes.max(1);
+    let budget = max_bytes.saturating_sub(BATCH_ENVELOPE_BYTES);
+    let mut batches = vec![Vec::new()];
+    let mut too_large = Vec::new();
+    let mut bytes = 0usize;
+    for c in changes {
+        let len = c.encoded_len();
+        let cost = 1 + prost::encoding::encoded_len_varint(len as u64) + len;
+        if cost > budget {
+            too_large.push(c);
+            continue;
+        }
+        let current = batches.last_mut().expect("never empty");
+        if !current.is_empty() && (current.len() >= max_changes || bytes + cost > budget) {
+            batches.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += cost;
+        batches.last_mut().expect("never empty").push(c);
+    }
+    (batches, too_large)
+}
+
+/// What one session may put in a batch: the lower of the agent's and the hub's limits.
+#[derive(Debug, Clone, Copy)]
+struct BatchLimits {
+    changes: usize,
+    bytes: usize,
+}
+
+impl BatchLimits {
+    fn new(cfg: &AgentConfig, w: &pb::Welcome) -> Self {
+        let hub = |v: u64| if v == 0 { usize::MAX } else { v as usize };
+        BatchLimits {
+            changes: cfg.max_batch.min(hub(u64::from(w.max_batch_changes))),
+            bytes: cfg.max_batch_bytes.min(hub(w.max_message_bytes)),
+        }
+    }
+}
+
+/// Sends `changes` as one or more batches (`full`: parts of a full resync, all but
+/// the last with `more`). Returns the last version sent, if any was.
+async fn send_split(
+    tx: &mpsc::Sender<pb::AgentMessage>,
+    mem: &mut Memory,
+    telemetry: &Telemetry,
+    limits: BatchLimits,
+    full: bool,
+    changes: Vec<pb::Change>,
+) -> Result<Option<u64>, AgentError> {
+    if changes.is_empty() && !full {
+        return Ok(None);
+    }
+    let total = changes.len();
+    let (batches, too_large) = split(changes, limits.changes, limits.bytes);
+    for c in &too_large {
+        let message = format!(
+            "a change of {} bytes exceeds the batch limit of {} bytes on its own; not sent",
+            c.encoded_len(),
+            limits.bytes
+        );
+        error!(%message, "change dropped");
+        telemetry.item_error(message);
+    }
+    let parts = batches.len();
+    for (i, chunk) in batches.into_iter().enumerate() {
+        mem.version += 1;
+        let n = chunk.len();
+        tx.send(batch_msg(mem.version, full, i + 1 < parts, chunk))
+            .await
+            .map_err(|_| AgentError::Protocol("outbound stream closed".into()))?;
+        telemetry.sent(mem.version, n);
+    }
+    debug!(
+        changes = total,
+        parts,
+        full,
+        version = mem.version,
+        "batch sent"
+    );
+    Ok(Some(mem.version))
 }
 
 async fn session(
     cfg: &AgentConfig,
     state: &mut watch::Receiver<Arc<ClusterState>>,
     mem: &mut Memory,
+    telemetry: &Telemetry,
 ) -> Result<(), AgentError> {
     let mut client = FederationClient::connect(cfg.hub.clone())
         .await?
         .max_decoding_message_size(64 << 20)
-        .max_encoding_message_size(64 << 20);
+        .max_encoding_message_size(usize::MAX);
     let (tx, rx) = mpsc::channel::<pb::AgentMessage>(MAX_IN_FLIGHT + 4);
     let hello = pb::Hello {
         cluster_id: cfg.cluster_id.clone(),
@@ -250,6 +414,7 @@ async fn session(
         network: cfg.network.clone(),
         agent_version: env!("CARGO_PKG_VERSION").into(),
         last_acked_version: mem.acked_version,
+        incarnation: mem.incarnation.clone(),
     };
     tx.send(pb::AgentMessage {
         kind: Some(agent_message::Kind::Hello(hello)),
@@ -266,16 +431,10 @@ async fn session(
             )));
         }
     };
-    info!(hub = %cfg.hub, resume = welcome.resume, hub_version = welcome.hub_version, "connected to hub");
+    let limits = BatchLimits::new(cfg, &welcome);
+    info!(hub = %cfg.hub, resume = welcome.resume, hub_version = welcome.hub_version, max_changes = limits.changes, max_bytes = limits.bytes, "connected to hub");
+    telemetry.connected(welcome.resume);
 
-    let send = |m: pb::AgentMessage| {
-        let tx = tx.clone();
-        async move {
-            tx.send(m)
-                .await
-                .map_err(|_| AgentError::Protocol("outbound stream closed".into()))
-        }
-    };
     let mut in_flight: VecDeque<(u64, Arc<ClusterState>)> = VecDeque::new();
     let mut sent: Arc<ClusterState>;
     let mut dirty_at: Option<Instant>;
@@ -284,9 +443,9 @@ async fn session(
         dirty_at = Some(Instant::now()); // send what changed while away, at once
     } else {
         let current = state.borrow_and_update().clone();
-        mem.version += 1;
-        send(batch_msg(mem.version, true, full(&current))).await?;
-        in_flight.push_back((mem.version, current.clone()));
+        if let Some(v) = send_split(&tx, mem, telemetry, limits, true, full(&current)).await? {
+            in_flight.push_back((v, current.clone()));
+        }
         sent = current;
         dirty_at = None;
     }
@@ -307,18 +466,9 @@ async fn session(
                 dirty_at = None;
                 let current = state.borrow_and_update().clone();
                 let changes = diff(&sent, &current, SystemTime::now());
-                if !changes.is_empty() {
-                    let total = changes.len();
-                    let mut chunks = changes.chunks(cfg.max_batch.max(1)).peekable();
-                    while let Some(chunk) = chunks.next() {
-                        mem.version += 1;
-                        send(batch_msg(mem.version, false, chunk.to_vec())).await?;
-                        // Only the last chunk's version stands for a complete state.
-                        if chunks.peek().is_none() {
-                            in_flight.push_back((mem.version, current.clone()));
-                        }
-                    }
-                    debug!(changes = total, version = mem.version, "batch sent");
+                // Only the last part's version stands for a complete state.
+                if let Some(v) = send_split(&tx, mem, telemetry, limits, false, changes).await? {
+                    in_flight.push_back((v, current.clone()));
                 }
                 sent = current;
             }
@@ -329,12 +479,19 @@ async fn session(
                     Some(hub_message::Kind::Ack(ack)) => {
                         for e in &ack.errors {
                             warn!(version = ack.version, item = e.index, error = %e.message, "the hub rejected an item");
+                            telemetry.item_error(format!("batch {} item {}: {}", ack.version, e.index, e.message));
                         }
                         while in_flight.front().is_some_and(|(v, _)| *v <= ack.version) {
                             let (v, s) = in_flight.pop_front().unwrap_or_default();
                             mem.acked_version = v;
                             mem.acked = s;
+                            telemetry.acked(v);
                         }
+                    }
+                    Some(hub_message::Kind::BatchRejected(r)) => {
+                        // Not applied: the acknowledged state stays where it was.
+                        telemetry.batch_rejected(r.version, &r.message);
+                        return Err(AgentError::BatchRejected { version: r.version, message: r.message });
                     }
                     Some(hub_message::Kind::Heartbeat(_)) => {}
                     Some(hub_message::Kind::Reject(r)) => return Err(AgentError::Rejected(r.message)),
@@ -346,7 +503,9 @@ async fn session(
                     return Err(AgentError::Protocol(format!("nothing heard from the hub for {:?}", last_heard.elapsed())));
                 }
                 let hb = pb::Heartbeat { unix_nanos: to_unix_nanos(SystemTime::now()) };
-                send(pb::AgentMessage { kind: Some(agent_message::Kind::Heartbeat(hb)) }).await?;
+                tx.send(pb::AgentMessage { kind: Some(agent_message::Kind::Heartbeat(hb)) })
+                    .await
+                    .map_err(|_| AgentError::Protocol("outbound stream closed".into()))?;
             }
         }
     }
@@ -359,23 +518,61 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// Full jitter for reconnect backoff (xorshift; no need for a crypto RNG here).
-struct Jitter(u64);
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl Jitter {
-    fn seeded() -> Self {
-        let t = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1);
-        Jitter(t ^ (u64::from(std::process::id()) << 32) | 1)
+    #[test]
+    fn backoff_doubles_from_initial_to_max_with_full_jitter() {
+        let mut cfg = AgentConfig::new("http://127.0.0.1:1", "c");
+        cfg.backoff_initial = Duration::from_millis(100);
+        cfg.backoff_max = Duration::from_secs(10);
+        let caps: Vec<Duration> = backoff(&cfg).take(10).collect();
+        let ms: Vec<u128> = caps.iter().map(Duration::as_millis).collect();
+        assert_eq!(
+            ms,
+            [100, 200, 400, 800, 1600, 3200, 6400, 10_000, 10_000, 10_000]
+        );
+        let delays: Vec<Duration> = (0..1000).map(|_| full_jitter(cfg.backoff_max)).collect();
+        assert!(delays.iter().all(|d| *d < cfg.backoff_max));
+        assert!(
+            delays.iter().any(|d| *d < cfg.backoff_max / 4),
+            "full jitter reaches far below the cap"
+        );
     }
 
-    fn upto(&mut self, cap: Duration) -> Duration {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        let nanos = cap.as_nanos().min(u128::from(u64::MAX)) as u64;
-        Duration::from_nanos(if nanos == 0 { 0 } else { self.0 % nanos })
+    fn upsert(name: &str, payload: usize) -> pb::Change {
+        change(
+            SystemTime::UNIX_EPOCH,
+            change::Kind::ServiceUpsert(pb::Service {
+                namespace: "ns".into(),
+                name: name.into(),
+                hosts: vec!["h".repeat(payload)],
+                ..Default::default()
+            }),
+        )
+    }
+
+    #[test]
+    fn split_respects_count_and_bytes_and_keeps_order() {
+        let changes: Vec<pb::Change> = (0..25).map(|i| upsert(&format!("s{i}"), 100)).collect();
+        let (batches, too_large) = split(changes.clone(), 10, usize::MAX);
+        assert!(too_large.is_empty());
+        assert_eq!(
+            batches.iter().map(Vec::len).collect::<Vec<_>>(),
+            [10, 10, 5]
+        );
+        assert_eq!(batches.concat(), changes);
+        let max_bytes = 1_000;
+        let (batches, _) = split(changes.clone(), 1_000, max_bytes);
+        assert!(batches.len() > 3);
+        for b in &batches {
+            let msg = batch_msg(u64::MAX, true, true, b.clone());
+            assert!(msg.encoded_len() <= max_bytes, "{}", msg.encoded_len());
+        }
+        assert_eq!(batches.concat(), changes);
+        // A change that cannot fit alone is set apart; an empty input is one empty batch.
+        let (batches, too_large) = split(vec![upsert("big", 5_000)], 10, max_bytes);
+        assert_eq!((batches, too_large.len()), (vec![vec![]], 1));
     }
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::model::normalize_host;
 use crate::model::{
     Dependency, Destination, Endpoint, Gateway, GatewayListener, HeaderMatch, HeaderValueMatch,
     Health, Locality, Mesh, ObjectKey, PathMatch, Protocol, Route, RouteRule, Service, ServicePort,
@@ -555,22 +556,28 @@ fn build_service(
     if spec.hosts.is_empty() {
         errors.push(doc.err("spec.hosts", "must list at least one host"));
     }
-    for (i, host) in spec.hosts.iter().enumerate() {
+    let mut service_hosts: Vec<String> = Vec::with_capacity(spec.hosts.len());
+    for (i, raw) in spec.hosts.iter().enumerate() {
         let field = format!("spec.hosts[{i}]");
-        if let Err(message) = check_dns_name(host) {
-            errors.push(doc.err(field, message));
-        } else if spec.hosts[..i].contains(host) {
-            errors.push(doc.err(field, format!("duplicate host {host:?}")));
-        } else if let Some(owner) = hosts.get(&(doc.env.clone(), host.clone())) {
-            errors.push(doc.err(
-                field,
-                format!(
-                    "host {host:?} is already used by Service {owner} in environment {:?}",
-                    doc.env
-                ),
-            ));
-        } else {
-            hosts.insert((doc.env.clone(), host.clone()), doc.key.clone());
+        match normalize_host(raw) {
+            Err(message) => errors.push(doc.err(field, message)),
+            Ok(host) if service_hosts.contains(&host) => {
+                errors.push(doc.err(field, format!("duplicate host {host:?}")))
+            }
+            Ok(host) => {
+                if let Some(owner) = hosts.get(&(doc.env.clone(), host.clone())) {
+                    errors.push(doc.err(
+                        field,
+                        format!(
+                            "host {host:?} is already used by Service {owner} in environment {:?}",
+                            doc.env
+                        ),
+                    ));
+                } else {
+                    hosts.insert((doc.env.clone(), host.clone()), doc.key.clone());
+                }
+                service_hosts.push(host);
+            }
         }
     }
     if spec.ports.is_empty() {
@@ -630,7 +637,7 @@ fn build_service(
     }
     (errors.len() == before).then(|| Service {
         key: doc.key.clone(),
-        hosts: spec.hosts.clone(),
+        hosts: service_hosts,
         ports,
         subsets,
         endpoints: Vec::new(),
@@ -747,10 +754,19 @@ fn build_route(
         errors.push(doc.err("spec.hosts", "must list at least one host"));
     }
     let mut host_services = BTreeSet::new();
-    for (i, host) in spec.hosts.iter().enumerate() {
+    let mut route_hosts = Vec::with_capacity(spec.hosts.len());
+    for (i, raw) in spec.hosts.iter().enumerate() {
+        let host = match normalize_host(raw) {
+            Ok(h) => h,
+            Err(message) => {
+                errors.push(doc.err(format!("spec.hosts[{i}]"), message));
+                continue;
+            }
+        };
         match hosts.get(&(doc.env.clone(), host.clone())) {
             Some(owner) => {
                 host_services.insert(owner.clone());
+                route_hosts.push(host);
             }
             None => errors.push(doc.err(
                 format!("spec.hosts[{i}]"),
@@ -942,7 +958,7 @@ fn build_route(
     let port = port?;
     (errors.len() == before).then(|| Route {
         key: doc.key.clone(),
-        hosts: spec.hosts.clone(),
+        hosts: route_hosts,
         port,
         rules,
     })
@@ -964,8 +980,8 @@ fn build_sidecar(doc: &Doc<RawSidecar>, errors: &mut Vec<ConfigError>) -> Option
                 Ok(()) => dependencies.push(Dependency::Namespace(ns.clone())),
                 Err(m) => errors.push(doc.err(format!("{field}.namespace"), m)),
             },
-            (None, Some(h)) => match check_dns_name(h) {
-                Ok(()) => dependencies.push(Dependency::Host(h.clone())),
+            (None, Some(h)) => match normalize_host(h) {
+                Ok(h) => dependencies.push(Dependency::Host(h)),
                 Err(m) => errors.push(doc.err(format!("{field}.host"), m)),
             },
             _ => errors.push(doc.err(field, "expected exactly one of namespace, host")),
@@ -1010,7 +1026,18 @@ fn build_gateway(doc: &Doc<RawGateway>, errors: &mut Vec<ConfigError>) -> Option
         let hosts = match &l.hosts {
             None => None,
             Some(h) if h.iter().any(|h| h == "*") => None,
-            Some(h) => Some(h.clone()),
+            Some(h) => Some(
+                h.iter()
+                    .enumerate()
+                    .filter_map(|(j, raw)| match normalize_host(raw) {
+                        Ok(host) => Some(host),
+                        Err(m) => {
+                            errors.push(doc.err(format!("{field}.hosts[{j}]"), m));
+                            None
+                        }
+                    })
+                    .collect(),
+            ),
         };
         if let (Some(address), Some(port)) = (address, port) {
             if let Some(other) = listeners

@@ -9,13 +9,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tributary_proto::federation::v1 as pb;
 
-use super::{Batch, Change, ChangeKind, ClusterInfo, FedService, ItemError};
-use crate::model::{Endpoint, Health, Locality, ObjectKey, Protocol, ServicePort};
-
-/// Most changes one batch may carry; a larger batch is rejected whole.
-pub const MAX_BATCH_CHANGES: usize = 50_000;
-/// Most endpoints one endpoint set may carry.
-pub const MAX_ENDPOINTS_PER_SET: usize = 20_000;
+use super::{
+    Batch, Change, ChangeKind, ClusterInfo, EndpointSet, FedEndpoint, FedService, ItemError, Limits,
+};
+use crate::model::{Endpoint, Health, Locality, ObjectKey, Protocol, ServicePort, normalize_host};
 
 pub fn to_unix_nanos(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
@@ -29,12 +26,30 @@ pub fn from_unix_nanos(n: i64) -> SystemTime {
 
 pub fn cluster_info(h: &pb::Hello) -> Result<ClusterInfo, String> {
     check_label("hello.cluster_id", &h.cluster_id)?;
+    if !h.incarnation.is_empty() {
+        check_label("hello.incarnation", &h.incarnation)?;
+    }
+    // Stored per cluster and shown in status: bounded like names.
+    for (field, v) in [
+        ("hello.region", &h.region),
+        ("hello.zone", &h.zone),
+        ("hello.network", &h.network),
+        ("hello.agent_version", &h.agent_version),
+    ] {
+        if v.len() > 253 {
+            return Err(format!(
+                "{field}: {} bytes exceed the limit of 253",
+                v.len()
+            ));
+        }
+    }
     Ok(ClusterInfo {
         id: h.cluster_id.clone(),
         region: h.region.clone(),
         zone: h.zone.clone(),
         network: h.network.clone(),
         agent_version: h.agent_version.clone(),
+        incarnation: h.incarnation.clone(),
     })
 }
 
@@ -86,8 +101,13 @@ fn service(s: &pb::Service) -> Result<FedService, String> {
     if s.hosts.is_empty() {
         return Err("service.hosts: must list at least one host".into());
     }
+    let mut hosts: Vec<String> = Vec::with_capacity(s.hosts.len());
     for (i, h) in s.hosts.iter().enumerate() {
-        check_label(&format!("service.hosts[{i}]"), h)?;
+        let host = normalize_host(h).map_err(|m| format!("service.hosts[{i}]: {m}"))?;
+        // `Reviews.prod` and `reviews.prod` are one host: keep it once.
+        if !hosts.contains(&host) {
+            hosts.push(host);
+        }
     }
     if s.ports.is_empty() {
         return Err("service.ports: must list at least one port".into());
@@ -111,49 +131,48 @@ fn service(s: &pb::Service) -> Result<FedService, String> {
     Ok(FedService {
         key,
         environment: s.environment.clone(),
-        hosts: s.hosts.clone(),
+        hosts,
         ports,
     })
 }
 
-fn endpoints(
-    set: &pb::EndpointSet,
+/// One endpoint's addresses, or the error naming its field (`endpoints[i]...`).
+fn endpoint(
+    f: &str,
+    e: &pb::Endpoint,
     cluster: &ClusterInfo,
-) -> Result<(ObjectKey, Vec<Endpoint>), String> {
-    let key = key("endpoints", &set.namespace, &set.service)?;
-    if set.endpoints.len() > MAX_ENDPOINTS_PER_SET {
-        return Err(format!(
-            "endpoints: {} endpoints exceed the limit of {MAX_ENDPOINTS_PER_SET}",
-            set.endpoints.len()
-        ));
+    out: &mut Vec<FedEndpoint>,
+) -> Result<(), String> {
+    if e.addresses.is_empty() {
+        return Err(format!("{f}.addresses: must list at least one address"));
     }
-    let mut out = Vec::with_capacity(set.endpoints.len());
-    for (i, e) in set.endpoints.iter().enumerate() {
-        let f = format!("endpoints[{i}]");
-        if e.addresses.is_empty() {
-            return Err(format!("{f}.addresses: must list at least one address"));
+    let mut ports = BTreeMap::new();
+    for (name, p) in &e.ports {
+        if name.is_empty() {
+            return Err(format!("{f}.ports: a port name must not be empty"));
         }
-        let mut ports = BTreeMap::new();
-        for (name, p) in &e.ports {
-            if name.is_empty() {
-                return Err(format!("{f}.ports: a port name must not be empty"));
-            }
-            ports.insert(name.clone(), port(&format!("{f}.ports.{name}"), *p)?);
-        }
-        // EndpointSlice conditions: ready serves traffic; serving-but-terminating
-        // drains; anything else is kept, marked unhealthy, so clients see it go.
-        let health = if e.ready {
-            Health::Healthy
-        } else if e.serving && e.terminating {
-            Health::Draining
-        } else {
-            Health::Unhealthy
+        ports.insert(name.clone(), port(&format!("{f}.ports.{name}"), *p)?);
+    }
+    // EndpointSlice conditions: ready serves traffic; serving-but-terminating
+    // drains; anything else is kept, marked unhealthy, so clients see it go.
+    let health = if e.ready {
+        Health::Healthy
+    } else if e.serving && e.terminating {
+        Health::Draining
+    } else {
+        Health::Unhealthy
+    };
+    let first = out.len();
+    for (j, a) in e.addresses.iter().enumerate() {
+        let Ok(address) = a.parse::<IpAddr>() else {
+            out.truncate(first);
+            return Err(format!(
+                "{f}.addresses[{j}]: {a:?} is not an IPv4 or IPv6 address"
+            ));
         };
-        for (j, a) in e.addresses.iter().enumerate() {
-            let address: IpAddr = a
-                .parse()
-                .map_err(|_| format!("{f}.addresses[{j}]: {a:?} is not an IPv4 or IPv6 address"))?;
-            out.push(Endpoint {
+        out.push(FedEndpoint {
+            name: e.name.clone(),
+            endpoint: Endpoint {
                 address,
                 port: None,
                 ports: ports.clone(),
@@ -169,53 +188,122 @@ fn endpoints(
                 labels: e.labels.clone().into_iter().collect(),
                 weight: 1,
                 health,
-            });
-        }
+            },
+        });
     }
-    Ok((key, out))
+    Ok(())
 }
 
-/// Converts and validates a batch from `cluster`. Bad items are left out and
-/// reported; an oversize batch is rejected whole (`Err`).
-pub fn batch(b: pb::ChangeBatch, cluster: &ClusterInfo) -> Result<(Batch, Vec<ItemError>), String> {
-    if b.changes.len() > MAX_BATCH_CHANGES {
+/// Validates every endpoint on its own: an invalid one is reported (its field named)
+/// and left out, or — when it has a name — kept in its previous form by the index;
+/// the rest of the set is applied.
+fn endpoints(
+    set: &pb::EndpointSet,
+    cluster: &ClusterInfo,
+    limits: &Limits,
+    errors: &mut Vec<String>,
+) -> Result<EndpointSet, String> {
+    if set.endpoints.len() > limits.max_endpoints_per_set {
         return Err(format!(
-            "batch {}: {} changes exceed the limit of {MAX_BATCH_CHANGES}; split it",
+            "endpoints: {} endpoints exceed the limit of {} (--federation-max-endpoints-per-set)",
+            set.endpoints.len(),
+            limits.max_endpoints_per_set
+        ));
+    }
+    let mut out = EndpointSet {
+        endpoints: Vec::with_capacity(set.endpoints.len()),
+        keep: Vec::new(),
+    };
+    for (i, e) in set.endpoints.iter().enumerate() {
+        if let Err(message) = endpoint(&format!("endpoints[{i}]"), e, cluster, &mut out.endpoints) {
+            if e.name.is_empty() {
+                errors.push(format!("{message} (endpoint dropped)"));
+            } else {
+                errors.push(format!(
+                    "{message} (endpoint {:?} keeps its previous form)",
+                    e.name
+                ));
+                out.keep.push(e.name.clone());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Converts and validates a batch from `cluster`. Bad items are reported and stand
+/// in the batch as "keep" changes for their key (when the key itself is valid), so
+/// the index keeps what it held and a full resync never deletes them. A batch over
+/// `limits.max_batch_changes` is rejected whole (`Err`): nothing of it is applied.
+pub fn batch(
+    b: pb::ChangeBatch,
+    cluster: &ClusterInfo,
+    limits: &Limits,
+) -> Result<(Batch, Vec<ItemError>), String> {
+    if b.changes.len() > limits.max_batch_changes {
+        return Err(format!(
+            "batch {}: {} changes exceed the limit of {} (--federation-max-batch); the agent must split it",
             b.version,
-            b.changes.len()
+            b.changes.len(),
+            limits.max_batch_changes
         ));
     }
     let mut errors = Vec::new();
     let mut changes = Vec::with_capacity(b.changes.len());
     for (i, c) in b.changes.iter().enumerate() {
+        let mut item_errors = Vec::new();
         let kind = match &c.kind {
-            None => Err("change: empty (no kind set)".to_string()),
-            Some(pb::change::Kind::ServiceUpsert(s)) => service(s).map(ChangeKind::UpsertService),
+            None => Err(("change: empty (no kind set)".to_string(), None)),
+            Some(pb::change::Kind::ServiceUpsert(s)) => {
+                service(s).map(ChangeKind::UpsertService).map_err(|m| {
+                    let keep = key("service", &s.namespace, &s.name)
+                        .ok()
+                        .map(ChangeKind::KeepService);
+                    (m, keep)
+                })
+            }
             Some(pb::change::Kind::ServiceDelete(r)) => {
-                key("service_delete", &r.namespace, &r.name).map(ChangeKind::DeleteService)
+                key("service_delete", &r.namespace, &r.name)
+                    .map(ChangeKind::DeleteService)
+                    .map_err(|m| (m, None))
             }
             Some(pb::change::Kind::EndpointsUpsert(e)) => {
-                endpoints(e, cluster).map(|(k, v)| ChangeKind::UpsertEndpoints(k, v))
+                match key("endpoints", &e.namespace, &e.service) {
+                    Err(m) => Err((m, None)),
+                    Ok(k) => match endpoints(e, cluster, limits, &mut item_errors) {
+                        Ok(set) => Ok(ChangeKind::UpsertEndpoints(k, set)),
+                        Err(m) => Err((m, Some(ChangeKind::KeepEndpoints(k)))),
+                    },
+                }
             }
             Some(pb::change::Kind::EndpointsDelete(r)) => {
-                key("endpoints_delete", &r.namespace, &r.name).map(ChangeKind::DeleteEndpoints)
+                key("endpoints_delete", &r.namespace, &r.name)
+                    .map(ChangeKind::DeleteEndpoints)
+                    .map_err(|m| (m, None))
             }
         };
+        let origin = from_unix_nanos(c.origin_unix_nanos);
+        errors.extend(item_errors.into_iter().map(|message| ItemError {
+            index: i as u32,
+            message,
+        }));
         match kind {
-            Ok(kind) => changes.push(Change {
-                origin: from_unix_nanos(c.origin_unix_nanos),
-                kind,
-            }),
-            Err(message) => errors.push(ItemError {
-                index: i as u32,
-                message,
-            }),
+            Ok(kind) => changes.push(Change { origin, kind }),
+            Err((message, keep)) => {
+                errors.push(ItemError {
+                    index: i as u32,
+                    message,
+                });
+                if let Some(kind) = keep {
+                    changes.push(Change { origin, kind });
+                }
+            }
         }
     }
     Ok((
         Batch {
             version: b.version,
             full: b.full,
+            more: b.more,
             changes,
         },
         errors,

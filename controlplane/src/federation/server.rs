@@ -3,8 +3,11 @@
 //! A session reads the agent's Hello, asks the index to admit the cluster (a second
 //! live agent for the same cluster id is rejected), answers Welcome, then converts and
 //! validates each batch at the edge and hands it to the index, acknowledging its
-//! version with the items it rejected. When the stream ends the index starts the
-//! cluster's grace period. Sessions never touch the index's state directly.
+//! version with the items it rejected. A batch that cannot be applied (over the
+//! limits, undecodable, or the session is no longer live) is never acknowledged: the
+//! agent gets a `BatchRejected`, the index counts it, and the stream ends. When the
+//! stream ends the index starts the cluster's grace period. Sessions never touch the
+//! index's state directly.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -19,7 +22,7 @@ use tracing::{Instrument, info, info_span, warn};
 use tributary_proto::federation::v1::federation_server::Federation;
 use tributary_proto::federation::v1::{self as pb, agent_message, hub_message};
 
-use super::convert;
+use super::{Limits, convert};
 use crate::index::{Command, IndexHandle};
 use crate::metrics::{KindLabel, Metrics};
 
@@ -28,6 +31,7 @@ pub struct FederationService {
     index: IndexHandle,
     metrics: Arc<Metrics>,
     heartbeat: Duration,
+    limits: Limits,
     next_session: AtomicU64,
     stopping: watch::Receiver<bool>,
 }
@@ -37,12 +41,14 @@ impl FederationService {
         index: IndexHandle,
         metrics: Arc<Metrics>,
         heartbeat: Duration,
+        limits: Limits,
         stopping: watch::Receiver<bool>,
     ) -> Self {
         Self {
             index,
             metrics,
             heartbeat,
+            limits,
             next_session: AtomicU64::new(1),
             stopping,
         }
@@ -68,14 +74,18 @@ impl Federation for FederationService {
         let (tx, rx) = mpsc::channel(16);
         let session = self.next_session.fetch_add(1, Ordering::Relaxed);
         let span = info_span!("federation", session, cluster = tracing::field::Empty);
-        let (index, metrics, heartbeat) =
-            (self.index.clone(), self.metrics.clone(), self.heartbeat);
+        let (index, metrics, heartbeat, limits) = (
+            self.index.clone(),
+            self.metrics.clone(),
+            self.heartbeat,
+            self.limits,
+        );
         let peer = request.remote_addr();
         let mut stopping = self.stopping.clone();
         tokio::spawn(
             async move {
                 let result = tokio::select! {
-                    r = run(session, index.clone(), metrics, heartbeat, request.into_inner(), &tx) => r,
+                    r = run(session, index.clone(), metrics, heartbeat, limits, request.into_inner(), &tx) => r,
                     _ = stopping.wait_for(|s| *s) => Err(Status::unavailable("the hub is shutting down")),
                 };
                 if let Err(status) = result {
@@ -94,6 +104,7 @@ async fn run(
     index: IndexHandle,
     metrics: Arc<Metrics>,
     heartbeat: Duration,
+    limits: Limits,
     mut inbound: Streaming<pb::AgentMessage>,
     tx: &mpsc::Sender<Result<pb::HubMessage, Status>>,
 ) -> Result<(), Status> {
@@ -137,6 +148,8 @@ async fn run(
         .send(hub(hub_message::Kind::Welcome(pb::Welcome {
             resume: welcome.resume,
             hub_version: welcome.hub_version,
+            max_batch_changes: u32::try_from(limits.max_batch_changes).unwrap_or(u32::MAX),
+            max_message_bytes: limits.max_message_bytes as u64,
         })))
         .await
         .is_err()
@@ -146,14 +159,17 @@ async fn run(
     }
 
     let result = serve(
-        session,
-        &cluster,
-        &info,
-        &index,
-        &metrics,
+        Session {
+            id: session,
+            cluster: &cluster,
+            info: &info,
+            index: &index,
+            metrics: &metrics,
+            limits: &limits,
+            tx,
+        },
         heartbeat,
         &mut inbound,
-        tx,
     )
     .await;
     index
@@ -167,17 +183,88 @@ async fn run(
     result
 }
 
-#[allow(clippy::too_many_arguments)]
+/// One live session's context.
+struct Session<'a> {
+    id: u64,
+    cluster: &'a str,
+    info: &'a crate::federation::ClusterInfo,
+    index: &'a IndexHandle,
+    metrics: &'a Metrics,
+    limits: &'a Limits,
+    tx: &'a mpsc::Sender<Result<pb::HubMessage, Status>>,
+}
+
+impl Session<'_> {
+    /// Converts a batch and has the index apply it: `Ok` with the items rejected, or
+    /// the reason the whole batch was not applied (the index has recorded it).
+    async fn apply(&self, b: pb::ChangeBatch) -> Result<Vec<pb::ItemError>, String> {
+        let version = b.version;
+        let converted = convert::batch(b, self.info, self.limits);
+        let errors = match &converted {
+            Ok((_, errors)) => errors.clone(),
+            Err(_) => Vec::new(),
+        };
+        if !errors.is_empty() {
+            self.metrics
+                .federation_item_errors
+                .inc_by(errors.len() as u64);
+            for e in errors.iter().take(5) {
+                warn!(version, item = e.index, error = %e.message, "invalid federation item rejected");
+            }
+        }
+        self.submit(version, converted.map(|(batch, _)| batch))
+            .await?;
+        Ok(errors
+            .into_iter()
+            .map(|e| pb::ItemError {
+                index: e.index,
+                message: e.message,
+            })
+            .collect())
+    }
+
+    async fn submit(
+        &self,
+        version: u64,
+        batch: Result<crate::federation::Batch, String>,
+    ) -> Result<(), String> {
+        let (reply, answer) = oneshot::channel();
+        self.index
+            .send(Command::Batch {
+                cluster: self.cluster.to_string(),
+                session: self.id,
+                version,
+                batch,
+                reply,
+            })
+            .await?;
+        answer
+            .await
+            .map_err(|_| "the index has stopped".to_string())?
+    }
+
+    /// Tells the agent batch `version` was not applied, and ends the stream: later
+    /// batches on it were built on top of the rejected one.
+    async fn rejected(&self, version: u64, message: String) -> Status {
+        let _ = self
+            .tx
+            .send(hub(hub_message::Kind::BatchRejected(pb::BatchRejected {
+                version,
+                message: message.clone(),
+            })))
+            .await;
+        Status::aborted(format!(
+            "batch {version} rejected, not applied: {message}; reconnect and resync"
+        ))
+    }
+}
+
 async fn serve(
-    session: u64,
-    cluster: &str,
-    info: &crate::federation::ClusterInfo,
-    index: &IndexHandle,
-    metrics: &Metrics,
+    s: Session<'_>,
     heartbeat: Duration,
     inbound: &mut Streaming<pb::AgentMessage>,
-    tx: &mpsc::Sender<Result<pb::HubMessage, Status>>,
 ) -> Result<(), Status> {
+    let (metrics, tx) = (s.metrics, s.tx);
     let mut ticker = tokio::time::interval(heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_seen = tokio::time::Instant::now();
@@ -187,6 +274,17 @@ async fn serve(
                 let msg = match msg {
                     Ok(Some(m)) => m,
                     Ok(None) => return Ok(()),
+                    Err(status) if status.code() == tonic::Code::OutOfRange => {
+                        // Over the decode limit: a hostile or misconfigured agent. Say so
+                        // clearly; the hub never buffers more than the limit.
+                        let message = format!(
+                            "a federation message exceeds the hub's limit of {} bytes (--federation-max-message-bytes): {}",
+                            s.limits.max_message_bytes,
+                            status.message()
+                        );
+                        let _ = s.submit(0, Err(message.clone())).await;
+                        return Err(s.rejected(0, message).await);
+                    }
                     Err(status) => {
                         info!(%status, "agent stream error");
                         return Ok(());
@@ -197,35 +295,14 @@ async fn serve(
                     Some(agent_message::Kind::Batch(b)) => {
                         metrics.federation_messages.get_or_create(&KindLabel { kind: "batch" }).inc();
                         let version = b.version;
-                        let (batch, errors) = match convert::batch(b, info) {
-                            Ok(x) => x,
-                            Err(message) => {
-                                warn!(version, %message, "batch rejected");
-                                metrics.federation_item_errors.inc();
-                                (crate::federation::Batch { version, ..Default::default() }, vec![crate::federation::ItemError { index: 0, message }])
+                        match s.apply(b).await {
+                            Ok(errors) => {
+                                let ack = pb::Ack { version, errors };
+                                if tx.send(hub(hub_message::Kind::Ack(ack))).await.is_err() {
+                                    return Ok(());
+                                }
                             }
-                        };
-                        if !errors.is_empty() {
-                            metrics.federation_item_errors.inc_by(errors.len() as u64);
-                            for e in errors.iter().take(5) {
-                                warn!(version, item = e.index, error = %e.message, "invalid federation item rejected");
-                            }
-                        }
-                        let (reply, answer) = oneshot::channel();
-                        index
-                            .send(Command::Batch { cluster: cluster.to_string(), session, batch, reply })
-                            .await
-                            .map_err(Status::unavailable)?;
-                        answer
-                            .await
-                            .map_err(|_| Status::unavailable("the index has stopped"))?
-                            .map_err(Status::failed_precondition)?;
-                        let ack = pb::Ack {
-                            version,
-                            errors: errors.into_iter().map(|e| pb::ItemError { index: e.index, message: e.message }).collect(),
-                        };
-                        if tx.send(hub(hub_message::Kind::Ack(ack))).await.is_err() {
-                            return Ok(());
+                            Err(message) => return Err(s.rejected(version, message).await),
                         }
                     }
                     Some(agent_message::Kind::Heartbeat(_)) => {

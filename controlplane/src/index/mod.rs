@@ -10,8 +10,10 @@
 //! so an unchanged input pushes nothing.
 
 pub mod debounce;
+pub mod known;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -21,9 +23,10 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use self::debounce::{DebounceConfig, Debouncer};
-use crate::federation::{Batch, ChangeKind, ClusterInfo, FedService};
+use self::known::{KnownCluster, KnownClusters};
+use crate::federation::{Batch, ChangeKind, ClusterInfo, FedEndpoint, FedService};
 use crate::metrics::{ClusterLabel, EnvLabel, Metrics};
-use crate::model::{Endpoint, Environment, Mesh, ObjectKey, Service};
+use crate::model::{Environment, Mesh, ObjectKey, Service};
 use crate::xds::XdsType;
 use crate::xds::generate::{
     EnvResources, Generated, endpoint_resources, service_resources, shared_resources,
@@ -64,10 +67,13 @@ pub enum Command {
         session: u64,
         reply: oneshot::Sender<Result<Welcome, String>>,
     },
+    /// A batch from a live session, or why the session could not read or accept it
+    /// (`Err`: the batch is recorded as rejected and nothing of it is applied).
     Batch {
         cluster: String,
         session: u64,
-        batch: Batch,
+        version: u64,
+        batch: Result<Batch, String>,
         reply: oneshot::Sender<Result<(), String>>,
     },
     Gone {
@@ -81,6 +87,7 @@ pub enum Command {
 pub struct IndexHandle {
     tx: mpsc::Sender<Command>,
     status: watch::Receiver<Arc<Vec<ClusterStatus>>>,
+    pending: watch::Receiver<Arc<Vec<PendingResync>>>,
 }
 
 impl IndexHandle {
@@ -98,6 +105,23 @@ impl IndexHandle {
     pub fn watch_clusters(&self) -> watch::Receiver<Arc<Vec<ClusterStatus>>> {
         self.status.clone()
     }
+
+    /// Known clusters that have not resynced since the hub started (withdrawals are
+    /// held while any is listed).
+    pub fn resync_pending(&self) -> Arc<Vec<PendingResync>> {
+        self.pending.borrow().clone()
+    }
+}
+
+/// A cluster the hub remembers from before its start that has not resynced yet.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PendingResync {
+    pub id: String,
+    pub region: String,
+    pub zone: String,
+    pub last_seen_unix: f64,
+    /// Its grace period (from the hub's start) ends then: it stops being waited for.
+    pub grace_until_unix: f64,
 }
 
 /// One cluster as `/status/clusters` shows it.
@@ -121,21 +145,58 @@ pub struct ClusterStatus {
     pub lag_seconds: Option<f64>,
     pub changes_applied: u64,
     pub sessions: u64,
+    /// The agent process's incarnation (resume needs the same one).
+    pub incarnation: String,
+    /// A full resync split over several batches has started and not finished.
+    pub resync_in_progress: bool,
+    /// Batches rejected (not applied) and the last reason.
+    pub batches_rejected: u64,
+    pub last_batch_error: Option<String>,
 }
 
 #[derive(Debug, Default)]
 struct ClusterState {
     info: ClusterInfo,
     services: BTreeMap<ObjectKey, FedService>,
-    endpoints: BTreeMap<ObjectKey, Vec<Endpoint>>,
+    endpoints: BTreeMap<ObjectKey, Vec<FedEndpoint>>,
     session: Option<u64>,
     grace_until: Option<Instant>,
     grace_until_wall: Option<SystemTime>,
     last_version: u64,
+    /// The incarnation and version an agent may resume from: the last batch that
+    /// completed a state. `None` while a split diff or resync is incomplete.
+    resumable: Option<(String, u64)>,
+    /// The full resync in progress: the keys it has named so far.
+    resync: Option<Resync>,
     last_origin: Option<SystemTime>,
     last_applied: Option<SystemTime>,
     changes_applied: u64,
     sessions: u64,
+    batches_rejected: u64,
+    last_batch_error: Option<String>,
+}
+
+/// What a full resync has named so far (including keys of rejected items): at its
+/// last part, whatever the cluster holds and it did not name is deleted.
+#[derive(Debug, Default)]
+struct Resync {
+    services: HashSet<ObjectKey>,
+    endpoints: HashSet<ObjectKey>,
+}
+
+/// One cluster's state as the index holds it (see [`Index::held`]).
+#[derive(Debug, Clone, Copy)]
+pub struct HeldCluster<'a> {
+    pub services: &'a BTreeMap<ObjectKey, FedService>,
+    pub endpoints: &'a BTreeMap<ObjectKey, Vec<FedEndpoint>>,
+}
+
+/// A known cluster waiting for its resync after the hub started.
+#[derive(Debug)]
+struct Pending {
+    known: KnownCluster,
+    until: Instant,
+    until_wall: SystemTime,
 }
 
 /// Everything the merged model is computed from.
@@ -159,9 +220,21 @@ struct EnvState {
     /// Resource names each service generated, to withdraw what it no longer does.
     owned: HashMap<ObjectKey, Vec<(XdsType, Arc<str>)>>,
     shared: Vec<(XdsType, Arc<str>)>,
-    /// Host → the service that holds it (first come); a conflicting later claim is
-    /// dropped with a warning.
-    hosts: HashMap<String, ObjectKey>,
+    /// Host → every service claiming it, the owner first (see [`Claim`]).
+    claims: HashMap<String, BTreeSet<Claim>>,
+    /// Service → the hosts it claims (its merged hosts, owned or not).
+    claimed: HashMap<ObjectKey, Vec<String>>,
+}
+
+/// A service's claim on a host. The owner is the smallest claim: (1) a service
+/// defined in the hub's file config, (2) else the service whose conventional host
+/// (`name.namespace.svc.cluster.local`) it is, (3) else the lowest `namespace/name`.
+/// So ownership never depends on arrival order, and a loser gets the host back when
+/// the owner lets it go.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Claim {
+    rank: u8,
+    key: ObjectKey,
 }
 
 #[derive(Debug)]
@@ -175,6 +248,13 @@ pub struct Index {
     shards: Arc<Shards>,
     metrics: Arc<Metrics>,
     status: watch::Sender<Arc<Vec<ClusterStatus>>>,
+    /// Clusters that fed the hub (kept in `store`, read back after a restart).
+    known: BTreeMap<String, KnownCluster>,
+    store: Option<Box<dyn KnownClusters>>,
+    /// Known clusters not resynced since the start; withdrawals are held meanwhile.
+    pending: BTreeMap<String, Pending>,
+    pending_status: watch::Sender<Arc<Vec<PendingResync>>>,
+    holding: bool,
 }
 
 fn unix(t: SystemTime) -> f64 {
@@ -196,7 +276,105 @@ impl Index {
             shards,
             metrics,
             status,
+            known: BTreeMap::new(),
+            store: None,
+            pending: BTreeMap::new(),
+            pending_status: watch::channel(Arc::new(Vec::new())).0,
+            holding: false,
         }
+    }
+
+    /// After a (re)start: `known` clusters fed the hub before. Each is pending until
+    /// its first complete full resync is applied or its grace period (from `now`) runs
+    /// out; while any is pending, streams withhold withdrawals
+    /// ([`Shards::hold_withdrawals`]). The list is kept up to date in `store`.
+    pub fn restore(
+        &mut self,
+        known: Vec<KnownCluster>,
+        store: Box<dyn KnownClusters>,
+        now: Instant,
+    ) {
+        let wall = SystemTime::now();
+        for k in known {
+            self.pending.insert(
+                k.id.clone(),
+                Pending {
+                    known: k.clone(),
+                    until: now + self.cfg.grace,
+                    until_wall: wall + self.cfg.grace,
+                },
+            );
+            self.known.insert(k.id.clone(), k);
+        }
+        self.store = Some(store);
+        if !self.pending.is_empty() {
+            info!(
+                clusters = ?self.pending.keys().collect::<Vec<_>>(),
+                grace_seconds = self.cfg.grace.as_secs_f64(),
+                "holding withdrawals until the known clusters resync"
+            );
+            self.holding = true;
+            self.shards.hold_withdrawals(true);
+        }
+        self.publish_pending();
+    }
+
+    fn save_known(&mut self) {
+        if let Some(store) = self.store.as_mut() {
+            let list: Vec<KnownCluster> = self.known.values().cloned().collect();
+            if let Err(e) = store.save(&list) {
+                warn!(error = %e, "could not save the known clusters");
+            }
+        }
+    }
+
+    /// Remembers `id` as a cluster that fed the hub (saved when it is new or moved).
+    fn remember(&mut self, info: &ClusterInfo, always: bool) {
+        let entry = KnownCluster {
+            id: info.id.clone(),
+            region: info.region.clone(),
+            zone: info.zone.clone(),
+            last_seen_unix: unix(SystemTime::now()),
+        };
+        let changed = self
+            .known
+            .get(&info.id)
+            .is_none_or(|k| k.region != entry.region || k.zone != entry.zone);
+        self.known.insert(info.id.clone(), entry);
+        if changed || always {
+            self.save_known();
+        }
+    }
+
+    fn forget(&mut self, id: &str) {
+        if self.known.remove(id).is_some() {
+            self.save_known();
+        }
+    }
+
+    /// Lifts the withdrawal hold once no known cluster is pending and everything
+    /// applied is published (else the flush that publishes it lifts it, at its end).
+    fn maybe_release(&mut self) {
+        if self.holding && self.pending.is_empty() && !self.debouncer.is_pending() {
+            self.holding = false;
+            self.shards.hold_withdrawals(false);
+            info!("every known cluster resynced or timed out: withdrawals released");
+        }
+    }
+
+    fn publish_pending(&self) {
+        let list = self
+            .pending
+            .values()
+            .map(|p| PendingResync {
+                id: p.known.id.clone(),
+                region: p.known.region.clone(),
+                zone: p.known.zone.clone(),
+                last_seen_unix: p.known.last_seen_unix,
+                grace_until_unix: unix(p.until_wall),
+            })
+            .collect();
+        self.pending_status.send_replace(Arc::new(list));
     }
 
     /// Starts the single-writer task; the index must already hold the initial config.
@@ -205,6 +383,7 @@ impl Index {
         let handle = IndexHandle {
             tx,
             status: self.status.subscribe(),
+            pending: self.pending_status.subscribe(),
         };
         (handle, tokio::spawn(self.run(rx)))
     }
@@ -238,10 +417,15 @@ impl Index {
             Command::Batch {
                 cluster,
                 session,
+                version,
                 batch,
                 reply,
             } => {
-                let _ = reply.send(self.apply_batch(&cluster, session, batch, now));
+                let result = batch.and_then(|b| self.apply_batch(&cluster, session, b, now));
+                if let Err(message) = &result {
+                    self.reject_batch(&cluster, session, version, message);
+                }
+                let _ = reply.send(result);
             }
             Command::Gone { cluster, session } => self.gone(&cluster, session, now),
         }
@@ -308,17 +492,27 @@ impl Index {
             ));
         }
         let had_state = state.sessions > 0;
+        // Versions count per agent process: only the same incarnation at the version
+        // the hub holds may resume; any other agent resyncs in full.
+        let resume = had_state
+            && last_acked != 0
+            && !info.incarnation.is_empty()
+            && state
+                .resumable
+                .as_ref()
+                .is_some_and(|(inc, v)| *inc == info.incarnation && *v == last_acked);
         state.session = Some(session);
         state.sessions += 1;
         state.grace_until = None;
         state.grace_until_wall = None;
-        state.info = info;
+        state.resync = None;
+        state.info = info.clone();
         if had_state {
             self.metrics.federation_reconnects.inc();
         }
-        let resume = had_state && last_acked != 0 && last_acked == state.last_version;
-        info!(cluster = %state.info.id, session, resume, last_acked, hub_version = state.last_version, "agent connected");
+        info!(cluster = %state.info.id, session, resume, last_acked, hub_version = state.last_version, incarnation = %state.info.incarnation, "agent connected");
         let hub_version = state.last_version;
+        self.remember(&info, false);
         self.publish_status();
         Ok(Welcome {
             resume,
@@ -326,6 +520,9 @@ impl Index {
         })
     }
 
+    /// Applies a batch (or one part of a split one) from the live session of
+    /// `cluster`. Parts of a full resync are applied as they come (upserts at once);
+    /// the last part deletes what the whole resync did not name.
     pub fn apply_batch(
         &mut self,
         cluster: &str,
@@ -341,99 +538,38 @@ impl Index {
             .ok_or_else(|| {
                 format!("cluster {cluster:?}: session {session} is not the live session")
             })?;
+        if !batch.full && state.resync.is_some() {
+            return Err(format!(
+                "cluster {cluster:?}: incremental batch {} arrived before the full resync in progress ended (its last part has more = false)",
+                batch.version
+            ));
+        }
         let n = batch.changes.len() as u64;
-        let mut touched: Vec<(String, ObjectKey)> = Vec::new();
-        let mut removal = false;
-        let mut oldest: Option<SystemTime> = None;
+        let (version, full, more) = (batch.version, batch.full, batch.more);
+        let mut applied = Applied::default();
         for c in &batch.changes {
-            oldest = Some(oldest.map_or(c.origin, |o| o.min(c.origin)));
+            applied.oldest = Some(applied.oldest.map_or(c.origin, |o| o.min(c.origin)));
             state.last_origin = Some(state.last_origin.map_or(c.origin, |o| o.max(c.origin)));
         }
-        let env_of =
-            |s: &ClusterState, k: &ObjectKey| s.services.get(k).map(|f| f.environment.clone());
-        if batch.full {
-            // The complete state: diff it against what is held, touching only keys
-            // that differ (a reconnect that changes nothing pushes nothing).
-            let mut services = BTreeMap::new();
-            let mut endpoints = BTreeMap::new();
-            for c in batch.changes {
-                match c.kind {
-                    ChangeKind::UpsertService(s) => {
-                        services.insert(s.key.clone(), s);
-                    }
-                    ChangeKind::UpsertEndpoints(k, e) => {
-                        endpoints.insert(k, e);
-                    }
-                    ChangeKind::DeleteService(_) | ChangeKind::DeleteEndpoints(_) => {}
-                }
-            }
-            let keys: BTreeSet<ObjectKey> = state
-                .services
-                .keys()
-                .chain(services.keys())
-                .chain(state.endpoints.keys())
-                .chain(endpoints.keys())
-                .cloned()
-                .collect();
-            for k in keys {
-                if state.services.get(&k) != services.get(&k)
-                    || state.endpoints.get(&k) != endpoints.get(&k)
-                {
-                    removal |= !services.contains_key(&k) || !endpoints.contains_key(&k);
-                    for env in [
-                        env_of(state, &k),
-                        services.get(&k).map(|s: &FedService| s.environment.clone()),
-                    ]
-                    .into_iter()
-                    .flatten()
-                    {
-                        touched.push((env, k.clone()));
-                    }
-                }
-            }
-            state.services = services;
-            state.endpoints = endpoints;
-        } else {
-            for c in batch.changes {
-                match c.kind {
-                    ChangeKind::UpsertService(s) => {
-                        let k = s.key.clone();
-                        if state.services.get(&k) == Some(&s) {
-                            continue;
-                        }
-                        touched.extend(env_of(state, &k).map(|e| (e, k.clone())));
-                        touched.push((s.environment.clone(), k.clone()));
-                        state.services.insert(k, s);
-                    }
-                    ChangeKind::DeleteService(k) => {
-                        touched.extend(env_of(state, &k).map(|e| (e, k.clone())));
-                        removal = true;
-                        state.services.remove(&k);
-                    }
-                    ChangeKind::UpsertEndpoints(k, e) => {
-                        let old = state.endpoints.get(&k);
-                        if old == Some(&e) {
-                            continue;
-                        }
-                        removal |= old.is_some_and(|o| o.iter().any(|x| !e.contains(x)));
-                        touched.extend(env_of(state, &k).map(|env| (env, k.clone())));
-                        state.endpoints.insert(k, e);
-                    }
-                    ChangeKind::DeleteEndpoints(k) => {
-                        if state.endpoints.remove(&k).is_some() {
-                            removal = true;
-                            touched.extend(env_of(state, &k).map(|env| (env, k.clone())));
-                        }
-                    }
-                }
-            }
+        if full && state.resync.is_none() {
+            state.resync = Some(Resync::default());
         }
-        state.last_version = batch.version;
+        for c in batch.changes {
+            apply_change(state, c.kind, full, &mut applied);
+        }
+        let resynced = full && !more;
+        if resynced {
+            let named = state.resync.take().unwrap_or_default();
+            finish_resync(state, &named, &mut applied);
+        }
+        state.last_version = version;
+        // Only a complete state can be resumed from.
+        state.resumable = (!more).then(|| (state.info.incarnation.clone(), version));
         state.changes_applied += n;
-        let applied = SystemTime::now();
-        state.last_applied = Some(applied);
+        let wall = SystemTime::now();
+        state.last_applied = Some(wall);
         if let Some(o) = state.last_origin {
-            let lag = applied.duration_since(o).unwrap_or_default().as_secs_f64();
+            let lag = wall.duration_since(o).unwrap_or_default().as_secs_f64();
             self.metrics
                 .federation_lag_seconds
                 .get_or_create(&ClusterLabel {
@@ -442,25 +578,46 @@ impl Index {
                 .set(lag);
         }
         self.metrics.federation_changes_applied.inc_by(n);
-        if !touched.is_empty() {
-            for (env, k) in &touched {
+        if !applied.touched.is_empty() {
+            for (env, k) in &applied.touched {
                 self.mark(env, k);
             }
-            if let Some(o) = oldest {
+            if let Some(o) = applied.oldest {
                 self.note_origin(o);
             }
-            self.debouncer.record(now, removal);
+            self.debouncer.record(now, applied.removal);
         }
         debug!(
             cluster,
-            version = batch.version,
-            full = batch.full,
+            version,
+            full,
+            more,
             changes = n,
-            touched = touched.len(),
+            touched = applied.touched.len(),
             "batch applied"
         );
+        if resynced && self.pending.remove(cluster).is_some() {
+            info!(cluster, "known cluster resynced after the hub's start");
+            self.publish_pending();
+            self.maybe_release();
+        }
         self.publish_status();
         Ok(())
+    }
+
+    /// Records a batch that was not applied: counted, shown in status. A resync in
+    /// progress is abandoned (the session ends; the agent resyncs on its return).
+    pub fn reject_batch(&mut self, cluster: &str, session: u64, version: u64, message: &str) {
+        self.metrics.federation_batches_rejected.inc();
+        warn!(cluster, session, version, %message, "batch rejected (not applied)");
+        if let Some(state) = self.sources.clusters.get_mut(cluster) {
+            state.batches_rejected += 1;
+            state.last_batch_error = Some(format!("batch {version}: {message}"));
+            if state.session == Some(session) {
+                state.resync = None;
+            }
+            self.publish_status();
+        }
     }
 
     pub fn gone(&mut self, cluster: &str, session: u64, now: Instant) {
@@ -472,6 +629,7 @@ impl Index {
             .filter(|s| s.session == Some(session))
         {
             s.session = None;
+            s.resync = None;
             s.grace_until = Some(now + grace);
             s.grace_until_wall = Some(SystemTime::now() + grace);
             info!(
@@ -480,6 +638,8 @@ impl Index {
                 grace_seconds = grace.as_secs_f64(),
                 "agent disconnected; endpoints kept for the grace period"
             );
+            let info = s.info.clone();
+            self.remember(&info, true);
             self.publish_status();
         }
     }
@@ -489,11 +649,31 @@ impl Index {
             .clusters
             .values()
             .filter_map(|c| c.grace_until)
+            .chain(self.pending.values().map(|p| p.until))
             .min()
     }
 
-    /// Withdraws clusters whose grace period ended.
+    /// Withdraws clusters whose grace period ended, and stops waiting for known
+    /// clusters whose grace period (from the hub's start) ended without a resync.
     pub fn expire(&mut self, now: Instant) {
+        let overdue: Vec<String> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.until <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &overdue {
+            self.pending.remove(id);
+            warn!(cluster = %id, "known cluster did not resync within its grace period after the hub's start; no longer waiting for it");
+            // Never returned at all: nothing is held for it, so forget it.
+            if !self.sources.clusters.contains_key(id) {
+                self.forget(id);
+            }
+        }
+        if !overdue.is_empty() {
+            self.publish_pending();
+            self.maybe_release();
+        }
         let expired: Vec<String> = self
             .sources
             .clusters
@@ -505,6 +685,7 @@ impl Index {
             let Some(state) = self.sources.clusters.remove(&id) else {
                 continue;
             };
+            self.forget(&id);
             warn!(cluster = %id, services = state.services.len(), "grace period over: withdrawing the cluster's services and endpoints");
             let keys: BTreeSet<ObjectKey> = state
                 .services
@@ -524,6 +705,15 @@ impl Index {
             self.note_origin(SystemTime::now());
         }
         self.publish_status();
+    }
+
+    /// What the index holds for `cluster`: its services and endpoint sets (for
+    /// tests and the fuzz target, which compare it with a model).
+    pub fn held(&self, cluster: &str) -> Option<HeldCluster<'_>> {
+        self.sources.clusters.get(cluster).map(|c| HeldCluster {
+            services: &c.services,
+            endpoints: &c.endpoints,
+        })
     }
 
     /// Regenerates what the pending changes touched and publishes.
@@ -564,6 +754,8 @@ impl Index {
                 debug!(environment = %env, seq, "snapshot published");
             }
         }
+        // Published: a hold waiting for this flush may end now.
+        self.maybe_release();
     }
 
     fn publish_status(&self) {
@@ -586,6 +778,10 @@ impl Index {
                 last_version: c.last_version,
                 services: c.services.len(),
                 endpoints: c.endpoints.values().map(Vec::len).sum(),
+                incarnation: c.info.incarnation.clone(),
+                resync_in_progress: c.resync.is_some(),
+                batches_rejected: c.batches_rejected,
+                last_batch_error: c.last_batch_error.clone(),
                 last_origin_unix: c.last_origin.map(unix),
                 last_applied_unix: c.last_applied.map(unix),
                 lag_seconds: match (c.last_applied, c.last_origin) {
@@ -611,6 +807,122 @@ impl Index {
             .federation_clusters_grace
             .set((self.sources.clusters.len() - connected) as i64);
         self.status.send_replace(Arc::new(list));
+    }
+}
+
+/// What applying changes touched.
+#[derive(Debug, Default)]
+struct Applied {
+    touched: Vec<(String, ObjectKey)>,
+    /// Endpoints or services were withdrawn (the debouncer does not hold those).
+    removal: bool,
+    oldest: Option<SystemTime>,
+}
+
+fn env_of(s: &ClusterState, k: &ObjectKey) -> Option<String> {
+    s.services.get(k).map(|f| f.environment.clone())
+}
+
+/// Applies one change to a cluster's state. In a full resync, upserts and keeps name
+/// their key, and deletes are meaningless (the resync's end deletes what it did not
+/// name).
+fn apply_change(state: &mut ClusterState, kind: ChangeKind, full: bool, out: &mut Applied) {
+    if let Some(named) = state.resync.as_mut() {
+        match &kind {
+            ChangeKind::UpsertService(s) => {
+                named.services.insert(s.key.clone());
+            }
+            ChangeKind::KeepService(k) => {
+                named.services.insert(k.clone());
+            }
+            ChangeKind::UpsertEndpoints(k, _) | ChangeKind::KeepEndpoints(k) => {
+                named.endpoints.insert(k.clone());
+            }
+            ChangeKind::DeleteService(_) | ChangeKind::DeleteEndpoints(_) => {}
+        }
+    }
+    match kind {
+        ChangeKind::UpsertService(s) => {
+            let k = s.key.clone();
+            if state.services.get(&k) == Some(&s) {
+                return;
+            }
+            out.touched
+                .extend(env_of(state, &k).map(|e| (e, k.clone())));
+            out.touched.push((s.environment.clone(), k.clone()));
+            state.services.insert(k, s);
+        }
+        ChangeKind::DeleteService(k) if !full => {
+            if let Some(env) = env_of(state, &k) {
+                out.touched.push((env, k.clone()));
+                out.removal = true;
+            }
+            state.services.remove(&k);
+        }
+        ChangeKind::UpsertEndpoints(k, set) => {
+            let old = state.endpoints.get(&k);
+            let mut new = set.endpoints;
+            if !set.keep.is_empty() {
+                // Named endpoints whose new form was invalid keep their previous form.
+                let keep: HashSet<&str> = set.keep.iter().map(String::as_str).collect();
+                new.extend(
+                    old.into_iter()
+                        .flatten()
+                        .filter(|e| keep.contains(e.name.as_str()))
+                        .cloned(),
+                );
+            }
+            if old == Some(&new) {
+                return;
+            }
+            if let Some(old) = old {
+                let now: HashSet<IpAddr> = new.iter().map(|e| e.endpoint.address).collect();
+                out.removal |= old.iter().any(|e| !now.contains(&e.endpoint.address));
+            }
+            out.touched
+                .extend(env_of(state, &k).map(|env| (env, k.clone())));
+            state.endpoints.insert(k, new);
+        }
+        ChangeKind::DeleteEndpoints(k) if !full => {
+            if state.endpoints.remove(&k).is_some() {
+                out.removal = true;
+                out.touched
+                    .extend(env_of(state, &k).map(|env| (env, k.clone())));
+            }
+        }
+        ChangeKind::DeleteService(_)
+        | ChangeKind::DeleteEndpoints(_)
+        | ChangeKind::KeepService(_)
+        | ChangeKind::KeepEndpoints(_) => {}
+    }
+}
+
+/// The end of a full resync: deletes what the cluster holds and the resync did not
+/// name (a rejected item's key counts as named, so it is never deleted).
+fn finish_resync(state: &mut ClusterState, named: &Resync, out: &mut Applied) {
+    let endpoints: Vec<ObjectKey> = state
+        .endpoints
+        .keys()
+        .filter(|k| !named.endpoints.contains(*k))
+        .cloned()
+        .collect();
+    for k in endpoints {
+        state.endpoints.remove(&k);
+        out.removal = true;
+        out.touched
+            .extend(env_of(state, &k).map(|env| (env, k.clone())));
+    }
+    let services: Vec<ObjectKey> = state
+        .services
+        .keys()
+        .filter(|k| !named.services.contains(*k))
+        .cloned()
+        .collect();
+    for k in services {
+        if let Some(s) = state.services.remove(&k) {
+            out.removal = true;
+            out.touched.push((s.environment, k));
+        }
     }
 }
 
@@ -672,7 +984,7 @@ fn merged(sources: &Sources, env: &str, key: &ObjectKey) -> Option<Service> {
                 .filter(|(a, b)| a != b)
                 .collect();
             s.endpoints.extend(eps.iter().map(|e| {
-                let mut e = e.clone();
+                let mut e = e.endpoint.clone();
                 if !rename.is_empty() {
                     e.ports = e
                         .ports
@@ -708,43 +1020,68 @@ fn flush_env(sources: &Sources, env: &str, st: &mut EnvState, d: EnvDirty) -> Ch
         st.model.gateways = file.map(|e| e.gateways.clone()).unwrap_or_default();
         st.model.sidecars = file.map(|e| e.sidecars.clone()).unwrap_or_default();
     }
-    for key in d.keys {
+    // A service whose claim moves a host's ownership puts the services that gained or
+    // lost it back on the list: they are re-merged in this same flush.
+    let mut work = d.keys;
+    let mut settled: BTreeMap<ObjectKey, Option<Service>> = BTreeMap::new();
+    while let Some(key) = work.pop_first() {
         let mut new = merged(sources, env, &key);
+        let in_file = sources
+            .file
+            .environments
+            .get(env)
+            .is_some_and(|e| e.services.contains_key(&key));
+        let claims = new
+            .as_ref()
+            .filter(|s| !s.ports.is_empty())
+            .map(|s| s.hosts.clone())
+            .unwrap_or_default();
+        claim_hosts(st, &key, in_file, claims, &mut work);
         if let Some(s) = new.as_mut() {
-            claim_hosts(st, env, s);
+            s.hosts.retain(|h| {
+                let owner = st.claims.get(h).and_then(|c| c.first()).map(|c| &c.key);
+                if owner != Some(&key) {
+                    debug!(environment = env, host = %h, service = %key, owner = ?owner.map(ToString::to_string), "host owned by another service; ignored for this one");
+                }
+                owner == Some(&key)
+            });
             if s.hosts.is_empty() || s.ports.is_empty() {
                 new = None;
             }
         }
-        if new.is_none() {
-            st.hosts.retain(|_, owner| *owner != key);
-        }
+        settled.insert(key, new);
+    }
+    // Withdraw every changed service's stale resources before inserting any new ones:
+    // a resource name (an API listener of a host) may move from one service to another.
+    let mut inserts = Vec::new();
+    for (key, new) in settled {
         let old = st.model.services.get(&key);
         if new.as_ref() == old {
             continue;
         }
         let mut generated = Generated::new();
         match (old, &new) {
-            (Some(o), Some(n)) if same_spec(o, n) => {
-                endpoint_resources(n, &mut generated);
-                upsert(&mut st.resources, generated, &mut changes);
-            }
+            (Some(o), Some(n)) if same_spec(o, n) => endpoint_resources(n, &mut generated),
             _ => {
                 shared = true;
                 if let Some(n) = &new {
                     service_resources(n, &mut generated);
                 }
                 let old_names = st.owned.remove(&key).unwrap_or_default();
-                let names = replace(&mut st.resources, &old_names, generated, &mut changes);
+                let names = remove_stale(&mut st.resources, &old_names, &generated, &mut changes);
                 if !names.is_empty() {
                     st.owned.insert(key.clone(), names);
                 }
             }
         }
+        inserts.push(generated);
         match new {
             Some(n) => st.model.services.insert(key, n),
             None => st.model.services.remove(&key),
         };
+    }
+    for generated in inserts {
+        upsert(&mut st.resources, generated, &mut changes);
     }
     if shared {
         let mut generated = Generated::new();
@@ -756,20 +1093,54 @@ fn flush_env(sources: &Sources, env: &str, st: &mut EnvState, d: EnvDirty) -> Ch
     changes
 }
 
-/// Drops hosts of `s` that another service of `env` already holds, and claims the rest.
-fn claim_hosts(st: &mut EnvState, env: &str, s: &mut Service) {
-    let key = s.key.clone();
-    s.hosts.retain(|h| match st.hosts.get(h) {
-        Some(owner) if *owner != key => {
-            warn!(environment = env, host = %h, service = %key, owner = %owner, "host already held by another service; ignored for this one");
-            false
+/// Replaces the claims of `key` with `hosts`, and queues in `work` every other
+/// service that gained or lost a host by it. Costs O(hosts of `key`).
+fn claim_hosts(
+    st: &mut EnvState,
+    key: &ObjectKey,
+    in_file: bool,
+    hosts: Vec<String>,
+    work: &mut BTreeSet<ObjectKey>,
+) {
+    let old = st.claimed.remove(key).unwrap_or_default();
+    let owner = |st: &EnvState, h: &str| -> Option<ObjectKey> {
+        st.claims
+            .get(h)
+            .and_then(|c| c.first())
+            .map(|c| c.key.clone())
+    };
+    let affected: BTreeSet<&String> = old.iter().chain(hosts.iter()).collect();
+    let before: Vec<Option<ObjectKey>> = affected.iter().map(|h| owner(st, h)).collect();
+    for h in &old {
+        if let Some(set) = st.claims.get_mut(h) {
+            set.retain(|c| c.key != *key);
+            if set.is_empty() {
+                st.claims.remove(h);
+            }
         }
-        _ => true,
-    });
-    st.hosts
-        .retain(|h, owner| *owner != key || s.hosts.contains(h));
-    for h in &s.hosts {
-        st.hosts.insert(h.clone(), key.clone());
+    }
+    let conventional = format!("{}.{}.svc.cluster.local", key.name, key.namespace);
+    for h in &hosts {
+        let rank = if in_file {
+            0
+        } else if *h == conventional {
+            1
+        } else {
+            2
+        };
+        st.claims.entry(h.clone()).or_default().insert(Claim {
+            rank,
+            key: key.clone(),
+        });
+    }
+    for (h, was) in affected.iter().zip(before) {
+        let now = owner(st, h);
+        if now != was {
+            work.extend([was, now].into_iter().flatten().filter(|k| k != key));
+        }
+    }
+    if !hosts.is_empty() {
+        st.claimed.insert(key.clone(), hosts);
     }
 }
 
@@ -787,11 +1158,12 @@ fn upsert(res: &mut EnvResources, generated: Generated, changes: &mut Changes) {
     }
 }
 
-/// Replaces the resources named `old` with `generated`; returns the new names.
-fn replace(
+/// Removes the resources named `old` that `generated` no longer has; returns the
+/// names `generated` has (inserted by the caller with [`upsert`]).
+fn remove_stale(
     res: &mut EnvResources,
     old: &[(XdsType, Arc<str>)],
-    generated: Generated,
+    generated: &Generated,
     changes: &mut Changes,
 ) -> Vec<(XdsType, Arc<str>)> {
     let names: Vec<(XdsType, Arc<str>)> = generated
@@ -804,6 +1176,17 @@ fn replace(
             changes[n.0 as usize].insert(n.1.clone());
         }
     }
+    names
+}
+
+/// Replaces the resources named `old` with `generated`; returns the new names.
+fn replace(
+    res: &mut EnvResources,
+    old: &[(XdsType, Arc<str>)],
+    generated: Generated,
+    changes: &mut Changes,
+) -> Vec<(XdsType, Arc<str>)> {
+    let names = remove_stale(res, old, &generated, changes);
     upsert(res, generated, changes);
     names
 }

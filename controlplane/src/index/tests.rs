@@ -3,8 +3,8 @@ use std::net::IpAddr;
 use prometheus_client::registry::Registry;
 
 use super::*;
-use crate::federation::Change;
-use crate::model::{Health, Locality, Protocol, ServicePort};
+use crate::federation::{Change, EndpointSet, FedEndpoint};
+use crate::model::{Endpoint, Health, Locality, Protocol, ServicePort};
 
 fn index() -> (Index, Arc<Shards>) {
     let shards = Arc::new(Shards::default());
@@ -51,6 +51,20 @@ fn endpoint(addr: &str, cluster: &str) -> Endpoint {
     }
 }
 
+/// An endpoint set of anonymous endpoints.
+fn set(endpoints: Vec<Endpoint>) -> EndpointSet {
+    EndpointSet {
+        endpoints: endpoints
+            .into_iter()
+            .map(|endpoint| FedEndpoint {
+                name: String::new(),
+                endpoint,
+            })
+            .collect(),
+        keep: Vec::new(),
+    }
+}
+
 fn change(kind: ChangeKind) -> Change {
     Change {
         origin: SystemTime::now(),
@@ -63,6 +77,7 @@ fn info(id: &str) -> ClusterInfo {
         id: id.into(),
         region: "r".into(),
         zone: "z".into(),
+        incarnation: "agent-1".into(),
         ..Default::default()
     }
 }
@@ -71,6 +86,7 @@ fn batch(version: u64, full: bool, changes: Vec<Change>) -> Batch {
     Batch {
         version,
         full,
+        more: false,
         changes,
     }
 }
@@ -89,7 +105,7 @@ fn connect(ix: &mut Index, id: &str, session: u64, services: &[&str]) {
         changes.push(change(ChangeKind::UpsertService(fed_service(s, "prod"))));
         changes.push(change(ChangeKind::UpsertEndpoints(
             key(s),
-            vec![endpoint(&format!("10.0.{octet}.{i}"), id)],
+            set(vec![endpoint(&format!("10.0.{octet}.{i}"), id)]),
         )));
     }
     ix.apply_batch(id, session, batch(1, true, changes), Instant::now())
@@ -117,7 +133,7 @@ fn endpoint_only_change_regenerates_only_load_assignments() {
         batch(
             2,
             false,
-            vec![change(ChangeKind::UpsertEndpoints(key("a"), eps))],
+            vec![change(ChangeKind::UpsertEndpoints(key("a"), set(eps)))],
         ),
         Instant::now(),
     )
@@ -325,5 +341,397 @@ fn environments_from_namespaces_are_isolated() {
             .current("staging")
             .get(XdsType::Cluster, &cluster_name("p"))
             .is_some()
+    );
+}
+
+fn named(name: &str, addr: &str, cluster: &str) -> FedEndpoint {
+    FedEndpoint {
+        name: name.into(),
+        endpoint: endpoint(addr, cluster),
+    }
+}
+
+fn part(version: u64, more: bool, changes: Vec<Change>) -> Batch {
+    Batch {
+        version,
+        full: true,
+        more,
+        changes,
+    }
+}
+
+fn held_services(ix: &Index, id: &str) -> Vec<String> {
+    ix.sources.clusters[id]
+        .services
+        .keys()
+        .map(|k| k.name.clone())
+        .collect()
+}
+
+#[test]
+fn a_split_resync_deletes_only_at_its_end_and_never_a_rejected_key() {
+    let (mut ix, shards) = index();
+    connect(&mut ix, "c1", 1, &["a", "b", "c"]);
+    ix.flush(Instant::now());
+    ix.gone("c1", 1, Instant::now());
+    ix.hello(info("c1"), 0, 2).unwrap();
+    // Part 1 names a only: nothing is deleted yet, and it is not resumable.
+    let p1 = vec![change(ChangeKind::UpsertService(fed_service("a", "prod")))];
+    ix.apply_batch("c1", 2, part(2, true, p1), Instant::now())
+        .unwrap();
+    assert_eq!(held_services(&ix, "c1"), ["a", "b", "c"]);
+    assert_eq!(ix.sources.clusters["c1"].resumable, None, "not resumable");
+    // An incremental batch may not interleave with the resync.
+    let err = ix
+        .apply_batch("c1", 2, batch(3, false, vec![]), Instant::now())
+        .unwrap_err();
+    assert!(err.contains("full resync in progress"), "{err}");
+    // The last part: b's new form was rejected (kept as named), c is not named.
+    let p2 = vec![
+        change(ChangeKind::KeepService(key("b"))),
+        change(ChangeKind::KeepEndpoints(key("b"))),
+        change(ChangeKind::UpsertEndpoints(
+            key("a"),
+            set(vec![endpoint("10.0.99.1", "c1")]),
+        )),
+    ];
+    ix.apply_batch("c1", 2, part(4, false, p2), Instant::now())
+        .unwrap();
+    assert_eq!(held_services(&ix, "c1"), ["a", "b"]);
+    assert_eq!(
+        ix.sources.clusters["c1"].resumable,
+        Some(("agent-1".into(), 4))
+    );
+    ix.flush(Instant::now());
+    let s = shards.current("prod");
+    assert!(s.get(XdsType::Cluster, &cluster_name("b")).is_some());
+    assert!(s.get(XdsType::Endpoint, &cluster_name("b")).is_some());
+    assert!(s.get(XdsType::Cluster, &cluster_name("c")).is_none());
+}
+
+#[test]
+fn an_invalid_named_endpoint_keeps_its_previous_form() {
+    let (mut ix, _) = index();
+    ix.hello(info("c1"), 0, 1).unwrap();
+    let first = EndpointSet {
+        endpoints: vec![
+            named("pod-1", "10.0.0.1", "c1"),
+            named("pod-2", "10.0.0.2", "c1"),
+        ],
+        keep: vec![],
+    };
+    let changes = vec![
+        change(ChangeKind::UpsertService(fed_service("a", "prod"))),
+        change(ChangeKind::UpsertEndpoints(key("a"), first)),
+    ];
+    ix.apply_batch("c1", 1, batch(1, true, changes), Instant::now())
+        .unwrap();
+    // pod-2's new form was invalid; pod-1 moved; pod-3 is new.
+    let second = EndpointSet {
+        endpoints: vec![
+            named("pod-1", "10.0.0.11", "c1"),
+            named("pod-3", "10.0.0.3", "c1"),
+        ],
+        keep: vec!["pod-2".into()],
+    };
+    ix.apply_batch(
+        "c1",
+        1,
+        batch(
+            2,
+            false,
+            vec![change(ChangeKind::UpsertEndpoints(key("a"), second))],
+        ),
+        Instant::now(),
+    )
+    .unwrap();
+    let mut held: Vec<(String, String)> = ix.sources.clusters["c1"].endpoints[&key("a")]
+        .iter()
+        .map(|e| (e.name.clone(), e.endpoint.address.to_string()))
+        .collect();
+    held.sort();
+    assert_eq!(
+        held,
+        [
+            ("pod-1".to_string(), "10.0.0.11".to_string()),
+            ("pod-2".into(), "10.0.0.2".into()),
+            ("pod-3".into(), "10.0.0.3".into())
+        ]
+    );
+}
+
+#[test]
+fn resume_needs_the_same_incarnation() {
+    let (mut ix, _) = index();
+    let with = |inc: &str| ClusterInfo {
+        incarnation: inc.into(),
+        ..info("c1")
+    };
+    ix.hello(with("one"), 0, 1).unwrap();
+    ix.apply_batch("c1", 1, batch(1, true, vec![]), Instant::now())
+        .unwrap();
+    ix.gone("c1", 1, Instant::now());
+    // Another agent process whose counter happens to match: no resume.
+    assert!(!ix.hello(with("two"), 1, 2).unwrap().resume);
+    ix.gone("c1", 2, Instant::now());
+    assert!(
+        !ix.hello(with(""), 1, 3).unwrap().resume,
+        "no incarnation: never resumed"
+    );
+    ix.gone("c1", 3, Instant::now());
+    assert!(ix.hello(with("one"), 1, 4).unwrap().resume);
+}
+
+/// Every resource of `env` with its version.
+fn resources(shards: &Shards, env: &str) -> Vec<(XdsType, String, String)> {
+    let s = shards.current(env);
+    let mut v = Vec::new();
+    for ty in XdsType::ALL {
+        for (name, r) in s.of_type(ty).iter() {
+            v.push((ty, name.to_string(), r.version().to_string()));
+        }
+    }
+    v.sort_by(|a, b| (a.0 as usize, &a.1).cmp(&(b.0 as usize, &b.1)));
+    v
+}
+
+#[test]
+fn host_ownership_does_not_depend_on_arrival_order_and_returns_on_release() {
+    // `b` declares a's conventional host: `a` owns it (rule 2) whichever comes first.
+    let mut b_svc = fed_service("b", "prod");
+    b_svc.hosts = vec![
+        "b.ns.svc.cluster.local".into(),
+        "a.ns.svc.cluster.local".into(),
+    ];
+    // `z` and `y` both claim "shared.example": the lower namespace/name (`y`) owns it.
+    let mut z_svc = fed_service("z", "prod");
+    z_svc.hosts.push("shared.example".into());
+    let mut y_svc = fed_service("y", "prod");
+    y_svc.hosts.push("shared.example".into());
+    let run = |order: &[&FedService]| {
+        let (mut ix, shards) = index();
+        ix.hello(info("c1"), 0, 1).unwrap();
+        for (i, s) in order.iter().enumerate() {
+            ix.apply_batch(
+                "c1",
+                1,
+                batch(
+                    i as u64 + 1,
+                    false,
+                    vec![change(ChangeKind::UpsertService((*s).clone()))],
+                ),
+                Instant::now(),
+            )
+            .unwrap();
+            ix.flush(Instant::now());
+        }
+        (ix, shards)
+    };
+    let a_svc = fed_service("a", "prod");
+    let (_, s1) = run(&[&a_svc, &b_svc, &z_svc, &y_svc]);
+    let (mut ix, s2) = run(&[&y_svc, &z_svc, &b_svc, &a_svc]);
+    let first = resources(&s1, "prod");
+    assert_eq!(
+        first,
+        resources(&s2, "prod"),
+        "arrival order changed the snapshot"
+    );
+    let hosts = |ix: &Index, n: &str| ix.envs["prod"].model.services[&key(n)].hosts.clone();
+    assert_eq!(hosts(&ix, "a"), ["a.ns.svc.cluster.local"]);
+    assert_eq!(hosts(&ix, "b"), ["b.ns.svc.cluster.local"]);
+    assert_eq!(
+        hosts(&ix, "y"),
+        ["y.ns.svc.cluster.local", "shared.example"]
+    );
+    assert_eq!(hosts(&ix, "z"), ["z.ns.svc.cluster.local"]);
+
+    // The owners let go: the losers get the hosts back in the same flush.
+    let deletes = vec![
+        change(ChangeKind::DeleteService(key("a"))),
+        change(ChangeKind::DeleteService(key("y"))),
+    ];
+    ix.apply_batch("c1", 1, batch(9, false, deletes), Instant::now())
+        .unwrap();
+    ix.flush(Instant::now());
+    assert_eq!(
+        hosts(&ix, "b"),
+        ["b.ns.svc.cluster.local", "a.ns.svc.cluster.local"]
+    );
+    assert_eq!(
+        hosts(&ix, "z"),
+        ["z.ns.svc.cluster.local", "shared.example"]
+    );
+    let s = s2.current("prod");
+    use prost::Message;
+    let route = tributary_proto::envoy::envoy::config::route::v3::RouteConfiguration::decode(
+        s.get(XdsType::Route, "80").unwrap().body(),
+    )
+    .unwrap();
+    let vh = |domain: &str| {
+        route
+            .virtual_hosts
+            .iter()
+            .find(|v| v.domains.iter().any(|d| d == domain))
+            .map(|v| v.name.clone())
+    };
+    assert!(vh("a.ns.svc.cluster.local").is_some_and(|n| n.contains("b.ns")));
+    assert!(vh("shared.example").is_some_and(|n| n.contains("z.ns")));
+}
+
+#[test]
+fn a_host_in_two_spellings_is_one_host() {
+    use prost::Message;
+    let (mut ix, shards) = index();
+    let mesh = crate::config::parse_files([(
+        "f.yaml",
+        "apiVersion: tributary.io/v1alpha1\nkind: Service\nmetadata: {name: reviews, namespace: ns, environment: prod}\nspec:\n  hosts: [reviews.prod]\n  ports: [{name: http, port: 80}]\n",
+    )])
+    .unwrap();
+    ix.set_file(Arc::new(mesh), Instant::now());
+    ix.hello(info("c1"), 0, 1).unwrap();
+    let info1 = info("c1");
+    let raw = tributary_proto::federation::v1::ChangeBatch {
+        version: 1,
+        full: true,
+        more: false,
+        changes: vec![tributary_proto::federation::v1::Change {
+            origin_unix_nanos: 1,
+            kind: Some(
+                tributary_proto::federation::v1::change::Kind::ServiceUpsert(
+                    tributary_proto::federation::v1::Service {
+                        namespace: "ns".into(),
+                        name: "reviews".into(),
+                        hosts: vec!["Reviews.prod".into(), "REVIEWS.ns".into()],
+                        ports: vec![tributary_proto::federation::v1::ServicePort {
+                            name: "http".into(),
+                            port: 80,
+                            protocol: "HTTP".into(),
+                        }],
+                        environment: "prod".into(),
+                    },
+                ),
+            ),
+        }],
+    };
+    let (b, errors) =
+        crate::federation::convert::batch(raw, &info1, &crate::federation::Limits::default())
+            .unwrap();
+    assert!(errors.is_empty(), "{errors:?}");
+    ix.apply_batch("c1", 1, b, Instant::now()).unwrap();
+    ix.flush(Instant::now());
+    let s = shards.current("prod");
+    let route = tributary_proto::envoy::envoy::config::route::v3::RouteConfiguration::decode(
+        s.get(XdsType::Route, "80").unwrap().body(),
+    )
+    .unwrap();
+    // Envoy rejects a route table whose domains repeat (case-insensitively).
+    let mut domains: Vec<String> = route
+        .virtual_hosts
+        .iter()
+        .flat_map(|v| v.domains.iter().map(|d| d.to_ascii_lowercase()))
+        .collect();
+    let n = domains.len();
+    domains.sort();
+    domains.dedup();
+    assert_eq!(
+        domains.len(),
+        n,
+        "duplicate domains: {:?}",
+        route.virtual_hosts
+    );
+    assert_eq!(
+        ix.envs["prod"].model.services[&key("reviews")].hosts,
+        ["reviews.prod", "reviews.ns"]
+    );
+}
+
+/// Records what the index saves (the state dir's interface, in memory).
+#[derive(Debug, Clone, Default)]
+struct Saved(Arc<std::sync::Mutex<Vec<Vec<KnownCluster>>>>);
+
+impl KnownClusters for Saved {
+    fn save(&mut self, clusters: &[KnownCluster]) -> Result<(), known::StateError> {
+        self.0.lock().unwrap().push(clusters.to_vec());
+        Ok(())
+    }
+}
+
+fn known(id: &str) -> KnownCluster {
+    KnownCluster {
+        id: id.into(),
+        region: "r".into(),
+        zone: "z".into(),
+        last_seen_unix: 1.0,
+    }
+}
+
+#[test]
+fn withdrawals_are_held_until_every_known_cluster_resync_is_published() {
+    let (mut ix, shards) = index();
+    let held = shards.withdrawals_held();
+    let t0 = Instant::now();
+    let saved = Saved::default();
+    ix.restore(vec![known("c1"), known("c2")], Box::new(saved.clone()), t0);
+    assert!(*held.borrow(), "held from the start");
+    assert_eq!(ix.pending_status.borrow().len(), 2);
+
+    connect(&mut ix, "c1", 1, &["a"]);
+    ix.flush(t0);
+    assert!(*held.borrow(), "c2 has not resynced");
+
+    // c2 resyncs in two parts: the first does not end its pending state.
+    ix.hello(info("c2"), 0, 2).unwrap();
+    let p1 = vec![change(ChangeKind::UpsertService(fed_service("b", "prod")))];
+    ix.apply_batch("c2", 2, part(1, true, p1), t0).unwrap();
+    ix.flush(t0);
+    assert!(*held.borrow(), "a resync is complete only at its last part");
+    let p2 = vec![change(ChangeKind::UpsertService(fed_service("d", "prod")))];
+    ix.apply_batch("c2", 2, part(2, false, p2), t0).unwrap();
+    assert!(ix.pending_status.borrow().is_empty());
+    assert!(
+        *held.borrow(),
+        "not released before the snapshot with the resync is published"
+    );
+    let has_d = |shards: &Shards| {
+        shards
+            .current("prod")
+            .get(XdsType::Cluster, &cluster_name("d"))
+            .is_some()
+    };
+    assert!(!has_d(&shards));
+    ix.flush(t0);
+    assert!(has_d(&shards));
+    assert!(
+        !*held.borrow(),
+        "released at the end of the publishing flush"
+    );
+    // Nothing new to remember so far; a new cluster is saved at once.
+    assert!(saved.0.lock().unwrap().is_empty());
+    connect(&mut ix, "c3", 3, &["e"]);
+    let last = saved.0.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(
+        last.iter().map(|k| k.id.as_str()).collect::<Vec<_>>(),
+        ["c1", "c2", "c3"]
+    );
+}
+
+#[test]
+fn a_known_cluster_that_never_returns_stops_the_hold_at_its_grace() {
+    let (mut ix, shards) = index();
+    let held = shards.withdrawals_held();
+    let t0 = Instant::now();
+    let saved = Saved::default();
+    ix.restore(vec![known("gone")], Box::new(saved.clone()), t0);
+    assert!(*held.borrow());
+    assert_eq!(ix.next_expiry(), Some(t0 + ix.cfg.grace));
+    ix.expire(t0 + ix.cfg.grace - Duration::from_millis(1));
+    assert!(*held.borrow(), "still within its grace period");
+    ix.expire(t0 + ix.cfg.grace);
+    assert!(!*held.borrow());
+    assert!(ix.pending_status.borrow().is_empty());
+    assert_eq!(
+        saved.0.lock().unwrap().last().cloned(),
+        Some(vec![]),
+        "forgotten"
     );
 }

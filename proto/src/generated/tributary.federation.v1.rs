@@ -21,7 +21,7 @@ pub mod agent_message {
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct HubMessage {
-    #[prost(oneof = "hub_message::Kind", tags = "1, 2, 3, 4")]
+    #[prost(oneof = "hub_message::Kind", tags = "1, 2, 3, 4, 5")]
     pub kind: ::core::option::Option<hub_message::Kind>,
 }
 /// Nested message and enum types in `HubMessage`.
@@ -37,6 +37,8 @@ pub mod hub_message {
         Heartbeat(super::Heartbeat),
         #[prost(message, tag = "4")]
         Reject(super::Reject),
+        #[prost(message, tag = "5")]
+        BatchRejected(super::BatchRejected),
     }
 }
 /// Identifies the cluster the agent speaks for.
@@ -56,6 +58,10 @@ pub struct Hello {
     /// The last batch version the hub acknowledged to this agent (0: none).
     #[prost(uint64, tag = "6")]
     pub last_acked_version: u64,
+    /// A random id of this agent process. Versions count per process: the hub resumes
+    /// only a session of the same incarnation at the same acknowledged version.
+    #[prost(string, tag = "7")]
+    pub incarnation: ::prost::alloc::string::String,
 }
 /// The hub's answer to Hello: whether it still holds state at that version. When
 /// `resume` is false the agent must send a full snapshot (`ChangeBatch.full = true`).
@@ -66,6 +72,12 @@ pub struct Welcome {
     pub resume: bool,
     #[prost(uint64, tag = "2")]
     pub hub_version: u64,
+    /// The hub's limits (0: not advertised). The agent splits every batch so that none
+    /// carries more changes, or encodes to more bytes, than these.
+    #[prost(uint32, tag = "3")]
+    pub max_batch_changes: u32,
+    #[prost(uint64, tag = "4")]
+    pub max_message_bytes: u64,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -73,12 +85,19 @@ pub struct ChangeBatch {
     /// Monotonic per agent; acknowledged by the hub.
     #[prost(uint64, tag = "1")]
     pub version: u64,
-    /// True when the batch is the complete state of the cluster: anything the hub holds
-    /// for this cluster and the batch lacks is deleted.
+    /// True when the batch is (part of) the complete state of the cluster: anything the
+    /// hub holds for this cluster and the whole resync does not name is deleted, once its
+    /// last part has arrived.
     #[prost(bool, tag = "2")]
     pub full: bool,
     #[prost(message, repeated, tag = "3")]
     pub changes: ::prost::alloc::vec::Vec<Change>,
+    /// The batch continues in the next one (a split diff or resync). The hub applies the
+    /// parts as they come; only the last part (more = false) stands for a complete state:
+    /// a full resync deletes what it did not name there, and only its version can be
+    /// resumed from.
+    #[prost(bool, tag = "4")]
+    pub more: bool,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -173,7 +192,13 @@ pub struct Endpoint {
         ::prost::alloc::string::String,
         ::prost::alloc::string::String,
     >,
+    /// Identity of the endpoint within its set (Kubernetes: the EndpointSlice endpoint's
+    /// targetRef name, else its hostname; empty: anonymous). When a named endpoint's new
+    /// form is invalid, the hub keeps its previous form; an anonymous one is dropped.
+    #[prost(string, tag = "9")]
+    pub name: ::prost::alloc::string::String,
 }
+/// The batch `version` was applied, except the items listed in `errors`.
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Ack {
@@ -186,8 +211,21 @@ pub struct Ack {
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ItemError {
+    /// The index of the change in its batch (several errors may name one change, e.g.
+    /// one per invalid endpoint of an endpoint set).
     #[prost(uint32, tag = "1")]
     pub index: u32,
+    #[prost(string, tag = "2")]
+    pub message: ::prost::alloc::string::String,
+}
+/// The batch `version` (0: a message the hub could not decode) was NOT applied, nor
+/// any batch after it on this stream; the hub ends the stream. The agent keeps its
+/// acknowledged state and reconnects (resyncing as the Welcome says).
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct BatchRejected {
+    #[prost(uint64, tag = "1")]
+    pub version: u64,
     #[prost(string, tag = "2")]
     pub message: ::prost::alloc::string::String,
 }
