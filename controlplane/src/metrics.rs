@@ -156,6 +156,26 @@ impl Metrics {
             "Time to generate one environment's resources",
             m.generation_seconds.clone(),
         );
+        r.register(
+            "debounce_seconds",
+            "How long the index waited between the first change of a burst and acting on it",
+            m.debounce_seconds.clone(),
+        );
+        r.register(
+            "convergence_seconds",
+            "From a change's origin (agent or config file) to a client's ACK of it, by type",
+            m.convergence_seconds.clone(),
+        );
+        r.register(
+            "xds_ack_seconds",
+            "From sending an xDS response to its ACK or NACK",
+            m.xds_ack_seconds.clone(),
+        );
+        r.register(
+            "xds_admission_waiting",
+            "xDS streams waiting for an initial-sync slot (--max-initial-syncs)",
+            m.xds_admission_waiting.clone(),
+        );
         m.register_federation(r);
         m
     }
@@ -225,5 +245,38 @@ pub struct ConnectionGuard(Gauge);
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every metric the hub keeps is exported (four were kept but never registered).
+    #[test]
+    fn every_metric_is_exported() {
+        let mut registry = Registry::default();
+        let m = Metrics::new(&mut registry);
+        m.debounce_seconds.observe(0.1);
+        m.convergence_seconds
+            .get_or_create(&TypeLabel { r#type: "CDS" })
+            .observe(0.1);
+        m.xds_ack_seconds.observe(0.1);
+        m.xds_admission_waiting.inc();
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for name in [
+            "tributary_debounce_seconds",
+            "tributary_convergence_seconds",
+            "tributary_xds_ack_seconds",
+            "tributary_xds_admission_waiting",
+            "tributary_federation_batches_rejected",
+            "tributary_generation_seconds",
+        ] {
+            assert!(
+                text.contains(&format!("# TYPE {name} ")),
+                "{name} missing from:\n{text}"
+            );
+        }
     }
 }
