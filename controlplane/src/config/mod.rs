@@ -444,6 +444,26 @@ fn parse_address(value: &str) -> Result<IpAddr, String> {
         .map_err(|_| format!("{value:?} is not an IPv4 or IPv6 address"))
 }
 
+/// Checks `value` as an RE2 regex, the dialect Envoy and gRPC match with. The
+/// `regex-syntax` parser accepts RE2's syntax and, like RE2, rejects backreferences
+/// and look-around, so a pattern that passes here reaches proxies that can compile
+/// it. (Envoy's own program-size limit is not checked: a proxy NACKs that, and the
+/// NACK path reports it.)
+fn check_regex(value: &str) -> Result<(), String> {
+    regex_syntax::ParserBuilder::new()
+        .build()
+        .parse(value)
+        .map(drop)
+        .map_err(|e| {
+            let (kind, offset) = match &e {
+                regex_syntax::Error::Parse(e) => (e.kind().to_string(), e.span().start.offset),
+                regex_syntax::Error::Translate(e) => (e.kind().to_string(), e.span().start.offset),
+                other => (other.to_string(), 0),
+            };
+            format!("{value:?} is not a valid RE2 regex: {kind} (at offset {offset})")
+        })
+}
+
 /// Parses `250ms`, `5s`, `1m`, `1.5s`.
 pub fn parse_duration(value: &str) -> Result<Duration, String> {
     let value = value.trim();
@@ -803,7 +823,12 @@ fn build_route(
             Some(m) => match (&m.prefix, &m.exact, &m.regex) {
                 (Some(p), None, None) => PathMatch::Prefix(p.clone()),
                 (None, Some(p), None) => PathMatch::Exact(p.clone()),
-                (None, None, Some(p)) => PathMatch::Regex(p.clone()),
+                (None, None, Some(p)) => {
+                    if let Err(m) = check_regex(p) {
+                        errors.push(doc.err(format!("{field}.match.path.regex"), m));
+                    }
+                    PathMatch::Regex(p.clone())
+                }
                 _ => {
                     errors.push(doc.err(
                         format!("{field}.match.path"),
@@ -828,6 +853,11 @@ fn build_route(
                     continue;
                 }
             };
+            if let HeaderValueMatch::Regex(r) = &value
+                && let Err(m) = check_regex(r)
+            {
+                errors.push(doc.err(format!("{field}.match.headers[{j}].regex"), m));
+            }
             if h.name.is_empty() {
                 errors.push(doc.err(
                     format!("{field}.match.headers[{j}].name"),
@@ -1041,3 +1071,5 @@ fn build_gateway(doc: &Doc<RawGateway>, errors: &mut Vec<ConfigError>) -> Option
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod validation_tests;
