@@ -464,32 +464,32 @@ fn check_regex(value: &str) -> Result<(), String> {
         })
 }
 
-/// Parses `250ms`, `5s`, `1m`, `1.5s`.
+/// The longest duration accepted anywhere (config fields and flags): the range of
+/// protobuf's `google.protobuf.Duration`, 315,576,000,000 s (about 10,000 years).
+/// Anything longer would overflow the xDS field it is sent in, or a timer.
+pub const MAX_DURATION: Duration = Duration::from_secs(315_576_000_000);
+
+/// Parses a duration with `humantime`: numbers with units, e.g. `250ms`, `1.5s`,
+/// `5s`, `1m`, `2h`, `1d`, or a sum such as `1h 30m`. Never panics: an overflow, a
+/// sign, an exponent or a missing unit is an error that names the value.
 pub fn parse_duration(value: &str) -> Result<Duration, String> {
-    let value = value.trim();
-    let (number, unit) = value
-        .find(|c: char| c.is_ascii_alphabetic())
-        .map(|i| value.split_at(i))
-        .ok_or_else(|| format!("{value:?} has no unit, expected e.g. 250ms, 5s, 1m"))?;
-    let n: f64 = number
-        .parse()
-        .map_err(|_| format!("{value:?} is not a duration, expected e.g. 250ms, 5s, 1m"))?;
-    let scale = match unit {
-        "ms" => 0.001,
-        "s" => 1.0,
-        "m" => 60.0,
-        "h" => 3600.0,
-        _ => {
-            return Err(format!(
-                "{value:?} has unknown unit {unit:?}, expected ms, s, m or h"
-            ));
+    const EXPECTED: &str = "expected a number and a unit, e.g. 250ms, 1.5s, 5s, 1m, 1h 30m";
+    let d = humantime::parse_duration(value.trim()).map_err(|e| match e {
+        humantime::DurationError::UnknownUnit { unit, .. } if unit.is_empty() => {
+            format!("{value:?} has no unit, {EXPECTED}")
         }
-    };
-    let secs = n * scale;
-    if !(secs.is_finite() && secs >= 0.0) {
-        return Err(format!("{value:?} must be a non-negative duration"));
+        humantime::DurationError::UnknownUnit { unit, .. } => {
+            format!("{value:?} has unknown unit {unit:?}, expected ms, s, m, h or d (or us, ns, w)")
+        }
+        other => format!("{value:?} is not a duration ({other}), {EXPECTED}"),
+    })?;
+    if d > MAX_DURATION {
+        return Err(format!(
+            "{value:?} is too long, expected at most {}s",
+            MAX_DURATION.as_secs()
+        ));
     }
-    Ok(Duration::from_secs_f64(secs))
+    Ok(d)
 }
 
 fn parse_protocol(value: Option<&str>) -> Result<Protocol, String> {

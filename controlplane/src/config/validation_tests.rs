@@ -85,3 +85,82 @@ fn valid_re2_regexes_are_accepted() {
         assert!(errs.is_empty(), "{regex}: {errs:#?}");
     }
 }
+
+#[test]
+fn durations_never_panic_and_name_the_value() {
+    use std::time::Duration;
+    assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+    assert_eq!(
+        parse_duration(" 250ms ").unwrap(),
+        Duration::from_millis(250)
+    );
+    assert_eq!(parse_duration("1h 30m").unwrap(), Duration::from_secs(5400));
+    assert_eq!(parse_duration("0s").unwrap(), Duration::ZERO);
+    assert_eq!(parse_duration("315576000000s").unwrap(), MAX_DURATION);
+    for bad in [
+        "1e20s",
+        "-1s",
+        "NaN s",
+        "inf s",
+        "",
+        "99999999999999999999999s",
+        "18446744073709551615s",
+        "315576000001s",
+        "20000y",
+    ] {
+        let e = parse_duration(bad).expect_err(bad);
+        assert!(e.contains(&format!("{bad:?}")), "{bad}: {e}");
+    }
+    assert!(
+        parse_duration("5x")
+            .unwrap_err()
+            .contains("unknown unit \"x\"")
+    );
+}
+
+#[test]
+fn a_route_timeout_out_of_range_is_a_config_error() {
+    let route = route_with_match("{}").replace(
+        "destinations: [{service: reviews}]",
+        "destinations: [{service: reviews}]\n    timeout: 99999999999999999999999s",
+    );
+    let errs = match parse_files([("s.yaml", SERVICE), ("r.yaml", route.as_str())]) {
+        Ok(_) => panic!("a timeout of 1e23 s accepted"),
+        Err(ConfigErrors(errs)) => errs,
+    };
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert_eq!(errs[0].field, "spec.http[0].timeout");
+    assert!(
+        errs[0].message.contains("\"99999999999999999999999s\""),
+        "{errs:#?}"
+    );
+}
+
+fn fuzz_cases() -> u32 {
+    std::env::var("TRIBUTARY_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000)
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig {
+        cases: fuzz_cases(),
+        failure_persistence: None,
+        ..proptest::prelude::ProptestConfig::default()
+    })]
+
+    /// Any text: a duration within bounds, or an error naming the value; never a panic.
+    #[test]
+    fn fuzz_parse_duration(
+        text in proptest::prop_oneof![
+            proptest::prelude::any::<String>(),
+            "[-+ ]?[0-9.eEnNaIif]{0,30} ?(ns|us|ms|s|m|h|d|w|y|M|e|x)?( [0-9]{1,25}[a-z]{0,2}){0,3}",
+        ]
+    ) {
+        match parse_duration(&text) {
+            Ok(d) => proptest::prop_assert!(d <= MAX_DURATION),
+            Err(e) => proptest::prop_assert!(e.contains(&format!("{text:?}")), "{}", e),
+        }
+    }
+}
