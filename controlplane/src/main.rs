@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use tributary_controlplane::agent::{self, AgentConfig, ClusterState};
 use tributary_controlplane::app::{Hub, HubConfig};
+use tributary_controlplane::config::watch::{WatchConfig, WatchMode};
 use tributary_controlplane::config::{self, parse_duration};
 use tributary_controlplane::index::debounce::DebounceConfig;
 
@@ -76,9 +77,16 @@ struct HubArgs {
     /// Address for the admin HTTP endpoint (/healthz, /readyz, /metrics, /status/*).
     #[arg(long, default_value = "127.0.0.1:19001", env = "TRIBUTARY_ADMIN_ADDR")]
     admin_addr: SocketAddr,
-    /// How often config files are checked for changes (e.g. 200ms, 1s).
+    /// How config files are watched: `auto` (inotify, falling back to polling when it
+    /// cannot start) or `poll` (always poll, e.g. on NFS).
+    #[arg(long = "watch", default_value = "auto")]
+    watch_mode: WatchMode,
+    /// How often config files are checked when polling (e.g. 200ms, 1s).
     #[arg(long, default_value = "500ms", value_parser = parse_duration_arg)]
     poll_interval: Duration,
+    /// After a config file event, wait this long for the rest of its burst.
+    #[arg(long, default_value = "50ms", value_parser = parse_duration)]
+    watch_debounce: Duration,
     /// Environment of proxies whose node metadata has no "tributary.io/env".
     #[arg(long, default_value = config::DEFAULT_ENVIRONMENT)]
     default_env: String,
@@ -142,9 +150,16 @@ struct RemoteArgs {
     debounce: Duration,
     #[arg(long, default_value = "10s", value_parser = parse_duration_arg)]
     heartbeat: Duration,
-    /// Poll interval of --file sources.
+    /// How --file sources are watched: `auto` (inotify, falling back to polling when
+    /// it cannot start) or `poll` (always poll, e.g. on NFS).
+    #[arg(long = "watch", default_value = "auto")]
+    watch_mode: WatchMode,
+    /// How often --file sources are checked when polling.
     #[arg(long, default_value = "500ms", value_parser = parse_duration_arg)]
     poll_interval: Duration,
+    /// After a --file event, wait this long for the rest of its burst.
+    #[arg(long, default_value = "50ms", value_parser = parse_duration)]
+    watch_debounce: Duration,
 }
 
 fn parse_duration_arg(s: &str) -> Result<Duration, String> {
@@ -206,6 +221,8 @@ async fn hub(args: HubArgs) -> anyhow::Result<()> {
         xds_addr: args.xds_addr,
         admin_addr: args.admin_addr,
         poll_interval: args.poll_interval,
+        watch_mode: args.watch_mode,
+        watch_debounce: args.watch_debounce,
         default_env: args.default_env,
         debounce: DebounceConfig {
             quiet: args.debounce_quiet,
@@ -252,7 +269,12 @@ async fn remote(args: RemoteArgs) -> anyhow::Result<()> {
             &ClusterState::default(),
             std::time::SystemTime::now(),
         )));
-        tokio::spawn(agent::file::run(args.files, args.poll_interval, tx))
+        let watch = WatchConfig {
+            mode: args.watch_mode,
+            poll_interval: args.poll_interval,
+            debounce: args.watch_debounce,
+        };
+        tokio::spawn(agent::file::run(args.files, watch, tx))
     } else {
         let opts = agent::kube::KubeOptions {
             kubeconfig: args.kubeconfig,
