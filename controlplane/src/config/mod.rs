@@ -258,6 +258,124 @@ pub fn parse_files<'a>(
     }
 }
 
+/// YAML nodes that alias expansion may add to a file beyond one per byte of it.
+/// Without aliases a file never holds more nodes than bytes; anchors and aliases for
+/// shared snippets stay far below this, while a "billion laughs" document (which
+/// `serde_yaml`'s own repetition limit lets grow to gigabytes) is rejected after
+/// counting, before anything is built.
+pub const MAX_ALIAS_EXPANSION_NODES: u64 = 100_000;
+
+/// Counts the nodes of YAML documents (aliases expanded), failing once `left` runs
+/// out; allocates nothing.
+struct NodeBudget<'a> {
+    left: &'a std::cell::Cell<u64>,
+}
+
+impl NodeBudget<'_> {
+    fn spend<E: serde::de::Error>(&self) -> Result<(), E> {
+        match self.left.get().checked_sub(1) {
+            Some(n) => {
+                self.left.set(n);
+                Ok(())
+            }
+            None => Err(E::custom("too many YAML nodes after alias expansion")),
+        }
+    }
+    fn again(&self) -> Self {
+        Self { left: self.left }
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for NodeBudget<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for NodeBudget<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any YAML node")
+    }
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<(), E> {
+        self.spend()
+    }
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<(), E> {
+        self.spend()
+    }
+    fn visit_i128<E: serde::de::Error>(self, _: i128) -> Result<(), E> {
+        self.spend()
+    }
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<(), E> {
+        self.spend()
+    }
+    fn visit_u128<E: serde::de::Error>(self, _: u128) -> Result<(), E> {
+        self.spend()
+    }
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<(), E> {
+        self.spend()
+    }
+    fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<(), E> {
+        self.spend()
+    }
+    fn visit_bytes<E: serde::de::Error>(self, _: &[u8]) -> Result<(), E> {
+        self.spend()
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+        self.spend()
+    }
+    fn visit_none<E: serde::de::Error>(self) -> Result<(), E> {
+        self.spend()
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        self.spend()?;
+        d.deserialize_any(self)
+    }
+    fn visit_newtype_struct<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        self.spend()?;
+        d.deserialize_any(self)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        self.spend()?;
+        while seq.next_element_seed(self.again())?.is_some() {}
+        Ok(())
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        self.spend()?;
+        while map.next_key_seed(self.again())?.is_some() {
+            map.next_value_seed(self.again())?;
+        }
+        Ok(())
+    }
+    fn visit_enum<A: serde::de::EnumAccess<'de>>(self, data: A) -> Result<(), A::Error> {
+        use serde::de::VariantAccess;
+        // A tagged node (`!tag value`): the tag, then the value.
+        let ((), variant) = data.variant_seed(self.again())?;
+        variant.newtype_variant_seed(self)
+    }
+}
+
+/// Checks that `text`'s documents stay within [`MAX_ALIAS_EXPANSION_NODES`]; on
+/// failure, the number of the document where the budget ran out and the message.
+fn check_yaml_size(text: &str) -> Result<(), (usize, String)> {
+    let budget = (text.len() as u64).saturating_add(MAX_ALIAS_EXPANSION_NODES);
+    let left = std::cell::Cell::new(budget);
+    for (index, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        if let Err(e) = serde::de::DeserializeSeed::deserialize(NodeBudget { left: &left }, de) {
+            let message = if left.get() == 0 {
+                format!(
+                    "the file expands to more than {budget} YAML nodes (its size in bytes plus {MAX_ALIAS_EXPANSION_NODES}): too many alias expansions"
+                )
+            } else {
+                format!("invalid YAML: {e}")
+            };
+            return Err((index + 1, message));
+        }
+    }
+    Ok(())
+}
+
 fn parse_file(
     file: &str,
     text: &str,
@@ -265,6 +383,15 @@ fn parse_file(
     seen: &mut HashMap<(String, String, ObjectKey), String>,
     errors: &mut Vec<ConfigError>,
 ) {
+    if let Err((number, message)) = check_yaml_size(text) {
+        errors.push(ConfigError {
+            file: file.to_string(),
+            document: format!("document {number}"),
+            field: String::new(),
+            message,
+        });
+        return;
+    }
     for (index, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let number = index + 1;
         let doc_err = |document: String, field: &str, message: String| ConfigError {
