@@ -79,7 +79,9 @@ fn check_invariants(mesh: &Mesh) -> Result<(), String> {
             }
             let names: BTreeSet<_> = s.ports.iter().map(|p| &p.name).collect();
             let numbers: BTreeSet<_> = s.ports.iter().map(|p| p.port).collect();
-            if names.len() != s.ports.len() || numbers.len() != s.ports.len() || numbers.contains(&0)
+            if names.len() != s.ports.len()
+                || numbers.len() != s.ports.len()
+                || numbers.contains(&0)
             {
                 return Err(format!("{env}/{key}: ports {:?}", s.ports));
             }
@@ -332,7 +334,11 @@ fn hostile_file(rng: &mut Rng) -> String {
     let mut anchors = 0;
     for d in 0..1 + rng.below(4) {
         if d > 0 || rng.chance(10) {
-            out.push_str(if rng.chance(90) { "---\n" } else { "--- !tag\n" });
+            out.push_str(if rng.chance(90) {
+                "---\n"
+            } else {
+                "--- !tag\n"
+            });
         }
         if rng.chance(90) {
             out.push_str("apiVersion: ");
@@ -546,7 +552,12 @@ const DURATIONS: &[(&str, Duration)] = &[
     ("0s", Duration::ZERO),
 ];
 
-const REGEXES: &[&str] = &["/api/v[0-9]+/.*", "^/users/\\d+$", "(?i)/ab+c", "/nack[a-z]{500}"];
+const REGEXES: &[&str] = &[
+    "/api/v[0-9]+/.*",
+    "^/users/\\d+$",
+    "(?i)/ab+c",
+    "/nack[a-z]{500}",
+];
 
 /// A random valid mesh: its documents (as YAML values, in load order) and the model
 /// they must parse to.
@@ -680,10 +691,14 @@ fn valid_mesh(rng: &mut Rng) -> (Vec<Value>, Expected) {
                 for d in 0..1 + rng.below(3) {
                     let (svc, ports, subsets) = rng.pick(services);
                     let dport = rng.pick(ports).1;
-                    let subset = (!subsets.is_empty() && rng.chance(50))
-                        .then(|| rng.pick(subsets).clone());
+                    let subset =
+                        (!subsets.is_empty() && rng.chance(50)).then(|| rng.pick(subsets).clone());
                     // The first weight is positive: the weights never sum to zero.
-                    let weight = if d == 0 { 1 + rng.below(100) } else { rng.below(100) } as u32;
+                    let weight = if d == 0 {
+                        1 + rng.below(100)
+                    } else {
+                        rng.below(100)
+                    } as u32;
                     let mut dj = json!({"service": svc, "port": dport, "weight": weight});
                     if let Some(s) = &subset {
                         dj["subset"] = json!(s);
@@ -729,7 +744,8 @@ fn valid_mesh(rng: &mut Rng) -> (Vec<Value>, Expected) {
                 let hosts = rng
                     .chance(50)
                     .then(|| vec![format!("{}.{env}", rng.pick(services).0)]);
-                let mut lj = json!({"name": format!("l{l}"), "address": a.to_string(), "port": port});
+                let mut lj =
+                    json!({"name": format!("l{l}"), "address": a.to_string(), "port": port});
                 if let Some(h) = &hosts {
                     lj["hosts"] = json!(h);
                 }

@@ -164,3 +164,65 @@ proptest::proptest! {
         }
     }
 }
+
+/// A "billion laughs" file: nine levels of nine aliases. serde_yaml's own repetition
+/// limit (100 alias jumps per event) still lets a 40 KB file of this shape build
+/// gigabytes of values; the node budget rejects it after counting.
+#[test]
+fn a_yaml_bomb_is_rejected_before_it_is_built() {
+    let mut text = String::from(
+        "apiVersion: tributary.io/v1alpha1\nkind: Service\nmetadata: {name: x}\nspec:\n",
+    );
+    text += &format!("  pad: [{}]\n", vec!["1"; 20_000].join(","));
+    text += "  a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n";
+    for i in 1..10 {
+        text += &format!(
+            "  a{i}: &a{i} [{}]\n",
+            vec![format!("*a{}", i - 1); 9].join(", ")
+        );
+    }
+    let started = std::time::Instant::now();
+    let errs = match parse_files([("bomb.yaml", text.as_str())]) {
+        Ok(_) => panic!("a YAML bomb accepted"),
+        Err(ConfigErrors(errs)) => errs,
+    };
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert_eq!(
+        (errs[0].file.as_str(), errs[0].document.as_str()),
+        ("bomb.yaml", "document 1")
+    );
+    assert!(
+        errs[0].message.contains("too many alias expansions"),
+        "{errs:#?}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn anchors_and_aliases_for_shared_snippets_are_fine() {
+    let text = r#"
+apiVersion: tributary.io/v1alpha1
+kind: Service
+metadata: {name: reviews, environment: prod}
+spec:
+  hosts: [reviews.prod]
+  ports: [{name: http, port: 9080}]
+---
+apiVersion: tributary.io/v1alpha1
+kind: Endpoints
+metadata: {name: reviews, environment: prod}
+spec:
+  endpoints:
+  - {address: 10.0.0.1, port: 9080, labels: &v1 {version: v1, team: books}, locality: &az1 {zone: az1}}
+  - {address: 10.0.0.2, port: 9080, labels: *v1, locality: *az1}
+"#;
+    let mesh = parse_files([("a.yaml", text)]).unwrap();
+    let s = mesh.environments["prod"].services.values().next().unwrap();
+    assert_eq!(s.endpoints.len(), 2);
+    assert_eq!(s.endpoints[1].labels["team"], "books");
+    assert_eq!(s.endpoints[1].locality.zone, "az1");
+}
