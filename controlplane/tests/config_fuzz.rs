@@ -9,8 +9,9 @@
 //!   files, parses to exactly the model that was generated; the same mesh with one
 //!   random defect is rejected whole, with an error naming the defect's file and field.
 //!
-//! Cases: `TRIBUTARY_FUZZ_CASES` (default 2000: a few seconds in a debug build). Each
-//! case is a pure function call: no I/O, no runtime. Run a million per target with
+//! Cases: `TRIBUTARY_FUZZ_CASES` (default 2000 for `fuzz_config_parser`, 500 for the
+//! costlier `fuzz_config_parser_model`: a few seconds each in a debug build). Each case
+//! is a pure function call: no I/O, no runtime. Run a million per target with
 //! `TRIBUTARY_FUZZ_CASES=1000000 cargo test --release -p tributary-controlplane --test config_fuzz`.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -22,16 +23,13 @@ use serde_json::{Value, json};
 use tributary_controlplane::config::{ConfigErrors, parse_files};
 use tributary_controlplane::model::{Dependency, HeaderValueMatch, Health, Mesh, PathMatch};
 
-fn cases() -> u32 {
-    std::env::var("TRIBUTARY_FUZZ_CASES")
+fn config(default_cases: u32) -> ProptestConfig {
+    let cases = std::env::var("TRIBUTARY_FUZZ_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(2000)
-}
-
-fn config() -> ProptestConfig {
+        .unwrap_or(default_cases);
     ProptestConfig {
-        cases: cases(),
+        cases,
         failure_persistence: None,
         ..ProptestConfig::default()
     }
@@ -859,7 +857,7 @@ fn file_of(files: &[(String, String)], index: usize) -> String {
 }
 
 proptest! {
-    #![proptest_config(config())]
+    #![proptest_config(config(2000))]
 
     #[test]
     fn fuzz_config_parser(
@@ -885,6 +883,10 @@ proptest! {
         };
         check_outcome(&files)?;
     }
+}
+
+proptest! {
+    #![proptest_config(config(500))]
 
     #[test]
     fn fuzz_config_parser_model(seed in any::<u64>()) {
