@@ -290,25 +290,11 @@ async fn remote(args: RemoteArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A plain HTTP/1.1 GET against the admin port (loopback, no TLS).
+/// GET a JSON status document from the hub's admin endpoint.
 async fn admin_get(admin: &str, path: &str) -> anyhow::Result<serde_json::Value> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = admin.trim_start_matches("http://").trim_end_matches('/');
-    let mut stream = tokio::net::TcpStream::connect(addr)
+    tributary_controlplane::http_client::get_json(admin, path)
         .await
-        .with_context(|| format!("connecting to the hub's admin endpoint {addr} (--admin)"))?;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(req.as_bytes()).await?;
-    let mut buf = Vec::new();
-    stream.read_to_end(&mut buf).await?;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow::anyhow!("{addr}{path}: malformed HTTP response"))?;
-    if !head.starts_with("HTTP/1.1 200") {
-        anyhow::bail!("{addr}{path}: {}", head.lines().next().unwrap_or_default());
-    }
-    serde_json::from_str(body).with_context(|| format!("{addr}{path}: response is not JSON"))
+        .with_context(|| format!("asking the hub's admin endpoint {admin} (--admin)"))
 }
 
 async fn status(what: StatusWhat, admin: &str, json: bool) -> anyhow::Result<()> {

@@ -137,33 +137,16 @@ fn clock_ticks() -> f64 {
         .unwrap_or(100.0)
 }
 
-/// A minimal HTTP/1.1 request to a loopback control or admin port.
+/// An HTTP/1.1 request to a loopback control or admin port: status and body.
 pub async fn http(
     addr: &str,
     method: &str,
     path: &str,
     body: &[u8],
 ) -> anyhow::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .with_context(|| format!("connecting to {addr}"))?;
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).await?;
-    s.write_all(body).await?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await?;
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    Ok((code, body.to_string()))
+    let (code, body) =
+        tributary_controlplane::http_client::request(addr, method, path, body).await?;
+    Ok((code, String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// Standard base64 (the peer's control API carries resources as base64 protobuf).
