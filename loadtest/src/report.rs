@@ -12,19 +12,31 @@ pub struct Percentiles {
     pub max: f64,
 }
 
+/// Nearest-rank percentiles of millisecond samples, from an HDR histogram at
+/// microsecond resolution (5 significant digits: exact up to 262 ms, within 0.001%
+/// above).
 pub fn percentiles(samples: &[f64]) -> Percentiles {
-    if samples.is_empty() {
+    let mut h = match hdrhistogram::Histogram::<u64>::new(5) {
+        Ok(h) => h,
+        Err(_) => return Percentiles::default(),
+    };
+    for ms in samples.iter().filter(|ms| ms.is_finite()) {
+        // A negative sample (a clock step) counts as zero.
+        let us = (ms * 1000.0).round().max(0.0) as u64;
+        if h.record(us).is_err() {
+            continue;
+        }
+    }
+    if h.is_empty() {
         return Percentiles::default();
     }
-    let mut v = samples.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    let at = |q: f64| v[((q * (v.len() as f64)).ceil() as usize).clamp(1, v.len()) - 1];
+    let ms = |us: u64| us as f64 / 1000.0;
     Percentiles {
-        count: v.len(),
-        p50: at(0.50),
-        p90: at(0.90),
-        p99: at(0.99),
-        max: v[v.len() - 1],
+        count: h.len() as usize,
+        p50: ms(h.value_at_quantile(0.50)),
+        p90: ms(h.value_at_quantile(0.90)),
+        p99: ms(h.value_at_quantile(0.99)),
+        max: ms(h.max()),
     }
 }
 
@@ -229,6 +241,36 @@ mod tests {
             (50.0, 90.0, 99.0, 100.0, 100)
         );
         assert_eq!(percentiles(&[]).count, 0);
+    }
+
+    #[test]
+    fn percentiles_match_exact_nearest_rank_within_the_histogram_precision() {
+        // A skewed spread of 10,000 samples from 0.01 ms to ~40 s.
+        let v: Vec<f64> = (0..10_000u32)
+            .map(|i| {
+                let x = f64::from(i.wrapping_mul(2_654_435_761) % 10_000) / 10_000.0;
+                0.01 + x.powi(4) * 40_000.0
+            })
+            .collect();
+        let mut sorted = v.clone();
+        sorted.sort_by(f64::total_cmp);
+        let exact =
+            |q: f64| sorted[((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1];
+        let p = percentiles(&v);
+        assert_eq!(p.count, 10_000);
+        for (got, want) in [
+            (p.p50, exact(0.5)),
+            (p.p90, exact(0.9)),
+            (p.p99, exact(0.99)),
+            (p.max, exact(1.0)),
+        ] {
+            // Microsecond rounding, then 5 significant digits.
+            assert!(
+                (got - want).abs() <= 0.0005 + want * 1e-5,
+                "{got} vs {want}"
+            );
+        }
+        assert_eq!(percentiles(&[f64::NAN, f64::INFINITY, -3.0]).count, 1);
     }
 }
 
