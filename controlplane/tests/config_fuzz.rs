@@ -414,11 +414,15 @@ struct Expected {
     /// (env, name) -> (hosts, port, rules).
     routes: BTreeMap<(String, String), RouteView>,
     /// (env, name) -> listeners (name, address, port, hosts).
-    gateways: BTreeMap<(String, String), Vec<(String, IpAddr, u16, Option<Vec<String>>)>>,
+    gateways: BTreeMap<(String, String), Vec<ListenerView>>,
     /// (env, name) -> dependencies.
     sidecars: BTreeMap<(String, String), Vec<String>>,
 }
 
+/// name, address, port, hosts.
+type ListenerView = (String, IpAddr, u16, Option<Vec<String>>);
+/// A generated service: name, ports (name, number), subsets.
+type Generated = (String, Vec<(String, u16)>, Vec<String>);
 type ServiceView = (
     Vec<String>,
     Vec<(String, u16, String)>,
@@ -564,8 +568,7 @@ fn valid_mesh(rng: &mut Rng) -> (Vec<Value>, Expected) {
     let mut x = Expected::default();
     let envs = ["prod", "staging"];
     // env -> services: (name, ports (name, number), subsets)
-    let mut catalog: BTreeMap<&str, Vec<(String, Vec<(String, u16)>, Vec<String>)>> =
-        BTreeMap::new();
+    let mut catalog: BTreeMap<&str, Vec<Generated>> = BTreeMap::new();
     for env in envs.iter().take(1 + rng.below(2)) {
         for i in 0..1 + rng.below(4) {
             let name = format!("svc-{i}");
