@@ -357,20 +357,23 @@ impl<'de> serde::de::Visitor<'de> for NodeBudget<'_> {
 }
 
 /// Checks that `text`'s documents stay within [`MAX_ALIAS_EXPANSION_NODES`]; on
-/// failure, the number of the document where the budget ran out and the message.
+/// failure, the number of the document where the budget ran out and the message. A
+/// syntax error ends the count without failing it: parsing reports it, after the
+/// documents before it.
 fn check_yaml_size(text: &str) -> Result<(), (usize, String)> {
     let budget = (text.len() as u64).saturating_add(MAX_ALIAS_EXPANSION_NODES);
     let left = std::cell::Cell::new(budget);
     for (index, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        if let Err(e) = serde::de::DeserializeSeed::deserialize(NodeBudget { left: &left }, de) {
-            let message = if left.get() == 0 {
-                format!(
-                    "the file expands to more than {budget} YAML nodes (its size in bytes plus {MAX_ALIAS_EXPANSION_NODES}): too many alias expansions"
-                )
-            } else {
-                format!("invalid YAML: {e}")
-            };
-            return Err((index + 1, message));
+        if serde::de::DeserializeSeed::deserialize(NodeBudget { left: &left }, de).is_err() {
+            if left.get() == 0 {
+                return Err((
+                    index + 1,
+                    format!(
+                        "the file expands to more than {budget} YAML nodes (its size in bytes plus {MAX_ALIAS_EXPANSION_NODES}): too many alias expansions"
+                    ),
+                ));
+            }
+            break;
         }
     }
     Ok(())

@@ -226,3 +226,39 @@ spec:
     assert_eq!(s.endpoints[1].labels["team"], "books");
     assert_eq!(s.endpoints[1].locality.zone, "az1");
 }
+
+/// The node count stops at a syntax error without hiding the errors of the documents
+/// before it: both are reported, as without the count.
+#[test]
+fn a_syntax_error_still_reports_the_documents_before_it() {
+    let text = format!("{SERVICE}  subsets: [{{name: Bad_Subset}}]\n---\nkey: [unclosed\n");
+    let errs = match parse_files([("s.yaml", text.as_str())]) {
+        Ok(_) => panic!("accepted"),
+        Err(ConfigErrors(errs)) => errs,
+    };
+    let mut fields: Vec<_> = errs
+        .iter()
+        .map(|e| {
+            (
+                e.document.as_str(),
+                e.field.as_str(),
+                e.message.split(':').next(),
+            )
+        })
+        .collect();
+    fields.sort();
+    assert_eq!(
+        fields,
+        [
+            (
+                "document 1 (Service prod/default/reviews)",
+                "spec.subsets[0].name",
+                Some(
+                    "\"Bad_Subset\" is not a valid name, expected lower-case letters, digits, '-' and '.', starting and ending with a letter or digit, at most 253 characters"
+                )
+            ),
+            ("document 2", "", Some("invalid YAML")),
+        ],
+        "{errs:#?}"
+    );
+}
