@@ -19,7 +19,7 @@ use tracing::info;
 use tributary_proto::wire::ads_server::AggregatedDiscoveryServiceServer;
 
 use crate::admin::{self, AdminState};
-use crate::config::watch::FileSource;
+use crate::config::watch::{FileSource, WatchConfig, WatchMode};
 use crate::federation::Limits;
 use crate::federation::server::FederationService;
 use crate::index::debounce::DebounceConfig;
@@ -41,7 +41,12 @@ pub struct HubConfig {
     pub config_paths: Vec<PathBuf>,
     pub xds_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// How the polling fallback (or `watch_mode` poll) checks config files.
     pub poll_interval: Duration,
+    /// Native file events with a polling fallback, or always polling.
+    pub watch_mode: WatchMode,
+    /// After a config file event, wait this long for the rest of its burst.
+    pub watch_debounce: Duration,
     /// Environment of proxies whose node names none.
     pub default_env: String,
     pub debounce: DebounceConfig,
@@ -73,6 +78,8 @@ impl HubConfig {
             xds_addr: "127.0.0.1:0".parse().unwrap(),
             admin_addr: "127.0.0.1:0".parse().unwrap(),
             poll_interval: Duration::from_millis(500),
+            watch_mode: WatchMode::Auto,
+            watch_debounce: WatchConfig::default().debounce,
             default_env: crate::config::DEFAULT_ENVIRONMENT.to_string(),
             debounce: DebounceConfig::default(),
             grace: Duration::from_secs(60),
@@ -109,7 +116,15 @@ impl Hub {
         let sync = Arc::new(SyncRegistry::default());
         let ready = Arc::new(AtomicBool::new(false));
 
-        let source = FileSource::new(cfg.config_paths.clone(), cfg.poll_interval, metrics.clone());
+        let source = FileSource::new(
+            cfg.config_paths.clone(),
+            WatchConfig {
+                mode: cfg.watch_mode,
+                poll_interval: cfg.poll_interval,
+                debounce: cfg.watch_debounce,
+            },
+            metrics.clone(),
+        );
         let config_status = source.status();
         let (contents, mesh) = source.initial().context("loading the initial config")?;
         // The initial config is applied before anything is served: ready means "has config".

@@ -12,6 +12,7 @@ pub mod agent;
 pub mod app;
 pub mod config;
 pub mod federation;
+pub mod http_client;
 pub mod index;
 pub mod metrics;
 pub mod model;

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use tributary_controlplane::agent::{self, AgentConfig, ClusterState};
 use tributary_controlplane::app::{Hub, HubConfig};
+use tributary_controlplane::config::watch::{WatchConfig, WatchMode};
 use tributary_controlplane::config::{self, parse_duration};
 use tributary_controlplane::index::debounce::DebounceConfig;
 use tributary_controlplane::xds::server::StreamLimits;
@@ -77,9 +78,16 @@ struct HubArgs {
     /// Address for the admin HTTP endpoint (/healthz, /readyz, /metrics, /status/*).
     #[arg(long, default_value = "127.0.0.1:19001", env = "TRIBUTARY_ADMIN_ADDR")]
     admin_addr: SocketAddr,
-    /// How often config files are checked for changes (e.g. 200ms, 1s).
+    /// How config files are watched: `auto` (inotify, falling back to polling when it
+    /// cannot start) or `poll` (always poll, e.g. on NFS).
+    #[arg(long = "watch", default_value = "auto")]
+    watch_mode: WatchMode,
+    /// How often config files are checked when polling (e.g. 200ms, 1s).
     #[arg(long, default_value = "500ms", value_parser = parse_duration_arg)]
     poll_interval: Duration,
+    /// After a config file event, wait this long for the rest of its burst.
+    #[arg(long, default_value = "50ms", value_parser = parse_duration)]
+    watch_debounce: Duration,
     /// Environment of proxies whose node metadata has no "tributary.io/env".
     #[arg(long, default_value = config::DEFAULT_ENVIRONMENT)]
     default_env: String,
@@ -174,7 +182,11 @@ struct RemoteArgs {
     debounce: Duration,
     #[arg(long, default_value = "10s", value_parser = parse_duration_arg)]
     heartbeat: Duration,
-    /// Poll interval of --file sources.
+    /// How --file sources are watched: `auto` (inotify, falling back to polling when
+    /// it cannot start) or `poll` (always poll, e.g. on NFS).
+    #[arg(long = "watch", default_value = "auto")]
+    watch_mode: WatchMode,
+    /// How often --file sources are checked when polling.
     #[arg(long, default_value = "500ms", value_parser = parse_duration_arg)]
     poll_interval: Duration,
     /// Most changes per batch (the hub's advertised limit applies when lower).
@@ -186,6 +198,9 @@ struct RemoteArgs {
     /// Serve /healthz, /metrics and /status here (e.g. 0.0.0.0:19002); off by default.
     #[arg(long, env = "TRIBUTARY_AGENT_ADMIN_ADDR")]
     admin_addr: Option<SocketAddr>,
+    /// After a --file event, wait this long for the rest of its burst.
+    #[arg(long, default_value = "50ms", value_parser = parse_duration)]
+    watch_debounce: Duration,
 }
 
 fn parse_duration_arg(s: &str) -> Result<Duration, String> {
@@ -253,6 +268,8 @@ async fn hub(args: HubArgs) -> anyhow::Result<()> {
         xds_addr: args.xds_addr,
         admin_addr: args.admin_addr,
         poll_interval: args.poll_interval,
+        watch_mode: args.watch_mode,
+        watch_debounce: args.watch_debounce,
         default_env: args.default_env,
         debounce: DebounceConfig {
             quiet: args.debounce_quiet,
@@ -324,7 +341,12 @@ async fn remote(args: RemoteArgs) -> anyhow::Result<()> {
             &ClusterState::default(),
             std::time::SystemTime::now(),
         )));
-        tokio::spawn(agent::file::run(args.files, args.poll_interval, tx))
+        let watch = WatchConfig {
+            mode: args.watch_mode,
+            poll_interval: args.poll_interval,
+            debounce: args.watch_debounce,
+        };
+        tokio::spawn(agent::file::run(args.files, watch, tx))
     } else {
         let opts = agent::kube::KubeOptions {
             kubeconfig: args.kubeconfig,
@@ -340,25 +362,11 @@ async fn remote(args: RemoteArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A plain HTTP/1.1 GET against the admin port (loopback, no TLS).
+/// GET a JSON status document from the hub's admin endpoint.
 async fn admin_get(admin: &str, path: &str) -> anyhow::Result<serde_json::Value> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = admin.trim_start_matches("http://").trim_end_matches('/');
-    let mut stream = tokio::net::TcpStream::connect(addr)
+    tributary_controlplane::http_client::get_json(admin, path)
         .await
-        .with_context(|| format!("connecting to the hub's admin endpoint {addr} (--admin)"))?;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(req.as_bytes()).await?;
-    let mut buf = Vec::new();
-    stream.read_to_end(&mut buf).await?;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow::anyhow!("{addr}{path}: malformed HTTP response"))?;
-    if !head.starts_with("HTTP/1.1 200") {
-        anyhow::bail!("{addr}{path}: {}", head.lines().next().unwrap_or_default());
-    }
-    serde_json::from_str(body).with_context(|| format!("{addr}{path}: response is not JSON"))
+        .with_context(|| format!("asking the hub's admin endpoint {admin} (--admin)"))
 }
 
 async fn status(what: StatusWhat, admin: &str, json: bool) -> anyhow::Result<()> {
@@ -497,17 +505,16 @@ async fn status(what: StatusWhat, admin: &str, json: bool) -> anyhow::Result<()>
             }
         }
     }
-    let widths: Vec<usize> = (0..rows[0].len())
-        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
-        .collect();
-    for r in rows {
-        let line: Vec<String> = r
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        println!("{}", line.join("  ").trim_end());
+    // Borderless, two spaces between columns, no wrapping.
+    let mut table = comfy_table::Table::new();
+    table.load_style(comfy_table::presets::NOTHING);
+    let mut rows = rows.into_iter();
+    table.set_header(rows.next().unwrap_or_default());
+    table.add_rows(rows);
+    for column in table.column_iter_mut() {
+        column.set_padding((0, 2));
     }
+    println!("{}", table.trim_fmt());
     Ok(())
 }
 

@@ -1369,3 +1369,78 @@ async fn a_hub_restart_withdraws_nothing_while_agents_return() {
         a.stop().await;
     }
 }
+
+/// A disconnected cluster's endpoints are served unchanged — HEALTHY — in every
+/// snapshot until its grace period ends, then withdrawn; an endpoint that is really
+/// dead is handled by the proxies' outlier detection (docs/xds.md), not by the hub.
+#[tokio::test]
+async fn a_disconnected_clusters_endpoints_stay_healthy_for_the_whole_grace_period() {
+    use tributary_proto::envoy::envoy::config::core::v3::HealthStatus;
+    use tributary_proto::envoy::envoy::config::core::v3::address::Address;
+    use tributary_proto::envoy::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier as Host;
+    let grace = Duration::from_secs(2);
+    let (hub, _dir) = federated_hub(grace, Duration::ZERO, None).await;
+    let a = TestAgent::start(
+        hub.xds_addr,
+        "c1",
+        state(&["svc"], &[pb_endpoint("10.0.0.1", true)]),
+    );
+    let b = TestAgent::start(
+        hub.xds_addr,
+        "c2",
+        state(&["svc"], &[pb_endpoint("10.0.0.2", true)]),
+    );
+    let addresses = |s: &Snapshot| -> Vec<(String, i32)> {
+        cla(s, &cla_name("svc"))
+            .map(|c| {
+                c.endpoints
+                    .iter()
+                    .flat_map(|l| &l.lb_endpoints)
+                    .map(|e| {
+                        let Some(Host::Endpoint(ep)) = &e.host_identifier else {
+                            panic!("{e:?}")
+                        };
+                        let Some(Address::SocketAddress(sa)) =
+                            ep.address.as_ref().and_then(|a| a.address.clone())
+                        else {
+                            panic!("{ep:?}")
+                        };
+                        (sa.address, e.health_status)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    wait_snapshot(&hub, "prod", "both clusters' endpoints", |s| {
+        addresses(s).len() == 2
+    })
+    .await;
+    let mut rx = hub.shards.subscribe_or_create("prod");
+    rx.borrow_and_update();
+    let killed_at = Instant::now();
+    a.kill();
+    // Every snapshot until the withdrawal still holds 10.0.0.1, HEALTHY.
+    let withdrawn = loop {
+        tokio::time::timeout(TIMEOUT, rx.changed())
+            .await
+            .expect("a snapshot after the disconnect")
+            .unwrap();
+        let snap = rx.borrow_and_update().clone();
+        let eps = addresses(&snap);
+        if !eps.iter().any(|(a, _)| a == "10.0.0.1") {
+            break eps;
+        }
+        let healthy = HealthStatus::Healthy as i32;
+        assert!(eps.iter().all(|(_, h)| *h == healthy), "{eps:?}");
+    };
+    assert!(
+        killed_at.elapsed() >= grace,
+        "withdrawn after {:?}, before the grace period",
+        killed_at.elapsed()
+    );
+    assert_eq!(
+        withdrawn,
+        [("10.0.0.2".to_string(), HealthStatus::Healthy as i32)]
+    );
+    b.stop().await;
+}

@@ -109,17 +109,15 @@ fn node(spec: &Spec) -> Node {
 }
 
 /// Whether an encoded ClusterLoadAssignment has an endpoint at `address`, without
-/// decoding it: `SocketAddress.address` is field 2, so the address appears as the
-/// bytes `0x12, len, address...` (the length prefix rules out a longer address that
-/// merely starts with this one). Checked against a full decode in the tests below.
+/// decoding it: `SocketAddress.address` is field 2, so the address appears as its key,
+/// its length as a varint and its bytes (the length prefix rules out a longer address
+/// that merely starts with this one). Checked against a full decode in the tests below.
 pub fn contains_address(body: &[u8], address: &str) -> bool {
+    use prost::encoding::{WireType, encode_key, encode_varint};
     let a = address.as_bytes();
-    if a.len() > 127 {
-        return false;
-    }
-    let mut needle = Vec::with_capacity(a.len() + 2);
-    needle.push(0x12);
-    needle.push(a.len() as u8);
+    let mut needle = Vec::with_capacity(a.len() + 3);
+    encode_key(2, WireType::LengthDelimited, &mut needle);
+    encode_varint(a.len() as u64, &mut needle);
     needle.extend_from_slice(a);
     body.windows(needle.len()).any(|w| w == needle.as_slice())
 }

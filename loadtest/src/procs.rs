@@ -1,5 +1,5 @@
 //! Child processes under test (the hub, the go-control-plane peer): start, wait for
-//! their ready file, measure CPU and peak memory from /proc, stop by pid.
+//! their ready file, measure CPU and peak memory from /proc (`procfs`), stop by pid.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -80,23 +80,24 @@ impl Proc {
             .with_context(|| format!("{} ready file has no {key:?}", self.name))
     }
 
-    /// User + system CPU seconds so far.
+    /// User + system CPU seconds so far (`/proc/PID/stat`).
     pub fn cpu_seconds(&self) -> f64 {
-        let Some(pid) = self.pid else { return 0.0 };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        let Some(stat) = self.process().and_then(|p| p.stat().ok()) else {
             return 0.0;
         };
-        // Fields after the command name, which is in parentheses and may hold spaces.
-        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        // utime and stime are fields 14 and 15 of /proc/PID/stat: 12 and 13 here.
-        (ticks(11) + ticks(12)) / self.ticks_per_second
+        (stat.utime + stat.stime) as f64 / self.ticks_per_second
     }
 
-    /// Peak resident memory (VmHWM) in bytes.
+    /// Peak resident memory (`VmHWM` of `/proc/PID/status`) in bytes.
     pub fn peak_rss_bytes(&self) -> u64 {
-        self.pid.map_or(0, |pid| status_kb(pid, "VmHWM:") * 1024)
+        self.process()
+            .and_then(|p| p.status().ok())
+            .and_then(|s| s.vmhwm)
+            .map_or(0, |kb| kb * 1024)
+    }
+
+    fn process(&self) -> Option<procfs::process::Process> {
+        procfs::process::Process::new(i32::try_from(self.pid?).ok()?).ok()
     }
 
     pub fn stop(mut self) {
@@ -117,53 +118,20 @@ impl Proc {
     }
 }
 
-fn status_kb(pid: u32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(key))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
-        .unwrap_or(100.0)
+    procfs::ticks_per_second() as f64
 }
 
-/// A minimal HTTP/1.1 request to a loopback control or admin port.
+/// An HTTP/1.1 request to a loopback control or admin port: status and body.
 pub async fn http(
     addr: &str,
     method: &str,
     path: &str,
     body: &[u8],
 ) -> anyhow::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .with_context(|| format!("connecting to {addr}"))?;
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).await?;
-    s.write_all(body).await?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await?;
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    Ok((code, body.to_string()))
+    let (code, body) =
+        tributary_controlplane::http_client::request(addr, method, path, body).await?;
+    Ok((code, String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// Standard base64 (the peer's control API carries resources as base64 protobuf).
@@ -195,6 +163,25 @@ pub fn base64(data: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn cpu_and_peak_memory_of_a_running_process() {
+        let me = super::Proc::attach("self", serde_json::Value::Null, Some(std::process::id()));
+        // Burn a little CPU so that the figure is above zero.
+        let start = std::time::Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < std::time::Duration::from_millis(50) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+        let cpu = me.cpu_seconds();
+        assert!(cpu > 0.0 && cpu < 3600.0, "{cpu}");
+        // This test binary holds at least a megabyte and far less than the machine.
+        let rss = me.peak_rss_bytes();
+        assert!(rss > 1 << 20 && rss < 64 << 30, "{rss}");
+        // Gone or never there: zero, not an error.
+        let gone = super::Proc::attach("gone", serde_json::Value::Null, None);
+        assert_eq!((gone.cpu_seconds(), gone.peak_rss_bytes()), (0.0, 0));
+    }
+
     #[test]
     fn base64_matches_the_standard() {
         assert_eq!(super::base64(b""), "");

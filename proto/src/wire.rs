@@ -12,7 +12,9 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message;
-use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+use prost::encoding::{
+    WireType, decode_key, decode_varint, encode_key, encode_varint, encoded_len_varint, key_len,
+};
 
 /// Wire mirror of `envoy.service.discovery.v3.DiscoveryResponse`.
 #[derive(Clone, PartialEq, Message)]
@@ -159,18 +161,24 @@ impl EncodedResource {
     /// The serialized resource message itself (the `Any.value`).
     pub fn body(&self) -> Bytes {
         let any = self.any_bytes();
-        let mut at = 0;
-        // Skip Any.type_url (field 1), then the key and length of Any.value (field 2).
-        for _ in 0..2 {
-            at += key_len(1);
-            let len = decode_varint_at(&any, &mut at);
-            if at + len > any.len() {
-                return Bytes::new();
+        let mut rest: &[u8] = &any;
+        // Any{type_url = 1, value = 2}: both length-delimited; skip to field 2.
+        while !rest.is_empty() {
+            let Ok((tag, WireType::LengthDelimited)) = decode_key(&mut rest) else {
+                break;
+            };
+            let Some(len) = decode_varint(&mut rest)
+                .ok()
+                .and_then(|l| usize::try_from(l).ok())
+                .filter(|l| *l <= rest.len())
+            else {
+                break;
+            };
+            if tag == 2 {
+                let start = any.len() - rest.len();
+                return any.slice(start..start + len);
             }
-            if any.len() - at == len {
-                return any.slice(at..);
-            }
-            at += len;
+            rest = &rest[len..];
         }
         Bytes::new()
     }
@@ -179,26 +187,6 @@ impl EncodedResource {
     pub fn size(&self) -> usize {
         self.0.delta.len()
     }
-}
-
-fn decode_varint_at(buf: &[u8], at: &mut usize) -> usize {
-    let mut value = 0usize;
-    let mut shift = 0;
-    while *at < buf.len() {
-        let b = buf[*at];
-        *at += 1;
-        value |= ((b & 0x7f) as usize) << shift;
-        if b & 0x80 == 0 {
-            break;
-        }
-        shift += 7;
-    }
-    value
-}
-
-const fn key_len(_tag: u32) -> usize {
-    // Every tag used here is below 16: its key fits in one byte.
-    1
 }
 
 fn len_field(tag: u32, len: usize) -> usize {
@@ -264,6 +252,16 @@ mod tests {
         let back = Cluster::decode(decoded.resources[0].value.as_slice()).unwrap();
         assert_eq!(back, c);
         assert_eq!(r.body().as_ref(), c.encode_to_vec().as_slice());
+    }
+
+    #[test]
+    fn body_is_found_at_every_varint_length_boundary() {
+        for len in [0usize, 1, 127, 128, 16_383, 16_384, 2_097_152] {
+            let body = vec![0xa5u8; len];
+            let r = EncodedResource::from_body(crate::type_url::CLUSTER, "n", "v", &body);
+            assert_eq!(r.body().len(), len, "{len}");
+            assert!(r.body().iter().all(|b| *b == 0xa5));
+        }
     }
 
     #[test]

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from peers import (
-    FAMILIES, Envoy, HttpBackend, HttpClient, Hub, dest, endpoint, endpoints, free_port, gateway,
+    FAMILIES, Envoy, HttpBackend, HttpClient, Hub, Proc, dest, endpoint, endpoints, free_port, gateway,
     metric_sum, route, service, share, wait_equal, wait_until,
 )
 
@@ -391,3 +395,94 @@ def test_environment_isolation(stack: Stack, make_envoy):
     assert hub.client(st.node_id)["environment"] == "staging"
     # prod is unaffected.
     assert set(stack.client.counts(100, HOST)) == {"v1", "v2"}
+
+
+# ------------------------------------------------------- dead endpoints (outlier)
+
+POOL_HOST = "pool.prod"
+
+# A backend in a process of its own, so that the test can kill it like a crashed pod:
+# prints its port, then serves until killed.
+_BACKEND_MAIN = """
+import signal, sys
+sys.path.insert(0, sys.argv[1])
+from peers import HttpBackend
+b = HttpBackend(sys.argv[2], sys.argv[3])
+print(b.port, flush=True)
+signal.pause()
+"""
+
+
+def start_backend_process(tmp_path, backend_id: str, host: str) -> tuple[Proc, int]:
+    here = str(Path(__file__).resolve().parent)
+    p = Proc(f"backend {backend_id}", [sys.executable, "-c", _BACKEND_MAIN, here, backend_id, host],
+             tmp_path / f"backend-{backend_id}.log", stdout_pipe=True)
+    line = p.p.stdout.readline()
+    assert line.strip().isdigit(), f"backend {backend_id} did not print its port: {line!r}"
+    return p, int(line)
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_dead_endpoint_stops_taking_traffic(family, api_type, tmp_path, make_hub, make_envoy):
+    """Three backends behind a gateway under constant traffic; one is killed. The hub
+    still lists it (HEALTHY, as a disconnected cluster's endpoints are during the
+    grace period): Envoy's outlier detection (consecutive gateway failures, which the
+    hub configures on every EDS cluster) ejects it, and errors stop within 5 s."""
+    addr = FAMILIES[family]
+    procs = {}
+    try:
+        for b in ("b1", "b2", "b3"):
+            procs[b] = start_backend_process(tmp_path, b, addr)
+        gw_port = free_port(addr)
+        docs = [
+            service("pool", [POOL_HOST], [{"name": "http", "port": PORT, "protocol": "HTTP"}]),
+            endpoints("pool", [endpoint(addr, port) for _, port in procs.values()]),
+            gateway("edge", [{"name": "http", "address": addr, "port": gw_port, "protocol": "HTTP",
+                              "hosts": ["*"]}]),
+        ]
+        hub = make_hub(family, docs)
+        e = make_envoy(hub, api_type, node_id=f"edge-outlier-{family}-{api_type.lower()}")
+        cluster = f"outbound|{PORT}||{POOL_HOST}"
+        client = HttpClient(addr, gw_port)
+        try:
+            wait_until(lambda: set(client.counts(30, POOL_HOST)) == {"b1", "b2", "b3"}, 15,
+                       "traffic reaching all three backends")
+            # Constant traffic; kill b2 after 1 s; keep sending for 8 s after the kill.
+            log: list[tuple[float, str]] = []
+            t_kill = None
+            start = time.monotonic()
+            while True:
+                now = time.monotonic()
+                if t_kill is None and now - start >= 1.0:
+                    os.kill(procs["b2"][0].pid, signal.SIGKILL)
+                    procs["b2"][0].p.wait(5)
+                    t_kill = time.monotonic()
+                if t_kill is not None and now - t_kill >= 8.0:
+                    break
+                log.append((now, client.key(POOL_HOST)))
+            after = [(t - t_kill, k) for t, k in log if t >= t_kill]
+            errors = [(dt, k) for dt, k in after if k not in ("b1", "b3")]
+            last_error = max((dt for dt, _ in errors), default=0.0)
+            tail = [k for dt, k in after if dt >= 6.0]
+            print(f"\n[{family} {api_type}] {len(after)} requests after the kill, {len(errors)} errors, "
+                  f"last error {last_error * 1000:.0f} ms after the kill; errors: {errors[:10]}")
+            assert errors, "killing a backend caused no error at all: was it serving?"
+            assert last_error < 5.0, \
+                f"errors went on until {last_error:.2f} s after the kill ({len(errors)} errors: {errors[-10:]})"
+            assert tail and set(tail) <= {"b1", "b3"}, tail
+            od = e.config_dump(include_eds=False)
+            assert "consecutive_gateway_failure" in json.dumps(od), "no outlier_detection in CDS"
+            # Envoy ejected it for consecutive gateway failures.
+            _, stats = e.admin_get("/stats?filter=outlier_detection.ejections_enforced_consecutive_gateway_failure")
+            ejected = [line for line in stats.splitlines()
+                       if line.startswith(f"cluster.{cluster}.") and not line.endswith(": 0")]
+            assert ejected, f"no consecutive gateway failure ejection in Envoy's stats: {stats}"
+            # The hub still lists the endpoint, HEALTHY: nothing told it the backend died.
+            eps = e.clusters_json()[cluster]
+            assert len(eps) == 3, eps
+            assert all(h.get("health_status", {}).get("eds_health_status", "HEALTHY") == "HEALTHY" for h in eps), eps
+        finally:
+            client.close()
+    finally:
+        for p, _ in procs.values():
+            p.stop()

@@ -1,18 +1,19 @@
 //! Static-file agent source: the same YAML format as the hub's file source, for
 //! workloads outside Kubernetes and for load tests. Each `Service` (with its
 //! `Endpoints`) is exported under its environment; a file change is picked up by
-//! polling, and only services whose content changed get a new observation time.
+//! watching the files (see [`crate::config::watch`]), and only services whose content
+//! changed get a new observation time.
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use tokio::sync::watch;
 use tracing::{error, info};
 use tributary_proto::federation::v1 as pb;
 
 use super::ClusterState;
-use crate::config::watch::{list_files, read_files};
+use crate::config::watch::{PathWatcher, WatchConfig, list_files, panic_message, read_files};
 use crate::config::{ConfigErrors, parse_files};
 use crate::federation::FedService;
 use crate::federation::convert::service_to_proto;
@@ -88,18 +89,33 @@ pub fn load(paths: &[PathBuf]) -> Result<Mesh, String> {
     )
 }
 
-/// Polls `paths` and publishes the exported state into `tx` until it has no receivers.
-pub async fn run(paths: Vec<PathBuf>, interval: Duration, tx: watch::Sender<Arc<ClusterState>>) {
-    let mut ticker = tokio::time::interval(interval);
-    let mut last_error = String::new();
-    loop {
-        ticker.tick().await;
-        if tx.is_closed() {
+/// Watches `paths` and publishes the exported state into `tx` until it has no
+/// receivers. A file event (or, when polling, a changed file) triggers a read; a
+/// state equal to the one exported publishes nothing.
+pub async fn run(paths: Vec<PathBuf>, watch: WatchConfig, tx: watch::Sender<Arc<ClusterState>>) {
+    let mut watcher = match PathWatcher::start(&paths, &watch) {
+        Ok(w) => w,
+        Err(e) => {
+            error!(error = %e, "cannot watch the agent's files: edits are not exported until a restart");
             return;
         }
+    };
+    let mut last_error = String::new();
+    loop {
+        // Read once before waiting: an edit since the initial load is not missed.
         let p = paths.clone();
-        match tokio::task::spawn_blocking(move || load(&p)).await {
-            Ok(Ok(mesh)) => {
+        let loaded = tokio::task::spawn_blocking(move || (list_files(&p).ok(), load(&p))).await;
+        let result = match loaded {
+            Ok((files, result)) => {
+                if let Some(files) = files {
+                    watcher.add_files(&paths, &files);
+                }
+                result
+            }
+            Err(e) => Err(format!("loading the files panicked: {}", panic_message(e))),
+        };
+        match result {
+            Ok(mesh) => {
                 last_error.clear();
                 let current = tx.borrow().clone();
                 let next = cluster_state(&mesh, &current, SystemTime::now());
@@ -108,13 +124,16 @@ pub async fn run(paths: Vec<PathBuf>, interval: Duration, tx: watch::Sender<Arc<
                     tx.send_replace(Arc::new(next));
                 }
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 if e != last_error {
                     error!("agent config rejected, still exporting the last good state:\n{e}");
                     last_error = e;
                 }
             }
-            Err(_) => return,
+        }
+        tokio::select! {
+            () = watcher.changed() => {}
+            () = tx.closed() => return,
         }
     }
 }

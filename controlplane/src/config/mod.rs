@@ -259,6 +259,127 @@ pub fn parse_files<'a>(
     }
 }
 
+/// YAML nodes that alias expansion may add to a file beyond one per byte of it.
+/// Without aliases a file never holds more nodes than bytes; anchors and aliases for
+/// shared snippets stay far below this, while a "billion laughs" document (which
+/// `serde_yaml`'s own repetition limit lets grow to gigabytes) is rejected after
+/// counting, before anything is built.
+pub const MAX_ALIAS_EXPANSION_NODES: u64 = 100_000;
+
+/// Counts the nodes of YAML documents (aliases expanded), failing once `left` runs
+/// out; allocates nothing.
+struct NodeBudget<'a> {
+    left: &'a std::cell::Cell<u64>,
+}
+
+impl NodeBudget<'_> {
+    fn spend<E: serde::de::Error>(&self) -> Result<(), E> {
+        match self.left.get().checked_sub(1) {
+            Some(n) => {
+                self.left.set(n);
+                Ok(())
+            }
+            None => Err(E::custom("too many YAML nodes after alias expansion")),
+        }
+    }
+    fn again(&self) -> Self {
+        Self { left: self.left }
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for NodeBudget<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for NodeBudget<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any YAML node")
+    }
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<(), E> {
+        self.spend()
+    }
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<(), E> {
+        self.spend()
+    }
+    fn visit_i128<E: serde::de::Error>(self, _: i128) -> Result<(), E> {
+        self.spend()
+    }
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<(), E> {
+        self.spend()
+    }
+    fn visit_u128<E: serde::de::Error>(self, _: u128) -> Result<(), E> {
+        self.spend()
+    }
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<(), E> {
+        self.spend()
+    }
+    fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<(), E> {
+        self.spend()
+    }
+    fn visit_bytes<E: serde::de::Error>(self, _: &[u8]) -> Result<(), E> {
+        self.spend()
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+        self.spend()
+    }
+    fn visit_none<E: serde::de::Error>(self) -> Result<(), E> {
+        self.spend()
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        self.spend()?;
+        d.deserialize_any(self)
+    }
+    fn visit_newtype_struct<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        self.spend()?;
+        d.deserialize_any(self)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        self.spend()?;
+        while seq.next_element_seed(self.again())?.is_some() {}
+        Ok(())
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        self.spend()?;
+        while map.next_key_seed(self.again())?.is_some() {
+            map.next_value_seed(self.again())?;
+        }
+        Ok(())
+    }
+    fn visit_enum<A: serde::de::EnumAccess<'de>>(self, data: A) -> Result<(), A::Error> {
+        use serde::de::VariantAccess;
+        // A tagged node (`!tag value`): the tag, then the value.
+        let ((), variant) = data.variant_seed(self.again())?;
+        variant.newtype_variant_seed(self)
+    }
+}
+
+/// Checks that `text`'s documents stay within [`MAX_ALIAS_EXPANSION_NODES`]; on
+/// failure, the number of the document where the budget ran out and the message. A
+/// syntax error ends the count without failing it: parsing reports it, after the
+/// documents before it.
+fn check_yaml_size(text: &str) -> Result<(), (usize, String)> {
+    let budget = (text.len() as u64).saturating_add(MAX_ALIAS_EXPANSION_NODES);
+    let left = std::cell::Cell::new(budget);
+    for (index, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        if serde::de::DeserializeSeed::deserialize(NodeBudget { left: &left }, de).is_err() {
+            if left.get() == 0 {
+                return Err((
+                    index + 1,
+                    format!(
+                        "the file expands to more than {budget} YAML nodes (its size in bytes plus {MAX_ALIAS_EXPANSION_NODES}): too many alias expansions"
+                    ),
+                ));
+            }
+            break;
+        }
+    }
+    Ok(())
+}
+
 fn parse_file(
     file: &str,
     text: &str,
@@ -266,6 +387,15 @@ fn parse_file(
     seen: &mut HashMap<(String, String, ObjectKey), String>,
     errors: &mut Vec<ConfigError>,
 ) {
+    if let Err((number, message)) = check_yaml_size(text) {
+        errors.push(ConfigError {
+            file: file.to_string(),
+            document: format!("document {number}"),
+            field: String::new(),
+            message,
+        });
+        return;
+    }
     for (index, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let number = index + 1;
         let doc_err = |document: String, field: &str, message: String| ConfigError {
@@ -445,32 +575,52 @@ fn parse_address(value: &str) -> Result<IpAddr, String> {
         .map_err(|_| format!("{value:?} is not an IPv4 or IPv6 address"))
 }
 
-/// Parses `250ms`, `5s`, `1m`, `1.5s`.
+/// Checks `value` as an RE2 regex, the dialect Envoy and gRPC match with. The
+/// `regex-syntax` parser accepts RE2's syntax and, like RE2, rejects backreferences
+/// and look-around, so a pattern that passes here reaches proxies that can compile
+/// it. (Envoy's own program-size limit is not checked: a proxy NACKs that, and the
+/// NACK path reports it.)
+fn check_regex(value: &str) -> Result<(), String> {
+    regex_syntax::ParserBuilder::new()
+        .build()
+        .parse(value)
+        .map(drop)
+        .map_err(|e| {
+            let (kind, offset) = match &e {
+                regex_syntax::Error::Parse(e) => (e.kind().to_string(), e.span().start.offset),
+                regex_syntax::Error::Translate(e) => (e.kind().to_string(), e.span().start.offset),
+                other => (other.to_string(), 0),
+            };
+            format!("{value:?} is not a valid RE2 regex: {kind} (at offset {offset})")
+        })
+}
+
+/// The longest duration accepted anywhere (config fields and flags): the range of
+/// protobuf's `google.protobuf.Duration`, 315,576,000,000 s (about 10,000 years).
+/// Anything longer would overflow the xDS field it is sent in, or a timer.
+pub const MAX_DURATION: Duration = Duration::from_secs(315_576_000_000);
+
+/// Parses a duration with `humantime`: numbers with units, e.g. `250ms`, `1.5s`,
+/// `5s`, `1m`, `2h`, `1d`, or a sum such as `1h 30m`. Never panics: an overflow, a
+/// sign, an exponent or a missing unit is an error that names the value.
 pub fn parse_duration(value: &str) -> Result<Duration, String> {
-    let value = value.trim();
-    let (number, unit) = value
-        .find(|c: char| c.is_ascii_alphabetic())
-        .map(|i| value.split_at(i))
-        .ok_or_else(|| format!("{value:?} has no unit, expected e.g. 250ms, 5s, 1m"))?;
-    let n: f64 = number
-        .parse()
-        .map_err(|_| format!("{value:?} is not a duration, expected e.g. 250ms, 5s, 1m"))?;
-    let scale = match unit {
-        "ms" => 0.001,
-        "s" => 1.0,
-        "m" => 60.0,
-        "h" => 3600.0,
-        _ => {
-            return Err(format!(
-                "{value:?} has unknown unit {unit:?}, expected ms, s, m or h"
-            ));
+    const EXPECTED: &str = "expected a number and a unit, e.g. 250ms, 1.5s, 5s, 1m, 1h 30m";
+    let d = humantime::parse_duration(value.trim()).map_err(|e| match e {
+        humantime::DurationError::UnknownUnit { unit, .. } if unit.is_empty() => {
+            format!("{value:?} has no unit, {EXPECTED}")
         }
-    };
-    let secs = n * scale;
-    if !(secs.is_finite() && secs >= 0.0) {
-        return Err(format!("{value:?} must be a non-negative duration"));
+        humantime::DurationError::UnknownUnit { unit, .. } => {
+            format!("{value:?} has unknown unit {unit:?}, expected ms, s, m, h or d (or us, ns, w)")
+        }
+        other => format!("{value:?} is not a duration ({other}), {EXPECTED}"),
+    })?;
+    if d > MAX_DURATION {
+        return Err(format!(
+            "{value:?} is too long, expected at most {}s",
+            MAX_DURATION.as_secs()
+        ));
     }
-    Ok(Duration::from_secs_f64(secs))
+    Ok(d)
 }
 
 fn parse_protocol(value: Option<&str>) -> Result<Protocol, String> {
@@ -819,7 +969,12 @@ fn build_route(
             Some(m) => match (&m.prefix, &m.exact, &m.regex) {
                 (Some(p), None, None) => PathMatch::Prefix(p.clone()),
                 (None, Some(p), None) => PathMatch::Exact(p.clone()),
-                (None, None, Some(p)) => PathMatch::Regex(p.clone()),
+                (None, None, Some(p)) => {
+                    if let Err(m) = check_regex(p) {
+                        errors.push(doc.err(format!("{field}.match.path.regex"), m));
+                    }
+                    PathMatch::Regex(p.clone())
+                }
                 _ => {
                     errors.push(doc.err(
                         format!("{field}.match.path"),
@@ -844,6 +999,11 @@ fn build_route(
                     continue;
                 }
             };
+            if let HeaderValueMatch::Regex(r) = &value
+                && let Err(m) = check_regex(r)
+            {
+                errors.push(doc.err(format!("{field}.match.headers[{j}].regex"), m));
+            }
             if h.name.is_empty() {
                 errors.push(doc.err(
                     format!("{field}.match.headers[{j}].name"),
@@ -1068,3 +1228,5 @@ fn build_gateway(doc: &Doc<RawGateway>, errors: &mut Vec<ConfigError>) -> Option
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod validation_tests;

@@ -1,17 +1,23 @@
 //! Watches config files and hands each new valid [`Mesh`] to the index.
 //!
-//! Polling, not inotify: it behaves the same on every filesystem (including the
-//! symlink swaps of Kubernetes ConfigMap volumes), and reading a few config files every
-//! few hundred milliseconds costs nothing. A change is detected by content, so touching
-//! a file without changing it does nothing.
+//! The config directories are watched with `notify` (inotify on Linux): a directory
+//! watch sees edits, new and removed files, and the symlink swap of a Kubernetes
+//! ConfigMap volume. Where the native watcher cannot start (or `--watch poll` asks for
+//! it, e.g. on NFS, where inotify misses remote writes), notify's `PollWatcher` checks
+//! the files every `--poll-interval`. A burst of events is coalesced for
+//! `--watch-debounce`, then the files are read; a change is detected by content, so
+//! touching a file without changing it does nothing, and a file set is applied whole
+//! or not at all.
 
-use std::path::PathBuf;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use notify::Watcher;
 use serde::Serialize;
-use tokio::sync::watch;
-use tracing::{error, info};
+use tokio::sync::{Notify, watch};
+use tracing::{error, info, warn};
 
 use super::{ConfigError, ConfigErrors, parse_files};
 use crate::metrics::Metrics;
@@ -29,6 +35,195 @@ pub enum LoadError {
     Empty(String),
     #[error(transparent)]
     Invalid(#[from] ConfigErrors),
+    /// A bug: reading or parsing panicked. Reported like an invalid config (the last
+    /// good config stays in force), never swallowed.
+    #[error("{stage} the config panicked: {message}")]
+    Panicked {
+        stage: &'static str,
+        message: String,
+    },
+}
+
+/// The message of a panicked blocking task.
+pub fn panic_message(e: tokio::task::JoinError) -> String {
+    if !e.is_panic() {
+        return e.to_string();
+    }
+    let payload = e.into_panic();
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(a panic without a message)".to_string())
+}
+
+/// How config files are watched for changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WatchMode {
+    /// The platform's file events (inotify), falling back to polling when they cannot
+    /// start (e.g. the inotify watch limit is reached).
+    #[default]
+    Auto,
+    /// Always poll (filesystems without reliable events, such as NFS).
+    Poll,
+}
+
+impl std::str::FromStr for WatchMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "poll" => Ok(Self::Poll),
+            other => Err(format!(
+                "{other:?} is not a watch mode, expected auto or poll"
+            )),
+        }
+    }
+}
+
+/// Watching options, shared by the hub's file source and the file agent.
+#[derive(Debug, Clone, Copy)]
+pub struct WatchConfig {
+    pub mode: WatchMode,
+    /// How often the polling fallback checks the files.
+    pub poll_interval: Duration,
+    /// After the first event of a burst, wait this long before reading the files.
+    pub debounce: Duration,
+}
+
+impl Default for WatchConfig {
+    fn default() -> Self {
+        Self {
+            mode: WatchMode::Auto,
+            poll_interval: Duration::from_millis(500),
+            debounce: Duration::from_millis(50),
+        }
+    }
+}
+
+/// A `notify` watcher over the directories of a config path set, as a level-triggered
+/// "something changed" signal (events coalesce: nothing queues up).
+pub struct PathWatcher {
+    watcher: Box<dyn Watcher + Send>,
+    /// `inotify`, `poll`, ...: which backend is in use.
+    pub backend: String,
+    signal: Arc<Notify>,
+    watched: BTreeSet<PathBuf>,
+    debounce: Duration,
+}
+
+impl std::fmt::Debug for PathWatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PathWatcher")
+            .field("backend", &self.backend)
+            .field("watched", &self.watched)
+            .finish()
+    }
+}
+
+/// The directories whose events matter for `paths` and the files listed from them: a
+/// directory itself, a file's directory, and the directory of a file's symlink target.
+fn watch_dirs(paths: &[PathBuf], files: &[PathBuf]) -> BTreeSet<PathBuf> {
+    let parent = |p: &Path| match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut dirs = BTreeSet::new();
+    for p in paths {
+        dirs.insert(if p.is_dir() { p.clone() } else { parent(p) });
+    }
+    for f in files {
+        if let Ok(target) = std::fs::canonicalize(f) {
+            dirs.insert(parent(&target));
+        }
+    }
+    dirs
+}
+
+impl PathWatcher {
+    /// Starts watching the directories of `paths`: natively when `cfg.mode` allows and
+    /// it works, else by polling. Logs which backend is used.
+    pub fn start(paths: &[PathBuf], cfg: &WatchConfig) -> notify::Result<Self> {
+        let signal = Arc::new(Notify::new());
+        let handler = {
+            let signal = signal.clone();
+            move |event: notify::Result<notify::Event>| {
+                if let Err(e) = &event {
+                    warn!(error = %e, "config watcher error; re-reading the config");
+                }
+                signal.notify_one();
+            }
+        };
+        let dirs = watch_dirs(paths, &[]);
+        let watch_all = |w: &mut dyn Watcher| -> notify::Result<()> {
+            for d in &dirs {
+                w.watch(d, notify::RecursiveMode::NonRecursive)?;
+            }
+            Ok(())
+        };
+        if cfg.mode == WatchMode::Auto {
+            let native =
+                notify::RecommendedWatcher::new(handler.clone(), notify::Config::default())
+                    .and_then(|mut w| watch_all(&mut w).map(|()| w));
+            match native {
+                Ok(w) => {
+                    let backend = format!("{:?}", notify::RecommendedWatcher::kind());
+                    info!(backend, dirs = ?dirs, "watching config files");
+                    return Ok(Self {
+                        watcher: Box::new(w),
+                        backend,
+                        signal,
+                        watched: dirs,
+                        debounce: cfg.debounce,
+                    });
+                }
+                Err(e) => warn!(
+                    error = %e,
+                    poll_interval = ?cfg.poll_interval,
+                    "the native file watcher cannot start; polling the config files instead"
+                ),
+            }
+        }
+        let mut w = notify::PollWatcher::new(
+            handler,
+            notify::Config::default()
+                .with_poll_interval(cfg.poll_interval)
+                .with_compare_contents(true),
+        )?;
+        watch_all(&mut w)?;
+        info!(backend = "poll", poll_interval = ?cfg.poll_interval, dirs = ?dirs, "watching config files");
+        Ok(Self {
+            watcher: Box::new(w),
+            backend: "poll".into(),
+            signal,
+            watched: dirs,
+            debounce: cfg.debounce,
+        })
+    }
+
+    /// Also watches the directories of `files` (symlink targets, new files).
+    pub fn add_files(&mut self, paths: &[PathBuf], files: &[PathBuf]) {
+        for d in watch_dirs(paths, files) {
+            if self.watched.contains(&d) {
+                continue;
+            }
+            match self.watcher.watch(&d, notify::RecursiveMode::NonRecursive) {
+                Ok(()) => {
+                    self.watched.insert(d);
+                }
+                Err(e) => warn!(dir = %d.display(), error = %e, "cannot watch a config directory"),
+            }
+        }
+    }
+
+    /// Waits for the next change, then for the rest of its burst (`debounce`).
+    pub fn changed(&self) -> impl Future<Output = ()> + Send + 'static {
+        let (signal, debounce) = (self.signal.clone(), self.debounce);
+        async move {
+            signal.notified().await;
+            tokio::time::sleep(debounce).await;
+        }
+    }
 }
 
 /// What `/status/config` shows.
@@ -100,27 +295,43 @@ pub fn load(paths: &[PathBuf]) -> Result<(Vec<(String, String)>, Mesh), LoadErro
     Ok((contents, mesh))
 }
 
+/// Parses a file set's contents: [`parse_files`] (tests substitute a parser).
+type Parser = fn(&[(String, String)]) -> Result<Mesh, ConfigErrors>;
+
+fn parse_contents(contents: &[(String, String)]) -> Result<Mesh, ConfigErrors> {
+    parse_files(contents.iter().map(|(f, t)| (f.as_str(), t.as_str())))
+}
+
 /// The file source: publishes each new valid mesh into `tx`.
 #[derive(Debug)]
 pub struct FileSource {
     paths: Vec<PathBuf>,
-    interval: Duration,
+    watch: WatchConfig,
     status: Arc<Mutex<ConfigStatus>>,
     metrics: Arc<Metrics>,
+    parser: Parser,
 }
 
 impl FileSource {
-    pub fn new(paths: Vec<PathBuf>, interval: Duration, metrics: Arc<Metrics>) -> Self {
+    pub fn new(paths: Vec<PathBuf>, watch: WatchConfig, metrics: Arc<Metrics>) -> Self {
         let status = ConfigStatus {
             paths: paths.iter().map(|p| p.display().to_string()).collect(),
             ..Default::default()
         };
         Self {
             paths,
-            interval,
+            watch,
             status: Arc::new(Mutex::new(status)),
             metrics,
+            parser: parse_contents,
         }
+    }
+
+    /// A test seam: parse with `parser` instead of [`parse_files`].
+    #[cfg(test)]
+    fn with_parser(mut self, parser: Parser) -> Self {
+        self.parser = parser;
+        self
     }
 
     pub fn status(&self) -> Arc<Mutex<ConfigStatus>> {
@@ -130,59 +341,101 @@ impl FileSource {
     /// Loads the config for start-up: an invalid config is an error here, so the hub
     /// refuses to start rather than serve nothing.
     pub fn initial(&self) -> Result<(Vec<(String, String)>, Mesh), LoadError> {
-        let (contents, mesh) = load(&self.paths)?;
+        let contents = read_files(&list_files(&self.paths)?)?;
+        let mesh = (self.parser)(&contents)?;
         self.record_success(&contents);
         Ok((contents, mesh))
     }
 
-    /// Polls until `tx` has no receivers left.
+    /// Watches the files until `tx` has no receivers left. `last` is the content of
+    /// the config in force; a read whose content equals it does nothing.
     pub async fn run(self, mut last: Vec<(String, String)>, tx: watch::Sender<Arc<Mesh>>) {
-        let mut ticker = tokio::time::interval(self.interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let watcher = match PathWatcher::start(&self.paths, &self.watch) {
+            Ok(w) => w,
+            Err(e) => {
+                error!(error = %e, "cannot watch the config files: edits are not applied until a restart");
+                self.status.lock().unwrap().last_errors =
+                    vec![format!("cannot watch the config files: {e}")];
+                return;
+            }
+        };
+        let mut watcher = watcher;
         let mut last_error: Option<String> = None;
         loop {
-            ticker.tick().await;
+            // Read once before waiting: an edit between the initial load and the
+            // watcher's start is not missed.
+            self.reload(&mut watcher, &mut last, &tx, &mut last_error)
+                .await;
             if tx.is_closed() {
                 return;
             }
-            let paths = self.paths.clone();
-            // File I/O and parsing off the async workers.
-            let contents =
-                match tokio::task::spawn_blocking(move || read_files(&list_files(&paths)?)).await {
-                    Ok(Ok(c)) => c,
-                    Ok(Err(e)) => {
-                        self.record_failure(&e, &mut last_error);
-                        continue;
-                    }
-                    Err(_) => continue,
-                };
-            if contents == last {
-                continue;
+            tokio::select! {
+                () = watcher.changed() => {}
+                () = tx.closed() => return,
             }
-            let parsed = {
-                let c = contents.clone();
-                tokio::task::spawn_blocking(move || {
-                    parse_files(c.iter().map(|(f, t)| (f.as_str(), t.as_str())))
-                })
-                .await
-            };
-            match parsed {
-                Ok(Ok(mesh)) => {
-                    self.record_success(&contents);
-                    last_error = None;
-                    last = contents;
-                    info!(files = last.len(), "config reloaded");
-                    if tx.send(Arc::new(mesh)).is_err() {
-                        return;
-                    }
-                }
-                Ok(Err(e)) => {
-                    self.record_failure(&LoadError::Invalid(e), &mut last_error);
-                    // Remember the bad contents so the same errors are not logged on
-                    // every poll; the next edit is parsed again.
-                    last = contents;
-                }
-                Err(_) => continue,
+        }
+    }
+
+    /// Reads the files and, if their content changed, parses and publishes them.
+    async fn reload(
+        &self,
+        watcher: &mut PathWatcher,
+        last: &mut Vec<(String, String)>,
+        tx: &watch::Sender<Arc<Mesh>>,
+        last_error: &mut Option<String>,
+    ) {
+        let paths = self.paths.clone();
+        // File I/O and parsing off the async workers.
+        let read = tokio::task::spawn_blocking(move || {
+            let files = list_files(&paths)?;
+            let contents = read_files(&files)?;
+            Ok::<_, LoadError>((files, contents))
+        })
+        .await;
+        let contents = match read {
+            Ok(Ok((files, contents))) => {
+                watcher.add_files(&self.paths, &files);
+                contents
+            }
+            Ok(Err(e)) => return self.record_failure(&e, last_error),
+            Err(e) => {
+                let e = LoadError::Panicked {
+                    stage: "reading",
+                    message: panic_message(e),
+                };
+                return self.record_failure(&e, last_error);
+            }
+        };
+        if contents == *last {
+            return;
+        }
+        let parsed = {
+            let c = contents.clone();
+            let parser = self.parser;
+            tokio::task::spawn_blocking(move || parser(&c)).await
+        };
+        match parsed {
+            Ok(Ok(mesh)) => {
+                self.record_success(&contents);
+                *last_error = None;
+                *last = contents;
+                info!(files = last.len(), "config reloaded");
+                let _ = tx.send(Arc::new(mesh));
+            }
+            Ok(Err(e)) => {
+                self.record_failure(&LoadError::Invalid(e), last_error);
+                // Remember the bad contents so the same errors are not logged on
+                // every event; the next edit is parsed again.
+                *last = contents;
+            }
+            Err(e) => {
+                let e = LoadError::Panicked {
+                    stage: "parsing",
+                    message: panic_message(e),
+                };
+                self.record_failure(&e, last_error);
+                // The same contents would panic again: wait for the next edit.
+                *last = contents;
             }
         }
     }
@@ -216,5 +469,156 @@ impl FileSource {
             *last_error = Some(joined);
         }
         self.status.lock().unwrap().last_errors = lines;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "apiVersion: tributary.io/v1alpha1\nkind: Service\nmetadata: {name: a, environment: prod}\nspec:\n  hosts: [a.prod]\n  ports: [{name: http, port: 8080}]\n";
+
+    /// Panics on a file set containing `PANIC`, like a parser bug would.
+    fn panicking_parser(contents: &[(String, String)]) -> Result<Mesh, ConfigErrors> {
+        if contents.iter().any(|(_, t)| t.contains("PANIC")) {
+            panic!("parser bug on purpose");
+        }
+        parse_contents(contents)
+    }
+
+    async fn wait_for_status(
+        status: &Mutex<ConfigStatus>,
+        what: &str,
+        ok: impl Fn(&ConfigStatus) -> bool,
+    ) -> ConfigStatus {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = status.lock().unwrap().clone();
+            if ok(&s) {
+                return s;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}: {s:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panic_while_parsing_is_reported_and_the_last_good_config_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("mesh.yaml");
+        std::fs::write(&file, GOOD).unwrap();
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Arc::new(Metrics::new(&mut registry));
+        let watch = WatchConfig {
+            debounce: Duration::from_millis(10),
+            ..WatchConfig::default()
+        };
+        let source = FileSource::new(vec![dir.path().to_path_buf()], watch, metrics.clone())
+            .with_parser(panicking_parser);
+        let status = source.status();
+        let (contents, mesh) = source.initial().unwrap();
+        let (tx, mut rx) = watch::channel(Arc::new(mesh));
+        rx.borrow_and_update();
+        let task = tokio::spawn(source.run(contents, tx));
+
+        std::fs::write(&file, format!("# PANIC\n{GOOD}")).unwrap();
+        let s = wait_for_status(&status, "the panic in /status/config", |s| {
+            !s.last_errors.is_empty()
+        })
+        .await;
+        assert_eq!(
+            s.last_errors,
+            vec!["parsing the config panicked: parser bug on purpose".to_string()]
+        );
+        assert_eq!(metrics.config_reload_errors.get(), 1);
+        assert_eq!(s.applied_generation, 1, "nothing applied after the panic");
+        assert!(!rx.has_changed().unwrap(), "the last good config stays");
+        assert!(!task.is_finished(), "the source keeps watching");
+
+        // The next edit is parsed and applied: the source survived the panic.
+        let second = GOOD.replace("port: 8080", "port: 9090");
+        std::fs::write(&file, &second).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), rx.changed())
+            .await
+            .expect("the edit after the panic applied")
+            .unwrap();
+        let port = rx.borrow().environments["prod"]
+            .services
+            .values()
+            .next()
+            .unwrap()
+            .ports[0]
+            .port;
+        assert_eq!(port, 9090);
+        let s = status.lock().unwrap().clone();
+        assert!(
+            s.last_errors.is_empty() && s.applied_generation == 2,
+            "{s:?}"
+        );
+    }
+
+    /// A burst of writes inside the debounce window is read once, as a whole: no
+    /// intermediate file set is applied.
+    #[tokio::test]
+    async fn a_burst_of_writes_is_applied_once() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), GOOD).unwrap();
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Arc::new(Metrics::new(&mut registry));
+        let watch = WatchConfig {
+            poll_interval: Duration::from_secs(3600),
+            debounce: Duration::from_millis(500),
+            ..WatchConfig::default()
+        };
+        let source = FileSource::new(vec![dir.path().to_path_buf()], watch, metrics.clone());
+        let status = source.status();
+        let (contents, mesh) = source.initial().unwrap();
+        let (tx, mut rx) = watch::channel(Arc::new(mesh));
+        rx.borrow_and_update();
+        tokio::spawn(source.run(contents, tx));
+        // Let the source's first pass and watcher start complete: an edit is applied.
+        let edit = GOOD.replace("port: 8080", "port: 8081");
+        std::fs::write(dir.path().join("a.yaml"), &edit).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), rx.changed())
+            .await
+            .expect("first edit applied")
+            .unwrap();
+        rx.borrow_and_update();
+        let generation = status.lock().unwrap().applied_generation;
+
+        // Twenty writes within the debounce window: one read, of the last.
+        let b = GOOD
+            .replace("name: a,", "name: b,")
+            .replace("[a.prod]", "[b.prod]");
+        for i in 0..20 {
+            std::fs::write(
+                dir.path().join("b.yaml"),
+                b.replace("8080", &format!("{}", 9000 + i)),
+            )
+            .unwrap();
+        }
+        tokio::time::timeout(Duration::from_secs(10), rx.changed())
+            .await
+            .expect("the burst applied")
+            .unwrap();
+        let mesh = rx.borrow_and_update().clone();
+        let b_port = mesh.environments["prod"]
+            .services
+            .values()
+            .find(|s| s.key.name == "b")
+            .unwrap()
+            .ports[0]
+            .port;
+        assert_eq!(b_port, 9019, "the last write of the burst");
+        let s = status.lock().unwrap().clone();
+        assert_eq!(
+            s.applied_generation,
+            generation + 1,
+            "one reload for the burst: {s:?}"
+        );
+        assert_eq!(metrics.config_reload_errors.get(), 0);
     }
 }

@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use prost::Message;
 use tributary_proto::envoy::envoy::config::cluster::v3::{
-    Cluster, cluster::ClusterDiscoveryType, cluster::DiscoveryType, cluster::EdsClusterConfig,
-    cluster::LbPolicy,
+    Cluster, OutlierDetection, cluster::ClusterDiscoveryType, cluster::DiscoveryType,
+    cluster::EdsClusterConfig, cluster::LbPolicy,
 };
 use tributary_proto::envoy::envoy::config::core::v3::Http2ProtocolOptions;
 use tributary_proto::envoy::envoy::config::core::v3::{
@@ -320,6 +320,43 @@ pub fn shared_resources(env: &Environment, out: &mut Generated) -> RoleListeners
     roles
 }
 
+/// Consecutive gateway failures (502, 503, 504, and connect failures, resets and
+/// timeouts, which Envoy counts as such) that eject an endpoint.
+pub const OUTLIER_CONSECUTIVE_GATEWAY_FAILURES: u32 = 5;
+/// At most this share of a cluster's endpoints is ejected at once.
+pub const OUTLIER_MAX_EJECTION_PERCENT: u32 = 50;
+/// How often ejected endpoints are considered for return (Envoy's sweep).
+pub const OUTLIER_INTERVAL_SECONDS: i64 = 5;
+/// An ejected endpoint stays out this long times the number of its ejections.
+pub const OUTLIER_BASE_EJECTION_SECONDS: i64 = 30;
+
+/// Passive health checking of every EDS cluster: an endpoint that fails
+/// [`OUTLIER_CONSECUTIVE_GATEWAY_FAILURES`] requests in a row at the gateway level (it
+/// cannot be reached or does not answer) is ejected at once, at most
+/// [`OUTLIER_MAX_EJECTION_PERCENT`] of the cluster. Only gateway failures eject: an
+/// application's own 5xx answers (`consecutive_5xx`) and success-rate outliers are not
+/// enforced, so a bad request pattern never costs capacity. gRPC proxyless clients
+/// (gRFC A50) ignore the consecutive-failure fields; with success-rate and
+/// failure-percentage ejection off, their outlier detection passes through (they
+/// already skip endpoints they cannot connect to).
+pub fn outlier_detection() -> OutlierDetection {
+    let seconds = |seconds| PbDuration { seconds, nanos: 0 };
+    OutlierDetection {
+        consecutive_gateway_failure: Some(UInt32Value {
+            value: OUTLIER_CONSECUTIVE_GATEWAY_FAILURES,
+        }),
+        enforcing_consecutive_gateway_failure: Some(UInt32Value { value: 100 }),
+        enforcing_consecutive_5xx: Some(UInt32Value { value: 0 }),
+        enforcing_success_rate: Some(UInt32Value { value: 0 }),
+        max_ejection_percent: Some(UInt32Value {
+            value: OUTLIER_MAX_EJECTION_PERCENT,
+        }),
+        interval: Some(seconds(OUTLIER_INTERVAL_SECONDS)),
+        base_ejection_time: Some(seconds(OUTLIER_BASE_EJECTION_SECONDS)),
+        ..Default::default()
+    }
+}
+
 fn cluster(name: &str, port: &ServicePort) -> Cluster {
     let mut c = Cluster {
         name: name.to_string(),
@@ -333,6 +370,7 @@ fn cluster(name: &str, port: &ServicePort) -> Cluster {
             nanos: 0,
         }),
         lb_policy: LbPolicy::RoundRobin as i32,
+        outlier_detection: Some(outlier_detection()),
         ..Default::default()
     };
     if port.protocol.is_http2() {
@@ -649,4 +687,40 @@ fn string_match(pattern: MatchPattern) -> HeaderMatchSpecifier {
         match_pattern: Some(pattern),
         ..Default::default()
     })
+}
+
+#[cfg(test)]
+mod outlier_tests {
+    use super::*;
+    use crate::model::Protocol;
+
+    #[test]
+    fn every_eds_cluster_ejects_on_consecutive_gateway_failures() {
+        for protocol in [Protocol::Http, Protocol::Grpc, Protocol::Tcp] {
+            let port = ServicePort {
+                name: "p".into(),
+                port: 8080,
+                protocol,
+            };
+            let c = Cluster::decode(
+                encode(XdsType::Cluster, "c", &cluster("c", &port))
+                    .body()
+                    .as_ref(),
+            )
+            .unwrap();
+            let od = c.outlier_detection.expect("outlier_detection");
+            let v = |x: Option<UInt32Value>| x.map(|x| x.value);
+            assert_eq!(v(od.consecutive_gateway_failure), Some(5));
+            assert_eq!(v(od.enforcing_consecutive_gateway_failure), Some(100));
+            assert_eq!(v(od.enforcing_consecutive_5xx), Some(0));
+            assert_eq!(v(od.enforcing_success_rate), Some(0));
+            assert_eq!(v(od.max_ejection_percent), Some(50));
+            // gRFC A50's checks: percentages <= 100, valid durations.
+            for d in [od.interval, od.base_ejection_time] {
+                let d = d.unwrap();
+                assert!(d.seconds > 0 && d.seconds <= 315_576_000_000 && d.nanos == 0);
+            }
+        }
+        assert!(passthrough_cluster().outlier_detection.is_none());
+    }
 }
