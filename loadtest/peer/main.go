@@ -2,35 +2,29 @@
 // Tributary's load-test harness as a side-by-side baseline.
 //
 // xDS: go-control-plane server/v3 (SotW + Delta, ADS and per-type services) over
-// a MuxCache that routes by type URL to one LinearCache per type. Every node sees
-// the same named resources; clients subscribe by name (or wildcard for LDS/CDS).
+// LinearCaches, built as a competent go-control-plane user would for scoped sidecars:
+// EDS and RDS (asked for by name) have one shared cache each; CDS has one cache per
+// sidecar scope (a scoped sidecar's wildcard CDS is its scope's clusters) plus one
+// with every cluster (gateways, unscoped sidecars); LDS has one cache per role (the
+// sidecar listeners, each gateway's listeners). A router picks the cache by type URL
+// and node metadata (tributary.io/sidecar, tributary.io/gateway), as the hub does.
 //
-// Control API (HTTP/1.1 JSON):
-//
-//	POST /resources {"type":"CDS|EDS|LDS|RDS","upsert":{"name":"<b64 proto>"},"delete":["name"]}
-//	     -> 200 {"ok":true,"version":"N"} after ONE LinearCache.UpdateResources call
-//	GET  /healthz
-//	GET  /stats
+// Control API: gRPC PeerControl.Update (control.proto): resources as encoded
+// protobuf, and the groups (scopes, roles) that select them on a wildcard.
 package main
 
 import (
 	"context"
-	"encoding/base64"
 	"encoding/json"
-	"errors"
 	"flag"
 	"fmt"
-	"io"
 	"log"
 	"math"
 	"net"
-	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
-	"runtime"
 	"runtime/debug"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -51,8 +45,12 @@ import (
 	resourcev3 "github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
+
+	"tributary.test/gcppeer/controlpb"
 )
 
 // xdsType describes one served resource type.
@@ -61,13 +59,10 @@ type xdsType struct {
 	typeURL string
 	newMsg  func() proto.Message
 	nameOf  func(proto.Message) string
-	cache   *cachev3.LinearCache
 
-	mu      sync.Mutex // serialises updates so the version we report is the cache's
-	version uint64
+	mu      sync.Mutex // serialises updates of this type's caches
+	version uint64     // updates applied
 }
-
-func (t *xdsType) versionString() string { return strconv.FormatUint(t.version, 10) }
 
 var served = []*xdsType{
 	{short: "CDS", typeURL: resourcev3.ClusterType,
@@ -84,9 +79,8 @@ var served = []*xdsType{
 		nameOf: func(m proto.Message) string { return m.(*routev3.RouteConfiguration).GetName() }},
 }
 
-// Types we do not manage but keep an (always empty) LinearCache for, so that a
-// client asking for them on the ADS stream does not get the whole stream torn
-// down by MuxCache ("no cache defined for key").
+// Types we do not manage but answer from an (always empty) LinearCache, so that a
+// client asking for them on the ADS stream does not get the whole stream torn down.
 var emptyTypes = []string{
 	resourcev3.ScopedRouteType,
 	resourcev3.VirtualHostType,
@@ -156,280 +150,236 @@ func (s *stats) callbacks() serverv3.Callbacks {
 	}
 }
 
-// ---- control API ----------------------------------------------------------
-
-type httpError struct {
-	code int
-	msg  string
+func (s *stats) summary() string {
+	return fmt.Sprintf("streams sotw=%d delta=%d; requests sotw=%d delta=%d; responses sotw=%d delta=%d; nacks sotw=%d delta=%d; resources sent sotw=%d delta=%d, removed %d; control updates %d",
+		s.sotwTotal.Load(), s.deltaTotal.Load(), s.sotwReqs.Load(), s.deltaReqs.Load(),
+		s.sotwResps.Load(), s.deltaResps.Load(), s.sotwNacks.Load(), s.deltaNacks.Load(),
+		s.sotwResSent.Load(), s.deltaResSent.Load(), s.deltaRemovedSent.Load(), s.updates.Load())
 }
 
-func (e *httpError) Error() string { return e.msg }
+// ---- caches: what a go-control-plane user builds for scoped sidecars ------
 
-func badRequest(format string, a ...any) error {
-	return &httpError{code: http.StatusBadRequest, msg: fmt.Sprintf(format, a...)}
+// group is one LinearCache serving a class of nodes on a wildcard subscription
+// (a sidecar scope's clusters, a role's listeners), holding the named members.
+type group struct {
+	cache   *cachev3.LinearCache
+	members map[string]bool
 }
 
-type rawUpsert struct {
-	name string
-	data []byte
+// typeCaches are the caches of one served type. EDS and RDS (always asked for by
+// name) have one shared cache; CDS and LDS also have one cache per group, so that
+// a scoped sidecar's wildcard CDS is its scope's clusters and a sidecar's wildcard
+// LDS is the sidecar listeners (not the API listeners, not a gateway's), as the hub
+// serves them.
+type typeCaches struct {
+	*xdsType
+	all    *cachev3.LinearCache
+	mu     sync.RWMutex // guards groups and resources; updates are serialised by xdsType.mu
+	groups map[string]*group
+	// The current resources, so that a group defined later starts with its members.
+	resources map[string]types.Resource
 }
 
-// decodeResourcesBody walks the JSON body token by token so that a body of
-// tens of MB is never held as one big Go value tree; only the decoded proto
-// bytes are kept.
-func decodeResourcesBody(r io.Reader) (typ string, upserts []rawUpsert, deletes []string, err error) {
-	dec := json.NewDecoder(r)
-	if err = expectDelim(dec, '{', "request body"); err != nil {
-		return
-	}
-	seen := map[string]bool{}
-	for dec.More() {
-		var key string
-		if key, err = stringToken(dec, "object key"); err != nil {
-			return
+// cacheFor picks the cache a request is served from. Node metadata is on the first
+// request of a stream; the server copies it into every later request.
+func (t *typeCaches) cacheFor(node *corev3.Node) cachev3.Cache {
+	key := ""
+	fields := node.GetMetadata().GetFields()
+	gw := fields["tributary.io/gateway"].GetStringValue()
+	switch t.short {
+	case "CDS":
+		if scope := fields["tributary.io/sidecar"].GetStringValue(); gw == "" && scope != "" {
+			key = "scope:" + scope
 		}
-		if seen[key] {
-			err = badRequest("duplicate field %q", key)
-			return
-		}
-		seen[key] = true
-		switch key {
-		case "type":
-			if typ, err = stringToken(dec, `"type"`); err != nil {
-				return
-			}
-		case "upsert":
-			var isNull bool
-			if isNull, err = expectDelimOrNull(dec, '{', `"upsert"`); err != nil || isNull {
-				if err != nil {
-					return
-				}
-				continue
-			}
-			names := map[string]bool{}
-			for dec.More() {
-				var name, b64 string
-				if name, err = stringToken(dec, `"upsert" key`); err != nil {
-					return
-				}
-				if b64, err = stringToken(dec, fmt.Sprintf("upsert[%q]", name)); err != nil {
-					return
-				}
-				if names[name] {
-					err = badRequest("upsert[%q]: duplicate name", name)
-					return
-				}
-				names[name] = true
-				data, derr := base64.StdEncoding.DecodeString(b64)
-				if derr != nil {
-					// Be lenient about URL-safe / unpadded encodings.
-					var derr2 error
-					if data, derr2 = base64.RawStdEncoding.DecodeString(b64); derr2 != nil {
-						if data, derr2 = base64.URLEncoding.DecodeString(b64); derr2 != nil {
-							if data, derr2 = base64.RawURLEncoding.DecodeString(b64); derr2 != nil {
-								err = badRequest("upsert[%q]: bad base64: %v", name, derr)
-								return
-							}
-						}
-					}
-				}
-				upserts = append(upserts, rawUpsert{name: name, data: data})
-			}
-			if err = expectDelim(dec, '}', `end of "upsert"`); err != nil {
-				return
-			}
-		case "delete":
-			var isNull bool
-			if isNull, err = expectDelimOrNull(dec, '[', `"delete"`); err != nil || isNull {
-				if err != nil {
-					return
-				}
-				continue
-			}
-			for dec.More() {
-				var name string
-				if name, err = stringToken(dec, `"delete" element`); err != nil {
-					return
-				}
-				deletes = append(deletes, name)
-			}
-			if err = expectDelim(dec, ']', `end of "delete"`); err != nil {
-				return
-			}
-		default:
-			err = badRequest("unknown field %q (expected type, upsert, delete)", key)
-			return
+	case "LDS":
+		if gw != "" {
+			key = "gateway:" + gw
+		} else {
+			key = "sidecar"
 		}
 	}
-	if err = expectDelim(dec, '}', "end of request body"); err != nil {
-		return
+	if key == "" {
+		return t.all
 	}
-	if _, terr := dec.Token(); terr != io.EOF {
-		err = badRequest("trailing data after JSON object")
-		return
+	t.mu.RLock()
+	g := t.groups[key]
+	t.mu.RUnlock()
+	if g == nil {
+		// Like the hub: an unknown scope or role receives nothing, never everything.
+		return emptyCache(t.typeURL)
 	}
-	if !seen["type"] {
-		err = badRequest(`missing "type" (CDS, EDS, LDS or RDS)`)
-	}
-	return
+	return g.cache
 }
 
-func tokenErr(err error, what string) error {
-	if err == io.EOF {
-		return badRequest("invalid JSON: unexpected end of body reading %s", what)
+var (
+	emptyMu     sync.Mutex
+	emptyCaches = map[string]*cachev3.LinearCache{}
+)
+
+func emptyCache(typeURL string) *cachev3.LinearCache {
+	emptyMu.Lock()
+	defer emptyMu.Unlock()
+	c := emptyCaches[typeURL]
+	if c == nil {
+		c = cachev3.NewLinearCache(typeURL)
+		emptyCaches[typeURL] = c
 	}
-	var mbe *http.MaxBytesError
-	if errors.As(err, &mbe) {
-		return &httpError{code: http.StatusRequestEntityTooLarge, msg: err.Error()}
-	}
-	return badRequest("invalid JSON reading %s: %v", what, err)
+	return c
 }
 
-// expectDelimOrNull accepts the opening delimiter d or a JSON null.
-func expectDelimOrNull(dec *json.Decoder, d json.Delim, what string) (isNull bool, err error) {
-	tok, err := dec.Token()
-	if err != nil {
-		return false, tokenErr(err, what)
-	}
-	if tok == nil {
-		return true, nil
-	}
-	if got, ok := tok.(json.Delim); !ok || got != d {
-		return false, badRequest("invalid JSON: expected %q or null at %s, got %v", string(d), what, tok)
-	}
-	return false, nil
+// router implements cachev3.Cache: by type URL, then by node (MuxCache classifies by
+// request only and holds a fixed map; groups are defined at run time here).
+type router struct {
+	byType map[string]*typeCaches
 }
 
-func expectDelim(dec *json.Decoder, d json.Delim, what string) error {
-	tok, err := dec.Token()
-	if err != nil {
-		return tokenErr(err, what)
+func (r *router) pick(typeURL string, node *corev3.Node) (cachev3.Cache, error) {
+	if t := r.byType[typeURL]; t != nil {
+		return t.cacheFor(node), nil
 	}
-	if got, ok := tok.(json.Delim); !ok || got != d {
-		return badRequest("invalid JSON: expected %q at %s, got %v", string(d), what, tok)
-	}
-	return nil
-}
-
-func stringToken(dec *json.Decoder, what string) (string, error) {
-	tok, err := dec.Token()
-	if err != nil {
-		return "", tokenErr(err, what)
-	}
-	s, ok := tok.(string)
-	if !ok {
-		return "", badRequest("invalid JSON: expected a string for %s, got %v", what, tok)
-	}
-	return s, nil
-}
-
-func (s *stats) handleResources(w http.ResponseWriter, r *http.Request) {
-	if r.Method != http.MethodPost {
-		w.Header().Set("Allow", "POST")
-		writeJSON(w, http.StatusMethodNotAllowed, map[string]any{"ok": false, "error": "use POST"})
-		return
-	}
-	version, err := s.applyResources(r.Body)
-	if err != nil {
-		code := http.StatusInternalServerError
-		var he *httpError
-		if errors.As(err, &he) {
-			code = he.code
+	for _, u := range emptyTypes {
+		if u == typeURL {
+			return emptyCache(u), nil
 		}
-		if code >= 500 {
-			log.Printf("POST /resources: %v", err)
-		}
-		writeJSON(w, code, map[string]any{"ok": false, "error": err.Error()})
-		return
 	}
-	writeJSON(w, http.StatusOK, map[string]any{"ok": true, "version": version})
+	return nil, fmt.Errorf("no cache for type %q", typeURL)
 }
 
-func (s *stats) applyResources(body io.Reader) (string, error) {
-	typName, raws, deletes, err := decodeResourcesBody(body)
+func (r *router) CreateWatch(req *cachev3.Request, sub cachev3.Subscription, ch chan cachev3.Response) (func(), error) {
+	c, err := r.pick(req.GetTypeUrl(), req.GetNode())
 	if err != nil {
-		return "", err
+		return nil, err
 	}
-	t := lookupType(typName)
-	if t == nil {
-		return "", badRequest("unknown type %q (expected CDS, EDS, LDS or RDS)", typName)
+	return c.CreateWatch(req, sub, ch)
+}
+
+func (r *router) CreateDeltaWatch(req *cachev3.DeltaRequest, sub cachev3.Subscription, ch chan cachev3.DeltaResponse) (func(), error) {
+	c, err := r.pick(req.GetTypeUrl(), req.GetNode())
+	if err != nil {
+		return nil, err
 	}
-	upserts := make(map[string]types.Resource, len(raws))
-	for _, u := range raws {
+	return c.CreateDeltaWatch(req, sub, ch)
+}
+
+func (r *router) Fetch(ctx context.Context, req *cachev3.Request) (cachev3.Response, error) {
+	c, err := r.pick(req.GetTypeUrl(), req.GetNode())
+	if err != nil {
+		return nil, err
+	}
+	return c.Fetch(ctx, req)
+}
+
+// ---- control API (gRPC, protobuf) ------------------------------------------
+
+type control struct {
+	controlpb.UnimplementedPeerControlServer
+	st     *stats
+	byType map[string]*typeCaches
+}
+
+func (c *control) Update(_ context.Context, req *controlpb.UpdateRequest) (*controlpb.UpdateResponse, error) {
+	for _, u := range req.GetUpdates() {
+		lt := lookupType(u.GetType())
+		var t *typeCaches
+		if lt != nil {
+			t = c.byType[lt.typeURL]
+		}
+		if t == nil {
+			return nil, status.Errorf(codes.InvalidArgument, "type %q: expected CDS, EDS, LDS or RDS", u.GetType())
+		}
+		if err := c.apply(t, u); err != nil {
+			return nil, err
+		}
+	}
+	out := &controlpb.UpdateResponse{Versions: map[string]uint64{}}
+	for _, t := range c.byType {
+		t.xdsType.mu.Lock()
+		out.Versions[t.short] = t.version
+		t.xdsType.mu.Unlock()
+	}
+	return out, nil
+}
+
+func (c *control) apply(t *typeCaches, u *controlpb.TypeUpdate) error {
+	upserts := make(map[string]types.Resource, len(u.GetUpsert()))
+	for _, r := range u.GetUpsert() {
 		msg := t.newMsg()
-		if err := proto.Unmarshal(u.data, msg); err != nil {
-			return "", badRequest("upsert[%q]: bad %s proto: %v", u.name, t.short, err)
+		if err := proto.Unmarshal(r.GetBody(), msg); err != nil {
+			return status.Errorf(codes.InvalidArgument, "upsert %q: bad %s proto: %v", r.GetName(), t.short, err)
 		}
-		if got := t.nameOf(msg); got != u.name {
-			return "", badRequest("upsert[%q]: resource name in the %s proto is %q, must equal the key", u.name, t.short, got)
+		if got := t.nameOf(msg); got != r.GetName() {
+			return status.Errorf(codes.InvalidArgument, "upsert %q: the %s proto names %q", r.GetName(), t.short, got)
 		}
-		upserts[u.name] = msg
+		upserts[r.GetName()] = msg
 	}
-	raws = nil
+	if len(u.GetGroups()) > 0 && t.short != "CDS" && t.short != "LDS" {
+		return status.Errorf(codes.InvalidArgument, "%s: groups are for CDS and LDS only", t.short)
+	}
 
+	t.xdsType.mu.Lock()
+	defer t.xdsType.mu.Unlock()
 	t.mu.Lock()
-	defer t.mu.Unlock()
-	if len(upserts) == 0 && len(deletes) == 0 {
-		return t.versionString(), nil
+	for n, r := range upserts {
+		t.resources[n] = r
 	}
-	// One cache update for the whole batch: watches are notified once.
-	// LinearCache bumps its own version by one per call; t.version mirrors it.
-	err = t.cache.UpdateResources(upserts, deletes)
+	for _, n := range u.GetDelete() {
+		delete(t.resources, n)
+	}
+	for _, g := range u.GetGroups() {
+		members := make(map[string]bool, len(g.GetNames()))
+		initial := map[string]types.Resource{}
+		for _, n := range g.GetNames() {
+			members[n] = true
+			if r, ok := t.resources[n]; ok {
+				initial[n] = r
+			}
+		}
+		if old := t.groups[g.GetName()]; old != nil {
+			old.members = members
+			old.cache.SetResources(initial)
+		} else {
+			t.groups[g.GetName()] = &group{
+				cache:   cachev3.NewLinearCache(t.typeURL, cachev3.WithInitialResources(initial)),
+				members: members,
+			}
+		}
+	}
+	groups := make([]*group, 0, len(t.groups))
+	for _, g := range t.groups {
+		groups = append(groups, g)
+	}
+	t.mu.Unlock()
+	if len(upserts) == 0 && len(u.GetDelete()) == 0 {
+		return nil
+	}
+
+	// One cache update for the whole batch per cache: watches are notified once.
+	if err := t.all.UpdateResources(upserts, u.GetDelete()); err != nil {
+		return status.Errorf(codes.Internal, "%s cache update: %v", t.short, err)
+	}
+	for _, g := range groups {
+		up := map[string]types.Resource{}
+		for n, r := range upserts {
+			if g.members[n] {
+				up[n] = r
+			}
+		}
+		var del []string
+		for _, n := range u.GetDelete() {
+			if g.members[n] {
+				del = append(del, n)
+			}
+		}
+		if len(up) == 0 && len(del) == 0 {
+			continue
+		}
+		if err := g.cache.UpdateResources(up, del); err != nil {
+			return status.Errorf(codes.Internal, "%s group cache update: %v", t.short, err)
+		}
+	}
 	t.version++
-	s.updates.Add(1)
-	if err != nil {
-		return "", fmt.Errorf("%s cache update: %w", t.short, err)
-	}
-	return t.versionString(), nil
-}
-
-func (s *stats) handleStats(w http.ResponseWriter, _ *http.Request) {
-	resources := map[string]int{}
-	versions := map[string]string{}
-	wildcard := map[string]int{}
-	for _, t := range served {
-		resources[t.short] = t.cache.NumResources()
-		// NumCacheWatches is not used: in v0.14.0 it is decremented twice for a
-		// triggered watch and goes negative. The wildcard map size is exact.
-		wildcard[t.short] = t.cache.NumWildcardWatches()
-		t.mu.Lock()
-		versions[t.short] = t.versionString()
-		t.mu.Unlock()
-	}
-	var ms runtime.MemStats
-	runtime.ReadMemStats(&ms)
-	writeJSON(w, http.StatusOK, map[string]any{
-		"resources":              resources,
-		"versions":               versions,
-		"wildcard_watches":       wildcard,
-		"streams_open":           s.sotwOpen.Load() + s.deltaOpen.Load(),
-		"sotw_streams_open":      s.sotwOpen.Load(),
-		"delta_streams_open":     s.deltaOpen.Load(),
-		"sotw_streams_total":     s.sotwTotal.Load(),
-		"delta_streams_total":    s.deltaTotal.Load(),
-		"requests":               s.sotwReqs.Load() + s.deltaReqs.Load(),
-		"sotw_requests":          s.sotwReqs.Load(),
-		"delta_requests":         s.deltaReqs.Load(),
-		"responses":              s.sotwResps.Load() + s.deltaResps.Load(),
-		"sotw_responses":         s.sotwResps.Load(),
-		"delta_responses":        s.deltaResps.Load(),
-		"nacks":                  s.sotwNacks.Load() + s.deltaNacks.Load(),
-		"sotw_resources_sent":    s.sotwResSent.Load(),
-		"delta_resources_sent":   s.deltaResSent.Load(),
-		"delta_removed_sent":     s.deltaRemovedSent.Load(),
-		"control_updates":        s.updates.Load(),
-		"go_heap_alloc_bytes":    ms.HeapAlloc,
-		"go_sys_bytes":           ms.Sys,
-		"go_goroutines":          runtime.NumGoroutine(),
-		"go_gc_cycles":           ms.NumGC,
-		"go_gc_pause_total_nsec": ms.PauseTotalNs,
-	})
-}
-
-func writeJSON(w http.ResponseWriter, code int, v any) {
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(code)
-	_ = json.NewEncoder(w).Encode(v)
+	c.st.updates.Add(1)
+	return nil
 }
 
 func writeReadyFile(path, xdsAddr, controlAddr string) error {
@@ -457,9 +407,9 @@ func writeReadyFile(path, xdsAddr, controlAddr string) error {
 
 func main() {
 	xdsAddr := flag.String("xds", "127.0.0.1:0", "gRPC xDS listen address (host:port, e.g. [::1]:0)")
-	controlAddr := flag.String("control", "127.0.0.1:0", "HTTP control API listen address")
+	controlAddr := flag.String("control", "127.0.0.1:0", "gRPC control API (PeerControl) listen address")
 	readyFile := flag.String("ready-file", "", `once listening, write {"xds":..,"control":..} here (temp + rename)`)
-	maxBody := flag.Int64("max-body", 1<<30, "max POST /resources body size in bytes")
+	maxUpdate := flag.Int("max-update-bytes", 1<<30, "largest PeerControl.Update request in bytes")
 	flag.Parse()
 	log.SetFlags(log.LstdFlags | log.Lmicroseconds)
 	log.SetPrefix("gcp-peer: ")
@@ -467,23 +417,18 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 
-	// Caches: one LinearCache per type, muxed by type URL.
-	caches := map[string]cachev3.Cache{}
+	byType := map[string]*typeCaches{}
 	for _, t := range served {
-		t.cache = cachev3.NewLinearCache(t.typeURL)
-		caches[t.typeURL] = t.cache
-	}
-	for _, u := range emptyTypes {
-		caches[u] = cachev3.NewLinearCache(u)
-	}
-	mux := &cachev3.MuxCache{
-		Classify:      func(r *cachev3.Request) string { return r.GetTypeUrl() },
-		ClassifyDelta: func(r *cachev3.DeltaRequest) string { return r.GetTypeUrl() },
-		Caches:        caches,
+		byType[t.typeURL] = &typeCaches{
+			xdsType:   t,
+			all:       cachev3.NewLinearCache(t.typeURL),
+			groups:    map[string]*group{},
+			resources: map[string]types.Resource{},
+		}
 	}
 
 	st := &stats{}
-	xdsServer := serverv3.NewServer(ctx, mux, st.callbacks())
+	xdsServer := serverv3.NewServer(ctx, &router{byType: byType}, st.callbacks())
 
 	grpcServer := grpc.NewServer(
 		grpc.MaxConcurrentStreams(100000),
@@ -504,6 +449,9 @@ func main() {
 	listenerservice.RegisterListenerDiscoveryServiceServer(grpcServer, xdsServer)
 	routeservice.RegisterRouteDiscoveryServiceServer(grpcServer, xdsServer)
 
+	controlServer := grpc.NewServer(grpc.MaxRecvMsgSize(*maxUpdate))
+	controlpb.RegisterPeerControlServer(controlServer, &control{st: st, byType: byType})
+
 	xdsLis, err := net.Listen("tcp", *xdsAddr)
 	if err != nil {
 		log.Fatalf("listen xds %s: %v", *xdsAddr, err)
@@ -513,24 +461,9 @@ func main() {
 		log.Fatalf("listen control %s: %v", *controlAddr, err)
 	}
 
-	httpMux := http.NewServeMux()
-	httpMux.HandleFunc("/resources", func(w http.ResponseWriter, r *http.Request) {
-		r.Body = http.MaxBytesReader(w, r.Body, *maxBody)
-		st.handleResources(w, r)
-	})
-	httpMux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
-		writeJSON(w, http.StatusOK, map[string]any{"ok": true})
-	})
-	httpMux.HandleFunc("/stats", st.handleStats)
-	httpServer := &http.Server{Handler: httpMux, ReadHeaderTimeout: 10 * time.Second}
-
 	errc := make(chan error, 2)
 	go func() { errc <- fmt.Errorf("grpc: %w", grpcServer.Serve(xdsLis)) }()
-	go func() {
-		if err := httpServer.Serve(ctlLis); !errors.Is(err, http.ErrServerClosed) {
-			errc <- fmt.Errorf("http: %w", err)
-		}
-	}()
+	go func() { errc <- fmt.Errorf("control: %w", controlServer.Serve(ctlLis)) }()
 
 	if *readyFile != "" {
 		if err := writeReadyFile(*readyFile, xdsLis.Addr().String(), ctlLis.Addr().String()); err != nil {
@@ -550,9 +483,8 @@ func main() {
 	}
 	stop()
 
-	shCtx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
-	defer cancel()
-	_ = httpServer.Shutdown(shCtx)
+	log.Printf("%s", st.summary())
+	controlServer.Stop()
 	// xDS streams never end on their own; GracefulStop would wait for clients.
 	// Give it a moment, then force.
 	done := make(chan struct{})
