@@ -1,9 +1,18 @@
-//! Lightweight simulated xDS clients: thousands in one process, Delta or SotW, each
-//! holding the names and versions it has and decoding only what it must check.
+//! Simulated xDS clients that behave like Envoy's: thousands in one process, Delta or
+//! SotW, one connection each (as Envoy opens one per proxy).
 //!
-//! A client ACKs every response. When a response carries a resource the harness is
-//! waiting for (a load assignment containing a changed endpoint, or a gateway's new
-//! clusters and routes), the client records the time from the injection to its ACK.
+//! Each follows Envoy's sequence on an ADS stream: CDS wildcard (a sidecar's is scoped
+//! by its node's `tributary.io/sidecar`), then EDS by the names in the EDS clusters it
+//! received; once those clusters are warm (each has its load assignment), LDS
+//! wildcard, then RDS by the route names in the listeners' HTTP connection managers.
+//! Later CDS and LDS responses change the EDS and RDS subscriptions the same way.
+//! Every response is ACKed.
+//!
+//! A client keeps, per type, the name, version and body of everything it holds
+//! (bodies are interned: a body many clients hold is stored once), so that the
+//! harness can check the final content against the model. When a response carries a
+//! change the harness waits for, the client records the time from the injection to
+//! its ACK.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -11,80 +20,159 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::Instant;
 
+use bytes::Bytes;
 use prost::Message;
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tributary_proto::envoy::envoy::config::cluster::v3::Cluster;
+use tributary_proto::envoy::envoy::config::cluster::v3::cluster::{
+    ClusterDiscoveryType, DiscoveryType,
+};
 use tributary_proto::envoy::envoy::config::core::v3::Node;
 use tributary_proto::envoy::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use tributary_proto::envoy::envoy::config::listener::v3::Listener;
+use tributary_proto::envoy::envoy::config::listener::v3::filter::ConfigType;
 use tributary_proto::envoy::envoy::config::route::v3::RouteConfiguration;
+use tributary_proto::envoy::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, http_connection_manager::RouteSpecifier,
+};
 use tributary_proto::envoy::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use tributary_proto::envoy::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DiscoveryRequest,
 };
 use tributary_proto::envoy::google::protobuf::{Struct, Value, value::Kind};
-use tributary_proto::type_url::{CLUSTER, ENDPOINT, ROUTE};
+use tributary_proto::type_url::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
 
-/// What one simulated proxy subscribes to.
+/// Type slots of [`Holdings`], in Envoy's order of initialization.
+pub const CDS: usize = 0;
+pub const EDS: usize = 1;
+pub const LDS: usize = 2;
+pub const RDS: usize = 3;
+pub const TYPE_URLS: [&str; 4] = [CLUSTER, ENDPOINT, LISTENER, ROUTE];
+
+fn slot(type_url: &str) -> Option<usize> {
+    TYPE_URLS.iter().position(|t| *t == type_url)
+}
+
+/// What one simulated proxy is.
 #[derive(Debug, Clone)]
 pub struct Spec {
+    /// Index into [`Shared::holdings`].
+    pub index: usize,
     pub id: String,
     pub delta: bool,
     pub gateway: bool,
-    /// Empty: wildcard (gateways).
-    pub cds: Vec<String>,
-    pub eds: Vec<String>,
-    pub rds: Option<String>,
-    /// Resources of each type the client holds once initially synced.
+    /// The sidecar scope named in the node metadata (sidecars only).
+    pub scope: Option<String>,
+    /// Clusters and listeners the client holds once initially synced (from the model).
     pub expect_cds: usize,
+    pub expect_lds: usize,
 }
 
-/// The change a phase waits for in one load assignment.
+/// The change a round waits for in one load assignment.
 #[derive(Debug, Clone)]
 pub struct Expect {
     pub phase: u64,
     pub address: String,
+    /// The address it replaced: must be gone from the same response.
+    pub old: String,
 }
 
-/// A gateway config change: new clusters (and their load assignments), and a route
-/// table that names a new host.
+/// A config change (services added): every client's route tables name the new host;
+/// gateways also hold the new clusters and their load assignments.
 #[derive(Debug, Clone, Default)]
-pub struct GatewayExpect {
+pub struct ConfigExpect {
     pub phase: u64,
     pub names: HashSet<String>,
     pub host: String,
 }
 
+/// One client's convergence sample: injection → its ACK of a response holding the change.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    pub client: u32,
+    pub ms: f64,
+}
+
+/// What a client holds of one resource: its body (interned).
+#[derive(Debug, Clone)]
+pub struct Held {
+    pub body: Bytes,
+}
+
+/// What a client holds, per type slot.
 #[derive(Debug, Default)]
+pub struct Holdings {
+    pub by_type: [HashMap<String, Held>; 4],
+}
+
+#[derive(Debug)]
 pub struct Shared {
     pub phase: AtomicU64,
     pub t0: Mutex<Option<Instant>>,
     pub expected: RwLock<HashMap<String, Expect>>,
-    pub gateway: RwLock<Option<GatewayExpect>>,
-    pub samples: Mutex<Vec<f64>>,
+    pub config: RwLock<Option<ConfigExpect>>,
+    pub samples: Mutex<Vec<Sample>>,
     pub pending: AtomicUsize,
     pub done: Notify,
     pub synced: AtomicUsize,
     pub bytes: AtomicU64,
     pub messages: AtomicU64,
     pub errors: AtomicUsize,
-    /// Per client, at the end: EDS name -> version held.
-    pub final_versions: Mutex<HashMap<String, HashMap<String, String>>>,
+    /// Load assignments that held the new address and still the old one.
+    pub stale_at_sample: AtomicUsize,
+    /// Per client (by [`Spec::index`]).
+    pub holdings: Vec<Mutex<Holdings>>,
+    /// Every distinct body received, so that a body thousands of clients hold is
+    /// stored once (the content check compares them all at the end).
+    bodies: Mutex<HashSet<Bytes, foldhash::fast::FixedState>>,
 }
 
 impl Shared {
-    fn sample(&self) {
+    pub fn new(clients: usize) -> Self {
+        Shared {
+            phase: AtomicU64::new(0),
+            t0: Mutex::new(None),
+            expected: RwLock::default(),
+            config: RwLock::default(),
+            samples: Mutex::default(),
+            pending: AtomicUsize::new(0),
+            done: Notify::new(),
+            synced: AtomicUsize::new(0),
+            bytes: AtomicU64::new(0),
+            messages: AtomicU64::new(0),
+            errors: AtomicUsize::new(0),
+            stale_at_sample: AtomicUsize::new(0),
+            holdings: (0..clients).map(|_| Mutex::default()).collect(),
+            bodies: Mutex::new(HashSet::with_hasher(foldhash::fast::FixedState::with_seed(
+                0,
+            ))),
+        }
+    }
+
+    fn sample(&self, client: usize) {
         let t0 = *self.t0.lock().unwrap();
         if let Some(t0) = t0 {
-            self.samples
-                .lock()
-                .unwrap()
-                .push(t0.elapsed().as_secs_f64() * 1000.0);
+            self.samples.lock().unwrap().push(Sample {
+                client: client as u32,
+                ms: t0.elapsed().as_secs_f64() * 1000.0,
+            });
         }
         if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.done.notify_waiters();
         }
+    }
+
+    /// The stored copy of `body` (the same allocation for every client holding it).
+    fn intern(&self, body: Vec<u8>) -> Bytes {
+        let body = Bytes::from(body);
+        let mut set = self.bodies.lock().unwrap();
+        if let Some(b) = set.get(&body) {
+            return b.clone();
+        }
+        set.insert(body.clone());
+        body
     }
 }
 
@@ -100,6 +188,9 @@ fn node(spec: &Spec) -> Node {
             s(crate::scenario::GATEWAY),
         );
     }
+    if let Some(scope) = &spec.scope {
+        fields.insert("tributary.io/sidecar".to_string(), s(scope));
+    }
     Node {
         id: spec.id.clone(),
         cluster: "loadtest".into(),
@@ -108,110 +199,237 @@ fn node(spec: &Spec) -> Node {
     }
 }
 
-/// Whether an encoded ClusterLoadAssignment has an endpoint at `address`, without
-/// decoding it: `SocketAddress.address` is field 2, so the address appears as its key,
-/// its length as a varint and its bytes (the length prefix rules out a longer address
-/// that merely starts with this one). Checked against a full decode in the tests below.
-pub fn contains_address(body: &[u8], address: &str) -> bool {
+/// Whether an encoded message has a length-delimited field `field` equal to `value`:
+/// the field's key, the length as a varint and the bytes (the length prefix rules out
+/// a longer string that merely starts with `value`). For a ClusterLoadAssignment,
+/// field 2 is `SocketAddress.address`; for a RouteConfiguration, field 2 is
+/// `VirtualHost.domains`. Checked against a full decode in the tests below.
+pub fn contains_field(body: &[u8], field: u32, value: &str) -> bool {
     use prost::encoding::{WireType, encode_key, encode_varint};
-    let a = address.as_bytes();
-    let mut needle = Vec::with_capacity(a.len() + 3);
-    encode_key(2, WireType::LengthDelimited, &mut needle);
+    let a = value.as_bytes();
+    let mut needle = Vec::with_capacity(a.len() + 6);
+    encode_key(field, WireType::LengthDelimited, &mut needle);
     encode_varint(a.len() as u64, &mut needle);
     needle.extend_from_slice(a);
-    body.windows(needle.len()).any(|w| w == needle.as_slice())
+    memchr::memmem::find(body, &needle).is_some()
 }
 
-/// Client-side progress towards the current phase's expectations.
-#[derive(Default)]
-struct Progress {
-    seen: HashSet<(u64, String)>,
-    gateway_phase_done: u64,
-    route_has_host: Option<(u64, bool)>,
+pub fn contains_address(body: &[u8], address: &str) -> bool {
+    contains_field(body, 2, address)
+}
+
+/// The load assignment an EDS cluster asks for (`None`: not an EDS cluster).
+pub fn eds_name(cluster: &Cluster) -> Option<String> {
+    let eds = matches!(
+        cluster.cluster_discovery_type,
+        Some(ClusterDiscoveryType::Type(t)) if t == DiscoveryType::Eds as i32
+    );
+    eds.then(|| {
+        cluster
+            .eds_cluster_config
+            .as_ref()
+            .map(|c| c.service_name.clone())
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| cluster.name.clone())
+    })
+}
+
+/// The route tables a listener's HTTP connection managers ask for over RDS.
+pub fn rds_names(listener: &Listener) -> Vec<String> {
+    listener
+        .filter_chains
+        .iter()
+        .flat_map(|c| &c.filters)
+        .filter_map(|f| match &f.config_type {
+            Some(ConfigType::TypedConfig(any)) => HttpConnectionManager::decode(&any.value[..])
+                .ok()
+                .and_then(|hcm| match hcm.route_specifier {
+                    Some(RouteSpecifier::Rds(rds)) => Some(rds.route_config_name),
+                    _ => None,
+                }),
+            _ => None,
+        })
+        .collect()
+}
+
+/// One client's view of the protocol: what it subscribes to and what it has seen.
+struct Client<'a> {
+    spec: &'a Spec,
+    shared: &'a Shared,
+    /// EDS name of each held EDS cluster; RDS names of each held listener.
+    cluster_eds: HashMap<String, String>,
+    listener_rds: HashMap<String, Vec<String>>,
+    subscribed: [HashSet<String>; 4],
+    cds_received: bool,
+    lds_requested: bool,
     synced: bool,
+    seen: HashSet<(u64, String)>,
+    /// Per route table: the config-change phase whose host it names.
+    route_has_host: HashMap<String, u64>,
+    config_done: u64,
 }
 
-impl Progress {
-    /// Checks a received load assignment against the current expectations; returns
-    /// how many samples it completes (recorded after the ACK is sent).
-    fn check_cla(&mut self, shared: &Shared, name: &str, body: &[u8]) -> usize {
-        let exp = shared.expected.read().unwrap().get(name).cloned();
+impl<'a> Client<'a> {
+    fn new(spec: &'a Spec, shared: &'a Shared) -> Self {
+        Client {
+            spec,
+            shared,
+            cluster_eds: HashMap::new(),
+            listener_rds: HashMap::new(),
+            subscribed: Default::default(),
+            cds_received: false,
+            lds_requested: false,
+            synced: false,
+            seen: HashSet::new(),
+            route_has_host: HashMap::new(),
+            config_done: 0,
+        }
+    }
+
+    /// Applies one received resource; returns the samples it completes.
+    fn receive(&mut self, h: &mut Holdings, i: usize, name: String, body: Vec<u8>) -> usize {
+        let mut completed = 0;
+        match i {
+            CDS => {
+                if let Ok(c) = Cluster::decode(&body[..]) {
+                    match eds_name(&c) {
+                        Some(e) => self.cluster_eds.insert(name.clone(), e),
+                        None => self.cluster_eds.remove(&name),
+                    };
+                }
+            }
+            EDS => completed += self.check_cla(&name, &body),
+            LDS => {
+                if let Ok(l) = Listener::decode(&body[..]) {
+                    self.listener_rds.insert(name.clone(), rds_names(&l));
+                }
+            }
+            _ => self.check_route(&name, &body),
+        }
+        let body = self.shared.intern(body);
+        h.by_type[i].insert(name, Held { body });
+        completed
+    }
+
+    fn remove(&mut self, h: &mut Holdings, i: usize, name: &str) {
+        h.by_type[i].remove(name);
+        match i {
+            CDS => {
+                self.cluster_eds.remove(name);
+            }
+            LDS => {
+                self.listener_rds.remove(name);
+            }
+            _ => {}
+        }
+    }
+
+    /// A load assignment: a sample when it holds the round's new address (and the
+    /// old one must be gone).
+    fn check_cla(&mut self, name: &str, body: &[u8]) -> usize {
+        let exp = self.shared.expected.read().unwrap().get(name).cloned();
         let Some(exp) = exp else { return 0 };
-        if exp.phase != shared.phase.load(Ordering::Acquire)
+        if exp.phase != self.shared.phase.load(Ordering::Acquire)
             || self.seen.contains(&(exp.phase, name.to_string()))
+            || !contains_address(body, &exp.address)
         {
             return 0;
         }
-        if contains_address(body, &exp.address) {
-            self.seen.insert((exp.phase, name.to_string()));
-            1
-        } else {
-            0
+        if contains_address(body, &exp.old) {
+            self.shared.stale_at_sample.fetch_add(1, Ordering::Relaxed);
+        }
+        self.seen.insert((exp.phase, name.to_string()));
+        1
+    }
+
+    fn check_route(&mut self, name: &str, body: &[u8]) {
+        let phase = self
+            .shared
+            .config
+            .read()
+            .unwrap()
+            .as_ref()
+            .map(|c| (c.phase, contains_field(body, 2, &c.host)));
+        match phase {
+            Some((p, true)) => {
+                self.route_has_host.insert(name.to_string(), p);
+            }
+            _ => {
+                self.route_has_host.remove(name);
+            }
         }
     }
 
-    fn check_route(&mut self, shared: &Shared, body: &[u8]) {
-        let g = shared.gateway.read().unwrap().clone();
-        let Some(g) = g else { return };
-        if let Ok(rc) = RouteConfiguration::decode(body) {
-            let has = rc.virtual_hosts.iter().any(|v| v.domains.contains(&g.host));
-            self.route_has_host = Some((g.phase, has));
-        }
-    }
-
-    /// A gateway completes the config change when it holds every new cluster and load
-    /// assignment and a route table naming the new host.
-    fn check_gateway(&mut self, shared: &Shared, held: &[HashMap<String, String>; 3]) -> usize {
-        let g = shared.gateway.read().unwrap().clone();
+    /// A config change completes when every route table the client holds names the
+    /// new host and (gateways) it holds every new cluster and load assignment.
+    fn check_config(&mut self, h: &Holdings) -> usize {
+        let g = self.shared.config.read().unwrap().clone();
         let Some(g) = g else { return 0 };
-        if g.phase != shared.phase.load(Ordering::Acquire) || self.gateway_phase_done == g.phase {
+        if g.phase != self.shared.phase.load(Ordering::Acquire) || self.config_done == g.phase {
             return 0;
         }
-        let routes = self.route_has_host == Some((g.phase, true));
-        let all = g
-            .names
-            .iter()
-            .all(|n| held[0].contains_key(n) && held[1].contains_key(n));
-        if routes && all {
-            self.gateway_phase_done = g.phase;
+        let routes = !h.by_type[RDS].is_empty()
+            && h.by_type[RDS]
+                .keys()
+                .all(|n| self.route_has_host.get(n) == Some(&g.phase));
+        let clusters = !self.spec.gateway
+            || g.names
+                .iter()
+                .all(|n| h.by_type[CDS].contains_key(n) && h.by_type[EDS].contains_key(n));
+        if routes && clusters {
+            self.config_done = g.phase;
             1
         } else {
             0
         }
     }
 
-    fn check_synced(&mut self, shared: &Shared, spec: &Spec, held: &[HashMap<String, String>; 3]) {
+    /// The EDS names the held clusters ask for.
+    fn wanted_eds(&self) -> HashSet<String> {
+        self.cluster_eds.values().cloned().collect()
+    }
+
+    fn wanted_rds(&self) -> HashSet<String> {
+        self.listener_rds.values().flatten().cloned().collect()
+    }
+
+    /// Envoy requests listeners once its clusters are warm: each EDS cluster holds
+    /// its load assignment.
+    fn warm(&self, h: &Holdings) -> bool {
+        self.cds_received
+            && self.subscribed[EDS]
+                .iter()
+                .all(|n| h.by_type[EDS].contains_key(n))
+    }
+
+    fn check_synced(&mut self, h: &Holdings) {
         if !self.synced
-            && held[0].len() >= spec.expect_cds
-            && held[1].len() >= spec.eds.len()
-            && (spec.rds.is_none() || !held[2].is_empty())
+            && h.by_type[CDS].len() >= self.spec.expect_cds
+            && h.by_type[LDS].len() >= self.spec.expect_lds
+            && self.warm(h)
+            && !self.subscribed[RDS].is_empty()
+            && self.subscribed[RDS]
+                .iter()
+                .all(|n| h.by_type[RDS].contains_key(n))
         {
             self.synced = true;
-            shared.synced.fetch_add(1, Ordering::AcqRel);
+            self.shared.synced.fetch_add(1, Ordering::AcqRel);
         }
     }
 }
 
-fn slot(type_url: &str) -> Option<usize> {
-    match type_url {
-        CLUSTER => Some(0),
-        ENDPOINT => Some(1),
-        ROUTE => Some(2),
-        _ => None,
-    }
-}
-
-/// Runs one client until the stream ends or `stop` fires.
+/// Connects (one connection per client) and runs the client until the stream ends
+/// or `stop` fires.
 pub async fn run(
-    channel: Channel,
+    endpoint: tonic::transport::Endpoint,
     spec: Spec,
     shared: Arc<Shared>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let r = if spec.delta {
-        delta(channel, &spec, &shared, &mut stop).await
-    } else {
-        sotw(channel, &spec, &shared, &mut stop).await
+    let r = match endpoint.connect().await {
+        Ok(channel) if spec.delta => delta(channel, &spec, &shared, &mut stop).await,
+        Ok(channel) => sotw(channel, &spec, &shared, &mut stop).await,
+        Err(e) => Err(anyhow::Error::from(e).context("connecting")),
     };
     if let Err(e) = r
         && !*stop.borrow()
@@ -221,6 +439,30 @@ pub async fn run(
     }
 }
 
+fn delta_sub(
+    type_url: &str,
+    sub: Vec<String>,
+    unsub: Vec<String>,
+    node: Option<Node>,
+) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        node,
+        type_url: type_url.into(),
+        resource_names_subscribe: sub,
+        resource_names_unsubscribe: unsub,
+        ..Default::default()
+    }
+}
+
+/// The names to subscribe and unsubscribe to move from `have` to `want`.
+fn diff(have: &HashSet<String>, want: &HashSet<String>) -> (Vec<String>, Vec<String>) {
+    let mut sub: Vec<String> = want.difference(have).cloned().collect();
+    let mut unsub: Vec<String> = have.difference(want).cloned().collect();
+    sub.sort();
+    unsub.sort();
+    (sub, unsub)
+}
+
 async fn delta(
     channel: Channel,
     spec: &Spec,
@@ -228,26 +470,15 @@ async fn delta(
     stop: &mut tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel(16);
-    let sub = |type_url: &str, names: Vec<String>, node: Option<Node>| DeltaDiscoveryRequest {
-        node,
-        type_url: type_url.into(),
-        resource_names_subscribe: names,
-        ..Default::default()
-    };
-    tx.send(sub(CLUSTER, spec.cds.clone(), Some(node(spec))))
+    // Wildcard CDS: no names on the first request.
+    tx.send(delta_sub(CLUSTER, Vec::new(), Vec::new(), Some(node(spec))))
         .await?;
-    tx.send(sub(ENDPOINT, spec.eds.clone(), None)).await?;
-    if let Some(r) = &spec.rds {
-        tx.send(sub(ROUTE, vec![r.clone()], None)).await?;
-    }
     let mut stream = AggregatedDiscoveryServiceClient::new(channel)
         .max_decoding_message_size(256 << 20)
         .delta_aggregated_resources(ReceiverStream::new(rx))
         .await?
         .into_inner();
-    let mut held: [HashMap<String, String>; 3] = Default::default();
-    let mut p = Progress::default();
-    let eds_names: HashSet<&String> = spec.eds.iter().collect();
+    let mut c = Client::new(spec, shared);
     loop {
         let msg = tokio::select! {
             m = stream.message() => m?,
@@ -262,52 +493,54 @@ async fn delta(
             continue;
         };
         let mut completed = 0;
-        let mut new_clusters = Vec::new();
-        for r in &resp.resources {
-            let body = r
-                .resource
-                .as_ref()
-                .map(|a| a.value.as_slice())
-                .unwrap_or_default();
-            if i == 1 {
-                completed += p.check_cla(shared, &r.name, body);
-            } else if i == 2 {
-                p.check_route(shared, body);
-            } else if spec.gateway
-                && !held[0].contains_key(&r.name)
-                && !eds_names.contains(&r.name)
-                && r.name.starts_with("outbound|")
-            {
-                new_clusters.push(r.name.clone());
+        let mut requests = Vec::new();
+        {
+            let mut h = shared.holdings[spec.index].lock().unwrap();
+            for r in resp.resources {
+                let body = r.resource.map(|a| a.value).unwrap_or_default();
+                completed += c.receive(&mut h, i, r.name, body);
             }
-            held[i].insert(r.name.clone(), r.version.clone());
+            for n in &resp.removed_resources {
+                c.remove(&mut h, i, n);
+            }
+            requests.push(DeltaDiscoveryRequest {
+                type_url: resp.type_url.clone(),
+                response_nonce: resp.nonce.clone(),
+                ..Default::default()
+            });
+            // New clusters ask for their endpoints; new listeners for their routes.
+            let follow = match i {
+                CDS => {
+                    c.cds_received = true;
+                    Some((EDS, c.wanted_eds()))
+                }
+                LDS => Some((RDS, c.wanted_rds())),
+                _ => None,
+            };
+            if let Some((j, want)) = follow {
+                let (sub, unsub) = diff(&c.subscribed[j], &want);
+                if !sub.is_empty() || !unsub.is_empty() {
+                    for n in &unsub {
+                        h.by_type[j].remove(n);
+                    }
+                    c.subscribed[j] = want;
+                    requests.push(delta_sub(TYPE_URLS[j], sub, unsub, None));
+                }
+            }
+            if !c.lds_requested && c.warm(&h) {
+                c.lds_requested = true;
+                requests.push(delta_sub(LISTENER, Vec::new(), Vec::new(), None));
+            }
+            completed += c.check_config(&h);
+            c.check_synced(&h);
         }
-        for n in &resp.removed_resources {
-            held[i].remove(n);
-        }
-        tx.send(DeltaDiscoveryRequest {
-            type_url: resp.type_url.clone(),
-            response_nonce: resp.nonce.clone(),
-            ..Default::default()
-        })
-        .await?;
-        // Like Envoy: a gateway subscribes to the load assignments of new clusters.
-        if !new_clusters.is_empty() && !held[1].is_empty() {
-            tx.send(sub(ENDPOINT, new_clusters, None)).await?;
-        }
-        if spec.gateway {
-            completed += p.check_gateway(shared, &held);
+        for r in requests {
+            tx.send(r).await?;
         }
         for _ in 0..completed {
-            shared.sample();
+            shared.sample(spec.index);
         }
-        p.check_synced(shared, spec, &held);
     }
-    shared
-        .final_versions
-        .lock()
-        .unwrap()
-        .insert(spec.id.clone(), std::mem::take(&mut held[1]));
     Ok(())
 }
 
@@ -318,49 +551,33 @@ async fn sotw(
     stop: &mut tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel(16);
-    let names_of = |i: usize| match i {
-        0 => spec.cds.clone(),
-        1 => spec.eds.clone(),
-        _ => spec.rds.iter().cloned().collect(),
+    let req = |type_url: &str,
+               names: &HashSet<String>,
+               node: Option<Node>,
+               version: &str,
+               nonce: &str| {
+        let mut names: Vec<String> = names.iter().cloned().collect();
+        names.sort();
+        DiscoveryRequest {
+            node,
+            type_url: type_url.into(),
+            resource_names: names,
+            version_info: version.into(),
+            response_nonce: nonce.into(),
+            ..Default::default()
+        }
     };
-    let req =
-        |type_url: &str, names: Vec<String>, node: Option<Node>, version: String, nonce: String| {
-            DiscoveryRequest {
-                node,
-                type_url: type_url.into(),
-                resource_names: names,
-                version_info: version,
-                response_nonce: nonce,
-                ..Default::default()
-            }
-        };
-    tx.send(req(
-        CLUSTER,
-        names_of(0),
-        Some(node(spec)),
-        String::new(),
-        String::new(),
-    ))
-    .await?;
-    tx.send(req(
-        ENDPOINT,
-        names_of(1),
-        None,
-        String::new(),
-        String::new(),
-    ))
-    .await?;
-    if spec.rds.is_some() {
-        tx.send(req(ROUTE, names_of(2), None, String::new(), String::new()))
-            .await?;
-    }
+    // Wildcard CDS: no names.
+    tx.send(req(CLUSTER, &HashSet::new(), Some(node(spec)), "", ""))
+        .await?;
     let mut stream = AggregatedDiscoveryServiceClient::new(channel)
         .max_decoding_message_size(256 << 20)
         .stream_aggregated_resources(ReceiverStream::new(rx))
         .await?
         .into_inner();
-    let mut held: [HashMap<String, String>; 3] = Default::default();
-    let mut p = Progress::default();
+    let mut c = Client::new(spec, shared);
+    // Per type: the last accepted version and the last nonce.
+    let mut accepted: [(String, String); 4] = Default::default();
     loop {
         let msg = tokio::select! {
             m = stream.message() => m?,
@@ -375,48 +592,70 @@ async fn sotw(
             continue;
         };
         let mut completed = 0;
-        if i == 0 {
-            held[0].clear(); // SotW CDS carries the full set
-        }
-        for any in &resp.resources {
-            let body = any.value.as_slice();
-            let version = tributary_controlplane::xds::generate::content_version(body);
-            match i {
-                0 => {
-                    if let Ok(c) = Cluster::decode(body) {
-                        held[0].insert(c.name, version);
-                    }
-                }
-                1 => {
-                    if let Ok(cla) = ClusterLoadAssignment::decode(body) {
-                        completed += p.check_cla(shared, &cla.cluster_name, body);
-                        held[1].insert(cla.cluster_name, version);
-                    }
-                }
-                _ => {
-                    p.check_route(shared, body);
-                    held[2].insert(spec.rds.clone().unwrap_or_default(), version);
-                }
+        let mut requests = Vec::new();
+        {
+            let mut h = shared.holdings[spec.index].lock().unwrap();
+            // CDS and LDS responses carry the full set: what is not in them is gone.
+            let mut absent: HashSet<String> = if i == CDS || i == LDS {
+                h.by_type[i].keys().cloned().collect()
+            } else {
+                HashSet::new()
+            };
+            for any in resp.resources {
+                let body = any.value;
+                let name = match i {
+                    CDS => Cluster::decode(&body[..]).map(|m| m.name),
+                    EDS => ClusterLoadAssignment::decode(&body[..]).map(|m| m.cluster_name),
+                    LDS => Listener::decode(&body[..]).map(|m| m.name),
+                    _ => RouteConfiguration::decode(&body[..]).map(|m| m.name),
+                };
+                let Ok(name) = name else { continue };
+                absent.remove(&name);
+                completed += c.receive(&mut h, i, name, body);
             }
+            for n in &absent {
+                c.remove(&mut h, i, n);
+            }
+            accepted[i] = (resp.version_info.clone(), resp.nonce.clone());
+            requests.push(req(
+                &resp.type_url,
+                &c.subscribed[i],
+                None,
+                &resp.version_info,
+                &resp.nonce,
+            ));
+            let follow = match i {
+                CDS => {
+                    c.cds_received = true;
+                    Some((EDS, c.wanted_eds()))
+                }
+                LDS => Some((RDS, c.wanted_rds())),
+                _ => None,
+            };
+            if let Some((j, want)) = follow
+                && want != c.subscribed[j]
+            {
+                for n in c.subscribed[j].difference(&want) {
+                    h.by_type[j].remove(n);
+                }
+                c.subscribed[j] = want;
+                let (v, n) = &accepted[j];
+                requests.push(req(TYPE_URLS[j], &c.subscribed[j], None, v, n));
+            }
+            if !c.lds_requested && c.warm(&h) {
+                c.lds_requested = true;
+                requests.push(req(LISTENER, &HashSet::new(), None, "", ""));
+            }
+            completed += c.check_config(&h);
+            c.check_synced(&h);
         }
-        tx.send(req(
-            &resp.type_url,
-            names_of(i),
-            None,
-            resp.version_info.clone(),
-            resp.nonce.clone(),
-        ))
-        .await?;
+        for r in requests {
+            tx.send(r).await?;
+        }
         for _ in 0..completed {
-            shared.sample();
+            shared.sample(spec.index);
         }
-        p.check_synced(shared, spec, &held);
     }
-    shared
-        .final_versions
-        .lock()
-        .unwrap()
-        .insert(spec.id.clone(), std::mem::take(&mut held[1]));
     Ok(())
 }
 

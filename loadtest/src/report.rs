@@ -40,29 +40,98 @@ pub fn percentiles(samples: &[f64]) -> Percentiles {
     }
 }
 
+/// A distribution over all clients, and over sidecars and gateways apart (32
+/// gateways subscribe to every load assignment: mixed in, they decide the p99).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Split {
+    pub all: Percentiles,
+    pub sidecars: Percentiles,
+    pub gateways: Percentiles,
+}
+
+impl Split {
+    pub fn of(sidecars: &[f64], gateways: &[f64]) -> Split {
+        let all: Vec<f64> = sidecars.iter().chain(gateways).copied().collect();
+        Split {
+            all: percentiles(&all),
+            sidecars: percentiles(sidecars),
+            gateways: percentiles(gateways),
+        }
+    }
+}
+
+/// Wall time and CPU of one phase, for the control plane, the harness (simulated
+/// clients and, for Tributary, the agents feeding it) and the real Envoys.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Phase {
+    pub wall_s: f64,
+    pub control_plane_cpu_s: f64,
+    pub harness_cpu_s: f64,
+    pub envoys_cpu_s: f64,
+}
+
+/// The real Envoys' figures (`--real-envoys`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct EnvoyFigures {
+    pub count: usize,
+    /// Start to LIVE (`/ready`), per Envoy.
+    pub initial_sync_ms: Percentiles,
+    pub per_sample_ms: Percentiles,
+    pub per_client_ms: Percentiles,
+    /// Per sample: answer of the poll that showed it − send of the poll before.
+    pub resolution_ms: Percentiles,
+    pub poll_interval_ms: u64,
+    pub lost_updates: usize,
+    pub cpu_s: f64,
+    pub peak_rss_bytes: u64,
+}
+
 /// One control plane's run.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Run {
     pub name: String,
+    /// 1 if this control plane ran first in its run, 2 if second.
+    pub position: usize,
+    /// Every (client, changed load assignment) of the rounds: injection → ACK.
     pub convergence_ms: Percentiles,
+    pub per_sample_ms: Split,
+    /// Per client and round: injection → the ACK by which it held every change of
+    /// the round it subscribes to.
+    pub per_client_ms: Split,
+    /// Services added: per client, injection → it holds the new route tables (and,
+    /// gateways, the new clusters and their endpoints).
     pub config_change_ms: Percentiles,
+    pub config_change_per_client_ms: Split,
     pub initial_sync_s: f64,
     pub hub: HubUsage,
+    pub harness: HarnessUsage,
+    pub phases: std::collections::BTreeMap<String, Phase>,
     pub bytes_sent: u64,
     pub messages_sent: u64,
     /// Expected (client, change) samples that never arrived.
     pub lost_updates: usize,
-    /// Load assignments a client held at the end at another version than the hub.
+    /// Resources a client held at the end that differ from the model (content check).
     pub version_mismatches: usize,
+    /// Samples whose load assignment held the new address and still the old one.
+    pub stale_at_sample: usize,
     pub client_errors: usize,
+    pub content_check: crate::check::ContentCheck,
+    pub real_envoys: Option<EnvoyFigures>,
     #[serde(skip)]
     pub samples: Vec<f64>,
+    #[serde(skip)]
+    pub client_samples: Vec<f64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct HubUsage {
     pub cpu_s: f64,
     pub peak_rss_bytes: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HarnessUsage {
+    pub cpu_s: f64,
 }
 
 pub fn table(runs: &[Run]) -> String {
@@ -112,47 +181,266 @@ pub fn table(runs: &[Run]) -> String {
     table.to_string()
 }
 
-pub fn to_json(scenario: &impl Serialize, ours: &Run, peer: Option<&Run>) -> serde_json::Value {
-    let ratio = |a: f64, b: f64| if a > 0.0 { b / a } else { 0.0 };
-    let mut v = json!({
-        "scenario": scenario,
-        "convergence_ms": ours.convergence_ms,
-        "config_change_ms": ours.config_change_ms,
-        "initial_sync_s": ours.initial_sync_s,
-        "hub": ours.hub,
-        "bytes_sent": ours.bytes_sent,
-        "messages_sent": ours.messages_sent,
-        "lost_updates": ours.lost_updates,
-        "version_mismatches": ours.version_mismatches,
-        "client_errors": ours.client_errors,
-    });
-    if let Some(p) = peer {
-        v["peer"] = json!({
-            "name": p.name,
-            "convergence_ms": p.convergence_ms,
-            "config_change_ms": p.config_change_ms,
-            "initial_sync_s": p.initial_sync_s,
-            "hub": p.hub,
-            "bytes_sent": p.bytes_sent,
-            "messages_sent": p.messages_sent,
-            "lost_updates": p.lost_updates,
-            "client_errors": p.client_errors,
-        });
-        v["ratios"] = json!({
-            "p99_convergence_peer_over_ours": ratio(ours.convergence_ms.p99, p.convergence_ms.p99),
-            "cpu_peer_over_ours": ratio(ours.hub.cpu_s, p.hub.cpu_s),
-            "peak_rss_peer_over_ours": ratio(ours.hub.peak_rss_bytes as f64, p.hub.peak_rss_bytes as f64),
-        });
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
     }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Median, smallest and largest of one figure over the runs.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    pub values: Vec<f64>,
+}
+
+pub fn spread(values: Vec<f64>) -> Spread {
+    Spread {
+        median: median(values.clone()),
+        min: values.iter().copied().fold(f64::INFINITY, f64::min),
+        max: values.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        values,
+    }
+}
+
+/// Element-wise median of percentiles over the runs.
+fn median_percentiles(ps: &[&Percentiles]) -> Percentiles {
+    let m = |f: fn(&Percentiles) -> f64| median(ps.iter().map(|p| f(p)).collect());
+    Percentiles {
+        count: median(ps.iter().map(|p| p.count as f64).collect()) as usize,
+        p50: m(|p| p.p50),
+        p90: m(|p| p.p90),
+        p99: m(|p| p.p99),
+        max: m(|p| p.max),
+    }
+}
+
+fn median_split(ss: &[&Split]) -> Split {
+    Split {
+        all: median_percentiles(&ss.iter().map(|s| &s.all).collect::<Vec<_>>()),
+        sidecars: median_percentiles(&ss.iter().map(|s| &s.sidecars).collect::<Vec<_>>()),
+        gateways: median_percentiles(&ss.iter().map(|s| &s.gateways).collect::<Vec<_>>()),
+    }
+}
+
+/// The figures that decide the standing, each over the runs.
+pub fn spreads(runs: &[&Run]) -> serde_json::Value {
+    let f = |g: &dyn Fn(&Run) -> f64| spread(runs.iter().map(|r| g(r)).collect());
+    let phase_cpu = |r: &Run, p: &str, who: fn(&Phase) -> f64| r.phases.get(p).map_or(0.0, who);
+    json!({
+        "per_sample_p99_ms": f(&|r| r.convergence_ms.p99),
+        "per_sample_p99_sidecars_ms": f(&|r| r.per_sample_ms.sidecars.p99),
+        "per_sample_p99_gateways_ms": f(&|r| r.per_sample_ms.gateways.p99),
+        "per_client_p99_sidecars_ms": f(&|r| r.per_client_ms.sidecars.p99),
+        "per_client_p99_gateways_ms": f(&|r| r.per_client_ms.gateways.p99),
+        "config_change_p99_ms": f(&|r| r.config_change_ms.p99),
+        "initial_sync_s": f(&|r| r.initial_sync_s),
+        "rounds_cpu_s": f(&|r| phase_cpu(r, "rounds", |p| p.control_plane_cpu_s)),
+        "rounds_harness_cpu_s": f(&|r| phase_cpu(r, "rounds", |p| p.harness_cpu_s)),
+        "cpu_s": f(&|r| r.hub.cpu_s),
+        "peak_rss_bytes": f(&|r| r.hub.peak_rss_bytes as f64),
+    })
+}
+
+/// One control plane's figures over the runs: medians (peak RSS: the largest), sums
+/// of every correctness count.
+pub fn summary(runs: &[&Run]) -> serde_json::Value {
+    let pcts = |g: fn(&Run) -> &Percentiles| {
+        median_percentiles(&runs.iter().map(|r| g(r)).collect::<Vec<_>>())
+    };
+    let splits =
+        |g: fn(&Run) -> &Split| median_split(&runs.iter().map(|r| g(r)).collect::<Vec<_>>());
+    let mut phases = serde_json::Map::new();
+    if let Some(first) = runs.first() {
+        for name in first.phases.keys() {
+            let m = |who: fn(&Phase) -> f64| {
+                median(
+                    runs.iter()
+                        .filter_map(|r| r.phases.get(name).map(who))
+                        .collect(),
+                )
+            };
+            phases.insert(
+                name.clone(),
+                json!(Phase {
+                    wall_s: m(|p| p.wall_s),
+                    control_plane_cpu_s: m(|p| p.control_plane_cpu_s),
+                    harness_cpu_s: m(|p| p.harness_cpu_s),
+                    envoys_cpu_s: m(|p| p.envoys_cpu_s),
+                }),
+            );
+        }
+    }
+    let sum = |g: fn(&Run) -> usize| runs.iter().map(|r| g(r)).sum::<usize>();
+    let envoys: Vec<&EnvoyFigures> = runs.iter().filter_map(|r| r.real_envoys.as_ref()).collect();
+    json!({
+        "name": runs.first().map(|r| r.name.clone()).unwrap_or_default(),
+        "runs": runs.len(),
+        "convergence_ms": pcts(|r| &r.convergence_ms),
+        "per_sample_ms": splits(|r| &r.per_sample_ms),
+        "per_client_ms": splits(|r| &r.per_client_ms),
+        "config_change_ms": pcts(|r| &r.config_change_ms),
+        "config_change_per_client_ms": splits(|r| &r.config_change_per_client_ms),
+        "initial_sync_s": median(runs.iter().map(|r| r.initial_sync_s).collect()),
+        "hub": HubUsage {
+            cpu_s: median(runs.iter().map(|r| r.hub.cpu_s).collect()),
+            peak_rss_bytes: runs.iter().map(|r| r.hub.peak_rss_bytes).max().unwrap_or(0),
+        },
+        "harness": HarnessUsage { cpu_s: median(runs.iter().map(|r| r.harness.cpu_s).collect()) },
+        "phases": phases,
+        "bytes_sent": median(runs.iter().map(|r| r.bytes_sent as f64).collect()),
+        "messages_sent": median(runs.iter().map(|r| r.messages_sent as f64).collect()),
+        "lost_updates": sum(|r| r.lost_updates),
+        "version_mismatches": sum(|r| r.version_mismatches),
+        "stale_at_sample": sum(|r| r.stale_at_sample),
+        "client_errors": sum(|r| r.client_errors),
+        "content_check": {
+            "resources_checked": sum(|r| r.content_check.resources_checked),
+            "failures": sum(|r| r.content_check.failures()),
+            "equal_after_decoding": sum(|r| r.content_check.equal_after_decoding),
+        },
+        "real_envoys": (!envoys.is_empty()).then(|| json!({
+            "count": envoys[0].count,
+            "initial_sync_ms": median_percentiles(&envoys.iter().map(|e| &e.initial_sync_ms).collect::<Vec<_>>()),
+            "per_sample_ms": median_percentiles(&envoys.iter().map(|e| &e.per_sample_ms).collect::<Vec<_>>()),
+            "per_client_ms": median_percentiles(&envoys.iter().map(|e| &e.per_client_ms).collect::<Vec<_>>()),
+            "resolution_ms": median_percentiles(&envoys.iter().map(|e| &e.resolution_ms).collect::<Vec<_>>()),
+            "poll_interval_ms": envoys[0].poll_interval_ms,
+            "lost_updates": envoys.iter().map(|e| e.lost_updates).sum::<usize>(),
+        })),
+        "spread": spreads(runs),
+    })
+}
+
+/// The JSON file: the scenario and settings; our figures at the top level and the
+/// peer's under `peer` (medians over the runs, as before with one run); the ratios;
+/// and every run in full under `runs`.
+pub fn to_json(
+    scenario: &impl Serialize,
+    settings: serde_json::Value,
+    ours: &[&Run],
+    peer: &[&Run],
+    runs: serde_json::Value,
+) -> serde_json::Value {
+    let ratio = |a: f64, b: f64| if a > 0.0 { b / a } else { 0.0 };
+    let mut v = summary(ours);
+    v["scenario"] = json!(scenario);
+    v["settings"] = settings;
+    if !peer.is_empty() {
+        let p = summary(peer);
+        let num = |v: &serde_json::Value, path: &[&str]| {
+            path.iter().fold(v, |v, k| &v[*k]).as_f64().unwrap_or(0.0)
+        };
+        v["ratios"] = json!({
+            "p99_convergence_peer_over_ours": ratio(num(&v, &["convergence_ms", "p99"]), num(&p, &["convergence_ms", "p99"])),
+            "p99_sidecars_peer_over_ours": ratio(num(&v, &["per_sample_ms", "sidecars", "p99"]), num(&p, &["per_sample_ms", "sidecars", "p99"])),
+            "p99_per_client_sidecars_peer_over_ours": ratio(num(&v, &["per_client_ms", "sidecars", "p99"]), num(&p, &["per_client_ms", "sidecars", "p99"])),
+            "initial_sync_peer_over_ours": ratio(num(&v, &["initial_sync_s"]), num(&p, &["initial_sync_s"])),
+            "rounds_cpu_peer_over_ours": ratio(num(&v, &["phases", "rounds", "control_plane_cpu_s"]), num(&p, &["phases", "rounds", "control_plane_cpu_s"])),
+            "cpu_peer_over_ours": ratio(num(&v, &["hub", "cpu_s"]), num(&p, &["hub", "cpu_s"])),
+            "peak_rss_peer_over_ours": ratio(num(&v, &["hub", "peak_rss_bytes"]), num(&p, &["hub", "peak_rss_bytes"])),
+        });
+        v["peer"] = p;
+    }
+    v["runs"] = runs;
     v
 }
 
-/// The convergence CDF of each run, as an SVG line chart (log-scaled time axis).
+/// Per run and control plane: the split figures and CPU per phase.
+pub fn details(runs: &[(usize, &Run)]) -> String {
+    let mut rows = vec![vec![
+        "run".to_string(),
+        "".into(),
+        "p99 sidecars".into(),
+        "p99 gateways".into(),
+        "per-client p50/p90/p99 sidecars".into(),
+        "per-client p99 gw".into(),
+        "cfg p99 sc/gw".into(),
+        "CPU rounds cp/harness".into(),
+        "CPU sync cp/harness".into(),
+        "content".into(),
+        "envoys p50/p99".into(),
+    ]];
+    for (i, r) in runs {
+        let ph = |p: &str| {
+            r.phases.get(p).map_or("-".to_string(), |p| {
+                format!("{:.1} / {:.1} s", p.control_plane_cpu_s, p.harness_cpu_s)
+            })
+        };
+        let pc = &r.per_client_ms.sidecars;
+        rows.push(vec![
+            format!("{}", i + 1),
+            format!("{} ({})", r.name, r.position),
+            format!("{:.0} ms", r.per_sample_ms.sidecars.p99),
+            format!("{:.0} ms", r.per_sample_ms.gateways.p99),
+            format!("{:.0} / {:.0} / {:.0} ms", pc.p50, pc.p90, pc.p99),
+            format!("{:.0} ms", r.per_client_ms.gateways.p99),
+            format!(
+                "{:.0} / {:.0} ms",
+                r.config_change_per_client_ms.sidecars.p99,
+                r.config_change_per_client_ms.gateways.p99
+            ),
+            ph("rounds"),
+            ph("initial_sync"),
+            format!(
+                "{} checked, {} bad",
+                r.content_check.resources_checked,
+                r.content_check.failures()
+            ),
+            r.real_envoys.as_ref().map_or("-".into(), |e| {
+                format!("{:.0} / {:.0} ms", e.per_sample_ms.p50, e.per_sample_ms.p99)
+            }),
+        ]);
+    }
+    let mut table = comfy_table::Table::new();
+    table.load_style(comfy_table::presets::NOTHING);
+    let mut rows = rows.into_iter();
+    table.set_header(rows.next().unwrap_or_default());
+    table.add_rows(rows);
+    for (i, column) in table.column_iter_mut().enumerate() {
+        column.set_padding((if i == 0 { 0 } else { 2 }, 0));
+        column.set_cell_alignment(comfy_table::CellAlignment::Right);
+    }
+    table.to_string()
+}
+
+/// Convergence CDFs as an SVG line chart (log-scaled time axis): per control plane,
+/// per sample (solid) and per client (dashed), pooled over the runs.
 pub fn svg(runs: &[Run]) -> String {
+    let mut series: Vec<(String, bool, Vec<f64>)> = Vec::new();
+    for r in runs {
+        match series
+            .iter_mut()
+            .find(|(n, dashed, _)| *n == r.name && !dashed)
+        {
+            Some((_, _, v)) => v.extend_from_slice(&r.samples),
+            None => series.push((r.name.clone(), false, r.samples.clone())),
+        }
+        match series
+            .iter_mut()
+            .find(|(n, dashed, _)| *n == r.name && *dashed)
+        {
+            Some((_, _, v)) => v.extend_from_slice(&r.client_samples),
+            None => series.push((r.name.clone(), true, r.client_samples.clone())),
+        }
+    }
+    cdf_svg(&series)
+}
+
+fn cdf_svg(series: &[(String, bool, Vec<f64>)]) -> String {
     let (w, h, left, bottom, top, right) = (760.0, 420.0, 60.0, 50.0, 30.0, 20.0);
-    let all: Vec<f64> = runs
+    let all: Vec<f64> = series
         .iter()
-        .flat_map(|r| r.samples.iter().copied())
+        .flat_map(|(_, _, v)| v.iter().copied())
         .filter(|v| *v > 0.0)
         .collect();
     let lo = all
@@ -173,7 +461,7 @@ pub fn svg(runs: &[Run]) -> String {
     let y = |q: f64| h - bottom - q * (h - bottom - top);
     let colors = ["#1f77b4", "#d62728", "#2ca02c"];
     let mut out = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{}\" y=\"18\" text-anchor=\"middle\" font-size=\"14\">Convergence CDF (injection to ACK, per client and change)</text>\n",
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{}\" y=\"18\" text-anchor=\"middle\" font-size=\"14\">Convergence CDF: per sample (solid) and per client and round (dashed)</text>\n",
         w / 2.0
     );
     for d in (lo as i32)..=(hi as i32) {
@@ -195,8 +483,13 @@ pub fn svg(runs: &[Run]) -> String {
             py + 4.0
         );
     }
-    for (i, r) in runs.iter().enumerate() {
-        let mut v = r.samples.clone();
+    let names: Vec<&String> = {
+        let mut n: Vec<&String> = series.iter().map(|(n, _, _)| n).collect();
+        n.dedup();
+        n
+    };
+    for (i, (name, dashed, samples)) in series.iter().enumerate() {
+        let mut v = samples.clone();
         v.sort_by(|a, b| a.total_cmp(b));
         let n = v.len().max(1) as f64;
         let step = (v.len() / 800).max(1);
@@ -206,18 +499,26 @@ pub fn svg(runs: &[Run]) -> String {
             .filter(|(k, _)| k % step == 0 || *k == v.len() - 1)
             .map(|(k, ms)| format!("{:.1},{:.1}", x(*ms), y((k + 1) as f64 / n)))
             .collect();
-        let c = colors[i % colors.len()];
+        let k = names.iter().position(|n| *n == name).unwrap_or(0);
+        let c = colors[k % colors.len()];
+        let dash = if *dashed {
+            " stroke-dasharray=\"6 4\""
+        } else {
+            ""
+        };
         out += &format!(
-            "<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"2\" points=\"{}\"/>\n",
+            "<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"2\"{dash} points=\"{}\"/>\n",
             points.join(" ")
         );
+        let p = percentiles(samples);
         out += &format!(
-            "<text x=\"{}\" y=\"{}\" fill=\"{c}\">{} (p99 {:.0} ms, n={})</text>\n",
+            "<text x=\"{}\" y=\"{}\" fill=\"{c}\">{} {} (p99 {:.0} ms, n={})</text>\n",
             left + 10.0,
             top + 20.0 + 16.0 * i as f64,
-            r.name,
-            r.convergence_ms.p99,
-            r.convergence_ms.count
+            name,
+            if *dashed { "per client" } else { "per sample" },
+            p.p99,
+            p.count
         );
     }
     out += &format!(

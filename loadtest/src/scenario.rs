@@ -8,8 +8,8 @@ use std::time::SystemTime;
 
 use tributary_controlplane::agent::ClusterState;
 use tributary_controlplane::model::{
-    Endpoint, Environment, Gateway, GatewayListener, Health, Locality, ObjectKey, Protocol,
-    Service, ServicePort,
+    Dependency, Endpoint, Environment, Gateway, GatewayListener, Health, Locality, ObjectKey,
+    Protocol, Service, ServicePort, SidecarScope,
 };
 use tributary_proto::federation::v1 as pb;
 
@@ -20,6 +20,8 @@ pub struct Size {
     pub ports: usize,
     pub endpoints_per_service: usize,
     pub sidecars: usize,
+    /// Sidecar scopes (applications): sidecar `k` belongs to scope `k % scopes`.
+    pub scopes: usize,
     pub deps_per_sidecar: usize,
     pub gateways: usize,
     pub changes_per_round: usize,
@@ -29,7 +31,8 @@ pub struct Size {
 
 impl Size {
     /// The reference deployment: 100 clusters, 2,000 services x 5 ports, ~20,000
-    /// endpoints, 2,000 sidecars x 50 dependencies, 32 gateways, 100 changes a round.
+    /// endpoints, 2,000 sidecars in 400 scopes (5 replicas each) x 50 dependencies,
+    /// 32 gateways, 100 changes a round.
     pub fn ebay() -> Self {
         Size {
             clusters: 100,
@@ -37,6 +40,7 @@ impl Size {
             ports: 5,
             endpoints_per_service: 10,
             sidecars: 2_000,
+            scopes: 400,
             deps_per_sidecar: 50,
             gateways: 32,
             changes_per_round: 100,
@@ -53,6 +57,7 @@ impl Size {
             ports: 2,
             endpoints_per_service: 4,
             sidecars: 190,
+            scopes: 38,
             deps_per_sidecar: 10,
             gateways: 10,
             changes_per_round: 20,
@@ -64,7 +69,6 @@ impl Size {
 
 pub const ENV: &str = "prod";
 pub const GATEWAY: &str = "edge";
-pub const GATEWAY_ROUTES: &str = "gateway|edge|http";
 
 /// One endpoint: which cluster serves it and where.
 #[derive(Debug, Clone)]
@@ -104,6 +108,10 @@ pub fn resource_name(i: usize, p: usize) -> String {
     format!("outbound|{}||{}", port(p), host(i))
 }
 
+pub fn scope_name(j: usize) -> String {
+    format!("app-{j}")
+}
+
 pub fn cluster_id(c: usize) -> String {
     format!("cluster-{c}")
 }
@@ -136,16 +144,33 @@ impl Scenario {
         }
     }
 
-    /// Service indexes sidecar `k` depends on.
-    pub fn deps(&self, k: usize) -> Vec<usize> {
+    /// The scope of sidecar `k`.
+    pub fn scope_of(&self, k: usize) -> usize {
+        k % self.size.scopes.max(1)
+    }
+
+    /// Service indexes scope `j` depends on (its sidecars' dependencies).
+    pub fn deps(&self, j: usize) -> Vec<usize> {
         let s = self.size.services;
         let mut set = BTreeSet::new();
         let mut m = 0;
         while set.len() < self.size.deps_per_sidecar.min(s) {
-            set.insert((k * 37 + m * 41) % s);
+            set.insert((j * 37 + m * 41) % s);
             m += 1;
         }
         set.into_iter().collect()
+    }
+
+    /// Sidecar scope `j` as the model (and the hub's config) has it.
+    pub fn scope(&self, j: usize) -> SidecarScope {
+        SidecarScope {
+            name: scope_name(j),
+            dependencies: self
+                .deps(j)
+                .into_iter()
+                .map(|i| Dependency::Host(host(i)))
+                .collect(),
+        }
     }
 
     fn pb_service(&self, i: usize) -> pb::Service {
@@ -252,12 +277,16 @@ impl Scenario {
             env.services.insert(s.key.clone(), s);
         }
         env.gateways.insert(GATEWAY.into(), gateway());
+        for j in 0..self.size.scopes {
+            let scope = self.scope(j);
+            env.sidecars.insert(scope.name.clone(), scope);
+        }
         env
     }
 
     /// Changes `changes_per_round` endpoints of distinct services for `round`: returns
-    /// the changed services with the new address of the changed endpoint.
-    pub fn change_round(&mut self, round: usize) -> Vec<(usize, Ipv4Addr)> {
+    /// the changed services with the old and the new address of the changed endpoint.
+    pub fn change_round(&mut self, round: usize) -> Vec<(usize, Ipv4Addr, Ipv4Addr)> {
         let s = self.size.services;
         let mut picked = BTreeSet::new();
         let mut m = 0usize;
@@ -276,8 +305,8 @@ impl Scenario {
                     (n / 250) as u8,
                     (n % 250 + 1) as u8,
                 );
-                self.endpoints[i][j].address = addr;
-                (i, addr)
+                let old = std::mem::replace(&mut self.endpoints[i][j].address, addr);
+                (i, old, addr)
             })
             .collect()
     }
@@ -295,9 +324,22 @@ pub fn gateway() -> Gateway {
     }
 }
 
-/// The hub's file config: the gateway (services come from the agents).
-pub fn hub_config_yaml() -> String {
-    format!(
-        "apiVersion: tributary.io/v1alpha1\nkind: Gateway\nmetadata: {{name: {GATEWAY}, environment: {ENV}}}\nspec:\n  listeners: [{{name: http, address: 127.0.0.1, port: 1, protocol: HTTP}}]\n"
-    )
+impl Scenario {
+    /// The hub's file config: the gateway and the sidecar scopes (services come from
+    /// the agents).
+    pub fn hub_config_yaml(&self) -> String {
+        let mut out = format!(
+            "apiVersion: tributary.io/v1alpha1\nkind: Gateway\nmetadata: {{name: {GATEWAY}, environment: {ENV}}}\nspec:\n  listeners: [{{name: http, address: 127.0.0.1, port: 1, protocol: HTTP}}]\n"
+        );
+        for j in 0..self.size.scopes {
+            out += &format!(
+                "---\napiVersion: tributary.io/v1alpha1\nkind: Sidecar\nmetadata: {{name: {}, environment: {ENV}}}\nspec:\n  dependencies:\n",
+                scope_name(j)
+            );
+            for i in self.deps(j) {
+                out += &format!("  - {{host: {}}}\n", host(i));
+            }
+        }
+        out
+    }
 }
