@@ -248,7 +248,7 @@ fn percent_encode(s: &str) -> String {
         .collect()
 }
 
-fn regex_escape(s: &str) -> String {
+pub fn regex_escape(s: &str) -> String {
     let mut out = String::new();
     for c in s.chars() {
         if "\\.+*?()|[]{}^$".contains(c) {
@@ -283,60 +283,95 @@ fn endpoint_addresses(dump: &serde_json::Value) -> HashMap<String, Vec<String>> 
     out
 }
 
-/// Polls one Envoy every `interval` until it holds every `(name, new, old)` change
-/// (new address present, old gone) or `timeout` passes.
+/// Changes one Envoy waits for, grouped by a filter on the names that the admin's
+/// `name_regex` matches whole names against (Envoy compiles it with RE2's default program size limit, so
+/// one short regex per group, e.g. one service's clusters, rather than one long
+/// alternation).
+pub struct Watch {
+    pub filter: String,
+    /// (load assignment, new address, old address).
+    pub changes: Vec<(String, String, String)>,
+}
+
+/// Polls one Envoy every `interval` until it holds every change (new address present,
+/// old gone) or `timeout` passes.
 pub async fn poll_round(
     admin: String,
-    changes: Vec<(String, String, String)>,
+    watches: Vec<Watch>,
     t0: Instant,
     interval: Duration,
     timeout: Duration,
 ) -> Polled {
-    let regex = format!(
-        "^({})$",
-        changes
-            .iter()
-            .map(|(n, _, _)| regex_escape(n))
-            .collect::<Vec<_>>()
-            .join("|")
-    );
-    let path = format!(
-        "/config_dump?resource=dynamic_endpoint_configs&include_eds&name_regex={}",
-        percent_encode(&regex)
-    );
-    let mut pending: HashSet<usize> = (0..changes.len()).collect();
+    let paths: Vec<String> = watches
+        .iter()
+        .map(|w| {
+            format!(
+                "/config_dump?resource=dynamic_endpoint_configs&include_eds&name_regex={}",
+                percent_encode(&w.filter)
+            )
+        })
+        .collect();
+    let mut pending: Vec<HashSet<usize>> = watches
+        .iter()
+        .map(|w| (0..w.changes.len()).collect())
+        .collect();
+    let mut prev_send = vec![t0; watches.len()];
     let mut samples = Vec::new();
-    let mut prev_send = t0;
+    let mut errors = Vec::new();
     let deadline = t0 + timeout;
-    while !pending.is_empty() && Instant::now() < deadline {
-        let sent = Instant::now();
-        if let Ok((200, body)) = http_client::request(&admin, "GET", &path, b"").await {
-            let answered = Instant::now();
-            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) {
-                let held = endpoint_addresses(&v);
-                pending.retain(|k| {
-                    let (name, new, old) = &changes[*k];
-                    let done = held
-                        .get(name)
-                        .is_some_and(|a| a.contains(new) && !a.contains(old));
-                    if done {
-                        samples.push((
-                            answered.duration_since(t0).as_secs_f64() * 1000.0,
-                            answered.duration_since(prev_send).as_secs_f64() * 1000.0,
-                        ));
-                    }
-                    !done
-                });
+    while pending.iter().any(|p| !p.is_empty()) && Instant::now() < deadline {
+        for (g, w) in watches.iter().enumerate() {
+            if pending[g].is_empty() {
+                continue;
             }
+            let sent = Instant::now();
+            match http_client::request(&admin, "GET", &paths[g], b"").await {
+                Ok((200, body)) => {
+                    let answered = Instant::now();
+                    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) {
+                        let held = endpoint_addresses(&v);
+                        pending[g].retain(|k| {
+                            let (name, new, old) = &w.changes[*k];
+                            let done = held
+                                .get(name)
+                                .is_some_and(|a| a.contains(new) && !a.contains(old));
+                            if done {
+                                samples.push((
+                                    answered.duration_since(t0).as_secs_f64() * 1000.0,
+                                    answered.duration_since(prev_send[g]).as_secs_f64() * 1000.0,
+                                ));
+                            }
+                            !done
+                        });
+                    }
+                }
+                Ok((code, body)) => errors.push(format!(
+                    "HTTP {code}: {}",
+                    String::from_utf8_lossy(&body[..body.len().min(200)])
+                )),
+                Err(e) => errors.push(format!("{e:#}")),
+            }
+            prev_send[g] = sent;
         }
-        prev_send = sent;
-        if !pending.is_empty() {
+        if pending.iter().any(|p| !p.is_empty()) {
             tokio::time::sleep(interval).await;
         }
     }
+    let lost: Vec<&str> = pending
+        .iter()
+        .zip(&watches)
+        .flat_map(|(p, w)| p.iter().map(|k| w.changes[*k].0.as_str()))
+        .collect();
+    if !lost.is_empty() {
+        errors.dedup();
+        eprintln!(
+            "\n  envoy (admin {admin}): never showed {lost:?} within {timeout:?}; admin errors: {:?}",
+            &errors[..errors.len().min(3)]
+        );
+    }
     Polled {
         samples,
-        lost: pending.len(),
+        lost: lost.len(),
     }
 }
 

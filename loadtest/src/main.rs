@@ -392,6 +392,35 @@ fn begin(
     *shared.t0.lock().unwrap() = Some(Instant::now());
 }
 
+/// After a round timed out: which clients hold a changed load assignment without the
+/// new address (the control plane did not deliver it), for the log.
+fn report_missing(shared: &Shared, specs: &[Spec]) {
+    let expected = shared.expected.read().unwrap().clone();
+    let mut shown = 0;
+    for spec in specs {
+        let h = shared.holdings[spec.index].lock().unwrap();
+        let missing: Vec<&String> = expected
+            .iter()
+            .filter(|(n, e)| {
+                h.by_type[clients::EDS]
+                    .get(*n)
+                    .is_some_and(|held| !clients::contains_address(&held.body, &e.address))
+            })
+            .map(|(n, _)| n)
+            .collect();
+        if !missing.is_empty() && shown < 10 {
+            shown += 1;
+            eprintln!(
+                "  {} ({}): holds {} changed load assignments without the new address, e.g. {:?}",
+                spec.id,
+                if spec.delta { "delta" } else { "sotw" },
+                missing.len(),
+                missing.first()
+            );
+        }
+    }
+}
+
 /// CPU clocks read at a phase boundary.
 #[derive(Clone, Copy)]
 struct Mark {
@@ -602,18 +631,21 @@ async fn run(
             .iter()
             .zip(&envoy_deps)
             .filter_map(|(e, deps)| {
-                let mine: Vec<(String, String, String)> = changes
+                // One watch per changed service in the Envoy's scope: its clusters.
+                let watches: Vec<envoys::Watch> = changes
                     .iter()
                     .filter(|(i, _, _)| deps.contains(i))
-                    .flat_map(|(i, old, new)| {
-                        (0..sc.size.ports)
-                            .map(move |p| (resource_name(*i, p), new.to_string(), old.to_string()))
+                    .map(|(i, old, new)| envoys::Watch {
+                        filter: format!(".*\\|{}", envoys::regex_escape(&host(*i))),
+                        changes: (0..sc.size.ports)
+                            .map(|p| (resource_name(*i, p), new.to_string(), old.to_string()))
+                            .collect(),
                     })
                     .collect();
-                (!mine.is_empty()).then(|| {
+                (!watches.is_empty()).then(|| {
                     tokio::spawn(envoys::poll_round(
                         e.admin.clone(),
-                        mine,
+                        watches,
                         t0,
                         Duration::from_millis(args.envoy_poll_ms),
                         timeout,
@@ -621,13 +653,17 @@ async fn run(
                 })
             })
             .collect();
-        lost += wait_phase(
+        let missed = wait_phase(
             &shared,
             &format!("round {}/{}", round + 1, sc.size.rounds),
             total,
             timeout,
         )
         .await;
+        if missed > 0 {
+            report_missing(&shared, &specs);
+        }
+        lost += missed;
         for p in polls {
             let polled = p.await?;
             if let Some(last) = polled.samples.iter().map(|s| s.0).reduce(f64::max) {
