@@ -60,6 +60,11 @@ pub struct HubConfig {
     pub stale_after: Duration,
     /// Most streams doing their initial sync at once; the rest wait (reconnect storms).
     pub max_initial_syncs: usize,
+    /// The xDS listener's accept queue: connections the kernel completes before the
+    /// hub accepts them (capped by `net.core.somaxconn`). A fleet reconnecting at once
+    /// arrives faster than a busy hub accepts; past the queue, connects are dropped
+    /// and retried by the proxies seconds later.
+    pub listen_backlog: u32,
     /// Bounds on what one xDS stream may make the hub hold.
     pub stream_limits: StreamLimits,
     /// Largest xDS request the hub decodes; a larger one ends its stream.
@@ -69,6 +74,24 @@ pub struct HubConfig {
     pub state_dir: Option<PathBuf>,
     /// Bounds on what agents may send.
     pub federation: Limits,
+}
+
+/// Default accept queue of the xDS listener: above the 2,000+ proxies of one shard
+/// reconnecting at once (tokio's own default is 1,024).
+pub const DEFAULT_LISTEN_BACKLOG: u32 = 4096;
+
+/// A listening socket with an accept queue of `backlog` connections.
+pub fn bind_listener(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As std and tokio do for listeners: a restarted hub can bind its port while
+    // connections of the previous one are in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
 
 impl HubConfig {
@@ -87,6 +110,7 @@ impl HubConfig {
             sync_wait: Duration::ZERO,
             stale_after: Duration::from_secs(10),
             max_initial_syncs: 256,
+            listen_backlog: DEFAULT_LISTEN_BACKLOG,
             stream_limits: StreamLimits::default(),
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             state_dir: None,
@@ -148,8 +172,7 @@ impl Hub {
         mesh_rx.borrow_and_update();
         let (index, index_task) = index.spawn(1024);
 
-        let xds_listener = TcpListener::bind(cfg.xds_addr)
-            .await
+        let xds_listener = bind_listener(cfg.xds_addr, cfg.listen_backlog)
             .with_context(|| format!("binding the xDS address {}", cfg.xds_addr))?;
         let admin_listener = TcpListener::bind(cfg.admin_addr)
             .await
@@ -338,5 +361,42 @@ impl Hub {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fleet reconnecting at once reaches a hub that is busy and accepts nothing for
+    /// a while: every connect must still complete at once, up to the accept queue.
+    /// With tokio's default queue (1,024) the connects past it were dropped, and the
+    /// clients tried again only after their first SYN retransmit (1 s).
+    #[tokio::test]
+    async fn a_reconnect_storm_fits_the_accept_queue() {
+        let n = 1_500u64;
+        let limit = rlimit::increase_nofile_limit(n + 256).unwrap();
+        assert!(
+            limit >= n + 256,
+            "open-files limit {limit} is below this test's {n} connections"
+        );
+        let backlog = HubConfig::local(Vec::new()).listen_backlog;
+        let listener = bind_listener("127.0.0.1:0".parse().unwrap(), backlog).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut connects = JoinSet::new();
+        for _ in 0..n {
+            connects.spawn(tokio::net::TcpStream::connect(addr));
+        }
+        let mut streams = Vec::new();
+        let all = async {
+            while let Some(r) = connects.join_next().await {
+                streams.push(r.unwrap().unwrap());
+            }
+        };
+        tokio::time::timeout(Duration::from_millis(900), all)
+            .await
+            .unwrap_or_else(|_| panic!("connects still pending after 900 ms (a SYN was dropped)"));
+        assert_eq!(streams.len() as u64, n);
+        drop(listener);
     }
 }

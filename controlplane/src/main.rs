@@ -117,6 +117,10 @@ struct HubArgs {
     /// Streams doing their initial sync at once; more wait their turn (reconnect storms).
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     max_initial_syncs: u32,
+    /// The xDS listener's accept queue (connections completed before the hub accepts
+    /// them; the kernel caps it at net.core.somaxconn).
+    #[arg(long, default_value_t = tributary_controlplane::app::DEFAULT_LISTEN_BACKLOG, value_parser = clap::value_parser!(u32).range(1..))]
+    listen_backlog: u32,
     /// Most resource names one xDS stream may subscribe to per type; a client asking
     /// for more gets RESOURCE_EXHAUSTED (wildcards are not counted).
     #[arg(long, default_value_t = StreamLimits::default().max_names_per_type)]
@@ -280,6 +284,7 @@ async fn hub(args: HubArgs) -> anyhow::Result<()> {
         sync_wait: args.sync_wait,
         stale_after: args.stale_after,
         max_initial_syncs: args.max_initial_syncs as usize,
+        listen_backlog: args.listen_backlog,
         stream_limits: StreamLimits {
             max_names_per_type: args.max_names_per_type,
             nack_record_names: args.nack_record_names,
