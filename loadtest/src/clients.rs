@@ -120,6 +120,8 @@ pub struct Shared {
     pub bytes: AtomicU64,
     pub messages: AtomicU64,
     pub errors: AtomicUsize,
+    /// Connections or streams that failed before their first response and were retried.
+    pub reconnects: AtomicUsize,
     /// Load assignments that held the new address and still the old one.
     pub stale_at_sample: AtomicUsize,
     /// Per client (by [`Spec::index`]).
@@ -143,6 +145,7 @@ impl Shared {
             bytes: AtomicU64::new(0),
             messages: AtomicU64::new(0),
             errors: AtomicUsize::new(0),
+            reconnects: AtomicUsize::new(0),
             stale_at_sample: AtomicUsize::new(0),
             holdings: (0..clients).map(|_| Mutex::default()).collect(),
             bodies: Mutex::new(HashSet::with_hasher(foldhash::fast::FixedState::with_seed(
@@ -419,23 +422,39 @@ impl<'a> Client<'a> {
 }
 
 /// Connects (one connection per client) and runs the client until the stream ends
-/// or `stop` fires.
+/// or `stop` fires. Like Envoy, a client whose connection or stream fails before its
+/// first response tries again after a jittered exponential backoff (500 ms base, 30 s
+/// cap: Envoy's defaults for its xDS stream); each retry is counted. A stream that
+/// fails later is an error.
 pub async fn run(
     endpoint: tonic::transport::Endpoint,
     spec: Spec,
     shared: Arc<Shared>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let r = match endpoint.connect().await {
-        Ok(channel) if spec.delta => delta(channel, &spec, &shared, &mut stop).await,
-        Ok(channel) => sotw(channel, &spec, &shared, &mut stop).await,
-        Err(e) => Err(anyhow::Error::from(e).context("connecting")),
-    };
-    if let Err(e) = r
-        && !*stop.borrow()
-    {
-        shared.errors.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(client = %spec.id, error = %e, "client stream failed");
+    let mut attempt = 0u32;
+    loop {
+        let mut answered = false;
+        let r = match endpoint.connect().await {
+            Ok(channel) if spec.delta => {
+                delta(channel, &spec, &shared, &mut stop, &mut answered).await
+            }
+            Ok(channel) => sotw(channel, &spec, &shared, &mut stop, &mut answered).await,
+            Err(e) => Err(anyhow::Error::from(e).context("connecting")),
+        };
+        let Err(e) = r else { return };
+        if *stop.borrow() {
+            return;
+        }
+        if answered || attempt >= 8 {
+            shared.errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(client = %spec.id, error = %e, "client stream failed");
+            return;
+        }
+        shared.reconnects.fetch_add(1, Ordering::Relaxed);
+        let cap = (500u64 << attempt).min(30_000);
+        attempt += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(fastrand::u64(0..cap))).await;
     }
 }
 
@@ -468,6 +487,7 @@ async fn delta(
     spec: &Spec,
     shared: &Shared,
     stop: &mut tokio::sync::watch::Receiver<bool>,
+    answered: &mut bool,
 ) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel(16);
     // Wildcard CDS: no names on the first request.
@@ -485,6 +505,7 @@ async fn delta(
             _ = stop.wait_for(|s| *s) => break,
         };
         let Some(resp) = msg else { break };
+        *answered = true;
         shared
             .bytes
             .fetch_add(resp.encoded_len() as u64, Ordering::Relaxed);
@@ -549,6 +570,7 @@ async fn sotw(
     spec: &Spec,
     shared: &Shared,
     stop: &mut tokio::sync::watch::Receiver<bool>,
+    answered: &mut bool,
 ) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel(16);
     let req = |type_url: &str,
@@ -584,6 +606,7 @@ async fn sotw(
             _ = stop.wait_for(|s| *s) => break,
         };
         let Some(resp) = msg else { break };
+        *answered = true;
         shared
             .bytes
             .fetch_add(resp.encoded_len() as u64, Ordering::Relaxed);

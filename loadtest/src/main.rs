@@ -777,6 +777,7 @@ async fn run(
         version_mismatches: content.failures(),
         stale_at_sample: shared.stale_at_sample.load(Ordering::Relaxed),
         client_errors: shared.errors.load(Ordering::Relaxed),
+        reconnects: shared.reconnects.load(Ordering::Relaxed),
         content_check: content,
         real_envoys,
         client_samples: collected.client.iter().flatten().copied().collect(),

@@ -115,6 +115,8 @@ pub struct Run {
     /// Samples whose load assignment held the new address and still the old one.
     pub stale_at_sample: usize,
     pub client_errors: usize,
+    /// Clients that retried their connection before a first response (as Envoy does).
+    pub reconnects: usize,
     pub content_check: crate::check::ContentCheck,
     pub real_envoys: Option<EnvoyFigures>,
     #[serde(skip)]
@@ -303,6 +305,7 @@ pub fn summary(runs: &[&Run]) -> serde_json::Value {
         "version_mismatches": sum(|r| r.version_mismatches),
         "stale_at_sample": sum(|r| r.stale_at_sample),
         "client_errors": sum(|r| r.client_errors),
+        "reconnects": sum(|r| r.reconnects),
         "content_check": {
             "resources_checked": sum(|r| r.content_check.resources_checked),
             "failures": sum(|r| r.content_check.failures()),
