@@ -3,7 +3,9 @@
 //! both control planes. A client must hold exactly the names its role selects
 //! (its scope's clusters, their load assignments, its role's listeners and the route
 //! tables they name), each with the model's content: byte-identical, or, where the
-//! bytes differ (the peer re-encodes in Go), equal once both are decoded.
+//! bytes differ (the peer re-encodes in Go; the hub orders a load assignment's
+//! endpoints as its clusters reported them), equal once both are decoded (load
+//! assignments with their localities and endpoints in a canonical order).
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -122,6 +124,17 @@ impl<'a> Expected<'a> {
     }
 }
 
+/// A load assignment's meaning does not depend on the order of its localities, nor of
+/// the endpoints within one (the hub orders them as its remote clusters reported them;
+/// the model, as the scenario lists them): sort both before comparing.
+fn normalized(mut cla: ClusterLoadAssignment) -> ClusterLoadAssignment {
+    for l in &mut cla.endpoints {
+        l.lb_endpoints.sort_by_cached_key(|e| e.encode_to_vec());
+    }
+    cla.endpoints.sort_by_cached_key(|l| l.encode_to_vec());
+    cla
+}
+
 fn decoded_equal(ty: XdsType, a: &[u8], b: &[u8]) -> bool {
     fn eq<M: Message + Default + PartialEq>(a: &[u8], b: &[u8]) -> bool {
         match (M::decode(a), M::decode(b)) {
@@ -131,7 +144,13 @@ fn decoded_equal(ty: XdsType, a: &[u8], b: &[u8]) -> bool {
     }
     match ty {
         XdsType::Cluster => eq::<Cluster>(a, b),
-        XdsType::Endpoint => eq::<ClusterLoadAssignment>(a, b),
+        XdsType::Endpoint => match (
+            ClusterLoadAssignment::decode(a),
+            ClusterLoadAssignment::decode(b),
+        ) {
+            (Ok(x), Ok(y)) => normalized(x) == normalized(y),
+            _ => false,
+        },
         XdsType::Listener => eq::<Listener>(a, b),
         XdsType::Route => eq::<RouteConfiguration>(a, b),
         XdsType::Secret => false,

@@ -30,10 +30,8 @@ use tributary_proto::envoy::envoy::config::cluster::v3::cluster::{
     ClusterDiscoveryType, DiscoveryType,
 };
 use tributary_proto::envoy::envoy::config::core::v3::Node;
-use tributary_proto::envoy::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use tributary_proto::envoy::envoy::config::listener::v3::Listener;
 use tributary_proto::envoy::envoy::config::listener::v3::filter::ConfigType;
-use tributary_proto::envoy::envoy::config::route::v3::RouteConfiguration;
 use tributary_proto::envoy::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, http_connection_manager::RouteSpecifier,
 };
@@ -253,6 +251,15 @@ pub fn rds_names(listener: &Listener) -> Vec<String> {
             _ => None,
         })
         .collect()
+}
+
+/// The name of a Cluster, ClusterLoadAssignment (`cluster_name`), Listener or
+/// RouteConfiguration: field 1 of each. Decoding only it skips the rest by its
+/// length (a sidecar's route tables are hundreds of kilobytes each).
+#[derive(Clone, PartialEq, prost::Message)]
+struct NameOnly {
+    #[prost(string, tag = "1")]
+    name: String,
 }
 
 /// One client's view of the protocol: what it subscribes to and what it has seen.
@@ -626,13 +633,9 @@ async fn sotw(
             };
             for any in resp.resources {
                 let body = any.value;
-                let name = match i {
-                    CDS => Cluster::decode(&body[..]).map(|m| m.name),
-                    EDS => ClusterLoadAssignment::decode(&body[..]).map(|m| m.cluster_name),
-                    LDS => Listener::decode(&body[..]).map(|m| m.name),
-                    _ => RouteConfiguration::decode(&body[..]).map(|m| m.name),
+                let Ok(NameOnly { name }) = NameOnly::decode(&body[..]) else {
+                    continue;
                 };
-                let Ok(name) = name else { continue };
                 absent.remove(&name);
                 completed += c.receive(&mut h, i, name, body);
             }
@@ -690,6 +693,7 @@ mod tests {
     };
     use tributary_controlplane::xds::generate::load_assignment;
     use tributary_proto::envoy::envoy::config::core::v3::address::Address;
+    use tributary_proto::envoy::envoy::config::endpoint::v3::ClusterLoadAssignment;
     use tributary_proto::envoy::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
 
     fn cla_has(cla: &ClusterLoadAssignment, address: &str) -> bool {
