@@ -942,10 +942,26 @@ async fn peer(
     let argv = pinned(args.cpu_control_plane.as_deref(), argv);
     let proc = Proc::start("peer", &argv, dir)?;
     let (xds, control) = (proc.addr("xds")?, proc.addr("control")?);
-    let control = tonic::transport::Endpoint::from_shared(format!("http://{control}"))?
-        .connect()
-        .await
-        .with_context(|| format!("connecting to the peer's control API at {control}"))?;
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{control}"))?;
+    // The peer listens before it writes its ready file; a connect can still fail while
+    // the previous run's sockets drain, so try for a few seconds.
+    let mut attempt = 0;
+    let control = loop {
+        match endpoint.connect().await {
+            Ok(c) => break c,
+            Err(e) if attempt < 20 => {
+                attempt += 1;
+                tracing::warn!(error = ?e, "connecting to the peer's control API; retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => {
+                return Err(anyhow::anyhow!(
+                    "connecting to the peer's control API at {control}: {e:?}; log: {}",
+                    proc.log.display()
+                ));
+            }
+        }
+    };
     eprintln!("go-control-plane peer: loading the estate");
     let m = mark(&proc, &[]);
     let resources = generate(&sc.model());
@@ -971,6 +987,27 @@ async fn peer(
     .await;
     proc.stop();
     r
+}
+
+/// The settings of this invocation, recorded with its figures.
+fn settings(args: &Args, nofile: u64) -> serde_json::Value {
+    serde_json::json!({
+        "runs": args.runs,
+        "order": "tributary first in odd runs, go-control-plane first in even runs",
+        "agent_batch": args.agent_batch.clone().unwrap_or_else(|| "50ms (agent default)".into()),
+        "hub_debounce_quiet": args.debounce.clone().unwrap_or_else(|| "100ms (hub default)".into()),
+        "hub_args": args.hub_args,
+        "sotw_fraction": args.sotw_fraction,
+        "connections": "one per client",
+        "clients": "Envoy-like: CDS wildcard (scoped) -> EDS by name; once warm, LDS wildcard -> RDS by name",
+        "real_envoys": args.real_envoys,
+        "envoy_poll_ms": args.envoy_poll_ms,
+        "pinning": {
+            "control_plane_cpus": args.cpu_control_plane,
+            "harness_cpus": args.cpu_harness,
+        },
+        "nofile_limit": nofile,
+    })
 }
 
 /// Pins this process (every thread it has now; later ones inherit) to `cpus`.
@@ -1059,6 +1096,19 @@ async fn main() -> anyhow::Result<()> {
         run_json.push(serde_json::Value::Object(entry));
         ours_runs.push(o);
         peer_runs.extend(p);
+        // Each run's figures are on disk as soon as it ends.
+        if let Some(path) = &args.json {
+            let o: Vec<&Run> = ours_runs.iter().collect();
+            let p: Vec<&Run> = peer_runs.iter().collect();
+            let partial = report::to_json(
+                &size,
+                settings(&args, nofile),
+                &o,
+                &p,
+                serde_json::Value::Array(run_json.clone()),
+            );
+            std::fs::write(path, serde_json::to_string_pretty(&partial)?)?;
+        }
     }
 
     let all: Vec<Run> = ours_runs
@@ -1075,24 +1125,13 @@ async fn main() -> anyhow::Result<()> {
     println!("\n{}", report::details(&numbered));
     let o: Vec<&Run> = ours_runs.iter().collect();
     let p: Vec<&Run> = peer_runs.iter().collect();
-    let settings = serde_json::json!({
-        "runs": args.runs,
-        "order": "tributary first in odd runs, go-control-plane first in even runs",
-        "agent_batch": args.agent_batch.clone().unwrap_or_else(|| "50ms (agent default)".into()),
-        "hub_debounce_quiet": args.debounce.clone().unwrap_or_else(|| "100ms (hub default)".into()),
-        "hub_args": args.hub_args,
-        "sotw_fraction": args.sotw_fraction,
-        "connections": "one per client",
-        "clients": "Envoy-like: CDS wildcard (scoped) -> EDS by name; once warm, LDS wildcard -> RDS by name",
-        "real_envoys": args.real_envoys,
-        "envoy_poll_ms": args.envoy_poll_ms,
-        "pinning": {
-            "control_plane_cpus": args.cpu_control_plane,
-            "harness_cpus": args.cpu_harness,
-        },
-        "nofile_limit": nofile,
-    });
-    let summary = report::to_json(&size, settings, &o, &p, serde_json::Value::Array(run_json));
+    let summary = report::to_json(
+        &size,
+        settings(&args, nofile),
+        &o,
+        &p,
+        serde_json::Value::Array(run_json),
+    );
     if !p.is_empty() {
         println!(
             "\nmedians over {} runs, peer / ours: p99 per sample {:.1}x, p99 sidecars per client {:.1}x, initial sync {:.2}x, rounds CPU {:.1}x, peak RSS {:.1}x",
