@@ -22,6 +22,13 @@ impl Proc {
     pub fn start(name: &'static str, argv: &[String], dir: &Path) -> anyhow::Result<Proc> {
         let ready_file = dir.join(format!("{name}.ready.json"));
         let log = dir.join(format!("{name}.log"));
+        // A ready file left by the previous run's process would name its (dead) ports.
+        match std::fs::remove_file(&ready_file) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("removing {}", ready_file.display()));
+            }
+            _ => {}
+        }
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..]).arg("--ready-file").arg(&ready_file);
         let out = std::fs::File::create(&log)?;
@@ -101,6 +108,10 @@ impl Proc {
     }
 
     pub fn stop(mut self) {
+        self.terminate();
+    }
+
+    fn terminate(&mut self) {
         let Some(mut child) = self.child.take() else {
             return;
         };
@@ -115,6 +126,13 @@ impl Proc {
         }
         let _ = child.kill();
         let _ = child.wait();
+    }
+}
+
+/// A run that fails part-way still stops what it started.
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.terminate();
     }
 }
 
@@ -153,5 +171,27 @@ mod tests {
         // Gone or never there: zero, not an error.
         let gone = super::Proc::attach("gone", serde_json::Value::Null, None);
         assert_eq!((gone.cpu_seconds(), gone.peak_rss_bytes()), (0.0, 0));
+    }
+
+    #[test]
+    fn a_ready_file_left_by_an_earlier_process_is_not_taken_for_the_new_one() {
+        let dir = std::env::temp_dir().join(format!("loadtest-procs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("cp.ready.json"), r#"{"xds": "old"}"#).unwrap();
+        // The child writes its ready file a moment after it starts (its path is the
+        // argument after --ready-file).
+        let argv: Vec<String> = [
+            "sh",
+            "-c",
+            r#"sleep 0.2; echo '{"xds": "new"}' > "$2"; exec sleep 30"#,
+            "sh",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let p = super::Proc::start("cp", &argv, &dir).unwrap();
+        assert_eq!(p.addr("xds").unwrap(), "new");
+        p.stop();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
