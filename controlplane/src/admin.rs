@@ -76,8 +76,13 @@ async fn readyz(State(s): State<AdminState>) -> Response {
 }
 
 async fn metrics(State(s): State<AdminState>) -> Response {
+    metrics_response(&s.registry)
+}
+
+/// A registry in the OpenMetrics text format (the hub's and the agent's `/metrics`).
+pub fn metrics_response(registry: &Registry) -> Response {
     let mut text = String::new();
-    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &s.registry) {
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, registry) {
         return (
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("encoding metrics: {e}\n"),
