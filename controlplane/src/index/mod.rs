@@ -232,8 +232,8 @@ fn undeclare(declared: &mut Declared, key: &ObjectKey, cluster: &str) {
 
 /// How much per-item work the index has done: real counters in the code paths whose
 /// cost must stay linear in the size of what changed (a test ingests 1,000 and 4,000
-/// services and requires about 4× the work, see `index/tests.rs`). Also exported as
-/// `tributary_index_work_total{step}`.
+/// services and requires about 4× the work, see `index/tests.rs`). Each is a plain
+/// `u64` increment on the index task; [`Index::work`] reads them.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Work {
     /// Host claims placed or released and host owners looked up (host ownership).
