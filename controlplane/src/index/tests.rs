@@ -792,7 +792,8 @@ fn ingest_work(n: usize) -> Work {
 fn ingest_work_is_linear_in_services() {
     let small = ingest_work(1_000);
     let large = ingest_work(4_000);
-    let steps: [(&str, fn(&Work) -> u64); 6] = [
+    type Step = (&'static str, fn(&Work) -> u64);
+    let steps: [Step; 6] = [
         ("host_ops", |w| w.host_ops),
         ("merge_visits", |w| w.merge_visits),
         ("services_merged", |w| w.services_merged),

@@ -29,9 +29,9 @@ use tributary_proto::envoy::envoy::config::listener::v3::{
     ApiListener, Filter, FilterChain, Listener, filter::ConfigType,
 };
 use tributary_proto::envoy::envoy::config::route::v3::{
-    HeaderMatcher, Route as PbRoute, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
-    WeightedCluster, header_matcher::HeaderMatchSpecifier, route::Action,
-    route_action::ClusterSpecifier, route_match::PathSpecifier, weighted_cluster::ClusterWeight,
+    HeaderMatcher, Route as PbRoute, RouteAction, RouteMatch, VirtualHost, WeightedCluster,
+    header_matcher::HeaderMatchSpecifier, route::Action, route_action::ClusterSpecifier,
+    route_match::PathSpecifier, weighted_cluster::ClusterWeight,
 };
 use tributary_proto::envoy::envoy::extensions::filters::http::router::v3::Router;
 use tributary_proto::envoy::envoy::extensions::filters::network::http_connection_manager::v3::{
@@ -743,6 +743,7 @@ fn string_match(pattern: MatchPattern) -> HeaderMatchSpecifier {
 mod tests {
     use super::*;
     use crate::model::{Protocol, Route};
+    use tributary_proto::envoy::envoy::config::route::v3::RouteConfiguration;
 
     fn service(name: &str, port: u16) -> Service {
         Service {
