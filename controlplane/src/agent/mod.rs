@@ -181,9 +181,19 @@ pub fn diff(old: &ClusterState, new: &ClusterState, now: SystemTime) -> Vec<pb::
     upserts
 }
 
-/// The whole state as upserts (a full snapshot).
-pub fn full(state: &ClusterState) -> Vec<pb::Change> {
-    diff(&ClusterState::default(), state, SystemTime::now())
+/// The whole state as upserts (a full snapshot), services first, each change cloned
+/// only as it is taken: a full resync is split into batches as it goes, never held
+/// whole a second time.
+pub fn full(state: &ClusterState) -> impl Iterator<Item = pb::Change> + '_ {
+    let services = state
+        .services
+        .values()
+        .map(|s| change(s.at, change::Kind::ServiceUpsert(s.value.clone())));
+    let endpoints = state
+        .endpoints
+        .values()
+        .map(|e| change(e.at, change::Kind::EndpointsUpsert(e.value.clone())));
+    services.chain(endpoints)
 }
 
 /// Survives reconnects: who this agent process is, and what the hub acknowledged.
@@ -313,35 +323,71 @@ fn batch_msg(version: u64, full: bool, more: bool, changes: Vec<pb::Change>) -> 
 /// Bytes a batch needs besides its changes (version, flags, message framing).
 const BATCH_ENVELOPE_BYTES: usize = 64;
 
+/// Fills batches of at most `max_changes` changes and `max_bytes` encoded bytes each
+/// from changes pushed one at a time, in order.
+#[derive(Debug)]
+struct Splitter {
+    max_changes: usize,
+    budget: usize,
+    current: Vec<pb::Change>,
+    bytes: usize,
+}
+
+impl Splitter {
+    fn new(max_changes: usize, max_bytes: usize) -> Self {
+        Splitter {
+            max_changes: max_changes.max(1),
+            budget: max_bytes.saturating_sub(BATCH_ENVELOPE_BYTES),
+            current: Vec::new(),
+            bytes: 0,
+        }
+    }
+
+    /// Adds `c`; returns the batch it closed, if it did not fit in the current one, or
+    /// `Err(c)` when `c` is too large for any batch on its own.
+    fn push(&mut self, c: pb::Change) -> Result<Option<Vec<pb::Change>>, pb::Change> {
+        let len = c.encoded_len();
+        let cost = 1 + prost::encoding::encoded_len_varint(len as u64) + len;
+        if cost > self.budget {
+            return Err(c);
+        }
+        let mut closed = None;
+        if !self.current.is_empty()
+            && (self.current.len() >= self.max_changes || self.bytes + cost > self.budget)
+        {
+            closed = Some(std::mem::take(&mut self.current));
+            self.bytes = 0;
+        }
+        self.bytes += cost;
+        self.current.push(c);
+        Ok(closed)
+    }
+
+    /// The last (maybe empty) batch.
+    fn finish(self) -> Vec<pb::Change> {
+        self.current
+    }
+}
+
 /// Splits `changes` into batches of at most `max_changes` changes and `max_bytes`
 /// encoded bytes each, in order. A change too large for any batch on its own is
 /// returned apart (it can never be sent). Always returns at least one (maybe empty)
 /// batch, so an empty full resync is still sent.
 pub fn split(
-    changes: Vec<pb::Change>,
+    changes: impl IntoIterator<Item = pb::Change>,
     max_changes: usize,
     max_bytes: usize,
 ) -> (Vec<Vec<pb::Change>>, Vec<pb::Change>) {
-    let max_changes = max_changes.max(1);
-    let budget = max_bytes.saturating_sub(BATCH_ENVELOPE_BYTES);
-    let mut batches = vec![Vec::new()];
+    let mut splitter = Splitter::new(max_changes, max_bytes);
+    let mut batches = Vec::new();
     let mut too_large = Vec::new();
-    let mut bytes = 0usize;
     for c in changes {
-        let len = c.encoded_len();
-        let cost = 1 + prost::encoding::encoded_len_varint(len as u64) + len;
-        if cost > budget {
-            too_large.push(c);
-            continue;
+        match splitter.push(c) {
+            Ok(closed) => batches.extend(closed),
+            Err(c) => too_large.push(c),
         }
-        let current = batches.last_mut().expect("never empty");
-        if !current.is_empty() && (current.len() >= max_changes || bytes + cost > budget) {
-            batches.push(Vec::new());
-            bytes = 0;
-        }
-        bytes += cost;
-        batches.last_mut().expect("never empty").push(c);
     }
+    batches.push(splitter.finish());
     (batches, too_large)
 }
 
@@ -363,38 +409,63 @@ impl BatchLimits {
 }
 
 /// Sends `changes` as one or more batches (`full`: parts of a full resync, all but
-/// the last with `more`). Returns the last version sent, if any was.
+/// the last with `more`), each sent as soon as it is full: at most two batches are
+/// built ahead of the channel. Returns the last version sent, if any was.
 async fn send_split(
     tx: &mpsc::Sender<pb::AgentMessage>,
     mem: &mut Memory,
     telemetry: &Telemetry,
     limits: BatchLimits,
     full: bool,
-    changes: Vec<pb::Change>,
+    changes: impl IntoIterator<Item = pb::Change>,
 ) -> Result<Option<u64>, AgentError> {
-    if changes.is_empty() && !full {
+    let send = |mem: &mut Memory, chunk: Vec<pb::Change>, more: bool| {
+        mem.version += 1;
+        let (version, n) = (mem.version, chunk.len());
+        let msg = batch_msg(version, full, more, chunk);
+        async move {
+            tx.send(msg)
+                .await
+                .map_err(|_| AgentError::Protocol("outbound stream closed".into()))?;
+            telemetry.sent(version, n);
+            Ok::<(), AgentError>(())
+        }
+    };
+    let mut splitter = Splitter::new(limits.changes, limits.bytes);
+    // A closed batch waits until the next one closes (or the end) to know whether
+    // more parts follow it.
+    let mut closed: Option<Vec<pb::Change>> = None;
+    let (mut total, mut parts) = (0usize, 0usize);
+    for c in changes {
+        total += 1;
+        match splitter.push(c) {
+            Ok(None) => {}
+            Ok(Some(batch)) => {
+                if let Some(prev) = closed.replace(batch) {
+                    send(mem, prev, true).await?;
+                    parts += 1;
+                }
+            }
+            Err(c) => {
+                let message = format!(
+                    "a change of {} bytes exceeds the batch limit of {} bytes on its own; not sent",
+                    c.encoded_len(),
+                    limits.bytes
+                );
+                error!(%message, "change dropped");
+                telemetry.item_error(message);
+            }
+        }
+    }
+    if total == 0 && !full {
         return Ok(None);
     }
-    let total = changes.len();
-    let (batches, too_large) = split(changes, limits.changes, limits.bytes);
-    for c in &too_large {
-        let message = format!(
-            "a change of {} bytes exceeds the batch limit of {} bytes on its own; not sent",
-            c.encoded_len(),
-            limits.bytes
-        );
-        error!(%message, "change dropped");
-        telemetry.item_error(message);
+    if let Some(prev) = closed {
+        send(mem, prev, true).await?;
+        parts += 1;
     }
-    let parts = batches.len();
-    for (i, chunk) in batches.into_iter().enumerate() {
-        mem.version += 1;
-        let n = chunk.len();
-        tx.send(batch_msg(mem.version, full, i + 1 < parts, chunk))
-            .await
-            .map_err(|_| AgentError::Protocol("outbound stream closed".into()))?;
-        telemetry.sent(mem.version, n);
-    }
+    send(mem, splitter.finish(), false).await?;
+    parts += 1;
     debug!(
         changes = total,
         parts,
@@ -630,6 +701,62 @@ mod tests {
                 ..Default::default()
             }),
         )
+    }
+
+    /// A full resync is split as it is produced: while the hub does not read, the
+    /// agent has taken no more than a few batches' worth of changes from its state
+    /// (it used to clone the whole state into one list first).
+    #[tokio::test]
+    async fn a_full_resync_is_built_batch_by_batch() {
+        let cfg = AgentConfig::new("http://127.0.0.1:1", "c");
+        let telemetry = Telemetry::new(&cfg, "i".into());
+        let mut mem = Memory {
+            incarnation: "i".into(),
+            version: 0,
+            acked_version: 0,
+            acked: Arc::default(),
+        };
+        let (tx, mut rx) = mpsc::channel(1);
+        let limits = BatchLimits {
+            changes: 100,
+            bytes: 1 << 20,
+        };
+        let taken = std::cell::Cell::new(0usize);
+        let changes = (0..10_000).map(|i| {
+            taken.set(taken.get() + 1);
+            upsert(&format!("s{i}"), 10)
+        });
+        let send = send_split(&tx, &mut mem, &telemetry, limits, true, changes);
+        tokio::pin!(send);
+        // Polled once: it stops at the full channel.
+        let blocked = tokio::time::timeout(Duration::ZERO, &mut send).await;
+        assert!(blocked.is_err(), "the channel of one is full");
+        assert!(
+            taken.get() <= 3 * limits.changes + 1,
+            "{} of 10,000 changes taken before the first batch was read",
+            taken.get()
+        );
+        // Reading lets it finish: 100 batches, all but the last with `more`.
+        let reader = async {
+            let mut got = Vec::new();
+            while let Some(m) = rx.recv().await {
+                let Some(agent_message::Kind::Batch(b)) = m.kind else {
+                    panic!()
+                };
+                let last = !b.more;
+                got.push((b.version, b.changes.len(), b.more));
+                if last {
+                    break;
+                }
+            }
+            got
+        };
+        let (sent, got) = tokio::join!(send, reader);
+        assert_eq!(sent.unwrap(), Some(100));
+        assert_eq!(got.len(), 100);
+        assert!(got.iter().all(|(_, n, _)| *n == 100));
+        assert!(got[..99].iter().all(|(_, _, more)| *more) && !got[99].2);
+        assert_eq!(taken.get(), 10_000);
     }
 
     #[test]
