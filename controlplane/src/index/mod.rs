@@ -259,6 +259,8 @@ struct EnvDirty {
 
 #[derive(Debug, Default)]
 struct EnvState {
+    /// The merged services (specs only: endpoints are left out), routes, gateways
+    /// and sidecar scopes: what the shared resources are generated from.
     model: Environment,
     resources: EnvResources,
     /// Resource names each service generated, to withdraw what it no longer does.
@@ -1155,11 +1157,13 @@ fn flush_env(
     // Withdraw every changed service's stale resources before inserting any new ones:
     // a resource name (an API listener of a host) may move from one service to another.
     let mut inserts = Vec::new();
-    for (key, new) in settled {
+    for (key, mut new) in settled {
         let old = st.model.services.get(&key);
-        if new.as_ref() == old {
+        if old.is_none() && new.is_none() {
             continue;
         }
+        // A touched service with the same spec regenerates its load assignments; the
+        // content versions drop those that did not change.
         let mut generated = Generated::new();
         match (old, &new) {
             (Some(o), Some(n)) if same_spec(o, n) => endpoint_resources(n, &mut generated),
@@ -1178,6 +1182,11 @@ fn flush_env(
         }
         work.resources_encoded += generated.len() as u64;
         inserts.push(generated);
+        // The model keeps each service's spec only: its endpoints are held in the
+        // sources and in the encoded load assignments, not a third time here.
+        if let Some(n) = new.as_mut() {
+            n.endpoints = Vec::new();
+        }
         match new {
             Some(n) => st.model.services.insert(key, n),
             None => st.model.services.remove(&key),

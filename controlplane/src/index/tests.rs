@@ -295,8 +295,14 @@ fn file_and_federated_endpoints_merge_and_hosts_stay_unique() {
     .unwrap();
     ix.flush(Instant::now());
     let s = shards.current("prod");
-    let a = &ix.envs["prod"].model.services[&key("a")];
-    assert_eq!(a.endpoints.len(), 2, "file endpoint + cluster endpoint");
+    let a = s.get(XdsType::Endpoint, &cluster_name("a")).unwrap();
+    use prost::Message;
+    let a = tributary_proto::envoy::envoy::config::endpoint::v3::ClusterLoadAssignment::decode(
+        a.body(),
+    )
+    .unwrap();
+    let lb: usize = a.endpoints.iter().map(|l| l.lb_endpoints.len()).sum();
+    assert_eq!(lb, 2, "file endpoint + cluster endpoint");
     let t = &ix.envs["prod"].model.services[&key("thief")];
     assert_eq!(t.hosts, vec!["thief.ns".to_string()]);
     assert!(s.get(XdsType::Cluster, "outbound|80||thief.ns").is_some());
