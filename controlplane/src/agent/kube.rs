@@ -381,14 +381,22 @@ impl Objects {
             ports: ports.clone(),
             environment: env,
         };
-        let mut endpoints = Vec::new();
-        for slice_name in self.slices_by_service.get(key).into_iter().flatten() {
-            let Some(slice) = self.slices.get(&ObjectKey {
-                namespace: ns.clone(),
-                name: slice_name.clone(),
-            }) else {
-                continue;
-            };
+        let slices: Vec<&SliceView> = self
+            .slices_by_service
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|slice_name| {
+                self.slices.get(&ObjectKey {
+                    namespace: ns.clone(),
+                    name: slice_name.clone(),
+                })
+            })
+            .collect();
+        // Exactly sized: the export is kept for as long as the service exists.
+        let mut endpoints =
+            Vec::with_capacity(slices.iter().map(|s| s.endpoints.len()).sum::<usize>());
+        for slice in slices {
             if !slice.routable {
                 continue;
             }

@@ -486,7 +486,10 @@ async fn session(
         .await?
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(usize::MAX);
-    let (tx, rx) = mpsc::channel::<pb::AgentMessage>(MAX_IN_FLIGHT + 4);
+    // Small: a full resync is produced as the stream takes it, so that no more
+    // than a couple of decoded batches wait here (the in-flight window is counted
+    // apart, in `in_flight`).
+    let (tx, rx) = mpsc::channel::<pb::AgentMessage>(2);
     let hello = pb::Hello {
         cluster_id: cfg.cluster_id.clone(),
         region: cfg.region.clone(),

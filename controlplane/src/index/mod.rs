@@ -267,7 +267,9 @@ struct EnvState {
     owned: HashMap<ObjectKey, Vec<(XdsType, Arc<str>)>>,
     shared: Vec<(XdsType, Arc<str>)>,
     /// Host → every service claiming it, the owner first (see [`Claim`]).
-    claims: HashMap<String, BTreeSet<Claim>>,
+    /// A sorted `Vec`: almost every host has one claimant, and a one-element B-tree
+    /// set costs a whole node (about 600 bytes) per host.
+    claims: HashMap<String, Vec<Claim>>,
     /// Service → the hosts it claims (its merged hosts, owned or not).
     claimed: HashMap<ObjectKey, Vec<String>>,
     /// The shared route tables' virtual hosts, encoded once per service version.
@@ -1100,6 +1102,14 @@ fn merged(sources: &Sources, env: &str, key: &ObjectKey, work: &mut Work) -> Opt
     svc
 }
 
+/// A service settled in a flush (see [`flush_env`]).
+struct Settled {
+    spec: Option<Service>,
+    generated: Generated,
+    /// `generated` is every resource of the service (else its load assignments only).
+    all: bool,
+}
+
 fn same_spec(a: &Service, b: &Service) -> bool {
     a.hosts == b.hosts && a.ports == b.ports && a.subsets == b.subsets
 }
@@ -1124,7 +1134,11 @@ fn flush_env(
     // A service whose claim moves a host's ownership puts the services that gained or
     // lost it back on the list: they are re-merged in this same flush.
     let mut queue = d.keys;
-    let mut settled: BTreeMap<ObjectKey, Option<Service>> = BTreeMap::new();
+    // Per settled service: its new spec (endpoints left out), its resources generated
+    // (encoded: the merged endpoints are not held for the whole flush) and whether
+    // they are all of its resources (else its load assignments only); `None` when
+    // there was and is nothing.
+    let mut settled: BTreeMap<ObjectKey, Option<Settled>> = BTreeMap::new();
     while let Some(key) = queue.pop_first() {
         work.services_merged += 1;
         let mut new = merged(sources, env, &key, work);
@@ -1152,41 +1166,62 @@ fn flush_env(
                 new = None;
             }
         }
-        settled.insert(key, new);
-    }
-    // Withdraw every changed service's stale resources before inserting any new ones:
-    // a resource name (an API listener of a host) may move from one service to another.
-    let mut inserts = Vec::new();
-    for (key, mut new) in settled {
-        let old = st.model.services.get(&key);
-        if old.is_none() && new.is_none() {
-            continue;
-        }
         // A touched service with the same spec regenerates its load assignments; the
-        // content versions drop those that did not change.
-        let mut generated = Generated::new();
-        match (old, &new) {
-            (Some(o), Some(n)) if same_spec(o, n) => endpoint_resources(n, &mut generated),
-            _ => {
-                shared = true;
-                st.vhosts.invalidate(&key);
-                if let Some(n) = &new {
+        // content versions drop those that did not change. (A service settled again
+        // because a host changed hands is generated again.)
+        let old = st.model.services.get(&key);
+        let entry = match (old, &mut new) {
+            (None, None) => None,
+            (Some(o), Some(n)) if same_spec(o, n) => {
+                let mut generated = Generated::new();
+                endpoint_resources(n, &mut generated);
+                Some((generated, false))
+            }
+            (_, n) => {
+                let mut generated = Generated::new();
+                if let Some(n) = n {
                     service_resources(n, &mut generated);
                 }
-                let old_names = st.owned.remove(&key).unwrap_or_default();
-                let names = remove_stale(&mut st.resources, &old_names, &generated, &mut changes);
-                if !names.is_empty() {
-                    st.owned.insert(key.clone(), names);
-                }
+                Some((generated, true))
             }
-        }
-        work.resources_encoded += generated.len() as u64;
-        inserts.push(generated);
+        };
         // The model keeps each service's spec only: its endpoints are held in the
         // sources and in the encoded load assignments, not a third time here.
         if let Some(n) = new.as_mut() {
             n.endpoints = Vec::new();
         }
+        settled.insert(
+            key,
+            entry.map(|(generated, all)| Settled {
+                spec: new,
+                generated,
+                all,
+            }),
+        );
+    }
+    // Withdraw every changed service's stale resources before inserting any new ones:
+    // a resource name (an API listener of a host) may move from one service to another.
+    let mut inserts = Vec::new();
+    for (key, entry) in settled {
+        let Some(Settled {
+            spec: new,
+            generated,
+            all,
+        }) = entry
+        else {
+            continue;
+        };
+        if all {
+            shared = true;
+            st.vhosts.invalidate(&key);
+            let old_names = st.owned.remove(&key).unwrap_or_default();
+            let names = remove_stale(&mut st.resources, &old_names, &generated, &mut changes);
+            if !names.is_empty() {
+                st.owned.insert(key.clone(), names);
+            }
+        }
+        work.resources_encoded += generated.len() as u64;
+        inserts.push(generated);
         match new {
             Some(n) => st.model.services.insert(key, n),
             None => st.model.services.remove(&key),
@@ -1246,10 +1281,14 @@ fn claim_hosts(
         } else {
             2
         };
-        st.claims.entry(h.clone()).or_default().insert(Claim {
+        let claim = Claim {
             rank,
             key: key.clone(),
-        });
+        };
+        let set = st.claims.entry(h.clone()).or_default();
+        if let Err(at) = set.binary_search(&claim) {
+            set.insert(at, claim);
+        }
     }
     for (h, was) in affected.iter().zip(before) {
         let now = owner(st, h);
