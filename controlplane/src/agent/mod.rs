@@ -72,7 +72,7 @@ impl AgentConfig {
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
             max_batch: 5_000,
-            max_batch_bytes: 4 << 20,
+            max_batch_bytes: 1 << 20,
         }
     }
 }
@@ -150,35 +150,48 @@ fn service_ref(k: &ObjectKey) -> pb::ServiceRef {
 /// The changes that turn `old` into `new`: services before endpoints on upsert,
 /// endpoints before services on delete. The persistent maps' own diff skips the
 /// subtrees `old` and `new` share, so a state derived from `old` by a few changes
-/// costs about those changes, not a walk over every service.
-pub fn diff(old: &ClusterState, new: &ClusterState, now: SystemTime) -> Vec<pb::Change> {
+/// costs about those changes, not a walk over every service; and each change is
+/// cloned only as it is taken (the first state after an empty one is every change).
+pub fn diff<'a>(
+    old: &'a ClusterState,
+    new: &'a ClusterState,
+    now: SystemTime,
+) -> impl Iterator<Item = pb::Change> + 'a {
     use imbl::ordmap::DiffItem;
-    let mut upserts = Vec::new();
-    let mut service_deletes = Vec::new();
-    for d in old.services.diff(&new.services) {
-        match d {
-            DiffItem::Add(_, s) | DiffItem::Update { new: (_, s), .. } => {
-                upserts.push(change(s.at, change::Kind::ServiceUpsert(s.value.clone())))
-            }
-            DiffItem::Remove(k, _) => {
-                service_deletes.push(change(now, change::Kind::ServiceDelete(service_ref(k))))
-            }
+    let services = old.services.diff(&new.services).filter_map(|d| match d {
+        DiffItem::Add(_, s) | DiffItem::Update { new: (_, s), .. } => {
+            Some(change(s.at, change::Kind::ServiceUpsert(s.value.clone())))
         }
-    }
-    let mut endpoint_deletes = Vec::new();
-    for d in old.endpoints.diff(&new.endpoints) {
-        match d {
-            DiffItem::Add(_, e) | DiffItem::Update { new: (_, e), .. } => {
-                upserts.push(change(e.at, change::Kind::EndpointsUpsert(e.value.clone())))
-            }
-            DiffItem::Remove(k, _) => {
-                endpoint_deletes.push(change(now, change::Kind::EndpointsDelete(service_ref(k))))
-            }
+        DiffItem::Remove(..) => None,
+    });
+    let endpoints = old.endpoints.diff(&new.endpoints).filter_map(|d| match d {
+        DiffItem::Add(_, e) | DiffItem::Update { new: (_, e), .. } => {
+            Some(change(e.at, change::Kind::EndpointsUpsert(e.value.clone())))
         }
-    }
-    upserts.extend(endpoint_deletes);
-    upserts.extend(service_deletes);
-    upserts
+        DiffItem::Remove(..) => None,
+    });
+    let endpoint_deletes = old
+        .endpoints
+        .diff(&new.endpoints)
+        .filter_map(move |d| match d {
+            DiffItem::Remove(k, _) => {
+                Some(change(now, change::Kind::EndpointsDelete(service_ref(k))))
+            }
+            _ => None,
+        });
+    let service_deletes = old
+        .services
+        .diff(&new.services)
+        .filter_map(move |d| match d {
+            DiffItem::Remove(k, _) => {
+                Some(change(now, change::Kind::ServiceDelete(service_ref(k))))
+            }
+            _ => None,
+        });
+    services
+        .chain(endpoints)
+        .chain(endpoint_deletes)
+        .chain(service_deletes)
 }
 
 /// The whole state as upserts (a full snapshot), services first, each change cloned
@@ -345,11 +358,11 @@ impl Splitter {
 
     /// Adds `c`; returns the batch it closed, if it did not fit in the current one, or
     /// `Err(c)` when `c` is too large for any batch on its own.
-    fn push(&mut self, c: pb::Change) -> Result<Option<Vec<pb::Change>>, pb::Change> {
+    fn push(&mut self, c: pb::Change) -> Result<Option<Vec<pb::Change>>, Box<pb::Change>> {
         let len = c.encoded_len();
         let cost = 1 + prost::encoding::encoded_len_varint(len as u64) + len;
         if cost > self.budget {
-            return Err(c);
+            return Err(Box::new(c));
         }
         let mut closed = None;
         if !self.current.is_empty()
@@ -384,7 +397,7 @@ pub fn split(
     for c in changes {
         match splitter.push(c) {
             Ok(closed) => batches.extend(closed),
-            Err(c) => too_large.push(c),
+            Err(c) => too_large.push(*c),
         }
     }
     batches.push(splitter.finish());
@@ -649,7 +662,7 @@ mod tests {
         new.services.insert(added, a.clone());
 
         COMPARED.with(|c| c.set(0));
-        let changes = diff(&old, &new, SystemTime::UNIX_EPOCH);
+        let changes: Vec<pb::Change> = diff(&old, &new, SystemTime::UNIX_EPOCH).collect();
         let compared = COMPARED.with(|c| c.get());
         assert_eq!(
             changes,
@@ -672,7 +685,7 @@ mod tests {
         for (k, v) in new.services.iter() {
             rebuilt.services.insert(k.clone(), v.clone());
         }
-        assert!(diff(&new, &rebuilt, SystemTime::UNIX_EPOCH).is_empty());
+        assert_eq!(diff(&new, &rebuilt, SystemTime::UNIX_EPOCH).count(), 0);
     }
 
     #[test]
