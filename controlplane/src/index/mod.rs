@@ -1286,7 +1286,9 @@ fn claim_hosts(
             key: key.clone(),
         };
         let set = st.claims.entry(h.clone()).or_default();
-        if let Err(at) = set.binary_search(&claim) {
+        if set.is_empty() {
+            *set = vec![claim]; // exactly one (a push would reserve four)
+        } else if let Err(at) = set.binary_search(&claim) {
             set.insert(at, claim);
         }
     }
