@@ -72,7 +72,7 @@ impl AgentConfig {
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
             max_batch: 5_000,
-            max_batch_bytes: 1 << 20,
+            max_batch_bytes: 256 << 10,
         }
     }
 }
@@ -422,8 +422,8 @@ impl BatchLimits {
 }
 
 /// Sends `changes` as one or more batches (`full`: parts of a full resync, all but
-/// the last with `more`), each sent as soon as it is full: at most two batches are
-/// built ahead of the channel. Returns the last version sent, if any was.
+/// the last with `more`), each sent as soon as it is full: one batch is built ahead of
+/// the channel. Returns the last version sent, if any was.
 async fn send_split(
     tx: &mpsc::Sender<pb::AgentMessage>,
     mem: &mut Memory,
@@ -445,19 +445,15 @@ async fn send_split(
         }
     };
     let mut splitter = Splitter::new(limits.changes, limits.bytes);
-    // A closed batch waits until the next one closes (or the end) to know whether
-    // more parts follow it.
-    let mut closed: Option<Vec<pb::Change>> = None;
     let (mut total, mut parts) = (0usize, 0usize);
     for c in changes {
         total += 1;
         match splitter.push(c) {
             Ok(None) => {}
+            // A batch is closed by a change that starts the next: more follow it.
             Ok(Some(batch)) => {
-                if let Some(prev) = closed.replace(batch) {
-                    send(mem, prev, true).await?;
-                    parts += 1;
-                }
+                send(mem, batch, true).await?;
+                parts += 1;
             }
             Err(c) => {
                 let message = format!(
@@ -472,10 +468,6 @@ async fn send_split(
     }
     if total == 0 && !full {
         return Ok(None);
-    }
-    if let Some(prev) = closed {
-        send(mem, prev, true).await?;
-        parts += 1;
     }
     send(mem, splitter.finish(), false).await?;
     parts += 1;
@@ -499,10 +491,10 @@ async fn session(
         .await?
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(usize::MAX);
-    // Small: a full resync is produced as the stream takes it, so that no more
-    // than a couple of decoded batches wait here (the in-flight window is counted
-    // apart, in `in_flight`).
-    let (tx, rx) = mpsc::channel::<pb::AgentMessage>(2);
+    // One: a diff or resync is produced as the stream takes it, so that a single
+    // decoded batch waits here (a decoded batch is several times its encoded size;
+    // the in-flight window is counted apart, in `in_flight`).
+    let (tx, rx) = mpsc::channel::<pb::AgentMessage>(1);
     let hello = pb::Hello {
         cluster_id: cfg.cluster_id.clone(),
         region: cfg.region.clone(),
@@ -748,7 +740,7 @@ mod tests {
         let blocked = tokio::time::timeout(Duration::ZERO, &mut send).await;
         assert!(blocked.is_err(), "the channel of one is full");
         assert!(
-            taken.get() <= 3 * limits.changes + 1,
+            taken.get() <= 2 * limits.changes + 1,
             "{} of 10,000 changes taken before the first batch was read",
             taken.get()
         );
