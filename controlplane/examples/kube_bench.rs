@@ -129,6 +129,9 @@ impl Perf {
 struct KubeEnv {
     child: Child,
     kubeconfig: PathBuf,
+    /// The kube-apiserver's pid: its CPU during the ingest (serving the agent's lists)
+    /// shares the two cores with the hub and the agent.
+    apiserver_pid: Option<u32>,
 }
 
 impl KubeEnv {
@@ -148,6 +151,7 @@ impl KubeEnv {
         })?;
         Ok(KubeEnv {
             kubeconfig: PathBuf::from(info["kubeconfig"].as_str().unwrap_or_default()),
+            apiserver_pid: info["apiserver_pid"].as_u64().map(|p| p as u32),
             child,
         })
     }
@@ -466,6 +470,8 @@ struct RunResult {
     agent_cpu_seconds: f64,
     hub_peak_rss_mib: f64,
     agent_peak_rss_mib: f64,
+    /// The kube-apiserver's CPU from the agent's start until the hub held everything.
+    apiserver_cpu_seconds: f64,
     update_p50_ms: f64,
     update_max_ms: f64,
 }
@@ -519,6 +525,8 @@ async fn one_run(
         )?),
         None => None,
     };
+    let apiserver_cpu = || kube.apiserver_pid.map_or(f64::NAN, |p| usage(p).0);
+    let apiserver_before = apiserver_cpu();
     let t0 = Instant::now();
     let agent = Proc(
         command(bin, args.agent_wrapper.as_ref())
@@ -553,6 +561,7 @@ async fn one_run(
     let federate = t0.elapsed();
     let (hub_cpu, hub_rss) = usage(hub.0.id());
     let (agent_cpu, agent_rss) = usage(agent.0.id());
+    let apiserver = apiserver_cpu() - apiserver_before;
     for p in [hub_perf, agent_perf].into_iter().flatten() {
         p.stop()?;
     }
@@ -572,6 +581,7 @@ async fn one_run(
         agent_cpu_seconds: agent_cpu,
         hub_peak_rss_mib: hub_rss,
         agent_peak_rss_mib: agent_rss,
+        apiserver_cpu_seconds: apiserver,
         update_p50_ms: ms(arrived.get(arrived.len() / 2)),
         update_max_ms: ms(arrived.last()),
     })
@@ -610,10 +620,10 @@ async fn main() -> anyhow::Result<()> {
     }
     let mut all = Vec::new();
     println!(
-        "| binary | services × endpoints | run | load before | time to federate | hub CPU | agent CPU | hub peak RSS | agent peak RSS | {} updates p50 / max |",
+        "| binary | services × endpoints | run | load before | time to federate | hub CPU | agent CPU | apiserver CPU | hub peak RSS | agent peak RSS | {} updates p50 / max |",
         args.updates
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for &n in &args.sizes {
         let kube = KubeEnv::start()?;
         let opts = KubeOptions {
@@ -632,7 +642,7 @@ async fn main() -> anyhow::Result<()> {
                 let round = (run - 1) * bins.len() + b + 1;
                 let r = one_run(bin, &kube, &client, &args, n, run, round).await?;
                 println!(
-                    "| {} | {} × {} | {} | {} | {:.2} s | {:.2} s | {:.2} s | {:.0} MiB | {:.0} MiB | {:.0} / {:.0} ms |",
+                    "| {} | {} × {} | {} | {} | {:.2} s | {:.2} s | {:.2} s | {:.2} s | {:.0} MiB | {:.0} MiB | {:.0} / {:.0} ms |",
                     r.bin,
                     n,
                     args.endpoints,
@@ -641,6 +651,7 @@ async fn main() -> anyhow::Result<()> {
                     r.federate_seconds,
                     r.hub_cpu_seconds,
                     r.agent_cpu_seconds,
+                    r.apiserver_cpu_seconds,
                     r.hub_peak_rss_mib,
                     r.agent_peak_rss_mib,
                     r.update_p50_ms,
