@@ -500,7 +500,7 @@ async fn one_run(
             .arg(dir.path().join("state"))
             .arg("--ready-file")
             .arg(&ready)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", log_filter())
             .stdout(Stdio::null())
             .spawn()?,
     );
@@ -539,7 +539,7 @@ async fn one_run(
                 "--kubeconfig",
             ])
             .arg(&kube.kubeconfig)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", log_filter())
             .stdout(Stdio::null())
             .spawn()?,
     );
@@ -585,6 +585,12 @@ async fn one_run(
         update_p50_ms: ms(arrived.get(arrived.len() / 2)),
         update_max_ms: ms(arrived.last()),
     })
+}
+
+/// The hub's and agent's log filter: `$KUBE_BENCH_LOG`, else `warn` (their logs go to
+/// this program's stderr).
+fn log_filter() -> String {
+    std::env::var("KUBE_BENCH_LOG").unwrap_or_else(|_| "warn".into())
 }
 
 /// The 1, 5 and 15 minute load averages (the machine is shared: note them per run).
