@@ -193,7 +193,7 @@ struct RemoteArgs {
     #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u32).range(1..))]
     max_batch: u32,
     /// Most encoded bytes per batch (the hub's advertised limit applies when lower).
-    #[arg(long, default_value_t = 4 << 20, value_parser = clap::value_parser!(u64).range(4096..=(1 << 30)))]
+    #[arg(long, default_value_t = 256 << 10, value_parser = clap::value_parser!(u64).range(4096..=(1 << 30)))]
     max_batch_bytes: u64,
     /// Serve /healthz, /metrics and /status here (e.g. 0.0.0.0:19002); off by default.
     #[arg(long, env = "TRIBUTARY_AGENT_ADMIN_ADDR")]

@@ -873,7 +873,7 @@ fn build_endpoints(doc: &Doc<RawEndpoints>, mesh: &mut Mesh, errors: &mut Vec<Co
             endpoints.push(Endpoint {
                 address,
                 port,
-                ports,
+                ports: ports.into(),
                 locality: Locality {
                     region: e.locality.region.clone(),
                     zone: e.locality.zone.clone(),

@@ -295,8 +295,14 @@ fn file_and_federated_endpoints_merge_and_hosts_stay_unique() {
     .unwrap();
     ix.flush(Instant::now());
     let s = shards.current("prod");
-    let a = &ix.envs["prod"].model.services[&key("a")];
-    assert_eq!(a.endpoints.len(), 2, "file endpoint + cluster endpoint");
+    let a = s.get(XdsType::Endpoint, &cluster_name("a")).unwrap();
+    use prost::Message;
+    let a = tributary_proto::envoy::envoy::config::endpoint::v3::ClusterLoadAssignment::decode(
+        a.body(),
+    )
+    .unwrap();
+    let lb: usize = a.endpoints.iter().map(|l| l.lb_endpoints.len()).sum();
+    assert_eq!(lb, 2, "file endpoint + cluster endpoint");
     let t = &ix.envs["prod"].model.services[&key("thief")];
     assert_eq!(t.hosts, vec!["thief.ns".to_string()]);
     assert!(s.get(XdsType::Cluster, "outbound|80||thief.ns").is_some());
@@ -733,5 +739,88 @@ fn a_known_cluster_that_never_returns_stops_the_hold_at_its_grace() {
         saved.0.lock().unwrap().last().cloned(),
         Some(vec![]),
         "forgotten"
+    );
+}
+
+/// Ingests `n` services of 10 endpoints each from `n / 100` clusters, as agents send
+/// them: each cluster declares 100 services of its own and 20 of the next cluster's
+/// (one service, two clusters), as a full resync split into batches of 50 changes, each
+/// batch applied and flushed on its own (batches slower than the debounce: the worst
+/// case). Returns the index's work counters.
+fn ingest_work(n: usize) -> Work {
+    let (mut ix, _shards) = index();
+    let clusters = n / 100;
+    let now = Instant::now();
+    for c in 0..clusters {
+        let id = format!("c{c}");
+        let session = c as u64 + 1;
+        ix.hello(info(&id), 0, session).unwrap();
+        let mut changes = Vec::new();
+        for i in (c * 100..c * 100 + 120).map(|i| i % n) {
+            let name = format!("s{i}");
+            changes.push(change(ChangeKind::UpsertService(fed_service(
+                &name, "prod",
+            ))));
+            let eps = (0..10)
+                .map(|j| {
+                    let a = (c * 1_000_000 + i * 10 + j) as u32;
+                    endpoint(&std::net::Ipv4Addr::from(0x0a00_0000 + a).to_string(), &id)
+                })
+                .collect();
+            changes.push(change(ChangeKind::UpsertEndpoints(key(&name), set(eps))));
+        }
+        let parts: Vec<Vec<Change>> = changes.chunks(50).map(<[Change]>::to_vec).collect();
+        let last = parts.len();
+        for (p, part) in parts.into_iter().enumerate() {
+            let b = Batch {
+                version: p as u64 + 1,
+                full: true,
+                more: p + 1 < last,
+                changes: part,
+            };
+            ix.apply_batch(&id, session, b, now).unwrap();
+            ix.flush(now);
+        }
+    }
+    let snap = _shards.current("prod");
+    assert_eq!(
+        snap.of_type(XdsType::Endpoint).len(),
+        n,
+        "every service published"
+    );
+    ix.work()
+}
+
+/// Ingesting 4× the services costs about 4× the work in every step that used to be
+/// super-linear (host ownership, merging over every cluster, shared route tables
+/// rebuilt per flush, status rebuilt per batch). Counts, not timings.
+#[test]
+fn ingest_work_is_linear_in_services() {
+    let small = ingest_work(1_000);
+    let large = ingest_work(4_000);
+    type Step = (&'static str, fn(&Work) -> u64);
+    let steps: [Step; 6] = [
+        ("host_ops", |w| w.host_ops),
+        ("merge_visits", |w| w.merge_visits),
+        ("services_merged", |w| w.services_merged),
+        ("resources_encoded", |w| w.resources_encoded),
+        ("virtual_hosts_encoded", |w| w.virtual_hosts_encoded),
+        ("status_entries", |w| w.status_entries),
+    ];
+    let mut report = Vec::new();
+    for (name, get) in steps {
+        let (a, b) = (get(&small), get(&large));
+        assert!(a > 0, "{name}: no work counted for 1,000 services");
+        report.push(format!("{name}: {a} -> {b} ({:.2}x)", b as f64 / a as f64));
+    }
+    println!("{}", report.join("\n"));
+    let ratios_ok = steps.iter().all(|(_, get)| {
+        let (a, b) = (get(&small) as f64, get(&large) as f64);
+        b / a <= 5.0
+    });
+    assert!(
+        ratios_ok,
+        "work for 4,000 services must stay within 5x the work for 1,000:\n{}",
+        report.join("\n")
     );
 }
