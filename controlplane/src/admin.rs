@@ -7,7 +7,7 @@
 //! | `/metrics` | Prometheus text format |
 //! | `/status/sync` | JSON: every connected xDS client, per type: sent, ACKed, NACKed |
 //! | `/status/config` | JSON: config files, last applied generation, last errors |
-//! | `/status/shards` | JSON: per environment: snapshot seq and resource counts |
+//! | `/status/environments` | JSON: per environment: snapshot seq and resource counts |
 //! | `/status/clusters` | JSON: federated clusters: connected or in grace, version, counts, lag, rejected batches; known clusters pending resync after a restart, and whether withdrawals are held |
 //! | `/config_dump?env=E&type=CDS` | JSON: resource names and versions of a shard |
 
@@ -27,13 +27,13 @@ use crate::config::watch::ConfigStatus;
 use crate::index::IndexHandle;
 use crate::status::SyncRegistry;
 use crate::xds::XdsType;
-use crate::xds::snapshot::Shards;
+use crate::xds::snapshot::Snapshots;
 
 #[derive(Debug, Clone)]
 pub struct AdminState {
     pub registry: Arc<Registry>,
     pub sync: Arc<SyncRegistry>,
-    pub shards: Arc<Shards>,
+    pub snapshots: Arc<Snapshots>,
     pub config: Arc<Mutex<ConfigStatus>>,
     pub ready: Arc<AtomicBool>,
     pub index: IndexHandle,
@@ -48,7 +48,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .route("/status/sync", get(sync_status))
         .route("/status/config", get(config_status))
-        .route("/status/shards", get(shards))
+        .route("/status/environments", get(environments))
         .route("/status/clusters", get(clusters))
         .route("/config_dump", get(config_dump))
         .with_state(state)
@@ -110,7 +110,7 @@ async fn config_status(State(s): State<AdminState>) -> Json<ConfigStatus> {
 }
 
 async fn clusters(State(s): State<AdminState>) -> Json<serde_json::Value> {
-    let held = *s.shards.withdrawals_held().borrow();
+    let held = *s.snapshots.withdrawals_held().borrow();
     Json(json!({
         "clusters": *s.index.clusters(),
         "resync_pending": *s.index.resync_pending(),
@@ -118,8 +118,8 @@ async fn clusters(State(s): State<AdminState>) -> Json<serde_json::Value> {
     }))
 }
 
-async fn shards(State(s): State<AdminState>) -> Json<serde_json::Value> {
-    Json(json!({ "shards": s.shards.summaries() }))
+async fn environments(State(s): State<AdminState>) -> Json<serde_json::Value> {
+    Json(json!({ "environments": s.snapshots.summaries() }))
 }
 
 async fn config_dump(
@@ -129,7 +129,7 @@ async fn config_dump(
     let Some(env) = q.get("env") else {
         return (
             StatusCode::BAD_REQUEST,
-            format!("missing ?env=, one of {:?}\n", s.shards.environments()),
+            format!("missing ?env=, one of {:?}\n", s.snapshots.environments()),
         )
             .into_response();
     };
@@ -149,17 +149,17 @@ async fn config_dump(
             }
         },
     };
-    if !s.shards.contains(env) {
+    if !s.snapshots.contains(env) {
         return (
             StatusCode::NOT_FOUND,
             format!(
                 "environment {env:?} is not served by this hub, expected one of {:?}\n",
-                s.shards.environments()
+                s.snapshots.environments()
             ),
         )
             .into_response();
     }
-    let snap = s.shards.current(env);
+    let snap = s.snapshots.current(env);
     let mut out = serde_json::Map::new();
     for ty in types {
         let list: Vec<_> = snap

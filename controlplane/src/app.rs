@@ -28,7 +28,7 @@ use crate::index::{Command, Index, IndexConfig, IndexHandle};
 use crate::metrics::Metrics;
 use crate::status::SyncRegistry;
 use crate::xds::server::{AdsServer, StreamLimits};
-use crate::xds::snapshot::Shards;
+use crate::xds::snapshot::Snapshots;
 
 /// Default of `--max-request-bytes`: an Envoy subscribed by name to every cluster
 /// of a very large environment sends requests of a few MiB.
@@ -100,7 +100,7 @@ impl HubConfig {
 pub struct Hub {
     pub xds_addr: SocketAddr,
     pub admin_addr: SocketAddr,
-    pub shards: Arc<Shards>,
+    pub snapshots: Arc<Snapshots>,
     pub sync: Arc<SyncRegistry>,
     pub metrics: Arc<Metrics>,
     pub index: IndexHandle,
@@ -112,7 +112,7 @@ impl Hub {
     pub async fn start(cfg: HubConfig) -> anyhow::Result<Hub> {
         let mut registry = Registry::default();
         let metrics = Arc::new(Metrics::new(&mut registry));
-        let shards = Arc::new(Shards::default());
+        let snapshots = Arc::new(Snapshots::default());
         let sync = Arc::new(SyncRegistry::default());
         let ready = Arc::new(AtomicBool::new(false));
 
@@ -133,7 +133,7 @@ impl Hub {
                 debounce: cfg.debounce,
                 grace: cfg.grace,
             },
-            shards.clone(),
+            snapshots.clone(),
             metrics.clone(),
         );
         let now = tokio::time::Instant::now();
@@ -225,7 +225,7 @@ impl Hub {
             });
         }
         let ads = AdsServer::new(
-            shards.clone(),
+            snapshots.clone(),
             sync.clone(),
             metrics.clone(),
             cfg.default_env.clone(),
@@ -268,7 +268,7 @@ impl Hub {
         let state = AdminState {
             registry: Arc::new(registry),
             sync: sync.clone(),
-            shards: shards.clone(),
+            snapshots: snapshots.clone(),
             config: config_status,
             ready: ready.clone(),
             index: index.clone(),
@@ -287,11 +287,11 @@ impl Hub {
         if cfg.sync_wait.is_zero() {
             ready.store(true, Ordering::Release);
         }
-        info!(%xds_addr, %admin_addr, environments = ?shards.environments(), "hub ready");
+        info!(%xds_addr, %admin_addr, environments = ?snapshots.environments(), "hub ready");
         Ok(Hub {
             xds_addr,
             admin_addr,
-            shards,
+            snapshots,
             sync,
             metrics,
             index,

@@ -33,7 +33,7 @@ enum Command {
     Hub(HubArgs),
     /// Run a remote agent: stream one cluster's services and endpoints to a hub.
     Remote(RemoteArgs),
-    /// Show a hub's status: federated clusters, connected proxies, or shards.
+    /// Show a hub's status: federated clusters, connected proxies, environments (snapshots) or shards (the assignment).
     Status {
         #[command(subcommand)]
         what: StatusWhat,
@@ -64,7 +64,7 @@ enum StatusWhat {
     /// Connected xDS clients: per type, sent / ACKed versions and NACKs.
     Sync,
     /// Environments: snapshot sequence and resource counts.
-    Shards,
+    Environments,
 }
 
 #[derive(Debug, clap::Args)]
@@ -373,7 +373,7 @@ async fn status(what: StatusWhat, admin: &str, json: bool) -> anyhow::Result<()>
     let path = match what {
         StatusWhat::Clusters => "/status/clusters",
         StatusWhat::Sync => "/status/sync",
-        StatusWhat::Shards => "/status/shards",
+        StatusWhat::Environments => "/status/environments",
     };
     let v = admin_get(admin, path).await?;
     if json {
@@ -480,7 +480,7 @@ async fn status(what: StatusWhat, admin: &str, json: bool) -> anyhow::Result<()>
                 }
             }
         }
-        StatusWhat::Shards => {
+        StatusWhat::Environments => {
             rows.push(
                 [
                     "ENVIRONMENT",
@@ -493,7 +493,7 @@ async fn status(what: StatusWhat, admin: &str, json: bool) -> anyhow::Result<()>
                 .map(String::from)
                 .to_vec(),
             );
-            for e in v["shards"].as_array().into_iter().flatten() {
+            for e in v["environments"].as_array().into_iter().flatten() {
                 rows.push(vec![
                     s(&e["environment"]),
                     s(&e["seq"]),
