@@ -14,6 +14,7 @@ pub mod config;
 pub mod federation;
 pub mod http_client;
 pub mod index;
+pub mod membership;
 pub mod metrics;
 pub mod model;
 pub mod status;

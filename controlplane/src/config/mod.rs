@@ -5,6 +5,7 @@
 //! Every error names the file, the document, the field and what was expected, and a
 //! file set with any error is rejected whole (the last good config stays in force).
 
+pub mod store;
 pub mod watch;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -379,7 +380,7 @@ impl<'de> serde::de::Visitor<'de> for NodeBudget<'_> {
 /// failure, the number of the document where the budget ran out and the message. A
 /// syntax error ends the count without failing it: parsing reports it, after the
 /// documents before it.
-fn check_yaml_size(text: &str) -> Result<(), (usize, String)> {
+pub(crate) fn check_yaml_size(text: &str) -> Result<(), (usize, String)> {
     let budget = (text.len() as u64).saturating_add(MAX_ALIAS_EXPANSION_NODES);
     let left = std::cell::Cell::new(budget);
     for (index, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
@@ -483,14 +484,23 @@ fn parse_file(
         let name = meta.name.unwrap_or_default();
         if kind == "Environment" {
             // An Environment defines the environment it names: it lives in itself.
-            let ns_ok = meta.namespace.as_deref().is_none_or(|n| n == DEFAULT_NAMESPACE);
+            let ns_ok = meta
+                .namespace
+                .as_deref()
+                .is_none_or(|n| n == DEFAULT_NAMESPACE);
             let env_ok = meta.environment.as_deref().is_none_or(|e| e == name);
             if !ns_ok || !env_ok {
                 let document = format!("document {number} (Environment {name})");
                 let (field, message) = if !env_ok {
-                    ("metadata.environment", format!("must be omitted or equal metadata.name {name:?}"))
+                    (
+                        "metadata.environment",
+                        format!("must be omitted or equal metadata.name {name:?}"),
+                    )
                 } else {
-                    ("metadata.namespace", "must be omitted: an Environment has no namespace".to_string())
+                    (
+                        "metadata.namespace",
+                        "must be omitted: an Environment has no namespace".to_string(),
+                    )
                 };
                 errors.push(doc_err(document, field, message));
                 continue;
@@ -568,7 +578,14 @@ fn parse_file(
             "Gateway" => push!(gateways, RawGateway),
             "Sidecar" => push!(sidecars, RawSidecar),
             "Environment" => push!(environments, RawEnvironment),
-            other => errors.push(doc_err(document, "kind", format!("{other:?} is not a known kind, expected one of {}", KINDS.join(", ")))),
+            other => errors.push(doc_err(
+                document,
+                "kind",
+                format!(
+                    "{other:?} is not a known kind, expected one of {}",
+                    KINDS.join(", ")
+                ),
+            )),
         }
     }
 }
@@ -723,10 +740,7 @@ fn build_mesh(parsed: Parsed, errors: &mut Vec<ConfigError>) -> Mesh {
     }
     for doc in &parsed.environments {
         if let Some(zones) = build_environment(doc, errors) {
-            mesh.environments
-                .entry(doc.env.clone())
-                .or_default()
-                .zones = zones;
+            mesh.environments.entry(doc.env.clone()).or_default().zones = zones;
         }
     }
     for doc in &parsed.gateways {
@@ -1199,7 +1213,10 @@ fn build_sidecar(doc: &Doc<RawSidecar>, errors: &mut Vec<ConfigError>) -> Option
 }
 
 /// An environment definition: its zones (each one shard with the environment).
-fn build_environment(doc: &Doc<RawEnvironment>, errors: &mut Vec<ConfigError>) -> Option<Vec<String>> {
+fn build_environment(
+    doc: &Doc<RawEnvironment>,
+    errors: &mut Vec<ConfigError>,
+) -> Option<Vec<String>> {
     let before = errors.len();
     if doc.spec.zones.is_empty() {
         errors.push(doc.err("spec.zones", "must list at least one zone"));

@@ -247,7 +247,11 @@ fn grace_period_keeps_then_withdraws_endpoints() {
         tributary_proto::envoy::envoy::config::endpoint::v3::ClusterLoadAssignment::decode(r.body())
             .unwrap()
     };
-    assert_eq!(cla(&snapshots).endpoints.len(), 2, "one locality per cluster");
+    assert_eq!(
+        cla(&snapshots).endpoints.len(),
+        2,
+        "one locality per cluster"
+    );
 
     let t0 = Instant::now();
     ix.gone("c2", 2, t0);
