@@ -8,6 +8,10 @@
 //! | `/status/sync` | JSON: every connected xDS client, per type: sent, ACKed, NACKed |
 //! | `/status/config` | JSON: config files, last applied generation, last errors |
 //! | `/status/environments` | JSON: per environment: snapshot seq and resource counts |
+//! | `/status/shards` | JSON: the shard assignment: live replicas, the assigner, each shard's replicas, what this replica serves |
+//! | `GET /config?kind=&env=&name=` | JSON: config objects in the store |
+//! | `POST /config/apply[?dry_run=true]` | apply a multi-document YAML body (all or nothing); dry run: validate and compare only |
+//! | `DELETE /config/{env}/{kind}/{namespace}/{name}[?dry_run=true]` | delete one object (validated: what remains must be valid) |
 //! | `/status/clusters` | JSON: federated clusters: connected or in grace, version, counts, lag, rejected batches; known clusters pending resync after a restart, and whether withdrawals are held |
 //! | `/config_dump?env=E&type=CDS` | JSON: resource names and versions of a shard |
 
@@ -16,15 +20,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
+use axum::extract::{DefaultBodyLimit, Path};
 use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
-use axum::routing::get;
+use axum::routing::{delete, get, post};
 use prometheus_client::registry::Registry;
 use serde_json::json;
 
+use crate::config::store::{ConfigStore, ObjectId, WriteError};
 use crate::config::watch::ConfigStatus;
 use crate::index::IndexHandle;
+use crate::membership::Membership;
 use crate::status::SyncRegistry;
 use crate::xds::XdsType;
 use crate::xds::snapshot::Snapshots;
@@ -39,7 +46,13 @@ pub struct AdminState {
     pub index: IndexHandle,
     /// A client that has not ACKed a response for this long is STALE.
     pub stale_after: std::time::Duration,
+    /// Config writes through the API; `None` when the hub reads config files.
+    pub config_api: Option<ConfigStore>,
+    pub membership: Membership,
 }
+
+/// Largest config apply body.
+const MAX_APPLY_BYTES: usize = 16 << 20;
 
 pub fn router(state: AdminState) -> Router {
     Router::new()
@@ -50,7 +63,15 @@ pub fn router(state: AdminState) -> Router {
         .route("/status/config", get(config_status))
         .route("/status/environments", get(environments))
         .route("/status/clusters", get(clusters))
+        .route("/status/shards", get(shards))
+        .route("/config", get(config_list))
+        .route("/config/apply", post(config_apply))
+        .route(
+            "/config/{env}/{kind}/{namespace}/{name}",
+            delete(config_delete),
+        )
         .route("/config_dump", get(config_dump))
+        .layer(DefaultBodyLimit::max(MAX_APPLY_BYTES))
         .with_state(state)
 }
 
@@ -170,4 +191,116 @@ async fn config_dump(
         out.insert(ty.short().to_string(), list.into());
     }
     Json(json!({ "environment": env, "seq": snap.seq, "resources": out })).into_response()
+}
+
+async fn shards(State(s): State<AdminState>) -> Json<serde_json::Value> {
+    Json(json!(*s.membership.view()))
+}
+
+fn error_json(status: StatusCode, error: String, errors: Vec<String>) -> Response {
+    (status, Json(json!({ "error": error, "errors": errors }))).into_response()
+}
+
+/// The config API, or why this hub does not take config writes.
+fn config_api(s: &AdminState) -> Result<&ConfigStore, Response> {
+    s.config_api.as_ref().ok_or_else(|| {
+        let paths = s.config.lock().unwrap().paths.join(", ");
+        error_json(
+            StatusCode::CONFLICT,
+            format!(
+                "this hub reads its config from files ({paths}, --config); the config API serves hubs started without --config"
+            ),
+            Vec::new(),
+        )
+    })
+}
+
+fn write_error(e: WriteError) -> Response {
+    match e {
+        WriteError::Invalid(errors) => {
+            let lines: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
+            error_json(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("{} config error(s); nothing was written", lines.len()),
+                lines,
+            )
+        }
+        WriteError::Store(e) if e.is_retryable() => error_json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{e}: nothing was written"),
+            Vec::new(),
+        ),
+        WriteError::Store(e) => error_json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{e}: nothing was written"),
+            Vec::new(),
+        ),
+        e @ WriteError::Conflict { .. } => {
+            error_json(StatusCode::CONFLICT, e.to_string(), Vec::new())
+        }
+        e @ WriteError::NotFound(_) => error_json(StatusCode::NOT_FOUND, e.to_string(), Vec::new()),
+    }
+}
+
+fn dry_run(q: &HashMap<String, String>) -> bool {
+    q.get("dry_run").is_some_and(|v| v == "true" || v == "1")
+}
+
+async fn config_list(
+    State(s): State<AdminState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let api = match config_api(&s) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    match api
+        .list(
+            q.get("kind").map(String::as_str),
+            q.get("env").map(String::as_str),
+            q.get("name").map(String::as_str),
+        )
+        .await
+    {
+        Ok((objects, revision)) => {
+            Json(json!({ "revision": revision, "objects": objects })).into_response()
+        }
+        Err(e) => write_error(WriteError::Store(e)),
+    }
+}
+
+async fn config_apply(
+    State(s): State<AdminState>,
+    Query(q): Query<HashMap<String, String>>,
+    body: String,
+) -> Response {
+    let api = match config_api(&s) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    match api.apply(&body, dry_run(&q)).await {
+        Ok(r) => Json(json!(r)).into_response(),
+        Err(e) => write_error(e),
+    }
+}
+
+async fn config_delete(
+    State(s): State<AdminState>,
+    Path((environment, kind, namespace, name)): Path<(String, String, String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let api = match config_api(&s) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let id = ObjectId {
+        environment,
+        kind,
+        namespace,
+        name,
+    };
+    match api.delete(&[id], dry_run(&q)).await {
+        Ok(r) => Json(json!(r)).into_response(),
+        Err(e) => write_error(e),
+    }
 }
