@@ -258,23 +258,26 @@ impl Membership {
     }
 }
 
-/// Starts registering, campaigning and watching the assignment; every task ends
-/// when `stop` turns true, the registration task after revoking the lease.
+/// One of the membership's tasks, for the caller to spawn (and abort).
+pub type Task = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// The tasks that register, campaign and watch the assignment; every one ends when
+/// `stop` turns true, the registration task after revoking the lease.
 pub fn start(
     store: SharedStore,
     cfg: MembershipConfig,
     mesh: watch::Receiver<Arc<Mesh>>,
     sync: Arc<SyncRegistry>,
     stop: watch::Receiver<bool>,
-) -> (Membership, Vec<tokio::task::JoinHandle<()>>) {
+) -> (Membership, Vec<Task>) {
     let (view_tx, view) = watch::channel(Arc::new(MembershipView {
         replica: cfg.replica_id.clone(),
         ..Default::default()
     }));
     let view_tx = Arc::new(view_tx);
     let (lease_tx, lease_rx) = watch::channel(None::<LeaseId>);
-    let tasks = vec![
-        tokio::spawn(register(
+    let tasks: Vec<Task> = vec![
+        Box::pin(register(
             store.clone(),
             cfg.clone(),
             sync,
@@ -282,14 +285,14 @@ pub fn start(
             lease_tx,
             stop.clone(),
         )),
-        tokio::spawn(lead(
+        Box::pin(lead(
             store.clone(),
             cfg.clone(),
             mesh,
             lease_rx,
             stop.clone(),
         )),
-        tokio::spawn(observe(store, cfg, view_tx, stop)),
+        Box::pin(observe(store, cfg, view_tx, stop)),
     ];
     (Membership { view }, tasks)
 }

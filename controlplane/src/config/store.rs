@@ -38,8 +38,9 @@ use crate::model::Mesh;
 pub const CONFIG_PREFIX: &str = "/tributary/config/";
 /// Bumped by every config write; writers compare it (see the module docs).
 pub const CONFIG_GUARD: &str = "/tributary/config-revision";
-/// How often an apply retries after losing the race to another writer.
-const MAX_ATTEMPTS: usize = 5;
+/// How often a write is tried when other hubs' writers keep winning the race; each
+/// retry waits a jittered 10–100 ms first.
+const MAX_ATTEMPTS: usize = 10;
 
 /// `(environment, kind, namespace, name)` of one config object.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -256,6 +257,9 @@ pub fn parse_stored(docs: &BTreeMap<String, String>) -> Result<Mesh, ConfigError
 #[derive(Debug, Clone)]
 pub struct ConfigStore {
     store: SharedStore,
+    /// Writers through this hub queue here instead of racing each other; writers
+    /// through other hubs are ordered by the guard's compare.
+    writer: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// The stored config as read at one revision.
@@ -267,7 +271,10 @@ struct Current {
 
 impl ConfigStore {
     pub fn new(store: SharedStore) -> Self {
-        Self { store }
+        Self {
+            store,
+            writer: Arc::default(),
+        }
     }
 
     pub fn store(&self) -> &SharedStore {
@@ -387,7 +394,16 @@ impl ConfigStore {
         dry_run: bool,
         edit: impl Fn(&mut BTreeMap<String, String>) -> Result<Vec<Change>, WriteError>,
     ) -> Result<WriteResult, WriteError> {
-        for _ in 0..MAX_ATTEMPTS {
+        let _queued = if dry_run {
+            None
+        } else {
+            Some(self.writer.lock().await)
+        };
+        for attempt in 0..MAX_ATTEMPTS {
+            if attempt > 0 {
+                let ms = 10 + fastrand::u64(..90);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
             let current = self.current().await?;
             let mut docs: BTreeMap<String, String> = current
                 .docs
