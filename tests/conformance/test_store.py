@@ -64,12 +64,14 @@ def test_ctl_apply_change_and_delete_reach_envoy(tmp_path, api_type, family):
     hub = Hub(tmp_path, family=family, config_in_store=True).start()
     envoy = None
     try:
-        envoy = Envoy(tmp_path, hub, api_type, "edge-1").start()
-        pid = envoy.proc.pid
+        # The first apply creates environment prod (a proxy of an environment the hub
+        # does not serve yet gets nothing, and Envoy's /ready waits for its first config).
         gw_port = free_port(host)
         docs = mesh([b1], host, gw_port)
         out = ok(hub.ctl("apply", "-f", str(write(tmp_path / "mesh.yaml", docs))))
         assert "Service prod/default/reviews created" in out, out
+        envoy = Envoy(tmp_path, hub, api_type, "edge-1").start()
+        pid = envoy.proc.pid
         wait_until(lambda: LISTENER in envoy.dynamic_listeners(), 10, "the gateway listener in Envoy")
         wait_equal(lambda: endpoint_ports(envoy), [b1.port], 10, "b1 in Envoy's EDS")
         client = HttpClient(host, gw_port)
@@ -132,10 +134,10 @@ def test_etcd_outage_keeps_serving_and_resumes_without_a_gap(tmp_path):
                           "--lease-ttl", "5s"]).start()
     envoy = None
     try:
-        envoy = Envoy(tmp_path, hub, "DELTA_GRPC", "edge-1").start()
         gw_port = free_port(host)
         docs = mesh([b1], host, gw_port)
         ok(hub.ctl("apply", "-f", str(write(tmp_path / "mesh.yaml", docs))))
+        envoy = Envoy(tmp_path, hub, "DELTA_GRPC", "edge-1").start()
         client = HttpClient(host, gw_port)
         wait_until(lambda: client.request(HOST)[1] == "b1", 15, "traffic through the gateway to b1")
 
