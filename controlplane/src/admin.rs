@@ -201,18 +201,16 @@ fn error_json(status: StatusCode, error: String, errors: Vec<String>) -> Respons
     (status, Json(json!({ "error": error, "errors": errors }))).into_response()
 }
 
-/// The config API, or why this hub does not take config writes.
-fn config_api(s: &AdminState) -> Result<&ConfigStore, Response> {
-    s.config_api.as_ref().ok_or_else(|| {
-        let paths = s.config.lock().unwrap().paths.join(", ");
-        error_json(
-            StatusCode::CONFLICT,
-            format!(
-                "this hub reads its config from files ({paths}, --config); the config API serves hubs started without --config"
-            ),
-            Vec::new(),
-        )
-    })
+/// Why this hub does not take config writes: it reads files.
+fn reads_files(s: &AdminState) -> Response {
+    let paths = s.config.lock().unwrap().paths.join(", ");
+    error_json(
+        StatusCode::CONFLICT,
+        format!(
+            "this hub reads its config from files ({paths}, --config); the config API serves hubs started without --config"
+        ),
+        Vec::new(),
+    )
 }
 
 fn write_error(e: WriteError) -> Response {
@@ -250,9 +248,8 @@ async fn config_list(
     State(s): State<AdminState>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    let api = match config_api(&s) {
-        Ok(a) => a,
-        Err(r) => return r,
+    let Some(api) = s.config_api.as_ref() else {
+        return reads_files(&s);
     };
     match api
         .list(
@@ -274,9 +271,8 @@ async fn config_apply(
     Query(q): Query<HashMap<String, String>>,
     body: String,
 ) -> Response {
-    let api = match config_api(&s) {
-        Ok(a) => a,
-        Err(r) => return r,
+    let Some(api) = s.config_api.as_ref() else {
+        return reads_files(&s);
     };
     match api.apply(&body, dry_run(&q)).await {
         Ok(r) => Json(json!(r)).into_response(),
@@ -289,9 +285,8 @@ async fn config_delete(
     Path((environment, kind, namespace, name)): Path<(String, String, String, String)>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    let api = match config_api(&s) {
-        Ok(a) => a,
-        Err(r) => return r,
+    let Some(api) = s.config_api.as_ref() else {
+        return reads_files(&s);
     };
     let id = ObjectId {
         environment,
