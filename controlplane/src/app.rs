@@ -224,6 +224,8 @@ pub struct Hub {
     pub index: IndexHandle,
     pub store: SharedStore,
     pub membership: Membership,
+    /// The store is this hub's own (embedded, opened here), not shared with others.
+    owns_store: bool,
     /// Holds the state dir's lock while the hub runs.
     _state_dir: Option<StateDir>,
     shutdown: watch::Sender<bool>,
@@ -459,6 +461,7 @@ impl Hub {
             sync,
             metrics,
             index,
+            owns_store: matches!(cfg.store, StoreBackend::Embedded),
             store,
             membership,
             _state_dir: state_dir,
@@ -484,6 +487,16 @@ impl Hub {
         })
         .await;
         self.tasks.abort_all();
+        if self.owns_store {
+            // The embedded store's file stays locked until the last task that used it
+            // has let go (background writers finish on their own once their senders are
+            // gone): wait for that, boundedly, so a restart in the same process can
+            // open it again.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while Arc::strong_count(&self.store) > 1 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
         drained.unwrap_or(Ok(()))
     }
 

@@ -35,8 +35,9 @@ pub struct Watcher {
     last: Revision,
     stream: Option<EventStream>,
     backoff: backon::ExponentialBackoff,
-    /// A retry waits this long first (after an interruption).
-    wait: Option<Duration>,
+    /// After an interruption, the next watch waits until then (kept until the wait
+    /// is over, so a cancelled `next` does not skip it).
+    retry_at: Option<tokio::time::Instant>,
 }
 
 impl std::fmt::Debug for Watcher {
@@ -76,7 +77,7 @@ impl Watcher {
             last,
             stream: None,
             backoff: backoff(),
-            wait: None,
+            retry_at: None,
         }
     }
 
@@ -89,14 +90,14 @@ impl Watcher {
         &self.prefix
     }
 
-    /// The next update. Cancel-safe between awaits of the underlying stream: dropping
-    /// the future loses nothing that was not handed out.
+    /// The next update. Cancel-safe: dropping the future loses nothing that was not
+    /// handed out, and does not cut a retry's wait short.
     pub async fn next(&mut self) -> Update {
         loop {
             if self.stream.is_none() {
-                if let Some(d) = self.wait.take() {
-                    // Never less than half the delay: no tight loop against a down store.
-                    tokio::time::sleep(d.mul_f64(0.5 + fastrand::f64() / 2.0)).await;
+                if let Some(at) = self.retry_at {
+                    tokio::time::sleep_until(at).await;
+                    self.retry_at = None;
                 }
                 match self.store.watch(&self.prefix, self.last + 1).await {
                     Ok(s) => {
@@ -141,7 +142,9 @@ impl Watcher {
 
     fn interrupted(&mut self, e: StoreError) -> Update {
         self.stream = None;
-        self.wait = Some(self.backoff.next().unwrap_or(Duration::from_secs(2)));
+        let d = self.backoff.next().unwrap_or(Duration::from_secs(2));
+        // Never less than half the delay: no tight loop against a down store.
+        self.retry_at = Some(tokio::time::Instant::now() + d.mul_f64(0.5 + fastrand::f64() / 2.0));
         info!(prefix = %self.prefix, last = self.last, error = %e, "watch interrupted; resuming from the last revision seen");
         Update::Interrupted(e)
     }

@@ -577,10 +577,18 @@ impl StoreSource {
                 u = w.next() => u,
                 () = tx.closed() => return,
             };
+            let interrupted = matches!(first, Update::Interrupted(_));
             let mut changed = self.absorb(first, &mut docs);
             // Take the rest of a burst before parsing once.
             let until = tokio::time::Instant::now() + self.debounce;
-            while let Ok(u) = tokio::time::timeout_at(until, w.next()).await {
+            while !interrupted {
+                let Ok(u) = tokio::time::timeout_at(until, w.next()).await else {
+                    break;
+                };
+                if matches!(u, Update::Interrupted(_)) {
+                    self.absorb(u, &mut docs);
+                    break;
+                }
                 changed |= self.absorb(u, &mut docs);
             }
             if !changed {
