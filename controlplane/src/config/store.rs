@@ -581,15 +581,14 @@ impl StoreSource {
             let mut changed = self.absorb(first, &mut docs);
             // Take the rest of a burst before parsing once.
             let until = tokio::time::Instant::now() + self.debounce;
-            while !interrupted {
-                let Ok(u) = tokio::time::timeout_at(until, w.next()).await else {
-                    break;
-                };
-                if matches!(u, Update::Interrupted(_)) {
-                    self.absorb(u, &mut docs);
-                    break;
+            if !interrupted {
+                while let Ok(u) = tokio::time::timeout_at(until, w.next()).await {
+                    let stop = matches!(u, Update::Interrupted(_));
+                    changed |= self.absorb(u, &mut docs);
+                    if stop {
+                        break;
+                    }
                 }
-                changed |= self.absorb(u, &mut docs);
             }
             if !changed {
                 continue;
