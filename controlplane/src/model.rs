@@ -22,6 +22,9 @@ pub struct Environment {
     pub gateways: BTreeMap<String, Gateway>,
     /// Sidecar dependency scopes, by name.
     pub sidecars: BTreeMap<String, SidecarScope>,
+    /// The availability zones of the environment (its `Environment` definition);
+    /// each `(environment, zone)` is a shard. Empty without a definition.
+    pub zones: Vec<String>,
 }
 
 /// What a scoped sidecar depends on: it receives only these services' clusters.

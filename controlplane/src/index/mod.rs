@@ -32,7 +32,7 @@ use crate::xds::generate::{
     EnvResources, Generated, VirtualHostCache, endpoint_resources, service_resources,
     shared_resources_cached,
 };
-use crate::xds::snapshot::{Changes, Shards};
+use crate::xds::snapshot::{Changes, Snapshots};
 
 #[derive(Debug, Clone, Copy)]
 pub struct IndexConfig {
@@ -295,7 +295,7 @@ pub struct Index {
     dirty: BTreeMap<String, EnvDirty>,
     debouncer: Debouncer,
     pending_origin: Option<SystemTime>,
-    shards: Arc<Shards>,
+    snapshots: Arc<Snapshots>,
     metrics: Arc<Metrics>,
     status: watch::Sender<Arc<Vec<ClusterStatus>>>,
     /// Clusters that fed the hub (kept in `store`, read back after a restart).
@@ -317,7 +317,7 @@ fn unix(t: SystemTime) -> f64 {
 }
 
 impl Index {
-    pub fn new(cfg: IndexConfig, shards: Arc<Shards>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(cfg: IndexConfig, snapshots: Arc<Snapshots>, metrics: Arc<Metrics>) -> Self {
         let (status, _) = watch::channel(Arc::new(Vec::new()));
         Self {
             cfg,
@@ -326,7 +326,7 @@ impl Index {
             dirty: BTreeMap::new(),
             debouncer: Debouncer::default(),
             pending_origin: None,
-            shards,
+            snapshots,
             metrics,
             status,
             known: BTreeMap::new(),
@@ -342,7 +342,7 @@ impl Index {
     /// After a (re)start: `known` clusters fed the hub before. Each is pending until
     /// its first complete full resync is applied or its grace period (from `now`) runs
     /// out; while any is pending, streams withhold withdrawals
-    /// ([`Shards::hold_withdrawals`]). The list is kept up to date in `store`.
+    /// ([`Snapshots::hold_withdrawals`]). The list is kept up to date in `store`.
     pub fn restore(
         &mut self,
         known: Vec<KnownCluster>,
@@ -369,7 +369,7 @@ impl Index {
                 "holding withdrawals until the known clusters resync"
             );
             self.holding = true;
-            self.shards.hold_withdrawals(true);
+            self.snapshots.hold_withdrawals(true);
         }
         self.publish_pending();
     }
@@ -412,7 +412,7 @@ impl Index {
     fn maybe_release(&mut self) {
         if self.holding && self.pending.is_empty() && !self.debouncer.is_pending() {
             self.holding = false;
-            self.shards.hold_withdrawals(false);
+            self.snapshots.hold_withdrawals(false);
             info!("every known cluster resynced or timed out: withdrawals released");
         }
     }
@@ -806,7 +806,7 @@ impl Index {
                 .generation_seconds
                 .observe(started.elapsed().as_secs_f64());
             if let Some(seq) =
-                self.shards
+                self.snapshots
                     .publish_changes(&env, st.resources.clone(), changes, origin)
             {
                 self.metrics
