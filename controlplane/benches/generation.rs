@@ -43,7 +43,7 @@ fn service(i: usize, endpoints: usize) -> Service {
             .map(|e| Endpoint {
                 address: std::net::Ipv4Addr::from(0x0a00_0000u32 + (i * 10_000 + e) as u32).into(),
                 port: Some(8080),
-                ports: BTreeMap::new(),
+                ports: Default::default(),
                 locality: Locality {
                     region: "r1".into(),
                     zone: format!("z{}", e % 3),

@@ -7,7 +7,11 @@
 //! | `/metrics` | Prometheus text format |
 //! | `/status/sync` | JSON: every connected xDS client, per type: sent, ACKed, NACKed |
 //! | `/status/config` | JSON: config files, last applied generation, last errors |
-//! | `/status/shards` | JSON: per environment: snapshot seq and resource counts |
+//! | `/status/environments` | JSON: per environment: snapshot seq and resource counts |
+//! | `/status/shards` | JSON: the shard assignment: live replicas, the assigner, each shard's replicas, what this replica serves |
+//! | `GET /config?kind=&env=&name=` | JSON: config objects in the store |
+//! | `POST /config/apply[?dry_run=true]` | apply a multi-document YAML body (all or nothing); dry run: validate and compare only |
+//! | `DELETE /config/{env}/{kind}/{namespace}/{name}[?dry_run=true]` | delete one object (validated: what remains must be valid) |
 //! | `/status/clusters` | JSON: federated clusters: connected or in grace, version, counts, lag, rejected batches; known clusters pending resync after a restart, and whether withdrawals are held |
 //! | `/config_dump?env=E&type=CDS` | JSON: resource names and versions of a shard |
 
@@ -16,30 +20,39 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
+use axum::extract::{DefaultBodyLimit, Path};
 use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
-use axum::routing::get;
+use axum::routing::{delete, get, post};
 use prometheus_client::registry::Registry;
 use serde_json::json;
 
+use crate::config::store::{ConfigStore, ObjectId, WriteError};
 use crate::config::watch::ConfigStatus;
 use crate::index::IndexHandle;
+use crate::membership::Membership;
 use crate::status::SyncRegistry;
 use crate::xds::XdsType;
-use crate::xds::snapshot::Shards;
+use crate::xds::snapshot::Snapshots;
 
 #[derive(Debug, Clone)]
 pub struct AdminState {
     pub registry: Arc<Registry>,
     pub sync: Arc<SyncRegistry>,
-    pub shards: Arc<Shards>,
+    pub snapshots: Arc<Snapshots>,
     pub config: Arc<Mutex<ConfigStatus>>,
     pub ready: Arc<AtomicBool>,
     pub index: IndexHandle,
     /// A client that has not ACKed a response for this long is STALE.
     pub stale_after: std::time::Duration,
+    /// Config writes through the API; `None` when the hub reads config files.
+    pub config_api: Option<ConfigStore>,
+    pub membership: Membership,
 }
+
+/// Largest config apply body.
+const MAX_APPLY_BYTES: usize = 16 << 20;
 
 pub fn router(state: AdminState) -> Router {
     Router::new()
@@ -48,9 +61,17 @@ pub fn router(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .route("/status/sync", get(sync_status))
         .route("/status/config", get(config_status))
-        .route("/status/shards", get(shards))
+        .route("/status/environments", get(environments))
         .route("/status/clusters", get(clusters))
+        .route("/status/shards", get(shards))
+        .route("/config", get(config_list))
+        .route("/config/apply", post(config_apply))
+        .route(
+            "/config/{env}/{kind}/{namespace}/{name}",
+            delete(config_delete),
+        )
         .route("/config_dump", get(config_dump))
+        .layer(DefaultBodyLimit::max(MAX_APPLY_BYTES))
         .with_state(state)
 }
 
@@ -76,8 +97,13 @@ async fn readyz(State(s): State<AdminState>) -> Response {
 }
 
 async fn metrics(State(s): State<AdminState>) -> Response {
+    metrics_response(&s.registry)
+}
+
+/// A registry in the OpenMetrics text format (the hub's and the agent's `/metrics`).
+pub fn metrics_response(registry: &Registry) -> Response {
     let mut text = String::new();
-    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &s.registry) {
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, registry) {
         return (
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("encoding metrics: {e}\n"),
@@ -110,7 +136,7 @@ async fn config_status(State(s): State<AdminState>) -> Json<ConfigStatus> {
 }
 
 async fn clusters(State(s): State<AdminState>) -> Json<serde_json::Value> {
-    let held = *s.shards.withdrawals_held().borrow();
+    let held = *s.snapshots.withdrawals_held().borrow();
     Json(json!({
         "clusters": *s.index.clusters(),
         "resync_pending": *s.index.resync_pending(),
@@ -118,8 +144,8 @@ async fn clusters(State(s): State<AdminState>) -> Json<serde_json::Value> {
     }))
 }
 
-async fn shards(State(s): State<AdminState>) -> Json<serde_json::Value> {
-    Json(json!({ "shards": s.shards.summaries() }))
+async fn environments(State(s): State<AdminState>) -> Json<serde_json::Value> {
+    Json(json!({ "environments": s.snapshots.summaries() }))
 }
 
 async fn config_dump(
@@ -129,7 +155,7 @@ async fn config_dump(
     let Some(env) = q.get("env") else {
         return (
             StatusCode::BAD_REQUEST,
-            format!("missing ?env=, one of {:?}\n", s.shards.environments()),
+            format!("missing ?env=, one of {:?}\n", s.snapshots.environments()),
         )
             .into_response();
     };
@@ -149,17 +175,17 @@ async fn config_dump(
             }
         },
     };
-    if !s.shards.contains(env) {
+    if !s.snapshots.contains(env) {
         return (
             StatusCode::NOT_FOUND,
             format!(
                 "environment {env:?} is not served by this hub, expected one of {:?}\n",
-                s.shards.environments()
+                s.snapshots.environments()
             ),
         )
             .into_response();
     }
-    let snap = s.shards.current(env);
+    let snap = s.snapshots.current(env);
     let mut out = serde_json::Map::new();
     for ty in types {
         let list: Vec<_> = snap
@@ -170,4 +196,111 @@ async fn config_dump(
         out.insert(ty.short().to_string(), list.into());
     }
     Json(json!({ "environment": env, "seq": snap.seq, "resources": out })).into_response()
+}
+
+async fn shards(State(s): State<AdminState>) -> Json<serde_json::Value> {
+    Json(json!(*s.membership.view()))
+}
+
+fn error_json(status: StatusCode, error: String, errors: Vec<String>) -> Response {
+    (status, Json(json!({ "error": error, "errors": errors }))).into_response()
+}
+
+/// Why this hub does not take config writes: it reads files.
+fn reads_files(s: &AdminState) -> Response {
+    let paths = s.config.lock().unwrap().paths.join(", ");
+    error_json(
+        StatusCode::CONFLICT,
+        format!(
+            "this hub reads its config from files ({paths}, --config); the config API serves hubs started without --config"
+        ),
+        Vec::new(),
+    )
+}
+
+fn write_error(e: WriteError) -> Response {
+    match e {
+        WriteError::Invalid(errors) => {
+            let lines: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
+            error_json(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("{} config error(s); nothing was written", lines.len()),
+                lines,
+            )
+        }
+        WriteError::Store(e) if e.is_retryable() => error_json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{e}: nothing was written"),
+            Vec::new(),
+        ),
+        WriteError::Store(e) => error_json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{e}: nothing was written"),
+            Vec::new(),
+        ),
+        e @ WriteError::Conflict { .. } => {
+            error_json(StatusCode::CONFLICT, e.to_string(), Vec::new())
+        }
+        e @ WriteError::NotFound(_) => error_json(StatusCode::NOT_FOUND, e.to_string(), Vec::new()),
+    }
+}
+
+fn dry_run(q: &HashMap<String, String>) -> bool {
+    q.get("dry_run").is_some_and(|v| v == "true" || v == "1")
+}
+
+async fn config_list(
+    State(s): State<AdminState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let Some(api) = s.config_api.as_ref() else {
+        return reads_files(&s);
+    };
+    match api
+        .list(
+            q.get("kind").map(String::as_str),
+            q.get("env").map(String::as_str),
+            q.get("name").map(String::as_str),
+        )
+        .await
+    {
+        Ok((objects, revision)) => {
+            Json(json!({ "revision": revision, "objects": objects })).into_response()
+        }
+        Err(e) => write_error(WriteError::Store(e)),
+    }
+}
+
+async fn config_apply(
+    State(s): State<AdminState>,
+    Query(q): Query<HashMap<String, String>>,
+    body: String,
+) -> Response {
+    let Some(api) = s.config_api.as_ref() else {
+        return reads_files(&s);
+    };
+    match api.apply(&body, dry_run(&q)).await {
+        Ok(r) => Json(json!(r)).into_response(),
+        Err(e) => write_error(e),
+    }
+}
+
+async fn config_delete(
+    State(s): State<AdminState>,
+    Path((environment, kind, namespace, name)): Path<(String, String, String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let Some(api) = s.config_api.as_ref() else {
+        return reads_files(&s);
+    };
+    let id = ObjectId {
+        environment,
+        kind,
+        namespace,
+        name,
+    };
+    match api.delete(&[id], dry_run(&q)).await {
+        Ok(r) => Json(json!(r)).into_response(),
+        Err(e) => write_error(e),
+    }
 }

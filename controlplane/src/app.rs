@@ -1,5 +1,7 @@
-//! Assembles a hub from its config: binds the ports, loads the initial config, starts
-//! the index, the file source, the ADS server and the admin endpoint.
+//! Assembles a hub from its config: opens the store, binds the ports, loads the
+//! initial config (files, or the store), starts the index, the config source, the ADS
+//! server, the admin endpoint and the replica's membership (registration under a
+//! lease, the assigner election, the shard assignment).
 //!
 //! [`Hub::start`] returns once everything is bound and the initial config is applied,
 //! with the bound addresses (tests bind port 0) and a handle that drains on shutdown.
@@ -18,26 +20,45 @@ use tokio::task::JoinSet;
 use tracing::info;
 use tributary_proto::wire::ads_server::AggregatedDiscoveryServiceServer;
 
+use tributary_store::SharedStore;
+use tributary_store::embedded::{Embedded, EmbeddedConfig};
+#[cfg(feature = "etcd")]
+use tributary_store::etcd::{Etcd, EtcdConfig};
+
 use crate::admin::{self, AdminState};
+use crate::config::store::{ConfigStore, StoreSource};
 use crate::config::watch::{FileSource, WatchConfig, WatchMode};
 use crate::federation::Limits;
 use crate::federation::server::FederationService;
 use crate::index::debounce::DebounceConfig;
-use crate::index::known::StateDir;
+use crate::index::known::{KnownClusters, StateDir, StoreKnown};
 use crate::index::{Command, Index, IndexConfig, IndexHandle};
+use crate::membership::{Membership, MembershipConfig};
 use crate::metrics::Metrics;
+use crate::model::Mesh;
 use crate::status::SyncRegistry;
 use crate::xds::server::{AdsServer, StreamLimits};
-use crate::xds::snapshot::Shards;
+use crate::xds::snapshot::Snapshots;
 
 /// Default of `--max-request-bytes`: an Envoy subscribed by name to every cluster
 /// of a very large environment sends requests of a few MiB.
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 16 << 20;
 
+/// Which store a hub uses.
+#[derive(Debug, Clone)]
+pub enum StoreBackend {
+    /// `store.redb` in the state dir (in memory without one).
+    Embedded,
+    #[cfg(feature = "etcd")]
+    Etcd(EtcdConfig),
+    /// A store opened by the caller (tests run several hubs on one embedded store).
+    Shared(SharedStore),
+}
+
 /// Everything a hub needs to start. Built by `main` from flags, or directly by tests.
 #[derive(Debug, Clone)]
 pub struct HubConfig {
-    /// Config files or directories of `*.yaml`.
+    /// Config files or directories of `*.yaml`; empty: the config is in the store.
     pub config_paths: Vec<PathBuf>,
     pub xds_addr: SocketAddr,
     pub admin_addr: SocketAddr,
@@ -74,6 +95,15 @@ pub struct HubConfig {
     pub state_dir: Option<PathBuf>,
     /// Bounds on what agents may send.
     pub federation: Limits,
+    pub store: StoreBackend,
+    /// Revisions of history the embedded store keeps for watches.
+    pub store_history: u64,
+    /// This replica's id: its registration and its known-cluster list are keyed by it.
+    pub replica_id: String,
+    /// The replica's registration expires this long after a crash.
+    pub lease_ttl: Duration,
+    /// Replicas the assignment gives each shard.
+    pub replicas_per_shard: usize,
 }
 
 /// Default accept queue of the xDS listener: above the 2,000+ proxies of one shard
@@ -115,31 +145,73 @@ impl HubConfig {
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             state_dir: None,
             federation: Limits::default(),
+            store: StoreBackend::Embedded,
+            store_history: tributary_store::embedded::DEFAULT_HISTORY,
+            replica_id: "hub".into(),
+            lease_ttl: Duration::from_secs(10),
+            replicas_per_shard: 2,
         }
+    }
+
+    /// Reads its config from the store (no `--config`).
+    pub fn config_in_store(&self) -> bool {
+        self.config_paths.is_empty()
     }
 }
 
-/// A running hub.
-#[derive(Debug)]
-pub struct Hub {
-    pub xds_addr: SocketAddr,
-    pub admin_addr: SocketAddr,
-    pub shards: Arc<Shards>,
-    pub sync: Arc<SyncRegistry>,
-    pub metrics: Arc<Metrics>,
-    pub index: IndexHandle,
-    shutdown: watch::Sender<bool>,
-    tasks: JoinSet<anyhow::Result<()>>,
+/// Opens the configured store.
+async fn open_store(cfg: &HubConfig) -> anyhow::Result<SharedStore> {
+    let embedded = EmbeddedConfig {
+        history: cfg.store_history,
+    };
+    Ok(match &cfg.store {
+        StoreBackend::Embedded => match &cfg.state_dir {
+            Some(dir) => {
+                let file = tributary_store::embedded::file_in(dir);
+                Arc::new(Embedded::open(&file, embedded).with_context(|| {
+                    format!(
+                        "opening the embedded store in --state-dir {}",
+                        dir.display()
+                    )
+                })?)
+            }
+            None => Arc::new(Embedded::in_memory(embedded)?),
+        },
+        #[cfg(feature = "etcd")]
+        StoreBackend::Etcd(c) => Arc::new(Etcd::connect(c).await.with_context(|| {
+            format!(
+                "connecting to etcd (--etcd-endpoints {})",
+                c.endpoints.join(",")
+            )
+        })?),
+        StoreBackend::Shared(s) => s.clone(),
+    })
 }
 
-impl Hub {
-    pub async fn start(cfg: HubConfig) -> anyhow::Result<Hub> {
-        let mut registry = Registry::default();
-        let metrics = Arc::new(Metrics::new(&mut registry));
-        let shards = Arc::new(Shards::default());
-        let sync = Arc::new(SyncRegistry::default());
-        let ready = Arc::new(AtomicBool::new(false));
+/// The config source chosen by the config: files (`--config`) or the store.
+enum Source {
+    Files(FileSource, Vec<(String, String)>),
+    Store(
+        StoreSource,
+        tributary_store::watcher::Watcher,
+        std::collections::BTreeMap<String, String>,
+    ),
+}
 
+impl Source {
+    async fn open(
+        cfg: &HubConfig,
+        store: &SharedStore,
+        metrics: &Arc<Metrics>,
+    ) -> anyhow::Result<(Source, Mesh)> {
+        if cfg.config_in_store() {
+            let source = StoreSource::new(store.clone(), cfg.watch_debounce, metrics.clone());
+            let (w, docs, mesh) = source
+                .initial()
+                .await
+                .with_context(|| format!("loading the initial config from {}", store.describe()))?;
+            return Ok((Source::Store(source, w, docs), mesh));
+        }
         let source = FileSource::new(
             cfg.config_paths.clone(),
             WatchConfig {
@@ -149,27 +221,99 @@ impl Hub {
             },
             metrics.clone(),
         );
-        let config_status = source.status();
         let (contents, mesh) = source.initial().context("loading the initial config")?;
+        Ok((Source::Files(source, contents), mesh))
+    }
+
+    fn status(&self) -> Arc<std::sync::Mutex<crate::config::watch::ConfigStatus>> {
+        match self {
+            Source::Files(s, _) => s.status(),
+            Source::Store(s, _, _) => s.status(),
+        }
+    }
+
+    async fn run(self, tx: watch::Sender<Arc<Mesh>>) {
+        match self {
+            Source::Files(s, contents) => s.run(contents, tx).await,
+            Source::Store(s, w, docs) => s.run(w, docs, tx).await,
+        }
+    }
+}
+
+/// A running hub.
+#[derive(Debug)]
+pub struct Hub {
+    pub xds_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub snapshots: Arc<Snapshots>,
+    pub sync: Arc<SyncRegistry>,
+    pub metrics: Arc<Metrics>,
+    pub index: IndexHandle,
+    pub store: SharedStore,
+    pub membership: Membership,
+    /// The store is this hub's own (embedded, opened here), not shared with others.
+    owns_store: bool,
+    /// Holds the state dir's lock while the hub runs.
+    _state_dir: Option<StateDir>,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<anyhow::Result<()>>,
+}
+
+impl Hub {
+    pub async fn start(cfg: HubConfig) -> anyhow::Result<Hub> {
+        let mut registry = Registry::default();
+        let metrics = Arc::new(Metrics::new(&mut registry));
+        let snapshots = Arc::new(Snapshots::default());
+        let sync = Arc::new(SyncRegistry::default());
+        let ready = Arc::new(AtomicBool::new(false));
+
+        // The state dir's lock first: a second hub on the same dir is refused before
+        // it touches the embedded store.
+        let (state_dir, legacy_known) = match &cfg.state_dir {
+            Some(dir) => {
+                let (state, known) = StateDir::open(dir)?;
+                info!(dir = %dir.display(), "state dir opened");
+                (Some(state), known)
+            }
+            None => (None, Vec::new()),
+        };
+        let store = open_store(&cfg).await?;
+        info!(store = %store.describe(), replica = %cfg.replica_id, "store opened");
+        let (source, mesh) = Source::open(&cfg, &store, &metrics).await?;
+        let config_status = source.status();
         // The initial config is applied before anything is served: ready means "has config".
         let mut index = Index::new(
             IndexConfig {
                 debounce: cfg.debounce,
                 grace: cfg.grace,
             },
-            shards.clone(),
+            snapshots.clone(),
             metrics.clone(),
         );
         let now = tokio::time::Instant::now();
-        if let Some(dir) = &cfg.state_dir {
-            let (state, known) = StateDir::open(dir)?;
-            info!(dir = %dir.display(), known = known.len(), "state dir opened");
-            index.restore(known, Box::new(state), now);
+        let (known_store, mut known) = StoreKnown::open(store.clone(), &cfg.replica_id)
+            .await
+            .with_context(|| format!("reading the known clusters from {}", store.describe()))?;
+        let mut known_store: Box<dyn KnownClusters> = Box::new(known_store);
+        if known.is_empty() && !legacy_known.is_empty() {
+            // An earlier version's clusters.json: moved into the store once.
+            info!(
+                clusters = legacy_known.len(),
+                "moving clusters.json into the store"
+            );
+            known = legacy_known;
+            known_store.save(&known)?;
+            if let Some(state) = &state_dir {
+                state.retire_legacy_file()?;
+            }
         }
+        info!(known = known.len(), "known clusters read");
+        index.restore(known, known_store, now);
         index.set_file(Arc::new(mesh.clone()), now);
         index.flush(now);
         let (mesh_tx, mut mesh_rx) = watch::channel(Arc::new(mesh));
         mesh_rx.borrow_and_update();
+        let membership_mesh = mesh_tx.subscribe();
         let (index, index_task) = index.spawn(1024);
 
         let xds_listener = bind_listener(cfg.xds_addr, cfg.listen_backlog)
@@ -217,11 +361,14 @@ impl Hub {
                 Ok(())
             }
         });
+        let config_api = cfg
+            .config_in_store()
+            .then(|| ConfigStore::new(store.clone()));
         tasks.spawn({
             let stop = stopped();
             async move {
                 tokio::select! {
-                    _ = source.run(contents, mesh_tx) => {}
+                    _ = source.run(mesh_tx) => {}
                     _ = stop => {}
                 }
                 Ok(())
@@ -248,7 +395,7 @@ impl Hub {
             });
         }
         let ads = AdsServer::new(
-            shards.clone(),
+            snapshots.clone(),
             sync.clone(),
             metrics.clone(),
             cfg.default_env.clone(),
@@ -288,14 +435,36 @@ impl Hub {
             }
         });
 
+        let (membership, membership_tasks) = crate::membership::start(
+            store.clone(),
+            MembershipConfig {
+                replica_id: cfg.replica_id.clone(),
+                lease_ttl: cfg.lease_ttl,
+                replicas_per_shard: cfg.replicas_per_shard,
+                xds_addr: xds_addr.to_string(),
+                admin_addr: admin_addr.to_string(),
+            },
+            membership_mesh,
+            sync.clone(),
+            shutdown_rx.clone(),
+        );
+        for t in membership_tasks {
+            tasks.spawn(async move {
+                t.await;
+                Ok(())
+            });
+        }
+
         let state = AdminState {
             registry: Arc::new(registry),
             sync: sync.clone(),
-            shards: shards.clone(),
+            snapshots: snapshots.clone(),
             config: config_status,
             ready: ready.clone(),
             index: index.clone(),
             stale_after: cfg.stale_after,
+            config_api,
+            membership: membership.clone(),
         };
         tasks.spawn({
             let stop = stopped();
@@ -310,14 +479,18 @@ impl Hub {
         if cfg.sync_wait.is_zero() {
             ready.store(true, Ordering::Release);
         }
-        info!(%xds_addr, %admin_addr, environments = ?shards.environments(), "hub ready");
+        info!(%xds_addr, %admin_addr, environments = ?snapshots.environments(), "hub ready");
         Ok(Hub {
             xds_addr,
             admin_addr,
-            shards,
+            snapshots,
             sync,
             metrics,
             index,
+            owns_store: matches!(cfg.store, StoreBackend::Embedded),
+            store,
+            membership,
+            _state_dir: state_dir,
             shutdown,
             tasks,
         })
@@ -340,7 +513,23 @@ impl Hub {
         })
         .await;
         self.tasks.abort_all();
+        if self.owns_store {
+            // The embedded store's file stays locked until the last task that used it
+            // has let go (background writers finish on their own once their senders are
+            // gone): wait for that, boundedly, so a restart in the same process can
+            // open it again.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while Arc::strong_count(&self.store) > 1 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
         drained.unwrap_or(Ok(()))
+    }
+
+    /// Stops every task at once, without draining or deregistering: what a crash
+    /// leaves behind (the replica's lease expires after its TTL). For tests.
+    pub fn abort(mut self) {
+        self.tasks.abort_all();
     }
 
     /// Runs until `signal` resolves or a task fails.

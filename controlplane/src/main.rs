@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use std::sync::Arc;
 
 use tributary_controlplane::agent::{self, AgentConfig, ClusterState};
-use tributary_controlplane::app::{Hub, HubConfig};
+use tributary_controlplane::app::{Hub, HubConfig, StoreBackend};
 use tributary_controlplane::config::watch::{WatchConfig, WatchMode};
 use tributary_controlplane::config::{self, parse_duration};
 use tributary_controlplane::index::debounce::DebounceConfig;
@@ -33,7 +33,7 @@ enum Command {
     Hub(HubArgs),
     /// Run a remote agent: stream one cluster's services and endpoints to a hub.
     Remote(RemoteArgs),
-    /// Show a hub's status: federated clusters, connected proxies, or shards.
+    /// Show a hub's status: federated clusters, connected proxies, environments (snapshots) or shards (the assignment).
     Status {
         #[command(subcommand)]
         what: StatusWhat,
@@ -49,6 +49,9 @@ enum Command {
         #[arg(long, global = true)]
         json: bool,
     },
+    /// Config through a hub's admin API (apply, get, delete, diff, validate) and the
+    /// shard assignment.
+    Ctl(CtlArgs),
     /// Validate config files and exit (0: valid; 1: errors, printed one per line).
     Validate {
         /// Config files or directories of *.yaml / *.yml.
@@ -64,14 +67,106 @@ enum StatusWhat {
     /// Connected xDS clients: per type, sent / ACKed versions and NACKs.
     Sync,
     /// Environments: snapshot sequence and resource counts.
+    Environments,
+}
+
+#[derive(Debug, clap::Args)]
+struct CtlArgs {
+    #[command(subcommand)]
+    command: CtlCommand,
+    /// The hub's admin address.
+    #[arg(
+        long,
+        global = true,
+        default_value = "127.0.0.1:19001",
+        env = "TRIBUTARY_ADMIN_ADDR"
+    )]
+    admin: String,
+    /// Output: table, json or yaml.
+    #[arg(short = 'o', long = "output", global = true, default_value = "table")]
+    output: tributary_controlplane::ctl::Output,
+}
+
+#[derive(Debug, Subcommand)]
+enum CtlCommand {
+    /// Apply the objects of YAML files (a file, or a directory's *.yaml): validated
+    /// with the stored config, written all or nothing.
+    Apply {
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Show stored objects of a kind (Service, Endpoints, Route, Gateway, Sidecar,
+    /// Environment), or one by name.
+    Get {
+        kind: String,
+        name: Option<String>,
+        /// Only this environment.
+        #[arg(long = "env")]
+        env: Option<String>,
+    },
+    /// Delete one object (refused if what remains would be invalid).
+    Delete {
+        kind: String,
+        name: String,
+        #[arg(long = "env", default_value = config::DEFAULT_ENVIRONMENT)]
+        env: String,
+        #[arg(short = 'n', long, default_value = config::DEFAULT_NAMESPACE)]
+        namespace: String,
+    },
+    /// Show what applying the files would change (exit 1 when something differs).
+    Diff {
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Validate files against the stored config without writing (exit 1 on errors).
+    Validate {
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// The shard assignment: live replicas, the assigner, each shard's replicas.
     Shards,
+}
+
+/// Which store a hub uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum StoreKind {
+    Embedded,
+    Etcd,
+}
+
+/// The default replica id: the host's name.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "hub".to_string())
 }
 
 #[derive(Debug, clap::Args)]
 struct HubArgs {
-    /// Config file or directory of *.yaml / *.yml (repeatable).
-    #[arg(long = "config", required = true, env = "TRIBUTARY_CONFIG")]
+    /// Config file or directory of *.yaml / *.yml (repeatable). Without it, the config
+    /// is read from the store (written with `tributary ctl apply`).
+    #[arg(long = "config", env = "TRIBUTARY_CONFIG")]
     config: Vec<PathBuf>,
+    /// The store: `embedded` (a file in --state-dir; no external service) or `etcd`.
+    #[arg(long, value_enum, default_value = "embedded", env = "TRIBUTARY_STORE")]
+    store: StoreKind,
+    /// etcd members (with --store etcd), e.g. http://10.0.0.1:2379,http://[fd00::2]:2379.
+    #[arg(long, value_delimiter = ',', env = "TRIBUTARY_ETCD_ENDPOINTS")]
+    etcd_endpoints: Vec<String>,
+    /// Revisions of history the embedded store keeps for watches to resume from.
+    #[arg(long, default_value_t = tributary_store::embedded::DEFAULT_HISTORY, value_parser = clap::value_parser!(u64).range(100..))]
+    store_history: u64,
+    /// This replica's id (its registration and known-cluster list in the store).
+    #[arg(long, default_value_t = hostname(), env = "TRIBUTARY_REPLICA_ID")]
+    replica_id: String,
+    /// A crashed replica's registration expires after this (whole seconds, at least 2s).
+    #[arg(long, default_value = "10s", value_parser = parse_lease_ttl)]
+    lease_ttl: Duration,
+    /// Live replicas the assignment gives each shard.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    replicas_per_shard: u32,
     /// Address for xDS (ADS, SotW and Delta); `[::]:18000` for IPv6/dual-stack.
     #[arg(long, default_value = "127.0.0.1:18000", env = "TRIBUTARY_XDS_ADDR")]
     xds_addr: SocketAddr,
@@ -134,8 +229,8 @@ struct HubArgs {
     /// Conformance tests only: ports named test-invalid* yield clusters Envoy rejects.
     #[arg(long, hide = true)]
     test_hooks: bool,
-    /// Where the hub remembers which clusters fed it, so that after a restart it
-    /// withholds their withdrawals until they resync (locked: one hub per dir).
+    /// The hub's state: the embedded store (`store.redb`: config, the clusters that
+    /// fed it, membership) and a lock (one hub per dir). Give it a persistent volume.
     #[arg(
         long,
         default_value = "/var/lib/tributary",
@@ -197,7 +292,7 @@ struct RemoteArgs {
     #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u32).range(1..))]
     max_batch: u32,
     /// Most encoded bytes per batch (the hub's advertised limit applies when lower).
-    #[arg(long, default_value_t = 4 << 20, value_parser = clap::value_parser!(u64).range(4096..=(1 << 30)))]
+    #[arg(long, default_value_t = 256 << 10, value_parser = clap::value_parser!(u64).range(4096..=(1 << 30)))]
     max_batch_bytes: u64,
     /// Serve /healthz, /metrics and /status here (e.g. 0.0.0.0:19002); off by default.
     #[arg(long, env = "TRIBUTARY_AGENT_ADMIN_ADDR")]
@@ -205,6 +300,37 @@ struct RemoteArgs {
     /// After a --file event, wait this long for the rest of its burst.
     #[arg(long, default_value = "50ms", value_parser = parse_duration)]
     watch_debounce: Duration,
+}
+
+fn parse_lease_ttl(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_secs(2) {
+        return Err("must be at least 2s (etcd's shortest lease)".into());
+    }
+    Ok(d)
+}
+
+async fn ctl(args: CtlArgs) -> anyhow::Result<i32> {
+    use tributary_controlplane::ctl::Command as C;
+    let cmd = match args.command {
+        CtlCommand::Apply { files } => C::Apply { files },
+        CtlCommand::Validate { files } => C::Validate { files },
+        CtlCommand::Diff { files } => C::Diff { files },
+        CtlCommand::Get { kind, name, env } => C::Get { kind, name, env },
+        CtlCommand::Delete {
+            kind,
+            name,
+            env,
+            namespace,
+        } => C::Delete {
+            kind,
+            name,
+            env,
+            namespace,
+        },
+        CtlCommand::Shards => C::Shards,
+    };
+    tributary_controlplane::ctl::run(cmd, &args.admin, args.output).await
 }
 
 fn parse_duration_arg(s: &str) -> Result<Duration, String> {
@@ -229,6 +355,10 @@ fn main() -> anyhow::Result<()> {
         Command::Hub(args) => runtime()?.block_on(hub(args)),
         Command::Remote(args) => runtime()?.block_on(remote(args)),
         Command::Status { what, admin, json } => runtime()?.block_on(status(what, &admin, json)),
+        Command::Ctl(args) => {
+            let code = runtime()?.block_on(ctl(args))?;
+            std::process::exit(code)
+        }
     }
 }
 
@@ -291,6 +421,21 @@ async fn hub(args: HubArgs) -> anyhow::Result<()> {
         },
         max_request_bytes: args.max_request_bytes,
         state_dir: Some(args.state_dir),
+        store: match args.store {
+            StoreKind::Embedded => StoreBackend::Embedded,
+            StoreKind::Etcd => {
+                if args.etcd_endpoints.is_empty() {
+                    anyhow::bail!(
+                        "--store etcd needs --etcd-endpoints (e.g. http://127.0.0.1:2379)"
+                    );
+                }
+                etcd_backend(args.etcd_endpoints)?
+            }
+        },
+        store_history: args.store_history,
+        replica_id: args.replica_id,
+        lease_ttl: args.lease_ttl,
+        replicas_per_shard: args.replicas_per_shard as usize,
         federation: tributary_controlplane::federation::Limits {
             max_batch_changes: args.federation_max_batch as usize,
             max_message_bytes: args.federation_max_message_bytes as usize,
@@ -378,7 +523,7 @@ async fn status(what: StatusWhat, admin: &str, json: bool) -> anyhow::Result<()>
     let path = match what {
         StatusWhat::Clusters => "/status/clusters",
         StatusWhat::Sync => "/status/sync",
-        StatusWhat::Shards => "/status/shards",
+        StatusWhat::Environments => "/status/environments",
     };
     let v = admin_get(admin, path).await?;
     if json {
@@ -485,7 +630,7 @@ async fn status(what: StatusWhat, admin: &str, json: bool) -> anyhow::Result<()>
                 }
             }
         }
-        StatusWhat::Shards => {
+        StatusWhat::Environments => {
             rows.push(
                 [
                     "ENVIRONMENT",
@@ -498,7 +643,7 @@ async fn status(what: StatusWhat, admin: &str, json: bool) -> anyhow::Result<()>
                 .map(String::from)
                 .to_vec(),
             );
-            for e in v["shards"].as_array().into_iter().flatten() {
+            for e in v["environments"].as_array().into_iter().flatten() {
                 rows.push(vec![
                     s(&e["environment"]),
                     s(&e["seq"]),
@@ -542,4 +687,18 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+#[cfg(feature = "etcd")]
+fn etcd_backend(endpoints: Vec<String>) -> anyhow::Result<StoreBackend> {
+    Ok(StoreBackend::Etcd(tributary_store::etcd::EtcdConfig::new(
+        endpoints,
+    )))
+}
+
+#[cfg(not(feature = "etcd"))]
+fn etcd_backend(_endpoints: Vec<String>) -> anyhow::Result<StoreBackend> {
+    anyhow::bail!(
+        "--store etcd: this tributary was built without etcd support; build it with `cargo build --release -p tributary-controlplane --features etcd` (needs protoc: Debian protobuf-compiler)"
+    )
 }

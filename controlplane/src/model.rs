@@ -22,6 +22,9 @@ pub struct Environment {
     pub gateways: BTreeMap<String, Gateway>,
     /// Sidecar dependency scopes, by name.
     pub sidecars: BTreeMap<String, SidecarScope>,
+    /// The availability zones of the environment (its `Environment` definition);
+    /// each `(environment, zone)` is a shard. Empty without a definition.
+    pub zones: Vec<String>,
 }
 
 /// What a scoped sidecar depends on: it receives only these services' clusters.
@@ -133,11 +136,87 @@ pub struct Endpoint {
     /// The endpoint port for every service port not named in `ports`.
     pub port: Option<u16>,
     /// Service port name -> endpoint port.
-    pub ports: BTreeMap<String, u16>,
+    pub ports: PortMap,
     pub locality: Locality,
     pub labels: BTreeMap<String, String>,
     pub weight: u32,
     pub health: Health,
+}
+
+/// Service port name → endpoint port, sorted by name. A small sorted `Vec`: an
+/// endpoint names one or a few ports, and the hub holds one per endpoint address
+/// (a B-tree map costs a whole node, ~300 bytes, even for one entry).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct PortMap(Vec<(String, u16)>);
+
+impl PortMap {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn get(&self, name: &str) -> Option<&u16> {
+        self.0
+            .binary_search_by(|(n, _)| n.as_str().cmp(name))
+            .ok()
+            .map(|i| &self.0[i].1)
+    }
+
+    /// Sets `name` to `port`; returns the port it had.
+    pub fn insert(&mut self, name: String, port: u16) -> Option<u16> {
+        match self.0.binary_search_by(|(n, _)| n.as_str().cmp(&name)) {
+            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, port)),
+            Err(i) => {
+                self.0.insert(i, (name, port));
+                None
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// In name order.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &u16)> {
+        self.0.iter().map(|(n, p)| (n, p))
+    }
+}
+
+impl FromIterator<(String, u16)> for PortMap {
+    /// A later entry for the same name wins, as in a map.
+    fn from_iter<I: IntoIterator<Item = (String, u16)>>(iter: I) -> Self {
+        let mut m = PortMap::new();
+        for (n, p) in iter {
+            m.insert(n, p);
+        }
+        m.0.shrink_to_fit();
+        m
+    }
+}
+
+impl<const N: usize> From<[(String, u16); N]> for PortMap {
+    fn from(a: [(String, u16); N]) -> Self {
+        a.into_iter().collect()
+    }
+}
+
+impl From<BTreeMap<String, u16>> for PortMap {
+    fn from(m: BTreeMap<String, u16>) -> Self {
+        // Already sorted and unique.
+        PortMap(m.into_iter().collect())
+    }
+}
+
+impl IntoIterator for PortMap {
+    type Item = (String, u16);
+    type IntoIter = std::vec::IntoIter<(String, u16)>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
 }
 
 impl Endpoint {
@@ -257,7 +336,25 @@ pub fn normalize_host(value: &str) -> Result<String, String> {
 
 #[cfg(test)]
 mod host_tests {
-    use super::normalize_host;
+    use super::{PortMap, normalize_host};
+
+    #[test]
+    fn port_maps_are_sorted_maps() {
+        let a: PortMap = [("http".to_string(), 80), ("grpc".to_string(), 90)].into();
+        let mut b = PortMap::new();
+        assert_eq!(b.insert("grpc".into(), 1), None);
+        assert_eq!(b.insert("http".into(), 80), None);
+        assert_eq!(b.insert("grpc".into(), 90), Some(1));
+        assert_eq!(a, b, "order of insertion does not matter");
+        assert_eq!(
+            (a.get("http"), a.get("grpc"), a.get("x")),
+            (Some(&80), Some(&90), None)
+        );
+        let names: Vec<&String> = a.iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["grpc", "http"]);
+        let later_wins: PortMap = [("p".to_string(), 1), ("p".to_string(), 2)].into();
+        assert_eq!((later_wins.len(), later_wins.get("p")), (1, Some(&2)));
+    }
 
     #[test]
     fn hosts_are_lower_cased_and_validated() {

@@ -104,6 +104,15 @@ impl SyncRegistry {
         }
     }
 
+    /// How many xDS streams are connected (the replica's load figure).
+    pub fn len(&self) -> usize {
+        self.clients.lock().unwrap().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// A copy of every client's record, in connection order.
     pub fn snapshot(&self) -> Vec<ClientStatus> {
         self.snapshot_marking_stale(std::time::Duration::MAX)

@@ -555,7 +555,7 @@ async fn grpc_api_listeners_are_served_by_name() {
 #[tokio::test]
 async fn unchanged_config_rewrite_pushes_nothing() {
     let hub = two_services().await;
-    let before = hub.hub.shards.current("prod").seq;
+    let before = hub.hub.snapshots.current("prod").seq;
     // Same content, different formatting and order of documents: no new snapshot.
     let svcs = docs(&[service("b", "prod", 8080), service("a", "prod", 8080)]);
     std::fs::write(hub.path("services.yaml"), svcs).unwrap();
@@ -563,7 +563,7 @@ async fn unchanged_config_rewrite_pushes_nothing() {
     // change something in another environment.
     hub.write_and_wait("other", "other.yaml", service("x", "other", 1))
         .await;
-    assert_eq!(hub.hub.shards.current("prod").seq, before);
+    assert_eq!(hub.hub.snapshots.current("prod").seq, before);
 }
 
 /// Envoy re-creates an updated cluster and warms it only when its endpoints arrive:

@@ -510,7 +510,7 @@ async fn routes_do_not_wait_for_endpoint_churn() {
             i % 250 + 1
         )
     };
-    let mut snaps = hub.hub.shards.subscribe_or_create("prod");
+    let mut snaps = hub.hub.snapshots.subscribe_or_create("prod");
     // The client answers an endpoint update only once a newer snapshot exists, so an
     // endpoint update is always in flight when it answers.
     let mut i = 0u32;
@@ -570,7 +570,7 @@ async fn the_withdrawal_hold_withholds_removals_and_partial_full_sets() {
     let r = d.recv().await;
     d.ack(&r).await;
 
-    hub.hub.shards.hold_withdrawals(true);
+    hub.hub.snapshots.hold_withdrawals(true);
     d.subscribe(None, EDS, &["outbound|1||nope.prod"]).await;
     // The subscription is answered, without the absent notice (a removal).
     let e = d.recv().await;
@@ -609,7 +609,7 @@ async fn the_withdrawal_hold_withholds_removals_and_partial_full_sets() {
         "a reconnecting SotW client got a full set during the hold"
     );
 
-    hub.hub.shards.hold_withdrawals(false);
+    hub.hub.snapshots.hold_withdrawals(false);
     let r = d.recv().await;
     let mut removed = r.removed_resources.clone();
     removed.sort();
@@ -681,7 +681,7 @@ async fn too_many_subscribed_names_get_a_clear_error() {
 #[tokio::test]
 async fn unknown_environments_allocate_nothing() {
     let hub = TestHub::start(&[("s.yaml", plains(&["a"]))]).await;
-    let before = hub.hub.shards.environments();
+    let before = hub.hub.snapshots.environments();
     let mut streams = Vec::new();
     for i in 0..50 {
         let d = Delta::open(&hub).await;
@@ -704,7 +704,7 @@ async fn unknown_environments_allocate_nothing() {
     .await
     .expect("all streams registered");
     // ... and no environment was created for them.
-    assert_eq!(hub.hub.shards.environments(), before);
+    assert_eq!(hub.hub.snapshots.environments(), before);
     assert!(
         tokio::time::timeout(Duration::from_millis(200), streams[0].rx.message())
             .await

@@ -57,12 +57,12 @@ fn rows(text: &str) -> Vec<Vec<String>> {
         .collect()
 }
 
-async fn shards_table(admin_bind: &str) {
+async fn environments_table(admin_bind: &str) {
     let hub = hub(admin_bind).await;
     let admin = hub.hub.admin_addr.to_string();
     let (ok, out, err) = run(vec![
         "status".into(),
-        "shards".into(),
+        "environments".into(),
         "--admin".into(),
         admin,
     ])
@@ -85,20 +85,20 @@ async fn shards_table(admin_bind: &str) {
         .iter()
         .find(|r| r[0] == "prod")
         .unwrap_or_else(|| panic!("{out}"));
-    let snap = hub.hub.shards.current("prod");
+    let snap = hub.hub.snapshots.current("prod");
     assert_eq!(prod[1], snap.seq.to_string(), "{out}");
     // a's two clusters (all endpoints, subset v1) and the passthrough cluster.
     assert_eq!(prod[2], "3", "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn status_shards_prints_a_table_ipv4() {
-    shards_table("127.0.0.1:0").await;
+async fn status_environments_prints_a_table_ipv4() {
+    environments_table("127.0.0.1:0").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn status_shards_prints_a_table_ipv6() {
-    shards_table("[::1]:0").await;
+async fn status_environments_prints_a_table_ipv6() {
+    environments_table("[::1]:0").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -107,7 +107,7 @@ async fn status_json_and_empty_tables() {
     let admin = hub.hub.admin_addr.to_string();
     let (ok, out, err) = run(vec![
         "status".into(),
-        "shards".into(),
+        "environments".into(),
         "--json".into(),
         "--admin".into(),
         format!("http://{admin}/"),
@@ -116,7 +116,7 @@ async fn status_json_and_empty_tables() {
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(
-        v["shards"]
+        v["environments"]
             .as_array()
             .unwrap()
             .iter()

@@ -86,8 +86,8 @@ fn check_invariants(mesh: &Mesh) -> Result<(), String> {
             for ep in &s.endpoints {
                 if !(1..=1_000_000).contains(&ep.weight)
                     || ep.port == Some(0)
-                    || ep.ports.values().any(|p| *p == 0)
-                    || ep.ports.keys().any(|n| !names.contains(n))
+                    || ep.ports.iter().any(|(_, p)| *p == 0)
+                    || ep.ports.iter().any(|(n, _)| !names.contains(n))
                 {
                     return Err(format!("{env}/{key}: endpoint {ep:?}"));
                 }

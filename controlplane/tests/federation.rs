@@ -143,7 +143,7 @@ async fn wait_snapshot(
     what: &str,
     f: impl FnMut(&Arc<Snapshot>) -> bool,
 ) -> Arc<Snapshot> {
-    let mut rx = hub.shards.subscribe_or_create(env);
+    let mut rx = hub.snapshots.subscribe_or_create(env);
     tokio::time::timeout(Duration::from_secs(30), rx.wait_for(f))
         .await
         .unwrap_or_else(|_| panic!("timed out waiting for: {what}"))
@@ -278,7 +278,7 @@ async fn restarts_lose_nothing_and_push_nothing() {
         s.of_type(XdsType::Endpoint).len() == 3
     })
     .await;
-    let published = |hub: &Hub| hub.shards.current("prod").seq;
+    let published = |hub: &Hub| hub.snapshots.current("prod").seq;
     let seq = snap.seq;
 
     // A Delta client holding everything.
@@ -361,7 +361,7 @@ async fn restarts_lose_nothing_and_push_nothing() {
         "no endpoint resource was pushed after the restarts"
     );
     // Exactly the same endpoints, none lost or duplicated.
-    let snap = hub.shards.current("prod");
+    let snap = hub.snapshots.current("prod");
     for n in ["a", "b", "c"] {
         let c = cla(&snap, &cla_name(n)).unwrap();
         assert_eq!(endpoint_count(&c), 2, "{n}");
@@ -425,7 +425,7 @@ async fn a_hundred_clusters_then_ten_die() {
     .await;
     // Still present during the grace period.
     assert!(
-        cla(&hub.shards.current("prod"), &cla_name("svc-0"))
+        cla(&hub.snapshots.current("prod"), &cla_name("svc-0"))
             .is_some_and(|c| c.endpoints.len() == CLUSTERS)
     );
     let snap = wait_snapshot(&hub, "prod", "withdrawn after grace", |s| {
@@ -1312,7 +1312,7 @@ async fn a_hub_restart_withdraws_nothing_while_agents_return() {
     tokio::time::sleep(Duration::from_secs(30)).await;
     let restarted = Instant::now();
     let (hub, _cfg2) = start(Some(addr)).await;
-    let mut hold = hub.shards.withdrawals_held();
+    let mut hold = hub.snapshots.withdrawals_held();
     assert!(
         *hold.borrow(),
         "the restarted hub holds withdrawals for its known clusters"
@@ -1332,7 +1332,7 @@ async fn a_hub_restart_withdraws_nothing_while_agents_return() {
         tokio::time::sleep(Duration::from_millis(550)).await;
     }
     wait_snapshot(&hub, "prod", "every cluster's service again", all).await;
-    let mut held = hub.shards.withdrawals_held();
+    let mut held = hub.snapshots.withdrawals_held();
     tokio::time::timeout(Duration::from_secs(30), held.wait_for(|h| !*h))
         .await
         .expect("the hold is lifted once every known cluster resynced")
@@ -1415,7 +1415,7 @@ async fn a_disconnected_clusters_endpoints_stay_healthy_for_the_whole_grace_peri
         addresses(s).len() == 2
     })
     .await;
-    let mut rx = hub.shards.subscribe_or_create("prod");
+    let mut rx = hub.snapshots.subscribe_or_create("prod");
     rx.borrow_and_update();
     let killed_at = Instant::now();
     a.kill();

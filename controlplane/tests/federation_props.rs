@@ -17,7 +17,7 @@ use tributary_controlplane::federation::{ChangeKind, Limits, convert};
 use tributary_controlplane::index::{Index, IndexConfig};
 use tributary_controlplane::metrics::Metrics;
 use tributary_controlplane::xds::XdsType;
-use tributary_controlplane::xds::snapshot::Shards;
+use tributary_controlplane::xds::snapshot::Snapshots;
 use tributary_proto::envoy::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use tributary_proto::federation::v1 as pb;
 
@@ -157,8 +157,8 @@ fn change(r: &mut Rng) -> pb::Change {
 }
 
 /// The good cluster's contribution, as xDS clients would see it.
-fn good_view(shards: &Shards) -> Vec<(String, usize)> {
-    let snap = shards.current("prod");
+fn good_view(snapshots: &Snapshots) -> Vec<(String, usize)> {
+    let snap = snapshots.current("prod");
     [
         "outbound|80||shared.shop.svc.cluster.local",
         "outbound|80||web.shop.svc.cluster.local",
@@ -239,9 +239,9 @@ fn random_and_malformed_batches_never_crash_or_corrupt_another_cluster() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
     for seed in first..first + cases {
-        let shards = Arc::new(Shards::default());
+        let snapshots = Arc::new(Snapshots::default());
         let metrics = Arc::new(Metrics::new(&mut Registry::default()));
-        let mut ix = Index::new(IndexConfig::default(), shards.clone(), metrics);
+        let mut ix = Index::new(IndexConfig::default(), snapshots.clone(), metrics);
         let good = ClusterInfo {
             id: "good".into(),
             region: "r".into(),
@@ -259,7 +259,7 @@ fn random_and_malformed_batches_never_crash_or_corrupt_another_cluster() {
         assert!(errs.is_empty());
         ix.apply_batch("good", 1, b, Instant::now()).unwrap();
         ix.flush(Instant::now());
-        let expected = good_view(&shards);
+        let expected = good_view(&snapshots);
         assert_eq!(
             expected.iter().map(|(_, n)| n).sum::<usize>(),
             4,
@@ -315,7 +315,7 @@ fn random_and_malformed_batches_never_crash_or_corrupt_another_cluster() {
             if r.chance(50) {
                 ix.flush(Instant::now());
                 assert_eq!(
-                    good_view(&shards),
+                    good_view(&snapshots),
                     expected,
                     "seed {seed} round {round}: the good cluster's endpoints changed"
                 );
@@ -323,12 +323,12 @@ fn random_and_malformed_batches_never_crash_or_corrupt_another_cluster() {
         }
         ix.flush(Instant::now());
         assert_eq!(
-            good_view(&shards),
+            good_view(&snapshots),
             expected,
             "seed {seed}: the good cluster's endpoints changed"
         );
         // Whatever happened, every published resource is a valid message.
-        let snap = shards.current("prod");
+        let snap = snapshots.current("prod");
         for (_, r) in snap.of_type(XdsType::Endpoint).iter() {
             ClusterLoadAssignment::decode(r.body()).unwrap();
         }
@@ -600,7 +600,7 @@ impl Model {
 
 struct Harness {
     ix: Index,
-    shards: Arc<Shards>,
+    snapshots: Arc<Snapshots>,
     info: ClusterInfo,
     session: u64,
     version: u64,
@@ -609,9 +609,9 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
-        let shards = Arc::new(Shards::default());
+        let snapshots = Arc::new(Snapshots::default());
         let metrics = Arc::new(Metrics::new(&mut Registry::default()));
-        let mut ix = Index::new(IndexConfig::default(), shards.clone(), metrics);
+        let mut ix = Index::new(IndexConfig::default(), snapshots.clone(), metrics);
         let info = ClusterInfo {
             id: "c".into(),
             region: "r".into(),
@@ -622,7 +622,7 @@ impl Harness {
         ix.hello(info.clone(), 0, 1).unwrap();
         Harness {
             ix,
-            shards,
+            snapshots,
             info,
             session: 1,
             version: 0,
@@ -743,7 +743,7 @@ proptest! {
         // Whatever was sent, the published config is valid: no route table repeats a
         // domain (Envoy would NACK it), and every resource decodes.
         h.ix.flush(Instant::now());
-        let snap = h.shards.current("prod");
+        let snap = h.snapshots.current("prod");
         if let Some(r) = snap.get(XdsType::Route, "80") {
             use tributary_proto::envoy::envoy::config::route::v3::RouteConfiguration;
             let route = RouteConfiguration::decode(r.body()).unwrap();

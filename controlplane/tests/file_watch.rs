@@ -30,7 +30,7 @@ async fn hub_watching(mode: WatchMode, poll_interval: Duration) -> TestHub {
 }
 
 fn endpoint_count(hub: &TestHub, env: &str) -> usize {
-    let mesh_endpoints = hub.hub.shards.current(env);
+    let mesh_endpoints = hub.hub.snapshots.current(env);
     mesh_endpoints.resources.by_type[tributary_controlplane::xds::XdsType::Endpoint as usize].len()
 }
 
@@ -73,7 +73,7 @@ async fn hub_sees_a_configmap_symlink_swap() {
     let mut cfg = tributary_controlplane::app::HubConfig::local(vec![d.to_path_buf()]);
     cfg.poll_interval = NEVER;
     let hub = tributary_controlplane::app::Hub::start(cfg).await.unwrap();
-    let mut rx = hub.shards.subscribe_or_create("prod");
+    let mut rx = hub.snapshots.subscribe_or_create("prod");
     // Two swaps: the first may be read by the source's initial pass, the second is
     // seen only through a file event (the watcher is up by then).
     for (version, services) in [("..v2", vec!["b"]), ("..v3", vec!["b", "c"])] {

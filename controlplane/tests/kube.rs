@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
@@ -289,6 +289,152 @@ async fn kubernetes_objects_reach_xds_clients() {
         .await
         .unwrap();
     view.until("the service gone", |v| {
+        v.cla.is_none() && !v.clusters.contains_key(CLA)
+    })
+    .await;
+
+    let _ = stop.send(());
+    agent_task.await.unwrap();
+    source.abort();
+    hub.shutdown().await.unwrap();
+}
+
+/// (address, zone) of every endpoint the client holds for `CLA`.
+fn zones(v: &View) -> Vec<(String, String)> {
+    use tributary_proto::envoy::envoy::config::core::v3::address::Address;
+    use tributary_proto::envoy::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
+    let mut out = Vec::new();
+    for l in v.cla.iter().flat_map(|c| c.endpoints.iter()) {
+        let zone = l
+            .locality
+            .as_ref()
+            .map(|l| l.zone.clone())
+            .unwrap_or_default();
+        for e in &l.lb_endpoints {
+            let Some(HostIdentifier::Endpoint(ep)) = &e.host_identifier else {
+                panic!()
+            };
+            let Some(Address::SocketAddress(sa)) = &ep.address.as_ref().unwrap().address else {
+                panic!()
+            };
+            out.push((sa.address.clone(), zone.clone()));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Nodes and Namespaces are watched as metadata only: an endpoint without a zone takes
+/// its node's zone label, and follows it when the label changes; a namespace that
+/// gains the env label exports its services, and stops when it loses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_zones_and_namespace_labels_are_followed() {
+    let kube_env = KubeEnv::start();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("empty.yaml"), "# federated only\n").unwrap();
+    let mut cfg = HubConfig::local(vec![dir.path().to_path_buf()]);
+    cfg.debounce.quiet = Duration::from_millis(20);
+    let hub = Hub::start(cfg).await.unwrap();
+    let opts = KubeOptions {
+        kubeconfig: Some(kube_env.kubeconfig.clone()),
+        default_env: None,
+        zone: "az-default".into(),
+    };
+    let client = agent::kube::client(&opts).await.unwrap();
+    let pp = PostParams::default();
+    let nodes: Api<Node> = Api::all(client.clone());
+    nodes
+        .create(
+            &pp,
+            &obj(json!({"metadata": {"name": "node-a", "labels": {"topology.kubernetes.io/zone": "az-node"}}})),
+        )
+        .await
+        .unwrap();
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(&pp, &obj(json!({"metadata": {"name": "shop"}})))
+        .await
+        .unwrap();
+    let svc =
+        json!({"metadata": {"name": "web"}, "spec": {"ports": [{"name": "http", "port": 80}]}});
+    Api::<Service>::namespaced(client.clone(), "shop")
+        .create(&pp, &obj(svc))
+        .await
+        .unwrap();
+    let on_node =
+        json!({"addresses": ["10.1.0.7"], "conditions": {"ready": true}, "nodeName": "node-a"});
+    let zoned = json!({"addresses": ["10.1.0.8"], "conditions": {"ready": true}, "zone": "az1", "nodeName": "node-a"});
+    Api::<EndpointSlice>::namespaced(client.clone(), "shop")
+        .create(&pp, &slice("web-v4", "IPv4", json!([on_node, zoned])))
+        .await
+        .unwrap();
+
+    let (tx, rx) = watch::channel(Arc::new(ClusterState::default()));
+    let source = tokio::spawn(agent::kube::run(client.clone(), opts, tx));
+    let mut acfg = AgentConfig::new(format!("http://{}", hub.xds_addr), "kind-1");
+    acfg.debounce = Duration::from_millis(20);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let agent_task = tokio::spawn(agent::run(acfg, rx, async move {
+        let _ = stopped.await;
+    }));
+    let mut view = View {
+        d: Delta::open_addr(hub.xds_addr).await,
+        clusters: HashMap::new(),
+        cla: None,
+    };
+    view.d
+        .subscribe(Some(node("proxy-1", "prod")), CDS, &[])
+        .await;
+    view.d.subscribe(None, EDS, &[CLA]).await;
+
+    // The namespace has no env label yet: nothing is exported. Then it gets one.
+    let label = |env: serde_json::Value| {
+        Patch::Merge(json!({"metadata": {"labels": {"tributary.io/env": env}}}))
+    };
+    namespaces
+        .patch("shop", &PatchParams::default(), &label(json!("prod")))
+        .await
+        .unwrap();
+    view.until("the service exported once its namespace is labelled", |v| {
+        zones(v).len() == 2
+    })
+    .await;
+    assert_eq!(
+        zones(&view),
+        vec![
+            ("10.1.0.7".into(), "az-node".into()),
+            ("10.1.0.8".into(), "az1".into())
+        ],
+        "an endpoint without a zone takes its node's"
+    );
+
+    // The node's zone label changes: the endpoint without its own zone follows.
+    nodes
+        .patch(
+            "node-a",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"labels": {"topology.kubernetes.io/zone": "az-moved"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    view.until("the node's new zone", |v| {
+        zones(v).contains(&("10.1.0.7".into(), "az-moved".into()))
+    })
+    .await;
+    assert!(zones(&view).contains(&("10.1.0.8".into(), "az1".into())));
+
+    // The namespace loses the label: its service is withdrawn.
+    namespaces
+        .patch(
+            "shop",
+            &PatchParams::default(),
+            &label(serde_json::Value::Null),
+        )
+        .await
+        .unwrap();
+    view.until("the service withdrawn with its namespace's label", |v| {
         v.cla.is_none() && !v.clusters.contains_key(CLA)
     })
     .await;

@@ -874,9 +874,9 @@ async fn ours(
     let want = sc.size.services * sc.size.ports;
     let deadline = Instant::now() + Duration::from_secs(args.phase_timeout_s);
     loop {
-        let (_, body) = http(&admin, "GET", "/status/shards", b"").await?;
+        let (_, body) = http(&admin, "GET", "/status/environments", b"").await?;
         let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-        let have = v["shards"]
+        let have = v["environments"]
             .as_array()
             .into_iter()
             .flatten()

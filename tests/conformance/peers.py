@@ -224,7 +224,7 @@ class Hub:
     """The `tributary hub` under test, with a config dir of YAML written from dicts."""
 
     def __init__(self, workdir: Path, family: str = "ipv4", poll_interval: str = "100ms",
-                 extra_args: Iterable[str] = (), xds_port: int = 0):
+                 extra_args: Iterable[str] = (), xds_port: int = 0, config_in_store: bool = False):
         self.dir = workdir / "hub"
         self.config_dir = self.dir / "config"
         self.config_dir.mkdir(parents=True, exist_ok=True)
@@ -234,6 +234,8 @@ class Hub:
         self.poll_interval = poll_interval
         self.extra_args = list(extra_args)
         self.xds_port = xds_port
+        # No --config: the hub reads its config from its store (written with `ctl`).
+        self.config_in_store = config_in_store
         self.proc: Proc | None = None
         self.xds: tuple[str, int] | None = None
         self.admin: tuple[str, int] | None = None
@@ -256,7 +258,8 @@ class Hub:
                 f"hub binary {binary} does not exist: run `cargo build -p tributary-controlplane` "
                 "in the repo root (or set TRIBUTARY_BIN)")
         host = FAMILIES[self.family]
-        argv = [str(binary), "hub", "--config", str(self.config_dir),
+        config = [] if self.config_in_store else ["--config", str(self.config_dir)]
+        argv = [str(binary), "hub", *config,
                 "--xds-addr", hostport(host, self.xds_port), "--admin-addr", "127.0.0.1:0",
                 "--ready-file", str(self.ready_file), "--poll-interval", self.poll_interval,
                 # No agents feed these hubs: serve at once.
@@ -310,6 +313,13 @@ class Hub:
 
     def sync_status(self) -> dict:
         return http_get_json(self.admin_url + "/status/sync")
+
+    def ctl(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
+        """`tributary ctl ARGS --admin <this hub>`: exit code, stdout and stderr."""
+        assert self.admin
+        return subprocess.run([str(hub_binary()), "ctl", *args, "--admin", hostport(*self.admin)],
+                              capture_output=True, text=True, timeout=timeout,
+                              env=dict(os.environ, RUST_LOG="off"))
 
     def config_status(self) -> dict:
         return http_get_json(self.admin_url + "/status/config")
@@ -500,6 +510,50 @@ class Envoy:
                 except ValueError:
                     return None
         return None
+
+
+# ---------------------------------------------------------------------------- etcd
+
+
+class Etcd:
+    """A real etcd (Debian's etcd-server) on free loopback ports with a temp data dir,
+    stopped (or killed) by pid and started again on the same ports and data."""
+
+    def __init__(self, workdir: Path, host: str = "127.0.0.1"):
+        self.dir = workdir / "etcd"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.client_url = f"http://{hostport(host, free_port(host))}"
+        self.peer_url = f"http://{hostport(host, free_port(host))}"
+        self.proc: Proc | None = None
+
+    def start(self, timeout: float = 30.0):
+        argv = ["etcd", "--name", "conformance", "--data-dir", str(self.dir / "data"),
+                "--listen-client-urls", self.client_url, "--advertise-client-urls", self.client_url,
+                "--listen-peer-urls", self.peer_url, "--initial-advertise-peer-urls", self.peer_url,
+                "--initial-cluster", f"conformance={self.peer_url}", "--logger", "zap",
+                "--log-outputs", "stderr"]
+        self.proc = Proc("etcd", argv, self.dir / "etcd.log")
+
+        def healthy():
+            if not self.proc.alive():
+                raise AssertionError(f"etcd exited:\n{tail(self.dir / 'etcd.log', 40)}")
+            code, text = http_get_text(self.client_url + "/health")
+            return code == 200 and '"true"' in text
+
+        wait_until(healthy, timeout, "etcd /health")
+        return self
+
+    def kill(self):
+        """SIGKILL by pid: the store is gone at once."""
+        if self.proc and self.proc.alive():
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.p.wait(5)
+        if self.proc:
+            self.proc.stop()
+
+    def stop(self):
+        if self.proc:
+            self.proc.stop()
 
 
 # ---------------------------------------------------------------------- http client

@@ -54,9 +54,12 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 BUILD_SCRIPT = HERE / "build-apiserver.sh"
 
-SERVICE_CIDR_V4 = "10.0.0.0/24"
-# IPv6 service ranges may be at most /108 with the bitmap allocator; /112 is plenty.
-SERVICE_CIDR_V6 = "fd00:10:96::/112"
+# Large enough for one cluster of the reference deployment's size (tens of thousands of
+# Services, each with a ClusterIP): a /16 holds 65,534. The first address (10.0.0.1,
+# the `kubernetes` Service) is in the serving certificate.
+SERVICE_CIDR_V4 = "10.0.0.0/16"
+# IPv6 service ranges may be at most /108 with the bitmap allocator (1,048,576 addresses).
+SERVICE_CIDR_V6 = "fd00:10:96::/108"
 
 
 class KubeEnvError(RuntimeError):

@@ -6,6 +6,7 @@ Needs `etcd` (Debian etcd-server) and a kube-apiserver binary (built and cached 
 tests/kube/build-apiserver.sh on first use; see kubeenv.py for the env knobs).
 """
 
+import ipaddress
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kubeenv  # noqa: E402
 from kubeenv import KubeApiError, KubeEnv  # noqa: E402
 
 NS = "tributary-selftest"
@@ -93,7 +95,7 @@ def test_namespace_service_endpointslices_and_watch(env):
                  "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}})
     svc = env.kubectl_json("GET", f"/api/v1/namespaces/{NS}/services/{SVC}")
     assert svc["spec"]["ports"][0]["name"] == "http" and svc["spec"]["ports"][0]["port"] == 80
-    assert svc["spec"]["clusterIP"].startswith("10.0.0.")
+    assert ipaddress.ip_address(svc["spec"]["clusterIP"]) in ipaddress.ip_network(kubeenv.SERVICE_CIDR_V4)
     assert svc["spec"]["ipFamilies"] == ["IPv4", "IPv6"], svc["spec"]
     assert ":" in svc["spec"]["clusterIPs"][1]
 
@@ -156,3 +158,21 @@ def test_namespace_service_endpointslices_and_watch(env):
         with pytest.raises(TimeoutError):
             w.next_event(timeout=1)
         assert time.monotonic() - t < 5
+
+
+def test_service_range_holds_a_large_cluster(env):
+    """The service CIDRs hold tens of thousands of ClusterIPs (the 20,000-Service
+    benchmark): addresses far beyond a /24 (IPv4) and a /112 (IPv6) are allocatable."""
+    v4 = ipaddress.ip_network(kubeenv.SERVICE_CIDR_V4)
+    v6 = ipaddress.ip_network(kubeenv.SERVICE_CIDR_V6)
+    assert v4.num_addresses - 2 >= 20_000 and v6.num_addresses - 2 >= 20_000
+    ns = "tributary-range"
+    env.kubectl_json("POST", "/api/v1/namespaces", {"metadata": {"name": ns}})
+    far_v4, far_v6 = str(v4[40_000]), str(v6[40_000])
+    env.kubectl_json("POST", f"/api/v1/namespaces/{ns}/services", {
+        "metadata": {"name": "far"},
+        "spec": {"ipFamilyPolicy": "RequireDualStack", "ipFamilies": ["IPv4", "IPv6"],
+                 "clusterIP": far_v4, "clusterIPs": [far_v4, far_v6],
+                 "ports": [{"name": "http", "port": 80}]}})
+    svc = env.kubectl_json("GET", f"/api/v1/namespaces/{ns}/services/far")
+    assert svc["spec"]["clusterIPs"] == [far_v4, far_v6], svc["spec"]

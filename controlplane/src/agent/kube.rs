@@ -1,10 +1,16 @@
 //! Kubernetes agent source: watches Services, EndpointSlices, Namespaces and Nodes
 //! with kube-runtime watchers and keeps the cluster's exported state.
 //!
-//! Each watcher event names what it touched (a service, a namespace, or — for a
-//! Node's zone — the endpoints on it); only those services are recomputed. A relist
-//! (`Init` … `InitDone`) is buffered and swapped in whole, then everything of that
-//! kind is recomputed, so a watch restart never exports a half-listed cluster.
+//! Objects are reduced as they arrive to what the export reads ([`ServiceView`],
+//! [`SliceView`], a namespace's env label, a node's zone label; Namespaces and Nodes
+//! are watched as metadata only), so the agent never keeps whole objects. Each
+//! watcher event names what it touched (a service; a namespace's services when its
+//! label changed; the services with endpoints on a node when its zone changed) and
+//! only those services are recomputed ([`Source`]). A relist (`Init` … `InitDone`) is
+//! buffered in reduced form and swapped in whole; a Services or EndpointSlices relist
+//! recomputes every service once, a Namespaces or Nodes relist only what differs. So
+//! a watch restart never exports a half-listed cluster, and the export is a
+//! persistent map whose unchanged entries are shared with the previous one.
 //!
 //! What is exported: Services of namespaces labelled `tributary.io/env` (or of every
 //! namespace into `--default-env`), except `ExternalName`; their hosts are
@@ -21,6 +27,7 @@ use std::time::SystemTime;
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::core::PartialObjectMeta;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -61,17 +68,132 @@ pub async fn client(opts: &KubeOptions) -> anyhow::Result<Client> {
     Ok(Client::try_from(config)?)
 }
 
-/// The watched objects, reduced to what the export needs.
+/// A Service, reduced to what the export reads (the agent never keeps whole objects).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceView {
+    /// `ExternalName` services are not exported.
+    pub external_name: bool,
+    /// Ports as exported (an unnamed port is named by its number).
+    pub ports: Vec<pb::ServicePort>,
+}
+
+impl ServiceView {
+    pub fn of(svc: &Service) -> ServiceView {
+        let spec = svc.spec.as_ref();
+        let ports = spec
+            .and_then(|s| s.ports.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|p| {
+                let name = p
+                    .name
+                    .clone()
+                    .filter(|n| !n.is_empty())
+                    .unwrap_or_else(|| p.port.to_string());
+                pb::ServicePort {
+                    protocol: protocol_of(&name, p.app_protocol.as_deref(), p.protocol.as_deref()),
+                    name,
+                    port: p.port as u32,
+                }
+            })
+            .collect();
+        ServiceView {
+            external_name: spec.and_then(|s| s.type_.as_deref()) == Some("ExternalName"),
+            ports,
+        }
+    }
+}
+
+/// An EndpointSlice, reduced to what the export reads.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SliceView {
+    /// The service it belongs to (`kubernetes.io/service-name`).
+    pub service: Option<ObjectKey>,
+    /// IPv4 or IPv6 (FQDN slices carry no addresses to route to).
+    pub routable: bool,
+    /// (name, port); an unnamed port has no name.
+    pub ports: Vec<(Option<String>, u32)>,
+    pub endpoints: Vec<EndpointView>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndpointView {
+    pub addresses: Vec<String>,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub node: String,
+    /// Its pod (targetRef), else its hostname.
+    pub name: String,
+    /// Its own zone; else its node's zone label applies.
+    pub zone: Option<String>,
+}
+
+impl SliceView {
+    pub fn of(s: &EndpointSlice) -> SliceView {
+        SliceView {
+            service: slice_service(s),
+            routable: matches!(s.address_type.as_str(), "IPv4" | "IPv6"),
+            ports: s
+                .ports
+                .iter()
+                .flatten()
+                .filter_map(|p| {
+                    let name = p.name.clone().filter(|n| !n.is_empty());
+                    Some((name, p.port? as u32))
+                })
+                .collect(),
+            endpoints: s
+                .endpoints
+                .iter()
+                .map(|e| {
+                    let c = e.conditions.as_ref();
+                    // Per the EndpointSlice API, an unset `ready` means ready.
+                    let ready = c.and_then(|c| c.ready).unwrap_or(true);
+                    EndpointView {
+                        addresses: e.addresses.clone(),
+                        ready,
+                        serving: c.and_then(|c| c.serving).unwrap_or(ready),
+                        terminating: c.and_then(|c| c.terminating).unwrap_or(false),
+                        node: e.node_name.clone().unwrap_or_default(),
+                        name: e
+                            .target_ref
+                            .as_ref()
+                            .and_then(|r| r.name.clone())
+                            .or_else(|| e.hostname.clone())
+                            .unwrap_or_default(),
+                        zone: e.zone.clone(),
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// Nodes whose zone label this slice's endpoints fall back to.
+    fn zone_nodes(&self) -> impl Iterator<Item = &str> {
+        self.endpoints
+            .iter()
+            .filter(|e| e.zone.is_none() && !e.node.is_empty())
+            .map(|e| e.node.as_str())
+    }
+}
+
+/// The watched objects, reduced to what the export needs, with the indexes that let
+/// each event recompute only the services it touched.
 #[derive(Debug, Default)]
 pub struct Objects {
-    pub services: HashMap<ObjectKey, Service>,
-    pub slices: HashMap<ObjectKey, EndpointSlice>,
+    pub services: HashMap<ObjectKey, ServiceView>,
+    pub slices: HashMap<ObjectKey, SliceView>,
     /// Service → names of its slices.
     pub slices_by_service: HashMap<ObjectKey, BTreeSet<String>>,
+    /// Namespace → names of its services (a namespace's label change touches these).
+    pub services_by_namespace: HashMap<String, BTreeSet<String>>,
     /// Namespace → its `tributary.io/env` label.
     pub namespaces: HashMap<String, Option<String>>,
     /// Node → its zone label.
     pub nodes: HashMap<String, String>,
+    /// Node → services with endpoints taking their zone from it (and how many).
+    pub services_by_node: HashMap<String, HashMap<ObjectKey, usize>>,
 }
 
 fn key_of<K: Resource>(o: &K) -> ObjectKey {
@@ -90,30 +212,137 @@ fn slice_service(s: &EndpointSlice) -> Option<ObjectKey> {
 }
 
 impl Objects {
-    fn put_slice(&mut self, s: EndpointSlice) -> Option<ObjectKey> {
-        let key = key_of(&s);
-        let old = self.remove_slice(&key);
-        let svc = slice_service(&s);
-        if let Some(svc) = &svc {
+    fn put_service(&mut self, key: ObjectKey, svc: ServiceView) {
+        self.services_by_namespace
+            .entry(key.namespace.clone())
+            .or_default()
+            .insert(key.name.clone());
+        self.services.insert(key, svc);
+    }
+
+    fn remove_service(&mut self, key: &ObjectKey) {
+        self.services.remove(key);
+        if let Some(set) = self.services_by_namespace.get_mut(&key.namespace) {
+            set.remove(&key.name);
+            if set.is_empty() {
+                self.services_by_namespace.remove(&key.namespace);
+            }
+        }
+    }
+
+    /// Swaps in a complete list of services (after a relist).
+    fn replace_services(&mut self, all: HashMap<ObjectKey, ServiceView>) {
+        self.services.clear();
+        self.services_by_namespace.clear();
+        for (k, v) in all {
+            self.put_service(k, v);
+        }
+    }
+
+    /// Puts a slice; returns the services it touched (its old and new one).
+    fn put_slice(&mut self, key: ObjectKey, s: SliceView) -> Vec<ObjectKey> {
+        let mut touched: Vec<ObjectKey> = self.remove_slice(&key).into_iter().collect();
+        if let Some(svc) = &s.service {
             self.slices_by_service
                 .entry(svc.clone())
                 .or_default()
                 .insert(key.name.clone());
+            for node in s.zone_nodes() {
+                *self
+                    .services_by_node
+                    .entry(node.to_string())
+                    .or_default()
+                    .entry(svc.clone())
+                    .or_default() += 1;
+            }
+            if !touched.contains(svc) {
+                touched.push(svc.clone());
+            }
         }
         self.slices.insert(key, s);
-        svc.or(old)
+        touched
     }
 
     fn remove_slice(&mut self, key: &ObjectKey) -> Option<ObjectKey> {
         let old = self.slices.remove(key)?;
-        let svc = slice_service(&old)?;
+        let svc = old.service.clone()?;
         if let Some(set) = self.slices_by_service.get_mut(&svc) {
             set.remove(&key.name);
             if set.is_empty() {
                 self.slices_by_service.remove(&svc);
             }
         }
+        for node in old.zone_nodes() {
+            if let Some(by) = self.services_by_node.get_mut(node) {
+                if let Some(n) = by.get_mut(&svc) {
+                    *n -= 1;
+                    if *n == 0 {
+                        by.remove(&svc);
+                    }
+                }
+                if by.is_empty() {
+                    self.services_by_node.remove(node);
+                }
+            }
+        }
         Some(svc)
+    }
+
+    /// Swaps in a complete list of slices (after a relist).
+    fn replace_slices(&mut self, all: HashMap<ObjectKey, SliceView>) {
+        self.slices.clear();
+        self.slices_by_service.clear();
+        self.services_by_node.clear();
+        for (k, s) in all {
+            self.put_slice(k, s);
+        }
+    }
+
+    /// The services of `namespace` (touched when its env label changes).
+    fn services_in(&self, namespace: &str) -> Vec<ObjectKey> {
+        self.services_by_namespace
+            .get(namespace)
+            .into_iter()
+            .flatten()
+            .map(|name| ObjectKey {
+                namespace: namespace.to_string(),
+                name: name.clone(),
+            })
+            .collect()
+    }
+
+    /// The services whose endpoints take their zone from `node`.
+    fn services_on(&self, node: &str) -> Vec<ObjectKey> {
+        self.services_by_node
+            .get(node)
+            .into_iter()
+            .flat_map(|by| by.keys().cloned())
+            .collect()
+    }
+
+    /// Sets `namespace`'s env label (`None` inside: unlabelled; outer `None`: deleted);
+    /// returns the services touched when it changed.
+    fn set_namespace(&mut self, namespace: &str, env: Option<Option<String>>) -> Vec<ObjectKey> {
+        if self.namespaces.get(namespace) == env.as_ref() {
+            return Vec::new();
+        }
+        match env {
+            Some(e) => self.namespaces.insert(namespace.to_string(), e),
+            None => self.namespaces.remove(namespace),
+        };
+        self.services_in(namespace)
+    }
+
+    /// Sets `node`'s zone (`None`: deleted); returns the services touched when it changed.
+    fn set_node(&mut self, node: &str, zone: Option<String>) -> Vec<ObjectKey> {
+        if self.nodes.get(node) == zone.as_ref() {
+            return Vec::new();
+        }
+        match zone {
+            Some(z) => self.nodes.insert(node.to_string(), z),
+            None => self.nodes.remove(node),
+        };
+        self.services_on(node)
     }
 
     fn env_of(&self, namespace: &str, opts: &KubeOptions) -> Option<String> {
@@ -136,32 +365,10 @@ impl Objects {
         let Some(env) = self.env_of(&key.namespace, opts) else {
             return (None, None);
         };
-        let Some(spec) = &svc.spec else {
-            return (None, None);
-        };
-        if spec.type_.as_deref() == Some("ExternalName") {
+        if svc.external_name || svc.ports.is_empty() {
             return (None, None);
         }
-        let ports: Vec<pb::ServicePort> = spec
-            .ports
-            .iter()
-            .flatten()
-            .map(|p| {
-                let name = p
-                    .name
-                    .clone()
-                    .filter(|n| !n.is_empty())
-                    .unwrap_or_else(|| p.port.to_string());
-                pb::ServicePort {
-                    protocol: protocol_of(&name, p.app_protocol.as_deref(), p.protocol.as_deref()),
-                    name,
-                    port: p.port as u32,
-                }
-            })
-            .collect();
-        if ports.is_empty() {
-            return (None, None);
-        }
+        let ports = &svc.ports;
         let (ns, name) = (&key.namespace, &key.name);
         let service = pb::Service {
             namespace: ns.clone(),
@@ -174,61 +381,54 @@ impl Objects {
             ports: ports.clone(),
             environment: env,
         };
-        let mut endpoints = Vec::new();
-        for slice_name in self.slices_by_service.get(key).into_iter().flatten() {
-            let Some(slice) = self.slices.get(&ObjectKey {
-                namespace: ns.clone(),
-                name: slice_name.clone(),
-            }) else {
+        let slices: Vec<&SliceView> = self
+            .slices_by_service
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|slice_name| {
+                self.slices.get(&ObjectKey {
+                    namespace: ns.clone(),
+                    name: slice_name.clone(),
+                })
+            })
+            .collect();
+        // Exactly sized: the export is kept for as long as the service exists.
+        let mut endpoints =
+            Vec::with_capacity(slices.iter().map(|s| s.endpoints.len()).sum::<usize>());
+        for slice in slices {
+            if !slice.routable {
                 continue;
-            };
-            if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
-                continue; // FQDN slices carry no addresses to route to
             }
             let slice_ports: BTreeMap<String, u32> = slice
                 .ports
                 .iter()
-                .flatten()
-                .filter_map(|p| {
-                    let port = p.port? as u32;
+                .filter_map(|(name, port)| {
                     // An unnamed slice port belongs to the service's only port.
-                    let name = match p.name.as_deref() {
-                        Some(n) if !n.is_empty() => n.to_string(),
-                        _ if ports.len() == 1 => ports[0].name.clone(),
-                        _ => return None,
+                    let name = match name {
+                        Some(n) => n.clone(),
+                        None if ports.len() == 1 => ports[0].name.clone(),
+                        None => return None,
                     };
-                    Some((name, port))
+                    Some((name, *port))
                 })
                 .collect();
             for e in &slice.endpoints {
-                let c = e.conditions.as_ref();
-                // Per the EndpointSlice API, an unset `ready` means ready.
-                let ready = c.and_then(|c| c.ready).unwrap_or(true);
-                let serving = c.and_then(|c| c.serving).unwrap_or(ready);
-                let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
-                let node = e.node_name.clone().unwrap_or_default();
-                // The endpoint's identity: its pod (targetRef), else its hostname.
-                let name = e
-                    .target_ref
-                    .as_ref()
-                    .and_then(|r| r.name.clone())
-                    .or_else(|| e.hostname.clone())
-                    .unwrap_or_default();
                 let zone = e
                     .zone
                     .clone()
-                    .or_else(|| self.nodes.get(&node).cloned().filter(|z| !z.is_empty()))
+                    .or_else(|| self.nodes.get(&e.node).cloned().filter(|z| !z.is_empty()))
                     .unwrap_or_else(|| opts.zone.clone());
                 endpoints.push(pb::Endpoint {
                     addresses: e.addresses.clone(),
                     ports: slice_ports.clone().into_iter().collect(),
                     zone,
-                    node,
-                    ready,
-                    serving,
-                    terminating,
+                    node: e.node.clone(),
+                    ready: e.ready,
+                    serving: e.serving,
+                    terminating: e.terminating,
                     labels: Default::default(),
-                    name,
+                    name: e.name.clone(),
                 });
             }
         }
@@ -272,46 +472,216 @@ fn protocol_of(name: &str, app: Option<&str>, l4: Option<&str>) -> String {
 }
 
 /// What one event touched.
+#[derive(Debug, PartialEq)]
 enum Touched {
     Keys(Vec<ObjectKey>),
-    Namespace(String),
     All,
-    Nothing,
 }
 
-/// Applies a watcher event to `map`, buffering a relist in `buffer`.
-fn apply<K: Clone, Key: std::hash::Hash + Eq>(
-    event: Event<K>,
-    map: &mut HashMap<Key, K>,
-    buffer: &mut Option<HashMap<Key, K>>,
-    key: impl Fn(&K) -> Key,
-) -> Option<Result<K, K>> {
-    match event {
-        Event::Apply(o) => {
-            map.insert(key(&o), o.clone());
-            Some(Ok(o))
+impl Touched {
+    fn keys(keys: Vec<ObjectKey>) -> Touched {
+        Touched::Keys(keys)
+    }
+}
+
+/// The agent's view of its cluster, fed one watcher event at a time. Each event costs
+/// O(what it touched): a service or slice touches its service; a namespace's label
+/// change its services; a node's zone change the services with endpoints on it. Only
+/// a relist's end (`InitDone`) touches everything of its kind, once. Events are
+/// reduced to [`ServiceView`] / [`SliceView`] / labels as they arrive, relists are
+/// buffered in that reduced form and swapped in whole.
+#[derive(Debug, Default)]
+pub struct Source {
+    objs: Objects,
+    svc_buf: Option<HashMap<ObjectKey, ServiceView>>,
+    slice_buf: Option<HashMap<ObjectKey, SliceView>>,
+    ns_buf: Option<HashMap<String, Option<String>>>,
+    node_buf: Option<HashMap<String, String>>,
+    /// Services, slices, namespaces and nodes have each been listed once.
+    listed: [bool; 4],
+    /// The first complete state was exported.
+    exported_once: bool,
+    /// Keys exported so far: the source's work counter (tests).
+    pub exports: u64,
+}
+
+fn ns_env(n: &PartialObjectMeta<Namespace>) -> Option<String> {
+    n.labels().get(ENV_LABEL).cloned()
+}
+
+fn node_zone(n: &PartialObjectMeta<Node>) -> String {
+    n.labels().get(ZONE_LABEL).cloned().unwrap_or_default()
+}
+
+impl Source {
+    fn on_service(&mut self, ev: Event<Service>) -> Touched {
+        match ev {
+            Event::Apply(s) => {
+                let k = key_of(&s);
+                self.objs.put_service(k.clone(), ServiceView::of(&s));
+                Touched::keys(vec![k])
+            }
+            Event::Delete(s) => {
+                let k = key_of(&s);
+                self.objs.remove_service(&k);
+                Touched::keys(vec![k])
+            }
+            Event::Init => {
+                self.svc_buf = Some(HashMap::new());
+                Touched::keys(vec![])
+            }
+            Event::InitApply(s) => {
+                self.svc_buf
+                    .get_or_insert_with(HashMap::new)
+                    .insert(key_of(&s), ServiceView::of(&s));
+                Touched::keys(vec![])
+            }
+            Event::InitDone => {
+                self.objs
+                    .replace_services(self.svc_buf.take().unwrap_or_default());
+                self.listed[0] = true;
+                Touched::All
+            }
         }
-        Event::Delete(o) => {
-            map.remove(&key(&o));
-            Some(Err(o))
+    }
+
+    fn on_slice(&mut self, ev: Event<EndpointSlice>) -> Touched {
+        match ev {
+            Event::Apply(s) => Touched::keys(self.objs.put_slice(key_of(&s), SliceView::of(&s))),
+            Event::Delete(s) => {
+                Touched::keys(self.objs.remove_slice(&key_of(&s)).into_iter().collect())
+            }
+            Event::Init => {
+                self.slice_buf = Some(HashMap::new());
+                Touched::keys(vec![])
+            }
+            Event::InitApply(s) => {
+                self.slice_buf
+                    .get_or_insert_with(HashMap::new)
+                    .insert(key_of(&s), SliceView::of(&s));
+                Touched::keys(vec![])
+            }
+            Event::InitDone => {
+                self.objs
+                    .replace_slices(self.slice_buf.take().unwrap_or_default());
+                self.listed[1] = true;
+                Touched::All
+            }
         }
-        Event::Init => {
-            *buffer = Some(HashMap::new());
-            None
+    }
+
+    fn on_namespace(&mut self, ev: Event<PartialObjectMeta<Namespace>>) -> Touched {
+        match ev {
+            Event::Apply(n) => {
+                Touched::keys(self.objs.set_namespace(&n.name_any(), Some(ns_env(&n))))
+            }
+            Event::Delete(n) => Touched::keys(self.objs.set_namespace(&n.name_any(), None)),
+            Event::Init => {
+                self.ns_buf = Some(HashMap::new());
+                Touched::keys(vec![])
+            }
+            Event::InitApply(n) => {
+                self.ns_buf
+                    .get_or_insert_with(HashMap::new)
+                    .insert(n.name_any(), ns_env(&n));
+                Touched::keys(vec![])
+            }
+            Event::InitDone => {
+                // Only the namespaces whose label differs touch their services.
+                let all = self.ns_buf.take().unwrap_or_default();
+                let gone: Vec<String> = self
+                    .objs
+                    .namespaces
+                    .keys()
+                    .filter(|n| !all.contains_key(*n))
+                    .cloned()
+                    .collect();
+                let mut keys = Vec::new();
+                for n in gone {
+                    keys.extend(self.objs.set_namespace(&n, None));
+                }
+                for (n, env) in all {
+                    keys.extend(self.objs.set_namespace(&n, Some(env)));
+                }
+                self.listed[2] = true;
+                Touched::keys(keys)
+            }
         }
-        Event::InitApply(o) => {
-            buffer.get_or_insert_with(HashMap::new).insert(key(&o), o);
-            None
+    }
+
+    fn on_node(&mut self, ev: Event<PartialObjectMeta<Node>>) -> Touched {
+        match ev {
+            Event::Apply(n) => {
+                Touched::keys(self.objs.set_node(&n.name_any(), Some(node_zone(&n))))
+            }
+            Event::Delete(n) => Touched::keys(self.objs.set_node(&n.name_any(), None)),
+            Event::Init => {
+                self.node_buf = Some(HashMap::new());
+                Touched::keys(vec![])
+            }
+            Event::InitApply(n) => {
+                self.node_buf
+                    .get_or_insert_with(HashMap::new)
+                    .insert(n.name_any(), node_zone(&n));
+                Touched::keys(vec![])
+            }
+            Event::InitDone => {
+                // A node's zone is a fallback for its endpoints: only changed nodes touch.
+                let all = self.node_buf.take().unwrap_or_default();
+                let gone: Vec<String> = self
+                    .objs
+                    .nodes
+                    .keys()
+                    .filter(|n| !all.contains_key(*n))
+                    .cloned()
+                    .collect();
+                let mut keys = Vec::new();
+                for n in gone {
+                    keys.extend(self.objs.set_node(&n, None));
+                }
+                for (n, zone) in all {
+                    keys.extend(self.objs.set_node(&n, Some(zone)));
+                }
+                self.listed[3] = true;
+                Touched::keys(keys)
+            }
         }
-        Event::InitDone => {
-            *map = buffer.take().unwrap_or_default();
-            None
+    }
+
+    /// The next exported state after an event that touched `touched`, or `None` when
+    /// nothing changed (or not every kind has been listed yet).
+    fn next(
+        &mut self,
+        touched: Touched,
+        current: &ClusterState,
+        opts: &KubeOptions,
+    ) -> Option<ClusterState> {
+        if !self.listed.iter().all(|l| *l) {
+            return None;
         }
+        let keys = match touched {
+            _ if !self.exported_once => all_keys(&self.objs, current),
+            Touched::All => all_keys(&self.objs, current),
+            Touched::Keys(k) if k.is_empty() => return None,
+            Touched::Keys(k) => k,
+        };
+        self.exported_once = true;
+        let mut next = current.clone();
+        let now = SystemTime::now();
+        for key in keys {
+            self.exports += 1;
+            let (svc, eps) = self.objs.export(&key, opts);
+            next.set_service(key.clone(), svc, now);
+            next.set_endpoints(key, eps, now);
+        }
+        // Cheap: the persistent maps compare by skipping the nodes they share.
+        (next != *current).then_some(next)
     }
 }
 
 /// Watches the cluster and publishes its exported state into `tx` until it has no
-/// receivers. Watch errors are retried with the watcher's default backoff.
+/// receivers. Watch errors are retried with the watcher's default backoff. Namespaces
+/// and Nodes are watched as metadata only (their labels are all the agent reads).
 pub async fn run(client: Client, opts: KubeOptions, tx: watch::Sender<Arc<ClusterState>>) {
     let wc = watcher::Config::default();
     let mut services = watcher::watcher(Api::<Service>::all(client.clone()), wc.clone())
@@ -320,109 +690,42 @@ pub async fn run(client: Client, opts: KubeOptions, tx: watch::Sender<Arc<Cluste
     let mut slices = watcher::watcher(Api::<EndpointSlice>::all(client.clone()), wc.clone())
         .default_backoff()
         .boxed();
-    let mut namespaces = watcher::watcher(Api::<Namespace>::all(client.clone()), wc.clone())
-        .default_backoff()
-        .boxed();
-    let mut nodes = watcher::watcher(Api::<Node>::all(client), wc)
+    let mut namespaces = watcher::watcher(
+        Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
+        wc.clone(),
+    )
+    .default_backoff()
+    .boxed();
+    let mut nodes = watcher::watcher(Api::<PartialObjectMeta<Node>>::all(client), wc)
         .default_backoff()
         .boxed();
 
-    let mut objs = Objects::default();
-    let mut svc_buf = None;
-    let mut slice_buf: Option<HashMap<ObjectKey, EndpointSlice>> = None;
-    let mut ns_buf = None;
-    let mut node_buf = None;
-    let mut ns_objs: HashMap<String, Namespace> = HashMap::new();
-    let mut node_objs: HashMap<String, Node> = HashMap::new();
-    // Nothing is exported until every kind has been listed once.
-    let mut listed = [false; 4];
-
+    let mut source = Source::default();
     loop {
         let touched = tokio::select! {
             Some(ev) = services.next() => match ev {
-                Ok(Event::InitDone) => {
-                    apply(Event::InitDone, &mut objs.services, &mut svc_buf, key_of);
-                    listed[0] = true;
-                    Touched::All
-                }
-                Ok(ev) => match apply(ev, &mut objs.services, &mut svc_buf, key_of) {
-                    Some(Ok(o)) | Some(Err(o)) => Touched::Keys(vec![key_of(&o)]),
-                    None => Touched::Nothing,
-                },
-                Err(e) => { warn!(error = %e, "Service watch error (retrying)"); Touched::Nothing }
+                Ok(ev) => source.on_service(ev),
+                Err(e) => { warn!(error = %e, "Service watch error (retrying)"); continue }
             },
             Some(ev) = slices.next() => match ev {
-                Ok(Event::Apply(s)) => Touched::Keys(objs.put_slice(s).into_iter().collect()),
-                Ok(Event::Delete(s)) => Touched::Keys(objs.remove_slice(&key_of(&s)).into_iter().collect()),
-                Ok(Event::Init) => { slice_buf = Some(HashMap::new()); Touched::Nothing }
-                Ok(Event::InitApply(s)) => { slice_buf.get_or_insert_with(HashMap::new).insert(key_of(&s), s); Touched::Nothing }
-                Ok(Event::InitDone) => {
-                    objs.slices.clear();
-                    objs.slices_by_service.clear();
-                    for (_, s) in slice_buf.take().unwrap_or_default() {
-                        objs.put_slice(s);
-                    }
-                    listed[1] = true;
-                    Touched::All
-                }
-                Err(e) => { warn!(error = %e, "EndpointSlice watch error (retrying)"); Touched::Nothing }
+                Ok(ev) => source.on_slice(ev),
+                Err(e) => { warn!(error = %e, "EndpointSlice watch error (retrying)"); continue }
             },
             Some(ev) = namespaces.next() => match ev {
-                Ok(ev) => {
-                    let done = matches!(ev, Event::InitDone);
-                    let t = apply(ev, &mut ns_objs, &mut ns_buf, |n: &Namespace| n.name_any());
-                    objs.namespaces = ns_objs.iter().map(|(k, n)| (k.clone(), n.labels().get(ENV_LABEL).cloned())).collect();
-                    if done {
-                        listed[2] = true;
-                        Touched::All
-                    } else {
-                        match t { Some(Ok(n)) | Some(Err(n)) => Touched::Namespace(n.name_any()), None => Touched::Nothing }
-                    }
-                }
-                Err(e) => { warn!(error = %e, "Namespace watch error (retrying)"); Touched::Nothing }
+                Ok(ev) => source.on_namespace(ev),
+                Err(e) => { warn!(error = %e, "Namespace watch error (retrying)"); continue }
             },
             Some(ev) = nodes.next() => match ev {
-                Ok(ev) => {
-                    let done = matches!(ev, Event::InitDone);
-                    let t = apply(ev, &mut node_objs, &mut node_buf, |n: &Node| n.name_any());
-                    let zones: HashMap<String, String> = node_objs.iter().map(|(k, n)| (k.clone(), n.labels().get(ZONE_LABEL).cloned().unwrap_or_default())).collect();
-                    let changed = zones != objs.nodes;
-                    objs.nodes = zones;
-                    if done { listed[3] = true; }
-                    // A node's zone is a fallback for its endpoints: recompute on change.
-                    if (done || t.is_some()) && changed { Touched::All } else { Touched::Nothing }
-                }
-                Err(e) => { warn!(error = %e, "Node watch error (retrying; zones fall back to --zone)"); Touched::Nothing }
+                Ok(ev) => source.on_node(ev),
+                Err(e) => { warn!(error = %e, "Node watch error (retrying; zones fall back to --zone)"); continue }
             },
             else => return,
         };
         if tx.is_closed() {
             return;
         }
-        if !listed.iter().all(|l| *l) {
-            continue;
-        }
         let current = tx.borrow().clone();
-        let mut next = (*current).clone();
-        let now = SystemTime::now();
-        let keys: Vec<ObjectKey> = match touched {
-            Touched::Nothing if current.services.is_empty() && !objs.services.is_empty() => {
-                all_keys(&objs, &current)
-            }
-            Touched::Nothing => continue,
-            Touched::Keys(k) => k,
-            Touched::Namespace(ns) => all_keys(&objs, &current)
-                .into_iter()
-                .filter(|k| k.namespace == ns)
-                .collect(),
-            Touched::All => all_keys(&objs, &current),
-        };
-        for key in keys {
-            let (svc, eps) = objs.export(&key, &opts);
-            next.set_service(key.clone(), svc, now);
-            next.set_endpoints(key, eps, now);
-        }
-        if next != *current {
+        if let Some(next) = source.next(touched, &current, &opts) {
             debug!(services = next.services.len(), "exported state changed");
             if current.services.is_empty() {
                 info!(
@@ -440,4 +743,221 @@ fn all_keys(objs: &Objects, current: &ClusterState) -> Vec<ObjectKey> {
     let mut keys: BTreeSet<ObjectKey> = objs.services.keys().cloned().collect();
     keys.extend(current.services.keys().cloned());
     keys.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::core::{ObjectMeta, PartialObjectMetaExt};
+    use serde_json::json;
+
+    use super::*;
+
+    fn service(ns: &str, name: &str) -> Service {
+        serde_json::from_value(json!({
+            "metadata": {"namespace": ns, "name": name},
+            "spec": {"ports": [{"name": "http", "port": 80}]},
+        }))
+        .unwrap()
+    }
+
+    /// A slice of `svc` with one endpoint on `node` (no zone of its own).
+    fn slice(ns: &str, svc: &str, node: &str, addr: &str) -> EndpointSlice {
+        serde_json::from_value(json!({
+            "metadata": {"namespace": ns, "name": format!("{svc}-x"),
+                         "labels": {SERVICE_NAME_LABEL: svc}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080}],
+            "endpoints": [{"addresses": [addr], "nodeName": node,
+                           "targetRef": {"kind": "Pod", "name": format!("{svc}-pod")}}],
+        }))
+        .unwrap()
+    }
+
+    fn meta<K>(name: &str, label: (&str, &str)) -> PartialObjectMeta<K> {
+        ObjectMeta {
+            name: Some(name.into()),
+            labels: Some([(label.0.to_string(), label.1.to_string())].into()),
+            ..Default::default()
+        }
+        .into_response_partial()
+    }
+
+    fn key(ns: &str, name: &str) -> ObjectKey {
+        ObjectKey {
+            namespace: ns.into(),
+            name: name.into(),
+        }
+    }
+
+    /// Lists `n` services in namespace `a` (endpoints on nodes n0..n9) and one, `lone`,
+    /// in namespace `b` (its endpoint on node `rare`), then exports the first state.
+    fn listed(n: usize) -> (Source, ClusterState, KubeOptions) {
+        let opts = KubeOptions {
+            zone: "fallback".into(),
+            ..Default::default()
+        };
+        let mut src = Source::default();
+        // Nothing is exported until every kind is listed; then everything, once.
+        let none = ClusterState::default();
+        let quiet = |src: &mut Source, t: Touched| {
+            assert!(
+                src.next(t, &none, &opts).is_none(),
+                "exported before every kind was listed"
+            )
+        };
+        let t = src.on_service(Event::Init);
+        quiet(&mut src, t);
+        let t = src.on_slice(Event::Init);
+        quiet(&mut src, t);
+        for i in 0..n {
+            let name = format!("s{i}");
+            let addr = format!("10.1.{}.{}", i / 250, i % 250);
+            let t = src.on_service(Event::InitApply(service("a", &name)));
+            quiet(&mut src, t);
+            let node = format!("n{}", i % 10);
+            let t = src.on_slice(Event::InitApply(slice("a", &name, &node, &addr)));
+            quiet(&mut src, t);
+        }
+        let t = src.on_service(Event::InitApply(service("b", "lone")));
+        quiet(&mut src, t);
+        let t = src.on_slice(Event::InitApply(slice("b", "lone", "rare", "10.2.0.1")));
+        quiet(&mut src, t);
+        for t in [
+            src.on_service(Event::InitDone),
+            src.on_slice(Event::InitDone),
+        ] {
+            quiet(&mut src, t);
+        }
+        for ev in [
+            Event::Init,
+            Event::InitApply(meta("a", (ENV_LABEL, "prod"))),
+            Event::InitApply(meta("b", (ENV_LABEL, "prod"))),
+            Event::InitDone,
+        ] {
+            let t = src.on_namespace(ev);
+            quiet(&mut src, t);
+        }
+        let t = src.on_node(Event::Init);
+        quiet(&mut src, t);
+        for i in 0..10 {
+            let t = src.on_node(Event::InitApply(meta(
+                &format!("n{i}"),
+                (ZONE_LABEL, "az1"),
+            )));
+            quiet(&mut src, t);
+        }
+        let t = src.on_node(Event::InitApply(meta("rare", (ZONE_LABEL, "az9"))));
+        quiet(&mut src, t);
+        assert_eq!(src.exports, 0);
+        let last = src.on_node(Event::InitDone);
+        let state = src.next(last, &none, &opts).unwrap();
+        assert_eq!(state.services.len(), n + 1);
+        assert_eq!(src.exports, n as u64 + 1);
+        (src, state, opts)
+    }
+
+    fn zone_of(state: &ClusterState, k: &ObjectKey) -> String {
+        state.endpoints.get(k).unwrap().value.endpoints[0]
+            .zone
+            .clone()
+    }
+
+    /// Each watch event recomputes only the services it touched: a node's zone change
+    /// the services with endpoints on it (before: every service); a namespace event
+    /// that changes no label nothing (before: every service of the namespace).
+    #[test]
+    fn events_recompute_only_what_they_touch() {
+        let (mut src, state, opts) = listed(2_000);
+        let lone = key("b", "lone");
+        assert_eq!(zone_of(&state, &lone), "az9");
+
+        let before = src.exports;
+        let t = src.on_node(Event::Apply(meta("rare", (ZONE_LABEL, "az8"))));
+        let state = src.next(t, &state, &opts).expect("the zone changed");
+        assert_eq!(src.exports - before, 1, "only the service on the node");
+        assert_eq!(zone_of(&state, &lone), "az8");
+
+        // A node status update that keeps its zone touches nothing.
+        let before = src.exports;
+        let t = src.on_node(Event::Apply(meta("n3", (ZONE_LABEL, "az1"))));
+        assert!(src.next(t, &state, &opts).is_none());
+        assert_eq!(src.exports, before);
+
+        // A namespace event with an unchanged label touches nothing; a changed label
+        // touches that namespace's services only.
+        let t = src.on_namespace(Event::Apply(meta("a", (ENV_LABEL, "prod"))));
+        assert!(src.next(t, &state, &opts).is_none());
+        assert_eq!(src.exports, before);
+        let t = src.on_namespace(Event::Apply(meta("b", (ENV_LABEL, "staging"))));
+        let state = src.next(t, &state, &opts).expect("b moved");
+        assert_eq!(src.exports - before, 1);
+        assert_eq!(
+            state.services.get(&lone).unwrap().value.environment,
+            "staging"
+        );
+
+        // A node deleted: its services fall back to --zone.
+        let t = src.on_node(Event::Delete(meta("rare", (ZONE_LABEL, "az8"))));
+        let state = src.next(t, &state, &opts).unwrap();
+        assert_eq!(zone_of(&state, &lone), "fallback");
+        assert_eq!(src.exports - before, 2);
+
+        // One slice moves to another node: later zone changes follow it.
+        let t = src.on_slice(Event::Apply(slice("a", "s5", "rare", "10.1.0.5")));
+        let state = src.next(t, &state, &opts).unwrap();
+        let t = src.on_node(Event::Apply(meta("rare", (ZONE_LABEL, "az7"))));
+        let state = src.next(t, &state, &opts).unwrap();
+        assert_eq!(zone_of(&state, &key("a", "s5")), "az7");
+        assert_eq!(zone_of(&state, &lone), "az7");
+        assert_eq!(src.exports - before, 5);
+    }
+
+    /// A relist of nodes or namespaces that changes nothing recomputes nothing; one
+    /// that changes one node's zone recomputes that node's services.
+    #[test]
+    fn a_relist_recomputes_only_what_differs() {
+        let (mut src, state, opts) = listed(1_000);
+        let before = src.exports;
+        src.on_node(Event::Init);
+        for i in 0..10 {
+            let zone = if i == 4 { "az2" } else { "az1" };
+            src.on_node(Event::InitApply(meta(&format!("n{i}"), (ZONE_LABEL, zone))));
+        }
+        src.on_node(Event::InitApply(meta("rare", (ZONE_LABEL, "az9"))));
+        let t = src.on_node(Event::InitDone);
+        let state = src.next(t, &state, &opts).unwrap();
+        assert_eq!(src.exports - before, 100, "the services on n4");
+        assert_eq!(zone_of(&state, &key("a", "s14")), "az2");
+        assert_eq!(zone_of(&state, &key("a", "s15")), "az1");
+
+        src.on_namespace(Event::Init);
+        src.on_namespace(Event::InitApply(meta("a", (ENV_LABEL, "prod"))));
+        src.on_namespace(Event::InitApply(meta("b", (ENV_LABEL, "prod"))));
+        let t = src.on_namespace(Event::InitDone);
+        assert!(src.next(t, &state, &opts).is_none());
+        assert_eq!(src.exports - before, 100);
+    }
+
+    /// The agent keeps reduced views, never whole objects: what the export reads.
+    #[test]
+    fn views_keep_what_the_export_reads() {
+        let mut s = service("a", "web");
+        s.metadata.annotations = Some([("big".to_string(), "x".repeat(10_000))].into());
+        let v = ServiceView::of(&s);
+        assert_eq!(
+            v,
+            ServiceView {
+                external_name: false,
+                ports: vec![pb::ServicePort {
+                    name: "http".into(),
+                    port: 80,
+                    protocol: "HTTP".into()
+                }],
+            }
+        );
+        let sv = SliceView::of(&slice("a", "web", "n1", "10.0.0.1"));
+        assert_eq!(sv.service, Some(key("a", "web")));
+        assert_eq!(sv.endpoints[0].name, "web-pod");
+        assert!(sv.endpoints[0].ready && sv.endpoints[0].serving);
+    }
 }

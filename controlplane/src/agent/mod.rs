@@ -72,7 +72,7 @@ impl AgentConfig {
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
             max_batch: 5_000,
-            max_batch_bytes: 4 << 20,
+            max_batch_bytes: 256 << 10,
         }
     }
 }
@@ -86,6 +86,8 @@ pub struct Observed<T> {
 
 impl<T: PartialEq> PartialEq for Observed<T> {
     fn eq(&self, other: &Self) -> bool {
+        #[cfg(test)]
+        tests::COMPARED.with(|c| c.set(c.get() + 1));
         self.value == other.value
     }
 }
@@ -146,35 +148,65 @@ fn service_ref(k: &ObjectKey) -> pb::ServiceRef {
 }
 
 /// The changes that turn `old` into `new`: services before endpoints on upsert,
-/// endpoints before services on delete.
-pub fn diff(old: &ClusterState, new: &ClusterState, now: SystemTime) -> Vec<pb::Change> {
-    let mut out = Vec::new();
-    for (k, s) in new.services.iter() {
-        if old.services.get(k) != Some(s) {
-            out.push(change(s.at, change::Kind::ServiceUpsert(s.value.clone())));
+/// endpoints before services on delete. The persistent maps' own diff skips the
+/// subtrees `old` and `new` share, so a state derived from `old` by a few changes
+/// costs about those changes, not a walk over every service; and each change is
+/// cloned only as it is taken (the first state after an empty one is every change).
+pub fn diff<'a>(
+    old: &'a ClusterState,
+    new: &'a ClusterState,
+    now: SystemTime,
+) -> impl Iterator<Item = pb::Change> + 'a {
+    use imbl::ordmap::DiffItem;
+    let services = old.services.diff(&new.services).filter_map(|d| match d {
+        DiffItem::Add(_, s) | DiffItem::Update { new: (_, s), .. } => {
+            Some(change(s.at, change::Kind::ServiceUpsert(s.value.clone())))
         }
-    }
-    for (k, e) in new.endpoints.iter() {
-        if old.endpoints.get(k) != Some(e) {
-            out.push(change(e.at, change::Kind::EndpointsUpsert(e.value.clone())));
+        DiffItem::Remove(..) => None,
+    });
+    let endpoints = old.endpoints.diff(&new.endpoints).filter_map(|d| match d {
+        DiffItem::Add(_, e) | DiffItem::Update { new: (_, e), .. } => {
+            Some(change(e.at, change::Kind::EndpointsUpsert(e.value.clone())))
         }
-    }
-    for k in old.endpoints.keys() {
-        if !new.endpoints.contains_key(k) {
-            out.push(change(now, change::Kind::EndpointsDelete(service_ref(k))));
-        }
-    }
-    for k in old.services.keys() {
-        if !new.services.contains_key(k) {
-            out.push(change(now, change::Kind::ServiceDelete(service_ref(k))));
-        }
-    }
-    out
+        DiffItem::Remove(..) => None,
+    });
+    let endpoint_deletes = old
+        .endpoints
+        .diff(&new.endpoints)
+        .filter_map(move |d| match d {
+            DiffItem::Remove(k, _) => {
+                Some(change(now, change::Kind::EndpointsDelete(service_ref(k))))
+            }
+            _ => None,
+        });
+    let service_deletes = old
+        .services
+        .diff(&new.services)
+        .filter_map(move |d| match d {
+            DiffItem::Remove(k, _) => {
+                Some(change(now, change::Kind::ServiceDelete(service_ref(k))))
+            }
+            _ => None,
+        });
+    services
+        .chain(endpoints)
+        .chain(endpoint_deletes)
+        .chain(service_deletes)
 }
 
-/// The whole state as upserts (a full snapshot).
-pub fn full(state: &ClusterState) -> Vec<pb::Change> {
-    diff(&ClusterState::default(), state, SystemTime::now())
+/// The whole state as upserts (a full snapshot), services first, each change cloned
+/// only as it is taken: a full resync is split into batches as it goes, never held
+/// whole a second time.
+pub fn full(state: &ClusterState) -> impl Iterator<Item = pb::Change> + '_ {
+    let services = state
+        .services
+        .values()
+        .map(|s| change(s.at, change::Kind::ServiceUpsert(s.value.clone())));
+    let endpoints = state
+        .endpoints
+        .values()
+        .map(|e| change(e.at, change::Kind::EndpointsUpsert(e.value.clone())));
+    services.chain(endpoints)
 }
 
 /// Survives reconnects: who this agent process is, and what the hub acknowledged.
@@ -304,35 +336,71 @@ fn batch_msg(version: u64, full: bool, more: bool, changes: Vec<pb::Change>) -> 
 /// Bytes a batch needs besides its changes (version, flags, message framing).
 const BATCH_ENVELOPE_BYTES: usize = 64;
 
+/// Fills batches of at most `max_changes` changes and `max_bytes` encoded bytes each
+/// from changes pushed one at a time, in order.
+#[derive(Debug)]
+struct Splitter {
+    max_changes: usize,
+    budget: usize,
+    current: Vec<pb::Change>,
+    bytes: usize,
+}
+
+impl Splitter {
+    fn new(max_changes: usize, max_bytes: usize) -> Self {
+        Splitter {
+            max_changes: max_changes.max(1),
+            budget: max_bytes.saturating_sub(BATCH_ENVELOPE_BYTES),
+            current: Vec::new(),
+            bytes: 0,
+        }
+    }
+
+    /// Adds `c`; returns the batch it closed, if it did not fit in the current one, or
+    /// `Err(c)` when `c` is too large for any batch on its own.
+    fn push(&mut self, c: pb::Change) -> Result<Option<Vec<pb::Change>>, Box<pb::Change>> {
+        let len = c.encoded_len();
+        let cost = 1 + prost::encoding::encoded_len_varint(len as u64) + len;
+        if cost > self.budget {
+            return Err(Box::new(c));
+        }
+        let mut closed = None;
+        if !self.current.is_empty()
+            && (self.current.len() >= self.max_changes || self.bytes + cost > self.budget)
+        {
+            closed = Some(std::mem::take(&mut self.current));
+            self.bytes = 0;
+        }
+        self.bytes += cost;
+        self.current.push(c);
+        Ok(closed)
+    }
+
+    /// The last (maybe empty) batch.
+    fn finish(self) -> Vec<pb::Change> {
+        self.current
+    }
+}
+
 /// Splits `changes` into batches of at most `max_changes` changes and `max_bytes`
 /// encoded bytes each, in order. A change too large for any batch on its own is
 /// returned apart (it can never be sent). Always returns at least one (maybe empty)
 /// batch, so an empty full resync is still sent.
 pub fn split(
-    changes: Vec<pb::Change>,
+    changes: impl IntoIterator<Item = pb::Change>,
     max_changes: usize,
     max_bytes: usize,
 ) -> (Vec<Vec<pb::Change>>, Vec<pb::Change>) {
-    let max_changes = max_changes.max(1);
-    let budget = max_bytes.saturating_sub(BATCH_ENVELOPE_BYTES);
-    let mut batches = vec![Vec::new()];
+    let mut splitter = Splitter::new(max_changes, max_bytes);
+    let mut batches = Vec::new();
     let mut too_large = Vec::new();
-    let mut bytes = 0usize;
     for c in changes {
-        let len = c.encoded_len();
-        let cost = 1 + prost::encoding::encoded_len_varint(len as u64) + len;
-        if cost > budget {
-            too_large.push(c);
-            continue;
+        match splitter.push(c) {
+            Ok(closed) => batches.extend(closed),
+            Err(c) => too_large.push(*c),
         }
-        let current = batches.last_mut().expect("never empty");
-        if !current.is_empty() && (current.len() >= max_changes || bytes + cost > budget) {
-            batches.push(Vec::new());
-            bytes = 0;
-        }
-        bytes += cost;
-        batches.last_mut().expect("never empty").push(c);
     }
+    batches.push(splitter.finish());
     (batches, too_large)
 }
 
@@ -354,38 +422,55 @@ impl BatchLimits {
 }
 
 /// Sends `changes` as one or more batches (`full`: parts of a full resync, all but
-/// the last with `more`). Returns the last version sent, if any was.
+/// the last with `more`), each sent as soon as it is full: one batch is built ahead of
+/// the channel. Returns the last version sent, if any was.
 async fn send_split(
     tx: &mpsc::Sender<pb::AgentMessage>,
     mem: &mut Memory,
     telemetry: &Telemetry,
     limits: BatchLimits,
     full: bool,
-    changes: Vec<pb::Change>,
+    changes: impl IntoIterator<Item = pb::Change>,
 ) -> Result<Option<u64>, AgentError> {
-    if changes.is_empty() && !full {
+    let send = |mem: &mut Memory, chunk: Vec<pb::Change>, more: bool| {
+        mem.version += 1;
+        let (version, n) = (mem.version, chunk.len());
+        let msg = batch_msg(version, full, more, chunk);
+        async move {
+            tx.send(msg)
+                .await
+                .map_err(|_| AgentError::Protocol("outbound stream closed".into()))?;
+            telemetry.sent(version, n);
+            Ok::<(), AgentError>(())
+        }
+    };
+    let mut splitter = Splitter::new(limits.changes, limits.bytes);
+    let (mut total, mut parts) = (0usize, 0usize);
+    for c in changes {
+        total += 1;
+        match splitter.push(c) {
+            Ok(None) => {}
+            // A batch is closed by a change that starts the next: more follow it.
+            Ok(Some(batch)) => {
+                send(mem, batch, true).await?;
+                parts += 1;
+            }
+            Err(c) => {
+                let message = format!(
+                    "a change of {} bytes exceeds the batch limit of {} bytes on its own; not sent",
+                    c.encoded_len(),
+                    limits.bytes
+                );
+                error!(%message, "change dropped");
+                telemetry.item_error(message);
+            }
+        }
+    }
+    if total == 0 && !full {
         return Ok(None);
     }
-    let total = changes.len();
-    let (batches, too_large) = split(changes, limits.changes, limits.bytes);
-    for c in &too_large {
-        let message = format!(
-            "a change of {} bytes exceeds the batch limit of {} bytes on its own; not sent",
-            c.encoded_len(),
-            limits.bytes
-        );
-        error!(%message, "change dropped");
-        telemetry.item_error(message);
-    }
-    let parts = batches.len();
-    for (i, chunk) in batches.into_iter().enumerate() {
-        mem.version += 1;
-        let n = chunk.len();
-        tx.send(batch_msg(mem.version, full, i + 1 < parts, chunk))
-            .await
-            .map_err(|_| AgentError::Protocol("outbound stream closed".into()))?;
-        telemetry.sent(mem.version, n);
-    }
+    send(mem, splitter.finish(), false).await?;
+    parts += 1;
     debug!(
         changes = total,
         parts,
@@ -406,7 +491,10 @@ async fn session(
         .await?
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(usize::MAX);
-    let (tx, rx) = mpsc::channel::<pb::AgentMessage>(MAX_IN_FLIGHT + 4);
+    // One: a diff or resync is produced as the stream takes it, so that a single
+    // decoded batch waits here (a decoded batch is several times its encoded size;
+    // the in-flight window is counted apart, in `in_flight`).
+    let (tx, rx) = mpsc::channel::<pb::AgentMessage>(1);
     let hello = pb::Hello {
         cluster_id: cfg.cluster_id.clone(),
         region: cfg.region.clone(),
@@ -522,6 +610,76 @@ async fn sleep_until(at: Option<Instant>) {
 mod tests {
     use super::*;
 
+    thread_local! {
+        /// `Observed` values compared on this thread (the cost of a diff).
+        pub(super) static COMPARED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+
+    fn observed_service(i: usize) -> (ObjectKey, Observed<pb::Service>) {
+        let key = ObjectKey {
+            namespace: "ns".into(),
+            name: format!("s{i}"),
+        };
+        let value = pb::Service {
+            namespace: "ns".into(),
+            name: format!("s{i}"),
+            hosts: vec![format!("s{i}.ns.svc.cluster.local")],
+            ..Default::default()
+        };
+        (
+            key,
+            Observed {
+                value,
+                at: SystemTime::UNIX_EPOCH,
+            },
+        )
+    }
+
+    /// Sending after a few changes costs about those changes: the diff compares only
+    /// entries outside the structure the two states share (before: every service).
+    #[test]
+    fn diff_of_a_derived_state_compares_only_what_changed() {
+        let mut old = ClusterState::default();
+        for i in 0..20_000 {
+            let (k, v) = observed_service(i);
+            old.services.insert(k, v);
+        }
+        let mut new = old.clone();
+        let (k, mut v) = observed_service(777);
+        v.value.hosts.push("extra.example".into());
+        new.services.insert(k, v.clone());
+        let (gone, _) = observed_service(12_345);
+        new.services.remove(&gone);
+        let (added, a) = observed_service(30_000);
+        new.services.insert(added, a.clone());
+
+        COMPARED.with(|c| c.set(0));
+        let changes: Vec<pb::Change> = diff(&old, &new, SystemTime::UNIX_EPOCH).collect();
+        let compared = COMPARED.with(|c| c.get());
+        assert_eq!(
+            changes,
+            vec![
+                // In key order: "s30000" < "s777".
+                change(a.at, change::Kind::ServiceUpsert(a.value)),
+                change(v.at, change::Kind::ServiceUpsert(v.value)),
+                change(
+                    SystemTime::UNIX_EPOCH,
+                    change::Kind::ServiceDelete(service_ref(&gone))
+                ),
+            ]
+        );
+        assert!(
+            compared < 1_000,
+            "{compared} values compared for 3 changes among 20,000 services"
+        );
+        // A state built apart (nothing shared) still diffs correctly.
+        let mut rebuilt = ClusterState::default();
+        for (k, v) in new.services.iter() {
+            rebuilt.services.insert(k.clone(), v.clone());
+        }
+        assert_eq!(diff(&new, &rebuilt, SystemTime::UNIX_EPOCH).count(), 0);
+    }
+
     #[test]
     fn backoff_doubles_from_initial_to_max_with_full_jitter() {
         let mut cfg = AgentConfig::new("http://127.0.0.1:1", "c");
@@ -551,6 +709,62 @@ mod tests {
                 ..Default::default()
             }),
         )
+    }
+
+    /// A full resync is split as it is produced: while the hub does not read, the
+    /// agent has taken no more than a few batches' worth of changes from its state
+    /// (it used to clone the whole state into one list first).
+    #[tokio::test]
+    async fn a_full_resync_is_built_batch_by_batch() {
+        let cfg = AgentConfig::new("http://127.0.0.1:1", "c");
+        let telemetry = Telemetry::new(&cfg, "i".into());
+        let mut mem = Memory {
+            incarnation: "i".into(),
+            version: 0,
+            acked_version: 0,
+            acked: Arc::default(),
+        };
+        let (tx, mut rx) = mpsc::channel(1);
+        let limits = BatchLimits {
+            changes: 100,
+            bytes: 1 << 20,
+        };
+        let taken = std::cell::Cell::new(0usize);
+        let changes = (0..10_000).map(|i| {
+            taken.set(taken.get() + 1);
+            upsert(&format!("s{i}"), 10)
+        });
+        let send = send_split(&tx, &mut mem, &telemetry, limits, true, changes);
+        tokio::pin!(send);
+        // Polled once: it stops at the full channel.
+        let blocked = tokio::time::timeout(Duration::ZERO, &mut send).await;
+        assert!(blocked.is_err(), "the channel of one is full");
+        assert!(
+            taken.get() <= 2 * limits.changes + 1,
+            "{} of 10,000 changes taken before the first batch was read",
+            taken.get()
+        );
+        // Reading lets it finish: 100 batches, all but the last with `more`.
+        let reader = async {
+            let mut got = Vec::new();
+            while let Some(m) = rx.recv().await {
+                let Some(agent_message::Kind::Batch(b)) = m.kind else {
+                    panic!()
+                };
+                let last = !b.more;
+                got.push((b.version, b.changes.len(), b.more));
+                if last {
+                    break;
+                }
+            }
+            got
+        };
+        let (sent, got) = tokio::join!(send, reader);
+        assert_eq!(sent.unwrap(), Some(100));
+        assert_eq!(got.len(), 100);
+        assert!(got.iter().all(|(_, n, _)| *n == 100));
+        assert!(got[..99].iter().all(|(_, _, more)| *more) && !got[99].2);
+        assert_eq!(taken.get(), 10_000);
     }
 
     #[test]

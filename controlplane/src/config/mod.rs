@@ -5,6 +5,7 @@
 //! Every error names the file, the document, the field and what was expected, and a
 //! file set with any error is rejected whole (the last good config stays in force).
 
+pub mod store;
 pub mod watch;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -195,6 +196,13 @@ struct RawDependency {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawEnvironment {
+    #[serde(default)]
+    zones: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawGateway {
     #[serde(default)]
     listeners: Vec<RawGatewayListener>,
@@ -239,7 +247,18 @@ struct Parsed {
     routes: Vec<Doc<RawRoute>>,
     gateways: Vec<Doc<RawGateway>>,
     sidecars: Vec<Doc<RawSidecar>>,
+    environments: Vec<Doc<RawEnvironment>>,
 }
+
+/// The kinds a document may have.
+pub const KINDS: &[&str] = &[
+    "Service",
+    "Endpoints",
+    "Route",
+    "Gateway",
+    "Sidecar",
+    "Environment",
+];
 
 /// Parses and validates a file set: `(file name, contents)` pairs, in load order.
 pub fn parse_files<'a>(
@@ -361,7 +380,7 @@ impl<'de> serde::de::Visitor<'de> for NodeBudget<'_> {
 /// failure, the number of the document where the budget ran out and the message. A
 /// syntax error ends the count without failing it: parsing reports it, after the
 /// documents before it.
-fn check_yaml_size(text: &str) -> Result<(), (usize, String)> {
+pub(crate) fn check_yaml_size(text: &str) -> Result<(), (usize, String)> {
     let budget = (text.len() as u64).saturating_add(MAX_ALIAS_EXPANSION_NODES);
     let left = std::cell::Cell::new(budget);
     for (index, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
@@ -450,7 +469,7 @@ fn parse_file(
             errors.push(doc_err(
                 anon,
                 "kind",
-                "missing, expected one of Service, Endpoints, Route, Gateway, Sidecar".into(),
+                format!("missing, expected one of {}", KINDS.join(", ")),
             ));
             continue;
         };
@@ -462,13 +481,40 @@ fn parse_file(
             ));
             continue;
         };
+        let name = meta.name.unwrap_or_default();
+        if kind == "Environment" {
+            // An Environment defines the environment it names: it lives in itself.
+            let ns_ok = meta
+                .namespace
+                .as_deref()
+                .is_none_or(|n| n == DEFAULT_NAMESPACE);
+            let env_ok = meta.environment.as_deref().is_none_or(|e| e == name);
+            if !ns_ok || !env_ok {
+                let document = format!("document {number} (Environment {name})");
+                let (field, message) = if !env_ok {
+                    (
+                        "metadata.environment",
+                        format!("must be omitted or equal metadata.name {name:?}"),
+                    )
+                } else {
+                    (
+                        "metadata.namespace",
+                        "must be omitted: an Environment has no namespace".to_string(),
+                    )
+                };
+                errors.push(doc_err(document, field, message));
+                continue;
+            }
+        }
         let namespace = meta
             .namespace
             .unwrap_or_else(|| DEFAULT_NAMESPACE.to_string());
-        let env = meta
-            .environment
-            .unwrap_or_else(|| DEFAULT_ENVIRONMENT.to_string());
-        let name = meta.name.unwrap_or_default();
+        let env = if kind == "Environment" {
+            name.clone()
+        } else {
+            meta.environment
+                .unwrap_or_else(|| DEFAULT_ENVIRONMENT.to_string())
+        };
         let document = format!("document {number} ({kind} {env}/{namespace}/{name})");
         let _ = meta.labels;
         let mut bad_name = false;
@@ -531,7 +577,15 @@ fn parse_file(
             "Route" => push!(routes, RawRoute),
             "Gateway" => push!(gateways, RawGateway),
             "Sidecar" => push!(sidecars, RawSidecar),
-            other => errors.push(doc_err(document, "kind", format!("{other:?} is not a known kind, expected one of Service, Endpoints, Route, Gateway, Sidecar"))),
+            "Environment" => push!(environments, RawEnvironment),
+            other => errors.push(doc_err(
+                document,
+                "kind",
+                format!(
+                    "{other:?} is not a known kind, expected one of {}",
+                    KINDS.join(", ")
+                ),
+            )),
         }
     }
 }
@@ -682,6 +736,11 @@ fn build_mesh(parsed: Parsed, errors: &mut Vec<ConfigError>) -> Mesh {
                 .or_default()
                 .sidecars
                 .insert(scope.name.clone(), scope);
+        }
+    }
+    for doc in &parsed.environments {
+        if let Some(zones) = build_environment(doc, errors) {
+            mesh.environments.entry(doc.env.clone()).or_default().zones = zones;
         }
     }
     for doc in &parsed.gateways {
@@ -873,7 +932,7 @@ fn build_endpoints(doc: &Doc<RawEndpoints>, mesh: &mut Mesh, errors: &mut Vec<Co
             endpoints.push(Endpoint {
                 address,
                 port,
-                ports,
+                ports: ports.into(),
                 locality: Locality {
                     region: e.locality.region.clone(),
                     zone: e.locality.zone.clone(),
@@ -1151,6 +1210,29 @@ fn build_sidecar(doc: &Doc<RawSidecar>, errors: &mut Vec<ConfigError>) -> Option
         name: doc.key.name.clone(),
         dependencies,
     })
+}
+
+/// An environment definition: its zones (each one shard with the environment).
+fn build_environment(
+    doc: &Doc<RawEnvironment>,
+    errors: &mut Vec<ConfigError>,
+) -> Option<Vec<String>> {
+    let before = errors.len();
+    if doc.spec.zones.is_empty() {
+        errors.push(doc.err("spec.zones", "must list at least one zone"));
+    }
+    let mut zones: Vec<String> = Vec::new();
+    for (i, z) in doc.spec.zones.iter().enumerate() {
+        let field = format!("spec.zones[{i}]");
+        if let Err(m) = check_dns_name(z) {
+            errors.push(doc.err(field, m));
+        } else if zones.contains(z) {
+            errors.push(doc.err(field, format!("duplicate zone {z:?}")));
+        } else {
+            zones.push(z.clone());
+        }
+    }
+    (errors.len() == before).then_some(zones)
 }
 
 fn build_gateway(doc: &Doc<RawGateway>, errors: &mut Vec<ConfigError>) -> Option<Gateway> {

@@ -347,3 +347,40 @@ fn hosts_are_unique_within_an_environment() {
     );
     assert_one_error(&[("a.yaml", &twice)], &["spec.hosts[1]", "duplicate host"]);
 }
+
+#[test]
+fn environment_definitions_name_their_zones() {
+    let mesh = parse_files([(
+        "env.yaml",
+        "apiVersion: tributary.io/v1alpha1\nkind: Environment\nmetadata: {name: prod}\nspec: {zones: [az1, az2]}\n",
+    )])
+    .unwrap();
+    assert_eq!(mesh.environments["prod"].zones, ["az1", "az2"]);
+    for (doc, want) in [
+        (
+            "kind: Environment\nmetadata: {name: prod}\nspec: {zones: []}\n",
+            "e.yaml: document 1 (Environment prod/default/prod): spec.zones: must list at least one zone",
+        ),
+        (
+            "kind: Environment\nmetadata: {name: prod}\nspec: {zones: [az1, az1]}\n",
+            "e.yaml: document 1 (Environment prod/default/prod): spec.zones[1]: duplicate zone \"az1\"",
+        ),
+        (
+            "kind: Environment\nmetadata: {name: prod}\nspec: {zones: [AZ_1]}\n",
+            "e.yaml: document 1 (Environment prod/default/prod): spec.zones[0]: \"AZ_1\" is not a valid name",
+        ),
+        (
+            "kind: Environment\nmetadata: {name: prod, environment: staging}\nspec: {zones: [a]}\n",
+            "e.yaml: document 1 (Environment prod): metadata.environment: must be omitted or equal metadata.name \"prod\"",
+        ),
+        (
+            "kind: Environment\nmetadata: {name: prod}\nspec: {zones: [a], regions: [b]}\n",
+            "e.yaml: document 1 (Environment prod/default/prod): spec.regions: unknown field `regions`, expected `zones`",
+        ),
+    ] {
+        let text = format!("apiVersion: tributary.io/v1alpha1\n{doc}");
+        let errs = parse_files([("e.yaml", text.as_str())]).unwrap_err();
+        let got: Vec<String> = errs.0.iter().map(ToString::to_string).collect();
+        assert!(got.iter().any(|e| e.starts_with(want)), "{want}\n{got:#?}");
+    }
+}

@@ -236,6 +236,9 @@ pub struct ConfigStatus {
     pub applied_generation: u64,
     /// Errors of the most recent attempt; empty when it succeeded.
     pub last_errors: Vec<String>,
+    /// With the store as the config source: the watch's state.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store: Option<super::store::StoreSourceStatus>,
 }
 
 /// The YAML files under `paths`: a file as given, or the `*.yaml`/`*.yml` directly in

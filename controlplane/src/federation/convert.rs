@@ -3,7 +3,6 @@
 //! A bad item (empty name, bad address, port out of range, unknown port name, ...)
 //! becomes an [`ItemError`] naming the item and field; the rest of the batch is kept.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -12,7 +11,9 @@ use tributary_proto::federation::v1 as pb;
 use super::{
     Batch, Change, ChangeKind, ClusterInfo, EndpointSet, FedEndpoint, FedService, ItemError, Limits,
 };
-use crate::model::{Endpoint, Health, Locality, ObjectKey, Protocol, ServicePort, normalize_host};
+use crate::model::{
+    Endpoint, Health, Locality, ObjectKey, PortMap, Protocol, ServicePort, normalize_host,
+};
 
 pub fn to_unix_nanos(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
@@ -146,7 +147,7 @@ fn endpoint(
     if e.addresses.is_empty() {
         return Err(format!("{f}.addresses: must list at least one address"));
     }
-    let mut ports = BTreeMap::new();
+    let mut ports = PortMap::new();
     for (name, p) in &e.ports {
         if name.is_empty() {
             return Err(format!("{f}.ports: a port name must not be empty"));

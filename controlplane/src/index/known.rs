@@ -3,11 +3,13 @@
 //! After a restart the index holds every known cluster "pending resync" until its
 //! agent has sent a complete full resync or its grace period has run out, and holds
 //! withdrawals meanwhile (see [`super::Index::restore`]). The list lives behind the
-//! small [`KnownClusters`] interface; today it is a JSON file in `--state-dir`
-//! ([`StateDir`]), and the store (a later issue) will replace it.
+//! small [`KnownClusters`] interface. The hub keeps it in the store ([`StoreKnown`]:
+//! one key per hub replica, `/tributary/known-clusters/{replica}`); [`StateDir`] is
+//! the `--state-dir` lock and the JSON file earlier versions kept there
+//! (`clusters.json`, read once and moved into the store).
 //!
 //! The directory is locked while a hub runs: two hubs sharing one state dir would
-//! overwrite each other's list.
+//! share one embedded store.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
@@ -154,6 +156,102 @@ impl KnownClusters for StateDir {
             .and_then(|d| d.sync_all())
             .map_err(io("syncing the directory"))?;
         Ok(())
+    }
+}
+
+/// Where a replica's known clusters live in the store.
+pub fn store_key(replica: &str) -> String {
+    format!("/tributary/known-clusters/{replica}")
+}
+
+/// The known clusters in the store. [`KnownClusters::save`] hands the newest list to
+/// a writer task and returns at once (the index never waits on the store); the task
+/// writes the latest list, retrying while the store is unavailable, so a burst of
+/// saves costs one write and an outage loses nothing but intermediate lists.
+#[derive(Debug)]
+pub struct StoreKnown {
+    tx: tokio::sync::watch::Sender<Option<Vec<KnownCluster>>>,
+}
+
+impl StoreKnown {
+    /// Reads `replica`'s list and starts the writer task.
+    pub async fn open(
+        store: tributary_store::SharedStore,
+        replica: &str,
+    ) -> Result<(StoreKnown, Vec<KnownCluster>), tributary_store::StoreError> {
+        let key = store_key(replica);
+        let (kv, _) = store.get(&key).await?;
+        let clusters = match kv {
+            None => Vec::new(),
+            Some(kv) => match serde_json::from_slice::<StateFile>(&kv.value) {
+                Ok(f) => f.clusters,
+                Err(e) => {
+                    tracing::warn!(key, error = %e, "the stored known-cluster list is not valid; starting without it");
+                    Vec::new()
+                }
+            },
+        };
+        let (tx, mut rx) = tokio::sync::watch::channel(None::<Vec<KnownCluster>>);
+        tokio::spawn(async move {
+            let mut written: Option<Vec<KnownCluster>> = None;
+            loop {
+                let open = rx.changed().await.is_ok();
+                let latest = rx.borrow_and_update().clone();
+                if let Some(list) = latest.filter(|l| Some(l) != written.as_ref()) {
+                    let body = serde_json::to_vec(&StateFile {
+                        version: 1,
+                        clusters: list.clone(),
+                    })
+                    .unwrap_or_default();
+                    // While the hub runs: until it is written. Once it stops: a few tries.
+                    let mut tries = 0;
+                    loop {
+                        match store.put(&key, body.clone(), 0).await {
+                            Ok(_) => {
+                                written = Some(list);
+                                break;
+                            }
+                            Err(e) => {
+                                tries += 1;
+                                tracing::warn!(key, error = %e, "could not save the known clusters; retrying");
+                                if !open && tries >= 3 {
+                                    break;
+                                }
+                                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                            }
+                        }
+                    }
+                }
+                if !open {
+                    return;
+                }
+            }
+        });
+        Ok((StoreKnown { tx }, clusters))
+    }
+}
+
+impl KnownClusters for StoreKnown {
+    fn save(&mut self, clusters: &[KnownCluster]) -> Result<(), StateError> {
+        self.tx.send_replace(Some(clusters.to_vec()));
+        Ok(())
+    }
+}
+
+impl StateDir {
+    /// Moves the `clusters.json` of an earlier version aside once its list is in the
+    /// store (renamed to `clusters.json.migrated`).
+    pub fn retire_legacy_file(&self) -> Result<(), StateError> {
+        let file = self.dir.join(STATE_FILE);
+        match std::fs::rename(&file, self.dir.join(format!("{STATE_FILE}.migrated"))) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(StateError::Io {
+                dir: self.dir.clone(),
+                what: "moving clusters.json aside",
+                source,
+            }),
+        }
     }
 }
 

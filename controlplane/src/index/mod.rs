@@ -29,9 +29,10 @@ use crate::metrics::{ClusterLabel, EnvLabel, Metrics};
 use crate::model::{Environment, Mesh, ObjectKey, Service};
 use crate::xds::XdsType;
 use crate::xds::generate::{
-    EnvResources, Generated, endpoint_resources, service_resources, shared_resources,
+    EnvResources, Generated, VirtualHostCache, endpoint_resources, service_resources,
+    shared_resources_cached,
 };
-use crate::xds::snapshot::{Changes, Shards};
+use crate::xds::snapshot::{Changes, Snapshots};
 
 #[derive(Debug, Clone, Copy)]
 pub struct IndexConfig {
@@ -159,6 +160,8 @@ struct ClusterState {
     info: ClusterInfo,
     services: BTreeMap<ObjectKey, FedService>,
     endpoints: BTreeMap<ObjectKey, Vec<FedEndpoint>>,
+    /// The sum of `endpoints`' lengths, kept as they change (status shows it per batch).
+    endpoint_count: usize,
     session: Option<u64>,
     grace_until: Option<Instant>,
     grace_until_wall: Option<SystemTime>,
@@ -204,6 +207,47 @@ struct Pending {
 struct Sources {
     file: Arc<Mesh>,
     clusters: BTreeMap<String, ClusterState>,
+    /// Service key → the clusters declaring a service under it, so that merging a
+    /// service visits its own declarations, never every cluster.
+    declared: Declared,
+}
+
+type Declared = HashMap<ObjectKey, BTreeSet<String>>;
+
+fn declare(declared: &mut Declared, key: &ObjectKey, cluster: &str) {
+    let set = declared.entry(key.clone()).or_default();
+    if !set.contains(cluster) {
+        set.insert(cluster.to_string());
+    }
+}
+
+fn undeclare(declared: &mut Declared, key: &ObjectKey, cluster: &str) {
+    if let Some(set) = declared.get_mut(key) {
+        set.remove(cluster);
+        if set.is_empty() {
+            declared.remove(key);
+        }
+    }
+}
+
+/// How much per-item work the index has done: real counters in the code paths whose
+/// cost must stay linear in the size of what changed (a test ingests 1,000 and 4,000
+/// services and requires about 4× the work, see `index/tests.rs`). Each is a plain
+/// `u64` increment on the index task; [`Index::work`] reads them.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Work {
+    /// Host claims placed or released and host owners looked up (host ownership).
+    pub host_ops: u64,
+    /// Declarations (the file's, or one cluster's) visited while merging services.
+    pub merge_visits: u64,
+    /// Services re-merged in a flush.
+    pub services_merged: u64,
+    /// Resources generated and encoded (a service's own, and the shared ones).
+    pub resources_encoded: u64,
+    /// Virtual hosts encoded for the shared route tables (cached per service).
+    pub virtual_hosts_encoded: u64,
+    /// Cluster status entries computed.
+    pub status_entries: u64,
 }
 
 #[derive(Debug, Default)]
@@ -215,15 +259,21 @@ struct EnvDirty {
 
 #[derive(Debug, Default)]
 struct EnvState {
+    /// The merged services (specs only: endpoints are left out), routes, gateways
+    /// and sidecar scopes: what the shared resources are generated from.
     model: Environment,
     resources: EnvResources,
     /// Resource names each service generated, to withdraw what it no longer does.
     owned: HashMap<ObjectKey, Vec<(XdsType, Arc<str>)>>,
     shared: Vec<(XdsType, Arc<str>)>,
     /// Host → every service claiming it, the owner first (see [`Claim`]).
-    claims: HashMap<String, BTreeSet<Claim>>,
+    /// A sorted `Vec`: almost every host has one claimant, and a one-element B-tree
+    /// set costs a whole node (about 600 bytes) per host.
+    claims: HashMap<String, Vec<Claim>>,
     /// Service → the hosts it claims (its merged hosts, owned or not).
     claimed: HashMap<ObjectKey, Vec<String>>,
+    /// The shared route tables' virtual hosts, encoded once per service version.
+    vhosts: VirtualHostCache,
 }
 
 /// A service's claim on a host. The owner is the smallest claim: (1) a service
@@ -245,7 +295,7 @@ pub struct Index {
     dirty: BTreeMap<String, EnvDirty>,
     debouncer: Debouncer,
     pending_origin: Option<SystemTime>,
-    shards: Arc<Shards>,
+    snapshots: Arc<Snapshots>,
     metrics: Arc<Metrics>,
     status: watch::Sender<Arc<Vec<ClusterStatus>>>,
     /// Clusters that fed the hub (kept in `store`, read back after a restart).
@@ -255,6 +305,9 @@ pub struct Index {
     pending: BTreeMap<String, Pending>,
     pending_status: watch::Sender<Arc<Vec<PendingResync>>>,
     holding: bool,
+    work: Work,
+    /// The status entry of each cluster, recomputed only when that cluster changes.
+    status_entries: BTreeMap<String, ClusterStatus>,
 }
 
 fn unix(t: SystemTime) -> f64 {
@@ -264,7 +317,7 @@ fn unix(t: SystemTime) -> f64 {
 }
 
 impl Index {
-    pub fn new(cfg: IndexConfig, shards: Arc<Shards>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(cfg: IndexConfig, snapshots: Arc<Snapshots>, metrics: Arc<Metrics>) -> Self {
         let (status, _) = watch::channel(Arc::new(Vec::new()));
         Self {
             cfg,
@@ -273,7 +326,7 @@ impl Index {
             dirty: BTreeMap::new(),
             debouncer: Debouncer::default(),
             pending_origin: None,
-            shards,
+            snapshots,
             metrics,
             status,
             known: BTreeMap::new(),
@@ -281,13 +334,15 @@ impl Index {
             pending: BTreeMap::new(),
             pending_status: watch::channel(Arc::new(Vec::new())).0,
             holding: false,
+            work: Work::default(),
+            status_entries: BTreeMap::new(),
         }
     }
 
     /// After a (re)start: `known` clusters fed the hub before. Each is pending until
     /// its first complete full resync is applied or its grace period (from `now`) runs
     /// out; while any is pending, streams withhold withdrawals
-    /// ([`Shards::hold_withdrawals`]). The list is kept up to date in `store`.
+    /// ([`Snapshots::hold_withdrawals`]). The list is kept up to date in `store`.
     pub fn restore(
         &mut self,
         known: Vec<KnownCluster>,
@@ -314,7 +369,7 @@ impl Index {
                 "holding withdrawals until the known clusters resync"
             );
             self.holding = true;
-            self.shards.hold_withdrawals(true);
+            self.snapshots.hold_withdrawals(true);
         }
         self.publish_pending();
     }
@@ -357,7 +412,7 @@ impl Index {
     fn maybe_release(&mut self) {
         if self.holding && self.pending.is_empty() && !self.debouncer.is_pending() {
             self.holding = false;
-            self.shards.hold_withdrawals(false);
+            self.snapshots.hold_withdrawals(false);
             info!("every known cluster resynced or timed out: withdrawals released");
         }
     }
@@ -513,7 +568,7 @@ impl Index {
         info!(cluster = %state.info.id, session, resume, last_acked, hub_version = state.last_version, incarnation = %state.info.incarnation, "agent connected");
         let hub_version = state.last_version;
         self.remember(&info, false);
-        self.publish_status();
+        self.publish_status(&info.id);
         Ok(Welcome {
             resume,
             hub_version,
@@ -530,9 +585,10 @@ impl Index {
         batch: Batch,
         now: Instant,
     ) -> Result<(), String> {
-        let state = self
-            .sources
-            .clusters
+        let Sources {
+            clusters, declared, ..
+        } = &mut self.sources;
+        let state = clusters
             .get_mut(cluster)
             .filter(|s| s.session == Some(session))
             .ok_or_else(|| {
@@ -555,12 +611,12 @@ impl Index {
             state.resync = Some(Resync::default());
         }
         for c in batch.changes {
-            apply_change(state, c.kind, full, &mut applied);
+            apply_change(state, declared, c.kind, full, &mut applied);
         }
         let resynced = full && !more;
         if resynced {
             let named = state.resync.take().unwrap_or_default();
-            finish_resync(state, &named, &mut applied);
+            finish_resync(state, declared, &named, &mut applied);
         }
         state.last_version = version;
         // Only a complete state can be resumed from.
@@ -601,7 +657,7 @@ impl Index {
             self.publish_pending();
             self.maybe_release();
         }
-        self.publish_status();
+        self.publish_status(cluster);
         Ok(())
     }
 
@@ -616,7 +672,7 @@ impl Index {
             if state.session == Some(session) {
                 state.resync = None;
             }
-            self.publish_status();
+            self.publish_status(cluster);
         }
     }
 
@@ -640,7 +696,7 @@ impl Index {
             );
             let info = s.info.clone();
             self.remember(&info, true);
-            self.publish_status();
+            self.publish_status(cluster);
         }
     }
 
@@ -685,6 +741,9 @@ impl Index {
             let Some(state) = self.sources.clusters.remove(&id) else {
                 continue;
             };
+            for k in state.services.keys() {
+                undeclare(&mut self.sources.declared, k, &id);
+            }
             self.forget(&id);
             warn!(cluster = %id, services = state.services.len(), "grace period over: withdrawing the cluster's services and endpoints");
             let keys: BTreeSet<ObjectKey> = state
@@ -703,8 +762,13 @@ impl Index {
             });
             self.debouncer.record(now, true);
             self.note_origin(SystemTime::now());
+            self.publish_status(&id);
         }
-        self.publish_status();
+    }
+
+    /// How much per-item work the index has done so far.
+    pub fn work(&self) -> Work {
+        self.work
     }
 
     /// What the index holds for `cluster`: its services and endpoint sets (for
@@ -725,7 +789,7 @@ impl Index {
         for (env, d) in dirty {
             let started = std::time::Instant::now();
             let st = self.envs.entry(env.clone()).or_default();
-            let changes = flush_env(&self.sources, &env, st, d);
+            let changes = flush_env(&self.sources, &env, st, d, &mut self.work);
             // Each changed resource's convergence starts at the oldest change of this flush.
             let origin_at = origin.unwrap_or_else(SystemTime::now);
             for ty in XdsType::ALL {
@@ -742,7 +806,7 @@ impl Index {
                 .generation_seconds
                 .observe(started.elapsed().as_secs_f64());
             if let Some(seq) =
-                self.shards
+                self.snapshots
                     .publish_changes(&env, st.resources.clone(), changes, origin)
             {
                 self.metrics
@@ -758,55 +822,63 @@ impl Index {
         self.maybe_release();
     }
 
-    fn publish_status(&self) {
-        let list = self
-            .sources
-            .clusters
-            .iter()
-            .map(|(id, c)| ClusterStatus {
-                id: id.clone(),
-                region: c.info.region.clone(),
-                zone: c.info.zone.clone(),
-                network: c.info.network.clone(),
-                agent_version: c.info.agent_version.clone(),
-                state: if c.session.is_some() {
-                    "connected"
-                } else {
-                    "grace"
-                },
-                grace_until_unix: c.grace_until_wall.map(unix),
-                last_version: c.last_version,
-                services: c.services.len(),
-                endpoints: c.endpoints.values().map(Vec::len).sum(),
-                incarnation: c.info.incarnation.clone(),
-                resync_in_progress: c.resync.is_some(),
-                batches_rejected: c.batches_rejected,
-                last_batch_error: c.last_batch_error.clone(),
-                last_origin_unix: c.last_origin.map(unix),
-                last_applied_unix: c.last_applied.map(unix),
-                lag_seconds: match (c.last_applied, c.last_origin) {
-                    (Some(a), Some(o)) => {
-                        Some(a.duration_since(o).unwrap_or_default().as_secs_f64())
-                    }
-                    _ => None,
-                },
-                changes_applied: c.changes_applied,
-                sessions: c.sessions,
-            })
-            .collect();
+    /// Recomputes the status entry of `id` alone (or drops it when the cluster is
+    /// gone) and publishes the list: a batch costs one entry, not one per cluster.
+    fn publish_status(&mut self, id: &str) {
+        match self.sources.clusters.get(id) {
+            Some(c) => {
+                self.work.status_entries += 1;
+                self.status_entries
+                    .insert(id.to_string(), cluster_status(id, c));
+            }
+            None => {
+                self.status_entries.remove(id);
+            }
+        }
         let connected = self
-            .sources
-            .clusters
+            .status_entries
             .values()
-            .filter(|c| c.session.is_some())
+            .filter(|c| c.state == "connected")
             .count();
         self.metrics
             .federation_clusters_connected
             .set(connected as i64);
         self.metrics
             .federation_clusters_grace
-            .set((self.sources.clusters.len() - connected) as i64);
-        self.status.send_replace(Arc::new(list));
+            .set((self.status_entries.len() - connected) as i64);
+        self.status
+            .send_replace(Arc::new(self.status_entries.values().cloned().collect()));
+    }
+}
+
+fn cluster_status(id: &str, c: &ClusterState) -> ClusterStatus {
+    ClusterStatus {
+        id: id.to_string(),
+        region: c.info.region.clone(),
+        zone: c.info.zone.clone(),
+        network: c.info.network.clone(),
+        agent_version: c.info.agent_version.clone(),
+        state: if c.session.is_some() {
+            "connected"
+        } else {
+            "grace"
+        },
+        grace_until_unix: c.grace_until_wall.map(unix),
+        last_version: c.last_version,
+        services: c.services.len(),
+        endpoints: c.endpoint_count,
+        incarnation: c.info.incarnation.clone(),
+        resync_in_progress: c.resync.is_some(),
+        batches_rejected: c.batches_rejected,
+        last_batch_error: c.last_batch_error.clone(),
+        last_origin_unix: c.last_origin.map(unix),
+        last_applied_unix: c.last_applied.map(unix),
+        lag_seconds: match (c.last_applied, c.last_origin) {
+            (Some(a), Some(o)) => Some(a.duration_since(o).unwrap_or_default().as_secs_f64()),
+            _ => None,
+        },
+        changes_applied: c.changes_applied,
+        sessions: c.sessions,
     }
 }
 
@@ -823,10 +895,16 @@ fn env_of(s: &ClusterState, k: &ObjectKey) -> Option<String> {
     s.services.get(k).map(|f| f.environment.clone())
 }
 
-/// Applies one change to a cluster's state. In a full resync, upserts and keeps name
-/// their key, and deletes are meaningless (the resync's end deletes what it did not
-/// name).
-fn apply_change(state: &mut ClusterState, kind: ChangeKind, full: bool, out: &mut Applied) {
+/// Applies one change to a cluster's state (and the cluster's entries in `declared`).
+/// In a full resync, upserts and keeps name their key, and deletes are meaningless
+/// (the resync's end deletes what it did not name).
+fn apply_change(
+    state: &mut ClusterState,
+    declared: &mut Declared,
+    kind: ChangeKind,
+    full: bool,
+    out: &mut Applied,
+) {
     if let Some(named) = state.resync.as_mut() {
         match &kind {
             ChangeKind::UpsertService(s) => {
@@ -850,6 +928,7 @@ fn apply_change(state: &mut ClusterState, kind: ChangeKind, full: bool, out: &mu
             out.touched
                 .extend(env_of(state, &k).map(|e| (e, k.clone())));
             out.touched.push((s.environment.clone(), k.clone()));
+            declare(declared, &k, &state.info.id);
             state.services.insert(k, s);
         }
         ChangeKind::DeleteService(k) if !full => {
@@ -857,6 +936,7 @@ fn apply_change(state: &mut ClusterState, kind: ChangeKind, full: bool, out: &mu
                 out.touched.push((env, k.clone()));
                 out.removal = true;
             }
+            undeclare(declared, &k, &state.info.id);
             state.services.remove(&k);
         }
         ChangeKind::UpsertEndpoints(k, set) => {
@@ -881,10 +961,14 @@ fn apply_change(state: &mut ClusterState, kind: ChangeKind, full: bool, out: &mu
             }
             out.touched
                 .extend(env_of(state, &k).map(|env| (env, k.clone())));
-            state.endpoints.insert(k, new);
+            state.endpoint_count += new.len();
+            if let Some(old) = state.endpoints.insert(k, new) {
+                state.endpoint_count -= old.len();
+            }
         }
         ChangeKind::DeleteEndpoints(k) if !full => {
-            if state.endpoints.remove(&k).is_some() {
+            if let Some(old) = state.endpoints.remove(&k) {
+                state.endpoint_count -= old.len();
                 out.removal = true;
                 out.touched
                     .extend(env_of(state, &k).map(|env| (env, k.clone())));
@@ -899,7 +983,12 @@ fn apply_change(state: &mut ClusterState, kind: ChangeKind, full: bool, out: &mu
 
 /// The end of a full resync: deletes what the cluster holds and the resync did not
 /// name (a rejected item's key counts as named, so it is never deleted).
-fn finish_resync(state: &mut ClusterState, named: &Resync, out: &mut Applied) {
+fn finish_resync(
+    state: &mut ClusterState,
+    declared: &mut Declared,
+    named: &Resync,
+    out: &mut Applied,
+) {
     let endpoints: Vec<ObjectKey> = state
         .endpoints
         .keys()
@@ -907,7 +996,9 @@ fn finish_resync(state: &mut ClusterState, named: &Resync, out: &mut Applied) {
         .cloned()
         .collect();
     for k in endpoints {
-        state.endpoints.remove(&k);
+        if let Some(old) = state.endpoints.remove(&k) {
+            state.endpoint_count -= old.len();
+        }
         out.removal = true;
         out.touched
             .extend(env_of(state, &k).map(|env| (env, k.clone())));
@@ -920,6 +1011,7 @@ fn finish_resync(state: &mut ClusterState, named: &Resync, out: &mut Applied) {
         .collect();
     for k in services {
         if let Some(s) = state.services.remove(&k) {
+            undeclare(declared, &k, &state.info.id);
             out.removal = true;
             out.touched.push((s.environment, k));
         }
@@ -941,14 +1033,17 @@ async fn sleep_until(at: Option<Instant>) {
 /// does not depend on which cluster declared first: the file's first host, else
 /// `name.namespace.svc.cluster.local` when declared, else the smallest host. So one
 /// cluster can never take another's ports or rename the service under it.
-fn merged(sources: &Sources, env: &str, key: &ObjectKey) -> Option<Service> {
+fn merged(sources: &Sources, env: &str, key: &ObjectKey, work: &mut Work) -> Option<Service> {
     let file = sources
         .file
         .environments
         .get(env)
         .and_then(|e| e.services.get(key));
     let mut svc = file.cloned();
-    for c in sources.clusters.values() {
+    work.merge_visits += 1;
+    let declaring = sources.declared.get(key).into_iter().flatten();
+    for c in declaring.filter_map(|id| sources.clusters.get(id)) {
+        work.merge_visits += 1;
         let Some(fs) = c.services.get(key).filter(|f| f.environment == env) else {
             continue;
         };
@@ -1007,14 +1102,30 @@ fn merged(sources: &Sources, env: &str, key: &ObjectKey) -> Option<Service> {
     svc
 }
 
+/// A service settled in a flush (see [`flush_env`]).
+struct Settled {
+    spec: Option<Service>,
+    generated: Generated,
+    /// `generated` is every resource of the service (else its load assignments only).
+    all: bool,
+}
+
 fn same_spec(a: &Service, b: &Service) -> bool {
     a.hosts == b.hosts && a.ports == b.ports && a.subsets == b.subsets
 }
 
-fn flush_env(sources: &Sources, env: &str, st: &mut EnvState, d: EnvDirty) -> Changes {
+fn flush_env(
+    sources: &Sources,
+    env: &str,
+    st: &mut EnvState,
+    d: EnvDirty,
+    work: &mut Work,
+) -> Changes {
     let mut changes: Changes = Default::default();
     let mut shared = d.routing;
     if d.routing {
+        // Routes may now name any service: no virtual host is kept.
+        st.vhosts.clear();
         let file = sources.file.environments.get(env);
         st.model.routes = file.map(|e| e.routes.clone()).unwrap_or_default();
         st.model.gateways = file.map(|e| e.gateways.clone()).unwrap_or_default();
@@ -1022,10 +1133,15 @@ fn flush_env(sources: &Sources, env: &str, st: &mut EnvState, d: EnvDirty) -> Ch
     }
     // A service whose claim moves a host's ownership puts the services that gained or
     // lost it back on the list: they are re-merged in this same flush.
-    let mut work = d.keys;
-    let mut settled: BTreeMap<ObjectKey, Option<Service>> = BTreeMap::new();
-    while let Some(key) = work.pop_first() {
-        let mut new = merged(sources, env, &key);
+    let mut queue = d.keys;
+    // Per settled service: its new spec (endpoints left out), its resources generated
+    // (encoded: the merged endpoints are not held for the whole flush) and whether
+    // they are all of its resources (else its load assignments only); `None` when
+    // there was and is nothing.
+    let mut settled: BTreeMap<ObjectKey, Option<Settled>> = BTreeMap::new();
+    while let Some(key) = queue.pop_first() {
+        work.services_merged += 1;
+        let mut new = merged(sources, env, &key, work);
         let in_file = sources
             .file
             .environments
@@ -1036,9 +1152,10 @@ fn flush_env(sources: &Sources, env: &str, st: &mut EnvState, d: EnvDirty) -> Ch
             .filter(|s| !s.ports.is_empty())
             .map(|s| s.hosts.clone())
             .unwrap_or_default();
-        claim_hosts(st, &key, in_file, claims, &mut work);
+        claim_hosts(st, &key, in_file, claims, &mut queue, work);
         if let Some(s) = new.as_mut() {
             s.hosts.retain(|h| {
+                work.host_ops += 1;
                 let owner = st.claims.get(h).and_then(|c| c.first()).map(|c| &c.key);
                 if owner != Some(&key) {
                     debug!(environment = env, host = %h, service = %key, owner = ?owner.map(ToString::to_string), "host owned by another service; ignored for this one");
@@ -1049,31 +1166,61 @@ fn flush_env(sources: &Sources, env: &str, st: &mut EnvState, d: EnvDirty) -> Ch
                 new = None;
             }
         }
-        settled.insert(key, new);
+        // A touched service with the same spec regenerates its load assignments; the
+        // content versions drop those that did not change. (A service settled again
+        // because a host changed hands is generated again.)
+        let old = st.model.services.get(&key);
+        let entry = match (old, &mut new) {
+            (None, None) => None,
+            (Some(o), Some(n)) if same_spec(o, n) => {
+                let mut generated = Generated::new();
+                endpoint_resources(n, &mut generated);
+                Some((generated, false))
+            }
+            (_, n) => {
+                let mut generated = Generated::new();
+                if let Some(n) = n {
+                    service_resources(n, &mut generated);
+                }
+                Some((generated, true))
+            }
+        };
+        // The model keeps each service's spec only: its endpoints are held in the
+        // sources and in the encoded load assignments, not a third time here.
+        if let Some(n) = new.as_mut() {
+            n.endpoints = Vec::new();
+        }
+        settled.insert(
+            key,
+            entry.map(|(generated, all)| Settled {
+                spec: new,
+                generated,
+                all,
+            }),
+        );
     }
     // Withdraw every changed service's stale resources before inserting any new ones:
     // a resource name (an API listener of a host) may move from one service to another.
     let mut inserts = Vec::new();
-    for (key, new) in settled {
-        let old = st.model.services.get(&key);
-        if new.as_ref() == old {
+    for (key, entry) in settled {
+        let Some(Settled {
+            spec: new,
+            generated,
+            all,
+        }) = entry
+        else {
             continue;
-        }
-        let mut generated = Generated::new();
-        match (old, &new) {
-            (Some(o), Some(n)) if same_spec(o, n) => endpoint_resources(n, &mut generated),
-            _ => {
-                shared = true;
-                if let Some(n) = &new {
-                    service_resources(n, &mut generated);
-                }
-                let old_names = st.owned.remove(&key).unwrap_or_default();
-                let names = remove_stale(&mut st.resources, &old_names, &generated, &mut changes);
-                if !names.is_empty() {
-                    st.owned.insert(key.clone(), names);
-                }
+        };
+        if all {
+            shared = true;
+            st.vhosts.invalidate(&key);
+            let old_names = st.owned.remove(&key).unwrap_or_default();
+            let names = remove_stale(&mut st.resources, &old_names, &generated, &mut changes);
+            if !names.is_empty() {
+                st.owned.insert(key.clone(), names);
             }
         }
+        work.resources_encoded += generated.len() as u64;
         inserts.push(generated);
         match new {
             Some(n) => st.model.services.insert(key, n),
@@ -1085,7 +1232,10 @@ fn flush_env(sources: &Sources, env: &str, st: &mut EnvState, d: EnvDirty) -> Ch
     }
     if shared {
         let mut generated = Generated::new();
-        let roles = shared_resources(&st.model, &mut generated);
+        let encoded = st.vhosts.encoded;
+        let roles = shared_resources_cached(&st.model, &mut st.vhosts, &mut generated);
+        work.resources_encoded += generated.len() as u64;
+        work.virtual_hosts_encoded += st.vhosts.encoded - encoded;
         let old_names = std::mem::take(&mut st.shared);
         st.shared = replace(&mut st.resources, &old_names, generated, &mut changes);
         st.resources.roles = roles;
@@ -1093,14 +1243,15 @@ fn flush_env(sources: &Sources, env: &str, st: &mut EnvState, d: EnvDirty) -> Ch
     changes
 }
 
-/// Replaces the claims of `key` with `hosts`, and queues in `work` every other
-/// service that gained or lost a host by it. Costs O(hosts of `key`).
+/// Replaces the claims of `key` with `hosts`, and queues every other service that
+/// gained or lost a host by it. Costs O(hosts of `key`).
 fn claim_hosts(
     st: &mut EnvState,
     key: &ObjectKey,
     in_file: bool,
     hosts: Vec<String>,
-    work: &mut BTreeSet<ObjectKey>,
+    queue: &mut BTreeSet<ObjectKey>,
+    work: &mut Work,
 ) {
     let old = st.claimed.remove(key).unwrap_or_default();
     let owner = |st: &EnvState, h: &str| -> Option<ObjectKey> {
@@ -1110,6 +1261,8 @@ fn claim_hosts(
             .map(|c| c.key.clone())
     };
     let affected: BTreeSet<&String> = old.iter().chain(hosts.iter()).collect();
+    // Each host: its owner before and after, and its claim released and/or placed.
+    work.host_ops += (2 * affected.len() + old.len() + hosts.len()) as u64;
     let before: Vec<Option<ObjectKey>> = affected.iter().map(|h| owner(st, h)).collect();
     for h in &old {
         if let Some(set) = st.claims.get_mut(h) {
@@ -1128,15 +1281,21 @@ fn claim_hosts(
         } else {
             2
         };
-        st.claims.entry(h.clone()).or_default().insert(Claim {
+        let claim = Claim {
             rank,
             key: key.clone(),
-        });
+        };
+        let set = st.claims.entry(h.clone()).or_default();
+        if set.is_empty() {
+            *set = vec![claim]; // exactly one (a push would reserve four)
+        } else if let Err(at) = set.binary_search(&claim) {
+            set.insert(at, claim);
+        }
     }
     for (h, was) in affected.iter().zip(before) {
         let now = owner(st, h);
         if now != was {
-            work.extend([was, now].into_iter().flatten().filter(|k| k != key));
+            queue.extend([was, now].into_iter().flatten().filter(|k| k != key));
         }
     }
     if !hosts.is_empty() {

@@ -6,12 +6,12 @@ use super::*;
 use crate::federation::{Change, EndpointSet, FedEndpoint};
 use crate::model::{Endpoint, Health, Locality, Protocol, ServicePort};
 
-fn index() -> (Index, Arc<Shards>) {
-    let shards = Arc::new(Shards::default());
+fn index() -> (Index, Arc<Snapshots>) {
+    let snapshots = Arc::new(Snapshots::default());
     let metrics = Arc::new(Metrics::new(&mut Registry::default()));
     (
-        Index::new(IndexConfig::default(), shards.clone(), metrics),
-        shards,
+        Index::new(IndexConfig::default(), snapshots.clone(), metrics),
+        snapshots,
     )
 }
 
@@ -114,10 +114,10 @@ fn connect(ix: &mut Index, id: &str, session: u64, services: &[&str]) {
 
 #[test]
 fn endpoint_only_change_regenerates_only_load_assignments() {
-    let (mut ix, shards) = index();
+    let (mut ix, snapshots) = index();
     connect(&mut ix, "c1", 1, &["a", "b"]);
     ix.flush(Instant::now());
-    let s1 = shards.current("prod");
+    let s1 = snapshots.current("prod");
     assert_eq!(s1.seq, 1);
     assert!(s1.get(XdsType::Cluster, &cluster_name("a")).is_some());
     assert!(
@@ -139,7 +139,7 @@ fn endpoint_only_change_regenerates_only_load_assignments() {
     )
     .unwrap();
     ix.flush(Instant::now());
-    let s2 = shards.current("prod");
+    let s2 = snapshots.current("prod");
     assert_eq!(s2.seq, 2);
     assert_eq!(
         s2.changed[XdsType::Endpoint as usize]
@@ -158,7 +158,7 @@ fn endpoint_only_change_regenerates_only_load_assignments() {
 
 #[test]
 fn adding_a_service_touches_its_resources_and_the_shared_tables() {
-    let (mut ix, shards) = index();
+    let (mut ix, snapshots) = index();
     connect(&mut ix, "c1", 1, &["a"]);
     ix.flush(Instant::now());
     ix.apply_batch(
@@ -173,7 +173,7 @@ fn adding_a_service_touches_its_resources_and_the_shared_tables() {
     )
     .unwrap();
     ix.flush(Instant::now());
-    let s = shards.current("prod");
+    let s = snapshots.current("prod");
     let changed = |t: XdsType| {
         s.changed[t as usize]
             .iter()
@@ -192,7 +192,7 @@ fn adding_a_service_touches_its_resources_and_the_shared_tables() {
 
 #[test]
 fn a_full_snapshot_that_changes_nothing_publishes_nothing() {
-    let (mut ix, shards) = index();
+    let (mut ix, snapshots) = index();
     connect(&mut ix, "c1", 1, &["a", "b"]);
     ix.flush(Instant::now());
     ix.gone("c1", 1, Instant::now());
@@ -200,7 +200,7 @@ fn a_full_snapshot_that_changes_nothing_publishes_nothing() {
     connect(&mut ix, "c1", 2, &["a", "b"]);
     assert!(!ix.debouncer.is_pending(), "nothing to regenerate");
     ix.flush(Instant::now());
-    assert_eq!(shards.current("prod").seq, 1);
+    assert_eq!(snapshots.current("prod").seq, 1);
 }
 
 #[test]
@@ -233,12 +233,12 @@ fn a_second_live_agent_for_a_cluster_is_rejected() {
 
 #[test]
 fn grace_period_keeps_then_withdraws_endpoints() {
-    let (mut ix, shards) = index();
+    let (mut ix, snapshots) = index();
     connect(&mut ix, "c1", 1, &["a"]);
     connect(&mut ix, "c2", 2, &["a"]);
     ix.flush(Instant::now());
-    let cla = |shards: &Shards| {
-        let s = shards.current("prod");
+    let cla = |snapshots: &Snapshots| {
+        let s = snapshots.current("prod");
         let r = s
             .get(XdsType::Endpoint, &cluster_name("a"))
             .unwrap()
@@ -247,7 +247,11 @@ fn grace_period_keeps_then_withdraws_endpoints() {
         tributary_proto::envoy::envoy::config::endpoint::v3::ClusterLoadAssignment::decode(r.body())
             .unwrap()
     };
-    assert_eq!(cla(&shards).endpoints.len(), 2, "one locality per cluster");
+    assert_eq!(
+        cla(&snapshots).endpoints.len(),
+        2,
+        "one locality per cluster"
+    );
 
     let t0 = Instant::now();
     ix.gone("c2", 2, t0);
@@ -267,7 +271,7 @@ fn grace_period_keeps_then_withdraws_endpoints() {
     );
     ix.expire(t0 + Duration::from_secs(60));
     ix.flush(t0 + Duration::from_secs(60));
-    let eps = cla(&shards);
+    let eps = cla(&snapshots);
     assert_eq!(eps.endpoints.len(), 1);
     assert_eq!(eps.endpoints[0].locality.as_ref().unwrap().sub_zone, "c1");
     assert!(ix.status.borrow().iter().all(|c| c.id != "c2"));
@@ -275,7 +279,7 @@ fn grace_period_keeps_then_withdraws_endpoints() {
 
 #[test]
 fn file_and_federated_endpoints_merge_and_hosts_stay_unique() {
-    let (mut ix, shards) = index();
+    let (mut ix, snapshots) = index();
     let mesh = crate::config::parse_files([(
         "f.yaml",
         "apiVersion: tributary.io/v1alpha1\nkind: Service\nmetadata: {name: a, namespace: ns, environment: prod}\nspec:\n  hosts: [a.ns.svc.cluster.local]\n  ports: [{name: http, port: 80}]\n---\napiVersion: tributary.io/v1alpha1\nkind: Endpoints\nmetadata: {name: a, namespace: ns, environment: prod}\nspec:\n  endpoints: [{address: 192.168.0.1, port: 8080}]\n",
@@ -294,9 +298,15 @@ fn file_and_federated_endpoints_merge_and_hosts_stay_unique() {
     )
     .unwrap();
     ix.flush(Instant::now());
-    let s = shards.current("prod");
-    let a = &ix.envs["prod"].model.services[&key("a")];
-    assert_eq!(a.endpoints.len(), 2, "file endpoint + cluster endpoint");
+    let s = snapshots.current("prod");
+    let a = s.get(XdsType::Endpoint, &cluster_name("a")).unwrap();
+    use prost::Message;
+    let a = tributary_proto::envoy::envoy::config::endpoint::v3::ClusterLoadAssignment::decode(
+        a.body(),
+    )
+    .unwrap();
+    let lb: usize = a.endpoints.iter().map(|l| l.lb_endpoints.len()).sum();
+    assert_eq!(lb, 2, "file endpoint + cluster endpoint");
     let t = &ix.envs["prod"].model.services[&key("thief")];
     assert_eq!(t.hosts, vec!["thief.ns".to_string()]);
     assert!(s.get(XdsType::Cluster, "outbound|80||thief.ns").is_some());
@@ -304,7 +314,7 @@ fn file_and_federated_endpoints_merge_and_hosts_stay_unique() {
 
 #[test]
 fn environments_from_namespaces_are_isolated() {
-    let (mut ix, shards) = index();
+    let (mut ix, snapshots) = index();
     ix.hello(info("c1"), 0, 1).unwrap();
     let changes = vec![
         change(ChangeKind::UpsertService(fed_service("p", "prod"))),
@@ -314,13 +324,13 @@ fn environments_from_namespaces_are_isolated() {
         .unwrap();
     ix.flush(Instant::now());
     assert!(
-        shards
+        snapshots
             .current("prod")
             .get(XdsType::Cluster, &cluster_name("s"))
             .is_none()
     );
     assert!(
-        shards
+        snapshots
             .current("staging")
             .get(XdsType::Cluster, &cluster_name("s"))
             .is_some()
@@ -331,13 +341,13 @@ fn environments_from_namespaces_are_isolated() {
         .unwrap();
     ix.flush(Instant::now());
     assert!(
-        shards
+        snapshots
             .current("prod")
             .get(XdsType::Cluster, &cluster_name("p"))
             .is_none()
     );
     assert!(
-        shards
+        snapshots
             .current("staging")
             .get(XdsType::Cluster, &cluster_name("p"))
             .is_some()
@@ -370,7 +380,7 @@ fn held_services(ix: &Index, id: &str) -> Vec<String> {
 
 #[test]
 fn a_split_resync_deletes_only_at_its_end_and_never_a_rejected_key() {
-    let (mut ix, shards) = index();
+    let (mut ix, snapshots) = index();
     connect(&mut ix, "c1", 1, &["a", "b", "c"]);
     ix.flush(Instant::now());
     ix.gone("c1", 1, Instant::now());
@@ -403,7 +413,7 @@ fn a_split_resync_deletes_only_at_its_end_and_never_a_rejected_key() {
         Some(("agent-1".into(), 4))
     );
     ix.flush(Instant::now());
-    let s = shards.current("prod");
+    let s = snapshots.current("prod");
     assert!(s.get(XdsType::Cluster, &cluster_name("b")).is_some());
     assert!(s.get(XdsType::Endpoint, &cluster_name("b")).is_some());
     assert!(s.get(XdsType::Cluster, &cluster_name("c")).is_none());
@@ -483,8 +493,8 @@ fn resume_needs_the_same_incarnation() {
 }
 
 /// Every resource of `env` with its version.
-fn resources(shards: &Shards, env: &str) -> Vec<(XdsType, String, String)> {
-    let s = shards.current(env);
+fn resources(snapshots: &Snapshots, env: &str) -> Vec<(XdsType, String, String)> {
+    let s = snapshots.current(env);
     let mut v = Vec::new();
     for ty in XdsType::ALL {
         for (name, r) in s.of_type(ty).iter() {
@@ -509,7 +519,7 @@ fn host_ownership_does_not_depend_on_arrival_order_and_returns_on_release() {
     let mut y_svc = fed_service("y", "prod");
     y_svc.hosts.push("shared.example".into());
     let run = |order: &[&FedService]| {
-        let (mut ix, shards) = index();
+        let (mut ix, snapshots) = index();
         ix.hello(info("c1"), 0, 1).unwrap();
         for (i, s) in order.iter().enumerate() {
             ix.apply_batch(
@@ -525,7 +535,7 @@ fn host_ownership_does_not_depend_on_arrival_order_and_returns_on_release() {
             .unwrap();
             ix.flush(Instant::now());
         }
-        (ix, shards)
+        (ix, snapshots)
     };
     let a_svc = fed_service("a", "prod");
     let (_, s1) = run(&[&a_svc, &b_svc, &z_svc, &y_svc]);
@@ -581,7 +591,7 @@ fn host_ownership_does_not_depend_on_arrival_order_and_returns_on_release() {
 #[test]
 fn a_host_in_two_spellings_is_one_host() {
     use prost::Message;
-    let (mut ix, shards) = index();
+    let (mut ix, snapshots) = index();
     let mesh = crate::config::parse_files([(
         "f.yaml",
         "apiVersion: tributary.io/v1alpha1\nkind: Service\nmetadata: {name: reviews, namespace: ns, environment: prod}\nspec:\n  hosts: [reviews.prod]\n  ports: [{name: http, port: 80}]\n",
@@ -619,7 +629,7 @@ fn a_host_in_two_spellings_is_one_host() {
     assert!(errors.is_empty(), "{errors:?}");
     ix.apply_batch("c1", 1, b, Instant::now()).unwrap();
     ix.flush(Instant::now());
-    let s = shards.current("prod");
+    let s = snapshots.current("prod");
     let route = tributary_proto::envoy::envoy::config::route::v3::RouteConfiguration::decode(
         s.get(XdsType::Route, "80").unwrap().body(),
     )
@@ -667,8 +677,8 @@ fn known(id: &str) -> KnownCluster {
 
 #[test]
 fn withdrawals_are_held_until_every_known_cluster_resync_is_published() {
-    let (mut ix, shards) = index();
-    let held = shards.withdrawals_held();
+    let (mut ix, snapshots) = index();
+    let held = snapshots.withdrawals_held();
     let t0 = Instant::now();
     let saved = Saved::default();
     ix.restore(vec![known("c1"), known("c2")], Box::new(saved.clone()), t0);
@@ -692,15 +702,15 @@ fn withdrawals_are_held_until_every_known_cluster_resync_is_published() {
         *held.borrow(),
         "not released before the snapshot with the resync is published"
     );
-    let has_d = |shards: &Shards| {
-        shards
+    let has_d = |snapshots: &Snapshots| {
+        snapshots
             .current("prod")
             .get(XdsType::Cluster, &cluster_name("d"))
             .is_some()
     };
-    assert!(!has_d(&shards));
+    assert!(!has_d(&snapshots));
     ix.flush(t0);
-    assert!(has_d(&shards));
+    assert!(has_d(&snapshots));
     assert!(
         !*held.borrow(),
         "released at the end of the publishing flush"
@@ -717,8 +727,8 @@ fn withdrawals_are_held_until_every_known_cluster_resync_is_published() {
 
 #[test]
 fn a_known_cluster_that_never_returns_stops_the_hold_at_its_grace() {
-    let (mut ix, shards) = index();
-    let held = shards.withdrawals_held();
+    let (mut ix, snapshots) = index();
+    let held = snapshots.withdrawals_held();
     let t0 = Instant::now();
     let saved = Saved::default();
     ix.restore(vec![known("gone")], Box::new(saved.clone()), t0);
@@ -733,5 +743,88 @@ fn a_known_cluster_that_never_returns_stops_the_hold_at_its_grace() {
         saved.0.lock().unwrap().last().cloned(),
         Some(vec![]),
         "forgotten"
+    );
+}
+
+/// Ingests `n` services of 10 endpoints each from `n / 100` clusters, as agents send
+/// them: each cluster declares 100 services of its own and 20 of the next cluster's
+/// (one service, two clusters), as a full resync split into batches of 50 changes, each
+/// batch applied and flushed on its own (batches slower than the debounce: the worst
+/// case). Returns the index's work counters.
+fn ingest_work(n: usize) -> Work {
+    let (mut ix, _shards) = index();
+    let clusters = n / 100;
+    let now = Instant::now();
+    for c in 0..clusters {
+        let id = format!("c{c}");
+        let session = c as u64 + 1;
+        ix.hello(info(&id), 0, session).unwrap();
+        let mut changes = Vec::new();
+        for i in (c * 100..c * 100 + 120).map(|i| i % n) {
+            let name = format!("s{i}");
+            changes.push(change(ChangeKind::UpsertService(fed_service(
+                &name, "prod",
+            ))));
+            let eps = (0..10)
+                .map(|j| {
+                    let a = (c * 1_000_000 + i * 10 + j) as u32;
+                    endpoint(&std::net::Ipv4Addr::from(0x0a00_0000 + a).to_string(), &id)
+                })
+                .collect();
+            changes.push(change(ChangeKind::UpsertEndpoints(key(&name), set(eps))));
+        }
+        let parts: Vec<Vec<Change>> = changes.chunks(50).map(<[Change]>::to_vec).collect();
+        let last = parts.len();
+        for (p, part) in parts.into_iter().enumerate() {
+            let b = Batch {
+                version: p as u64 + 1,
+                full: true,
+                more: p + 1 < last,
+                changes: part,
+            };
+            ix.apply_batch(&id, session, b, now).unwrap();
+            ix.flush(now);
+        }
+    }
+    let snap = _shards.current("prod");
+    assert_eq!(
+        snap.of_type(XdsType::Endpoint).len(),
+        n,
+        "every service published"
+    );
+    ix.work()
+}
+
+/// Ingesting 4× the services costs about 4× the work in every step that used to be
+/// super-linear (host ownership, merging over every cluster, shared route tables
+/// rebuilt per flush, status rebuilt per batch). Counts, not timings.
+#[test]
+fn ingest_work_is_linear_in_services() {
+    let small = ingest_work(1_000);
+    let large = ingest_work(4_000);
+    type Step = (&'static str, fn(&Work) -> u64);
+    let steps: [Step; 6] = [
+        ("host_ops", |w| w.host_ops),
+        ("merge_visits", |w| w.merge_visits),
+        ("services_merged", |w| w.services_merged),
+        ("resources_encoded", |w| w.resources_encoded),
+        ("virtual_hosts_encoded", |w| w.virtual_hosts_encoded),
+        ("status_entries", |w| w.status_entries),
+    ];
+    let mut report = Vec::new();
+    for (name, get) in steps {
+        let (a, b) = (get(&small), get(&large));
+        assert!(a > 0, "{name}: no work counted for 1,000 services");
+        report.push(format!("{name}: {a} -> {b} ({:.2}x)", b as f64 / a as f64));
+    }
+    println!("{}", report.join("\n"));
+    let ratios_ok = steps.iter().all(|(_, get)| {
+        let (a, b) = (get(&small) as f64, get(&large) as f64);
+        b / a <= 5.0
+    });
+    assert!(
+        ratios_ok,
+        "work for 4,000 services must stay within 5x the work for 1,000:\n{}",
+        report.join("\n")
     );
 }

@@ -6,7 +6,7 @@
 //! unchanged resource yields the same version and is dropped by the snapshot diff.
 //! Naming is documented in `docs/xds.md`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
@@ -29,9 +29,9 @@ use tributary_proto::envoy::envoy::config::listener::v3::{
     ApiListener, Filter, FilterChain, Listener, filter::ConfigType,
 };
 use tributary_proto::envoy::envoy::config::route::v3::{
-    HeaderMatcher, Route as PbRoute, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
-    WeightedCluster, header_matcher::HeaderMatchSpecifier, route::Action,
-    route_action::ClusterSpecifier, route_match::PathSpecifier, weighted_cluster::ClusterWeight,
+    HeaderMatcher, Route as PbRoute, RouteAction, RouteMatch, VirtualHost, WeightedCluster,
+    header_matcher::HeaderMatchSpecifier, route::Action, route_action::ClusterSpecifier,
+    route_match::PathSpecifier, weighted_cluster::ClusterWeight,
 };
 use tributary_proto::envoy::envoy::extensions::filters::http::router::v3::Router;
 use tributary_proto::envoy::envoy::extensions::filters::network::http_connection_manager::v3::{
@@ -53,9 +53,88 @@ use tributary_proto::wire::EncodedResource;
 
 use super::XdsType;
 use crate::model::{
-    Destination, Endpoint, Environment, GatewayListener, HeaderValueMatch, Health, PathMatch,
-    RouteRule, Service, ServicePort,
+    Destination, Endpoint, Environment, GatewayListener, HeaderValueMatch, Health, ObjectKey,
+    PathMatch, RouteRule, Service, ServicePort,
 };
+
+/// Encoded virtual hosts of the shared route tables, kept between flushes by the
+/// index: a route table is reassembled from these bytes (a repeated sub-message is
+/// its length-delimited bytes on the wire), and only the virtual hosts of services
+/// that changed are encoded again. Only default-route virtual hosts are kept: they
+/// depend on their service alone. A service named by a Route (whose rules name other
+/// services' clusters) is encoded every time; the index clears the cache when routes
+/// change, and drops a service's entries when its hosts or ports change.
+#[derive(Debug, Default)]
+pub struct VirtualHostCache {
+    /// Service → (route port, domain port, the encoded `VirtualHost`).
+    entries: HashMap<ObjectKey, Vec<(Option<u16>, u16, bytes::Bytes)>>,
+    /// Virtual hosts encoded so far (cache misses): a work counter for tests and metrics.
+    pub encoded: u64,
+}
+
+impl VirtualHostCache {
+    /// Forgets `key`'s virtual hosts (its hosts or ports changed, or it is gone).
+    pub fn invalidate(&mut self, key: &ObjectKey) {
+        self.entries.remove(key);
+    }
+
+    /// Forgets every virtual host (routes changed).
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
+
+    /// The encoded virtual host of `service` (see [`virtual_host_and_kind`]).
+    fn get(
+        &mut self,
+        service: &Service,
+        env: &Environment,
+        route_port: Option<u16>,
+        domain_port: u16,
+    ) -> bytes::Bytes {
+        if let Some(b) = self.entries.get(&service.key).and_then(|v| {
+            v.iter()
+                .find(|(r, d, _)| *r == route_port && *d == domain_port)
+                .map(|(_, _, b)| b.clone())
+        }) {
+            return b;
+        }
+        self.encoded += 1;
+        let (vh, default_route) = virtual_host_and_kind(service, env, route_port, domain_port);
+        let bytes = bytes::Bytes::from(vh.encode_to_vec());
+        if default_route {
+            self.entries.entry(service.key.clone()).or_default().push((
+                route_port,
+                domain_port,
+                bytes.clone(),
+            ));
+        }
+        bytes
+    }
+}
+
+/// A `RouteConfiguration` with only `name` and `virtual_hosts`, encoded from
+/// pre-encoded virtual hosts: byte for byte what prost encodes for the typed message.
+fn route_configuration(name: &str, virtual_hosts: &[bytes::Bytes]) -> EncodedResource {
+    use prost::encoding::{WireType, encode_key, encode_varint};
+    let len: usize = virtual_hosts.iter().map(|v| v.len() + 11).sum::<usize>() + name.len() + 11;
+    let mut body = Vec::with_capacity(len);
+    if !name.is_empty() {
+        encode_key(1, WireType::LengthDelimited, &mut body);
+        encode_varint(name.len() as u64, &mut body);
+        body.extend_from_slice(name.as_bytes());
+    }
+    for v in virtual_hosts {
+        encode_key(2, WireType::LengthDelimited, &mut body);
+        encode_varint(v.len() as u64, &mut body);
+        body.extend_from_slice(v);
+    }
+    EncodedResource::from_body(
+        XdsType::Route.type_url(),
+        name,
+        &content_version(&body),
+        &body,
+    )
+}
 
 /// Resources of one environment by type, in persistent maps: a snapshot is an O(1)
 /// clone, and replacing one service's resources is O(log n).
@@ -219,6 +298,16 @@ pub fn endpoint_resources(service: &Service, out: &mut Generated) {
 /// listeners, the passthrough cluster. Regenerated only when a service's hosts or
 /// ports, a route or a gateway change — never for an endpoint change.
 pub fn shared_resources(env: &Environment, out: &mut Generated) -> RoleListeners {
+    shared_resources_cached(env, &mut VirtualHostCache::default(), out)
+}
+
+/// [`shared_resources`], with the route tables' virtual hosts taken from `cache` (and
+/// added to it): the index's incremental path.
+pub fn shared_resources_cached(
+    env: &Environment,
+    cache: &mut VirtualHostCache,
+    out: &mut Generated,
+) -> RoleListeners {
     let mut roles = RoleListeners::default();
     out.push((
         XdsType::Cluster,
@@ -238,16 +327,11 @@ pub fn shared_resources(env: &Environment, out: &mut Generated) -> RoleListeners
     }
     for (port, services) in &http_ports {
         let name = port.to_string();
-        let vhosts = services
+        let vhosts: Vec<bytes::Bytes> = services
             .iter()
-            .map(|s| virtual_host(s, env, Some(*port), *port))
+            .map(|s| cache.get(s, env, Some(*port), *port))
             .collect();
-        let rc = RouteConfiguration {
-            name: name.clone(),
-            virtual_hosts: vhosts,
-            ..Default::default()
-        };
-        out.push((XdsType::Route, encode(XdsType::Route, &name, &rc)));
+        out.push((XdsType::Route, route_configuration(&name, &vhosts)));
 
         let listener_name = format!("0.0.0.0_{port}");
         let l = Listener {
@@ -301,8 +385,7 @@ pub fn shared_resources(env: &Environment, out: &mut Generated) -> RoleListeners
         let mut names = BTreeSet::new();
         for listener in &gateway.listeners {
             let name = gateway_resource_name(&gateway.name, &listener.name);
-            let rc = gateway_routes(&name, env, listener);
-            out.push((XdsType::Route, encode(XdsType::Route, &name, &rc)));
+            out.push((XdsType::Route, gateway_routes(&name, env, listener, cache)));
             let l = Listener {
                 name: name.clone(),
                 address: Some(socket(listener.address, listener.port)),
@@ -549,13 +632,15 @@ fn domains(service: &Service, port: u16) -> Vec<String> {
 }
 
 /// The virtual host of `service`: rules of every Route naming one of its hosts (on
-/// `route_port`, or any port when `None`), else a default route to `default_port`.
-fn virtual_host(
+/// `route_port`, or any port when `None`), else a default route to `default_port`;
+/// and whether it is that default route (no Route names the service: the virtual
+/// host depends on the service alone).
+fn virtual_host_and_kind(
     service: &Service,
     env: &Environment,
     route_port: Option<u16>,
     domain_port: u16,
-) -> VirtualHost {
+) -> (VirtualHost, bool) {
     let mut routes = Vec::new();
     for route in &env.routes {
         let names_service = route.hosts.iter().any(|h| service.hosts.contains(h));
@@ -563,7 +648,8 @@ fn virtual_host(
             routes.extend(route.rules.iter().map(|r| route_rule(r, env)));
         }
     }
-    if routes.is_empty() {
+    let default_route = routes.is_empty();
+    if default_route {
         let port = route_port
             .or_else(|| {
                 service
@@ -589,27 +675,29 @@ fn virtual_host(
             ..Default::default()
         });
     }
-    VirtualHost {
+    let vh = VirtualHost {
         name: format!("{}:{domain_port}", service.canonical_host()),
         domains: domains(service, domain_port),
         routes,
         ..Default::default()
-    }
+    };
+    (vh, default_route)
 }
 
-fn gateway_routes(name: &str, env: &Environment, listener: &GatewayListener) -> RouteConfiguration {
-    let vhosts = env
+fn gateway_routes(
+    name: &str,
+    env: &Environment,
+    listener: &GatewayListener,
+    cache: &mut VirtualHostCache,
+) -> EncodedResource {
+    let vhosts: Vec<bytes::Bytes> = env
         .services
         .values()
         .filter(|s| s.ports.iter().any(|p| p.protocol.is_http()))
         .filter(|s| s.hosts.iter().any(|h| listener.routes_host(h)))
-        .map(|s| virtual_host(s, env, None, listener.port))
+        .map(|s| cache.get(s, env, None, listener.port))
         .collect();
-    RouteConfiguration {
-        name: name.to_string(),
-        virtual_hosts: vhosts,
-        ..Default::default()
-    }
+    route_configuration(name, &vhosts)
 }
 
 fn destination_cluster(d: &Destination, env: &Environment) -> String {
@@ -722,5 +810,125 @@ mod outlier_tests {
             }
         }
         assert!(passthrough_cluster().outlier_detection.is_none());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Protocol, Route};
+    use tributary_proto::envoy::envoy::config::route::v3::RouteConfiguration;
+
+    fn service(name: &str, port: u16) -> Service {
+        Service {
+            key: ObjectKey {
+                namespace: "ns".into(),
+                name: name.into(),
+            },
+            hosts: vec![format!("{name}.ns.svc.cluster.local"), format!("{name}.ns")],
+            ports: vec![ServicePort {
+                name: "http".into(),
+                port,
+                protocol: Protocol::Http,
+            }],
+            subsets: vec![],
+            endpoints: vec![],
+        }
+    }
+
+    fn env(services: &[Service], routes: Vec<Route>) -> Environment {
+        Environment {
+            services: services
+                .iter()
+                .map(|s| (s.key.clone(), s.clone()))
+                .collect(),
+            routes,
+            ..Default::default()
+        }
+    }
+
+    fn routes_of(g: &Generated) -> BTreeMap<String, EncodedResource> {
+        g.iter()
+            .filter(|(t, _)| *t == XdsType::Route)
+            .map(|(_, r)| (r.name().to_string(), r.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn route_tables_from_cached_virtual_hosts_match_the_typed_encoding() {
+        let a = service("a", 80);
+        let e = env(&[a.clone(), service("b", 80)], vec![]);
+        let vhosts: Vec<VirtualHost> = e
+            .services
+            .values()
+            .map(|s| virtual_host_and_kind(s, &e, Some(80), 80).0)
+            .collect();
+        let typed = RouteConfiguration {
+            name: "80".into(),
+            virtual_hosts: vhosts.clone(),
+            ..Default::default()
+        };
+        let bytes: Vec<bytes::Bytes> = vhosts
+            .iter()
+            .map(|v| bytes::Bytes::from(v.encode_to_vec()))
+            .collect();
+        let ours = route_configuration("80", &bytes);
+        assert_eq!(&ours.body()[..], &typed.encode_to_vec()[..]);
+        assert_eq!(ours.version(), content_version(&typed.encode_to_vec()));
+    }
+
+    #[test]
+    fn a_warm_cache_encodes_only_changed_services_and_yields_the_same_tables() {
+        let mut cache = VirtualHostCache::default();
+        let services: Vec<Service> = (0..50).map(|i| service(&format!("s{i}"), 80)).collect();
+        let e = env(&services, vec![]);
+        let mut first = Generated::new();
+        shared_resources_cached(&e, &mut cache, &mut first);
+        assert_eq!(cache.encoded, 50);
+        // One service gains a port: only it is encoded again (after invalidation).
+        let mut changed = services.clone();
+        changed[7].ports.push(ServicePort {
+            name: "http-alt".into(),
+            port: 8080,
+            protocol: Protocol::Http,
+        });
+        let e2 = env(&changed, vec![]);
+        cache.invalidate(&changed[7].key);
+        let mut warm = Generated::new();
+        shared_resources_cached(&e2, &mut cache, &mut warm);
+        assert_eq!(cache.encoded, 52, "s7 on port 80 and on 8080");
+        let mut cold = Generated::new();
+        shared_resources(&e2, &mut cold);
+        assert_eq!(routes_of(&warm), routes_of(&cold));
+        // A Route naming a service: its virtual host is never cached.
+        let route = Route {
+            key: ObjectKey {
+                namespace: "ns".into(),
+                name: "r".into(),
+            },
+            hosts: vec!["s3.ns".into()],
+            port: 80,
+            rules: vec![RouteRule {
+                path: PathMatch::Prefix("/".into()),
+                headers: vec![],
+                destinations: vec![Destination {
+                    service: changed[4].key.clone(),
+                    port: 80,
+                    subset: None,
+                    weight: 100,
+                }],
+                timeout: None,
+            }],
+        };
+        let e3 = env(&changed, vec![route]);
+        cache.clear();
+        let mut warm = Generated::new();
+        shared_resources_cached(&e3, &mut cache, &mut warm);
+        let before = cache.encoded;
+        shared_resources_cached(&e3, &mut cache, &mut Generated::new());
+        assert_eq!(cache.encoded, before + 1, "only the routed service again");
+        let mut cold = Generated::new();
+        shared_resources(&e3, &mut cold);
+        assert_eq!(routes_of(&warm), routes_of(&cold));
     }
 }

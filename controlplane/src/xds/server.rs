@@ -34,7 +34,7 @@ use tributary_proto::wire::{
 };
 
 use super::XdsType;
-use super::snapshot::{Shards, Snapshot};
+use super::snapshot::{Snapshot, Snapshots};
 pub use super::stream::{NodeInfo, Role, StreamLimits};
 use super::stream::{Outgoing, StreamState};
 use crate::metrics::Metrics;
@@ -86,7 +86,7 @@ impl NodeInfo {
 /// Shared by every stream of one hub.
 #[derive(Debug)]
 pub struct AdsServer {
-    shards: Arc<Shards>,
+    snapshots: Arc<Snapshots>,
     registry: Arc<SyncRegistry>,
     metrics: Arc<Metrics>,
     default_env: String,
@@ -105,7 +105,7 @@ pub struct AdsServer {
 impl AdsServer {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        shards: Arc<Shards>,
+        snapshots: Arc<Snapshots>,
         registry: Arc<SyncRegistry>,
         metrics: Arc<Metrics>,
         default_env: String,
@@ -115,7 +115,7 @@ impl AdsServer {
         max_initial_syncs: usize,
     ) -> Self {
         Self {
-            shards,
+            snapshots,
             registry,
             metrics,
             default_env,
@@ -163,7 +163,7 @@ impl AdsServer {
         StreamContext {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             peer,
-            shards: self.shards.clone(),
+            snapshots: self.snapshots.clone(),
             registry: self.registry.clone(),
             metrics: self.metrics.clone(),
             default_env: self.default_env.clone(),
@@ -178,7 +178,7 @@ impl AdsServer {
 struct StreamContext {
     id: u64,
     peer: Option<SocketAddr>,
-    shards: Arc<Shards>,
+    snapshots: Arc<Snapshots>,
     registry: Arc<SyncRegistry>,
     metrics: Arc<Metrics>,
     default_env: String,
@@ -338,18 +338,18 @@ async fn serve<D: Dialect>(
 
     // An environment the hub does not serve (yet) costs nothing: the stream waits
     // for it to appear without creating it.
-    let mut created = ctx.shards.watch_created();
+    let mut created = ctx.snapshots.watch_created();
     created.borrow_and_update();
     let mut snapshots: Option<watch::Receiver<Arc<Snapshot>>> =
-        ctx.shards.subscribe(&node.environment);
+        ctx.snapshots.subscribe(&node.environment);
     if snapshots.is_none() {
         warn!(
             environment = %node.environment,
-            known = ?ctx.shards.environments(),
+            known = ?ctx.snapshots.environments(),
             "the node names an environment this hub does not serve; it gets nothing until that environment has config"
         );
     }
-    let mut held = ctx.shards.withdrawals_held();
+    let mut held = ctx.snapshots.withdrawals_held();
     let status = Arc::new(Mutex::new(ClientStatus {
         node_id: node.id.clone(),
         cluster: node.cluster.clone(),
@@ -434,7 +434,7 @@ async fn serve<D: Dialect>(
                 }
             }
             _ = created.changed(), if snapshots.is_none() => {
-                snapshots = ctx.shards.subscribe(&state.node.environment);
+                snapshots = ctx.snapshots.subscribe(&state.node.environment);
                 if snapshots.is_some() {
                     info!("the node's environment now has config");
                     status.lock().unwrap().environment_served = true;

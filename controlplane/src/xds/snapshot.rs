@@ -1,7 +1,7 @@
 //! Immutable per-environment snapshots and the registry that publishes them.
 //!
 //! The index task is the only writer: it hands each environment's freshly generated
-//! resources to [`Shards::publish`], which diffs them against the current snapshot
+//! resources to [`Snapshots::publish`], which diffs them against the current snapshot
 //! and publishes a new one only if some resource version changed. Connections hold a
 //! `watch::Receiver`: it coalesces, so a slow connection sees only the newest
 //! snapshot, and fan-out carries a dirty signal, never a copy of the data.
@@ -55,7 +55,7 @@ impl Snapshot {
 /// client (or an admin query) naming an environment the hub does not serve gets
 /// nothing and allocates nothing here.
 #[derive(Debug)]
-pub struct Shards {
+pub struct Snapshots {
     // Held only to look up or create an environment's channel (at connect and publish),
     // never across an await and never on a per-response path.
     inner: Mutex<HashMap<Arc<str>, watch::Sender<Arc<Snapshot>>>>,
@@ -68,7 +68,7 @@ pub struct Shards {
     empty: Arc<Snapshot>,
 }
 
-impl Default for Shards {
+impl Default for Snapshots {
     fn default() -> Self {
         Self {
             inner: Mutex::default(),
@@ -79,8 +79,9 @@ impl Default for Shards {
     }
 }
 
+/// One environment's snapshot in `/status/environments`.
 #[derive(Debug, Clone, Serialize)]
-pub struct ShardSummary {
+pub struct EnvironmentSummary {
     pub environment: String,
     pub seq: u64,
     pub clusters: usize,
@@ -89,7 +90,7 @@ pub struct ShardSummary {
     pub routes: usize,
 }
 
-impl Shards {
+impl Snapshots {
     /// The channel of `environment`, created (empty) if the hub has none yet. Only
     /// the index creates environments, and tests; never client input.
     fn sender(&self, environment: &str) -> watch::Sender<Arc<Snapshot>> {
@@ -142,7 +143,7 @@ impl Shards {
         self.inner.lock().unwrap().contains_key(environment)
     }
 
-    /// Holds (or releases) every stream's removals; see [`Shards`].
+    /// Holds (or releases) every stream's removals; see [`Snapshots`].
     pub fn hold_withdrawals(&self, held: bool) {
         self.withdrawals_held.send_if_modified(|h| {
             let changed = *h != held;
@@ -195,13 +196,13 @@ impl Shards {
         v
     }
 
-    pub fn summaries(&self) -> Vec<ShardSummary> {
+    pub fn summaries(&self) -> Vec<EnvironmentSummary> {
         self.environments()
             .into_iter()
             .map(|env| {
                 let s = self.current(&env);
                 let n = |t: XdsType| s.of_type(t).len();
-                ShardSummary {
+                EnvironmentSummary {
                     environment: env,
                     seq: s.seq,
                     clusters: n(XdsType::Cluster),

@@ -82,7 +82,7 @@ impl TestHub {
 
     /// Writes a config file and waits until `env`'s snapshot moves past its current seq.
     pub async fn write_and_wait(&self, env: &str, name: &str, text: String) -> u64 {
-        let mut rx = self.hub.shards.subscribe_or_create(env);
+        let mut rx = self.hub.snapshots.subscribe_or_create(env);
         let before = rx.borrow_and_update().seq;
         std::fs::write(self.path(name), text).unwrap();
         tokio::time::timeout(TIMEOUT, rx.wait_for(|s| s.seq > before))
