@@ -73,6 +73,14 @@ impl Default for EmbeddedConfig {
     }
 }
 
+/// Store files open in this process, so that a reopen waits for the last handle of
+/// the previous opening (see [`Embedded::open`]).
+static OPEN_FILES: std::sync::LazyLock<Mutex<HashMap<std::path::PathBuf, Weak<Inner>>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// Longest wait in [`Embedded::open`] for an earlier opening in this process to close.
+const REOPEN_WAIT: Duration = Duration::from_secs(5);
+
 /// The embedded store. Cheap to clone; the file closes when the last clone (and every
 /// watch still replaying) is dropped.
 #[derive(Debug, Clone)]
@@ -128,8 +136,26 @@ fn db_err(name: &str, e: impl std::fmt::Display) -> StoreError {
 impl Embedded {
     /// Opens (or creates) the store file at `path`. Needs a tokio runtime (the lease
     /// task). Another process holding the file is an error naming it.
+    ///
+    /// A store reopened in the same process (a hub restarted in place, tests) waits
+    /// for the previous one's last handle to go: its lease task may still hold the
+    /// file for a moment after the owner dropped it.
     pub fn open(path: &Path, cfg: EmbeddedConfig) -> Result<Self> {
         let name = format!("embedded store {}", path.display());
+        let key = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let previous = OPEN_FILES.lock().unwrap().get(&key).cloned();
+        if let Some(previous) = previous {
+            let since = std::time::Instant::now();
+            while previous.strong_count() > 0 {
+                if since.elapsed() > REOPEN_WAIT {
+                    return Err(StoreError::Failed {
+                        store: name,
+                        message: "the file is still open in this process".into(),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
         let db = Database::create(path).map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Failed {
                 store: name.clone(),
@@ -137,7 +163,11 @@ impl Embedded {
             },
             other => db_err(&name, format!("opening: {other}")),
         })?;
-        Self::with_db(name, db, cfg)
+        let store = Self::with_db(name, db, cfg)?;
+        let mut open = OPEN_FILES.lock().unwrap();
+        open.retain(|_, w| w.strong_count() > 0);
+        open.insert(key, Arc::downgrade(&store.inner));
+        Ok(store)
     }
 
     /// A store in memory: for tests, and hubs run without a state dir.

@@ -788,3 +788,35 @@ async fn etcd_on_ipv6_loopback() {
     let mut h = EtcdHarness::on("::1").await;
     get_put_delete(&mut h).await;
 }
+
+/// A store reopened in the same process while a last handle of the previous opening
+/// (a background task's, say) is still being let go waits for it instead of failing
+/// with "in use" (the race that made restart tests flaky under load).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_reopen_waits_for_the_previous_opening_to_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    let store = Embedded::open(&path, EmbeddedConfig::default()).unwrap();
+    let s: SharedStore = Arc::new(store.clone());
+    s.put("/r/a", b"1".to_vec(), 0).await.unwrap();
+    drop(s);
+    let late = store.clone();
+    let (dropped_tx, dropped_rx) = std::sync::mpsc::channel();
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        drop(late);
+        dropped_tx.send(Instant::now()).unwrap();
+    });
+    drop(store);
+    let reopened = Embedded::open(&path, EmbeddedConfig::default()).expect("reopened");
+    let opened_at = Instant::now();
+    let dropped_at = dropped_rx.recv().unwrap();
+    assert!(
+        dropped_at <= opened_at,
+        "opened before the last handle went"
+    );
+    releaser.join().unwrap();
+    let s: SharedStore = Arc::new(reopened);
+    let (kv, _) = s.get("/r/a").await.unwrap();
+    assert_eq!(kv.expect("kept").value, b"1");
+}
