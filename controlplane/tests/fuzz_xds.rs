@@ -196,7 +196,7 @@ fn decode(r: &EncodedResource) -> (String, Res) {
     (name, Res { version, refs })
 }
 
-fn snapshot(seq: u64, mesh: &Mesh, prev: &Mesh) -> Snapshot {
+fn snapshot(before: &Snapshot, mesh: &Mesh, prev: &Mesh) -> Snapshot {
     let mut resources = EnvResources::default();
     let mut changed: Changes = Default::default();
     for ty in ALL {
@@ -222,14 +222,7 @@ fn snapshot(seq: u64, mesh: &Mesh, prev: &Mesh) -> Snapshot {
         sidecar,
         ..Default::default()
     };
-    Snapshot {
-        environment: Arc::from("prod"),
-        seq,
-        resources,
-        changed,
-        roles_changed,
-        origin: None,
-    }
+    Snapshot::after(before, resources, changed, roles_changed, None)
 }
 
 // ---- the client ----------------------------------------------------------------------
@@ -399,7 +392,7 @@ impl Harness {
         for op in &c.initial {
             mesh.apply(op);
         }
-        let snap = Arc::new(snapshot(1, &mesh, &Mesh::default()));
+        let snap = Arc::new(snapshot(&Snapshot::empty("prod"), &mesh, &Mesh::default()));
         let mut history = BTreeMap::new();
         history.insert(1, mesh.clone());
         Harness {
@@ -582,8 +575,8 @@ impl Harness {
                 *changed = true;
             }
         }
-        let seq = self.snap.seq + 1;
-        self.snap = Arc::new(snapshot(seq, &self.mesh, &prev));
+        self.snap = Arc::new(snapshot(&self.snap, &self.mesh, &prev));
+        let seq = self.snap.seq;
         self.history.insert(seq, self.mesh.clone());
         self.pump();
     }

@@ -6,7 +6,7 @@
 //! `watch::Receiver`: it coalesces, so a slow connection sees only the newest
 //! snapshot, and fan-out carries a dirty signal, never a copy of the data.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -20,6 +20,14 @@ use super::generate::{EnvResources, ResourceMap, RoleListeners};
 /// Names changed (added, updated or removed) between two snapshots, per type.
 pub type Changes = [HashSet<Arc<str>>; XdsType::COUNT];
 
+/// How many earlier snapshots' change sets a snapshot keeps (see
+/// [`Snapshot::changes_since`]).
+pub const CHANGE_HISTORY: usize = 32;
+
+/// Most names the kept change sets may hold together; past it the oldest are dropped
+/// (a stream that skipped that far compares everything, which costs no more).
+const CHANGE_HISTORY_NAMES: usize = 1 << 20;
+
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub environment: Arc<str>,
@@ -27,15 +35,80 @@ pub struct Snapshot {
     pub seq: u64,
     pub resources: EnvResources,
     /// What changed since `seq - 1`.
-    pub changed: Changes,
+    pub changed: Arc<Changes>,
     /// The role → listener sets changed since `seq - 1`.
     pub roles_changed: bool,
     /// When the oldest change in this snapshot (since `seq - 1`) was first observed
     /// at its source (an agent, or the file source): the start of its convergence.
     pub origin: Option<SystemTime>,
+    /// The change sets of the snapshots just before this one, oldest first, with
+    /// their seqs and role flags: a stream that skipped snapshots (the watch
+    /// coalesces) walks what changed since the one it saw instead of every name it
+    /// holds. Shared with the next snapshot (clones of `Arc`s).
+    earlier: VecDeque<(u64, Arc<Changes>, bool)>,
 }
 
 impl Snapshot {
+    /// An environment's first snapshot (seq 0): nothing in it.
+    pub fn empty(environment: &str) -> Snapshot {
+        Snapshot {
+            environment: Arc::from(environment),
+            ..Default::default()
+        }
+    }
+
+    /// The snapshot after `prev`: `resources`, which differ from `prev`'s in
+    /// `changed` (and in the role listener sets when `roles_changed`).
+    pub fn after(
+        prev: &Snapshot,
+        resources: EnvResources,
+        changed: Changes,
+        roles_changed: bool,
+        origin: Option<SystemTime>,
+    ) -> Snapshot {
+        let mut earlier = prev.earlier.clone();
+        earlier.push_back((prev.seq, prev.changed.clone(), prev.roles_changed));
+        let size = |c: &Changes| c.iter().map(HashSet::len).sum::<usize>();
+        let mut names: usize = earlier.iter().map(|(_, c, _)| size(c)).sum();
+        while earlier.len() > CHANGE_HISTORY || names > CHANGE_HISTORY_NAMES {
+            let Some((_, c, _)) = earlier.pop_front() else {
+                break;
+            };
+            names -= size(&c);
+        }
+        Snapshot {
+            environment: prev.environment.clone(),
+            seq: prev.seq + 1,
+            resources,
+            changed: Arc::new(changed),
+            roles_changed,
+            origin,
+            earlier,
+        }
+    }
+
+    /// The change sets from snapshot `seen` (exclusive) to this one (inclusive),
+    /// oldest first, each with its role flag; `None` when `seen` is older than the
+    /// kept history (or not before this snapshot), so the caller must compare
+    /// everything.
+    pub fn changes_since(&self, seen: u64) -> Option<Vec<(&Changes, bool)>> {
+        if seen >= self.seq {
+            return None;
+        }
+        let first = seen + 1;
+        if first < self.seq && self.earlier.front().is_none_or(|(s, _, _)| *s > first) {
+            return None;
+        }
+        let mut out: Vec<(&Changes, bool)> = self
+            .earlier
+            .iter()
+            .filter(|(s, _, _)| *s >= first)
+            .map(|(_, c, r)| (&**c, *r))
+            .collect();
+        out.push((&*self.changed, self.roles_changed));
+        Some(out)
+    }
+
     pub fn get(&self, ty: XdsType, name: &str) -> Option<&EncodedResource> {
         self.resources.by_type[ty as usize].get(name)
     }
@@ -171,15 +244,8 @@ impl Snapshots {
         if !roles_changed && changed.iter().all(HashSet::is_empty) {
             return None;
         }
-        let seq = current.seq + 1;
-        let next = Snapshot {
-            environment: current.environment.clone(),
-            seq,
-            resources,
-            changed,
-            roles_changed,
-            origin,
-        };
+        let next = Snapshot::after(&current, resources, changed, roles_changed, origin);
+        let seq = next.seq;
         tx.send_replace(Arc::new(next));
         Some(seq)
     }

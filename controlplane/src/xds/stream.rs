@@ -175,6 +175,9 @@ pub struct StreamState {
     /// answered: listeners and routes wait for these, not for endpoint churn.
     warming: HashSet<Arc<str>>,
     nonce: u64,
+    /// Names looked at while reconciling, all types: the work a snapshot costs this
+    /// stream (a test checks it follows the change, not what the client holds).
+    names_visited: u64,
     status: Arc<Mutex<ClientStatus>>,
     metrics: Arc<Metrics>,
 }
@@ -194,9 +197,15 @@ impl StreamState {
             types: Default::default(),
             warming: HashSet::new(),
             nonce: 0,
+            names_visited: 0,
             status,
             metrics,
         }
+    }
+
+    /// Names looked at while reconciling so far (see the field).
+    pub fn names_visited(&self) -> u64 {
+        self.names_visited
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -658,16 +667,33 @@ impl StreamState {
             ts.settled_seq = snap.seq;
             return None;
         }
-        let full_scan = ts.dirty_full
-            || ts.seen_seq + 1 != snap.seq
-            || (matches!(ty, XdsType::Listener | XdsType::Cluster) && snap.roles_changed);
+        // What changed since the snapshot this type last saw: one change set, or
+        // several when the stream skipped snapshots (the watch coalesces them while a
+        // response waits for its ACK). Only a stream that fell further behind than the
+        // snapshots keep, or whose subscriptions changed, compares everything.
+        let since = if ts.dirty_full || ts.seen_seq == 0 {
+            None
+        } else if ts.seen_seq == snap.seq {
+            Some(Vec::new())
+        } else {
+            snap.changes_since(ts.seen_seq)
+        };
+        let full_scan = match &since {
+            None => true,
+            Some(deltas) => {
+                matches!(ty, XdsType::Listener | XdsType::Cluster)
+                    && deltas.iter().any(|(_, roles)| *roles)
+            }
+        };
         let mut updates = Vec::new();
         let mut removed = Vec::new();
         let mut newly_absent = Vec::new();
         let mut deferred_now = Vec::new();
         let mut released = Vec::new();
         let mut unrejected = Vec::new();
+        let mut visited = 0u64;
         let mut visit = |name: &Arc<str>| {
+            visited += 1;
             let visible = self.visible(snap, ty, ts, name);
             let current = if visible { snap.get(ty, name) } else { None };
             let held = ts.held.get(name);
@@ -723,25 +749,37 @@ impl StreamState {
                     .map(|(n, _)| n.clone()),
             );
         } else {
-            if ts.seen_seq != snap.seq {
-                // The fast path: only what changed since the snapshot this client saw,
-                // walking whichever is smaller: the change set or this client's names.
-                let changed = &snap.changed[ty as usize];
-                if ts.wildcard || changed.len() <= ts.names.len() + ts.held.len() {
-                    changed.iter().for_each(&mut visit);
+            // The fast path: only what changed since the snapshot this client saw,
+            // walking whichever is smaller: the change sets or this client's names.
+            let deltas = since.unwrap_or_default();
+            let sets: Vec<&HashSet<Arc<str>>> =
+                deltas.iter().map(|(c, _)| &c[ty as usize]).collect();
+            let changed_len: usize = sets.iter().map(|c| c.len()).sum();
+            let is_changed = |n: &Arc<str>| sets.iter().any(|c| c.contains(n));
+            if ts.wildcard || changed_len <= ts.names.len() + ts.held.len() {
+                if let [only] = sets.as_slice() {
+                    only.iter().for_each(&mut visit);
                 } else {
-                    ts.names
-                        .iter()
-                        .filter(|n| changed.contains(*n))
-                        .for_each(&mut visit);
-                    ts.held
-                        .keys()
-                        .filter(|n| changed.contains(*n) && !ts.names.contains(*n))
+                    // Several change sets: visit each name once.
+                    let mut seen: HashSet<&Arc<str>> = HashSet::with_capacity(changed_len);
+                    sets.iter()
+                        .flat_map(|c| c.iter())
+                        .filter(|n| seen.insert(*n))
                         .for_each(&mut visit);
                 }
+            } else {
+                ts.names
+                    .iter()
+                    .filter(|n| is_changed(n))
+                    .for_each(&mut visit);
+                ts.held
+                    .keys()
+                    .filter(|n| is_changed(n) && !ts.names.contains(*n))
+                    .for_each(&mut visit);
             }
             release.iter().for_each(&mut visit);
         }
+        self.names_visited += visited;
         let force = ts.force;
         if ty == XdsType::Cluster {
             // New and replaced clusters warm: listeners and routes wait for their
