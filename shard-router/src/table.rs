@@ -300,14 +300,14 @@ mod tests {
         }
     }
 
-    fn info(id: &str, port: u16, shards: &[Shard]) -> (String, ReplicaInfo) {
+    fn info(id: &str, port: u16, shards: Vec<Shard>) -> (String, ReplicaInfo) {
         (
             format!("/tributary/replicas/{id}"),
             ReplicaInfo {
                 id: id.into(),
                 xds_addr: format!("127.0.0.1:{port}"),
                 admin_addr: String::new(),
-                shards: shards.to_vec(),
+                shards,
                 streams: 0,
                 started_unix: 0.0,
             },
@@ -341,8 +341,8 @@ mod tests {
         let (pa, pz) = (shard("prod", "az1"), shard("prod", "az2"));
         let s = shard("staging", "az1");
         let replicas: BTreeMap<_, _> = [
-            info("a", 1, &[pa.clone(), s.clone()]),
-            info("b", 2, &[pa.clone()]),
+            info("a", 1, vec![pa.clone(), s.clone()]),
+            info("b", 2, vec![pa.clone()]),
         ]
         .into();
         t.apply(&replicas, &assignment(&[pa.clone(), pz.clone(), s.clone()]));
@@ -382,8 +382,8 @@ mod tests {
         let p = shard("prod", "az1");
         let s = shard("staging", "az1");
         let both: BTreeMap<_, _> = [
-            info("a", 1, &[p.clone(), s.clone()]),
-            info("b", 2, &[p.clone()]),
+            info("a", 1, vec![p.clone(), s.clone()]),
+            info("b", 2, vec![p.clone()]),
         ]
         .into();
         t.apply(&both, &assignment(&[p.clone(), s.clone()]));
@@ -398,7 +398,8 @@ mod tests {
         }
         let on_s = t.route(&node("x", Some("staging"), Some("az1"))).unwrap();
         // a drops prod/az1 but keeps staging/az1; b comes back at another port.
-        let next: BTreeMap<_, _> = [info("a", 1, &[s.clone()]), info("b", 3, &[p.clone()])].into();
+        let next: BTreeMap<_, _> =
+            [info("a", 1, vec![s.clone()]), info("b", 3, vec![p.clone()])].into();
         let mut left = t.apply(&next, &assignment(&[p.clone(), s.clone()]));
         left.sort();
         assert_eq!(left, vec![("a".into(), p.clone()), ("b".into(), p.clone())]);
