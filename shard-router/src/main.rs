@@ -51,6 +51,11 @@ struct Args {
     /// Connecting to a replica may take this long.
     #[arg(long, default_value = "5s", value_parser = parse_positive)]
     connect_timeout: Duration,
+    /// A replica the router could not reach (connect failed, or its connection broke)
+    /// gets no new streams for this long while its shard has another replica (so a
+    /// crashed replica's clients move at once, not after its lease expires).
+    #[arg(long, default_value = "10s", value_parser = parse_positive)]
+    avoid_unreachable_for: Duration,
     /// Most streams being routed at once (reading the first request, connecting);
     /// the rest wait their turn.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
@@ -92,6 +97,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             max_first_request_bytes: args.max_first_request_bytes,
             first_request_timeout: args.first_request_timeout,
             connect_timeout: args.connect_timeout,
+            avoid_unreachable_for: args.avoid_unreachable_for,
         },
         max_pending_streams: args.max_pending_streams as usize,
     };

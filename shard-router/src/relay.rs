@@ -46,6 +46,9 @@ pub struct RelayLimits {
     pub first_request_timeout: Duration,
     /// How long connecting to a replica may take (`--connect-timeout`).
     pub connect_timeout: Duration,
+    /// How long a replica the relay could not reach is avoided for new streams
+    /// (`--avoid-unreachable-for`).
+    pub avoid_unreachable_for: Duration,
 }
 
 impl Default for RelayLimits {
@@ -54,6 +57,7 @@ impl Default for RelayLimits {
             max_first_request_bytes: tributary_controlplane::app::DEFAULT_MAX_REQUEST_BYTES,
             first_request_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
+            avoid_unreachable_for: Duration::from_secs(10),
         }
     }
 }
@@ -104,6 +108,8 @@ pub struct Relayed {
     ended: bool,
     route: Arc<str>,
     metrics: Arc<RouterMetrics>,
+    /// Marks the replica unreachable when its connection breaks.
+    on_failure: Option<Box<dyn FnOnce() + Send>>,
     _guard: StreamGuard,
 }
 
@@ -161,6 +167,9 @@ impl Body for Relayed {
             Poll::Ready(Some(Err(e))) => {
                 self.ended = true;
                 self.metrics.upstream_failures.inc();
+                if let Some(f) = self.on_failure.take() {
+                    f();
+                }
                 debug!(route = %self.route, error = %e, "the connection to the replica failed");
                 let s = Status::unavailable(format!(
                     "the connection to {} failed: {e}; reconnect to be routed to a live replica",
@@ -415,8 +424,10 @@ impl Inner {
         let response = match response {
             Ok(r) => r,
             Err(e) => {
-                warn!(%replica, %addr, error = %e, "cannot reach the replica");
+                warn!(%replica, %addr, error = %e, "cannot reach the replica; avoiding it for new streams");
                 self.metrics.upstream_failures.inc();
+                self.table
+                    .avoid(&replica, addr, self.limits.avoid_unreachable_for);
                 return Err((
                     "replica_unreachable",
                     Status::unavailable(format!("cannot reach {label}: {e}; reconnect")),
@@ -433,6 +444,10 @@ impl Inner {
             ended: false,
             route: Arc::from(label),
             metrics: self.metrics.clone(),
+            on_failure: Some({
+                let (table, hold) = (self.table.clone(), self.limits.avoid_unreachable_for);
+                Box::new(move || table.avoid(&replica, addr, hold))
+            }),
             _guard: StreamGuard(gauge),
         };
         Ok(Response::from_parts(

@@ -11,10 +11,17 @@
 //! (its lease expired, it deregistered, it lost the shard, or it came back at another
 //! address) the writer fires it, and the relay ends the stream with `UNAVAILABLE` so
 //! the client reconnects through the router to a live replica.
+//!
+//! A replica that the relay could not reach (connect refused or timed out, or its
+//! connection broke) is *avoided* for a while ([`Table::avoid`]): new streams of its
+//! shard go to the shard's other replicas, by the same rendezvous order, so a crashed
+//! replica's clients land elsewhere at once instead of after its lease expires. Only
+//! when every replica of a shard is avoided does the router try them anyway.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use serde::Serialize;
@@ -89,6 +96,8 @@ pub struct Table {
     shards: DashMap<Shard, Vec<Member>>,
     /// How many views were applied (0: membership not listed from the store yet).
     applied: watch::Sender<u64>,
+    /// Replicas (at an address) the relay could not reach, avoided until then.
+    avoided: DashMap<(Arc<str>, SocketAddr), Instant>,
 }
 
 impl Table {
@@ -171,6 +180,22 @@ impl Table {
         }
         self.applied.send_modify(|n| *n += 1);
         left
+    }
+
+    /// The relay could not reach `replica` at `addr`: new streams avoid it for `hold`
+    /// (while its shard has other replicas).
+    pub fn avoid(&self, replica: &Arc<str>, addr: SocketAddr, hold: Duration) {
+        let until = Instant::now() + hold;
+        self.avoided.insert((replica.clone(), addr), until);
+        // Forget expired entries (replicas that came back at another address).
+        let now = Instant::now();
+        self.avoided.retain(|_, t| *t > now);
+    }
+
+    fn is_avoided(&self, m: &Member, now: Instant) -> bool {
+        self.avoided
+            .get(&(m.replica.clone(), m.addr))
+            .is_some_and(|t| *t > now)
     }
 
     /// Ends every relayed stream (the router is shutting down).
@@ -273,7 +298,11 @@ impl Table {
                 known()
             )));
         };
-        let Some(m) = rendezvous::pick(&node.id, members.iter(), |m| &m.replica) else {
+        let now = Instant::now();
+        let reachable = members.iter().filter(|m| !self.is_avoided(m, now));
+        let Some(m) = rendezvous::pick(&node.id, reachable, |m| &m.replica)
+            .or_else(|| rendezvous::pick(&node.id, members.iter(), |m| &m.replica))
+        else {
             return Err(Refusal::Unavailable(format!(
                 "shard {shard} has no live replica right now (node {:?}); retry later",
                 node.id
@@ -374,6 +403,28 @@ mod tests {
             e.to_string().contains("prod/az2 has no live replica"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn an_unreachable_replica_is_avoided_while_its_shard_has_another() {
+        let t = Table::new();
+        let p = shard("prod", "az1");
+        let replicas: BTreeMap<_, _> =
+            [info("a", 1, vec![p.clone()]), info("b", 2, vec![p.clone()])].into();
+        t.apply(&replicas, &assignment(std::slice::from_ref(&p)));
+        let n = node("n", Some("prod"), Some("az1"));
+        let first = t.route(&n).unwrap();
+        t.avoid(&first.replica, first.addr, Duration::from_secs(60));
+        let second = t.route(&n).unwrap();
+        assert_ne!(second.replica, first.replica);
+        // Both avoided: try them anyway, in rendezvous order.
+        t.avoid(&second.replica, second.addr, Duration::from_secs(60));
+        assert_eq!(t.route(&n).unwrap().replica, first.replica);
+        // Expired: back to the rendezvous choice.
+        let t = Table::new();
+        t.apply(&replicas, &assignment(std::slice::from_ref(&p)));
+        t.avoid(&first.replica, first.addr, Duration::ZERO);
+        assert_eq!(t.route(&n).unwrap().replica, first.replica);
     }
 
     #[test]

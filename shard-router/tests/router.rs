@@ -738,3 +738,65 @@ async fn a_killed_replicas_delta_client_resumes_on_the_other_without_resends_and
         refused.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_replica_is_avoided_so_its_clients_land_on_a_live_one_at_once() {
+    let config = [environment("prod", &["az1"]), service("web", "prod", 80)].join("---\n");
+    let mesh = Mesh::start(&config, &["a"], 2, false).await;
+    // A replica that registered and died without its lease running out yet: nothing
+    // listens at its address.
+    let gone_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let ghost = tributary_controlplane::membership::ReplicaInfo {
+        id: "ghost".into(),
+        xds_addr: gone_addr.to_string(),
+        admin_addr: String::new(),
+        shards: vec![tributary_controlplane::membership::Shard {
+            environment: "prod".into(),
+            zone: "az1".into(),
+        }],
+        streams: 0,
+        started_unix: 0.0,
+    };
+    mesh.store
+        .put(
+            &format!("{REPLICAS_PREFIX}ghost"),
+            serde_json::to_vec(&ghost).unwrap(),
+            0,
+        )
+        .await
+        .unwrap();
+    let router = mesh.router(&["127.0.0.1:0"]).await;
+    wait_routes_where(&router, &[("prod/az1", 2)], |r| {
+        r["prod/az1"].contains(&"ghost".to_string())
+    })
+    .await;
+    // A node whose rendezvous choice is the ghost.
+    let id = (0..)
+        .map(|i| format!("sidecar-{i}"))
+        .find(|n| {
+            tributary_shard_router::rendezvous::weight(n, "ghost")
+                > tributary_shard_router::rendezvous::weight(n, "a")
+        })
+        .unwrap();
+    let first = || DeltaDiscoveryRequest {
+        node: Some(node(&id, Some("prod"), Some("az1"))),
+        type_url: CDS.into(),
+        ..Default::default()
+    };
+    let e = match DeltaClient::open(router.xds_addrs[0], first()).await {
+        Err(e) => e,
+        Ok(mut c) => c.next().await.unwrap_err(),
+    };
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("cannot reach replica ghost"), "{e:?}");
+    // Its reconnect goes to the live replica, long before the ghost's registration
+    // would go.
+    let mut c = DeltaClient::open(router.xds_addrs[0], first())
+        .await
+        .unwrap();
+    assert_eq!(names(&c.recv().await).len(), 1);
+    assert_eq!(mesh.serving(&id), vec!["a".to_string()]);
+}
