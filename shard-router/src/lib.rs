@@ -10,12 +10,14 @@
 //! others, and relays the stream as bytes ([`relay`]). When that replica leaves the
 //! shard, its relayed streams end with `UNAVAILABLE` and their clients reconnect
 //! through the router to a live replica. [`app`] assembles it; [`admin`] serves
-//! health, metrics and the routing table.
+//! health, metrics and the routing table; [`mesh`] runs the embedded store, hubs, the
+//! router and file-mode agents in one process (`tributary-mesh`).
 
 pub mod admin;
 pub mod app;
 pub mod first;
 pub mod membership;
+pub mod mesh;
 pub mod metrics;
 pub mod relay;
 pub mod rendezvous;

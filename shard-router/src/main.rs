@@ -111,7 +111,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     }
-    router.run_until(shutdown_signal()).await
+    router
+        .run_until(tributary_shard_router::app::shutdown_signal())
+        .await
 }
 
 async fn open_store(args: &Args) -> anyhow::Result<SharedStore> {
@@ -145,19 +147,4 @@ async fn etcd(_args: &Args) -> anyhow::Result<SharedStore> {
     anyhow::bail!(
         "--store etcd: this tributary-router was built without etcd support; build it with `cargo build -p tributary-shard-router --features etcd` (needs protoc: Debian protobuf-compiler)"
     )
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = ctrl_c.await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term.recv() => {}
-    }
 }
