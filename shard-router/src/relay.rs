@@ -31,7 +31,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use prometheus_client::metrics::gauge::Gauge;
 use tonic::Status;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::first::{Dialect, FirstMessage, FirstRequestError, node_of};
 use crate::metrics::{ReplicaLabels, RouterMetrics, ShardLabel};
@@ -268,16 +268,26 @@ impl tower::Service<Request<Incoming>> for Relay {
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         let inner = self.inner.clone();
-        Box::pin(async move {
-            Ok(match inner.relay(req).await {
-                Ok(r) => r,
-                Err((reason, status)) => {
-                    inner.metrics.refuse(reason);
-                    info!(code = ?status.code(), message = status.message(), "stream refused");
-                    status.into_http()
-                }
-            })
-        })
+        // Routing runs in a span that names the stream once its node is read.
+        let span = info_span!(
+            "route",
+            node = tracing::field::Empty,
+            shard = tracing::field::Empty,
+            replica = tracing::field::Empty
+        );
+        Box::pin(
+            async move {
+                Ok(match inner.relay(req).await {
+                    Ok(r) => r,
+                    Err((reason, status)) => {
+                        inner.metrics.refuse(reason);
+                        info!(code = ?status.code(), message = status.message(), "stream refused");
+                        status.into_http()
+                    }
+                })
+            }
+            .instrument(span),
+        )
     }
 }
 
@@ -354,8 +364,12 @@ impl Inner {
             ));
         };
         let node = node_of(dialect, first.message(len)).map_err(bad)?;
+        let span = tracing::Span::current();
+        span.record("node", node.id.as_str());
         let route = self.table.route(&node).map_err(refusal)?;
         let shard = route.shard.to_string();
+        span.record("shard", shard.as_str());
+        span.record("replica", &*route.replica);
         self.metrics
             .routed
             .get_or_create(&ShardLabel {

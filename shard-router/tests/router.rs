@@ -616,13 +616,17 @@ async fn a_killed_replicas_delta_client_resumes_on_the_other_without_resends_and
     let deadline = Instant::now() + TTL + TIMEOUT;
     let mut refused = Vec::new();
     // A live replica answers the resumed subscriptions (with nothing, as the client
-    // holds everything); a stream routed to the dead one ends with UNAVAILABLE.
+    // holds everything); a stream routed to the dead one ends with UNAVAILABLE. (In
+    // process, the aborted hub's connection task outlives it: a stream the router
+    // sends there before the lease runs out may get an answer and then
+    // UNAVAILABLE; a live hub registers a stream before answering it.)
     let (mut c, answer) = loop {
         match DeltaClient::open(router.xds_addrs[0], resume()).await {
             Ok(mut c) => {
                 let _ = c.tx.send(resume_eds()).await;
                 match c.next().await {
-                    Ok(r) => break (c, r),
+                    Ok(r) if !mesh.serving(id).is_empty() => break (c, r),
+                    Ok(_) => {}
                     Err(e) => {
                         assert_eq!(e.code(), Code::Unavailable, "{e:?}");
                         refused.push(e);
@@ -799,4 +803,115 @@ async fn an_unreachable_replica_is_avoided_so_its_clients_land_on_a_live_one_at_
         .unwrap();
     assert_eq!(names(&c.recv().await).len(), 1);
     assert_eq!(mesh.serving(&id), vec!["a".to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_routers_agree_on_every_nodes_replica_and_streams_go_there() {
+    let config = [environment("prod", &["az1"]), service("web", "prod", 80)].join("---\n");
+    let mesh = Mesh::start(&config, &["a", "b", "c"], 3, false).await;
+    let r1 = mesh.router(&["127.0.0.1:0"]).await;
+    let r2 = mesh.router(&["[::1]:0"]).await;
+    wait_routes(&r1, &[("prod/az1", 3)]).await;
+    wait_routes(&r2, &[("prod/az1", 3)]).await;
+    let mut spread = BTreeMap::<String, usize>::new();
+    for i in 0..300 {
+        let n = tributary_shard_router::first::NodeIdentity {
+            id: format!("sidecar-{i}"),
+            environment: Some("prod".into()),
+            zone: Some("az1".into()),
+        };
+        let (x, y) = (r1.table.route(&n).unwrap(), r2.table.route(&n).unwrap());
+        assert_eq!(x.replica, y.replica, "{}", n.id);
+        *spread.entry(x.replica.to_string()).or_default() += 1;
+    }
+    assert_eq!(spread.len(), 3, "{spread:?}");
+    assert!(spread.values().all(|&c| c >= 60), "uneven: {spread:?}");
+    // Real streams land where the tables say, whichever router they go through.
+    let mut open = Vec::new();
+    for i in 0..6 {
+        let id = format!("sidecar-{i}");
+        let router = if i % 2 == 0 { &r1 } else { &r2 };
+        let want = r1
+            .table
+            .route(&tributary_shard_router::first::NodeIdentity {
+                id: id.clone(),
+                environment: Some("prod".into()),
+                zone: Some("az1".into()),
+            })
+            .unwrap()
+            .replica
+            .to_string();
+        let mut c = DeltaClient::open(
+            router.xds_addrs[0],
+            DeltaDiscoveryRequest {
+                node: Some(node(&id, Some("prod"), Some("az1"))),
+                type_url: CDS.into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        c.recv().await;
+        assert_eq!(mesh.serving(&id), vec![want], "{id}");
+        open.push(c);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundreds_of_streams_share_the_routers_connection_to_a_replica() {
+    let config = [environment("prod", &["az1"]), service("web", "prod", 80)].join("---\n");
+    let mesh = Mesh::start(&config, &["a"], 1, false).await;
+    let router = mesh.router(&["127.0.0.1:0"]).await;
+    wait_routes(&router, &[("prod/az1", 1)]).await;
+    // More than HTTP/2's customary 100-200 concurrent streams per connection.
+    const N: usize = 300;
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", router.xds_addrs[0]))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+    let mut streams = Vec::new();
+    for i in 0..N {
+        let (tx, rx) = mpsc::channel(2);
+        tx.send(DeltaDiscoveryRequest {
+            node: Some(node(&format!("sidecar-{i}"), Some("prod"), Some("az1"))),
+            type_url: CDS.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let s = AggregatedDiscoveryServiceClient::new(channel.clone())
+            .delta_aggregated_resources(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        streams.push((tx, s));
+    }
+    for (i, (tx, s)) in streams.iter_mut().enumerate() {
+        let r = timeout(TIMEOUT, s.message())
+            .await
+            .unwrap_or_else(|_| panic!("stream {i}: no response"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(names(&r).len(), 1, "stream {i}");
+        // The ACK gives the hub's initial-sync slot (--max-initial-syncs) back.
+        tx.send(DeltaDiscoveryRequest {
+            type_url: CDS.into(),
+            response_nonce: r.nonce.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    assert_eq!(mesh.hubs["a"].sync.snapshot().len(), N);
+    let gauge = router
+        .metrics
+        .streams
+        .get_or_create(&tributary_shard_router::metrics::ReplicaLabels {
+            replica: "a".into(),
+            shard: "prod/az1".into(),
+        })
+        .get();
+    assert_eq!(gauge, N as i64);
 }
