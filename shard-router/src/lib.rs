@@ -10,11 +10,13 @@
 //! others, and relays the stream as bytes ([`relay`]). When that replica leaves the
 //! shard, its relayed streams end with `UNAVAILABLE` and their clients reconnect
 //! through the router to a live replica. [`app`] assembles it; [`admin`] serves
-//! health, metrics and the routing table; [`mesh`] runs the embedded store, hubs, the
+//! health, metrics and the routing table; [`directory`] answers which replicas
+//! serve which shards (the directory API, on the xDS port); [`mesh`] runs the embedded store, hubs, the
 //! router and file-mode agents in one process (`tributary-mesh`).
 
 pub mod admin;
 pub mod app;
+pub mod directory;
 pub mod first;
 pub mod membership;
 pub mod mesh;

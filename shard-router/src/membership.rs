@@ -73,6 +73,7 @@ pub async fn follow(
         .filter_map(|kv| Some((kv.key.clone(), replica_of(kv)?)))
         .collect();
     let mut assignment = assignment_of(&arange.kvs);
+    table.set_revision(range.revision.max(arange.revision));
     info!(store = %store.describe(), replicas = replicas.len(), shards = assignment.shards.len(), "membership listed");
     loop {
         table.apply(&replicas, &assignment);
@@ -81,6 +82,7 @@ pub async fn follow(
             u = replicas_w.next() => match u {
                 Update::Events(events) => {
                     for e in events {
+                        table.set_revision(e.revision());
                         match e.kind {
                             EventKind::Put => {
                                 if let Some(info) = replica_of(&e.kv) {
@@ -94,6 +96,7 @@ pub async fn follow(
                     }
                 }
                 Update::Resync(range) => {
+                    table.set_revision(range.revision);
                     replicas = range
                         .kvs
                         .iter()
@@ -106,6 +109,9 @@ pub async fn follow(
             },
             u = assignment_w.next() => match u {
                 Update::Events(events) => {
+                    if let Some(e) = events.last() {
+                        table.set_revision(e.revision());
+                    }
                     if let Some(e) = events.iter().rev().find(|e| e.kv.key == ASSIGNMENT_KEY) {
                         assignment = match e.kind {
                             EventKind::Put => serde_json::from_slice(&e.kv.value).unwrap_or_default(),
@@ -113,7 +119,10 @@ pub async fn follow(
                         };
                     }
                 }
-                Update::Resync(range) => assignment = assignment_of(&range.kvs),
+                Update::Resync(range) => {
+                    table.set_revision(range.revision);
+                    assignment = assignment_of(&range.kvs);
+                }
                 Update::Interrupted(e) => {
                     warn!(error = %e, "the assignment watch broke; routing with the last assignment seen until it resumes");
                 }

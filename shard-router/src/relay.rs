@@ -33,7 +33,13 @@ use prometheus_client::metrics::gauge::Gauge;
 use tonic::Status;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use tributary_proto::directory::v1::directory_server::DirectoryServer;
+
+use crate::directory::DirectoryService;
 use crate::first::{Dialect, FirstMessage, FirstRequestError, node_of};
+
+/// Paths of the directory API, which the router serves itself.
+const DIRECTORY_PREFIX: &str = "/tributary.directory.v1.Directory/";
 use crate::metrics::{ReplicaLabels, RouterMetrics, ShardLabel};
 use crate::table::{Refusal, Route, Table};
 
@@ -189,24 +195,29 @@ impl Body for Relayed {
     }
 }
 
-/// A response body: relayed, or empty (a trailers-only error).
+/// A response body: relayed, the router's own gRPC service (the directory), or empty
+/// (a trailers-only error).
 #[derive(Debug, Default)]
 pub enum RelayBody {
     Relayed(Box<Relayed>),
+    Own(tonic::body::Body),
     #[default]
     Empty,
 }
 
 impl Body for RelayBody {
     type Data = Bytes;
-    type Error = Infallible;
+    type Error = Status;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         match self.get_mut() {
-            RelayBody::Relayed(r) => Pin::new(r.as_mut()).poll_frame(cx),
+            RelayBody::Relayed(r) => Pin::new(r.as_mut())
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(|e| match e {}))),
+            RelayBody::Own(b) => Pin::new(b).poll_frame(cx),
             RelayBody::Empty => Poll::Ready(None),
         }
     }
@@ -214,6 +225,7 @@ impl Body for RelayBody {
     fn is_end_stream(&self) -> bool {
         match self {
             RelayBody::Relayed(r) => r.is_end_stream(),
+            RelayBody::Own(b) => b.is_end_stream(),
             RelayBody::Empty => true,
         }
     }
@@ -222,6 +234,8 @@ impl Body for RelayBody {
 /// Shared by every stream.
 #[derive(Debug)]
 struct Inner {
+    /// The directory API, served here rather than relayed.
+    directory: DirectoryServer<DirectoryService>,
     table: Arc<Table>,
     client: Client<HttpConnector, Forwarded>,
     metrics: Arc<RouterMetrics>,
@@ -248,6 +262,7 @@ impl Relay {
             .build(connector);
         Self {
             inner: Arc::new(Inner {
+                directory: DirectoryServer::new(DirectoryService::new(table.clone())),
                 table,
                 client,
                 metrics,
@@ -267,6 +282,16 @@ impl tower::Service<Request<Incoming>> for Relay {
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        if req.uri().path().starts_with(DIRECTORY_PREFIX) {
+            let mut directory = self.inner.directory.clone();
+            return Box::pin(async move {
+                let r = match tower::Service::call(&mut directory, req).await {
+                    Ok(r) => r,
+                    Err(e) => match e {},
+                };
+                Ok(r.map(RelayBody::Own))
+            });
+        }
         let inner = self.inner.clone();
         // Routing runs in a span that names the stream once its node is read.
         let span = info_span!(
@@ -308,7 +333,7 @@ impl Inner {
             return Err((
                 "unknown_method",
                 Status::unimplemented(format!(
-                    "the shard router relays {} and {} only, not {}",
+                    "the shard router relays {} and {} (and serves {DIRECTORY_PREFIX}) only, not {}",
                     Dialect::SOTW_PATH,
                     Dialect::DELTA_PATH,
                     req.uri().path()

@@ -21,6 +21,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -98,6 +99,8 @@ pub struct Table {
     applied: watch::Sender<u64>,
     /// Replicas (at an address) the relay could not reach, avoided until then.
     avoided: DashMap<(Arc<str>, SocketAddr), Instant>,
+    /// The store revision of the membership last applied.
+    revision: AtomicI64,
 }
 
 impl Table {
@@ -196,6 +199,16 @@ impl Table {
         self.avoided
             .get(&(m.replica.clone(), m.addr))
             .is_some_and(|t| *t > now)
+    }
+
+    /// Records the store revision of the membership about to be applied.
+    pub fn set_revision(&self, revision: i64) {
+        self.revision.fetch_max(revision, Ordering::Relaxed);
+    }
+
+    /// The store revision of the membership last applied.
+    pub fn revision(&self) -> i64 {
+        self.revision.load(Ordering::Relaxed)
     }
 
     /// Ends every relayed stream (the router is shutting down).

@@ -915,3 +915,97 @@ async fn hundreds_of_streams_share_the_routers_connection_to_a_replica() {
         .get();
     assert_eq!(gauge, N as i64);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_directory_names_each_shards_replicas_and_streams_membership_changes() {
+    use tributary_proto::directory::v1::LookupRequest;
+    use tributary_proto::directory::v1::directory_client::DirectoryClient;
+    let mesh = Mesh::start(&prod_and_staging(), &["a", "b"], 2, false).await;
+    let router = mesh.router(&["[::1]:0"]).await;
+    wait_routes(
+        &router,
+        &[("prod/az1", 2), ("prod/az2", 2), ("staging/az1", 2)],
+    )
+    .await;
+    let mut dir = DirectoryClient::connect(format!("http://{}", router.xds_addrs[0]))
+        .await
+        .unwrap();
+    let shards = |r: &tributary_proto::directory::v1::LookupResponse| -> Vec<(String, Vec<(String, String)>)> {
+        r.shards
+            .iter()
+            .map(|s| {
+                (
+                    format!("{}/{}", s.environment, s.zone),
+                    s.replicas
+                        .iter()
+                        .map(|x| (x.id.clone(), x.xds_address.clone()))
+                        .collect(),
+                )
+            })
+            .collect()
+    };
+    let addr = |id: &str| mesh.hubs[id].xds_addr.to_string();
+    let both = vec![("a".to_string(), addr("a")), ("b".to_string(), addr("b"))];
+    // A zone of every environment.
+    let r = dir
+        .lookup(LookupRequest {
+            environment: String::new(),
+            zone: "az1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        shards(&r),
+        vec![
+            ("prod/az1".to_string(), both.clone()),
+            ("staging/az1".to_string(), both.clone())
+        ]
+    );
+    assert!(r.revision > 0);
+    assert!(
+        r.shards
+            .iter()
+            .flat_map(|s| &s.replicas)
+            .all(|x| x.federation_address == x.xds_address)
+    );
+    // Watch one shard: now, then after b leaves.
+    let mut w = dir
+        .watch(LookupRequest {
+            environment: "prod".into(),
+            zone: "az2".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = timeout(TIMEOUT, w.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(shards(&first), vec![("prod/az2".to_string(), both.clone())]);
+    mesh.store
+        .delete(&format!("{REPLICAS_PREFIX}b"))
+        .await
+        .unwrap();
+    let next = timeout(TIMEOUT, w.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        shards(&next),
+        vec![("prod/az2".to_string(), vec![("a".to_string(), addr("a"))])]
+    );
+    assert!(next.revision > first.revision);
+    // An unknown shard: nothing matches.
+    let r = dir
+        .lookup(LookupRequest {
+            environment: "dev".into(),
+            zone: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.shards.is_empty());
+}
