@@ -394,6 +394,26 @@ impl Hub {
                 Ok(())
             });
         }
+        let (membership, membership_tasks) = crate::membership::start(
+            store.clone(),
+            MembershipConfig {
+                replica_id: cfg.replica_id.clone(),
+                lease_ttl: cfg.lease_ttl,
+                replicas_per_shard: cfg.replicas_per_shard,
+                xds_addr: xds_addr.to_string(),
+                admin_addr: admin_addr.to_string(),
+            },
+            membership_mesh,
+            sync.clone(),
+            shutdown_rx.clone(),
+        );
+        for t in membership_tasks {
+            tasks.spawn(async move {
+                t.await;
+                Ok(())
+            });
+        }
+
         let ads = AdsServer::new(
             snapshots.clone(),
             sync.clone(),
@@ -403,7 +423,8 @@ impl Hub {
             synced,
             shutdown_rx.clone(),
             cfg.max_initial_syncs,
-        );
+        )
+        .with_membership(membership.clone());
         let ads = AggregatedDiscoveryServiceServer::new(ads)
             .max_decoding_message_size(cfg.max_request_bytes)
             .max_encoding_message_size(usize::MAX);
@@ -434,26 +455,6 @@ impl Hub {
                     .context("xDS server")
             }
         });
-
-        let (membership, membership_tasks) = crate::membership::start(
-            store.clone(),
-            MembershipConfig {
-                replica_id: cfg.replica_id.clone(),
-                lease_ttl: cfg.lease_ttl,
-                replicas_per_shard: cfg.replicas_per_shard,
-                xds_addr: xds_addr.to_string(),
-                admin_addr: admin_addr.to_string(),
-            },
-            membership_mesh,
-            sync.clone(),
-            shutdown_rx.clone(),
-        );
-        for t in membership_tasks {
-            tasks.spawn(async move {
-                t.await;
-                Ok(())
-            });
-        }
 
         let state = AdminState {
             registry: Arc::new(registry),

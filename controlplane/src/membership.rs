@@ -20,8 +20,10 @@
 //! leader's election key, so a deposed leader cannot overwrite its successor. Every
 //! replica watches the assignment and registers the shards it serves.
 //!
-//! (Serving only its shards, and routing proxies to them, is the router's and the
-//! replicas' work that builds on this.)
+//! A replica refuses xDS clients of a shard the assignment gives to others
+//! ([`Membership::refusal`], with `FAILED_PRECONDITION` naming the replicas that serve
+//! it); the shard router (`shard-router/`) routes each proxy to a replica of its shard
+//! by the registrations.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -255,6 +257,41 @@ impl Membership {
 
     pub fn watch(&self) -> watch::Receiver<Arc<MembershipView>> {
         self.view.clone()
+    }
+
+    /// Why this replica refuses an xDS client of shard `(environment, zone)`, if it
+    /// does: the assignment gives that shard to other replicas. The message names
+    /// them. A client that names no zone, or a shard the assignment does not know
+    /// (no `Environment` with that zone), is served as before: a hub whose config
+    /// defines no zones serves every client.
+    pub fn refusal(&self, environment: &str, zone: Option<&str>) -> Option<String> {
+        let zone = zone.filter(|z| !z.is_empty())?;
+        let v = self.view.borrow();
+        let assigned = v
+            .assignment
+            .shards
+            .iter()
+            .find(|s| s.shard.environment == environment && s.shard.zone == zone)?;
+        if assigned.replicas.contains(&v.replica) {
+            return None;
+        }
+        let serving: Vec<String> = assigned
+            .replicas
+            .iter()
+            .map(|r| match v.replicas.iter().find(|i| i.id == *r) {
+                Some(i) => format!("{r} ({})", i.xds_addr),
+                None => r.clone(),
+            })
+            .collect();
+        Some(format!(
+            "replica {} does not serve shard {environment}/{zone}; {}; connect through the shard router (tributary-router), which routes each proxy to a replica of its shard",
+            v.replica,
+            if serving.is_empty() {
+                "it has no live replica right now".to_string()
+            } else {
+                format!("its replicas are {}", serving.join(", "))
+            }
+        ))
     }
 }
 

@@ -556,6 +556,69 @@ class Etcd:
             self.proc.stop()
 
 
+# ------------------------------------------------------------------------ router
+
+
+def router_binary() -> Path:
+    return Path(os.environ.get("TRIBUTARY_ROUTER_BIN",
+                               Path(hub_binary()).parent / "tributary-router"))
+
+
+class Router:
+    """`tributary-router` on etcd: relays each xDS stream to a replica of its shard.
+    Has `.xds` like a Hub, so an Envoy can be pointed at it."""
+
+    def __init__(self, workdir: Path, etcd: "Etcd", family: str = "ipv4"):
+        self.dir = workdir / "router"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.ready_file = self.dir / "ready.json"
+        self.log = self.dir / "router.log"
+        self.etcd = etcd
+        self.family = family
+        self.proc: Proc | None = None
+        self.xds: tuple[str, int] | None = None
+        self.admin: tuple[str, int] | None = None
+
+    def start(self, timeout: float = 20.0):
+        binary = router_binary()
+        if not binary.exists():
+            raise AssertionError(
+                f"router binary {binary} does not exist: run `cargo build -p tributary-shard-router "
+                "--features etcd` (or set TRIBUTARY_ROUTER_BIN)")
+        argv = [str(binary), "--store", "etcd", "--etcd-endpoints", self.etcd.client_url,
+                "--listen", hostport(FAMILIES[self.family], 0), "--admin-addr", "127.0.0.1:0",
+                "--ready-file", str(self.ready_file)]
+        env = dict(os.environ)
+        env.setdefault("RUST_LOG", "info")
+        self.proc = Proc("router", argv, self.log, env=env)
+
+        def ready():
+            if not self.proc.alive():
+                raise AssertionError(f"router exited with {self.proc.p.returncode}:\n{tail(self.log, 40)}")
+            if not self.ready_file.exists():
+                return None
+            return json.loads(self.ready_file.read_text())
+
+        info = wait_until(ready, timeout, "router ready file")
+        self.xds = split_hostport(info["xds"][0])
+        self.admin = split_hostport(info["admin"])
+        return self
+
+    def stop(self):
+        if self.proc:
+            self.proc.stop()
+
+    def routes(self) -> dict[str, list[str]]:
+        """shard -> its live replicas' ids, as the router routes them now."""
+        data = http_get_json(f"http://{hostport(*self.admin)}/status/routes")
+        return {s["shard"]: sorted(r["replica"] for r in s["replicas"]) for s in data["shards"]}
+
+    def metrics(self) -> dict[str, float]:
+        code, text = http_get_text(f"http://{hostport(*self.admin)}/metrics")
+        assert code == 200, f"/metrics returned {code}: {text[:300]}"
+        return parse_prometheus(text)
+
+
 # ---------------------------------------------------------------------- http client
 
 

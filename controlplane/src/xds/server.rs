@@ -37,6 +37,7 @@ use super::XdsType;
 use super::snapshot::{Snapshot, Snapshots};
 pub use super::stream::{NodeInfo, Role, StreamLimits};
 use super::stream::{Outgoing, StreamState};
+use crate::membership::Membership;
 use crate::metrics::Metrics;
 use crate::status::{ClientStatus, SyncRegistry, unix_now};
 
@@ -100,6 +101,8 @@ pub struct AdsServer {
     stopping: watch::Receiver<bool>,
     /// Initial-sync slots: a reconnect storm is admitted through this, not all at once.
     admission: Arc<tokio::sync::Semaphore>,
+    /// The replica's membership: clients of shards assigned to other replicas are refused.
+    membership: Option<Membership>,
 }
 
 impl AdsServer {
@@ -124,7 +127,14 @@ impl AdsServer {
             synced,
             stopping,
             admission: Arc::new(tokio::sync::Semaphore::new(max_initial_syncs.max(1))),
+            membership: None,
         }
+    }
+
+    /// Refuses clients of shards that `membership`'s assignment gives to other replicas.
+    pub fn with_membership(mut self, membership: Membership) -> Self {
+        self.membership = Some(membership);
+        self
     }
 }
 
@@ -171,6 +181,7 @@ impl AdsServer {
             synced: self.synced.clone(),
             stopping: self.stopping.clone(),
             admission: self.admission.clone(),
+            membership: self.membership.clone(),
         }
     }
 }
@@ -186,6 +197,7 @@ struct StreamContext {
     synced: watch::Receiver<bool>,
     stopping: watch::Receiver<bool>,
     admission: Arc<tokio::sync::Semaphore>,
+    membership: Option<Membership>,
 }
 
 // ---- the two wire dialects ------------------------------------------------------
@@ -320,7 +332,13 @@ async fn serve<D: Dialect>(
             "the first request of an xDS stream must carry a node (node.id, and metadata \"tributary.io/env\" to pick an environment)",
         ));
     };
+    let zone = node.locality.as_ref().map(|l| l.zone.clone());
     let node = NodeInfo::from_node(node, &ctx.default_env)?;
+    if let Some(why) =
+        (ctx.membership.as_ref()).and_then(|m| m.refusal(&node.environment, zone.as_deref()))
+    {
+        return Err(Status::failed_precondition(why));
+    }
     let mut stopping = ctx.stopping.clone();
     let mut synced = ctx.synced.clone();
     if synced.wait_for(|s| *s).await.is_err() {

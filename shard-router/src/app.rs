@@ -1,0 +1,264 @@
+//! Assembles a router: binds its xDS listeners (one or more, IPv4 and IPv6) and its
+//! admin port, follows membership in the store, and serves each connection over
+//! HTTP/2 with the [`Relay`] behind a `tower` admission limit.
+//!
+//! [`Router::start`] returns once everything is bound, with the bound addresses (tests
+//! bind port 0); [`Router::shutdown`] ends every relayed stream with `UNAVAILABLE`,
+//! stops accepting and drains.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tower::ServiceBuilder;
+use tracing::{debug, info, warn};
+use tributary_store::SharedStore;
+
+use crate::admin::{self, AdminState};
+use crate::metrics::RouterMetrics;
+use crate::relay::{Relay, RelayLimits};
+use crate::table::Table;
+
+/// Everything a router needs to start. Built by `main` from flags, or by tests.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// xDS listeners (`--listen`, repeatable: e.g. `127.0.0.1:18010` and `[::1]:18010`).
+    pub listen: Vec<SocketAddr>,
+    /// Admin HTTP (`/healthz`, `/readyz`, `/metrics`, `/status/routes`).
+    pub admin_addr: SocketAddr,
+    pub limits: RelayLimits,
+    /// Most streams being routed at once (reading their first request and connecting
+    /// to a replica) (`--max-pending-streams`); the rest wait: a reconnect storm is
+    /// admitted through this.
+    pub max_pending_streams: usize,
+}
+
+impl RouterConfig {
+    /// Port 0 on 127.0.0.1, for tests.
+    pub fn local() -> Self {
+        Self {
+            listen: vec!["127.0.0.1:0".parse().unwrap()],
+            admin_addr: "127.0.0.1:0".parse().unwrap(),
+            limits: RelayLimits::default(),
+            max_pending_streams: 1024,
+        }
+    }
+}
+
+/// A running router.
+#[derive(Debug)]
+pub struct Router {
+    /// The bound xDS listeners, in `--listen` order.
+    pub xds_addrs: Vec<SocketAddr>,
+    pub admin_addr: SocketAddr,
+    pub table: Arc<Table>,
+    pub metrics: Arc<RouterMetrics>,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<anyhow::Result<()>>,
+}
+
+impl Router {
+    pub async fn start(cfg: RouterConfig, store: SharedStore) -> anyhow::Result<Router> {
+        if cfg.listen.is_empty() {
+            anyhow::bail!("no xDS listener: give --listen at least once (e.g. 127.0.0.1:18010)");
+        }
+        let mut registry = Registry::default();
+        let metrics = Arc::new(RouterMetrics::new(&mut registry));
+        let table = Arc::new(Table::new());
+        let (shutdown, stop) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+
+        let mut listeners = Vec::new();
+        for addr in &cfg.listen {
+            let l = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the xDS address --listen {addr}"))?;
+            listeners.push(l);
+        }
+        let admin_listener = TcpListener::bind(cfg.admin_addr).await.with_context(|| {
+            format!("binding the admin address --admin-addr {}", cfg.admin_addr)
+        })?;
+        let xds_addrs = listeners
+            .iter()
+            .map(|l| l.local_addr())
+            .collect::<Result<Vec<_>, _>>()?;
+        let admin_addr = admin_listener.local_addr()?;
+
+        tasks.spawn({
+            let (table, metrics, stop) = (table.clone(), metrics.clone(), stop.clone());
+            async move {
+                crate::membership::follow(store, table, metrics, stop).await;
+                Ok(())
+            }
+        });
+
+        // One admission limit shared by every listener and connection.
+        let limit = tower::limit::GlobalConcurrencyLimitLayer::new(cfg.max_pending_streams.max(1));
+        let relay = Relay::new(table.clone(), metrics.clone(), cfg.limits);
+        for listener in listeners {
+            let svc = ServiceBuilder::new()
+                .layer(limit.clone())
+                .service(relay.clone());
+            tasks.spawn(accept(listener, svc, stop.clone()));
+        }
+
+        let state = AdminState {
+            registry: Arc::new(registry),
+            table: table.clone(),
+        };
+        tasks.spawn({
+            let mut stop = stop.clone();
+            async move {
+                axum::serve(admin_listener, admin::router(state))
+                    .with_graceful_shutdown(async move {
+                        stopped(&mut stop).await;
+                    })
+                    .await
+                    .context("admin server")
+            }
+        });
+        info!(xds = ?xds_addrs, %admin_addr, "router ready");
+        Ok(Router {
+            xds_addrs,
+            admin_addr,
+            table,
+            metrics,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// Ends every relayed stream with `UNAVAILABLE`, stops accepting and waits
+    /// (boundedly) for the connections to close.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        self.table.close_all();
+        let _ = self.shutdown.send(true);
+        let drained = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(r) = self.tasks.join_next().await {
+                match r {
+                    Ok(Err(e)) => return Err(e),
+                    Ok(Ok(())) => {}
+                    Err(e) if e.is_cancelled() => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Ok(())
+        })
+        .await;
+        self.tasks.abort_all();
+        drained.unwrap_or(Ok(()))
+    }
+
+    /// Runs until `signal` resolves or a task fails.
+    pub async fn run_until(
+        mut self,
+        signal: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        tokio::select! {
+            _ = signal => {
+                info!("shutting down");
+                self.shutdown().await
+            }
+            Some(r) = self.tasks.join_next() => match r {
+                Ok(Ok(())) => Err(anyhow::anyhow!("a router task ended unexpectedly")),
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(e.into()),
+            },
+        }
+    }
+}
+
+/// Accepts connections until `stop`; each is served over HTTP/2 (gRPC's h2c prior
+/// knowledge) in its own task, and drains gracefully on `stop`.
+async fn accept<S>(
+    listener: TcpListener,
+    svc: S,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()>
+where
+    S: tower::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = hyper::Response<crate::relay::RelayBody>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let mut conns = JoinSet::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // EMFILE and the like: back off instead of spinning.
+                    warn!(error = %e, "accepting an xDS connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = stopped(&mut stop) => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let svc = TowerToHyperService::new(svc.clone());
+        let mut stop = stop.clone();
+        conns.spawn(async move {
+            let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            builder
+                .timer(TokioTimer::new())
+                .keep_alive_interval(Some(Duration::from_secs(30)))
+                .keep_alive_timeout(Duration::from_secs(20))
+                .max_concurrent_streams(None);
+            let conn = builder.serve_connection(TokioIo::new(tcp), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        debug!(%peer, error = %e, "xDS connection ended with an error");
+                    }
+                    return;
+                }
+                () = stopped(&mut stop) => conn.as_mut().graceful_shutdown(),
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+        });
+        // Reap finished connection tasks so the set stays as large as the live ones.
+        while conns.try_join_next().is_some() {}
+    }
+    while tokio::time::timeout(Duration::from_secs(6), conns.join_next())
+        .await
+        .ok()
+        .flatten()
+        .is_some()
+    {}
+    conns.abort_all();
+    Ok(())
+}
+
+/// Resolves once `stop` turns true (or its sender is gone).
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = ctrl_c.await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+}

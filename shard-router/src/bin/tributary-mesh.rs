@@ -1,0 +1,115 @@
+//! `tributary-mesh`: the whole mesh in one command — the embedded store, hub replicas
+//! for every shard, the shard router and file-mode agents — printing where proxies and
+//! the admin connect. See `docs/router.md` and [`tributary_shard_router::mesh`].
+//!
+//! (A binary of the router's crate rather than a `tributary` subcommand: the router
+//! builds on the hub's crate, so the hub's binary cannot embed the router.)
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use tributary_controlplane::config::parse_duration;
+use tributary_shard_router::app::{RouterConfig, shutdown_signal};
+use tributary_shard_router::mesh::{AgentSpec, Mesh, MeshConfig};
+
+/// Runs the embedded store, hub replicas, the shard router and file-mode agents in one process.
+#[derive(Debug, Parser)]
+#[command(name = "tributary-mesh", version)]
+struct Args {
+    /// Config file or directory every hub reads (repeatable), e.g. examples/mesh.
+    #[arg(long, required = true)]
+    config: Vec<PathBuf>,
+    /// The embedded store's directory; without it the store is in memory.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Hub replicas to run.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    hubs: u32,
+    /// Live replicas the assignment gives each shard.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    replicas_per_shard: u32,
+    /// A replica that stops renewing its registration leaves after this.
+    #[arg(long, default_value = "10s", value_parser = parse_ttl)]
+    lease_ttl: Duration,
+    /// Where the hubs listen (xDS and admin on free ports of this address).
+    #[arg(long, default_value = "127.0.0.1")]
+    hub_host: IpAddr,
+    /// The router's xDS address: where proxies connect (repeatable).
+    #[arg(
+        long = "listen",
+        default_value = "127.0.0.1:18000",
+        value_delimiter = ','
+    )]
+    listen: Vec<SocketAddr>,
+    /// The router's admin address.
+    #[arg(long, default_value = "127.0.0.1:19010")]
+    admin_addr: SocketAddr,
+    /// A file-mode agent: ZONE:CLUSTER_ID:PATH (repeatable), e.g. az1:east-1:examples/agent.
+    #[arg(long = "agent")]
+    agents: Vec<AgentSpec>,
+}
+
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_secs(1) {
+        return Err("must be at least 1s".into());
+    }
+    Ok(d)
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let mut router = RouterConfig::local();
+    router.listen = args.listen;
+    router.admin_addr = args.admin_addr;
+    let cfg = MeshConfig {
+        config: args.config,
+        state_dir: args.state_dir,
+        hubs: args.hubs as usize,
+        replicas_per_shard: args.replicas_per_shard as usize,
+        lease_ttl: args.lease_ttl,
+        hub_host: args.hub_host,
+        router,
+        agents: args.agents,
+    };
+    let mesh = Mesh::start(cfg).await?;
+    // Show the assignment once it has settled (every shard with its replicas), or
+    // whatever it is after a few seconds.
+    let mut applied = mesh.router.table.applied();
+    let settle = async {
+        loop {
+            let routes = mesh.router.table.routes();
+            if !routes.is_empty()
+                && routes.iter().all(|s| {
+                    s.replicas.len() == (args.replicas_per_shard as usize).min(args.hubs as usize)
+                })
+            {
+                break;
+            }
+            if applied.changed().await.is_err() {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), settle).await;
+    println!("{}", mesh.describe());
+    println!("Ctrl-C stops it.");
+    shutdown_signal().await;
+    mesh.shutdown().await
+}

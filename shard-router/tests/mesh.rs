@@ -1,0 +1,181 @@
+//! `tributary-mesh` in process with the bundled examples: two environments × two
+//! zones (four shards) on four hubs, two replicas each, the router in front, and two
+//! file-mode agents (zones az1 and az2). A proxy of each shard, through the router,
+//! lands on a replica of its shard and gets its environment's services — the config's
+//! and the agents' — and nothing of the other environment.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+use tokio_stream::wrappers::ReceiverStream;
+use tributary_proto::envoy::envoy::config::core::v3::{Locality, Node};
+use tributary_proto::envoy::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+use tributary_proto::envoy::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use tributary_proto::envoy::google::protobuf::{Struct, Value, value::Kind};
+use tributary_shard_router::app::RouterConfig;
+use tributary_shard_router::mesh::{Mesh, MeshConfig};
+
+const CDS: &str = tributary_proto::type_url::CLUSTER;
+
+fn examples(dir: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples")
+        .join(dir)
+}
+
+fn node(id: &str, env: &str, zone: &str) -> Node {
+    let mut fields = std::collections::HashMap::new();
+    fields.insert(
+        "tributary.io/env".to_string(),
+        Value {
+            kind: Some(Kind::StringValue(env.into())),
+        },
+    );
+    Node {
+        id: id.into(),
+        metadata: Some(Struct { fields }),
+        locality: Some(Locality {
+            zone: zone.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_mesh_routes_each_shards_proxies_to_its_replicas_with_its_environment_only() {
+    let mut router = RouterConfig::local();
+    router.listen = vec!["127.0.0.1:0".parse().unwrap(), "[::1]:0".parse().unwrap()];
+    let mesh = Mesh::start(MeshConfig {
+        config: vec![examples("mesh")],
+        state_dir: None,
+        hubs: 4,
+        replicas_per_shard: 2,
+        lease_ttl: Duration::from_secs(2),
+        hub_host: "127.0.0.1".parse().unwrap(),
+        router,
+        agents: vec![
+            format!("az1:east-1:{}", examples("agent").display())
+                .parse()
+                .unwrap(),
+            format!("az2:west-1:{}", examples("agent-west").display())
+                .parse()
+                .unwrap(),
+        ],
+    })
+    .await
+    .expect("the mesh starts");
+    // Settled: four shards, two replicas each, every hub serving two.
+    let mut applied = mesh.router.table.applied();
+    timeout(Duration::from_secs(10), async {
+        loop {
+            let routes = mesh.router.table.routes();
+            let per_hub = |h: &str| {
+                routes
+                    .iter()
+                    .filter(|s| s.replicas.iter().any(|r| r.replica == h))
+                    .count()
+            };
+            if routes.len() == 4
+                && routes.iter().all(|s| s.replicas.len() == 2)
+                && mesh.hubs.iter().all(|(id, _)| per_hub(id) == 2)
+            {
+                break;
+            }
+            applied.changed().await.unwrap();
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("not settled: {:?}", mesh.router.table.routes()));
+    let text = mesh.describe();
+    assert!(text.contains("shard staging/az2: hub-"), "{text}");
+
+    let cases = [
+        (
+            "prod",
+            "az1",
+            "reviews.prod",
+            "checkout.shop",
+            ["staging", "cart.shop"],
+        ),
+        (
+            "staging",
+            "az2",
+            "reviews.staging",
+            "cart.shop",
+            ["prod", "checkout.shop"],
+        ),
+    ];
+    for (i, (env, zone, from_config, from_agent, other)) in cases.into_iter().enumerate() {
+        let addr = mesh.router.xds_addrs[i % 2];
+        let id = format!("proxy-{env}-{zone}");
+        let (tx, rx) = mpsc::channel(8);
+        tx.send(DeltaDiscoveryRequest {
+            node: Some(node(&id, env, zone)),
+            type_url: CDS.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let mut stream = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap()
+            .delta_aggregated_resources(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        // Until both the config's and the agent's services are there (the agents
+        // may feed the hubs after the first response).
+        let mut held = BTreeSet::new();
+        while !(held.iter().any(|n: &String| n.contains(from_config))
+            && held.iter().any(|n| n.contains(from_agent)))
+        {
+            let r = timeout(Duration::from_secs(10), stream.message())
+                .await
+                .unwrap_or_else(|_| panic!("{env}/{zone}: only {held:?}"))
+                .unwrap()
+                .unwrap();
+            for x in &r.resources {
+                for o in other {
+                    assert!(!x.name.contains(o), "{env} proxy got {}", x.name);
+                }
+                held.insert(x.name.clone());
+            }
+            tx.send(DeltaDiscoveryRequest {
+                type_url: CDS.into(),
+                response_nonce: r.nonce.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        }
+        // It is served by a replica of its shard.
+        let shard = format!("{env}/{zone}");
+        let replicas: Vec<String> = mesh
+            .router
+            .table
+            .routes()
+            .into_iter()
+            .find(|s| s.shard == shard)
+            .unwrap()
+            .replicas
+            .into_iter()
+            .map(|r| r.replica)
+            .collect();
+        let serving: Vec<&String> = mesh
+            .hubs
+            .iter()
+            .filter(|(_, h)| h.sync.snapshot().iter().any(|c| c.node_id == id))
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(serving.len(), 1, "{serving:?}");
+        assert!(
+            replicas.contains(serving[0]),
+            "{id} on {serving:?}, shard {shard} on {replicas:?}"
+        );
+    }
+    mesh.shutdown().await.unwrap();
+}
