@@ -434,10 +434,10 @@ func main() {
 		grpc.MaxConcurrentStreams(100000),
 		grpc.MaxRecvMsgSize(64<<20),
 		grpc.MaxSendMsgSize(math.MaxInt32),
-		grpc.KeepaliveParams(keepalive.ServerParameters{
-			Time:    30 * time.Second,
-			Timeout: 10 * time.Second,
-		}),
+		// No server keepalive pings (the hub sends none either): with a 10 s ping
+		// timeout, connections of clients in a saturated harness (one core decoding
+		// every sidecar's route tables during the config change) were closed as dead,
+		// which counted against the peer as lost updates.
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{
 			MinTime:             5 * time.Second,
 			PermitWithoutStream: true,
