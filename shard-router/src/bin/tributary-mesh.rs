@@ -89,13 +89,29 @@ async fn run(args: Args) -> anyhow::Result<()> {
         agents: args.agents,
     };
     let mesh = Mesh::start(cfg).await?;
-    // Show the assignment once it has settled (every shard with its replicas), or
-    // whatever it is after a few seconds.
+    // Show the assignment once it has settled — every shard with its replicas, every
+    // hub serving, loads within one of each other (the assigner rebalances as hubs
+    // join) — or whatever it is after a few seconds.
     let mut applied = mesh.router.table.applied();
+    let per_shard = (args.replicas_per_shard as usize).min(args.hubs as usize);
+    let slots = |routes: &[_]| routes.len() * per_shard;
     let settle = async {
         loop {
             let routes = mesh.router.table.routes();
+            let mut load: std::collections::HashMap<&str, usize> = Default::default();
+            for s in &routes {
+                for r in &s.replicas {
+                    *load.entry(r.replica.as_str()).or_default() += 1;
+                }
+            }
+            let balanced = load
+                .values()
+                .max()
+                .zip(load.values().min())
+                .is_some_and(|(a, b)| a - b <= 1);
             if !routes.is_empty()
+                && load.len() == (args.hubs as usize).min(slots(&routes))
+                && balanced
                 && routes.iter().all(|s| {
                     s.replicas.len() == (args.replicas_per_shard as usize).min(args.hubs as usize)
                 })
