@@ -25,7 +25,7 @@
 //! it); the shard router (`shard-router/`) routes each proxy to a replica of its shard
 //! by the registrations.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -121,10 +121,13 @@ fn fnv(parts: &[&str]) -> u64 {
 /// 2. **trim**: a replica above its share, `ceil(shards × per_shard / replicas)`, gives
 ///    up its last shards (after a replica joined);
 /// 3. **fill**: each missing slot goes to the least-loaded replica not yet in the shard,
-///    ties broken by rendezvous hashing of (shard, replica).
+///    ties broken by rendezvous hashing of (shard, replica); when every candidate is at
+///    its share, an augmenting path re-places a slot filled in this step (kept slots
+///    never move) to make room.
 ///
-/// Greedy, so a replica can end one shard above its share when the others' spare
-/// slots are all in shards it is not in (`fuzz_assignment` checks that bound).
+/// A replica ends above its share only where no arrangement of the new slots avoids
+/// it (the kept slots and distinct replicas per shard can force one over;
+/// `fuzz_assignment` checks at most one).
 pub fn assign(
     shards: &BTreeSet<Shard>,
     replicas: &BTreeSet<String>,
@@ -185,20 +188,41 @@ pub fn assign(
             *load.get_mut(r).unwrap() -= 1;
         }
     }
-    // 3. fill
-    for (c, key) in chosen.iter_mut().zip(&keys) {
-        while c.len() < n {
-            let Some(best) = replicas
-                .iter()
-                .map(String::as_str)
-                .filter(|r| !c.contains(r))
-                .min_by_key(|r| (load[r], rank(key, r)))
-            else {
-                break;
-            };
-            *load.get_mut(best).unwrap() += 1;
-            c.push(best);
+    // 3. fill: each missing slot to the least-loaded replica not yet in the shard,
+    // within the share where any arrangement allows it. When every candidate of a
+    // slot is full, an augmenting path moves a slot filled in this step (never a kept
+    // one) to another replica to make room; only where no arrangement fits is the
+    // share exceeded (first by one).
+    let candidates: Vec<&str> = replicas.iter().map(String::as_str).collect();
+    let kept_load = load.clone();
+    let mut filled: Vec<Vec<&str>> = vec![Vec::new(); chosen.len()];
+    for limit in [cap, cap + 1, usize::MAX] {
+        load.clone_from(&kept_load);
+        filled.iter_mut().for_each(Vec::clear);
+        let mut fits = true;
+        'shards: for i in 0..chosen.len() {
+            while chosen[i].len() + filled[i].len() < n {
+                let mut fill = Fill {
+                    chosen: &chosen,
+                    filled: &mut filled,
+                    load: &mut load,
+                    candidates: &candidates,
+                    keys: &keys,
+                    limit,
+                    tried: HashSet::new(),
+                };
+                if !fill.place(i) {
+                    fits = false;
+                    break 'shards;
+                }
+            }
         }
+        if fits {
+            break;
+        }
+    }
+    for (c, f) in chosen.iter_mut().zip(filled) {
+        c.extend(f);
     }
     shards
         .iter()
@@ -212,6 +236,61 @@ pub fn assign(
             }
         })
         .collect()
+}
+
+/// The fill step of [`assign`]: places one missing slot, by an augmenting path when
+/// every candidate is at `limit`.
+struct Fill<'a, 'b> {
+    chosen: &'b [Vec<&'a str>],
+    filled: &'b mut [Vec<&'a str>],
+    load: &'b mut HashMap<&'a str, usize>,
+    candidates: &'b [&'a str],
+    keys: &'b [String],
+    limit: usize,
+    /// Replicas already tried as the end of a path for this slot.
+    tried: HashSet<&'a str>,
+}
+
+impl<'a> Fill<'a, '_> {
+    fn free(&self, r: &str, i: usize) -> bool {
+        !self.chosen[i].contains(&r) && !self.filled[i].contains(&r)
+    }
+
+    fn place(&mut self, i: usize) -> bool {
+        let key = &self.keys[i];
+        let mut cands: Vec<&'a str> = self
+            .candidates
+            .iter()
+            .copied()
+            .filter(|r| self.free(r, i))
+            .collect();
+        cands.sort_by_key(|r| (self.load[r], std::cmp::Reverse(fnv(&[key, r]))));
+        if let Some(&r) = cands.iter().find(|r| self.load[**r] < self.limit) {
+            self.filled[i].push(r);
+            *self.load.get_mut(r).unwrap() += 1;
+            return true;
+        }
+        // Every candidate is full: give shard i one of r's new slots elsewhere (j),
+        // and place j's slot again.
+        for r in cands {
+            if !self.tried.insert(r) {
+                continue;
+            }
+            for j in 0..self.filled.len() {
+                if j == i || !self.filled[j].contains(&r) {
+                    continue;
+                }
+                self.filled[j].retain(|x| *x != r);
+                self.filled[i].push(r);
+                if self.place(j) {
+                    return true;
+                }
+                self.filled[i].retain(|x| *x != r);
+                self.filled[j].push(r);
+            }
+        }
+        false
+    }
 }
 
 /// Options of a replica's membership.
