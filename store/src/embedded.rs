@@ -73,10 +73,28 @@ impl Default for EmbeddedConfig {
     }
 }
 
-/// Store files open in this process, so that a reopen waits for the last handle of
-/// the previous opening (see [`Embedded::open`]).
-static OPEN_FILES: std::sync::LazyLock<Mutex<HashMap<std::path::PathBuf, Weak<Inner>>>> =
+/// Store files opened in this process, each with the signal its database raises once
+/// closed, so that a reopen waits for the previous opening (see [`Embedded::open`]).
+static OPEN_FILES: std::sync::LazyLock<Mutex<HashMap<PathBuf, Arc<Closed>>>> =
     std::sync::LazyLock::new(Default::default);
+
+/// Raised when an opening's database has closed.
+#[derive(Debug, Default)]
+struct Closed {
+    done: Mutex<bool>,
+    cv: std::sync::Condvar,
+}
+
+/// The last field of [`Inner`]: fields drop in order, so this raises [`Closed`] only
+/// after the database (and its file lock) is gone.
+struct RaiseOnDrop(Arc<Closed>);
+
+impl Drop for RaiseOnDrop {
+    fn drop(&mut self) {
+        *self.0.done.lock().unwrap() = true;
+        self.0.cv.notify_all();
+    }
+}
 
 /// Longest wait in [`Embedded::open`] for an earlier opening in this process to close.
 const REOPEN_WAIT: Duration = Duration::from_secs(5);
@@ -97,6 +115,8 @@ struct Inner {
     writer: Mutex<Writer>,
     /// Wakes the lease task when a deadline moved earlier.
     lease_wake: Arc<Notify>,
+    /// Keep last: raised once everything above, the database first, has dropped.
+    _closed: RaiseOnDrop,
 }
 
 impl std::fmt::Debug for Inner {
@@ -145,15 +165,16 @@ impl Embedded {
         let key = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
         let previous = OPEN_FILES.lock().unwrap().get(&key).cloned();
         if let Some(previous) = previous {
-            let since = std::time::Instant::now();
-            while previous.strong_count() > 0 {
-                if since.elapsed() > REOPEN_WAIT {
-                    return Err(StoreError::Failed {
-                        store: name,
-                        message: "the file is still open in this process".into(),
-                    });
-                }
-                std::thread::sleep(Duration::from_millis(5));
+            let done = previous.done.lock().unwrap();
+            let (done, _) = previous
+                .cv
+                .wait_timeout_while(done, REOPEN_WAIT, |done| !*done)
+                .unwrap();
+            if !*done {
+                return Err(StoreError::Failed {
+                    store: name,
+                    message: "the file is still open in this process".into(),
+                });
             }
         }
         let db = Database::create(path).map_err(|e| match e {
@@ -163,10 +184,9 @@ impl Embedded {
             },
             other => db_err(&name, format!("opening: {other}")),
         })?;
-        let store = Self::with_db(name, db, cfg)?;
-        let mut open = OPEN_FILES.lock().unwrap();
-        open.retain(|_, w| w.strong_count() > 0);
-        open.insert(key, Arc::downgrade(&store.inner));
+        let closed = Arc::new(Closed::default());
+        let store = Self::with_db(name, db, cfg, closed.clone())?;
+        OPEN_FILES.lock().unwrap().insert(key, closed);
         Ok(store)
     }
 
@@ -176,10 +196,15 @@ impl Embedded {
         let db = Database::builder()
             .create_with_backend(redb::backends::InMemoryBackend::new())
             .map_err(|e| db_err(&name, e))?;
-        Self::with_db(name, db, cfg)
+        Self::with_db(name, db, cfg, Arc::default())
     }
 
-    fn with_db(name: String, db: Database, cfg: EmbeddedConfig) -> Result<Self> {
+    fn with_db(
+        name: String,
+        db: Database,
+        cfg: EmbeddedConfig,
+        closed: Arc<Closed>,
+    ) -> Result<Self> {
         let e = |x: redb::Error| db_err(&name, x);
         let txn = db.begin_write().map_err(|x| e(x.into()))?;
         let (revision, compacted, next_lease, leases) = {
@@ -226,6 +251,7 @@ impl Embedded {
                 watchers: Vec::new(),
             }),
             lease_wake: lease_wake.clone(),
+            _closed: RaiseOnDrop(closed),
         });
         tokio::spawn(expire_leases(Arc::downgrade(&inner), lease_wake));
         Ok(Embedded { inner })
