@@ -12,7 +12,7 @@ use std::sync::Arc;
 use tributary_controlplane::agent::{self, AgentConfig, ClusterState};
 use tributary_controlplane::app::{Hub, HubConfig, StoreBackend};
 use tributary_controlplane::config::watch::{WatchConfig, WatchMode};
-use tributary_controlplane::config::{self, parse_duration};
+use tributary_controlplane::config::{self, parse_duration, parse_positive_duration};
 use tributary_controlplane::index::debounce::DebounceConfig;
 use tributary_controlplane::xds::server::StreamLimits;
 
@@ -178,7 +178,7 @@ struct HubArgs {
     #[arg(long = "watch", default_value = "auto")]
     watch_mode: WatchMode,
     /// How often config files are checked when polling (e.g. 200ms, 1s).
-    #[arg(long, default_value = "500ms", value_parser = parse_duration_arg)]
+    #[arg(long, default_value = "500ms", value_parser = parse_positive_duration)]
     poll_interval: Duration,
     /// After a config file event, wait this long for the rest of its burst.
     #[arg(long, default_value = "50ms", value_parser = parse_duration)]
@@ -190,16 +190,16 @@ struct HubArgs {
     #[arg(long)]
     ready_file: Option<PathBuf>,
     /// Push after this much quiet following a change (trailing-edge debounce).
-    #[arg(long, default_value = "100ms", value_parser = parse_duration_arg)]
+    #[arg(long, default_value = "100ms", value_parser = parse_positive_duration)]
     debounce_quiet: Duration,
     /// ... but never later than this after the first change of a burst.
-    #[arg(long, default_value = "1s", value_parser = parse_duration_arg)]
+    #[arg(long, default_value = "1s", value_parser = parse_positive_duration)]
     debounce_cap: Duration,
     /// Keep a disconnected cluster's endpoints this long before withdrawing them.
-    #[arg(long, default_value = "60s", value_parser = parse_duration_arg)]
+    #[arg(long, default_value = "60s", value_parser = parse_positive_duration)]
     grace: Duration,
     /// Federation heartbeat interval; an agent silent for three is dropped.
-    #[arg(long, default_value = "10s", value_parser = parse_duration_arg)]
+    #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
     heartbeat: Duration,
     /// After start, hold xDS responses this long so agents can resync first (a
     /// restarted hub must not tell proxies that federated endpoints vanished).
@@ -207,7 +207,7 @@ struct HubArgs {
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     sync_wait: Duration,
     /// Mark a client STALE in /status/sync when a response waits this long for its ACK.
-    #[arg(long, default_value = "10s", value_parser = parse_duration_arg)]
+    #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
     stale_after: Duration,
     /// Streams doing their initial sync at once; more wait their turn (reconnect storms).
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
@@ -277,16 +277,16 @@ struct RemoteArgs {
     #[arg(long)]
     default_env: Option<String>,
     /// Changes within this window are sent in one batch.
-    #[arg(long, default_value = "50ms", value_parser = parse_duration_arg)]
+    #[arg(long, default_value = "50ms", value_parser = parse_positive_duration)]
     debounce: Duration,
-    #[arg(long, default_value = "10s", value_parser = parse_duration_arg)]
+    #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
     heartbeat: Duration,
     /// How --file sources are watched: `auto` (inotify, falling back to polling when
     /// it cannot start) or `poll` (always poll, e.g. on NFS).
     #[arg(long = "watch", default_value = "auto")]
     watch_mode: WatchMode,
     /// How often --file sources are checked when polling.
-    #[arg(long, default_value = "500ms", value_parser = parse_duration_arg)]
+    #[arg(long, default_value = "500ms", value_parser = parse_positive_duration)]
     poll_interval: Duration,
     /// Most changes per batch (the hub's advertised limit applies when lower).
     #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u32).range(1..))]
@@ -333,22 +333,8 @@ async fn ctl(args: CtlArgs) -> anyhow::Result<i32> {
     tributary_controlplane::ctl::run(cmd, &args.admin, args.output).await
 }
 
-fn parse_duration_arg(s: &str) -> Result<Duration, String> {
-    let d = parse_duration(s)?;
-    if d.is_zero() {
-        return Err("must be greater than zero".into());
-    }
-    Ok(d)
-}
-
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    tributary_controlplane::config::init_logging("info");
     let cli = Cli::parse();
     match cli.command {
         Command::Validate { paths } => validate(&paths),

@@ -1025,13 +1025,7 @@ fn pin_self(cpus: &str) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    tributary_controlplane::config::init_logging("warn");
     let args = Args::parse();
     let size = size(&args)?;
     eprintln!("scenario: {size:?}");

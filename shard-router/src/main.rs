@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use tributary_controlplane::config::parse_duration;
+use tributary_controlplane::config::parse_positive_duration;
 use tributary_shard_router::app::{Router, RouterConfig};
 use tributary_shard_router::relay::RelayLimits;
 use tributary_store::SharedStore;
@@ -46,15 +46,15 @@ struct Args {
     #[arg(long, default_value_t = tributary_controlplane::app::DEFAULT_MAX_REQUEST_BYTES)]
     max_first_request_bytes: usize,
     /// A client must send its whole first request within this.
-    #[arg(long, default_value = "30s", value_parser = parse_positive)]
+    #[arg(long, default_value = "30s", value_parser = parse_positive_duration)]
     first_request_timeout: Duration,
     /// Connecting to a replica may take this long.
-    #[arg(long, default_value = "5s", value_parser = parse_positive)]
+    #[arg(long, default_value = "5s", value_parser = parse_positive_duration)]
     connect_timeout: Duration,
     /// A replica the router could not reach (connect failed, or its connection broke)
     /// gets no new streams for this long while its shard has another replica (so a
     /// crashed replica's clients move at once, not after its lease expires).
-    #[arg(long, default_value = "10s", value_parser = parse_positive)]
+    #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
     avoid_unreachable_for: Duration,
     /// Most streams being routed at once (reading the first request, connecting);
     /// the rest wait their turn.
@@ -65,22 +65,8 @@ struct Args {
     ready_file: Option<PathBuf>,
 }
 
-fn parse_positive(s: &str) -> Result<Duration, String> {
-    let d = parse_duration(s)?;
-    if d.is_zero() {
-        return Err("must be greater than zero".into());
-    }
-    Ok(d)
-}
-
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    tributary_controlplane::config::init_logging("info");
     let args = Args::parse();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

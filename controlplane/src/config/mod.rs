@@ -654,6 +654,27 @@ fn check_regex(value: &str) -> Result<(), String> {
 /// Anything longer would overflow the xDS field it is sent in, or a timer.
 pub const MAX_DURATION: Duration = Duration::from_secs(315_576_000_000);
 
+/// [`parse_duration`] for a flag that must be above zero (an interval, a timeout).
+pub fn parse_positive_duration(value: &str) -> Result<Duration, String> {
+    let d = parse_duration(value)?;
+    if d.is_zero() {
+        return Err("must be greater than zero".into());
+    }
+    Ok(d)
+}
+
+/// Logs to stderr, filtered by `RUST_LOG`, else at `default` (e.g. `info`): the setup of
+/// every binary of the workspace.
+pub fn init_logging(default: &str) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 /// Parses a duration with `humantime`: numbers with units, e.g. `250ms`, `1.5s`,
 /// `5s`, `1m`, `2h`, `1d`, or a sum such as `1h 30m`. Never panics: an overflow, a
 /// sign, an exponent or a missing unit is an error that names the value.

@@ -60,13 +60,7 @@ fn parse_ttl(s: &str) -> Result<Duration, String> {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    tributary_controlplane::config::init_logging("warn");
     let args = Args::parse();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
