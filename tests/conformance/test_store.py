@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -104,6 +105,8 @@ def test_ctl_apply_change_and_delete_reach_envoy(tmp_path, api_type, family):
         assert v.returncode == 1 and "spec.http[0].destinations[0].subset" in v.stderr, v
         stored = ok(hub.ctl("get", "endpoints", "reviews", "--env", "prod", "-o", "yaml"))
         assert str(b2.port) in stored and str(b1.port) not in stored, stored
+        as_json = json.loads(ok(hub.ctl("get", "endpoints", "reviews", "--env", "prod", "-o", "json")))
+        assert str(b2.port) in json.dumps(as_json) and str(b1.port) not in json.dumps(as_json), as_json
         time.sleep(0.5)  # a push, if one were coming, would be out by now (debounce 100 ms)
         assert endpoint_ports(envoy) == [b2.port]
         now = {t["type_url"]: t["last_acked_version"] for t in hub.client("edge-1")["types"]}
