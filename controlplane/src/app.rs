@@ -251,8 +251,6 @@ pub struct Hub {
     pub index: IndexHandle,
     pub store: SharedStore,
     pub membership: Membership,
-    /// The store is this hub's own (embedded, opened here), not shared with others.
-    owns_store: bool,
     /// Holds the state dir's lock while the hub runs.
     _state_dir: Option<StateDir>,
     shutdown: watch::Sender<bool>,
@@ -488,7 +486,6 @@ impl Hub {
             sync,
             metrics,
             index,
-            owns_store: matches!(cfg.store, StoreBackend::Embedded),
             store,
             membership,
             _state_dir: state_dir,
@@ -501,30 +498,9 @@ impl Hub {
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         let _ = self.shutdown.send(true);
         // Streams end on the signal and the servers drain; give them a bounded time.
-        let drained = tokio::time::timeout(Duration::from_secs(10), async {
-            while let Some(r) = self.tasks.join_next().await {
-                match r {
-                    Ok(Err(e)) => return Err(e),
-                    Ok(Ok(())) => {}
-                    Err(e) if e.is_cancelled() => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            Ok(())
-        })
-        .await;
-        self.tasks.abort_all();
-        if self.owns_store {
-            // The embedded store's file stays locked until the last task that used it
-            // has let go (background writers finish on their own once their senders are
-            // gone): wait for that, boundedly, so a restart in the same process can
-            // open it again.
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-            while Arc::strong_count(&self.store) > 1 && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-        drained.unwrap_or(Ok(()))
+        // A restart in the same process may reopen the embedded store at once:
+        // `Embedded::open` waits for this opening's database to close.
+        drain(&mut self.tasks, Duration::from_secs(10)).await
     }
 
     /// Stops every task at once, without draining or deregistering: what a crash
@@ -552,6 +528,25 @@ impl Hub {
             }
         }
     }
+}
+
+/// Waits up to `limit` for every task of a process to end, then aborts what is left:
+/// the first task error, if any, else `Ok` (also when the limit ran out).
+pub async fn drain(tasks: &mut JoinSet<anyhow::Result<()>>, limit: Duration) -> anyhow::Result<()> {
+    let drained = tokio::time::timeout(limit, async {
+        while let Some(r) = tasks.join_next().await {
+            match r {
+                Ok(Err(e)) => return Err(e),
+                Ok(Ok(())) => {}
+                Err(e) if e.is_cancelled() => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    })
+    .await;
+    tasks.abort_all();
+    drained.unwrap_or(Ok(()))
 }
 
 #[cfg(test)]

@@ -140,20 +140,7 @@ impl Router {
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         self.table.close_all();
         let _ = self.shutdown.send(true);
-        let drained = tokio::time::timeout(Duration::from_secs(10), async {
-            while let Some(r) = self.tasks.join_next().await {
-                match r {
-                    Ok(Err(e)) => return Err(e),
-                    Ok(Ok(())) => {}
-                    Err(e) if e.is_cancelled() => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            Ok(())
-        })
-        .await;
-        self.tasks.abort_all();
-        drained.unwrap_or(Ok(()))
+        tributary_controlplane::app::drain(&mut self.tasks, Duration::from_secs(10)).await
     }
 
     /// Runs until `signal` resolves or a task fails.
