@@ -11,7 +11,7 @@ use tributary_proto::envoy::envoy::extensions::filters::network::http_connection
     HttpConnectionManager, http_connection_manager::RouteSpecifier,
 };
 use tributary_proto::envoy::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DiscoveryRequest,
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest,
 };
 
 fn cluster(svc: &str) -> String {
@@ -664,6 +664,137 @@ async fn sidecar_scope_limits_wildcard_clusters() {
     assert_eq!(
         delta_names(&r2),
         sorted(vec![cluster("b"), subset_cluster("b")])
+    );
+}
+
+/// The virtual hosts' domains of an encoded route table.
+fn route_domains(resp: &DeltaDiscoveryResponse) -> Vec<Vec<String>> {
+    use tributary_proto::envoy::envoy::config::route::v3::RouteConfiguration;
+    assert_eq!(resp.resources.len(), 1, "one route table");
+    let any = resp.resources[0].resource.as_ref().expect("a resource");
+    let rc = RouteConfiguration::decode(any.value.as_slice()).unwrap();
+    rc.virtual_hosts
+        .into_iter()
+        .map(|v| v.domains.into_iter().filter(|d| !d.contains(':')).collect())
+        .collect()
+}
+
+/// The route table an encoded HTTP listener references.
+fn listener_route(resp: &DeltaDiscoveryResponse, listener: &str) -> String {
+    let any = resp
+        .resources
+        .iter()
+        .find(|r| r.name == listener)
+        .and_then(|r| r.resource.as_ref())
+        .unwrap_or_else(|| panic!("listener {listener} in {:?}", delta_names(resp)));
+    let l = Listener::decode(any.value.as_slice()).unwrap();
+    let hcm = &l.filter_chains[0].filters[0];
+    let Some(tributary_proto::envoy::envoy::config::listener::v3::filter::ConfigType::TypedConfig(
+        a,
+    )) = &hcm.config_type
+    else {
+        panic!("listener {listener} has no typed HCM");
+    };
+    match HttpConnectionManager::decode(a.value.as_slice())
+        .unwrap()
+        .route_specifier
+    {
+        Some(RouteSpecifier::Rds(rds)) => rds.route_config_name,
+        other => panic!("expected RDS, got {other:?}"),
+    }
+}
+
+/// A scoped sidecar's wildcard LDS carries its own listeners, whose route tables hold
+/// only the services it depends on (not every service of the environment); an
+/// unknown scope gets no listeners; an unscoped sidecar keeps the environment's.
+#[tokio::test]
+async fn sidecar_scope_limits_listeners_and_route_tables() {
+    let scope = "apiVersion: tributary.io/v1alpha1\nkind: Sidecar\nmetadata: {name: frontend, environment: prod}\nspec:\n  dependencies: [{host: a.prod}]\n".to_string();
+    let hub = TestHub::start(&[
+        (
+            "services.yaml",
+            docs(&[
+                service("a", "prod", 8080),
+                service("b", "prod", 8080),
+                service("c", "prod", 9090),
+            ]),
+        ),
+        ("scope.yaml", scope),
+    ])
+    .await;
+    let frontend = || {
+        Some(node_with(
+            "fe-1",
+            "prod",
+            &[("tributary.io/sidecar", "frontend")],
+        ))
+    };
+    let mut scoped = Delta::open(&hub).await;
+    scoped.subscribe(frontend(), LDS, &[]).await;
+    let l = scoped.recv().await;
+    assert_eq!(
+        delta_names(&l),
+        sorted(vec![
+            "sidecar|frontend|0.0.0.0_8080".into(),
+            "virtualOutbound".into()
+        ]),
+        "only the ports of the scope's services"
+    );
+    let route = listener_route(&l, "sidecar|frontend|0.0.0.0_8080");
+    assert_eq!(route, "sidecar|frontend|8080");
+    scoped.ack(&l).await;
+    scoped.subscribe(None, RDS, &[&route]).await;
+    let r = scoped.recv().await;
+    assert_eq!(route_domains(&r), vec![vec!["a.prod".to_string()]]);
+    scoped.ack(&r).await;
+
+    let mut plain = Delta::open(&hub).await;
+    plain
+        .subscribe(Some(node("plain-1", "prod")), LDS, &[])
+        .await;
+    let pl = plain.recv().await;
+    assert_eq!(
+        delta_names(&pl),
+        sorted(vec![
+            "0.0.0.0_8080".into(),
+            "0.0.0.0_9090".into(),
+            "virtualOutbound".into()
+        ])
+    );
+    assert_eq!(listener_route(&pl, "0.0.0.0_8080"), "8080");
+    plain.ack(&pl).await;
+    plain.subscribe(None, RDS, &["8080"]).await;
+    assert_eq!(
+        route_domains(&plain.recv().await),
+        vec![vec!["a.prod".to_string()], vec!["b.prod".to_string()]]
+    );
+
+    let mut unknown = Delta::open(&hub).await;
+    unknown
+        .subscribe(
+            Some(node_with(
+                "x-1",
+                "prod",
+                &[("tributary.io/sidecar", "typo")],
+            )),
+            LDS,
+            &[],
+        )
+        .await;
+    assert!(
+        unknown.recv().await.resources.is_empty(),
+        "an unknown scope selects no listener"
+    );
+
+    // Widening the scope to b: the scope's 8080 table gains b's virtual host; its
+    // listener is unchanged (same route table name), so only the table is sent.
+    let wider = "apiVersion: tributary.io/v1alpha1\nkind: Sidecar\nmetadata: {name: frontend, environment: prod}\nspec:\n  dependencies: [{host: a.prod}, {host: b.prod}]\n".to_string();
+    hub.write_and_wait("prod", "scope.yaml", wider).await;
+    let r2 = scoped.recv().await;
+    assert_eq!(r2.type_url, RDS);
+    assert_eq!(
+        route_domains(&r2),
+        vec![vec!["a.prod".to_string()], vec!["b.prod".to_string()]]
     );
 }
 

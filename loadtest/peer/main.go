@@ -5,8 +5,9 @@
 // LinearCaches, built as a competent go-control-plane user would for scoped sidecars:
 // EDS and RDS (asked for by name) have one shared cache each; CDS has one cache per
 // sidecar scope (a scoped sidecar's wildcard CDS is its scope's clusters) plus one
-// with every cluster (gateways, unscoped sidecars); LDS has one cache per role (the
-// sidecar listeners, each gateway's listeners). A router picks the cache by type URL
+// with every cluster (gateways, unscoped sidecars); LDS has one cache per role and
+// scope (a scoped sidecar's listeners, whose route tables hold only its scope's
+// services; the unscoped sidecars' listeners; each gateway's listeners). A router picks the cache by type URL
 // and node metadata (tributary.io/sidecar, tributary.io/gateway), as the hub does.
 //
 // Control API: gRPC PeerControl.Update (control.proto): resources as encoded
@@ -194,6 +195,8 @@ func (t *typeCaches) cacheFor(node *corev3.Node) cachev3.Cache {
 	case "LDS":
 		if gw != "" {
 			key = "gateway:" + gw
+		} else if scope := fields["tributary.io/sidecar"].GetStringValue(); scope != "" {
+			key = "scope:" + scope
 		} else {
 			key = "sidecar"
 		}

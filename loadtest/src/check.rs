@@ -95,15 +95,19 @@ impl<'a> Expected<'a> {
     }
 
     pub fn listeners(&self, spec: &Spec) -> BTreeSet<String> {
-        let set = if spec.gateway {
-            self.model
-                .roles
+        let roles = &self.model.roles;
+        let set = match (&spec.scope, spec.gateway) {
+            (_, true) => roles
                 .gateways
                 .get(crate::scenario::GATEWAY)
                 .cloned()
-                .unwrap_or_default()
-        } else {
-            self.model.roles.sidecar.clone()
+                .unwrap_or_default(),
+            (Some(scope), false) => roles
+                .scope_listeners
+                .get(scope)
+                .map(|s| s.as_ref().clone())
+                .unwrap_or_default(),
+            (None, false) => roles.sidecar.clone(),
         };
         set.iter().map(|n| n.to_string()).collect()
     }

@@ -77,13 +77,26 @@ pub struct Expect {
     pub old: String,
 }
 
-/// A config change (services added): every client's route tables name the new host;
+/// A config change (services added): every client's route tables name a new host
+/// (a scoped sidecar: the one its scope declares; other clients: the last added);
 /// gateways also hold the new clusters and their load assignments.
 #[derive(Debug, Clone, Default)]
 pub struct ConfigExpect {
     pub phase: u64,
     pub names: HashSet<String>,
     pub host: String,
+    /// Per sidecar scope, the new host its route tables must name.
+    pub scope_hosts: HashMap<String, String>,
+}
+
+impl ConfigExpect {
+    /// The new host `spec`'s route tables must name.
+    pub fn host_for(&self, spec: &Spec) -> &str {
+        match (&spec.scope, spec.gateway) {
+            (Some(scope), false) => self.scope_hosts.get(scope).unwrap_or(&self.host),
+            _ => &self.host,
+        }
+    }
 }
 
 /// One client's convergence sample: injection → its ACK of a response holding the change.
@@ -359,7 +372,7 @@ impl<'a> Client<'a> {
             .read()
             .unwrap()
             .as_ref()
-            .map(|c| (c.phase, contains_field(body, 2, &c.host)));
+            .map(|c| (c.phase, contains_field(body, 2, c.host_for(self.spec))));
         match phase {
             Some((p, true)) => {
                 self.route_has_host.insert(name.to_string(), p);

@@ -282,10 +282,10 @@ impl Target {
                         endpoint_resources(&s, &mut generated);
                     }
                 }
-                if new_services {
-                    shared_resources(&sc.model(), &mut generated);
-                }
-                feed_peer(control.clone(), generated, None).await
+                // New services change the route tables and the groups (a scope's
+                // clusters and listeners) that select them: the peer gets both.
+                let roles = new_services.then(|| shared_resources(&sc.model(), &mut generated));
+                feed_peer(control.clone(), generated, roles.as_ref()).await
             }
         }
     }
@@ -341,6 +341,12 @@ async fn feed_peer(
             name: "sidecar".into(),
             names: names(&roles.sidecar),
         });
+        for (scope, listeners) in &roles.scope_listeners {
+            lds.groups.push(Group {
+                name: format!("scope:{scope}"),
+                names: names(listeners),
+            });
+        }
         for (gw, listeners) in &roles.gateways {
             lds.groups.push(Group {
                 name: format!("gateway:{gw}"),
@@ -696,6 +702,9 @@ async fn run(
             phase,
             names,
             host: host(sc.active - 1),
+            scope_hosts: (0..sc.size.scopes)
+                .filter_map(|j| Some((scope_name(j), host(sc.added_dep(j)?))))
+                .collect(),
         };
         let mut clusters: Vec<usize> = new
             .iter()

@@ -161,12 +161,26 @@ impl Scenario {
         set.into_iter().collect()
     }
 
+    /// The added service (config change) scope `j` already declares as a dependency,
+    /// as an application declares a service it is about to call before it is
+    /// deployed: every scope names one, so the config change reaches every sidecar.
+    pub fn added_dep(&self, j: usize) -> Option<usize> {
+        (self.size.added_services > 0).then(|| self.size.services + j % self.size.added_services)
+    }
+
+    /// Every host scope `j` declares: its dependencies and its added service.
+    pub fn declared_deps(&self, j: usize) -> Vec<usize> {
+        let mut deps = self.deps(j);
+        deps.extend(self.added_dep(j));
+        deps
+    }
+
     /// Sidecar scope `j` as the model (and the hub's config) has it.
     pub fn scope(&self, j: usize) -> SidecarScope {
         SidecarScope {
             name: scope_name(j),
             dependencies: self
-                .deps(j)
+                .declared_deps(j)
                 .into_iter()
                 .map(|i| Dependency::Host(host(i)))
                 .collect(),
@@ -336,7 +350,7 @@ impl Scenario {
                 "---\napiVersion: tributary.io/v1alpha1\nkind: Sidecar\nmetadata: {{name: {}, environment: {ENV}}}\nspec:\n  dependencies:\n",
                 scope_name(j)
             );
-            for i in self.deps(j) {
+            for i in self.declared_deps(j) {
                 out += &format!("  - {{host: {}}}\n", host(i));
             }
         }

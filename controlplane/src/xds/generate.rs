@@ -159,6 +159,9 @@ pub struct RoleListeners {
     /// Per sidecar scope: the clusters its dependencies select (a scoped sidecar's
     /// wildcard CDS). Computed once per scope, never per proxy.
     pub scopes: BTreeMap<String, Arc<BTreeSet<Arc<str>>>>,
+    /// Per sidecar scope: its listeners (a scoped sidecar's wildcard LDS), whose
+    /// route tables hold only the services the scope depends on.
+    pub scope_listeners: BTreeMap<String, Arc<BTreeSet<Arc<str>>>>,
 }
 
 /// Generated resources, before they are placed in a snapshot.
@@ -318,57 +321,28 @@ pub fn shared_resources_cached(
         ),
     ));
 
-    // Sidecar and proxyless route tables: one per HTTP service port number.
-    let mut http_ports: BTreeMap<u16, Vec<&Service>> = BTreeMap::new();
-    for service in env.services.values() {
-        for port in service.ports.iter().filter(|p| p.protocol.is_http()) {
-            http_ports.entry(port.port).or_default().push(service);
-        }
-    }
-    for (port, services) in &http_ports {
-        let name = port.to_string();
-        let vhosts: Vec<bytes::Bytes> = services
-            .iter()
-            .map(|s| cache.get(s, env, Some(*port), *port))
-            .collect();
-        out.push((XdsType::Route, route_configuration(&name, &vhosts)));
-
-        let listener_name = format!("0.0.0.0_{port}");
-        let l = Listener {
-            name: listener_name.clone(),
-            address: Some(socket(IpAddr::V4(Ipv4Addr::UNSPECIFIED), *port)),
-            bind_to_port: Some(BoolValue { value: false }),
-            filter_chains: vec![http_filter_chain(&format!("outbound_{port}"), &name)],
-            ..Default::default()
-        };
+    // Unscoped sidecar and proxyless route tables: one per HTTP service port number,
+    // with every service of the environment.
+    let all: Vec<&Service> = env.services.values().collect();
+    let ports = sidecar_route_tables(env, &all, None, cache, out);
+    if !ports.is_empty() {
         out.push((
             XdsType::Listener,
-            encode(XdsType::Listener, &listener_name, &l),
+            encode(XdsType::Listener, VIRTUAL_OUTBOUND, &virtual_outbound()),
         ));
-        roles.sidecar.insert(Arc::from(listener_name.as_str()));
     }
-    if !http_ports.is_empty() {
-        let l = Listener {
-            name: VIRTUAL_OUTBOUND.into(),
-            address: Some(socket(
-                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-                VIRTUAL_OUTBOUND_PORT,
-            )),
-            use_original_dst: Some(BoolValue { value: true }),
-            filter_chains: vec![tcp_passthrough_chain()],
-            ..Default::default()
-        };
-        out.push((
-            XdsType::Listener,
-            encode(XdsType::Listener, VIRTUAL_OUTBOUND, &l),
-        ));
-        roles.sidecar.insert(Arc::from(VIRTUAL_OUTBOUND));
-    }
+    roles.sidecar = sidecar_listener_names(&ports);
 
+    // Per sidecar scope: its clusters (wildcard CDS), and its own listeners and route
+    // tables holding only the virtual hosts of the services it depends on, so that a
+    // scoped sidecar is sent what it can reach, not the whole environment. Built once
+    // per scope, never per proxy; the virtual hosts are spliced from `cache`.
+    let selector = ScopeSelector::new(env);
     for scope in env.sidecars.values() {
+        let services = selector.select(scope);
         let mut clusters: BTreeSet<Arc<str>> = BTreeSet::new();
         clusters.insert(Arc::from(PASSTHROUGH_CLUSTER));
-        for service in env.services.values().filter(|s| scope.selects(s)) {
+        for service in &services {
             for port in &service.ports {
                 for subset in subsets(service) {
                     clusters.insert(Arc::from(
@@ -379,6 +353,10 @@ pub fn shared_resources_cached(
             }
         }
         roles.scopes.insert(scope.name.clone(), Arc::new(clusters));
+        let ports = sidecar_route_tables(env, &services, Some(&scope.name), cache, out);
+        roles
+            .scope_listeners
+            .insert(scope.name.clone(), Arc::new(sidecar_listener_names(&ports)));
     }
 
     for gateway in env.gateways.values() {
@@ -401,6 +379,136 @@ pub fn shared_resources_cached(
         roles.gateways.insert(gateway.name.clone(), names);
     }
     roles
+}
+
+/// The route table of HTTP port `port` for sidecars of `scope` (`None`: unscoped
+/// sidecars and proxyless clients). See `docs/xds.md`, "Resource names".
+pub fn sidecar_route_name(scope: Option<&str>, port: u16) -> String {
+    match scope {
+        None => port.to_string(),
+        Some(scope) => format!("sidecar|{scope}|{port}"),
+    }
+}
+
+/// The outbound listener of HTTP port `port` for sidecars of `scope`.
+pub fn sidecar_listener_name(scope: Option<&str>, port: u16) -> String {
+    match scope {
+        None => format!("0.0.0.0_{port}"),
+        Some(scope) => format!("sidecar|{scope}|0.0.0.0_{port}"),
+    }
+}
+
+/// Generates, for `services` (in the environment's order), one route table and one
+/// outbound listener per HTTP port number, named for `scope`; returns the listener
+/// names.
+fn sidecar_route_tables(
+    env: &Environment,
+    services: &[&Service],
+    scope: Option<&str>,
+    cache: &mut VirtualHostCache,
+    out: &mut Generated,
+) -> BTreeSet<Arc<str>> {
+    let mut http_ports: BTreeMap<u16, Vec<&Service>> = BTreeMap::new();
+    for service in services {
+        for port in service.ports.iter().filter(|p| p.protocol.is_http()) {
+            http_ports.entry(port.port).or_default().push(service);
+        }
+    }
+    let mut listeners = BTreeSet::new();
+    for (port, services) in &http_ports {
+        let route_name = sidecar_route_name(scope, *port);
+        let vhosts: Vec<bytes::Bytes> = services
+            .iter()
+            .map(|s| cache.get(s, env, Some(*port), *port))
+            .collect();
+        out.push((XdsType::Route, route_configuration(&route_name, &vhosts)));
+
+        let listener_name = sidecar_listener_name(scope, *port);
+        let l = Listener {
+            name: listener_name.clone(),
+            address: Some(socket(IpAddr::V4(Ipv4Addr::UNSPECIFIED), *port)),
+            bind_to_port: Some(BoolValue { value: false }),
+            filter_chains: vec![http_filter_chain(&format!("outbound_{port}"), &route_name)],
+            ..Default::default()
+        };
+        out.push((
+            XdsType::Listener,
+            encode(XdsType::Listener, &listener_name, &l),
+        ));
+        listeners.insert(Arc::from(listener_name.as_str()));
+    }
+    listeners
+}
+
+/// What a sidecar's wildcard LDS selects: its outbound HTTP listeners, plus the
+/// original-destination passthrough listener when it has any.
+fn sidecar_listener_names(http_listeners: &BTreeSet<Arc<str>>) -> BTreeSet<Arc<str>> {
+    let mut names = http_listeners.clone();
+    if !names.is_empty() {
+        names.insert(Arc::from(VIRTUAL_OUTBOUND));
+    }
+    names
+}
+
+/// The original-destination listener that passes traffic for unknown destinations
+/// through, shared by every sidecar.
+fn virtual_outbound() -> Listener {
+    Listener {
+        name: VIRTUAL_OUTBOUND.into(),
+        address: Some(socket(
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            VIRTUAL_OUTBOUND_PORT,
+        )),
+        use_original_dst: Some(BoolValue { value: true }),
+        filter_chains: vec![tcp_passthrough_chain()],
+        ..Default::default()
+    }
+}
+
+/// Finds the services a sidecar scope depends on through indexes by host and by
+/// namespace, built once per generation: O(dependencies) per scope rather than a
+/// scan of every service per scope.
+struct ScopeSelector<'e> {
+    by_host: HashMap<&'e str, Vec<&'e Service>>,
+    by_namespace: HashMap<&'e str, Vec<&'e Service>>,
+}
+
+impl<'e> ScopeSelector<'e> {
+    fn new(env: &'e Environment) -> Self {
+        let mut by_host: HashMap<&str, Vec<&Service>> = HashMap::new();
+        let mut by_namespace: HashMap<&str, Vec<&Service>> = HashMap::new();
+        if !env.sidecars.is_empty() {
+            for service in env.services.values() {
+                by_namespace
+                    .entry(service.key.namespace.as_str())
+                    .or_default()
+                    .push(service);
+                for host in &service.hosts {
+                    by_host.entry(host.as_str()).or_default().push(service);
+                }
+            }
+        }
+        ScopeSelector {
+            by_host,
+            by_namespace,
+        }
+    }
+
+    /// The services `scope` selects ([`crate::model::SidecarScope::selects`]), each
+    /// once, in the environment's order.
+    fn select(&self, scope: &crate::model::SidecarScope) -> Vec<&'e Service> {
+        let mut selected: BTreeMap<&ObjectKey, &'e Service> = BTreeMap::new();
+        for dependency in &scope.dependencies {
+            let found = match dependency {
+                crate::model::Dependency::Namespace(ns) => self.by_namespace.get(ns.as_str()),
+                crate::model::Dependency::Host(host) => self.by_host.get(host.as_str()),
+            };
+            for service in found.into_iter().flatten() {
+                selected.insert(&service.key, service);
+            }
+        }
+        selected.into_values().collect()
+    }
 }
 
 /// Consecutive gateway failures (502, 503, 504, and connect failures, resets and

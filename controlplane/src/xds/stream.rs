@@ -934,10 +934,15 @@ impl StreamState {
         snap.roles().scopes.get(name).map(|s| s.as_ref())
     }
 
+    /// The listeners a wildcard LDS selects: the gateway's, a scoped sidecar's own
+    /// (`None` for an unknown scope, like its clusters), or the unscoped sidecars'.
     fn role_listeners<'s>(&self, snap: &'s Snapshot) -> Option<&'s BTreeSet<Arc<str>>> {
-        match &self.node.role {
-            Role::Sidecar => Some(&snap.roles().sidecar),
-            Role::Gateway(g) => snap.roles().gateways.get(g),
+        match (&self.node.role, &self.node.scope) {
+            (Role::Gateway(g), _) => snap.roles().gateways.get(g),
+            (Role::Sidecar, Some(scope)) => {
+                snap.roles().scope_listeners.get(scope).map(|s| s.as_ref())
+            }
+            (Role::Sidecar, None) => Some(&snap.roles().sidecar),
         }
     }
 
