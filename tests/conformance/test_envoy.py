@@ -486,3 +486,41 @@ def test_dead_endpoint_stops_taking_traffic(family, api_type, tmp_path, make_hub
     finally:
         for p, _ in procs.values():
             p.stop()
+
+
+# ------------------------------------------------------------ scoped sidecars
+
+
+def sidecar_scope(name: str, hosts: list[str]) -> dict:
+    return {"apiVersion": "tributary.io/v1alpha1", "kind": "Sidecar",
+            "metadata": {"name": name, "environment": "prod"},
+            "spec": {"dependencies": [{"host": h} for h in hosts]}}
+
+
+def test_scoped_sidecar_holds_only_its_dependencies(api_type, make_hub, make_envoy):
+    """A real Envoy of a sidecar scope accepts the scope's own listeners and route
+    tables (docs/xds.md), which hold only the services it depends on; widening the
+    scope adds the new dependency's virtual host, and nothing is rejected."""
+    http = [{"name": "http", "port": PORT, "protocol": "HTTP"}]
+    svcs = [service(n, [f"{n}.prod"], http) for n in ("reviews", "ratings", "details")]
+    hub = make_hub(docs=svcs + [sidecar_scope("productpage", ["reviews.prod"])])
+    envoy = make_envoy(hub, api_type, node_id=f"productpage-{api_type.lower()}",
+                       metadata={"tributary.io/env": "prod", "tributary.io/sidecar": "productpage"})
+    listener = f"sidecar|productpage|0.0.0.0_{PORT}"
+    table = f"sidecar|productpage|{PORT}"
+
+    def domains() -> list[str]:
+        rc = envoy.dynamic_routes().get(table, {})
+        return sorted(d for vh in rc.get("virtual_hosts", []) for d in vh["domains"] if ":" not in d)
+
+    wait_equal(lambda: sorted(envoy.dynamic_listeners()), sorted([listener, "virtualOutbound"]), 15,
+               "the scope's listeners")
+    wait_equal(domains, ["reviews.prod"], 10, "the scope's route table: its dependency only")
+    assert sorted(c for c in envoy.dynamic_clusters() if c.startswith("outbound|")) == \
+        [f"outbound|{PORT}||reviews.prod"], envoy.dynamic_clusters()
+
+    hub.write_config(svcs + [sidecar_scope("productpage", ["reviews.prod", "ratings.prod"])])
+    wait_equal(domains, ["ratings.prod", "reviews.prod"], 10, "the widened scope's route table")
+    assert envoy.stat("listener_manager.lds.update_rejected") == 0
+    assert (envoy.stat("cluster_manager.cds.update_rejected") or 0) == 0
+    assert "details.prod" not in json.dumps(envoy.dynamic_routes())
