@@ -121,21 +121,36 @@ struct Pending {
     sent_at: SystemTime,
 }
 
+/// Resource names a stream tracks. Looked up for every name a reconcile visits (on
+/// every stream), so hashed with foldhash rather than SipHash: randomly seeded per
+/// process, and the sets are bounded by `--max-names-per-type`.
+type Names = HashSet<Arc<str>, foldhash::fast::RandomState>;
+type NameMap<V> = HashMap<Arc<str>, V, foldhash::fast::RandomState>;
+
+/// What a wildcard subscription selects: a named set (a role's listeners, a scope's
+/// clusters; `None` when the role or scope does not exist), or every resource of the
+/// type.
+#[derive(Clone, Copy)]
+enum Selection<'s> {
+    Set(Option<&'s BTreeSet<Arc<str>>>),
+    Everything,
+}
+
 #[derive(Debug, Default)]
 struct TypeState {
     wildcard: bool,
-    names: HashSet<Arc<str>>,
-    held: HashMap<Arc<str>, Held>,
+    names: Names,
+    held: NameMap<Held>,
     pending: Option<Pending>,
     /// Versions the client rejected: not sent to it again until the resource changes.
     /// Entries leave when the resource changes or goes away, so this never outgrows
     /// what the client can see.
-    rejected: HashMap<Arc<str>, u64>,
+    rejected: NameMap<u64>,
     /// Delta: subscribed names already reported as not existing.
-    absent_told: HashSet<Arc<str>>,
+    absent_told: Names,
     /// Removals held back (make-before-break, or the withdrawal hold): the client
     /// keeps these until they are released.
-    deferred: HashSet<Arc<str>>,
+    deferred: Names,
     /// Snapshot seq this type was last reconciled against.
     seen_seq: u64,
     /// The snapshot seq up to which everything this type needs was sent and answered.
@@ -173,7 +188,7 @@ pub struct StreamState {
     types: [Option<TypeState>; XdsType::COUNT],
     /// Clusters sent (added or replaced) whose endpoints the client has not yet
     /// answered: listeners and routes wait for these, not for endpoint churn.
-    warming: HashSet<Arc<str>>,
+    warming: Names,
     nonce: u64,
     /// Names looked at while reconciling, all types: the work a snapshot costs this
     /// stream (a test checks it follows the change, not what the client holds).
@@ -195,7 +210,7 @@ impl StreamState {
             sotw,
             limits,
             types: Default::default(),
-            warming: HashSet::new(),
+            warming: Names::default(),
             nonce: 0,
             names_visited: 0,
             status,
@@ -264,7 +279,7 @@ impl StreamState {
             && explicit.clone().count() == ts.names.len()
             && explicit.clone().all(|n| ts.names.contains(n.as_str()));
         if !unchanged {
-            let names: HashSet<Arc<str>> = explicit.map(|n| Arc::from(n.as_str())).collect();
+            let names: Names = explicit.map(|n| Arc::from(n.as_str())).collect();
             if !ty.sotw_full_state() {
                 // The client forgets what it unsubscribed; send it again if re-added.
                 // (What it rejected stays rejected: subscribing again does not
@@ -392,7 +407,7 @@ impl StreamState {
         let previous = if p.full_set {
             std::mem::take(&mut ts.held)
         } else {
-            HashMap::new()
+            NameMap::default()
         };
         let mut uncertain = false;
         for r in &p.sent {
@@ -692,9 +707,18 @@ impl StreamState {
         let mut released = Vec::new();
         let mut unrejected = Vec::new();
         let mut visited = 0u64;
-        let mut visit = |name: &Arc<str>| {
+        // What a wildcard selects, resolved once per reconcile rather than per name.
+        let selected = self.wildcard_selection(snap, ty);
+        let mut visit_known = |name: &Arc<str>, known: Option<bool>| {
             visited += 1;
-            let visible = self.visible(snap, ty, ts, name);
+            let visible = known.unwrap_or_else(|| {
+                ts.names.contains(name)
+                    || (ts.wildcard
+                        && match selected {
+                            Selection::Set(set) => set.is_some_and(|s| s.contains(name)),
+                            Selection::Everything => snap.get(ty, name).is_some(),
+                        })
+            });
             let current = if visible { snap.get(ty, name) } else { None };
             let held = ts.held.get(name);
             match current {
@@ -734,12 +758,25 @@ impl StreamState {
             }
         };
         if full_scan {
-            let mut all: HashSet<Arc<str>> = ts.names.clone();
-            if ts.wildcard {
-                all.extend(self.wildcard_names(snap, ty).cloned());
+            // Every name the client asks for, its wildcard selects, or it holds, once,
+            // with its visibility known from where it came from.
+            let wildcard = if ts.wildcard {
+                Some(self.wildcard_names(snap, ty))
+            } else {
+                None
+            };
+            let mut all: NameMap<bool> = NameMap::with_capacity_and_hasher(
+                ts.names.len() + ts.held.len(),
+                Default::default(),
+            );
+            for name in wildcard.into_iter().flatten().chain(ts.names.iter()) {
+                all.insert(name.clone(), true);
             }
-            all.extend(ts.held.keys().cloned());
-            all.iter().for_each(&mut visit);
+            for name in ts.held.keys() {
+                all.entry(name.clone()).or_insert(false);
+            }
+            all.iter()
+                .for_each(|(name, visible)| visit_known(name, Some(*visible)));
             // Rejections of resources that changed or went away (including ones the
             // client no longer asks for) are forgotten: this bounds them by what exists.
             unrejected.extend(
@@ -749,6 +786,7 @@ impl StreamState {
                     .map(|(n, _)| n.clone()),
             );
         } else {
+            let mut visit = |name: &Arc<str>| visit_known(name, None);
             // The fast path: only what changed since the snapshot this client saw,
             // walking whichever is smaller: the change sets or this client's names.
             let deltas = since.unwrap_or_default();
@@ -913,17 +951,12 @@ impl StreamState {
         out
     }
 
-    fn visible(&self, snap: &Snapshot, ty: XdsType, ts: &TypeState, name: &str) -> bool {
-        ts.names.contains(name) || (ts.wildcard && self.in_wildcard(snap, ty, name))
-    }
-
-    fn in_wildcard(&self, snap: &Snapshot, ty: XdsType, name: &str) -> bool {
+    /// What a wildcard subscription of `ty` selects for this client.
+    fn wildcard_selection<'s>(&self, snap: &'s Snapshot, ty: XdsType) -> Selection<'s> {
         match ty {
-            XdsType::Listener => self.role_listeners(snap).is_some_and(|s| s.contains(name)),
-            XdsType::Cluster if self.node.scope.is_some() => {
-                self.scope(snap).is_some_and(|s| s.contains(name))
-            }
-            _ => snap.get(ty, name).is_some(),
+            XdsType::Listener => Selection::Set(self.role_listeners(snap)),
+            XdsType::Cluster if self.node.scope.is_some() => Selection::Set(self.scope(snap)),
+            _ => Selection::Everything,
         }
     }
 
