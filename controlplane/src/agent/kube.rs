@@ -507,6 +507,8 @@ pub struct Source {
     partial_endpoints: bool,
     /// Keys exported so far: the source's work counter (tests).
     pub exports: u64,
+    /// States published so far (tests).
+    states: u64,
 }
 
 fn ns_env(n: &PartialObjectMeta<Namespace>) -> Option<String> {
@@ -745,53 +747,111 @@ impl Source {
 /// and Nodes are watched as metadata only (their labels are all the agent reads).
 pub async fn run(client: Client, opts: KubeOptions, tx: watch::Sender<Arc<ClusterState>>) {
     let wc = watcher::Config::default();
-    let mut services = watcher::watcher(Api::<Service>::all(client.clone()), wc.clone())
+    let services = watcher::watcher(Api::<Service>::all(client.clone()), wc.clone())
         .default_backoff()
-        .boxed();
-    let mut slices = watcher::watcher(Api::<EndpointSlice>::all(client.clone()), wc.clone())
+        .map(WatchEvent::Service);
+    let slices = watcher::watcher(Api::<EndpointSlice>::all(client.clone()), wc.clone())
         .default_backoff()
-        .boxed();
-    let mut namespaces = watcher::watcher(
+        .map(WatchEvent::Slice);
+    let namespaces = watcher::watcher(
         Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
         wc.clone(),
     )
     .default_backoff()
-    .boxed();
-    let mut nodes = watcher::watcher(Api::<PartialObjectMeta<Node>>::all(client), wc)
+    .map(WatchEvent::Namespace);
+    let nodes = watcher::watcher(Api::<PartialObjectMeta<Node>>::all(client), wc)
         .default_backoff()
-        .boxed();
+        .map(WatchEvent::Node);
+    let events = futures_util::stream::select_all([
+        services.boxed(),
+        slices.boxed(),
+        namespaces.boxed(),
+        nodes.boxed(),
+    ]);
+    publish(events, &mut Source::default(), &opts, &tx).await
+}
 
-    let mut source = Source::default();
-    loop {
-        let touched = tokio::select! {
-            Some(ev) = services.next() => match ev {
-                Ok(ev) => source.on_service(ev),
-                Err(e) => { warn!(error = %e, "Service watch error (retrying)"); continue }
-            },
-            Some(ev) = slices.next() => match ev {
-                Ok(ev) => source.on_slice(ev),
-                Err(e) => { warn!(error = %e, "EndpointSlice watch error (retrying)"); continue }
-            },
-            Some(ev) = namespaces.next() => match ev {
-                Ok(ev) => source.on_namespace(ev),
-                Err(e) => { warn!(error = %e, "Namespace watch error (retrying)"); continue }
-            },
-            Some(ev) = nodes.next() => match ev {
-                Ok(ev) => source.on_node(ev),
-                Err(e) => { warn!(error = %e, "Node watch error (retrying; zones fall back to --zone)"); continue }
-            },
-            else => return,
-        };
+/// Events already received are applied together (`ready_chunks`): a list page of 500
+/// objects is one new state, not 500 (each of which copied the paths of the
+/// persistent maps that the previous state still shares).
+const MAX_EVENTS_PER_STATE: usize = 1_000;
+
+/// One watcher event of any kind.
+enum WatchEvent {
+    Service(watcher::Result<Event<Service>>),
+    Slice(watcher::Result<Event<EndpointSlice>>),
+    Namespace(watcher::Result<Event<PartialObjectMeta<Namespace>>>),
+    Node(watcher::Result<Event<PartialObjectMeta<Node>>>),
+}
+
+impl Source {
+    fn on(&mut self, ev: WatchEvent) -> Touched {
+        let none = || Touched::keys(vec![]);
+        match ev {
+            WatchEvent::Service(Ok(ev)) => self.on_service(ev),
+            WatchEvent::Slice(Ok(ev)) => self.on_slice(ev),
+            WatchEvent::Namespace(Ok(ev)) => self.on_namespace(ev),
+            WatchEvent::Node(Ok(ev)) => self.on_node(ev),
+            WatchEvent::Service(Err(e)) => {
+                warn!(error = %e, "Service watch error (retrying)");
+                none()
+            }
+            WatchEvent::Slice(Err(e)) => {
+                warn!(error = %e, "EndpointSlice watch error (retrying)");
+                none()
+            }
+            WatchEvent::Namespace(Err(e)) => {
+                warn!(error = %e, "Namespace watch error (retrying)");
+                none()
+            }
+            WatchEvent::Node(Err(e)) => {
+                warn!(error = %e, "Node watch error (retrying; zones fall back to --zone)");
+                none()
+            }
+        }
+    }
+}
+
+impl Touched {
+    fn merge(self, other: Touched) -> Touched {
+        match (self, other) {
+            (Touched::Keys(mut a), Touched::Keys(b)) => {
+                a.extend(b);
+                Touched::Keys(a)
+            }
+            _ => Touched::All,
+        }
+    }
+}
+
+/// Applies `events` and publishes each new exported state into `tx` until the
+/// events end or `tx` has no receivers.
+async fn publish(
+    events: impl futures_util::Stream<Item = WatchEvent>,
+    source: &mut Source,
+    opts: &KubeOptions,
+    tx: &watch::Sender<Arc<ClusterState>>,
+) {
+    let mut chunks = std::pin::pin!(events.ready_chunks(MAX_EVENTS_PER_STATE));
+    while let Some(chunk) = chunks.next().await {
+        let touched = chunk
+            .into_iter()
+            .fold(Touched::keys(vec![]), |t, ev| t.merge(source.on(ev)));
         if tx.is_closed() {
             return;
         }
         let current = tx.borrow().clone();
-        if let Some(next) = source.next(touched, &current, &opts) {
-            debug!(services = next.services.len(), "exported state changed");
-            if current.services.is_empty() {
+        if let Some(next) = source.next(touched, &current, opts) {
+            source.states += 1;
+            debug!(
+                services = next.services.len(),
+                listing = next.listing,
+                "exported state changed"
+            );
+            if current.listing && !next.listing {
                 info!(
                     services = next.services.len(),
-                    "initial Kubernetes state exported"
+                    "initial Kubernetes state exported (every kind listed)"
                 );
             }
             tx.send_replace(Arc::new(next));
@@ -1092,6 +1152,31 @@ mod tests {
         let t = src.on_namespace(Event::InitDone);
         assert!(src.next(t, &state, &opts).is_none());
         assert_eq!(src.exports - before, 100);
+    }
+
+    /// Events that have already arrived (a list page) are applied together and make
+    /// one new state: 500 listed services are one state, not 500 (before, each was a
+    /// state of its own, copying the paths of the maps the previous state shared).
+    #[tokio::test]
+    async fn a_page_of_events_makes_one_state() {
+        let mut events = vec![
+            WatchEvent::Namespace(Ok(Event::Init)),
+            WatchEvent::Namespace(Ok(Event::InitApply(meta("a", (ENV_LABEL, "prod"))))),
+            WatchEvent::Namespace(Ok(Event::InitDone)),
+            WatchEvent::Service(Ok(Event::Init)),
+        ];
+        for i in 0..500 {
+            let s = service("a", &format!("s{i}"));
+            events.push(WatchEvent::Service(Ok(Event::InitApply(s))));
+        }
+        let (tx, rx) = watch::channel(Arc::new(ClusterState::listing()));
+        let mut src = Source::default();
+        let opts = KubeOptions::default();
+        publish(futures_util::stream::iter(events), &mut src, &opts, &tx).await;
+        assert_eq!(src.states, 1, "one state for the page");
+        let state = rx.borrow().clone();
+        assert!(state.listing);
+        assert_eq!(state.services.len(), 500);
     }
 
     /// The agent keeps reduced views, never whole objects: what the export reads.
