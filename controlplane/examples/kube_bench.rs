@@ -317,14 +317,24 @@ async fn federated(admin: SocketAddr, n: usize, eps: usize) -> anyhow::Result<bo
         .as_array()
         .and_then(|a| a.iter().find(|c| c["id"] == "bench"))
         .is_some_and(|c| {
+            // Applied, and published: the flush after the last batch has run (an
+            // agent that exports as it lists has load assignments in the snapshot
+            // before their endpoints arrive). A hub without the field: applied only.
+            let published = c
+                .get("published_version")
+                .is_none_or(|p| *p == c["last_version"]);
             c["services"].as_u64() == Some(n as u64)
                 && c["endpoints"].as_u64() == Some((n * eps) as u64)
+                && published
         });
     if !held {
         return Ok(false);
     }
-    let v: serde_json::Value = serde_json::from_str(&http_get(admin, "/status/shards").await?)?;
-    let list = v.get("shards").unwrap_or(&v);
+    // Per environment: the published snapshot's resource counts. (`/status/shards`
+    // shows the shard assignment since the store landed.)
+    let v: serde_json::Value =
+        serde_json::from_str(&http_get(admin, "/status/environments").await?)?;
+    let list = v.get("environments").unwrap_or(&v);
     Ok(list.as_array().is_some_and(|a| {
         a.iter()
             .any(|s| s["environment"] == "bench" && s["endpoints"].as_u64() == Some(n as u64))

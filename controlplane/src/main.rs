@@ -468,7 +468,9 @@ async fn remote(args: RemoteArgs) -> anyhow::Result<()> {
             std::future::pending(),
         ));
     }
-    let (tx, rx) = tokio::sync::watch::channel(Arc::new(ClusterState::default()));
+    // Nothing listed yet (not an empty cluster): a file source replaces it before the
+    // agent starts; a Kubernetes source exports as it lists (`ClusterState::listing`).
+    let (tx, rx) = tokio::sync::watch::channel(Arc::new(ClusterState::listing()));
     let source = if !args.files.is_empty() {
         // Refuse to start on an invalid file: nothing would be exported.
         let mesh = agent::file::load(&args.files).map_err(|e| anyhow::anyhow!("{e}"))?;

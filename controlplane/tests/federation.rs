@@ -373,6 +373,93 @@ async fn restarts_lose_nothing_and_push_nothing() {
     agent.stop().await;
 }
 
+/// An agent that starts again while its cluster is still being listed sends what it
+/// has listed as the opening parts of a full resync: the hub, still holding the
+/// cluster from the agent's previous process, withdraws nothing until the list is
+/// complete (not even a service the list saw go), then exactly what the complete state
+/// lacks. Before, the new agent sent an empty full resync at once: every service was
+/// withdrawn until the list ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_restarted_while_listing_withdraws_nothing_before_its_list_ends() {
+    let (hub, _dir) = federated_hub(Duration::from_secs(60), Duration::ZERO, None).await;
+    let eps = [pb_endpoint("10.3.0.1", true), pb_endpoint("10.3.0.2", true)];
+    let agent = TestAgent::start(hub.xds_addr, "c1", state(&["a", "b", "c"], &eps));
+    let two_each = |s: &Snapshot, names: &[&str]| {
+        names
+            .iter()
+            .all(|n| cla(s, &cla_name(n)).is_some_and(|c| endpoint_count(&c) == 2))
+    };
+    wait_snapshot(&hub, "prod", "a, b and c with their endpoints", |s| {
+        two_each(s, &["a", "b", "c"])
+    })
+    .await;
+    agent.stop().await;
+    wait_clusters(&hub, "c1 in grace", |c| {
+        c.iter().any(|c| c.id == "c1" && c.state == "grace")
+    })
+    .await;
+
+    // The new process has listed nothing, then its services (a new one, d, among
+    // them) without their endpoints: the hub keeps every endpoint it holds.
+    let agent = TestAgent::start(hub.xds_addr, "c1", ClusterState::listing());
+    let mut listed = state(&["a", "b", "c", "d"], &[]);
+    listed.endpoints.clear();
+    listed.listing = true;
+    agent.set(listed.clone());
+    let snap = wait_snapshot(&hub, "prod", "d, listed", |s| {
+        s.get(XdsType::Cluster, &format!("outbound|80||{}", host("d")))
+            .is_some()
+    })
+    .await;
+    assert!(
+        two_each(&snap, &["a", "b", "c"]),
+        "endpoints withdrawn by a partial export"
+    );
+    let status = wait_clusters(&hub, "c1's resync open", |c| {
+        c.iter()
+            .any(|c| c.id == "c1" && c.sessions == 2 && c.resync_in_progress)
+    })
+    .await;
+    assert!(status.iter().any(|c| c.id == "c1" && c.services == 4));
+
+    // c goes while the list goes on (and e is listed): still nothing is withdrawn.
+    listed.set_service(svc_key("c"), None, SystemTime::now());
+    listed.set_service(
+        svc_key("e"),
+        Some(pb_service("e", "prod")),
+        SystemTime::now(),
+    );
+    agent.set(listed);
+    let snap = wait_snapshot(&hub, "prod", "e, listed", |s| {
+        s.get(XdsType::Cluster, &format!("outbound|80||{}", host("e")))
+            .is_some()
+    })
+    .await;
+    assert!(
+        two_each(&snap, &["a", "b", "c"]),
+        "withdrawn before the list ended"
+    );
+
+    // The list is complete: c is withdrawn, everything else has its endpoints.
+    agent.set(state(&["a", "b", "d", "e"], &eps));
+    let snap = wait_snapshot(&hub, "prod", "c withdrawn", |s| {
+        cla(s, &cla_name("c")).is_none()
+    })
+    .await;
+    assert!(two_each(&snap, &["a", "b", "d", "e"]));
+    assert!(
+        snap.get(XdsType::Cluster, &format!("outbound|80||{}", host("c")))
+            .is_none()
+    );
+    let status = wait_clusters(&hub, "c1's resync closed", |c| {
+        c.iter()
+            .any(|c| c.id == "c1" && !c.resync_in_progress && c.endpoints == 8)
+    })
+    .await;
+    assert!(status.iter().any(|c| c.id == "c1" && c.services == 4));
+    agent.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_clusters_then_ten_die() {
     const CLUSTERS: usize = 100;

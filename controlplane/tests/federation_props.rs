@@ -582,12 +582,24 @@ impl Model {
                 new.extend(old.into_iter().filter(|(n, _)| keep.contains(n)));
                 self.endpoints.insert(k, new);
             }
-            Item::DeleteService(k) if resync.is_none() => {
-                self.services.remove(&okey(*k));
-            }
-            Item::DeleteEndpoints(k) if resync.is_none() => {
-                self.endpoints.remove(&okey(*k));
-            }
+            // Inside a resync a delete takes back the key's naming (the resync's
+            // end deletes it); otherwise it deletes at once.
+            Item::DeleteService(k) => match resync {
+                Some(n) => {
+                    n.services.remove(&okey(*k));
+                }
+                None => {
+                    self.services.remove(&okey(*k));
+                }
+            },
+            Item::DeleteEndpoints(k) => match resync {
+                Some(n) => {
+                    n.endpoints.remove(&okey(*k));
+                }
+                None => {
+                    self.endpoints.remove(&okey(*k));
+                }
+            },
             _ => {}
         }
     }

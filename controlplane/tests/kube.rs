@@ -206,7 +206,7 @@ async fn kubernetes_objects_reach_xds_clients() {
         .await
         .unwrap();
 
-    let (tx, rx) = watch::channel(Arc::new(ClusterState::default()));
+    let (tx, rx) = watch::channel(Arc::new(ClusterState::listing()));
     let source = tokio::spawn(agent::kube::run(client.clone(), opts, tx));
     let mut acfg = AgentConfig::new(format!("http://{}", hub.xds_addr), "kind-1");
     acfg.zone = "az-default".into();
@@ -369,7 +369,7 @@ async fn node_zones_and_namespace_labels_are_followed() {
         .await
         .unwrap();
 
-    let (tx, rx) = watch::channel(Arc::new(ClusterState::default()));
+    let (tx, rx) = watch::channel(Arc::new(ClusterState::listing()));
     let source = tokio::spawn(agent::kube::run(client.clone(), opts, tx));
     let mut acfg = AgentConfig::new(format!("http://{}", hub.xds_addr), "kind-1");
     acfg.debounce = Duration::from_millis(20);

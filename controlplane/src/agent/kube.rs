@@ -501,8 +501,14 @@ pub struct Source {
     listed: [bool; 4],
     /// The first complete state was exported.
     exported_once: bool,
+    /// The first partial state was exported (every listed service, once), and one
+    /// with endpoints (every listed service's, once).
+    partial_once: bool,
+    partial_endpoints: bool,
     /// Keys exported so far: the source's work counter (tests).
     pub exports: u64,
+    /// States published so far (tests).
+    states: u64,
 }
 
 fn ns_env(n: &PartialObjectMeta<Namespace>) -> Option<String> {
@@ -531,10 +537,21 @@ impl Source {
                 Touched::keys(vec![])
             }
             Event::InitApply(s) => {
+                let (k, view) = (key_of(&s), ServiceView::of(&s));
+                if !self.listed[0] {
+                    // The first list: nothing complete to protect, and its services are
+                    // exported as they come (`next_partial`); the swap at its end
+                    // drops any left from an interrupted attempt.
+                    self.objs.put_service(k.clone(), view.clone());
+                }
                 self.svc_buf
                     .get_or_insert_with(HashMap::new)
-                    .insert(key_of(&s), ServiceView::of(&s));
-                Touched::keys(vec![])
+                    .insert(k.clone(), view);
+                if self.listed[0] {
+                    Touched::keys(vec![])
+                } else {
+                    Touched::keys(vec![k])
+                }
             }
             Event::InitDone => {
                 self.objs
@@ -649,7 +666,8 @@ impl Source {
     }
 
     /// The next exported state after an event that touched `touched`, or `None` when
-    /// nothing changed (or not every kind has been listed yet).
+    /// nothing changed. Until every kind has been listed once, a partial state
+    /// ([`Source::next_partial`]).
     fn next(
         &mut self,
         touched: Touched,
@@ -657,7 +675,7 @@ impl Source {
         opts: &KubeOptions,
     ) -> Option<ClusterState> {
         if !self.listed.iter().all(|l| *l) {
-            return None;
+            return self.next_partial(touched, current, opts);
         }
         let keys = match touched {
             _ if !self.exported_once => all_keys(&self.objs, current),
@@ -667,6 +685,7 @@ impl Source {
         };
         self.exported_once = true;
         let mut next = current.clone();
+        next.listing = false;
         let now = SystemTime::now();
         for key in keys {
             self.exports += 1;
@@ -679,58 +698,160 @@ impl Source {
     }
 }
 
+impl Source {
+    /// While the cluster is listed for the first time: the part of its export that is
+    /// final already, marked [`ClusterState::listing`] (the agent sends it as the
+    /// opening parts of a full resync, so the hub works on it while the rest is
+    /// listed). A service is exported once it and its namespace are listed; its
+    /// endpoints once EndpointSlices and Nodes are listed too (a service's slices may
+    /// come on any page, and an endpoint set short of some slices would withdraw
+    /// endpoints that a hub still holds from the agent's previous process).
+    fn next_partial(
+        &mut self,
+        touched: Touched,
+        current: &ClusterState,
+        opts: &KubeOptions,
+    ) -> Option<ClusterState> {
+        if !self.listed[2] {
+            return None; // a namespace's env label decides whether its services export
+        }
+        let endpoints_final = self.listed[1] && self.listed[3];
+        // Every service once: at the first partial state, and when endpoints become final.
+        let everything = !self.partial_once || (endpoints_final && !self.partial_endpoints);
+        let keys = match touched {
+            _ if everything => all_keys(&self.objs, current),
+            Touched::All => all_keys(&self.objs, current),
+            Touched::Keys(k) if k.is_empty() => return None,
+            Touched::Keys(k) => k,
+        };
+        self.partial_once = true;
+        self.partial_endpoints = endpoints_final;
+        let mut next = current.clone();
+        next.listing = true;
+        let now = SystemTime::now();
+        for key in keys {
+            self.exports += 1;
+            let (svc, eps) = self.objs.export(&key, opts);
+            next.set_service(key.clone(), svc, now);
+            if endpoints_final {
+                next.set_endpoints(key, eps, now);
+            }
+        }
+        (next != *current).then_some(next)
+    }
+}
+
 /// Watches the cluster and publishes its exported state into `tx` until it has no
-/// receivers. Watch errors are retried with the watcher's default backoff. Namespaces
+/// receivers; `tx` starts at [`ClusterState::listing`] (the first list is exported as
+/// it comes, as a partial state, then complete). Watch errors are retried with the watcher's default backoff. Namespaces
 /// and Nodes are watched as metadata only (their labels are all the agent reads).
 pub async fn run(client: Client, opts: KubeOptions, tx: watch::Sender<Arc<ClusterState>>) {
     let wc = watcher::Config::default();
-    let mut services = watcher::watcher(Api::<Service>::all(client.clone()), wc.clone())
+    let services = watcher::watcher(Api::<Service>::all(client.clone()), wc.clone())
         .default_backoff()
-        .boxed();
-    let mut slices = watcher::watcher(Api::<EndpointSlice>::all(client.clone()), wc.clone())
+        .map(WatchEvent::Service);
+    let slices = watcher::watcher(Api::<EndpointSlice>::all(client.clone()), wc.clone())
         .default_backoff()
-        .boxed();
-    let mut namespaces = watcher::watcher(
+        .map(WatchEvent::Slice);
+    let namespaces = watcher::watcher(
         Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
         wc.clone(),
     )
     .default_backoff()
-    .boxed();
-    let mut nodes = watcher::watcher(Api::<PartialObjectMeta<Node>>::all(client), wc)
+    .map(WatchEvent::Namespace);
+    let nodes = watcher::watcher(Api::<PartialObjectMeta<Node>>::all(client), wc)
         .default_backoff()
-        .boxed();
+        .map(WatchEvent::Node);
+    let events = futures_util::stream::select_all([
+        services.boxed(),
+        slices.boxed(),
+        namespaces.boxed(),
+        nodes.boxed(),
+    ]);
+    publish(events, &mut Source::default(), &opts, &tx).await
+}
 
-    let mut source = Source::default();
-    loop {
-        let touched = tokio::select! {
-            Some(ev) = services.next() => match ev {
-                Ok(ev) => source.on_service(ev),
-                Err(e) => { warn!(error = %e, "Service watch error (retrying)"); continue }
-            },
-            Some(ev) = slices.next() => match ev {
-                Ok(ev) => source.on_slice(ev),
-                Err(e) => { warn!(error = %e, "EndpointSlice watch error (retrying)"); continue }
-            },
-            Some(ev) = namespaces.next() => match ev {
-                Ok(ev) => source.on_namespace(ev),
-                Err(e) => { warn!(error = %e, "Namespace watch error (retrying)"); continue }
-            },
-            Some(ev) = nodes.next() => match ev {
-                Ok(ev) => source.on_node(ev),
-                Err(e) => { warn!(error = %e, "Node watch error (retrying; zones fall back to --zone)"); continue }
-            },
-            else => return,
-        };
+/// Events already received are applied together (`ready_chunks`): a list page of 500
+/// objects is one new state, not 500 (each of which copied the paths of the
+/// persistent maps that the previous state still shares).
+const MAX_EVENTS_PER_STATE: usize = 1_000;
+
+/// One watcher event of any kind.
+enum WatchEvent {
+    Service(watcher::Result<Event<Service>>),
+    Slice(watcher::Result<Event<EndpointSlice>>),
+    Namespace(watcher::Result<Event<PartialObjectMeta<Namespace>>>),
+    Node(watcher::Result<Event<PartialObjectMeta<Node>>>),
+}
+
+impl Source {
+    fn on(&mut self, ev: WatchEvent) -> Touched {
+        let none = || Touched::keys(vec![]);
+        match ev {
+            WatchEvent::Service(Ok(ev)) => self.on_service(ev),
+            WatchEvent::Slice(Ok(ev)) => self.on_slice(ev),
+            WatchEvent::Namespace(Ok(ev)) => self.on_namespace(ev),
+            WatchEvent::Node(Ok(ev)) => self.on_node(ev),
+            WatchEvent::Service(Err(e)) => {
+                warn!(error = %e, "Service watch error (retrying)");
+                none()
+            }
+            WatchEvent::Slice(Err(e)) => {
+                warn!(error = %e, "EndpointSlice watch error (retrying)");
+                none()
+            }
+            WatchEvent::Namespace(Err(e)) => {
+                warn!(error = %e, "Namespace watch error (retrying)");
+                none()
+            }
+            WatchEvent::Node(Err(e)) => {
+                warn!(error = %e, "Node watch error (retrying; zones fall back to --zone)");
+                none()
+            }
+        }
+    }
+}
+
+impl Touched {
+    fn merge(self, other: Touched) -> Touched {
+        match (self, other) {
+            (Touched::Keys(mut a), Touched::Keys(b)) => {
+                a.extend(b);
+                Touched::Keys(a)
+            }
+            _ => Touched::All,
+        }
+    }
+}
+
+/// Applies `events` and publishes each new exported state into `tx` until the
+/// events end or `tx` has no receivers.
+async fn publish(
+    events: impl futures_util::Stream<Item = WatchEvent>,
+    source: &mut Source,
+    opts: &KubeOptions,
+    tx: &watch::Sender<Arc<ClusterState>>,
+) {
+    let mut chunks = std::pin::pin!(events.ready_chunks(MAX_EVENTS_PER_STATE));
+    while let Some(chunk) = chunks.next().await {
+        let touched = chunk
+            .into_iter()
+            .fold(Touched::keys(vec![]), |t, ev| t.merge(source.on(ev)));
         if tx.is_closed() {
             return;
         }
         let current = tx.borrow().clone();
-        if let Some(next) = source.next(touched, &current, &opts) {
-            debug!(services = next.services.len(), "exported state changed");
-            if current.services.is_empty() {
+        if let Some(next) = source.next(touched, &current, opts) {
+            source.states += 1;
+            debug!(
+                services = next.services.len(),
+                listing = next.listing,
+                "exported state changed"
+            );
+            if current.listing && !next.listing {
                 info!(
                     services = next.services.len(),
-                    "initial Kubernetes state exported"
+                    "initial Kubernetes state exported (every kind listed)"
                 );
             }
             tx.send_replace(Arc::new(next));
@@ -797,37 +918,43 @@ mod tests {
             ..Default::default()
         };
         let mut src = Source::default();
-        // Nothing is exported until every kind is listed; then everything, once.
-        let none = ClusterState::default();
-        let quiet = |src: &mut Source, t: Touched| {
-            assert!(
-                src.next(t, &none, &opts).is_none(),
-                "exported before every kind was listed"
-            )
+        // Until every kind is listed, only partial states (services without their
+        // endpoints while Nodes are not listed); then everything, once.
+        let mut current = ClusterState::listing();
+        let step = |src: &mut Source, t: Touched, current: &mut ClusterState| {
+            if let Some(next) = src.next(t, current, &opts) {
+                assert!(next.listing, "complete before every kind was listed");
+                assert!(
+                    next.endpoints.is_empty(),
+                    "endpoints before Nodes were listed"
+                );
+                *current = next;
+            }
         };
         let t = src.on_service(Event::Init);
-        quiet(&mut src, t);
+        step(&mut src, t, &mut current);
         let t = src.on_slice(Event::Init);
-        quiet(&mut src, t);
+        step(&mut src, t, &mut current);
         for i in 0..n {
             let name = format!("s{i}");
             let addr = format!("10.1.{}.{}", i / 250, i % 250);
             let t = src.on_service(Event::InitApply(service("a", &name)));
-            quiet(&mut src, t);
+            step(&mut src, t, &mut current);
             let node = format!("n{}", i % 10);
             let t = src.on_slice(Event::InitApply(slice("a", &name, &node, &addr)));
-            quiet(&mut src, t);
+            step(&mut src, t, &mut current);
         }
         let t = src.on_service(Event::InitApply(service("b", "lone")));
-        quiet(&mut src, t);
+        step(&mut src, t, &mut current);
         let t = src.on_slice(Event::InitApply(slice("b", "lone", "rare", "10.2.0.1")));
-        quiet(&mut src, t);
+        step(&mut src, t, &mut current);
         for t in [
             src.on_service(Event::InitDone),
             src.on_slice(Event::InitDone),
         ] {
-            quiet(&mut src, t);
+            step(&mut src, t, &mut current);
         }
+        assert_eq!(src.exports, 0, "nothing before namespaces are listed");
         for ev in [
             Event::Init,
             Event::InitApply(meta("a", (ENV_LABEL, "prod"))),
@@ -835,25 +962,114 @@ mod tests {
             Event::InitDone,
         ] {
             let t = src.on_namespace(ev);
-            quiet(&mut src, t);
+            step(&mut src, t, &mut current);
         }
+        assert_eq!(current.services.len(), n + 1, "every service, partially");
+        assert_eq!(src.exports, n as u64 + 1);
         let t = src.on_node(Event::Init);
-        quiet(&mut src, t);
+        step(&mut src, t, &mut current);
         for i in 0..10 {
             let t = src.on_node(Event::InitApply(meta(
                 &format!("n{i}"),
                 (ZONE_LABEL, "az1"),
             )));
-            quiet(&mut src, t);
+            step(&mut src, t, &mut current);
         }
         let t = src.on_node(Event::InitApply(meta("rare", (ZONE_LABEL, "az9"))));
-        quiet(&mut src, t);
-        assert_eq!(src.exports, 0);
-        let last = src.on_node(Event::InitDone);
-        let state = src.next(last, &none, &opts).unwrap();
-        assert_eq!(state.services.len(), n + 1);
+        step(&mut src, t, &mut current);
         assert_eq!(src.exports, n as u64 + 1);
+        let last = src.on_node(Event::InitDone);
+        let state = src.next(last, &current, &opts).unwrap();
+        assert!(!state.listing);
+        assert_eq!(state.services.len(), n + 1);
+        assert_eq!(state.endpoints.len(), n + 1);
+        assert_eq!(src.exports, 2 * (n as u64 + 1));
         (src, state, opts)
+    }
+
+    /// The first list is exported as it arrives, marked partial: each listed service
+    /// once namespaces are listed, endpoints only once EndpointSlices and Nodes are
+    /// (a service's slices may be on any page), and a service that an interrupted,
+    /// restarted list no longer holds leaves the partial state; the state is complete
+    /// only when every kind is listed, and then equals the whole cluster's export.
+    #[test]
+    fn the_first_list_is_exported_as_it_comes() {
+        let opts = KubeOptions::default();
+        let mut src = Source::default();
+        let mut current = ClusterState::listing();
+        let mut step = |src: &mut Source, t: Touched| -> Option<ClusterState> {
+            let next = src.next(t, &current, &opts)?;
+            current = next.clone();
+            Some(next)
+        };
+        for ev in [
+            Event::Init,
+            Event::InitApply(meta("a", (ENV_LABEL, "prod"))),
+            Event::InitDone,
+        ] {
+            let t = src.on_namespace(ev);
+            assert!(step(&mut src, t).is_none(), "nothing listed to export");
+        }
+        for ev in [
+            Event::Init,
+            Event::InitApply(meta("n0", (ZONE_LABEL, "az1"))),
+            Event::InitDone,
+        ] {
+            let t = src.on_node(ev);
+            assert!(step(&mut src, t).is_none());
+        }
+        let t = src.on_service(Event::Init);
+        assert!(step(&mut src, t).is_none());
+        let t = src.on_slice(Event::Init);
+        assert!(step(&mut src, t).is_none());
+        for i in 0..3 {
+            let t = src.on_service(Event::InitApply(service("a", &format!("s{i}"))));
+            let s = step(&mut src, t).expect("a listed service is exported at once");
+            assert!(s.listing);
+            assert_eq!(s.services.len(), i + 1);
+            assert!(s.endpoints.is_empty());
+            let t = src.on_slice(Event::InitApply(slice(
+                "a",
+                &format!("s{i}"),
+                "n0",
+                &format!("10.0.0.{i}"),
+            )));
+            assert!(
+                step(&mut src, t).is_none(),
+                "endpoints wait for the whole EndpointSlice list"
+            );
+        }
+        // The Services list is interrupted and listed again: s2 is gone by then.
+        for ev in [
+            Event::Init,
+            Event::InitApply(service("a", "s0")),
+            Event::InitApply(service("a", "s1")),
+        ] {
+            let t = src.on_service(ev);
+            let _ = step(&mut src, t);
+        }
+        let t = src.on_service(Event::InitDone);
+        let s = step(&mut src, t).expect("s2 left");
+        assert!(s.listing, "EndpointSlices are not listed yet");
+        let names: Vec<&str> = s.services.keys().map(|k| k.name.as_str()).collect();
+        assert_eq!(names, ["s0", "s1"]);
+        let t = src.on_slice(Event::InitDone);
+        let s = step(&mut src, t).expect("the complete state");
+        assert!(!s.listing);
+        assert_eq!(s.endpoints.len(), 2);
+        assert_eq!(
+            s.endpoints[&key("a", "s1")].value.endpoints[0].addresses,
+            ["10.0.0.1"]
+        );
+        assert!(!s.endpoints.contains_key(&key("a", "s2")));
+        // What a source that waited for every list would have exported.
+        let mut whole = ClusterState::default();
+        for k in [key("a", "s0"), key("a", "s1")] {
+            let (svc, eps) = src.objs.export(&k, &opts);
+            whole.set_service(k.clone(), svc, SystemTime::UNIX_EPOCH);
+            whole.set_endpoints(k, eps, SystemTime::UNIX_EPOCH);
+        }
+        assert_eq!(s, whole);
     }
 
     fn zone_of(state: &ClusterState, k: &ObjectKey) -> String {
@@ -936,6 +1152,31 @@ mod tests {
         let t = src.on_namespace(Event::InitDone);
         assert!(src.next(t, &state, &opts).is_none());
         assert_eq!(src.exports - before, 100);
+    }
+
+    /// Events that have already arrived (a list page) are applied together and make
+    /// one new state: 500 listed services are one state, not 500 (before, each was a
+    /// state of its own, copying the paths of the maps the previous state shared).
+    #[tokio::test]
+    async fn a_page_of_events_makes_one_state() {
+        let mut events = vec![
+            WatchEvent::Namespace(Ok(Event::Init)),
+            WatchEvent::Namespace(Ok(Event::InitApply(meta("a", (ENV_LABEL, "prod"))))),
+            WatchEvent::Namespace(Ok(Event::InitDone)),
+            WatchEvent::Service(Ok(Event::Init)),
+        ];
+        for i in 0..500 {
+            let s = service("a", &format!("s{i}"));
+            events.push(WatchEvent::Service(Ok(Event::InitApply(s))));
+        }
+        let (tx, rx) = watch::channel(Arc::new(ClusterState::listing()));
+        let mut src = Source::default();
+        let opts = KubeOptions::default();
+        publish(futures_util::stream::iter(events), &mut src, &opts, &tx).await;
+        assert_eq!(src.states, 1, "one state for the page");
+        let state = rx.borrow().clone();
+        assert!(state.listing);
+        assert_eq!(state.services.len(), 500);
     }
 
     /// The agent keeps reduced views, never whole objects: what the export reads.

@@ -97,9 +97,24 @@ impl<T: PartialEq> PartialEq for Observed<T> {
 pub struct ClusterState {
     pub services: imbl::OrdMap<ObjectKey, Observed<pb::Service>>,
     pub endpoints: imbl::OrdMap<ObjectKey, Observed<pb::EndpointSet>>,
+    /// The source is still listing its cluster for the first time: this is the part
+    /// it has listed so far, not the whole cluster. A session sends it as the opening
+    /// parts of a full resync (`more = true`: the hub deletes nothing yet) and closes
+    /// the resync only with a complete state, so a hub holding the cluster (e.g. from
+    /// the agent's previous process) never withdraws what is merely not listed yet.
+    pub listing: bool,
 }
 
 impl ClusterState {
+    /// The state of a source that has listed nothing yet (unlike `default()`, an
+    /// empty cluster): where a Kubernetes source's channel starts.
+    pub fn listing() -> Self {
+        ClusterState {
+            listing: true,
+            ..Default::default()
+        }
+    }
+
     /// Sets `key` to `value`, keeping the observation time if it is unchanged.
     pub fn set_service(&mut self, key: ObjectKey, value: Option<pb::Service>, now: SystemTime) {
         set(&mut self.services, key, value, now)
@@ -421,17 +436,29 @@ impl BatchLimits {
     }
 }
 
-/// Sends `changes` as one or more batches (`full`: parts of a full resync, all but
-/// the last with `more`), each sent as soon as it is full: one batch is built ahead of
-/// the channel. Returns the last version sent, if any was.
+/// What a call to [`send_split`] sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Parts {
+    /// An incremental diff (its last part completes a state).
+    Diff,
+    /// Parts of a full resync; `close`: the last of them ends the resync (`more =
+    /// false`), else every part has `more = true` and the resync stays open.
+    Resync { close: bool },
+}
+
+/// Sends `changes` as one or more batches, all but the last with `more` (and the last
+/// too for the parts of a resync that stays open), each sent as soon as it is full:
+/// one batch is built ahead of the channel. Returns the last version sent, if any was.
 async fn send_split(
     tx: &mpsc::Sender<pb::AgentMessage>,
     mem: &mut Memory,
     telemetry: &Telemetry,
     limits: BatchLimits,
-    full: bool,
+    parts_of: Parts,
     changes: impl IntoIterator<Item = pb::Change>,
 ) -> Result<Option<u64>, AgentError> {
+    let full = matches!(parts_of, Parts::Resync { .. });
+    let close = parts_of != Parts::Resync { close: false };
     let send = |mem: &mut Memory, chunk: Vec<pb::Change>, more: bool| {
         mem.version += 1;
         let (version, n) = (mem.version, chunk.len());
@@ -466,10 +493,11 @@ async fn send_split(
             }
         }
     }
-    if total == 0 && !full {
+    // An empty diff or open part is not sent; an empty resync's closing part is.
+    if total == 0 && !(full && close) {
         return Ok(None);
     }
-    send(mem, splitter.finish(), false).await?;
+    send(mem, splitter.finish(), !close).await?;
     parts += 1;
     debug!(
         changes = total,
@@ -526,14 +554,23 @@ async fn session(
     let mut in_flight: VecDeque<(u64, Arc<ClusterState>)> = VecDeque::new();
     let mut sent: Arc<ClusterState>;
     let mut dirty_at: Option<Instant>;
+    // A full resync whose last part is not sent yet: the source is still listing, and
+    // what it lists is sent as more parts of that resync (diffs from what was sent,
+    // so a delete takes back an earlier part's naming) until its state is complete.
+    let mut resync_open = false;
     if welcome.resume {
         sent = mem.acked.clone();
         dirty_at = Some(Instant::now()); // send what changed while away, at once
     } else {
         let current = state.borrow_and_update().clone();
-        if let Some(v) = send_split(&tx, mem, telemetry, limits, true, full(&current)).await? {
+        let close = !current.listing;
+        let parts = Parts::Resync { close };
+        if let Some(v) = send_split(&tx, mem, telemetry, limits, parts, full(&current)).await?
+            && close
+        {
             in_flight.push_back((v, current.clone()));
         }
+        resync_open = !close;
         sent = current;
         dirty_at = None;
     }
@@ -553,11 +590,25 @@ async fn session(
             _ = sleep_until(dirty_at), if can_send => {
                 dirty_at = None;
                 let current = state.borrow_and_update().clone();
+                let close = !current.listing;
+                let parts = if resync_open {
+                    Parts::Resync { close }
+                } else if close {
+                    Parts::Diff
+                } else {
+                    // A source never lists anew after its first complete state (a
+                    // relist is swapped in whole): nothing partial follows a complete state.
+                    warn!("the source published a partial state after a complete one; not sent");
+                    continue;
+                };
                 let changes = diff(&sent, &current, SystemTime::now());
                 // Only the last part's version stands for a complete state.
-                if let Some(v) = send_split(&tx, mem, telemetry, limits, false, changes).await? {
+                if let Some(v) = send_split(&tx, mem, telemetry, limits, parts, changes).await?
+                    && close
+                {
                     in_flight.push_back((v, current.clone()));
                 }
+                resync_open &= !close;
                 sent = current;
             }
             msg = inbound.message() => {
@@ -734,7 +785,14 @@ mod tests {
             taken.set(taken.get() + 1);
             upsert(&format!("s{i}"), 10)
         });
-        let send = send_split(&tx, &mut mem, &telemetry, limits, true, changes);
+        let send = send_split(
+            &tx,
+            &mut mem,
+            &telemetry,
+            limits,
+            Parts::Resync { close: true },
+            changes,
+        );
         tokio::pin!(send);
         // Polled once: it stops at the full channel.
         let blocked = tokio::time::timeout(Duration::ZERO, &mut send).await;

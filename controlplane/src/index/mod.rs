@@ -137,6 +137,9 @@ pub struct ClusterStatus {
     pub state: &'static str,
     pub grace_until_unix: Option<f64>,
     pub last_version: u64,
+    /// The last applied batch whose changes are all in the published snapshots:
+    /// `last_version` once the flush after it has published (what proxies can get).
+    pub published_version: u64,
     pub services: usize,
     pub endpoints: usize,
     /// Origin time (at the agent) of the last applied change.
@@ -166,6 +169,8 @@ struct ClusterState {
     grace_until: Option<Instant>,
     grace_until_wall: Option<SystemTime>,
     last_version: u64,
+    /// See [`ClusterStatus::published_version`].
+    published_version: u64,
     /// The incarnation and version an agent may resume from: the last batch that
     /// completed a state. `None` while a split diff or resync is incomplete.
     resumable: Option<(String, u64)>,
@@ -308,6 +313,8 @@ pub struct Index {
     work: Work,
     /// The status entry of each cluster, recomputed only when that cluster changes.
     status_entries: BTreeMap<String, ClusterStatus>,
+    /// Clusters with applied batches that the next flush publishes.
+    unpublished: BTreeSet<String>,
 }
 
 fn unix(t: SystemTime) -> f64 {
@@ -336,6 +343,7 @@ impl Index {
             holding: false,
             work: Work::default(),
             status_entries: BTreeMap::new(),
+            unpublished: BTreeSet::new(),
         }
     }
 
@@ -634,6 +642,13 @@ impl Index {
                 .set(lag);
         }
         self.metrics.federation_changes_applied.inc_by(n);
+        // A batch that touched nothing is published as it is applied, unless an
+        // earlier one still waits for the flush.
+        if !applied.touched.is_empty() {
+            self.unpublished.insert(cluster.to_string());
+        } else if !self.unpublished.contains(cluster) {
+            state.published_version = version;
+        }
         if !applied.touched.is_empty() {
             for (env, k) in &applied.touched {
                 self.mark(env, k);
@@ -818,6 +833,17 @@ impl Index {
                 debug!(environment = %env, seq, "snapshot published");
             }
         }
+        // Every batch applied so far is published now.
+        let unpublished = std::mem::take(&mut self.unpublished);
+        for id in &unpublished {
+            if let Some(c) = self.sources.clusters.get_mut(id) {
+                c.published_version = c.last_version;
+                self.refresh_status(id);
+            }
+        }
+        if !unpublished.is_empty() {
+            self.send_status();
+        }
         // Published: a hold waiting for this flush may end now.
         self.maybe_release();
     }
@@ -825,6 +851,11 @@ impl Index {
     /// Recomputes the status entry of `id` alone (or drops it when the cluster is
     /// gone) and publishes the list: a batch costs one entry, not one per cluster.
     fn publish_status(&mut self, id: &str) {
+        self.refresh_status(id);
+        self.send_status();
+    }
+
+    fn refresh_status(&mut self, id: &str) {
         match self.sources.clusters.get(id) {
             Some(c) => {
                 self.work.status_entries += 1;
@@ -835,6 +866,9 @@ impl Index {
                 self.status_entries.remove(id);
             }
         }
+    }
+
+    fn send_status(&mut self) {
         let connected = self
             .status_entries
             .values()
@@ -865,6 +899,7 @@ fn cluster_status(id: &str, c: &ClusterState) -> ClusterStatus {
         },
         grace_until_unix: c.grace_until_wall.map(unix),
         last_version: c.last_version,
+        published_version: c.published_version,
         services: c.services.len(),
         endpoints: c.endpoint_count,
         incarnation: c.info.incarnation.clone(),
@@ -896,8 +931,10 @@ fn env_of(s: &ClusterState, k: &ObjectKey) -> Option<String> {
 }
 
 /// Applies one change to a cluster's state (and the cluster's entries in `declared`).
-/// In a full resync, upserts and keeps name their key, and deletes are meaningless
-/// (the resync's end deletes what it did not name).
+/// In a full resync, upserts and keeps name their key, and a delete takes an earlier
+/// part's naming back (an agent exporting its cluster as it lists it saw the object go
+/// before the list ended); nothing is deleted before the resync's end, which deletes
+/// what it did not name.
 fn apply_change(
     state: &mut ClusterState,
     declared: &mut Declared,
@@ -916,7 +953,12 @@ fn apply_change(
             ChangeKind::UpsertEndpoints(k, _) | ChangeKind::KeepEndpoints(k) => {
                 named.endpoints.insert(k.clone());
             }
-            ChangeKind::DeleteService(_) | ChangeKind::DeleteEndpoints(_) => {}
+            ChangeKind::DeleteService(k) => {
+                named.services.remove(k);
+            }
+            ChangeKind::DeleteEndpoints(k) => {
+                named.endpoints.remove(k);
+            }
         }
     }
     match kind {

@@ -419,6 +419,94 @@ fn a_split_resync_deletes_only_at_its_end_and_never_a_rejected_key() {
     assert!(s.get(XdsType::Cluster, &cluster_name("c")).is_none());
 }
 
+/// `published_version` tells an operator (and the benchmark) when what the hub applied
+/// is in the published snapshots: it follows `last_version` at the flush after a
+/// batch, and at once for a batch that changed nothing (unless one still waits).
+#[test]
+fn the_published_version_follows_the_flush() {
+    let (mut ix, _) = index();
+    let status = |ix: &Index| {
+        let c = &ix.sources.clusters["c1"];
+        (c.last_version, c.published_version)
+    };
+    connect(&mut ix, "c1", 1, &["a"]);
+    assert_eq!(status(&ix), (1, 0), "applied, not yet published");
+    let unchanged = vec![change(ChangeKind::UpsertService(fed_service("a", "prod")))];
+    ix.apply_batch("c1", 1, batch(2, false, unchanged.clone()), Instant::now())
+        .unwrap();
+    assert_eq!(status(&ix), (2, 0), "batch 1 still waits for the flush");
+    ix.flush(Instant::now());
+    assert_eq!(status(&ix), (2, 2));
+    let shown = ix.status.borrow().clone();
+    assert_eq!(shown[0].published_version, 2, "shown in /status/clusters");
+    ix.apply_batch("c1", 1, batch(3, false, unchanged), Instant::now())
+        .unwrap();
+    assert_eq!(status(&ix), (3, 3), "nothing to publish");
+    let moved = vec![change(ChangeKind::UpsertEndpoints(
+        key("a"),
+        set(vec![endpoint("10.0.97.1", "c1")]),
+    ))];
+    ix.apply_batch("c1", 1, batch(4, false, moved), Instant::now())
+        .unwrap();
+    assert_eq!(status(&ix), (4, 3));
+    ix.flush(Instant::now());
+    assert_eq!(status(&ix), (4, 4));
+}
+
+/// An agent exporting its cluster as it lists it names a key in one part and may see
+/// the object go before the list ends: a delete inside the resync takes the naming
+/// back, so the last part deletes the key; nothing is deleted before that part.
+#[test]
+fn a_delete_inside_a_split_resync_unnames_the_key_and_waits_for_the_end() {
+    let (mut ix, snapshots) = index();
+    connect(&mut ix, "c1", 1, &["a", "b", "c"]);
+    ix.flush(Instant::now());
+    ix.gone("c1", 1, Instant::now());
+    ix.hello(info("c1"), 0, 2).unwrap();
+    let p1 = vec![
+        change(ChangeKind::UpsertService(fed_service("a", "prod"))),
+        change(ChangeKind::UpsertService(fed_service("b", "prod"))),
+        change(ChangeKind::UpsertEndpoints(
+            key("b"),
+            set(vec![endpoint("10.0.98.1", "c1")]),
+        )),
+    ];
+    ix.apply_batch("c1", 2, part(2, true, p1), Instant::now())
+        .unwrap();
+    // b (named by part 1) went away at the source: deleted inside the resync.
+    let p2 = vec![
+        change(ChangeKind::DeleteEndpoints(key("b"))),
+        change(ChangeKind::DeleteService(key("b"))),
+    ];
+    ix.apply_batch("c1", 2, part(3, true, p2), Instant::now())
+        .unwrap();
+    assert_eq!(
+        held_services(&ix, "c1"),
+        ["a", "b", "c"],
+        "nothing is deleted before the resync's last part"
+    );
+    ix.flush(Instant::now());
+    assert!(
+        snapshots
+            .current("prod")
+            .get(XdsType::Endpoint, &cluster_name("b"))
+            .is_some()
+    );
+    let p3 = vec![change(ChangeKind::UpsertEndpoints(
+        key("a"),
+        set(vec![endpoint("10.0.99.1", "c1")]),
+    ))];
+    ix.apply_batch("c1", 2, part(4, false, p3), Instant::now())
+        .unwrap();
+    assert_eq!(held_services(&ix, "c1"), ["a"], "b and c were not named");
+    assert!(!ix.sources.clusters["c1"].endpoints.contains_key(&key("b")));
+    ix.flush(Instant::now());
+    let s = snapshots.current("prod");
+    assert!(s.get(XdsType::Cluster, &cluster_name("a")).is_some());
+    assert!(s.get(XdsType::Cluster, &cluster_name("b")).is_none());
+    assert!(s.get(XdsType::Endpoint, &cluster_name("b")).is_none());
+}
+
 #[test]
 fn an_invalid_named_endpoint_keeps_its_previous_form() {
     let (mut ix, _) = index();

@@ -26,7 +26,7 @@ use tributary_proto::envoy::envoy::config::endpoint::v3::{
     lb_endpoint::HostIdentifier,
 };
 use tributary_proto::envoy::envoy::config::listener::v3::{
-    ApiListener, Filter, FilterChain, Listener, filter::ConfigType,
+    Filter, FilterChain, Listener, filter::ConfigType,
 };
 use tributary_proto::envoy::envoy::config::route::v3::{
     HeaderMatcher, Route as PbRoute, RouteAction, RouteMatch, VirtualHost, WeightedCluster,
@@ -56,6 +56,8 @@ use crate::model::{
     Destination, Endpoint, Environment, GatewayListener, HeaderValueMatch, Health, ObjectKey,
     PathMatch, RouteRule, Service, ServicePort,
 };
+
+mod api_listener;
 
 /// Encoded virtual hosts of the shared route tables, kept between flushes by the
 /// index: a route table is reassembled from these bytes (a repeated sub-message is
@@ -277,10 +279,7 @@ pub fn service_resources(service: &Service, out: &mut Generated) {
                 names.push(host.clone());
             }
             for n in names {
-                out.push((
-                    XdsType::Listener,
-                    encode(XdsType::Listener, &n, &api_listener(&n, &route)),
-                ));
+                out.push((XdsType::Listener, api_listener::encoded(&n, &route)));
             }
         }
     }
@@ -712,19 +711,6 @@ fn tcp_passthrough_chain() -> FilterChain {
                 &proxy,
             ))),
         }],
-        ..Default::default()
-    }
-}
-
-fn api_listener(name: &str, route_config_name: &str) -> Listener {
-    Listener {
-        name: name.to_string(),
-        api_listener: Some(ApiListener {
-            api_listener: Some(any(
-                type_url::HTTP_CONNECTION_MANAGER,
-                &hcm(name, route_config_name),
-            )),
-        }),
         ..Default::default()
     }
 }
