@@ -64,8 +64,8 @@ impl Default for CatalogConfig {
 pub struct CatalogStats {
     /// Transactions written as a shard leader.
     pub transactions: AtomicU64,
-    /// Summaries put or deleted as a shard leader.
-    pub summaries_written: AtomicU64,
+    /// Summaries put or deleted as the shard's leader, per shard.
+    pub written: std::sync::Mutex<std::collections::BTreeMap<Shard, u64>>,
     /// The shards this replica leads now.
     pub leading: std::sync::Mutex<Vec<Shard>>,
 }
@@ -73,9 +73,11 @@ pub struct CatalogStats {
 /// What `/status/shards` shows of the catalog.
 #[derive(Debug, Clone, Serialize)]
 pub struct CatalogView {
+    /// The shards this replica leads.
     pub leading: Vec<String>,
     pub transactions: u64,
-    pub summaries_written: u64,
+    /// Summaries written (put or deleted) per shard, as its leader.
+    pub summaries_written: std::collections::BTreeMap<String, u64>,
 }
 
 impl CatalogStats {
@@ -89,7 +91,13 @@ impl CatalogStats {
                 .map(ToString::to_string)
                 .collect(),
             transactions: self.transactions.load(Ordering::Relaxed),
-            summaries_written: self.summaries_written.load(Ordering::Relaxed),
+            summaries_written: self
+                .written
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(s, n)| (s.to_string(), *n))
+                .collect(),
         }
     }
 
@@ -379,12 +387,119 @@ pub async fn write_round(
             return Err(PublishError::Deposed);
         }
         stats.transactions.fetch_add(1, Ordering::Relaxed);
-        stats
-            .summaries_written
-            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        *stats
+            .written
+            .lock()
+            .unwrap()
+            .entry(shard.clone())
+            .or_default() += chunk.len() as u64;
     }
     if !ops.is_empty() {
         debug!(%shard, summaries = ops.len(), "catalog summaries written");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tributary_store::embedded::{Embedded, EmbeddedConfig};
+    use tributary_store::lease::LeaseKeeper;
+
+    use super::*;
+    use crate::catalog::PortSummary;
+
+    fn summary(healthy: u32) -> Summary {
+        Summary {
+            gateway: "[::1]:15443".parse().unwrap(),
+            region: String::new(),
+            ports: vec![PortSummary {
+                port: 80,
+                healthy,
+                weight: healthy,
+            }],
+        }
+    }
+
+    fn key(name: &str) -> ObjectKey {
+        ObjectKey {
+            namespace: "default".into(),
+            name: name.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_round_writes_only_what_changed_and_a_deposed_leader_writes_nothing() {
+        let store: SharedStore = Arc::new(Embedded::in_memory(EmbeddedConfig::default()).unwrap());
+        let shard = Shard {
+            environment: "prod".into(),
+            zone: "az1".into(),
+        };
+        let prefix = election_prefix(&shard);
+        let ttl = Duration::from_secs(30);
+        let first = LeaseKeeper::grant(store.clone(), ttl).await.unwrap();
+        let second = LeaseKeeper::grant(store.clone(), ttl).await.unwrap();
+        let old = election::campaign(&store, &prefix, first.id(), b"a".to_vec())
+            .await
+            .unwrap();
+        let cfg = CatalogConfig {
+            interval: Duration::from_millis(1),
+            max_txn_ops: 2,
+        };
+        let stats = CatalogStats::default();
+        // 5 services, in transactions of at most 2.
+        let v1: imbl::OrdMap<ObjectKey, Summary> = (0..5)
+            .map(|i| (key(&format!("s{i}")), summary(i + 1)))
+            .collect();
+        write_round(&store, &shard, &old, &imbl::OrdMap::new(), &v1, cfg, &stats)
+            .await
+            .unwrap();
+        assert_eq!(stats.transactions.load(Ordering::Relaxed), 3);
+        assert_eq!(stats.written.lock().unwrap()[&shard], 5);
+        // One healthy count changes and one service goes: two writes, one transaction.
+        let mut v2 = v1.clone();
+        v2.insert(key("s1"), summary(9));
+        v2.remove(&key("s4"));
+        write_round(&store, &shard, &old, &v1, &v2, cfg, &stats)
+            .await
+            .unwrap();
+        assert_eq!(stats.transactions.load(Ordering::Relaxed), 4);
+        assert_eq!(stats.written.lock().unwrap()[&shard], 7);
+        let stored = store.range(&shard_prefix("prod", "az1")).await.unwrap();
+        assert_eq!(stored.kvs.len(), 4);
+        // Nothing changed: nothing written.
+        write_round(&store, &shard, &old, &v2, &v2, cfg, &stats)
+            .await
+            .unwrap();
+        assert_eq!(stats.transactions.load(Ordering::Relaxed), 4);
+
+        // The old leader resigns (or its lease ends) and another candidate leads;
+        // the old one's writes are refused and change nothing.
+        election::resign(&store, &prefix, first.id()).await.unwrap();
+        let new = election::campaign(&store, &prefix, second.id(), b"b".to_vec())
+            .await
+            .unwrap();
+        let before = store.range(&shard_prefix("prod", "az1")).await.unwrap();
+        let mut v3 = v2.clone();
+        v3.insert(key("s0"), summary(0));
+        let r = write_round(&store, &shard, &old, &v2, &v3, cfg, &stats).await;
+        assert!(matches!(r, Err(PublishError::Deposed)), "{r:?}");
+        let after = store.range(&shard_prefix("prod", "az1")).await.unwrap();
+        assert_eq!(before.kvs, after.kvs);
+        // The new leader can.
+        write_round(&store, &shard, &new, &v2, &v3, cfg, &stats)
+            .await
+            .unwrap();
+        let s0 = store
+            .get(&summary_key("prod", "az1", &key("s0")))
+            .await
+            .unwrap()
+            .0
+            .unwrap();
+        assert_eq!(
+            serde_json::from_slice::<Summary>(&s0.value).unwrap(),
+            summary(0)
+        );
+    }
 }
