@@ -499,6 +499,7 @@ impl Hub {
             stale_after: cfg.stale_after,
             config_api,
             membership: membership.clone(),
+            catalog: catalog.clone(),
         };
         tasks.spawn({
             let stop = stopped();
