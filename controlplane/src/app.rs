@@ -423,8 +423,7 @@ impl Hub {
         let lead = crate::catalog::publish::lead_shards(
             store.clone(),
             cfg.replica_id.clone(),
-            membership.watch(),
-            membership.lease(),
+            membership.clone(),
             index.local_catalog(),
             CatalogConfig {
                 interval: cfg.catalog_interval,

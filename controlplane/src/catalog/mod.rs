@@ -101,35 +101,40 @@ pub fn local_summaries(env: &Environment, service: &Service) -> BTreeMap<String,
     if !env.zone_views() {
         return out;
     }
-    // Per zone: (region, regions agree, per port (healthy, weight)).
-    let mut acc: BTreeMap<&str, (&str, bool, Vec<(u32, u32)>)> = BTreeMap::new();
+    let mut acc: BTreeMap<&str, ZoneAcc<'_>> = BTreeMap::new();
     for e in &service.endpoints {
         let zone = e.locality.zone.as_str();
         if !env.locality.gateways.contains_key(zone) {
             continue;
         }
-        let entry = acc.entry(zone).or_insert_with(|| {
-            (
-                e.locality.region.as_str(),
-                true,
-                vec![(0, 0); service.ports.len()],
-            )
+        let entry = acc.entry(zone).or_insert_with(|| ZoneAcc {
+            region: e.locality.region.as_str(),
+            agree: true,
+            ports: vec![(0, 0); service.ports.len()],
         });
-        if entry.0 != e.locality.region {
-            entry.1 = false;
+        if entry.region != e.locality.region {
+            entry.agree = false;
         }
         if !counts_as_healthy(e.health) {
             continue;
         }
         for (i, port) in service.ports.iter().enumerate() {
             if e.port_for(port).is_some() {
-                let p = &mut entry.2[i];
+                let p = &mut entry.ports[i];
                 p.0 = p.0.saturating_add(1);
                 p.1 = p.1.saturating_add(e.weight);
             }
         }
     }
-    for (zone, (region, agree, ports)) in acc {
+    for (
+        zone,
+        ZoneAcc {
+            region,
+            agree,
+            ports,
+        },
+    ) in acc
+    {
         out.insert(
             zone.to_string(),
             Summary {
@@ -153,6 +158,15 @@ pub fn local_summaries(env: &Environment, service: &Service) -> BTreeMap<String,
         );
     }
     out
+}
+
+/// One zone's endpoints of a service, while [`local_summaries`] counts them.
+struct ZoneAcc<'a> {
+    region: &'a str,
+    /// Every endpoint of the zone names `region`.
+    agree: bool,
+    /// Per service port (in order): healthy endpoints and their summed weight.
+    ports: Vec<(u32, u32)>,
 }
 
 /// Summaries other zones published, as a hub holds them: environment → service →

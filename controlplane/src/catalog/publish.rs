@@ -38,7 +38,7 @@ use super::{
     summary_key,
 };
 use crate::index::{Command, IndexHandle, LocalCatalog};
-use crate::membership::{MembershipView, Shard};
+use crate::membership::{Membership, Shard};
 use crate::model::ObjectKey;
 
 /// Bounds of the catalog's writes.
@@ -190,18 +190,18 @@ fn decode(key: &str, value: &[u8]) -> Option<(String, String, ObjectKey, Summary
 }
 
 /// Campaigns to lead every shard the assignment gives this replica (with its
-/// registration's `lease`) and, while leading one, publishes its summaries from
+/// registration's lease) and, while leading one, publishes its summaries from
 /// `local`. A shard moved away is resigned; a lost lease ends every leadership.
 pub async fn lead_shards(
     store: SharedStore,
     replica: String,
-    mut view: watch::Receiver<Arc<MembershipView>>,
-    mut lease: watch::Receiver<Option<LeaseId>>,
+    membership: Membership,
     local: watch::Receiver<LocalCatalog>,
     cfg: CatalogConfig,
     stats: Arc<CatalogStats>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let (mut view, mut lease) = (membership.watch(), membership.lease());
     let mut running: HashMap<Shard, (LeaseId, tokio::task::JoinHandle<()>)> = HashMap::new();
     loop {
         let serving = view.borrow_and_update().serving.clone();
