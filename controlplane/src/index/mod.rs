@@ -928,6 +928,12 @@ impl Index {
         self.maybe_release();
     }
 
+    /// The summaries of each shard's own endpoints, as of the last flush (what the
+    /// shard leaders publish; tests and the fuzz target compare it with a model).
+    pub fn local_catalog(&self) -> LocalCatalog {
+        self.catalog.borrow().clone()
+    }
+
     /// Hands the shard leaders the summaries of every shard (O(shards): the maps
     /// are persistent).
     fn publish_local_catalog(&self) {
