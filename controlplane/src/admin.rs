@@ -8,7 +8,7 @@
 //! | `/status/sync` | JSON: every connected xDS client, per type: sent, ACKed, NACKed |
 //! | `/status/config` | JSON: config files, last applied generation, last errors |
 //! | `/status/environments` | JSON: per environment: snapshot seq and resource counts |
-//! | `/status/shards` | JSON: the shard assignment: live replicas, the assigner, each shard's replicas, what this replica serves |
+//! | `/status/shards` | JSON: the shard assignment: live replicas, the assigner, each shard's replicas, what this replica serves; `catalog`: the shards it leads and the summaries it wrote |
 //! | `GET /config?kind=&env=&name=` | JSON: config objects in the store |
 //! | `POST /config/apply[?dry_run=true]` | apply a multi-document YAML body (all or nothing); dry run: validate and compare only |
 //! | `DELETE /config/{env}/{kind}/{namespace}/{name}[?dry_run=true]` | delete one object (validated: what remains must be valid) |
@@ -49,6 +49,8 @@ pub struct AdminState {
     /// Config writes through the API; `None` when the hub reads config files.
     pub config_api: Option<ConfigStore>,
     pub membership: Membership,
+    /// What this replica did as a shard leader for the cross-zone catalog.
+    pub catalog: Arc<crate::catalog::publish::CatalogStats>,
 }
 
 /// Largest config apply body.
@@ -199,7 +201,9 @@ async fn config_dump(
 }
 
 async fn shards(State(s): State<AdminState>) -> Json<serde_json::Value> {
-    Json(json!(*s.membership.view()))
+    let mut v = json!(*s.membership.view());
+    v["catalog"] = json!(s.catalog.view());
+    Json(v)
 }
 
 fn error_json(status: StatusCode, error: String, errors: Vec<String>) -> Response {

@@ -26,6 +26,7 @@ use tributary_store::embedded::{Embedded, EmbeddedConfig};
 use tributary_store::etcd::{Etcd, EtcdConfig};
 
 use crate::admin::{self, AdminState};
+use crate::catalog::publish::{CatalogConfig, CatalogStats};
 use crate::config::store::{ConfigStore, StoreSource};
 use crate::config::watch::{FileSource, WatchConfig, WatchMode};
 use crate::federation::Limits;
@@ -104,6 +105,8 @@ pub struct HubConfig {
     pub lease_ttl: Duration,
     /// Replicas the assignment gives each shard.
     pub replicas_per_shard: usize,
+    /// A shard leader writes its changed catalog summaries this long after a change.
+    pub catalog_interval: Duration,
 }
 
 /// Default accept queue of the xDS listener: above the 2,000+ proxies of one shard
@@ -150,6 +153,7 @@ impl HubConfig {
             replica_id: "hub".into(),
             lease_ttl: Duration::from_secs(10),
             replicas_per_shard: 2,
+            catalog_interval: CatalogConfig::default().interval,
         }
     }
 
@@ -251,6 +255,8 @@ pub struct Hub {
     pub index: IndexHandle,
     pub store: SharedStore,
     pub membership: Membership,
+    /// What this replica did as a shard leader for the cross-zone catalog.
+    pub catalog: Arc<CatalogStats>,
     /// Holds the state dir's lock while the hub runs.
     _state_dir: Option<StateDir>,
     shutdown: watch::Sender<bool>,
@@ -411,6 +417,34 @@ impl Hub {
                 Ok(())
             });
         }
+        // The cross-zone catalog: lead this replica's shards (publish their
+        // summaries), and follow every zone's.
+        let catalog = Arc::new(CatalogStats::default());
+        let lead = crate::catalog::publish::lead_shards(
+            store.clone(),
+            cfg.replica_id.clone(),
+            membership.clone(),
+            index.local_catalog(),
+            CatalogConfig {
+                interval: cfg.catalog_interval,
+                ..CatalogConfig::default()
+            },
+            catalog.clone(),
+            shutdown_rx.clone(),
+        );
+        tasks.spawn(async move {
+            lead.await;
+            Ok(())
+        });
+        let follow = crate::catalog::publish::watch_catalog(
+            store.clone(),
+            index.clone(),
+            shutdown_rx.clone(),
+        );
+        tasks.spawn(async move {
+            follow.await;
+            Ok(())
+        });
 
         let ads = AdsServer::new(
             snapshots.clone(),
@@ -464,6 +498,7 @@ impl Hub {
             stale_after: cfg.stale_after,
             config_api,
             membership: membership.clone(),
+            catalog: catalog.clone(),
         };
         tasks.spawn({
             let stop = stopped();
@@ -488,6 +523,7 @@ impl Hub {
             index,
             store,
             membership,
+            catalog,
             _state_dir: state_dir,
             shutdown,
             tasks,

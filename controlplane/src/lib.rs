@@ -13,6 +13,7 @@
 pub mod admin;
 pub mod agent;
 pub mod app;
+pub mod catalog;
 pub mod config;
 pub mod ctl;
 pub mod federation;

@@ -167,6 +167,10 @@ struct HubArgs {
     /// Live replicas the assignment gives each shard.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     replicas_per_shard: u32,
+    /// A shard leader writes its changed catalog summaries this long after a change
+    /// (the debounce of cross-zone summaries: at most one write round per interval).
+    #[arg(long, default_value = "500ms", value_parser = parse_positive_duration)]
+    catalog_interval: Duration,
     /// Address for xDS (ADS, SotW and Delta); `[::]:18000` for IPv6/dual-stack.
     #[arg(long, default_value = "127.0.0.1:18000", env = "TRIBUTARY_XDS_ADDR")]
     xds_addr: SocketAddr,
@@ -422,6 +426,7 @@ async fn hub(args: HubArgs) -> anyhow::Result<()> {
         replica_id: args.replica_id,
         lease_ttl: args.lease_ttl,
         replicas_per_shard: args.replicas_per_shard as usize,
+        catalog_interval: args.catalog_interval,
         federation: tributary_controlplane::federation::Limits {
             max_batch_changes: args.federation_max_batch as usize,
             max_message_bytes: args.federation_max_message_bytes as usize,

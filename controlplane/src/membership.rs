@@ -327,6 +327,7 @@ pub struct MembershipView {
 #[derive(Debug, Clone)]
 pub struct Membership {
     view: watch::Receiver<Arc<MembershipView>>,
+    lease: watch::Receiver<Option<LeaseId>>,
 }
 
 impl Membership {
@@ -336,6 +337,12 @@ impl Membership {
 
     pub fn watch(&self) -> watch::Receiver<Arc<MembershipView>> {
         self.view.clone()
+    }
+
+    /// The replica's registration lease while it has one (shard leaders campaign
+    /// with it: `catalog::publish`).
+    pub fn lease(&self) -> watch::Receiver<Option<LeaseId>> {
+        self.lease.clone()
     }
 
     /// Why this replica refuses an xDS client of shard `(environment, zone)`, if it
@@ -392,6 +399,7 @@ pub fn start(
     }));
     let view_tx = Arc::new(view_tx);
     let (lease_tx, lease_rx) = watch::channel(None::<LeaseId>);
+    let lease = lease_rx.clone();
     let tasks: Vec<Task> = vec![
         Box::pin(register(
             store.clone(),
@@ -410,7 +418,7 @@ pub fn start(
         )),
         Box::pin(observe(store, cfg, view_tx, stop)),
     ];
-    (Membership { view }, tasks)
+    (Membership { view, lease }, tasks)
 }
 
 /// Changes the view, waking its watchers only if it really changed.

@@ -25,6 +25,43 @@ pub struct Environment {
     /// The availability zones of the environment (its `Environment` definition);
     /// each `(environment, zone)` is a shard. Empty without a definition.
     pub zones: Vec<String>,
+    /// Cross-zone traffic: the zones' east-west gateways and the local share
+    /// (`spec.eastWestGateways`, `spec.locality`; see `docs/locality.md`).
+    pub locality: ZoneLocality,
+}
+
+/// Percent of a service's traffic that stays in the proxy's zone while its local
+/// endpoints are healthy, unless an `Environment` says otherwise: all of it.
+pub const DEFAULT_LOCAL_PERCENT: u32 = 100;
+
+/// How an environment's zones reach each other (see `docs/locality.md`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ZoneLocality {
+    /// Zone → where its east-west gateway listens: other zones' proxies reach the
+    /// zone's endpoints through it.
+    pub gateways: BTreeMap<String, std::net::SocketAddr>,
+    /// Percent (1..=100) of traffic kept in the local zone while every local endpoint
+    /// is healthy; the rest goes to the remote zones. It is Envoy's
+    /// `overprovisioning_factor` of the zone's load assignments.
+    pub local_percent: u32,
+}
+
+impl Default for ZoneLocality {
+    fn default() -> Self {
+        Self {
+            gateways: BTreeMap::new(),
+            local_percent: DEFAULT_LOCAL_PERCENT,
+        }
+    }
+}
+
+impl Environment {
+    /// Zones get load assignments of their own (local endpoints first, the other
+    /// zones through their gateways): the environment has two zones or more and at
+    /// least one of them has an east-west gateway.
+    pub fn zone_views(&self) -> bool {
+        self.zones.len() >= 2 && !self.locality.gateways.is_empty()
+    }
 }
 
 /// What a scoped sidecar depends on: it receives only these services' clusters.

@@ -180,6 +180,23 @@ impl Mesh {
             let r: Vec<&str> = s.replicas.iter().map(|r| r.replica.as_str()).collect();
             out.push_str(&format!("shard {}: {}\n", s.shard, r.join(", ")));
         }
+        // Zones with load assignments of their own: the other zones through their
+        // east-west gateways (docs/locality.md).
+        if let Some((_, hub)) = self.hubs.first() {
+            let views: Vec<String> = hub
+                .snapshots
+                .environments()
+                .into_iter()
+                .filter(|e| e.contains('/'))
+                .collect();
+            if let Some(first) = views.first() {
+                out.push_str(&format!(
+                    "cross-zone locality: {} (each zone's view, other zones through their east-west gateways: http://{}/config_dump?env={first})\n",
+                    views.join(", "),
+                    hub.admin_addr
+                ));
+            }
+        }
         out
     }
 

@@ -2,16 +2,21 @@
 //! zones (four shards) on four hubs, two replicas each, the router in front, and two
 //! file-mode agents (zones az1 and az2). A proxy of each shard, through the router,
 //! lands on a replica of its shard and gets its environment's services — the config's
-//! and the agents' — and nothing of the other environment.
+//! and the agents' — and nothing of the other environment; a prod proxy of az1 gets
+//! az2's endpoints through az2's east-west gateway.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use prost::Message;
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 use tokio_stream::wrappers::ReceiverStream;
-use tributary_proto::envoy::envoy::config::core::v3::{Locality, Node};
+use tributary_proto::envoy::envoy::config::core::v3::{Locality, Node, address};
+use tributary_proto::envoy::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, lb_endpoint::HostIdentifier,
+};
 use tributary_proto::envoy::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use tributary_proto::envoy::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use tributary_proto::envoy::google::protobuf::{Struct, Value, value::Kind};
@@ -19,6 +24,7 @@ use tributary_shard_router::app::RouterConfig;
 use tributary_shard_router::mesh::{Mesh, MeshConfig};
 
 const CDS: &str = tributary_proto::type_url::CLUSTER;
+const EDS: &str = tributary_proto::type_url::ENDPOINT;
 
 fn examples(dir: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -92,6 +98,10 @@ async fn the_example_mesh_routes_each_shards_proxies_to_its_replicas_with_its_en
     .unwrap_or_else(|_| panic!("not settled: {:?}", mesh.router.table.routes()));
     let text = mesh.describe();
     assert!(text.contains("shard staging/az2: hub-"), "{text}");
+    assert!(
+        text.contains("cross-zone locality: prod/az1, prod/az2 "),
+        "{text}"
+    );
 
     let cases = [
         (
@@ -151,6 +161,69 @@ async fn the_example_mesh_routes_each_shards_proxies_to_its_replicas_with_its_en
             })
             .await
             .unwrap();
+        }
+        if env == "prod" {
+            // Cross-zone locality: az1's view of checkout has az1's endpoints first
+            // and az2 (whose agent west-1 holds one) through az2's east-west gateway.
+            let name = "outbound|8080||checkout.shop.svc.cluster.local";
+            tx.send(DeltaDiscoveryRequest {
+                type_url: EDS.into(),
+                resource_names_subscribe: vec![name.into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            let want = (String::from("az2"), 1, String::from("fd00:30::ffff"));
+            let mut seen = Vec::new();
+            while !seen.contains(&want) {
+                let r = timeout(Duration::from_secs(10), stream.message())
+                    .await
+                    .unwrap_or_else(|_| panic!("az1's view of checkout: {seen:?}"))
+                    .unwrap()
+                    .unwrap();
+                for x in r.resources.iter().filter(|x| x.name == name) {
+                    let cla = ClusterLoadAssignment::decode(
+                        x.resource.as_ref().unwrap().value.as_slice(),
+                    )
+                    .unwrap();
+                    seen = cla
+                        .endpoints
+                        .iter()
+                        .flat_map(|l| {
+                            l.lb_endpoints.iter().map(|e| {
+                                let addr = match &e.host_identifier {
+                                    Some(HostIdentifier::Endpoint(ep)) => {
+                                        match ep.address.as_ref().and_then(|a| a.address.as_ref()) {
+                                            Some(address::Address::SocketAddress(sa)) => {
+                                                sa.address.clone()
+                                            }
+                                            _ => String::new(),
+                                        }
+                                    }
+                                    _ => String::new(),
+                                };
+                                (
+                                    l.locality.clone().unwrap_or_default().zone,
+                                    l.priority,
+                                    addr,
+                                )
+                            })
+                        })
+                        .collect();
+                }
+                tx.send(DeltaDiscoveryRequest {
+                    type_url: r.type_url.clone(),
+                    response_nonce: r.nonce.clone(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            }
+            assert!(
+                seen.iter().any(|(z, p, _)| z == "az1" && *p == 0),
+                "{seen:?}"
+            );
+            assert!(!seen.iter().any(|(_, _, a)| a == "10.30.0.11"), "{seen:?}");
         }
         // It is served by a replica of its shard.
         let shard = format!("{env}/{zone}");

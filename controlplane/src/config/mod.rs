@@ -18,7 +18,7 @@ use crate::model::normalize_host;
 use crate::model::{
     Dependency, Destination, Endpoint, Gateway, GatewayListener, HeaderMatch, HeaderValueMatch,
     Health, Locality, Mesh, ObjectKey, PathMatch, Protocol, Route, RouteRule, Service, ServicePort,
-    SidecarScope, Subset,
+    SidecarScope, Subset, ZoneLocality,
 };
 
 pub const API_VERSION: &str = "tributary.io/v1alpha1";
@@ -199,6 +199,24 @@ struct RawDependency {
 struct RawEnvironment {
     #[serde(default)]
     zones: Vec<String>,
+    #[serde(default, rename = "eastWestGateways")]
+    east_west_gateways: Vec<RawEastWestGateway>,
+    locality: Option<RawZoneLocality>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEastWestGateway {
+    zone: String,
+    address: String,
+    port: i64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawZoneLocality {
+    #[serde(rename = "localPercent")]
+    local_percent: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -760,8 +778,10 @@ fn build_mesh(parsed: Parsed, errors: &mut Vec<ConfigError>) -> Mesh {
         }
     }
     for doc in &parsed.environments {
-        if let Some(zones) = build_environment(doc, errors) {
-            mesh.environments.entry(doc.env.clone()).or_default().zones = zones;
+        if let Some((zones, locality)) = build_environment(doc, errors) {
+            let env = mesh.environments.entry(doc.env.clone()).or_default();
+            env.zones = zones;
+            env.locality = locality;
         }
     }
     for doc in &parsed.gateways {
@@ -1233,11 +1253,12 @@ fn build_sidecar(doc: &Doc<RawSidecar>, errors: &mut Vec<ConfigError>) -> Option
     })
 }
 
-/// An environment definition: its zones (each one shard with the environment).
+/// An environment definition: its zones (each one shard with the environment), their
+/// east-west gateways and the local share of traffic.
 fn build_environment(
     doc: &Doc<RawEnvironment>,
     errors: &mut Vec<ConfigError>,
-) -> Option<Vec<String>> {
+) -> Option<(Vec<String>, ZoneLocality)> {
     let before = errors.len();
     if doc.spec.zones.is_empty() {
         errors.push(doc.err("spec.zones", "must list at least one zone"));
@@ -1253,7 +1274,55 @@ fn build_environment(
             zones.push(z.clone());
         }
     }
-    (errors.len() == before).then_some(zones)
+    let mut locality = ZoneLocality::default();
+    for (i, g) in doc.spec.east_west_gateways.iter().enumerate() {
+        let field = format!("spec.eastWestGateways[{i}]");
+        if !doc.spec.zones.contains(&g.zone) {
+            errors.push(doc.err(
+                format!("{field}.zone"),
+                format!(
+                    "{:?} is not a zone of this environment, expected one of spec.zones {:?}",
+                    g.zone, doc.spec.zones
+                ),
+            ));
+        } else if locality.gateways.contains_key(&g.zone) {
+            errors.push(doc.err(
+                format!("{field}.zone"),
+                format!("zone {:?} already has an east-west gateway", g.zone),
+            ));
+        }
+        let address = parse_address(&g.address)
+            .map_err(|m| errors.push(doc.err(format!("{field}.address"), m)))
+            .ok();
+        if address.is_some_and(|a| a.is_unspecified() || a.is_multicast()) {
+            errors.push(doc.err(
+                format!("{field}.address"),
+                format!(
+                    "{:?} is not an address other zones' proxies can connect to, expected a unicast IPv4 or IPv6 address",
+                    g.address
+                ),
+            ));
+        }
+        let port = check_port(g.port)
+            .map_err(|m| errors.push(doc.err(format!("{field}.port"), m)))
+            .ok();
+        if let (Some(address), Some(port)) = (address, port) {
+            locality
+                .gateways
+                .entry(g.zone.clone())
+                .or_insert(std::net::SocketAddr::new(address, port));
+        }
+    }
+    if let Some(p) = doc.spec.locality.as_ref().and_then(|l| l.local_percent) {
+        match u32::try_from(p).ok().filter(|p| (1..=100).contains(p)) {
+            Some(p) => locality.local_percent = p,
+            None => errors.push(doc.err(
+                "spec.locality.localPercent",
+                format!("{p} is out of range, expected 1..=100 (percent of traffic kept in the local zone while its endpoints are healthy)"),
+            )),
+        }
+    }
+    (errors.len() == before).then_some((zones, locality))
 }
 
 fn build_gateway(doc: &Doc<RawGateway>, errors: &mut Vec<ConfigError>) -> Option<Gateway> {

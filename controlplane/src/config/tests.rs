@@ -375,12 +375,77 @@ fn environment_definitions_name_their_zones() {
         ),
         (
             "kind: Environment\nmetadata: {name: prod}\nspec: {zones: [a], regions: [b]}\n",
-            "e.yaml: document 1 (Environment prod/default/prod): spec.regions: unknown field `regions`, expected `zones`",
+            "e.yaml: document 1 (Environment prod/default/prod): spec.regions: unknown field `regions`, expected one of `zones`, `eastWestGateways`, `locality`",
         ),
     ] {
         let text = format!("apiVersion: tributary.io/v1alpha1\n{doc}");
         let errs = parse_files([("e.yaml", text.as_str())]).unwrap_err();
         let got: Vec<String> = errs.0.iter().map(ToString::to_string).collect();
         assert!(got.iter().any(|e| e.starts_with(want)), "{want}\n{got:#?}");
+    }
+}
+
+#[test]
+fn environments_name_their_zones_east_west_gateways_and_local_share() {
+    let mesh = parse_files([(
+        "env.yaml",
+        "apiVersion: tributary.io/v1alpha1\nkind: Environment\nmetadata: {name: prod}\nspec:\n  zones: [az1, az2]\n  eastWestGateways:\n  - {zone: az1, address: 10.0.1.10, port: 15443}\n  - {zone: az2, address: \"fd00::2\", port: 15443}\n  locality: {localPercent: 98}\n",
+    )])
+    .unwrap();
+    let l = &mesh.environments["prod"].locality;
+    assert_eq!(l.local_percent, 98);
+    assert_eq!(l.gateways["az1"].to_string(), "10.0.1.10:15443");
+    assert_eq!(l.gateways["az2"].to_string(), "[fd00::2]:15443");
+    assert!(mesh.environments["prod"].zone_views());
+    // Without the fields: no gateways, everything local.
+    let plain = parse_files([(
+        "env.yaml",
+        "apiVersion: tributary.io/v1alpha1\nkind: Environment\nmetadata: {name: prod}\nspec: {zones: [az1, az2]}\n",
+    )])
+    .unwrap();
+    assert_eq!(
+        plain.environments["prod"].locality,
+        crate::model::ZoneLocality::default()
+    );
+    assert_eq!(plain.environments["prod"].locality.local_percent, 100);
+    assert!(!plain.environments["prod"].zone_views());
+    let p = "e.yaml: document 1 (Environment prod/default/prod): ";
+    for (spec, want) in [
+        (
+            "{zones: [az1, az2], eastWestGateways: [{zone: az3, address: 10.0.0.1, port: 1}]}",
+            "spec.eastWestGateways[0].zone: \"az3\" is not a zone of this environment, expected one of spec.zones [\"az1\", \"az2\"]",
+        ),
+        (
+            "{zones: [az1, az2], eastWestGateways: [{zone: az1, address: 10.0.0.1, port: 1}, {zone: az1, address: 10.0.0.2, port: 1}]}",
+            "spec.eastWestGateways[1].zone: zone \"az1\" already has an east-west gateway",
+        ),
+        (
+            "{zones: [az1, az2], eastWestGateways: [{zone: az1, address: gw.example, port: 1}]}",
+            "spec.eastWestGateways[0].address: \"gw.example\" is not an IPv4 or IPv6 address",
+        ),
+        (
+            "{zones: [az1, az2], eastWestGateways: [{zone: az1, address: \"::\", port: 1}]}",
+            "spec.eastWestGateways[0].address: \"::\" is not an address other zones' proxies can connect to",
+        ),
+        (
+            "{zones: [az1, az2], eastWestGateways: [{zone: az1, address: 10.0.0.1, port: 0}]}",
+            "spec.eastWestGateways[0].port: 0 is out of range, expected 1..=65535",
+        ),
+        (
+            "{zones: [az1, az2], locality: {localPercent: 0}}",
+            "spec.locality.localPercent: 0 is out of range, expected 1..=100",
+        ),
+        (
+            "{zones: [az1, az2], locality: {localPercent: 101}}",
+            "spec.locality.localPercent: 101 is out of range, expected 1..=100",
+        ),
+    ] {
+        let text = format!(
+            "apiVersion: tributary.io/v1alpha1\nkind: Environment\nmetadata: {{name: prod}}\nspec: {spec}\n"
+        );
+        let errs = parse_files([("e.yaml", text.as_str())]).unwrap_err();
+        let got: Vec<String> = errs.0.iter().map(ToString::to_string).collect();
+        let want = format!("{p}{want}");
+        assert!(got.iter().any(|e| e.starts_with(&want)), "{want}\n{got:#?}");
     }
 }

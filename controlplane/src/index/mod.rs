@@ -11,6 +11,7 @@
 
 pub mod debounce;
 pub mod known;
+pub mod zones;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
@@ -24,6 +25,8 @@ use tracing::{debug, info, warn};
 
 use self::debounce::{DebounceConfig, Debouncer};
 use self::known::{KnownCluster, KnownClusters};
+use self::zones::ZoneViews;
+use crate::catalog::{CatalogUpdate, RemoteCatalog, Summary};
 use crate::federation::{Batch, ChangeKind, ClusterInfo, FedEndpoint, FedService};
 use crate::metrics::{ClusterLabel, EnvLabel, Metrics};
 use crate::model::{Environment, Mesh, ObjectKey, Service};
@@ -81,7 +84,14 @@ pub enum Command {
         cluster: String,
         session: u64,
     },
+    /// Other zones' summaries changed in the store (the catalog watcher).
+    Catalog(CatalogUpdate),
 }
+
+/// The summaries this hub computes of each shard's own endpoints, for the shard
+/// leaders to publish: shard → service → summary (persistent maps: a clone is O(1),
+/// and a diff against an earlier clone skips what they share).
+pub type LocalCatalog = Arc<BTreeMap<crate::membership::Shard, imbl::OrdMap<ObjectKey, Summary>>>;
 
 /// Cheap to clone; every input reaches the index through one.
 #[derive(Debug, Clone)]
@@ -89,9 +99,15 @@ pub struct IndexHandle {
     tx: mpsc::Sender<Command>,
     status: watch::Receiver<Arc<Vec<ClusterStatus>>>,
     pending: watch::Receiver<Arc<Vec<PendingResync>>>,
+    catalog: watch::Receiver<LocalCatalog>,
 }
 
 impl IndexHandle {
+    /// The summaries of each shard's own endpoints, as of the last flush.
+    pub fn local_catalog(&self) -> watch::Receiver<LocalCatalog> {
+        self.catalog.clone()
+    }
+
     pub async fn send(&self, c: Command) -> Result<(), String> {
         self.tx
             .send(c)
@@ -215,6 +231,8 @@ struct Sources {
     /// Service key → the clusters declaring a service under it, so that merging a
     /// service visits its own declarations, never every cluster.
     declared: Declared,
+    /// Summaries other zones published (the store's catalog).
+    catalog: RemoteCatalog,
 }
 
 type Declared = HashMap<ObjectKey, BTreeSet<String>>;
@@ -279,6 +297,8 @@ struct EnvState {
     claimed: HashMap<ObjectKey, Vec<String>>,
     /// The shared route tables' virtual hosts, encoded once per service version.
     vhosts: VirtualHostCache,
+    /// Each zone's view and the zones' summaries.
+    zones: ZoneViews,
 }
 
 /// A service's claim on a host. The owner is the smallest claim: (1) a service
@@ -315,6 +335,7 @@ pub struct Index {
     status_entries: BTreeMap<String, ClusterStatus>,
     /// Clusters with applied batches that the next flush publishes.
     unpublished: BTreeSet<String>,
+    catalog: watch::Sender<LocalCatalog>,
 }
 
 fn unix(t: SystemTime) -> f64 {
@@ -344,6 +365,7 @@ impl Index {
             work: Work::default(),
             status_entries: BTreeMap::new(),
             unpublished: BTreeSet::new(),
+            catalog: watch::channel(LocalCatalog::default()).0,
         }
     }
 
@@ -447,6 +469,7 @@ impl Index {
             tx,
             status: self.status.subscribe(),
             pending: self.pending_status.subscribe(),
+            catalog: self.catalog.subscribe(),
         };
         (handle, tokio::spawn(self.run(rx)))
     }
@@ -491,7 +514,76 @@ impl Index {
                 let _ = reply.send(result);
             }
             Command::Gone { cluster, session } => self.gone(&cluster, session, now),
+            Command::Catalog(update) => self.apply_catalog(update, now),
         }
+    }
+
+    /// Other zones' summaries changed: the services they name are settled again.
+    pub fn apply_catalog(&mut self, update: CatalogUpdate, now: Instant) {
+        let mut touched: BTreeSet<(String, ObjectKey)> = BTreeSet::new();
+        let mut removal = false;
+        let catalog = &mut self.sources.catalog;
+        let mut set = |env: String, zone: String, key: ObjectKey, s: Option<Summary>| {
+            let services = catalog.entry(env.clone()).or_default();
+            let zones = services.entry(key.clone()).or_default();
+            let changed = match s {
+                Some(s) => zones.insert(zone, s.clone()).as_ref() != Some(&s),
+                None => {
+                    removal = true;
+                    zones.remove(&zone).is_some()
+                }
+            };
+            if zones.is_empty() {
+                services.remove(&key);
+            }
+            if services.is_empty() {
+                catalog.remove(&env);
+            }
+            if changed {
+                touched.insert((env, key));
+            }
+        };
+        match update {
+            CatalogUpdate::Events(events) => {
+                for (env, zone, key, s) in events {
+                    set(env, zone, key, s);
+                }
+            }
+            CatalogUpdate::Resync(all) => {
+                let mut now_held: BTreeSet<(String, String, ObjectKey)> = BTreeSet::new();
+                for (env, zone, key, s) in all {
+                    now_held.insert((env.clone(), zone.clone(), key.clone()));
+                    set(env, zone, key, Some(s));
+                }
+                let gone: Vec<(String, String, ObjectKey)> = catalog_entries(&self.sources.catalog)
+                    .filter(|e| !now_held.contains(e))
+                    .collect();
+                let catalog = &mut self.sources.catalog;
+                for (env, zone, key) in gone {
+                    removal = true;
+                    if let Some(services) = catalog.get_mut(&env) {
+                        if let Some(zones) = services.get_mut(&key) {
+                            zones.remove(&zone);
+                            if zones.is_empty() {
+                                services.remove(&key);
+                            }
+                        }
+                        if services.is_empty() {
+                            catalog.remove(&env);
+                        }
+                    }
+                    touched.insert((env, key));
+                }
+            }
+        }
+        if touched.is_empty() {
+            return;
+        }
+        for (env, key) in touched {
+            self.mark(&env, &key);
+        }
+        self.note_origin(SystemTime::now());
+        self.debouncer.record(now, removal);
     }
 
     fn mark(&mut self, env: &str, key: &ObjectKey) {
@@ -533,6 +625,12 @@ impl Index {
             }
             dirty.routing |=
                 a.routes != b.routes || a.gateways != b.gateways || a.sidecars != b.sidecars;
+            if a.zones != b.zones || a.locality != b.locality {
+                // Every service's zone views and summaries depend on these.
+                if let Some(st) = self.envs.get(&env) {
+                    dirty.keys.extend(st.model.services.keys().cloned());
+                }
+            }
         }
         if touched {
             self.note_origin(SystemTime::now());
@@ -801,6 +899,7 @@ impl Index {
         self.metrics.debounce_seconds.observe(waited.as_secs_f64());
         let origin = self.pending_origin.take();
         let dirty = std::mem::take(&mut self.dirty);
+        let mut local_changed = false;
         for (env, d) in dirty {
             let started = std::time::Instant::now();
             let st = self.envs.entry(env.clone()).or_default();
@@ -817,6 +916,10 @@ impl Index {
                     }
                 }
             }
+            let cfg = self.sources.file.environments.get(&env);
+            st.zones
+                .publish(&env, cfg, &st.resources, &changes, origin, &self.snapshots);
+            local_changed |= std::mem::take(&mut st.zones.local_changed);
             self.metrics
                 .generation_seconds
                 .observe(started.elapsed().as_secs_f64());
@@ -844,8 +947,35 @@ impl Index {
         if !unpublished.is_empty() {
             self.send_status();
         }
+        if local_changed {
+            self.publish_local_catalog();
+        }
         // Published: a hold waiting for this flush may end now.
         self.maybe_release();
+    }
+
+    /// The summaries of each shard's own endpoints, as of the last flush (what the
+    /// shard leaders publish; tests and the fuzz target compare it with a model).
+    pub fn local_catalog(&self) -> LocalCatalog {
+        self.catalog.borrow().clone()
+    }
+
+    /// Hands the shard leaders the summaries of every shard (O(shards): the maps
+    /// are persistent).
+    fn publish_local_catalog(&self) {
+        let mut all = BTreeMap::new();
+        for (env, st) in &self.envs {
+            for (zone, map) in &st.zones.local {
+                all.insert(
+                    crate::membership::Shard {
+                        environment: env.clone(),
+                        zone: zone.clone(),
+                    },
+                    map.clone(),
+                );
+            }
+        }
+        self.catalog.send_replace(Arc::new(all));
     }
 
     /// Recomputes the status entry of `id` alone (or drops it when the cluster is
@@ -1060,6 +1190,17 @@ fn finish_resync(
     }
 }
 
+/// Every `(environment, zone, service)` the remote catalog holds.
+fn catalog_entries(c: &RemoteCatalog) -> impl Iterator<Item = (String, String, ObjectKey)> + '_ {
+    c.iter().flat_map(|(env, services)| {
+        services.iter().flat_map(move |(key, zones)| {
+            zones
+                .keys()
+                .map(move |zone| (env.clone(), zone.clone(), key.clone()))
+        })
+    })
+}
+
 async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
@@ -1208,6 +1349,13 @@ fn flush_env(
                 new = None;
             }
         }
+        // Its zones' views and summaries, from its merged endpoints.
+        st.zones.settle(
+            sources.file.environments.get(env),
+            &key,
+            new.as_ref(),
+            sources.catalog.get(env).and_then(|c| c.get(&key)),
+        );
         // A touched service with the same spec regenerates its load assignments; the
         // content versions drop those that did not change. (A service settled again
         // because a host changed hands is generated again.)

@@ -9,6 +9,7 @@
 //!   [`stream::StreamState`] with requests and the newest snapshot.
 
 pub mod generate;
+pub mod locality;
 pub mod server;
 pub mod snapshot;
 pub mod stream;

@@ -319,6 +319,19 @@ async fn run<D: Dialect>(
     .await
 }
 
+/// The snapshots a node is served: its zone's view of its environment when the
+/// environment has zone views (cross-zone locality, `index::zones`), else the
+/// environment's. Chosen once per stream.
+fn subscribe_view(
+    snapshots: &Snapshots,
+    environment: &str,
+    zone: Option<&str>,
+) -> Option<watch::Receiver<Arc<Snapshot>>> {
+    zone.filter(|z| !z.is_empty())
+        .and_then(|z| snapshots.subscribe(&crate::index::zones::view_name(environment, z)))
+        .or_else(|| snapshots.subscribe(environment))
+}
+
 async fn serve<D: Dialect>(
     ctx: &StreamContext,
     mut inbound: Streaming<D::Req>,
@@ -359,7 +372,7 @@ async fn serve<D: Dialect>(
     let mut created = ctx.snapshots.watch_created();
     created.borrow_and_update();
     let mut snapshots: Option<watch::Receiver<Arc<Snapshot>>> =
-        ctx.snapshots.subscribe(&node.environment);
+        subscribe_view(&ctx.snapshots, &node.environment, zone.as_deref());
     if snapshots.is_none() {
         warn!(
             environment = %node.environment,
@@ -452,7 +465,7 @@ async fn serve<D: Dialect>(
                 }
             }
             _ = created.changed(), if snapshots.is_none() => {
-                snapshots = ctx.snapshots.subscribe(&state.node.environment);
+                snapshots = subscribe_view(&ctx.snapshots, &state.node.environment, zone.as_deref());
                 if snapshots.is_some() {
                     info!("the node's environment now has config");
                     status.lock().unwrap().environment_served = true;
