@@ -254,6 +254,11 @@ struct RemoteArgs {
     /// The hub's gRPC address (federation is served on the xDS port).
     #[arg(long, default_value = "http://127.0.0.1:18000", env = "TRIBUTARY_HUB")]
     hub: String,
+    /// Follow the shard router's directory at this address instead of --hub: stream
+    /// each environment's services to every replica of shard (environment, --zone),
+    /// following replicas as they join and leave. Needs --zone.
+    #[arg(long, env = "TRIBUTARY_ROUTER")]
+    router: Option<String>,
     /// This cluster's id: unique across the mesh.
     #[arg(long, env = "TRIBUTARY_CLUSTER_ID")]
     cluster_id: String,
@@ -448,7 +453,13 @@ async fn hub(args: HubArgs) -> anyhow::Result<()> {
 }
 
 async fn remote(args: RemoteArgs) -> anyhow::Result<()> {
-    let mut cfg = AgentConfig::new(args.hub, args.cluster_id);
+    if args.router.is_some() && args.zone.is_empty() {
+        anyhow::bail!(
+            "--router needs --zone: the agent streams to the replicas of the shards (environment, zone) of its zone"
+        );
+    }
+    let hub = args.router.clone().unwrap_or(args.hub);
+    let mut cfg = AgentConfig::new(hub, args.cluster_id);
     cfg.region = args.region;
     cfg.zone = args.zone;
     cfg.network = args.network;
@@ -492,8 +503,13 @@ async fn remote(args: RemoteArgs) -> anyhow::Result<()> {
         let client = agent::kube::client(&opts).await?;
         tokio::spawn(agent::kube::run(client, opts, tx))
     };
-    tracing::info!(?cfg, "starting agent");
-    agent::run_with(cfg, rx, shutdown_signal(), telemetry).await;
+    tracing::info!(?cfg, router = ?args.router, "starting agent");
+    match args.router {
+        Some(router) => {
+            agent::directory::follow(cfg, router, rx, shutdown_signal(), telemetry).await
+        }
+        None => agent::run_with(cfg, rx, shutdown_signal(), telemetry).await,
+    }
     source.abort();
     Ok(())
 }

@@ -13,8 +13,13 @@
 //! `more = true` on all but its last part. A batch the hub rejects is never taken as
 //! acknowledged: the agent logs it, counts it ([`admin`]), ends the session and
 //! reconnects with backoff, resyncing from its last acknowledged state.
+//!
+//! With the shard router's address instead of a hub's, [`directory::follow`] runs one
+//! such connection loop per replica of the agent's zone, each over its slice of the
+//! cluster (the environments that replica serves in this zone).
 
 pub mod admin;
+pub mod directory;
 pub mod file;
 pub mod kube;
 
