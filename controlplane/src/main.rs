@@ -286,6 +286,18 @@ struct RemoteArgs {
     debounce: Duration,
     #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
     heartbeat: Duration,
+    /// The first reconnect delay's cap (each delay is drawn uniformly below its cap,
+    /// which doubles after each failed session up to --backoff-max).
+    #[arg(long, default_value = "100ms", value_parser = parse_positive_duration)]
+    backoff_initial: Duration,
+    /// The largest reconnect delay's cap: after a partition heals, the agent is back
+    /// within this.
+    #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
+    backoff_max: Duration,
+    /// Connecting to the hub (or the router) may take this long before the attempt
+    /// counts as failed (a partition drops packets rather than refusing them).
+    #[arg(long, default_value = "5s", value_parser = parse_positive_duration)]
+    connect_timeout: Duration,
     /// How --file sources are watched: `auto` (inotify, falling back to polling when
     /// it cannot start) or `poll` (always poll, e.g. on NFS).
     #[arg(long = "watch", default_value = "auto")]
@@ -465,6 +477,16 @@ async fn remote(args: RemoteArgs) -> anyhow::Result<()> {
     cfg.network = args.network;
     cfg.debounce = args.debounce;
     cfg.heartbeat = args.heartbeat;
+    if args.backoff_initial > args.backoff_max {
+        anyhow::bail!(
+            "--backoff-initial {:?} exceeds --backoff-max {:?}",
+            args.backoff_initial,
+            args.backoff_max
+        );
+    }
+    cfg.backoff_initial = args.backoff_initial;
+    cfg.backoff_max = args.backoff_max;
+    cfg.connect_timeout = args.connect_timeout;
     cfg.max_batch = args.max_batch as usize;
     cfg.max_batch_bytes = args.max_batch_bytes as usize;
     let telemetry = Arc::new(agent::admin::Telemetry::new(&cfg, agent::new_incarnation()));

@@ -223,7 +223,7 @@ async fn watch_directory(
     telemetry: &Arc<Telemetry>,
     links: &mut BTreeMap<String, Link>,
 ) -> Result<(), AgentError> {
-    let mut client = DirectoryClient::connect(router.to_string()).await?;
+    let mut client = DirectoryClient::new(super::connect(cfg, router).await?);
     let mut answers = client
         .watch(LookupRequest {
             environment: String::new(),
