@@ -467,7 +467,8 @@ impl Hub {
                 cfg.heartbeat,
                 cfg.federation,
                 shutdown_rx.clone(),
-            ),
+            )
+            .with_membership(membership.clone()),
         )
         .max_decoding_message_size(cfg.federation.max_message_bytes);
         tasks.spawn({

@@ -258,6 +258,11 @@ struct RemoteArgs {
     /// The hub's gRPC address (federation is served on the xDS port).
     #[arg(long, default_value = "http://127.0.0.1:18000", env = "TRIBUTARY_HUB")]
     hub: String,
+    /// Follow the shard router's directory at this address instead of --hub: stream
+    /// each environment's services to every replica of shard (environment, --zone),
+    /// following replicas as they join and leave. Needs --zone.
+    #[arg(long, env = "TRIBUTARY_ROUTER")]
+    router: Option<String>,
     /// This cluster's id: unique across the mesh.
     #[arg(long, env = "TRIBUTARY_CLUSTER_ID")]
     cluster_id: String,
@@ -285,6 +290,18 @@ struct RemoteArgs {
     debounce: Duration,
     #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
     heartbeat: Duration,
+    /// The first reconnect delay's cap (each delay is drawn uniformly below its cap,
+    /// which doubles after each failed session up to --backoff-max).
+    #[arg(long, default_value = "100ms", value_parser = parse_positive_duration)]
+    backoff_initial: Duration,
+    /// The largest reconnect delay's cap: after a partition heals, the agent is back
+    /// within this.
+    #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
+    backoff_max: Duration,
+    /// Connecting to the hub (or the router) may take this long before the attempt
+    /// counts as failed (a partition drops packets rather than refusing them).
+    #[arg(long, default_value = "5s", value_parser = parse_positive_duration)]
+    connect_timeout: Duration,
     /// How --file sources are watched: `auto` (inotify, falling back to polling when
     /// it cannot start) or `poll` (always poll, e.g. on NFS).
     #[arg(long = "watch", default_value = "auto")]
@@ -453,12 +470,28 @@ async fn hub(args: HubArgs) -> anyhow::Result<()> {
 }
 
 async fn remote(args: RemoteArgs) -> anyhow::Result<()> {
-    let mut cfg = AgentConfig::new(args.hub, args.cluster_id);
+    if args.router.is_some() && args.zone.is_empty() {
+        anyhow::bail!(
+            "--router needs --zone: the agent streams to the replicas of the shards (environment, zone) of its zone"
+        );
+    }
+    let hub = args.router.clone().unwrap_or(args.hub);
+    let mut cfg = AgentConfig::new(hub, args.cluster_id);
     cfg.region = args.region;
     cfg.zone = args.zone;
     cfg.network = args.network;
     cfg.debounce = args.debounce;
     cfg.heartbeat = args.heartbeat;
+    if args.backoff_initial > args.backoff_max {
+        anyhow::bail!(
+            "--backoff-initial {:?} exceeds --backoff-max {:?}",
+            args.backoff_initial,
+            args.backoff_max
+        );
+    }
+    cfg.backoff_initial = args.backoff_initial;
+    cfg.backoff_max = args.backoff_max;
+    cfg.connect_timeout = args.connect_timeout;
     cfg.max_batch = args.max_batch as usize;
     cfg.max_batch_bytes = args.max_batch_bytes as usize;
     let telemetry = Arc::new(agent::admin::Telemetry::new(&cfg, agent::new_incarnation()));
@@ -499,8 +532,13 @@ async fn remote(args: RemoteArgs) -> anyhow::Result<()> {
         let client = agent::kube::client(&opts).await?;
         tokio::spawn(agent::kube::run(client, opts, tx))
     };
-    tracing::info!(?cfg, "starting agent");
-    agent::run_with(cfg, rx, shutdown_signal(), telemetry).await;
+    tracing::info!(?cfg, router = ?args.router, "starting agent");
+    match args.router {
+        Some(router) => {
+            agent::directory::follow(cfg, router, rx, shutdown_signal(), telemetry).await
+        }
+        None => agent::run_with(cfg, rx, shutdown_signal(), telemetry).await,
+    }
     source.abort();
     Ok(())
 }

@@ -351,7 +351,31 @@ impl Membership {
     /// (no `Environment` with that zone), is served as before: a hub whose config
     /// defines no zones serves every client.
     pub fn refusal(&self, environment: &str, zone: Option<&str>) -> Option<String> {
-        let zone = zone.filter(|z| !z.is_empty())?;
+        let (replica, elsewhere) = self.elsewhere(environment, zone?)?;
+        Some(format!(
+            "replica {replica} does not serve shard {environment}/{}; {elsewhere}; connect through the shard router (tributary-router), which routes each proxy to a replica of its shard",
+            zone.unwrap_or_default()
+        ))
+    }
+
+    /// Why this replica does not hold an agent's services of `environment` when the
+    /// agent is in `zone` (its Hello's zone), if it does not: the assignment gives
+    /// shard `(environment, zone)` to other replicas. The same rule as
+    /// [`Membership::refusal`]: no zone, or a shard the assignment does not know, is
+    /// held.
+    pub fn federation_refusal(&self, environment: &str, zone: &str) -> Option<String> {
+        let (replica, elsewhere) = self.elsewhere(environment, zone)?;
+        Some(format!(
+            "replica {replica} does not serve shard {environment}/{zone}, so it does not hold this service; {elsewhere}; an agent started with --router streams each environment only to the replicas of its shard"
+        ))
+    }
+
+    /// `(this replica, "its replicas are ...")` when the assignment gives shard
+    /// `(environment, zone)` to other replicas.
+    fn elsewhere(&self, environment: &str, zone: &str) -> Option<(String, String)> {
+        if zone.is_empty() {
+            return None;
+        }
         let v = self.view.borrow();
         let assigned = v
             .assignment
@@ -369,14 +393,13 @@ impl Membership {
                 None => r.clone(),
             })
             .collect();
-        Some(format!(
-            "replica {} does not serve shard {environment}/{zone}; {}; connect through the shard router (tributary-router), which routes each proxy to a replica of its shard",
-            v.replica,
+        Some((
+            v.replica.clone(),
             if serving.is_empty() {
                 "it has no live replica right now".to_string()
             } else {
                 format!("its replicas are {}", serving.join(", "))
-            }
+            },
         ))
     }
 }

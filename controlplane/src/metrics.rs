@@ -47,6 +47,7 @@ pub struct Metrics {
     pub federation_messages: Family<KindLabel, Counter>,
     pub federation_changes_applied: Counter,
     pub federation_item_errors: Counter,
+    pub federation_items_unserved: Counter,
     pub federation_lag_seconds: Family<ClusterLabel, Gauge<f64, AtomicU64>>,
     pub federation_reconnects: Counter,
     pub federation_rejected: Counter,
@@ -78,6 +79,7 @@ impl Metrics {
             federation_messages: Family::default(),
             federation_changes_applied: Counter::default(),
             federation_item_errors: Counter::default(),
+            federation_items_unserved: Counter::default(),
             federation_lag_seconds: Family::default(),
             federation_reconnects: Counter::default(),
             federation_rejected: Counter::default(),
@@ -195,6 +197,11 @@ impl Metrics {
             "federation_item_errors",
             "Federation items rejected as invalid",
             self.federation_item_errors.clone(),
+        );
+        r.register(
+            "federation_items_unserved",
+            "Federated services not held because this replica does not serve their shard (environment, the agent's zone)",
+            self.federation_items_unserved.clone(),
         );
         r.register(
             "federation_lag_seconds",

@@ -4,8 +4,9 @@
 //! Every role is the one a production deployment runs apart ([`Hub`], [`Router`], the
 //! agent's [`agent::run`]); this only wires them to one embedded store, which a single
 //! process must hold (its file is locked), so that a new user sees sharding at work with
-//! one command. Each agent streams its cluster to every hub (the directory API that
-//! narrows this to the replicas of the agent's zone is later work).
+//! one command. Each agent follows the router's directory ([`agent::directory`]): it
+//! streams each environment's services to the replicas of shard `(environment, its
+//! zone)` only, and follows them as the assignment moves.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -134,14 +135,20 @@ impl Mesh {
                 WatchConfig::default(),
                 tx,
             ));
-            for (_, hub) in &hubs {
-                let mut a = AgentConfig::new(format!("http://{}", hub.xds_addr), &spec.cluster_id);
-                a.zone = spec.zone.clone();
-                let (rx, mut stop) = (rx.clone(), stop.clone());
-                agents.spawn(agent::run(a, rx, async move {
+            let directory = format!("http://{}", router.xds_addrs[0]);
+            let mut a = AgentConfig::new(directory.clone(), &spec.cluster_id);
+            a.zone = spec.zone.clone();
+            let telemetry = Arc::new(agent::admin::Telemetry::new(&a, agent::new_incarnation()));
+            let mut stop = stop.clone();
+            agents.spawn(agent::directory::follow(
+                a,
+                directory,
+                rx,
+                async move {
                     let _ = stop.wait_for(|s| *s).await;
-                }));
-            }
+                },
+                telemetry,
+            ));
         }
         info!(hubs = hubs.len(), agents = cfg.agents.len(), "mesh started");
         Ok(Mesh {

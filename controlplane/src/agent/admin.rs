@@ -4,11 +4,12 @@
 //! |---|---|
 //! | `/healthz` | 200 while the process serves |
 //! | `/metrics` | Prometheus text: `tributary_agent_*` |
-//! | `/status` | JSON: hub connection state, incarnation, versions sent / acknowledged, rejected batches and the last rejection, item errors |
+//! | `/status` | JSON: hub connection state, incarnation, versions sent / acknowledged, rejected batches and the last rejection, item errors; with `--router`, the same for each replica the agent feeds (`replicas`) |
 //!
 //! The connection loop is the only writer; the status lock is held only to copy or
 //! update a few fields, never across an await.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
@@ -20,6 +21,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use super::AgentConfig;
 use crate::status::unix_now;
@@ -64,6 +66,12 @@ pub struct AgentStatus {
     pub last_item_error: Option<String>,
     /// Why the last session ended.
     pub last_session_error: Option<String>,
+    /// With `--router`: one entry per replica the agent feeds (its `hub` is the
+    /// replica's address, `replica` its id); `state` above is the directory's.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<AgentStatus>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
 }
 
 /// Metrics and status of one agent.
@@ -72,6 +80,11 @@ pub struct Telemetry {
     registry: Registry,
     pub metrics: Arc<AgentMetrics>,
     status: Mutex<AgentStatus>,
+    /// With `--router`: the telemetry of each replica's connection, by replica id
+    /// (they share `metrics`). The lock is held only to add, remove or list entries.
+    replicas: Mutex<BTreeMap<String, Arc<Telemetry>>>,
+    /// Bumped on every change of this status or of a replica's (shared with them).
+    changes: Arc<watch::Sender<u64>>,
 }
 
 impl Telemetry {
@@ -87,7 +100,7 @@ impl Telemetry {
         );
         r.register(
             "connected",
-            "1 while a session with the hub is live",
+            "Live sessions with hubs (with --hub: 1 while connected; with --router: one per replica fed)",
             m.connected.clone(),
         );
         r.register("batches_sent", "Batches sent", m.batches_sent.clone());
@@ -117,7 +130,50 @@ impl Telemetry {
                 state: "connecting",
                 ..Default::default()
             }),
+            replicas: Mutex::default(),
+            changes: Arc::new(watch::channel(0).0),
         }
+    }
+
+    /// Changes whenever the status (or a replica's) changes: for waiting on it.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// The telemetry of this agent's connection to replica `id` at `hub`: its own
+    /// status (listed in this one's), the same incarnation and the same counters.
+    pub fn replica(&self, id: &str, hub: &str) -> Arc<Telemetry> {
+        let parent = self.status();
+        let child = Arc::new(Telemetry {
+            registry: Registry::default(),
+            metrics: self.metrics.clone(),
+            status: Mutex::new(AgentStatus {
+                hub: hub.to_string(),
+                cluster_id: parent.cluster_id,
+                incarnation: parent.incarnation,
+                state: "connecting",
+                replica: Some(id.to_string()),
+                ..Default::default()
+            }),
+            replicas: Mutex::default(),
+            changes: self.changes.clone(),
+        });
+        self.replicas
+            .lock()
+            .unwrap()
+            .insert(id.to_string(), child.clone());
+        self.changed();
+        child
+    }
+
+    /// Forgets replica `id`'s connection (it left the agent's shards).
+    pub fn replica_gone(&self, id: &str) {
+        self.replicas.lock().unwrap().remove(id);
+        self.changed();
     }
 
     pub fn incarnation(&self) -> String {
@@ -125,20 +181,31 @@ impl Telemetry {
     }
 
     pub fn status(&self) -> AgentStatus {
-        self.status.lock().unwrap().clone()
+        let children: Vec<Arc<Telemetry>> =
+            self.replicas.lock().unwrap().values().cloned().collect();
+        let mut s = self.status.lock().unwrap().clone();
+        s.replicas = children.iter().map(|c| c.status()).collect();
+        s
     }
 
     fn update(&self, f: impl FnOnce(&mut AgentStatus)) {
         f(&mut self.status.lock().unwrap());
+        self.changed();
     }
 
+    /// Leaving `connected` (for `backoff` or `stopped`) ends a live session.
     pub(super) fn set_state(&self, state: &'static str) {
-        self.update(|s| s.state = state);
+        self.update(|s| {
+            if s.state == "connected" && state != "connected" {
+                self.metrics.connected.dec();
+            }
+            s.state = state;
+        });
     }
 
     pub(super) fn connected(&self, resumed: bool) {
         self.metrics.sessions.inc();
-        self.metrics.connected.set(1);
+        self.metrics.connected.inc();
         self.update(|s| {
             s.state = "connected";
             s.resumed = resumed;
@@ -147,7 +214,6 @@ impl Telemetry {
     }
 
     pub(super) fn session_ended(&self, error: Option<String>) {
-        self.metrics.connected.set(0);
         self.update(|s| {
             if error.is_some() {
                 s.last_session_error = error;

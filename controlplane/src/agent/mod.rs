@@ -13,8 +13,13 @@
 //! `more = true` on all but its last part. A batch the hub rejects is never taken as
 //! acknowledged: the agent logs it, counts it ([`admin`]), ends the session and
 //! reconnects with backoff, resyncing from its last acknowledged state.
+//!
+//! With the shard router's address instead of a hub's, [`directory::follow`] runs one
+//! such connection loop per replica of the agent's zone, each over its slice of the
+//! cluster (the environments that replica serves in this zone).
 
 pub mod admin;
+pub mod directory;
 pub mod file;
 pub mod kube;
 
@@ -51,6 +56,10 @@ pub struct AgentConfig {
     pub heartbeat: Duration,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
+    /// Connecting to a hub (or the router's directory) may take this long: while a
+    /// partition drops packets, a connection attempt fails after it instead of waiting
+    /// out the kernel's SYN retries, so the agent is back soon after the heal.
+    pub connect_timeout: Duration,
     /// Most changes per batch (larger diffs and resyncs are split); the hub's
     /// advertised limit applies when it is lower.
     pub max_batch: usize,
@@ -71,6 +80,7 @@ impl AgentConfig {
             heartbeat: Duration::from_secs(10),
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
             max_batch: 5_000,
             max_batch_bytes: 256 << 10,
         }
@@ -515,8 +525,7 @@ async fn session(
     mem: &mut Memory,
     telemetry: &Telemetry,
 ) -> Result<(), AgentError> {
-    let mut client = FederationClient::connect(cfg.hub.clone())
-        .await?
+    let mut client = FederationClient::new(connect(cfg, &cfg.hub).await?)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(usize::MAX);
     // One: a diff or resync is produced as the stream takes it, so that a single
@@ -648,6 +657,17 @@ async fn session(
             }
         }
     }
+}
+
+/// A channel to `url` within `cfg.connect_timeout`.
+pub(crate) async fn connect(
+    cfg: &AgentConfig,
+    url: &str,
+) -> Result<tonic::transport::Channel, AgentError> {
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+        .map_err(|e| AgentError::Protocol(format!("{url:?} is not a valid URL: {e}")))?
+        .connect_timeout(cfg.connect_timeout);
+    Ok(endpoint.connect().await?)
 }
 
 async fn sleep_until(at: Option<Instant>) {

@@ -3,10 +3,13 @@
 //! - this module: the domain form of the protocol (no protobuf, no I/O);
 //! - [`convert`]: proto ↔ domain at the edge, validating every item;
 //! - [`server`]: the hub side of the stream (one session per agent);
+//! - [`slice`]: a replica holds only the shards it serves (services of other shards'
+//!   environments are refused at the edge);
 //! - the agent side lives in [`crate::agent`].
 
 pub mod convert;
 pub mod server;
+pub mod slice;
 
 use std::time::SystemTime;
 

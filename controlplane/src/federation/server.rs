@@ -7,7 +7,8 @@
 //! limits, undecodable, or the session is no longer live) is never acknowledged: the
 //! agent gets a `BatchRejected`, the index counts it, and the stream ends. When the
 //! stream ends the index starts the cluster's grace period. Sessions never touch the
-//! index's state directly.
+//! index's state directly. With membership, a session refuses the services of shards
+//! this replica does not serve ([`super::slice`]) before converting a batch.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -22,8 +23,10 @@ use tracing::{Instrument, info, info_span, warn};
 use tributary_proto::federation::v1::federation_server::Federation;
 use tributary_proto::federation::v1::{self as pb, agent_message, hub_message};
 
+use super::slice::SliceGuard;
 use super::{Limits, convert};
 use crate::index::{Command, IndexHandle};
+use crate::membership::Membership;
 use crate::metrics::{KindLabel, Metrics};
 
 #[derive(Debug)]
@@ -34,6 +37,8 @@ pub struct FederationService {
     limits: Limits,
     next_session: AtomicU64,
     stopping: watch::Receiver<bool>,
+    /// The shards this replica serves; `None`: it holds every agent's whole export.
+    membership: Option<Membership>,
 }
 
 impl FederationService {
@@ -51,7 +56,14 @@ impl FederationService {
             limits,
             next_session: AtomicU64::new(1),
             stopping,
+            membership: None,
         }
+    }
+
+    /// Holds only the services of the shards this replica serves.
+    pub fn with_membership(mut self, membership: Membership) -> Self {
+        self.membership = Some(membership);
+        self
     }
 }
 
@@ -74,18 +86,19 @@ impl Federation for FederationService {
         let (tx, rx) = mpsc::channel(16);
         let session = self.next_session.fetch_add(1, Ordering::Relaxed);
         let span = info_span!("federation", session, cluster = tracing::field::Empty);
-        let (index, metrics, heartbeat, limits) = (
+        let (index, metrics, heartbeat, limits, membership) = (
             self.index.clone(),
             self.metrics.clone(),
             self.heartbeat,
             self.limits,
+            self.membership.clone(),
         );
         let peer = request.remote_addr();
         let mut stopping = self.stopping.clone();
         tokio::spawn(
             async move {
                 let result = tokio::select! {
-                    r = run(session, index.clone(), metrics, heartbeat, limits, request.into_inner(), &tx) => r,
+                    r = run(session, index.clone(), metrics, heartbeat, limits, membership, request.into_inner(), &tx) => r,
                     _ = stopping.wait_for(|s| *s) => Err(Status::unavailable("the hub is shutting down")),
                 };
                 if let Err(status) = result {
@@ -99,12 +112,14 @@ impl Federation for FederationService {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run(
     session: u64,
     index: IndexHandle,
     metrics: Arc<Metrics>,
     heartbeat: Duration,
     limits: Limits,
+    membership: Option<Membership>,
     mut inbound: Streaming<pb::AgentMessage>,
     tx: &mpsc::Sender<Result<pb::HubMessage, Status>>,
 ) -> Result<(), Status> {
@@ -167,6 +182,8 @@ async fn run(
             metrics: &metrics,
             limits: &limits,
             tx,
+            membership,
+            guard: SliceGuard::default(),
         },
         heartbeat,
         &mut inbound,
@@ -192,15 +209,31 @@ struct Session<'a> {
     metrics: &'a Metrics,
     limits: &'a Limits,
     tx: &'a mpsc::Sender<Result<pb::HubMessage, Status>>,
+    membership: Option<Membership>,
+    /// The services this session refused (not this replica's shards).
+    guard: SliceGuard,
 }
 
 impl Session<'_> {
     /// Converts a batch and has the index apply it: `Ok` with the items rejected, or
     /// the reason the whole batch was not applied (the index has recorded it).
-    async fn apply(&self, b: pb::ChangeBatch) -> Result<Vec<pb::ItemError>, String> {
+    async fn apply(&mut self, mut b: pb::ChangeBatch) -> Result<Vec<pb::ItemError>, String> {
         let version = b.version;
+        let mut unserved = Vec::new();
+        if let Some(m) = &self.membership {
+            let zone = &self.info.zone;
+            unserved = self
+                .guard
+                .apply(&mut b, |env| m.federation_refusal(env, zone));
+            if !unserved.is_empty() {
+                self.metrics
+                    .federation_items_unserved
+                    .inc_by(unserved.len() as u64);
+                warn!(version, services = unserved.len(), first = %unserved[0].message, "services of shards this replica does not serve are not held");
+            }
+        }
         let converted = convert::batch(b, self.info, self.limits);
-        let errors = match &converted {
+        let mut errors = match &converted {
             Ok((_, errors)) => errors.clone(),
             Err(_) => Vec::new(),
         };
@@ -214,6 +247,8 @@ impl Session<'_> {
         }
         self.submit(version, converted.map(|(batch, _)| batch))
             .await?;
+        errors.extend(unserved);
+        errors.sort_by_key(|e| e.index);
         Ok(errors
             .into_iter()
             .map(|e| pb::ItemError {
@@ -260,7 +295,7 @@ impl Session<'_> {
 }
 
 async fn serve(
-    s: Session<'_>,
+    mut s: Session<'_>,
     heartbeat: Duration,
     inbound: &mut Streaming<pb::AgentMessage>,
 ) -> Result<(), Status> {
