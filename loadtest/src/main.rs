@@ -88,6 +88,11 @@ struct Args {
     /// --cpu-control-plane (the router shares the hubs' cores).
     #[arg(long)]
     cpu_router: Option<String>,
+    /// Sharded scenarios: a command to run the router under, for profiling, e.g.
+    /// "heaptrack -o /tmp/router" or "perf record -g -o /tmp/router.perf" (its CPU and
+    /// memory figures are then the wrapper's).
+    #[arg(long)]
+    router_wrapper: Option<String>,
     #[arg(long)]
     clusters: Option<usize>,
     #[arg(long)]

@@ -550,3 +550,88 @@ impl Scenario {
         docs.join("---\n")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The default layout is today's estate: deps and added services as before.
+    #[test]
+    fn one_environment_keeps_the_estate_as_it_was() {
+        let sc = Scenario::new(Size::ebay());
+        let s = sc.size.services;
+        for j in [0, 1, 7, 399] {
+            let mut old = BTreeSet::new();
+            let mut m = 0;
+            while old.len() < sc.size.deps_per_sidecar {
+                old.insert((j * 37 + m * 41) % s);
+                m += 1;
+            }
+            assert_eq!(sc.deps(j), old.into_iter().collect::<Vec<_>>());
+            assert_eq!(sc.added_dep(j), Some(s + j % sc.size.added_services));
+        }
+        assert_eq!(sc.last_added(0), Some(s + sc.size.added_services - 1));
+        assert!(!sc.hub_config_yaml().contains("kind: Environment"));
+    }
+
+    #[test]
+    fn a_sharded_estate_keeps_each_scope_in_its_environment_and_fills_every_shard() {
+        let sc = Scenario::sharded(Size::ebay(), 2, 3).unwrap();
+        for j in 0..sc.size.scopes {
+            let e = sc.env_of_scope(j);
+            let deps = sc.deps(j);
+            assert_eq!(deps.len(), sc.size.deps_per_sidecar, "scope {j}");
+            assert!(
+                deps.iter()
+                    .all(|&i| sc.env_of_service(i) == e && i < sc.size.services)
+            );
+            let added = sc.added_dep(j).unwrap();
+            assert!(added >= sc.size.services && sc.env_of_service(added) == e);
+        }
+        let mut sidecars: BTreeMap<ShardIx, usize> = BTreeMap::new();
+        for k in 0..sc.size.sidecars {
+            *sidecars.entry(sc.sidecar_shard(k)).or_default() += 1;
+        }
+        let mut gateways: BTreeMap<ShardIx, usize> = BTreeMap::new();
+        for g in 0..sc.size.gateways {
+            *gateways.entry(sc.gateway_shard(g)).or_default() += 1;
+        }
+        assert_eq!(sidecars.keys().copied().collect::<Vec<_>>(), sc.shards());
+        assert_eq!(gateways.keys().copied().collect::<Vec<_>>(), sc.shards());
+        // 2,000 sidecars over 6 shards: 333 or 334 each.
+        assert!(
+            sidecars.values().all(|n| (333..=334).contains(n)),
+            "{sidecars:?}"
+        );
+        // A shard's model: its environment's services, its zone's endpoints.
+        let m = sc.shard_model((1, 2));
+        assert_eq!(m.services.len(), sc.size.services / 2);
+        for s in m.services.values() {
+            assert!(!s.endpoints.is_empty());
+            assert!(s.endpoints.iter().all(|e| e.locality.zone == "az2"));
+        }
+        assert!(m.sidecars.len() == sc.size.scopes / 2);
+        // An agent's slice carries only the environments asked for.
+        let slice = sc.cluster_slice(5, |e| e == 1);
+        let all = sc.cluster_state(5);
+        assert!(!slice.services.is_empty() && slice.services.len() < all.services.len());
+        assert!(
+            slice
+                .services
+                .values()
+                .all(|s| s.value.environment == "staging")
+        );
+        let yaml = sc.sharded_config_yaml();
+        assert!(yaml.contains(
+            "kind: Environment\nmetadata: {name: staging}\nspec: {zones: [az0, az1, az2]}"
+        ));
+    }
+
+    #[test]
+    fn a_sharded_estate_refuses_a_service_missing_from_a_zone() {
+        let mut size = Size::small();
+        size.endpoints_per_service = 1;
+        let e = Scenario::sharded(size, 2, 3).unwrap_err().to_string();
+        assert!(e.contains("has no endpoint in zone"), "{e}");
+    }
+}

@@ -303,17 +303,24 @@ async fn start_estate(args: &Args, sc: &Scenario, dir: &Path) -> anyhow::Result<
             admin,
         });
     }
-    let argv = strings(&[
-        &router_bin.to_string_lossy(),
-        "--store",
-        "etcd",
-        "--etcd-endpoints",
-        &etcd_url,
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-addr",
-        "127.0.0.1:0",
-    ]);
+    let wrapper = args
+        .router_wrapper
+        .iter()
+        .flat_map(|w| w.split_whitespace());
+    let argv: Vec<String> = wrapper
+        .map(str::to_string)
+        .chain(strings(&[
+            &router_bin.to_string_lossy(),
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            &etcd_url,
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+        ]))
+        .collect();
     let cpus = args
         .cpu_router
         .as_deref()
@@ -924,4 +931,59 @@ fn table(runs_json: &[serde_json::Value]) -> String {
         column.set_cell_alignment(comfy_table::CellAlignment::Right);
     }
     t.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(id: &str, shard: Option<ShardIx>) -> Spec {
+        Spec {
+            index: 0,
+            id: id.into(),
+            delta: true,
+            gateway: false,
+            scope: None,
+            env: ENVS[0],
+            zone: None,
+            shard,
+            expect_cds: 0,
+            expect_lds: 0,
+        }
+    }
+
+    #[test]
+    fn direct_clients_go_where_the_router_table_would_send_them() {
+        let routes = parse_routes(
+            r#"{"shards": [
+                {"shard": "prod/az0", "replicas": [{"replica": "hub-1", "xds_addr": "127.0.0.1:1"}, {"replica": "hub-7", "xds_addr": "127.0.0.1:7"}]},
+                {"shard": "staging/az2", "replicas": [{"replica": "hub-3", "xds_addr": "[::1]:3"}]}
+            ]}"#,
+        )
+        .unwrap();
+        assert_eq!(routes.len(), 2);
+        let ids = ["hub-1".to_string(), "hub-7".to_string()];
+        for k in 0..50 {
+            let id = format!("sidecar-{k}");
+            let got = replica_for(&routes, &spec(&id, Some((0, 0)))).unwrap();
+            // The router crate's own choice over the same replica ids.
+            let want = tributary_shard_router::rendezvous::pick(&id, ids.iter(), |s| s.as_str());
+            assert_eq!(Some(&got.id), want);
+        }
+        assert_eq!(
+            replica_for(&routes, &spec("g", Some((1, 2)))).map(|r| r.xds.as_str()),
+            Some("[::1]:3")
+        );
+        assert!(replica_for(&routes, &spec("g", Some((1, 0)))).is_none());
+        assert!(replica_for(&routes, &spec("g", None)).is_none());
+        assert!(parse_routes(r#"{"shards": [{"shard": "dev/az0", "replicas": []}]}"#).is_err());
+    }
+
+    #[test]
+    fn gauges_are_summed_over_their_series() {
+        let text = "# TYPE tributary_router_streams gauge\ntributary_router_streams{replica=\"a\",shard=\"prod/az0\"} 3\ntributary_router_streams{replica=\"b\",shard=\"prod/az1\"} 4\ntributary_router_streams_total 100\ntributary_xds_connections 2\n";
+        assert_eq!(crate::sum_metric(text, "tributary_router_streams"), 7);
+        assert_eq!(crate::sum_metric(text, "tributary_xds_connections"), 2);
+        assert_eq!(crate::sum_metric(text, "tributary_missing"), 0);
+    }
 }
