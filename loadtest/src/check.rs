@@ -49,6 +49,18 @@ impl ContentCheck {
     pub fn failures(&self) -> usize {
         self.wrong_content + self.missing + self.unexpected
     }
+
+    /// Adds another group of clients' check (e.g. another shard's, against its model).
+    pub fn merge(&mut self, other: ContentCheck) {
+        self.clients += other.clients;
+        self.resources_checked += other.resources_checked;
+        self.wrong_content += other.wrong_content;
+        self.missing += other.missing;
+        self.unexpected += other.unexpected;
+        self.equal_after_decoding += other.equal_after_decoding;
+        let room = 10usize.saturating_sub(self.examples.len());
+        self.examples.extend(other.examples.into_iter().take(room));
+    }
 }
 
 /// The names each type of client holds once converged, from the model.

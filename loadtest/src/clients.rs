@@ -29,7 +29,7 @@ use tributary_proto::envoy::envoy::config::cluster::v3::Cluster;
 use tributary_proto::envoy::envoy::config::cluster::v3::cluster::{
     ClusterDiscoveryType, DiscoveryType,
 };
-use tributary_proto::envoy::envoy::config::core::v3::Node;
+use tributary_proto::envoy::envoy::config::core::v3::{Locality, Node};
 use tributary_proto::envoy::envoy::config::listener::v3::Listener;
 use tributary_proto::envoy::envoy::config::listener::v3::filter::ConfigType;
 use tributary_proto::envoy::envoy::extensions::filters::network::http_connection_manager::v3::{
@@ -63,6 +63,13 @@ pub struct Spec {
     pub gateway: bool,
     /// The sidecar scope named in the node metadata (sidecars only).
     pub scope: Option<String>,
+    /// The environment named in the node metadata (`tributary.io/env`).
+    pub env: &'static str,
+    /// The zone named in the node's locality (sharded scenarios: the router routes by
+    /// environment and zone); `None` leaves the locality unset.
+    pub zone: Option<String>,
+    /// The shard whose replicas serve it (sharded scenarios).
+    pub shard: Option<crate::scenario::ShardIx>,
     /// Clusters and listeners the client holds once initially synced (from the model).
     pub expect_cds: usize,
     pub expect_lds: usize,
@@ -78,13 +85,16 @@ pub struct Expect {
 }
 
 /// A config change (services added): every client's route tables name a new host
-/// (a scoped sidecar: the one its scope declares; other clients: the last added);
-/// gateways also hold the new clusters and their load assignments.
+/// (a scoped sidecar: the one its scope declares; other clients: the last added of
+/// their environment); gateways also hold the new clusters and their load assignments
+/// (of their environment).
 #[derive(Debug, Clone, Default)]
 pub struct ConfigExpect {
     pub phase: u64,
-    pub names: HashSet<String>,
-    pub host: String,
+    /// Per environment: the new clusters (and load assignments).
+    pub names: HashMap<&'static str, HashSet<String>>,
+    /// Per environment: the last added host.
+    pub host: HashMap<&'static str, String>,
     /// Per sidecar scope, the new host its route tables must name.
     pub scope_hosts: HashMap<String, String>,
 }
@@ -92,10 +102,16 @@ pub struct ConfigExpect {
 impl ConfigExpect {
     /// The new host `spec`'s route tables must name.
     pub fn host_for(&self, spec: &Spec) -> &str {
+        let env_host = self.host.get(spec.env).map_or("", String::as_str);
         match (&spec.scope, spec.gateway) {
-            (Some(scope), false) => self.scope_hosts.get(scope).unwrap_or(&self.host),
-            _ => &self.host,
+            (Some(scope), false) => self.scope_hosts.get(scope).map_or(env_host, String::as_str),
+            _ => env_host,
         }
+    }
+
+    /// The new clusters a gateway of `spec`'s environment must hold.
+    pub fn names_for(&self, spec: &Spec) -> impl Iterator<Item = &String> {
+        self.names.get(spec.env).into_iter().flatten()
     }
 }
 
@@ -195,7 +211,7 @@ fn node(spec: &Spec) -> Node {
     let s = |v: &str| Value {
         kind: Some(Kind::StringValue(v.into())),
     };
-    fields.insert("tributary.io/env".to_string(), s(crate::scenario::ENV));
+    fields.insert("tributary.io/env".to_string(), s(spec.env));
     if spec.gateway {
         fields.insert(
             "tributary.io/gateway".to_string(),
@@ -209,6 +225,11 @@ fn node(spec: &Spec) -> Node {
         id: spec.id.clone(),
         cluster: "loadtest".into(),
         metadata: Some(Struct { fields }),
+        locality: spec.zone.as_ref().map(|z| Locality {
+            region: crate::scenario::REGION.into(),
+            zone: z.clone(),
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }
@@ -396,8 +417,7 @@ impl<'a> Client<'a> {
                 .keys()
                 .all(|n| self.route_has_host.get(n) == Some(&g.phase));
         let clusters = !self.spec.gateway
-            || g.names
-                .iter()
+            || g.names_for(self.spec)
                 .all(|n| h.by_type[CDS].contains_key(n) && h.by_type[EDS].contains_key(n));
         if routes && clusters {
             self.config_done = g.phase;

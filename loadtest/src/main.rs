@@ -27,6 +27,7 @@ mod peer_control;
 mod procs;
 mod report;
 mod scenario;
+mod sharded;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -46,8 +47,12 @@ use tributary_controlplane::xds::generate::{
 use crate::check::Expected;
 use crate::clients::{ConfigExpect, Expect, Sample, Shared, Spec};
 use crate::procs::{Proc, http};
-use crate::report::{EnvoyFigures, HarnessUsage, HubUsage, Phase, Run, Split, percentiles};
-use crate::scenario::{Scenario, Size, cluster_id, host, resource_name, scope_name};
+use crate::report::{
+    EnvoyFigures, HarnessUsage, HubUsage, Phase, ProcFigures, Run, Split, percentiles,
+};
+use crate::scenario::{
+    ENVS, Scenario, ShardIx, Size, cluster_id, host, resource_name, scope_name, zone_name,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -56,9 +61,38 @@ use crate::scenario::{Scenario, Size, cluster_id, host, resource_name, scope_nam
 )]
 struct Args {
     /// `ebay` (100 clusters, 2,000 services x 5 ports, 2,000 sidecars in 400 scopes,
-    /// 32 gateways) or `small`.
+    /// 32 gateways) or `small`; `sharded` (the ebay sizes over --environments x
+    /// --zones shards, --replicas-per-shard hub processes each on etcd, every client
+    /// through `tributary-router`, against direct connections to the same replicas)
+    /// or `sharded-small` (the small sizes, sharded).
     #[arg(long, default_value = "ebay")]
     scenario: String,
+    /// Sharded scenarios: environments (prod, staging, ...).
+    #[arg(long, default_value_t = 2)]
+    environments: usize,
+    /// Sharded scenarios: zones (remote cluster c is in zone c % zones).
+    #[arg(long, default_value_t = 3)]
+    zones: usize,
+    /// Sharded scenarios: hub replicas per shard (`tributary hub --replicas-per-shard`);
+    /// the run starts environments x zones x this many hub processes.
+    #[arg(long, default_value_t = 2)]
+    replicas_per_shard: usize,
+    /// Sharded scenarios: the router binary (default: `tributary-router` next to this
+    /// binary; built with `--features etcd`).
+    #[arg(long)]
+    router_bin: Option<PathBuf>,
+    /// Sharded scenarios: the etcd binary.
+    #[arg(long, default_value = "etcd")]
+    etcd_bin: String,
+    /// Sharded scenarios: CPUs for the router (`taskset -c` list); default: those of
+    /// --cpu-control-plane (the router shares the hubs' cores).
+    #[arg(long)]
+    cpu_router: Option<String>,
+    /// Sharded scenarios: a command to run the router under, for profiling, e.g.
+    /// "heaptrack -o /tmp/router" or "perf record -g -o /tmp/router.perf" (its CPU and
+    /// memory figures are then the wrapper's).
+    #[arg(long)]
+    router_wrapper: Option<String>,
     #[arg(long)]
     clusters: Option<usize>,
     #[arg(long)]
@@ -146,9 +180,9 @@ struct Args {
 
 fn size(a: &Args) -> anyhow::Result<Size> {
     let mut s = match a.scenario.as_str() {
-        "ebay" => Size::ebay(),
-        "small" => Size::small(),
-        other => bail!("--scenario {other:?}: expected ebay or small"),
+        "ebay" | "sharded" => Size::ebay(),
+        "small" | "sharded-small" => Size::small(),
+        other => bail!("--scenario {other:?}: expected ebay, small, sharded or sharded-small"),
     };
     let set = |v: &mut usize, o: Option<usize>| {
         if let Some(o) = o {
@@ -194,9 +228,35 @@ fn progress(label: &str, done: usize, total: usize) {
     }
 }
 
+/// Which model each client's view comes from: the whole estate (`None`), or its
+/// shard's (sharded scenarios).
+type ShardKey = Option<ShardIx>;
+
+/// What each shard's replicas generate (one entry, `None`, when not sharded).
+fn models(sc: &Scenario) -> HashMap<ShardKey, EnvResources> {
+    if sc.layout.sharded {
+        sc.shards()
+            .into_iter()
+            .map(|s| (Some(s), generate(&sc.shard_model(s))))
+            .collect()
+    } else {
+        HashMap::from([(None, generate(&sc.model()))])
+    }
+}
+
+/// Places a client in its shard: its environment, and its zone in its node.
+fn place(spec: &mut Spec, sc: &Scenario, shard: ShardIx) {
+    if sc.layout.sharded {
+        spec.shard = Some(shard);
+        spec.env = ENVS[shard.0];
+        spec.zone = Some(zone_name(shard.1));
+    }
+}
+
 /// The simulated proxies: sidecars (scoped, half SotW) and gateways (Delta).
-fn specs(sc: &Scenario, model: &EnvResources, sotw_fraction: f64) -> Vec<Spec> {
-    let expected = Expected::new(model);
+fn specs(sc: &Scenario, models: &HashMap<ShardKey, EnvResources>, sotw_fraction: f64) -> Vec<Spec> {
+    let expected: HashMap<ShardKey, Expected<'_>> =
+        models.iter().map(|(k, m)| (*k, Expected::new(m))).collect();
     let mut v = Vec::new();
     let sotw_every = if sotw_fraction <= 0.0 {
         usize::MAX
@@ -210,9 +270,14 @@ fn specs(sc: &Scenario, model: &EnvResources, sotw_fraction: f64) -> Vec<Spec> {
             delta: k % sotw_every != 0,
             gateway: false,
             scope: Some(scope_name(sc.scope_of(k))),
+            env: scenario::ENV,
+            zone: None,
+            shard: None,
             expect_cds: 0,
             expect_lds: 0,
         };
+        place(&mut spec, sc, sc.sidecar_shard(k));
+        let expected = &expected[&spec.shard];
         spec.expect_cds = expected.clusters(&spec).len();
         spec.expect_lds = expected.listeners(&spec).len();
         v.push(spec);
@@ -224,9 +289,14 @@ fn specs(sc: &Scenario, model: &EnvResources, sotw_fraction: f64) -> Vec<Spec> {
             delta: true,
             gateway: true,
             scope: None,
+            env: scenario::ENV,
+            zone: None,
+            shard: None,
             expect_cds: 0,
             expect_lds: 0,
         };
+        place(&mut spec, sc, sc.gateway_shard(g));
+        let expected = &expected[&spec.shard];
         spec.expect_cds = expected.clusters(&spec).len();
         spec.expect_lds = expected.listeners(&spec).len();
         v.push(spec);
@@ -234,10 +304,19 @@ fn specs(sc: &Scenario, model: &EnvResources, sotw_fraction: f64) -> Vec<Spec> {
     v
 }
 
+/// One agent's feed of a remote cluster: what it exports of the environments it
+/// streams (`None`: every environment).
+struct Feed {
+    envs: Option<Vec<usize>>,
+    tx: watch::Sender<Arc<ClusterState>>,
+}
+
 /// How the harness changes the control plane under test.
 enum Target {
     Ours {
-        agents: Vec<watch::Sender<Arc<ClusterState>>>,
+        /// Per remote cluster, its agents (one; a sharded estate: one per replica
+        /// that serves a shard of the cluster's zone).
+        agents: Vec<Vec<Feed>>,
     },
     Peer {
         control: tonic::transport::Channel,
@@ -245,12 +324,21 @@ enum Target {
 }
 
 impl Target {
-    /// The agents' next states (ours), computed before the clock starts.
-    fn prepare(&self, sc: &Scenario, clusters: &[usize]) -> Vec<(usize, Arc<ClusterState>)> {
+    /// The agents' next states (ours: cluster, feed, state), computed before the
+    /// clock starts.
+    fn prepare(&self, sc: &Scenario, clusters: &[usize]) -> Vec<(usize, usize, Arc<ClusterState>)> {
         match self {
-            Target::Ours { .. } => clusters
+            Target::Ours { agents } => clusters
                 .iter()
-                .map(|&c| (c, Arc::new(sc.cluster_state(c))))
+                .flat_map(|&c| {
+                    agents[c].iter().enumerate().map(move |(f, feed)| {
+                        let state = match &feed.envs {
+                            None => sc.cluster_state(c),
+                            Some(envs) => sc.cluster_slice(c, |e| envs.contains(&e)),
+                        };
+                        (c, f, Arc::new(state))
+                    })
+                })
                 .collect(),
             Target::Peer { .. } => Vec::new(),
         }
@@ -261,14 +349,14 @@ impl Target {
     async fn push(
         &self,
         sc: &Scenario,
-        prepared: Vec<(usize, Arc<ClusterState>)>,
+        prepared: Vec<(usize, usize, Arc<ClusterState>)>,
         services: &[usize],
         new_services: bool,
     ) -> anyhow::Result<()> {
         match self {
             Target::Ours { agents, .. } => {
-                for (c, state) in prepared {
-                    agents[c].send_replace(state);
+                for (c, f, state) in prepared {
+                    agents[c][f].tx.send_replace(state);
                 }
                 Ok(())
             }
@@ -444,17 +532,18 @@ fn harness_cpu() -> f64 {
         })
 }
 
-fn mark(proc: &Proc, envoys: &[envoys::Envoy]) -> Mark {
+/// The control plane's CPU: the sum over its processes.
+fn mark(procs: &[&Proc], envoys: &[envoys::Envoy]) -> Mark {
     Mark {
         at: Instant::now(),
-        control_plane: proc.cpu_seconds(),
+        control_plane: procs.iter().map(|p| p.cpu_seconds()).sum(),
         harness: harness_cpu(),
         envoys: envoys::usage(envoys).0,
     }
 }
 
-fn phase_since(m: Mark, proc: &Proc, envoys: &[envoys::Envoy]) -> Phase {
-    let now = mark(proc, envoys);
+fn phase_since(m: Mark, procs: &[&Proc], envoys: &[envoys::Envoy]) -> Phase {
+    let now = mark(procs, envoys);
     Phase {
         wall_s: now.at.duration_since(m.at).as_secs_f64(),
         control_plane_cpu_s: now.control_plane - m.control_plane,
@@ -494,6 +583,145 @@ impl Collected {
     }
 }
 
+/// One process of the control plane under test, with what is recorded of it per
+/// phase when the control plane has several ([`ControlPlane::detail`]).
+struct Measured<'a> {
+    proc: &'a Proc,
+    label: String,
+    role: &'static str,
+    /// Its admin address and the gauge there that counts its xDS streams.
+    streams: Option<(String, &'static str)>,
+    shards: Vec<String>,
+}
+
+/// Cumulative figures of one process at a phase boundary.
+#[derive(Debug, Clone, Copy, Default)]
+struct ProcSample {
+    cpu_s: f64,
+    rss_bytes: u64,
+    streams: u64,
+}
+
+/// The control plane under test: its processes (their CPU is summed into the
+/// phases' `control_plane_cpu_s`) and where each client connects.
+struct ControlPlane<'a> {
+    procs: Vec<Measured<'a>>,
+    /// The address real Envoys connect to.
+    xds: String,
+    /// Where each client connects (its own connection).
+    addr_of: Box<dyn Fn(&Spec) -> String + 'a>,
+    /// Record every process's CPU, RSS and streams at each phase boundary.
+    detail: bool,
+    /// Taken at phase boundaries while the phases' code holds the processes (a lock
+    /// only for the push; never held across an await).
+    records: std::sync::Mutex<Vec<(String, Vec<ProcSample>)>>,
+}
+
+impl<'a> ControlPlane<'a> {
+    /// One process that every client connects to (the hub, or the peer).
+    fn single(proc: &'a Proc, xds: &str) -> Self {
+        let xds = xds.to_string();
+        ControlPlane {
+            procs: vec![Measured {
+                proc,
+                label: proc.name.clone(),
+                role: "control-plane",
+                streams: None,
+                shards: Vec::new(),
+            }],
+            addr_of: Box::new({
+                let xds = xds.clone();
+                move |_| xds.clone()
+            }),
+            xds,
+            detail: false,
+            records: Default::default(),
+        }
+    }
+
+    fn procs(&self) -> Vec<&Proc> {
+        self.procs.iter().map(|m| m.proc).collect()
+    }
+
+    fn log(&self) -> String {
+        self.procs
+            .iter()
+            .map(|m| m.proc.log.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// With `detail`: every process's CPU so far, resident memory and streams now.
+    async fn record(&self, boundary: &str) {
+        if !self.detail {
+            return;
+        }
+        let mut v = Vec::new();
+        for m in &self.procs {
+            let streams = match &m.streams {
+                Some((admin, metric)) => match http(admin, "GET", "/metrics", b"").await {
+                    Ok((200, body)) => sum_metric(&body, metric),
+                    _ => 0,
+                },
+                None => 0,
+            };
+            v.push(ProcSample {
+                cpu_s: m.proc.cpu_seconds(),
+                rss_bytes: m.proc.rss_bytes(),
+                streams,
+            });
+        }
+        self.records.lock().unwrap().push((boundary.to_string(), v));
+    }
+
+    /// Per process: CPU in each phase (between consecutive boundaries), RSS and
+    /// streams at its end.
+    fn figures(&self) -> Option<Vec<ProcFigures>> {
+        if !self.detail {
+            return None;
+        }
+        let records = self.records.lock().unwrap();
+        Some(
+            self.procs
+                .iter()
+                .enumerate()
+                .map(|(k, m)| {
+                    let mut phases = BTreeMap::new();
+                    for w in records.windows(2) {
+                        let (a, b) = (&w[0].1[k], &w[1].1[k]);
+                        phases.insert(
+                            w[1].0.clone(),
+                            report::ProcPhase {
+                                cpu_s: b.cpu_s - a.cpu_s,
+                                rss_bytes: b.rss_bytes,
+                                streams: b.streams,
+                            },
+                        );
+                    }
+                    ProcFigures {
+                        name: m.label.clone(),
+                        role: m.role.to_string(),
+                        shards: m.shards.clone(),
+                        phases,
+                        peak_rss_bytes: m.proc.peak_rss_bytes(),
+                    }
+                })
+                .collect(),
+        )
+    }
+}
+
+/// The sum of a Prometheus gauge's series (`name{...} value` or `name value`).
+fn sum_metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
 /// The real Envoys' samples over the rounds.
 #[derive(Default)]
 struct EnvoyCollected {
@@ -503,22 +731,53 @@ struct EnvoyCollected {
     lost: usize,
 }
 
+/// Called once every client has synced, with the clients: a count of problems (the
+/// sharded scenarios: clients not on their rendezvous replica).
+type AfterSync<'a> = Box<
+    dyn FnOnce(
+            Vec<Spec>,
+        )
+            -> std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<usize>> + 'a>>
+        + 'a,
+>;
+
 #[allow(clippy::too_many_arguments)]
 async fn run(
     args: &Args,
     sc0: &Scenario,
     name: &str,
     position: usize,
-    proc: &Proc,
+    cp: &ControlPlane<'_>,
     target: Target,
-    xds: &str,
     load: Phase,
     dir: &std::path::Path,
 ) -> anyhow::Result<Run> {
+    Ok(
+        run_with(args, sc0, name, position, cp, target, load, dir, None)
+            .await?
+            .0,
+    )
+}
+
+/// [`run`], with `after_sync` called once every client has synced; its count is
+/// returned with the run.
+#[allow(clippy::too_many_arguments)]
+async fn run_with(
+    args: &Args,
+    sc0: &Scenario,
+    name: &str,
+    position: usize,
+    cp: &ControlPlane<'_>,
+    target: Target,
+    load: Phase,
+    dir: &std::path::Path,
+    after_sync: Option<AfterSync<'_>>,
+) -> anyhow::Result<(Run, usize)> {
     let mut sc = sc0.clone();
     let timeout = Duration::from_secs(args.phase_timeout_s);
-    let model0 = generate(&sc.model());
-    let specs = specs(&sc, &model0, args.sotw_fraction);
+    let specs = specs(&sc, &models(&sc), args.sotw_fraction);
+    let procs = cp.procs();
+    let xds = cp.xds.clone();
     let shared = Arc::new(Shared::new(specs.len()));
     let (stop_tx, stop) = watch::channel(false);
     let mut phases = BTreeMap::new();
@@ -526,16 +785,25 @@ async fn run(
 
     // Initial sync: every client at once, each on its own connection.
     eprintln!("{name}: {} clients connecting", specs.len());
-    let m = mark(proc, &[]);
+    let m = mark(&procs, &[]);
     let started = Instant::now();
-    let ep = tonic::transport::Endpoint::from_shared(format!("http://{xds}"))?
-        .initial_connection_window_size(16 << 20)
-        .initial_stream_window_size(4 << 20)
-        .tcp_nodelay(true);
+    let mut endpoints: HashMap<String, tonic::transport::Endpoint> = HashMap::new();
     let mut tasks = Vec::new();
     for spec in &specs {
+        let addr = (cp.addr_of)(spec);
+        let ep = match endpoints.get(&addr) {
+            Some(ep) => ep.clone(),
+            None => {
+                let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+                    .initial_connection_window_size(16 << 20)
+                    .initial_stream_window_size(4 << 20)
+                    .tcp_nodelay(true);
+                endpoints.insert(addr, ep.clone());
+                ep
+            }
+        };
         tasks.push(tokio::spawn(clients::run(
-            ep.clone(),
+            ep,
             spec.clone(),
             shared.clone(),
             stop.clone(),
@@ -545,7 +813,7 @@ async fn run(
         envoys::start(
             args.real_envoys,
             &args.envoy_bin,
-            xds,
+            &xds,
             &dir.join(format!("envoys-{name}")),
             args.cpu_harness.as_deref(),
             |k| scope_name(sc.scope_of(k)),
@@ -566,7 +834,7 @@ async fn run(
             bail!(
                 "{name}: only {synced} of {} clients synced within {timeout:?}; log: {}",
                 specs.len(),
-                proc.log.display()
+                cp.log()
             );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -579,18 +847,35 @@ async fn run(
             return Err(e);
         }
     };
-    let mut sync_phase = phase_since(m, proc, &envoys);
+    let mut sync_phase = phase_since(m, &procs, &envoys);
     sync_phase.envoys_cpu_s += envoys_cpu0; // the Envoys' start-up belongs to the sync
     phases.insert("initial_sync".to_string(), sync_phase);
+    cp.record("initial_sync").await;
+    let after_sync = match after_sync {
+        Some(f) => f(specs.clone()).await?,
+        None => 0,
+    };
 
     // Subscribers of each service: sidecars whose scope depends on it (gateways hold
-    // every load assignment).
-    let mut subscribers: HashMap<usize, usize> = HashMap::new();
-    for k in 0..sc.size.sidecars {
-        for i in sc.deps(sc.scope_of(k)) {
-            *subscribers.entry(i).or_default() += 1;
+    // every load assignment) — per shard when sharded: a change of an endpoint in
+    // zone z reaches only the clients of its environment's shard in z.
+    let mut subscribers: HashMap<(ShardKey, usize), usize> = HashMap::new();
+    let mut gateways: HashMap<ShardKey, usize> = HashMap::new();
+    for spec in &specs {
+        if spec.gateway {
+            *gateways.entry(spec.shard).or_default() += 1;
+        } else {
+            // Sidecar k is specs[k].
+            for i in sc.deps(sc.scope_of(spec.index)) {
+                *subscribers.entry((spec.shard, i)).or_default() += 1;
+            }
         }
     }
+    let shard_of_change = |sc: &Scenario, i: usize, cluster: usize| -> ShardKey {
+        sc.layout
+            .sharded
+            .then(|| (sc.env_of_service(i), sc.zone_of(cluster)))
+    };
     let envoy_deps: Vec<HashSet<usize>> = (0..envoys.len())
         .map(|k| sc.deps(sc.scope_of(k)).into_iter().collect())
         .collect();
@@ -599,7 +884,7 @@ async fn run(
     let mut phase = 0u64;
     let mut collected = Collected::default();
     let mut from_envoys = EnvoyCollected::default();
-    let m = mark(proc, &envoys);
+    let m = mark(&procs, &envoys);
     for round in 0..sc.size.rounds {
         phase += 1;
         let changes = sc.change_round(round);
@@ -607,6 +892,12 @@ async fn run(
         let mut total = 0;
         let mut clusters = Vec::new();
         for (i, old, new) in &changes {
+            let j = sc.endpoints[*i]
+                .iter()
+                .position(|e| e.address == *new)
+                .context("changed endpoint")?;
+            let cluster = sc.endpoints[*i][j].cluster;
+            let shard = shard_of_change(&sc, *i, cluster);
             for p in 0..sc.size.ports {
                 expected.insert(
                     resource_name(*i, p),
@@ -616,13 +907,10 @@ async fn run(
                         old: old.to_string(),
                     },
                 );
-                total += subscribers.get(i).copied().unwrap_or(0) + sc.size.gateways;
+                total += subscribers.get(&(shard, *i)).copied().unwrap_or(0)
+                    + gateways.get(&shard).copied().unwrap_or(0);
             }
-            let j = sc.endpoints[*i]
-                .iter()
-                .position(|e| e.address == *new)
-                .context("changed endpoint")?;
-            clusters.push(sc.endpoints[*i][j].cluster);
+            clusters.push(cluster);
         }
         clusters.sort();
         clusters.dedup();
@@ -684,24 +972,30 @@ async fn run(
         let samples = std::mem::take(&mut *shared.samples.lock().unwrap());
         collected.add_round(samples, &specs);
     }
-    phases.insert("rounds".to_string(), phase_since(m, proc, &envoys));
+    phases.insert("rounds".to_string(), phase_since(m, &procs, &envoys));
+    cp.record("rounds").await;
 
     // Config change: add services.
     let mut config_change = Collected::default();
     if sc.size.added_services > 0 {
-        let m = mark(proc, &envoys);
+        let m = mark(&procs, &envoys);
         phase += 1;
         let first = sc.active;
         sc.active += sc.size.added_services;
         let new: Vec<usize> = (first..sc.active).collect();
-        let names = new
-            .iter()
-            .flat_map(|i| (0..sc.size.ports).map(move |p| resource_name(*i, p)))
-            .collect();
+        let mut names: HashMap<&'static str, HashSet<String>> = HashMap::new();
+        for &i in &new {
+            names
+                .entry(ENVS[sc.env_of_service(i)])
+                .or_default()
+                .extend((0..sc.size.ports).map(|p| resource_name(i, p)));
+        }
         let g = ConfigExpect {
             phase,
             names,
-            host: host(sc.active - 1),
+            host: (0..sc.layout.environments)
+                .filter_map(|e| Some((ENVS[e], host(sc.last_added(e)?))))
+                .collect(),
             scope_hosts: (0..sc.size.scopes)
                 .filter_map(|j| Some((scope_name(j), host(sc.added_dep(j)?))))
                 .collect(),
@@ -718,18 +1012,23 @@ async fn run(
         lost += wait_phase(&shared, "config change", specs.len(), timeout).await;
         let samples = std::mem::take(&mut *shared.samples.lock().unwrap());
         config_change.add_round(samples, &specs);
-        phases.insert("config_change".to_string(), phase_since(m, proc, &envoys));
+        phases.insert("config_change".to_string(), phase_since(m, &procs, &envoys));
+        cp.record("config_change").await;
     }
 
     // The content check, against the final model. Every client has ACKed what the
     // last phase waited for; a client may still be taking a response that carries
     // nothing new (e.g. a route table's second update), so the check is repeated
     // until it passes or the phase times out.
-    let m = mark(proc, &envoys);
-    let model = generate(&sc.model());
+    let m = mark(&procs, &envoys);
+    let models = models(&sc);
     let deadline = Instant::now() + timeout.min(Duration::from_secs(30));
     let content = loop {
-        let c = check::check(&model, &specs, &shared.holdings);
+        let mut c = check::ContentCheck::default();
+        for (key, model) in &models {
+            let of_shard: Vec<Spec> = specs.iter().filter(|s| s.shard == *key).cloned().collect();
+            c.merge(check::check(model, &of_shard, &shared.holdings));
+        }
         if c.failures() == 0 || Instant::now() > deadline {
             break c;
         }
@@ -742,7 +1041,8 @@ async fn run(
             content.examples
         );
     }
-    phases.insert("check".to_string(), phase_since(m, proc, &envoys));
+    phases.insert("check".to_string(), phase_since(m, &procs, &envoys));
+    cp.record("check").await;
 
     let (envoy_cpu, envoy_rss) = envoys::usage(&envoys);
     let real_envoys = (!envoys.is_empty()).then(|| EnvoyFigures {
@@ -773,8 +1073,8 @@ async fn run(
         config_change_per_client_ms: config_change.split_clients(),
         initial_sync_s,
         hub: HubUsage {
-            cpu_s: proc.cpu_seconds(),
-            peak_rss_bytes: proc.peak_rss_bytes(),
+            cpu_s: procs.iter().map(|p| p.cpu_seconds()).sum(),
+            peak_rss_bytes: procs.iter().map(|p| p.peak_rss_bytes()).sum(),
         },
         harness: HarnessUsage {
             cpu_s: phases.values().map(|p| p.harness_cpu_s).sum(),
@@ -789,13 +1089,14 @@ async fn run(
         reconnects: shared.reconnects.load(Ordering::Relaxed),
         content_check: content,
         real_envoys,
+        processes: cp.figures(),
         client_samples: collected.client.iter().flatten().copied().collect(),
         samples: all_samples,
     };
     if let Target::Ours { agents, .. } = target {
         drop(agents);
     }
-    Ok(result)
+    Ok((result, after_sync))
 }
 
 /// `taskset -c CPUS` in front of `argv` when pinning is asked for.
@@ -863,7 +1164,7 @@ async fn ours(
         .map_err(|e| anyhow::anyhow!("--agent-batch: {e}"))?;
 
     // The estate arrives through the federation protocol, one agent per cluster.
-    let m = mark(&proc, &[]);
+    let m = mark(&[&proc], &[]);
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut agents = Vec::new();
     for c in 0..sc.size.clusters {
@@ -878,7 +1179,7 @@ async fn ours(
         tokio::spawn(agent::run(cfg, rx, async move {
             let _ = stop.wait_for(|s| *s).await;
         }));
-        agents.push(tx);
+        agents.push(vec![Feed { envs: None, tx }]);
     }
     let want = sc.size.services * sc.size.ports;
     let deadline = Instant::now() + Duration::from_secs(args.phase_timeout_s);
@@ -904,19 +1205,20 @@ async fn ours(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let load = phase_since(m, &proc, &[]);
+    let load = phase_since(m, &[&proc], &[]);
+    let cp = ControlPlane::single(&proc, &xds);
     let r = run(
         args,
         sc,
         "tributary",
         position,
-        &proc,
+        &cp,
         Target::Ours { agents },
-        &xds,
         load,
         dir,
     )
     .await;
+    drop(cp);
     let _ = stop_tx.send(true);
     proc.stop();
     r
@@ -972,7 +1274,7 @@ async fn peer(
         }
     };
     eprintln!("go-control-plane peer: loading the estate");
-    let m = mark(&proc, &[]);
+    let m = mark(&[&proc], &[]);
     let resources = generate(&sc.model());
     let mut all = Generated::new();
     for ty in XdsType::ALL {
@@ -981,19 +1283,20 @@ async fn peer(
         }
     }
     feed_peer(control.clone(), all, Some(&resources.roles)).await?;
-    let load = phase_since(m, &proc, &[]);
+    let load = phase_since(m, &[&proc], &[]);
+    let cp = ControlPlane::single(&proc, &xds);
     let r = run(
         args,
         sc,
         "go-control-plane",
         position,
-        &proc,
+        &cp,
         Target::Peer { control },
-        &xds,
         load,
         dir,
     )
     .await;
+    drop(cp);
     proc.stop();
     r
 }
@@ -1041,7 +1344,13 @@ async fn main() -> anyhow::Result<()> {
     // One connection per client (and one per agent): raise the open-files limit to
     // the hard limit; the control planes started below inherit it.
     let nofile = rlimit::increase_nofile_limit(u64::MAX).context("raising RLIMIT_NOFILE")?;
-    let needed = (size.sidecars + size.gateways + size.clusters + 64) as u64;
+    // Sharded: an agent per remote cluster and replica of its zone's shards.
+    let agents = if args.scenario.starts_with("sharded") {
+        size.clusters * args.environments * args.replicas_per_shard
+    } else {
+        size.clusters
+    };
+    let needed = (size.sidecars + size.gateways + agents + 64) as u64;
     if nofile < needed {
         bail!(
             "open-files limit {nofile} (hard) is below the {needed} connections this scenario opens: raise it (ulimit -Hn) or shrink the scenario"
@@ -1049,6 +1358,10 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(c) = &args.cpu_harness {
         pin_self(c)?;
+    }
+    if args.scenario.starts_with("sharded") {
+        let sc = Scenario::sharded(size.clone(), args.environments, args.zones)?;
+        return sharded::main(&args, sc, size, nofile).await;
     }
     let sc = Scenario::new(size.clone());
     let dir = std::env::temp_dir().join(format!("tributary-loadtest-{}", std::process::id()));

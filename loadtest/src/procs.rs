@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 pub struct Proc {
-    pub name: &'static str,
+    pub name: String,
     /// `None` when attached to a process someone else started (`--hub-addr`).
     pub child: Option<Child>,
     pub pid: Option<u32>,
@@ -19,7 +19,7 @@ pub struct Proc {
 
 impl Proc {
     /// Starts `argv` with `--ready-file` appended and waits for that file.
-    pub fn start(name: &'static str, argv: &[String], dir: &Path) -> anyhow::Result<Proc> {
+    pub fn start(name: &str, argv: &[String], dir: &Path) -> anyhow::Result<Proc> {
         let ready_file = dir.join(format!("{name}.ready.json"));
         let log = dir.join(format!("{name}.log"));
         // A ready file left by the previous run's process would name its (dead) ports.
@@ -58,7 +58,7 @@ impl Proc {
             std::thread::sleep(Duration::from_millis(50));
         };
         Ok(Proc {
-            name,
+            name: name.to_string(),
             pid: Some(child.id()),
             child: Some(child),
             ready,
@@ -67,11 +67,38 @@ impl Proc {
         })
     }
 
+    /// Starts `argv` (a program without a ready file, e.g. etcd: the caller waits for
+    /// it to answer), its output in `dir/{name}.log`.
+    pub fn spawn(name: &str, argv: &[String], dir: &Path) -> anyhow::Result<Proc> {
+        let log = dir.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log)?;
+        let child = Command::new(&argv[0])
+            .args(&argv[1..])
+            .stdout(Stdio::from(out.try_clone()?))
+            .stderr(Stdio::from(out))
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {name}: {argv:?}"))?;
+        Ok(Proc {
+            name: name.to_string(),
+            pid: Some(child.id()),
+            child: Some(child),
+            ready: serde_json::Value::Null,
+            log,
+            ticks_per_second: clock_ticks(),
+        })
+    }
+
+    /// Whether it has exited (its status, once).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
+    }
+
     /// A control plane started elsewhere: `ready` holds its addresses; CPU and memory
     /// are read only if its `pid` is given (and on this machine).
-    pub fn attach(name: &'static str, ready: serde_json::Value, pid: Option<u32>) -> Proc {
+    pub fn attach(name: &str, ready: serde_json::Value, pid: Option<u32>) -> Proc {
         Proc {
-            name,
+            name: name.to_string(),
             child: None,
             pid,
             ready,
@@ -100,6 +127,14 @@ impl Proc {
         self.process()
             .and_then(|p| p.status().ok())
             .and_then(|s| s.vmhwm)
+            .map_or(0, |kb| kb * 1024)
+    }
+
+    /// Resident memory now (`VmRSS`) in bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        self.process()
+            .and_then(|p| p.status().ok())
+            .and_then(|s| s.vmrss)
             .map_or(0, |kb| kb * 1024)
     }
 

@@ -119,10 +119,36 @@ pub struct Run {
     pub reconnects: usize,
     pub content_check: crate::check::ContentCheck,
     pub real_envoys: Option<EnvoyFigures>,
+    /// Per process of a control plane of several (sharded scenarios: hubs, router).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub processes: Option<Vec<ProcFigures>>,
     #[serde(skip)]
     pub samples: Vec<f64>,
     #[serde(skip)]
     pub client_samples: Vec<f64>,
+}
+
+/// One process of a control plane of several: CPU per phase, resident memory and
+/// xDS streams at each phase's end.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ProcFigures {
+    pub name: String,
+    /// `hub`, `router` or `etcd`.
+    pub role: String,
+    /// The shards it serves (hubs).
+    pub shards: Vec<String>,
+    pub phases: std::collections::BTreeMap<String, ProcPhase>,
+    pub peak_rss_bytes: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ProcPhase {
+    pub cpu_s: f64,
+    /// `VmRSS` at the phase's end.
+    pub rss_bytes: u64,
+    /// xDS streams open at the phase's end (hubs: `tributary_xds_connections`; the
+    /// router: `tributary_router_streams`).
+    pub streams: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
