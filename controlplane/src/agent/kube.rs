@@ -749,10 +749,10 @@ pub async fn run(client: Client, opts: KubeOptions, tx: watch::Sender<Arc<Cluste
     let wc = watcher::Config::default();
     let services = watcher::watcher(Api::<Service>::all(client.clone()), wc.clone())
         .default_backoff()
-        .map(WatchEvent::Service);
+        .map(|e| WatchEvent::Service(Box::new(e)));
     let slices = watcher::watcher(Api::<EndpointSlice>::all(client.clone()), wc.clone())
         .default_backoff()
-        .map(WatchEvent::Slice);
+        .map(|e| WatchEvent::Slice(Box::new(e)));
     let namespaces = watcher::watcher(
         Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
         wc.clone(),
@@ -776,10 +776,11 @@ pub async fn run(client: Client, opts: KubeOptions, tx: watch::Sender<Arc<Cluste
 /// persistent maps that the previous state still shares).
 const MAX_EVENTS_PER_STATE: usize = 1_000;
 
-/// One watcher event of any kind.
+/// One watcher event of any kind. Services and EndpointSlices are boxed: they are
+/// several times the size of the metadata-only kinds, and events queue in chunks.
 enum WatchEvent {
-    Service(watcher::Result<Event<Service>>),
-    Slice(watcher::Result<Event<EndpointSlice>>),
+    Service(Box<watcher::Result<Event<Service>>>),
+    Slice(Box<watcher::Result<Event<EndpointSlice>>>),
     Namespace(watcher::Result<Event<PartialObjectMeta<Namespace>>>),
     Node(watcher::Result<Event<PartialObjectMeta<Node>>>),
 }
@@ -788,18 +789,22 @@ impl Source {
     fn on(&mut self, ev: WatchEvent) -> Touched {
         let none = || Touched::keys(vec![]);
         match ev {
-            WatchEvent::Service(Ok(ev)) => self.on_service(ev),
-            WatchEvent::Slice(Ok(ev)) => self.on_slice(ev),
+            WatchEvent::Service(ev) => match *ev {
+                Ok(ev) => self.on_service(ev),
+                Err(e) => {
+                    warn!(error = %e, "Service watch error (retrying)");
+                    none()
+                }
+            },
+            WatchEvent::Slice(ev) => match *ev {
+                Ok(ev) => self.on_slice(ev),
+                Err(e) => {
+                    warn!(error = %e, "EndpointSlice watch error (retrying)");
+                    none()
+                }
+            },
             WatchEvent::Namespace(Ok(ev)) => self.on_namespace(ev),
             WatchEvent::Node(Ok(ev)) => self.on_node(ev),
-            WatchEvent::Service(Err(e)) => {
-                warn!(error = %e, "Service watch error (retrying)");
-                none()
-            }
-            WatchEvent::Slice(Err(e)) => {
-                warn!(error = %e, "EndpointSlice watch error (retrying)");
-                none()
-            }
             WatchEvent::Namespace(Err(e)) => {
                 warn!(error = %e, "Namespace watch error (retrying)");
                 none()
@@ -1163,11 +1168,11 @@ mod tests {
             WatchEvent::Namespace(Ok(Event::Init)),
             WatchEvent::Namespace(Ok(Event::InitApply(meta("a", (ENV_LABEL, "prod"))))),
             WatchEvent::Namespace(Ok(Event::InitDone)),
-            WatchEvent::Service(Ok(Event::Init)),
+            WatchEvent::Service(Box::new(Ok(Event::Init))),
         ];
         for i in 0..500 {
             let s = service("a", &format!("s{i}"));
-            events.push(WatchEvent::Service(Ok(Event::InitApply(s))));
+            events.push(WatchEvent::Service(Box::new(Ok(Event::InitApply(s)))));
         }
         let (tx, rx) = watch::channel(Arc::new(ClusterState::listing()));
         let mut src = Source::default();
