@@ -749,19 +749,19 @@ pub async fn run(client: Client, opts: KubeOptions, tx: watch::Sender<Arc<Cluste
     let wc = watcher::Config::default();
     let services = watcher::watcher(Api::<Service>::all(client.clone()), wc.clone())
         .default_backoff()
-        .map(WatchEvent::Service);
+        .map(|e| WatchEvent::Service(Box::new(e)));
     let slices = watcher::watcher(Api::<EndpointSlice>::all(client.clone()), wc.clone())
         .default_backoff()
-        .map(WatchEvent::Slice);
+        .map(|e| WatchEvent::Slice(Box::new(e)));
     let namespaces = watcher::watcher(
         Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
         wc.clone(),
     )
     .default_backoff()
-    .map(WatchEvent::Namespace);
+    .map(|e| WatchEvent::Namespace(Box::new(e)));
     let nodes = watcher::watcher(Api::<PartialObjectMeta<Node>>::all(client), wc)
         .default_backoff()
-        .map(WatchEvent::Node);
+        .map(|e| WatchEvent::Node(Box::new(e)));
     let events = futures_util::stream::select_all([
         services.boxed(),
         slices.boxed(),
@@ -776,38 +776,46 @@ pub async fn run(client: Client, opts: KubeOptions, tx: watch::Sender<Arc<Cluste
 /// persistent maps that the previous state still shares).
 const MAX_EVENTS_PER_STATE: usize = 1_000;
 
-/// One watcher event of any kind.
+/// One watcher event of any kind (boxed: a chunk holds up to a thousand).
 enum WatchEvent {
-    Service(watcher::Result<Event<Service>>),
-    Slice(watcher::Result<Event<EndpointSlice>>),
-    Namespace(watcher::Result<Event<PartialObjectMeta<Namespace>>>),
-    Node(watcher::Result<Event<PartialObjectMeta<Node>>>),
+    Service(Box<watcher::Result<Event<Service>>>),
+    Slice(Box<watcher::Result<Event<EndpointSlice>>>),
+    Namespace(Box<watcher::Result<Event<PartialObjectMeta<Namespace>>>>),
+    Node(Box<watcher::Result<Event<PartialObjectMeta<Node>>>>),
 }
 
 impl Source {
     fn on(&mut self, ev: WatchEvent) -> Touched {
         let none = || Touched::keys(vec![]);
         match ev {
-            WatchEvent::Service(Ok(ev)) => self.on_service(ev),
-            WatchEvent::Slice(Ok(ev)) => self.on_slice(ev),
-            WatchEvent::Namespace(Ok(ev)) => self.on_namespace(ev),
-            WatchEvent::Node(Ok(ev)) => self.on_node(ev),
-            WatchEvent::Service(Err(e)) => {
-                warn!(error = %e, "Service watch error (retrying)");
-                none()
-            }
-            WatchEvent::Slice(Err(e)) => {
-                warn!(error = %e, "EndpointSlice watch error (retrying)");
-                none()
-            }
-            WatchEvent::Namespace(Err(e)) => {
-                warn!(error = %e, "Namespace watch error (retrying)");
-                none()
-            }
-            WatchEvent::Node(Err(e)) => {
-                warn!(error = %e, "Node watch error (retrying; zones fall back to --zone)");
-                none()
-            }
+            WatchEvent::Service(ev) => match *ev {
+                Ok(ev) => self.on_service(ev),
+                Err(e) => {
+                    warn!(error = %e, "Service watch error (retrying)");
+                    none()
+                }
+            },
+            WatchEvent::Slice(ev) => match *ev {
+                Ok(ev) => self.on_slice(ev),
+                Err(e) => {
+                    warn!(error = %e, "EndpointSlice watch error (retrying)");
+                    none()
+                }
+            },
+            WatchEvent::Namespace(ev) => match *ev {
+                Ok(ev) => self.on_namespace(ev),
+                Err(e) => {
+                    warn!(error = %e, "Namespace watch error (retrying)");
+                    none()
+                }
+            },
+            WatchEvent::Node(ev) => match *ev {
+                Ok(ev) => self.on_node(ev),
+                Err(e) => {
+                    warn!(error = %e, "Node watch error (retrying; zones fall back to --zone)");
+                    none()
+                }
+            },
         }
     }
 }
@@ -1160,14 +1168,17 @@ mod tests {
     #[tokio::test]
     async fn a_page_of_events_makes_one_state() {
         let mut events = vec![
-            WatchEvent::Namespace(Ok(Event::Init)),
-            WatchEvent::Namespace(Ok(Event::InitApply(meta("a", (ENV_LABEL, "prod"))))),
-            WatchEvent::Namespace(Ok(Event::InitDone)),
-            WatchEvent::Service(Ok(Event::Init)),
+            WatchEvent::Namespace(Box::new(Ok(Event::Init))),
+            WatchEvent::Namespace(Box::new(Ok(Event::InitApply(meta(
+                "a",
+                (ENV_LABEL, "prod"),
+            ))))),
+            WatchEvent::Namespace(Box::new(Ok(Event::InitDone))),
+            WatchEvent::Service(Box::new(Ok(Event::Init))),
         ];
         for i in 0..500 {
             let s = service("a", &format!("s{i}"));
-            events.push(WatchEvent::Service(Ok(Event::InitApply(s))));
+            events.push(WatchEvent::Service(Box::new(Ok(Event::InitApply(s)))));
         }
         let (tx, rx) = watch::channel(Arc::new(ClusterState::listing()));
         let mut src = Source::default();
