@@ -758,10 +758,10 @@ pub async fn run(client: Client, opts: KubeOptions, tx: watch::Sender<Arc<Cluste
         wc.clone(),
     )
     .default_backoff()
-    .map(WatchEvent::Namespace);
+    .map(|e| WatchEvent::Namespace(Box::new(e)));
     let nodes = watcher::watcher(Api::<PartialObjectMeta<Node>>::all(client), wc)
         .default_backoff()
-        .map(WatchEvent::Node);
+        .map(|e| WatchEvent::Node(Box::new(e)));
     let events = futures_util::stream::select_all([
         services.boxed(),
         slices.boxed(),
@@ -776,13 +776,12 @@ pub async fn run(client: Client, opts: KubeOptions, tx: watch::Sender<Arc<Cluste
 /// persistent maps that the previous state still shares).
 const MAX_EVENTS_PER_STATE: usize = 1_000;
 
-/// One watcher event of any kind. Services and EndpointSlices are boxed: they are
-/// several times the size of the metadata-only kinds, and events queue in chunks.
+/// One watcher event of any kind (boxed: a chunk holds up to a thousand).
 enum WatchEvent {
     Service(Box<watcher::Result<Event<Service>>>),
     Slice(Box<watcher::Result<Event<EndpointSlice>>>),
-    Namespace(watcher::Result<Event<PartialObjectMeta<Namespace>>>),
-    Node(watcher::Result<Event<PartialObjectMeta<Node>>>),
+    Namespace(Box<watcher::Result<Event<PartialObjectMeta<Namespace>>>>),
+    Node(Box<watcher::Result<Event<PartialObjectMeta<Node>>>>),
 }
 
 impl Source {
@@ -803,16 +802,20 @@ impl Source {
                     none()
                 }
             },
-            WatchEvent::Namespace(Ok(ev)) => self.on_namespace(ev),
-            WatchEvent::Node(Ok(ev)) => self.on_node(ev),
-            WatchEvent::Namespace(Err(e)) => {
-                warn!(error = %e, "Namespace watch error (retrying)");
-                none()
-            }
-            WatchEvent::Node(Err(e)) => {
-                warn!(error = %e, "Node watch error (retrying; zones fall back to --zone)");
-                none()
-            }
+            WatchEvent::Namespace(ev) => match *ev {
+                Ok(ev) => self.on_namespace(ev),
+                Err(e) => {
+                    warn!(error = %e, "Namespace watch error (retrying)");
+                    none()
+                }
+            },
+            WatchEvent::Node(ev) => match *ev {
+                Ok(ev) => self.on_node(ev),
+                Err(e) => {
+                    warn!(error = %e, "Node watch error (retrying; zones fall back to --zone)");
+                    none()
+                }
+            },
         }
     }
 }
@@ -1165,9 +1168,12 @@ mod tests {
     #[tokio::test]
     async fn a_page_of_events_makes_one_state() {
         let mut events = vec![
-            WatchEvent::Namespace(Ok(Event::Init)),
-            WatchEvent::Namespace(Ok(Event::InitApply(meta("a", (ENV_LABEL, "prod"))))),
-            WatchEvent::Namespace(Ok(Event::InitDone)),
+            WatchEvent::Namespace(Box::new(Ok(Event::Init))),
+            WatchEvent::Namespace(Box::new(Ok(Event::InitApply(meta(
+                "a",
+                (ENV_LABEL, "prod"),
+            ))))),
+            WatchEvent::Namespace(Box::new(Ok(Event::InitDone))),
             WatchEvent::Service(Box::new(Ok(Event::Init))),
         ];
         for i in 0..500 {
