@@ -106,7 +106,12 @@ impl Router {
             let svc = ServiceBuilder::new()
                 .layer(limit.clone())
                 .service(relay.clone());
-            tasks.spawn(accept(listener, svc, stop.clone()));
+            tasks.spawn(accept(
+                listener,
+                svc,
+                cfg.limits.stream_window as usize,
+                stop.clone(),
+            ));
         }
 
         let state = AdminState {
@@ -163,10 +168,12 @@ impl Router {
 }
 
 /// Accepts connections until `stop`; each is served over HTTP/2 (gRPC's h2c prior
-/// knowledge) in its own task, and drains gracefully on `stop`.
+/// knowledge) in its own task, and drains gracefully on `stop`. A stream queues at
+/// most `send_buffer` bytes for its client (the rest waits in the replica's window).
 async fn accept<S>(
     listener: TcpListener,
     svc: S,
+    send_buffer: usize,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()>
 where
@@ -202,7 +209,8 @@ where
                 .timer(TokioTimer::new())
                 .keep_alive_interval(Some(Duration::from_secs(30)))
                 .keep_alive_timeout(Duration::from_secs(20))
-                .max_concurrent_streams(None);
+                .max_concurrent_streams(None)
+                .max_send_buf_size(send_buffer);
             let conn = builder.serve_connection(TokioIo::new(tcp), svc);
             tokio::pin!(conn);
             tokio::select! {
@@ -247,5 +255,177 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full, StreamBody};
+    use hyper::body::Frame;
+    use prost::Message;
+    use tributary_controlplane::membership::{Assignment, ReplicaInfo, Shard, ShardAssignment};
+    use tributary_proto::envoy::envoy::config::core::v3::{Locality, Node};
+    use tributary_proto::envoy::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+    use tributary_proto::envoy::google::protobuf::{Struct, Value, value::Kind};
+
+    use super::*;
+    use crate::first::Dialect;
+
+    /// A replica that answers any stream with data for as long as it may send: counts
+    /// the bytes its HTTP/2 connection took from it.
+    async fn endless_replica(taken: Arc<AtomicUsize>) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let taken = taken.clone();
+                let svc = hyper::service::service_fn(move |_req| {
+                    let taken = taken.clone();
+                    async move {
+                        let chunks = futures_util::stream::repeat_with(move || {
+                            taken.fetch_add(16 << 10, Ordering::Relaxed);
+                            Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(
+                                vec![0u8; 16 << 10],
+                            )))
+                        });
+                        Ok::<_, std::convert::Infallible>(
+                            hyper::Response::builder()
+                                .header("content-type", "application/grpc")
+                                .body(StreamBody::new(chunks))
+                                .unwrap(),
+                        )
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), svc),
+                );
+            }
+        });
+        addr
+    }
+
+    /// A client that never reads what it is sent (HTTP/2's default 64 KiB windows) holds
+    /// at most `--stream-window` in the router in each direction: the replica can hand
+    /// over only its client's window, the router's queue for it, the router's window on
+    /// the replica's connection and the replica's own send buffer (hyper's 400 KiB).
+    /// Before the bound, hyper's defaults let the router take 2 MiB from the replica
+    /// and queue more, per stream: 2.1 MB left the replica here (bound: 0.67 MB).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_that_stops_reading_holds_at_most_the_stream_window_in_the_router() {
+        let taken = Arc::new(AtomicUsize::new(0));
+        let replica = endless_replica(taken.clone()).await;
+        let shard = Shard {
+            environment: "prod".into(),
+            zone: "az1".into(),
+        };
+        let table = Arc::new(Table::new());
+        let replicas = BTreeMap::from([(
+            "r".to_string(),
+            ReplicaInfo {
+                id: "r".into(),
+                xds_addr: replica.to_string(),
+                admin_addr: String::new(),
+                shards: vec![shard.clone()],
+                streams: 0,
+                started_unix: 0.0,
+            },
+        )]);
+        let assignment = Assignment {
+            shards: vec![ShardAssignment {
+                shard,
+                replicas: vec!["r".into()],
+            }],
+            ..Default::default()
+        };
+        table.apply(&replicas, &assignment);
+        let limits = RelayLimits::default();
+        let metrics = Arc::new(RouterMetrics::new(&mut Registry::default()));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let router = listener.local_addr().unwrap();
+        let (_stop_tx, stop) = watch::channel(false);
+        tokio::spawn(accept(
+            listener,
+            Relay::new(table, metrics, limits),
+            limits.stream_window as usize,
+            stop,
+        ));
+
+        // The client: one Delta stream, its first request, then nothing read.
+        let tcp = tokio::net::TcpStream::connect(router).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(65_535)
+            .initial_connection_window_size(65_535)
+            .handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let first = DeltaDiscoveryRequest {
+            node: Some(Node {
+                id: "slow".into(),
+                locality: Some(Locality {
+                    zone: "az1".into(),
+                    ..Default::default()
+                }),
+                metadata: Some(Struct {
+                    fields: [(
+                        "tributary.io/env".to_string(),
+                        Value {
+                            kind: Some(Kind::StringValue("prod".into())),
+                        },
+                    )]
+                    .into(),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let mut framed = vec![0u8];
+        framed.extend_from_slice(&(first.len() as u32).to_be_bytes());
+        framed.extend_from_slice(&first);
+        let req = hyper::Request::post(format!("http://{router}{}", Dialect::DELTA_PATH))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Full::new(Bytes::from(framed)))
+            .unwrap();
+        let response = send.send_request(req).await.unwrap();
+        assert_eq!(response.status(), 200);
+
+        // Wait until the replica can hand over nothing more: no progress for 500 ms
+        // (a window's worth moves in microseconds on loopback), within 10 s.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut last = (taken.load(Ordering::Relaxed), tokio::time::Instant::now());
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let now = taken.load(Ordering::Relaxed);
+            if now != last.0 {
+                last = (now, tokio::time::Instant::now());
+            } else if last.1.elapsed() >= Duration::from_millis(500) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the replica is still sending ({now} bytes): nothing bounds the stream"
+            );
+        }
+        let window = limits.stream_window as usize;
+        // Client window + router queue + router window + the replica's send buffer,
+        // and a chunk of slack for each.
+        let bound = 65_535 + 2 * window + (400 << 10) + 4 * (16 << 10);
+        assert!(
+            last.0 <= bound,
+            "{} bytes left the replica for a client that reads nothing (bound {bound})",
+            last.0
+        );
+        // The client can still read what it was sent.
+        let mut body = response.into_body();
+        let f = body.frame().await.unwrap().unwrap();
+        assert!(f.into_data().is_ok());
     }
 }

@@ -55,7 +55,21 @@ pub struct RelayLimits {
     /// How long a replica the relay could not reach is avoided for new streams
     /// (`--avoid-unreachable-for`).
     pub avoid_unreachable_for: Duration,
+    /// Bytes of a relayed stream the router holds at most in each direction
+    /// (`--stream-window`): its HTTP/2 window on the replica's connection, and what it
+    /// queues for a client that has not taken the bytes yet.
+    pub stream_window: u32,
 }
+
+/// `--stream-window`'s default: HTTP/2's own initial window (65,535 bytes), rounded.
+pub const DEFAULT_STREAM_WINDOW: u32 = 64 << 10;
+
+/// The window of the one HTTP/2 connection to a replica, shared by every stream
+/// relayed there: HTTP/2's largest. Memory is bounded per stream (`stream_window`);
+/// a smaller connection window would let a few clients that read slowly hold all of
+/// it, and stall every other client of that replica (head-of-line blocking across
+/// clients).
+pub const REPLICA_CONNECTION_WINDOW: u32 = (1 << 31) - 1;
 
 impl Default for RelayLimits {
     fn default() -> Self {
@@ -64,6 +78,7 @@ impl Default for RelayLimits {
             first_request_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             avoid_unreachable_for: Duration::from_secs(10),
+            stream_window: DEFAULT_STREAM_WINDOW,
         }
     }
 }
@@ -257,6 +272,8 @@ impl Relay {
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .http2_only(true)
+            .http2_initial_stream_window_size(limits.stream_window)
+            .http2_initial_connection_window_size(REPLICA_CONNECTION_WINDOW)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .http2_keep_alive_timeout(Duration::from_secs(20))
             .build(connector);

@@ -521,3 +521,76 @@ async fn a_hub_does_not_hold_a_slice_of_a_shard_it_does_not_serve() {
         h.shutdown().await.unwrap();
     }
 }
+
+/// The directory going away does not stop an agent: while the router is down it keeps
+/// feeding the replicas it knows (a change still reaches them) and asks the directory
+/// again with backoff; once a router serves the same address again, it follows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_keeps_feeding_its_replicas_while_the_router_is_down() {
+    let mesh = Mesh::start(&environment("prod", &["az1"]), &["a"], 2).await;
+    let router = mesh.router().await;
+    let addr = router.xds_addrs[0];
+    let (state_tx, rx) = watch::channel(Arc::new(cluster_state(&[("prod", "10.1.0.1")])));
+    let (telemetry, stop) = follow(&router, "east-1", "az1", rx);
+    let hub = &mesh.hubs["a"];
+    let mut wake = wake_ons(&mesh, &router, &["prod"]);
+    wake.push(Box::new(telemetry.changes()));
+    wait_until("a is fed", &mut wake, || {
+        let got = reviews_addresses(hub, "prod");
+        (got == BTreeSet::from(["10.1.0.1".to_string()]))
+            .then_some(())
+            .ok_or(format!("a: {got:?}"))
+    })
+    .await;
+
+    router.shutdown().await.unwrap();
+    let mut wake: Vec<Box<dyn Changes>> = vec![
+        Box::new(telemetry.changes()),
+        Box::new(hub.snapshots.subscribe_or_create("prod")),
+    ];
+    wait_until("the agent lost the directory", &mut wake, || {
+        let s = telemetry.status();
+        (s.state != "following" && s.last_session_error.is_some())
+            .then_some(())
+            .ok_or(format!("{} {:?}", s.state, s.last_session_error))
+    })
+    .await;
+    let err = telemetry.status().last_session_error.unwrap_or_default();
+    assert!(err.contains("directory http://"), "{err}");
+    state_tx.send_replace(Arc::new(cluster_state(&[("prod", "10.1.0.2")])));
+    wait_until("a change still reaches a", &mut wake, || {
+        let got = reviews_addresses(hub, "prod");
+        (got == BTreeSet::from(["10.1.0.2".to_string()]))
+            .then_some(())
+            .ok_or(format!("a: {got:?}"))
+    })
+    .await;
+    assert_eq!(
+        telemetry
+            .status()
+            .replicas
+            .iter()
+            .map(|r| (r.replica.clone().unwrap_or_default(), r.state))
+            .collect::<Vec<_>>(),
+        vec![("a".to_string(), "connected")]
+    );
+
+    // A router on the same address again: the agent follows it.
+    let mut cfg = RouterConfig::local();
+    cfg.listen = vec![addr];
+    let router = Router::start(cfg, mesh.store.clone())
+        .await
+        .expect("a router on the same address");
+    wait_until("the agent follows the directory again", &mut wake, || {
+        let s = telemetry.status();
+        (s.state == "following")
+            .then_some(())
+            .ok_or(s.state.to_string())
+    })
+    .await;
+    let _ = stop.send(true);
+    router.shutdown().await.unwrap();
+    for (_, h) in mesh.hubs {
+        h.shutdown().await.unwrap();
+    }
+}
