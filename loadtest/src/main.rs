@@ -89,8 +89,10 @@ struct Args {
     #[arg(long)]
     cpu_router: Option<String>,
     /// Sharded scenarios: a command to run the router under, for profiling, e.g.
-    /// "heaptrack -o /tmp/router" or "perf record -g -o /tmp/router.perf" (its CPU and
-    /// memory figures are then the wrapper's).
+    /// "valgrind --tool=massif --massif-out-file=/tmp/router.massif.%p" (its CPU and
+    /// memory figures are then the wrapper's). The wrapper gets the router's SIGTERM: it
+    /// must pass it on and wait (valgrind does; heaptrack's launcher script does not,
+    /// and leaves the router running with an empty profile).
     #[arg(long)]
     router_wrapper: Option<String>,
     #[arg(long)]
