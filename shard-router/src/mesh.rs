@@ -197,10 +197,21 @@ impl Mesh {
                 .filter(|e| e.contains('/'))
                 .collect();
             if let Some(first) = views.first() {
+                // Point at a replica that serves that shard: only it holds the zone's
+                // endpoints (agents feed each replica its own shards).
+                let serving = self
+                    .router
+                    .table
+                    .routes()
+                    .into_iter()
+                    .find(|s| s.shard == *first)
+                    .and_then(|s| s.replicas.first().map(|r| r.replica.clone()))
+                    .and_then(|id| self.hubs.iter().find(|(h, _)| *h == id))
+                    .map_or(hub, |(_, h)| h);
                 out.push_str(&format!(
                     "cross-zone locality: {} (each zone's view, other zones through their east-west gateways: http://{}/config_dump?env={first})\n",
                     views.join(", "),
-                    hub.admin_addr
+                    serving.admin_addr
                 ));
             }
         }
