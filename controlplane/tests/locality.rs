@@ -117,6 +117,17 @@ fn reviews_endpoints(az1: &[(&str, bool)], az2: &[(&str, bool)]) -> String {
     s
 }
 
+/// One hub on an in-memory store, serving prod in two zones (98% local) with
+/// `reviews` whose endpoints are `endpoints`.
+async fn two_zones_with_reviews(endpoints: &str) -> (SharedStore, Hub) {
+    let store: SharedStore = Arc::new(Embedded::in_memory(EmbeddedConfig::default()).unwrap());
+    let hub = hub_on(&store, "a").await;
+    apply(&hub, &environments(98)).await;
+    apply(&hub, SERVICES).await;
+    apply(&hub, endpoints).await;
+    (store, hub)
+}
+
 async fn hub_on(store: &SharedStore, id: &str) -> Hub {
     let mut cfg = HubConfig::local(vec![]);
     cfg.store = StoreBackend::Shared(store.clone());
@@ -369,17 +380,10 @@ async fn summaries_are_written_by_each_shards_leader_and_a_new_leader_takes_over
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zones_load_assignments_reach_the_other_zones_through_their_gateways() {
-    let store: SharedStore = Arc::new(Embedded::in_memory(EmbeddedConfig::default()).unwrap());
-    let hub = hub_on(&store, "a").await;
-    apply(&hub, &environments(98)).await;
-    apply(&hub, SERVICES).await;
-    apply(
-        &hub,
-        &reviews_endpoints(
-            &[("10.1.0.1", true), ("10.1.0.2", true)],
-            &[("10.2.0.1", true), ("10.2.0.2", true), ("10.2.0.3", true)],
-        ),
-    )
+    let (_store, hub) = two_zones_with_reviews(&reviews_endpoints(
+        &[("10.1.0.1", true), ("10.1.0.2", true)],
+        &[("10.2.0.1", true), ("10.2.0.2", true), ("10.2.0.3", true)],
+    ))
     .await;
     // az1's view: its own endpoints at priority 0, az2 through its gateway at
     // priority 1 (weighted by its 3 healthy endpoints), 98% local.
@@ -493,14 +497,10 @@ async fn a_zones_load_assignments_reach_the_other_zones_through_their_gateways()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endpoints_without_a_zone_and_one_zone_environments_are_served_as_before() {
-    let store: SharedStore = Arc::new(Embedded::in_memory(EmbeddedConfig::default()).unwrap());
-    let hub = hub_on(&store, "a").await;
-    apply(&hub, &environments(98)).await;
-    apply(&hub, SERVICES).await;
-    apply(
-        &hub,
-        &reviews_endpoints(&[("10.1.0.1", true)], &[("10.2.0.1", true)]),
-    )
+    let (store, hub) = two_zones_with_reviews(&reviews_endpoints(
+        &[("10.1.0.1", true)],
+        &[("10.2.0.1", true)],
+    ))
     .await;
     until("both zones' summaries of reviews", || async {
         (summary(&store, "az1", "reviews").await.is_some()
@@ -561,14 +561,10 @@ async fn endpoints_without_a_zone_and_one_zone_environments_are_served_as_before
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_is_served_its_own_zones_view() {
-    let store: SharedStore = Arc::new(Embedded::in_memory(EmbeddedConfig::default()).unwrap());
-    let hub = hub_on(&store, "a").await;
-    apply(&hub, &environments(98)).await;
-    apply(&hub, SERVICES).await;
-    apply(
-        &hub,
-        &reviews_endpoints(&[("10.1.0.1", true)], &[("10.2.0.1", true)]),
-    )
+    let (_store, hub) = two_zones_with_reviews(&reviews_endpoints(
+        &[("10.1.0.1", true)],
+        &[("10.2.0.1", true)],
+    ))
     .await;
     until("az1's view with az2's gateway", || async {
         cla_of(&hub, "prod/az1", REVIEWS).filter(|c| shape(c).iter().any(|l| l.1 == 1))

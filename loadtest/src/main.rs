@@ -1101,6 +1101,44 @@ async fn run_with(
     Ok((result, after_sync))
 }
 
+/// `tributary hub` as every scenario runs it — `config` dir, `state` dir (emptied
+/// first), ephemeral loopback ports, no sync wait — plus `extra`, `--debounce` and the
+/// `--hub-arg`s, pinned to the control plane's CPUs.
+fn hub_argv(
+    args: &Args,
+    hub_bin: &std::path::Path,
+    config: &std::path::Path,
+    state: &std::path::Path,
+    extra: &[&str],
+) -> Vec<String> {
+    let _ = std::fs::remove_dir_all(state);
+    let mut argv: Vec<String> = [
+        hub_bin.to_string_lossy().as_ref(),
+        "hub",
+        "--config",
+        &config.to_string_lossy(),
+    ]
+    .into_iter()
+    .chain(extra.iter().copied())
+    .chain([
+        "--xds-addr",
+        "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--sync-wait",
+        "0s",
+        "--state-dir",
+        &state.to_string_lossy(),
+    ])
+    .map(str::to_string)
+    .collect();
+    if let Some(d) = &args.debounce {
+        argv.extend(["--debounce-quiet".to_string(), d.clone()]);
+    }
+    argv.extend(args.hub_args.iter().cloned());
+    pinned(args.cpu_control_plane.as_deref(), argv)
+}
+
 /// `taskset -c CPUS` in front of `argv` when pinning is asked for.
 fn pinned(cpus: Option<&str>, argv: Vec<String>) -> Vec<String> {
     match cpus {
@@ -1125,30 +1163,7 @@ async fn ours(
     let config = dir.join("hub-config");
     std::fs::create_dir_all(&config)?;
     std::fs::write(config.join("mesh.yaml"), sc.hub_config_yaml())?;
-    let state = dir.join("hub-state");
-    let _ = std::fs::remove_dir_all(&state);
-    let mut argv: Vec<String> = [
-        hub_bin.to_string_lossy().as_ref(),
-        "hub",
-        "--config",
-        &config.to_string_lossy(),
-        "--xds-addr",
-        "127.0.0.1:0",
-        "--admin-addr",
-        "127.0.0.1:0",
-        "--sync-wait",
-        "0s",
-        "--state-dir",
-        &state.to_string_lossy(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    if let Some(d) = &args.debounce {
-        argv.extend(["--debounce-quiet".to_string(), d.clone()]);
-    }
-    argv.extend(args.hub_args.iter().cloned());
-    let argv = pinned(args.cpu_control_plane.as_deref(), argv);
+    let argv = hub_argv(args, &hub_bin, &config, &dir.join("hub-state"), &[]);
     let proc = match (&args.hub_addr, &args.hub_admin) {
         (Some(x), Some(a)) => Proc::attach(
             "hub",

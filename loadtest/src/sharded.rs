@@ -43,7 +43,8 @@ use crate::procs::{Proc, http};
 use crate::report::{self, ProcFigures, Run, spread};
 use crate::scenario::{self, ENVS, Scenario, ShardIx, Size, cluster_id, zone_name};
 use crate::{
-    AfterSync, Args, ControlPlane, Feed, Measured, Target, mark, phase_since, pinned, progress,
+    AfterSync, Args, ControlPlane, Feed, Measured, Target, hub_argv, mark, phase_since, pinned,
+    progress,
 };
 
 /// How the clients reach their replica.
@@ -266,35 +267,23 @@ async fn start_estate(args: &Args, sc: &Scenario, dir: &Path) -> anyhow::Result<
     let mut hubs = Vec::new();
     for k in 1..=n {
         let id = format!("hub-{k}");
-        let state = dir.join(format!("{id}-state"));
-        let _ = std::fs::remove_dir_all(&state);
-        let mut argv = strings(&[
-            &hub_bin.to_string_lossy(),
-            "hub",
-            "--config",
-            &config.to_string_lossy(),
-            "--store",
-            "etcd",
-            "--etcd-endpoints",
-            &etcd_url,
-            "--replica-id",
-            &id,
-            "--replicas-per-shard",
-            &rps,
-            "--xds-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--sync-wait",
-            "0s",
-            "--state-dir",
-            &state.to_string_lossy(),
-        ]);
-        if let Some(d) = &args.debounce {
-            argv.extend(["--debounce-quiet".to_string(), d.clone()]);
-        }
-        argv.extend(args.hub_args.iter().cloned());
-        let proc = Proc::start(&id, &pinned(args.cpu_control_plane.as_deref(), argv), dir)?;
+        let argv = hub_argv(
+            args,
+            &hub_bin,
+            &config,
+            &dir.join(format!("{id}-state")),
+            &[
+                "--store",
+                "etcd",
+                "--etcd-endpoints",
+                &etcd_url,
+                "--replica-id",
+                &id,
+                "--replicas-per-shard",
+                &rps,
+            ],
+        );
+        let proc = Proc::start(&id, &argv, dir)?;
         let (xds, admin) = (proc.addr("xds")?, proc.addr("admin")?);
         hubs.push(Hub {
             id,
