@@ -18,6 +18,7 @@ pub mod config;
 pub mod ctl;
 pub mod federation;
 pub mod http_client;
+pub mod identity;
 pub mod index;
 pub mod membership;
 pub mod metrics;
