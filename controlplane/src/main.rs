@@ -227,6 +227,11 @@ struct HubArgs {
     /// Most resource names a NACK record in /status/sync keeps.
     #[arg(long, default_value_t = StreamLimits::default().nack_record_names)]
     nack_record_names: usize,
+    /// Largest Delta xDS response (bytes of resources) one stream builds at once; a
+    /// bigger diff goes out in several responses, each after the previous one's ACK.
+    /// Bounds each stream's encode buffer; keep it well under clients' 4 MiB gRPC limit.
+    #[arg(long, default_value_t = StreamLimits::default().max_response_bytes, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1024..=(4 << 20)))]
+    max_response_bytes: usize,
     /// Largest xDS request (bytes) the hub decodes; a larger one ends its stream.
     #[arg(long, default_value_t = tributary_controlplane::app::DEFAULT_MAX_REQUEST_BYTES)]
     max_request_bytes: usize,
@@ -425,6 +430,7 @@ async fn hub(args: HubArgs) -> anyhow::Result<()> {
         stream_limits: StreamLimits {
             max_names_per_type: args.max_names_per_type,
             nack_record_names: args.nack_record_names,
+            max_response_bytes: args.max_response_bytes,
         },
         max_request_bytes: args.max_request_bytes,
         state_dir: Some(args.state_dir),

@@ -31,6 +31,10 @@ fn cluster(name: &str, version: u32) -> EncodedResource {
 }
 
 fn stream(sotw: bool) -> StreamState {
+    stream_with(sotw, StreamLimits::default())
+}
+
+fn stream_with(sotw: bool, limits: StreamLimits) -> StreamState {
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Arc::new(Metrics::new(&mut registry));
     let status = Arc::new(Mutex::new(ClientStatus {
@@ -51,7 +55,7 @@ fn stream(sotw: bool) -> StreamState {
         role: Role::Sidecar,
         scope: None,
     };
-    StreamState::new(node, sotw, StreamLimits::default(), status, metrics)
+    StreamState::new(node, sotw, limits, status, metrics)
 }
 
 /// `prev` with the clusters in `bump` at `version`.
@@ -166,4 +170,60 @@ fn a_stream_further_behind_than_the_history_compares_everything() {
     let (visited, out) = catch_up(false, skipped);
     assert_eq!(out.resources.len(), skipped);
     assert!(visited >= CLUSTERS as u64, "{visited}");
+}
+
+/// A Delta initial set larger than `--max-response-bytes` goes out in several
+/// responses, each within the bound, the next only after the previous one's ACK;
+/// with the default bound the same set is one response.
+#[test]
+fn delta_responses_respect_max_response_bytes() {
+    let all: Vec<usize> = (0..CLUSTERS).collect();
+    let snap = next(&Snapshot::empty("prod"), &all, 1);
+    let total: usize = snap.resources.by_type[XdsType::Cluster as usize]
+        .values()
+        .map(|r| r.size())
+        .sum();
+    let limit = 4096;
+    assert!(
+        total > 4 * limit,
+        "the set ({total} bytes) must need several responses"
+    );
+    let mut s = stream_with(
+        false,
+        StreamLimits {
+            max_response_bytes: limit,
+            ..StreamLimits::default()
+        },
+    );
+    subscribe_wildcard(&mut s, false);
+    let mut sent = std::collections::HashSet::new();
+    let mut responses = 0;
+    while let Some(out) = s.build(XdsType::Cluster, &snap, false) {
+        responses += 1;
+        let size: usize = out.resources.iter().map(|r| r.size()).sum();
+        assert!(
+            size <= limit,
+            "response {responses} is {size} bytes, over {limit}"
+        );
+        // Nothing more until this one is ACKed.
+        assert!(s.build(XdsType::Cluster, &snap, false).is_none());
+        for r in &out.resources {
+            assert!(sent.insert(r.name().to_string()), "{} sent twice", r.name());
+        }
+        ack(&mut s, false, &out);
+    }
+    assert_eq!(sent.len(), CLUSTERS);
+    assert!(
+        responses >= total / limit,
+        "{responses} responses for {total} bytes"
+    );
+
+    let mut s = stream(false);
+    subscribe_wildcard(&mut s, false);
+    let out = s.build(XdsType::Cluster, &snap, false).expect("the set");
+    assert_eq!(
+        out.resources.len(),
+        CLUSTERS,
+        "the default bound holds it whole"
+    );
 }

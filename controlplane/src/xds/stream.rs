@@ -40,10 +40,8 @@ use super::snapshot::Snapshot;
 use crate::metrics::Metrics;
 use crate::status::{ClientStatus, NackRecord, unix_now};
 
-/// Largest response body a stream builds at once (bigger diffs go out in several
-/// responses, each after the previous one's ACK). Bounds the encoder buffer every
-/// stream keeps, which is what a fleet's memory is made of.
-pub const MAX_RESPONSE_BYTES: usize = 128 * 1024;
+/// Default largest Delta response a stream builds at once (`--max-response-bytes`).
+pub const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
 
 /// Longest NACK message kept in a stream's status record.
 const MAX_NACK_MESSAGE_BYTES: usize = 4096;
@@ -55,6 +53,11 @@ pub struct StreamLimits {
     pub max_names_per_type: usize,
     /// Most resource names a NACK record in `/status/sync` keeps (`--nack-record-names`).
     pub nack_record_names: usize,
+    /// Largest Delta response body a stream builds at once (`--max-response-bytes`):
+    /// a bigger diff goes out in several responses, each after the previous one's ACK.
+    /// Bounds the encoder buffer every stream keeps, which is what a fleet's memory
+    /// is made of; each extra response costs the client a round trip.
+    pub max_response_bytes: usize,
 }
 
 impl Default for StreamLimits {
@@ -62,6 +65,7 @@ impl Default for StreamLimits {
         Self {
             max_names_per_type: 250_000,
             nack_record_names: 64,
+            max_response_bytes: MAX_RESPONSE_BYTES,
         }
     }
 }
@@ -654,7 +658,7 @@ impl StreamState {
         if !ts.backlog.is_empty() {
             if ts.backlog_seq == snap.seq && !ts.dirty_full {
                 // Continue a large diff: the snapshot has not moved since it was made.
-                let chunk = take_chunk(&mut ts.backlog);
+                let chunk = take_chunk(&mut ts.backlog, self.limits.max_response_bytes);
                 let origin = origin_of(snap, ty, &chunk, &[]);
                 return Some(self.respond(ty, snap, chunk, Vec::new(), false, origin));
             }
@@ -870,7 +874,7 @@ impl StreamState {
         let resources = if full_set {
             self.full_set(ty, snap)
         } else {
-            let first = take_chunk(&mut updates);
+            let first = take_chunk(&mut updates, self.limits.max_response_bytes);
             if !updates.is_empty() {
                 ts.backlog = updates;
                 ts.backlog_seq = snap.seq;
@@ -1045,13 +1049,13 @@ fn origin_of(
 }
 
 /// Splits off the first response's worth of `updates`, leaving the rest.
-fn take_chunk(updates: &mut Vec<EncodedResource>) -> Vec<EncodedResource> {
+fn take_chunk(updates: &mut Vec<EncodedResource>, max_bytes: usize) -> Vec<EncodedResource> {
     let mut size = 0;
     let n = updates
         .iter()
         .take_while(|r| {
             size += r.size();
-            size <= MAX_RESPONSE_BYTES
+            size <= max_bytes
         })
         .count()
         .max(1)
