@@ -55,6 +55,10 @@ pub struct Probe {
     pub generator: i32,
     /// The backend, on the generator's core.
     pub backend: Option<i32>,
+    /// The proxy's core and the generator's (when each is pinned to one CPU), whose
+    /// whole busy time tells whether something else ran there.
+    pub proxy_cpu: Option<usize>,
+    pub generator_cpu: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -64,6 +68,8 @@ struct Sample {
     proxy: u64,
     generator: u64,
     backend: u64,
+    proxy_core: u64,
+    generator_core: u64,
 }
 
 impl Probe {
@@ -73,7 +79,11 @@ impl Probe {
                 .and_then(|t| measure::ticks_of_stat(&t).ok())
                 .unwrap_or(0)
         };
+        let cores = measure::cpu_busy_ticks();
+        let core = |c: Option<usize>| c.and_then(|c| cores.get(c).copied()).unwrap_or(0);
         Sample {
+            proxy_core: core(self.proxy_cpu),
+            generator_core: core(self.generator_cpu),
             at: Instant::now(),
             completed: completed.load(Ordering::Relaxed),
             proxy: self.proxy.map_or(0, measure::tree_ticks),
@@ -93,6 +103,9 @@ pub struct Window {
     pub proxy_ticks: u64,
     pub generator_ticks: u64,
     pub backend_ticks: u64,
+    /// Busy ticks of the proxy's core and of the generator's core, everything counted.
+    pub proxy_core_ticks: Option<u64>,
+    pub generator_core_ticks: Option<u64>,
     /// Latency in microseconds of the requests intended (open loop) or sent (closed
     /// loop) inside the window.
     pub latency_us: Histogram<u64>,
@@ -134,6 +147,29 @@ impl Window {
     pub fn generator_core_utilization(&self) -> f64 {
         let ticks = (self.generator_ticks + self.backend_ticks) as f64;
         ticks / measure::ticks_per_second() as f64 / self.seconds.max(1e-9)
+    }
+
+    /// Share of the proxy's core used by anything but the proxy (None: not pinned to
+    /// one core, or the direct baseline).
+    pub fn proxy_core_other_load(&self) -> Option<f64> {
+        let busy = self.proxy_core_ticks?;
+        Some(measure::other_load(busy, self.proxy_ticks, measure::ticks_per_second(), self.seconds))
+    }
+
+    /// Share of the generator's core used by anything but the generator and backend.
+    pub fn generator_core_other_load(&self) -> Option<f64> {
+        let busy = self.generator_core_ticks?;
+        let own = self.generator_ticks + self.backend_ticks;
+        Some(measure::other_load(busy, own, measure::ticks_per_second(), self.seconds))
+    }
+
+    /// Share of the generator's core busy with anything (it and the backend, the
+    /// loopback's softirqs, and intruders); falls back to the processes' own CPU.
+    pub fn generator_core_busy(&self) -> f64 {
+        match self.generator_core_ticks {
+            Some(t) => t as f64 / measure::ticks_per_second() as f64 / self.seconds.max(1e-9),
+            None => self.generator_core_utilization(),
+        }
     }
 
     pub fn proxy_core_utilization(&self) -> f64 {
@@ -312,6 +348,7 @@ async fn sample_window(
 }
 
 fn window(
+    probe: Probe,
     (a, b): (Sample, Sample),
     tallies: Vec<Tally>,
     pacer_lag_us: Histogram<u64>,
@@ -323,6 +360,13 @@ fn window(
         proxy_ticks: b.proxy.saturating_sub(a.proxy),
         generator_ticks: b.generator.saturating_sub(a.generator),
         backend_ticks: b.backend.saturating_sub(a.backend),
+        proxy_core_ticks: probe
+            .proxy_cpu
+            .filter(|_| probe.proxy.is_some())
+            .map(|_| b.proxy_core.saturating_sub(a.proxy_core)),
+        generator_core_ticks: probe
+            .generator_cpu
+            .map(|_| b.generator_core.saturating_sub(a.generator_core)),
         latency_us: histogram(),
         pacer_lag_us,
         errors: 0,
@@ -404,7 +448,7 @@ pub async fn fixed_rate(
         .await?
         .map_err(|_| anyhow::anyhow!("the pacer thread panicked"))?;
     let tallies = join_all(tasks).await?;
-    Ok(window(samples, tallies, pacer_lag_us, overloaded))
+    Ok(window(probe, samples, tallies, pacer_lag_us, overloaded))
 }
 
 /// The pacer: deals each request to its connection's queue when it is due, until
@@ -486,7 +530,7 @@ pub async fn saturate(
     }
     let samples = sample_window(probe, completed, from, to).await;
     let tallies = join_all(tasks).await?;
-    Ok(window(samples, tallies, histogram(), false))
+    Ok(window(probe, samples, tallies, histogram(), false))
 }
 
 /// Every connection's tally, once each has answered what it was sent (at most

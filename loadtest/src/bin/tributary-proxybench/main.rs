@@ -280,6 +280,7 @@ async fn bench_in(
         dir: dir.to_path_buf(),
         ip: args.ip,
         cpu_proxy: cpus(&args.cpu_proxy).map(str::to_string),
+        cpu_generator: gen_cpus.map(str::to_string),
         backend: backend.addr("addr")?.parse()?,
         nginx_bin: args.nginx_bin.clone(),
         envoy_bin: args.envoy_bin.clone(),
@@ -372,6 +373,28 @@ async fn bench_in(
         std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
             .with_context(|| format!("--json {}", path.display()))?;
         eprintln!("wrote {}", path.display());
+    }
+    // The figures are written either way; a run that failed or saw errors fails the
+    // command, so that the smoke mode catches a harness or a proxy that rotted.
+    let failures: Vec<String> = results
+        .iter()
+        .flat_map(|r| {
+            let errors: u64 = r.runs.iter().map(|f| f.errors + f.non_2xx).sum();
+            let first = r.runs.iter().find_map(|f| f.first_error.clone());
+            r.failed_runs
+                .iter()
+                .map(move |f| format!("{}: {f}", r.name))
+                .chain((errors > 0).then(|| {
+                    format!(
+                        "{}: {errors} failed requests (first: {})",
+                        r.name,
+                        first.unwrap_or_else(|| "non-2xx answers".into())
+                    )
+                }))
+        })
+        .collect();
+    if !failures.is_empty() {
+        bail!("{}", failures.join("; "));
     }
     Ok(())
 }
@@ -508,6 +531,8 @@ async fn one_run(
         proxy: pid,
         generator: std::process::id() as i32,
         backend: backend_pid,
+        proxy_cpu: setup.cpu_proxy.as_deref().and_then(measure::single_cpu),
+        generator_cpu: setup.cpu_generator.as_deref().and_then(measure::single_cpu),
     };
     let at_rate = load::fixed_rate(
         &target,
@@ -528,6 +553,14 @@ async fn one_run(
     .await?;
     let rss_after_load_bytes = pid.map(measure::tree_rss_bytes);
     let gen_util = sat.generator_core_utilization();
+    let gen_busy = sat.generator_core_busy();
+    let other = [
+        at_rate.proxy_core_other_load(),
+        sat.proxy_core_other_load(),
+        at_rate.generator_core_other_load(),
+        sat.generator_core_other_load(),
+    ];
+    let max_other = |pair: &[Option<f64>]| pair.iter().flatten().copied().reduce(f64::max);
     let rps_saturated = sat.rps();
     let figures = RunFigures {
         run,
@@ -545,7 +578,9 @@ async fn one_run(
         generator_core_saturated_utilization: gen_util,
         // The generator's core counts as saturated above 90% busy: it, not the proxy,
         // then bounds the saturated rate.
-        generator_core_saturated: gen_util >= 0.9,
+        generator_core_saturated: gen_busy >= 0.9,
+        proxy_core_other_load: max_other(&other[..2]),
+        generator_core_other_load: max_other(&other[2..]),
         rss_idle_bytes,
         rss_after_load_bytes,
         errors: at_rate.errors + sat.errors,
@@ -553,6 +588,12 @@ async fn one_run(
         overloaded: at_rate.overloaded,
         first_error: at_rate.first_error.or(sat.first_error),
     };
+    if let Some(o) = figures.proxy_core_other_load.filter(|&o| o > 0.05) {
+        eprintln!(
+            "  warning: {:.0}% of the proxy's core went to other processes: this run's figures are disturbed",
+            o * 100.0
+        );
+    }
     eprintln!(
         "  cpu/req {:?} us, p50 {:?} ms, p99 {:?} ms at {:.0} req/s; saturated {:.0} req/s (generator core {:.0}%); rss idle {:?}",
         figures.cpu_per_request_us,

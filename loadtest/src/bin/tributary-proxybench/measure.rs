@@ -85,6 +85,41 @@ pub fn tree_rss_bytes(pid: i32) -> u64 {
         .sum()
 }
 
+/// Busy ticks of every CPU (all but idle and iowait) from /proc/stat, by CPU number.
+pub fn cpu_busy_ticks() -> Vec<u64> {
+    use procfs::CurrentSI;
+    procfs::KernelStats::current()
+        .map(|k| {
+            k.cpu_time
+                .iter()
+                .map(|c| {
+                    c.user
+                        + c.nice
+                        + c.system
+                        + c.irq.unwrap_or(0)
+                        + c.softirq.unwrap_or(0)
+                        + c.steal.unwrap_or(0)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The share of a core that something other than `own_ticks` (the processes placed
+/// there) kept busy over `seconds`: another engineer's build on the proxy's core makes
+/// every figure of that run suspect, so it is reported with the run.
+pub fn other_load(core_busy_ticks: u64, own_ticks: u64, ticks_per_second: u64, seconds: f64) -> f64 {
+    if ticks_per_second == 0 || seconds <= 0.0 {
+        return 0.0;
+    }
+    core_busy_ticks.saturating_sub(own_ticks) as f64 / ticks_per_second as f64 / seconds
+}
+
+/// The single CPU of a `taskset -c` list such as `0`; `None` for a list or range.
+pub fn single_cpu(list: &str) -> Option<usize> {
+    list.trim().parse().ok()
+}
+
 /// The kernel's clock ticks per second for /proc times.
 pub fn ticks_per_second() -> u64 {
     procfs::ticks_per_second()
@@ -113,6 +148,18 @@ mod tests {
         assert_eq!(cpu_per_request_us(1000, 1250, 100, 0), None);
         // A counter read out of order never goes negative.
         assert_eq!(cpu_per_request_us(1250, 1000, 100, 10), Some(0.0));
+    }
+
+    #[test]
+    fn load_on_a_core_beyond_its_own_processes_is_the_interference() {
+        // Core busy 1.2 s over 2 s, of which the proxy 1.0 s: 10% was someone else's.
+        assert!((other_load(120, 100, 100, 2.0) - 0.1).abs() < 1e-9);
+        // Accounting skew (the process counted a tick the core did not): never negative.
+        assert_eq!(other_load(99, 100, 100, 2.0), 0.0);
+        assert_eq!(single_cpu("0"), Some(0));
+        assert_eq!(single_cpu("0-1"), None);
+        // This machine has at least one CPU with some busy time.
+        assert!(cpu_busy_ticks().iter().any(|&t| t > 0));
     }
 
     #[test]

@@ -76,6 +76,8 @@ pub struct Setup {
     pub ip: IpAddr,
     /// `taskset -c` list for the proxy under test.
     pub cpu_proxy: Option<String>,
+    /// `taskset -c` list of the generator, backend and hub.
+    pub cpu_generator: Option<String>,
     pub backend: SocketAddr,
     pub nginx_bin: String,
     pub envoy_bin: String,

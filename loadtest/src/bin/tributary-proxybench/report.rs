@@ -34,6 +34,11 @@ pub struct RunFigures {
     /// saturating; at ~1 the figure bounds the generator, not the proxy.
     pub generator_core_saturated_utilization: f64,
     pub generator_core_saturated: bool,
+    /// The most of the proxy's core, and of the generator's, that other processes
+    /// used in either window (from /proc/stat): above a few percent the run was
+    /// disturbed by something else on the machine.
+    pub proxy_core_other_load: Option<f64>,
+    pub generator_core_other_load: Option<f64>,
     /// RSS once serving, before any load.
     pub rss_idle_bytes: Option<u64>,
     pub rss_after_load_bytes: Option<u64>,
@@ -112,6 +117,8 @@ const FIGURES: &[&str] = &[
     "cpu_per_request_saturated_us",
     "proxy_core_saturated",
     "generator_core_saturated_utilization",
+    "proxy_core_other_load",
+    "generator_core_other_load",
     "rss_idle_bytes",
     "rss_after_load_bytes",
 ];
@@ -241,6 +248,7 @@ pub fn table(report: &Value) -> String {
         "gen. core",
         "RSS idle MiB",
         "RSS 10k MiB",
+        "others on proxy core",
     ]);
     let Some(proxies) = report["proxies"].as_object() else {
         return String::new();
@@ -298,6 +306,9 @@ pub fn table(report: &Value) -> String {
             } else {
                 cell("rss_10k_clusters_bytes", mib, 1)
             },
+            p["spread"]["proxy_core_other_load"]["max"]
+                .as_f64()
+                .map_or("—".into(), |o| format!("≤ {:.1}%", o * 100.0)),
         ]);
     }
     t.to_string()
