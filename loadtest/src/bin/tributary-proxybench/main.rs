@@ -552,7 +552,6 @@ async fn one_run(
     )
     .await?;
     let rss_after_load_bytes = pid.map(measure::tree_rss_bytes);
-    let gen_util = sat.generator_core_utilization();
     let gen_busy = sat.generator_core_busy();
     let other = [
         at_rate.proxy_core_other_load(),
@@ -575,7 +574,7 @@ async fn one_run(
         p99_saturated_ms: ms(&sat.latency_us, 0.99),
         cpu_per_request_saturated_us: pid.and(sat.proxy_cpu_per_request_us()),
         proxy_core_saturated: pid.map(|_| sat.proxy_core_utilization()),
-        generator_core_saturated_utilization: gen_util,
+        generator_core_saturated_utilization: gen_busy,
         // The generator's core counts as saturated above 90% busy: it, not the proxy,
         // then bounds the saturated rate.
         generator_core_saturated: gen_busy >= 0.9,
@@ -585,7 +584,8 @@ async fn one_run(
         rss_after_load_bytes,
         errors: at_rate.errors + sat.errors,
         non_2xx: at_rate.non_2xx + sat.non_2xx,
-        overloaded: at_rate.overloaded,
+        // Not sustained: a queue overflowed, or under 95% of the rate completed.
+        overloaded: at_rate.overloaded || at_rate.rps() < 0.95 * s.rate as f64,
         first_error: at_rate.first_error.or(sat.first_error),
     };
     if let Some(o) = figures.proxy_core_other_load.filter(|&o| o > 0.05) {
@@ -595,13 +595,13 @@ async fn one_run(
         );
     }
     eprintln!(
-        "  cpu/req {:?} us, p50 {:?} ms, p99 {:?} ms at {:.0} req/s; saturated {:.0} req/s (generator core {:.0}%); rss idle {:?}",
+        "  cpu/req {:?} us, p50 {:?} ms, p99 {:?} ms at {:.0} req/s; saturated {:.0} req/s (generator core {:.0}% busy); rss idle {:?}",
         figures.cpu_per_request_us,
         figures.p50_ms,
         figures.p99_ms,
         figures.rps_at_rate,
         rps_saturated,
-        gen_util * 100.0,
+        gen_busy * 100.0,
         figures.rss_idle_bytes
     );
     if let Some(p) = running.proc.take() {

@@ -30,8 +30,9 @@ pub struct RunFigures {
     pub p99_saturated_ms: Option<f64>,
     pub cpu_per_request_saturated_us: Option<f64>,
     pub proxy_core_saturated: Option<f64>,
-    /// Share of the generator's core used by the generator and the backend while
-    /// saturating; at ~1 the figure bounds the generator, not the proxy.
+    /// Share of the generator's core that was busy while saturating (the generator,
+    /// the backend, the loopback's kernel work, anything else); at 0.9 or more the
+    /// saturated figure bounds the generator's core, not the proxy.
     pub generator_core_saturated_utilization: f64,
     pub generator_core_saturated: bool,
     /// The most of the proxy's core, and of the generator's, that other processes
