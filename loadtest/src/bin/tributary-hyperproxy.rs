@@ -13,8 +13,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use bytes::Bytes;
-use http_body_util::{Either, Full};
 use clap::Parser;
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -55,8 +55,11 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("--listen {}: cannot bind", args.listen))?;
     let local = listener.local_addr()?;
     if let Some(path) = &args.ready_file {
-        std::fs::write(path, serde_json::json!({"addr": local.to_string()}).to_string())
-            .with_context(|| format!("--ready-file {}", path.display()))?;
+        std::fs::write(
+            path,
+            serde_json::json!({"addr": local.to_string()}).to_string(),
+        )
+        .with_context(|| format!("--ready-file {}", path.display()))?;
     }
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);

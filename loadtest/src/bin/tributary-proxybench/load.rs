@@ -153,14 +153,24 @@ impl Window {
     /// one core, or the direct baseline).
     pub fn proxy_core_other_load(&self) -> Option<f64> {
         let busy = self.proxy_core_ticks?;
-        Some(measure::other_load(busy, self.proxy_ticks, measure::ticks_per_second(), self.seconds))
+        Some(measure::other_load(
+            busy,
+            self.proxy_ticks,
+            measure::ticks_per_second(),
+            self.seconds,
+        ))
     }
 
     /// Share of the generator's core used by anything but the generator and backend.
     pub fn generator_core_other_load(&self) -> Option<f64> {
         let busy = self.generator_core_ticks?;
         let own = self.generator_ticks + self.backend_ticks;
-        Some(measure::other_load(busy, own, measure::ticks_per_second(), self.seconds))
+        Some(measure::other_load(
+            busy,
+            own,
+            measure::ticks_per_second(),
+            self.seconds,
+        ))
     }
 
     /// Share of the generator's core busy with anything (it and the backend, the
@@ -254,7 +264,9 @@ fn parse_response(buf: &[u8]) -> anyhow::Result<Option<(usize, Answer)>> {
     let mut close = resp.version == Some(0);
     for h in resp.headers.iter() {
         if h.name.eq_ignore_ascii_case("content-length") {
-            let v = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse().ok());
+            let v = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse().ok());
             body = Some(v.context("Content-Length is not a number")?);
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             bail!("a chunked response (Transfer-Encoding) where a Content-Length was expected");
@@ -398,14 +410,21 @@ pub async fn fixed_rate(
     target: &Target,
     probe: Probe,
     rate: u64,
+    tick: Duration,
     connections: usize,
     warmup: Duration,
     measure: Duration,
 ) -> anyhow::Result<Window> {
-    let schedule = Schedule { rate, connections };
+    let schedule = Schedule {
+        rate,
+        connections,
+        tick,
+    };
     // A queue deeper than a second of a connection's share means the proxy is not
     // keeping up: stop rather than pile up work.
-    let depth = usize::try_from(rate / connections as u64).unwrap_or(1).max(16);
+    let depth = usize::try_from(rate / connections as u64)
+        .unwrap_or(1)
+        .max(16);
     let completed = Arc::new(AtomicU64::new(0));
     let mut queues = Vec::with_capacity(connections);
     let mut tasks = tokio::task::JoinSet::new();
@@ -426,9 +445,7 @@ pub async fn fixed_rate(
                     let done = Instant::now();
                     completed.fetch_add(1, Ordering::Relaxed);
                     if intended >= from && intended < to {
-                        tally
-                            .latency_us
-                            .saturating_record(micros(done - intended));
+                        tally.latency_us.saturating_record(micros(done - intended));
                     }
                 }
             }
@@ -571,7 +588,9 @@ mod tests {
         assert_eq!((len, a.status, a.close), (r.len(), 200, false));
         // The next response's bytes are left for the next exchange.
         let mut two = r.to_vec();
-        two.extend_from_slice(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+        two.extend_from_slice(
+            b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+        );
         let (len, _) = parse_response(&two).unwrap().unwrap();
         let (_, b) = parse_response(&two[len..]).unwrap().unwrap();
         assert_eq!((b.status, b.close), (503, true));
@@ -579,13 +598,19 @@ mod tests {
 
     #[test]
     fn answers_the_generator_cannot_frame_are_errors_that_say_why() {
-        let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+        let chunked =
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
         let e = parse_response(chunked).err().unwrap().to_string();
         assert!(e.contains("chunked"), "{e}");
-        let e = parse_response(b"HTTP/1.1 200 OK\r\n\r\n").err().unwrap().to_string();
+        let e = parse_response(b"HTTP/1.1 200 OK\r\n\r\n")
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("without Content-Length"), "{e}");
         // HTTP/1.0 closes unless told otherwise.
-        let (_, a) = parse_response(b"HTTP/1.0 204 No Content\r\n\r\n").unwrap().unwrap();
+        let (_, a) = parse_response(b"HTTP/1.0 204 No Content\r\n\r\n")
+            .unwrap()
+            .unwrap();
         assert!(a.close);
     }
 }

@@ -83,6 +83,11 @@ struct Args {
     /// The fixed rate, requests per second over all connections (open loop).
     #[arg(long, default_value_t = 20_000)]
     rate: u64,
+    /// Open loop: send in bursts once per this many microseconds (0: every request at
+    /// its own time, evenly spaced). 1000 is what a generator with millisecond timers
+    /// (wrk2) does; proxies then spend less CPU per request (docs/benchmarks.md).
+    #[arg(long, default_value_t = 0)]
+    tick_us: u64,
     /// Warm-up before each measured window, seconds (fixed rate and saturation).
     #[arg(long, default_value_t = 3.0)]
     warmup_s: f64,
@@ -143,6 +148,7 @@ enum Cmd {
 struct Settings {
     connections: usize,
     rate: u64,
+    tick: Duration,
     warmup: Duration,
     measure: Duration,
     saturate: Duration,
@@ -171,6 +177,7 @@ impl Settings {
             return Ok(Settings {
                 connections: a.connections.min(8),
                 rate: 2_000,
+                tick: Duration::from_micros(a.tick_us),
                 warmup: Duration::from_millis(200),
                 measure: Duration::from_millis(500),
                 saturate: Duration::from_millis(300),
@@ -181,6 +188,7 @@ impl Settings {
         Ok(Settings {
             connections: a.connections,
             rate: a.rate,
+            tick: Duration::from_micros(a.tick_us),
             warmup: secs("warmup-s", a.warmup_s)?,
             measure: secs("measure-s", a.measure_s)?,
             saturate: secs("saturate-s", a.saturate_s)?,
@@ -474,7 +482,11 @@ async fn wait_serving(
         if let Some(p) = running.proc.as_mut()
             && let Some(status) = p.exited()
         {
-            bail!("{} exited with {status}; log: {}", kind.name(), p.log.display());
+            bail!(
+                "{} exited with {status}; log: {}",
+                kind.name(),
+                p.log.display()
+            );
         }
         let last = match load::probe(target).await {
             Ok(200) => return Ok(()),
@@ -538,6 +550,7 @@ async fn one_run(
         &target,
         probe,
         s.rate,
+        s.tick,
         s.connections,
         s.warmup,
         s.measure,
@@ -695,13 +708,19 @@ async fn memory_with_clusters(
 /// The machine, the command and the setup, for the report.
 fn meta(args: &Args, s: &Settings, setup: &Setup) -> serde_json::Value {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("model name")?.split_once(':').map(|x| x.1.trim().to_string()));
+    let model = cpuinfo.lines().find_map(|l| {
+        l.strip_prefix("model name")?
+            .split_once(':')
+            .map(|x| x.1.trim().to_string())
+    });
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|k| k.trim().to_string())
         .ok();
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    // The machine's CPUs, not this process's (it is pinned to one).
+    let cpus = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
     json!({
         "benchmark": "proxy",
         "command": std::env::args().collect::<Vec<_>>().join(" "),
@@ -712,6 +731,7 @@ fn meta(args: &Args, s: &Settings, setup: &Setup) -> serde_json::Value {
             "response_body_bytes": args.body_bytes,
             "connections": s.connections,
             "rate_rps": s.rate,
+            "tick_us": s.tick.as_micros(),
             "warmup_s": s.warmup.as_secs_f64(),
             "measure_s": s.measure.as_secs_f64(),
             "saturate_s": s.saturate.as_secs_f64(),

@@ -108,7 +108,12 @@ pub fn cpu_busy_ticks() -> Vec<u64> {
 /// The share of a core that something other than `own_ticks` (the processes placed
 /// there) kept busy over `seconds`: another engineer's build on the proxy's core makes
 /// every figure of that run suspect, so it is reported with the run.
-pub fn other_load(core_busy_ticks: u64, own_ticks: u64, ticks_per_second: u64, seconds: f64) -> f64 {
+pub fn other_load(
+    core_busy_ticks: u64,
+    own_ticks: u64,
+    ticks_per_second: u64,
+    seconds: f64,
+) -> f64 {
     if ticks_per_second == 0 || seconds <= 0.0 {
         return 0.0;
     }

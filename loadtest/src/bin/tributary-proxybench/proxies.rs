@@ -380,7 +380,10 @@ pub async fn start(
                     break a.trim().to_string();
                 }
                 if Instant::now() > deadline {
-                    bail!("envoy's admin not up within 60 s; log: {}", proc.log.display());
+                    bail!(
+                        "envoy's admin not up within 60 s; log: {}",
+                        proc.log.display()
+                    );
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             };
@@ -450,7 +453,11 @@ pub async fn wait_synced(
         if let Some(p) = running.proc.as_mut()
             && let Some(status) = p.exited()
         {
-            bail!("{} exited with {status}; log: {}", kind.name(), p.log.display());
+            bail!(
+                "{} exited with {status}; log: {}",
+                kind.name(),
+                p.log.display()
+            );
         }
         match kind {
             Kind::Envoy => {

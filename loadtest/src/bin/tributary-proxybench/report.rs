@@ -395,16 +395,25 @@ mod tests {
         }
         assert_eq!(p["tributary-proxy"]["cpu_per_request_us"], 13.0);
         assert_eq!(p["tributary-proxy"]["cpu_per_request_vs_nginx"], 1.5);
-        assert_eq!(p["tributary-proxy"]["spread"]["cpu_per_request_vs_nginx"]["max"], 2.0);
+        assert_eq!(
+            p["tributary-proxy"]["spread"]["cpu_per_request_vs_nginx"]["max"],
+            2.0
+        );
         assert_eq!(p["tributary-proxy"]["rss_idle_bytes"], 11 << 20);
         assert_eq!(p["tributary-proxy"]["rss_10k_clusters_bytes"], 50 << 20);
         assert!(p["tributary-proxy"]["rss_10k_clusters_null_reason"].is_null());
         assert!(p["nginx"].get("cpu_per_request_vs_nginx").is_none());
         assert!(p["nginx"]["rss_10k_clusters_bytes"].is_null());
-        assert_eq!(p["nginx"]["rss_10k_clusters_null_reason"], "nginx has no xDS");
+        assert_eq!(
+            p["nginx"]["rss_10k_clusters_null_reason"],
+            "nginx has no xDS"
+        );
         assert_eq!(p["envoy"]["ran"], false);
         assert!(p["envoy"]["cpu_per_request_us"].is_null());
-        assert_eq!(p["envoy"]["rss_10k_clusters_null_reason"], "envoy not found on PATH");
+        assert_eq!(
+            p["envoy"]["rss_10k_clusters_null_reason"],
+            "envoy not found on PATH"
+        );
         let t = table(&r);
         assert!(t.contains("not run: envoy not found on PATH"), "{t}");
         assert!(t.contains("13.00 [10.00–16.00]"), "{t}");
