@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -25,7 +24,7 @@ fn reply(status: StatusCode, content_type: &'static str, body: String) -> Respon
 fn route(shared: &Shared, path: &str) -> Response<Full<Bytes>> {
     match path {
         "/ready" => {
-            if shared.ready.load(Ordering::Acquire) {
+            if *shared.ready.borrow() {
                 reply(StatusCode::OK, "text/plain", "LIVE\n".into())
             } else {
                 reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "PRE_INITIALIZING\n".into())
@@ -51,7 +50,7 @@ fn route(shared: &Shared, path: &str) -> Response<Full<Bytes>> {
                 endpoints.insert(name.to_string(), list.into());
             }
             dump["endpoint_state"] = endpoints.into();
-            dump["ready"] = shared.ready.load(Ordering::Acquire).into();
+            dump["ready"] = (*shared.ready.borrow()).into();
             reply(StatusCode::OK, "application/json", format!("{dump:#}\n"))
         }
         "/listeners" => {

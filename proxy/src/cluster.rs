@@ -834,7 +834,7 @@ mod tests {
         c.assign(&a);
         let endpoint = |port: u16| {
             (0..8)
-                .map(|_| c.pick(None).unwrap().endpoint)
+                .map(|_| c.pick(None).unwrap().endpoint.clone())
                 .find(|e| e.address.port() == port)
                 .unwrap()
         };

@@ -27,7 +27,6 @@ pub mod xds;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -47,7 +46,7 @@ pub struct Shared {
     /// Bound listener addresses, by name.
     pub bound: watch::Sender<BTreeMap<Arc<str>, SocketAddr>>,
     /// Set once the first complete config is applied; never cleared.
-    pub ready: AtomicBool,
+    pub ready: watch::Sender<bool>,
     pub metrics: metrics::Metrics,
     /// The xDS client's view for `/config_dump` (written per response, read by admin only).
     pub dump: std::sync::Mutex<serde_json::Value>,
@@ -71,7 +70,7 @@ impl Proxy {
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             listeners: watch::Sender::new(BTreeMap::new()),
             bound: watch::Sender::new(BTreeMap::new()),
-            ready: AtomicBool::new(false),
+            ready: watch::Sender::new(false),
             metrics: metrics::Metrics::default(),
             dump: std::sync::Mutex::new(serde_json::Value::Null),
         });
@@ -85,7 +84,13 @@ impl Proxy {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.shared.ready.load(std::sync::atomic::Ordering::Acquire)
+        *self.shared.ready.borrow()
+    }
+
+    /// Waits until the proxy is ready (its first complete config is applied).
+    pub async fn ready(&self) {
+        let mut rx = self.shared.ready.subscribe();
+        let _ = rx.wait_for(|r| *r).await;
     }
 
     /// Waits until listener `name` is bound; returns its address.

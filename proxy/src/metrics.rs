@@ -34,6 +34,7 @@ pub struct Metrics {
     pub xds_acks: Family<TypeLabel, Counter>,
     pub xds_nacks: Family<TypeLabel, Counter>,
     pub xds_connected: Gauge,
+    pub xds_connect_failures: Counter,
     pub ready: Gauge,
     upstream_requests: Family<ClusterLabel, Counter>,
     upstream_responses: Family<ResponseLabel, Counter>,
@@ -66,6 +67,7 @@ impl Default for Metrics {
             xds_acks: Family::default(),
             xds_nacks: Family::default(),
             xds_connected: Gauge::default(),
+            xds_connect_failures: Counter::default(),
             ready: Gauge::default(),
             upstream_requests: Family::default(),
             upstream_responses: Family::default(),
@@ -80,6 +82,7 @@ impl Default for Metrics {
         registry.register("xds_acks", "xDS responses ACKed", m.xds_acks.clone());
         registry.register("xds_nacks", "xDS responses NACKed", m.xds_nacks.clone());
         registry.register("xds_connected", "1 while the xDS stream is up", m.xds_connected.clone());
+        registry.register("xds_connect_failures", "Failed attempts to reach the xDS server", m.xds_connect_failures.clone());
         registry.register("ready", "1 once the first complete config is applied", m.ready.clone());
         registry.register("upstream_requests", "Requests sent upstream (each try)", m.upstream_requests.clone());
         registry.register("upstream_responses", "Upstream answers by class (2xx, 4xx, 5xx, failure)", m.upstream_responses.clone());

@@ -49,6 +49,9 @@ pub async fn run(address: String, mut state: XdsState, shared: Arc<Shared>, delt
             backoff = builder.build();
         }
         let wait = backoff.next().unwrap_or(Duration::from_secs(10));
+        if matches!(result, Err(Error::Connect { .. })) {
+            shared.metrics.xds_connect_failures.inc();
+        }
         match result {
             Ok(()) => tracing::info!(?wait, "xDS stream ended; reconnecting"),
             Err(e) => tracing::warn!(error = %e, ?wait, "xDS stream failed; reconnecting"),

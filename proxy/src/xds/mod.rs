@@ -513,7 +513,8 @@ impl XdsState {
             }
         });
         *shared.dump.lock().unwrap_or_else(|e| e.into_inner()) = self.dump();
-        if self.complete() && !shared.ready.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        if self.complete() && !*shared.ready.borrow() {
+            shared.ready.send_replace(true);
             shared.metrics.ready.set(1);
             tracing::info!("first complete config applied: ready");
         }
