@@ -66,6 +66,16 @@ impl Proxy {
     /// Starts the admin endpoint, the listener manager and the xDS client on the
     /// current runtime.
     pub async fn start(b: Bootstrap) -> std::io::Result<Proxy> {
+        let proxy = Self::serve(&b).await?;
+        let delta = b.xds.protocol == Protocol::Delta;
+        let state = xds::XdsState::new(xds::node(&b.node), delta);
+        tokio::spawn(xds::client::run(b.xds.address.clone(), state, proxy.shared.clone(), delta));
+        Ok(proxy)
+    }
+
+    /// Starts the admin endpoint and the listener manager, without an xDS client:
+    /// config then comes from an [`xds::XdsState`] the caller drives (tests).
+    pub async fn serve(b: &Bootstrap) -> std::io::Result<Proxy> {
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             listeners: watch::Sender::new(BTreeMap::new()),
@@ -77,9 +87,6 @@ impl Proxy {
         let admin_addr = admin::serve(shared.clone(), b.admin.address).await?;
         let drain = b.listeners.drain_timeout.map_or(DEFAULT_DRAIN, Duration::from_secs_f64);
         tokio::spawn(listener::manage(shared.clone(), b.listeners.clone(), drain));
-        let delta = b.xds.protocol == Protocol::Delta;
-        let state = xds::XdsState::new(xds::node(&b.node), delta);
-        tokio::spawn(xds::client::run(b.xds.address.clone(), state, shared.clone(), delta));
         Ok(Proxy { shared, admin_addr })
     }
 
