@@ -173,3 +173,40 @@ async fn a_dead_endpoint_is_ejected_after_consecutive_gateway_failures() {
     let (_, dump) = admin(&proxy, "/config_dump").await;
     assert!(dump.contains("\"ejected\": true"), "{dump}");
 }
+
+#[tokio::test]
+async fn h2c_and_grpc_pass_through_with_trailers() {
+    use http_body_util::BodyExt;
+    let grpc = Backend::start("greeter", Mode::Grpc).await;
+    let hub = TestHub::start(&[
+        ("services.yaml", service("greeter", 9090, "GRPC")),
+        ("endpoints.yaml", endpoints("greeter", &[(grpc.addr, "v1", "z1")])),
+    ])
+    .await;
+    let proxy = start_proxy(bootstrap(hub.hub.xds_addr, "delta", "")).await;
+    ready(&proxy).await;
+    let addr = proxy.listener_addr("0.0.0.0_9090").await;
+    // HTTP/2 prior knowledge downstream, `:authority` naming the service (as gRPC
+    // clients send it in clear text).
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut c, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::post("http://greeter.prod:9090/helloworld.Greeter/SayHello")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(b"\0\0\0\0\0")))
+        .unwrap();
+    let resp = tokio::time::timeout(TIMEOUT, c.send_request(req)).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-backend"], "greeter");
+    // The GRPC port's cluster speaks HTTP/2 upstream.
+    assert_eq!(resp.headers()["x-version"], "HTTP/2.0");
+    let collected = resp.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().expect("trailers pass through");
+    assert_eq!(trailers["grpc-status"], "0");
+}

@@ -30,6 +30,9 @@ pub enum Mode {
     Flaky,
     /// Holds requests to `/slow` until released.
     Hold,
+    /// Answers like a gRPC server: trailers `grpc-status: 0`, and `x-version` names
+    /// the HTTP version it received.
+    Grpc,
 }
 
 pub struct Backend {
@@ -74,9 +77,19 @@ impl Backend {
                         } else {
                             StatusCode::OK
                         };
-                        let mut r = Response::new(Full::new(Bytes::from(name)));
+                        let version = format!("{:?}", req.version());
+                        let body = Full::new(Bytes::from(name));
+                        let body = if matches!(mode, Mode::Grpc) {
+                            let mut trailers = hyper::HeaderMap::new();
+                            trailers.insert("grpc-status", "0".parse().unwrap());
+                            body.with_trailers(async move { Some(Ok(trailers)) }).boxed()
+                        } else {
+                            body.boxed()
+                        };
+                        let mut r = Response::new(body);
                         *r.status_mut() = status;
                         r.headers_mut().insert("x-backend", name.parse().unwrap());
+                        r.headers_mut().insert("x-version", version.parse().unwrap());
                         Ok::<_, Infallible>(r)
                     }
                 });
