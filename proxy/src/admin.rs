@@ -16,8 +16,10 @@ use crate::Shared;
 fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
     r
 }
 
@@ -27,7 +29,11 @@ fn route(shared: &Shared, path: &str) -> Response<Full<Bytes>> {
             if *shared.ready.borrow() {
                 reply(StatusCode::OK, "text/plain", "LIVE\n".into())
             } else {
-                reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "PRE_INITIALIZING\n".into())
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "PRE_INITIALIZING\n".into(),
+                )
             }
         }
         "/stats" | "/stats/prometheus" | "/metrics" => reply(
@@ -36,7 +42,11 @@ fn route(shared: &Shared, path: &str) -> Response<Full<Bytes>> {
             shared.metrics.encode(),
         ),
         "/config_dump" => {
-            let mut dump = shared.dump.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let mut dump = shared
+                .dump
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
             let snapshot = shared.snapshot.load_full();
             let mut endpoints = serde_json::Map::new();
             for (name, c) in &snapshot.clusters {
@@ -59,7 +69,11 @@ fn route(shared: &Shared, path: &str) -> Response<Full<Bytes>> {
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v.to_string().into()))
                 .collect();
-            reply(StatusCode::OK, "application/json", format!("{:#}\n", serde_json::Value::Object(map)))
+            reply(
+                StatusCode::OK,
+                "application/json",
+                format!("{:#}\n", serde_json::Value::Object(map)),
+            )
         }
         _ => reply(
             StatusCode::NOT_FOUND,
@@ -75,7 +89,9 @@ pub async fn serve(shared: Arc<Shared>, addr: SocketAddr) -> std::io::Result<Soc
     let local = socket.local_addr()?;
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = socket.accept().await else { continue };
+            let Ok((stream, _)) = socket.accept().await else {
+                continue;
+            };
             let shared = shared.clone();
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let r = route(&shared, req.uri().path());

@@ -216,9 +216,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("b.yaml") && e.contains("xds.address"), "{e}");
-        let e = Bootstrap::parse(Path::new("b.yaml"), &EXAMPLE.replace("workers: 1", "workers: 0"))
-            .unwrap_err()
-            .to_string();
+        let e = Bootstrap::parse(
+            Path::new("b.yaml"),
+            &EXAMPLE.replace("workers: 1", "workers: 0"),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("`workers`"), "{e}");
         let e = Bootstrap::parse(Path::new("b.yaml"), &EXAMPLE.replace("zone:", "zoen:"))
             .unwrap_err()

@@ -450,7 +450,8 @@ impl Cluster {
     ) -> Option<Arc<Endpoint>> {
         let recomputed;
         let loads: &[u32] = if filtered {
-            recomputed = set.priority_loads(|p| p.endpoints.iter().filter(|e| available(e)).count());
+            recomputed =
+                set.priority_loads(|p| p.endpoints.iter().filter(|e| available(e)).count());
             &recomputed
         } else {
             &set.loads
@@ -470,10 +471,18 @@ impl Cluster {
             }
         };
         self.pick_in(&set.priorities[priority], available)
-            .or_else(|| set.priorities.iter().find_map(|p| self.pick_in(p, available)))
+            .or_else(|| {
+                set.priorities
+                    .iter()
+                    .find_map(|p| self.pick_in(p, available))
+            })
     }
 
-    fn pick_in(&self, p: &PrioritySet, available: &dyn Fn(&Endpoint) -> bool) -> Option<Arc<Endpoint>> {
+    fn pick_in(
+        &self,
+        p: &PrioritySet,
+        available: &dyn Fn(&Endpoint) -> bool,
+    ) -> Option<Arc<Endpoint>> {
         if p.endpoints.is_empty() {
             return None;
         }
@@ -485,7 +494,9 @@ impl Cluster {
                     .endpoints
                     .iter()
                     .filter(|e| e.locality == li)
-                    .fold((0u64, 0u64), |(n, ok), e| (n + 1, ok + u64::from(available(e))));
+                    .fold((0u64, 0u64), |(n, ok), e| {
+                        (n + 1, ok + u64::from(available(e)))
+                    });
                 if ok > 0 {
                     weights.push((li, u64::from(*w).max(1) * 1000 * ok / n));
                 }
@@ -511,7 +522,11 @@ impl Cluster {
         self.pick_endpoint(p, available)
     }
 
-    fn pick_endpoint(&self, p: &PrioritySet, available: &dyn Fn(&Endpoint) -> bool) -> Option<Arc<Endpoint>> {
+    fn pick_endpoint(
+        &self,
+        p: &PrioritySet,
+        available: &dyn Fn(&Endpoint) -> bool,
+    ) -> Option<Arc<Endpoint>> {
         let n = p.endpoints.len();
         match self.def.lb {
             LbPolicy::RoundRobin if p.equal_weights => {
@@ -522,7 +537,12 @@ impl Cluster {
                     .cloned()
             }
             LbPolicy::RoundRobin => {
-                let total: u64 = p.endpoints.iter().filter(|e| available(e)).map(|e| u64::from(e.weight)).sum();
+                let total: u64 = p
+                    .endpoints
+                    .iter()
+                    .filter(|e| available(e))
+                    .map(|e| u64::from(e.weight))
+                    .sum();
                 if total == 0 {
                     return None;
                 }
@@ -547,7 +567,9 @@ impl Cluster {
                 let (a, b) = (&p.endpoints[a], &p.endpoints[b]);
                 let best = match (available(a), available(b)) {
                     (true, true) => {
-                        if b.state.active.load(Ordering::Relaxed) < a.state.active.load(Ordering::Relaxed) {
+                        if b.state.active.load(Ordering::Relaxed)
+                            < a.state.active.load(Ordering::Relaxed)
+                        {
                             b
                         } else {
                             a
@@ -577,8 +599,7 @@ impl Cluster {
         if now < until {
             return true;
         }
-        if e
-            .state
+        if e.state
             .ejected_until
             .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed)
             .is_ok()
@@ -634,9 +655,13 @@ impl Cluster {
         let s = &endpoint.state;
         let n = s.ejections.fetch_add(1, Ordering::Relaxed) + 1;
         let time = (od.base_ejection_time * n).min(od.max_ejection_time.max(od.base_ejection_time));
-        if s
-            .ejected_until
-            .compare_exchange(0, now + time.as_millis() as u64, Ordering::Relaxed, Ordering::Relaxed)
+        if s.ejected_until
+            .compare_exchange(
+                0,
+                now + time.as_millis() as u64,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            )
             .is_ok()
         {
             self.ejected.fetch_add(1, Ordering::Relaxed);
@@ -671,8 +696,14 @@ impl tower::Service<hyper::Uri> for LimitedConnector {
         let permits = self.permits.clone();
         Box::pin(async move {
             let permit = permits.acquire_owned().await?;
-            let io = inner.call(uri).await.map_err(|e| Box::new(ConnectError(e.to_string())))?;
-            Ok(LimitedConnection { io, _permit: permit })
+            let io = inner
+                .call(uri)
+                .await
+                .map_err(|e| Box::new(ConnectError(e.to_string())))?;
+            Ok(LimitedConnection {
+                io,
+                _permit: permit,
+            })
         })
     }
 }
@@ -705,7 +736,11 @@ impl hyper::rt::Read for LimitedConnection {
 }
 
 impl hyper::rt::Write for LimitedConnection {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -788,7 +823,10 @@ mod tests {
             overprovisioning: 140,
         };
         c.assign(&a(true));
-        assert_eq!(counts(&c, 100).keys().copied().collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(
+            counts(&c, 100).keys().copied().collect::<Vec<_>>(),
+            vec![1, 2]
+        );
         c.assign(&a(false));
         assert_eq!(counts(&c, 100), [(3, 100)].into());
     }
@@ -799,7 +837,11 @@ mod tests {
         // P0: 1 of 4 healthy → health 35% at factor 140; P1 takes the other 65%.
         c.assign(&Assignment {
             priorities: vec![
-                vec![locality("z1", 1, vec![ep(1, true), ep(2, false), ep(4, false), ep(5, false)])],
+                vec![locality(
+                    "z1",
+                    1,
+                    vec![ep(1, true), ep(2, false), ep(4, false), ep(5, false)],
+                )],
                 vec![locality("z2", 1, vec![ep(3, true)])],
             ],
             overprovisioning: 140,
@@ -828,7 +870,11 @@ mod tests {
     async fn consecutive_gateway_failures_eject_at_most_half_and_state_survives_eds_updates() {
         let c = Cluster::new(def(LbPolicy::RoundRobin, false), ClusterStats::default());
         let a = Assignment {
-            priorities: vec![vec![locality("z1", 1, vec![ep(1, true), ep(2, true), ep(3, true), ep(4, true)])]],
+            priorities: vec![vec![locality(
+                "z1",
+                1,
+                vec![ep(1, true), ep(2, true), ep(3, true), ep(4, true)],
+            )]],
             overprovisioning: 140,
         };
         c.assign(&a);
@@ -865,7 +911,10 @@ mod tests {
 
     #[tokio::test]
     async fn least_request_prefers_the_idle_endpoint() {
-        let c = Arc::new(Cluster::new(def(LbPolicy::LeastRequest, false), ClusterStats::default()));
+        let c = Arc::new(Cluster::new(
+            def(LbPolicy::LeastRequest, false),
+            ClusterStats::default(),
+        ));
         c.assign(&Assignment {
             priorities: vec![vec![locality("z1", 1, vec![ep(1, true), ep(2, true)])]],
             overprovisioning: 140,
@@ -878,7 +927,10 @@ mod tests {
             }
         }
         let m = counts(&c, 200);
-        assert!(m.get(&2).copied().unwrap_or(0) > m.get(&1).copied().unwrap_or(0), "{m:?}");
+        assert!(
+            m.get(&2).copied().unwrap_or(0) > m.get(&1).copied().unwrap_or(0),
+            "{m:?}"
+        );
     }
 
     #[tokio::test]

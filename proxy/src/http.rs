@@ -31,7 +31,9 @@ pub const RETRY_BUFFER_LIMIT: usize = 1 << 20;
 const RETRY_BASE: Duration = Duration::from_millis(25);
 
 fn local(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
-    let mut r = Response::new(Either::Right(Full::new(Bytes::from_static(text.as_bytes()))));
+    let mut r = Response::new(Either::Right(Full::new(Bytes::from_static(
+        text.as_bytes(),
+    ))));
     *r.status_mut() = status;
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
@@ -55,7 +57,12 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
         }
         h.remove(header::CONNECTION);
     }
-    for name in ["keep-alive", "proxy-connection", "transfer-encoding", "upgrade"] {
+    for name in [
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+    ] {
         h.remove(name);
     }
     if h.get(header::TE).is_some_and(|v| v != "trailers") {
@@ -78,7 +85,11 @@ pub async fn handle(
         .uri()
         .authority()
         .map(|a| a.as_str())
-        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()))
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
         .unwrap_or("");
     let Some(vhost) = table.virtual_host(host) else {
         shared.metrics.no_route.inc();
@@ -118,7 +129,11 @@ struct Head {
 }
 
 impl Head {
-    fn request(&self, endpoint: &crate::cluster::Endpoint, body: UpstreamBody) -> Request<UpstreamBody> {
+    fn request(
+        &self,
+        endpoint: &crate::cluster::Endpoint,
+        body: UpstreamBody,
+    ) -> Request<UpstreamBody> {
         let mut r = Request::new(body);
         *r.method_mut() = self.method.clone();
         *r.uri_mut() = upstream_uri(endpoint, self.path_and_query.clone());
@@ -128,22 +143,29 @@ impl Head {
     }
 }
 
-async fn forward(cluster: Arc<Cluster>, req: Request<Incoming>, retry: Option<RetryPolicy>) -> Response<ResponseBody> {
+async fn forward(
+    cluster: Arc<Cluster>,
+    req: Request<Incoming>,
+    retry: Option<RetryPolicy>,
+) -> Response<ResponseBody> {
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    if !parts.headers.contains_key(header::HOST) {
-        if let Some(a) = parts.uri.authority() {
-            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
-                parts.headers.insert(header::HOST, v);
-            }
-        }
+    if !parts.headers.contains_key(header::HOST)
+        && let Some(a) = parts.uri.authority()
+        && let Ok(v) = HeaderValue::from_str(a.as_str())
+    {
+        parts.headers.insert(header::HOST, v);
     }
     let path_and_query = parts
         .uri
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let version = if cluster.def.http2 { Version::HTTP_2 } else { Version::HTTP_11 };
+    let version = if cluster.def.http2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
 
     let Some(policy) = retry else {
         // No retries: the request is moved upstream as it is, body streamed.
@@ -165,7 +187,12 @@ async fn forward(cluster: Arc<Cluster>, req: Request<Incoming>, retry: Option<Re
     // Retries: the body is buffered so that each try can send it.
     let body = match Limited::new(body, RETRY_BUFFER_LIMIT).collect().await {
         Ok(b) => b.to_bytes(),
-        Err(_) => return local(StatusCode::PAYLOAD_TOO_LARGE, "request body too large to retry"),
+        Err(_) => {
+            return local(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body too large to retry",
+            );
+        }
     };
     let head = Head {
         method: parts.method,
@@ -187,7 +214,10 @@ async fn forward(cluster: Arc<Cluster>, req: Request<Incoming>, retry: Option<Re
         let (outcome, response) = match policy.per_try_timeout {
             Some(t) => match tokio::time::timeout(t, attempt).await {
                 Ok(r) => classify(r),
-                Err(_) => (Outcome::Timeout, local(StatusCode::GATEWAY_TIMEOUT, "upstream per-try timeout")),
+                Err(_) => (
+                    Outcome::Timeout,
+                    local(StatusCode::GATEWAY_TIMEOUT, "upstream per-try timeout"),
+                ),
             },
             None => classify(attempt.await),
         };
@@ -233,7 +263,9 @@ fn count(cluster: &Cluster, outcome: Outcome) {
 
 fn unavailable(u: Unavailable) -> Response<ResponseBody> {
     match u {
-        Unavailable::NoHealthyUpstream => local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream"),
+        Unavailable::NoHealthyUpstream => {
+            local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream")
+        }
         Unavailable::Overflow => overflow(),
     }
 }
@@ -246,7 +278,10 @@ fn classify(
             let status = r.status().as_u16();
             let (mut parts, body) = r.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            (Outcome::Status(status), Response::from_parts(parts, Either::Left(body)))
+            (
+                Outcome::Status(status),
+                Response::from_parts(parts, Either::Left(body)),
+            )
         }
         Err(e) if e.is_connect() => (
             Outcome::ConnectFailure,
@@ -256,7 +291,10 @@ fn classify(
             tracing::debug!(error = %e, "upstream reset before headers");
             (
                 Outcome::Reset,
-                local(StatusCode::SERVICE_UNAVAILABLE, "upstream reset before headers"),
+                local(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream reset before headers",
+                ),
             )
         }
     }

@@ -69,7 +69,12 @@ impl Proxy {
         let proxy = Self::serve(&b).await?;
         let delta = b.xds.protocol == Protocol::Delta;
         let state = xds::XdsState::new(xds::node(&b.node), delta);
-        tokio::spawn(xds::client::run(b.xds.address.clone(), state, proxy.shared.clone(), delta));
+        tokio::spawn(xds::client::run(
+            b.xds.address.clone(),
+            state,
+            proxy.shared.clone(),
+            delta,
+        ));
         Ok(proxy)
     }
 
@@ -85,7 +90,10 @@ impl Proxy {
             dump: std::sync::Mutex::new(serde_json::Value::Null),
         });
         let admin_addr = admin::serve(shared.clone(), b.admin.address).await?;
-        let drain = b.listeners.drain_timeout.map_or(DEFAULT_DRAIN, Duration::from_secs_f64);
+        let drain = b
+            .listeners
+            .drain_timeout
+            .map_or(DEFAULT_DRAIN, Duration::from_secs_f64);
         tokio::spawn(listener::manage(shared.clone(), b.listeners.clone(), drain));
         Ok(Proxy { shared, admin_addr })
     }

@@ -77,7 +77,9 @@ pub async fn manage(shared: Arc<Shared>, cfg: ListenersConfig, drain: Duration) 
                 }
                 continue;
             }
-            let Some(addr) = bind_address(l, &cfg) else { continue };
+            let Some(addr) = bind_address(l, &cfg) else {
+                continue;
+            };
             let socket = match bind(addr) {
                 Ok(s) => s,
                 Err(e) => {
@@ -88,12 +90,26 @@ pub async fn manage(shared: Arc<Shared>, cfg: ListenersConfig, drain: Duration) 
             let local = socket.local_addr().unwrap_or(addr);
             let filter = Arc::new(ArcSwap::from_pointee(l.filter.clone()));
             let (stop, stopped) = watch::channel(false);
-            tokio::spawn(accept(shared.clone(), name.clone(), socket, filter.clone(), stopped, drain));
+            tokio::spawn(accept(
+                shared.clone(),
+                name.clone(),
+                socket,
+                filter.clone(),
+                stopped,
+                drain,
+            ));
             tracing::info!(listener = %name, address = %local, "listening");
             shared.bound.send_modify(|b| {
                 b.insert(name.clone(), local);
             });
-            running.insert(name.clone(), Running { config: l.clone(), filter, stop });
+            running.insert(
+                name.clone(),
+                Running {
+                    config: l.clone(),
+                    filter,
+                    stop,
+                },
+            );
         }
         if rx.changed().await.is_err() {
             return;

@@ -8,7 +8,10 @@ use clap::Parser;
 use tributary_proxy::bootstrap::Bootstrap;
 
 #[derive(Debug, Parser)]
-#[command(name = "tributary-proxy", about = "The Tributary proxy: a data plane driven by the hub's xDS")]
+#[command(
+    name = "tributary-proxy",
+    about = "The Tributary proxy: a data plane driven by the hub's xDS"
+)]
 struct Args {
     /// The bootstrap file (YAML; see docs/proxy.md).
     #[arg(long)]
@@ -26,7 +29,9 @@ fn main() -> anyhow::Result<()> {
     let b = Bootstrap::load(&args.bootstrap)?;
     tracing::info!(node = %b.node.id, environment = %b.node.environment, xds = %b.xds.address, protocol = ?b.xds.protocol, workers = b.workers, "starting");
     let runtime = if b.workers == 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()?
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
     } else {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(b.workers)

@@ -78,19 +78,59 @@ impl Default for Metrics {
             no_route: Counter::default(),
             registry: Registry::default(),
         };
-        registry.register("xds_responses", "xDS responses received", m.xds_responses.clone());
+        registry.register(
+            "xds_responses",
+            "xDS responses received",
+            m.xds_responses.clone(),
+        );
         registry.register("xds_acks", "xDS responses ACKed", m.xds_acks.clone());
         registry.register("xds_nacks", "xDS responses NACKed", m.xds_nacks.clone());
-        registry.register("xds_connected", "1 while the xDS stream is up", m.xds_connected.clone());
-        registry.register("xds_connect_failures", "Failed attempts to reach the xDS server", m.xds_connect_failures.clone());
-        registry.register("ready", "1 once the first complete config is applied", m.ready.clone());
-        registry.register("upstream_requests", "Requests sent upstream (each try)", m.upstream_requests.clone());
-        registry.register("upstream_responses", "Upstream answers by class (2xx, 4xx, 5xx, failure)", m.upstream_responses.clone());
+        registry.register(
+            "xds_connected",
+            "1 while the xDS stream is up",
+            m.xds_connected.clone(),
+        );
+        registry.register(
+            "xds_connect_failures",
+            "Failed attempts to reach the xDS server",
+            m.xds_connect_failures.clone(),
+        );
+        registry.register(
+            "ready",
+            "1 once the first complete config is applied",
+            m.ready.clone(),
+        );
+        registry.register(
+            "upstream_requests",
+            "Requests sent upstream (each try)",
+            m.upstream_requests.clone(),
+        );
+        registry.register(
+            "upstream_responses",
+            "Upstream answers by class (2xx, 4xx, 5xx, failure)",
+            m.upstream_responses.clone(),
+        );
         registry.register("upstream_retries", "Retries", m.retries.clone());
-        registry.register("upstream_overflow", "Requests refused by a circuit breaker", m.overflow.clone());
-        registry.register("upstream_retry_overflow", "Retries refused by the retry budget", m.retry_overflow.clone());
-        registry.register("outlier_ejections", "Endpoints ejected by outlier detection", m.ejections.clone());
-        registry.register("no_route", "Requests that matched no route or cluster (404/503)", m.no_route.clone());
+        registry.register(
+            "upstream_overflow",
+            "Requests refused by a circuit breaker",
+            m.overflow.clone(),
+        );
+        registry.register(
+            "upstream_retry_overflow",
+            "Retries refused by the retry budget",
+            m.retry_overflow.clone(),
+        );
+        registry.register(
+            "outlier_ejections",
+            "Endpoints ejected by outlier detection",
+            m.ejections.clone(),
+        );
+        registry.register(
+            "no_route",
+            "Requests that matched no route or cluster (404/503)",
+            m.no_route.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -126,7 +166,13 @@ impl Metrics {
         let l = ClusterLabel {
             cluster: name.to_string(),
         };
-        for f in [&self.upstream_requests, &self.retries, &self.overflow, &self.retry_overflow, &self.ejections] {
+        for f in [
+            &self.upstream_requests,
+            &self.retries,
+            &self.overflow,
+            &self.retry_overflow,
+            &self.ejections,
+        ] {
             f.remove(&l);
         }
         for class in ["2xx", "4xx", "5xx", "failure"] {

@@ -20,12 +20,19 @@ pub async fn proxy(shared: Arc<Shared>, cluster: Arc<str>, mut downstream: TcpSt
         return;
     };
     drop(snapshot);
-    let Ok(_admission) = cluster.admit() else { return };
+    let Ok(_admission) = cluster.admit() else {
+        return;
+    };
     let mut avoid = None;
     for _ in 0..CONNECT_ATTEMPTS {
-        let Ok(endpoint) = cluster.pick(avoid) else { return };
+        let Ok(endpoint) = cluster.pick(avoid) else {
+            return;
+        };
         cluster.stats.requests.inc();
-        let connect = tokio::time::timeout(cluster.def.connect_timeout, TcpStream::connect(endpoint.endpoint.address));
+        let connect = tokio::time::timeout(
+            cluster.def.connect_timeout,
+            TcpStream::connect(endpoint.endpoint.address),
+        );
         match connect.await {
             Ok(Ok(mut upstream)) => {
                 let _ = upstream.set_nodelay(true);

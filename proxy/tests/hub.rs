@@ -22,7 +22,10 @@ async fn mesh(v1_mode: Mode) -> Mesh {
     let hub = TestHub::start(&[
         (
             "services.yaml",
-            docs(&[service("reviews", 8080, "HTTP"), service("ratings", 8080, "HTTP")]),
+            docs(&[
+                service("reviews", 8080, "HTTP"),
+                service("ratings", 8080, "HTTP"),
+            ]),
         ),
         (
             "endpoints.yaml",
@@ -34,10 +37,22 @@ async fn mesh(v1_mode: Mode) -> Mesh {
         ("route.yaml", ROUTE.to_string()),
     ])
     .await;
-    Mesh { hub, v1, v2, ratings }
+    Mesh {
+        hub,
+        v1,
+        v2,
+        ratings,
+    }
 }
 
-async fn split(c: &TestClient, addr: std::net::SocketAddr, host: &str, path: &str, headers: &[(&str, &str)], n: usize) -> BTreeMap<String, usize> {
+async fn split(
+    c: &TestClient,
+    addr: std::net::SocketAddr,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    n: usize,
+) -> BTreeMap<String, usize> {
     let mut m = BTreeMap::new();
     for _ in 0..n {
         let (status, backend) = get(c, addr, host, path, headers).await;
@@ -55,14 +70,32 @@ async fn routes_like_envoy(protocol: &str) {
     let c = client();
 
     // Virtual host by Host, with and without the port.
-    assert_eq!(split(&c, addr, "ratings.prod", "/", &[], 5).await, [("ratings".into(), 5)].into());
-    assert_eq!(split(&c, addr, "ratings.prod:8080", "/", &[], 5).await, [("ratings".into(), 5)].into());
+    assert_eq!(
+        split(&c, addr, "ratings.prod", "/", &[], 5).await,
+        [("ratings".into(), 5)].into()
+    );
+    assert_eq!(
+        split(&c, addr, "ratings.prod:8080", "/", &[], 5).await,
+        [("ratings".into(), 5)].into()
+    );
     assert_eq!(get(&c, addr, "nobody.prod", "/", &[]).await.0, 404);
     // Header route, regex route, default route.
-    assert_eq!(split(&c, addr, "reviews.prod", "/", &[("x-canary", "true")], 10).await, [("reviews-v2".into(), 10)].into());
-    assert_eq!(split(&c, addr, "reviews.prod", "/re/42", &[], 5).await, [("reviews-v2".into(), 5)].into());
-    assert_eq!(split(&c, addr, "reviews.prod", "/re/x", &[], 5).await, [("reviews-v1".into(), 5)].into());
-    assert_eq!(split(&c, addr, "reviews.prod", "/", &[("x-canary", "no")], 10).await, [("reviews-v1".into(), 10)].into());
+    assert_eq!(
+        split(&c, addr, "reviews.prod", "/", &[("x-canary", "true")], 10).await,
+        [("reviews-v2".into(), 10)].into()
+    );
+    assert_eq!(
+        split(&c, addr, "reviews.prod", "/re/42", &[], 5).await,
+        [("reviews-v2".into(), 5)].into()
+    );
+    assert_eq!(
+        split(&c, addr, "reviews.prod", "/re/x", &[], 5).await,
+        [("reviews-v1".into(), 5)].into()
+    );
+    assert_eq!(
+        split(&c, addr, "reviews.prod", "/", &[("x-canary", "no")], 10).await,
+        [("reviews-v1".into(), 10)].into()
+    );
     // Weighted split 50/50 within tolerance (400 draws: 5 sigma is ±50).
     let w = split(&c, addr, "reviews.prod", "/split", &[], 400).await;
     let v1 = w.get("reviews-v1").copied().unwrap_or(0);
@@ -70,15 +103,29 @@ async fn routes_like_envoy(protocol: &str) {
 
     // What the proxy cannot do, it NACKs by name; the hub records it.
     let status = m.hub.sync_status().to_string();
-    assert!(status.contains("virtualOutbound: use_original_dst"), "{status}");
-    assert!(status.contains("PassthroughCluster: discovery type ORIGINAL_DST"), "{status}");
+    assert!(
+        status.contains("virtualOutbound: use_original_dst"),
+        "{status}"
+    );
+    assert!(
+        status.contains("PassthroughCluster: discovery type ORIGINAL_DST"),
+        "{status}"
+    );
     let (code, dump) = admin(&proxy, "/config_dump").await;
     assert_eq!(code, 200);
     assert!(dump.contains("\"complete\": true"), "{dump}");
     assert_eq!(admin(&proxy, "/ready").await.0, 200);
     let (_, stats) = admin(&proxy, "/stats").await;
-    assert!(stats.contains("tributary_proxy_xds_nacks_total{type=\"LDS\"}"), "{stats}");
-    assert!(stats.contains("tributary_proxy_upstream_requests_total{cluster=\"outbound|8080|v2|reviews.prod\"}"), "{stats}");
+    assert!(
+        stats.contains("tributary_proxy_xds_nacks_total{type=\"LDS\"}"),
+        "{stats}"
+    );
+    assert!(
+        stats.contains(
+            "tributary_proxy_upstream_requests_total{cluster=\"outbound|8080|v2|reviews.prod\"}"
+        ),
+        "{stats}"
+    );
     let _ = (&m.v1, &m.v2, &m.ratings);
 }
 
@@ -111,14 +158,20 @@ async fn not_ready_while_the_hub_is_unreachable_then_ready_once_it_serves() {
         xds,
         &[
             ("services.yaml", service("ratings", 8080, "HTTP")),
-            ("endpoints.yaml", endpoints("ratings", &[(backend.addr, "v1", "z1")])),
+            (
+                "endpoints.yaml",
+                endpoints("ratings", &[(backend.addr, "v1", "z1")]),
+            ),
         ],
     )
     .await;
     ready(&proxy).await;
     assert_eq!(admin(&proxy, "/ready").await.0, 200);
     let addr = proxy.listener_addr("0.0.0.0_8080").await;
-    assert_eq!(get(&client(), addr, "ratings.prod", "/", &[]).await, (200, "ratings".into()));
+    assert_eq!(
+        get(&client(), addr, "ratings.prod", "/", &[]).await,
+        (200, "ratings".into())
+    );
 }
 
 #[tokio::test]
@@ -131,14 +184,25 @@ async fn in_flight_requests_complete_across_a_route_change() {
     let mut held = Vec::new();
     for _ in 0..5 {
         let c = client();
-        held.push(tokio::spawn(async move { get(&c, addr, "reviews.prod", "/slow", &[]).await }));
+        held.push(tokio::spawn(async move {
+            get(&c, addr, "reviews.prod", "/slow", &[]).await
+        }));
     }
     let mut arrivals = m.v1.held.clone();
-    tokio::time::timeout(TIMEOUT, arrivals.wait_for(|n| *n == 5)).await.unwrap().unwrap();
+    tokio::time::timeout(TIMEOUT, arrivals.wait_for(|n| *n == 5))
+        .await
+        .unwrap()
+        .unwrap();
     // The default route moves to v2.
-    m.hub.write("route.yaml", &ROUTE.replace("subset: v1, weight: 100", "subset: v2, weight: 100"));
+    m.hub.write(
+        "route.yaml",
+        &ROUTE.replace("subset: v1, weight: 100", "subset: v2, weight: 100"),
+    );
     let c = client();
-    until("the route change is applied", || async { get(&c, addr, "reviews.prod", "/", &[]).await.1 == "reviews-v2" }).await;
+    until("the route change is applied", || async {
+        get(&c, addr, "reviews.prod", "/", &[]).await.1 == "reviews-v2"
+    })
+    .await;
     // The requests in flight on the old route complete.
     m.v1.release.send_replace(true);
     for h in held {
@@ -149,10 +213,16 @@ async fn in_flight_requests_complete_across_a_route_change() {
 #[tokio::test]
 async fn a_dead_endpoint_is_ejected_after_consecutive_gateway_failures() {
     let live = Backend::start("live", Mode::Ok).await;
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let hub = TestHub::start(&[
         ("services.yaml", service("ratings", 8080, "HTTP")),
-        ("endpoints.yaml", endpoints("ratings", &[(live.addr, "v1", "z1"), (dead, "v1", "z1")])),
+        (
+            "endpoints.yaml",
+            endpoints("ratings", &[(live.addr, "v1", "z1"), (dead, "v1", "z1")]),
+        ),
     ])
     .await;
     let proxy = start_proxy(bootstrap(hub.hub.xds_addr, "delta", "")).await;
@@ -166,9 +236,15 @@ async fn a_dead_endpoint_is_ejected_after_consecutive_gateway_failures() {
         }
     }
     // The hub's outlier detection: 5 consecutive gateway failures eject.
-    assert_eq!(failures, 5, "the dead endpoint fails five times, then is ejected");
+    assert_eq!(
+        failures, 5,
+        "the dead endpoint fails five times, then is ejected"
+    );
     for _ in 0..20 {
-        assert_eq!(get(&c, addr, "ratings.prod", "/", &[]).await, (200, "live".into()));
+        assert_eq!(
+            get(&c, addr, "ratings.prod", "/", &[]).await,
+            (200, "live".into())
+        );
     }
     let (_, dump) = admin(&proxy, "/config_dump").await;
     assert!(dump.contains("\"ejected\": true"), "{dump}");
@@ -180,7 +256,10 @@ async fn h2c_and_grpc_pass_through_with_trailers() {
     let grpc = Backend::start("greeter", Mode::Grpc).await;
     let hub = TestHub::start(&[
         ("services.yaml", service("greeter", 9090, "GRPC")),
-        ("endpoints.yaml", endpoints("greeter", &[(grpc.addr, "v1", "z1")])),
+        (
+            "endpoints.yaml",
+            endpoints("greeter", &[(grpc.addr, "v1", "z1")]),
+        ),
     ])
     .await;
     let proxy = start_proxy(bootstrap(hub.hub.xds_addr, "delta", "")).await;
@@ -199,14 +278,22 @@ async fn h2c_and_grpc_pass_through_with_trailers() {
     let req = hyper::Request::post("http://greeter.prod:9090/helloworld.Greeter/SayHello")
         .header("content-type", "application/grpc")
         .header("te", "trailers")
-        .body(http_body_util::Full::new(bytes::Bytes::from_static(b"\0\0\0\0\0")))
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            b"\0\0\0\0\0",
+        )))
         .unwrap();
-    let resp = tokio::time::timeout(TIMEOUT, c.send_request(req)).await.unwrap().unwrap();
+    let resp = tokio::time::timeout(TIMEOUT, c.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-backend"], "greeter");
     // The GRPC port's cluster speaks HTTP/2 upstream.
     assert_eq!(resp.headers()["x-version"], "HTTP/2.0");
     let collected = resp.into_body().collect().await.unwrap();
-    let trailers = collected.trailers().cloned().expect("trailers pass through");
+    let trailers = collected
+        .trailers()
+        .cloned()
+        .expect("trailers pass through");
     assert_eq!(trailers["grpc-status"], "0");
 }

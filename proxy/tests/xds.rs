@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 use common::*;
 use prost::Message;
 use tributary_proto::envoy::envoy::config::cluster::v3::{
-    CircuitBreakers, Cluster, circuit_breakers::Thresholds, cluster::ClusterDiscoveryType, cluster::DiscoveryType,
-    cluster::EdsClusterConfig, cluster::LbPolicy,
+    CircuitBreakers, Cluster, circuit_breakers::Thresholds, cluster::ClusterDiscoveryType,
+    cluster::DiscoveryType, cluster::EdsClusterConfig, cluster::LbPolicy,
 };
 use tributary_proto::envoy::envoy::config::core::v3::{
     Address, AggregatedConfigSource, ConfigSource, SocketAddress, TransportSocket, address,
@@ -18,13 +18,16 @@ use tributary_proto::envoy::envoy::config::core::v3::{
 use tributary_proto::envoy::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint::HostIdentifier,
 };
-use tributary_proto::envoy::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter::ConfigType};
+use tributary_proto::envoy::envoy::config::listener::v3::{
+    Filter, FilterChain, Listener, filter::ConfigType,
+};
 use tributary_proto::envoy::envoy::config::route::v3::{
-    QueryParameterMatcher, RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
-    route::Action, route_action::ClusterSpecifier, route_match::PathSpecifier,
+    QueryParameterMatcher, RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch,
+    VirtualHost, route::Action, route_action::ClusterSpecifier, route_match::PathSpecifier,
 };
 use tributary_proto::envoy::envoy::extensions::filters::network::http_connection_manager::v3::{
-    HttpConnectionManager, HttpFilter, Rds, http_connection_manager::RouteSpecifier, http_filter::ConfigType as HttpFilterConfig,
+    HttpConnectionManager, HttpFilter, Rds, http_connection_manager::RouteSpecifier,
+    http_filter::ConfigType as HttpFilterConfig,
 };
 use tributary_proto::envoy::envoy::service::discovery::v3::{DeltaDiscoveryResponse, Resource};
 use tributary_proto::envoy::google::protobuf::{Any, UInt32Value};
@@ -83,7 +86,10 @@ fn listener(name: &str, route: &str, filters: Vec<HttpFilter>) -> Listener {
         filter_chains: vec![FilterChain {
             filters: vec![Filter {
                 name: "envoy.filters.network.http_connection_manager".into(),
-                config_type: Some(ConfigType::TypedConfig(any(type_url::HTTP_CONNECTION_MANAGER, &hcm))),
+                config_type: Some(ConfigType::TypedConfig(any(
+                    type_url::HTTP_CONNECTION_MANAGER,
+                    &hcm,
+                ))),
             }],
             ..Default::default()
         }],
@@ -127,7 +133,10 @@ fn cluster(name: &str, max_retries: Option<u32>, max_requests: Option<u32>) -> C
             eds_config: Some(ads()),
             service_name: name.into(),
         }),
-        connect_timeout: Some(tributary_proto::envoy::google::protobuf::Duration { seconds: 1, nanos: 0 }),
+        connect_timeout: Some(tributary_proto::envoy::google::protobuf::Duration {
+            seconds: 1,
+            nanos: 0,
+        }),
         circuit_breakers: Some(CircuitBreakers {
             thresholds: vec![Thresholds {
                 max_retries: max_retries.map(|value| UInt32Value { value }),
@@ -190,10 +199,32 @@ async fn proxy_with(
     let mut state = XdsState::new(tributary_proxy::xds::node(&b.node), true);
     let sh = &proxy.shared;
     for r in [
-        response(type_url::CLUSTER, vec![("c", any(type_url::CLUSTER, &cluster("c", max_retries, max_requests)))], &[]),
-        response(type_url::ENDPOINT, vec![("c", any(type_url::ENDPOINT, &cla("c", backends)))], &[]),
-        response(type_url::LISTENER, vec![("l", any(type_url::LISTENER, &listener("l", "r", vec![router()])))], &[]),
-        response(type_url::ROUTE, vec![("r", any(type_url::ROUTE, &route_table("r", "c", retry)))], &[]),
+        response(
+            type_url::CLUSTER,
+            vec![(
+                "c",
+                any(type_url::CLUSTER, &cluster("c", max_retries, max_requests)),
+            )],
+            &[],
+        ),
+        response(
+            type_url::ENDPOINT,
+            vec![("c", any(type_url::ENDPOINT, &cla("c", backends)))],
+            &[],
+        ),
+        response(
+            type_url::LISTENER,
+            vec![(
+                "l",
+                any(type_url::LISTENER, &listener("l", "r", vec![router()])),
+            )],
+            &[],
+        ),
+        response(
+            type_url::ROUTE,
+            vec![("r", any(type_url::ROUTE, &route_table("r", "c", retry)))],
+            &[],
+        ),
     ] {
         let out = state.on_delta(&r, sh);
         assert!(out[0].error_detail.is_none(), "{:?}", out[0].error_detail);
@@ -222,7 +253,10 @@ async fn retries_hide_a_flaky_backend_and_the_budget_bounds_them() {
         assert_eq!(get(&c, addr, "any", "/", &[]).await, (200, "flaky".into()));
     }
     let (_, stats) = admin(&proxy, "/stats").await;
-    assert!(stats.contains("tributary_proxy_upstream_retries_total{cluster=\"c\"} 20"), "{stats}");
+    assert!(
+        stats.contains("tributary_proxy_upstream_retries_total{cluster=\"c\"} 20"),
+        "{stats}"
+    );
 
     // Without a retry policy, the 503s come through.
     let flaky = Backend::start("flaky", Mode::Flaky).await;
@@ -240,7 +274,10 @@ async fn retries_hide_a_flaky_backend_and_the_budget_bounds_them() {
     let (proxy, _s, addr) = proxy_with(Some(retry_5xx(2)), Some(0), None, &[flaky.addr]).await;
     assert_eq!(get(&c, addr, "any", "/", &[]).await.0, 503);
     let (_, stats) = admin(&proxy, "/stats").await;
-    assert!(stats.contains("tributary_proxy_upstream_retry_overflow_total{cluster=\"c\"} 1"), "{stats}");
+    assert!(
+        stats.contains("tributary_proxy_upstream_retry_overflow_total{cluster=\"c\"} 1"),
+        "{stats}"
+    );
 }
 
 #[tokio::test]
@@ -253,9 +290,14 @@ async fn max_requests_opens_the_circuit_breaker() {
         async move { get(&c, addr, "any", "/slow", &[]).await }
     });
     let mut arrivals = slow.held.clone();
-    tokio::time::timeout(TIMEOUT, arrivals.wait_for(|n| *n == 1)).await.unwrap().unwrap();
+    tokio::time::timeout(TIMEOUT, arrivals.wait_for(|n| *n == 1))
+        .await
+        .unwrap()
+        .unwrap();
     // The second request overflows at once, with Envoy's header.
-    let req = hyper::Request::get(format!("http://{addr}/")).body(http_body_util::Empty::new()).unwrap();
+    let req = hyper::Request::get(format!("http://{addr}/"))
+        .body(http_body_util::Empty::new())
+        .unwrap();
     let resp = c.request(req).await.unwrap();
     assert_eq!(resp.status(), 503);
     assert_eq!(resp.headers()["x-envoy-overloaded"], "true");
@@ -274,13 +316,22 @@ async fn a_removed_listener_drains_its_requests_in_flight_and_stops_accepting() 
         async move { get(&c, addr, "any", "/slow", &[]).await }
     });
     let mut arrivals = slow.held.clone();
-    tokio::time::timeout(TIMEOUT, arrivals.wait_for(|n| *n == 1)).await.unwrap().unwrap();
+    tokio::time::timeout(TIMEOUT, arrivals.wait_for(|n| *n == 1))
+        .await
+        .unwrap()
+        .unwrap();
     let out = state.on_delta(&response(type_url::LISTENER, vec![], &["l"]), &proxy.shared);
     assert!(out[0].error_detail.is_none());
     let mut bound = proxy.shared.bound.subscribe();
-    tokio::time::timeout(TIMEOUT, bound.wait_for(|b| !b.contains_key("l"))).await.unwrap().unwrap();
+    tokio::time::timeout(TIMEOUT, bound.wait_for(|b| !b.contains_key("l")))
+        .await
+        .unwrap()
+        .unwrap();
     // New connections are refused once the socket is closed.
-    until("the listener's socket is closed", || async { tokio::net::TcpStream::connect(addr).await.is_err() }).await;
+    until("the listener's socket is closed", || async {
+        tokio::net::TcpStream::connect(addr).await.is_err()
+    })
+    .await;
     // The request in flight completes.
     slow.release.send_replace(true);
     assert_eq!(held.await.unwrap(), (200, "slow".into()));
@@ -310,15 +361,27 @@ async fn every_resource_it_cannot_honour_is_nacked_by_name_and_the_rest_applied(
         ),
         &proxy.shared,
     );
-    let nack = out[0].error_detail.as_ref().expect("a NACK").message.clone();
-    assert!(nack.contains("ring: lb_policy RING_HASH is not supported"), "{nack}");
+    let nack = out[0]
+        .error_detail
+        .as_ref()
+        .expect("a NACK")
+        .message
+        .clone();
+    assert!(
+        nack.contains("ring: lb_policy RING_HASH is not supported"),
+        "{nack}"
+    );
     assert!(nack.contains("tls: upstream TLS"), "{nack}");
     assert!(!nack.contains("good"), "{nack}");
     // The good cluster is applied, and its endpoints subscribed.
     assert_eq!(out[1].resource_names_subscribe, vec!["good".to_string()]);
 
     let mut query = route_table("q", "good", None);
-    query.virtual_hosts[0].routes[0].r#match.as_mut().unwrap().query_parameters = vec![QueryParameterMatcher {
+    query.virtual_hosts[0].routes[0]
+        .r#match
+        .as_mut()
+        .unwrap()
+        .query_parameters = vec![QueryParameterMatcher {
         name: "a".into(),
         ..Default::default()
     }];
@@ -326,19 +389,61 @@ async fn every_resource_it_cannot_honour_is_nacked_by_name_and_the_rest_applied(
         &response(
             type_url::LISTENER,
             vec![
-                ("lua", any(type_url::LISTENER, &listener("lua", "r", vec![http_filter("envoy.filters.http.lua", "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"), router()]))),
-                ("ok", any(type_url::LISTENER, &listener("ok", "q", vec![router()]))),
+                (
+                    "lua",
+                    any(
+                        type_url::LISTENER,
+                        &listener(
+                            "lua",
+                            "r",
+                            vec![
+                                http_filter(
+                                    "envoy.filters.http.lua",
+                                    "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+                                ),
+                                router(),
+                            ],
+                        ),
+                    ),
+                ),
+                (
+                    "ok",
+                    any(type_url::LISTENER, &listener("ok", "q", vec![router()])),
+                ),
             ],
             &[],
         ),
         &proxy.shared,
     );
-    let nack = out[0].error_detail.as_ref().expect("a NACK").message.clone();
-    assert!(nack.contains("lua: unsupported HTTP filter \"envoy.filters.http.lua\""), "{nack}");
+    let nack = out[0]
+        .error_detail
+        .as_ref()
+        .expect("a NACK")
+        .message
+        .clone();
+    assert!(
+        nack.contains("lua: unsupported HTTP filter \"envoy.filters.http.lua\""),
+        "{nack}"
+    );
     assert_eq!(out[1].resource_names_subscribe, vec!["q".to_string()]);
-    let out = state.on_delta(&response(type_url::ROUTE, vec![("q", any(type_url::ROUTE, &query))], &[]), &proxy.shared);
-    let nack = out[0].error_detail.as_ref().expect("a NACK").message.clone();
-    assert!(nack.contains("q: virtual host \"all\": route 0: runtime fractions, query parameter"), "{nack}");
+    let out = state.on_delta(
+        &response(
+            type_url::ROUTE,
+            vec![("q", any(type_url::ROUTE, &query))],
+            &[],
+        ),
+        &proxy.shared,
+    );
+    let nack = out[0]
+        .error_detail
+        .as_ref()
+        .expect("a NACK")
+        .message
+        .clone();
+    assert!(
+        nack.contains("q: virtual host \"all\": route 0: runtime fractions, query parameter"),
+        "{nack}"
+    );
     // A route table that was rejected is not held: the proxy is not ready.
     assert!(!proxy.is_ready());
 }

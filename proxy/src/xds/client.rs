@@ -60,7 +60,9 @@ pub async fn run(address: String, mut state: XdsState, shared: Arc<Shared>, delt
     }
 }
 
-async fn connect(address: &str) -> Result<AggregatedDiscoveryServiceClient<tonic::transport::Channel>, Error> {
+async fn connect(
+    address: &str,
+) -> Result<AggregatedDiscoveryServiceClient<tonic::transport::Channel>, Error> {
     let channel = tonic::transport::Endpoint::from_shared(address.to_string())
         .map_err(|source| Error::Connect {
             address: address.into(),
@@ -78,13 +80,21 @@ async fn connect(address: &str) -> Result<AggregatedDiscoveryServiceClient<tonic
     Ok(AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20))
 }
 
-async fn delta_stream(address: &str, state: &mut XdsState, shared: &Shared, progressed: &mut bool) -> Result<(), Error> {
+async fn delta_stream(
+    address: &str,
+    state: &mut XdsState,
+    shared: &Shared,
+    progressed: &mut bool,
+) -> Result<(), Error> {
     let mut client = connect(address).await?;
     let (tx, rx) = mpsc::channel(OUTBOX);
     for r in state.delta_start() {
         let _ = tx.try_send(r);
     }
-    let mut stream = client.delta_aggregated_resources(ReceiverStream::new(rx)).await?.into_inner();
+    let mut stream = client
+        .delta_aggregated_resources(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
     shared.metrics.xds_connected.set(1);
     while let Some(resp) = stream.message().await? {
         *progressed = true;
@@ -97,13 +107,21 @@ async fn delta_stream(address: &str, state: &mut XdsState, shared: &Shared, prog
     Ok(())
 }
 
-async fn sotw_stream(address: &str, state: &mut XdsState, shared: &Shared, progressed: &mut bool) -> Result<(), Error> {
+async fn sotw_stream(
+    address: &str,
+    state: &mut XdsState,
+    shared: &Shared,
+    progressed: &mut bool,
+) -> Result<(), Error> {
     let mut client = connect(address).await?;
     let (tx, rx) = mpsc::channel(OUTBOX);
     for r in state.sotw_start() {
         let _ = tx.try_send(r);
     }
-    let mut stream = client.stream_aggregated_resources(ReceiverStream::new(rx)).await?.into_inner();
+    let mut stream = client
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
     shared.metrics.xds_connected.set(1);
     while let Some(resp) = stream.message().await? {
         *progressed = true;

@@ -45,7 +45,12 @@ pub enum Kind4 {
 }
 
 impl Kind4 {
-    pub const ALL: [Kind4; 4] = [Kind4::Cluster, Kind4::Listener, Kind4::Endpoint, Kind4::Route];
+    pub const ALL: [Kind4; 4] = [
+        Kind4::Cluster,
+        Kind4::Listener,
+        Kind4::Endpoint,
+        Kind4::Route,
+    ];
 
     pub fn type_url(self) -> &'static str {
         match self {
@@ -185,7 +190,9 @@ impl XdsState {
 
     fn held_versions(&self, kind: Kind4) -> std::collections::HashMap<String, String> {
         fn v<T>(m: &BTreeMap<String, Held<T>>) -> std::collections::HashMap<String, String> {
-            m.iter().map(|(k, h)| (k.clone(), h.version.clone())).collect()
+            m.iter()
+                .map(|(k, h)| (k.clone(), h.version.clone()))
+                .collect()
         }
         match kind {
             Kind4::Listener => v(&self.listeners),
@@ -247,12 +254,19 @@ impl XdsState {
     }
 
     /// Applies a Delta response; returns the ACK or NACK, then subscription changes.
-    pub fn on_delta(&mut self, resp: &DeltaDiscoveryResponse, shared: &Shared) -> Outbox<DeltaDiscoveryRequest> {
+    pub fn on_delta(
+        &mut self,
+        resp: &DeltaDiscoveryResponse,
+        shared: &Shared,
+    ) -> Outbox<DeltaDiscoveryRequest> {
         let Some(kind) = Kind4::from_url(&resp.type_url) else {
             return vec![DeltaDiscoveryRequest {
                 type_url: resp.type_url.clone(),
                 response_nonce: resp.nonce.clone(),
-                error_detail: Some(nack_status(format!("type {} is not supported", resp.type_url))),
+                error_detail: Some(nack_status(format!(
+                    "type {} is not supported",
+                    resp.type_url
+                ))),
                 ..Default::default()
             }];
         };
@@ -286,12 +300,19 @@ impl XdsState {
     }
 
     /// Applies a SotW response; returns the ACK or NACK, then subscription changes.
-    pub fn on_sotw(&mut self, resp: &DiscoveryResponse, shared: &Shared) -> Outbox<DiscoveryRequest> {
+    pub fn on_sotw(
+        &mut self,
+        resp: &DiscoveryResponse,
+        shared: &Shared,
+    ) -> Outbox<DiscoveryRequest> {
         let Some(kind) = Kind4::from_url(&resp.type_url) else {
             return vec![DiscoveryRequest {
                 type_url: resp.type_url.clone(),
                 response_nonce: resp.nonce.clone(),
-                error_detail: Some(nack_status(format!("type {} is not supported", resp.type_url))),
+                error_detail: Some(nack_status(format!(
+                    "type {} is not supported",
+                    resp.type_url
+                ))),
                 ..Default::default()
             }];
         };
@@ -314,7 +335,9 @@ impl XdsState {
             })
             .collect();
         // LDS and CDS are full sets: what is not in the response is gone.
-        let full: Option<BTreeSet<&str>> = kind.wildcard().then(|| names.iter().map(String::as_str).collect());
+        let full: Option<BTreeSet<&str>> = kind
+            .wildcard()
+            .then(|| names.iter().map(String::as_str).collect());
         let error = self.apply(kind, &incoming, &[], full.as_ref(), shared);
         let t = &mut self.types[kind as usize];
         t.nonce = resp.nonce.clone();
@@ -353,36 +376,73 @@ impl XdsState {
                 Kind4::Listener => translate::decode::<Listener>(body, kind.type_url())
                     .and_then(|l| check_name(r.name, &l.name).and(translate::listener(&l)))
                     .map(|v| {
-                        self.listeners.insert(r.name.into(), Held { version: r.version.into(), value: v });
+                        self.listeners.insert(
+                            r.name.into(),
+                            Held {
+                                version: r.version.into(),
+                                value: v,
+                            },
+                        );
                     }),
                 Kind4::Route => translate::decode::<RouteConfiguration>(body, kind.type_url())
                     .and_then(|rc| check_name(r.name, &rc.name).and(translate::route_table(&rc)))
                     .map(|v| {
-                        self.routes.insert(r.name.into(), Held { version: r.version.into(), value: Arc::new(v) });
+                        self.routes.insert(
+                            r.name.into(),
+                            Held {
+                                version: r.version.into(),
+                                value: Arc::new(v),
+                            },
+                        );
                     }),
                 Kind4::Cluster => translate::decode::<PbCluster>(body, kind.type_url())
                     .and_then(|c| check_name(r.name, &c.name).and(translate::cluster(&c)))
                     .map(|def| {
-                        let reuse = self.clusters.get(r.name).filter(|h| h.value.def == def).map(|h| h.value.clone());
+                        let reuse = self
+                            .clusters
+                            .get(r.name)
+                            .filter(|h| h.value.def == def)
+                            .map(|h| h.value.clone());
                         let cluster = reuse.unwrap_or_else(|| {
                             let c = Arc::new(Cluster::new(def, shared.metrics.cluster(r.name)));
-                            if let Some(a) = c.def.eds_name.as_deref().and_then(|n| self.endpoints.get(n)) {
+                            if let Some(a) = c
+                                .def
+                                .eds_name
+                                .as_deref()
+                                .and_then(|n| self.endpoints.get(n))
+                            {
                                 c.assign(&a.value);
                             }
                             c
                         });
-                        self.clusters.insert(r.name.into(), Held { version: r.version.into(), value: cluster });
+                        self.clusters.insert(
+                            r.name.into(),
+                            Held {
+                                version: r.version.into(),
+                                value: cluster,
+                            },
+                        );
                     }),
-                Kind4::Endpoint => translate::decode::<ClusterLoadAssignment>(body, kind.type_url())
-                    .and_then(|cla| check_name(r.name, &cla.cluster_name).and(translate::assignment(&cla)))
-                    .map(|a| {
-                        for c in self.clusters.values() {
-                            if c.value.def.eds_name.as_deref() == Some(r.name) {
-                                c.value.assign(&a);
+                Kind4::Endpoint => {
+                    translate::decode::<ClusterLoadAssignment>(body, kind.type_url())
+                        .and_then(|cla| {
+                            check_name(r.name, &cla.cluster_name).and(translate::assignment(&cla))
+                        })
+                        .map(|a| {
+                            for c in self.clusters.values() {
+                                if c.value.def.eds_name.as_deref() == Some(r.name) {
+                                    c.value.assign(&a);
+                                }
                             }
-                        }
-                        self.endpoints.insert(r.name.into(), Held { version: r.version.into(), value: a });
-                    }),
+                            self.endpoints.insert(
+                                r.name.into(),
+                                Held {
+                                    version: r.version.into(),
+                                    value: a,
+                                },
+                            );
+                        })
+                }
             };
             match result {
                 Ok(()) => {
@@ -429,7 +489,11 @@ impl XdsState {
             None
         } else {
             shared.metrics.xds_nacks.get_or_create(&label).inc();
-            let message = format!("Error adding/updating {}(s) {}", kind.noun(), errors.join("; "));
+            let message = format!(
+                "Error adding/updating {}(s) {}",
+                kind.noun(),
+                errors.join("; ")
+            );
             tracing::warn!(r#type = kind.short(), %message, "NACK");
             t.last_nack = Some(message.clone());
             Some(message)
@@ -495,8 +559,16 @@ impl XdsState {
     /// dump, and readiness.
     pub fn publish(&self, shared: &Shared) {
         let snapshot = Snapshot {
-            routes: self.routes.iter().map(|(k, v)| (Arc::from(k.as_str()), v.value.clone())).collect(),
-            clusters: self.clusters.iter().map(|(k, v)| (Arc::from(k.as_str()), v.value.clone())).collect(),
+            routes: self
+                .routes
+                .iter()
+                .map(|(k, v)| (Arc::from(k.as_str()), v.value.clone()))
+                .collect(),
+            clusters: self
+                .clusters
+                .iter()
+                .map(|(k, v)| (Arc::from(k.as_str()), v.value.clone()))
+                .collect(),
         };
         shared.snapshot.store(Arc::new(snapshot));
         let listeners: BTreeMap<Arc<str>, ListenerConfig> = self
@@ -523,7 +595,9 @@ impl XdsState {
     /// What `/config_dump` shows (besides live endpoint state).
     fn dump(&self) -> serde_json::Value {
         use serde_json::json;
-        let versions = |m: std::collections::HashMap<String, String>| -> BTreeMap<String, String> { m.into_iter().collect() };
+        let versions = |m: std::collections::HashMap<String, String>| -> BTreeMap<String, String> {
+            m.into_iter().collect()
+        };
         json!({
             "node": { "id": self.node.id, "dialect": if self.delta { "delta" } else { "sotw" } },
             "listeners": self.listeners.iter().map(|(n, h)| json!({
@@ -571,7 +645,9 @@ fn resource_name(kind: Kind4, a: &Any) -> Option<String> {
         Kind4::Listener => Listener::decode(b).ok().map(|l| l.name),
         Kind4::Route => RouteConfiguration::decode(b).ok().map(|r| r.name),
         Kind4::Cluster => PbCluster::decode(b).ok().map(|c| c.name),
-        Kind4::Endpoint => ClusterLoadAssignment::decode(b).ok().map(|c| c.cluster_name),
+        Kind4::Endpoint => ClusterLoadAssignment::decode(b)
+            .ok()
+            .map(|c| c.cluster_name),
     }
 }
 

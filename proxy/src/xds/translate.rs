@@ -14,22 +14,25 @@ use std::time::Duration;
 
 use prost::Message;
 use tributary_proto::envoy::envoy::config::cluster::v3::{
-    Cluster as PbCluster, cluster::ClusterDiscoveryType, cluster::DiscoveryType, cluster::LbPolicy as PbLb,
-    cluster::common_lb_config::LocalityConfigSpecifier,
+    Cluster as PbCluster, cluster::ClusterDiscoveryType, cluster::DiscoveryType,
+    cluster::LbPolicy as PbLb, cluster::common_lb_config::LocalityConfigSpecifier,
 };
 use tributary_proto::envoy::envoy::config::core::v3::{
-    Address, ConfigSource, HealthStatus, RoutingPriority, address, config_source::ConfigSourceSpecifier,
-    socket_address::PortSpecifier,
+    Address, ConfigSource, HealthStatus, RoutingPriority, address,
+    config_source::ConfigSourceSpecifier, socket_address::PortSpecifier,
 };
-use tributary_proto::envoy::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint::HostIdentifier};
+use tributary_proto::envoy::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, lb_endpoint::HostIdentifier,
+};
 use tributary_proto::envoy::envoy::config::listener::v3::{Listener, filter::ConfigType};
 use tributary_proto::envoy::envoy::config::route::v3::{
-    HeaderMatcher, RetryPolicy as PbRetry, Route as PbRoute, RouteConfiguration, header_matcher::HeaderMatchSpecifier,
-    route::Action, route_action::ClusterSpecifier, route_match::PathSpecifier,
+    HeaderMatcher, RetryPolicy as PbRetry, Route as PbRoute, RouteConfiguration,
+    header_matcher::HeaderMatchSpecifier, route::Action, route_action::ClusterSpecifier,
+    route_match::PathSpecifier,
 };
 use tributary_proto::envoy::envoy::extensions::filters::network::http_connection_manager::v3::{
-    HttpConnectionManager, http_connection_manager::CodecType, http_connection_manager::RouteSpecifier,
-    http_filter::ConfigType as HttpFilterConfig,
+    HttpConnectionManager, http_connection_manager::CodecType,
+    http_connection_manager::RouteSpecifier, http_filter::ConfigType as HttpFilterConfig,
 };
 use tributary_proto::envoy::envoy::extensions::filters::network::tcp_proxy::v3::{
     TcpProxy, tcp_proxy::ClusterSpecifier as TcpCluster,
@@ -38,19 +41,25 @@ use tributary_proto::envoy::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options::UpstreamProtocolOptions,
     http_protocol_options::explicit_http_config::ProtocolConfig,
 };
-use tributary_proto::envoy::envoy::r#type::matcher::v3::{RegexMatcher, string_matcher::MatchPattern};
+use tributary_proto::envoy::envoy::r#type::matcher::v3::{
+    RegexMatcher, string_matcher::MatchPattern,
+};
 use tributary_proto::envoy::google::protobuf::{Any, Duration as PbDuration};
 use tributary_proto::type_url;
 
-use crate::cluster::{Assignment, ClusterDef, EndpointDef, Limits, LocalityEndpoints, LbPolicy, OutlierConfig};
+use crate::cluster::{
+    Assignment, ClusterDef, EndpointDef, LbPolicy, Limits, LocalityEndpoints, OutlierConfig,
+};
 use crate::config::{
-    ClusterChoice, Codec, HeaderMatch, HeaderValueMatch, ListenerConfig, NetworkFilter, PathMatch, RetryPolicy,
-    Route, RouteAction, RouteTable, VirtualHost,
+    ClusterChoice, Codec, HeaderMatch, HeaderValueMatch, ListenerConfig, NetworkFilter, PathMatch,
+    RetryPolicy, Route, RouteAction, RouteTable, VirtualHost,
 };
 
-pub const TCP_PROXY: &str = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
+pub const TCP_PROXY: &str =
+    "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
 const HTTP_PROTOCOL_OPTIONS_KEY: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
-const HTTP_PROTOCOL_OPTIONS: &str = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+const HTTP_PROTOCOL_OPTIONS: &str =
+    "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 /// Envoy's route timeout when a route names none.
 pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -60,7 +69,10 @@ pub type Reason = String;
 /// Decodes an `Any` of the expected type.
 pub fn decode<T: Message + Default>(any: &Any, expected: &str) -> Result<T, Reason> {
     if any.type_url != expected {
-        return Err(format!("type {} where {expected} was expected", any.type_url));
+        return Err(format!(
+            "type {} where {expected} was expected",
+            any.type_url
+        ));
     }
     T::decode(any.value.as_slice()).map_err(|e| format!("cannot decode {expected}: {e}"))
 }
@@ -78,18 +90,24 @@ fn socket_address(a: Option<&Address>, field: &str) -> Result<SocketAddr, Reason
             if s.protocol != 0 {
                 return Err(format!("{field}: only TCP socket addresses are supported"));
             }
-            let ip: IpAddr = s
-                .address
-                .parse()
-                .map_err(|_| format!("{field}: {:?} is not an IP address (DNS names are not supported)", s.address))?;
+            let ip: IpAddr = s.address.parse().map_err(|_| {
+                format!(
+                    "{field}: {:?} is not an IP address (DNS names are not supported)",
+                    s.address
+                )
+            })?;
             let port = match s.port_specifier {
                 Some(PortSpecifier::PortValue(p)) if p <= u32::from(u16::MAX) => p as u16,
-                Some(PortSpecifier::PortValue(p)) => return Err(format!("{field}: port {p} out of range")),
+                Some(PortSpecifier::PortValue(p)) => {
+                    return Err(format!("{field}: port {p} out of range"));
+                }
                 _ => return Err(format!("{field}: named ports are not supported")),
             };
             Ok(SocketAddr::new(ip, port))
         }
-        Some(_) => Err(format!("{field}: only socket addresses are supported (not pipes or internal addresses)")),
+        Some(_) => Err(format!(
+            "{field}: only socket addresses are supported (not pipes or internal addresses)"
+        )),
         None => Err(format!("{field} is missing")),
     }
 }
@@ -107,11 +125,17 @@ pub fn listener(l: &Listener) -> Result<ListenerConfig, Reason> {
         return Err("API listeners are for proxyless gRPC clients, not for a proxy".into());
     }
     if l.use_original_dst.as_ref().is_some_and(|b| b.value) {
-        return Err("use_original_dst needs transparent mode, which tributary-proxy does not implement yet".into());
+        return Err(
+            "use_original_dst needs transparent mode, which tributary-proxy does not implement yet"
+                .into(),
+        );
     }
     if !l.listener_filters.is_empty() {
         let names: Vec<&str> = l.listener_filters.iter().map(|f| f.name.as_str()).collect();
-        return Err(format!("listener filters are not supported ({})", names.join(", ")));
+        return Err(format!(
+            "listener filters are not supported ({})",
+            names.join(", ")
+        ));
     }
     if l.default_filter_chain.is_some() || l.filter_chain_matcher.is_some() {
         return Err("default_filter_chain and filter_chain_matcher are not supported".into());
@@ -126,7 +150,11 @@ pub fn listener(l: &Listener) -> Result<ListenerConfig, Reason> {
             l.filter_chains.len()
         ));
     };
-    if chain.filter_chain_match.as_ref().is_some_and(|m| *m != Default::default()) {
+    if chain
+        .filter_chain_match
+        .as_ref()
+        .is_some_and(|m| *m != Default::default())
+    {
         return Err("filter_chain_match is not supported".into());
     }
     if chain.transport_socket.is_some() {
@@ -139,12 +167,22 @@ pub fn listener(l: &Listener) -> Result<ListenerConfig, Reason> {
         ));
     };
     let Some(ConfigType::TypedConfig(any)) = &filter.config_type else {
-        return Err(format!("network filter {:?} has no typed_config", filter.name));
+        return Err(format!(
+            "network filter {:?} has no typed_config",
+            filter.name
+        ));
     };
     let filter = match any.type_url.as_str() {
-        type_url::HTTP_CONNECTION_MANAGER => http_connection_manager(&decode(any, type_url::HTTP_CONNECTION_MANAGER)?)?,
+        type_url::HTTP_CONNECTION_MANAGER => {
+            http_connection_manager(&decode(any, type_url::HTTP_CONNECTION_MANAGER)?)?
+        }
         TCP_PROXY => tcp_proxy(&decode(any, TCP_PROXY)?)?,
-        other => return Err(format!("unsupported network filter {:?} ({other})", filter.name)),
+        other => {
+            return Err(format!(
+                "unsupported network filter {:?} ({other})",
+                filter.name
+            ));
+        }
     };
     Ok(ListenerConfig {
         name: Arc::from(l.name.as_str()),
@@ -160,7 +198,9 @@ fn http_connection_manager(h: &HttpConnectionManager) -> Result<NetworkFilter, R
             ads_only(rds.config_source.as_ref(), "rds.config_source")?;
             Arc::from(rds.route_config_name.as_str())
         }
-        _ => return Err("only RDS route tables are supported (not inline or scoped routes)".into()),
+        _ => {
+            return Err("only RDS route tables are supported (not inline or scoped routes)".into());
+        }
     };
     let codec = match CodecType::try_from(h.codec_type) {
         Ok(CodecType::Auto) => Codec::Auto,
@@ -183,10 +223,16 @@ fn http_connection_manager(h: &HttpConnectionManager) -> Result<NetworkFilter, R
     if !router {
         return Err("the HTTP filter chain must end in the router filter".into());
     }
-    if h.upgrade_configs.iter().any(|u| u.enabled.as_ref().is_none_or(|e| e.value)) {
+    if h.upgrade_configs
+        .iter()
+        .any(|u| u.enabled.as_ref().is_none_or(|e| e.value))
+    {
         return Err("upgrades (websocket, CONNECT) are not supported".into());
     }
-    Ok(NetworkFilter::Http { route_config, codec })
+    Ok(NetworkFilter::Http {
+        route_config,
+        codec,
+    })
 }
 
 fn tcp_proxy(t: &TcpProxy) -> Result<NetworkFilter, Reason> {
@@ -242,7 +288,12 @@ pub fn route_table(rc: &RouteConfiguration) -> Result<RouteTable, Reason> {
         {
             return Err(at("header mutations, per-filter config, rate limits, CORS, hedging, require_tls and mirrors are not supported".into()));
         }
-        let vh_retry = vh.retry_policy.as_ref().map(retry_policy).transpose().map_err(at)?;
+        let vh_retry = vh
+            .retry_policy
+            .as_ref()
+            .map(retry_policy)
+            .transpose()
+            .map_err(at)?;
         for d in &vh.domains {
             let d = d.to_ascii_lowercase();
             if d == "*" {
@@ -266,8 +317,12 @@ pub fn route_table(rc: &RouteConfiguration) -> Result<RouteTable, Reason> {
             routes,
         });
     }
-    table.suffixes.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
-    table.prefixes.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
+    table
+        .suffixes
+        .sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
+    table
+        .prefixes
+        .sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
     Ok(table)
 }
 
@@ -291,10 +346,16 @@ fn route(r: &PbRoute, vh_retry: Option<&RetryPolicy>) -> Result<Route, Reason> {
         Some(PathSpecifier::Prefix(p)) => PathMatch::Prefix(p.clone()),
         Some(PathSpecifier::Path(p)) => PathMatch::Exact(p.clone()),
         Some(PathSpecifier::SafeRegex(re)) => PathMatch::Regex(compile_regex(re, "path regex")?),
-        Some(_) => return Err("only prefix, exact path and safe_regex path matches are supported".into()),
+        Some(_) => {
+            return Err("only prefix, exact path and safe_regex path matches are supported".into());
+        }
         None => return Err("no path match".into()),
     };
-    let headers = m.headers.iter().map(header_match).collect::<Result<Vec<_>, _>>()?;
+    let headers = m
+        .headers
+        .iter()
+        .map(header_match)
+        .collect::<Result<Vec<_>, _>>()?;
     if !r.typed_per_filter_config.is_empty()
         || !r.request_headers_to_add.is_empty()
         || !r.response_headers_to_add.is_empty()
@@ -305,7 +366,11 @@ fn route(r: &PbRoute, vh_retry: Option<&RetryPolicy>) -> Result<Route, Reason> {
     }
     let a = match &r.action {
         Some(Action::Route(a)) => a,
-        Some(_) => return Err("only route actions are supported (not redirects or direct responses)".into()),
+        Some(_) => {
+            return Err(
+                "only route actions are supported (not redirects or direct responses)".into(),
+            );
+        }
         None => return Err("no action".into()),
     };
     if !a.prefix_rewrite.is_empty()
@@ -371,7 +436,11 @@ fn route(r: &PbRoute, vh_retry: Option<&RetryPolicy>) -> Result<Route, Reason> {
         path,
         headers,
         grpc: m.grpc.is_some(),
-        action: RouteAction { clusters, timeout, retry },
+        action: RouteAction {
+            clusters,
+            timeout,
+            retry,
+        },
     })
 }
 
@@ -381,7 +450,10 @@ fn header_match(h: &HeaderMatcher) -> Result<HeaderMatch, Reason> {
     let name = hyper::http::HeaderName::from_bytes(h.name.as_bytes())
         .map_err(|_| format!("header match: {:?} is not a header name", h.name))?;
     if h.treat_missing_header_as_empty {
-        return Err(format!("header match {:?}: treat_missing_header_as_empty is not supported", h.name));
+        return Err(format!(
+            "header match {:?}: treat_missing_header_as_empty is not supported",
+            h.name
+        ));
     }
     let value = match &h.header_match_specifier {
         Some(HeaderMatchSpecifier::PresentMatch(p)) => HeaderValueMatch::Present(*p),
@@ -389,22 +461,37 @@ fn header_match(h: &HeaderMatcher) -> Result<HeaderMatch, Reason> {
         Some(HeaderMatchSpecifier::PrefixMatch(v)) => HeaderValueMatch::Prefix(v.clone()),
         Some(HeaderMatchSpecifier::SuffixMatch(v)) => HeaderValueMatch::Suffix(v.clone()),
         Some(HeaderMatchSpecifier::ContainsMatch(v)) => HeaderValueMatch::Contains(v.clone()),
-        Some(HeaderMatchSpecifier::SafeRegexMatch(r)) => HeaderValueMatch::Regex(compile_regex(r, "header regex")?),
+        Some(HeaderMatchSpecifier::SafeRegexMatch(r)) => {
+            HeaderValueMatch::Regex(compile_regex(r, "header regex")?)
+        }
         Some(HeaderMatchSpecifier::StringMatch(s)) => {
             if s.ignore_case {
-                return Err(format!("header match {:?}: ignore_case is not supported", h.name));
+                return Err(format!(
+                    "header match {:?}: ignore_case is not supported",
+                    h.name
+                ));
             }
             match &s.match_pattern {
                 Some(MatchPattern::Exact(v)) => HeaderValueMatch::Exact(v.clone()),
                 Some(MatchPattern::Prefix(v)) => HeaderValueMatch::Prefix(v.clone()),
                 Some(MatchPattern::Suffix(v)) => HeaderValueMatch::Suffix(v.clone()),
                 Some(MatchPattern::Contains(v)) => HeaderValueMatch::Contains(v.clone()),
-                Some(MatchPattern::SafeRegex(r)) => HeaderValueMatch::Regex(compile_regex(r, "header regex")?),
-                _ => return Err(format!("header match {:?}: unsupported string matcher", h.name)),
+                Some(MatchPattern::SafeRegex(r)) => {
+                    HeaderValueMatch::Regex(compile_regex(r, "header regex")?)
+                }
+                _ => {
+                    return Err(format!(
+                        "header match {:?}: unsupported string matcher",
+                        h.name
+                    ));
+                }
             }
         }
         Some(HeaderMatchSpecifier::RangeMatch(_)) => {
-            return Err(format!("header match {:?}: range matches are not supported", h.name));
+            return Err(format!(
+                "header match {:?}: range matches are not supported",
+                h.name
+            ));
         }
         // No specifier: Envoy matches presence.
         None => HeaderValueMatch::Present(true),
@@ -424,9 +511,18 @@ fn retry_policy(p: &PbRetry) -> Result<RetryPolicy, Reason> {
         on_connect_failure: false,
         on_reset: false,
         status_codes: Vec::new(),
-        per_try_timeout: p.per_try_timeout.as_ref().map(|d| duration(d, "per_try_timeout")).transpose()?,
+        per_try_timeout: p
+            .per_try_timeout
+            .as_ref()
+            .map(|d| duration(d, "per_try_timeout"))
+            .transpose()?,
     };
-    for token in p.retry_on.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+    for token in p
+        .retry_on
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+    {
         match token {
             "5xx" => r.on_5xx = true,
             "gateway-error" => r.on_gateway_error = true,
@@ -436,10 +532,17 @@ fn retry_policy(p: &PbRetry) -> Result<RetryPolicy, Reason> {
                 r.status_codes = p
                     .retriable_status_codes
                     .iter()
-                    .map(|c| u16::try_from(*c).map_err(|_| format!("retriable status code {c} out of range")))
+                    .map(|c| {
+                        u16::try_from(*c)
+                            .map_err(|_| format!("retriable status code {c} out of range"))
+                    })
                     .collect::<Result<_, _>>()?;
             }
-            other => return Err(format!("retry_on {other:?} is not supported (5xx, gateway-error, connect-failure, reset, retriable-status-codes are)")),
+            other => {
+                return Err(format!(
+                    "retry_on {other:?} is not supported (5xx, gateway-error, connect-failure, reset, retriable-status-codes are)"
+                ));
+            }
         }
     }
     if p.retry_priority.is_some()
@@ -459,31 +562,56 @@ fn retry_policy(p: &PbRetry) -> Result<RetryPolicy, Reason> {
 #[allow(deprecated)]
 pub fn cluster(c: &PbCluster) -> Result<ClusterDef, Reason> {
     let kind = match &c.cluster_discovery_type {
-        Some(ClusterDiscoveryType::Type(t)) => DiscoveryType::try_from(*t).map_err(|_| format!("discovery type {t} unknown"))?,
-        Some(ClusterDiscoveryType::ClusterType(t)) => return Err(format!("custom cluster type {:?} is not supported", t.name)),
+        Some(ClusterDiscoveryType::Type(t)) => {
+            DiscoveryType::try_from(*t).map_err(|_| format!("discovery type {t} unknown"))?
+        }
+        Some(ClusterDiscoveryType::ClusterType(t)) => {
+            return Err(format!("custom cluster type {:?} is not supported", t.name));
+        }
         None => DiscoveryType::Static,
     };
     let (eds_name, static_assignment) = match kind {
         DiscoveryType::Eds => {
             let eds = c.eds_cluster_config.as_ref();
-            ads_only(eds.and_then(|e| e.eds_config.as_ref()), "eds_cluster_config.eds_config")?;
-            let service = eds.map(|e| e.service_name.as_str()).filter(|s| !s.is_empty()).unwrap_or(&c.name);
+            ads_only(
+                eds.and_then(|e| e.eds_config.as_ref()),
+                "eds_cluster_config.eds_config",
+            )?;
+            let service = eds
+                .map(|e| e.service_name.as_str())
+                .filter(|s| !s.is_empty())
+                .unwrap_or(&c.name);
             (Some(Arc::from(service)), None)
         }
         DiscoveryType::Static => {
-            let cla = c.load_assignment.as_ref().ok_or("a STATIC cluster needs load_assignment")?;
+            let cla = c
+                .load_assignment
+                .as_ref()
+                .ok_or("a STATIC cluster needs load_assignment")?;
             (None, Some(assignment(cla)?))
         }
-        other => return Err(format!("discovery type {} is not supported (EDS and STATIC are)", other.as_str_name())),
+        other => {
+            return Err(format!(
+                "discovery type {} is not supported (EDS and STATIC are)",
+                other.as_str_name()
+            ));
+        }
     };
     let lb = match PbLb::try_from(c.lb_policy) {
         Ok(PbLb::RoundRobin) => LbPolicy::RoundRobin,
         Ok(PbLb::LeastRequest) => LbPolicy::LeastRequest,
-        Ok(other) => return Err(format!("lb_policy {} is not supported (ROUND_ROBIN and LEAST_REQUEST are)", other.as_str_name())),
+        Ok(other) => {
+            return Err(format!(
+                "lb_policy {} is not supported (ROUND_ROBIN and LEAST_REQUEST are)",
+                other.as_str_name()
+            ));
+        }
         Err(_) => return Err(format!("lb_policy {} unknown", c.lb_policy)),
     };
     if c.load_balancing_policy.is_some() || c.lb_config.is_some() || c.lb_subset_config.is_some() {
-        return Err("load_balancing_policy, lb_config and subset load balancing are not supported".into());
+        return Err(
+            "load_balancing_policy, lb_config and subset load balancing are not supported".into(),
+        );
     }
     if c.transport_socket.is_some() || !c.transport_socket_matches.is_empty() {
         return Err("upstream TLS (transport_socket) is not supported yet".into());
@@ -501,7 +629,11 @@ pub fn cluster(c: &PbCluster) -> Result<ClusterDef, Reason> {
     if connect_timeout.is_zero() {
         return Err("connect_timeout must be greater than 0".into());
     }
-    let locality_weighted = match c.common_lb_config.as_ref().and_then(|l| l.locality_config_specifier.as_ref()) {
+    let locality_weighted = match c
+        .common_lb_config
+        .as_ref()
+        .and_then(|l| l.locality_config_specifier.as_ref())
+    {
         None => false,
         Some(LocalityConfigSpecifier::LocalityWeightedLbConfig(_)) => true,
         Some(LocalityConfigSpecifier::ZoneAwareLbConfig(_)) => {
@@ -511,7 +643,9 @@ pub fn cluster(c: &PbCluster) -> Result<ClusterDef, Reason> {
     let mut http2 = c.http2_protocol_options.is_some();
     for (key, any) in &c.typed_extension_protocol_options {
         if key != HTTP_PROTOCOL_OPTIONS_KEY {
-            return Err(format!("typed_extension_protocol_options {key:?} is not supported"));
+            return Err(format!(
+                "typed_extension_protocol_options {key:?} is not supported"
+            ));
         }
         let o: HttpProtocolOptions = decode(any, HTTP_PROTOCOL_OPTIONS)?;
         match o.upstream_protocol_options {
@@ -537,8 +671,12 @@ pub fn cluster(c: &PbCluster) -> Result<ClusterDef, Reason> {
     })
 }
 
-fn outlier(o: &tributary_proto::envoy::envoy::config::cluster::v3::OutlierDetection) -> Result<OutlierConfig, Reason> {
-    let v = |x: &Option<tributary_proto::envoy::google::protobuf::UInt32Value>, d: u32| x.as_ref().map_or(d, |x| x.value);
+fn outlier(
+    o: &tributary_proto::envoy::envoy::config::cluster::v3::OutlierDetection,
+) -> Result<OutlierConfig, Reason> {
+    let v = |x: &Option<tributary_proto::envoy::google::protobuf::UInt32Value>, d: u32| {
+        x.as_ref().map_or(d, |x| x.value)
+    };
     if v(&o.enforcing_success_rate, 100) > 0 && o.success_rate_minimum_hosts.is_none() {
         // Envoy enforces success-rate ejection by default; the proxy does not implement it.
         return Err("outlier_detection: success-rate ejection is not supported; set enforcing_success_rate to 0".into());
@@ -552,8 +690,16 @@ fn outlier(o: &tributary_proto::envoy::envoy::config::cluster::v3::OutlierDetect
     {
         return Err("outlier_detection: failure-percentage ejection and split local-origin errors are not supported".into());
     }
-    let base = o.base_ejection_time.as_ref().map(|d| duration(d, "base_ejection_time")).transpose()?;
-    let max = o.max_ejection_time.as_ref().map(|d| duration(d, "max_ejection_time")).transpose()?;
+    let base = o
+        .base_ejection_time
+        .as_ref()
+        .map(|d| duration(d, "base_ejection_time"))
+        .transpose()?;
+    let max = o
+        .max_ejection_time
+        .as_ref()
+        .map(|d| duration(d, "max_ejection_time"))
+        .transpose()?;
     Ok(OutlierConfig {
         consecutive_5xx: v(&o.consecutive_5xx, 5),
         enforcing_5xx: v(&o.enforcing_consecutive_5xx, 100),
@@ -567,7 +713,9 @@ fn outlier(o: &tributary_proto::envoy::envoy::config::cluster::v3::OutlierDetect
 
 fn limits(c: &PbCluster) -> Result<Limits, Reason> {
     let mut l = Limits::default();
-    let Some(cb) = &c.circuit_breakers else { return Ok(l) };
+    let Some(cb) = &c.circuit_breakers else {
+        return Ok(l);
+    };
     if !cb.per_host_thresholds.is_empty() {
         return Err("per-host circuit breaker thresholds are not supported".into());
     }
@@ -576,7 +724,9 @@ fn limits(c: &PbCluster) -> Result<Limits, Reason> {
             // Routes never ask for the high priority (NACKed above), so its limits never apply.
             continue;
         }
-        let v = |x: &Option<tributary_proto::envoy::google::protobuf::UInt32Value>, d: usize| x.as_ref().map_or(d, |x| x.value as usize);
+        let v = |x: &Option<tributary_proto::envoy::google::protobuf::UInt32Value>, d: usize| {
+            x.as_ref().map_or(d, |x| x.value as usize)
+        };
         l.max_connections = v(&t.max_connections, l.max_connections);
         l.max_pending_requests = v(&t.max_pending_requests, l.max_pending_requests);
         l.max_requests = v(&t.max_requests, l.max_requests);
@@ -626,7 +776,9 @@ pub fn assignment(cla: &ClusterLoadAssignment) -> Result<Assignment, Reason> {
         let mut endpoints = Vec::with_capacity(l.lb_endpoints.len());
         for e in &l.lb_endpoints {
             let address = match &e.host_identifier {
-                Some(HostIdentifier::Endpoint(ep)) => socket_address(ep.address.as_ref(), "endpoint address")?,
+                Some(HostIdentifier::Endpoint(ep)) => {
+                    socket_address(ep.address.as_ref(), "endpoint address")?
+                }
                 _ => return Err("only inline endpoints are supported (not named endpoints)".into()),
             };
             let healthy = matches!(
@@ -640,7 +792,11 @@ pub fn assignment(cla: &ClusterLoadAssignment) -> Result<Assignment, Reason> {
             });
         }
         priorities[p].push(LocalityEndpoints {
-            zone: l.locality.as_ref().map(|l| l.zone.clone()).unwrap_or_default(),
+            zone: l
+                .locality
+                .as_ref()
+                .map(|l| l.zone.clone())
+                .unwrap_or_default(),
             weight: l.load_balancing_weight.as_ref().map_or(1, |w| w.value),
             endpoints,
         });

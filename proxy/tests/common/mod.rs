@@ -63,36 +63,39 @@ impl Backend {
                 let hits = h.clone();
                 let held_tx = held_tx.clone();
                 let release_rx = release_rx.clone();
-                let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let n = hits.fetch_add(1, Ordering::SeqCst);
-                    let held_tx = held_tx.clone();
-                    let mut release_rx = release_rx.clone();
-                    async move {
-                        if matches!(mode, Mode::Hold) && req.uri().path() == "/slow" {
-                            held_tx.send_modify(|n| *n += 1);
-                            let _ = release_rx.wait_for(|r| *r).await;
+                let service =
+                    hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let n = hits.fetch_add(1, Ordering::SeqCst);
+                        let held_tx = held_tx.clone();
+                        let mut release_rx = release_rx.clone();
+                        async move {
+                            if matches!(mode, Mode::Hold) && req.uri().path() == "/slow" {
+                                held_tx.send_modify(|n| *n += 1);
+                                let _ = release_rx.wait_for(|r| *r).await;
+                            }
+                            let status = if matches!(mode, Mode::Flaky) && n.is_multiple_of(2) {
+                                StatusCode::SERVICE_UNAVAILABLE
+                            } else {
+                                StatusCode::OK
+                            };
+                            let version = format!("{:?}", req.version());
+                            let body = Full::new(Bytes::from(name));
+                            let body = if matches!(mode, Mode::Grpc) {
+                                let mut trailers = hyper::HeaderMap::new();
+                                trailers.insert("grpc-status", "0".parse().unwrap());
+                                body.with_trailers(async move { Some(Ok(trailers)) })
+                                    .boxed()
+                            } else {
+                                body.boxed()
+                            };
+                            let mut r = Response::new(body);
+                            *r.status_mut() = status;
+                            r.headers_mut().insert("x-backend", name.parse().unwrap());
+                            r.headers_mut()
+                                .insert("x-version", version.parse().unwrap());
+                            Ok::<_, Infallible>(r)
                         }
-                        let status = if matches!(mode, Mode::Flaky) && n % 2 == 0 {
-                            StatusCode::SERVICE_UNAVAILABLE
-                        } else {
-                            StatusCode::OK
-                        };
-                        let version = format!("{:?}", req.version());
-                        let body = Full::new(Bytes::from(name));
-                        let body = if matches!(mode, Mode::Grpc) {
-                            let mut trailers = hyper::HeaderMap::new();
-                            trailers.insert("grpc-status", "0".parse().unwrap());
-                            body.with_trailers(async move { Some(Ok(trailers)) }).boxed()
-                        } else {
-                            body.boxed()
-                        };
-                        let mut r = Response::new(body);
-                        *r.status_mut() = status;
-                        r.headers_mut().insert("x-backend", name.parse().unwrap());
-                        r.headers_mut().insert("x-version", version.parse().unwrap());
-                        Ok::<_, Infallible>(r)
-                    }
-                });
+                    });
                 tokio::spawn(async move {
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), service)
@@ -170,7 +173,13 @@ pub fn client() -> TestClient {
 }
 
 /// GET `path` on `addr` with `Host: host` and extra headers; returns (status, x-backend).
-pub async fn get(c: &TestClient, addr: SocketAddr, host: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+pub async fn get(
+    c: &TestClient,
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
     let mut b = Request::get(format!("http://{addr}{path}")).header("host", host);
     for (k, v) in headers {
         b = b.header(*k, *v);
@@ -193,7 +202,11 @@ pub async fn get(c: &TestClient, addr: SocketAddr, host: &str, path: &str, heade
 pub async fn admin(p: &Proxy, path: &str) -> (u16, String) {
     let c = client();
     let resp = c
-        .request(Request::get(format!("http://{}{path}", p.admin_addr)).body(Empty::new()).unwrap())
+        .request(
+            Request::get(format!("http://{}{path}", p.admin_addr))
+                .body(Empty::new())
+                .unwrap(),
+        )
         .await
         .unwrap();
     let status = resp.status().as_u16();
@@ -230,10 +243,16 @@ pub fn docs(parts: &[String]) -> String {
 }
 
 /// Waits until `f` holds, checking every 10 ms, failing after [`TIMEOUT`].
-pub async fn until<F: FnMut() -> Fut, Fut: std::future::Future<Output = bool>>(what: &str, mut f: F) {
+pub async fn until<F: FnMut() -> Fut, Fut: std::future::Future<Output = bool>>(
+    what: &str,
+    mut f: F,
+) {
     let deadline = tokio::time::Instant::now() + TIMEOUT;
     while !f().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
