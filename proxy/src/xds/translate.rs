@@ -296,14 +296,22 @@ pub fn route_table(rc: &RouteConfiguration) -> Result<RouteTable, Reason> {
             .map_err(at)?;
         for d in &vh.domains {
             let d = d.to_ascii_lowercase();
-            if d == "*" {
-                table.any.get_or_insert(i);
+            let duplicate = if d == "*" {
+                table.any.replace(i).is_some()
             } else if let Some(s) = d.strip_prefix('*') {
+                let dup = table.suffixes.iter().any(|(x, _)| x == s);
                 table.suffixes.push((s.to_string(), i));
+                dup
             } else if let Some(p) = d.strip_suffix('*') {
+                let dup = table.prefixes.iter().any(|(x, _)| x == p);
                 table.prefixes.push((p.to_string(), i));
-            } else if table.exact.insert(d.clone(), i).is_some() {
-                return Err(at(format!("domain {d:?} is in two virtual hosts")));
+                dup
+            } else {
+                table.exact.insert(d.clone(), i).is_some()
+            };
+            if duplicate {
+                // Envoy rejects a domain that two virtual hosts (or one, twice) claim.
+                return Err(at(format!("domain {d:?} is claimed twice")));
             }
         }
         let routes = vh
