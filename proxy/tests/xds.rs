@@ -447,3 +447,101 @@ async fn every_resource_it_cannot_honour_is_nacked_by_name_and_the_rest_applied(
     // A route table that was rejected is not held: the proxy is not ready.
     assert!(!proxy.is_ready());
 }
+
+#[tokio::test]
+async fn churn_endpoint_updates_and_route_changes_under_traffic_lose_no_request() {
+    let a = Backend::start("a", Mode::Ok).await;
+    let b = Backend::start("b", Mode::Ok).await;
+    let d = Backend::start("d", Mode::Ok).await;
+    let (proxy, mut state, addr) = proxy_with(None, None, None, &[a.addr, b.addr]).await;
+    // A second cluster for the route to move to and back.
+    let out = state.on_delta(
+        &response(
+            type_url::CLUSTER,
+            vec![
+                ("c", any(type_url::CLUSTER, &cluster("c", None, None))),
+                ("c2", any(type_url::CLUSTER, &cluster("c2", None, None))),
+            ],
+            &[],
+        ),
+        &proxy.shared,
+    );
+    assert!(out[0].error_detail.is_none());
+    state.on_delta(
+        &response(
+            type_url::ENDPOINT,
+            vec![("c2", any(type_url::ENDPOINT, &cla("c2", &[d.addr])))],
+            &[],
+        ),
+        &proxy.shared,
+    );
+
+    // Constant traffic from four keep-alive clients until told to stop.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut traffic = Vec::new();
+    for _ in 0..4 {
+        let mut stopped = stopped.clone();
+        traffic.push(tokio::spawn(async move {
+            let c = client();
+            let (mut ok, mut failed) = (0usize, Vec::new());
+            while !*stopped.borrow_and_update() {
+                match get(&c, addr, "any", "/", &[]).await {
+                    (200, _) => ok += 1,
+                    other => failed.push(other),
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    // 100 endpoint updates per second for two seconds (the set alternates between
+    // {a, b} and {b}), and a route change every 20 updates.
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(10));
+    for i in 0..200u32 {
+        tick.tick().await;
+        let set: &[SocketAddr] = if i % 2 == 0 {
+            &[b.addr]
+        } else {
+            &[a.addr, b.addr]
+        };
+        let out = state.on_delta(
+            &response(
+                type_url::ENDPOINT,
+                vec![("c", any(type_url::ENDPOINT, &cla("c", set)))],
+                &[],
+            ),
+            &proxy.shared,
+        );
+        assert!(out[0].error_detail.is_none());
+        if i % 20 == 10 {
+            let to = if i % 40 == 10 { "c2" } else { "c" };
+            let out = state.on_delta(
+                &response(
+                    type_url::ROUTE,
+                    vec![("r", any(type_url::ROUTE, &route_table("r", to, None)))],
+                    &[],
+                ),
+                &proxy.shared,
+            );
+            assert!(out[0].error_detail.is_none());
+        }
+    }
+    stop.send_replace(true);
+    let (mut ok, mut failed) = (0, Vec::new());
+    for t in traffic {
+        let (o, f) = t.await.unwrap();
+        ok += o;
+        failed.extend(f);
+    }
+    assert!(
+        failed.is_empty(),
+        "{} failed of {}: {:?}",
+        failed.len(),
+        ok + failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(ok > 100, "traffic flowed during the churn: {ok}");
+    assert!(
+        d.hits.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "the route changes took effect"
+    );
+}
