@@ -296,6 +296,16 @@ pub struct InFlight {
     pub endpoint: Arc<Endpoint>,
 }
 
+impl InFlight {
+    /// One more count on the same endpoint (a response body that outlives its try).
+    pub fn again(&self) -> InFlight {
+        self.endpoint.state.active.fetch_add(1, Ordering::Relaxed);
+        InFlight {
+            endpoint: self.endpoint.clone(),
+        }
+    }
+}
+
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.endpoint.state.active.fetch_sub(1, Ordering::Relaxed);

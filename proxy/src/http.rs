@@ -20,10 +20,44 @@ use hyper::http::uri::{PathAndQuery, Scheme};
 use hyper::http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 
 use crate::Shared;
-use crate::cluster::{Cluster, Unavailable, UpstreamBody};
+use crate::cluster::{Admission, Cluster, InFlight, Unavailable, UpstreamBody};
 use crate::config::{Outcome, RetryPolicy};
 
-pub type ResponseBody = Either<Incoming, Full<Bytes>>;
+pub type ResponseBody = Either<Guarded, Full<Bytes>>;
+
+/// An upstream response body that keeps its request counted, against the cluster's
+/// `max_requests` and as active on its endpoint (least request), until it ends.
+#[derive(Debug)]
+pub struct Guarded {
+    inner: Incoming,
+    in_flight: Option<InFlight>,
+    admission: Option<Admission>,
+}
+
+impl hyper::body::Body for Guarded {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let frame = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(None | Some(Err(_))) = &frame {
+            self.in_flight = None;
+            self.admission = None;
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// Largest request body buffered for a route that retries (Envoy's default buffer limit).
 pub const RETRY_BUFFER_LIMIT: usize = 1 << 20;
@@ -106,18 +140,22 @@ pub async fn handle(
         return Ok(local(StatusCode::SERVICE_UNAVAILABLE, "cluster not found"));
     };
     let cluster = cluster.clone();
-    let Ok(_admission) = cluster.admit() else {
+    let Ok(admission) = cluster.admit() else {
         return Ok(overflow());
     };
     let retry = action.retry.clone().filter(|r| r.num_retries > 0);
     let forward = forward(cluster, req, retry);
-    Ok(match action.timeout {
+    let mut response = match action.timeout {
         Some(t) => match tokio::time::timeout(t, forward).await {
             Ok(r) => r,
             Err(_) => local(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
         },
         None => forward.await,
-    })
+    };
+    if let Either::Left(body) = response.body_mut() {
+        body.admission = Some(admission);
+    }
+    Ok(response)
 }
 
 /// The upstream request's head, reusable across tries.
@@ -178,7 +216,7 @@ async fn forward(
         *r.version_mut() = version;
         cluster.stats.requests.inc();
         let result = cluster.client.request(r).await;
-        let (outcome, response) = classify(result);
+        let (outcome, response) = classify(result, &endpoint);
         cluster.record(&endpoint.endpoint, outcome);
         count(&cluster, outcome);
         return response;
@@ -213,13 +251,13 @@ async fn forward(
         let attempt = cluster.client.request(request);
         let (outcome, response) = match policy.per_try_timeout {
             Some(t) => match tokio::time::timeout(t, attempt).await {
-                Ok(r) => classify(r),
+                Ok(r) => classify(r, &endpoint),
                 Err(_) => (
                     Outcome::Timeout,
                     local(StatusCode::GATEWAY_TIMEOUT, "upstream per-try timeout"),
                 ),
             },
-            None => classify(attempt.await),
+            None => classify(attempt.await, &endpoint),
         };
         cluster.record(&endpoint.endpoint, outcome);
         count(&cluster, outcome);
@@ -272,6 +310,7 @@ fn unavailable(u: Unavailable) -> Response<ResponseBody> {
 
 fn classify(
     result: Result<Response<Incoming>, hyper_util::client::legacy::Error>,
+    endpoint: &InFlight,
 ) -> (Outcome, Response<ResponseBody>) {
     match result {
         Ok(r) => {
@@ -280,7 +319,14 @@ fn classify(
             strip_hop_by_hop(&mut parts.headers);
             (
                 Outcome::Status(status),
-                Response::from_parts(parts, Either::Left(body)),
+                Response::from_parts(
+                    parts,
+                    Either::Left(Guarded {
+                        inner: body,
+                        in_flight: Some(endpoint.again()),
+                        admission: None,
+                    }),
+                ),
             )
         }
         Err(e) if e.is_connect() => (

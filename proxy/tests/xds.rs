@@ -545,3 +545,41 @@ async fn churn_endpoint_updates_and_route_changes_under_traffic_lose_no_request(
         "the route changes took effect"
     );
 }
+
+#[tokio::test]
+async fn a_streaming_response_counts_against_max_requests_until_its_body_ends() {
+    let slow = Backend::start("slow", Mode::HoldBody).await;
+    let (_p, _s, addr) = proxy_with(None, None, Some(1), &[slow.addr]).await;
+    let c = client();
+    let req = hyper::Request::get(format!("http://{addr}/slow"))
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    // The headers arrive; the body is still streaming.
+    let streaming = c.request(req).await.unwrap();
+    assert_eq!(streaming.status(), 200);
+    let other = client();
+    let resp = other
+        .request(
+            hyper::Request::get(format!("http://{addr}/"))
+                .body(http_body_util::Empty::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        503,
+        "the streaming request still holds the only slot"
+    );
+    assert_eq!(resp.headers()["x-envoy-overloaded"], "true");
+    slow.release.send_replace(true);
+    let body = http_body_util::BodyExt::collect(streaming.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(&body[..], b"slow");
+    assert_eq!(
+        get(&other, addr, "any", "/", &[]).await,
+        (200, "slow".into())
+    );
+}

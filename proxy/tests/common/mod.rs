@@ -30,6 +30,8 @@ pub enum Mode {
     Flaky,
     /// Holds requests to `/slow` until released.
     Hold,
+    /// Sends the headers of `/slow` at once and holds its body until released.
+    HoldBody,
     /// Answers like a gRPC server: trailers `grpc-status: 0`, and `x-version` names
     /// the HTTP version it received.
     Grpc,
@@ -80,14 +82,30 @@ impl Backend {
                             };
                             let version = format!("{:?}", req.version());
                             let body = Full::new(Bytes::from(name));
-                            let body = if matches!(mode, Mode::Grpc) {
-                                let mut trailers = hyper::HeaderMap::new();
-                                trailers.insert("grpc-status", "0".parse().unwrap());
-                                body.with_trailers(async move { Some(Ok(trailers)) })
+                            let body =
+                                if matches!(mode, Mode::HoldBody) && req.uri().path() == "/slow" {
+                                    held_tx.send_modify(|n| *n += 1);
+                                    let (tx, rx) = tokio::sync::mpsc::channel::<
+                                        Result<hyper::body::Frame<Bytes>, Infallible>,
+                                    >(1);
+                                    tokio::spawn(async move {
+                                        let _ = release_rx.wait_for(|r| *r).await;
+                                        let _ = tx
+                                            .send(Ok(hyper::body::Frame::data(Bytes::from(name))))
+                                            .await;
+                                    });
+                                    http_body_util::StreamBody::new(
+                                        tokio_stream::wrappers::ReceiverStream::new(rx),
+                                    )
                                     .boxed()
-                            } else {
-                                body.boxed()
-                            };
+                                } else if matches!(mode, Mode::Grpc) {
+                                    let mut trailers = hyper::HeaderMap::new();
+                                    trailers.insert("grpc-status", "0".parse().unwrap());
+                                    body.with_trailers(async move { Some(Ok(trailers)) })
+                                        .boxed()
+                                } else {
+                                    body.boxed()
+                                };
                             let mut r = Response::new(body);
                             *r.status_mut() = status;
                             r.headers_mut().insert("x-backend", name.parse().unwrap());
