@@ -1,0 +1,957 @@
+//! Clusters at run time: their endpoints (from EDS or inline), load balancing (round
+//! robin, least request; locality weights; priorities with failover), per-endpoint
+//! passive health (outlier detection), circuit breakers, and the upstream connection
+//! pools (one hyper client per cluster, pooling per endpoint, keep-alive).
+//!
+//! A [`Cluster`] lives as long as its definition is unchanged: an EDS update swaps its
+//! endpoint set (an `ArcSwap`, read without locks), keeping the state of endpoints
+//! that stay (active requests, failures, ejections) and the pooled connections.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http_body_util::Either;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::config::Outcome;
+use crate::metrics::ClusterStats;
+
+/// The body sent upstream: the downstream body streamed, or a buffered copy (retries).
+pub type UpstreamBody = Either<Incoming, Full<Bytes>>;
+pub type UpstreamClient = Client<LimitedConnector, UpstreamBody>;
+
+/// A cluster definition from CDS, as the proxy uses it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterDef {
+    pub name: Arc<str>,
+    /// The load assignment to subscribe to over EDS; `None` for a static cluster.
+    pub eds_name: Option<Arc<str>>,
+    /// A static cluster's endpoints.
+    pub static_assignment: Option<Assignment>,
+    pub lb: LbPolicy,
+    /// Weigh localities by their `load_balancing_weight` (Envoy's
+    /// `locality_weighted_lb_config`); otherwise endpoints are weighed across localities.
+    pub locality_weighted: bool,
+    /// Speak HTTP/2 (prior knowledge) upstream.
+    pub http2: bool,
+    pub connect_timeout: Duration,
+    pub outlier: Option<OutlierConfig>,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LbPolicy {
+    RoundRobin,
+    /// Power of two choices over active requests (Envoy's default `choice_count` 2).
+    LeastRequest,
+}
+
+/// Circuit breakers: the default-priority thresholds (Envoy's defaults when unset).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_pending_requests: usize,
+    pub max_requests: usize,
+    /// Concurrent retries allowed (`max_retries`, or the retry budget's share).
+    pub max_retries: usize,
+    /// A retry budget: percent of active requests that may be retries, with a floor.
+    pub retry_budget: Option<(f64, usize)>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 1024,
+            max_pending_requests: 1024,
+            max_requests: 1024,
+            max_retries: 3,
+            retry_budget: None,
+        }
+    }
+}
+
+/// Passive health checking (Envoy's `outlier_detection`, the consecutive-failure kinds).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OutlierConfig {
+    pub consecutive_5xx: u32,
+    pub enforcing_5xx: u32,
+    pub consecutive_gateway_failure: u32,
+    pub enforcing_gateway_failure: u32,
+    pub base_ejection_time: Duration,
+    pub max_ejection_time: Duration,
+    pub max_ejection_percent: u32,
+}
+
+/// A load assignment: endpoints by priority, then locality.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Assignment {
+    /// Index = priority (0 first).
+    pub priorities: Vec<Vec<LocalityEndpoints>>,
+    /// Envoy's `overprovisioning_factor` in percent (default 140).
+    pub overprovisioning: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalityEndpoints {
+    pub zone: String,
+    pub weight: u32,
+    pub endpoints: Vec<EndpointDef>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndpointDef {
+    pub address: SocketAddr,
+    pub weight: u32,
+    /// HEALTHY or UNKNOWN; UNHEALTHY, DRAINING, TIMEOUT and DEGRADED take no traffic.
+    pub healthy: bool,
+}
+
+/// The passive state of one endpoint, kept across EDS updates while it stays.
+#[derive(Debug, Default)]
+pub struct EndpointState {
+    pub active: AtomicUsize,
+    consecutive_5xx: AtomicU32,
+    consecutive_gateway: AtomicU32,
+    /// Milliseconds since the proxy's clock start until which it is ejected (0: not).
+    ejected_until: AtomicU64,
+    ejections: AtomicU32,
+}
+
+#[derive(Debug)]
+pub struct Endpoint {
+    pub address: SocketAddr,
+    /// `ADDRESS:PORT` (IPv6 in brackets): the upstream request URI's authority, which
+    /// is also the connection pool's key.
+    pub authority: hyper::http::uri::Authority,
+    pub weight: u32,
+    pub healthy: bool,
+    pub locality: usize,
+    pub state: Arc<EndpointState>,
+}
+
+#[derive(Debug)]
+struct PrioritySet {
+    endpoints: Vec<Arc<Endpoint>>,
+    /// Locality weights by locality index of this priority.
+    locality_weights: Vec<u32>,
+    healthy: usize,
+    equal_weights: bool,
+}
+
+/// One load assignment, ready for picking.
+#[derive(Debug, Default)]
+pub struct EndpointSet {
+    priorities: Vec<PrioritySet>,
+    overprovisioning: u32,
+    /// Cumulative priority loads in percent when nothing is ejected.
+    loads: Vec<u32>,
+    total: usize,
+}
+
+/// A process-wide millisecond clock for ejection times.
+fn now_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+impl EndpointSet {
+    fn build(a: &Assignment, previous: Option<&EndpointSet>) -> EndpointSet {
+        let old = |addr: &SocketAddr| {
+            previous.and_then(|p| {
+                p.priorities
+                    .iter()
+                    .flat_map(|p| p.endpoints.iter())
+                    .find(|e| e.address == *addr)
+                    .map(|e| e.state.clone())
+            })
+        };
+        let mut priorities = Vec::with_capacity(a.priorities.len());
+        let mut total = 0;
+        for localities in &a.priorities {
+            let mut endpoints = Vec::new();
+            let mut locality_weights = Vec::new();
+            for (li, l) in localities.iter().enumerate() {
+                locality_weights.push(l.weight);
+                for e in &l.endpoints {
+                    endpoints.push(Arc::new(Endpoint {
+                        address: e.address,
+                        authority: hyper::http::uri::Authority::try_from(e.address.to_string())
+                            .expect("a socket address is an authority"),
+                        weight: e.weight.max(1),
+                        healthy: e.healthy,
+                        locality: li,
+                        state: old(&e.address).unwrap_or_default(),
+                    }));
+                }
+            }
+            total += endpoints.len();
+            let healthy = endpoints.iter().filter(|e| e.healthy).count();
+            let equal_weights = endpoints.windows(2).all(|w| w[0].weight == w[1].weight);
+            priorities.push(PrioritySet {
+                endpoints,
+                locality_weights,
+                healthy,
+                equal_weights,
+            });
+        }
+        let mut set = EndpointSet {
+            priorities,
+            overprovisioning: a.overprovisioning,
+            loads: Vec::new(),
+            total,
+        };
+        set.loads = set.priority_loads(|p| p.healthy);
+        set
+    }
+
+    /// Envoy's priority loads: each priority's health is `overprovisioning × available
+    /// / total` capped at 100%; priorities take load in order until 100% is placed; if
+    /// all of them together are below 100%, loads are scaled up. Cumulative percents.
+    fn priority_loads(&self, available: impl Fn(&PrioritySet) -> usize) -> Vec<u32> {
+        let health: Vec<u32> = self
+            .priorities
+            .iter()
+            .map(|p| {
+                if p.endpoints.is_empty() {
+                    0
+                } else {
+                    ((self.overprovisioning as usize * available(p)) / p.endpoints.len()).min(100)
+                        as u32
+                }
+            })
+            .collect();
+        let sum: u32 = health.iter().sum::<u32>().min(100);
+        let mut out = Vec::with_capacity(health.len());
+        if sum == 0 {
+            return out;
+        }
+        let mut left = 100u32;
+        let mut cumulative = 0;
+        for h in health {
+            let share = (h * 100 / sum).min(left);
+            left -= share;
+            cumulative += share;
+            out.push(cumulative);
+        }
+        if let Some(last) = out.iter_mut().rev().find(|_| true) {
+            *last += left;
+        }
+        out
+    }
+}
+
+/// A cluster at run time.
+#[derive(Debug)]
+pub struct Cluster {
+    pub def: ClusterDef,
+    endpoints: ArcSwap<EndpointSet>,
+    /// Whether a load assignment was received (EDS) or given (static).
+    assigned: std::sync::atomic::AtomicBool,
+    pub client: UpstreamClient,
+    rr: AtomicUsize,
+    active: AtomicUsize,
+    retries_active: AtomicUsize,
+    /// Endpoints currently ejected by outlier detection.
+    ejected: AtomicUsize,
+    connections: Arc<Semaphore>,
+    pub stats: ClusterStats,
+}
+
+/// Why no request could be sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unavailable {
+    /// No healthy endpoint (503 `no healthy upstream`).
+    NoHealthyUpstream,
+    /// A circuit breaker is open (503 overflow, `x-envoy-overloaded`).
+    Overflow,
+}
+
+/// An admitted request: counts against `max_requests` until dropped.
+#[derive(Debug)]
+pub struct Admission {
+    cluster: Arc<Cluster>,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.cluster.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A request in flight to one endpoint: counts as active for least-request.
+#[derive(Debug)]
+pub struct InFlight {
+    pub endpoint: Arc<Endpoint>,
+}
+
+impl InFlight {
+    /// One more count on the same endpoint (a response body that outlives its try).
+    pub fn again(&self) -> InFlight {
+        self.endpoint.state.active.fetch_add(1, Ordering::Relaxed);
+        InFlight {
+            endpoint: self.endpoint.clone(),
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.endpoint.state.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A retry slot from the retry budget.
+#[derive(Debug)]
+pub struct RetrySlot {
+    cluster: Arc<Cluster>,
+}
+
+impl Drop for RetrySlot {
+    fn drop(&mut self) {
+        self.cluster.retries_active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Cluster {
+    pub fn new(def: ClusterDef, stats: ClusterStats) -> Cluster {
+        let connections = Arc::new(Semaphore::new(def.limits.max_connections));
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(def.connect_timeout));
+        let connector = LimitedConnector {
+            inner: http,
+            permits: connections.clone(),
+        };
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .pool_idle_timeout(Duration::from_secs(60))
+            .http2_only(def.http2);
+        let client = builder.build(connector);
+        let assigned = def.static_assignment.is_some();
+        let set = def
+            .static_assignment
+            .as_ref()
+            .map(|a| EndpointSet::build(a, None))
+            .unwrap_or_default();
+        Cluster {
+            def,
+            endpoints: ArcSwap::from_pointee(set),
+            assigned: assigned.into(),
+            client,
+            rr: AtomicUsize::new(0),
+            active: AtomicUsize::new(0),
+            retries_active: AtomicUsize::new(0),
+            ejected: AtomicUsize::new(0),
+            connections,
+            stats,
+        }
+    }
+
+    /// Replaces the endpoints (an EDS update), keeping the state of those that stay.
+    pub fn assign(&self, a: &Assignment) {
+        let old = self.endpoints.load();
+        let set = EndpointSet::build(a, Some(&old));
+        let still_ejected = set
+            .priorities
+            .iter()
+            .flat_map(|p| p.endpoints.iter())
+            .filter(|e| e.state.ejected_until.load(Ordering::Relaxed) != 0)
+            .count();
+        self.endpoints.store(Arc::new(set));
+        self.ejected.store(still_ejected, Ordering::Relaxed);
+        self.assigned.store(true, Ordering::Release);
+    }
+
+    pub fn has_assignment(&self) -> bool {
+        self.assigned.load(Ordering::Acquire)
+    }
+
+    /// Endpoint count (every priority), for `/config_dump`.
+    pub fn endpoint_addresses(&self) -> Vec<(usize, SocketAddr, bool, bool)> {
+        let set = self.endpoints.load();
+        let now = now_ms();
+        set.priorities
+            .iter()
+            .enumerate()
+            .flat_map(|(p, ps)| {
+                ps.endpoints.iter().map(move |e| {
+                    let until = e.state.ejected_until.load(Ordering::Relaxed);
+                    (p, e.address, e.healthy, until != 0 && now < until)
+                })
+            })
+            .collect()
+    }
+
+    /// Admits a request under the circuit breakers (`max_requests`, and
+    /// `max_pending_requests` once every allowed connection is open).
+    pub fn admit(self: &Arc<Self>) -> Result<Admission, Unavailable> {
+        let active = self.active.fetch_add(1, Ordering::Relaxed);
+        let admission = Admission {
+            cluster: self.clone(),
+        };
+        let limits = &self.def.limits;
+        let open = limits.max_connections - self.connections.available_permits();
+        let waiting = active.saturating_sub(open);
+        if active >= limits.max_requests
+            || (open >= limits.max_connections && waiting >= limits.max_pending_requests)
+        {
+            self.stats.overflow.inc();
+            return Err(Unavailable::Overflow);
+        }
+        Ok(admission)
+    }
+
+    /// A slot for one retry, if the budget allows.
+    pub fn retry_slot(self: &Arc<Self>) -> Option<RetrySlot> {
+        let allowed = match self.def.limits.retry_budget {
+            Some((percent, floor)) => {
+                let active = self.active.load(Ordering::Relaxed) as f64;
+                ((active * percent / 100.0) as usize).max(floor)
+            }
+            None => self.def.limits.max_retries,
+        };
+        let n = self.retries_active.fetch_add(1, Ordering::Relaxed);
+        let slot = RetrySlot {
+            cluster: self.clone(),
+        };
+        if n >= allowed {
+            self.stats.retry_overflow.inc();
+            return None;
+        }
+        Some(slot)
+    }
+
+    /// Picks an endpoint, avoiding `avoid` (the one a retry just failed on) when another is available.
+    pub fn pick(&self, avoid: Option<SocketAddr>) -> Result<InFlight, Unavailable> {
+        let set = self.endpoints.load();
+        let now = now_ms();
+        let any_ejected = self.ejected.load(Ordering::Relaxed) > 0;
+        let available = |e: &Endpoint| {
+            e.healthy && (!any_ejected || !self.is_ejected(e, now)) && Some(e.address) != avoid
+        };
+        let endpoint = self
+            .pick_from(&set, any_ejected || avoid.is_some(), &available)
+            .or_else(|| avoid.and_then(|_| self.pick_from(&set, true, &|e: &Endpoint| e.healthy)))
+            // Panic mode (Envoy's, when nothing is healthy): every endpoint of the first
+            // priority that has any.
+            .or_else(|| self.pick_from(&set, true, &|_: &Endpoint| true))
+            .ok_or(Unavailable::NoHealthyUpstream)?;
+        endpoint.state.active.fetch_add(1, Ordering::Relaxed);
+        Ok(InFlight { endpoint })
+    }
+
+    fn pick_from(
+        &self,
+        set: &EndpointSet,
+        filtered: bool,
+        available: &dyn Fn(&Endpoint) -> bool,
+    ) -> Option<Arc<Endpoint>> {
+        let recomputed;
+        let loads: &[u32] = if filtered {
+            recomputed =
+                set.priority_loads(|p| p.endpoints.iter().filter(|e| available(e)).count());
+            &recomputed
+        } else {
+            &set.loads
+        };
+        let priority = match loads.len() {
+            0 => {
+                // Nothing available by load: the first priority with a candidate.
+                return set
+                    .priorities
+                    .iter()
+                    .find_map(|p| self.pick_in(p, available));
+            }
+            1 => 0,
+            _ => {
+                let r = fastrand::u32(0..100);
+                loads.partition_point(|c| *c <= r).min(loads.len() - 1)
+            }
+        };
+        self.pick_in(&set.priorities[priority], available)
+            .or_else(|| {
+                set.priorities
+                    .iter()
+                    .find_map(|p| self.pick_in(p, available))
+            })
+    }
+
+    fn pick_in(
+        &self,
+        p: &PrioritySet,
+        available: &dyn Fn(&Endpoint) -> bool,
+    ) -> Option<Arc<Endpoint>> {
+        if p.endpoints.is_empty() {
+            return None;
+        }
+        if self.def.locality_weighted && p.locality_weights.len() > 1 {
+            // A locality by weight × the share of its endpoints that are available.
+            let mut weights: Vec<(usize, u64)> = Vec::with_capacity(p.locality_weights.len());
+            for (li, w) in p.locality_weights.iter().enumerate() {
+                let (n, ok) = p
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.locality == li)
+                    .fold((0u64, 0u64), |(n, ok), e| {
+                        (n + 1, ok + u64::from(available(e)))
+                    });
+                if ok > 0 {
+                    weights.push((li, u64::from(*w).max(1) * 1000 * ok / n));
+                }
+            }
+            let total: u64 = weights.iter().map(|(_, w)| w).sum();
+            if total == 0 {
+                return None;
+            }
+            let mut r = fastrand::u64(0..total);
+            let locality = weights
+                .iter()
+                .find(|(_, w)| {
+                    if r < *w {
+                        true
+                    } else {
+                        r -= w;
+                        false
+                    }
+                })
+                .map(|(li, _)| *li)?;
+            return self.pick_endpoint(p, &|e: &Endpoint| e.locality == locality && available(e));
+        }
+        self.pick_endpoint(p, available)
+    }
+
+    fn pick_endpoint(
+        &self,
+        p: &PrioritySet,
+        available: &dyn Fn(&Endpoint) -> bool,
+    ) -> Option<Arc<Endpoint>> {
+        let n = p.endpoints.len();
+        match self.def.lb {
+            LbPolicy::RoundRobin if p.equal_weights => {
+                let start = self.rr.fetch_add(1, Ordering::Relaxed);
+                (0..n)
+                    .map(|i| &p.endpoints[(start + i) % n])
+                    .find(|e| available(e))
+                    .cloned()
+            }
+            LbPolicy::RoundRobin => {
+                let total: u64 = p
+                    .endpoints
+                    .iter()
+                    .filter(|e| available(e))
+                    .map(|e| u64::from(e.weight))
+                    .sum();
+                if total == 0 {
+                    return None;
+                }
+                let mut r = fastrand::u64(0..total);
+                p.endpoints
+                    .iter()
+                    .filter(|e| available(e))
+                    .find(|e| {
+                        let w = u64::from(e.weight);
+                        if r < w {
+                            true
+                        } else {
+                            r -= w;
+                            false
+                        }
+                    })
+                    .cloned()
+            }
+            LbPolicy::LeastRequest => {
+                let a = fastrand::usize(0..n);
+                let b = fastrand::usize(0..n);
+                let (a, b) = (&p.endpoints[a], &p.endpoints[b]);
+                let best = match (available(a), available(b)) {
+                    (true, true) => {
+                        if b.state.active.load(Ordering::Relaxed)
+                            < a.state.active.load(Ordering::Relaxed)
+                        {
+                            b
+                        } else {
+                            a
+                        }
+                    }
+                    (true, false) => a,
+                    (false, true) => b,
+                    (false, false) => {
+                        return (0..n)
+                            .map(|i| &p.endpoints[(a.locality + i + fastrand::usize(0..n)) % n])
+                            .filter(|e| available(e))
+                            .min_by_key(|e| e.state.active.load(Ordering::Relaxed))
+                            .cloned();
+                    }
+                };
+                Some(best.clone())
+            }
+        }
+    }
+
+    /// Whether `e` is ejected at `now`; returns an endpoint whose ejection ended.
+    fn is_ejected(&self, e: &Endpoint, now: u64) -> bool {
+        let until = e.state.ejected_until.load(Ordering::Relaxed);
+        if until == 0 {
+            return false;
+        }
+        if now < until {
+            return true;
+        }
+        if e.state
+            .ejected_until
+            .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.ejected.fetch_sub(1, Ordering::Relaxed);
+        }
+        false
+    }
+
+    /// Records how a request to `endpoint` ended: outlier detection's input.
+    pub fn record(&self, endpoint: &Endpoint, outcome: Outcome) {
+        let Some(od) = self.def.outlier else { return };
+        let s = &endpoint.state;
+        let (five, gateway) = match outcome {
+            Outcome::Status(c) if c >= 500 => (true, matches!(c, 502..=504)),
+            Outcome::Status(_) => (false, false),
+            // Local failures count as gateway errors (and as 5xx), as Envoy maps them to 503.
+            Outcome::ConnectFailure | Outcome::Reset | Outcome::Timeout => (true, true),
+        };
+        if !five {
+            s.consecutive_5xx.store(0, Ordering::Relaxed);
+            s.consecutive_gateway.store(0, Ordering::Relaxed);
+            return;
+        }
+        let n5 = s.consecutive_5xx.fetch_add(1, Ordering::Relaxed) + 1;
+        let ng = if gateway {
+            s.consecutive_gateway.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            s.consecutive_gateway.store(0, Ordering::Relaxed);
+            0
+        };
+        let enforce = |percent: u32| percent >= 100 || fastrand::u32(0..100) < percent;
+        let eject = (od.consecutive_gateway_failure > 0
+            && ng >= od.consecutive_gateway_failure
+            && enforce(od.enforcing_gateway_failure))
+            || (od.consecutive_5xx > 0 && n5 >= od.consecutive_5xx && enforce(od.enforcing_5xx));
+        if eject {
+            self.eject(endpoint, &od);
+        }
+    }
+
+    fn eject(&self, endpoint: &Endpoint, od: &OutlierConfig) {
+        let now = now_ms();
+        if self.is_ejected(endpoint, now) {
+            return;
+        }
+        let total = self.endpoints.load().total.max(1);
+        let ejected = self.ejected.load(Ordering::Relaxed);
+        // At most max_ejection_percent of the cluster, but always one endpoint.
+        if ejected > 0 && (ejected + 1) * 100 > total * od.max_ejection_percent as usize {
+            return;
+        }
+        let s = &endpoint.state;
+        let n = s.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+        let time = (od.base_ejection_time * n).min(od.max_ejection_time.max(od.base_ejection_time));
+        if s.ejected_until
+            .compare_exchange(
+                0,
+                now + time.as_millis() as u64,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            )
+            .is_ok()
+        {
+            self.ejected.fetch_add(1, Ordering::Relaxed);
+            s.consecutive_5xx.store(0, Ordering::Relaxed);
+            s.consecutive_gateway.store(0, Ordering::Relaxed);
+            self.stats.ejections.inc();
+            tracing::info!(cluster = %self.def.name, endpoint = %endpoint.address, seconds = time.as_secs(), "outlier ejected");
+        }
+    }
+}
+
+/// The upstream connector: `HttpConnector` under the cluster's `max_connections`. A
+/// new connection waits for a permit (requests meanwhile count as pending); the
+/// permit is released when the connection closes.
+#[derive(Debug, Clone)]
+pub struct LimitedConnector {
+    inner: HttpConnector,
+    permits: Arc<Semaphore>,
+}
+
+impl tower::Service<hyper::Uri> for LimitedConnector {
+    type Response = LimitedConnection;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: hyper::Uri) -> Self::Future {
+        let mut inner = self.inner.clone();
+        let permits = self.permits.clone();
+        Box::pin(async move {
+            let permit = permits.acquire_owned().await?;
+            let io = inner
+                .call(uri)
+                .await
+                .map_err(|e| Box::new(ConnectError(e.to_string())))?;
+            Ok(LimitedConnection {
+                io,
+                _permit: permit,
+            })
+        })
+    }
+}
+
+/// A failed upstream connect (distinguished from failures after connecting).
+#[derive(Debug, thiserror::Error)]
+#[error("upstream connect error: {0}")]
+pub struct ConnectError(String);
+
+#[derive(Debug)]
+pub struct LimitedConnection {
+    io: TokioIo<tokio::net::TcpStream>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Connection for LimitedConnection {
+    fn connected(&self) -> Connected {
+        self.io.connected()
+    }
+}
+
+impl hyper::rt::Read for LimitedConnection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for LimitedConnection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn def(lb: LbPolicy, locality_weighted: bool) -> ClusterDef {
+        ClusterDef {
+            name: "c".into(),
+            eds_name: Some("c".into()),
+            static_assignment: None,
+            lb,
+            locality_weighted,
+            http2: false,
+            connect_timeout: Duration::from_secs(1),
+            outlier: Some(OutlierConfig {
+                consecutive_5xx: 0,
+                enforcing_5xx: 0,
+                consecutive_gateway_failure: 5,
+                enforcing_gateway_failure: 100,
+                base_ejection_time: Duration::from_secs(30),
+                max_ejection_time: Duration::from_secs(300),
+                max_ejection_percent: 50,
+            }),
+            limits: Limits::default(),
+        }
+    }
+
+    fn ep(port: u16, healthy: bool) -> EndpointDef {
+        EndpointDef {
+            address: SocketAddr::from(([127, 0, 0, 1], port)),
+            weight: 1,
+            healthy,
+        }
+    }
+
+    fn locality(zone: &str, weight: u32, eps: Vec<EndpointDef>) -> LocalityEndpoints {
+        LocalityEndpoints {
+            zone: zone.into(),
+            weight,
+            endpoints: eps,
+        }
+    }
+
+    fn counts(c: &Cluster, n: usize) -> std::collections::BTreeMap<u16, usize> {
+        let mut m = std::collections::BTreeMap::new();
+        for _ in 0..n {
+            let f = c.pick(None).unwrap();
+            *m.entry(f.endpoint.address.port()).or_default() += 1;
+        }
+        m
+    }
+
+    #[tokio::test]
+    async fn priority_failover_when_the_first_priority_is_unhealthy() {
+        let c = Cluster::new(def(LbPolicy::RoundRobin, false), ClusterStats::default());
+        let a = |healthy| Assignment {
+            priorities: vec![
+                vec![locality("z1", 1, vec![ep(1, healthy), ep(2, healthy)])],
+                vec![locality("z2", 1, vec![ep(3, true)])],
+            ],
+            overprovisioning: 140,
+        };
+        c.assign(&a(true));
+        assert_eq!(
+            counts(&c, 100).keys().copied().collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        c.assign(&a(false));
+        assert_eq!(counts(&c, 100), [(3, 100)].into());
+    }
+
+    #[tokio::test]
+    async fn partial_health_spills_over_by_the_overprovisioning_factor() {
+        let c = Cluster::new(def(LbPolicy::RoundRobin, false), ClusterStats::default());
+        // P0: 1 of 4 healthy → health 35% at factor 140; P1 takes the other 65%.
+        c.assign(&Assignment {
+            priorities: vec![
+                vec![locality(
+                    "z1",
+                    1,
+                    vec![ep(1, true), ep(2, false), ep(4, false), ep(5, false)],
+                )],
+                vec![locality("z2", 1, vec![ep(3, true)])],
+            ],
+            overprovisioning: 140,
+        });
+        let m = counts(&c, 4000);
+        let p0 = m[&1] as f64 / 4000.0;
+        assert!((0.30..0.40).contains(&p0), "{m:?}");
+    }
+
+    #[tokio::test]
+    async fn locality_weights_split_traffic() {
+        let c = Cluster::new(def(LbPolicy::RoundRobin, true), ClusterStats::default());
+        c.assign(&Assignment {
+            priorities: vec![vec![
+                locality("z1", 90, vec![ep(1, true)]),
+                locality("z2", 10, vec![ep(2, true)]),
+            ]],
+            overprovisioning: 140,
+        });
+        let m = counts(&c, 4000);
+        let z1 = m[&1] as f64 / 4000.0;
+        assert!((0.86..0.94).contains(&z1), "{m:?}");
+    }
+
+    #[tokio::test]
+    async fn consecutive_gateway_failures_eject_at_most_half_and_state_survives_eds_updates() {
+        let c = Cluster::new(def(LbPolicy::RoundRobin, false), ClusterStats::default());
+        let a = Assignment {
+            priorities: vec![vec![locality(
+                "z1",
+                1,
+                vec![ep(1, true), ep(2, true), ep(3, true), ep(4, true)],
+            )]],
+            overprovisioning: 140,
+        };
+        c.assign(&a);
+        let endpoint = |port: u16| {
+            (0..8)
+                .map(|_| c.pick(None).unwrap().endpoint.clone())
+                .find(|e| e.address.port() == port)
+                .unwrap()
+        };
+        let e1 = endpoint(1);
+        for _ in 0..4 {
+            c.record(&e1, Outcome::ConnectFailure);
+        }
+        // An application 500 is not a gateway failure: it resets the count.
+        c.record(&e1, Outcome::Status(500));
+        c.record(&e1, Outcome::Status(503));
+        assert_eq!(counts(&c, 40).len(), 4, "not ejected yet");
+        for _ in 0..4 {
+            c.record(&e1, Outcome::Status(503));
+        }
+        assert!(!counts(&c, 40).contains_key(&1), "ejected after 5 in a row");
+        // The ejection survives an EDS update that keeps the endpoint.
+        c.assign(&a);
+        assert!(!counts(&c, 40).contains_key(&1));
+        let e2 = endpoint(2);
+        let e3 = endpoint(3);
+        for _ in 0..5 {
+            c.record(&e2, Outcome::Reset);
+            c.record(&e3, Outcome::Reset);
+        }
+        let m = counts(&c, 80);
+        assert_eq!(m.len(), 2, "at most 50% ejected: {m:?}");
+    }
+
+    #[tokio::test]
+    async fn least_request_prefers_the_idle_endpoint() {
+        let c = Arc::new(Cluster::new(
+            def(LbPolicy::LeastRequest, false),
+            ClusterStats::default(),
+        ));
+        c.assign(&Assignment {
+            priorities: vec![vec![locality("z1", 1, vec![ep(1, true), ep(2, true)])]],
+            overprovisioning: 140,
+        });
+        let mut held = Vec::new();
+        while held.len() < 10 {
+            let f = c.pick(None).unwrap();
+            if f.endpoint.address.port() == 1 {
+                held.push(f);
+            }
+        }
+        let m = counts(&c, 200);
+        assert!(
+            m.get(&2).copied().unwrap_or(0) > m.get(&1).copied().unwrap_or(0),
+            "{m:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn max_requests_is_a_circuit_breaker() {
+        let mut d = def(LbPolicy::RoundRobin, false);
+        d.limits.max_requests = 2;
+        let c = Arc::new(Cluster::new(d, ClusterStats::default()));
+        let a = c.admit().unwrap();
+        let _b = c.admit().unwrap();
+        assert_eq!(c.admit().unwrap_err(), Unavailable::Overflow);
+        drop(a);
+        assert!(c.admit().is_ok());
+    }
+}
