@@ -185,7 +185,11 @@ async fn subscribe(
         .await
         .expect("an answer within the timeout")?;
     let resp = first.expect("a response, not the end of the stream");
-    drop(tx);
+    // Keep the stream (and its /status/sync record) until the test has looked.
+    tokio::spawn(async move {
+        let _keep = (tx, stream);
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    });
     Ok(names(&resp))
 }
 
