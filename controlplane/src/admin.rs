@@ -105,13 +105,13 @@ pub fn router(state: AdminState) -> Router {
 }
 
 /// What a request does: its action and the environments it touches (`None`: the
-/// whole mesh). `Err` for a body that cannot be read.
+/// whole mesh). `Err` (why) for a body that cannot be read.
 fn request_scope(
     method: &axum::http::Method,
     path: &str,
     query: &HashMap<String, String>,
     body: &[u8],
-) -> Result<(AdminAction, Vec<Option<String>>), Response> {
+) -> Result<(AdminAction, Vec<Option<String>>), String> {
     let env = || vec![query.get("env").cloned()];
     if path == "/config/apply" {
         let action = if dry_run(query) {
@@ -119,13 +119,8 @@ fn request_scope(
         } else {
             AdminAction::Write
         };
-        let text = std::str::from_utf8(body).map_err(|_| {
-            error_json(
-                StatusCode::BAD_REQUEST,
-                "the body is not UTF-8 YAML".into(),
-                Vec::new(),
-            )
-        })?;
+        let text =
+            std::str::from_utf8(body).map_err(|_| "the body is not UTF-8 YAML".to_string())?;
         // Documents the parser cannot identify are refused by the apply itself; an
         // unreadable body touches nothing, and the apply says why.
         let envs: Vec<Option<String>> = crate::config::store::split_documents(text)
@@ -187,7 +182,7 @@ async fn authorize(
     };
     let (action, envs) = match request_scope(&method, &path, &query, &body) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(why) => return error_json(StatusCode::BAD_REQUEST, why, Vec::new()),
     };
     if let Some(crate::identity::SpiffeId {
         identity: crate::identity::Identity::Operator { name },

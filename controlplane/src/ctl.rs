@@ -246,7 +246,7 @@ pub async fn run(cmd: Command, admin: &Admin, out: Output) -> anyhow::Result<i32
             let kind = canonical_kind(&kind)?;
             let (env, namespace) = if kind == "Environment" {
                 (name.clone(), DEFAULT_NAMESPACE.to_string())
-            } else if crate::config::security::is_mesh_kind(&kind) {
+            } else if crate::config::security::is_mesh_kind(kind) {
                 (
                     crate::config::security::MESH_SCOPE.to_string(),
                     DEFAULT_NAMESPACE.to_string(),
