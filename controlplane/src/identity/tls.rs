@@ -936,3 +936,90 @@ impl Transport {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::testing::{TestCa, Validity};
+
+    fn leaf_der(ca: &TestCa, uris: &[&str]) -> Vec<u8> {
+        let uris: Vec<String> = uris.iter().map(|u| u.to_string()).collect();
+        let (pem, _) = ca.leaf_with_uris(&uris, Validity::Current);
+        CertificateDer::from_pem_slice(pem.as_bytes())
+            .unwrap()
+            .to_vec()
+    }
+
+    #[test]
+    fn a_peer_id_is_exactly_one_spiffe_uri_of_our_trust_domain() {
+        let ca = TestCa::new(DEFAULT_TRUST_DOMAIN);
+        let ok = leaf_der(&ca, &["spiffe://tributary.local/cluster/east-1"]);
+        assert_eq!(
+            spiffe_id_of(&ok, DEFAULT_TRUST_DOMAIN).unwrap().identity,
+            Identity::Agent {
+                cluster: "east-1".into()
+            }
+        );
+        let none = leaf_der(&ca, &[]);
+        assert_eq!(
+            spiffe_id_of(&none, DEFAULT_TRUST_DOMAIN),
+            Err(PeerIdError::UriSans(0))
+        );
+        let two = leaf_der(
+            &ca,
+            &[
+                "spiffe://tributary.local/cluster/a",
+                "spiffe://tributary.local/cluster/b",
+            ],
+        );
+        assert_eq!(
+            spiffe_id_of(&two, DEFAULT_TRUST_DOMAIN),
+            Err(PeerIdError::UriSans(2))
+        );
+        let other = leaf_der(&ca, &["spiffe://other.local/cluster/a"]);
+        let err = spiffe_id_of(&other, DEFAULT_TRUST_DOMAIN).unwrap_err();
+        assert!(
+            err.to_string().contains("\"other.local\"")
+                && err.to_string().contains("--trust-domain"),
+            "{err}"
+        );
+        let bad = leaf_der(&ca, &["spiffe://tributary.local/nothing/here"]);
+        assert!(matches!(
+            spiffe_id_of(&bad, DEFAULT_TRUST_DOMAIN),
+            Err(PeerIdError::Spiffe(_))
+        ));
+    }
+
+    #[test]
+    fn a_partial_set_of_tls_flags_names_what_is_missing() {
+        let err = TlsFiles::from_flags(Some("c".into()), None, None).unwrap_err();
+        assert!(err.contains("--tls-key, --tls-ca"), "{err}");
+        assert_eq!(TlsFiles::from_flags(None, None, None), Ok(None));
+        let err = Transport::from_flags(
+            Some(TlsFiles {
+                cert: "c".into(),
+                key: "k".into(),
+                ca: "a".into(),
+            }),
+            true,
+        )
+        .unwrap_err();
+        assert!(err.contains("exclude each other"), "{err}");
+    }
+
+    #[test]
+    fn an_unreadable_file_is_named_with_its_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = TlsFiles {
+            cert: dir.path().join("missing.crt"),
+            key: dir.path().join("missing.key"),
+            ca: dir.path().join("missing-ca.crt"),
+        };
+        let err = server_config(&files, DEFAULT_TRUST_DOMAIN, ALPN_GRPC).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("--tls-ca") && msg.contains("missing-ca.crt"),
+            "{msg}"
+        );
+    }
+}
