@@ -505,7 +505,13 @@ async fn one_run(
         command(bin, args.hub_wrapper.as_ref())
             .args(["hub", "--config"])
             .arg(&config)
-            .args(["--xds-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
+            .args([
+                "--insecure",
+                "--xds-addr",
+                "127.0.0.1:0",
+                "--admin-addr",
+                "127.0.0.1:0",
+            ])
             .args(["--sync-wait", "0s", "--state-dir"])
             .arg(dir.path().join("state"))
             .arg("--ready-file")

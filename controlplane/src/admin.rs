@@ -14,6 +14,12 @@
 //! | `DELETE /config/{env}/{kind}/{namespace}/{name}[?dry_run=true]` | delete one object (validated: what remains must be valid) |
 //! | `/status/clusters` | JSON: federated clusters: connected or in grace, version, counts, lag, rejected batches; known clusters pending resync after a restart, and whether withdrawals are held |
 //! | `/config_dump?env=E&type=CDS` | JSON: resource names and versions of a shard |
+//!
+//! With mutual TLS every request is authorized by the peer's identity
+//! ([`authorize`]): `/healthz` and `/readyz` for any certified peer; reads need an
+//! operator with the read (or write) role on the environment the request names
+//! (`?env=`, the path's environment), or on `*` for mesh-wide views; config writes
+//! need the write role on every environment they touch. Hubs and routers may read.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,8 +36,11 @@ use serde_json::json;
 
 use crate::config::store::{ConfigStore, ObjectId, WriteError};
 use crate::config::watch::ConfigStatus;
+use crate::identity::authz::{AdminAction, authorize_admin};
+use crate::identity::tls::PeerAddr;
 use crate::index::IndexHandle;
 use crate::membership::Membership;
+use crate::model::Mesh;
 use crate::status::SyncRegistry;
 use crate::xds::XdsType;
 use crate::xds::snapshot::Snapshots;
@@ -51,6 +60,20 @@ pub struct AdminState {
     pub membership: Membership,
     /// What this replica did as a shard leader for the cross-zone catalog.
     pub catalog: Arc<crate::catalog::publish::CatalogStats>,
+    /// Whether requests are authorized, and the config with the operators' grants.
+    pub authz: AdminAuthz,
+}
+
+/// The admin endpoint's authorization.
+#[derive(Debug, Clone)]
+pub struct AdminAuthz {
+    /// False on a plaintext (`--insecure`) hub: there are no identities to check.
+    pub enforce: bool,
+    /// The config whose `Operator` objects grant roles.
+    pub config: tokio::sync::watch::Receiver<Arc<Mesh>>,
+    /// Operators with write on everything whatever the config says
+    /// (`--bootstrap-operator`): who writes the first `Operator` objects into a store.
+    pub bootstrap: Vec<String>,
 }
 
 /// Largest config apply body.
@@ -74,7 +97,124 @@ pub fn router(state: AdminState) -> Router {
         )
         .route("/config_dump", get(config_dump))
         .layer(DefaultBodyLimit::max(MAX_APPLY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(
+            state.authz.clone(),
+            authorize,
+        ))
         .with_state(state)
+}
+
+/// What a request does: its action and the environments it touches (`None`: the
+/// whole mesh). `Err` (why) for a body that cannot be read.
+fn request_scope(
+    method: &axum::http::Method,
+    path: &str,
+    query: &HashMap<String, String>,
+    body: &[u8],
+) -> Result<(AdminAction, Vec<Option<String>>), String> {
+    let env = || vec![query.get("env").cloned()];
+    if path == "/config/apply" {
+        let action = if dry_run(query) {
+            AdminAction::Read
+        } else {
+            AdminAction::Write
+        };
+        let text =
+            std::str::from_utf8(body).map_err(|_| "the body is not UTF-8 YAML".to_string())?;
+        // Documents the parser cannot identify are refused by the apply itself; an
+        // unreadable body touches nothing, and the apply says why.
+        let envs: Vec<Option<String>> = crate::config::store::split_documents(text)
+            .map(|docs| {
+                docs.into_iter()
+                    .map(|(id, _)| Some(id.environment))
+                    .collect()
+            })
+            .unwrap_or_default();
+        // Nothing identifiable: only a grant on the whole mesh may try it.
+        return Ok((action, if envs.is_empty() { vec![None] } else { envs }));
+    }
+    if let Some(rest) = path.strip_prefix("/config/")
+        && *method == axum::http::Method::DELETE
+    {
+        let action = if dry_run(query) {
+            AdminAction::Read
+        } else {
+            AdminAction::Write
+        };
+        let env = rest.split('/').next().unwrap_or_default().to_string();
+        return Ok((action, vec![Some(env)]));
+    }
+    Ok((AdminAction::Read, env()))
+}
+
+/// Refuses (403, naming the identity and what it lacks) a request its peer may not
+/// make. The mesh-wide objects (`RemoteCluster`, `Operator`) count as the whole mesh.
+async fn authorize(
+    State(authz): State<AdminAuthz>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if !authz.enforce {
+        return next.run(req).await;
+    }
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<PeerAddr>>()
+        .and_then(|c| c.0.id.clone());
+    let path = req.uri().path().to_string();
+    if (path == "/healthz" || path == "/readyz") && peer.is_some() {
+        return next.run(req).await;
+    }
+    let query: HashMap<String, String> = Query::try_from_uri(req.uri())
+        .map(|q: Query<HashMap<String, String>>| q.0)
+        .unwrap_or_default();
+    let method = req.method().clone();
+    let (parts, body) = req.into_parts();
+    let body = match axum::body::to_bytes(body, MAX_APPLY_BYTES).await {
+        Ok(b) => b,
+        Err(e) => {
+            return error_json(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("reading the request body: {e}"),
+                Vec::new(),
+            );
+        }
+    };
+    let (action, envs) = match request_scope(&method, &path, &query, &body) {
+        Ok(s) => s,
+        Err(why) => return error_json(StatusCode::BAD_REQUEST, why, Vec::new()),
+    };
+    if let Some(crate::identity::SpiffeId {
+        identity: crate::identity::Identity::Operator { name },
+        ..
+    }) = &peer
+        && authz.bootstrap.contains(name)
+    {
+        return next
+            .run(axum::extract::Request::from_parts(
+                parts,
+                axum::body::Body::from(body),
+            ))
+            .await;
+    }
+    let mesh = authz.config.borrow().clone();
+    for env in envs {
+        let env = env.filter(|e| e != crate::config::security::MESH_SCOPE);
+        if let Err(why) = authorize_admin(
+            peer.as_ref(),
+            &mesh.security.operators,
+            action,
+            env.as_deref(),
+        ) {
+            tracing::warn!(%path, %method, reason = %why, "admin request refused");
+            return error_json(StatusCode::FORBIDDEN, why, Vec::new());
+        }
+    }
+    next.run(axum::extract::Request::from_parts(
+        parts,
+        axum::body::Body::from(body),
+    ))
+    .await
 }
 
 async fn readyz(State(s): State<AdminState>) -> Response {

@@ -25,12 +25,13 @@ use tributary_store::embedded::{Embedded, EmbeddedConfig};
 #[cfg(feature = "etcd")]
 use tributary_store::etcd::{Etcd, EtcdConfig};
 
-use crate::admin::{self, AdminState};
+use crate::admin::{self, AdminAuthz, AdminState};
 use crate::catalog::publish::{CatalogConfig, CatalogStats};
 use crate::config::store::{ConfigStore, StoreSource};
 use crate::config::watch::{FileSource, WatchConfig, WatchMode};
 use crate::federation::Limits;
 use crate::federation::server::FederationService;
+use crate::identity::tls::{self as tls, PeerAddr, ServerTls, TlsListener, TlsMetrics, Transport};
 use crate::index::debounce::DebounceConfig;
 use crate::index::known::{KnownClusters, StateDir, StoreKnown};
 use crate::index::{Command, Index, IndexConfig, IndexHandle};
@@ -107,6 +108,13 @@ pub struct HubConfig {
     pub replicas_per_shard: usize,
     /// A shard leader writes its changed catalog summaries this long after a change.
     pub catalog_interval: Duration,
+    /// Mutual TLS on the xDS/federation and admin ports, or plaintext on loopback.
+    pub transport: Transport,
+    /// The SPIFFE trust domain of every peer's certificate.
+    pub trust_domain: String,
+    /// Operators granted write on everything, whatever the config's `Operator`
+    /// objects say (`--bootstrap-operator`).
+    pub bootstrap_operators: Vec<String>,
 }
 
 /// Default accept queue of the xDS listener: above the 2,000+ proxies of one shard
@@ -154,6 +162,10 @@ impl HubConfig {
             lease_ttl: Duration::from_secs(10),
             replicas_per_shard: 2,
             catalog_interval: CatalogConfig::default().interval,
+            // Tests bind loopback; mutual TLS is opted into per test.
+            transport: Transport::Insecure,
+            trust_domain: tls::DEFAULT_TRUST_DOMAIN.to_string(),
+            bootstrap_operators: Vec::new(),
         }
     }
 
@@ -265,8 +277,26 @@ pub struct Hub {
 
 impl Hub {
     pub async fn start(cfg: HubConfig) -> anyhow::Result<Hub> {
+        // Refused before anything is opened: plaintext only on loopback.
+        for (flag, addr) in [
+            ("--xds-addr", cfg.xds_addr),
+            ("--admin-addr", cfg.admin_addr),
+        ] {
+            cfg.transport
+                .check_bind(flag, addr)
+                .map_err(anyhow::Error::msg)?;
+        }
         let mut registry = Registry::default();
         let metrics = Arc::new(Metrics::new(&mut registry));
+        let tls_metrics = TlsMetrics::new(&mut registry);
+        let server_tls = |alpn: &[&[u8]]| -> anyhow::Result<Option<ServerTls>> {
+            cfg.transport
+                .files()
+                .map(|files| ServerTls::load(files, &cfg.trust_domain, alpn))
+                .transpose()
+                .context("loading the TLS files")
+        };
+        let (xds_tls, admin_tls) = (server_tls(tls::ALPN_GRPC)?, server_tls(tls::ALPN_HTTP1)?);
         let snapshots = Arc::new(Snapshots::default());
         let sync = Arc::new(SyncRegistry::default());
         let ready = Arc::new(AtomicBool::new(false));
@@ -318,6 +348,7 @@ impl Hub {
         let (mesh_tx, mut mesh_rx) = watch::channel(Arc::new(mesh));
         mesh_rx.borrow_and_update();
         let membership_mesh = mesh_tx.subscribe();
+        let security_mesh = mesh_tx.subscribe();
         let (index, index_task) = index.spawn(1024);
 
         let xds_listener = bind_listener(cfg.xds_addr, cfg.listen_backlog)
@@ -456,7 +487,8 @@ impl Hub {
             shutdown_rx.clone(),
             cfg.max_initial_syncs,
         )
-        .with_membership(membership.clone());
+        .with_membership(membership.clone())
+        .with_trust_domain(cfg.trust_domain.clone());
         let ads = AggregatedDiscoveryServiceServer::new(ads)
             .max_decoding_message_size(cfg.max_request_bytes)
             .max_encoding_message_size(usize::MAX);
@@ -468,24 +500,40 @@ impl Hub {
                 cfg.federation,
                 shutdown_rx.clone(),
             )
-            .with_membership(membership.clone()),
+            .with_membership(membership.clone())
+            .with_security(cfg.trust_domain.clone(), security_mesh.clone()),
         )
         .max_decoding_message_size(cfg.federation.max_message_bytes);
         tasks.spawn({
             let stop = stopped();
+            let tls_metrics = tls_metrics.clone();
             async move {
-                tonic::transport::Server::builder()
+                let server = tonic::transport::Server::builder()
                     .tcp_nodelay(true)
                     .http2_keepalive_interval(Some(Duration::from_secs(30)))
                     .http2_keepalive_timeout(Some(Duration::from_secs(20)))
                     .add_service(ads)
-                    .add_service(federation)
-                    .serve_with_incoming_shutdown(
-                        tonic::transport::server::TcpIncoming::from(xds_listener),
-                        stop,
-                    )
-                    .await
-                    .context("xDS server")
+                    .add_service(federation);
+                match xds_tls {
+                    None => {
+                        server
+                            .serve_with_incoming_shutdown(
+                                tonic::transport::server::TcpIncoming::from(xds_listener),
+                                stop,
+                            )
+                            .await
+                    }
+                    Some(t) => {
+                        let incoming = tls::accept_tls(xds_listener, t, tls_metrics, "xds");
+                        server
+                            .serve_with_incoming_shutdown(
+                                tokio_stream::wrappers::ReceiverStream::new(incoming),
+                                stop,
+                            )
+                            .await
+                    }
+                }
+                .context("xDS server")
             }
         });
 
@@ -500,14 +548,38 @@ impl Hub {
             config_api,
             membership: membership.clone(),
             catalog: catalog.clone(),
+            authz: AdminAuthz {
+                enforce: admin_tls.is_some(),
+                config: security_mesh,
+                bootstrap: cfg.bootstrap_operators.clone(),
+            },
         };
         tasks.spawn({
             let stop = stopped();
             async move {
-                axum::serve(admin_listener, admin::router(state))
-                    .with_graceful_shutdown(stop)
-                    .await
-                    .context("admin server")
+                let app = admin::router(state).into_make_service_with_connect_info::<PeerAddr>();
+                match admin_tls {
+                    None => {
+                        axum::serve(admin_listener, app)
+                            .with_graceful_shutdown(stop)
+                            .await
+                    }
+                    Some(t) => {
+                        axum::serve(TlsListener::new(admin_listener, t, tls_metrics)?, app)
+                            .with_graceful_shutdown(stop)
+                            .await
+                    }
+                }
+                .context("admin server")
+            }
+        });
+        tasks.spawn({
+            let (transport, stop) = (cfg.transport.clone(), stopped());
+            async move {
+                transport
+                    .warn_while_insecure("the hub", vec![xds_addr, admin_addr], stop)
+                    .await;
+                Ok(())
             }
         });
 

@@ -100,10 +100,11 @@ fn read_body(paths: &[PathBuf]) -> anyhow::Result<String> {
 
 /// Sends a request; returns the JSON answer of a 2xx, or fails with the hub's error
 /// lines (one per config error).
-async fn call(admin: &str, method: &str, path: &str, body: &[u8]) -> anyhow::Result<Value> {
-    let (status, bytes) = http_client::request(admin, method, path, body)
-        .await
-        .with_context(|| format!("asking the hub's admin endpoint {admin} (--admin)"))?;
+async fn call(admin: &Admin, method: &str, path: &str, body: &[u8]) -> anyhow::Result<Value> {
+    let (status, bytes) =
+        http_client::request_with(&admin.addr, admin.tls.as_ref(), method, path, body)
+            .await
+            .with_context(|| format!("asking the hub's admin endpoint {} (--admin)", admin.addr))?;
     let v: Value = serde_json::from_slice(&bytes)
         .unwrap_or_else(|_| serde_json::json!({ "error": String::from_utf8_lossy(&bytes).trim() }));
     if (200..300).contains(&status) {
@@ -125,8 +126,16 @@ fn print_structured(v: &Value, out: Output) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A hub's admin endpoint: its address, and the TLS to reach it with (when it
+/// serves mutual TLS).
+#[derive(Debug, Clone)]
+pub struct Admin {
+    pub addr: String,
+    pub tls: Option<crate::identity::tls::ClientTls>,
+}
+
 /// Runs a command against the hub at `admin`; the process exit code.
-pub async fn run(cmd: Command, admin: &str, out: Output) -> anyhow::Result<i32> {
+pub async fn run(cmd: Command, admin: &Admin, out: Output) -> anyhow::Result<i32> {
     match cmd {
         Command::Apply { files } => {
             let r = call(
@@ -237,6 +246,11 @@ pub async fn run(cmd: Command, admin: &str, out: Output) -> anyhow::Result<i32> 
             let kind = canonical_kind(&kind)?;
             let (env, namespace) = if kind == "Environment" {
                 (name.clone(), DEFAULT_NAMESPACE.to_string())
+            } else if crate::config::security::is_mesh_kind(kind) {
+                (
+                    crate::config::security::MESH_SCOPE.to_string(),
+                    DEFAULT_NAMESPACE.to_string(),
+                )
             } else {
                 (env, namespace)
             };

@@ -13,6 +13,7 @@ use tributary_controlplane::agent::{self, AgentConfig, ClusterState};
 use tributary_controlplane::app::{Hub, HubConfig, StoreBackend};
 use tributary_controlplane::config::watch::{WatchConfig, WatchMode};
 use tributary_controlplane::config::{self, parse_duration, parse_positive_duration};
+use tributary_controlplane::identity::tls;
 use tributary_controlplane::index::debounce::DebounceConfig;
 use tributary_controlplane::xds::server::StreamLimits;
 
@@ -48,6 +49,8 @@ enum Command {
         /// Print the raw JSON instead of a table.
         #[arg(long, global = true)]
         json: bool,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Config through a hub's admin API (apply, get, delete, diff, validate) and the
     /// shard assignment.
@@ -85,6 +88,45 @@ struct CtlArgs {
     /// Output: table, json or yaml.
     #[arg(short = 'o', long = "output", global = true, default_value = "table")]
     output: tributary_controlplane::ctl::Output,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+/// Mutual TLS: this process's certificate, its key and the trust bundle (PEM files,
+/// reloaded when they change), and the SPIFFE trust domain of every peer.
+#[derive(Debug, Clone, clap::Args)]
+struct TlsArgs {
+    /// This process's certificate chain (PEM, leaf first) with its SPIFFE id.
+    #[arg(long, global = true, env = "TRIBUTARY_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, global = true, env = "TRIBUTARY_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// The trust bundle: the roots a peer's certificate must chain to (PEM).
+    #[arg(long, global = true, env = "TRIBUTARY_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// The SPIFFE trust domain of the mesh: peers' ids must be spiffe://DOMAIN/...
+    #[arg(long, global = true, default_value = tls::DEFAULT_TRUST_DOMAIN, env = "TRIBUTARY_TRUST_DOMAIN")]
+    trust_domain: String,
+}
+
+impl TlsArgs {
+    fn files(&self) -> anyhow::Result<Option<tls::TlsFiles>> {
+        tls::TlsFiles::from_flags(
+            self.tls_cert.clone(),
+            self.tls_key.clone(),
+            self.tls_ca.clone(),
+        )
+        .map_err(anyhow::Error::msg)
+    }
+
+    /// The client side: mutual TLS when the files are given, else plaintext.
+    fn client(&self, alpn: &[&[u8]]) -> anyhow::Result<Option<tls::ClientTls>> {
+        self.files()?
+            .map(|f| tls::ClientTls::load(&f, &self.trust_domain, alpn))
+            .transpose()
+            .context("loading the TLS files")
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -205,6 +247,22 @@ struct HubArgs {
     /// Federation heartbeat interval; an agent silent for three is dropped.
     #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
     heartbeat: Duration,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// Serve plaintext instead of mutual TLS: no identities, no authorization, and
+    /// only on loopback addresses (local development and tests). Warns at start and
+    /// every minute.
+    #[arg(long, env = "TRIBUTARY_INSECURE")]
+    insecure: bool,
+    /// An operator (spiffe://DOMAIN/operator/NAME) allowed to read and write
+    /// everything whatever the config's Operator objects say (repeatable): who
+    /// writes the first Operator objects into a store. Keep the list short.
+    #[arg(
+        long = "bootstrap-operator",
+        env = "TRIBUTARY_BOOTSTRAP_OPERATORS",
+        value_delimiter = ','
+    )]
+    bootstrap_operators: Vec<String>,
     /// After start, hold xDS responses this long so agents can resync first (a
     /// restarted hub must not tell proxies that federated endpoints vanished).
     /// 0s when no agents feed this hub.
@@ -326,6 +384,10 @@ struct RemoteArgs {
     /// After a --file event, wait this long for the rest of its burst.
     #[arg(long, default_value = "50ms", value_parser = parse_duration)]
     watch_debounce: Duration,
+    /// Mutual TLS to the hub (and the router): a certificate of spiffe://DOMAIN/cluster/CLUSTER-ID.
+    /// Without the files the agent speaks plaintext (to a hub started with --insecure).
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 fn parse_lease_ttl(s: &str) -> Result<Duration, String> {
@@ -356,17 +418,28 @@ async fn ctl(args: CtlArgs) -> anyhow::Result<i32> {
         },
         CtlCommand::Shards => C::Shards,
     };
-    tributary_controlplane::ctl::run(cmd, &args.admin, args.output).await
+    let admin = tributary_controlplane::ctl::Admin {
+        addr: args.admin,
+        tls: args.tls.client(tls::ALPN_HTTP1)?,
+    };
+    tributary_controlplane::ctl::run(cmd, &admin, args.output).await
 }
 
 fn main() -> anyhow::Result<()> {
     tributary_controlplane::config::init_logging("info");
+    // The one TLS provider of the process (rustls, kube's client).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     match cli.command {
         Command::Validate { paths } => validate(&paths),
         Command::Hub(args) => runtime()?.block_on(hub(args)),
         Command::Remote(args) => runtime()?.block_on(remote(args)),
-        Command::Status { what, admin, json } => runtime()?.block_on(status(what, &admin, json)),
+        Command::Status {
+            what,
+            admin,
+            json,
+            tls,
+        } => runtime()?.block_on(status(what, &admin, json, &tls)),
         Command::Ctl(args) => {
             let code = runtime()?.block_on(ctl(args))?;
             std::process::exit(code)
@@ -409,7 +482,12 @@ async fn hub(args: HubArgs) -> anyhow::Result<()> {
         );
         tributary_controlplane::xds::generate::enable_test_hooks();
     }
+    let transport =
+        tls::Transport::from_flags(args.tls.files()?, args.insecure).map_err(anyhow::Error::msg)?;
     let cfg = HubConfig {
+        transport,
+        trust_domain: args.tls.trust_domain.clone(),
+        bootstrap_operators: args.bootstrap_operators,
         config_paths: args.config,
         xds_addr: args.xds_addr,
         admin_addr: args.admin_addr,
@@ -500,6 +578,12 @@ async fn remote(args: RemoteArgs) -> anyhow::Result<()> {
     cfg.connect_timeout = args.connect_timeout;
     cfg.max_batch = args.max_batch as usize;
     cfg.max_batch_bytes = args.max_batch_bytes as usize;
+    cfg.tls = args.tls.client(tls::ALPN_GRPC)?;
+    if cfg.tls.is_none() {
+        tracing::warn!(
+            "no --tls-cert/--tls-key/--tls-ca: the agent speaks plaintext, which only a hub started with --insecure accepts"
+        );
+    }
     let telemetry = Arc::new(agent::admin::Telemetry::new(&cfg, agent::new_incarnation()));
     if let Some(addr) = args.admin_addr {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -550,19 +634,24 @@ async fn remote(args: RemoteArgs) -> anyhow::Result<()> {
 }
 
 /// GET a JSON status document from the hub's admin endpoint.
-async fn admin_get(admin: &str, path: &str) -> anyhow::Result<serde_json::Value> {
-    tributary_controlplane::http_client::get_json(admin, path)
+async fn admin_get(
+    admin: &str,
+    tls: Option<&tls::ClientTls>,
+    path: &str,
+) -> anyhow::Result<serde_json::Value> {
+    tributary_controlplane::http_client::get_json_with(admin, tls, path)
         .await
         .with_context(|| format!("asking the hub's admin endpoint {admin} (--admin)"))
 }
 
-async fn status(what: StatusWhat, admin: &str, json: bool) -> anyhow::Result<()> {
+async fn status(what: StatusWhat, admin: &str, json: bool, tls: &TlsArgs) -> anyhow::Result<()> {
+    let tls = tls.client(tls::ALPN_HTTP1)?;
     let path = match what {
         StatusWhat::Clusters => "/status/clusters",
         StatusWhat::Sync => "/status/sync",
         StatusWhat::Environments => "/status/environments",
     };
-    let v = admin_get(admin, path).await?;
+    let v = admin_get(admin, tls.as_ref(), path).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());

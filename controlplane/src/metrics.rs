@@ -52,6 +52,8 @@ pub struct Metrics {
     pub federation_reconnects: Counter,
     pub federation_rejected: Counter,
     pub federation_batches_rejected: Counter,
+    /// Services an agent exported that its cluster's registry entry does not grant.
+    pub federation_exports_refused: Family<ClusterLabel, Counter>,
     pub federation_clusters_connected: Gauge,
     pub federation_clusters_grace: Gauge,
     pub debounce_seconds: Histogram,
@@ -84,6 +86,7 @@ impl Metrics {
             federation_reconnects: Counter::default(),
             federation_rejected: Counter::default(),
             federation_batches_rejected: Counter::default(),
+            federation_exports_refused: Family::default(),
             federation_clusters_connected: Gauge::default(),
             federation_clusters_grace: Gauge::default(),
             debounce_seconds: Histogram::new(exponential_buckets(1e-3, 2.0, 12)),
@@ -222,6 +225,11 @@ impl Metrics {
             "federation_batches_rejected",
             "Federation batches rejected and not applied (oversize, undecodable, session not live)",
             self.federation_batches_rejected.clone(),
+        );
+        r.register(
+            "federation_exports_refused",
+            "Services refused because the cluster's RemoteCluster grant does not cover their environment or namespace",
+            self.federation_exports_refused.clone(),
         );
         r.register(
             "federation_clusters_connected",

@@ -12,6 +12,50 @@ use std::time::Duration;
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Mesh {
     pub environments: BTreeMap<String, Environment>,
+    /// Mesh-wide security config: which remote clusters may export what, and
+    /// which operators may read or write which environments (`docs/security.md`).
+    pub security: Security,
+}
+
+/// Mesh-wide grants, from the `RemoteCluster` and `Operator` kinds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Security {
+    /// The registry of remote clusters, by cluster id.
+    pub remote_clusters: BTreeMap<String, RemoteClusterGrant>,
+    /// Operators' roles, by operator name (the `operator/{name}` SPIFFE id).
+    pub operators: BTreeMap<String, OperatorGrant>,
+}
+
+/// Matches every environment (or namespace) in a grant.
+pub const ANY: &str = "*";
+
+/// What one remote cluster may export.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RemoteClusterGrant {
+    /// Environments its services may be exported into (`*`: any).
+    pub environments: Vec<String>,
+    /// Namespaces its services may come from (`*`: any).
+    pub namespaces: Vec<String>,
+}
+
+/// An operator's role and the environments it applies to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OperatorGrant {
+    pub role: OperatorRole,
+    /// Environments the role applies to (`*`: all, and the mesh-wide views).
+    pub environments: Vec<String>,
+}
+
+/// `read`: status, config dumps and config reads; `write`: also config writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OperatorRole {
+    Read,
+    Write,
+}
+
+/// Whether `list` grants `name` (`*` grants everything).
+pub fn granted(list: &[String], name: &str) -> bool {
+    list.iter().any(|g| g == ANY || g == name)
 }
 
 /// One environment's config. Nothing here refers to another environment.

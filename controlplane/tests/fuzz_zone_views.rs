@@ -173,6 +173,7 @@ impl Model {
         };
         Mesh {
             environments: [("prod".to_string(), env)].into(),
+            ..Default::default()
         }
     }
 

@@ -173,6 +173,7 @@ mod on_etcd {
                     id,
                     "--lease-ttl",
                     "2s",
+                    "--insecure",
                     "--xds-addr",
                     "127.0.0.1:0",
                     "--admin-addr",

@@ -1121,6 +1121,8 @@ fn hub_argv(
     .into_iter()
     .chain(extra.iter().copied())
     .chain([
+        // Loopback only: plaintext (mutual TLS is measured with --hub-arg).
+        "--insecure",
         "--xds-addr",
         "127.0.0.1:0",
         "--admin-addr",

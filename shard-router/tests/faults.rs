@@ -959,6 +959,7 @@ async fn start_hub(bin: &Path, dir: &Path, etcd: &str, id: &str, host: Ipv6Addr)
         "2s",
         "--replicas-per-shard",
         "2",
+        "--insecure",
         "--xds-addr",
         &format!("[{host}]:0"),
         "--admin-addr",

@@ -260,6 +260,8 @@ class Hub:
         host = FAMILIES[self.family]
         config = [] if self.config_in_store else ["--config", str(self.config_dir)]
         argv = [str(binary), "hub", *config,
+                # Loopback only (127.0.0.1 / [::1]): plaintext needs --insecure.
+                "--insecure",
                 "--xds-addr", hostport(host, self.xds_port), "--admin-addr", "127.0.0.1:0",
                 "--ready-file", str(self.ready_file), "--poll-interval", self.poll_interval,
                 # No agents feed these hubs: serve at once.

@@ -66,6 +66,9 @@ pub struct AgentConfig {
     /// Most encoded bytes per batch; the hub's advertised message limit applies when
     /// it is lower.
     pub max_batch_bytes: usize,
+    /// Mutual TLS to the hub (and the router's directory): this agent's certificate,
+    /// `spiffe://{td}/cluster/{cluster-id}`. `None`: plaintext.
+    pub tls: Option<crate::identity::tls::ClientTls>,
 }
 
 impl AgentConfig {
@@ -83,6 +86,7 @@ impl AgentConfig {
             connect_timeout: Duration::from_secs(5),
             max_batch: 5_000,
             max_batch_bytes: 256 << 10,
+            tls: None,
         }
     }
 }
@@ -664,10 +668,18 @@ pub(crate) async fn connect(
     cfg: &AgentConfig,
     url: &str,
 ) -> Result<tonic::transport::Channel, AgentError> {
-    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+    let target = match &cfg.tls {
+        // TLS is the connector's: tonic's own cannot reload renewed certificates.
+        Some(_) => crate::identity::tls::plain_scheme(url),
+        None => url.to_string(),
+    };
+    let endpoint = tonic::transport::Endpoint::from_shared(target)
         .map_err(|e| AgentError::Protocol(format!("{url:?} is not a valid URL: {e}")))?
         .connect_timeout(cfg.connect_timeout);
-    Ok(endpoint.connect().await?)
+    Ok(match &cfg.tls {
+        Some(tls) => endpoint.connect_with_connector(tls.connector()).await?,
+        None => endpoint.connect().await?,
+    })
 }
 
 async fn sleep_until(at: Option<Instant>) {

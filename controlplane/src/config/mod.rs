@@ -5,6 +5,7 @@
 //! Every error names the file, the document, the field and what was expected, and a
 //! file set with any error is rejected whole (the last good config stays in force).
 
+pub mod security;
 pub mod store;
 pub mod watch;
 
@@ -266,6 +267,8 @@ struct Parsed {
     gateways: Vec<Doc<RawGateway>>,
     sidecars: Vec<Doc<RawSidecar>>,
     environments: Vec<Doc<RawEnvironment>>,
+    remote_clusters: Vec<Doc<security::RawRemoteCluster>>,
+    operators: Vec<Doc<security::RawOperator>>,
 }
 
 /// The kinds a document may have.
@@ -276,6 +279,8 @@ pub const KINDS: &[&str] = &[
     "Gateway",
     "Sidecar",
     "Environment",
+    "RemoteCluster",
+    "Operator",
 ];
 
 /// Parses and validates a file set: `(file name, contents)` pairs, in load order.
@@ -500,6 +505,22 @@ fn parse_file(
             continue;
         };
         let name = meta.name.unwrap_or_default();
+        let mesh_kind = security::is_mesh_kind(&kind);
+        if mesh_kind
+            && let Some((field, _)) = [
+                ("metadata.environment", &meta.environment),
+                ("metadata.namespace", &meta.namespace),
+            ]
+            .into_iter()
+            .find(|(_, v)| v.is_some())
+        {
+            errors.push(doc_err(
+                format!("document {number} ({kind} {name})"),
+                field,
+                format!("must be omitted: a {kind} belongs to the whole mesh"),
+            ));
+            continue;
+        }
         if kind == "Environment" {
             // An Environment defines the environment it names: it lives in itself.
             let ns_ok = meta
@@ -529,6 +550,8 @@ fn parse_file(
             .unwrap_or_else(|| DEFAULT_NAMESPACE.to_string());
         let env = if kind == "Environment" {
             name.clone()
+        } else if mesh_kind {
+            security::MESH_SCOPE.to_string()
         } else {
             meta.environment
                 .unwrap_or_else(|| DEFAULT_ENVIRONMENT.to_string())
@@ -541,6 +564,9 @@ fn parse_file(
             ("metadata.namespace", &namespace),
             ("metadata.environment", &env),
         ] {
+            if mesh_kind && field != "metadata.name" {
+                continue;
+            }
             if let Err(message) = check_dns_name(value) {
                 errors.push(doc_err(document.clone(), field, message));
                 bad_name = true;
@@ -596,6 +622,8 @@ fn parse_file(
             "Gateway" => push!(gateways, RawGateway),
             "Sidecar" => push!(sidecars, RawSidecar),
             "Environment" => push!(environments, RawEnvironment),
+            "RemoteCluster" => push!(remote_clusters, security::RawRemoteCluster),
+            "Operator" => push!(operators, security::RawOperator),
             other => errors.push(doc_err(
                 document,
                 "kind",
@@ -792,6 +820,12 @@ fn build_mesh(parsed: Parsed, errors: &mut Vec<ConfigError>) -> Mesh {
                 .gateways
                 .insert(gateway.name.clone(), gateway);
         }
+    }
+    for doc in &parsed.remote_clusters {
+        security::build_remote_cluster(doc, &mut mesh, errors);
+    }
+    for doc in &parsed.operators {
+        security::build_operator(doc, &mut mesh, errors);
     }
     mesh
 }

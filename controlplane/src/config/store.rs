@@ -147,6 +147,8 @@ fn identify(value: &serde_yaml::Value) -> Option<ObjectId> {
     let namespace = field("namespace", DEFAULT_NAMESPACE)?;
     let environment = if kind == "Environment" {
         name.clone()
+    } else if super::security::is_mesh_kind(&kind) {
+        super::security::MESH_SCOPE.to_string()
     } else {
         field("environment", DEFAULT_ENVIRONMENT)?
     };

@@ -25,9 +25,12 @@ use tributary_proto::federation::v1::{self as pb, agent_message, hub_message};
 
 use super::slice::SliceGuard;
 use super::{Limits, convert};
+use crate::identity::SpiffeId;
+use crate::identity::authz::{authorize_agent, export_refusal};
 use crate::index::{Command, IndexHandle};
 use crate::membership::Membership;
-use crate::metrics::{KindLabel, Metrics};
+use crate::metrics::{ClusterLabel, KindLabel, Metrics};
+use crate::model::Mesh;
 
 #[derive(Debug)]
 pub struct FederationService {
@@ -39,6 +42,10 @@ pub struct FederationService {
     stopping: watch::Receiver<bool>,
     /// The shards this replica serves; `None`: it holds every agent's whole export.
     membership: Option<Membership>,
+    /// The trust domain of agents' SPIFFE ids, and the config holding the registry
+    /// of remote clusters (`None`: no registry, every export is taken).
+    trust_domain: String,
+    config: Option<watch::Receiver<Arc<Mesh>>>,
 }
 
 impl FederationService {
@@ -57,7 +64,21 @@ impl FederationService {
             next_session: AtomicU64::new(1),
             stopping,
             membership: None,
+            trust_domain: crate::identity::tls::DEFAULT_TRUST_DOMAIN.to_string(),
+            config: None,
         }
+    }
+
+    /// Authorizes agents by their certificates (of `trust_domain`) and what they
+    /// export by the registry of remote clusters in `config`.
+    pub fn with_security(
+        mut self,
+        trust_domain: String,
+        config: watch::Receiver<Arc<Mesh>>,
+    ) -> Self {
+        self.trust_domain = trust_domain;
+        self.config = Some(config);
+        self
     }
 
     /// Holds only the services of the shards this replica serves.
@@ -94,11 +115,15 @@ impl Federation for FederationService {
             self.membership.clone(),
         );
         let peer = request.remote_addr();
+        let security = Security {
+            peer: crate::identity::tls::request_peer(&request, &self.trust_domain)?,
+            config: self.config.clone(),
+        };
         let mut stopping = self.stopping.clone();
         tokio::spawn(
             async move {
                 let result = tokio::select! {
-                    r = run(session, index.clone(), metrics, heartbeat, limits, membership, request.into_inner(), &tx) => r,
+                    r = run(session, index.clone(), metrics, heartbeat, limits, membership, security, request.into_inner(), &tx) => r,
                     _ = stopping.wait_for(|s| *s) => Err(Status::unavailable("the hub is shutting down")),
                 };
                 if let Err(status) = result {
@@ -112,6 +137,44 @@ impl Federation for FederationService {
     }
 }
 
+/// Who the agent is (its certificate) and the registry that says what it may export.
+struct Security {
+    /// `None` on a plaintext hub.
+    peer: Option<SpiffeId>,
+    config: Option<watch::Receiver<Arc<Mesh>>>,
+}
+
+impl Security {
+    /// The session may start: the Hello's cluster id is the certified one, and a
+    /// certified cluster is registered.
+    fn admit(&self, cluster: &str) -> Result<(), Status> {
+        let mesh = self.config.as_ref().map(|c| c.borrow().clone());
+        let empty = Default::default();
+        let registry = mesh
+            .as_ref()
+            .map_or(&empty, |m| &m.security.remote_clusters);
+        authorize_agent(self.peer.as_ref(), cluster, registry)
+    }
+
+    /// Why `cluster` may not export a service of `namespace` into `environment`.
+    fn refusal(
+        &self,
+        mesh: Option<&Mesh>,
+        cluster: &str,
+        environment: &str,
+        namespace: &str,
+    ) -> Option<String> {
+        let mesh = mesh?;
+        export_refusal(
+            &mesh.security.remote_clusters,
+            cluster,
+            self.peer.is_some(),
+            environment,
+            namespace,
+        )
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn run(
     session: u64,
@@ -120,6 +183,7 @@ async fn run(
     heartbeat: Duration,
     limits: Limits,
     membership: Option<Membership>,
+    security: Security,
     mut inbound: Streaming<pb::AgentMessage>,
     tx: &mpsc::Sender<Result<pb::HubMessage, Status>>,
 ) -> Result<(), Status> {
@@ -135,6 +199,10 @@ async fn run(
     let info = convert::cluster_info(&hello).map_err(Status::invalid_argument)?;
     let cluster = info.id.clone();
     tracing::Span::current().record("cluster", cluster.as_str());
+    if let Err(status) = security.admit(&cluster) {
+        metrics.federation_rejected.inc();
+        return Err(status);
+    }
     let (reply, answer) = oneshot::channel();
     index
         .send(Command::Hello {
@@ -184,6 +252,8 @@ async fn run(
             tx,
             membership,
             guard: SliceGuard::default(),
+            security,
+            grants: SliceGuard::default(),
         },
         heartbeat,
         &mut inbound,
@@ -212,6 +282,9 @@ struct Session<'a> {
     membership: Option<Membership>,
     /// The services this session refused (not this replica's shards).
     guard: SliceGuard,
+    security: Security,
+    /// The services this session refused because the registry does not grant them.
+    grants: SliceGuard,
 }
 
 impl Session<'_> {
@@ -220,6 +293,22 @@ impl Session<'_> {
     async fn apply(&mut self, mut b: pb::ChangeBatch) -> Result<Vec<pb::ItemError>, String> {
         let version = b.version;
         let mut unserved = Vec::new();
+        let mesh = self.security.config.as_ref().map(|c| c.borrow().clone());
+        let (security, cluster) = (&self.security, self.cluster);
+        let refused = self.grants.apply_by_namespace(&mut b, |env, ns| {
+            security.refusal(mesh.as_deref(), cluster, env, ns)
+        });
+        if !refused.is_empty() {
+            self.metrics
+                .federation_exports_refused
+                .get_or_create(&ClusterLabel {
+                    cluster: cluster.to_string(),
+                })
+                .inc_by(refused.len() as u64);
+            for e in &refused {
+                warn!(version, cluster, refused = %e.message, "export refused: not granted by the registry of remote clusters");
+            }
+        }
         if let Some(m) = &self.membership {
             let zone = &self.info.zone;
             unserved = self
@@ -248,6 +337,7 @@ impl Session<'_> {
         self.submit(version, converted.map(|(batch, _)| batch))
             .await?;
         errors.extend(unserved);
+        errors.extend(refused);
         errors.sort_by_key(|e| e.index);
         Ok(errors
             .into_iter()

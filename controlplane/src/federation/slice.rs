@@ -33,13 +33,23 @@ impl SliceGuard {
         batch: &mut pb::ChangeBatch,
         refusal: impl Fn(&str) -> Option<String>,
     ) -> Vec<ItemError> {
+        self.apply_by_namespace(batch, |env, _| refusal(env))
+    }
+
+    /// As [`Self::apply`], with `refusal` deciding by the service's environment and
+    /// namespace (the registry of remote clusters grants both).
+    pub fn apply_by_namespace(
+        &mut self,
+        batch: &mut pb::ChangeBatch,
+        refusal: impl Fn(&str, &str) -> Option<String>,
+    ) -> Vec<ItemError> {
         use pb::change::Kind;
         let mut errors = Vec::new();
         for (i, c) in batch.changes.iter_mut().enumerate() {
             match &c.kind {
                 Some(Kind::ServiceUpsert(s)) => {
                     let key = (s.namespace.clone(), s.name.clone());
-                    match refusal(&s.environment) {
+                    match refusal(&s.environment, &s.namespace) {
                         Some(why) => {
                             errors.push(ItemError {
                                 index: i as u32,

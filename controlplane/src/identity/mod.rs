@@ -6,7 +6,10 @@
 //! remote cluster, an operator's name. Node metadata that claims something else is
 //! refused, not trusted.
 
+pub mod authz;
 pub mod spiffe;
+pub mod testing;
+pub mod tls;
 
 pub use spiffe::{Identity, SpiffeId, SpiffeIdError};
 

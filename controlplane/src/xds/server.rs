@@ -37,6 +37,8 @@ use super::XdsType;
 use super::snapshot::{Snapshot, Snapshots};
 pub use super::stream::{NodeInfo, Role, StreamLimits};
 use super::stream::{Outgoing, StreamState};
+use crate::identity::SpiffeId;
+use crate::identity::authz::{PEER_ID_HEADER, authorize_node, effective_peer};
 use crate::membership::Membership;
 use crate::metrics::Metrics;
 use crate::status::{ClientStatus, SyncRegistry, unix_now};
@@ -103,6 +105,8 @@ pub struct AdsServer {
     admission: Arc<tokio::sync::Semaphore>,
     /// The replica's membership: clients of shards assigned to other replicas are refused.
     membership: Option<Membership>,
+    /// The trust domain of peers' SPIFFE ids (mutual TLS).
+    trust_domain: String,
 }
 
 impl AdsServer {
@@ -128,7 +132,24 @@ impl AdsServer {
             stopping,
             admission: Arc::new(tokio::sync::Semaphore::new(max_initial_syncs.max(1))),
             membership: None,
+            trust_domain: crate::identity::tls::DEFAULT_TRUST_DOMAIN.to_string(),
         }
+    }
+
+    /// The trust domain whose SPIFFE ids peers' certificates carry.
+    pub fn with_trust_domain(mut self, trust_domain: String) -> Self {
+        self.trust_domain = trust_domain;
+        self
+    }
+
+    /// Who the stream is for, from its TLS session (and a router's forwarded id).
+    fn stream_peer<T>(&self, request: &Request<T>) -> Result<Option<SpiffeId>, Status> {
+        let direct = crate::identity::tls::request_peer(request, &self.trust_domain)?;
+        let forwarded = request
+            .metadata()
+            .get(PEER_ID_HEADER)
+            .and_then(|v| v.to_str().ok());
+        effective_peer(direct, forwarded, &self.trust_domain)
     }
 
     /// Refuses clients of shards that `membership`'s assignment gives to other replicas.
@@ -150,8 +171,9 @@ impl AggregatedDiscoveryService for AdsServer {
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
         let peer = request.remote_addr();
+        let peer_id = self.stream_peer(&request)?;
         let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
-        let ctx = self.context(peer);
+        let ctx = self.context(peer, peer_id);
         tokio::spawn(run::<Sotw>(ctx, request.into_inner(), tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -161,18 +183,20 @@ impl AggregatedDiscoveryService for AdsServer {
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
         let peer = request.remote_addr();
+        let peer_id = self.stream_peer(&request)?;
         let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
-        let ctx = self.context(peer);
+        let ctx = self.context(peer, peer_id);
         tokio::spawn(run::<Delta>(ctx, request.into_inner(), tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
 
 impl AdsServer {
-    fn context(&self, peer: Option<SocketAddr>) -> StreamContext {
+    fn context(&self, peer: Option<SocketAddr>, peer_id: Option<SpiffeId>) -> StreamContext {
         StreamContext {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             peer,
+            peer_id,
             snapshots: self.snapshots.clone(),
             registry: self.registry.clone(),
             metrics: self.metrics.clone(),
@@ -189,6 +213,8 @@ impl AdsServer {
 struct StreamContext {
     id: u64,
     peer: Option<SocketAddr>,
+    /// The certified identity the stream serves; `None` on a plaintext hub.
+    peer_id: Option<SpiffeId>,
     snapshots: Arc<Snapshots>,
     registry: Arc<SyncRegistry>,
     metrics: Arc<Metrics>,
@@ -346,7 +372,13 @@ async fn serve<D: Dialect>(
         ));
     };
     let zone = node.locality.as_ref().map(|l| l.zone.clone());
-    let node = NodeInfo::from_node(node, &ctx.default_env)?;
+    // Environment and role come from the certificate; the node's metadata may only
+    // repeat them (nothing is sent to a node whose claims differ).
+    let node = authorize_node(
+        ctx.peer_id.as_ref(),
+        NodeInfo::from_node(node, "")?,
+        &ctx.default_env,
+    )?;
     if let Some(why) =
         (ctx.membership.as_ref()).and_then(|m| m.refusal(&node.environment, zone.as_deref()))
     {
