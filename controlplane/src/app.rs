@@ -107,6 +107,16 @@ pub struct HubConfig {
     pub replicas_per_shard: usize,
     /// A shard leader writes its changed catalog summaries this long after a change.
     pub catalog_interval: Duration,
+    /// Workload certificates over SDS and mesh mTLS (docs/security.md); `None`: the
+    /// hub serves no secrets and generates plaintext clusters and listeners.
+    pub mesh_identity: Option<MeshIdentity>,
+}
+
+/// Who issues the mesh's workload certificates, and its trust domain.
+#[derive(Debug, Clone)]
+pub struct MeshIdentity {
+    pub trust_domain: String,
+    pub issuer: Arc<dyn crate::identity::CertificateIssuer>,
 }
 
 /// Default accept queue of the xDS listener: above the 2,000+ proxies of one shard
@@ -154,6 +164,7 @@ impl HubConfig {
             lease_ttl: Duration::from_secs(10),
             replicas_per_shard: 2,
             catalog_interval: CatalogConfig::default().interval,
+            mesh_identity: None,
         }
     }
 
@@ -290,6 +301,7 @@ impl Hub {
             IndexConfig {
                 debounce: cfg.debounce,
                 grace: cfg.grace,
+                mesh_trust_domain: cfg.mesh_identity.as_ref().map(|m| m.trust_domain.clone()),
             },
             snapshots.clone(),
             metrics.clone(),
@@ -457,6 +469,13 @@ impl Hub {
             cfg.max_initial_syncs,
         )
         .with_membership(membership.clone());
+        let ads = match &cfg.mesh_identity {
+            Some(m) => ads.with_secrets(crate::xds::secrets::Secrets::new(
+                m.issuer.clone(),
+                m.trust_domain.clone(),
+            )),
+            None => ads,
+        };
         let ads = AggregatedDiscoveryServiceServer::new(ads)
             .max_decoding_message_size(cfg.max_request_bytes)
             .max_encoding_message_size(usize::MAX);

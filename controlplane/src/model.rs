@@ -28,6 +28,9 @@ pub struct Environment {
     /// Cross-zone traffic: the zones' east-west gateways and the local share
     /// (`spec.eastWestGateways`, `spec.locality`; see `docs/locality.md`).
     pub locality: ZoneLocality,
+    /// Mesh mTLS between its sidecars (`spec.mtls` of its `Environment`); `None`: the
+    /// hub's default, on when the hub has a certificate issuer (docs/security.md).
+    pub mtls: Option<bool>,
 }
 
 /// Percent of a service's traffic that stays in the proxy's zone while its local
@@ -69,6 +72,21 @@ impl Environment {
 pub struct SidecarScope {
     pub name: String,
     pub dependencies: Vec<Dependency>,
+    /// The ports its workload serves: each one an inbound listener of the scope's
+    /// sidecars that forwards to the local app (with mTLS when the environment has it).
+    pub inbound: Vec<InboundPort>,
+}
+
+/// One inbound port of a sidecar scope (`spec.inbound[]` of a `Sidecar`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboundPort {
+    /// Where the sidecar listens (`bind`, default `0.0.0.0`) for peers.
+    pub bind: IpAddr,
+    pub port: u16,
+    /// The local app: `targetAddress` (default `127.0.0.1`) and `targetPort`.
+    pub target: IpAddr,
+    pub target_port: u16,
+    pub protocol: Protocol,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

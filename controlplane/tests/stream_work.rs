@@ -50,6 +50,8 @@ fn stream(sotw: bool) -> StreamState {
         environment: "prod".into(),
         role: Role::Sidecar,
         scope: None,
+        namespace: None,
+        service_account: None,
     };
     StreamState::new(node, sotw, StreamLimits::default(), status, metrics)
 }

@@ -322,6 +322,7 @@ impl Scenario {
                 .into_iter()
                 .map(|i| Dependency::Host(host(i)))
                 .collect(),
+            inbound: Vec::new(),
         }
     }
 

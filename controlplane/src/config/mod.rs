@@ -9,7 +9,7 @@ pub mod store;
 pub mod watch;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -17,8 +17,8 @@ use serde::Deserialize;
 use crate::model::normalize_host;
 use crate::model::{
     Dependency, Destination, Endpoint, Gateway, GatewayListener, HeaderMatch, HeaderValueMatch,
-    Health, Locality, Mesh, ObjectKey, PathMatch, Protocol, Route, RouteRule, Service, ServicePort,
-    SidecarScope, Subset, ZoneLocality,
+    Health, InboundPort, Locality, Mesh, ObjectKey, PathMatch, Protocol, Route, RouteRule, Service,
+    ServicePort, SidecarScope, Subset, ZoneLocality,
 };
 
 pub const API_VERSION: &str = "tributary.io/v1alpha1";
@@ -185,6 +185,20 @@ struct RawDestination {
 struct RawSidecar {
     #[serde(default)]
     dependencies: Vec<RawDependency>,
+    #[serde(default)]
+    inbound: Vec<RawInbound>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInbound {
+    port: i64,
+    #[serde(rename = "targetPort")]
+    target_port: Option<i64>,
+    #[serde(rename = "targetAddress")]
+    target_address: Option<String>,
+    bind: Option<String>,
+    protocol: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -202,6 +216,7 @@ struct RawEnvironment {
     #[serde(default, rename = "eastWestGateways")]
     east_west_gateways: Vec<RawEastWestGateway>,
     locality: Option<RawZoneLocality>,
+    mtls: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -782,6 +797,7 @@ fn build_mesh(parsed: Parsed, errors: &mut Vec<ConfigError>) -> Mesh {
             let env = mesh.environments.entry(doc.env.clone()).or_default();
             env.zones = zones;
             env.locality = locality;
+            env.mtls = doc.spec.mtls;
         }
     }
     for doc in &parsed.gateways {
@@ -1247,10 +1263,71 @@ fn build_sidecar(doc: &Doc<RawSidecar>, errors: &mut Vec<ConfigError>) -> Option
             _ => errors.push(doc.err(field, "expected exactly one of namespace, host")),
         }
     }
+    let inbound = build_inbound(doc, errors);
     (errors.len() == before).then(|| SidecarScope {
         name: doc.key.name.clone(),
         dependencies,
+        inbound,
     })
+}
+
+/// A sidecar scope's inbound ports (`spec.inbound`): distinct listen ports, each
+/// forwarding to the local app.
+fn build_inbound(doc: &Doc<RawSidecar>, errors: &mut Vec<ConfigError>) -> Vec<InboundPort> {
+    let mut out: Vec<InboundPort> = Vec::new();
+    for (i, raw) in doc.spec.inbound.iter().enumerate() {
+        let field = format!("spec.inbound[{i}]");
+        let before = errors.len();
+        let port = check_port(raw.port)
+            .map_err(|m| errors.push(doc.err(format!("{field}.port"), m)))
+            .ok();
+        let target_port = match raw.target_port {
+            None => port,
+            Some(p) => check_port(p)
+                .map_err(|m| errors.push(doc.err(format!("{field}.targetPort"), m)))
+                .ok(),
+        };
+        let mut address = |value: &Option<String>, default: IpAddr, name: &str| match value {
+            None => Some(default),
+            Some(a) => parse_address(a)
+                .map_err(|m| errors.push(doc.err(format!("{field}.{name}"), m)))
+                .ok(),
+        };
+        let bind = address(&raw.bind, IpAddr::V4(Ipv4Addr::UNSPECIFIED), "bind");
+        let target = address(
+            &raw.target_address,
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            "targetAddress",
+        );
+        let protocol = parse_protocol(raw.protocol.as_deref())
+            .map_err(|m| errors.push(doc.err(format!("{field}.protocol"), m)))
+            .ok();
+        if let Some(p) = port
+            && out.iter().any(|o| o.port == p)
+        {
+            errors.push(doc.err(
+                format!("{field}.port"),
+                format!("port {p} is listed twice, expected each inbound port once"),
+            ));
+        }
+        if let (true, Some(port), Some(target_port), Some(bind), Some(target), Some(protocol)) = (
+            errors.len() == before,
+            port,
+            target_port,
+            bind,
+            target,
+            protocol,
+        ) {
+            out.push(InboundPort {
+                bind,
+                port,
+                target,
+                target_port,
+                protocol,
+            });
+        }
+    }
+    out
 }
 
 /// An environment definition: its zones (each one shard with the environment), their

@@ -7,6 +7,7 @@
 //! refused, not trusted.
 
 pub mod spiffe;
+pub mod test_issuer;
 
 pub use spiffe::{Identity, SpiffeId, SpiffeIdError};
 

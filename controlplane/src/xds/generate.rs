@@ -58,6 +58,9 @@ use crate::model::{
 };
 
 mod api_listener;
+pub mod mtls;
+
+pub use mtls::MeshTls;
 
 /// Encoded virtual hosts of the shared route tables, kept between flushes by the
 /// index: a route table is reassembled from these bytes (a repeated sub-message is
@@ -259,10 +262,18 @@ fn invalid_for_tests(port: &ServicePort) -> bool {
 /// The resources that depend on `service` alone: its clusters, their load
 /// assignments, and its gRPC API listeners.
 pub fn service_resources(service: &Service, out: &mut Generated) {
+    service_resources_tls(service, None, out)
+}
+
+/// [`service_resources`] of an environment with mesh mTLS `tls`: the clusters carry
+/// its upstream transport socket.
+pub fn service_resources_tls(service: &Service, tls: Option<&MeshTls>, out: &mut Generated) {
     for port in &service.ports {
         for subset in subsets(service) {
             let name = cluster_name(port.port, subset.unwrap_or(""), service.canonical_host());
             let mut c = cluster(&name, port);
+            c.transport_socket =
+                tls.map(|t| mtls::upstream(t, &service.key.namespace, port.protocol));
             if invalid_for_tests(port) {
                 c.connect_timeout = Some(PbDuration::default());
             }
@@ -310,6 +321,17 @@ pub fn shared_resources_cached(
     cache: &mut VirtualHostCache,
     out: &mut Generated,
 ) -> RoleListeners {
+    shared_resources_tls(env, None, cache, out)
+}
+
+/// [`shared_resources_cached`] of an environment with mesh mTLS `tls`: sidecar
+/// scopes' inbound listeners terminate it.
+pub fn shared_resources_tls(
+    env: &Environment,
+    tls: Option<&MeshTls>,
+    cache: &mut VirtualHostCache,
+    out: &mut Generated,
+) -> RoleListeners {
     let mut roles = RoleListeners::default();
     out.push((
         XdsType::Cluster,
@@ -351,11 +373,15 @@ pub fn shared_resources_cached(
                 }
             }
         }
+        let mut inbound = BTreeSet::new();
+        mtls::inbound(scope, tls, out, &mut clusters, &mut inbound);
         roles.scopes.insert(scope.name.clone(), Arc::new(clusters));
         let ports = sidecar_route_tables(env, &services, Some(&scope.name), cache, out);
+        let mut listeners = sidecar_listener_names(&ports);
+        listeners.extend(inbound);
         roles
             .scope_listeners
-            .insert(scope.name.clone(), Arc::new(sidecar_listener_names(&ports)));
+            .insert(scope.name.clone(), Arc::new(listeners));
     }
 
     for gateway in env.gateways.values() {

@@ -34,6 +34,7 @@ use tributary_proto::wire::{
 };
 
 use super::XdsType;
+use super::secrets::Secrets;
 use super::snapshot::{Snapshot, Snapshots};
 pub use super::stream::{NodeInfo, Role, StreamLimits};
 use super::stream::{Outgoing, StreamState};
@@ -44,6 +45,8 @@ use crate::status::{ClientStatus, SyncRegistry, unix_now};
 pub const ENV_METADATA_KEY: &str = "tributary.io/env";
 pub const GATEWAY_METADATA_KEY: &str = "tributary.io/gateway";
 pub const SIDECAR_METADATA_KEY: &str = "tributary.io/sidecar";
+pub const NAMESPACE_METADATA_KEY: &str = "tributary.io/namespace";
+pub const SERVICE_ACCOUNT_METADATA_KEY: &str = "tributary.io/service-account";
 const CONTROL_PLANE_ID: &str = "tributary";
 
 /// Outbound responses buffered per stream. One response per type is in flight at
@@ -80,6 +83,8 @@ impl NodeInfo {
                 None => Role::Sidecar,
             },
             scope: meta(SIDECAR_METADATA_KEY).filter(|_| meta(GATEWAY_METADATA_KEY).is_none()),
+            namespace: meta(NAMESPACE_METADATA_KEY),
+            service_account: meta(SERVICE_ACCOUNT_METADATA_KEY),
         })
     }
 }
@@ -103,6 +108,8 @@ pub struct AdsServer {
     admission: Arc<tokio::sync::Semaphore>,
     /// The replica's membership: clients of shards assigned to other replicas are refused.
     membership: Option<Membership>,
+    /// Workload certificates (SDS); `None`: the hub serves no secrets.
+    secrets: Option<Arc<Secrets>>,
 }
 
 impl AdsServer {
@@ -128,7 +135,14 @@ impl AdsServer {
             stopping,
             admission: Arc::new(tokio::sync::Semaphore::new(max_initial_syncs.max(1))),
             membership: None,
+            secrets: None,
         }
+    }
+
+    /// Serves each stream its own identity's secrets (SDS) from `secrets`.
+    pub fn with_secrets(mut self, secrets: Arc<Secrets>) -> Self {
+        self.secrets = Some(secrets);
+        self
     }
 
     /// Refuses clients of shards that `membership`'s assignment gives to other replicas.
@@ -182,6 +196,7 @@ impl AdsServer {
             stopping: self.stopping.clone(),
             admission: self.admission.clone(),
             membership: self.membership.clone(),
+            secrets: self.secrets.clone(),
         }
     }
 }
@@ -198,6 +213,7 @@ struct StreamContext {
     stopping: watch::Receiver<bool>,
     admission: Arc<tokio::sync::Semaphore>,
     membership: Option<Membership>,
+    secrets: Option<Arc<Secrets>>,
 }
 
 // ---- the two wire dialects ------------------------------------------------------
@@ -352,6 +368,7 @@ async fn serve<D: Dialect>(
     {
         return Err(Status::failed_precondition(why));
     }
+    let mut own_secrets = super::secrets::StreamSecrets::new(ctx.secrets.clone(), &node)?;
     let mut stopping = ctx.stopping.clone();
     let mut synced = ctx.synced.clone();
     if synced.wait_for(|s| *s).await.is_err() {
@@ -438,10 +455,12 @@ async fn serve<D: Dialect>(
                 }
             }
         }
+        own_secrets.start_if_asked(&state);
         if let Some(rx) = snapshots.as_mut() {
             let snap = rx.borrow_and_update().clone();
             let hold = *held.borrow_and_update();
-            pump::<D>(&mut state, &snap, hold, tx).await?;
+            let secrets = own_secrets.current();
+            pump::<D>(&mut state, &snap, secrets.as_deref(), hold, tx).await?;
         }
         if admitted
             .as_ref()
@@ -464,6 +483,7 @@ async fn serve<D: Dialect>(
                     break;
                 }
             }
+            _ = own_secrets.changed() => {}
             _ = created.changed(), if snapshots.is_none() => {
                 snapshots = subscribe_view(&ctx.snapshots, &state.node.environment, zone.as_deref());
                 if snapshots.is_some() {
@@ -493,16 +513,24 @@ async fn serve<D: Dialect>(
 
 /// Sends whatever the client needs, type by type in make-before-break order. A
 /// second pass lets what the first settled release held-back removals (a cluster
-/// leaves once the routes that named it are answered).
+/// leaves once the routes that named it are answered). Secrets come from the
+/// stream's identity (`secrets`, see [`super::secrets`]) when it has one.
 async fn pump<D: Dialect>(
     state: &mut StreamState,
     snap: &Snapshot,
+    secrets: Option<&Snapshot>,
     hold: bool,
     tx: &mpsc::Sender<Result<D::Resp, Status>>,
 ) -> Result<(), Status> {
     let started = Instant::now();
     for _pass in 0..2 {
         for ty in XdsType::ALL {
+            let snap = match (ty, secrets) {
+                // Not issued yet: nothing to say (not even "does not exist").
+                (XdsType::Secret, Some(own)) if own.seq == 0 => continue,
+                (XdsType::Secret, Some(own)) => own,
+                _ => snap,
+            };
             if state.gated(ty, snap) {
                 continue;
             }
