@@ -31,6 +31,25 @@ pub struct Environment {
     /// Mesh mTLS between its sidecars (`spec.mtls` of its `Environment`); `None`: the
     /// hub's default, on when the hub has a certificate issuer (docs/security.md).
     pub mtls: Option<bool>,
+    /// Operator-supplied certificates that gateways serve (`Credential` objects).
+    pub credentials: BTreeMap<ObjectKey, Credential>,
+}
+
+/// A certificate chain and its private key, as PEM (a `Credential` object). Its
+/// `Debug` never prints the key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credential {
+    pub certificate_pem: String,
+    pub private_key_pem: String,
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credential")
+            .field("certificate_pem", &self.certificate_pem.len())
+            .field("private_key_pem", &"<redacted>")
+            .finish()
+    }
 }
 
 /// Percent of a service's traffic that stays in the proxy's zone while its local
@@ -356,6 +375,9 @@ pub struct GatewayListener {
     pub port: u16,
     /// Service hosts routed here; `None` routes every service of the environment.
     pub hosts: Option<Vec<String>>,
+    /// HTTPS with this credential (`Credential` in the gateway's namespace); `None`:
+    /// plain HTTP.
+    pub tls: Option<ObjectKey>,
 }
 
 impl GatewayListener {

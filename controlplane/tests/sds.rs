@@ -552,3 +552,191 @@ async fn without_an_issuer_everything_stays_plaintext() {
             .all(|l| l.filter_chains.iter().all(|f| f.transport_socket.is_none()))
     );
 }
+
+// ---- gateways: operator-supplied certificates --------------------------------------
+
+/// A self-signed certificate for `*.example.test` and its key, as PEM.
+fn wildcard_certificate() -> (String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["*.example.test".to_string()]).unwrap();
+    (params.self_signed(&key).unwrap().pem(), key.serialize_pem())
+}
+
+fn credential_doc(name: &str, cert: &str, key: &str) -> String {
+    let indent = |s: &str| s.lines().map(|l| format!("    {l}\n")).collect::<String>();
+    format!(
+        "apiVersion: tributary.io/v1alpha1\nkind: Credential\nmetadata: {{name: {name}, environment: prod}}\nspec:\n  certificate: |\n{}  privateKey: |\n{}",
+        indent(cert),
+        indent(key)
+    )
+}
+
+fn gateway_doc(name: &str, credential: Option<&str>) -> String {
+    let tls = credential.map_or(String::new(), |c| format!(", tls: {{credential: {c}}}"));
+    format!(
+        "apiVersion: tributary.io/v1alpha1\nkind: Gateway\nmetadata: {{name: {name}, environment: prod}}\nspec:\n  listeners: [{{name: https, port: 8443{tls}}}]\n"
+    )
+}
+
+#[tokio::test]
+async fn a_gateway_serves_its_credential_and_nobody_else_gets_it() {
+    let (cert, key) = wildcard_certificate();
+    let mut files = mesh_docs();
+    files.push(("credential.yaml", credential_doc("wild", &cert, &key)));
+    files.push((
+        "gateways.yaml",
+        docs(&[
+            gateway_doc("edge", Some("wild")),
+            gateway_doc("other", None),
+        ]),
+    ));
+    // No issuer: credentials do not need the mesh CA.
+    let hub = TestHub::start(&files).await;
+    const SECRET: &str = "credential/default/wild";
+
+    // The gateway's listener terminates TLS with the credential, from SDS.
+    let mut g = Delta::open(&hub).await;
+    let edge = node_with("edge", "prod", &[("tributary.io/gateway", "edge")]);
+    g.subscribe(Some(edge), LDS, &[]).await;
+    let lds = g.recv().await;
+    let l = Listener::decode(lds.resources[0].resource.as_ref().unwrap().value.as_slice()).unwrap();
+    assert_eq!(l.name, "gateway|edge|https");
+    let ts = l.filter_chains[0].transport_socket.as_ref().expect("TLS");
+    let Some(
+        tributary_proto::envoy::envoy::config::core::v3::transport_socket::ConfigType::TypedConfig(
+            any,
+        ),
+    ) = &ts.config_type
+    else {
+        panic!()
+    };
+    let down = DownstreamTlsContext::decode(any.value.as_slice()).unwrap();
+    let common = down.common_tls_context.unwrap();
+    assert_eq!(common.tls_certificate_sds_secret_configs[0].name, SECRET);
+    assert!(
+        common.validation_context_type.is_none(),
+        "clients are not asked for certificates"
+    );
+    g.ack(&lds).await;
+    g.subscribe(None, SDS, &[SECRET]).await;
+    let sds = g.recv().await;
+    assert_eq!(delta_names(&sds), [SECRET]);
+    let s = Secret::decode(sds.resources[0].resource.as_ref().unwrap().value.as_slice()).unwrap();
+    let Some(secret::Type::TlsCertificate(c)) = s.r#type else {
+        panic!("{s:?}")
+    };
+    use tributary_proto::envoy::envoy::config::core::v3::data_source::Specifier;
+    assert_eq!(
+        c.private_key.and_then(|d| d.specifier),
+        Some(Specifier::InlineString(key.clone()))
+    );
+
+    // A sidecar, and a gateway that does not serve it, asking for it by name: it
+    // does not exist for them.
+    for n in [
+        node("sidecar", "prod"),
+        node_with("other", "prod", &[("tributary.io/gateway", "other")]),
+    ] {
+        let mut d = Delta::open(&hub).await;
+        d.subscribe(Some(n), SDS, &[SECRET]).await;
+        let r = d.recv().await;
+        assert!(r.resources.is_empty(), "{r:?}");
+        assert_eq!(r.removed_resources, [SECRET]);
+        let mut s = Sotw::open(&hub).await;
+        s.request(
+            Some(node_with("sotw", "prod", &[("tributary.io/sidecar", "x")])),
+            SDS,
+            &[SECRET],
+            None,
+        )
+        .await;
+        let quiet = tokio::time::timeout(Duration::from_millis(300), s.rx.message()).await;
+        assert!(quiet.is_err(), "SotW leaves it out: {quiet:?}");
+    }
+
+    // The dump names it, never its content.
+    let (status, body) = tributary_controlplane::http_client::request(
+        &hub.hub.admin_addr.to_string(),
+        "GET",
+        "/config_dump?env=prod&type=SDS",
+        b"",
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    let body = String::from_utf8(body.to_vec()).unwrap();
+    assert!(body.contains(SECRET), "{body}");
+    assert!(
+        !body.contains("PRIVATE KEY") && !body.contains("CERTIFICATE"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn a_changed_credential_is_pushed_to_its_gateway() {
+    let (cert, key) = wildcard_certificate();
+    let mut files = mesh_docs();
+    files.push(("credential.yaml", credential_doc("wild", &cert, &key)));
+    files.push(("gateways.yaml", gateway_doc("edge", Some("wild"))));
+    let hub = TestHub::start(&files).await;
+    const SECRET: &str = "credential/default/wild";
+    let mut s = Sotw::open(&hub).await;
+    let edge = node_with("edge", "prod", &[("tributary.io/gateway", "edge")]);
+    s.request(Some(edge), SDS, &[SECRET], None).await;
+    let first = s.recv().await;
+    assert_eq!(names_of_secrets(&first), [SECRET]);
+    s.ack(&first, &[SECRET]).await;
+
+    let (cert2, key2) = wildcard_certificate();
+    hub.write_and_wait(
+        "prod",
+        "credential.yaml",
+        credential_doc("wild", &cert2, &key2),
+    )
+    .await;
+    let next = s.recv().await;
+    let secret = Secret::decode(next.resources[0].value.as_slice()).unwrap();
+    let Some(secret::Type::TlsCertificate(c)) = secret.r#type else {
+        panic!()
+    };
+    use tributary_proto::envoy::envoy::config::core::v3::data_source::Specifier;
+    assert_eq!(
+        c.certificate_chain.and_then(|d| d.specifier),
+        Some(Specifier::InlineString(cert2))
+    );
+}
+
+fn names_of_secrets(r: &DiscoveryResponse) -> Vec<String> {
+    r.resources
+        .iter()
+        .map(|a| Secret::decode(a.value.as_slice()).unwrap().name)
+        .collect()
+}
+
+#[test]
+fn credentials_are_validated_without_quoting_the_key() {
+    use tributary_controlplane::config::parse_files;
+    let (cert, key) = wildcard_certificate();
+    let bad_key = "-----BEGIN CERTIFICATE-----\nTUlJQg==\n-----END CERTIFICATE-----\n";
+    let text = docs(&[
+        credential_doc("wild", &cert, bad_key),
+        gateway_doc("edge", Some("missing")),
+    ]);
+    let err = parse_files([("gw.yaml", text.as_str())])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("spec.privateKey"), "{err}");
+    assert!(!err.contains("TUlJQg"), "the key is not quoted: {err}");
+    assert!(
+        err.contains("spec.listeners[0].tls.credential") && err.contains("\"missing\""),
+        "{err}"
+    );
+    let ok = docs(&[
+        credential_doc("wild", &cert, &key),
+        gateway_doc("edge", Some("wild")),
+    ]);
+    let mesh = parse_files([("gw.yaml", ok.as_str())]).unwrap();
+    let debug = format!("{mesh:?}");
+    let key_line = key.lines().nth(1).unwrap();
+    assert!(!debug.contains(key_line), "Debug never prints a key");
+}

@@ -501,6 +501,7 @@ pub fn gateway() -> Gateway {
             address: Ipv4Addr::LOCALHOST.into(),
             port: 1,
             hosts: None,
+            tls: None,
         }],
     }
 }

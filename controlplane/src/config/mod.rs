@@ -249,6 +249,22 @@ struct RawGatewayListener {
     port: i64,
     protocol: Option<String>,
     hosts: Option<Vec<String>>,
+    tls: Option<RawListenerTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListenerTls {
+    credential: String,
+}
+
+/// A certificate and key (never `Debug`-printed: the key is secret).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCredential {
+    certificate: String,
+    #[serde(rename = "privateKey")]
+    private_key: String,
 }
 
 // ---- parsing ----------------------------------------------------------------------
@@ -281,6 +297,7 @@ struct Parsed {
     gateways: Vec<Doc<RawGateway>>,
     sidecars: Vec<Doc<RawSidecar>>,
     environments: Vec<Doc<RawEnvironment>>,
+    credentials: Vec<Doc<RawCredential>>,
 }
 
 /// The kinds a document may have.
@@ -291,6 +308,7 @@ pub const KINDS: &[&str] = &[
     "Gateway",
     "Sidecar",
     "Environment",
+    "Credential",
 ];
 
 /// Parses and validates a file set: `(file name, contents)` pairs, in load order.
@@ -611,6 +629,7 @@ fn parse_file(
             "Gateway" => push!(gateways, RawGateway),
             "Sidecar" => push!(sidecars, RawSidecar),
             "Environment" => push!(environments, RawEnvironment),
+            "Credential" => push!(credentials, RawCredential),
             other => errors.push(doc_err(
                 document,
                 "kind",
@@ -800,8 +819,31 @@ fn build_mesh(parsed: Parsed, errors: &mut Vec<ConfigError>) -> Mesh {
             env.mtls = doc.spec.mtls;
         }
     }
+    for doc in &parsed.credentials {
+        if let Some(credential) = build_credential(doc, errors) {
+            mesh.environments
+                .entry(doc.env.clone())
+                .or_default()
+                .credentials
+                .insert(doc.key.clone(), credential);
+        }
+    }
     for doc in &parsed.gateways {
         if let Some(gateway) = build_gateway(doc, errors) {
+            let credentials = mesh.environments.get(&doc.env).map(|e| &e.credentials);
+            for (i, l) in gateway.listeners.iter().enumerate() {
+                if let Some(key) = &l.tls
+                    && !credentials.is_some_and(|c| c.contains_key(key))
+                {
+                    errors.push(doc.err(
+                        format!("spec.listeners[{i}].tls.credential"),
+                        format!(
+                            "{:?} is not a Credential of namespace {:?} in environment {:?}",
+                            key.name, key.namespace, doc.env
+                        ),
+                    ));
+                }
+            }
             mesh.environments
                 .entry(doc.env.clone())
                 .or_default()
@@ -1402,6 +1444,54 @@ fn build_environment(
     (errors.len() == before).then_some((zones, locality))
 }
 
+/// A credential: a PEM certificate chain (the leaf first) and a PEM private key.
+/// Errors never quote the key.
+fn build_credential(
+    doc: &Doc<RawCredential>,
+    errors: &mut Vec<ConfigError>,
+) -> Option<crate::model::Credential> {
+    let before = errors.len();
+    match x509_parser::pem::parse_x509_pem(doc.spec.certificate.as_bytes()) {
+        Ok((_, pem)) if pem.label == "CERTIFICATE" => {
+            if let Err(e) = pem.parse_x509() {
+                errors.push(doc.err(
+                    "spec.certificate",
+                    format!("the first certificate does not parse as X.509: {e}"),
+                ));
+            }
+        }
+        Ok((_, pem)) => errors.push(doc.err(
+            "spec.certificate",
+            format!(
+                "the first PEM block is {:?}, expected CERTIFICATE",
+                pem.label
+            ),
+        )),
+        Err(e) => errors.push(doc.err(
+            "spec.certificate",
+            format!("not PEM ({e}), expected -----BEGIN CERTIFICATE-----"),
+        )),
+    }
+    match x509_parser::pem::parse_x509_pem(doc.spec.private_key.as_bytes()) {
+        Ok((_, pem)) if pem.label.ends_with("PRIVATE KEY") => {}
+        Ok((_, pem)) => errors.push(doc.err(
+            "spec.privateKey",
+            format!(
+                "the PEM block is {:?}, expected PRIVATE KEY, EC PRIVATE KEY or RSA PRIVATE KEY",
+                pem.label
+            ),
+        )),
+        Err(_) => errors.push(doc.err(
+            "spec.privateKey",
+            "not PEM, expected -----BEGIN PRIVATE KEY-----",
+        )),
+    }
+    (errors.len() == before).then(|| crate::model::Credential {
+        certificate_pem: doc.spec.certificate.clone(),
+        private_key_pem: doc.spec.private_key.clone(),
+    })
+}
+
 fn build_gateway(doc: &Doc<RawGateway>, errors: &mut Vec<ConfigError>) -> Option<Gateway> {
     let before = errors.len();
     let mut listeners: Vec<GatewayListener> = Vec::new();
@@ -1461,11 +1551,16 @@ fn build_gateway(doc: &Doc<RawGateway>, errors: &mut Vec<ConfigError>) -> Option
                     ),
                 ));
             }
+            let tls = l.tls.as_ref().map(|t| ObjectKey {
+                namespace: doc.key.namespace.clone(),
+                name: t.credential.clone(),
+            });
             listeners.push(GatewayListener {
                 name: l.name.clone(),
                 address,
                 port,
                 hosts,
+                tls,
             });
         }
     }

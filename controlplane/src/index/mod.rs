@@ -633,6 +633,7 @@ impl Index {
             dirty.routing |= a.routes != b.routes
                 || a.gateways != b.gateways
                 || a.sidecars != b.sidecars
+                || a.credentials != b.credentials
                 || a.mtls != b.mtls;
             if a.zones != b.zones || a.locality != b.locality {
                 // Every service's zone views and summaries depend on these.
@@ -1343,6 +1344,7 @@ fn flush_env(
         st.model.routes = file.map(|e| e.routes.clone()).unwrap_or_default();
         st.model.gateways = file.map(|e| e.gateways.clone()).unwrap_or_default();
         st.model.sidecars = file.map(|e| e.sidecars.clone()).unwrap_or_default();
+        st.model.credentials = file.map(|e| e.credentials.clone()).unwrap_or_default();
     }
     // A service whose claim moves a host's ownership puts the services that gained or
     // lost it back on the list: they are re-merged in this same flush.

@@ -167,6 +167,9 @@ pub struct RoleListeners {
     /// Per sidecar scope: its listeners (a scoped sidecar's wildcard LDS), whose
     /// route tables hold only the services the scope depends on.
     pub scope_listeners: BTreeMap<String, Arc<BTreeSet<Arc<str>>>>,
+    /// Per gateway: the credential secrets its listeners serve (the only secrets of
+    /// the environment a stream may be sent, and only a stream of that gateway).
+    pub gateway_secrets: BTreeMap<String, BTreeSet<Arc<str>>>,
 }
 
 /// Generated resources, before they are placed in a snapshot.
@@ -386,22 +389,46 @@ pub fn shared_resources_tls(
 
     for gateway in env.gateways.values() {
         let mut names = BTreeSet::new();
+        let mut secrets = BTreeSet::new();
         for listener in &gateway.listeners {
             let name = gateway_resource_name(&gateway.name, &listener.name);
             out.push((XdsType::Route, gateway_routes(&name, env, listener, cache)));
+            let mut chain = http_filter_chain(
+                &format!("gateway_{}_{}", gateway.name, listener.name),
+                &name,
+            );
+            if let Some(key) = &listener.tls {
+                let secret = mtls::credential_secret_name(key);
+                chain.transport_socket = Some(mtls::gateway_tls(&secret));
+                secrets.insert(Arc::from(secret.as_str()));
+            }
             let l = Listener {
                 name: name.clone(),
                 address: Some(socket(listener.address, listener.port)),
-                filter_chains: vec![http_filter_chain(
-                    &format!("gateway_{}_{}", gateway.name, listener.name),
-                    &name,
-                )],
+                filter_chains: vec![chain],
                 ..Default::default()
             };
             out.push((XdsType::Listener, encode(XdsType::Listener, &name, &l)));
             names.insert(Arc::from(name.as_str()));
         }
         roles.gateways.insert(gateway.name.clone(), names);
+        if !secrets.is_empty() {
+            roles.gateway_secrets.insert(gateway.name.clone(), secrets);
+        }
+    }
+    // The credentials some gateway serves, encoded once per environment.
+    let served: BTreeSet<&str> = roles
+        .gateway_secrets
+        .values()
+        .flatten()
+        .map(|s| &**s)
+        .collect();
+    for (key, credential) in &env.credentials {
+        let name = mtls::credential_secret_name(key);
+        if served.contains(name.as_str()) {
+            let secret = mtls::credential_secret(&name, credential);
+            out.push((XdsType::Secret, encode(XdsType::Secret, &name, &secret)));
+        }
     }
     roles
 }

@@ -146,12 +146,20 @@ impl NodeInfo {
     }
 }
 
-/// One stream's view of its secrets: its identity, and (once the client asks for
-/// secrets) its identity's snapshot channel.
+/// One stream's secrets: its identity's (once the client asks for secrets) and, for a
+/// gateway, the credentials its listeners serve. Never anything else: the secret type
+/// is not served from the environment's snapshot.
 pub(super) struct StreamSecrets {
     secrets: Option<Arc<Secrets>>,
     identity: Option<SpiffeId>,
+    gateway: Option<String>,
     rx: Option<watch::Receiver<Arc<Snapshot>>>,
+    /// A gateway's identity secrets merged with its credentials, with the seqs of
+    /// the identity's and the environment's snapshots it was built from.
+    merged: Option<(u64, u64, Arc<Snapshot>)>,
+    /// What a stream with nothing to be served is answered from (seq 1, empty): names
+    /// it asks for do not exist.
+    nothing: Arc<Snapshot>,
     warned: bool,
 }
 
@@ -168,10 +176,24 @@ impl StreamSecrets {
             })?,
             None => None,
         };
+        let empty = Snapshot::empty("");
+        let nothing = Snapshot::after(
+            &empty,
+            EnvResources::default(),
+            Changes::default(),
+            false,
+            None,
+        );
         Ok(Self {
             secrets,
             identity,
+            gateway: match &node.role {
+                Role::Gateway(g) => Some(g.clone()),
+                Role::Sidecar => None,
+            },
             rx: None,
+            merged: None,
+            nothing: Arc::new(nothing),
             warned: false,
         })
     }
@@ -193,9 +215,69 @@ impl StreamSecrets {
         }
     }
 
-    /// The identity's current secrets; `None` when the stream has none.
-    pub(super) fn current(&mut self) -> Option<Arc<Snapshot>> {
-        self.rx.as_mut().map(|rx| rx.borrow_and_update().clone())
+    /// The secrets to serve now, given the environment's snapshot `env`; `None` while
+    /// the identity's certificate is being issued (nothing is answered meanwhile, not
+    /// even "does not exist").
+    pub(super) fn current(&mut self, env: &Snapshot) -> Option<Arc<Snapshot>> {
+        let own = self.rx.as_mut().map(|rx| rx.borrow_and_update().clone());
+        if own.as_ref().is_some_and(|s| s.seq == 0) {
+            return None;
+        }
+        let Some(gateway) = &self.gateway else {
+            return Some(own.unwrap_or_else(|| self.nothing.clone()));
+        };
+        let own_seq = own.as_ref().map_or(0, |s| s.seq);
+        if let Some((o, e, merged)) = &self.merged
+            && *o == own_seq
+            && *e == env.seq
+        {
+            return Some(merged.clone());
+        }
+        // A gateway: its identity's secrets and its credentials, as one snapshot of
+        // its own (versions and change sets kept, so the stream state machine serves
+        // it like any other). Rebuilt only when either input moved; costs the
+        // gateway's credentials.
+        let mut resources = EnvResources::default();
+        let secrets = &mut resources.by_type[XdsType::Secret as usize];
+        if let Some(own) = &own {
+            *secrets = own.of_type(XdsType::Secret).clone();
+        }
+        for name in env
+            .roles()
+            .gateway_secrets
+            .get(gateway)
+            .into_iter()
+            .flatten()
+        {
+            if let Some(r) = env.get(XdsType::Secret, name) {
+                secrets.insert(name.clone(), r.clone());
+            }
+        }
+        let prev = self
+            .merged
+            .as_ref()
+            .map_or_else(|| self.nothing.clone(), |(_, _, m)| m.clone());
+        let mut changed: Changes = Default::default();
+        let before = prev.of_type(XdsType::Secret);
+        for (name, r) in secrets.iter() {
+            if before.get(name) != Some(r) {
+                changed[XdsType::Secret as usize].insert(name.clone());
+            }
+        }
+        for name in before.keys() {
+            if !secrets.contains_key(name) {
+                changed[XdsType::Secret as usize].insert(name.clone());
+            }
+        }
+        let next = if changed.iter().all(HashSet::is_empty) {
+            prev
+        } else {
+            Arc::new(Snapshot::after(
+                &prev, resources, changed, false, env.origin,
+            ))
+        };
+        self.merged = Some((own_seq, env.seq, next.clone()));
+        Some(next)
     }
 
     /// Resolves when the identity's secrets change; never without them.

@@ -459,7 +459,7 @@ async fn serve<D: Dialect>(
         if let Some(rx) = snapshots.as_mut() {
             let snap = rx.borrow_and_update().clone();
             let hold = *held.borrow_and_update();
-            let secrets = own_secrets.current();
+            let secrets = own_secrets.current(&snap);
             pump::<D>(&mut state, &snap, secrets.as_deref(), hold, tx).await?;
         }
         if admitted
@@ -513,8 +513,8 @@ async fn serve<D: Dialect>(
 
 /// Sends whatever the client needs, type by type in make-before-break order. A
 /// second pass lets what the first settled release held-back removals (a cluster
-/// leaves once the routes that named it are answered). Secrets come from the
-/// stream's identity (`secrets`, see [`super::secrets`]) when it has one.
+/// leaves once the routes that named it are answered). Secrets come from
+/// `secrets` (the stream's own, see [`super::secrets`]), never from `snap`.
 async fn pump<D: Dialect>(
     state: &mut StreamState,
     snap: &Snapshot,
@@ -526,9 +526,10 @@ async fn pump<D: Dialect>(
     for _pass in 0..2 {
         for ty in XdsType::ALL {
             let snap = match (ty, secrets) {
-                // Not issued yet: nothing to say (not even "does not exist").
-                (XdsType::Secret, Some(own)) if own.seq == 0 => continue,
+                // Secrets only ever come from the stream's own (`secrets::StreamSecrets`);
+                // none while its certificate is being issued (not even "does not exist").
                 (XdsType::Secret, Some(own)) => own,
+                (XdsType::Secret, None) => continue,
                 _ => snap,
             };
             if state.gated(ty, snap) {

@@ -26,6 +26,7 @@ use std::sync::Arc;
 use tributary_proto::envoy::envoy::config::cluster::v3::{
     Cluster, cluster::ClusterDiscoveryType, cluster::DiscoveryType, cluster::LbPolicy,
 };
+use tributary_proto::envoy::envoy::config::core::v3::{DataSource, data_source::Specifier};
 use tributary_proto::envoy::envoy::config::core::v3::{
     Http2ProtocolOptions, TransportSocket, transport_socket,
 };
@@ -45,9 +46,10 @@ use tributary_proto::envoy::envoy::extensions::filters::network::http_connection
     http_connection_manager::RouteSpecifier, http_connection_manager::SetCurrentClientCertDetails,
 };
 use tributary_proto::envoy::envoy::extensions::transport_sockets::tls::v3::{
-    CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, SdsSecretConfig,
-    SubjectAltNameMatcher, UpstreamTlsContext,
+    CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, SdsSecretConfig, Secret,
+    SubjectAltNameMatcher, TlsCertificate, UpstreamTlsContext,
     common_tls_context::{CombinedCertificateValidationContext, ValidationContextType},
+    secret,
     subject_alt_name_matcher::SanType,
 };
 use tributary_proto::envoy::envoy::extensions::upstreams::http::v3::{
@@ -62,7 +64,7 @@ use tributary_proto::envoy::google::protobuf::{BoolValue, Duration as PbDuration
 use tributary_proto::type_url;
 
 use super::{Generated, ads_source, any, encode, router_filter, socket};
-use crate::model::{InboundPort, Protocol, SidecarScope};
+use crate::model::{Credential, InboundPort, ObjectKey, Protocol, SidecarScope};
 use crate::xds::XdsType;
 
 /// The SDS secret holding a proxy's own certificate and key (its `tls_certificate`).
@@ -337,4 +339,42 @@ fn tcp_proxy(stat_prefix: &str, cluster: &str) -> Filter {
             &proxy,
         ))),
     }
+}
+
+// ---- gateways: operator-supplied certificates -------------------------------------
+
+/// The SDS secret of a `Credential`: `credential/{namespace}/{name}`.
+pub fn credential_secret_name(key: &ObjectKey) -> String {
+    format!("credential/{}/{}", key.namespace, key.name)
+}
+
+/// A `Credential` as a `tls_certificate` secret. Served only to the gateways whose
+/// listeners name it (`xds::secrets`), never in a config dump.
+pub fn credential_secret(name: &str, credential: &Credential) -> Secret {
+    let inline = |s: &str| DataSource {
+        specifier: Some(Specifier::InlineString(s.to_string())),
+        ..Default::default()
+    };
+    Secret {
+        name: name.to_string(),
+        r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
+            certificate_chain: Some(inline(&credential.certificate_pem)),
+            private_key: Some(inline(&credential.private_key_pem)),
+            ..Default::default()
+        })),
+    }
+}
+
+/// The transport socket of a gateway listener serving `secret` (HTTPS; clients are
+/// not asked for certificates).
+pub fn gateway_tls(secret: &str) -> TransportSocket {
+    let context = DownstreamTlsContext {
+        common_tls_context: Some(CommonTlsContext {
+            tls_certificate_sds_secret_configs: vec![sds(secret)],
+            alpn_protocols: vec!["h2".into(), "http/1.1".into()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    transport_socket(DOWNSTREAM_TLS, &context)
 }
