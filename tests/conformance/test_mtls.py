@@ -333,3 +333,98 @@ def test_client_sidecar_refuses_a_server_outside_the_service_namespace(make_mesh
     wait_until(rejected, 20, "the client sidecar rejects the server's SPIFFE id")
     assert not mesh.backend.seen, "nothing reached the backend"
     assert_no_nacks(mesh)
+
+
+# ------------------------------------------------------ gateways: operator certificates
+
+
+def wildcard_credential(tmp_path: Path, pattern: str) -> tuple[Path, str, str]:
+    """A CA (its certificate written to a file, for the client) and a certificate for
+    `pattern` that it signed: (CA file, chain PEM, key PEM)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "operator root")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(hours=1))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False,
+                                       data_encipherment=False, key_agreement=False,
+                                       encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, pattern)]))
+            .issuer_name(ca_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(pattern)]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    ca_path = tmp_path / "operator-ca.pem"
+    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()).decode()
+    return ca_path, cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem
+
+
+def test_gateway_serves_an_operator_wildcard_certificate(tmp_path, make_hub, make_envoy, api_type,
+                                                         family):
+    host = FAMILIES[family]
+    backend = XfccBackend(host)
+    try:
+        ca, chain, key = wildcard_credential(tmp_path, "*.example.test")
+        gw_port = free_port(host)
+        docs = [
+            service("shop", ["shop.example.test"], [{"name": "http", "port": 80, "protocol": "HTTP"}]),
+            endpoints("shop", [endpoint(host, backend.port)]),
+            {"apiVersion": API_VERSION, "kind": "Credential",
+             "metadata": {"name": "wildcard", "environment": "prod"},
+             "spec": {"certificate": chain, "privateKey": key}},
+            {"apiVersion": API_VERSION, "kind": "Gateway",
+             "metadata": {"name": "edge", "environment": "prod"},
+             "spec": {"listeners": [{"name": "https", "address": host, "port": gw_port,
+                                     "tls": {"credential": "wildcard"}}]}},
+        ]
+        hub = make_hub(family=family, docs=docs)
+        gw = make_envoy(hub, api_type, "gateway")
+        wait_until(lambda: "gateway|edge|https" in gw.dynamic_listeners(), 20,
+                   "the gateway's HTTPS listener is active (its certificate arrived)")
+
+        def https_get(server_name: str):
+            ctx = ssl.create_default_context(cafile=str(ca))  # verifies the name
+            with socket.create_connection((host, gw_port), timeout=5) as raw:
+                with ctx.wrap_socket(raw, server_hostname=server_name) as tls:
+                    tls.sendall(f"GET / HTTP/1.1\r\nhost: {server_name}\r\nconnection: close\r\n\r\n".encode())
+                    got = b""
+                    while chunk := tls.recv(4096):
+                        got += chunk
+                    return tls.getpeercert(), got
+
+        def served():
+            try:
+                return https_get("shop.example.test")
+            except OSError:
+                return None
+        peer, got = wait_until(served, 20, "an HTTPS request through the gateway")
+        assert got.startswith(b"HTTP/1.1 200"), got[:200]
+        assert got.endswith(b"backend"), got[-200:]
+        assert ("DNS", "*.example.test") in peer["subjectAltName"], peer
+        # A name the wildcard does not cover fails the client's hostname check.
+        with pytest.raises(ssl.SSLCertVerificationError):
+            https_get("example.test")
+        c = hub.client("gateway")
+        assert c and all(t.get("nacks_total", 0) == 0 for t in c["types"]), c
+        # The hub never shows the key.
+        code, dump = hub.get("/config_dump?env=prod&type=SDS")
+        assert code == 200 and "credential/default/wildcard" in dump, dump
+        assert "PRIVATE KEY" not in dump and key.splitlines()[1] not in dump
+    finally:
+        backend.stop()
