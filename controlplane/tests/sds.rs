@@ -291,7 +291,7 @@ async fn reissue_at_half_life_pushes_the_new_certificate_to_every_stream_of_the_
     let after = sotw_secrets(&next);
     assert_eq!(after.names, ["default"], "ROOTCA did not change");
     assert_ne!(after.default_chain, before.default_chain);
-    assert_eq!(after.default_uris, [id.clone()]);
+    assert_eq!(after.default_uris, std::slice::from_ref(&id));
     let d_next = d.recv().await;
     let d_after = delta_secrets(&d_next);
     assert_eq!(d_after.names, ["default"], "ROOTCA did not change");
