@@ -268,6 +268,9 @@ pub struct Hub {
     pub membership: Membership,
     /// What this replica did as a shard leader for the cross-zone catalog.
     pub catalog: Arc<CatalogStats>,
+    /// Workload certificates served over SDS (with `HubConfig::mesh_identity`): the
+    /// CA calls `reissue_all` on it when its roots or intermediates change.
+    pub secrets: Option<Arc<crate::xds::secrets::Secrets>>,
     /// Holds the state dir's lock while the hub runs.
     _state_dir: Option<StateDir>,
     shutdown: watch::Sender<bool>,
@@ -469,11 +472,12 @@ impl Hub {
             cfg.max_initial_syncs,
         )
         .with_membership(membership.clone());
-        let ads = match &cfg.mesh_identity {
-            Some(m) => ads.with_secrets(crate::xds::secrets::Secrets::new(
-                m.issuer.clone(),
-                m.trust_domain.clone(),
-            )),
+        let secrets = cfg
+            .mesh_identity
+            .as_ref()
+            .map(|m| crate::xds::secrets::Secrets::new(m.issuer.clone(), m.trust_domain.clone()));
+        let ads = match &secrets {
+            Some(s) => ads.with_secrets(s.clone()),
             None => ads,
         };
         let ads = AggregatedDiscoveryServiceServer::new(ads)
@@ -544,6 +548,7 @@ impl Hub {
             store,
             membership,
             catalog,
+            secrets,
             _state_dir: state_dir,
             shutdown,
             tasks,

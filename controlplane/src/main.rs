@@ -415,6 +415,12 @@ fn test_issuer(
         dir = %dir.display(),
         "--test-issuer: workload certificates come from a throwaway root without any proof of identity; never use this outside tests"
     );
+    tributary_controlplane::identity::SpiffeId::parse(&format!("spiffe://{trust_domain}/hub/x"))
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "--trust-domain {trust_domain:?} is not a SPIFFE trust domain, expected lowercase [a-z0-9.-_], non-empty (e.g. cluster.local)"
+            )
+        })?;
     let issuer = TestIssuer::new("tributary test root", Duration::from_secs(24 * 3600))?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let root = dir.join("root.pem");

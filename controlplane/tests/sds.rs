@@ -740,3 +740,16 @@ fn credentials_are_validated_without_quoting_the_key() {
     let key_line = key.lines().nth(1).unwrap();
     assert!(!debug.contains(key_line), "Debug never prints a key");
 }
+
+#[test]
+fn inbound_ports_are_validated() {
+    use tributary_controlplane::config::parse_files;
+    let text = "apiVersion: tributary.io/v1alpha1\nkind: Sidecar\nmetadata: {name: s, environment: prod}\nspec:\n  dependencies: [{namespace: default}]\n  inbound:\n  - {port: 15001}\n  - {port: 9080, targetPort: 0}\n  - {port: 9080, bind: nowhere}\n";
+    let err = parse_files([("s.yaml", text)]).unwrap_err().to_string();
+    assert!(
+        err.contains("spec.inbound[0].port") && err.contains("virtualOutbound"),
+        "{err}"
+    );
+    assert!(err.contains("spec.inbound[1].targetPort"), "{err}");
+    assert!(err.contains("spec.inbound[2].bind"), "{err}");
+}

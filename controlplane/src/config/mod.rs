@@ -1344,6 +1344,15 @@ fn build_inbound(doc: &Doc<RawSidecar>, errors: &mut Vec<ConfigError>) -> Vec<In
         let protocol = parse_protocol(raw.protocol.as_deref())
             .map_err(|m| errors.push(doc.err(format!("{field}.protocol"), m)))
             .ok();
+        if port == Some(crate::xds::generate::VIRTUAL_OUTBOUND_PORT) {
+            errors.push(doc.err(
+                format!("{field}.port"),
+                format!(
+                    "{} is the sidecar's outbound capture port (virtualOutbound), expected another port",
+                    crate::xds::generate::VIRTUAL_OUTBOUND_PORT
+                ),
+            ));
+        }
         if let Some(p) = port
             && out.iter().any(|o| o.port == p)
         {
