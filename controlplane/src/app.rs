@@ -115,6 +115,16 @@ pub struct HubConfig {
     /// Operators granted write on everything, whatever the config's `Operator`
     /// objects say (`--bootstrap-operator`).
     pub bootstrap_operators: Vec<String>,
+    /// Workload certificates over SDS and mesh mTLS (docs/security.md); `None`: the
+    /// hub serves no secrets and generates plaintext clusters and listeners.
+    pub mesh_identity: Option<MeshIdentity>,
+}
+
+/// Who issues the mesh's workload certificates, and its trust domain.
+#[derive(Debug, Clone)]
+pub struct MeshIdentity {
+    pub trust_domain: String,
+    pub issuer: Arc<dyn crate::identity::CertificateIssuer>,
 }
 
 /// Default accept queue of the xDS listener: above the 2,000+ proxies of one shard
@@ -166,6 +176,7 @@ impl HubConfig {
             transport: Transport::Insecure,
             trust_domain: tls::DEFAULT_TRUST_DOMAIN.to_string(),
             bootstrap_operators: Vec::new(),
+            mesh_identity: None,
         }
     }
 
@@ -269,6 +280,9 @@ pub struct Hub {
     pub membership: Membership,
     /// What this replica did as a shard leader for the cross-zone catalog.
     pub catalog: Arc<CatalogStats>,
+    /// Workload certificates served over SDS (with `HubConfig::mesh_identity`): the
+    /// CA calls `reissue_all` on it when its roots or intermediates change.
+    pub secrets: Option<Arc<crate::xds::secrets::Secrets>>,
     /// Holds the state dir's lock while the hub runs.
     _state_dir: Option<StateDir>,
     shutdown: watch::Sender<bool>,
@@ -320,6 +334,7 @@ impl Hub {
             IndexConfig {
                 debounce: cfg.debounce,
                 grace: cfg.grace,
+                mesh_trust_domain: cfg.mesh_identity.as_ref().map(|m| m.trust_domain.clone()),
             },
             snapshots.clone(),
             metrics.clone(),
@@ -489,6 +504,14 @@ impl Hub {
         )
         .with_membership(membership.clone())
         .with_trust_domain(cfg.trust_domain.clone());
+        let secrets = cfg
+            .mesh_identity
+            .as_ref()
+            .map(|m| crate::xds::secrets::Secrets::new(m.issuer.clone(), m.trust_domain.clone()));
+        let ads = match &secrets {
+            Some(s) => ads.with_secrets(s.clone()),
+            None => ads,
+        };
         let ads = AggregatedDiscoveryServiceServer::new(ads)
             .max_decoding_message_size(cfg.max_request_bytes)
             .max_encoding_message_size(usize::MAX);
@@ -597,6 +620,7 @@ impl Hub {
             store,
             membership,
             catalog,
+            secrets,
             _state_dir: state_dir,
             shutdown,
             tasks,

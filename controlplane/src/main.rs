@@ -296,6 +296,10 @@ struct HubArgs {
     /// Conformance tests only: ports named test-invalid* yield clusters Envoy rejects.
     #[arg(long, hide = true)]
     test_hooks: bool,
+    /// Tests and local trials only: issue workload certificates from a root generated
+    /// at start (its certificate written to DIR/root.pem), until the hub's CA lands.
+    #[arg(long, hide = true, value_name = "DIR")]
+    test_issuer: Option<PathBuf>,
     /// The hub's state: the embedded store (`store.redb`: config, the clusters that
     /// fed it, membership) and a lock (one hub per dir). Give it a persistent volume.
     #[arg(
@@ -475,6 +479,33 @@ fn validate(paths: &[PathBuf]) -> anyhow::Result<()> {
     }
 }
 
+/// `--test-issuer DIR`: a throwaway root whose certificate tests read from DIR.
+fn test_issuer(
+    dir: &std::path::Path,
+    trust_domain: &str,
+) -> anyhow::Result<tributary_controlplane::app::MeshIdentity> {
+    use tributary_controlplane::identity::test_issuer::TestIssuer;
+    tracing::warn!(
+        dir = %dir.display(),
+        "--test-issuer: workload certificates come from a throwaway root without any proof of identity; never use this outside tests"
+    );
+    tributary_controlplane::identity::SpiffeId::parse(&format!("spiffe://{trust_domain}/hub/x"))
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "--trust-domain {trust_domain:?} is not a SPIFFE trust domain, expected lowercase [a-z0-9.-_], non-empty (e.g. cluster.local)"
+            )
+        })?;
+    let issuer = TestIssuer::new("tributary test root", Duration::from_secs(24 * 3600))?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let root = dir.join("root.pem");
+    std::fs::write(&root, issuer.root_pem())
+        .with_context(|| format!("writing {}", root.display()))?;
+    Ok(tributary_controlplane::app::MeshIdentity {
+        trust_domain: trust_domain.to_string(),
+        issuer: std::sync::Arc::new(issuer),
+    })
+}
+
 async fn hub(args: HubArgs) -> anyhow::Result<()> {
     if args.test_hooks {
         tracing::warn!(
@@ -484,10 +515,15 @@ async fn hub(args: HubArgs) -> anyhow::Result<()> {
     }
     let transport =
         tls::Transport::from_flags(args.tls.files()?, args.insecure).map_err(anyhow::Error::msg)?;
+    let mesh_identity = match &args.test_issuer {
+        Some(dir) => Some(test_issuer(dir, &args.tls.trust_domain)?),
+        None => None,
+    };
     let cfg = HubConfig {
         transport,
         trust_domain: args.tls.trust_domain.clone(),
         bootstrap_operators: args.bootstrap_operators,
+        mesh_identity,
         config_paths: args.config,
         xds_addr: args.xds_addr,
         admin_addr: args.admin_addr,

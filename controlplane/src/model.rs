@@ -72,6 +72,28 @@ pub struct Environment {
     /// Cross-zone traffic: the zones' east-west gateways and the local share
     /// (`spec.eastWestGateways`, `spec.locality`; see `docs/locality.md`).
     pub locality: ZoneLocality,
+    /// Mesh mTLS between its sidecars (`spec.mtls` of its `Environment`); `None`: the
+    /// hub's default, on when the hub has a certificate issuer (docs/security.md).
+    pub mtls: Option<bool>,
+    /// Operator-supplied certificates that gateways serve (`Credential` objects).
+    pub credentials: BTreeMap<ObjectKey, Credential>,
+}
+
+/// A certificate chain and its private key, as PEM (a `Credential` object). Its
+/// `Debug` never prints the key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credential {
+    pub certificate_pem: String,
+    pub private_key_pem: String,
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credential")
+            .field("certificate_pem", &self.certificate_pem.len())
+            .field("private_key_pem", &"<redacted>")
+            .finish()
+    }
 }
 
 /// Percent of a service's traffic that stays in the proxy's zone while its local
@@ -113,6 +135,21 @@ impl Environment {
 pub struct SidecarScope {
     pub name: String,
     pub dependencies: Vec<Dependency>,
+    /// The ports its workload serves: each one an inbound listener of the scope's
+    /// sidecars that forwards to the local app (with mTLS when the environment has it).
+    pub inbound: Vec<InboundPort>,
+}
+
+/// One inbound port of a sidecar scope (`spec.inbound[]` of a `Sidecar`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboundPort {
+    /// Where the sidecar listens (`bind`, default `0.0.0.0`) for peers.
+    pub bind: IpAddr,
+    pub port: u16,
+    /// The local app: `targetAddress` (default `127.0.0.1`) and `targetPort`.
+    pub target: IpAddr,
+    pub target_port: u16,
+    pub protocol: Protocol,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -382,6 +419,9 @@ pub struct GatewayListener {
     pub port: u16,
     /// Service hosts routed here; `None` routes every service of the environment.
     pub hosts: Option<Vec<String>>,
+    /// HTTPS with this credential (`Credential` in the gateway's namespace); `None`:
+    /// plain HTTP.
+    pub tls: Option<ObjectKey>,
 }
 
 impl GatewayListener {

@@ -382,6 +382,8 @@ impl Harness {
             environment: "prod".into(),
             role: Role::Sidecar,
             scope: None,
+            namespace: None,
+            service_account: None,
         };
         StreamState::new(node, !delta, StreamLimits::default(), status, metrics)
     }

@@ -54,6 +54,8 @@ fn stream_with(sotw: bool, limits: StreamLimits) -> StreamState {
         environment: "prod".into(),
         role: Role::Sidecar,
         scope: None,
+        namespace: None,
+        service_account: None,
     };
     StreamState::new(node, sotw, limits, status, metrics)
 }

@@ -322,6 +322,7 @@ impl Scenario {
                 .into_iter()
                 .map(|i| Dependency::Host(host(i)))
                 .collect(),
+            inbound: Vec::new(),
         }
     }
 
@@ -500,6 +501,7 @@ pub fn gateway() -> Gateway {
             address: Ipv4Addr::LOCALHOST.into(),
             port: 1,
             hosts: None,
+            tls: None,
         }],
     }
 }

@@ -10,7 +10,7 @@ pub mod store;
 pub mod watch;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -18,8 +18,8 @@ use serde::Deserialize;
 use crate::model::normalize_host;
 use crate::model::{
     Dependency, Destination, Endpoint, Gateway, GatewayListener, HeaderMatch, HeaderValueMatch,
-    Health, Locality, Mesh, ObjectKey, PathMatch, Protocol, Route, RouteRule, Service, ServicePort,
-    SidecarScope, Subset, ZoneLocality,
+    Health, InboundPort, Locality, Mesh, ObjectKey, PathMatch, Protocol, Route, RouteRule, Service,
+    ServicePort, SidecarScope, Subset, ZoneLocality,
 };
 
 pub const API_VERSION: &str = "tributary.io/v1alpha1";
@@ -186,6 +186,20 @@ struct RawDestination {
 struct RawSidecar {
     #[serde(default)]
     dependencies: Vec<RawDependency>,
+    #[serde(default)]
+    inbound: Vec<RawInbound>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInbound {
+    port: i64,
+    #[serde(rename = "targetPort")]
+    target_port: Option<i64>,
+    #[serde(rename = "targetAddress")]
+    target_address: Option<String>,
+    bind: Option<String>,
+    protocol: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -203,6 +217,7 @@ struct RawEnvironment {
     #[serde(default, rename = "eastWestGateways")]
     east_west_gateways: Vec<RawEastWestGateway>,
     locality: Option<RawZoneLocality>,
+    mtls: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -235,6 +250,22 @@ struct RawGatewayListener {
     port: i64,
     protocol: Option<String>,
     hosts: Option<Vec<String>>,
+    tls: Option<RawListenerTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListenerTls {
+    credential: String,
+}
+
+/// A certificate and key (never `Debug`-printed: the key is secret).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCredential {
+    certificate: String,
+    #[serde(rename = "privateKey")]
+    private_key: String,
 }
 
 // ---- parsing ----------------------------------------------------------------------
@@ -269,6 +300,7 @@ struct Parsed {
     environments: Vec<Doc<RawEnvironment>>,
     remote_clusters: Vec<Doc<security::RawRemoteCluster>>,
     operators: Vec<Doc<security::RawOperator>>,
+    credentials: Vec<Doc<RawCredential>>,
 }
 
 /// The kinds a document may have.
@@ -281,6 +313,7 @@ pub const KINDS: &[&str] = &[
     "Environment",
     "RemoteCluster",
     "Operator",
+    "Credential",
 ];
 
 /// Parses and validates a file set: `(file name, contents)` pairs, in load order.
@@ -624,6 +657,7 @@ fn parse_file(
             "Environment" => push!(environments, RawEnvironment),
             "RemoteCluster" => push!(remote_clusters, security::RawRemoteCluster),
             "Operator" => push!(operators, security::RawOperator),
+            "Credential" => push!(credentials, RawCredential),
             other => errors.push(doc_err(
                 document,
                 "kind",
@@ -810,10 +844,34 @@ fn build_mesh(parsed: Parsed, errors: &mut Vec<ConfigError>) -> Mesh {
             let env = mesh.environments.entry(doc.env.clone()).or_default();
             env.zones = zones;
             env.locality = locality;
+            env.mtls = doc.spec.mtls;
+        }
+    }
+    for doc in &parsed.credentials {
+        if let Some(credential) = build_credential(doc, errors) {
+            mesh.environments
+                .entry(doc.env.clone())
+                .or_default()
+                .credentials
+                .insert(doc.key.clone(), credential);
         }
     }
     for doc in &parsed.gateways {
         if let Some(gateway) = build_gateway(doc, errors) {
+            let credentials = mesh.environments.get(&doc.env).map(|e| &e.credentials);
+            for (i, l) in gateway.listeners.iter().enumerate() {
+                if let Some(key) = &l.tls
+                    && !credentials.is_some_and(|c| c.contains_key(key))
+                {
+                    errors.push(doc.err(
+                        format!("spec.listeners[{i}].tls.credential"),
+                        format!(
+                            "{:?} is not a Credential of namespace {:?} in environment {:?}",
+                            key.name, key.namespace, doc.env
+                        ),
+                    ));
+                }
+            }
             mesh.environments
                 .entry(doc.env.clone())
                 .or_default()
@@ -1281,10 +1339,80 @@ fn build_sidecar(doc: &Doc<RawSidecar>, errors: &mut Vec<ConfigError>) -> Option
             _ => errors.push(doc.err(field, "expected exactly one of namespace, host")),
         }
     }
+    let inbound = build_inbound(doc, errors);
     (errors.len() == before).then(|| SidecarScope {
         name: doc.key.name.clone(),
         dependencies,
+        inbound,
     })
+}
+
+/// A sidecar scope's inbound ports (`spec.inbound`): distinct listen ports, each
+/// forwarding to the local app.
+fn build_inbound(doc: &Doc<RawSidecar>, errors: &mut Vec<ConfigError>) -> Vec<InboundPort> {
+    let mut out: Vec<InboundPort> = Vec::new();
+    for (i, raw) in doc.spec.inbound.iter().enumerate() {
+        let field = format!("spec.inbound[{i}]");
+        let before = errors.len();
+        let port = check_port(raw.port)
+            .map_err(|m| errors.push(doc.err(format!("{field}.port"), m)))
+            .ok();
+        let target_port = match raw.target_port {
+            None => port,
+            Some(p) => check_port(p)
+                .map_err(|m| errors.push(doc.err(format!("{field}.targetPort"), m)))
+                .ok(),
+        };
+        let mut address = |value: &Option<String>, default: IpAddr, name: &str| match value {
+            None => Some(default),
+            Some(a) => parse_address(a)
+                .map_err(|m| errors.push(doc.err(format!("{field}.{name}"), m)))
+                .ok(),
+        };
+        let bind = address(&raw.bind, IpAddr::V4(Ipv4Addr::UNSPECIFIED), "bind");
+        let target = address(
+            &raw.target_address,
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            "targetAddress",
+        );
+        let protocol = parse_protocol(raw.protocol.as_deref())
+            .map_err(|m| errors.push(doc.err(format!("{field}.protocol"), m)))
+            .ok();
+        if port == Some(crate::xds::generate::VIRTUAL_OUTBOUND_PORT) {
+            errors.push(doc.err(
+                format!("{field}.port"),
+                format!(
+                    "{} is the sidecar's outbound capture port (virtualOutbound), expected another port",
+                    crate::xds::generate::VIRTUAL_OUTBOUND_PORT
+                ),
+            ));
+        }
+        if let Some(p) = port
+            && out.iter().any(|o| o.port == p)
+        {
+            errors.push(doc.err(
+                format!("{field}.port"),
+                format!("port {p} is listed twice, expected each inbound port once"),
+            ));
+        }
+        if let (true, Some(port), Some(target_port), Some(bind), Some(target), Some(protocol)) = (
+            errors.len() == before,
+            port,
+            target_port,
+            bind,
+            target,
+            protocol,
+        ) {
+            out.push(InboundPort {
+                bind,
+                port,
+                target,
+                target_port,
+                protocol,
+            });
+        }
+    }
+    out
 }
 
 /// An environment definition: its zones (each one shard with the environment), their
@@ -1359,6 +1487,54 @@ fn build_environment(
     (errors.len() == before).then_some((zones, locality))
 }
 
+/// A credential: a PEM certificate chain (the leaf first) and a PEM private key.
+/// Errors never quote the key.
+fn build_credential(
+    doc: &Doc<RawCredential>,
+    errors: &mut Vec<ConfigError>,
+) -> Option<crate::model::Credential> {
+    let before = errors.len();
+    match x509_parser::pem::parse_x509_pem(doc.spec.certificate.as_bytes()) {
+        Ok((_, pem)) if pem.label == "CERTIFICATE" => {
+            if let Err(e) = pem.parse_x509() {
+                errors.push(doc.err(
+                    "spec.certificate",
+                    format!("the first certificate does not parse as X.509: {e}"),
+                ));
+            }
+        }
+        Ok((_, pem)) => errors.push(doc.err(
+            "spec.certificate",
+            format!(
+                "the first PEM block is {:?}, expected CERTIFICATE",
+                pem.label
+            ),
+        )),
+        Err(e) => errors.push(doc.err(
+            "spec.certificate",
+            format!("not PEM ({e}), expected -----BEGIN CERTIFICATE-----"),
+        )),
+    }
+    match x509_parser::pem::parse_x509_pem(doc.spec.private_key.as_bytes()) {
+        Ok((_, pem)) if pem.label.ends_with("PRIVATE KEY") => {}
+        Ok((_, pem)) => errors.push(doc.err(
+            "spec.privateKey",
+            format!(
+                "the PEM block is {:?}, expected PRIVATE KEY, EC PRIVATE KEY or RSA PRIVATE KEY",
+                pem.label
+            ),
+        )),
+        Err(_) => errors.push(doc.err(
+            "spec.privateKey",
+            "not PEM, expected -----BEGIN PRIVATE KEY-----",
+        )),
+    }
+    (errors.len() == before).then(|| crate::model::Credential {
+        certificate_pem: doc.spec.certificate.clone(),
+        private_key_pem: doc.spec.private_key.clone(),
+    })
+}
+
 fn build_gateway(doc: &Doc<RawGateway>, errors: &mut Vec<ConfigError>) -> Option<Gateway> {
     let before = errors.len();
     let mut listeners: Vec<GatewayListener> = Vec::new();
@@ -1418,11 +1594,16 @@ fn build_gateway(doc: &Doc<RawGateway>, errors: &mut Vec<ConfigError>) -> Option
                     ),
                 ));
             }
+            let tls = l.tls.as_ref().map(|t| ObjectKey {
+                namespace: doc.key.namespace.clone(),
+                name: t.credential.clone(),
+            });
             listeners.push(GatewayListener {
                 name: l.name.clone(),
                 address,
                 port,
                 hosts,
+                tls,
             });
         }
     }

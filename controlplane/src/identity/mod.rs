@@ -10,6 +10,7 @@ pub mod authz;
 pub mod spiffe;
 pub mod testing;
 pub mod tls;
+pub mod test_issuer;
 
 pub use spiffe::{Identity, SpiffeId, SpiffeIdError};
 

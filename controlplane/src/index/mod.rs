@@ -32,16 +32,20 @@ use crate::metrics::{ClusterLabel, EnvLabel, Metrics};
 use crate::model::{Environment, Mesh, ObjectKey, Service};
 use crate::xds::XdsType;
 use crate::xds::generate::{
-    EnvResources, Generated, VirtualHostCache, endpoint_resources, service_resources,
-    shared_resources_cached,
+    EnvResources, Generated, MeshTls, VirtualHostCache, endpoint_resources, service_resources_tls,
+    shared_resources_tls,
 };
 use crate::xds::snapshot::{Changes, Snapshots};
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct IndexConfig {
     pub debounce: DebounceConfig,
     /// How long a disconnected cluster's endpoints are kept before they are withdrawn.
     pub grace: Duration,
+    /// The mesh's trust domain when the hub issues workload certificates: then every
+    /// environment has mesh mTLS unless its `Environment` says `mtls: false`.
+    /// `None`: no environment has it (nothing could serve the certificates).
+    pub mesh_trust_domain: Option<String>,
 }
 
 impl Default for IndexConfig {
@@ -49,6 +53,7 @@ impl Default for IndexConfig {
         Self {
             debounce: DebounceConfig::default(),
             grace: Duration::from_secs(60),
+            mesh_trust_domain: None,
         }
     }
 }
@@ -297,6 +302,8 @@ struct EnvState {
     claimed: HashMap<ObjectKey, Vec<String>>,
     /// The shared route tables' virtual hosts, encoded once per service version.
     vhosts: VirtualHostCache,
+    /// Mesh mTLS of the environment as last generated (`None`: off).
+    tls: Option<MeshTls>,
     /// Each zone's view and the zones' summaries.
     zones: ZoneViews,
 }
@@ -623,8 +630,11 @@ impl Index {
                     dirty.keys.insert(k.clone());
                 }
             }
-            dirty.routing |=
-                a.routes != b.routes || a.gateways != b.gateways || a.sidecars != b.sidecars;
+            dirty.routing |= a.routes != b.routes
+                || a.gateways != b.gateways
+                || a.sidecars != b.sidecars
+                || a.credentials != b.credentials
+                || a.mtls != b.mtls;
             if a.zones != b.zones || a.locality != b.locality {
                 // Every service's zone views and summaries depend on these.
                 if let Some(st) = self.envs.get(&env) {
@@ -903,7 +913,8 @@ impl Index {
         for (env, d) in dirty {
             let started = std::time::Instant::now();
             let st = self.envs.entry(env.clone()).or_default();
-            let changes = flush_env(&self.sources, &env, st, d, &mut self.work);
+            let trust_domain = self.cfg.mesh_trust_domain.as_deref();
+            let changes = flush_env(&self.sources, &env, trust_domain, st, d, &mut self.work);
             // Each changed resource's convergence starts at the oldest change of this flush.
             let origin_at = origin.unwrap_or_else(SystemTime::now);
             for ty in XdsType::ALL {
@@ -1297,15 +1308,35 @@ fn same_spec(a: &Service, b: &Service) -> bool {
     a.hosts == b.hosts && a.ports == b.ports && a.subsets == b.subsets
 }
 
+/// An environment's mesh mTLS: on when the hub has a trust domain (it issues
+/// workload certificates) unless the environment's definition turns it off.
+fn mesh_tls(trust_domain: Option<&str>, file: Option<&Environment>, env: &str) -> Option<MeshTls> {
+    let td = trust_domain?;
+    file.and_then(|e| e.mtls).unwrap_or(true).then(|| MeshTls {
+        trust_domain: td.to_string(),
+        environment: env.to_string(),
+    })
+}
+
 fn flush_env(
     sources: &Sources,
     env: &str,
+    trust_domain: Option<&str>,
     st: &mut EnvState,
     d: EnvDirty,
     work: &mut Work,
 ) -> Changes {
     let mut changes: Changes = Default::default();
     let mut shared = d.routing;
+    let mut queue = d.keys;
+    // Turning mesh mTLS on or off changes every cluster and inbound listener.
+    let tls = mesh_tls(trust_domain, sources.file.environments.get(env), env);
+    let tls_changed = tls != st.tls;
+    if tls_changed {
+        st.tls = tls;
+        queue.extend(st.model.services.keys().cloned());
+        shared = true;
+    }
     if d.routing {
         // Routes may now name any service: no virtual host is kept.
         st.vhosts.clear();
@@ -1313,10 +1344,10 @@ fn flush_env(
         st.model.routes = file.map(|e| e.routes.clone()).unwrap_or_default();
         st.model.gateways = file.map(|e| e.gateways.clone()).unwrap_or_default();
         st.model.sidecars = file.map(|e| e.sidecars.clone()).unwrap_or_default();
+        st.model.credentials = file.map(|e| e.credentials.clone()).unwrap_or_default();
     }
     // A service whose claim moves a host's ownership puts the services that gained or
     // lost it back on the list: they are re-merged in this same flush.
-    let mut queue = d.keys;
     // Per settled service: its new spec (endpoints left out), its resources generated
     // (encoded: the merged endpoints are not held for the whole flush) and whether
     // they are all of its resources (else its load assignments only); `None` when
@@ -1362,7 +1393,7 @@ fn flush_env(
         let old = st.model.services.get(&key);
         let entry = match (old, &mut new) {
             (None, None) => None,
-            (Some(o), Some(n)) if same_spec(o, n) => {
+            (Some(o), Some(n)) if same_spec(o, n) && !tls_changed => {
                 let mut generated = Generated::new();
                 endpoint_resources(n, &mut generated);
                 Some((generated, false))
@@ -1370,7 +1401,7 @@ fn flush_env(
             (_, n) => {
                 let mut generated = Generated::new();
                 if let Some(n) = n {
-                    service_resources(n, &mut generated);
+                    service_resources_tls(n, st.tls.as_ref(), &mut generated);
                 }
                 Some((generated, true))
             }
@@ -1423,7 +1454,8 @@ fn flush_env(
     if shared {
         let mut generated = Generated::new();
         let encoded = st.vhosts.encoded;
-        let roles = shared_resources_cached(&st.model, &mut st.vhosts, &mut generated);
+        let roles =
+            shared_resources_tls(&st.model, st.tls.as_ref(), &mut st.vhosts, &mut generated);
         work.resources_encoded += generated.len() as u64;
         work.virtual_hosts_encoded += st.vhosts.encoded - encoded;
         let old_names = std::mem::take(&mut st.shared);

@@ -58,6 +58,9 @@ use crate::model::{
 };
 
 mod api_listener;
+pub mod mtls;
+
+pub use mtls::MeshTls;
 
 /// Encoded virtual hosts of the shared route tables, kept between flushes by the
 /// index: a route table is reassembled from these bytes (a repeated sub-message is
@@ -164,6 +167,9 @@ pub struct RoleListeners {
     /// Per sidecar scope: its listeners (a scoped sidecar's wildcard LDS), whose
     /// route tables hold only the services the scope depends on.
     pub scope_listeners: BTreeMap<String, Arc<BTreeSet<Arc<str>>>>,
+    /// Per gateway: the credential secrets its listeners serve (the only secrets of
+    /// the environment a stream may be sent, and only a stream of that gateway).
+    pub gateway_secrets: BTreeMap<String, BTreeSet<Arc<str>>>,
 }
 
 /// Generated resources, before they are placed in a snapshot.
@@ -259,10 +265,18 @@ fn invalid_for_tests(port: &ServicePort) -> bool {
 /// The resources that depend on `service` alone: its clusters, their load
 /// assignments, and its gRPC API listeners.
 pub fn service_resources(service: &Service, out: &mut Generated) {
+    service_resources_tls(service, None, out)
+}
+
+/// [`service_resources`] of an environment with mesh mTLS `tls`: the clusters carry
+/// its upstream transport socket.
+pub fn service_resources_tls(service: &Service, tls: Option<&MeshTls>, out: &mut Generated) {
     for port in &service.ports {
         for subset in subsets(service) {
             let name = cluster_name(port.port, subset.unwrap_or(""), service.canonical_host());
             let mut c = cluster(&name, port);
+            c.transport_socket =
+                tls.map(|t| mtls::upstream(t, &service.key.namespace, port.protocol));
             if invalid_for_tests(port) {
                 c.connect_timeout = Some(PbDuration::default());
             }
@@ -310,6 +324,17 @@ pub fn shared_resources_cached(
     cache: &mut VirtualHostCache,
     out: &mut Generated,
 ) -> RoleListeners {
+    shared_resources_tls(env, None, cache, out)
+}
+
+/// [`shared_resources_cached`] of an environment with mesh mTLS `tls`: sidecar
+/// scopes' inbound listeners terminate it.
+pub fn shared_resources_tls(
+    env: &Environment,
+    tls: Option<&MeshTls>,
+    cache: &mut VirtualHostCache,
+    out: &mut Generated,
+) -> RoleListeners {
     let mut roles = RoleListeners::default();
     out.push((
         XdsType::Cluster,
@@ -351,31 +376,59 @@ pub fn shared_resources_cached(
                 }
             }
         }
+        let mut inbound = BTreeSet::new();
+        mtls::inbound(scope, tls, out, &mut clusters, &mut inbound);
         roles.scopes.insert(scope.name.clone(), Arc::new(clusters));
         let ports = sidecar_route_tables(env, &services, Some(&scope.name), cache, out);
+        let mut listeners = sidecar_listener_names(&ports);
+        listeners.extend(inbound);
         roles
             .scope_listeners
-            .insert(scope.name.clone(), Arc::new(sidecar_listener_names(&ports)));
+            .insert(scope.name.clone(), Arc::new(listeners));
     }
 
     for gateway in env.gateways.values() {
         let mut names = BTreeSet::new();
+        let mut secrets = BTreeSet::new();
         for listener in &gateway.listeners {
             let name = gateway_resource_name(&gateway.name, &listener.name);
             out.push((XdsType::Route, gateway_routes(&name, env, listener, cache)));
+            let mut chain = http_filter_chain(
+                &format!("gateway_{}_{}", gateway.name, listener.name),
+                &name,
+            );
+            if let Some(key) = &listener.tls {
+                let secret = mtls::credential_secret_name(key);
+                chain.transport_socket = Some(mtls::gateway_tls(&secret));
+                secrets.insert(Arc::from(secret.as_str()));
+            }
             let l = Listener {
                 name: name.clone(),
                 address: Some(socket(listener.address, listener.port)),
-                filter_chains: vec![http_filter_chain(
-                    &format!("gateway_{}_{}", gateway.name, listener.name),
-                    &name,
-                )],
+                filter_chains: vec![chain],
                 ..Default::default()
             };
             out.push((XdsType::Listener, encode(XdsType::Listener, &name, &l)));
             names.insert(Arc::from(name.as_str()));
         }
         roles.gateways.insert(gateway.name.clone(), names);
+        if !secrets.is_empty() {
+            roles.gateway_secrets.insert(gateway.name.clone(), secrets);
+        }
+    }
+    // The credentials some gateway serves, encoded once per environment.
+    let served: BTreeSet<&str> = roles
+        .gateway_secrets
+        .values()
+        .flatten()
+        .map(|s| &**s)
+        .collect();
+    for (key, credential) in &env.credentials {
+        let name = mtls::credential_secret_name(key);
+        if served.contains(name.as_str()) {
+            let secret = mtls::credential_secret(&name, credential);
+            out.push((XdsType::Secret, encode(XdsType::Secret, &name, &secret)));
+        }
     }
     roles
 }

@@ -5,11 +5,14 @@
 //!   publishes them (single writer, many readers, a dirty signal for fan-out).
 //! - [`stream`]: one stream's state machine: subscriptions, what the client holds,
 //!   NACKs, make-before-break ordering; pure logic, fuzzed against a client model.
+//! - [`secrets`]: SDS: each stream's own identity's certificate and the trust
+//!   bundle, issued once per identity and renewed at half-life.
 //! - [`server`]: SotW and Delta ADS streams (the tonic side), each driving a
 //!   [`stream::StreamState`] with requests and the newest snapshot.
 
 pub mod generate;
 pub mod locality;
+pub mod secrets;
 pub mod server;
 pub mod snapshot;
 pub mod stream;

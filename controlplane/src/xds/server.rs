@@ -34,6 +34,7 @@ use tributary_proto::wire::{
 };
 
 use super::XdsType;
+use super::secrets::Secrets;
 use super::snapshot::{Snapshot, Snapshots};
 pub use super::stream::{NodeInfo, Role, StreamLimits};
 use super::stream::{Outgoing, StreamState};
@@ -46,6 +47,8 @@ use crate::status::{ClientStatus, SyncRegistry, unix_now};
 pub const ENV_METADATA_KEY: &str = "tributary.io/env";
 pub const GATEWAY_METADATA_KEY: &str = "tributary.io/gateway";
 pub const SIDECAR_METADATA_KEY: &str = "tributary.io/sidecar";
+pub const NAMESPACE_METADATA_KEY: &str = "tributary.io/namespace";
+pub const SERVICE_ACCOUNT_METADATA_KEY: &str = "tributary.io/service-account";
 const CONTROL_PLANE_ID: &str = "tributary";
 
 /// Outbound responses buffered per stream. One response per type is in flight at
@@ -82,6 +85,8 @@ impl NodeInfo {
                 None => Role::Sidecar,
             },
             scope: meta(SIDECAR_METADATA_KEY).filter(|_| meta(GATEWAY_METADATA_KEY).is_none()),
+            namespace: meta(NAMESPACE_METADATA_KEY),
+            service_account: meta(SERVICE_ACCOUNT_METADATA_KEY),
         })
     }
 }
@@ -107,6 +112,8 @@ pub struct AdsServer {
     membership: Option<Membership>,
     /// The trust domain of peers' SPIFFE ids (mutual TLS).
     trust_domain: String,
+    /// Workload certificates (SDS); `None`: the hub serves no secrets.
+    secrets: Option<Arc<Secrets>>,
 }
 
 impl AdsServer {
@@ -133,7 +140,14 @@ impl AdsServer {
             admission: Arc::new(tokio::sync::Semaphore::new(max_initial_syncs.max(1))),
             membership: None,
             trust_domain: crate::identity::tls::DEFAULT_TRUST_DOMAIN.to_string(),
+            secrets: None,
         }
+    }
+
+    /// Serves each stream its own identity's secrets (SDS) from `secrets`.
+    pub fn with_secrets(mut self, secrets: Arc<Secrets>) -> Self {
+        self.secrets = Some(secrets);
+        self
     }
 
     /// The trust domain whose SPIFFE ids peers' certificates carry.
@@ -206,6 +220,7 @@ impl AdsServer {
             stopping: self.stopping.clone(),
             admission: self.admission.clone(),
             membership: self.membership.clone(),
+            secrets: self.secrets.clone(),
         }
     }
 }
@@ -224,6 +239,7 @@ struct StreamContext {
     stopping: watch::Receiver<bool>,
     admission: Arc<tokio::sync::Semaphore>,
     membership: Option<Membership>,
+    secrets: Option<Arc<Secrets>>,
 }
 
 // ---- the two wire dialects ------------------------------------------------------
@@ -384,6 +400,7 @@ async fn serve<D: Dialect>(
     {
         return Err(Status::failed_precondition(why));
     }
+    let mut own_secrets = super::secrets::StreamSecrets::new(ctx.secrets.clone(), &node)?;
     let mut stopping = ctx.stopping.clone();
     let mut synced = ctx.synced.clone();
     if synced.wait_for(|s| *s).await.is_err() {
@@ -470,10 +487,12 @@ async fn serve<D: Dialect>(
                 }
             }
         }
+        own_secrets.start_if_asked(&state);
         if let Some(rx) = snapshots.as_mut() {
             let snap = rx.borrow_and_update().clone();
             let hold = *held.borrow_and_update();
-            pump::<D>(&mut state, &snap, hold, tx).await?;
+            let secrets = own_secrets.current(&snap);
+            pump::<D>(&mut state, &snap, secrets.as_deref(), hold, tx).await?;
         }
         if admitted
             .as_ref()
@@ -496,6 +515,7 @@ async fn serve<D: Dialect>(
                     break;
                 }
             }
+            _ = own_secrets.changed() => {}
             _ = created.changed(), if snapshots.is_none() => {
                 snapshots = subscribe_view(&ctx.snapshots, &state.node.environment, zone.as_deref());
                 if snapshots.is_some() {
@@ -525,16 +545,25 @@ async fn serve<D: Dialect>(
 
 /// Sends whatever the client needs, type by type in make-before-break order. A
 /// second pass lets what the first settled release held-back removals (a cluster
-/// leaves once the routes that named it are answered).
+/// leaves once the routes that named it are answered). Secrets come from
+/// `secrets` (the stream's own, see [`super::secrets`]), never from `snap`.
 async fn pump<D: Dialect>(
     state: &mut StreamState,
     snap: &Snapshot,
+    secrets: Option<&Snapshot>,
     hold: bool,
     tx: &mpsc::Sender<Result<D::Resp, Status>>,
 ) -> Result<(), Status> {
     let started = Instant::now();
     for _pass in 0..2 {
         for ty in XdsType::ALL {
+            let snap = match (ty, secrets) {
+                // Secrets only ever come from the stream's own (`secrets::StreamSecrets`);
+                // none while its certificate is being issued (not even "does not exist").
+                (XdsType::Secret, Some(own)) => own,
+                (XdsType::Secret, None) => continue,
+                _ => snap,
+            };
             if state.gated(ty, snap) {
                 continue;
             }

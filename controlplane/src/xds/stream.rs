@@ -79,6 +79,12 @@ pub struct NodeInfo {
     pub role: Role,
     /// A sidecar's dependency scope (a `Sidecar` object of its environment).
     pub scope: Option<String>,
+    /// A workload's namespace and service account (metadata
+    /// `tributary.io/namespace`, `tributary.io/service-account`): with the
+    /// environment, its SPIFFE id until streams carry a verified one
+    /// ([`NodeInfo::workload_identity`]).
+    pub namespace: Option<String>,
+    pub service_account: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -229,6 +235,11 @@ impl StreamState {
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// Whether the client has asked for `ty` on this stream.
+    pub fn subscribed(&self, ty: XdsType) -> bool {
+        self.types[ty as usize].is_some()
     }
 
     /// Whether every type the client asked for has been answered and nothing is in
