@@ -6,7 +6,9 @@
 //! remote cluster, an operator's name. Node metadata that claims something else is
 //! refused, not trusted.
 
+pub mod ca;
 pub mod spiffe;
+pub mod verify;
 
 pub use spiffe::{Identity, SpiffeId, SpiffeIdError};
 
