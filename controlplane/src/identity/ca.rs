@@ -1038,4 +1038,4 @@ impl CertificateIssuer for Ca {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

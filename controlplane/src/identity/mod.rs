@@ -8,6 +8,7 @@
 
 pub mod ca;
 pub mod spiffe;
+pub mod tokens;
 pub mod verify;
 
 pub use spiffe::{Identity, SpiffeId, SpiffeIdError};
