@@ -107,6 +107,8 @@ pub struct HubConfig {
     pub replicas_per_shard: usize,
     /// A shard leader writes its changed catalog summaries this long after a change.
     pub catalog_interval: Duration,
+    /// The certificate authority and the CSR API (see `docs/security.md`).
+    pub identity: crate::identity::api::IdentityConfig,
 }
 
 /// Default accept queue of the xDS listener: above the 2,000+ proxies of one shard
@@ -154,6 +156,7 @@ impl HubConfig {
             lease_ttl: Duration::from_secs(10),
             replicas_per_shard: 2,
             catalog_interval: CatalogConfig::default().interval,
+            identity: crate::identity::api::IdentityConfig::default(),
         }
     }
 
@@ -257,6 +260,8 @@ pub struct Hub {
     pub membership: Membership,
     /// What this replica did as a shard leader for the cross-zone catalog.
     pub catalog: Arc<CatalogStats>,
+    /// The certificate authority, shared through the store with the other replicas.
+    pub ca: Arc<crate::identity::ca::Ca>,
     /// Holds the state dir's lock while the hub runs.
     _state_dir: Option<StateDir>,
     shutdown: watch::Sender<bool>,
@@ -284,6 +289,7 @@ impl Hub {
         let store = open_store(&cfg).await?;
         info!(store = %store.describe(), replica = %cfg.replica_id, "store opened");
         let (source, mesh) = Source::open(&cfg, &store, &metrics).await?;
+        let ca_api = crate::identity::api::start(store.clone(), &cfg.identity).await?;
         let config_status = source.status();
         // The initial config is applied before anything is served: ready means "has config".
         let mut index = Index::new(
@@ -337,6 +343,12 @@ impl Hub {
             }
         };
         let mut tasks = JoinSet::new();
+        // The CA follows the store: rotations and the other replicas' intermediates.
+        let ca_follow = ca_api.ca.clone().run(shutdown_rx.clone());
+        tasks.spawn(async move {
+            ca_follow.await;
+            Ok(())
+        });
 
         tasks.spawn({
             let stop = stopped();
@@ -501,10 +513,15 @@ impl Hub {
             membership: membership.clone(),
             catalog: catalog.clone(),
         };
+        // The CA's routes share the admin listener: the CSR API
+        // (`identity::api::csr_routes`) and the operator's token and rotation API.
+        let admin_routes = admin::router(state)
+            .merge(crate::identity::api::csr_routes(ca_api.clone()))
+            .merge(crate::identity::api::ca_admin_routes(ca_api.clone()));
         tasks.spawn({
             let stop = stopped();
             async move {
-                axum::serve(admin_listener, admin::router(state))
+                axum::serve(admin_listener, admin_routes)
                     .with_graceful_shutdown(stop)
                     .await
                     .context("admin server")
@@ -525,6 +542,7 @@ impl Hub {
             store,
             membership,
             catalog,
+            ca: ca_api.ca.clone(),
             _state_dir: state_dir,
             shutdown,
             tasks,

@@ -52,6 +52,12 @@ enum Command {
     /// Config through a hub's admin API (apply, get, delete, diff, validate) and the
     /// shard assignment.
     Ctl(CtlArgs),
+    /// Join tokens for peers without a service account (create, revoke).
+    Token(tributary_controlplane::identity::cli::TokenArgs),
+    /// The certificate authority: status, rotation of the root or an intermediate.
+    Ca(tributary_controlplane::identity::cli::CaArgs),
+    /// Request a certificate from a hub's CSR API (and keep it renewed).
+    Cert(tributary_controlplane::identity::cli::CertArgs),
     /// Validate config files and exit (0: valid; 1: errors, printed one per line).
     Validate {
         /// Config files or directories of *.yaml / *.yml.
@@ -233,6 +239,9 @@ struct HubArgs {
     /// Conformance tests only: ports named test-invalid* yield clusters Envoy rejects.
     #[arg(long, hide = true)]
     test_hooks: bool,
+    /// The certificate authority and the CSR API (docs/security.md).
+    #[command(flatten)]
+    identity: tributary_controlplane::identity::cli::HubIdentityArgs,
     /// The hub's state: the embedded store (`store.redb`: config, the clusters that
     /// fed it, membership) and a lock (one hub per dir). Give it a persistent volume.
     #[arg(
@@ -362,6 +371,13 @@ fn main() -> anyhow::Result<()> {
         Command::Hub(args) => runtime()?.block_on(hub(args)),
         Command::Remote(args) => runtime()?.block_on(remote(args)),
         Command::Status { what, admin, json } => runtime()?.block_on(status(what, &admin, json)),
+        Command::Token(args) => {
+            runtime()?.block_on(tributary_controlplane::identity::cli::token(args))
+        }
+        Command::Ca(args) => runtime()?.block_on(tributary_controlplane::identity::cli::ca(args)),
+        Command::Cert(args) => {
+            runtime()?.block_on(tributary_controlplane::identity::cli::cert(args))
+        }
         Command::Ctl(args) => {
             let code = runtime()?.block_on(ctl(args))?;
             std::process::exit(code)
@@ -449,6 +465,7 @@ async fn hub(args: HubArgs) -> anyhow::Result<()> {
             max_message_bytes: args.federation_max_message_bytes as usize,
             max_endpoints_per_set: args.federation_max_endpoints_per_set as usize,
         },
+        identity: args.identity.into_config()?,
     };
     if cfg.debounce.cap < cfg.debounce.quiet {
         anyhow::bail!(
