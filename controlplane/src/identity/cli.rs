@@ -143,8 +143,8 @@ enum CaCommand {
         /// A remote cluster id, or `mesh`.
         #[arg(long)]
         intermediate: Option<String>,
-        /// How long the old root stays in the trust bundle (default 48h).
-        #[arg(long, requires = "root")]
+        /// How long the old root stays in the trust bundle (default 48h; --root only).
+        #[arg(long)]
         overlap: Option<String>,
     },
     /// Remove the roots being rotated out from the trust bundle now.
@@ -263,6 +263,11 @@ pub async fn ca(args: CaArgs) -> anyhow::Result<()> {
             intermediate,
             overlap,
         } => {
+            if overlap.is_some() && !root {
+                anyhow::bail!(
+                    "--overlap applies to --root only: certificates of an old intermediate stay valid until they expire"
+                );
+            }
             let body = serde_json::json!({ "root": root, "intermediate": intermediate, "overlap": overlap });
             let body = serde_json::Value::Object(
                 body.as_object()
