@@ -241,7 +241,7 @@ struct HubArgs {
     test_hooks: bool,
     /// The certificate authority and the CSR API (docs/security.md).
     #[command(flatten)]
-    identity: tributary_controlplane::identity::cli::HubIdentityArgs,
+    identity: Box<tributary_controlplane::identity::cli::HubIdentityArgs>,
     /// The hub's state: the embedded store (`store.redb`: config, the clusters that
     /// fed it, membership) and a lock (one hub per dir). Give it a persistent volume.
     #[arg(
@@ -465,7 +465,7 @@ async fn hub(args: HubArgs) -> anyhow::Result<()> {
             max_message_bytes: args.federation_max_message_bytes as usize,
             max_endpoints_per_set: args.federation_max_endpoints_per_set as usize,
         },
-        identity: args.identity.into_config()?,
+        identity: (*args.identity).into_config()?,
     };
     if cfg.debounce.cap < cfg.debounce.quiet {
         anyhow::bail!(

@@ -311,13 +311,8 @@ fn one() -> u32 {
     1
 }
 
-fn duration(field: &str, s: &str) -> Result<Duration, Response> {
-    humantime::parse_duration(s).map_err(|e| {
-        error(
-            StatusCode::BAD_REQUEST,
-            format!("{field} {s:?}: {e} (expected e.g. 1h, 30m)"),
-        )
-    })
+fn duration(field: &str, s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{field} {s:?}: {e} (expected e.g. 1h, 30m)"))
 }
 
 async fn create_token(State(api): State<CaApi>, body: axum::body::Bytes) -> Response {
@@ -327,7 +322,7 @@ async fn create_token(State(api): State<CaApi>, body: axum::body::Bytes) -> Resp
     };
     let ttl = match duration("ttl", &req.ttl) {
         Ok(d) => d,
-        Err(r) => return r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     match api
         .tokens
@@ -391,7 +386,7 @@ async fn rotate(State(api): State<CaApi>, body: axum::body::Bytes) -> Response {
                 .transpose()
             {
                 Ok(o) => o.unwrap_or(DEFAULT_OVERLAP),
-                Err(r) => return r,
+                Err(e) => return error(StatusCode::BAD_REQUEST, e),
             };
             api.ca.rotate_root(overlap).await
         }

@@ -717,16 +717,23 @@ impl Ca {
     }
 
     /// Makes sure the store holds a current intermediate for `signer` (creating one if
+    /// needed), so that [`CertificateIssuer::issue`] for its identities needs no store
+    /// round trip.
+    pub async fn prepare(&self, signer: &Signer) -> Result<(), CaError> {
+        self.ensure_signer(signer).await.map(|_| ())
+    }
+
+    /// Makes sure the store holds a current intermediate for `signer` (creating one if
     /// needed) and returns it.
     async fn ensure_signer(&self, signer: &Signer) -> Result<Arc<Intermediate>, CaError> {
         let key = format!("{INTERMEDIATES_PREFIX}{}", signer.name());
         for _ in 0..WRITE_ATTEMPTS {
             let state = self.snapshot();
             let now = SystemTime::now();
-            if let Some(i) = self.current(&state, signer, now) {
-                if i.mod_revision > 0 {
-                    return Ok(i);
-                }
+            if let Some(i) = self.current(&state, signer, now)
+                && i.mod_revision > 0
+            {
+                return Ok(i);
             }
             let seen = state
                 .intermediates

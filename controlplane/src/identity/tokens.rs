@@ -164,12 +164,12 @@ impl JoinTokens {
                 "--uses {uses}: expected 1 to {MAX_USES}"
             )));
         }
-        if let Some(c) = &cluster {
-            if !super::spiffe::valid_segment(c) {
-                return Err(TokenError::Invalid(format!(
-                    "--cluster {c:?}: expected a cluster id of [A-Za-z0-9._-]"
-                )));
-            }
+        if let Some(c) = &cluster
+            && !super::spiffe::valid_segment(c)
+        {
+            return Err(TokenError::Invalid(format!(
+                "--cluster {c:?}: expected a cluster id of [A-Za-z0-9._-]"
+            )));
         }
         let cluster = match (&id.identity, cluster) {
             (super::Identity::Agent { cluster: own }, Some(c)) if *own != c => {
