@@ -112,3 +112,85 @@ pub fn spiffe_id_of(der: &[u8]) -> Result<SpiffeId, VerifyError> {
         none_or_many => Err(VerifyError::NoSpiffeId(format!("{none_or_many:?}"))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::OnceLock;
+    use std::time::SystemTime;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::identity::CertificateIssuer;
+    use crate::identity::ca::{Ca, CaConfig};
+
+    /// One CA and one certificate for every case (issuing per case would measure
+    /// the CA, not the verifier).
+    fn fixture() -> &'static (String, String, Vec<u8>) {
+        static FIXTURE: OnceLock<(String, String, Vec<u8>)> = OnceLock::new();
+        FIXTURE.get_or_init(|| {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let ca = Ca::open(
+                    crate::identity::ca::tests::memory_store(),
+                    CaConfig::new("mesh.local"),
+                )
+                .await
+                .unwrap();
+                let id =
+                    SpiffeId::parse("spiffe://mesh.local/env/prod/ns/shop/sa/checkout").unwrap();
+                let issued = ca.issue(&id).unwrap();
+                let chain = certs_from_pem("chain", &issued.chain_pem).unwrap();
+                (ca.trust_bundle_pem(), issued.chain_pem, chain[0].to_vec())
+            })
+        })
+    }
+
+    fn pem(der: &[u8]) -> String {
+        pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()))
+    }
+
+    fn cases() -> u32 {
+        std::env::var("TRIBUTARY_FUZZ_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2000)
+    }
+
+    #[test]
+    fn the_unmodified_chain_verifies() {
+        let (bundle, chain, leaf) = fixture();
+        let intermediate = &chain[chain.find("-----END CERTIFICATE-----").unwrap() + 26..];
+        let rebuilt = format!("{}{intermediate}", pem(leaf));
+        verify_chain(bundle, &rebuilt, SystemTime::now()).unwrap();
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: cases(),
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
+
+        /// Any change to one byte of a valid leaf is refused (the signature covers
+        /// every byte that means something; the rest does not parse), and arbitrary
+        /// bytes never verify and never panic.
+        #[test]
+        fn fuzz_verify_chain(at in any::<prop::sample::Index>(), xor in 1u8..=255, junk in prop::collection::vec(any::<u8>(), 0..600)) {
+            let (bundle, chain, leaf) = fixture();
+            let intermediate = &chain[chain.find("-----END CERTIFICATE-----").unwrap() + 26..];
+            let mut mutated = leaf.clone();
+            let i = at.index(mutated.len());
+            mutated[i] ^= xor;
+            let tampered = format!("{}{intermediate}", pem(&mutated));
+            prop_assert!(verify_chain(bundle, &tampered, SystemTime::now()).is_err(), "byte {i} ^ {xor:#x} accepted");
+            let garbage = format!("{}{intermediate}", pem(&junk));
+            prop_assert!(verify_chain(bundle, &garbage, SystemTime::now()).is_err());
+            let _ = spiffe_id_of(&junk);
+        }
+    }
+}
