@@ -80,6 +80,12 @@ pub struct AdminAuthz {
 const MAX_APPLY_BYTES: usize = 16 << 20;
 
 pub fn router(state: AdminState) -> Router {
+    router_with(state, Router::new())
+}
+
+/// The admin routes plus `extra` (the CA's), all behind the same authorization.
+pub fn router_with(state: AdminState, extra: Router) -> Router {
+    let authz = state.authz.clone();
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -96,12 +102,10 @@ pub fn router(state: AdminState) -> Router {
             delete(config_delete),
         )
         .route("/config_dump", get(config_dump))
-        .layer(DefaultBodyLimit::max(MAX_APPLY_BYTES))
-        .layer(axum::middleware::from_fn_with_state(
-            state.authz.clone(),
-            authorize,
-        ))
         .with_state(state)
+        .merge(extra)
+        .layer(DefaultBodyLimit::max(MAX_APPLY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(authz, authorize))
 }
 
 /// What a request does: its action and the environments it touches (`None`: the
@@ -144,6 +148,15 @@ fn request_scope(
         let env = rest.split('/').next().unwrap_or_default().to_string();
         return Ok((action, vec![Some(env)]));
     }
+    // The CA's token and rotation API acts on the whole mesh.
+    if path.starts_with("/v1/tokens") || path.starts_with("/v1/ca") {
+        let action = if *method == axum::http::Method::GET {
+            AdminAction::Read
+        } else {
+            AdminAction::Write
+        };
+        return Ok((action, vec![None]));
+    }
     Ok((AdminAction::Read, env()))
 }
 
@@ -163,6 +176,11 @@ async fn authorize(
         .and_then(|c| c.0.id.clone());
     let path = req.uri().path().to_string();
     if (path == "/healthz" || path == "/readyz") && peer.is_some() {
+        return next.run(req).await;
+    }
+    // A CSR is authorized by the credential it carries (a join token or a
+    // service-account token), not by the connection's certificate.
+    if path == "/v1/certificates" {
         return next.run(req).await;
     }
     let query: HashMap<String, String> = Query::try_from_uri(req.uri())

@@ -118,6 +118,11 @@ pub struct HubConfig {
     /// Workload certificates over SDS and mesh mTLS (docs/security.md); `None`: the
     /// hub serves no secrets and generates plaintext clusters and listeners.
     pub mesh_identity: Option<MeshIdentity>,
+    /// Mesh mTLS with the hub's own CA as the issuer (`--mesh-mtls`), when
+    /// `mesh_identity` names none.
+    pub mesh_mtls: bool,
+    /// The certificate authority and the CSR API (see `docs/security.md`).
+    pub identity: crate::identity::api::IdentityConfig,
 }
 
 /// Who issues the mesh's workload certificates, and its trust domain.
@@ -177,6 +182,8 @@ impl HubConfig {
             trust_domain: tls::DEFAULT_TRUST_DOMAIN.to_string(),
             bootstrap_operators: Vec::new(),
             mesh_identity: None,
+            mesh_mtls: false,
+            identity: crate::identity::api::IdentityConfig::default(),
         }
     }
 
@@ -283,6 +290,8 @@ pub struct Hub {
     /// Workload certificates served over SDS (with `HubConfig::mesh_identity`): the
     /// CA calls `reissue_all` on it when its roots or intermediates change.
     pub secrets: Option<Arc<crate::xds::secrets::Secrets>>,
+    /// The certificate authority, shared through the store with the other replicas.
+    pub ca: Arc<crate::identity::ca::Ca>,
     /// Holds the state dir's lock while the hub runs.
     _state_dir: Option<StateDir>,
     shutdown: watch::Sender<bool>,
@@ -328,13 +337,21 @@ impl Hub {
         let store = open_store(&cfg).await?;
         info!(store = %store.describe(), replica = %cfg.replica_id, "store opened");
         let (source, mesh) = Source::open(&cfg, &store, &metrics).await?;
+        let ca_api = crate::identity::api::start(store.clone(), &cfg.identity).await?;
+        // Who issues workload certificates for SDS: the one given, or the hub's CA.
+        let mesh_identity = cfg.mesh_identity.clone().or_else(|| {
+            cfg.mesh_mtls.then(|| MeshIdentity {
+                trust_domain: cfg.trust_domain.clone(),
+                issuer: ca_api.ca.clone() as Arc<dyn crate::identity::CertificateIssuer>,
+            })
+        });
         let config_status = source.status();
         // The initial config is applied before anything is served: ready means "has config".
         let mut index = Index::new(
             IndexConfig {
                 debounce: cfg.debounce,
                 grace: cfg.grace,
-                mesh_trust_domain: cfg.mesh_identity.as_ref().map(|m| m.trust_domain.clone()),
+                mesh_trust_domain: mesh_identity.as_ref().map(|m| m.trust_domain.clone()),
             },
             snapshots.clone(),
             metrics.clone(),
@@ -383,6 +400,12 @@ impl Hub {
             }
         };
         let mut tasks = JoinSet::new();
+        // The CA follows the store: rotations and the other replicas' intermediates.
+        let ca_follow = ca_api.ca.clone().run(shutdown_rx.clone());
+        tasks.spawn(async move {
+            ca_follow.await;
+            Ok(())
+        });
 
         tasks.spawn({
             let stop = stopped();
@@ -504,8 +527,7 @@ impl Hub {
         )
         .with_membership(membership.clone())
         .with_trust_domain(cfg.trust_domain.clone());
-        let secrets = cfg
-            .mesh_identity
+        let secrets = mesh_identity
             .as_ref()
             .map(|m| crate::xds::secrets::Secrets::new(m.issuer.clone(), m.trust_domain.clone()));
         let ads = match &secrets {
@@ -577,10 +599,19 @@ impl Hub {
                 bootstrap: cfg.bootstrap_operators.clone(),
             },
         };
+        // The CA's routes share the admin listener: the CSR API
+        // (`identity::api::csr_routes`) and the operator's token and rotation API.
+        // They are authorized like the rest: tokens and rotation need write on the
+        // whole mesh; a CSR is authorized by the credential it carries.
+        let admin_routes = admin::router_with(
+            state,
+            crate::identity::api::csr_routes(ca_api.clone())
+                .merge(crate::identity::api::ca_admin_routes(ca_api.clone())),
+        );
         tasks.spawn({
             let stop = stopped();
             async move {
-                let app = admin::router(state).into_make_service_with_connect_info::<PeerAddr>();
+                let app = admin_routes.into_make_service_with_connect_info::<PeerAddr>();
                 match admin_tls {
                     None => {
                         axum::serve(admin_listener, app)
@@ -621,6 +652,7 @@ impl Hub {
             membership,
             catalog,
             secrets,
+            ca: ca_api.ca.clone(),
             _state_dir: state_dir,
             shutdown,
             tasks,

@@ -55,6 +55,12 @@ enum Command {
     /// Config through a hub's admin API (apply, get, delete, diff, validate) and the
     /// shard assignment.
     Ctl(CtlArgs),
+    /// Join tokens for peers without a service account (create, revoke).
+    Token(tributary_controlplane::identity::cli::TokenArgs),
+    /// The certificate authority: status, rotation of the root or an intermediate.
+    Ca(tributary_controlplane::identity::cli::CaArgs),
+    /// Request a certificate from a hub's CSR API (and keep it renewed).
+    Cert(tributary_controlplane::identity::cli::CertArgs),
     /// Validate config files and exit (0: valid; 1: errors, printed one per line).
     Validate {
         /// Config files or directories of *.yaml / *.yml.
@@ -297,9 +303,17 @@ struct HubArgs {
     #[arg(long, hide = true)]
     test_hooks: bool,
     /// Tests and local trials only: issue workload certificates from a root generated
-    /// at start (its certificate written to DIR/root.pem), until the hub's CA lands.
+    /// at start (its certificate written to DIR/root.pem) instead of the hub's CA.
     #[arg(long, hide = true, value_name = "DIR")]
     test_issuer: Option<PathBuf>,
+    /// Mesh mTLS: serve workload certificates from the hub's CA over SDS and give
+    /// sidecars' clusters and inbound listeners mTLS (per environment, `mtls: false`
+    /// opts out). Off by default: gRPC proxyless clients cannot use SDS-based clusters.
+    #[arg(long, env = "TRIBUTARY_MESH_MTLS")]
+    mesh_mtls: bool,
+    /// The certificate authority and the CSR API (docs/security.md).
+    #[command(flatten)]
+    identity: Box<tributary_controlplane::identity::cli::HubIdentityArgs>,
     /// The hub's state: the embedded store (`store.redb`: config, the clusters that
     /// fed it, membership) and a lock (one hub per dir). Give it a persistent volume.
     #[arg(
@@ -444,6 +458,13 @@ fn main() -> anyhow::Result<()> {
             json,
             tls,
         } => runtime()?.block_on(status(what, &admin, json, &tls)),
+        Command::Token(args) => {
+            runtime()?.block_on(tributary_controlplane::identity::cli::token(args))
+        }
+        Command::Ca(args) => runtime()?.block_on(tributary_controlplane::identity::cli::ca(args)),
+        Command::Cert(args) => {
+            runtime()?.block_on(tributary_controlplane::identity::cli::cert(args))
+        }
         Command::Ctl(args) => {
             let code = runtime()?.block_on(ctl(args))?;
             std::process::exit(code)
@@ -524,6 +545,7 @@ async fn hub(args: HubArgs) -> anyhow::Result<()> {
         trust_domain: args.tls.trust_domain.clone(),
         bootstrap_operators: args.bootstrap_operators,
         mesh_identity,
+        mesh_mtls: args.mesh_mtls,
         config_paths: args.config,
         xds_addr: args.xds_addr,
         admin_addr: args.admin_addr,
@@ -569,6 +591,7 @@ async fn hub(args: HubArgs) -> anyhow::Result<()> {
             max_message_bytes: args.federation_max_message_bytes as usize,
             max_endpoints_per_set: args.federation_max_endpoints_per_set as usize,
         },
+        identity: (*args.identity).into_config(args.tls.trust_domain.clone())?,
     };
     if cfg.debounce.cap < cfg.debounce.quiet {
         anyhow::bail!(

@@ -3,11 +3,10 @@
 //! connected to the hub.
 
 mod common;
+#[path = "common/kube_env.rs"]
+mod kube_env;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +15,7 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube_env::KubeEnv;
 use prost::Message;
 use serde_json::json;
 use tokio::sync::{oneshot, watch};
@@ -24,53 +24,6 @@ use tributary_controlplane::agent::{self, AgentConfig, ClusterState};
 use tributary_controlplane::app::{Hub, HubConfig};
 use tributary_proto::envoy::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use tributary_proto::envoy::envoy::service::discovery::v3::DeltaDiscoveryResponse;
-
-/// etcd + kube-apiserver, stopped (by the helper, on stdin EOF) when dropped.
-struct KubeEnv {
-    child: Child,
-    kubeconfig: PathBuf,
-}
-
-impl KubeEnv {
-    fn start() -> KubeEnv {
-        let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-        let mut child = Command::new("python3")
-            .arg(repo.join("tests/kube/kubeenv.py"))
-            .arg("serve")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect(
-                "python3 runs tests/kube/kubeenv.py (install the peers: scripts/install-peers)",
-            );
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let info: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| {
-            let _ = child.kill();
-            panic!("kubeenv.py did not start a kube-apiserver ({e}): {line:?}; see scripts/install-peers, which builds it")
-        });
-        KubeEnv {
-            kubeconfig: PathBuf::from(info["kubeconfig"].as_str().unwrap()),
-            child,
-        }
-    }
-}
-
-impl Drop for KubeEnv {
-    fn drop(&mut self) {
-        drop(self.child.stdin.take());
-        for _ in 0..100 {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn obj<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
     serde_json::from_value(v).unwrap()

@@ -86,12 +86,35 @@ pub fn authorize_node(
         )))
     };
     let (env, role) = match &id.identity {
-        Identity::Workload { env, .. } => {
+        Identity::Workload {
+            env,
+            namespace,
+            service_account,
+        } => {
             if let Role::Gateway(g) = &claimed.role {
                 return deny(format!(
                     "claims the gateway role {g:?} (metadata tributary.io/gateway) but is certified as a workload (sidecar)"
                 ));
             }
+            // The workload's SDS identity is the certified one.
+            for (claim, certified, key) in [
+                (&claimed.namespace, namespace, "tributary.io/namespace"),
+                (
+                    &claimed.service_account,
+                    service_account,
+                    "tributary.io/service-account",
+                ),
+            ] {
+                if let Some(c) = claim
+                    && c != certified
+                {
+                    return deny(format!(
+                        "claims {c:?} (metadata {key}) but is certified as {certified:?}"
+                    ));
+                }
+            }
+            claimed.namespace = Some(namespace.clone());
+            claimed.service_account = Some(service_account.clone());
             (env, Role::Sidecar)
         }
         Identity::Gateway { env, name } => {
@@ -274,7 +297,22 @@ mod tests {
             environment: env.into(),
             role,
             scope: None,
+            namespace: None,
+            service_account: None,
         }
+    }
+
+    #[test]
+    fn a_workload_gets_its_certified_namespace_and_service_account() {
+        let id = SpiffeId::parse("spiffe://tributary.local/env/prod/ns/shop/sa/web").unwrap();
+        let n = authorize_node(Some(&id), node("", Role::Sidecar), "prod").unwrap();
+        assert_eq!(n.namespace.as_deref(), Some("shop"));
+        assert_eq!(n.service_account.as_deref(), Some("web"));
+        let mut claims = node("prod", Role::Sidecar);
+        claims.service_account = Some("admin".into());
+        let err = authorize_node(Some(&id), claims, "prod").unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        assert!(err.message().contains("\"admin\""), "{}", err.message());
     }
 
     #[test]

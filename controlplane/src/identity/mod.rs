@@ -5,12 +5,26 @@
 //! [`Identity`] and authorizes from that: a proxy's environment and role, an agent's
 //! remote cluster, an operator's name. Node metadata that claims something else is
 //! refused, not trusted.
+//!
+//! The certificate authority ([`ca`]) issues those certificates: over the CSR API
+//! ([`api`]) to peers proving themselves with a Kubernetes service-account token
+//! ([`tokenreview`]) or a join token ([`tokens`]), and directly through
+//! [`CertificateIssuer`] (SDS). [`client`] is the requesting side (files, renewal at
+//! half-life), [`verify`] checks a chain against the trust bundle, [`cli`] holds the
+//! `token`, `ca` and `cert` commands. See `docs/security.md`.
 
+pub mod api;
 pub mod authz;
+pub mod ca;
+pub mod cli;
+pub mod client;
 pub mod spiffe;
+pub mod test_issuer;
 pub mod testing;
 pub mod tls;
-pub mod test_issuer;
+pub mod tokenreview;
+pub mod tokens;
+pub mod verify;
 
 pub use spiffe::{Identity, SpiffeId, SpiffeIdError};
 

@@ -1,0 +1,1048 @@
+//! The mesh's certificate authority: a root, one intermediate per signer, short-lived
+//! leaf certificates carrying one SPIFFE id, and rotation with an overlap window.
+//!
+//! The chain (see `docs/security.md`):
+//!
+//! ```text
+//! root (self-signed, --ca-root-lifetime, default 10 years; generated into the store or
+//! │     supplied by the operator with --ca-root-cert/--ca-root-key)
+//! ├── intermediate "cluster/{id}"  (--ca-intermediate-lifetime, default 30 days)
+//! │     signs the agent of remote cluster {id}, and the workloads whose credential
+//! │     proved they run in {id} (a TokenReview by {id}'s API server, or a join token
+//! │     created with --cluster {id})
+//! └── intermediate "mesh"
+//!       signs hubs, routers and operators, and workloads and gateways whose cluster the
+//!       hub does not know (SDS issues through `CertificateIssuer::issue`, where a
+//!       node's claims are no proof of its cluster)
+//! ```
+//!
+//! State lives in the store so that every replica shares one CA:
+//! `/tributary/ca/roots` (the active root and its key, and the roots being rotated out
+//! with the time each leaves the trust bundle) and `/tributary/ca/intermediates/{signer}`
+//! (each signer's current intermediate and key). Every write is a transaction compared
+//! on the mod revision it read, so two replicas creating the same intermediate at once
+//! end with one (the loser reloads the winner's; certificates it issued meanwhile stay
+//! valid, they carry their own intermediate). Each replica keeps the state in memory
+//! (an `Arc` snapshot behind a lock held only to clone or swap it) and follows the
+//! prefix with a store watch ([`Ca::run`]), so issuance itself never waits on the store.
+//!
+//! Keys never reach a log: [`IssuedCertificate`]'s `Debug` omits them, and so do the
+//! types here.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tracing::{info, warn};
+use tributary_store::watcher::{Update, Watcher};
+use tributary_store::{Compare, SharedStore, StoreError, Txn, TxnOp};
+
+use super::{CertificateIssuer, Identity, IssuedCertificate, SpiffeId};
+
+/// Everything the CA keeps in the store lives under this prefix.
+pub const CA_PREFIX: &str = "/tributary/ca/";
+/// The active root and the roots being rotated out (JSON [`RootsRecord`]).
+pub const ROOTS_KEY: &str = "/tributary/ca/roots";
+/// `{prefix}{signer}`: one signer's current intermediate (JSON).
+pub const INTERMEDIATES_PREFIX: &str = "/tributary/ca/intermediates/";
+
+/// Default lifetime of a leaf certificate (`--cert-lifetime`).
+pub const DEFAULT_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// Default lifetime of an intermediate (`--ca-intermediate-lifetime`).
+pub const DEFAULT_INTERMEDIATE_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Default lifetime of a generated root (`--ca-root-lifetime`).
+pub const DEFAULT_ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Default overlap of a root rotation (`--overlap`): two leaf lifetimes, so that every
+/// leaf issued under the old root has expired, and every peer renewed at half-life
+/// twice, before the old root leaves the bundle.
+pub const DEFAULT_OVERLAP: Duration = Duration::from_secs(48 * 3600);
+/// Certificates start this long before they are issued, for peers whose clock is
+/// slightly behind.
+const BACKDATE: Duration = Duration::from_secs(60);
+/// Store writes that lost a race are retried this many times (then the error says so).
+const WRITE_ATTEMPTS: usize = 5;
+
+/// How the CA is configured (built from flags by `main`, directly by tests).
+#[derive(Clone)]
+pub struct CaConfig {
+    /// The mesh's SPIFFE trust domain, e.g. `mesh.local`.
+    pub trust_domain: String,
+    /// Lifetime of leaf certificates (workloads, agents, hubs, routers, operators).
+    pub cert_lifetime: Duration,
+    /// Lifetime of an intermediate. An intermediate is replaced once less than two
+    /// leaf lifetimes of it remain, so a leaf never outlives its intermediate.
+    pub intermediate_lifetime: Duration,
+    /// Lifetime of a root the CA generates.
+    pub root_lifetime: Duration,
+    /// DNS names and IP addresses put in hub and router certificates next to their
+    /// SPIFFE id, for clients that check the hostname they dialled.
+    pub serving_sans: Vec<String>,
+    /// An operator-supplied root (PEM certificate and PKCS#8 key) instead of a
+    /// generated one.
+    pub root: Option<SuppliedRoot>,
+}
+
+impl std::fmt::Debug for CaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaConfig")
+            .field("trust_domain", &self.trust_domain)
+            .field("cert_lifetime", &self.cert_lifetime)
+            .field("intermediate_lifetime", &self.intermediate_lifetime)
+            .field("root_lifetime", &self.root_lifetime)
+            .field("serving_sans", &self.serving_sans)
+            .field("root", &self.root.as_ref().map(|r| &r.source))
+            .finish()
+    }
+}
+
+impl CaConfig {
+    pub fn new(trust_domain: impl Into<String>) -> Self {
+        Self {
+            trust_domain: trust_domain.into(),
+            cert_lifetime: DEFAULT_CERT_LIFETIME,
+            intermediate_lifetime: DEFAULT_INTERMEDIATE_LIFETIME,
+            root_lifetime: DEFAULT_ROOT_LIFETIME,
+            serving_sans: Vec::new(),
+            root: None,
+        }
+    }
+}
+
+/// A root the operator supplies: its certificate and key as PEM, and where they came
+/// from (named in errors).
+#[derive(Clone)]
+pub struct SuppliedRoot {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub source: String,
+}
+
+impl std::fmt::Debug for SuppliedRoot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the key.
+        f.debug_struct("SuppliedRoot")
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SuppliedRoot {
+    /// Reads `--ca-root-cert` and `--ca-root-key`.
+    pub fn read(cert: &std::path::Path, key: &std::path::Path) -> Result<Self, CaError> {
+        let read = |p: &std::path::Path| {
+            std::fs::read_to_string(p).map_err(|e| CaError::Config(format!("{}: {e}", p.display())))
+        };
+        Ok(Self {
+            cert_pem: read(cert)?,
+            key_pem: read(key)?,
+            source: format!(
+                "--ca-root-cert {} / --ca-root-key {}",
+                cert.display(),
+                key.display()
+            ),
+        })
+    }
+}
+
+/// Which intermediate signs a certificate.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Signer {
+    /// The intermediate of one remote cluster.
+    Cluster(String),
+    /// The mesh's own intermediate (hubs, routers, operators, SDS-issued workloads).
+    Mesh,
+}
+
+impl Signer {
+    /// The signer of an identity when nothing else says which cluster it runs in: an
+    /// agent's cluster intermediate, the mesh intermediate for everything else.
+    pub fn for_identity(id: &Identity) -> Signer {
+        match id {
+            Identity::Agent { cluster } => Signer::Cluster(cluster.clone()),
+            _ => Signer::Mesh,
+        }
+    }
+
+    /// Its name in the store and in the admin API: `mesh` or `cluster/{id}`.
+    pub fn name(&self) -> String {
+        match self {
+            Signer::Cluster(id) => format!("cluster/{id}"),
+            Signer::Mesh => "mesh".to_string(),
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Signer> {
+        match name {
+            "mesh" => Some(Signer::Mesh),
+            _ => name
+                .strip_prefix("cluster/")
+                .filter(|id| super::spiffe::valid_segment(id))
+                .map(|id| Signer::Cluster(id.to_string())),
+        }
+    }
+}
+
+/// Errors of the CA. `Store` errors are retryable when the store says so; the others
+/// need someone's action.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("certificate authority: {0}")]
+    Config(String),
+    #[error("certificate authority: the store: {0}")]
+    Store(#[from] StoreError),
+    #[error("certificate authority: the store's {key} is invalid: {message}")]
+    Corrupt { key: String, message: String },
+    #[error("certificate authority: {0}")]
+    Crypto(String),
+    #[error(
+        "certificate authority: {what} kept changing under us ({WRITE_ATTEMPTS} attempts): try again"
+    )]
+    Contended { what: String },
+}
+
+impl CaError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            CaError::Store(e) => e.is_retryable(),
+            CaError::Contended { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+fn crypto(what: &str) -> impl FnOnce(rcgen::Error) -> CaError + '_ {
+    move |e| CaError::Crypto(format!("{what}: {e}"))
+}
+
+/// A certificate and its key, as stored.
+#[derive(Clone, Serialize, Deserialize)]
+struct KeyedCert {
+    cert_pem: String,
+    key_pem: String,
+}
+
+/// A root being rotated out: trusted until `until` (seconds since the epoch).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RetiringRoot {
+    pub cert_pem: String,
+    pub until: u64,
+}
+
+/// `/tributary/ca/roots`.
+#[derive(Clone, Serialize, Deserialize)]
+struct RootsRecord {
+    active: KeyedCert,
+    #[serde(default)]
+    retiring: Vec<RetiringRoot>,
+}
+
+/// `/tributary/ca/intermediates/{signer}`.
+#[derive(Clone, Serialize, Deserialize)]
+struct IntermediateRecord {
+    #[serde(flatten)]
+    keyed: KeyedCert,
+    /// SHA-256 (hex) of the root certificate that signed it.
+    root: String,
+    /// Its notAfter, seconds since the epoch.
+    not_after: u64,
+}
+
+/// A loaded signing certificate: its PEM, and an issuer holding its key.
+struct Signing {
+    cert_pem: String,
+    fingerprint: String,
+    not_after: SystemTime,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+struct Intermediate {
+    signing: Signing,
+    /// The fingerprint of the root that signed it.
+    root: String,
+    /// The store's mod revision of its key (0: not written yet).
+    mod_revision: i64,
+}
+
+/// One replica's view of the CA state; replaced whole, never mutated.
+struct CaState {
+    root: Arc<Signing>,
+    roots_revision: i64,
+    /// The store's revision when this state was read.
+    revision: i64,
+    retiring: Vec<RetiringRoot>,
+    intermediates: BTreeMap<Signer, Arc<Intermediate>>,
+}
+
+/// The certificate authority. Cheap to share (`Arc<Ca>`); every method may be called
+/// from any task.
+pub struct Ca {
+    cfg: CaConfig,
+    store: SharedStore,
+    /// The current state. The lock is held only to clone or swap the `Arc`.
+    state: RwLock<Arc<CaState>>,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = self.snapshot();
+        f.debug_struct("Ca")
+            .field("trust_domain", &self.cfg.trust_domain)
+            .field("root", &state.root.fingerprint)
+            .field("retiring", &state.retiring.len())
+            .field("signers", &state.intermediates.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// What `GET /v1/ca` and the rotation commands report.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CaStatus {
+    pub trust_domain: String,
+    /// SHA-256 of the active root.
+    pub root: String,
+    pub root_not_after: String,
+    /// Roots still trusted while being rotated out: fingerprint and until when.
+    pub retiring: Vec<RetiringStatus>,
+    /// Each signer's intermediate: its fingerprint and notAfter.
+    pub intermediates: BTreeMap<String, IntermediateStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RetiringStatus {
+    pub root: String,
+    pub until: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IntermediateStatus {
+    pub fingerprint: String,
+    pub root: String,
+    pub not_after: String,
+}
+
+pub(crate) fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub(crate) fn from_unix(s: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(s)
+}
+
+pub(crate) fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// SHA-256 of a DER certificate, lowercase hex.
+pub fn fingerprint(der: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, der).as_ref())
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
+    use ring::rand::SecureRandom;
+    let mut buf = [0u8; N];
+    ring::rand::SystemRandom::new()
+        .fill(&mut buf)
+        .expect("the system's random number generator works");
+    buf
+}
+
+/// The DER of the first certificate in `pem`.
+fn first_der(pem: &str) -> Result<Vec<u8>, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .next()
+        .ok_or_else(|| "no CERTIFICATE block".to_string())?
+        .map(|c| c.to_vec())
+        .map_err(|e| format!("not PEM: {e}"))
+}
+
+fn not_after_of(der: &[u8]) -> Result<SystemTime, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
+    let t = cert.validity().not_after.timestamp();
+    Ok(from_unix(u64::try_from(t).unwrap_or(0)))
+}
+
+fn load_signing(cert_pem: &str, key_pem: &str) -> Result<Signing, String> {
+    let der = first_der(cert_pem)?;
+    let key = KeyPair::from_pem(key_pem).map_err(|e| format!("the key: {e}"))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| e.to_string())?;
+    if cert.public_key().raw != key.subject_public_key_info().as_slice() {
+        return Err("the key does not belong to the certificate".into());
+    }
+    if !cert.is_ca() {
+        return Err("the certificate is not a CA (basicConstraints CA:TRUE)".into());
+    }
+    let not_after = not_after_of(&der)?;
+    let issuer = Issuer::from_ca_cert_der(&der.clone().into(), key).map_err(|e| e.to_string())?;
+    Ok(Signing {
+        cert_pem: cert_pem.to_string(),
+        fingerprint: fingerprint(&der),
+        not_after,
+        issuer,
+    })
+}
+
+fn serial() -> SerialNumber {
+    let mut b = random_bytes::<16>();
+    b[0] &= 0x7f; // a positive INTEGER
+    SerialNumber::from_slice(&b)
+}
+
+fn ca_params(
+    cn: String,
+    td: &str,
+    now: SystemTime,
+    until: SystemTime,
+    path_len: Option<u8>,
+) -> CertificateParams {
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, td);
+    dn.push(DnType::CommonName, cn);
+    p.distinguished_name = dn;
+    p.is_ca = match path_len {
+        Some(n) => IsCa::Ca(BasicConstraints::Constrained(n)),
+        None => IsCa::Ca(BasicConstraints::Unconstrained),
+    };
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    p.not_before = (now - BACKDATE).into();
+    p.not_after = until.into();
+    p.serial_number = Some(serial());
+    p.use_authority_key_identifier_extension = path_len.is_some();
+    p
+}
+
+/// Generates a self-signed root.
+fn generate_root(cfg: &CaConfig, now: SystemTime) -> Result<KeyedCert, CaError> {
+    let key = KeyPair::generate().map_err(crypto("generating the root key"))?;
+    // A distinct name per root: peers find a chain's issuer by name, and during a
+    // rotation two roots are trusted at once.
+    let cn = format!(
+        "Tributary root {} {}",
+        rfc3339(now),
+        hex(&random_bytes::<4>())
+    );
+    let params = ca_params(cn, &cfg.trust_domain, now, now + cfg.root_lifetime, None);
+    let cert = params
+        .self_signed(&key)
+        .map_err(crypto("signing the root"))?;
+    Ok(KeyedCert {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
+impl Ca {
+    /// Opens the CA in `store`: loads its root (generating one, or storing the
+    /// operator's, when the store has none) and the intermediates, and makes sure the
+    /// mesh intermediate is current.
+    pub async fn open(store: SharedStore, cfg: CaConfig) -> Result<Arc<Ca>, CaError> {
+        if cfg.cert_lifetime.is_zero() || cfg.cert_lifetime * 2 >= cfg.intermediate_lifetime {
+            return Err(CaError::Config(format!(
+                "--cert-lifetime {} must be more than zero and less than half of --ca-intermediate-lifetime {}",
+                humantime::format_duration(cfg.cert_lifetime),
+                humantime::format_duration(cfg.intermediate_lifetime)
+            )));
+        }
+        if cfg.intermediate_lifetime >= cfg.root_lifetime {
+            return Err(CaError::Config(format!(
+                "--ca-intermediate-lifetime {} must be less than --ca-root-lifetime {}",
+                humantime::format_duration(cfg.intermediate_lifetime),
+                humantime::format_duration(cfg.root_lifetime)
+            )));
+        }
+        for san in &cfg.serving_sans {
+            if san.parse::<std::net::IpAddr>().is_err()
+                && rcgen::string::Ia5String::try_from(san.as_str()).is_err()
+            {
+                return Err(CaError::Config(format!(
+                    "--serving-san {san:?} is neither an IP address nor an ASCII DNS name"
+                )));
+            }
+        }
+        Self::init_roots(&store, &cfg).await?;
+        let state = Self::load(&store).await?;
+        let ca = Arc::new(Ca {
+            cfg,
+            store,
+            state: RwLock::new(Arc::new(state)),
+        });
+        ca.ensure_signer(&Signer::Mesh).await?;
+        info!(trust_domain = %ca.cfg.trust_domain, root = %ca.snapshot().root.fingerprint, "certificate authority ready");
+        Ok(ca)
+    }
+
+    /// Writes the first root when the store has none; checks a supplied root against
+    /// the stored one.
+    async fn init_roots(store: &SharedStore, cfg: &CaConfig) -> Result<(), CaError> {
+        let (existing, _) = store.get(ROOTS_KEY).await?;
+        if let Some(kv) = existing {
+            if let Some(supplied) = &cfg.root {
+                let stored: RootsRecord = parse_record(ROOTS_KEY, &kv.value)?;
+                let fp = |pem: &str| first_der(pem).map(|d| fingerprint(&d));
+                let theirs = fp(&supplied.cert_pem)
+                    .map_err(|e| CaError::Config(format!("{}: {e}", supplied.source)))?;
+                let ours = fp(&stored.active.cert_pem).map_err(|message| CaError::Corrupt {
+                    key: ROOTS_KEY.into(),
+                    message,
+                })?;
+                if theirs != ours {
+                    return Err(CaError::Config(format!(
+                        "{}: the store already holds a different root (SHA-256 {ours}, supplied {theirs}); \
+                         the root changes only by rotation (`tributary ca rotate --root`), or start from an empty store",
+                        supplied.source
+                    )));
+                }
+            }
+            return Ok(());
+        }
+        let now = SystemTime::now();
+        let active = match &cfg.root {
+            Some(s) => {
+                load_signing(&s.cert_pem, &s.key_pem)
+                    .map_err(|e| CaError::Config(format!("{}: {e}", s.source)))?;
+                KeyedCert {
+                    cert_pem: s.cert_pem.clone(),
+                    key_pem: s.key_pem.clone(),
+                }
+            }
+            None => generate_root(cfg, now)?,
+        };
+        let record = RootsRecord {
+            active,
+            retiring: Vec::new(),
+        };
+        let txn = Txn {
+            compares: vec![Compare::absent(ROOTS_KEY)],
+            success: vec![TxnOp::put(
+                ROOTS_KEY,
+                serde_json::to_vec(&record).expect("serializable"),
+            )],
+            failure: vec![],
+        };
+        // Losing the race means another replica stored its root first: use that one.
+        if store.txn(txn).await?.succeeded {
+            info!(store = %store.describe(), supplied = cfg.root.is_some(), "stored the CA root");
+        }
+        Ok(())
+    }
+
+    /// Reads the whole CA state from the store.
+    async fn load(store: &SharedStore) -> Result<CaState, CaError> {
+        let range = store.range(CA_PREFIX).await?;
+        let mut roots = None;
+        let mut intermediates = BTreeMap::new();
+        for kv in &range.kvs {
+            if kv.key == ROOTS_KEY {
+                roots = Some((
+                    parse_record::<RootsRecord>(&kv.key, &kv.value)?,
+                    kv.mod_revision,
+                ));
+            } else if let Some(name) = kv.key.strip_prefix(INTERMEDIATES_PREFIX) {
+                let Some(signer) = Signer::parse(name) else {
+                    warn!(key = %kv.key, "ignoring an intermediate of an unknown signer");
+                    continue;
+                };
+                let rec: IntermediateRecord = parse_record(&kv.key, &kv.value)?;
+                let signing =
+                    load_signing(&rec.keyed.cert_pem, &rec.keyed.key_pem).map_err(|message| {
+                        CaError::Corrupt {
+                            key: kv.key.clone(),
+                            message,
+                        }
+                    })?;
+                intermediates.insert(
+                    signer,
+                    Arc::new(Intermediate {
+                        signing,
+                        root: rec.root,
+                        mod_revision: kv.mod_revision,
+                    }),
+                );
+            }
+        }
+        let (roots, roots_revision) = roots.ok_or_else(|| CaError::Corrupt {
+            key: ROOTS_KEY.into(),
+            message: "missing".into(),
+        })?;
+        let root =
+            load_signing(&roots.active.cert_pem, &roots.active.key_pem).map_err(|message| {
+                CaError::Corrupt {
+                    key: ROOTS_KEY.into(),
+                    message,
+                }
+            })?;
+        Ok(CaState {
+            root: Arc::new(root),
+            roots_revision,
+            revision: range.revision,
+            retiring: roots.retiring,
+            intermediates,
+        })
+    }
+
+    /// Reloads the state from the store.
+    pub async fn reload(&self) -> Result<(), CaError> {
+        let state = Self::load(&self.store).await?;
+        *self.state.write().expect("CA state lock") = Arc::new(state);
+        Ok(())
+    }
+
+    fn snapshot(&self) -> Arc<CaState> {
+        self.state.read().expect("CA state lock").clone()
+    }
+
+    pub fn config(&self) -> &CaConfig {
+        &self.cfg
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.cfg.trust_domain
+    }
+
+    /// Follows the store until `shutdown`: every change under [`CA_PREFIX`] (a
+    /// rotation, another replica's new intermediate) reloads the state.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        // From the revision the state was read at: nothing in between is missed.
+        let mut watcher = Watcher::resume(self.store.clone(), CA_PREFIX, self.snapshot().revision);
+        loop {
+            tokio::select! {
+                update = watcher.next() => match update {
+                    Update::Events(_) | Update::Resync(_) => {
+                        if let Err(e) = self.reload().await {
+                            warn!(error = %e, "reloading the certificate authority");
+                        }
+                    }
+                    Update::Interrupted(e) => warn!(error = %e, "certificate authority watch interrupted"),
+                },
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// The roots a peer must trust at `now`: the active one, and those being rotated
+    /// out whose window has not passed.
+    pub fn trust_bundle_at(&self, now: SystemTime) -> String {
+        let state = self.snapshot();
+        let mut pem = state.root.cert_pem.clone();
+        for r in state.retiring.iter().filter(|r| from_unix(r.until) > now) {
+            if !pem.ends_with('\n') {
+                pem.push('\n');
+            }
+            pem.push_str(&r.cert_pem);
+        }
+        pem
+    }
+
+    /// An intermediate of `signer` that is current (signed by the active root, with at
+    /// least two leaf lifetimes left at `now`), if this replica holds one.
+    fn current(
+        &self,
+        state: &CaState,
+        signer: &Signer,
+        now: SystemTime,
+    ) -> Option<Arc<Intermediate>> {
+        state
+            .intermediates
+            .get(signer)
+            .filter(|i| {
+                i.root == state.root.fingerprint
+                    && i.signing.not_after > now + self.cfg.cert_lifetime * 2
+            })
+            .cloned()
+    }
+
+    /// Creates a new intermediate for `signer` under the active root (not stored).
+    fn new_intermediate(
+        &self,
+        state: &CaState,
+        signer: &Signer,
+        now: SystemTime,
+    ) -> Result<(Intermediate, IntermediateRecord), CaError> {
+        let key = KeyPair::generate().map_err(crypto("generating an intermediate key"))?;
+        let until = (now + self.cfg.intermediate_lifetime).min(state.root.not_after);
+        let params = ca_params(
+            format!(
+                "Tributary intermediate {} {}",
+                signer.name(),
+                hex(&random_bytes::<4>())
+            ),
+            &self.cfg.trust_domain,
+            now,
+            until,
+            Some(0),
+        );
+        let cert = params
+            .signed_by(&key, &state.root.issuer)
+            .map_err(crypto("signing an intermediate"))?;
+        let record = IntermediateRecord {
+            keyed: KeyedCert {
+                cert_pem: cert.pem(),
+                key_pem: key.serialize_pem(),
+            },
+            root: state.root.fingerprint.clone(),
+            not_after: unix(until),
+        };
+        let signing =
+            load_signing(&record.keyed.cert_pem, &record.keyed.key_pem).map_err(CaError::Crypto)?;
+        Ok((
+            Intermediate {
+                signing,
+                root: record.root.clone(),
+                mod_revision: 0,
+            },
+            record,
+        ))
+    }
+
+    /// Makes sure the store holds a current intermediate for `signer` (creating one if
+    /// needed), so that [`CertificateIssuer::issue`] for its identities needs no store
+    /// round trip.
+    pub async fn prepare(&self, signer: &Signer) -> Result<(), CaError> {
+        self.ensure_signer(signer).await.map(|_| ())
+    }
+
+    /// Makes sure the store holds a current intermediate for `signer` (creating one if
+    /// needed) and returns it.
+    async fn ensure_signer(&self, signer: &Signer) -> Result<Arc<Intermediate>, CaError> {
+        let key = format!("{INTERMEDIATES_PREFIX}{}", signer.name());
+        for _ in 0..WRITE_ATTEMPTS {
+            let state = self.snapshot();
+            let now = SystemTime::now();
+            if let Some(i) = self.current(&state, signer, now)
+                && i.mod_revision > 0
+            {
+                return Ok(i);
+            }
+            let seen = state
+                .intermediates
+                .get(signer)
+                .map(|i| i.mod_revision)
+                .unwrap_or(0);
+            let (_, record) = self.new_intermediate(&state, signer, now)?;
+            let txn = Txn {
+                compares: vec![
+                    Compare::mod_revision(key.clone(), seen),
+                    Compare::mod_revision(ROOTS_KEY, state.roots_revision),
+                ],
+                success: vec![TxnOp::put(
+                    key.clone(),
+                    serde_json::to_vec(&record).expect("serializable"),
+                )],
+                failure: vec![],
+            };
+            let res = self.store.txn(txn).await?;
+            if res.succeeded {
+                info!(signer = %signer.name(), not_after = %rfc3339(from_unix(record.not_after)), "new intermediate");
+            }
+            // Either way, what the store holds now is what every replica uses.
+            self.reload().await?;
+        }
+        Err(CaError::Contended { what: key })
+    }
+
+    /// Issues a certificate for `id` with a fresh key, signed by `signer`'s
+    /// intermediate (created and stored first when needed).
+    pub async fn issue_with(
+        &self,
+        id: &SpiffeId,
+        signer: &Signer,
+    ) -> Result<IssuedCertificate, CaError> {
+        let key = KeyPair::generate().map_err(crypto("generating a leaf key"))?;
+        let intermediate = self.ensure_signer(signer).await?;
+        let mut issued = self.sign_leaf(id, &key, &intermediate, SystemTime::now())?;
+        issued.key_pem = key.serialize_pem();
+        Ok(issued)
+    }
+
+    /// Signs `public_key` (a CSR's, already checked against the credential) for `id`.
+    /// The certificate carries only what the CA decides: the SPIFFE id (and, for hubs
+    /// and routers, the operator's serving names); nothing else the CSR asked for.
+    pub async fn sign_for(
+        &self,
+        id: &SpiffeId,
+        public_key: &impl PublicKeyData,
+        signer: &Signer,
+    ) -> Result<IssuedCertificate, CaError> {
+        let intermediate = self.ensure_signer(signer).await?;
+        self.sign_leaf(id, public_key, &intermediate, SystemTime::now())
+    }
+
+    fn sign_leaf(
+        &self,
+        id: &SpiffeId,
+        public_key: &impl PublicKeyData,
+        intermediate: &Intermediate,
+        now: SystemTime,
+    ) -> Result<IssuedCertificate, CaError> {
+        if id.trust_domain != self.cfg.trust_domain {
+            return Err(CaError::Config(format!(
+                "{id} is not in this mesh's trust domain {:?}",
+                self.cfg.trust_domain
+            )));
+        }
+        let mut p = CertificateParams::default();
+        // An empty subject: the SPIFFE id is the name (the SAN is then critical).
+        p.distinguished_name = DistinguishedName::new();
+        let uri = rcgen::string::Ia5String::try_from(id.to_string())
+            .map_err(|e| CaError::Crypto(e.to_string()))?;
+        p.subject_alt_names = vec![SanType::URI(uri)];
+        if matches!(id.identity, Identity::Hub { .. } | Identity::Router { .. }) {
+            for san in &self.cfg.serving_sans {
+                p.subject_alt_names
+                    .push(match san.parse::<std::net::IpAddr>() {
+                        Ok(ip) => SanType::IpAddress(ip),
+                        Err(_) => SanType::DnsName(
+                            rcgen::string::Ia5String::try_from(san.as_str())
+                                .map_err(|e| CaError::Config(e.to_string()))?,
+                        ),
+                    });
+            }
+        }
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let not_before = now - BACKDATE;
+        let not_after = (now + self.cfg.cert_lifetime).min(intermediate.signing.not_after);
+        p.not_before = not_before.into();
+        p.not_after = not_after.into();
+        p.serial_number = Some(serial());
+        p.use_authority_key_identifier_extension = true;
+        let cert = p
+            .signed_by(public_key, &intermediate.signing.issuer)
+            .map_err(crypto("signing a leaf"))?;
+        let mut chain_pem = cert.pem();
+        if !chain_pem.ends_with('\n') {
+            chain_pem.push('\n');
+        }
+        chain_pem.push_str(&intermediate.signing.cert_pem);
+        // The times as the certificate states them (whole seconds).
+        let (_, leaf) = x509_parser::parse_x509_certificate(cert.der())
+            .map_err(|e| CaError::Crypto(e.to_string()))?;
+        let secs =
+            |t: x509_parser::time::ASN1Time| from_unix(u64::try_from(t.timestamp()).unwrap_or(0));
+        Ok(IssuedCertificate {
+            chain_pem,
+            key_pem: String::new(),
+            not_before: secs(leaf.validity().not_before),
+            not_after: secs(leaf.validity().not_after),
+        })
+    }
+
+    /// Rotates `signer`'s intermediate: a new one is stored and signs from now on.
+    /// Certificates of the old one keep verifying (they carry it, and the root is
+    /// unchanged) until they expire, within one leaf lifetime.
+    pub async fn rotate_intermediate(&self, signer: &Signer) -> Result<CaStatus, CaError> {
+        let key = format!("{INTERMEDIATES_PREFIX}{}", signer.name());
+        for _ in 0..WRITE_ATTEMPTS {
+            let state = self.snapshot();
+            let seen = state
+                .intermediates
+                .get(signer)
+                .map(|i| i.mod_revision)
+                .unwrap_or(0);
+            let (_, record) = self.new_intermediate(&state, signer, SystemTime::now())?;
+            let txn = Txn {
+                compares: vec![
+                    Compare::mod_revision(key.clone(), seen),
+                    Compare::mod_revision(ROOTS_KEY, state.roots_revision),
+                ],
+                success: vec![TxnOp::put(
+                    key.clone(),
+                    serde_json::to_vec(&record).expect("serializable"),
+                )],
+                failure: vec![],
+            };
+            let done = self.store.txn(txn).await?.succeeded;
+            self.reload().await?;
+            if done {
+                info!(signer = %signer.name(), "rotated the intermediate");
+                return Ok(self.status());
+            }
+        }
+        Err(CaError::Contended { what: key })
+    }
+
+    /// Rotates the root: a new root signs from now on (every intermediate is replaced
+    /// under it as it is next used); the old one stays in the trust bundle for
+    /// `overlap`, then leaves it (or at [`Ca::finish_rotation`]).
+    pub async fn rotate_root(&self, overlap: Duration) -> Result<CaStatus, CaError> {
+        self.rotate_root_at(overlap, SystemTime::now()).await
+    }
+
+    async fn rotate_root_at(
+        &self,
+        overlap: Duration,
+        now: SystemTime,
+    ) -> Result<CaStatus, CaError> {
+        for _ in 0..WRITE_ATTEMPTS {
+            let (kv, _) = self.store.get(ROOTS_KEY).await?;
+            let kv = kv.ok_or_else(|| CaError::Corrupt {
+                key: ROOTS_KEY.into(),
+                message: "missing".into(),
+            })?;
+            let mut record: RootsRecord = parse_record(ROOTS_KEY, &kv.value)?;
+            record.retiring.retain(|r| from_unix(r.until) > now);
+            record.retiring.push(RetiringRoot {
+                cert_pem: record.active.cert_pem.clone(),
+                until: unix(now + overlap),
+            });
+            record.active = generate_root(&self.cfg, now)?;
+            let txn = Txn {
+                compares: vec![Compare::mod_revision(ROOTS_KEY, kv.mod_revision)],
+                success: vec![TxnOp::put(
+                    ROOTS_KEY,
+                    serde_json::to_vec(&record).expect("serializable"),
+                )],
+                failure: vec![],
+            };
+            if self.store.txn(txn).await?.succeeded {
+                self.reload().await?;
+                info!(root = %self.snapshot().root.fingerprint, overlap = %humantime::format_duration(overlap), "rotated the root");
+                // Move the signers this replica knows to the new root now, rather than
+                // at their next use.
+                let signers: Vec<Signer> = self.snapshot().intermediates.keys().cloned().collect();
+                for s in signers {
+                    self.ensure_signer(&s).await?;
+                }
+                return Ok(self.status());
+            }
+        }
+        Err(CaError::Contended {
+            what: ROOTS_KEY.into(),
+        })
+    }
+
+    /// Ends a root rotation now: the roots being rotated out leave the trust bundle.
+    pub async fn finish_rotation(&self) -> Result<CaStatus, CaError> {
+        for _ in 0..WRITE_ATTEMPTS {
+            let (kv, _) = self.store.get(ROOTS_KEY).await?;
+            let kv = kv.ok_or_else(|| CaError::Corrupt {
+                key: ROOTS_KEY.into(),
+                message: "missing".into(),
+            })?;
+            let mut record: RootsRecord = parse_record(ROOTS_KEY, &kv.value)?;
+            if record.retiring.is_empty() {
+                return Ok(self.status());
+            }
+            record.retiring.clear();
+            let txn = Txn {
+                compares: vec![Compare::mod_revision(ROOTS_KEY, kv.mod_revision)],
+                success: vec![TxnOp::put(
+                    ROOTS_KEY,
+                    serde_json::to_vec(&record).expect("serializable"),
+                )],
+                failure: vec![],
+            };
+            if self.store.txn(txn).await?.succeeded {
+                self.reload().await?;
+                info!("finished the root rotation: the old roots left the trust bundle");
+                return Ok(self.status());
+            }
+        }
+        Err(CaError::Contended {
+            what: ROOTS_KEY.into(),
+        })
+    }
+
+    /// The CA's roots and intermediates (fingerprints and times; never keys).
+    pub fn status(&self) -> CaStatus {
+        let state = self.snapshot();
+        let now = SystemTime::now();
+        CaStatus {
+            trust_domain: self.cfg.trust_domain.clone(),
+            root: state.root.fingerprint.clone(),
+            root_not_after: rfc3339(state.root.not_after),
+            retiring: state
+                .retiring
+                .iter()
+                .filter(|r| from_unix(r.until) > now)
+                .map(|r| RetiringStatus {
+                    root: first_der(&r.cert_pem)
+                        .map(|d| fingerprint(&d))
+                        .unwrap_or_default(),
+                    until: rfc3339(from_unix(r.until)),
+                })
+                .collect(),
+            intermediates: state
+                .intermediates
+                .iter()
+                .map(|(s, i)| {
+                    (
+                        s.name(),
+                        IntermediateStatus {
+                            fingerprint: i.signing.fingerprint.clone(),
+                            root: i.root.clone(),
+                            not_after: rfc3339(i.signing.not_after),
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+}
+
+fn parse_record<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, CaError> {
+    serde_json::from_slice(value).map_err(|e| CaError::Corrupt {
+        key: key.to_string(),
+        message: e.to_string(),
+    })
+}
+
+impl CertificateIssuer for Ca {
+    /// Issues from the in-memory state, without waiting on the store, when the
+    /// signer's intermediate is current; otherwise it is created and stored first
+    /// (which needs a multi-threaded Tokio runtime, as the hub's).
+    fn issue(&self, id: &SpiffeId) -> anyhow::Result<IssuedCertificate> {
+        let signer = Signer::for_identity(&id.identity);
+        let now = SystemTime::now();
+        let state = self.snapshot();
+        let intermediate = match self
+            .current(&state, &signer, now)
+            .filter(|i| i.mod_revision > 0)
+        {
+            Some(i) => i,
+            None => tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(self.ensure_signer(&signer))
+            })?,
+        };
+        let key = KeyPair::generate().map_err(crypto("generating a leaf key"))?;
+        let mut issued = self.sign_leaf(id, &key, &intermediate, now)?;
+        issued.key_pem = key.serialize_pem();
+        Ok(issued)
+    }
+
+    fn trust_bundle_pem(&self) -> String {
+        self.trust_bundle_at(SystemTime::now())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

@@ -1,0 +1,376 @@
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tributary_store::SharedStore;
+use tributary_store::embedded::{Embedded, EmbeddedConfig};
+
+use super::*;
+use crate::identity::verify::{VerifyError, certs_from_pem, verify_chain};
+
+pub(crate) fn memory_store() -> SharedStore {
+    Arc::new(Embedded::in_memory(EmbeddedConfig::default()).unwrap())
+}
+
+fn id(s: &str) -> SpiffeId {
+    SpiffeId::parse(s).unwrap()
+}
+
+fn parsed<T>(der: &[u8], f: impl FnOnce(&x509_parser::certificate::X509Certificate<'_>) -> T) -> T {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
+    f(&cert)
+}
+
+fn sans(der: &[u8]) -> Vec<String> {
+    parsed(der, |c| {
+        c.subject_alternative_name()
+            .unwrap()
+            .map(|s| {
+                s.value
+                    .general_names
+                    .iter()
+                    .map(|n| n.to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    })
+}
+
+fn issuer_cn(der: &[u8]) -> String {
+    parsed(der, |c| c.issuer().to_string())
+}
+
+const WORKLOAD: &str = "spiffe://mesh.local/env/prod/ns/shop/sa/checkout";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_certificate_names_exactly_its_spiffe_id_and_verifies() {
+    let ca = Ca::open(memory_store(), CaConfig::new("mesh.local"))
+        .await
+        .unwrap();
+    let issued = ca.issue(&id(WORKLOAD)).unwrap();
+    let chain = certs_from_pem("chain", &issued.chain_pem).unwrap();
+    assert_eq!(chain.len(), 2, "leaf and intermediate, not the root");
+    assert_eq!(sans(&chain[0]), vec![format!("URI({WORKLOAD})")]);
+    parsed(&chain[0], |c| {
+        assert!(!c.is_ca());
+        assert!(
+            c.subject().iter().next().is_none(),
+            "empty subject: the SPIFFE id is the name"
+        );
+        let san = c
+            .extensions()
+            .iter()
+            .find(|e| e.oid == x509_parser::oid_registry::OID_X509_EXT_SUBJECT_ALT_NAME)
+            .unwrap();
+        assert!(san.critical, "SAN must be critical with an empty subject");
+        let eku = c.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && eku.client_auth);
+    });
+    // The default lifetime: 24 h from issuance (backdated by a minute for skew).
+    assert_eq!(
+        issued.not_after.duration_since(issued.not_before).unwrap(),
+        DEFAULT_CERT_LIFETIME + BACKDATE
+    );
+    let now = SystemTime::now();
+    assert!(issued.not_before <= now && issued.not_after > now + Duration::from_secs(23 * 3600));
+    // The leaf key is the certificate's.
+    let key = KeyPair::from_pem(&issued.key_pem).unwrap();
+    parsed(&chain[0], |c| {
+        assert_eq!(c.public_key().raw, key.subject_public_key_info().as_slice())
+    });
+    // A real chain verification against the bundle, and the id it proves.
+    let proven = verify_chain(&ca.trust_bundle_pem(), &issued.chain_pem, now).unwrap();
+    assert_eq!(proven, id(WORKLOAD));
+    // Workloads issued without a known cluster are signed by the mesh intermediate.
+    assert!(
+        issuer_cn(&chain[0]).contains("intermediate mesh"),
+        "{}",
+        issuer_cn(&chain[0])
+    );
+    parsed(&chain[1], |c| {
+        assert!(c.is_ca());
+        let bc = c.basic_constraints().unwrap().unwrap().value;
+        assert_eq!(bc.path_len_constraint, Some(0));
+        assert_eq!(
+            c.validity().not_after.timestamp() - c.validity().not_before.timestamp(),
+            (DEFAULT_INTERMEDIATE_LIFETIME + BACKDATE).as_secs() as i64
+        );
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_are_signed_by_their_clusters_intermediate_and_hubs_carry_serving_names() {
+    let mut cfg = CaConfig::new("mesh.local");
+    cfg.cert_lifetime = Duration::from_secs(3600);
+    cfg.serving_sans = vec!["hub.example".into(), "::1".into(), "127.0.0.1".into()];
+    let ca = Ca::open(memory_store(), cfg).await.unwrap();
+    let agent = ca.issue(&id("spiffe://mesh.local/cluster/eu-1a")).unwrap();
+    let chain = certs_from_pem("chain", &agent.chain_pem).unwrap();
+    assert!(
+        issuer_cn(&chain[0]).contains("intermediate cluster/eu-1a"),
+        "{}",
+        issuer_cn(&chain[0])
+    );
+    assert_eq!(
+        sans(&chain[0]),
+        vec!["URI(spiffe://mesh.local/cluster/eu-1a)".to_string()]
+    );
+    assert_eq!(
+        agent.not_after.duration_since(agent.not_before).unwrap(),
+        Duration::from_secs(3600) + BACKDATE
+    );
+    // The serving names go only into hub and router certificates.
+    let hub = ca.issue(&id("spiffe://mesh.local/hub/hub-0")).unwrap();
+    let hub_leaf = &certs_from_pem("chain", &hub.chain_pem).unwrap()[0];
+    assert_eq!(
+        sans(hub_leaf),
+        vec![
+            "URI(spiffe://mesh.local/hub/hub-0)".to_string(),
+            "DNSName(hub.example)".into(),
+            // x509-parser prints addresses as hex bytes.
+            "IPAddress(00:00:00:00:00:00:00:00:00:00:00:00:00:00:00:01)".into(),
+            "IPAddress(7f:00:00:01)".into()
+        ]
+    );
+    // Another trust domain is not this CA's to name.
+    let err = ca
+        .issue(&id("spiffe://other.org/hub/x"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("trust domain \"mesh.local\""), "{err}");
+    let status = ca.status();
+    assert!(
+        status.intermediates.contains_key("cluster/eu-1a")
+            && status.intermediates.contains_key("mesh")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_certificate_or_another_ca_is_refused_by_the_verifier() {
+    let ca = Ca::open(memory_store(), CaConfig::new("mesh.local"))
+        .await
+        .unwrap();
+    let other = Ca::open(memory_store(), CaConfig::new("mesh.local"))
+        .await
+        .unwrap();
+    let issued = ca.issue(&id(WORKLOAD)).unwrap();
+    let bundle = ca.trust_bundle_pem();
+    // Valid until its notAfter, refused after it.
+    verify_chain(
+        &bundle,
+        &issued.chain_pem,
+        issued.not_after - Duration::from_secs(1),
+    )
+    .unwrap();
+    let expired = verify_chain(
+        &bundle,
+        &issued.chain_pem,
+        issued.not_after + Duration::from_secs(1),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&expired, VerifyError::Untrusted(m) if m.contains("certificate expired")),
+        "{expired}"
+    );
+    // Not yet valid before its notBefore.
+    let early = verify_chain(
+        &bundle,
+        &issued.chain_pem,
+        issued.not_before - Duration::from_secs(1),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&early, VerifyError::Untrusted(m) if m.contains("not valid yet")),
+        "{early}"
+    );
+    // A certificate of another CA (another store, another root) is refused.
+    let foreign = other.issue(&id(WORKLOAD)).unwrap();
+    let wrong = verify_chain(&bundle, &foreign.chain_pem, SystemTime::now()).unwrap_err();
+    assert!(
+        matches!(&wrong, VerifyError::Untrusted(m) if m.contains("UnknownIssuer")),
+        "{wrong}"
+    );
+    // A chain missing its intermediate does not verify either.
+    let leaf_only = issued
+        .chain_pem
+        .split_inclusive("-----END CERTIFICATE-----")
+        .next()
+        .unwrap();
+    assert!(verify_chain(&bundle, leaf_only, SystemTime::now()).is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_on_one_store_share_the_root_and_the_intermediates() {
+    let store = memory_store();
+    let a = Ca::open(store.clone(), CaConfig::new("mesh.local"))
+        .await
+        .unwrap();
+    let b = Ca::open(store.clone(), CaConfig::new("mesh.local"))
+        .await
+        .unwrap();
+    assert_eq!(a.status().root, b.status().root);
+    assert_eq!(
+        a.status().intermediates["mesh"],
+        b.status().intermediates["mesh"]
+    );
+    // A intermediate created through one replica is the one the other uses.
+    let from_a = a
+        .issue_with(
+            &id("spiffe://mesh.local/cluster/c1"),
+            &Signer::Cluster("c1".into()),
+        )
+        .await
+        .unwrap();
+    b.reload().await.unwrap();
+    let from_b = b.issue(&id("spiffe://mesh.local/cluster/c1")).unwrap();
+    let inter = |pem: &str| certs_from_pem("chain", pem).unwrap()[1].to_vec();
+    assert_eq!(inter(&from_a.chain_pem), inter(&from_b.chain_pem));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_supplied_root_signs_and_a_different_one_is_refused_later() {
+    let mut cfg = CaConfig::new("mesh.local");
+    let root = generate_root(&cfg, SystemTime::now()).unwrap();
+    cfg.root = Some(SuppliedRoot {
+        cert_pem: root.cert_pem.clone(),
+        key_pem: root.key_pem.clone(),
+        source: "test root".into(),
+    });
+    let store = memory_store();
+    let ca = Ca::open(store.clone(), cfg.clone()).await.unwrap();
+    assert_eq!(ca.trust_bundle_pem(), root.cert_pem);
+    let issued = ca.issue(&id(WORKLOAD)).unwrap();
+    verify_chain(&root.cert_pem, &issued.chain_pem, SystemTime::now()).unwrap();
+    // Reopening with the same root is fine; with another one, refused with both names.
+    Ca::open(store.clone(), cfg.clone()).await.unwrap();
+    let other = generate_root(&cfg, SystemTime::now()).unwrap();
+    cfg.root = Some(SuppliedRoot {
+        cert_pem: other.cert_pem,
+        key_pem: other.key_pem,
+        source: "--ca-root-cert other.pem".into(),
+    });
+    let err = Ca::open(store, cfg.clone()).await.unwrap_err().to_string();
+    assert!(
+        err.contains("--ca-root-cert other.pem")
+            && err.contains("different root")
+            && err.contains("tributary ca rotate --root"),
+        "{err}"
+    );
+    // A key that does not belong to the certificate is refused on an empty store.
+    cfg.root.as_mut().unwrap().key_pem = root.key_pem;
+    let err = Ca::open(memory_store(), cfg).await.unwrap_err().to_string();
+    assert!(
+        err.contains("the key does not belong to the certificate"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_rotation_trusts_old_and_new_for_the_overlap_then_only_the_new() {
+    let store = memory_store();
+    let ca = Ca::open(store.clone(), CaConfig::new("mesh.local"))
+        .await
+        .unwrap();
+    let replica = Ca::open(store.clone(), CaConfig::new("mesh.local"))
+        .await
+        .unwrap();
+    let (stop_tx, stop) = watch::channel(false);
+    let follower = tokio::spawn(replica.clone().run(stop));
+    let old_root = ca.trust_bundle_pem();
+    let before = ca.issue(&id(WORKLOAD)).unwrap();
+
+    let overlap = Duration::from_secs(3600);
+    let t0 = SystemTime::now();
+    let status = ca.rotate_root(overlap).await.unwrap();
+    assert_eq!(status.retiring.len(), 1);
+    let new_root = status.root.clone();
+    assert_ne!(fingerprint(&first_der(&old_root).unwrap()), new_root);
+    // Every intermediate moved to the new root.
+    assert!(
+        status.intermediates.values().all(|i| i.root == new_root),
+        "{status:?}"
+    );
+
+    // During the window: the bundle holds both roots, the old certificate verifies.
+    let bundle = ca.trust_bundle_pem();
+    assert_eq!(certs_from_pem("bundle", &bundle).unwrap().len(), 2);
+    verify_chain(&bundle, &before.chain_pem, SystemTime::now()).unwrap();
+    // New certificates chain to the new root: they verify against it alone, not the old.
+    let after = ca.issue(&id(WORKLOAD)).unwrap();
+    let new_only = ca.snapshot().root.cert_pem.clone();
+    verify_chain(&new_only, &after.chain_pem, SystemTime::now()).unwrap();
+    assert!(verify_chain(&old_root, &after.chain_pem, SystemTime::now()).is_err());
+
+    // The other replica follows through the store watch.
+    let mut seen = replica.status();
+    for _ in 0..200 {
+        if seen.root == new_root {
+            break;
+        }
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        seen = replica.status();
+    }
+    assert_eq!(seen.root, new_root, "the replica reloads the rotated root");
+    assert_eq!(replica.trust_bundle_pem(), bundle);
+
+    // After the window the old root has left the bundle: the old certificate (still
+    // within its own lifetime) no longer verifies, the new one does.
+    let later = t0 + overlap + Duration::from_secs(2);
+    let bundle_later = ca.trust_bundle_at(later);
+    assert_eq!(certs_from_pem("bundle", &bundle_later).unwrap().len(), 1);
+    let refused = verify_chain(&bundle_later, &before.chain_pem, later).unwrap_err();
+    assert!(
+        matches!(&refused, VerifyError::Untrusted(m) if m.contains("UnknownIssuer")),
+        "{refused}"
+    );
+    verify_chain(&bundle_later, &after.chain_pem, later).unwrap();
+
+    // Finishing early removes the old root from the bundle now.
+    let done = ca.finish_rotation().await.unwrap();
+    assert!(done.retiring.is_empty());
+    assert!(verify_chain(&ca.trust_bundle_pem(), &before.chain_pem, SystemTime::now()).is_err());
+    let _ = stop_tx.send(true);
+    follower.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_intermediate_rotation_signs_with_the_new_one_and_old_leaves_still_verify() {
+    let ca = Ca::open(memory_store(), CaConfig::new("mesh.local"))
+        .await
+        .unwrap();
+    let agent = id("spiffe://mesh.local/cluster/c1");
+    let before = ca.issue(&agent).unwrap();
+    let old = ca.status().intermediates["cluster/c1"].clone();
+    let status = ca
+        .rotate_intermediate(&Signer::Cluster("c1".into()))
+        .await
+        .unwrap();
+    let new = status.intermediates["cluster/c1"].clone();
+    assert_ne!(old.fingerprint, new.fingerprint);
+    assert_eq!(
+        status.intermediates["mesh"],
+        ca.status().intermediates["mesh"]
+    );
+    let after = ca.issue(&agent).unwrap();
+    let inter = |pem: &str| fingerprint(&certs_from_pem("chain", pem).unwrap()[1]);
+    assert_eq!(inter(&after.chain_pem), new.fingerprint);
+    assert_eq!(inter(&before.chain_pem), old.fingerprint);
+    let bundle = ca.trust_bundle_pem();
+    verify_chain(&bundle, &before.chain_pem, SystemTime::now()).unwrap();
+    verify_chain(&bundle, &after.chain_pem, SystemTime::now()).unwrap();
+}
+
+#[tokio::test]
+async fn lifetimes_are_checked_at_start() {
+    let mut cfg = CaConfig::new("mesh.local");
+    cfg.cert_lifetime = Duration::from_secs(20 * 24 * 3600);
+    let err = Ca::open(memory_store(), cfg).await.unwrap_err().to_string();
+    assert!(
+        err.contains("--cert-lifetime 20days") && err.contains("--ca-intermediate-lifetime 30days"),
+        "{err}"
+    );
+    let mut cfg = CaConfig::new("mesh.local");
+    cfg.serving_sans = vec!["héllo".into()];
+    let err = Ca::open(memory_store(), cfg).await.unwrap_err().to_string();
+    assert!(err.contains("--serving-san \"héllo\""), "{err}");
+}

@@ -1,0 +1,357 @@
+//! The identity commands and the hub's identity flags.
+//!
+//! | command | API |
+//! |---|---|
+//! | `tributary token create --identity ID --ttl 1h [--uses N] [--cluster C]` | `POST /v1/tokens` |
+//! | `tributary token revoke ID` | `DELETE /v1/tokens/{id}` |
+//! | `tributary ca status` | `GET /v1/ca` |
+//! | `tributary ca rotate --root [--overlap 48h]` / `--intermediate CLUSTER\|mesh` | `POST /v1/ca/rotate` |
+//! | `tributary ca finish-rotation` | `POST /v1/ca/finish-rotation` |
+//! | `tributary cert request --server URL (--token T \| --k8s-token-file F --cluster C) --out DIR [--renew]` | `POST /v1/certificates` |
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::watch;
+
+use super::SpiffeId;
+use super::api::IdentityConfig;
+use super::ca::{CaConfig, SuppliedRoot};
+use super::client::{Credential, keep_renewed, request_certificate, write_atomically};
+use crate::http_client;
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (expected e.g. 24h, 30m)"))
+}
+
+/// The hub's identity flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HubIdentityArgs {
+    /// Lifetime of the certificates the CA issues (peers renew at half of it).
+    #[arg(long, default_value = "24h", value_parser = duration)]
+    pub cert_lifetime: Duration,
+    /// Lifetime of an intermediate (one per remote cluster, and the mesh's); replaced
+    /// automatically when less than two certificate lifetimes remain.
+    #[arg(long, default_value = "30days", value_parser = duration)]
+    pub ca_intermediate_lifetime: Duration,
+    /// Lifetime of a root the CA generates (when the store holds none).
+    #[arg(long, default_value = "10years", value_parser = duration)]
+    pub ca_root_lifetime: Duration,
+    /// A root certificate (PEM) to use instead of generating one; with --ca-root-key.
+    #[arg(long, requires = "ca_root_key")]
+    pub ca_root_cert: Option<PathBuf>,
+    /// The PKCS#8 PEM key of --ca-root-cert.
+    #[arg(long, requires = "ca_root_cert")]
+    pub ca_root_key: Option<PathBuf>,
+    /// A DNS name or IP address put into hub and router certificates (repeatable), for
+    /// clients that check the name they dialled.
+    #[arg(long = "serving-san")]
+    pub serving_sans: Vec<String>,
+    /// YAML listing the remote clusters whose service-account tokens the CSR API
+    /// reviews: clusters: [{id, kubeconfig, default_env?, audiences?}].
+    #[arg(long, env = "TRIBUTARY_TOKEN_REVIEW_CLUSTERS")]
+    pub token_review_clusters: Option<PathBuf>,
+}
+
+impl HubIdentityArgs {
+    /// The CA's config for the mesh's trust domain (the global `--trust-domain`).
+    pub fn into_config(self, trust_domain: String) -> anyhow::Result<IdentityConfig> {
+        let root = match (&self.ca_root_cert, &self.ca_root_key) {
+            (Some(c), Some(k)) => Some(SuppliedRoot::read(c, k)?),
+            _ => None,
+        };
+        Ok(IdentityConfig {
+            ca: CaConfig {
+                trust_domain,
+                cert_lifetime: self.cert_lifetime,
+                intermediate_lifetime: self.ca_intermediate_lifetime,
+                root_lifetime: self.ca_root_lifetime,
+                serving_sans: self.serving_sans,
+                root,
+            },
+            review_clusters: match &self.token_review_clusters {
+                Some(p) => super::tokenreview::read_clusters(p)?,
+                None => Vec::new(),
+            },
+        })
+    }
+}
+
+/// `tributary token ...`.
+#[derive(Debug, clap::Args)]
+pub struct TokenArgs {
+    #[command(subcommand)]
+    command: TokenCommand,
+    /// The hub's admin address.
+    #[arg(
+        long,
+        global = true,
+        default_value = "127.0.0.1:19001",
+        env = "TRIBUTARY_ADMIN_ADDR"
+    )]
+    admin: String,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum TokenCommand {
+    /// Create a join token for one identity; the token is printed once (stdout).
+    Create {
+        /// The SPIFFE id a certificate issued with the token carries.
+        #[arg(long)]
+        identity: String,
+        /// How long the token may be used.
+        #[arg(long, default_value = "1h", value_parser = duration)]
+        ttl: Duration,
+        /// How many certificates it may be used for (default: single use).
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// The remote cluster whose intermediate signs (an agent's: its own cluster).
+        #[arg(long)]
+        cluster: Option<String>,
+    },
+    /// Revoke a join token (by its id, the part before the dot).
+    Revoke { id: String },
+}
+
+/// `tributary ca ...`.
+#[derive(Debug, clap::Args)]
+pub struct CaArgs {
+    #[command(subcommand)]
+    command: CaCommand,
+    /// The hub's admin address.
+    #[arg(
+        long,
+        global = true,
+        default_value = "127.0.0.1:19001",
+        env = "TRIBUTARY_ADMIN_ADDR"
+    )]
+    admin: String,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum CaCommand {
+    /// The root, the roots being rotated out and the intermediates (JSON).
+    Status,
+    /// Rotate the root (old and new are trusted for --overlap) or one intermediate.
+    #[command(group(clap::ArgGroup::new("what").required(true).args(["root", "intermediate"])))]
+    Rotate {
+        #[arg(long)]
+        root: bool,
+        /// A remote cluster id, or `mesh`.
+        #[arg(long)]
+        intermediate: Option<String>,
+        /// How long the old root stays in the trust bundle (default 48h; --root only).
+        #[arg(long)]
+        overlap: Option<String>,
+    },
+    /// Remove the roots being rotated out from the trust bundle now.
+    FinishRotation,
+}
+
+/// `tributary cert ...`.
+#[derive(Debug, clap::Args)]
+pub struct CertArgs {
+    #[command(subcommand)]
+    command: CertCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum CertCommand {
+    /// Get a certificate from the CSR API and write cert.pem, key.pem and ca.pem.
+    #[command(group(clap::ArgGroup::new("credential").required(true).args(["token", "k8s_token_file"])))]
+    Request {
+        /// The hub's CSR API, e.g. http://127.0.0.1:19001.
+        #[arg(long, env = "TRIBUTARY_CA_SERVER")]
+        server: String,
+        /// A join token.
+        #[arg(long, env = "TRIBUTARY_JOIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// A service-account token file (re-read at each renewal), e.g.
+        /// /var/run/secrets/tokens/tributary; with --cluster.
+        #[arg(long, requires = "cluster")]
+        k8s_token_file: Option<PathBuf>,
+        /// The remote cluster whose API server reviews --k8s-token-file.
+        #[arg(long)]
+        cluster: Option<String>,
+        /// The identity to ask for (refused unless the credential proves it).
+        #[arg(long)]
+        identity: Option<String>,
+        /// Where to write the files (swapped atomically through a ..data symlink).
+        #[arg(long)]
+        out: PathBuf,
+        /// Keep running and renew at half-life.
+        #[arg(long)]
+        renew: bool,
+    },
+}
+
+async fn call(
+    admin: &str,
+    method: &str,
+    path: &str,
+    body: &serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
+    let body = if body.is_null() {
+        Vec::new()
+    } else {
+        serde_json::to_vec(body)?
+    };
+    let (status, resp) = http_client::request(admin, method, path, &body).await?;
+    let value: serde_json::Value = if resp.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(&resp)
+            .with_context(|| format!("{method} {admin}{path}: the answer is not JSON"))?
+    };
+    if !(200..300).contains(&status) {
+        let msg = value["error"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| value.to_string());
+        anyhow::bail!("{method} {admin}{path}: HTTP {status}: {msg}");
+    }
+    Ok(value)
+}
+
+pub async fn token(args: TokenArgs) -> anyhow::Result<()> {
+    match args.command {
+        TokenCommand::Create {
+            identity,
+            ttl,
+            uses,
+            cluster,
+        } => {
+            let body = serde_json::json!({
+                "identity": identity,
+                "ttl": humantime::format_duration(ttl).to_string(),
+                "uses": uses,
+                "cluster": cluster,
+            });
+            let created = call(&args.admin, "POST", "/v1/tokens", &body).await?;
+            eprintln!(
+                "join token {} for {}: expires {}, {} use(s); it is shown only now",
+                created["id"].as_str().unwrap_or_default(),
+                created["identity"].as_str().unwrap_or_default(),
+                created["expires"].as_str().unwrap_or_default(),
+                created["uses"]
+            );
+            println!("{}", created["token"].as_str().unwrap_or_default());
+        }
+        TokenCommand::Revoke { id } => {
+            let id = id.split('.').next().unwrap_or_default().to_string();
+            call(
+                &args.admin,
+                "DELETE",
+                &format!("/v1/tokens/{id}"),
+                &serde_json::Value::Null,
+            )
+            .await?;
+            eprintln!("join token {id} revoked");
+        }
+    }
+    Ok(())
+}
+
+pub async fn ca(args: CaArgs) -> anyhow::Result<()> {
+    let out = match args.command {
+        CaCommand::Status => call(&args.admin, "GET", "/v1/ca", &serde_json::Value::Null).await?,
+        CaCommand::Rotate {
+            root,
+            intermediate,
+            overlap,
+        } => {
+            if overlap.is_some() && !root {
+                anyhow::bail!(
+                    "--overlap applies to --root only: certificates of an old intermediate stay valid until they expire"
+                );
+            }
+            let body = serde_json::json!({ "root": root, "intermediate": intermediate, "overlap": overlap });
+            let body = serde_json::Value::Object(
+                body.as_object()
+                    .unwrap()
+                    .iter()
+                    .filter(|(_, v)| !v.is_null())
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            );
+            call(&args.admin, "POST", "/v1/ca/rotate", &body).await?
+        }
+        CaCommand::FinishRotation => {
+            call(
+                &args.admin,
+                "POST",
+                "/v1/ca/finish-rotation",
+                &serde_json::Value::Null,
+            )
+            .await?
+        }
+    };
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+pub async fn cert(args: CertArgs) -> anyhow::Result<()> {
+    let CertCommand::Request {
+        server,
+        token,
+        k8s_token_file,
+        cluster,
+        identity,
+        out,
+        renew,
+    } = args.command;
+    let credential = match (token, k8s_token_file, cluster) {
+        (Some(t), None, _) => Credential::JoinToken(t),
+        (None, Some(f), Some(c)) => Credential::Kubernetes {
+            cluster: c,
+            token_file: f,
+        },
+        _ => anyhow::bail!("expected --token, or --k8s-token-file with --cluster"),
+    };
+    let identity = identity
+        .map(|s| SpiffeId::parse(&s).map_err(|e| anyhow::anyhow!("--identity: {e}")))
+        .transpose()?;
+    let install = |o: &super::client::Obtained| {
+        write_atomically(&out, o)?;
+        eprintln!(
+            "{}: wrote {} (until {})",
+            o.spiffe_id,
+            out.display(),
+            humantime::format_rfc3339_seconds(o.cert.not_after)
+        );
+        Ok(())
+    };
+    if !renew {
+        let o = request_certificate(&server, &credential, identity.as_ref()).await?;
+        return install(&o);
+    }
+    let (stop_tx, stop) = watch::channel(false);
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        let _ = stop_tx.send(true);
+    });
+    // A join token is spent by the first certificate: renewals need a credential
+    // that lasts (a service-account token, or the certificate itself once the hub
+    // authenticates renewals over mTLS).
+    let mut first = true;
+    keep_renewed(
+        || {
+            let again = !std::mem::replace(&mut first, false);
+            let (server, credential, identity) =
+                (server.clone(), credential.clone(), identity.clone());
+            async move {
+                if again && matches!(credential, Credential::JoinToken(_)) {
+                    tracing::warn!(
+                        "renewing with the join token: it must allow more than one use (--uses)"
+                    );
+                }
+                request_certificate(&server, &credential, identity.as_ref()).await
+            }
+        },
+        install,
+        None,
+        stop,
+    )
+    .await
+}
