@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::info;
-use tributary_proto::wire::ads_server::AggregatedDiscoveryServiceServer;
+use tributary_proto::wire::ads::AdsService;
 
 use tributary_store::SharedStore;
 use tributary_store::embedded::{Embedded, EmbeddedConfig};
@@ -534,9 +534,9 @@ impl Hub {
             Some(s) => ads.with_secrets(s.clone()),
             None => ads,
         };
-        let ads = AggregatedDiscoveryServiceServer::new(ads)
-            .max_decoding_message_size(cfg.max_request_bytes)
-            .max_encoding_message_size(usize::MAX);
+        // Responses are written from the resources' own buffers, without a
+        // per-stream encoder buffer (`tributary_proto::wire::ads`).
+        let ads = AdsService::new(ads).max_decoding_message_size(cfg.max_request_bytes);
         let federation = tributary_proto::federation::v1::federation_server::FederationServer::new(
             FederationService::new(
                 index.clone(),

@@ -293,7 +293,8 @@ struct HubArgs {
     nack_record_names: usize,
     /// Largest Delta xDS response (bytes of resources) one stream builds at once; a
     /// bigger diff goes out in several responses, each after the previous one's ACK.
-    /// Bounds each stream's encode buffer; keep it well under clients' 4 MiB gRPC limit.
+    /// Responses are not copied into a per-stream buffer, so this costs no memory per
+    /// stream; keep it under clients' 4 MiB gRPC receive limit (framing adds a few %).
     #[arg(long, default_value_t = StreamLimits::default().max_response_bytes, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1024..=(4 << 20)))]
     max_response_bytes: usize,
     /// Largest xDS request (bytes) the hub decodes; a larger one ends its stream.

@@ -903,13 +903,16 @@ async fn reconnect_storm_is_admitted_through_a_limit() {
     assert_eq!(hub.hub.metrics.xds_admission_waiting.get(), 0);
 }
 
-/// A diff larger than one response goes out in several, each after the previous ACK,
-/// and together they carry everything exactly once.
+/// A diff larger than one response (`--max-response-bytes`, here 128 KiB) goes out in
+/// several, each after the previous ACK, and together they carry everything exactly once.
 #[tokio::test]
 async fn large_diffs_are_sent_in_bounded_responses() {
     let names: Vec<String> = (0..600).map(|i| format!("svc{i}")).collect();
     let svcs: Vec<String> = names.iter().map(|n| service(n, "prod", 8080)).collect();
-    let hub = TestHub::start(&[("s.yaml", docs(&svcs))]).await;
+    let hub = TestHub::start_with(&[("s.yaml", docs(&svcs))], |cfg| {
+        cfg.stream_limits.max_response_bytes = 128 * 1024;
+    })
+    .await;
     let mut d = Delta::open(&hub).await;
     d.subscribe(Some(node("big", "prod")), CDS, &[]).await;
     let mut got: Vec<String> = Vec::new();

@@ -216,6 +216,8 @@ mod generated {
 
 pub use generated::aggregated_discovery_service_server as ads_server;
 
+pub mod ads;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -40,8 +40,10 @@ use super::snapshot::Snapshot;
 use crate::metrics::Metrics;
 use crate::status::{ClientStatus, NackRecord, unix_now};
 
-/// Default largest Delta response a stream builds at once (`--max-response-bytes`).
-pub const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
+/// Default largest Delta response a stream builds at once (`--max-response-bytes`):
+/// 3 MiB, leaving room under gRPC clients' default 4 MiB receive limit for the
+/// per-resource framing and the response's other fields.
+pub const MAX_RESPONSE_BYTES: usize = 3 * 1024 * 1024;
 
 /// Longest NACK message kept in a stream's status record.
 const MAX_NACK_MESSAGE_BYTES: usize = 4096;
@@ -55,8 +57,9 @@ pub struct StreamLimits {
     pub nack_record_names: usize,
     /// Largest Delta response body a stream builds at once (`--max-response-bytes`):
     /// a bigger diff goes out in several responses, each after the previous one's ACK.
-    /// Bounds the encoder buffer every stream keeps, which is what a fleet's memory
-    /// is made of; each extra response costs the client a round trip.
+    /// Each extra response costs the client a round trip. Responses are sent from the
+    /// resources' own buffers (`tributary_proto::wire::ads`), so a stream's memory
+    /// does not grow with this bound.
     pub max_response_bytes: usize,
 }
 

@@ -1,0 +1,227 @@
+//! What an ADS stream costs the hub does not depend on the size of its responses:
+//! responses are written from the snapshot's pre-encoded resources, not copied into
+//! a per-stream encoder buffer that would stay as large as the largest response.
+//!
+//! The heap is measured with a counting allocator, so this test has its own binary.
+//! The client reads the raw HTTP/2 body (tonic's `Channel` as a plain HTTP service)
+//! and keeps no buffer of its own between messages, so what stays allocated after
+//! the streams have synced is the hub's.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::BodyExt;
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::codegen::{Service, http};
+use tonic::transport::Channel;
+use tributary_controlplane::xds::XdsType;
+use tributary_proto::envoy::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse,
+};
+
+#[global_allocator]
+static HEAP: cap::Cap<std::alloc::System> = cap::Cap::new(std::alloc::System, usize::MAX);
+
+const DELTA_PATH: &str =
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
+
+/// One Delta stream over a raw HTTP/2 request.
+struct RawDelta {
+    tx: mpsc::Sender<Result<http_body::Frame<Bytes>, tonic::Status>>,
+    body: tonic::body::Body,
+    /// Bytes of a message not yet complete; replaced (not drained) once used, so
+    /// the client keeps no buffer as large as a response.
+    partial: Vec<u8>,
+}
+
+impl RawDelta {
+    async fn open(channel: &Channel) -> RawDelta {
+        let (tx, rx) = mpsc::channel(4);
+        let body = tonic::body::Body::new(http_body_util::StreamBody::new(ReceiverStream::new(rx)));
+        let request = http::Request::builder()
+            .method("POST")
+            .uri(DELTA_PATH)
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(body)
+            .unwrap();
+        let mut channel = channel.clone();
+        std::future::poll_fn(|cx| channel.poll_ready(cx))
+            .await
+            .unwrap();
+        let response = tokio::time::timeout(TIMEOUT, channel.call(request))
+            .await
+            .expect("response headers")
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        RawDelta {
+            tx,
+            body: response.into_body(),
+            partial: Vec::new(),
+        }
+    }
+
+    async fn send(&self, request: DeltaDiscoveryRequest) {
+        let encoded = request.encode_to_vec();
+        let mut framed = vec![0u8];
+        framed.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
+        framed.extend_from_slice(&encoded);
+        self.tx
+            .send(Ok(http_body::Frame::data(framed.into())))
+            .await
+            .unwrap();
+    }
+
+    async fn recv(&mut self) -> DeltaDiscoveryResponse {
+        loop {
+            if self.partial.len() >= 5 {
+                let len = u32::from_be_bytes(self.partial[1..5].try_into().unwrap()) as usize;
+                if self.partial.len() >= 5 + len {
+                    let message = DeltaDiscoveryResponse::decode(&self.partial[5..5 + len])
+                        .expect("a DeltaDiscoveryResponse");
+                    self.partial = self.partial[5 + len..].to_vec();
+                    return message;
+                }
+            }
+            let frame = tokio::time::timeout(TIMEOUT, self.body.frame())
+                .await
+                .expect("a response within the timeout")
+                .expect("the stream is open")
+                .expect("no stream error");
+            match frame.into_data() {
+                Ok(data) => self.partial.extend_from_slice(&data),
+                Err(frame) => panic!("the stream ended: {:?}", frame.into_trailers()),
+            }
+        }
+    }
+}
+
+/// `services` services of `per_service` endpoints each: one endpoint set (a
+/// ClusterLoadAssignment of about 12 KB) per service.
+fn big_environment(services: usize, per_service: usize) -> Vec<(&'static str, String)> {
+    let names: Vec<String> = (0..services).map(|i| format!("svc{i}")).collect();
+    let svcs: Vec<String> = names.iter().map(|n| service(n, "prod", 8080)).collect();
+    let eps: Vec<String> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let addrs: Vec<String> = (0..per_service)
+                .map(|j| format!("10.{}.{}.{}", i % 250, j / 250, j % 250 + 1))
+                .collect();
+            let addrs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+            endpoints(n, "prod", &addrs, 80)
+        })
+        .collect();
+    vec![
+        ("services.yaml", docs(&svcs)),
+        ("endpoints.yaml", docs(&eps)),
+    ]
+}
+
+/// Subscribes to every endpoint set, checks the single response against the
+/// snapshot resource by resource, ACKs it, and returns the stream (kept open).
+async fn sync_one(
+    hub: &TestHub,
+    channel: &Channel,
+    id: &str,
+    names: &[String],
+    expected: &HashMap<String, (String, Bytes)>,
+) -> RawDelta {
+    let mut s = RawDelta::open(channel).await;
+    s.send(DeltaDiscoveryRequest {
+        node: Some(node(id, "prod")),
+        type_url: EDS.into(),
+        resource_names_subscribe: names.to_vec(),
+        ..Default::default()
+    })
+    .await;
+    let response = s.recv().await;
+    assert_eq!(response.type_url, EDS);
+    assert_eq!(
+        response.resources.len(),
+        expected.len(),
+        "the whole set in one response"
+    );
+    for r in &response.resources {
+        let (version, body) = &expected[&r.name];
+        assert_eq!(&r.version, version, "{}", r.name);
+        let any = r.resource.as_ref().expect("a resource");
+        assert_eq!(any.type_url, EDS);
+        assert_eq!(any.value.as_slice(), body.as_ref(), "{} intact", r.name);
+    }
+    s.send(DeltaDiscoveryRequest {
+        type_url: EDS.into(),
+        response_nonce: response.nonce.clone(),
+        ..Default::default()
+    })
+    .await;
+    // The hub has applied the ACK once its record of this client says so.
+    tokio::time::timeout(TIMEOUT, async {
+        loop {
+            let acked = hub.hub.sync.snapshot().iter().any(|c| {
+                c.node_id == id
+                    && c.types
+                        .get("EDS")
+                        .is_some_and(|t| t.pending_nonce.is_none() && t.resources == names.len())
+            });
+            if acked {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the hub records the ACK");
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_keeps_no_buffer_as_large_as_its_responses() {
+    let hub = TestHub::start_with(&big_environment(300, 200), |cfg| {
+        cfg.stream_limits.max_response_bytes = 4 << 20;
+    })
+    .await;
+    let snap = hub.hub.snapshots.current("prod");
+    let eds = snap.of_type(XdsType::Endpoint);
+    let expected: HashMap<String, (String, Bytes)> = eds
+        .values()
+        .map(|r| (r.name().to_string(), (r.version().to_string(), r.body())))
+        .collect();
+    let names: Vec<String> = expected.keys().cloned().collect();
+    let response_bytes: usize = eds.values().map(|r| r.size()).sum();
+    assert!(
+        response_bytes > 3 << 20 && response_bytes < 4 << 20,
+        "one response of {response_bytes} bytes"
+    );
+
+    let channel = Channel::from_shared(format!("http://{}", hub.hub.xds_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    // A first stream allocates what the connection and the hub allocate once.
+    let _first = sync_one(&hub, &channel, "warm-up", &names, &expected).await;
+
+    const STREAMS: usize = 4;
+    let before = HEAP.allocated();
+    let mut streams = Vec::new();
+    for i in 0..STREAMS {
+        streams.push(sync_one(&hub, &channel, &format!("sidecar-{i}"), &names, &expected).await);
+    }
+    let after = HEAP.allocated();
+    let per_stream = after.saturating_sub(before) / STREAMS;
+    eprintln!("{per_stream} bytes kept per stream after a {response_bytes}-byte response");
+    // A stream's own state (what the client holds, by name and version) is a small
+    // fraction of one response; an encoder buffer would be all of it.
+    assert!(
+        per_stream < response_bytes / 4,
+        "each synced stream keeps {per_stream} bytes allocated after a {response_bytes}-byte response"
+    );
+    drop(streams);
+}
