@@ -960,6 +960,8 @@ async fn start_hub(bin: &Path, dir: &Path, etcd: &str, id: &str, host: Ipv6Addr)
         "--replicas-per-shard",
         "2",
         "--insecure",
+        // The hubs' xDS address is on the veth pair this test made (fd00:7472::/48).
+        "--insecure-test-network",
         "--xds-addr",
         &format!("[{host}]:0"),
         "--admin-addr",

@@ -896,7 +896,25 @@ impl Transport {
     /// Refuses a plaintext listener on anything but loopback; `flag` names the
     /// address's flag in the error.
     pub fn check_bind(&self, flag: &str, addr: SocketAddr) -> Result<(), String> {
+        self.check_bind_in(flag, addr, false)
+    }
+
+    /// As [`Self::check_bind`]; with `test_network` (`--insecure-test-network`) a
+    /// plaintext listener may also bind a unique local IPv6 address (`fc00::/7`): the
+    /// network namespaces that tests make for themselves. Never routable, never
+    /// `0.0.0.0` or `[::]`.
+    pub fn check_bind_in(
+        &self,
+        flag: &str,
+        addr: SocketAddr,
+        test_network: bool,
+    ) -> Result<(), String> {
+        let unique_local = match addr.ip() {
+            std::net::IpAddr::V6(v6) => (v6.segments()[0] & 0xfe00) == 0xfc00,
+            std::net::IpAddr::V4(_) => false,
+        };
         match self {
+            Transport::Insecure if test_network && unique_local => Ok(()),
             Transport::Insecure if !addr.ip().is_loopback() => Err(format!(
                 "--insecure serves plaintext and binds only loopback addresses, but {flag} is {addr}: bind 127.0.0.1 or [::1], or serve mutual TLS with --tls-cert, --tls-key and --tls-ca"
             )),
