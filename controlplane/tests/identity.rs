@@ -45,7 +45,7 @@ async fn create_token(addr: &str, identity: &str, uses: u32) -> serde_json::Valu
     created
 }
 
-const AGENT: &str = "spiffe://mesh.local/cluster/eu-1a";
+const AGENT: &str = "spiffe://tributary.local/cluster/eu-1a";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_join_token_buys_one_certificate_for_its_identity_only() {
@@ -57,7 +57,7 @@ async fn a_join_token_buys_one_certificate_for_its_identity_only() {
 
     // A CSR asking for another identity is refused, naming both, and does not use
     // the token up.
-    let other = SpiffeId::parse("spiffe://mesh.local/cluster/us-2b").unwrap();
+    let other = SpiffeId::parse("spiffe://tributary.local/cluster/us-2b").unwrap();
     let err = request_certificate(
         &server,
         &Credential::JoinToken(secret.clone()),
@@ -68,7 +68,7 @@ async fn a_join_token_buys_one_certificate_for_its_identity_only() {
     .to_string();
     assert!(err.contains("HTTP 403"), "{err}");
     assert!(
-        err.contains("the CSR asks for spiffe://mesh.local/cluster/us-2b but join token")
+        err.contains("the CSR asks for spiffe://tributary.local/cluster/us-2b but join token")
             && err.contains(&format!("proves {AGENT}")),
         "{err}"
     );

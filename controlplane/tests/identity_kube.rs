@@ -106,7 +106,7 @@ async fn a_service_account_token_reviewed_by_its_clusters_api_server_buys_its_wo
     let got = request_certificate(&server, &k8s("a", "t1", &prod_checkout), None)
         .await
         .unwrap();
-    let want = SpiffeId::parse("spiffe://mesh.local/env/prod/ns/shop/sa/checkout").unwrap();
+    let want = SpiffeId::parse("spiffe://tributary.local/env/prod/ns/shop/sa/checkout").unwrap();
     assert_eq!(got.spiffe_id, want.to_string());
     assert_eq!(
         verify_chain(
@@ -129,16 +129,16 @@ async fn a_service_account_token_reviewed_by_its_clusters_api_server_buys_its_wo
     request_certificate(&server, &k8s("a", "t2", &prod_checkout), Some(&want))
         .await
         .unwrap();
-    let admin = SpiffeId::parse("spiffe://mesh.local/env/prod/ns/shop/sa/admin").unwrap();
+    let admin = SpiffeId::parse("spiffe://tributary.local/env/prod/ns/shop/sa/admin").unwrap();
     let err = request_certificate(&server, &k8s("a", "t3", &prod_checkout), Some(&admin))
         .await
         .unwrap_err()
         .to_string();
     assert!(err.contains("HTTP 403"), "{err}");
     assert!(
-        err.contains("asks for spiffe://mesh.local/env/prod/ns/shop/sa/admin")
+        err.contains("asks for spiffe://tributary.local/env/prod/ns/shop/sa/admin")
             && err.contains("system:serviceaccount:shop:checkout of remote cluster a")
-            && err.contains("proves spiffe://mesh.local/env/prod/ns/shop/sa/checkout"),
+            && err.contains("proves spiffe://tributary.local/env/prod/ns/shop/sa/checkout"),
         "{err}"
     );
 
@@ -186,7 +186,7 @@ async fn a_service_account_token_reviewed_by_its_clusters_api_server_buys_its_wo
         .unwrap();
     assert_eq!(
         got.spiffe_id,
-        "spiffe://mesh.local/env/staging/ns/plain/sa/web"
+        "spiffe://tributary.local/env/staging/ns/plain/sa/web"
     );
     h.hub.shutdown().await.unwrap();
 }
