@@ -181,6 +181,28 @@ async fn sync_one(
     s
 }
 
+/// The heap once the hub's background work at start (the CA loading or creating its
+/// root and intermediates in the store, the membership's first writes) has settled:
+/// the same figure on 5 reads 20 ms apart. On a busy machine that work can otherwise
+/// land inside the measured window and be counted against the streams.
+async fn settled_heap() -> usize {
+    tokio::time::timeout(TIMEOUT, async {
+        let mut last = HEAP.allocated();
+        let mut same = 0;
+        loop {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let now = HEAP.allocated();
+            same = if now == last { same + 1 } else { 0 };
+            last = now;
+            if same >= 5 {
+                return now;
+            }
+        }
+    })
+    .await
+    .expect("the hub's heap settles after start")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_keeps_no_buffer_as_large_as_its_responses() {
     let hub = TestHub::start_with(&big_environment(300, 200), |cfg| {
@@ -209,7 +231,7 @@ async fn a_stream_keeps_no_buffer_as_large_as_its_responses() {
     let _first = sync_one(&hub, &channel, "warm-up", &names, &expected).await;
 
     const STREAMS: usize = 4;
-    let before = HEAP.allocated();
+    let before = settled_heap().await;
     let mut streams = Vec::new();
     for i in 0..STREAMS {
         streams.push(sync_one(&hub, &channel, &format!("sidecar-{i}"), &names, &expected).await);
