@@ -1095,12 +1095,14 @@ impl tributary_proto::federation::v1::federation_server::Federation for Scripted
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_agent_reports_a_rejected_batch_and_resyncs() {
-    use tributary_controlplane::agent::admin::Telemetry;
+/// Serves a [`ScriptedHub`] on a free loopback port: its address and the Hellos it gets.
+async fn scripted_hub() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<pb::Hello>,
+) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (hellos_tx, mut hellos) = tokio::sync::mpsc::unbounded_channel();
+    let (hellos_tx, hellos) = tokio::sync::mpsc::unbounded_channel();
     let scripted = ScriptedHub {
         hellos: hellos_tx,
         sessions: Arc::default(),
@@ -1112,6 +1114,62 @@ async fn the_agent_reports_a_rejected_batch_and_resyncs() {
             )
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
     );
+    (addr, hellos)
+}
+
+async fn next_hello(h: &mut tokio::sync::mpsc::UnboundedReceiver<pb::Hello>) -> pb::Hello {
+    tokio::time::timeout(TIMEOUT, h.recv())
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+/// The hub rejects the first batch of a long resync and ends the stream while the
+/// agent is still sending the rest: the agent's sends fail, and it must still read
+/// why the hub ended the stream (the rejection queued behind them), not just report
+/// "outbound stream closed" and lose it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejection_is_read_even_when_the_hub_closes_the_stream_mid_send() {
+    use tributary_controlplane::agent::admin::Telemetry;
+    let (addr, mut hellos) = scripted_hub().await;
+    let mut cfg = AgentConfig::new(format!("http://{addr}"), "c1");
+    cfg.backoff_initial = Duration::from_millis(10);
+    cfg.backoff_max = Duration::from_millis(50);
+    // One change per batch: thousands of batches, far more than the stream's flow
+    // window holds once the hub stops reading after the first.
+    cfg.max_batch = 1;
+    let names: Vec<String> = (0..20_000).map(|i| format!("svc-{i}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let telemetry = Arc::new(Telemetry::new(&cfg, agent::new_incarnation()));
+    let (_tx, rx) = watch::channel(Arc::new(state(&names, &[pb_endpoint("10.4.0.1", true)])));
+    let task = tokio::spawn(agent::run_with(
+        cfg,
+        rx,
+        std::future::pending(),
+        telemetry.clone(),
+    ));
+    next_hello(&mut hellos).await;
+    let second = next_hello(&mut hellos).await;
+    assert_eq!(second.last_acked_version, 0);
+    let status = telemetry.status();
+    assert_eq!(
+        (
+            status.batches_rejected,
+            status.last_session_error.as_deref()
+        ),
+        (
+            1,
+            Some("the hub rejected batch 1 (not applied): scripted rejection")
+        ),
+        "the first session ended on the hub's rejection"
+    );
+    task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_reports_a_rejected_batch_and_resyncs() {
+    use tributary_controlplane::agent::admin::Telemetry;
+    let (addr, mut hellos) = scripted_hub().await;
     let mut cfg = AgentConfig::new(format!("http://{addr}"), "c1");
     cfg.backoff_initial = Duration::from_millis(10);
     cfg.backoff_max = Duration::from_millis(50);
@@ -1131,14 +1189,8 @@ async fn the_agent_reports_a_rejected_batch_and_resyncs() {
         telemetry.clone(),
     ));
 
-    async fn next(h: &mut tokio::sync::mpsc::UnboundedReceiver<pb::Hello>) -> pb::Hello {
-        tokio::time::timeout(TIMEOUT, h.recv())
-            .await
-            .unwrap()
-            .unwrap()
-    }
-    let first = next(&mut hellos).await;
-    let second = next(&mut hellos).await;
+    let first = next_hello(&mut hellos).await;
+    let second = next_hello(&mut hellos).await;
     assert_eq!(first.incarnation, telemetry.incarnation());
     assert_eq!(second.incarnation, first.incarnation, "the same process");
     assert_eq!(

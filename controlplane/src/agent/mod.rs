@@ -270,6 +270,10 @@ pub enum AgentError {
     BatchRejected { version: u64, message: String },
     #[error("protocol: {0}")]
     Protocol(String),
+    /// The stream's sending half closed under a send: the hub ended the stream or the
+    /// connection broke. Why is in what the hub sent before its end ([`closing`]).
+    #[error("the stream closed while sending")]
+    OutboundClosed,
 }
 
 /// Reconnect delay caps: `initial` doubling up to `max` (a fresh schedule after a
@@ -478,9 +482,7 @@ async fn send_split(
         let (version, n) = (mem.version, chunk.len());
         let msg = batch_msg(version, full, more, chunk);
         async move {
-            tx.send(msg)
-                .await
-                .map_err(|_| AgentError::Protocol("outbound stream closed".into()))?;
+            tx.send(msg).await.map_err(|_| AgentError::OutboundClosed)?;
             telemetry.sent(version, n);
             Ok::<(), AgentError>(())
         }
@@ -563,22 +565,131 @@ async fn session(
     let limits = BatchLimits::new(cfg, &welcome);
     info!(hub = %cfg.hub, resume = welcome.resume, hub_version = welcome.hub_version, max_changes = limits.changes, max_bytes = limits.bytes, "connected to hub");
     telemetry.connected(welcome.resume);
+    let mut in_flight = VecDeque::new();
+    let live = Live {
+        cfg,
+        tx: &tx,
+        limits,
+        resume: welcome.resume,
+    };
+    match exchange(live, state, mem, telemetry, &mut inbound, &mut in_flight).await {
+        Err(AgentError::OutboundClosed) => {
+            Err(closing(cfg, mem, telemetry, &mut inbound, &mut in_flight).await)
+        }
+        other => other,
+    }
+}
 
-    let mut in_flight: VecDeque<(u64, Arc<ClusterState>)> = VecDeque::new();
+/// The versions sent and not yet acknowledged, each with the state it completes.
+type InFlight = VecDeque<(u64, Arc<ClusterState>)>;
+
+/// What a session sends with, once welcomed.
+struct Live<'a> {
+    cfg: &'a AgentConfig,
+    tx: &'a mpsc::Sender<pb::AgentMessage>,
+    limits: BatchLimits,
+    resume: bool,
+}
+
+/// Why the stream ended, read from what the hub sent before its end: a send found the
+/// stream closed, and the hub's last words (a rejection, acknowledgements, its
+/// status) may still be queued behind it. Bounded by the heartbeat period.
+async fn closing(
+    cfg: &AgentConfig,
+    mem: &mut Memory,
+    telemetry: &Telemetry,
+    inbound: &mut tonic::Streaming<pb::HubMessage>,
+    in_flight: &mut InFlight,
+) -> AgentError {
+    let rest = async {
+        loop {
+            match inbound.message().await {
+                Ok(Some(msg)) => {
+                    if let Err(e) = on_hub_message(msg, mem, telemetry, in_flight) {
+                        return e;
+                    }
+                }
+                Ok(None) => return AgentError::Protocol("the hub ended the stream".into()),
+                Err(status) => return AgentError::Stream(status),
+            }
+        }
+    };
+    tokio::time::timeout(cfg.heartbeat, rest)
+        .await
+        .unwrap_or(AgentError::OutboundClosed)
+}
+
+/// Applies one hub message; `Err` ends the session.
+fn on_hub_message(
+    msg: pb::HubMessage,
+    mem: &mut Memory,
+    telemetry: &Telemetry,
+    in_flight: &mut InFlight,
+) -> Result<(), AgentError> {
+    match msg.kind {
+        Some(hub_message::Kind::Ack(ack)) => {
+            for e in &ack.errors {
+                warn!(version = ack.version, item = e.index, error = %e.message, "the hub rejected an item");
+                telemetry.item_error(format!(
+                    "batch {} item {}: {}",
+                    ack.version, e.index, e.message
+                ));
+            }
+            while in_flight.front().is_some_and(|(v, _)| *v <= ack.version) {
+                let (v, s) = in_flight.pop_front().unwrap_or_default();
+                mem.acked_version = v;
+                mem.acked = s;
+                telemetry.acked(v);
+            }
+            Ok(())
+        }
+        Some(hub_message::Kind::BatchRejected(r)) => {
+            // Not applied: the acknowledged state stays where it was.
+            telemetry.batch_rejected(r.version, &r.message);
+            Err(AgentError::BatchRejected {
+                version: r.version,
+                message: r.message,
+            })
+        }
+        Some(hub_message::Kind::Heartbeat(_)) => Ok(()),
+        Some(hub_message::Kind::Reject(r)) => Err(AgentError::Rejected(r.message)),
+        other => {
+            warn!(?other, "unexpected hub message ignored");
+            Ok(())
+        }
+    }
+}
+
+/// A welcomed session: sends the state's changes and heartbeats, applies what the hub
+/// answers, until the stream ends.
+async fn exchange(
+    live: Live<'_>,
+    state: &mut watch::Receiver<Arc<ClusterState>>,
+    mem: &mut Memory,
+    telemetry: &Telemetry,
+    inbound: &mut tonic::Streaming<pb::HubMessage>,
+    in_flight: &mut InFlight,
+) -> Result<(), AgentError> {
+    let Live {
+        cfg,
+        tx,
+        limits,
+        resume,
+    } = live;
     let mut sent: Arc<ClusterState>;
     let mut dirty_at: Option<Instant>;
     // A full resync whose last part is not sent yet: the source is still listing, and
     // what it lists is sent as more parts of that resync (diffs from what was sent,
     // so a delete takes back an earlier part's naming) until its state is complete.
     let mut resync_open = false;
-    if welcome.resume {
+    if resume {
         sent = mem.acked.clone();
         dirty_at = Some(Instant::now()); // send what changed while away, at once
     } else {
         let current = state.borrow_and_update().clone();
         let close = !current.listing;
         let parts = Parts::Resync { close };
-        if let Some(v) = send_split(&tx, mem, telemetry, limits, parts, full(&current)).await?
+        if let Some(v) = send_split(tx, mem, telemetry, limits, parts, full(&current)).await?
             && close
         {
             in_flight.push_back((v, current.clone()));
@@ -616,7 +727,7 @@ async fn session(
                 };
                 let changes = diff(&sent, &current, SystemTime::now());
                 // Only the last part's version stands for a complete state.
-                if let Some(v) = send_split(&tx, mem, telemetry, limits, parts, changes).await?
+                if let Some(v) = send_split(tx, mem, telemetry, limits, parts, changes).await?
                     && close
                 {
                     in_flight.push_back((v, current.clone()));
@@ -627,28 +738,7 @@ async fn session(
             msg = inbound.message() => {
                 let Some(msg) = msg? else { return Ok(()) };
                 last_heard = Instant::now();
-                match msg.kind {
-                    Some(hub_message::Kind::Ack(ack)) => {
-                        for e in &ack.errors {
-                            warn!(version = ack.version, item = e.index, error = %e.message, "the hub rejected an item");
-                            telemetry.item_error(format!("batch {} item {}: {}", ack.version, e.index, e.message));
-                        }
-                        while in_flight.front().is_some_and(|(v, _)| *v <= ack.version) {
-                            let (v, s) = in_flight.pop_front().unwrap_or_default();
-                            mem.acked_version = v;
-                            mem.acked = s;
-                            telemetry.acked(v);
-                        }
-                    }
-                    Some(hub_message::Kind::BatchRejected(r)) => {
-                        // Not applied: the acknowledged state stays where it was.
-                        telemetry.batch_rejected(r.version, &r.message);
-                        return Err(AgentError::BatchRejected { version: r.version, message: r.message });
-                    }
-                    Some(hub_message::Kind::Heartbeat(_)) => {}
-                    Some(hub_message::Kind::Reject(r)) => return Err(AgentError::Rejected(r.message)),
-                    other => warn!(?other, "unexpected hub message ignored"),
-                }
+                on_hub_message(msg, mem, telemetry, in_flight)?;
             }
             _ = heartbeat.tick() => {
                 if last_heard.elapsed() > cfg.heartbeat * 3 {
@@ -657,7 +747,7 @@ async fn session(
                 let hb = pb::Heartbeat { unix_nanos: to_unix_nanos(SystemTime::now()) };
                 tx.send(pb::AgentMessage { kind: Some(agent_message::Kind::Heartbeat(hb)) })
                     .await
-                    .map_err(|_| AgentError::Protocol("outbound stream closed".into()))?;
+                    .map_err(|_| AgentError::OutboundClosed)?;
             }
         }
     }
