@@ -356,3 +356,373 @@ async fn not_ready_while_certificates_are_missing() {
     assert!(!proxy.is_ready());
     assert_eq!(admin(&proxy, "/ready").await.0, 503);
 }
+
+// ---- the state machine fed by hand: secret removal, NACKs by field ----------------
+
+mod fed {
+    use super::*;
+    use tributary_proto::envoy::envoy::config::cluster::v3::{
+        Cluster, cluster::ClusterDiscoveryType, cluster::DiscoveryType,
+    };
+    use tributary_proto::envoy::envoy::config::core::v3::{
+        Address, AggregatedConfigSource, ConfigSource, SocketAddress, TransportSocket, address,
+        config_source::ConfigSourceSpecifier, socket_address::PortSpecifier,
+        transport_socket::ConfigType as TsConfig,
+    };
+    use tributary_proto::envoy::envoy::config::endpoint::v3::{
+        ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints,
+        lb_endpoint::HostIdentifier,
+    };
+    use tributary_proto::envoy::envoy::config::listener::v3::{
+        Filter, FilterChain, Listener, filter::ConfigType,
+    };
+    use tributary_proto::envoy::envoy::extensions::filters::network::tcp_proxy::v3::{
+        TcpProxy, tcp_proxy::ClusterSpecifier,
+    };
+    use tributary_proto::envoy::envoy::extensions::transport_sockets::tls::v3::{
+        CommonTlsContext, DownstreamTlsContext, SdsSecretConfig, TlsParameters,
+        common_tls_context::ValidationContextType,
+    };
+    use tributary_proto::envoy::envoy::service::discovery::v3::{DeltaDiscoveryResponse, Resource};
+    use tributary_proto::envoy::google::protobuf::{Any, BoolValue};
+    use tributary_proto::type_url;
+    use tributary_proxy::xds::XdsState;
+
+    fn any<M: Message>(url: &str, m: &M) -> Any {
+        Any {
+            type_url: url.into(),
+            value: m.encode_to_vec(),
+        }
+    }
+
+    fn response(
+        url: &str,
+        resources: Vec<(&str, Any)>,
+        removed: &[&str],
+    ) -> DeltaDiscoveryResponse {
+        DeltaDiscoveryResponse {
+            type_url: url.into(),
+            nonce: "n".into(),
+            resources: resources
+                .into_iter()
+                .map(|(name, a)| Resource {
+                    name: name.into(),
+                    version: "1".into(),
+                    resource: Some(a),
+                    ..Default::default()
+                })
+                .collect(),
+            removed_resources: removed.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn sds(name: &str) -> SdsSecretConfig {
+        SdsSecretConfig {
+            name: name.into(),
+            sds_config: Some(ConfigSource {
+                config_source_specifier: Some(ConfigSourceSpecifier::Ads(
+                    AggregatedConfigSource {},
+                )),
+                ..Default::default()
+            }),
+        }
+    }
+
+    /// A TLS-terminating TCP proxy listener on 127.0.0.1 (port from the bootstrap's
+    /// override), certificate `cert`, clients checked against `roots`.
+    fn tls_listener(name: &str, context: DownstreamTlsContext) -> Listener {
+        let tcp = TcpProxy {
+            stat_prefix: name.into(),
+            cluster_specifier: Some(ClusterSpecifier::Cluster("app".into())),
+            ..Default::default()
+        };
+        Listener {
+            name: name.into(),
+            address: Some(Address {
+                address: Some(address::Address::SocketAddress(SocketAddress {
+                    address: "127.0.0.1".into(),
+                    port_specifier: Some(PortSpecifier::PortValue(1)),
+                    ..Default::default()
+                })),
+            }),
+            filter_chains: vec![FilterChain {
+                filters: vec![Filter {
+                    name: "envoy.filters.network.tcp_proxy".into(),
+                    config_type: Some(ConfigType::TypedConfig(any(
+                        tributary_proxy::xds::translate::TCP_PROXY,
+                        &tcp,
+                    ))),
+                }],
+                transport_socket: Some(TransportSocket {
+                    name: "envoy.transport_sockets.tls".into(),
+                    config_type: Some(TsConfig::TypedConfig(any(
+                        tributary_proxy::tls::DOWNSTREAM_TLS,
+                        &context,
+                    ))),
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn mtls_context() -> DownstreamTlsContext {
+        DownstreamTlsContext {
+            common_tls_context: Some(CommonTlsContext {
+                tls_certificate_sds_secret_configs: vec![sds("cert")],
+                validation_context_type: Some(
+                    ValidationContextType::ValidationContextSdsSecretConfig(sds("roots")),
+                ),
+                ..Default::default()
+            }),
+            require_client_certificate: Some(BoolValue { value: true }),
+            ..Default::default()
+        }
+    }
+
+    fn secrets(issuer: &TestIssuer, id: &str) -> Vec<(&'static str, Any)> {
+        let cert = issuer.issue(&SpiffeId::parse(id).unwrap()).unwrap();
+        let c = Secret {
+            name: "cert".into(),
+            r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
+                certificate_chain: inline(&cert.chain_pem),
+                private_key: inline(&cert.key_pem),
+                ..Default::default()
+            })),
+        };
+        let r = Secret {
+            name: "roots".into(),
+            r#type: Some(secret::Type::ValidationContext(
+                CertificateValidationContext {
+                    trusted_ca: inline(&issuer.trust_bundle_pem()),
+                    ..Default::default()
+                },
+            )),
+        };
+        vec![
+            ("cert", any(type_url::SECRET, &c)),
+            ("roots", any(type_url::SECRET, &r)),
+        ]
+    }
+
+    /// A static cluster `app` to `addr`.
+    fn app_cluster(addr: std::net::SocketAddr) -> Cluster {
+        Cluster {
+            name: "app".into(),
+            cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Static as i32)),
+            load_assignment: Some(ClusterLoadAssignment {
+                cluster_name: "app".into(),
+                endpoints: vec![LocalityLbEndpoints {
+                    lb_endpoints: vec![LbEndpoint {
+                        host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
+                            address: Some(Address {
+                                address: Some(address::Address::SocketAddress(SocketAddress {
+                                    address: addr.ip().to_string(),
+                                    port_specifier: Some(PortSpecifier::PortValue(u32::from(
+                                        addr.port(),
+                                    ))),
+                                    ..Default::default()
+                                })),
+                            }),
+                            ..Default::default()
+                        })),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// A request through the TLS-terminating TCP proxy to the app: the handshake is
+    /// accepted when the app's answer comes back.
+    async fn handshake(tls: &ClientTls, addr: std::net::SocketAddr) -> std::io::Result<()> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let mut s = tls.connect(tcp, addr.ip()).await?;
+        s.write_all(b"GET / HTTP/1.1\r\nhost: app\r\nconnection: close\r\n\r\n")
+            .await?;
+        // TLS 1.3: a refused client certificate shows as an alert on the first read.
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(TIMEOUT, s.read_to_end(&mut buf)).await;
+        match read {
+            Err(_) => Err(std::io::Error::other("no answer within the timeout")),
+            Ok(_) if buf.starts_with(b"HTTP/1.1 200") => Ok(()),
+            Ok(r) => Err(std::io::Error::other(format!(
+                "no answer from the app: {r:?} {:?}",
+                String::from_utf8_lossy(&buf)
+            ))),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_removed_secret_makes_the_proxy_not_ready_and_refuses_handshakes_until_it_is_back() {
+        let issuer = TestIssuer::new("root", Duration::from_secs(3600)).unwrap();
+        let b = bootstrap("127.0.0.1:1".parse().unwrap(), "delta", "");
+        let proxy = Proxy::serve(&b).await.unwrap();
+        let sh = &proxy.shared;
+        let mut state = XdsState::new(tributary_proxy::xds::node(&b.node), true);
+        let app = Backend::start("app", Mode::Ok).await;
+        let out = state.on_delta(
+            &response(
+                type_url::CLUSTER,
+                vec![("app", any(type_url::CLUSTER, &app_cluster(app.addr)))],
+                &[],
+            ),
+            sh,
+        );
+        assert!(out[0].error_detail.is_none());
+        let out = state.on_delta(
+            &response(
+                type_url::LISTENER,
+                vec![(
+                    "l",
+                    any(type_url::LISTENER, &tls_listener("l", mtls_context())),
+                )],
+                &[],
+            ),
+            sh,
+        );
+        assert!(out[0].error_detail.is_none(), "{:?}", out[0].error_detail);
+        // The listener names its secrets: SDS is subscribed by name.
+        let sub = out
+            .iter()
+            .find(|r| r.type_url == type_url::SECRET)
+            .expect("an SDS subscription");
+        assert_eq!(sub.resource_names_subscribe, vec!["cert", "roots"]);
+        assert!(state.complete());
+        assert!(
+            !proxy.is_ready(),
+            "the config is complete but its certificates are missing"
+        );
+        let addr = proxy.listener_addr("l").await;
+        let client = client_tls(
+            &issuer,
+            &format!("spiffe://{TD}/env/prod/ns/default/sa/c"),
+            &issuer,
+            "spiffe://",
+        );
+        assert!(
+            handshake(&client, addr).await.is_err(),
+            "no certificate yet"
+        );
+
+        let out = state.on_delta(
+            &response(
+                type_url::SECRET,
+                secrets(&issuer, &format!("spiffe://{TD}/env/prod/ns/default/sa/s")),
+                &[],
+            ),
+            sh,
+        );
+        assert!(out[0].error_detail.is_none(), "{:?}", out[0].error_detail);
+        assert!(proxy.is_ready());
+        handshake(&client, addr)
+            .await
+            .expect("accepted once the certificate is loaded");
+
+        // Removed by the server: not ready, new handshakes refused.
+        state.on_delta(&response(type_url::SECRET, vec![], &["cert"]), sh);
+        assert!(!proxy.is_ready());
+        assert_eq!(admin(&proxy, "/ready").await.0, 503);
+        assert!(handshake(&client, addr).await.is_err());
+        // Back: ready again.
+        state.on_delta(
+            &response(
+                type_url::SECRET,
+                secrets(&issuer, &format!("spiffe://{TD}/env/prod/ns/default/sa/s")),
+                &[],
+            ),
+            sh,
+        );
+        assert!(proxy.is_ready());
+        handshake(&client, addr).await.expect("accepted again");
+    }
+
+    #[tokio::test]
+    async fn tls_fields_it_does_not_honour_are_nacked_by_resource_and_field() {
+        let b = bootstrap("127.0.0.1:1".parse().unwrap(), "delta", "");
+        let proxy = Proxy::serve(&b).await.unwrap();
+        let mut state = XdsState::new(tributary_proxy::xds::node(&b.node), true);
+        let mut params = mtls_context();
+        params.common_tls_context.as_mut().unwrap().tls_params = Some(TlsParameters::default());
+        let mut sni = mtls_context();
+        sni.require_sni = Some(BoolValue { value: true });
+        let mut no_roots = mtls_context();
+        no_roots
+            .common_tls_context
+            .as_mut()
+            .unwrap()
+            .validation_context_type = None;
+        let out = state.on_delta(
+            &response(
+                type_url::LISTENER,
+                vec![
+                    (
+                        "good",
+                        any(type_url::LISTENER, &tls_listener("good", mtls_context())),
+                    ),
+                    (
+                        "params",
+                        any(type_url::LISTENER, &tls_listener("params", params)),
+                    ),
+                    ("sni", any(type_url::LISTENER, &tls_listener("sni", sni))),
+                    (
+                        "no_roots",
+                        any(type_url::LISTENER, &tls_listener("no_roots", no_roots)),
+                    ),
+                ],
+                &[],
+            ),
+            &proxy.shared,
+        );
+        let nack = &out[0].error_detail.as_ref().expect("a NACK").message;
+        assert!(
+            nack.contains(
+                "params: downstream TLS: field common_tls_context.tls_params is not supported"
+            ),
+            "{nack}"
+        );
+        assert!(
+            nack.contains("sni: downstream TLS: field require_sni is not supported"),
+            "{nack}"
+        );
+        assert!(
+            nack.contains(
+                "no_roots: downstream TLS: require_client_certificate needs a validation context"
+            ),
+            "{nack}"
+        );
+        assert!(!nack.contains("good"), "{nack}");
+
+        // A secret that cannot be used is NACKed by name, without quoting the key.
+        let bad = Secret {
+            name: "cert".into(),
+            r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
+                certificate_chain: inline("not a certificate"),
+                private_key: inline(
+                    "-----BEGIN PRIVATE KEY-----\nc2VjcmV0\n-----END PRIVATE KEY-----\n",
+                ),
+                ..Default::default()
+            })),
+        };
+        let out = state.on_delta(
+            &response(
+                type_url::SECRET,
+                vec![("cert", any(type_url::SECRET, &bad))],
+                &[],
+            ),
+            &proxy.shared,
+        );
+        let nack = &out[0].error_detail.as_ref().expect("a NACK").message;
+        assert!(
+            nack.contains("Error adding/updating secret(s) cert: tls_certificate.certificate_chain: no certificate in it"),
+            "{nack}"
+        );
+        assert!(!nack.contains("c2VjcmV0"), "{nack}");
+        assert!(!proxy.is_ready());
+    }
+}
