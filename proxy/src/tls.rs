@@ -1062,3 +1062,39 @@ impl AsyncWrite for Stream {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(pattern: Pattern, ignore_case: bool) -> SanMatcher {
+        SanMatcher {
+            uri: true,
+            pattern,
+            ignore_case,
+        }
+    }
+
+    #[test]
+    fn san_matchers_match_as_envoys_string_matchers() {
+        let id = "spiffe://td/env/prod/ns/shop/sa/cart";
+        assert!(m(Pattern::Exact(id.into()), false).matches(id));
+        assert!(!m(Pattern::Exact("spiffe://td/env/prod/".into()), false).matches(id));
+        assert!(m(Pattern::Prefix("spiffe://td/env/prod/".into()), false).matches(id));
+        assert!(!m(Pattern::Prefix("spiffe://td/env/staging/".into()), false).matches(id));
+        assert!(m(Pattern::Suffix("/sa/cart".into()), false).matches(id));
+        assert!(m(Pattern::Contains("/ns/shop/".into()), false).matches(id));
+        assert!(!m(Pattern::Prefix("SPIFFE://TD/".into()), false).matches(id));
+        assert!(m(Pattern::Prefix("SPIFFE://TD/".into()), true).matches(id));
+    }
+
+    #[test]
+    fn a_secret_debug_never_shows_key_material() {
+        let v = SecretValue::Certificate {
+            chain: vec![CertificateDer::from(vec![1, 2, 3])],
+            key: Arc::new(PrivateKeyDer::Pkcs8(vec![42u8; 8].into())),
+        };
+        let d = format!("{v:?}");
+        assert_eq!(d, "Certificate { chain_len: 1, .. }");
+    }
+}

@@ -58,6 +58,13 @@ async fn workload(hub: &TestHub, sa: &str, scope: Option<&str>) -> Proxy {
     start_proxy(bootstrap(hub.hub.xds_addr, "delta", &meta)).await
 }
 
+/// Where listener `name` is bound, once the proxy holds and binds it.
+async fn bound(p: &Proxy, name: &str) -> std::net::SocketAddr {
+    tokio::time::timeout(TIMEOUT, p.listener_addr(name))
+        .await
+        .unwrap_or_else(|_| panic!("listener {name} is bound within the timeout"))
+}
+
 fn inline(s: &str) -> Option<DataSource> {
     Some(DataSource {
         specifier: Some(Specifier::InlineString(s.to_string())),
@@ -193,7 +200,7 @@ async fn two_proxies_talk_mtls_through_the_hubs_config_and_the_server_side_refus
     // The server side: scope `back`, its inbound listener terminating mTLS.
     let back = workload(&hub, "back", Some("back")).await;
     ready(&back).await;
-    let inbound = back.listener_addr(INBOUND_LISTENER).await;
+    let inbound = bound(&back, INBOUND_LISTENER).await;
     hub.write(
         "endpoints.yaml",
         &endpoints("back", &[(inbound, "v1", "z1")]),
@@ -201,7 +208,7 @@ async fn two_proxies_talk_mtls_through_the_hubs_config_and_the_server_side_refus
     // The client side: its outbound cluster to `back` originates mTLS.
     let front = workload(&hub, "front", None).await;
     ready(&front).await;
-    let outbound = front.listener_addr("0.0.0.0_8080").await;
+    let outbound = bound(&front, "0.0.0.0_8080").await;
     let c = client();
     until("a request goes front → back over mTLS", || async {
         get(&c, outbound, "back.prod", "/", &[]).await == (200, "app".into())
@@ -263,7 +270,7 @@ async fn two_proxies_talk_mtls_through_the_hubs_config_and_the_server_side_refus
         &format!("spiffe://{TD}/"),
     );
     refused(&staging, inbound).await;
-    assert_eq!(app.hits.load(std::sync::atomic::Ordering::SeqCst) > 0, true);
+    assert!(app.hits.load(std::sync::atomic::Ordering::SeqCst) > 0);
 }
 
 /// The server refuses `tls`'s client: no response on the connection.
@@ -294,7 +301,7 @@ async fn a_rotated_certificate_applies_to_new_handshakes_and_keeps_established_c
     .await;
     let back = workload(&hub, "back", Some("back")).await;
     ready(&back).await;
-    let inbound = back.listener_addr(INBOUND_LISTENER).await;
+    let inbound = bound(&back, INBOUND_LISTENER).await;
     let first = secret_version(&config_dump(&back).await, "default").expect("a certificate");
 
     let tester = format!("spiffe://{TD}/env/prod/ns/default/sa/tester");
@@ -598,7 +605,7 @@ mod fed {
             !proxy.is_ready(),
             "the config is complete but its certificates are missing"
         );
-        let addr = proxy.listener_addr("l").await;
+        let addr = bound(&proxy, "l").await;
         let client = client_tls(
             &issuer,
             &format!("spiffe://{TD}/env/prod/ns/default/sa/c"),
