@@ -780,11 +780,14 @@ fn cached<T>(
     built
 }
 
+/// A listener's server config, and its certificate's URI SAN (`By` in XFCC).
+type ServerBuilt = (Arc<ServerConfig>, Option<String>);
+
 /// A listener's TLS: its server config, rebuilt when the secrets change.
 #[derive(Debug)]
 pub struct ServerTls {
     pub context: TlsContext,
-    cache: Cached<(Arc<ServerConfig>, Option<String>)>,
+    cache: Cached<ServerBuilt>,
 }
 
 /// A downstream connection after its handshake: the stream, and what the HTTP
@@ -808,10 +811,7 @@ impl ServerTls {
     }
 
     /// The server config for the current secrets, and our URI SAN.
-    fn config(
-        &self,
-        secrets: &SecretSet,
-    ) -> Result<Arc<(Arc<ServerConfig>, Option<String>)>, String> {
+    fn config(&self, secrets: &SecretSet) -> Result<Arc<ServerBuilt>, String> {
         cached(&self.cache, secrets, || {
             let name = self
                 .context
