@@ -49,6 +49,8 @@ pub struct ClusterDef {
     pub connect_timeout: Duration,
     pub outlier: Option<OutlierConfig>,
     pub limits: Limits,
+    /// Upstream TLS (the cluster's `UpstreamTlsContext`).
+    pub tls: Option<crate::tls::TlsContext>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -267,6 +269,8 @@ pub struct Cluster {
     ejected: AtomicUsize,
     connections: Arc<Semaphore>,
     pub stats: ClusterStats,
+    /// Upstream TLS, for the TCP proxy (HTTP connections get it from the connector).
+    pub tls: Option<Arc<crate::tls::ClientTls>>,
 }
 
 /// Why no request could be sent.
@@ -326,13 +330,28 @@ impl Drop for RetrySlot {
 
 impl Cluster {
     pub fn new(def: ClusterDef, stats: ClusterStats) -> Cluster {
+        Self::with_secrets(def, stats, Default::default())
+    }
+
+    /// A cluster whose upstream TLS (if any) takes its certificates from `secrets`.
+    pub fn with_secrets(
+        def: ClusterDef,
+        stats: ClusterStats,
+        secrets: Arc<ArcSwap<crate::tls::SecretSet>>,
+    ) -> Cluster {
         let connections = Arc::new(Semaphore::new(def.limits.max_connections));
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
         http.set_connect_timeout(Some(def.connect_timeout));
+        let tls = def
+            .tls
+            .clone()
+            .map(|t| Arc::new(crate::tls::ClientTls::new(t, secrets)));
         let connector = LimitedConnector {
             inner: http,
             permits: connections.clone(),
+            tls: tls.clone(),
+            timeout: def.connect_timeout,
         };
         let mut builder = Client::builder(TokioExecutor::new());
         builder
@@ -356,6 +375,7 @@ impl Cluster {
             ejected: AtomicUsize::new(0),
             connections,
             stats,
+            tls,
         }
     }
 
@@ -690,6 +710,9 @@ impl Cluster {
 pub struct LimitedConnector {
     inner: HttpConnector,
     permits: Arc<Semaphore>,
+    /// Upstream TLS, handshaken after connecting (bounded by the connect timeout).
+    tls: Option<Arc<crate::tls::ClientTls>>,
+    timeout: Duration,
 }
 
 impl tower::Service<hyper::Uri> for LimitedConnector {
@@ -704,14 +727,20 @@ impl tower::Service<hyper::Uri> for LimitedConnector {
     fn call(&mut self, uri: hyper::Uri) -> Self::Future {
         let mut inner = self.inner.clone();
         let permits = self.permits.clone();
+        let tls = self.tls.clone();
+        let timeout = self.timeout;
         Box::pin(async move {
             let permit = permits.acquire_owned().await?;
-            let io = inner
+            let tcp = inner
                 .call(uri)
+                .await
+                .map_err(|e| Box::new(ConnectError(e.to_string())))?
+                .into_inner();
+            let io = crate::tls::upgrade(tcp, tls.as_deref(), timeout)
                 .await
                 .map_err(|e| Box::new(ConnectError(e.to_string())))?;
             Ok(LimitedConnection {
-                io,
+                io: TokioIo::new(io),
                 _permit: permit,
             })
         })
@@ -725,13 +754,18 @@ pub struct ConnectError(String);
 
 #[derive(Debug)]
 pub struct LimitedConnection {
-    io: TokioIo<tokio::net::TcpStream>,
+    io: TokioIo<crate::tls::Stream>,
     _permit: OwnedSemaphorePermit,
 }
 
 impl Connection for LimitedConnection {
     fn connected(&self) -> Connected {
-        self.io.connected()
+        let c = Connected::new();
+        if self.io.inner().negotiated_h2() {
+            c.negotiated_h2()
+        } else {
+            c
+        }
     }
 }
 
@@ -794,6 +828,7 @@ mod tests {
                 max_ejection_percent: 50,
             }),
             limits: Limits::default(),
+            tls: None,
         }
     }
 

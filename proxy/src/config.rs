@@ -31,18 +31,54 @@ pub struct ListenerConfig {
     /// `bind_to_port: false`: bound only when the bootstrap asks for it.
     pub bind_to_port: bool,
     pub filter: NetworkFilter,
+    /// Downstream TLS (the filter chain's `DownstreamTlsContext`).
+    pub tls: Option<crate::tls::TlsContext>,
 }
 
 /// The one network filter of a listener's filter chain.
 #[derive(Debug, Clone, PartialEq)]
 pub enum NetworkFilter {
-    /// HTTP connection manager reading route table `route_config` over RDS.
+    /// HTTP connection manager reading route table `route_config` over RDS, or
+    /// its own `inline` table (named `route_config`).
     Http {
         route_config: Arc<str>,
         codec: Codec,
+        inline: Option<InlineRoutes>,
+        xfcc: Xfcc,
     },
     /// TCP proxy to one cluster.
     Tcp { cluster: Arc<str> },
+}
+
+/// A route table inside the HTTP connection manager (`route_config`), compiled; equal
+/// when its encoded resource is.
+#[derive(Debug, Clone)]
+pub struct InlineRoutes {
+    pub table: Arc<RouteTable>,
+    pub encoded: Arc<[u8]>,
+}
+
+impl PartialEq for InlineRoutes {
+    fn eq(&self, other: &Self) -> bool {
+        self.encoded == other.encoded
+    }
+}
+
+/// What the HTTP connection manager does with `x-forwarded-client-cert`
+/// (`forward_client_cert_details`; with `set_current_client_cert_details.uri`, the
+/// element it adds names the client's URI SAN).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Xfcc {
+    /// Remove it (Envoy's default).
+    Sanitize,
+    /// Keep it on mTLS connections, remove it otherwise.
+    ForwardOnly,
+    /// On mTLS connections append the client's element, otherwise remove it.
+    AppendForward,
+    /// On mTLS connections replace it with the client's element, otherwise remove it.
+    SanitizeSet,
+    /// Keep it.
+    AlwaysForwardOnly,
 }
 
 /// Which HTTP versions a listener speaks downstream.

@@ -104,16 +104,65 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
-/// Serves one request arriving on a listener whose manager reads `route_config`.
+/// What one downstream connection's requests are served with: the listener's HTTP
+/// connection manager, and the client's certificate element when it presented one.
+#[derive(Debug, Clone)]
+pub struct Downstream {
+    /// The route table, read over RDS from the snapshot unless `inline`.
+    pub route_config: Arc<str>,
+    pub inline: Option<Arc<crate::config::RouteTable>>,
+    pub xfcc: crate::config::Xfcc,
+    /// The `x-forwarded-client-cert` element of an mTLS client ([`crate::tls::Accepted`]).
+    pub client_cert: Option<HeaderValue>,
+}
+
+const XFCC: &str = "x-forwarded-client-cert";
+
+impl Downstream {
+    /// Applies `forward_client_cert_details` to the request's headers.
+    fn client_cert_header(&self, h: &mut HeaderMap) {
+        use crate::config::Xfcc;
+        match (self.xfcc, &self.client_cert) {
+            (Xfcc::AlwaysForwardOnly, _) | (Xfcc::ForwardOnly, Some(_)) => {}
+            (Xfcc::SanitizeSet, Some(v)) => {
+                h.insert(XFCC, v.clone());
+            }
+            (Xfcc::AppendForward, Some(v)) => {
+                let joined = match h.get(XFCC) {
+                    Some(old) => {
+                        let mut b = old.as_bytes().to_vec();
+                        b.push(b',');
+                        b.extend_from_slice(v.as_bytes());
+                        HeaderValue::from_bytes(&b).unwrap_or_else(|_| v.clone())
+                    }
+                    None => v.clone(),
+                };
+                h.insert(XFCC, joined);
+            }
+            _ => {
+                h.remove(XFCC);
+            }
+        }
+    }
+}
+
+/// Serves one request arriving on a listener whose manager is `downstream`.
 pub async fn handle(
     shared: Arc<Shared>,
-    route_config: Arc<str>,
-    req: Request<Incoming>,
+    downstream: Arc<Downstream>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
+    downstream.client_cert_header(req.headers_mut());
     let snapshot = shared.snapshot.load_full();
-    let Some(table) = snapshot.routes.get(&route_config) else {
-        shared.metrics.no_route.inc();
-        return Ok(local(StatusCode::NOT_FOUND, "no route table"));
+    let table = match &downstream.inline {
+        Some(t) => t,
+        None => match snapshot.routes.get(&downstream.route_config) {
+            Some(t) => t,
+            None => {
+                shared.metrics.no_route.inc();
+                return Ok(local(StatusCode::NOT_FOUND, "no route table"));
+            }
+        },
     };
     let host = req
         .uri()

@@ -8,6 +8,7 @@
 //! - [`listener`]: binds listeners from LDS and drains removed ones.
 //! - [`http`]: the HTTP connection manager's data path (routing, retries, timeouts).
 //! - [`tcp`]: the TCP proxy filter.
+//! - [`tls`]: downstream and upstream TLS with certificates from SDS.
 //! - [`cluster`]: Envoy clusters at run time: load balancing, outlier detection,
 //!   circuit breakers, upstream connection pools.
 //! - [`admin`]: `/ready`, `/stats`, `/config_dump`.
@@ -22,6 +23,7 @@ pub mod http;
 pub mod listener;
 pub mod metrics;
 pub mod tcp;
+pub mod tls;
 pub mod xds;
 
 use std::collections::BTreeMap;
@@ -45,8 +47,11 @@ pub struct Shared {
     pub listeners: watch::Sender<BTreeMap<Arc<str>, ListenerConfig>>,
     /// Bound listener addresses, by name.
     pub bound: watch::Sender<BTreeMap<Arc<str>, SocketAddr>>,
-    /// Set once the first complete config is applied; never cleared.
+    /// True once the first complete config is applied and while every certificate
+    /// and trust bundle that held listeners and clusters name is loaded.
     pub ready: watch::Sender<bool>,
+    /// The SDS secrets held, for TLS handshakes (swapped whole by the xDS client).
+    pub secrets: Arc<ArcSwap<tls::SecretSet>>,
     pub metrics: metrics::Metrics,
     /// The xDS client's view for `/config_dump` (written per response, read by admin only).
     pub dump: std::sync::Mutex<serde_json::Value>,
@@ -86,6 +91,7 @@ impl Proxy {
             listeners: watch::Sender::new(BTreeMap::new()),
             bound: watch::Sender::new(BTreeMap::new()),
             ready: watch::Sender::new(false),
+            secrets: Default::default(),
             metrics: metrics::Metrics::default(),
             dump: std::sync::Mutex::new(serde_json::Value::Null),
         });
@@ -102,7 +108,8 @@ impl Proxy {
         *self.shared.ready.borrow()
     }
 
-    /// Waits until the proxy is ready (its first complete config is applied).
+    /// Waits until the proxy is ready (its first complete config is applied and its
+    /// certificates are loaded).
     pub async fn ready(&self) {
         let mut rx = self.shared.ready.subscribe();
         let _ = rx.wait_for(|r| *r).await;

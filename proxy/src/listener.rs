@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
@@ -23,11 +23,13 @@ use tokio::task::JoinSet;
 use crate::Shared;
 use crate::bootstrap::ListenersConfig;
 use crate::config::{Codec, ListenerConfig, NetworkFilter};
+use crate::tls::ServerTls;
 
 /// A listener that is bound and accepting.
 struct Running {
     config: ListenerConfig,
     filter: Arc<ArcSwap<NetworkFilter>>,
+    tls: Arc<ArcSwapOption<ServerTls>>,
     stop: watch::Sender<bool>,
 }
 
@@ -73,6 +75,9 @@ pub async fn manage(shared: Arc<Shared>, cfg: ListenersConfig, drain: Duration) 
             if let Some(r) = running.get_mut(name) {
                 if r.config != *l {
                     r.filter.store(Arc::new(l.filter.clone()));
+                    if r.config.tls != l.tls {
+                        r.tls.store(server_tls(l));
+                    }
                     r.config = l.clone();
                 }
                 continue;
@@ -89,12 +94,13 @@ pub async fn manage(shared: Arc<Shared>, cfg: ListenersConfig, drain: Duration) 
             };
             let local = socket.local_addr().unwrap_or(addr);
             let filter = Arc::new(ArcSwap::from_pointee(l.filter.clone()));
+            let tls = Arc::new(ArcSwapOption::new(server_tls(l)));
             let (stop, stopped) = watch::channel(false);
             tokio::spawn(accept(
                 shared.clone(),
                 name.clone(),
                 socket,
-                filter.clone(),
+                (filter.clone(), tls.clone()),
                 stopped,
                 drain,
             ));
@@ -107,12 +113,69 @@ pub async fn manage(shared: Arc<Shared>, cfg: ListenersConfig, drain: Duration) 
                 Running {
                     config: l.clone(),
                     filter,
+                    tls,
                     stop,
                 },
             );
         }
         if rx.changed().await.is_err() {
             return;
+        }
+    }
+}
+
+fn server_tls(l: &ListenerConfig) -> Option<Arc<ServerTls>> {
+    l.tls.clone().map(|t| Arc::new(ServerTls::new(t)))
+}
+
+/// Serves one downstream connection (plaintext or after its TLS handshake) with the
+/// listener's network filter, in the connection's task (in the listener's set, so a
+/// drain that times out closes it): HTTP under the listener's graceful shutdown,
+/// TCP proxied.
+async fn serve<S>(
+    shared: Arc<Shared>,
+    filter: &NetworkFilter,
+    stream: S,
+    alpn: Option<&[u8]>,
+    client_cert: Option<hyper::http::HeaderValue>,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    match filter {
+        NetworkFilter::Http {
+            route_config,
+            codec,
+            inline,
+            xfcc,
+        } => {
+            let downstream = Arc::new(crate::http::Downstream {
+                route_config: route_config.clone(),
+                inline: inline.as_ref().map(|i| i.table.clone()),
+                xfcc: *xfcc,
+                client_cert,
+            });
+            let service = hyper::service::service_fn(move |req| {
+                crate::http::handle(shared.clone(), downstream.clone(), req)
+            });
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            // ALPN decides the protocol over TLS; the codec otherwise.
+            match (alpn, codec) {
+                (Some(b"h2"), _) | (None, Codec::Http2) => builder = builder.http2_only(),
+                (Some(b"http/1.1"), _) | (None, Codec::Http1) => builder = builder.http1_only(),
+                _ => {}
+            }
+            builder.http1().timer(hyper_util::rt::TokioTimer::new());
+            let conn = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .into_owned();
+            if let Err(e) = watcher.watch(conn).await {
+                tracing::debug!(error = %e, "downstream connection ended");
+            }
+        }
+        NetworkFilter::Tcp { cluster } => {
+            drop(watcher);
+            crate::tcp::proxy(shared, cluster.clone(), stream).await;
         }
     }
 }
@@ -132,7 +195,7 @@ async fn accept(
     shared: Arc<Shared>,
     name: Arc<str>,
     socket: TcpListener,
-    filter: Arc<ArcSwap<NetworkFilter>>,
+    (filter, tls): (Arc<ArcSwap<NetworkFilter>>, Arc<ArcSwapOption<ServerTls>>),
     mut stop: watch::Receiver<bool>,
     drain: Duration,
 ) {
@@ -143,31 +206,23 @@ async fn accept(
             accepted = socket.accept() => {
                 let Ok((stream, _peer)) = accepted else { continue };
                 let _ = stream.set_nodelay(true);
-                match &**filter.load() {
-                    NetworkFilter::Http { route_config, codec } => {
-                        let route_config = route_config.clone();
-                        let shared = shared.clone();
-                        let service = hyper::service::service_fn(move |req| {
-                            crate::http::handle(shared.clone(), route_config.clone(), req)
-                        });
-                        let mut builder = auto::Builder::new(TokioExecutor::new());
-                        match codec {
-                            Codec::Http1 => builder = builder.http1_only(),
-                            Codec::Http2 => builder = builder.http2_only(),
-                            Codec::Auto => {}
+                let filter = filter.load_full();
+                if let Some(server) = tls.load_full() {
+                    // The handshake runs in the connection's own task, with the
+                    // secrets of now: a rotation applies to the next handshake.
+                    let shared = shared.clone();
+                    let watcher = graceful.watcher();
+                    tcp.spawn(async move {
+                        let secrets = shared.secrets.load_full();
+                        match server.accept(&secrets, stream).await {
+                            Ok(a) => serve(shared, &filter, a.stream, a.alpn.as_deref(), a.client_cert, watcher).await,
+                            Err(e) => tracing::debug!(error = %e, "downstream TLS handshake failed"),
                         }
-                        builder.http1().timer(hyper_util::rt::TokioTimer::new());
-                        let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                        let conn = graceful.watch(conn);
-                        tokio::spawn(async move {
-                            if let Err(e) = conn.await {
-                                tracing::debug!(error = %e, "downstream connection ended");
-                            }
-                        });
-                    }
-                    NetworkFilter::Tcp { cluster } => {
-                        tcp.spawn(crate::tcp::proxy(shared.clone(), cluster.clone(), stream));
-                    }
+                    });
+                } else {
+                    let shared = shared.clone();
+                    let watcher = graceful.watcher();
+                    tcp.spawn(async move { serve(shared, &filter, stream, None, None, watcher).await });
                 }
             }
             _ = stop.wait_for(|s| *s) => break,

@@ -13,7 +13,10 @@ use crate::config::Outcome;
 const CONNECT_ATTEMPTS: usize = 3;
 
 /// Proxies `downstream` to cluster `cluster` until either side closes.
-pub async fn proxy(shared: Arc<Shared>, cluster: Arc<str>, mut downstream: TcpStream) {
+pub async fn proxy<S>(shared: Arc<Shared>, cluster: Arc<str>, mut downstream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let snapshot = shared.snapshot.load_full();
     let Some(cluster) = snapshot.clusters.get(&cluster).cloned() else {
         tracing::debug!(%cluster, "tcp_proxy: cluster not found; closing");
@@ -34,8 +37,20 @@ pub async fn proxy(shared: Arc<Shared>, cluster: Arc<str>, mut downstream: TcpSt
             TcpStream::connect(endpoint.endpoint.address),
         );
         match connect.await {
-            Ok(Ok(mut upstream)) => {
+            Ok(Ok(upstream)) => {
                 let _ = upstream.set_nodelay(true);
+                let upstream = crate::tls::upgrade(
+                    upstream,
+                    cluster.tls.as_deref(),
+                    cluster.def.connect_timeout,
+                )
+                .await;
+                let Ok(mut upstream) = upstream else {
+                    cluster.stats.failures.inc();
+                    cluster.record(&endpoint.endpoint, Outcome::ConnectFailure);
+                    avoid = Some(endpoint.endpoint.address);
+                    continue;
+                };
                 cluster.record(&endpoint.endpoint, Outcome::Status(200));
                 let _ = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
                 return;

@@ -14,6 +14,10 @@ serve the very same resources.
   1 the other zones' gateways, overprovisioning 98): the 98/1/1 split within the
   binomial 99.9% interval for both, and both fail over to the gateways when the local
   endpoint turns UNHEALTHY.
+- mesh mTLS (test_mtls.py's mesh, the hub issuing certificates): an Envoy client
+  sidecar talks mTLS to a `tributary-proxy` server sidecar, whose app sees the Envoy's
+  SPIFFE id; the proxy refuses a plain client, a TLS client without a certificate
+  and one with a certificate of another CA.
 """
 
 from __future__ import annotations
@@ -37,9 +41,11 @@ def proxy_binary() -> Path:
 
 
 class TributaryProxy:
-    """`tributary-proxy --bootstrap FILE` as the gateway `edge`."""
+    """`tributary-proxy --bootstrap FILE` as the gateway `edge`, or as a sidecar with
+    `sidecar_meta` (its listeners then bind their own ports)."""
 
-    def __init__(self, workdir: Path, hub: Hub, protocol: str, node_id: str, zone: str, family: str):
+    def __init__(self, workdir: Path, hub: Hub, protocol: str, node_id: str, zone: str, family: str,
+                 sidecar_meta: dict | None = None):
         self.dir = workdir / f"proxy-{node_id}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.host = FAMILIES[family]
@@ -48,12 +54,14 @@ class TributaryProxy:
         xhost, xport = hub.xds  # type: ignore[misc]
         self.bootstrap = {
             "node": {"id": node_id, "environment": "prod", "zone": zone, "region": "r1",
-                     "cluster": "conformance", "metadata": {"tributary.io/gateway": "edge"}},
+                     "cluster": "conformance",
+                     "metadata": sidecar_meta or {"tributary.io/gateway": "edge"}},
             "xds": {"address": f"http://{hostport(xhost, xport)}", "protocol": protocol},
             "admin": {"address": f"127.0.0.1:{self.admin_port}"},
             "workers": 1,
-            "listeners": {"port_override": self.port},
         }
+        if sidecar_meta is None:
+            self.bootstrap["listeners"] = {"port_override": self.port}
         self.path = self.dir / "bootstrap.yaml"
         self.path.write_text(yaml.safe_dump(self.bootstrap, sort_keys=False))
         b = proxy_binary()
@@ -91,8 +99,10 @@ class TributaryProxy:
 def make_proxy(tmp_path):
     proxies: list[TributaryProxy] = []
 
-    def make(hub: Hub, api_type: str, node_id: str, zone: str = "az1", family: str = "ipv4") -> TributaryProxy:
-        p = TributaryProxy(tmp_path, hub, "delta" if api_type == "DELTA_GRPC" else "sotw", node_id, zone, family)
+    def make(hub: Hub, api_type: str, node_id: str, zone: str = "az1", family: str = "ipv4",
+             sidecar_meta: dict | None = None) -> TributaryProxy:
+        p = TributaryProxy(tmp_path, hub, "delta" if api_type == "DELTA_GRPC" else "sotw", node_id, zone, family,
+                           sidecar_meta)
         proxies.append(p)
         return p
 
@@ -213,3 +223,78 @@ def test_locality_split_and_failover_match_envoy(api_type, family, tmp_path, mak
             hub.stop()
         for b in (local, gw2, gw3):
             b.stop()
+
+
+@pytest.mark.parametrize("api_type,family", [("DELTA_GRPC", "ipv4"), ("GRPC", "ipv6")])
+def test_envoy_sidecar_talks_mtls_to_a_tributary_proxy_sidecar(api_type, family, tmp_path, make_hub,
+                                                                make_proxy):
+    import http.client
+    import ssl
+
+    from test_mtls import (
+        CLIENT_ID, CLUSTER, PORT, TD, XfccBackend, app_listener, foreign_client_cert, plain_get,
+        sidecar, start_envoy, tls_get, workload_meta,
+    )
+    from test_mtls import HOST as MTLS_HOST
+
+    host = FAMILIES[family]
+    backend = XfccBackend(host)
+    envoy = None
+    try:
+        inbound_port = free_port(host)
+        issuer_dir = tmp_path / "issuer"
+        docs = [
+            service("backend", [MTLS_HOST], [{"name": "http", "port": PORT, "protocol": "HTTP"}]),
+            endpoints("backend", [endpoint(host, inbound_port)]),
+            sidecar("client", [{"host": MTLS_HOST}]),
+            sidecar("server", [{"namespace": "default"}],
+                    inbound=[{"port": inbound_port, "bind": host, "targetAddress": host,
+                              "targetPort": backend.port}]),
+        ]
+        hub = make_hub(family=family, docs=docs,
+                       extra_args=["--test-issuer", str(issuer_dir), "--trust-domain", TD])
+        # Ready only once its certificates from SDS are loaded.
+        proxy = make_proxy(hub, api_type, "server-sidecar", family=family,
+                           sidecar_meta=workload_meta("server", "server"))
+        app_port = free_port(host)
+        envoy = start_envoy(tmp_path, hub, api_type, "client-sidecar", workload_meta("client", "client"),
+                            [app_listener(host, app_port)])
+
+        def through():
+            c = http.client.HTTPConnection(host, app_port, timeout=5)
+            try:
+                c.request("GET", "/", headers={"host": MTLS_HOST})
+                r = c.getresponse()
+                return (r.status, r.read()) == (200, b"backend")
+            except OSError:
+                return False
+            finally:
+                c.close()
+
+        wait_until(through, 20, "Envoy → (mTLS) → tributary-proxy → backend")
+        xfcc = backend.seen[-1] or ""
+        assert xfcc.startswith(f"By=spiffe://{TD}/env/prod/ns/default/sa/server;Hash="), xfcc
+        assert xfcc.endswith(f";URI={CLIENT_ID}"), xfcc
+        assert (envoy.stat(f"cluster.{CLUSTER}.ssl.handshake") or 0) >= 1
+        assert proxy.config_dump()["certificates_loaded"] is True
+
+        seen = len(backend.seen)
+        root = issuer_dir / "root.pem"
+        assert b"HTTP/" not in plain_get(host, inbound_port)
+        refused = (ssl.SSLError, ConnectionError, http.client.HTTPException, OSError)
+        with pytest.raises(refused):
+            tls_get(host, inbound_port, root, None)
+        with pytest.raises(refused):
+            tls_get(host, inbound_port, root, foreign_client_cert(tmp_path, CLIENT_ID))
+        assert len(backend.seen) == seen, "no refused client reached the backend"
+        # Envoy NACKs nothing; the proxy NACKs no secret (it does NACK the transparent-mode
+        # resources, virtualOutbound and PassthroughCluster: docs/proxy.md).
+        c = hub.client("client-sidecar")
+        assert all(t.get("nacks_total", 0) == 0 for t in c["types"]), c
+        p = hub.client("server-sidecar")
+        sds = [t for t in p["types"] if t.get("type_url", "").endswith("Secret")]
+        assert sds and sds[0].get("last_acked_version") and sds[0].get("nacks_total", 0) == 0, p
+    finally:
+        if envoy:
+            envoy.stop()
+        backend.stop()

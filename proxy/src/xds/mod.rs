@@ -23,6 +23,7 @@ use tributary_proto::envoy::envoy::config::core::v3::{Locality, Node};
 use tributary_proto::envoy::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use tributary_proto::envoy::envoy::config::listener::v3::Listener;
 use tributary_proto::envoy::envoy::config::route::v3::RouteConfiguration;
+use tributary_proto::envoy::envoy::extensions::transport_sockets::tls::v3::Secret;
 use tributary_proto::envoy::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
@@ -35,21 +36,24 @@ use crate::bootstrap::NodeConfig;
 use crate::cluster::{Assignment, Cluster};
 use crate::config::{ListenerConfig, NetworkFilter, RouteTable, Snapshot};
 
-/// The four resource types, in the order a (re)connect subscribes to them.
+/// The resource types (the four of routing, and SDS secrets), in the order a
+/// (re)connect subscribes to them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Kind4 {
     Cluster = 0,
     Listener = 1,
     Endpoint = 2,
     Route = 3,
+    Secret = 4,
 }
 
 impl Kind4 {
-    pub const ALL: [Kind4; 4] = [
+    pub const ALL: [Kind4; 5] = [
         Kind4::Cluster,
         Kind4::Listener,
         Kind4::Endpoint,
         Kind4::Route,
+        Kind4::Secret,
     ];
 
     pub fn type_url(self) -> &'static str {
@@ -58,6 +62,7 @@ impl Kind4 {
             Kind4::Listener => type_url::LISTENER,
             Kind4::Endpoint => type_url::ENDPOINT,
             Kind4::Route => type_url::ROUTE,
+            Kind4::Secret => type_url::SECRET,
         }
     }
 
@@ -72,6 +77,7 @@ impl Kind4 {
             Kind4::Listener => "listener",
             Kind4::Endpoint => "cluster load assignment",
             Kind4::Route => "route configuration",
+            Kind4::Secret => "secret",
         }
     }
 
@@ -81,6 +87,7 @@ impl Kind4 {
             Kind4::Listener => "LDS",
             Kind4::Endpoint => "EDS",
             Kind4::Route => "RDS",
+            Kind4::Secret => "SDS",
         }
     }
 
@@ -121,7 +128,12 @@ pub struct XdsState {
     routes: BTreeMap<String, Held<Arc<RouteTable>>>,
     clusters: BTreeMap<String, Held<Arc<Cluster>>>,
     endpoints: BTreeMap<String, Held<Assignment>>,
-    types: [TypeState; 4],
+    secrets: BTreeMap<String, Held<crate::tls::SecretValue>>,
+    /// Bumped whenever a held secret changes or goes (TLS configs rebuild on it).
+    secrets_generation: u64,
+    /// The first complete config was applied (readiness then also needs certificates).
+    configured: bool,
+    types: [TypeState; 5],
     /// The first request of a stream carries the node.
     node_sent: bool,
 }
@@ -174,6 +186,9 @@ impl XdsState {
             routes: BTreeMap::new(),
             clusters: BTreeMap::new(),
             endpoints: BTreeMap::new(),
+            secrets: BTreeMap::new(),
+            secrets_generation: 0,
+            configured: false,
             types: Default::default(),
             node_sent: false,
         }
@@ -199,6 +214,7 @@ impl XdsState {
             Kind4::Route => v(&self.routes),
             Kind4::Cluster => v(&self.clusters),
             Kind4::Endpoint => v(&self.endpoints),
+            Kind4::Secret => v(&self.secrets),
         }
     }
 
@@ -404,7 +420,11 @@ impl XdsState {
                             .filter(|h| h.value.def == def)
                             .map(|h| h.value.clone());
                         let cluster = reuse.unwrap_or_else(|| {
-                            let c = Arc::new(Cluster::new(def, shared.metrics.cluster(r.name)));
+                            let c = Arc::new(Cluster::with_secrets(
+                                def,
+                                shared.metrics.cluster(r.name),
+                                shared.secrets.clone(),
+                            ));
                             if let Some(a) = c
                                 .def
                                 .eds_name
@@ -422,6 +442,18 @@ impl XdsState {
                                 value: cluster,
                             },
                         );
+                    }),
+                Kind4::Secret => translate::decode::<Secret>(body, kind.type_url())
+                    .and_then(|s| check_name(r.name, &s.name).and(crate::tls::secret(&s)))
+                    .map(|v| {
+                        self.secrets.insert(
+                            r.name.into(),
+                            Held {
+                                version: r.version.into(),
+                                value: v,
+                            },
+                        );
+                        self.secrets_generation += 1;
                     }),
                 Kind4::Endpoint => {
                     translate::decode::<ClusterLoadAssignment>(body, kind.type_url())
@@ -469,6 +501,12 @@ impl XdsState {
                         shared.metrics.remove_cluster(&name);
                     }
                 }
+                Kind4::Secret => {
+                    if self.secrets.remove(&name).is_some() {
+                        self.secrets_generation += 1;
+                        tracing::warn!(secret = %name, "secret removed by the server: handshakes that need it are refused");
+                    }
+                }
                 Kind4::Endpoint => {
                     self.endpoints.remove(&name);
                     for c in self.clusters.values() {
@@ -508,9 +546,25 @@ impl XdsState {
             .listeners
             .values()
             .filter_map(|l| match &l.value.filter {
-                NetworkFilter::Http { route_config, .. } => Some(route_config.to_string()),
-                NetworkFilter::Tcp { .. } => None,
+                NetworkFilter::Http {
+                    route_config,
+                    inline: None,
+                    ..
+                } => Some(route_config.to_string()),
+                NetworkFilter::Http { .. } | NetworkFilter::Tcp { .. } => None,
             })
+            .collect();
+        // The certificates and trust bundles of held listeners and clusters.
+        let secrets: BTreeSet<String> = self
+            .listeners
+            .values()
+            .filter_map(|l| l.value.tls.as_ref())
+            .chain(
+                self.clusters
+                    .values()
+                    .filter_map(|c| c.value.def.tls.as_ref()),
+            )
+            .flat_map(|t| t.secret_names().map(str::to_string))
             .collect();
         let endpoints: BTreeSet<String> = self
             .clusters
@@ -518,7 +572,11 @@ impl XdsState {
             .filter_map(|c| c.value.def.eds_name.as_deref().map(str::to_string))
             .collect();
         let mut out = Vec::new();
-        for (kind, wanted) in [(Kind4::Endpoint, endpoints), (Kind4::Route, routes)] {
+        for (kind, wanted) in [
+            (Kind4::Endpoint, endpoints),
+            (Kind4::Route, routes),
+            (Kind4::Secret, secrets),
+        ] {
             let t = &mut self.types[kind as usize];
             if t.subscribed == wanted {
                 continue;
@@ -530,6 +588,11 @@ impl XdsState {
                 match kind {
                     Kind4::Route => {
                         self.routes.remove(n);
+                    }
+                    Kind4::Secret => {
+                        if self.secrets.remove(n).is_some() {
+                            self.secrets_generation += 1;
+                        }
                     }
                     _ => {
                         self.endpoints.remove(n);
@@ -555,9 +618,28 @@ impl XdsState {
             && answered(Kind4::Endpoint, &|n| self.endpoints.contains_key(n))
     }
 
-    /// Publishes the held config: the data path's snapshot, the listener set, the
-    /// dump, and readiness.
-    pub fn publish(&self, shared: &Shared) {
+    /// Whether every secret that held listeners and clusters name is held (a
+    /// NACKed, absent or removed one is not).
+    pub fn certificates_loaded(&self) -> bool {
+        self.types[Kind4::Secret as usize]
+            .subscribed
+            .iter()
+            .all(|n| self.secrets.contains_key(n))
+    }
+
+    /// Publishes the held config: the data path's secrets and snapshot, the listener
+    /// set, the dump, and readiness.
+    pub fn publish(&mut self, shared: &Shared) {
+        if shared.secrets.load().generation != self.secrets_generation {
+            shared.secrets.store(Arc::new(crate::tls::SecretSet {
+                generation: self.secrets_generation,
+                secrets: self
+                    .secrets
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.value.clone()))
+                    .collect(),
+            }));
+        }
         let snapshot = Snapshot {
             routes: self
                 .routes
@@ -585,10 +667,23 @@ impl XdsState {
             }
         });
         *shared.dump.lock().unwrap_or_else(|e| e.into_inner()) = self.dump();
-        if self.complete() && !*shared.ready.borrow() {
-            shared.ready.send_replace(true);
-            shared.metrics.ready.set(1);
-            tracing::info!("first complete config applied: ready");
+        // Readiness: the first complete config (latched: a proxy that loses its hub
+        // keeps serving), and, always, every certificate it names.
+        if !self.configured && self.complete() {
+            self.configured = true;
+            tracing::info!("first complete config applied");
+        }
+        let ready = self.configured && self.certificates_loaded();
+        if shared
+            .ready
+            .send_if_modified(|r| std::mem::replace(r, ready) != ready)
+        {
+            shared.metrics.ready.set(i64::from(ready));
+            if ready {
+                tracing::info!("ready");
+            } else {
+                tracing::warn!("not ready: a certificate or trust bundle it needs is missing");
+            }
         }
     }
 
@@ -604,7 +699,7 @@ impl XdsState {
                 "name": n, "version": h.version, "address": h.value.address.to_string(),
                 "bind_to_port": h.value.bind_to_port,
                 "filter": match &h.value.filter {
-                    NetworkFilter::Http { route_config, codec } => json!({"http": {"route_config": &**route_config, "codec": format!("{codec:?}")}}),
+                    NetworkFilter::Http { route_config, codec, inline, xfcc } => json!({"http": {"route_config": &**route_config, "inline": inline.is_some(), "codec": format!("{codec:?}"), "forward_client_cert_details": format!("{xfcc:?}")}}),
                     NetworkFilter::Tcp { cluster } => json!({"tcp_proxy": {"cluster": &**cluster}}),
                 },
             })).collect::<Vec<_>>(),
@@ -620,10 +715,14 @@ impl XdsState {
                 "outlier_detection": h.value.def.outlier.is_some(),
             })).collect::<Vec<_>>(),
             "endpoints": versions(self.held_versions(Kind4::Endpoint)),
+            // Names, versions and kinds only: never key material.
+            "secrets": self.secrets.iter().map(|(n, h)| json!({"name": n, "version": h.version, "kind": h.value.kind()})).collect::<Vec<_>>(),
             "subscriptions": {
                 "RDS": self.types[Kind4::Route as usize].subscribed,
                 "EDS": self.types[Kind4::Endpoint as usize].subscribed,
+                "SDS": self.types[Kind4::Secret as usize].subscribed,
             },
+            "certificates_loaded": self.certificates_loaded(),
             "last_nack": Kind4::ALL.iter().filter_map(|k| self.types[*k as usize].last_nack.as_ref().map(|m| (k.short(), m.clone()))).collect::<BTreeMap<_, _>>(),
             "complete": self.complete(),
         })
@@ -645,6 +744,7 @@ fn resource_name(kind: Kind4, a: &Any) -> Option<String> {
         Kind4::Listener => Listener::decode(b).ok().map(|l| l.name),
         Kind4::Route => RouteConfiguration::decode(b).ok().map(|r| r.name),
         Kind4::Cluster => PbCluster::decode(b).ok().map(|c| c.name),
+        Kind4::Secret => Secret::decode(b).ok().map(|s| s.name),
         Kind4::Endpoint => ClusterLoadAssignment::decode(b)
             .ok()
             .map(|c| c.cluster_name),

@@ -32,7 +32,8 @@ use tributary_proto::envoy::envoy::config::route::v3::{
 };
 use tributary_proto::envoy::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, http_connection_manager::CodecType,
-    http_connection_manager::RouteSpecifier, http_filter::ConfigType as HttpFilterConfig,
+    http_connection_manager::ForwardClientCertDetails, http_connection_manager::RouteSpecifier,
+    http_filter::ConfigType as HttpFilterConfig,
 };
 use tributary_proto::envoy::envoy::extensions::filters::network::tcp_proxy::v3::{
     TcpProxy, tcp_proxy::ClusterSpecifier as TcpCluster,
@@ -51,8 +52,8 @@ use crate::cluster::{
     Assignment, ClusterDef, EndpointDef, LbPolicy, Limits, LocalityEndpoints, OutlierConfig,
 };
 use crate::config::{
-    ClusterChoice, Codec, HeaderMatch, HeaderValueMatch, ListenerConfig, NetworkFilter, PathMatch,
-    RetryPolicy, Route, RouteAction, RouteTable, VirtualHost,
+    ClusterChoice, Codec, HeaderMatch, HeaderValueMatch, InlineRoutes, ListenerConfig,
+    NetworkFilter, PathMatch, RetryPolicy, Route, RouteAction, RouteTable, VirtualHost, Xfcc,
 };
 
 pub const TCP_PROXY: &str =
@@ -157,9 +158,11 @@ pub fn listener(l: &Listener) -> Result<ListenerConfig, Reason> {
     {
         return Err("filter_chain_match is not supported".into());
     }
-    if chain.transport_socket.is_some() {
-        return Err("downstream TLS (transport_socket) is not supported yet".into());
-    }
+    let tls = chain
+        .transport_socket
+        .as_ref()
+        .map(crate::tls::downstream)
+        .transpose()?;
     let [filter] = chain.filters.as_slice() else {
         return Err(format!(
             "exactly one network filter is supported, got {}",
@@ -189,19 +192,33 @@ pub fn listener(l: &Listener) -> Result<ListenerConfig, Reason> {
         address,
         bind_to_port: l.bind_to_port.as_ref().is_none_or(|b| b.value),
         filter,
+        tls,
     })
 }
 
 fn http_connection_manager(h: &HttpConnectionManager) -> Result<NetworkFilter, Reason> {
-    let route_config = match &h.route_specifier {
+    let (route_config, inline) = match &h.route_specifier {
         Some(RouteSpecifier::Rds(rds)) => {
             ads_only(rds.config_source.as_ref(), "rds.config_source")?;
-            Arc::from(rds.route_config_name.as_str())
+            (Arc::from(rds.route_config_name.as_str()), None)
+        }
+        Some(RouteSpecifier::RouteConfig(rc)) => {
+            let table = route_table(rc).map_err(|e| format!("route_config: {e}"))?;
+            (
+                Arc::from(rc.name.as_str()),
+                Some(InlineRoutes {
+                    table: Arc::new(table),
+                    encoded: Arc::from(rc.encode_to_vec()),
+                }),
+            )
         }
         _ => {
-            return Err("only RDS route tables are supported (not inline or scoped routes)".into());
+            return Err(
+                "only RDS and inline route tables are supported (not scoped routes)".into(),
+            );
         }
     };
+    let xfcc = client_cert_details(h)?;
     let codec = match CodecType::try_from(h.codec_type) {
         Ok(CodecType::Auto) => Codec::Auto,
         Ok(CodecType::Http1) => Codec::Http1,
@@ -232,7 +249,50 @@ fn http_connection_manager(h: &HttpConnectionManager) -> Result<NetworkFilter, R
     Ok(NetworkFilter::Http {
         route_config,
         codec,
+        inline,
+        xfcc,
     })
+}
+
+/// `forward_client_cert_details` and `set_current_client_cert_details`: the element
+/// the proxy adds names the client by its URI SAN (with `By` and `Hash`, as Envoy).
+fn client_cert_details(h: &HttpConnectionManager) -> Result<Xfcc, Reason> {
+    let xfcc = match ForwardClientCertDetails::try_from(h.forward_client_cert_details) {
+        Ok(ForwardClientCertDetails::Sanitize) => Xfcc::Sanitize,
+        Ok(ForwardClientCertDetails::ForwardOnly) => Xfcc::ForwardOnly,
+        Ok(ForwardClientCertDetails::AppendForward) => Xfcc::AppendForward,
+        Ok(ForwardClientCertDetails::SanitizeSet) => Xfcc::SanitizeSet,
+        Ok(ForwardClientCertDetails::AlwaysForwardOnly) => Xfcc::AlwaysForwardOnly,
+        Err(_) => {
+            return Err(format!(
+                "forward_client_cert_details {} is unknown",
+                h.forward_client_cert_details
+            ));
+        }
+    };
+    if let Some(d) = &h.set_current_client_cert_details {
+        let mut unsupported = Vec::new();
+        for (set, name) in [
+            (d.subject.as_ref().is_some_and(|b| b.value), "subject"),
+            (d.cert, "cert"),
+            (d.chain, "chain"),
+            (d.dns, "dns"),
+        ] {
+            if set {
+                unsupported.push(format!("set_current_client_cert_details.{name}"));
+            }
+        }
+        if !unsupported.is_empty() {
+            return Err(format!("{} not supported (uri is)", unsupported.join(", ")));
+        }
+        if !d.uri && matches!(xfcc, Xfcc::AppendForward | Xfcc::SanitizeSet) {
+            return Err(
+                "set_current_client_cert_details without uri is not supported (the element names the client by its URI SAN)"
+                    .into(),
+            );
+        }
+    }
+    Ok(xfcc)
 }
 
 fn tcp_proxy(t: &TcpProxy) -> Result<NetworkFilter, Reason> {
@@ -621,9 +681,14 @@ pub fn cluster(c: &PbCluster) -> Result<ClusterDef, Reason> {
             "load_balancing_policy, lb_config and subset load balancing are not supported".into(),
         );
     }
-    if c.transport_socket.is_some() || !c.transport_socket_matches.is_empty() {
-        return Err("upstream TLS (transport_socket) is not supported yet".into());
+    if !c.transport_socket_matches.is_empty() {
+        return Err("transport_socket_matches are not supported (one transport_socket is)".into());
     }
+    let tls = c
+        .transport_socket
+        .as_ref()
+        .map(crate::tls::upstream)
+        .transpose()?;
     if !c.health_checks.is_empty() {
         return Err("active health checks are not supported (outlier detection is)".into());
     }
@@ -676,6 +741,7 @@ pub fn cluster(c: &PbCluster) -> Result<ClusterDef, Reason> {
         connect_timeout,
         outlier: c.outlier_detection.as_ref().map(outlier).transpose()?,
         limits: limits(c)?,
+        tls,
     })
 }
 

@@ -81,6 +81,8 @@ impl Backend {
                                 StatusCode::OK
                             };
                             let version = format!("{:?}", req.version());
+                            // What the proxy told the app about an mTLS caller.
+                            let xfcc = req.headers().get("x-forwarded-client-cert").cloned();
                             let body = Full::new(Bytes::from(name));
                             let body =
                                 if matches!(mode, Mode::HoldBody) && req.uri().path() == "/slow" {
@@ -111,6 +113,9 @@ impl Backend {
                             r.headers_mut().insert("x-backend", name.parse().unwrap());
                             r.headers_mut()
                                 .insert("x-version", version.parse().unwrap());
+                            if let Some(v) = xfcc {
+                                r.headers_mut().insert("x-echo-xfcc", v);
+                            }
                             Ok::<_, Infallible>(r)
                         }
                     });
@@ -142,6 +147,14 @@ impl TestHub {
     }
 
     pub async fn start_on(xds: SocketAddr, files: &[(&str, String)]) -> TestHub {
+        Self::start_with(files, |cfg| cfg.xds_addr = xds).await
+    }
+
+    /// A hub whose config `tweak` adjusts (e.g. a mesh identity for `--mesh-mtls`).
+    pub async fn start_with(
+        files: &[(&str, String)],
+        tweak: impl FnOnce(&mut HubConfig),
+    ) -> TestHub {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
@@ -152,7 +165,8 @@ impl TestHub {
         }
         let mut cfg = HubConfig::local(vec![dir.path().to_path_buf()]);
         cfg.poll_interval = Duration::from_millis(20);
-        cfg.xds_addr = xds;
+        cfg.xds_addr = "127.0.0.1:0".parse().unwrap();
+        tweak(&mut cfg);
         let hub = Hub::start(cfg).await.expect("hub starts");
         TestHub { hub, dir }
     }

@@ -1,0 +1,1100 @@
+//! TLS with certificates from SDS: downstream on listeners with a
+//! `DownstreamTlsContext`, upstream on clusters with an `UpstreamTlsContext`.
+//!
+//! - **Translation** ([`downstream`], [`upstream`], [`secret`]): the contexts the hub
+//!   generates (`controlplane/src/xds/generate/mtls.rs`): our certificate from an SDS
+//!   `tls_certificate`, the peer's checked against an SDS `validation_context` (the
+//!   trust bundle) and `match_typed_subject_alt_names` (URI/DNS SANs: exact, prefix,
+//!   suffix, contains), `require_client_certificate`, `alpn_protocols`, `sni`. Every
+//!   other field that would change the handshake is a reason to NACK, named by its
+//!   field path (e.g. `common_tls_context.tls_params`).
+//! - **Secrets** ([`SecretSet`]): what SDS delivered, parsed once (PEM → DER, the key
+//!   checked against the certificate), published by the xDS client as one immutable
+//!   set with a generation number.
+//! - **Handshakes** ([`ServerTls`], [`ClientTls`]): a listener's or cluster's rustls
+//!   config is built from the current secrets and cached per generation; a new secret
+//!   version (rotation) makes the next handshake build a new config. Established
+//!   connections keep the session they negotiated: rotation never drops them.
+//!   A handshake whose secrets are missing is refused (and `/ready` is false).
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::http::HeaderValue;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore,
+    ServerConfig, SignatureScheme,
+};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tributary_proto::envoy::envoy::config::core::v3::{
+    ConfigSource, DataSource, TransportSocket, config_source::ConfigSourceSpecifier,
+    data_source::Specifier, transport_socket::ConfigType,
+};
+use tributary_proto::envoy::envoy::extensions::transport_sockets::tls::v3::{
+    CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, SdsSecretConfig, Secret,
+    SubjectAltNameMatcher, TlsCertificate, UpstreamTlsContext,
+    common_tls_context::ValidationContextType, secret, subject_alt_name_matcher::SanType,
+};
+use tributary_proto::envoy::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
+
+use crate::xds::translate::{Reason, decode};
+
+pub const DOWNSTREAM_TLS: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
+pub const UPSTREAM_TLS: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
+
+/// A downstream TLS handshake that takes longer than this is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+// ---- translated contexts -----------------------------------------------------------
+
+/// A TLS context of a listener (server side) or a cluster (client side).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsContext {
+    /// The SDS secret with our certificate and key (required on a listener).
+    pub certificate: Option<String>,
+    /// How the peer is checked; `None`: it is not asked for (server) — a client
+    /// context without one is NACKed, as it would not check the server at all.
+    pub validation: Option<Validation>,
+    pub alpn: Vec<String>,
+    /// Server side: a client certificate is required (otherwise optional, checked
+    /// when presented).
+    pub require_client_certificate: bool,
+    /// Client side: the SNI to send; `None` sends none (addresses are IPs).
+    pub sni: Option<String>,
+}
+
+/// The peer's certificate must chain to the trust bundle of SDS secret `trust` and,
+/// when matchers are given, carry a SAN that one of them accepts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Validation {
+    pub trust: String,
+    pub san: Vec<SanMatcher>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SanMatcher {
+    pub uri: bool,
+    pub pattern: Pattern,
+    pub ignore_case: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pattern {
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+    Contains(String),
+}
+
+impl SanMatcher {
+    fn matches(&self, value: &str) -> bool {
+        let (v, p) = if self.ignore_case {
+            (
+                value.to_ascii_lowercase(),
+                self.pattern.text().to_ascii_lowercase(),
+            )
+        } else {
+            (value.to_string(), self.pattern.text().to_string())
+        };
+        match self.pattern {
+            Pattern::Exact(_) => v == p,
+            Pattern::Prefix(_) => v.starts_with(&p),
+            Pattern::Suffix(_) => v.ends_with(&p),
+            Pattern::Contains(_) => v.contains(&p),
+        }
+    }
+}
+
+impl Pattern {
+    fn text(&self) -> &str {
+        match self {
+            Pattern::Exact(s) | Pattern::Prefix(s) | Pattern::Suffix(s) | Pattern::Contains(s) => s,
+        }
+    }
+}
+
+impl TlsContext {
+    /// The SDS secrets this context needs.
+    pub fn secret_names(&self) -> impl Iterator<Item = &str> {
+        self.certificate
+            .as_deref()
+            .into_iter()
+            .chain(self.validation.as_ref().map(|v| v.trust.as_str()))
+    }
+}
+
+/// Collects the names of fields set that the proxy does not honour.
+struct Unsupported(Vec<String>);
+
+impl Unsupported {
+    fn check(&mut self, set: bool, field: impl Into<String>) {
+        if set {
+            self.0.push(field.into());
+        }
+    }
+
+    fn finish(self, what: &str) -> Result<(), Reason> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{what}: {} not supported",
+                if self.0.len() == 1 {
+                    format!("field {} is", self.0[0])
+                } else {
+                    format!("fields {} are", self.0.join(", "))
+                }
+            ))
+        }
+    }
+}
+
+/// The TLS context of a transport socket, decoded as `expected` (a down- or upstream
+/// context type URL).
+fn transport_socket_any<'a>(
+    ts: &'a TransportSocket,
+    expected: &str,
+) -> Result<&'a tributary_proto::envoy::google::protobuf::Any, Reason> {
+    match &ts.config_type {
+        Some(ConfigType::TypedConfig(a)) if a.type_url == expected => Ok(a),
+        Some(ConfigType::TypedConfig(a)) => Err(format!(
+            "transport_socket {:?}: {} is not supported (only TLS, {expected})",
+            ts.name, a.type_url
+        )),
+        None => Err(format!(
+            "transport_socket {:?}: no typed_config (only TLS, {expected})",
+            ts.name
+        )),
+    }
+}
+
+/// A listener filter chain's `transport_socket`: a `DownstreamTlsContext`.
+pub fn downstream(ts: &TransportSocket) -> Result<TlsContext, Reason> {
+    let any = transport_socket_any(ts, DOWNSTREAM_TLS)?;
+    let d: DownstreamTlsContext = decode(any, DOWNSTREAM_TLS)?;
+    let mut u = Unsupported(Vec::new());
+    u.check(
+        d.require_sni.as_ref().is_some_and(|b| b.value),
+        "require_sni",
+    );
+    u.check(
+        d.session_ticket_keys_type.is_some(),
+        "session_ticket_keys / session_ticket_keys_sds_secret_config / disable_stateless_session_resumption",
+    );
+    u.check(d.session_timeout.is_some(), "session_timeout");
+    u.check(d.ocsp_staple_policy != 0, "ocsp_staple_policy");
+    u.check(
+        d.full_scan_certs_on_sni_mismatch
+            .as_ref()
+            .is_some_and(|b| b.value),
+        "full_scan_certs_on_sni_mismatch",
+    );
+    u.check(d.prefer_client_ciphers, "prefer_client_ciphers");
+    u.finish("downstream TLS")?;
+    let common = d
+        .common_tls_context
+        .as_ref()
+        .ok_or("downstream TLS: common_tls_context is missing")?;
+    let mut ctx = common_context(common, "downstream TLS")?;
+    if ctx.certificate.is_none() {
+        return Err(
+            "downstream TLS: common_tls_context.tls_certificate_sds_secret_configs: a listener needs its certificate"
+                .into(),
+        );
+    }
+    ctx.require_client_certificate = d.require_client_certificate.is_some_and(|b| b.value);
+    if ctx.require_client_certificate && ctx.validation.is_none() {
+        return Err("downstream TLS: require_client_certificate needs a validation context (the trust bundle to check the client against)".into());
+    }
+    Ok(ctx)
+}
+
+/// A cluster's `transport_socket`: an `UpstreamTlsContext`.
+#[allow(deprecated)]
+pub fn upstream(ts: &TransportSocket) -> Result<TlsContext, Reason> {
+    let any = transport_socket_any(ts, UPSTREAM_TLS)?;
+    let c: UpstreamTlsContext = decode(any, UPSTREAM_TLS)?;
+    let mut u = Unsupported(Vec::new());
+    u.check(c.auto_host_sni, "auto_host_sni");
+    u.check(c.auto_sni_san_validation, "auto_sni_san_validation");
+    u.check(c.allow_renegotiation, "allow_renegotiation");
+    u.check(c.max_session_keys.is_some(), "max_session_keys");
+    u.check(c.enforce_rsa_key_usage.is_some(), "enforce_rsa_key_usage");
+    u.finish("upstream TLS")?;
+    let common = c
+        .common_tls_context
+        .as_ref()
+        .ok_or("upstream TLS: common_tls_context is missing")?;
+    let mut ctx = common_context(common, "upstream TLS")?;
+    if ctx.validation.is_none() {
+        return Err("upstream TLS: common_tls_context: a validation context is required (without one the server would not be checked)".into());
+    }
+    if !c.sni.is_empty() {
+        ServerName::try_from(c.sni.clone())
+            .map_err(|_| format!("upstream TLS: sni {:?} is not a valid server name", c.sni))?;
+        ctx.sni = Some(c.sni.clone());
+    }
+    Ok(ctx)
+}
+
+fn sds_name(s: &SdsSecretConfig, field: &str) -> Result<String, Reason> {
+    ads_source(s.sds_config.as_ref(), field)?;
+    if s.name.is_empty() {
+        return Err(format!("{field}.name is empty"));
+    }
+    Ok(s.name.clone())
+}
+
+fn ads_source(source: Option<&ConfigSource>, field: &str) -> Result<(), Reason> {
+    match source.and_then(|s| s.config_source_specifier.as_ref()) {
+        Some(ConfigSourceSpecifier::Ads(_)) => Ok(()),
+        _ => Err(format!(
+            "{field}.sds_config: only SDS over ADS is supported"
+        )),
+    }
+}
+
+#[allow(deprecated)]
+fn common_context(c: &CommonTlsContext, what: &str) -> Result<TlsContext, Reason> {
+    let mut u = Unsupported(Vec::new());
+    u.check(c.tls_params.is_some(), "common_tls_context.tls_params");
+    u.check(
+        !c.tls_certificates.is_empty(),
+        "common_tls_context.tls_certificates (inline certificates; SDS is supported)",
+    );
+    u.check(
+        c.tls_certificate_provider_instance.is_some()
+            || c.tls_certificate_certificate_provider.is_some()
+            || c.tls_certificate_certificate_provider_instance.is_some(),
+        "common_tls_context.tls_certificate_provider_instance",
+    );
+    u.check(
+        c.custom_tls_certificate_selector.is_some(),
+        "common_tls_context.custom_tls_certificate_selector",
+    );
+    u.check(
+        c.custom_handshaker.is_some(),
+        "common_tls_context.custom_handshaker",
+    );
+    u.check(c.key_log.is_some(), "common_tls_context.key_log");
+    u.check(
+        c.tls_certificate_sds_secret_configs.len() > 1,
+        "common_tls_context.tls_certificate_sds_secret_configs (more than one certificate)",
+    );
+    u.finish(what)?;
+    let certificate = c
+        .tls_certificate_sds_secret_configs
+        .first()
+        .map(|s| {
+            sds_name(
+                s,
+                &format!("{what}: common_tls_context.tls_certificate_sds_secret_configs[0]"),
+            )
+        })
+        .transpose()?;
+    let validation = match &c.validation_context_type {
+        None => None,
+        Some(ValidationContextType::ValidationContextSdsSecretConfig(s)) => Some(Validation {
+            trust: sds_name(
+                s,
+                &format!("{what}: common_tls_context.validation_context_sds_secret_config"),
+            )?,
+            san: Vec::new(),
+        }),
+        Some(ValidationContextType::CombinedValidationContext(cc)) => {
+            let field = format!("{what}: common_tls_context.combined_validation_context");
+            if cc.validation_context_certificate_provider.is_some()
+                || cc
+                    .validation_context_certificate_provider_instance
+                    .is_some()
+            {
+                return Err(format!(
+                    "{field}.validation_context_certificate_provider is not supported"
+                ));
+            }
+            let sds = cc
+                .validation_context_sds_secret_config
+                .as_ref()
+                .ok_or_else(|| {
+                    format!("{field}.validation_context_sds_secret_config is missing")
+                })?;
+            let trust = sds_name(
+                sds,
+                &format!("{field}.validation_context_sds_secret_config"),
+            )?;
+            let san = match &cc.default_validation_context {
+                Some(v) => {
+                    validation_matchers(v, &format!("{field}.default_validation_context"), false)?
+                }
+                None => Vec::new(),
+            };
+            Some(Validation { trust, san })
+        }
+        Some(ValidationContextType::ValidationContext(_)) => {
+            return Err(format!(
+                "{what}: common_tls_context.validation_context: an inline trust bundle is not supported (the trust bundle comes from SDS)"
+            ));
+        }
+        Some(_) => {
+            return Err(format!(
+                "{what}: common_tls_context: validation context certificate providers are not supported"
+            ));
+        }
+    };
+    Ok(TlsContext {
+        certificate,
+        validation,
+        alpn: c.alpn_protocols.clone(),
+        require_client_certificate: false,
+        sni: None,
+    })
+}
+
+/// The SAN matchers of a validation context; every other field that changes the
+/// check is named. `trust_allowed`: whether `trusted_ca` may be set (a secret).
+#[allow(deprecated)]
+fn validation_matchers(
+    v: &CertificateValidationContext,
+    field: &str,
+    trust_allowed: bool,
+) -> Result<Vec<SanMatcher>, Reason> {
+    let mut u = Unsupported(Vec::new());
+    u.check(!trust_allowed && v.trusted_ca.is_some(), "trusted_ca");
+    u.check(
+        v.ca_certificate_provider_instance.is_some(),
+        "ca_certificate_provider_instance",
+    );
+    u.check(v.system_root_certs.is_some(), "system_root_certs");
+    u.check(v.watched_directory.is_some(), "watched_directory");
+    u.check(
+        !v.verify_certificate_spki.is_empty(),
+        "verify_certificate_spki",
+    );
+    u.check(
+        !v.verify_certificate_hash.is_empty(),
+        "verify_certificate_hash",
+    );
+    u.check(
+        !v.match_subject_alt_names.is_empty(),
+        "match_subject_alt_names (match_typed_subject_alt_names is supported)",
+    );
+    u.check(
+        v.require_signed_certificate_timestamp
+            .as_ref()
+            .is_some_and(|b| b.value),
+        "require_signed_certificate_timestamp",
+    );
+    u.check(v.crl.is_some(), "crl");
+    u.check(v.allow_expired_certificate, "allow_expired_certificate");
+    u.check(v.trust_chain_verification != 0, "trust_chain_verification");
+    u.check(
+        v.custom_validator_config.is_some(),
+        "custom_validator_config",
+    );
+    u.check(v.only_verify_leaf_cert_crl, "only_verify_leaf_cert_crl");
+    u.check(v.max_verify_depth.is_some(), "max_verify_depth");
+    u.finish(field)?;
+    v.match_typed_subject_alt_names
+        .iter()
+        .enumerate()
+        .map(|(i, m)| san_matcher(m, &format!("{field}.match_typed_subject_alt_names[{i}]")))
+        .collect()
+}
+
+fn san_matcher(m: &SubjectAltNameMatcher, field: &str) -> Result<SanMatcher, Reason> {
+    let uri = match SanType::try_from(m.san_type) {
+        Ok(SanType::Uri) => true,
+        Ok(SanType::Dns) => false,
+        Ok(other) => {
+            return Err(format!(
+                "{field}.san_type {} is not supported (URI and DNS are)",
+                other.as_str_name()
+            ));
+        }
+        Err(_) => return Err(format!("{field}.san_type {} is unknown", m.san_type)),
+    };
+    if !m.oid.is_empty() {
+        return Err(format!("{field}.oid is not supported"));
+    }
+    let StringMatcher {
+        match_pattern,
+        ignore_case,
+    } = m
+        .matcher
+        .as_ref()
+        .ok_or_else(|| format!("{field}.matcher is missing"))?;
+    let pattern = match match_pattern {
+        Some(string_matcher::MatchPattern::Exact(s)) => Pattern::Exact(s.clone()),
+        Some(string_matcher::MatchPattern::Prefix(s)) => Pattern::Prefix(s.clone()),
+        Some(string_matcher::MatchPattern::Suffix(s)) => Pattern::Suffix(s.clone()),
+        Some(string_matcher::MatchPattern::Contains(s)) => Pattern::Contains(s.clone()),
+        _ => {
+            return Err(format!(
+                "{field}.matcher: only exact, prefix, suffix and contains are supported"
+            ));
+        }
+    };
+    Ok(SanMatcher {
+        uri,
+        pattern,
+        ignore_case: *ignore_case,
+    })
+}
+
+// ---- secrets -----------------------------------------------------------------------
+
+/// A secret from SDS, parsed. Its `Debug` never shows key material.
+#[derive(Clone)]
+pub enum SecretValue {
+    /// A `tls_certificate`: chain (leaf first) and its key.
+    Certificate {
+        chain: Vec<CertificateDer<'static>>,
+        key: Arc<PrivateKeyDer<'static>>,
+    },
+    /// A `validation_context`: the trust bundle.
+    Trust(Arc<RootCertStore>),
+}
+
+impl std::fmt::Debug for SecretValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SecretValue::Certificate { chain, .. } => f
+                .debug_struct("Certificate")
+                .field("chain_len", &chain.len())
+                .finish_non_exhaustive(),
+            SecretValue::Trust(r) => f.debug_struct("Trust").field("roots", &r.len()).finish(),
+        }
+    }
+}
+
+impl SecretValue {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SecretValue::Certificate { .. } => "tls_certificate",
+            SecretValue::Trust(_) => "validation_context",
+        }
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The bytes of an inline data source (files are not read: secrets come over SDS).
+fn inline(d: Option<&DataSource>, field: &str) -> Result<Vec<u8>, Reason> {
+    match d.and_then(|d| d.specifier.as_ref()) {
+        Some(Specifier::InlineString(s)) => Ok(s.as_bytes().to_vec()),
+        Some(Specifier::InlineBytes(b)) => Ok(b.clone()),
+        Some(_) => Err(format!(
+            "{field}: only inline_string and inline_bytes are supported (not files or environment variables)"
+        )),
+        None => Err(format!("{field} is missing")),
+    }
+}
+
+/// An SDS `Secret`, parsed and checked (the key matches the certificate; the trust
+/// bundle has at least one usable root). Errors never quote the key.
+pub fn secret(s: &Secret) -> Result<SecretValue, Reason> {
+    match &s.r#type {
+        Some(secret::Type::TlsCertificate(t)) => certificate(t),
+        Some(secret::Type::ValidationContext(v)) => {
+            validation_matchers(v, "validation_context", true).and_then(|san| {
+                if san.is_empty() {
+                    Ok(())
+                } else {
+                    Err("validation_context.match_typed_subject_alt_names in a secret is not supported (they belong in the listener's or cluster's default_validation_context)".into())
+                }
+            })?;
+            let pem = inline(v.trusted_ca.as_ref(), "validation_context.trusted_ca")?;
+            let mut roots = RootCertStore::empty();
+            for (i, c) in CertificateDer::pem_slice_iter(&pem).enumerate() {
+                let c = c.map_err(|e| {
+                    format!("validation_context.trusted_ca: certificate {i}: not PEM: {e}")
+                })?;
+                roots.add(c).map_err(|e| {
+                    format!("validation_context.trusted_ca: certificate {i}: not a usable trust anchor: {e}")
+                })?;
+            }
+            if roots.is_empty() {
+                return Err("validation_context.trusted_ca: no certificate in it".into());
+            }
+            Ok(SecretValue::Trust(Arc::new(roots)))
+        }
+        Some(secret::Type::SessionTicketKeys(_)) => {
+            Err("session_ticket_keys secrets are not supported".into())
+        }
+        Some(secret::Type::GenericSecret(_)) => Err("generic secrets are not supported".into()),
+        None => Err("the secret has no type".into()),
+    }
+}
+
+fn certificate(t: &TlsCertificate) -> Result<SecretValue, Reason> {
+    let mut u = Unsupported(Vec::new());
+    u.check(t.watched_directory.is_some(), "watched_directory");
+    u.check(t.private_key_provider.is_some(), "private_key_provider");
+    u.check(t.password.is_some(), "password");
+    u.check(t.ocsp_staple.is_some(), "ocsp_staple");
+    u.check(
+        !t.signed_certificate_timestamp.is_empty(),
+        "signed_certificate_timestamp",
+    );
+    u.check(t.tls_params.is_some(), "tls_params");
+    u.finish("tls_certificate")?;
+    let chain_pem = inline(
+        t.certificate_chain.as_ref(),
+        "tls_certificate.certificate_chain",
+    )?;
+    let chain = CertificateDer::pem_slice_iter(&chain_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("tls_certificate.certificate_chain: not PEM: {e}"))?;
+    if chain.is_empty() {
+        return Err("tls_certificate.certificate_chain: no certificate in it".into());
+    }
+    let key_pem = inline(t.private_key.as_ref(), "tls_certificate.private_key")?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|_| "tls_certificate.private_key: no PEM private key in it".to_string())?;
+    let certified =
+        rustls::sign::CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider())
+            .map_err(|e| format!("tls_certificate: the key does not fit the certificate: {e}"))?;
+    drop(certified);
+    Ok(SecretValue::Certificate {
+        chain,
+        key: Arc::new(key),
+    })
+}
+
+/// The secrets the proxy holds, as the xDS client last published them. A new
+/// generation means at least one secret changed.
+#[derive(Debug, Default)]
+pub struct SecretSet {
+    pub generation: u64,
+    pub secrets: HashMap<String, SecretValue>,
+}
+
+impl SecretSet {
+    fn certificate(
+        &self,
+        name: &str,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
+        match self.secrets.get(name) {
+            Some(SecretValue::Certificate { chain, key }) => Ok((chain.clone(), key.clone_key())),
+            Some(other) => Err(format!(
+                "secret {name:?} is a {}, not a tls_certificate",
+                other.kind()
+            )),
+            None => Err(format!("secret {name:?} is not loaded")),
+        }
+    }
+
+    fn trust(&self, name: &str) -> Result<Arc<RootCertStore>, String> {
+        match self.secrets.get(name) {
+            Some(SecretValue::Trust(r)) => Ok(r.clone()),
+            Some(other) => Err(format!(
+                "secret {name:?} is a {}, not a validation_context",
+                other.kind()
+            )),
+            None => Err(format!("secret {name:?} is not loaded")),
+        }
+    }
+}
+
+// ---- peer checks -------------------------------------------------------------------
+
+/// The URI and DNS SANs of a DER certificate.
+pub fn sans(der: &[u8]) -> (Vec<String>, Vec<String>) {
+    let mut uris = Vec::new();
+    let mut dns = Vec::new();
+    if let Ok((_, cert)) = x509_parser::parse_x509_certificate(der)
+        && let Ok(Some(san)) = cert.subject_alternative_name()
+    {
+        for n in &san.value.general_names {
+            match n {
+                x509_parser::extensions::GeneralName::URI(u) => uris.push(u.to_string()),
+                x509_parser::extensions::GeneralName::DNSName(d) => dns.push(d.to_string()),
+                _ => {}
+            }
+        }
+    }
+    (uris, dns)
+}
+
+fn check_sans(matchers: &[SanMatcher], der: &[u8]) -> Result<(), rustls::Error> {
+    if matchers.is_empty() {
+        return Ok(());
+    }
+    let (uris, dns) = sans(der);
+    let hit = matchers.iter().any(|m| {
+        let values = if m.uri { &uris } else { &dns };
+        values.iter().any(|v| m.matches(v))
+    });
+    if hit {
+        Ok(())
+    } else {
+        Err(rustls::Error::InvalidCertificate(
+            CertificateError::ApplicationVerificationFailure,
+        ))
+    }
+}
+
+/// webpki's client check, then the SAN matchers.
+#[derive(Debug)]
+struct ClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    san: Vec<SanMatcher>,
+}
+
+impl ClientCertVerifier for ClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        check_sans(&self.san, end_entity)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// webpki's server check (chain and validity; the name is not checked, as Envoy does
+/// not without SAN matchers: endpoints are IPs), then the SAN matchers.
+#[derive(Debug)]
+struct ServerVerifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    san: Vec<SanMatcher>,
+}
+
+impl ServerCertVerifier for ServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
+            Ok(_)
+            | Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => {}
+            Err(e) => return Err(e),
+        }
+        check_sans(&self.san, end_entity)?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+// ---- handshakes --------------------------------------------------------------------
+
+/// A config built for one secrets generation (or why it cannot be).
+type Cached<T> = Mutex<Option<(u64, Result<Arc<T>, String>)>>;
+
+fn cached<T>(
+    cache: &Cached<T>,
+    secrets: &SecretSet,
+    build: impl FnOnce() -> Result<T, String>,
+) -> Result<Arc<T>, String> {
+    let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((generation, built)) = &*c
+        && *generation == secrets.generation
+    {
+        return built.clone();
+    }
+    let built = build().map(Arc::new);
+    *c = Some((secrets.generation, built.clone()));
+    built
+}
+
+/// A listener's server config, and its certificate's URI SAN (`By` in XFCC).
+type ServerBuilt = (Arc<ServerConfig>, Option<String>);
+
+/// A listener's TLS: its server config, rebuilt when the secrets change.
+#[derive(Debug)]
+pub struct ServerTls {
+    pub context: TlsContext,
+    cache: Cached<ServerBuilt>,
+}
+
+/// A downstream connection after its handshake: the stream, and what the HTTP
+/// connection manager needs to know about the peer.
+#[derive(Debug)]
+pub struct Accepted {
+    pub stream: tokio_rustls::server::TlsStream<TcpStream>,
+    /// The negotiated ALPN protocol.
+    pub alpn: Option<Vec<u8>>,
+    /// `x-forwarded-client-cert` describing the client, when it presented a
+    /// certificate: `By=<our URI SAN>;Hash=<SHA-256 of its certificate>;URI=<its URI SAN>`.
+    pub client_cert: Option<HeaderValue>,
+}
+
+impl ServerTls {
+    pub fn new(context: TlsContext) -> ServerTls {
+        ServerTls {
+            context,
+            cache: Mutex::new(None),
+        }
+    }
+
+    /// The server config for the current secrets, and our URI SAN.
+    fn config(&self, secrets: &SecretSet) -> Result<Arc<ServerBuilt>, String> {
+        cached(&self.cache, secrets, || {
+            let name = self
+                .context
+                .certificate
+                .as_deref()
+                .ok_or("no certificate")?;
+            let (chain, key) = secrets.certificate(name)?;
+            let ours = sans(&chain[0]).0.into_iter().next();
+            let builder = ServerConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?;
+            let builder = match &self.context.validation {
+                Some(v) => {
+                    let roots = secrets.trust(&v.trust)?;
+                    let mut b = WebPkiClientVerifier::builder_with_provider(roots, provider());
+                    if !self.context.require_client_certificate {
+                        b = b.allow_unauthenticated();
+                    }
+                    let inner = b
+                        .build()
+                        .map_err(|e| format!("secret {:?}: {e}", v.trust))?;
+                    builder.with_client_cert_verifier(Arc::new(ClientVerifier {
+                        inner,
+                        san: v.san.clone(),
+                    }))
+                }
+                None => builder.with_no_client_auth(),
+            };
+            let mut config = builder
+                .with_single_cert(chain, key)
+                .map_err(|e| format!("secret {name:?}: {e}"))?;
+            config.alpn_protocols = self
+                .context
+                .alpn
+                .iter()
+                .map(|p| p.as_bytes().to_vec())
+                .collect();
+            Ok((Arc::new(config), ours))
+        })
+    }
+
+    /// Runs the server handshake on `tcp` with the current secrets.
+    pub async fn accept(&self, secrets: &SecretSet, tcp: TcpStream) -> std::io::Result<Accepted> {
+        let built = self.config(secrets).map_err(std::io::Error::other)?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(built.0.clone());
+        let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
+            })??;
+        let (_, conn) = stream.get_ref();
+        let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
+        let client_cert = conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|leaf| xfcc(built.1.as_deref(), leaf));
+        Ok(Accepted {
+            stream,
+            alpn,
+            client_cert,
+        })
+    }
+}
+
+/// Envoy's `x-forwarded-client-cert` element for a client certificate, with `By`
+/// (our URI SAN), `Hash` and `URI` (`set_current_client_cert_details.uri`).
+fn xfcc(ours: Option<&str>, leaf: &CertificateDer<'_>) -> Option<HeaderValue> {
+    let hash = ring::digest::digest(&ring::digest::SHA256, leaf);
+    let hex: String = hash.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    let mut v = String::new();
+    if let Some(by) = ours {
+        v.push_str(&format!("By={by};"));
+    }
+    v.push_str(&format!("Hash={hex}"));
+    if let Some(uri) = sans(leaf).0.first() {
+        v.push_str(&format!(";URI={uri}"));
+    }
+    HeaderValue::from_str(&v).ok()
+}
+
+/// A cluster's TLS: its client config, rebuilt when the secrets change.
+#[derive(Debug)]
+pub struct ClientTls {
+    pub context: TlsContext,
+    secrets: Arc<arc_swap::ArcSwap<SecretSet>>,
+    cache: Cached<ClientConfig>,
+}
+
+impl ClientTls {
+    pub fn new(context: TlsContext, secrets: Arc<arc_swap::ArcSwap<SecretSet>>) -> ClientTls {
+        ClientTls {
+            context,
+            secrets,
+            cache: Mutex::new(None),
+        }
+    }
+
+    fn config(&self) -> Result<Arc<ClientConfig>, String> {
+        let secrets = self.secrets.load();
+        cached(&self.cache, &secrets, || {
+            let v = self
+                .context
+                .validation
+                .as_ref()
+                .ok_or("no validation context")?;
+            let roots = secrets.trust(&v.trust)?;
+            let inner =
+                rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
+                    .build()
+                    .map_err(|e| format!("secret {:?}: {e}", v.trust))?;
+            let builder = ClientConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(ServerVerifier {
+                    inner,
+                    san: v.san.clone(),
+                }));
+            let mut config = match &self.context.certificate {
+                Some(name) => {
+                    let (chain, key) = secrets.certificate(name)?;
+                    builder
+                        .with_client_auth_cert(chain, key)
+                        .map_err(|e| format!("secret {name:?}: {e}"))?
+                }
+                None => builder.with_no_client_auth(),
+            };
+            config.alpn_protocols = self
+                .context
+                .alpn
+                .iter()
+                .map(|p| p.as_bytes().to_vec())
+                .collect();
+            config.enable_sni = self.context.sni.is_some();
+            Ok(config)
+        })
+    }
+
+    /// Runs the client handshake on `tcp` (connected to `ip`) with the current secrets.
+    pub async fn connect(
+        &self,
+        tcp: TcpStream,
+        ip: std::net::IpAddr,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let config = self.config().map_err(std::io::Error::other)?;
+        let name = match &self.context.sni {
+            Some(s) => ServerName::try_from(s.clone()).map_err(std::io::Error::other)?,
+            None => ServerName::IpAddress(ip.into()),
+        };
+        tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+    }
+}
+
+/// An upstream TCP connection, with TLS on top when the cluster has it (the handshake
+/// bounded by `timeout`, the cluster's connect timeout).
+pub async fn upgrade(
+    tcp: TcpStream,
+    tls: Option<&ClientTls>,
+    timeout: Duration,
+) -> std::io::Result<Stream> {
+    let Some(tls) = tls else {
+        return Ok(Stream::Plain(tcp));
+    };
+    let ip = tcp.peer_addr()?.ip();
+    match tokio::time::timeout(timeout, tls.connect(tcp, ip)).await {
+        Ok(Ok(s)) => Ok(Stream::Tls(Box::new(s))),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "upstream TLS handshake timed out",
+        )),
+    }
+}
+
+/// An upstream connection: plaintext or TLS.
+#[derive(Debug)]
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    /// Whether ALPN chose HTTP/2.
+    pub fn negotiated_h2(&self) -> bool {
+        match self {
+            Stream::Plain(_) => false,
+            Stream::Tls(t) => t.get_ref().1.alpn_protocol() == Some(b"h2"),
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(pattern: Pattern, ignore_case: bool) -> SanMatcher {
+        SanMatcher {
+            uri: true,
+            pattern,
+            ignore_case,
+        }
+    }
+
+    #[test]
+    fn san_matchers_match_as_envoys_string_matchers() {
+        let id = "spiffe://td/env/prod/ns/shop/sa/cart";
+        assert!(m(Pattern::Exact(id.into()), false).matches(id));
+        assert!(!m(Pattern::Exact("spiffe://td/env/prod/".into()), false).matches(id));
+        assert!(m(Pattern::Prefix("spiffe://td/env/prod/".into()), false).matches(id));
+        assert!(!m(Pattern::Prefix("spiffe://td/env/staging/".into()), false).matches(id));
+        assert!(m(Pattern::Suffix("/sa/cart".into()), false).matches(id));
+        assert!(m(Pattern::Contains("/ns/shop/".into()), false).matches(id));
+        assert!(!m(Pattern::Prefix("SPIFFE://TD/".into()), false).matches(id));
+        assert!(m(Pattern::Prefix("SPIFFE://TD/".into()), true).matches(id));
+    }
+
+    #[test]
+    fn a_secret_debug_never_shows_key_material() {
+        let v = SecretValue::Certificate {
+            chain: vec![CertificateDer::from(vec![1, 2, 3])],
+            key: Arc::new(PrivateKeyDer::Pkcs8(vec![42u8; 8].into())),
+        };
+        let d = format!("{v:?}");
+        assert_eq!(d, "Certificate { chain_len: 1, .. }");
+    }
+}
