@@ -40,6 +40,9 @@ pub struct ClusterDef {
     pub eds_name: Option<Arc<str>>,
     /// A static cluster's endpoints.
     pub static_assignment: Option<Assignment>,
+    /// `ORIGINAL_DST`: no endpoints; the TCP proxy connects to the downstream
+    /// connection's original destination (transparent mode's `PassthroughCluster`).
+    pub original_dst: bool,
     pub lb: LbPolicy,
     /// Weigh localities by their `load_balancing_weight` (Envoy's
     /// `locality_weighted_lb_config`); otherwise endpoints are weighed across localities.
@@ -339,7 +342,7 @@ impl Cluster {
             .pool_idle_timeout(Duration::from_secs(60))
             .http2_only(def.http2);
         let client = builder.build(connector);
-        let assigned = def.static_assignment.is_some();
+        let assigned = def.static_assignment.is_some() || def.original_dst;
         let set = def
             .static_assignment
             .as_ref()
@@ -780,6 +783,7 @@ mod tests {
             name: "c".into(),
             eds_name: Some("c".into()),
             static_assignment: None,
+            original_dst: false,
             lb,
             locality_weighted,
             http2: false,
