@@ -1,7 +1,8 @@
 //! Clusters at run time: their endpoints (from EDS or inline), load balancing (round
 //! robin, least request; locality weights; priorities with failover), per-endpoint
 //! passive health (outlier detection), circuit breakers, and the upstream connection
-//! pools (one hyper client per cluster, pooling per endpoint, keep-alive).
+//! pools (one hyper client per cluster, pooling per endpoint, keep-alive, created on
+//! the cluster's first request: a sidecar holds thousands of clusters it never uses).
 //!
 //! A [`Cluster`] lives as long as its definition is unchanged: an EDS update swaps its
 //! endpoint set (an `ArcSwap`, read without locks), keeping the state of endpoints
@@ -262,7 +263,8 @@ pub struct Cluster {
     endpoints: ArcSwap<EndpointSet>,
     /// Whether a load assignment was received (EDS) or given (static).
     assigned: std::sync::atomic::AtomicBool,
-    pub client: UpstreamClient,
+    /// The connection pool, built on first use ([`Cluster::client`]).
+    client: std::sync::OnceLock<UpstreamClient>,
     rr: AtomicUsize,
     active: AtomicUsize,
     retries_active: AtomicUsize,
@@ -330,18 +332,6 @@ impl Drop for RetrySlot {
 impl Cluster {
     pub fn new(def: ClusterDef, stats: ClusterStats) -> Cluster {
         let connections = Arc::new(Semaphore::new(def.limits.max_connections));
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(def.connect_timeout));
-        let connector = LimitedConnector {
-            inner: http,
-            permits: connections.clone(),
-        };
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .pool_idle_timeout(Duration::from_secs(60))
-            .http2_only(def.http2);
-        let client = builder.build(connector);
         let assigned = def.static_assignment.is_some() || def.original_dst;
         let set = def
             .static_assignment
@@ -352,7 +342,7 @@ impl Cluster {
             def,
             endpoints: ArcSwap::from_pointee(set),
             assigned: assigned.into(),
-            client,
+            client: std::sync::OnceLock::new(),
             rr: AtomicUsize::new(0),
             active: AtomicUsize::new(0),
             retries_active: AtomicUsize::new(0),
@@ -360,6 +350,25 @@ impl Cluster {
             connections,
             stats,
         }
+    }
+
+    /// The upstream connection pool (HTTP/1.1 or HTTP/2 as the cluster says; at most
+    /// `max_connections` connections), built on the first request.
+    pub fn client(&self) -> &UpstreamClient {
+        self.client.get_or_init(|| {
+            let mut http = HttpConnector::new();
+            http.set_nodelay(true);
+            http.set_connect_timeout(Some(self.def.connect_timeout));
+            let connector = LimitedConnector {
+                inner: http,
+                permits: self.connections.clone(),
+            };
+            let mut builder = Client::builder(TokioExecutor::new());
+            builder
+                .pool_idle_timeout(Duration::from_secs(60))
+                .http2_only(self.def.http2);
+            builder.build(connector)
+        })
     }
 
     /// Replaces the endpoints (an EDS update), keeping the state of those that stay.
