@@ -101,7 +101,15 @@ fn network() {
     for a in [APP_V6, VIP_V6, EXT_V6] {
         run(
             "ip",
-            &["-6", "addr", "add", &format!("{a}/128"), "dev", "lo", "nodad"],
+            &[
+                "-6",
+                "addr",
+                "add",
+                &format!("{a}/128"),
+                "dev",
+                "lo",
+                "nodad",
+            ],
         );
     }
     for (tool, src) in [("iptables", APP_V4), ("ip6tables", APP_V6)] {
@@ -234,7 +242,10 @@ async fn in_namespace() {
         let to = SocketAddr::new(ext.parse().unwrap(), 9000);
         let s = app_connect(from, to).await.expect("captured connect");
         let answer = read_all(s).await;
-        assert!(answer.starts_with(&format!("{name} saw ")), "{to}: {answer}");
+        assert!(
+            answer.starts_with(&format!("{name} saw ")),
+            "{to}: {answer}"
+        );
         assert!(
             !answer.ends_with(&format!("saw {from}")),
             "{to}: the connection went through the proxy: {answer}"
