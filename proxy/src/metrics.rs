@@ -76,8 +76,11 @@ pub type ClusterStats = Arc<ClusterCounters>;
 #[derive(Debug, Default)]
 struct ClusterSet(Mutex<BTreeMap<String, ClusterStats>>);
 
+/// Reads one counter of a cluster.
+type Field = fn(&ClusterCounters) -> &Count;
+
 /// (name, help, the counter) of each per-cluster series but the responses.
-type Series = (&'static str, &'static str, fn(&ClusterCounters) -> &Count);
+type Series = (&'static str, &'static str, Field);
 
 const SERIES: [Series; 5] = [
     (
@@ -103,7 +106,7 @@ const SERIES: [Series; 5] = [
     ),
 ];
 
-const CLASSES: [(&str, fn(&ClusterCounters) -> &Count); 4] = [
+const CLASSES: [(&str, Field); 4] = [
     ("2xx", |c| &c.responses_2xx),
     ("4xx", |c| &c.responses_4xx),
     ("5xx", |c| &c.responses_5xx),
