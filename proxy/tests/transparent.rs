@@ -202,7 +202,9 @@ async fn in_namespace() {
     );
     let proxy = start_proxy(Bootstrap::parse(Path::new("sidecar.yaml"), &text).unwrap()).await;
     ready(&proxy).await;
-    let outbound = proxy.listener_addr("virtualOutbound").await;
+    let outbound = tokio::time::timeout(TIMEOUT, proxy.listener_addr("virtualOutbound"))
+        .await
+        .unwrap_or_else(|_| panic!("virtualOutbound is not bound: {}", hub.sync_status()));
     assert_eq!(outbound.port(), 15001);
 
     // Everything the hub generates for a sidecar is honoured: nothing NACKed.
