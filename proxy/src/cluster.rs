@@ -1,7 +1,8 @@
 //! Clusters at run time: their endpoints (from EDS or inline), load balancing (round
 //! robin, least request; locality weights; priorities with failover), per-endpoint
 //! passive health (outlier detection), circuit breakers, and the upstream connection
-//! pools (one hyper client per cluster, pooling per endpoint, keep-alive).
+//! pools (one hyper client per cluster, pooling per endpoint, keep-alive, created on
+//! the cluster's first request: a sidecar holds thousands of clusters it never uses).
 //!
 //! A [`Cluster`] lives as long as its definition is unchanged: an EDS update swaps its
 //! endpoint set (an `ArcSwap`, read without locks), keeping the state of endpoints
@@ -40,6 +41,9 @@ pub struct ClusterDef {
     pub eds_name: Option<Arc<str>>,
     /// A static cluster's endpoints.
     pub static_assignment: Option<Assignment>,
+    /// `ORIGINAL_DST`: no endpoints; the TCP proxy connects to the downstream
+    /// connection's original destination (transparent mode's `PassthroughCluster`).
+    pub original_dst: bool,
     pub lb: LbPolicy,
     /// Weigh localities by their `load_balancing_weight` (Envoy's
     /// `locality_weighted_lb_config`); otherwise endpoints are weighed across localities.
@@ -261,7 +265,8 @@ pub struct Cluster {
     endpoints: ArcSwap<EndpointSet>,
     /// Whether a load assignment was received (EDS) or given (static).
     assigned: std::sync::atomic::AtomicBool,
-    pub client: UpstreamClient,
+    /// The connection pool, built on first use ([`Cluster::client`]).
+    client: std::sync::OnceLock<UpstreamClient>,
     rr: AtomicUsize,
     active: AtomicUsize,
     retries_active: AtomicUsize,
@@ -340,25 +345,11 @@ impl Cluster {
         secrets: Arc<ArcSwap<crate::tls::SecretSet>>,
     ) -> Cluster {
         let connections = Arc::new(Semaphore::new(def.limits.max_connections));
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(def.connect_timeout));
         let tls = def
             .tls
             .clone()
             .map(|t| Arc::new(crate::tls::ClientTls::new(t, secrets)));
-        let connector = LimitedConnector {
-            inner: http,
-            permits: connections.clone(),
-            tls: tls.clone(),
-            timeout: def.connect_timeout,
-        };
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .pool_idle_timeout(Duration::from_secs(60))
-            .http2_only(def.http2);
-        let client = builder.build(connector);
-        let assigned = def.static_assignment.is_some();
+        let assigned = def.static_assignment.is_some() || def.original_dst;
         let set = def
             .static_assignment
             .as_ref()
@@ -368,7 +359,7 @@ impl Cluster {
             def,
             endpoints: ArcSwap::from_pointee(set),
             assigned: assigned.into(),
-            client,
+            client: std::sync::OnceLock::new(),
             rr: AtomicUsize::new(0),
             active: AtomicUsize::new(0),
             retries_active: AtomicUsize::new(0),
@@ -377,6 +368,27 @@ impl Cluster {
             stats,
             tls,
         }
+    }
+
+    /// The upstream connection pool (HTTP/1.1 or HTTP/2 as the cluster says; at most
+    /// `max_connections` connections), built on the first request.
+    pub fn client(&self) -> &UpstreamClient {
+        self.client.get_or_init(|| {
+            let mut http = HttpConnector::new();
+            http.set_nodelay(true);
+            http.set_connect_timeout(Some(self.def.connect_timeout));
+            let connector = LimitedConnector {
+                inner: http,
+                permits: self.connections.clone(),
+                tls: self.tls.clone(),
+                timeout: self.def.connect_timeout,
+            };
+            let mut builder = Client::builder(TokioExecutor::new());
+            builder
+                .pool_idle_timeout(Duration::from_secs(60))
+                .http2_only(self.def.http2);
+            builder.build(connector)
+        })
     }
 
     /// Replaces the endpoints (an EDS update), keeping the state of those that stay.
@@ -814,6 +826,7 @@ mod tests {
             name: "c".into(),
             eds_name: Some("c".into()),
             static_assignment: None,
+            original_dst: false,
             lb,
             locality_weighted,
             http2: false,

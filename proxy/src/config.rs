@@ -30,6 +30,9 @@ pub struct ListenerConfig {
     pub address: SocketAddr,
     /// `bind_to_port: false`: bound only when the bootstrap asks for it.
     pub bind_to_port: bool,
+    /// `use_original_dst`: a connection redirected here (iptables REDIRECT) is handed
+    /// to the listener of its original destination, if any (transparent mode).
+    pub use_original_dst: bool,
     pub filter: NetworkFilter,
     /// Downstream TLS (the filter chain's `DownstreamTlsContext`).
     pub tls: Option<crate::tls::TlsContext>,

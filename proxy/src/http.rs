@@ -264,7 +264,7 @@ async fn forward(
         *r.uri_mut() = upstream_uri(&endpoint.endpoint, path_and_query);
         *r.version_mut() = version;
         cluster.stats.requests.inc();
-        let result = cluster.client.request(r).await;
+        let result = cluster.client().request(r).await;
         let (outcome, response) = classify(result, &endpoint);
         cluster.record(&endpoint.endpoint, outcome);
         count(&cluster, outcome);
@@ -297,7 +297,7 @@ async fn forward(
         };
         let request = head.request(&endpoint.endpoint, Either::Right(Full::new(body.clone())));
         cluster.stats.requests.inc();
-        let attempt = cluster.client.request(request);
+        let attempt = cluster.client().request(request);
         let (outcome, response) = match policy.per_try_timeout {
             Some(t) => match tokio::time::timeout(t, attempt).await {
                 Ok(r) => classify(r, &endpoint),

@@ -3,6 +3,7 @@
 //! for outlier detection and the next endpoint is tried (up to three attempts, as
 //! Envoy's `max_connect_attempts` default of 1 would drop the connection at once).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
@@ -13,8 +14,14 @@ use crate::config::Outcome;
 const CONNECT_ATTEMPTS: usize = 3;
 
 /// Proxies `downstream` to cluster `cluster` until either side closes.
-pub async fn proxy<S>(shared: Arc<Shared>, cluster: Arc<str>, mut downstream: S)
-where
+/// `original_dst` is where the connection was going before it was redirected to the
+/// proxy (transparent mode): an `ORIGINAL_DST` cluster connects there.
+pub async fn proxy<S>(
+    shared: Arc<Shared>,
+    cluster: Arc<str>,
+    mut downstream: S,
+    original_dst: Option<SocketAddr>,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let snapshot = shared.snapshot.load_full();
@@ -26,6 +33,25 @@ where
     let Ok(_admission) = cluster.admit() else {
         return;
     };
+    if cluster.def.original_dst {
+        let Some(dst) = original_dst else {
+            // Not redirected: the original destination is the proxy itself.
+            tracing::debug!(cluster = %cluster.def.name, "ORIGINAL_DST cluster without an original destination; closing");
+            return;
+        };
+        cluster.stats.requests.inc();
+        let connect = tokio::time::timeout(cluster.def.connect_timeout, TcpStream::connect(dst));
+        match connect.await {
+            Ok(Ok(mut upstream)) => {
+                let _ = upstream.set_nodelay(true);
+                let _ = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
+            }
+            _ => {
+                cluster.stats.failures.inc();
+            }
+        }
+        return;
+    }
     let mut avoid = None;
     for _ in 0..CONNECT_ATTEMPTS {
         let Ok(endpoint) = cluster.pick(avoid) else {

@@ -125,12 +125,6 @@ pub fn listener(l: &Listener) -> Result<ListenerConfig, Reason> {
     if l.api_listener.is_some() {
         return Err("API listeners are for proxyless gRPC clients, not for a proxy".into());
     }
-    if l.use_original_dst.as_ref().is_some_and(|b| b.value) {
-        return Err(
-            "use_original_dst needs transparent mode, which tributary-proxy does not implement yet"
-                .into(),
-        );
-    }
     if !l.listener_filters.is_empty() {
         let names: Vec<&str> = l.listener_filters.iter().map(|f| f.name.as_str()).collect();
         return Err(format!(
@@ -191,6 +185,7 @@ pub fn listener(l: &Listener) -> Result<ListenerConfig, Reason> {
         name: Arc::from(l.name.as_str()),
         address,
         bind_to_port: l.bind_to_port.as_ref().is_none_or(|b| b.value),
+        use_original_dst: l.use_original_dst.as_ref().is_some_and(|b| b.value),
         filter,
         tls,
     })
@@ -658,14 +653,30 @@ pub fn cluster(c: &PbCluster) -> Result<ClusterDef, Reason> {
                 .ok_or("a STATIC cluster needs load_assignment")?;
             (None, Some(assignment(cla)?))
         }
+        // The upstream is the downstream connection's original destination (the
+        // sidecar's `PassthroughCluster`); served by the TCP proxy.
+        DiscoveryType::OriginalDst => (None, None),
         other => {
             return Err(format!(
-                "discovery type {} is not supported (EDS and STATIC are)",
+                "discovery type {} is not supported (EDS, STATIC and ORIGINAL_DST are)",
                 other.as_str_name()
             ));
         }
     };
+    let original_dst = kind == DiscoveryType::OriginalDst;
     let lb = match PbLb::try_from(c.lb_policy) {
+        // ORIGINAL_DST clusters pick no endpoint: CLUSTER_PROVIDED is their only
+        // policy, as in Envoy.
+        Ok(PbLb::ClusterProvided) if original_dst => LbPolicy::RoundRobin,
+        Ok(PbLb::ClusterProvided) => {
+            return Err("lb_policy CLUSTER_PROVIDED needs an ORIGINAL_DST cluster".into());
+        }
+        Ok(other) if original_dst => {
+            return Err(format!(
+                "lb_policy {} is not valid for an ORIGINAL_DST cluster (CLUSTER_PROVIDED is)",
+                other.as_str_name()
+            ));
+        }
         Ok(PbLb::RoundRobin) => LbPolicy::RoundRobin,
         Ok(PbLb::LeastRequest) => LbPolicy::LeastRequest,
         Ok(other) => {
@@ -735,6 +746,7 @@ pub fn cluster(c: &PbCluster) -> Result<ClusterDef, Reason> {
         name: Arc::from(c.name.as_str()),
         eds_name,
         static_assignment,
+        original_dst,
         lb,
         locality_weighted,
         http2,
