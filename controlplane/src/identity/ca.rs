@@ -343,9 +343,9 @@ pub struct Ca {
     /// Bumped whenever what a peer must hold changes: the trust bundle, or the chain
     /// new certificates are issued from (see [`CertificateIssuer::changes`]).
     changes: watch::Sender<u64>,
-    /// What `changes` was last bumped for (the lock is held only to compare and
-    /// replace it).
-    issued_from: std::sync::Mutex<String>,
+    /// What `changes` was last bumped for: the trust bundle and each signer's
+    /// intermediate (the lock is held only to compare and replace it).
+    issued_from: std::sync::Mutex<(String, BTreeMap<Signer, String>)>,
 }
 
 impl std::fmt::Debug for Ca {
@@ -722,19 +722,24 @@ impl Ca {
         Ok(())
     }
 
-    /// Bumps [`Ca::changes`] if the trust bundle or the chain new certificates are
-    /// issued from differs from when it was last bumped. (A new intermediate of a
-    /// cluster bumps it too: rare, and a spare re-issue is harmless.)
+    /// Bumps [`Ca::changes`] if the trust bundle changed, or a signer's intermediate
+    /// was replaced, since it was last bumped. A signer's first intermediate (a new
+    /// cluster's) does not: nothing was issued from it before.
     fn note_changes(&self) {
-        let now = SystemTime::now();
-        let state = self.snapshot();
-        let mut key = self.trust_bundle_at(now);
-        for (signer, i) in &state.intermediates {
-            key.push_str(&format!("\n{}={}", signer.name(), i.signing.fingerprint));
-        }
+        let bundle = self.trust_bundle_at(SystemTime::now());
+        let signers: BTreeMap<Signer, String> = self
+            .snapshot()
+            .intermediates
+            .iter()
+            .map(|(s, i)| (s.clone(), i.signing.fingerprint.clone()))
+            .collect();
         let mut last = self.issued_from.lock().expect("CA change lock");
-        if *last != key {
-            *last = key;
+        let replaced = signers
+            .iter()
+            .any(|(s, fp)| last.1.get(s).is_some_and(|before| before != fp));
+        let changed = last.0 != bundle || replaced;
+        *last = (bundle, signers);
+        if changed {
             self.changes.send_modify(|n| *n += 1);
         }
     }
@@ -747,19 +752,21 @@ impl Ca {
     }
 
     /// The next time the CA's state changes by the clock alone: an incoming root's
-    /// trust window ends, or a retiring root's overlap.
+    /// trust window ends (or, once it has, now: its promotion is retried until it is
+    /// written), or a retiring root's overlap ends.
     fn next_deadline(&self, now: SystemTime) -> Option<SystemTime> {
         let state = self.snapshot();
-        state
-            .incoming
+        let incoming = state.incoming.iter().map(|i| i.signs_from.max(now));
+        let retiring = state
+            .retiring
             .iter()
-            .map(|i| i.signs_from)
-            .chain(state.retiring.iter().map(|r| from_unix(r.until)))
-            .filter(|t| *t > now)
-            .min()
+            .map(|r| from_unix(r.until))
+            .filter(|t| *t > now);
+        incoming.chain(retiring).min()
     }
 
-    /// Promotes the incoming root if its trust window has ended at `now`.
+    /// Promotes the incoming root if its trust window has ended at `now`. Another
+    /// replica having promoted it first is not an error.
     async fn promote_due(&self, now: SystemTime) -> Result<(), CaError> {
         let due = self
             .snapshot()
@@ -767,7 +774,7 @@ impl Ca {
             .as_ref()
             .is_some_and(|i| i.signs_from <= now);
         if due {
-            self.promote_root().await?;
+            self.promote(now, |i| i.signs_from <= unix(now)).await?;
         }
         Ok(())
     }
@@ -1142,19 +1149,31 @@ impl Ca {
     /// intermediate this replica knows is replaced under it), the old root stays
     /// trusted for the rotation's overlap. An error when no rotation is in phase 1.
     pub async fn promote_root(&self) -> Result<CaStatus, CaError> {
-        let now = SystemTime::now();
+        match self.promote(SystemTime::now(), |_| true).await? {
+            true => Ok(self.status()),
+            false => Err(CaError::Config(
+                "no new root to promote: start a rotation with `tributary ca rotate --root`".into(),
+            )),
+        }
+    }
+
+    /// Promotes the stored incoming root if `wanted` says so; false if there is none
+    /// (or it is not wanted).
+    async fn promote(
+        &self,
+        now: SystemTime,
+        wanted: impl Fn(&IncomingRoot) -> bool,
+    ) -> Result<bool, CaError> {
         for _ in 0..WRITE_ATTEMPTS {
             let (kv, mut record) = self.read_roots().await?;
-            if !record.promote(now) {
-                return Err(CaError::Config(
-                    "no new root to promote: start a rotation with `tributary ca rotate --root`"
-                        .into(),
-                ));
+            if !record.incoming.as_ref().is_some_and(&wanted) {
+                return Ok(false);
             }
+            record.promote(now);
             if self.write_roots(&kv, &record).await? {
                 info!(root = %self.snapshot().root.fingerprint, "root rotation: the new root signs; the old one stays trusted for the overlap");
                 self.move_signers().await?;
-                return Ok(self.status());
+                return Ok(true);
             }
         }
         Err(CaError::Contended {
