@@ -9,7 +9,7 @@
 //! | `/status/config` | JSON: config files, last applied generation, last errors |
 //! | `/status/environments` | JSON: per environment: snapshot seq and resource counts |
 //! | `/status/shards` | JSON: the shard assignment: live replicas, the assigner, each shard's replicas, what this replica serves; `catalog`: the shards it leads and the summaries it wrote |
-//! | `GET /config?kind=&env=&name=` | JSON: config objects in the store |
+//! | `GET /config?kind=&env=&name=` | JSON: config objects in the store (private keys replaced by `<redacted: private key>`, [`crate::config::redact`]) |
 //! | `POST /config/apply[?dry_run=true]` | apply a multi-document YAML body (all or nothing); dry run: validate and compare only |
 //! | `DELETE /config/{env}/{kind}/{namespace}/{name}[?dry_run=true]` | delete one object (validated: what remains must be valid) |
 //! | `/status/clusters` | JSON: federated clusters: connected or in grace, version, counts, lag, rejected batches; known clusters pending resync after a restart, and whether withdrawals are held |
@@ -34,7 +34,8 @@ use axum::routing::{delete, get, post};
 use prometheus_client::registry::Registry;
 use serde_json::json;
 
-use crate::config::store::{ConfigStore, ObjectId, WriteError};
+use crate::config::redact::redact_document;
+use crate::config::store::{ConfigStore, ObjectId, WriteError, WriteResult};
 use crate::config::watch::ConfigStatus;
 use crate::identity::authz::{AdminAction, authorize_admin};
 use crate::identity::tls::PeerAddr;
@@ -426,11 +427,24 @@ async fn config_list(
         )
         .await
     {
-        Ok((objects, revision)) => {
+        Ok((mut objects, revision)) => {
+            for o in &mut objects {
+                o.document = redact_document(&o.document);
+            }
             Json(json!({ "revision": revision, "objects": objects })).into_response()
         }
         Err(e) => write_error(WriteError::Store(e)),
     }
+}
+
+/// A write's report without key material (the `before`/`after` documents).
+fn redact_changes(mut r: WriteResult) -> WriteResult {
+    for c in &mut r.changes {
+        for doc in [&mut c.before, &mut c.after].into_iter().flatten() {
+            *doc = redact_document(doc);
+        }
+    }
+    r
 }
 
 async fn config_apply(
@@ -442,7 +456,7 @@ async fn config_apply(
         return reads_files(&s);
     };
     match api.apply(&body, dry_run(&q)).await {
-        Ok(r) => Json(json!(r)).into_response(),
+        Ok(r) => Json(json!(redact_changes(r))).into_response(),
         Err(e) => write_error(e),
     }
 }
@@ -462,7 +476,7 @@ async fn config_delete(
         name,
     };
     match api.delete(&[id], dry_run(&q)).await {
-        Ok(r) => Json(json!(r)).into_response(),
+        Ok(r) => Json(json!(redact_changes(r))).into_response(),
         Err(e) => write_error(e),
     }
 }

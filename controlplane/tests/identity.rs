@@ -190,59 +190,126 @@ async fn a_join_token_buys_one_certificate_for_its_identity_only() {
     h.hub.shutdown().await.unwrap();
 }
 
+/// A root rotation through the API, phase by phase: (1) the new root is trusted
+/// alongside the old one, which still signs; (2) the new root signs, and a workload
+/// with an old-chain certificate and one with a new-chain certificate both verify
+/// against the bundle; (3) the old root is dropped and the old-chain certificate is
+/// refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rotation_through_the_api_keeps_old_certificates_valid_for_the_overlap() {
+async fn a_root_rotation_trusts_then_issues_from_the_new_root_then_drops_the_old() {
     let h = hub("127.0.0.1:0").await;
     let admin = h.hub.admin_addr.to_string();
     let server = format!("http://{admin}");
-    let token = create_token(&admin, AGENT, 2).await;
+    let token = create_token(&admin, AGENT, 3).await;
     let cred = Credential::JoinToken(token["token"].as_str().unwrap().into());
     let before = request_certificate(&server, &cred, None).await.unwrap();
+    let old_root = before.trust_bundle_pem.clone();
+    assert_eq!(certs_from_pem("bundle", &old_root).unwrap().len(), 1);
+    let view = ca_view(&admin).await;
+    assert_eq!(view["phase"], "steady", "{view}");
 
+    // Phase 1: trust the new root. The old one still signs.
     let (status, rotated) = post(
         &admin,
         "/v1/ca/rotate",
-        serde_json::json!({"root": true, "overlap": "1h"}),
+        serde_json::json!({"root": true, "trust_window": "1h", "overlap": "1h"}),
     )
     .await;
     assert_eq!(status, 200, "{rotated}");
-    assert_eq!(rotated["retiring"].as_array().unwrap().len(), 1);
-
-    let after = request_certificate(&server, &cred, None).await.unwrap();
-    // The bundle handed out now holds both roots: old and new certificates verify.
+    assert_eq!(rotated["phase"], "trusting-new", "{rotated}");
+    assert_eq!(rotated["retiring"].as_array().unwrap().len(), 0);
+    let new_root_fp = rotated["incoming"]["root"].as_str().unwrap().to_string();
+    assert_ne!(new_root_fp, rotated["root"].as_str().unwrap());
+    let trusting = request_certificate(&server, &cred, None).await.unwrap();
     assert_eq!(
-        certs_from_pem("bundle", &after.trust_bundle_pem)
+        certs_from_pem("bundle", &trusting.trust_bundle_pem)
             .unwrap()
             .len(),
-        2
+        2,
+        "the bundle handed out in phase 1 holds both roots"
     );
     let now = SystemTime::now();
-    verify_chain(&after.trust_bundle_pem, &before.cert.chain_pem, now).unwrap();
-    verify_chain(&after.trust_bundle_pem, &after.cert.chain_pem, now).unwrap();
-    // The new certificate does not chain to the old root.
-    assert!(verify_chain(&before.trust_bundle_pem, &after.cert.chain_pem, now).is_err());
+    // Still issued from the old root: a peer that has not yet received the new bundle
+    // accepts it.
+    verify_chain(&old_root, &trusting.cert.chain_pem, now).unwrap();
+    // Dropping the old root now would strand every certificate: refused, saying why.
+    let (status, body) = post(&admin, "/v1/ca/finish-rotation", serde_json::Value::Null).await;
+    assert_eq!(status, 400, "{body}");
+    let err = body["error"].as_str().unwrap();
+    assert!(
+        err.contains("does not sign yet") && err.contains("tributary ca promote"),
+        "{body}"
+    );
+    // A second rotation while one is in phase 1 is refused, naming the new root.
+    let (status, body) = post(&admin, "/v1/ca/rotate", serde_json::json!({"root": true})).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains(&new_root_fp),
+        "{body}"
+    );
 
-    // Finishing the rotation drops the old root: the old certificate is refused.
+    // Phase 2: the new root signs; the old one is still trusted.
+    let (status, promoted) = post(&admin, "/v1/ca/promote", serde_json::Value::Null).await;
+    assert_eq!(status, 200, "{promoted}");
+    assert_eq!(promoted["phase"], "issuing-from-new", "{promoted}");
+    assert_eq!(promoted["root"], new_root_fp.as_str());
+    assert_eq!(promoted["retiring"].as_array().unwrap().len(), 1);
+    let after = request_certificate(&server, &cred, None).await.unwrap();
+    let bundle = after.trust_bundle_pem.clone();
+    assert_eq!(certs_from_pem("bundle", &bundle).unwrap().len(), 2);
+    let now = SystemTime::now();
+    // Old-chain and new-chain workloads both verify during the overlap...
+    verify_chain(&bundle, &before.cert.chain_pem, now).unwrap();
+    verify_chain(&bundle, &after.cert.chain_pem, now).unwrap();
+    // ...including for a peer that still holds the bundle of phase 1.
+    verify_chain(&trusting.trust_bundle_pem, &after.cert.chain_pem, now).unwrap();
+    // The new certificate does not chain to the old root alone.
+    assert!(verify_chain(&old_root, &after.cert.chain_pem, now).is_err());
+
+    // Phase 3: the old root leaves the bundle; the old-chain certificate is refused.
     let (status, done) = post(&admin, "/v1/ca/finish-rotation", serde_json::Value::Null).await;
     assert_eq!(status, 200, "{done}");
-    let (status, view) = http_client::request(&admin, "GET", "/v1/ca", b"")
-        .await
-        .unwrap();
-    assert_eq!(status, 200);
-    let view: serde_json::Value = serde_json::from_slice(&view).unwrap();
+    assert_eq!(done["phase"], "steady", "{done}");
+    let view = ca_view(&admin).await;
     let bundle = view["trust_bundle_pem"].as_str().unwrap();
     assert_eq!(certs_from_pem("bundle", bundle).unwrap().len(), 1);
-    assert!(verify_chain(bundle, &before.cert.chain_pem, now).is_err());
+    let refused = verify_chain(bundle, &before.cert.chain_pem, now).unwrap_err();
+    assert!(refused.to_string().contains("UnknownIssuer"), "{refused}");
     verify_chain(bundle, &after.cert.chain_pem, now).unwrap();
 
+    // Nothing to promote any more.
+    let (status, body) = post(&admin, "/v1/ca/promote", serde_json::Value::Null).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("no new root"),
+        "{body}"
+    );
     // Bad rotation requests say what was expected.
+    for bad in [
+        serde_json::json!({"intermediate": "eu-1a", "overlap": "1h"}),
+        serde_json::json!({"intermediate": "eu-1a", "trust_window": "1h"}),
+    ] {
+        let (status, body) = post(&admin, "/v1/ca/rotate", bad).await;
+        assert_eq!(status, 400, "{body}");
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .contains("apply to a root rotation"),
+            "{body}"
+        );
+    }
     let (status, body) = post(
         &admin,
         "/v1/ca/rotate",
-        serde_json::json!({"intermediate": "eu-1a", "overlap": "1h"}),
+        serde_json::json!({"root": true, "trust_window": "soon"}),
     )
     .await;
     assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("trust_window"),
+        "{body}"
+    );
     let (status, body) = post(&admin, "/v1/ca/rotate", serde_json::json!({})).await;
     assert_eq!(status, 400, "{body}");
     assert!(
@@ -250,6 +317,14 @@ async fn rotation_through_the_api_keeps_old_certificates_valid_for_the_overlap()
         "{body}"
     );
     h.hub.shutdown().await.unwrap();
+}
+
+async fn ca_view(admin: &str) -> serde_json::Value {
+    let (status, view) = http_client::request(admin, "GET", "/v1/ca", b"")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    serde_json::from_slice(&view).unwrap()
 }
 
 fn tributary(args: &[String]) -> (bool, String, String) {
@@ -353,5 +428,30 @@ async fn the_cli_creates_a_token_gets_a_certificate_and_rotates() {
     let (ok, status, err) = run(&["ca", "status", "--admin", &admin]).await;
     assert!(ok, "{err}");
     assert!(status.contains("BEGIN CERTIFICATE"), "{status}");
+    // A root rotation's three phases, one command each.
+    let phase = |out: &str| -> String {
+        let v: serde_json::Value = serde_json::from_str(out).unwrap();
+        v["phase"].as_str().unwrap().to_string()
+    };
+    let (ok, out, err) = run(&[
+        "ca",
+        "rotate",
+        "--admin",
+        &admin,
+        "--root",
+        "--trust-window",
+        "1h",
+        "--overlap",
+        "2h",
+    ])
+    .await;
+    assert!(ok, "{err}");
+    assert_eq!(phase(&out), "trusting-new", "{out}");
+    let (ok, out, err) = run(&["ca", "promote", "--admin", &admin]).await;
+    assert!(ok, "{err}");
+    assert_eq!(phase(&out), "issuing-from-new", "{out}");
+    let (ok, out, err) = run(&["ca", "finish-rotation", "--admin", &admin]).await;
+    assert!(ok, "{err}");
+    assert_eq!(phase(&out), "steady", "{out}");
     h.hub.shutdown().await.unwrap();
 }

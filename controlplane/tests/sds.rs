@@ -753,3 +753,74 @@ fn inbound_ports_are_validated() {
     assert!(err.contains("spec.inbound[1].targetPort"), "{err}");
     assert!(err.contains("spec.inbound[2].bind"), "{err}");
 }
+
+/// A root rotation reaches connected proxies at each phase, without waiting for the
+/// half-life renewal: (1) the two-root bundle while certificates still come from the
+/// old root, (2) a certificate of the new root (the bundle still holds both), (3) the
+/// bundle of the new root alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_phase_of_a_root_rotation_is_pushed_to_connected_proxies() {
+    use tributary_controlplane::identity::verify::{certs_from_pem, verify_chain};
+    let hub = TestHub::start_with(&mesh_docs(), |cfg| cfg.mesh_mtls = true).await;
+    let ca = hub.hub.ca.clone();
+    let mut s = Sotw::open(&hub).await;
+    s.request(
+        Some(workload("s", "shop", "checkout")),
+        SDS,
+        &["default", "ROOTCA"],
+        None,
+    )
+    .await;
+    // What the proxy holds: each response carries only the secrets that changed.
+    let mut chain = String::new();
+    let mut bundle = String::new();
+    let next_until = async |s: &mut Sotw,
+                            chain: &mut String,
+                            bundle: &mut String,
+                            done: &dyn Fn(&str, &str) -> bool| {
+        while !done(chain, bundle) {
+            let r = s.recv().await;
+            let got = sotw_secrets(&r);
+            if !got.default_chain.is_empty() {
+                *chain = got.default_chain.clone();
+            }
+            if !got.root.is_empty() {
+                *bundle = got.root.clone();
+            }
+            s.ack(&r, &["default", "ROOTCA"]).await;
+        }
+    };
+    let roots = |pem: &str| certs_from_pem("bundle", pem).map(|c| c.len()).unwrap_or(0);
+    next_until(&mut s, &mut chain, &mut bundle, &|c, b| {
+        !c.is_empty() && !b.is_empty()
+    })
+    .await;
+    let old_root = bundle.clone();
+    let first_chain = chain.clone();
+    assert_eq!(roots(&old_root), 1);
+
+    // Phase 1: the two-root bundle is pushed; the certificate is still the old root's.
+    let status = ca
+        .rotate_root(Duration::from_secs(3600), Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let new_fp = status.incoming.unwrap().root;
+    next_until(&mut s, &mut chain, &mut bundle, &|_, b| roots(b) == 2).await;
+    let now = std::time::SystemTime::now();
+    verify_chain(&old_root, &chain, now).expect("phase 1 still issues from the old root");
+
+    // Phase 2: a certificate of the new root is pushed; the bundle keeps both.
+    ca.promote_root().await.unwrap();
+    let new_root_only = |c: &str| verify_chain(&old_root, c, now).is_err();
+    next_until(&mut s, &mut chain, &mut bundle, &|c, _| new_root_only(c)).await;
+    assert_eq!(roots(&bundle), 2);
+    verify_chain(&bundle, &chain, now).unwrap();
+    verify_chain(&bundle, &first_chain, now).expect("old-chain peers still verify");
+    assert_eq!(ca.status().root, new_fp);
+
+    // Phase 3: the old root leaves; the bundle pushed holds the new root alone.
+    ca.finish_rotation().await.unwrap();
+    next_until(&mut s, &mut chain, &mut bundle, &|_, b| roots(b) == 1).await;
+    verify_chain(&bundle, &chain, now).unwrap();
+    assert!(verify_chain(&bundle, &first_chain, now).is_err());
+}

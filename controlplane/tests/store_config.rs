@@ -429,3 +429,57 @@ async fn known_clusters_move_from_clusters_json_into_the_store() {
     assert_eq!(pending, ["east-1"]);
     hub.shutdown().await.unwrap();
 }
+
+/// `GET /config`, and the apply's own report, never return a Credential's private key:
+/// the key is replaced by a marker, the certificate is returned as stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_reads_and_write_reports_redact_private_keys() {
+    use tributary_controlplane::config::redact::REDACTED;
+    let hub = store_hub(|_| {}).await;
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["*.example.test".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap()
+        .pem();
+    let key_pem = key.serialize_pem();
+    let secret_line = key_pem.lines().nth(1).unwrap().to_string();
+    let indent = |s: &str| s.lines().map(|l| format!("    {l}\n")).collect::<String>();
+    let doc = format!(
+        "apiVersion: tributary.io/v1alpha1\nkind: Credential\nmetadata: {{name: wild, environment: prod}}\nspec:\n  certificate: |\n{}  privateKey: |\n{}",
+        indent(&cert),
+        indent(&key_pem)
+    );
+    let (status, applied) = call(&hub, "POST", "/config/apply", &doc).await;
+    assert_eq!(status, 200, "{applied}");
+    let applied = applied.to_string();
+    assert!(!applied.contains(&secret_line), "{applied}");
+    assert!(applied.contains(REDACTED), "{applied}");
+
+    let (status, listed) = call(&hub, "GET", "/config?kind=Credential", "").await;
+    assert_eq!(status, 200, "{listed}");
+    let text = listed.to_string();
+    assert!(!text.contains(&secret_line), "the key leaked: {text}");
+    assert!(!text.contains("PRIVATE KEY"), "the key leaked: {text}");
+    let objects = listed["objects"].as_array().unwrap();
+    assert_eq!(objects.len(), 1, "{listed}");
+    let stored: serde_yaml::Value =
+        serde_yaml::from_str(objects[0]["document"].as_str().unwrap()).unwrap();
+    assert_eq!(stored["spec"]["privateKey"].as_str(), Some(REDACTED));
+    assert_eq!(stored["spec"]["certificate"].as_str(), Some(cert.as_str()));
+
+    // The store itself still holds the key (gateways are served it over SDS).
+    let (kv, _) = hub
+        .store
+        .get("/tributary/config/prod/Credential/default/wild")
+        .await
+        .unwrap();
+    let raw = String::from_utf8(kv.expect("stored").value).unwrap();
+    assert!(raw.contains(&secret_line));
+
+    // A delete's report (the document before) is redacted too.
+    let (status, deleted) = call(&hub, "DELETE", "/config/prod/Credential/default/wild", "").await;
+    assert_eq!(status, 200, "{deleted}");
+    assert!(!deleted.to_string().contains(&secret_line), "{deleted}");
+    hub.shutdown().await.unwrap();
+}

@@ -168,9 +168,13 @@ class PyGrpcClient:
 def make_py_grpc_client(tmp_path):
     clients: list[PyGrpcClient] = []
 
-    def make(hub: Hub, target: str, node_id: str | None = None) -> PyGrpcClient:
+    def make(hub: Hub, target: str, node_id: str | None = None, node_env: str = peers.ENV,
+             tls: tuple[Path, Path, Path] | None = None) -> PyGrpcClient:
+        """`node_env`: the environment its node metadata claims; `tls`: its certificate,
+        key and trust bundle (mutual TLS to the hub)."""
         node_id = node_id or f"py-{len(clients)}"
-        boot = grpc_bootstrap(tmp_path / f"{node_id}-bootstrap.json", hub, node_id)
+        boot = grpc_bootstrap(tmp_path / f"{node_id}-bootstrap.json", hub, node_id,
+                              env=node_env, tls=tls)
         env = dict(os.environ, GRPC_XDS_BOOTSTRAP=str(boot), GRPC_VERBOSITY="ERROR")
         proc = Proc(f"grpc-python {node_id}",
                     [sys.executable, "-u", str(HERE / "grpc_client.py"), "-target", target, "-interactive"],

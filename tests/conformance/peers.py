@@ -224,7 +224,8 @@ class Hub:
     """The `tributary hub` under test, with a config dir of YAML written from dicts."""
 
     def __init__(self, workdir: Path, family: str = "ipv4", poll_interval: str = "100ms",
-                 extra_args: Iterable[str] = (), xds_port: int = 0, config_in_store: bool = False):
+                 extra_args: Iterable[str] = (), xds_port: int = 0, config_in_store: bool = False,
+                 tls_files: tuple[Path, Path, Path] | None = None):
         self.dir = workdir / "hub"
         self.config_dir = self.dir / "config"
         self.config_dir.mkdir(parents=True, exist_ok=True)
@@ -236,6 +237,9 @@ class Hub:
         self.xds_port = xds_port
         # No --config: the hub reads its config from its store (written with `ctl`).
         self.config_in_store = config_in_store
+        # (certificate, key, trust bundle): serve mutual TLS instead of --insecure. The
+        # admin port then needs a client certificate too (admin helpers do not work).
+        self.tls_files = tls_files
         self.proc: Proc | None = None
         self.xds: tuple[str, int] | None = None
         self.admin: tuple[str, int] | None = None
@@ -259,9 +263,13 @@ class Hub:
                 "in the repo root (or set TRIBUTARY_BIN)")
         host = FAMILIES[self.family]
         config = [] if self.config_in_store else ["--config", str(self.config_dir)]
-        argv = [str(binary), "hub", *config,
-                # Loopback only (127.0.0.1 / [::1]): plaintext needs --insecure.
-                "--insecure",
+        if self.tls_files:
+            cert, key, ca = self.tls_files
+            transport = ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-ca", str(ca)]
+        else:
+            # Loopback only (127.0.0.1 / [::1]): plaintext needs --insecure.
+            transport = ["--insecure"]
+        argv = [str(binary), "hub", *config, *transport,
                 "--xds-addr", hostport(host, self.xds_port), "--admin-addr", "127.0.0.1:0",
                 "--ready-file", str(self.ready_file), "--poll-interval", self.poll_interval,
                 # No agents feed these hubs: serve at once.
@@ -769,13 +777,27 @@ class GrpcBackend:
 # ------------------------------------------------------------------- grpc bootstrap
 
 
-def grpc_bootstrap(path: Path, hub: Hub, node_id: str, env: str = ENV) -> Path:
-    path.write_text(json.dumps({
-        "xds_servers": [{"server_uri": hub.xds_hostport, "channel_creds": [{"type": "insecure"}],
+def grpc_bootstrap(path: Path, hub: Hub, node_id: str, env: str = ENV,
+                   tls: tuple[Path, Path, Path] | None = None) -> Path:
+    """A gRPC xDS bootstrap for `hub`. With `tls` (certificate, key, trust bundle) the
+    channel to the hub is mutual TLS from those files, watched and reloaded by gRPC
+    (the `tls` channel credentials, gRFC A65); the same files are the `file_watcher`
+    certificate provider `default`."""
+    creds: list[dict] = [{"type": "insecure"}]
+    boot: dict[str, Any] = {}
+    if tls:
+        cert, key, ca = tls
+        files = {"certificate_file": str(cert), "private_key_file": str(key),
+                 "ca_certificate_file": str(ca), "refresh_interval": "1s"}
+        creds = [{"type": "tls", "config": files}]
+        boot["certificate_providers"] = {"default": {"plugin_name": "file_watcher", "config": files}}
+    boot.update({
+        "xds_servers": [{"server_uri": hub.xds_hostport, "channel_creds": creds,
                          "server_features": ["xds_v3"]}],
         "node": {"id": node_id, "cluster": "conformance", "locality": {"zone": "az1"},
                  "metadata": {"tributary.io/env": env}},
-    }, indent=1))
+    })
+    path.write_text(json.dumps(boot, indent=1))
     return path
 
 

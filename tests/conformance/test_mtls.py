@@ -205,10 +205,13 @@ class Mesh:
     in namespace `server_namespace` (the service's is `default`)."""
 
     def __init__(self, tmp_path: Path, make_hub, api_type: str, family: str,
-                 server_namespace: str = "default"):
+                 server_namespace: str = "default", hub_args: list[str] | None = None):
         self.host = host = FAMILIES[family]
         self.envoys: list[Envoy] = []
         self.backend = XfccBackend(host)
+        # The issuer: a throwaway root by default, or what `hub_args` says (the hub's
+        # own CA with --mesh-mtls).
+        self.hub_args = hub_args
         try:
             self._start(tmp_path, make_hub, api_type, family, server_namespace)
         except BaseException:
@@ -227,8 +230,8 @@ class Mesh:
                     inbound=[{"port": self.inbound_port, "bind": host, "targetAddress": host,
                               "targetPort": self.backend.port}]),
         ]
-        self.hub = make_hub(family=family, docs=docs,
-                            extra_args=["--test-issuer", str(issuer_dir), "--trust-domain", TD])
+        hub_args = self.hub_args or ["--test-issuer", str(issuer_dir), "--trust-domain", TD]
+        self.hub = make_hub(family=family, docs=docs, extra_args=hub_args)
         self.root = issuer_dir / "root.pem"
         self.app_port = free_port(host)
         self.client = self._envoy(tmp_path, api_type, "client-sidecar",

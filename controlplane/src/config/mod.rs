@@ -5,6 +5,7 @@
 //! Every error names the file, the document, the field and what was expected, and a
 //! file set with any error is rejected whole (the last good config stays in force).
 
+pub mod redact;
 pub mod security;
 pub mod store;
 pub mod watch;

@@ -7,8 +7,9 @@
 //! | `POST /v1/tokens` | `{"identity": "spiffe://...", "ttl": "1h", "uses": 1, "cluster": ID?}` | [`CreatedToken`] (201) |
 //! | `DELETE /v1/tokens/{id}` | | 204 |
 //! | `GET /v1/ca` | | [`CaStatus`] and the trust bundle |
-//! | `POST /v1/ca/rotate` | `{"root": true, "overlap": "48h"}` or `{"intermediate": "CLUSTER" \| "mesh"}` | [`CaStatus`] |
-//! | `POST /v1/ca/finish-rotation` | | [`CaStatus`] |
+//! | `POST /v1/ca/rotate` | `{"root": true, "trust_window": "24h", "overlap": "48h"}` or `{"intermediate": "CLUSTER" \| "mesh"}` | [`CaStatus`] |
+//! | `POST /v1/ca/promote` | | [`CaStatus`] (the new root signs now) |
+//! | `POST /v1/ca/finish-rotation` | | [`CaStatus`] (the old roots leave the bundle now) |
 //!
 //! [`csr_routes`] and [`ca_admin_routes`] are separate routers: the hub mounts both on
 //! its admin listener today; the CSR route must stay reachable by peers that have no
@@ -32,7 +33,7 @@ use rcgen::{CertificateSigningRequestParams, SanType};
 use serde::{Deserialize, Serialize};
 
 use super::SpiffeId;
-use super::ca::{Ca, CaError, CaStatus, DEFAULT_OVERLAP, Signer, rfc3339};
+use super::ca::{Ca, CaError, CaStatus, DEFAULT_OVERLAP, DEFAULT_TRUST_WINDOW, Signer, rfc3339};
 use super::tokenreview::{ReviewError, TokenReviewers};
 use super::tokens::{CreatedToken, JoinTokens, TokenError};
 
@@ -269,6 +270,7 @@ pub fn ca_admin_routes(state: CaApi) -> Router {
         .route("/v1/tokens/{id}", delete(revoke_token))
         .route("/v1/ca", get(ca_status))
         .route("/v1/ca/rotate", post(rotate))
+        .route("/v1/ca/promote", post(promote))
         .route("/v1/ca/finish-rotation", post(finish_rotation))
         .with_state(state)
 }
@@ -367,9 +369,14 @@ pub struct RotateRequest {
     /// A remote cluster id, or `mesh`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub intermediate: Option<String>,
-    /// How long the old root stays trusted (root rotation only); default 48h.
+    /// How long the old root stays trusted once the new one signs (root rotation
+    /// only); default 48h.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub overlap: Option<String>,
+    /// How long the new root is only trusted before it signs (root rotation only);
+    /// default 24h; `0s` makes it sign at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_window: Option<String>,
 }
 
 async fn rotate(State(api): State<CaApi>, body: axum::body::Bytes) -> Response {
@@ -379,22 +386,28 @@ async fn rotate(State(api): State<CaApi>, body: axum::body::Bytes) -> Response {
     };
     let result = match (req.root, &req.intermediate) {
         (true, None) => {
-            let overlap = match req
-                .overlap
-                .as_deref()
-                .map(|s| duration("overlap", s))
-                .transpose()
-            {
-                Ok(o) => o.unwrap_or(DEFAULT_OVERLAP),
-                Err(e) => return error(StatusCode::BAD_REQUEST, e),
+            let parse = |field: &str, value: &Option<String>, default: Duration| {
+                value
+                    .as_deref()
+                    .map(|s| duration(field, s))
+                    .transpose()
+                    .map(|d| d.unwrap_or(default))
             };
-            api.ca.rotate_root(overlap).await
+            let (overlap, trust_window) = match (
+                parse("overlap", &req.overlap, DEFAULT_OVERLAP),
+                parse("trust_window", &req.trust_window, DEFAULT_TRUST_WINDOW),
+            ) {
+                (Ok(o), Ok(w)) => (o, w),
+                (Err(e), _) | (_, Err(e)) => return error(StatusCode::BAD_REQUEST, e),
+            };
+            api.ca.rotate_root(trust_window, overlap).await
         }
         (false, Some(name)) => {
-            if req.overlap.is_some() {
+            if req.overlap.is_some() || req.trust_window.is_some() {
                 return error(
                     StatusCode::BAD_REQUEST,
-                    "overlap applies to a root rotation: an intermediate's old certificates stay valid until they expire",
+                    "overlap and trust_window apply to a root rotation: a new intermediate is trusted at once \
+                     (it chains to the same root), and the old one's certificates stay valid until they expire",
                 );
             }
             let signer = match name.as_str() {
@@ -421,6 +434,13 @@ async fn rotate(State(api): State<CaApi>, body: axum::body::Bytes) -> Response {
         }
     };
     match result {
+        Ok(s) => Json(s).into_response(),
+        Err(e) => CsrError::from(e).into_response(),
+    }
+}
+
+async fn promote(State(api): State<CaApi>) -> Response {
+    match api.ca.promote_root().await {
         Ok(s) => Json(s).into_response(),
         Err(e) => CsrError::from(e).into_response(),
     }

@@ -16,9 +16,15 @@
 //!       node's claims are no proof of its cluster)
 //! ```
 //!
+//! A root rotation has three phases (`docs/security.md`, "Rotation"): the new root is
+//! trusted alongside the active one, which still signs (`incoming`, for the trust
+//! window); then it signs, and the old root stays trusted (`retiring`, for the
+//! overlap); then the old root leaves the bundle. Each change of what a peer must
+//! hold is announced on [`Ca::changes`], so SDS pushes it at once.
+//!
 //! State lives in the store so that every replica shares one CA:
-//! `/tributary/ca/roots` (the active root and its key, and the roots being rotated out
-//! with the time each leaves the trust bundle) and `/tributary/ca/intermediates/{signer}`
+//! `/tributary/ca/roots` (the active root and its key, an incoming root, and the roots
+//! being rotated out with the time each leaves the trust bundle) and `/tributary/ca/intermediates/{signer}`
 //! (each signer's current intermediate and key). Every write is a transaction compared
 //! on the mod revision it read, so two replicas creating the same intermediate at once
 //! end with one (the loser reloads the winner's; certificates it issued meanwhile stay
@@ -58,10 +64,18 @@ pub const DEFAULT_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_INTERMEDIATE_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Default lifetime of a generated root (`--ca-root-lifetime`).
 pub const DEFAULT_ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-/// Default overlap of a root rotation (`--overlap`): two leaf lifetimes, so that every
+/// Default overlap of a root rotation (`--overlap`): how long the old root stays in
+/// the trust bundle after the new one starts signing. Two leaf lifetimes, so that every
 /// leaf issued under the old root has expired, and every peer renewed at half-life
 /// twice, before the old root leaves the bundle.
 pub const DEFAULT_OVERLAP: Duration = Duration::from_secs(48 * 3600);
+/// Default trust window of a root rotation (`--trust-window`): how long the new root
+/// is only trusted (in every bundle, signing nothing) before it starts signing. One
+/// leaf lifetime, so that every peer has renewed at half-life at least once, and so
+/// holds the two-root bundle, before any peer is given a certificate of the new root.
+/// SDS clients receive the new bundle at once; file-based peers (agents, routers,
+/// `tributary cert request --renew`) only with their next renewal.
+pub const DEFAULT_TRUST_WINDOW: Duration = Duration::from_secs(24 * 3600);
 /// Certificates start this long before they are issued, for peers whose clock is
 /// slightly behind.
 const BACKDATE: Duration = Duration::from_secs(60);
@@ -234,12 +248,42 @@ pub struct RetiringRoot {
     pub until: u64,
 }
 
+/// A new root in the first phase of a rotation: in the trust bundle, signing nothing
+/// until `signs_from` (seconds since the epoch); then it replaces the active root,
+/// which stays trusted `overlap` seconds more.
+#[derive(Clone, Serialize, Deserialize)]
+struct IncomingRoot {
+    #[serde(flatten)]
+    keyed: KeyedCert,
+    signs_from: u64,
+    overlap: u64,
+}
+
 /// `/tributary/ca/roots`.
 #[derive(Clone, Serialize, Deserialize)]
 struct RootsRecord {
     active: KeyedCert,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    incoming: Option<IncomingRoot>,
     #[serde(default)]
     retiring: Vec<RetiringRoot>,
+}
+
+impl RootsRecord {
+    /// The incoming root takes over signing at `now`: the active one joins the
+    /// retiring roots for the overlap (counted from `now`).
+    fn promote(&mut self, now: SystemTime) -> bool {
+        let Some(incoming) = self.incoming.take() else {
+            return false;
+        };
+        self.retiring.retain(|r| from_unix(r.until) > now);
+        self.retiring.push(RetiringRoot {
+            cert_pem: self.active.cert_pem.clone(),
+            until: unix(now + Duration::from_secs(incoming.overlap)),
+        });
+        self.active = incoming.keyed;
+        true
+    }
 }
 
 /// `/tributary/ca/intermediates/{signer}`.
@@ -269,9 +313,19 @@ struct Intermediate {
     mod_revision: i64,
 }
 
+/// A loaded incoming root (see [`IncomingRoot`]).
+struct Incoming {
+    cert_pem: String,
+    fingerprint: String,
+    signs_from: SystemTime,
+}
+
 /// One replica's view of the CA state; replaced whole, never mutated.
 struct CaState {
+    /// The root that signs (the stored active root).
     root: Arc<Signing>,
+    /// A new root that is trusted but does not sign yet.
+    incoming: Option<Incoming>,
     roots_revision: i64,
     /// The store's revision when this state was read.
     revision: i64,
@@ -286,6 +340,12 @@ pub struct Ca {
     store: SharedStore,
     /// The current state. The lock is held only to clone or swap the `Arc`.
     state: RwLock<Arc<CaState>>,
+    /// Bumped whenever what a peer must hold changes: the trust bundle, or the chain
+    /// new certificates are issued from (see [`CertificateIssuer::changes`]).
+    changes: watch::Sender<u64>,
+    /// What `changes` was last bumped for: the trust bundle and each signer's
+    /// intermediate (the lock is held only to compare and replace it).
+    issued_from: std::sync::Mutex<(String, BTreeMap<Signer, String>)>,
 }
 
 impl std::fmt::Debug for Ca {
@@ -300,17 +360,43 @@ impl std::fmt::Debug for Ca {
     }
 }
 
+/// The phase of a root rotation (`GET /v1/ca`'s `phase`).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum RotationPhase {
+    /// One root, trusted and signing.
+    Steady,
+    /// 1. A new root is trusted alongside the active one, which still signs: peers
+    ///    receive the two-root bundle (`incoming`).
+    TrustingNew,
+    /// 2. The new root signs; the old one is still trusted while peers move to the new
+    ///    chain (`retiring`).
+    IssuingFromNew,
+}
+
 /// What `GET /v1/ca` and the rotation commands report.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CaStatus {
     pub trust_domain: String,
-    /// SHA-256 of the active root.
+    /// Where a root rotation is: trusting the new root, issuing from it (the old one
+    /// still trusted), or steady (the old one dropped).
+    pub phase: RotationPhase,
+    /// SHA-256 of the active root (the one that signs).
     pub root: String,
     pub root_not_after: String,
+    /// A new root trusted alongside the active one, and when it starts signing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incoming: Option<IncomingStatus>,
     /// Roots still trusted while being rotated out: fingerprint and until when.
     pub retiring: Vec<RetiringStatus>,
     /// Each signer's intermediate: its fingerprint and notAfter.
     pub intermediates: BTreeMap<String, IntermediateStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IncomingStatus {
+    pub root: String,
+    pub signs_from: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -487,8 +573,13 @@ impl Ca {
             cfg,
             store,
             state: RwLock::new(Arc::new(state)),
+            changes: watch::channel(0).0,
+            issued_from: Default::default(),
         });
+        // A trust window that ended while no replica ran.
+        ca.promote_due(SystemTime::now()).await?;
         ca.ensure_signer(&Signer::Mesh).await?;
+        ca.note_changes();
         info!(trust_domain = %ca.cfg.trust_domain, root = %ca.snapshot().root.fingerprint, "certificate authority ready");
         Ok(ca)
     }
@@ -531,6 +622,7 @@ impl Ca {
         };
         let record = RootsRecord {
             active,
+            incoming: None,
             retiring: Vec::new(),
         };
         let txn = Txn {
@@ -593,8 +685,28 @@ impl Ca {
                     message,
                 }
             })?;
+        let incoming = match &roots.incoming {
+            Some(i) => {
+                // Loaded like the active root, so that a broken one is refused before
+                // it is ever promoted.
+                let signing =
+                    load_signing(&i.keyed.cert_pem, &i.keyed.key_pem).map_err(|message| {
+                        CaError::Corrupt {
+                            key: ROOTS_KEY.into(),
+                            message: format!("incoming: {message}"),
+                        }
+                    })?;
+                Some(Incoming {
+                    cert_pem: signing.cert_pem,
+                    fingerprint: signing.fingerprint,
+                    signs_from: from_unix(i.signs_from),
+                })
+            }
+            None => None,
+        };
         Ok(CaState {
             root: Arc::new(root),
+            incoming,
             roots_revision,
             revision: range.revision,
             retiring: roots.retiring,
@@ -606,6 +718,64 @@ impl Ca {
     pub async fn reload(&self) -> Result<(), CaError> {
         let state = Self::load(&self.store).await?;
         *self.state.write().expect("CA state lock") = Arc::new(state);
+        self.note_changes();
+        Ok(())
+    }
+
+    /// Bumps [`Ca::changes`] if the trust bundle changed, or a signer's intermediate
+    /// was replaced, since it was last bumped. A signer's first intermediate (a new
+    /// cluster's) does not: nothing was issued from it before.
+    fn note_changes(&self) {
+        let bundle = self.trust_bundle_at(SystemTime::now());
+        let signers: BTreeMap<Signer, String> = self
+            .snapshot()
+            .intermediates
+            .iter()
+            .map(|(s, i)| (s.clone(), i.signing.fingerprint.clone()))
+            .collect();
+        let mut last = self.issued_from.lock().expect("CA change lock");
+        let replaced = signers
+            .iter()
+            .any(|(s, fp)| last.1.get(s).is_some_and(|before| before != fp));
+        let changed = last.0 != bundle || replaced;
+        *last = (bundle, signers);
+        if changed {
+            self.changes.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// A receiver that changes whenever the trust bundle changes (a rotation's phase,
+    /// an old root's window ending) or new certificates are issued from another chain:
+    /// certificates issued before should be replaced, with the current bundle.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// The next time the CA's state changes by the clock alone: an incoming root's
+    /// trust window ends (or, once it has, now: its promotion is retried until it is
+    /// written), or a retiring root's overlap ends.
+    fn next_deadline(&self, now: SystemTime) -> Option<SystemTime> {
+        let state = self.snapshot();
+        let incoming = state.incoming.iter().map(|i| i.signs_from.max(now));
+        let retiring = state
+            .retiring
+            .iter()
+            .map(|r| from_unix(r.until))
+            .filter(|t| *t > now);
+        incoming.chain(retiring).min()
+    }
+
+    /// Promotes the incoming root if its trust window has ended at `now`. Another
+    /// replica having promoted it first is not an error.
+    async fn promote_due(&self, now: SystemTime) -> Result<(), CaError> {
+        let due = self
+            .snapshot()
+            .incoming
+            .as_ref()
+            .is_some_and(|i| i.signs_from <= now);
+        if due {
+            self.promote(now, |i| i.signs_from <= unix(now)).await?;
+        }
         Ok(())
     }
 
@@ -622,12 +792,33 @@ impl Ca {
     }
 
     /// Follows the store until `shutdown`: every change under [`CA_PREFIX`] (a
-    /// rotation, another replica's new intermediate) reloads the state.
+    /// rotation, another replica's new intermediate) reloads the state. It also keeps
+    /// the rotation's clock: when an incoming root's trust window ends it promotes it
+    /// (every replica tries; the store's compare lets one write it), and when a
+    /// retiring root's overlap ends it announces the smaller bundle.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         // From the revision the state was read at: nothing in between is missed.
         let mut watcher = Watcher::resume(self.store.clone(), CA_PREFIX, self.snapshot().revision);
         loop {
+            let now = SystemTime::now();
+            let deadline = self.next_deadline(now).map(|t| {
+                // One second past it, so that the window has ended at whole seconds.
+                tokio::time::Instant::now()
+                    + t.duration_since(now).unwrap_or_default()
+                    + Duration::from_secs(1)
+            });
             tokio::select! {
+                _ = async {
+                    match deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let Err(e) = self.promote_due(SystemTime::now()).await {
+                        warn!(error = %e, "promoting the incoming root at the end of its trust window");
+                    }
+                    self.note_changes();
+                }
                 update = watcher.next() => match update {
                     Update::Events(_) | Update::Resync(_) => {
                         if let Err(e) = self.reload().await {
@@ -646,11 +837,17 @@ impl Ca {
     pub fn trust_bundle_at(&self, now: SystemTime) -> String {
         let state = self.snapshot();
         let mut pem = state.root.cert_pem.clone();
-        for r in state.retiring.iter().filter(|r| from_unix(r.until) > now) {
+        let incoming = state.incoming.iter().map(|i| &i.cert_pem);
+        let retiring = state
+            .retiring
+            .iter()
+            .filter(|r| from_unix(r.until) > now)
+            .map(|r| &r.cert_pem);
+        for cert_pem in incoming.chain(retiring) {
             if !pem.ends_with('\n') {
                 pem.push('\n');
             }
-            pem.push_str(&r.cert_pem);
+            pem.push_str(cert_pem);
         }
         pem
     }
@@ -890,48 +1087,56 @@ impl Ca {
         Err(CaError::Contended { what: key })
     }
 
-    /// Rotates the root: a new root signs from now on (every intermediate is replaced
-    /// under it as it is next used); the old one stays in the trust bundle for
-    /// `overlap`, then leaves it (or at [`Ca::finish_rotation`]).
-    pub async fn rotate_root(&self, overlap: Duration) -> Result<CaStatus, CaError> {
-        self.rotate_root_at(overlap, SystemTime::now()).await
+    /// Starts a root rotation, phase 1 (trust the new root): a new root is generated
+    /// and added to the trust bundle; the active root keeps signing for
+    /// `trust_window`, so that every peer holds the two-root bundle before any peer
+    /// presents a certificate of the new root. Then (at the end of the window, by
+    /// [`Ca::run`], or at [`Ca::promote_root`]) phase 2: the new root signs, every
+    /// intermediate is replaced under it, and the old root stays trusted for
+    /// `overlap`; then phase 3: the old root leaves the bundle (at the end of the
+    /// overlap, or at [`Ca::finish_rotation`]). A zero `trust_window` skips phase 1.
+    pub async fn rotate_root(
+        &self,
+        trust_window: Duration,
+        overlap: Duration,
+    ) -> Result<CaStatus, CaError> {
+        self.rotate_root_at(trust_window, overlap, SystemTime::now())
+            .await
     }
 
     async fn rotate_root_at(
         &self,
+        trust_window: Duration,
         overlap: Duration,
         now: SystemTime,
     ) -> Result<CaStatus, CaError> {
         for _ in 0..WRITE_ATTEMPTS {
-            let (kv, _) = self.store.get(ROOTS_KEY).await?;
-            let kv = kv.ok_or_else(|| CaError::Corrupt {
-                key: ROOTS_KEY.into(),
-                message: "missing".into(),
-            })?;
-            let mut record: RootsRecord = parse_record(ROOTS_KEY, &kv.value)?;
-            record.retiring.retain(|r| from_unix(r.until) > now);
-            record.retiring.push(RetiringRoot {
-                cert_pem: record.active.cert_pem.clone(),
-                until: unix(now + overlap),
+            let (kv, mut record) = self.read_roots().await?;
+            if let Some(i) = &record.incoming {
+                let fp = first_der(&i.keyed.cert_pem)
+                    .map(|d| fingerprint(&d))
+                    .unwrap_or_default();
+                return Err(CaError::Config(format!(
+                    "a root rotation is already in progress: the new root {fp} is trusted and signs from {}; \
+                     promote it now (`tributary ca promote`) or wait, then rotate again",
+                    rfc3339(from_unix(i.signs_from))
+                )));
+            }
+            record.incoming = Some(IncomingRoot {
+                keyed: generate_root(&self.cfg, now)?,
+                signs_from: unix(now + trust_window),
+                overlap: overlap.as_secs(),
             });
-            record.active = generate_root(&self.cfg, now)?;
-            let txn = Txn {
-                compares: vec![Compare::mod_revision(ROOTS_KEY, kv.mod_revision)],
-                success: vec![TxnOp::put(
-                    ROOTS_KEY,
-                    serde_json::to_vec(&record).expect("serializable"),
-                )],
-                failure: vec![],
-            };
-            if self.store.txn(txn).await?.succeeded {
-                self.reload().await?;
-                info!(root = %self.snapshot().root.fingerprint, overlap = %humantime::format_duration(overlap), "rotated the root");
-                // Move the signers this replica knows to the new root now, rather than
-                // at their next use.
-                let signers: Vec<Signer> = self.snapshot().intermediates.keys().cloned().collect();
-                for s in signers {
-                    self.ensure_signer(&s).await?;
-                }
+            if trust_window.is_zero() {
+                record.promote(now);
+            }
+            if self.write_roots(&kv, &record).await? {
+                info!(
+                    trust_window = %humantime::format_duration(trust_window),
+                    overlap = %humantime::format_duration(overlap),
+                    "root rotation: the new root is trusted alongside the active one"
+                );
+                self.move_signers().await?;
                 return Ok(self.status());
             }
         }
@@ -940,29 +1145,101 @@ impl Ca {
         })
     }
 
-    /// Ends a root rotation now: the roots being rotated out leave the trust bundle.
+    /// Phase 2 of a root rotation, now: the incoming root signs (and every
+    /// intermediate this replica knows is replaced under it), the old root stays
+    /// trusted for the rotation's overlap. An error when no rotation is in phase 1.
+    pub async fn promote_root(&self) -> Result<CaStatus, CaError> {
+        match self.promote(SystemTime::now(), |_| true).await? {
+            true => Ok(self.status()),
+            false => Err(CaError::Config(
+                "no new root to promote: start a rotation with `tributary ca rotate --root`".into(),
+            )),
+        }
+    }
+
+    /// Promotes the stored incoming root if `wanted` says so; false if there is none
+    /// (or it is not wanted).
+    async fn promote(
+        &self,
+        now: SystemTime,
+        wanted: impl Fn(&IncomingRoot) -> bool,
+    ) -> Result<bool, CaError> {
+        for _ in 0..WRITE_ATTEMPTS {
+            let (kv, mut record) = self.read_roots().await?;
+            if !record.incoming.as_ref().is_some_and(&wanted) {
+                return Ok(false);
+            }
+            record.promote(now);
+            if self.write_roots(&kv, &record).await? {
+                info!(root = %self.snapshot().root.fingerprint, "root rotation: the new root signs; the old one stays trusted for the overlap");
+                self.move_signers().await?;
+                return Ok(true);
+            }
+        }
+        Err(CaError::Contended {
+            what: ROOTS_KEY.into(),
+        })
+    }
+
+    /// Moves the signers this replica knows to the active root now, rather than at
+    /// their next use.
+    async fn move_signers(&self) -> Result<(), CaError> {
+        let signers: Vec<Signer> = self.snapshot().intermediates.keys().cloned().collect();
+        for s in signers {
+            self.ensure_signer(&s).await?;
+        }
+        Ok(())
+    }
+
+    async fn read_roots(&self) -> Result<(tributary_store::KeyValue, RootsRecord), CaError> {
+        let (kv, _) = self.store.get(ROOTS_KEY).await?;
+        let kv = kv.ok_or_else(|| CaError::Corrupt {
+            key: ROOTS_KEY.into(),
+            message: "missing".into(),
+        })?;
+        let record: RootsRecord = parse_record(ROOTS_KEY, &kv.value)?;
+        Ok((kv, record))
+    }
+
+    /// Writes `record` if the roots are still as read in `kv`; reloads either way.
+    async fn write_roots(
+        &self,
+        kv: &tributary_store::KeyValue,
+        record: &RootsRecord,
+    ) -> Result<bool, CaError> {
+        let txn = Txn {
+            compares: vec![Compare::mod_revision(ROOTS_KEY, kv.mod_revision)],
+            success: vec![TxnOp::put(
+                ROOTS_KEY,
+                serde_json::to_vec(record).expect("serializable"),
+            )],
+            failure: vec![],
+        };
+        let done = self.store.txn(txn).await?.succeeded;
+        self.reload().await?;
+        Ok(done)
+    }
+
+    /// Phase 3 of a root rotation, now: the roots being rotated out leave the trust
+    /// bundle. Refused while a new root is only trusted (phase 1): the active root
+    /// still signs every certificate, so dropping it is not what is meant; promote
+    /// first.
     pub async fn finish_rotation(&self) -> Result<CaStatus, CaError> {
         for _ in 0..WRITE_ATTEMPTS {
-            let (kv, _) = self.store.get(ROOTS_KEY).await?;
-            let kv = kv.ok_or_else(|| CaError::Corrupt {
-                key: ROOTS_KEY.into(),
-                message: "missing".into(),
-            })?;
-            let mut record: RootsRecord = parse_record(ROOTS_KEY, &kv.value)?;
+            let (kv, mut record) = self.read_roots().await?;
+            if let Some(i) = &record.incoming {
+                return Err(CaError::Config(format!(
+                    "the new root does not sign yet (its trust window ends {}): every certificate still \
+                     chains to the active root; promote the new root first (`tributary ca promote`), \
+                     let peers renew, then finish",
+                    rfc3339(from_unix(i.signs_from))
+                )));
+            }
             if record.retiring.is_empty() {
                 return Ok(self.status());
             }
             record.retiring.clear();
-            let txn = Txn {
-                compares: vec![Compare::mod_revision(ROOTS_KEY, kv.mod_revision)],
-                success: vec![TxnOp::put(
-                    ROOTS_KEY,
-                    serde_json::to_vec(&record).expect("serializable"),
-                )],
-                failure: vec![],
-            };
-            if self.store.txn(txn).await?.succeeded {
-                self.reload().await?;
+            if self.write_roots(&kv, &record).await? {
                 info!("finished the root rotation: the old roots left the trust bundle");
                 return Ok(self.status());
             }
@@ -976,14 +1253,28 @@ impl Ca {
     pub fn status(&self) -> CaStatus {
         let state = self.snapshot();
         let now = SystemTime::now();
+        let retiring: Vec<&RetiringRoot> = state
+            .retiring
+            .iter()
+            .filter(|r| from_unix(r.until) > now)
+            .collect();
         CaStatus {
             trust_domain: self.cfg.trust_domain.clone(),
+            phase: if state.incoming.is_some() {
+                RotationPhase::TrustingNew
+            } else if !retiring.is_empty() {
+                RotationPhase::IssuingFromNew
+            } else {
+                RotationPhase::Steady
+            },
             root: state.root.fingerprint.clone(),
             root_not_after: rfc3339(state.root.not_after),
-            retiring: state
-                .retiring
-                .iter()
-                .filter(|r| from_unix(r.until) > now)
+            incoming: state.incoming.as_ref().map(|i| IncomingStatus {
+                root: i.fingerprint.clone(),
+                signs_from: rfc3339(i.signs_from),
+            }),
+            retiring: retiring
+                .into_iter()
                 .map(|r| RetiringStatus {
                     root: first_der(&r.cert_pem)
                         .map(|d| fingerprint(&d))
@@ -1041,6 +1332,10 @@ impl CertificateIssuer for Ca {
 
     fn trust_bundle_pem(&self) -> String {
         self.trust_bundle_at(SystemTime::now())
+    }
+
+    fn changes(&self) -> Option<watch::Receiver<u64>> {
+        Some(Ca::changes(self))
     }
 }
 

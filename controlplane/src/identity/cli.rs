@@ -5,7 +5,8 @@
 //! | `tributary token create --identity ID --ttl 1h [--uses N] [--cluster C]` | `POST /v1/tokens` |
 //! | `tributary token revoke ID` | `DELETE /v1/tokens/{id}` |
 //! | `tributary ca status` | `GET /v1/ca` |
-//! | `tributary ca rotate --root [--overlap 48h]` / `--intermediate CLUSTER\|mesh` | `POST /v1/ca/rotate` |
+//! | `tributary ca rotate --root [--trust-window 24h] [--overlap 48h]` / `--intermediate CLUSTER\|mesh` | `POST /v1/ca/rotate` |
+//! | `tributary ca promote` | `POST /v1/ca/promote` |
 //! | `tributary ca finish-rotation` | `POST /v1/ca/finish-rotation` |
 //! | `tributary cert request --server URL (--token T \| --k8s-token-file F --cluster C) --out DIR [--renew]` | `POST /v1/certificates` |
 
@@ -133,7 +134,8 @@ pub struct CaArgs {
 enum CaCommand {
     /// The root, the roots being rotated out and the intermediates (JSON).
     Status,
-    /// Rotate the root (old and new are trusted for --overlap) or one intermediate.
+    /// Rotate the root in phases (the new root trusted for --trust-window, then
+    /// signing while the old one stays trusted for --overlap), or one intermediate.
     #[command(group(clap::ArgGroup::new("what").required(true).args(["root", "intermediate"])))]
     Rotate {
         #[arg(long)]
@@ -141,10 +143,17 @@ enum CaCommand {
         /// A remote cluster id, or `mesh`.
         #[arg(long)]
         intermediate: Option<String>,
-        /// How long the old root stays in the trust bundle (default 48h; --root only).
+        /// How long the new root is trusted before it signs (default 24h; --root
+        /// only; 0s: at once).
+        #[arg(long)]
+        trust_window: Option<String>,
+        /// How long the old root stays in the trust bundle once the new one signs
+        /// (default 48h; --root only).
         #[arg(long)]
         overlap: Option<String>,
     },
+    /// End a root rotation's trust window now: the new root signs from now on.
+    Promote,
     /// Remove the roots being rotated out from the trust bundle now.
     FinishRotation,
 }
@@ -259,14 +268,21 @@ pub async fn ca(args: CaArgs) -> anyhow::Result<()> {
         CaCommand::Rotate {
             root,
             intermediate,
+            trust_window,
             overlap,
         } => {
-            if overlap.is_some() && !root {
+            if (overlap.is_some() || trust_window.is_some()) && !root {
                 anyhow::bail!(
-                    "--overlap applies to --root only: certificates of an old intermediate stay valid until they expire"
+                    "--trust-window and --overlap apply to --root only: a new intermediate is trusted at once \
+                     (it chains to the same root), and certificates of the old one stay valid until they expire"
                 );
             }
-            let body = serde_json::json!({ "root": root, "intermediate": intermediate, "overlap": overlap });
+            let body = serde_json::json!({
+                "root": root,
+                "intermediate": intermediate,
+                "trust_window": trust_window,
+                "overlap": overlap,
+            });
             let body = serde_json::Value::Object(
                 body.as_object()
                     .unwrap()
@@ -276,6 +292,15 @@ pub async fn ca(args: CaArgs) -> anyhow::Result<()> {
                     .collect(),
             );
             call(&args.admin, "POST", "/v1/ca/rotate", &body).await?
+        }
+        CaCommand::Promote => {
+            call(
+                &args.admin,
+                "POST",
+                "/v1/ca/promote",
+                &serde_json::Value::Null,
+            )
+            .await?
         }
         CaCommand::FinishRotation => {
             call(

@@ -59,4 +59,9 @@ pub trait CertificateIssuer: Send + Sync + std::fmt::Debug {
     /// Every root a peer must trust right now, as concatenated PEM: during a rotation
     /// the old root and the new one.
     fn trust_bundle_pem(&self) -> String;
+    /// Changes whenever certificates issued before should be replaced and the bundle
+    /// sent again (a rotation's phase, an old root leaving the bundle). `None`: never.
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 }

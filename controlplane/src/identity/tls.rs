@@ -931,7 +931,8 @@ impl Transport {
     }
 
     /// Logs that `what` serves plaintext, now and every [`INSECURE_WARNING_INTERVAL`]
-    /// until `stop` resolves; nothing when mutual TLS is on.
+    /// until `stop` resolves; with mutual TLS it logs nothing, and still returns only
+    /// when `stop` resolves (a process's task that ends early reads as a failure).
     pub async fn warn_while_insecure(
         &self,
         what: &'static str,
@@ -939,6 +940,7 @@ impl Transport {
         stop: impl Future<Output = ()>,
     ) {
         if *self != Transport::Insecure {
+            stop.await;
             return;
         }
         tokio::pin!(stop);
@@ -958,6 +960,34 @@ impl Transport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// With mutual TLS the warning task must not end before `stop`: the hub treats
+    /// a task that ends as failed (`tributary hub --tls-cert ...` exited at start).
+    #[tokio::test(start_paused = true)]
+    async fn the_insecure_warning_task_lasts_until_stop_with_mtls_too() {
+        let files = TlsFiles {
+            cert: "cert.pem".into(),
+            key: "key.pem".into(),
+            ca: "ca.pem".into(),
+        };
+        for transport in [Transport::Mtls(files), Transport::Insecure] {
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(async move {
+                transport
+                    .warn_while_insecure("test", vec![], async {
+                        let _ = stop_rx.await;
+                    })
+                    .await
+            });
+            tokio::time::sleep(INSECURE_WARNING_INTERVAL * 3).await;
+            assert!(!task.is_finished(), "ended before stop");
+            stop_tx.send(()).unwrap();
+            tokio::time::timeout(Duration::from_secs(1), task)
+                .await
+                .expect("ends at stop")
+                .unwrap();
+        }
+    }
     use crate::identity::testing::{TestCa, Validity};
 
     fn leaf_der(ca: &TestCa, uris: &[&str]) -> Vec<u8> {

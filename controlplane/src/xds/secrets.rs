@@ -10,8 +10,9 @@
 //! other type.
 //!
 //! One task per identity owns its certificate: it issues through the hub's
-//! [`CertificateIssuer`], publishes, re-issues at half-life (or when the CA asks,
-//! [`Secrets::reissue_all`]) and pushes the new secret to every stream of that
+//! [`CertificateIssuer`], publishes, re-issues at half-life (or when the CA asks:
+//! [`CertificateIssuer::changes`], a rotation's phase, or [`Secrets::reissue_all`])
+//! and pushes the new secret to every stream of that
 //! identity by publishing a new snapshot. When the last stream of an identity goes
 //! away the task ends and the identity is forgotten; the next stream issues anew.
 //!
@@ -297,6 +298,11 @@ impl StreamSecrets {
 async fn maintain(secrets: Arc<Secrets>, id: SpiffeId, tx: watch::Sender<Arc<Snapshot>>) {
     let mut reissue = secrets.reissue.subscribe();
     reissue.borrow_and_update();
+    // The issuer's own signal (a CA rotation's phase): the same as `reissue_all`.
+    let mut issuer_changed = secrets.issuer.changes();
+    if let Some(rx) = issuer_changed.as_mut() {
+        rx.borrow_and_update();
+    }
     let mut retry = RETRY_FIRST;
     loop {
         let issuer = secrets.issuer.clone();
@@ -332,6 +338,21 @@ async fn maintain(secrets: Arc<Secrets>, id: SpiffeId, tx: watch::Sender<Arc<Sna
                 changed = reissue.changed() => {
                     if changed.is_ok() {
                         break;
+                    }
+                }
+                changed = async {
+                    match issuer_changed.as_mut() {
+                        Some(rx) => rx.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    match changed {
+                        Ok(()) => {
+                            info!(identity = %id, "the issuer's chain or trust bundle changed: re-issuing");
+                            break;
+                        }
+                        // The issuer is gone: renewal at half-life only.
+                        Err(_) => issuer_changed = None,
                     }
                 }
                 _ = tx.closed() => {

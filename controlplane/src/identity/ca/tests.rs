@@ -280,7 +280,7 @@ async fn a_root_rotation_trusts_old_and_new_for_the_overlap_then_only_the_new() 
 
     let overlap = Duration::from_secs(3600);
     let t0 = SystemTime::now();
-    let status = ca.rotate_root(overlap).await.unwrap();
+    let status = ca.rotate_root(Duration::ZERO, overlap).await.unwrap();
     assert_eq!(status.retiring.len(), 1);
     let new_root = status.root.clone();
     assert_ne!(fingerprint(&first_der(&old_root).unwrap()), new_root);
@@ -373,4 +373,98 @@ async fn lifetimes_are_checked_at_start() {
     cfg.serving_sans = vec!["héllo".into()];
     let err = Ca::open(memory_store(), cfg).await.unwrap_err().to_string();
     assert!(err.contains("--serving-san \"héllo\""), "{err}");
+}
+
+/// The rotation's clock: with no operator action, the new root is trusted first
+/// (the old one signs), signs when its trust window ends, and the old root leaves the
+/// bundle when the overlap ends; each step is announced on `changes()`, in that order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_rotation_moves_through_its_phases_by_the_clock_and_announces_each() {
+    let store = memory_store();
+    let ca = Ca::open(store.clone(), CaConfig::new("mesh.local"))
+        .await
+        .unwrap();
+    let (stop_tx, stop) = watch::channel(false);
+    let clock = tokio::spawn(ca.clone().run(stop));
+    let mut changes = ca.changes();
+    changes.borrow_and_update();
+    let old_root = ca.trust_bundle_pem();
+    let old_fp = ca.status().root;
+
+    let window = Duration::from_secs(2);
+    let status = ca.rotate_root(window, window).await.unwrap();
+    assert_eq!(status.phase, RotationPhase::TrustingNew);
+    let new_fp = status.incoming.clone().unwrap().root;
+    // Announced at once: peers must get the two-root bundle now.
+    tokio::time::timeout(Duration::from_secs(5), changes.changed())
+        .await
+        .expect("the new bundle is announced")
+        .unwrap();
+    assert_eq!(
+        certs_from_pem("bundle", &ca.trust_bundle_pem())
+            .unwrap()
+            .len(),
+        2
+    );
+    // Still issued from the old root.
+    let trusting = ca.issue(&id(WORKLOAD)).unwrap();
+    verify_chain(&old_root, &trusting.chain_pem, SystemTime::now()).unwrap();
+    assert_eq!(ca.status().root, old_fp);
+
+    // The window ends: the new root signs (written by `run`), announced.
+    let wait = Duration::from_secs(10);
+    // (The promotion is two writes: the roots, then the intermediates under the new
+    // root; each is announced.)
+    let moved =
+        |s: &CaStatus| s.root == new_fp && s.intermediates.values().all(|i| i.root == new_fp);
+    tokio::time::timeout(wait, changes.wait_for(|_| moved(&ca.status())))
+        .await
+        .expect("the new root signs when its trust window ends")
+        .unwrap();
+    let status = ca.status();
+    assert_eq!(status.phase, RotationPhase::IssuingFromNew, "{status:?}");
+    assert!(
+        status.intermediates.values().all(|i| i.root == new_fp),
+        "{status:?}"
+    );
+    let after = ca.issue(&id(WORKLOAD)).unwrap();
+    let bundle = ca.trust_bundle_pem();
+    verify_chain(&bundle, &trusting.chain_pem, SystemTime::now()).unwrap();
+    verify_chain(&bundle, &after.chain_pem, SystemTime::now()).unwrap();
+    assert!(verify_chain(&old_root, &after.chain_pem, SystemTime::now()).is_err());
+
+    // The overlap ends: the old root leaves the bundle, announced.
+    tokio::time::timeout(
+        wait,
+        changes.wait_for(|_| ca.status().phase == RotationPhase::Steady),
+    )
+    .await
+    .expect("the old root leaves when the overlap ends")
+    .unwrap();
+    let bundle = ca.trust_bundle_pem();
+    assert_eq!(certs_from_pem("bundle", &bundle).unwrap().len(), 1);
+    assert!(verify_chain(&bundle, &trusting.chain_pem, SystemTime::now()).is_err());
+    verify_chain(&bundle, &after.chain_pem, SystemTime::now()).unwrap();
+    let _ = stop_tx.send(true);
+    clock.await.unwrap();
+}
+
+/// A replica that starts after a trust window ended promotes the new root itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trust_window_that_ended_while_no_replica_ran_is_promoted_at_open() {
+    let store = memory_store();
+    let ca = Ca::open(store.clone(), CaConfig::new("mesh.local"))
+        .await
+        .unwrap();
+    let past = SystemTime::now() - Duration::from_secs(3600);
+    let status = ca
+        .rotate_root_at(Duration::from_secs(60), DEFAULT_OVERLAP, past)
+        .await
+        .unwrap();
+    let new_fp = status.incoming.unwrap().root;
+    let reopened = Ca::open(store, CaConfig::new("mesh.local")).await.unwrap();
+    let status = reopened.status();
+    assert_eq!(status.root, new_fp);
+    assert_eq!(status.phase, RotationPhase::IssuingFromNew);
+    assert!(status.intermediates["mesh"].root == new_fp, "{status:?}");
 }
