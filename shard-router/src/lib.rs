@@ -24,3 +24,4 @@ pub mod metrics;
 pub mod relay;
 pub mod rendezvous;
 pub mod table;
+pub mod upstream;
