@@ -185,13 +185,9 @@ impl Mesh {
                 },
             )
             .await?;
-            if let Some(pki) = &pki {
-                h.bootstrap_operators = vec![
-                    pki.id(Identity::Operator {
-                        name: OPERATOR_NAME.into(),
-                    })
-                    .to_string(),
-                ];
+            if pki.is_some() {
+                // By name: the hub matches `operator/NAME` certificates of its trust domain.
+                h.bootstrap_operators = vec![OPERATOR_NAME.to_string()];
             }
             let hub = Hub::start(h)
                 .await

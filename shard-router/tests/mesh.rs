@@ -160,6 +160,31 @@ async fn example_mesh(insecure: bool) {
         "transport: mutual TLS on every hop"
     };
     assert!(text.contains(transport), "{text}");
+    // The operator certificate it issued reads a hub's admin API (its bootstrap
+    // operator); nothing without it.
+    let admin = mesh.hubs[0].1.admin_addr.to_string();
+    let operator = mesh
+        .files("operator")
+        .map(|f| ClientTls::load(&f, tls::DEFAULT_TRUST_DOMAIN, tls::ALPN_HTTP1).unwrap());
+    let (status, body) = tributary_controlplane::http_client::request_with(
+        &admin,
+        operator.as_ref(),
+        "GET",
+        "/status/shards",
+        b"",
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    if !insecure {
+        let plain =
+            tributary_controlplane::http_client::request(&admin, "GET", "/status/shards", b"")
+                .await;
+        assert!(
+            plain.is_err(),
+            "a hub of the mesh answered plaintext: {plain:?}"
+        );
+    }
     assert!(
         text.contains("cross-zone locality: prod/az1, prod/az2 "),
         "{text}"
