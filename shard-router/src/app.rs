@@ -190,16 +190,15 @@ impl Router {
             }
         });
         tasks.spawn({
-            let (transport, addrs) = (cfg.transport.clone(), xds_addrs.clone());
-            let (mut stop, mut warn_until) = (stop.clone(), stop.clone());
+            let (transport, addrs, mut stop) =
+                (cfg.transport.clone(), xds_addrs.clone(), stop.clone());
             async move {
+                // Lasts until the stop, under mutual TLS too (without warning).
                 transport
                     .warn_while_insecure("the shard router", addrs, async move {
-                        stopped(&mut warn_until).await
+                        stopped(&mut stop).await
                     })
                     .await;
-                // Mutual TLS: nothing to warn about; wait for the stop like the others.
-                stopped(&mut stop).await;
                 Ok(())
             }
         });
