@@ -110,9 +110,6 @@ pub struct HubConfig {
     pub catalog_interval: Duration,
     /// Mutual TLS on the xDS/federation and admin ports, or plaintext on loopback.
     pub transport: Transport,
-    /// Tests only (`--insecure-test-network`): plaintext may also bind unique local
-    /// IPv6 addresses, those of network namespaces a test makes.
-    pub insecure_test_network: bool,
     /// The SPIFFE trust domain of every peer's certificate.
     pub trust_domain: String,
     /// Operators granted write on everything, whatever the config's `Operator`
@@ -182,7 +179,6 @@ impl HubConfig {
             catalog_interval: CatalogConfig::default().interval,
             // Tests bind loopback; mutual TLS is opted into per test.
             transport: Transport::Insecure,
-            insecure_test_network: false,
             trust_domain: tls::DEFAULT_TRUST_DOMAIN.to_string(),
             bootstrap_operators: Vec::new(),
             mesh_identity: None,
@@ -310,7 +306,7 @@ impl Hub {
             ("--admin-addr", cfg.admin_addr),
         ] {
             cfg.transport
-                .check_bind_in(flag, addr, cfg.insecure_test_network)
+                .check_bind(flag, addr)
                 .map_err(anyhow::Error::msg)?;
         }
         let mut registry = Registry::default();

@@ -260,10 +260,6 @@ struct HubArgs {
     /// every minute.
     #[arg(long, env = "TRIBUTARY_INSECURE")]
     insecure: bool,
-    /// Tests only: with --insecure, also bind unique local IPv6 addresses (fc00::/7),
-    /// as the network namespaces a test makes use. Never in production.
-    #[arg(long, hide = true, requires = "insecure")]
-    insecure_test_network: bool,
     /// An operator (spiffe://DOMAIN/operator/NAME) allowed to read and write
     /// everything whatever the config's Operator objects say (repeatable): who
     /// writes the first Operator objects into a store. Keep the list short.
@@ -547,7 +543,6 @@ async fn hub(args: HubArgs) -> anyhow::Result<()> {
     };
     let cfg = HubConfig {
         transport,
-        insecure_test_network: args.insecure_test_network,
         trust_domain: args.tls.trust_domain.clone(),
         bootstrap_operators: args.bootstrap_operators,
         mesh_identity,

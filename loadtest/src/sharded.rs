@@ -308,6 +308,8 @@ async fn start_estate(args: &Args, sc: &Scenario, dir: &Path) -> anyhow::Result<
             "127.0.0.1:0",
             "--admin-addr",
             "127.0.0.1:0",
+            // Plaintext on loopback, as the hubs (a router needs mTLS files or --insecure).
+            "--insecure",
         ]))
         .collect();
     let cpus = args

@@ -19,11 +19,15 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tower::ServiceBuilder;
 use tracing::{debug, info, warn};
+use tributary_controlplane::identity::tls::{
+    self, ClientTls, ServerTls, TlsConn, TlsMetrics, Transport,
+};
+use tributary_controlplane::identity::{Identity, SpiffeId};
 use tributary_store::SharedStore;
 
 use crate::admin::{self, AdminState};
 use crate::metrics::RouterMetrics;
-use crate::relay::{Relay, RelayLimits};
+use crate::relay::{ClientIdentity, Relay, RelayLimits};
 use crate::table::Table;
 
 /// Everything a router needs to start. Built by `main` from flags, or by tests.
@@ -38,6 +42,12 @@ pub struct RouterConfig {
     /// to a replica) (`--max-pending-streams`); the rest wait: a reconnect storm is
     /// admitted through this.
     pub max_pending_streams: usize,
+    /// Mutual TLS on the xDS listeners and to the replicas, with one certificate of a
+    /// `Router` identity (`--tls-cert`, `--tls-key`, `--tls-ca`); or plaintext on
+    /// loopback (`--insecure`).
+    pub transport: Transport,
+    /// The SPIFFE trust domain of every peer (`--trust-domain`).
+    pub trust_domain: String,
 }
 
 impl RouterConfig {
@@ -48,7 +58,33 @@ impl RouterConfig {
             admin_addr: "127.0.0.1:0".parse().unwrap(),
             limits: RelayLimits::default(),
             max_pending_streams: 1024,
+            transport: Transport::Insecure,
+            trust_domain: tls::DEFAULT_TRUST_DOMAIN.to_string(),
         }
+    }
+}
+
+/// Why a router's certificate cannot be its identity.
+fn router_identity(files: &tls::TlsFiles, trust_domain: &str) -> anyhow::Result<SpiffeId> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let leaf = CertificateDer::pem_file_iter(&files.cert)
+        .and_then(|mut certs| certs.next().transpose())
+        .with_context(|| format!("reading --tls-cert {}", files.cert.display()))?
+        .with_context(|| {
+            format!(
+                "--tls-cert {} holds no PEM certificate",
+                files.cert.display()
+            )
+        })?;
+    let id = tls::spiffe_id_of(&leaf, trust_domain)
+        .with_context(|| format!("--tls-cert {}", files.cert.display()))?;
+    match id.identity {
+        Identity::Router { .. } => Ok(id),
+        _ => anyhow::bail!(
+            "--tls-cert {} names {id}; a router needs a router identity (spiffe://{trust_domain}/router/NAME): hubs believe the proxy identity a router forwards only from a router (e.g. `tributary cert request --identity router/NAME`)",
+            files.cert.display()
+        ),
     }
 }
 
@@ -69,8 +105,25 @@ impl Router {
         if cfg.listen.is_empty() {
             anyhow::bail!("no xDS listener: give --listen at least once (e.g. 127.0.0.1:18010)");
         }
+        for addr in &cfg.listen {
+            cfg.transport
+                .check_bind("--listen", *addr)
+                .map_err(anyhow::Error::msg)?;
+        }
+        let (server_tls, upstream_tls) = match &cfg.transport {
+            Transport::Insecure => (None, None),
+            Transport::Mtls(files) => {
+                let id = router_identity(files, &cfg.trust_domain)?;
+                info!(%id, "serving mutual TLS and connecting to replicas as this router");
+                (
+                    Some(ServerTls::load(files, &cfg.trust_domain, tls::ALPN_GRPC)?),
+                    Some(ClientTls::load(files, &cfg.trust_domain, tls::ALPN_GRPC)?),
+                )
+            }
+        };
         let mut registry = Registry::default();
         let metrics = Arc::new(RouterMetrics::new(&mut registry));
+        let tls_metrics = TlsMetrics::new(&mut registry);
         let table = Arc::new(Table::new());
         let (shutdown, stop) = watch::channel(false);
         let mut tasks = JoinSet::new();
@@ -101,13 +154,20 @@ impl Router {
 
         // One admission limit shared by every listener and connection.
         let limit = tower::limit::GlobalConcurrencyLimitLayer::new(cfg.max_pending_streams.max(1));
-        let relay = Relay::new(table.clone(), metrics.clone(), cfg.limits);
+        let relay = Relay::new(table.clone(), metrics.clone(), cfg.limits, upstream_tls);
         for listener in listeners {
             let svc = ServiceBuilder::new()
                 .layer(limit.clone())
                 .service(relay.clone());
+            let incoming = match &server_tls {
+                None => Incoming::Plain(listener),
+                Some(t) => Incoming::Tls {
+                    conns: tls::accept_tls(listener, t.clone(), tls_metrics.clone(), "xds"),
+                    trust_domain: cfg.trust_domain.clone(),
+                },
+            };
             tasks.spawn(accept(
-                listener,
+                incoming,
                 svc,
                 cfg.limits.stream_window as usize,
                 stop.clone(),
@@ -127,6 +187,19 @@ impl Router {
                     })
                     .await
                     .context("admin server")
+            }
+        });
+        tasks.spawn({
+            let (transport, addrs, mut stop) =
+                (cfg.transport.clone(), xds_addrs.clone(), stop.clone());
+            async move {
+                // Lasts until the stop, under mutual TLS too (without warning).
+                transport
+                    .warn_while_insecure("the shard router", addrs, async move {
+                        stopped(&mut stop).await
+                    })
+                    .await;
+                Ok(())
             }
         });
         info!(xds = ?xds_addrs, %admin_addr, "router ready");
@@ -167,11 +240,65 @@ impl Router {
     }
 }
 
+/// Where an xDS listener's connections come from: accepted plaintext, or
+/// handshaken over mutual TLS (by [`tls::accept_tls`], a bounded number at a time).
+pub(crate) enum Incoming {
+    Plain(TcpListener),
+    Tls {
+        conns: tokio::sync::mpsc::Receiver<std::io::Result<TlsConn>>,
+        trust_domain: String,
+    },
+}
+
+/// One accepted connection, with its client's certified identity.
+enum Accepted {
+    Plain(tokio::net::TcpStream, SocketAddr),
+    Tls(Box<TlsConn>, SocketAddr, SpiffeId),
+}
+
+impl Incoming {
+    /// The next connection; `None` when the listener is gone.
+    async fn next(&mut self) -> Option<Accepted> {
+        match self {
+            Incoming::Plain(listener) => loop {
+                match listener.accept().await {
+                    Ok((tcp, peer)) => {
+                        let _ = tcp.set_nodelay(true);
+                        return Some(Accepted::Plain(tcp, peer));
+                    }
+                    Err(e) => {
+                        // EMFILE and the like: back off instead of spinning.
+                        warn!(error = %e, "accepting an xDS connection failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            },
+            Incoming::Tls {
+                conns,
+                trust_domain,
+            } => loop {
+                // Failed handshakes were logged and counted by `accept_tls`.
+                let Ok(conn) = conns.recv().await? else {
+                    continue;
+                };
+                let (tcp, session) = conn.get_ref();
+                let Ok(peer) = tcp.peer_addr() else { continue };
+                // The verifier has checked the SPIFFE id already; this only reads it.
+                match tls::peer_id(session.peer_certificates(), trust_domain) {
+                    Ok(id) => return Some(Accepted::Tls(Box::new(conn), peer, id)),
+                    Err(e) => warn!(%peer, error = %e, "a client without a usable identity"),
+                }
+            },
+        }
+    }
+}
+
 /// Accepts connections until `stop`; each is served over HTTP/2 (gRPC's h2c prior
-/// knowledge) in its own task, and drains gracefully on `stop`. A stream queues at
-/// most `send_buffer` bytes for its client (the rest waits in the replica's window).
-async fn accept<S>(
-    listener: TcpListener,
+/// knowledge, or `h2` over TLS) in its own task, and drains gracefully on `stop`. A
+/// stream queues at most `send_buffer` bytes for its client (the rest waits in the
+/// replica's window). Every request carries its connection's [`ClientIdentity`].
+pub(crate) async fn accept<S>(
+    mut incoming: Incoming,
     svc: S,
     send_buffer: usize,
     mut stop: watch::Receiver<bool>,
@@ -188,42 +315,43 @@ where
 {
     let mut conns = JoinSet::new();
     loop {
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    // EMFILE and the like: back off instead of spinning.
-                    warn!(error = %e, "accepting an xDS connection failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
+        let accepted = tokio::select! {
+            a = incoming.next() => match a {
+                Some(a) => a,
+                None => break,
             },
             () = stopped(&mut stop) => break,
         };
-        let _ = tcp.set_nodelay(true);
-        let svc = TowerToHyperService::new(svc.clone());
-        let mut stop = stop.clone();
-        conns.spawn(async move {
-            let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-            builder
-                .timer(TokioTimer::new())
-                .keep_alive_interval(Some(Duration::from_secs(30)))
-                .keep_alive_timeout(Duration::from_secs(20))
-                .max_concurrent_streams(None)
-                .max_send_buf_size(send_buffer);
-            let conn = builder.serve_connection(TokioIo::new(tcp), svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        debug!(%peer, error = %e, "xDS connection ended with an error");
-                    }
-                    return;
-                }
-                () = stopped(&mut stop) => conn.as_mut().graceful_shutdown(),
+        let with_identity = |id: Option<SpiffeId>| {
+            let identity = ClientIdentity(id);
+            ServiceBuilder::new()
+                .map_request(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(identity.clone());
+                    req
+                })
+                .service(svc.clone())
+        };
+        let stop = stop.clone();
+        match accepted {
+            Accepted::Plain(tcp, peer) => {
+                conns.spawn(serve(
+                    TokioIo::new(tcp),
+                    peer,
+                    with_identity(None),
+                    send_buffer,
+                    stop,
+                ));
             }
-            let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
-        });
+            Accepted::Tls(conn, peer, id) => {
+                conns.spawn(serve(
+                    TokioIo::new(*conn),
+                    peer,
+                    with_identity(Some(id)),
+                    send_buffer,
+                    stop,
+                ));
+            }
+        }
         // Reap finished connection tasks so the set stays as large as the live ones.
         while conns.try_join_next().is_some() {}
     }
@@ -235,6 +363,46 @@ where
     {}
     conns.abort_all();
     Ok(())
+}
+
+/// Serves one connection over HTTP/2 until it ends, or drains it on `stop`.
+async fn serve<I, S>(
+    io: I,
+    peer: SocketAddr,
+    svc: S,
+    send_buffer: usize,
+    mut stop: watch::Receiver<bool>,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: tower::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = hyper::Response<crate::relay::RelayBody>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let svc = TowerToHyperService::new(svc);
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .max_concurrent_streams(None)
+        .max_send_buf_size(send_buffer);
+    let conn = builder.serve_connection(io, svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                debug!(%peer, error = %e, "xDS connection ended with an error");
+            }
+            return;
+        }
+        () = stopped(&mut stop) => conn.as_mut().graceful_shutdown(),
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
 }
 
 /// Resolves once `stop` turns true (or its sender is gone).
@@ -350,8 +518,8 @@ mod tests {
         let router = listener.local_addr().unwrap();
         let (_stop_tx, stop) = watch::channel(false);
         tokio::spawn(accept(
-            listener,
-            Relay::new(table, metrics, limits),
+            Incoming::Plain(listener),
+            Relay::new(table, metrics, limits, None),
             limits.stream_window as usize,
             stop,
         ));

@@ -21,6 +21,8 @@ pub mod first;
 pub mod membership;
 pub mod mesh;
 pub mod metrics;
+pub mod pki;
 pub mod relay;
 pub mod rendezvous;
 pub mod table;
+pub mod upstream;

@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use tributary_controlplane::config::parse_positive_duration;
+use tributary_controlplane::identity::tls;
 use tributary_shard_router::app::{Router, RouterConfig};
 use tributary_shard_router::relay::RelayLimits;
 use tributary_store::SharedStore;
@@ -68,10 +69,29 @@ struct Args {
     /// Once ready, write {"xds": [ADDR...], "admin": ADDR} (JSON) to this file.
     #[arg(long)]
     ready_file: Option<PathBuf>,
+    /// This router's certificate chain (PEM, leaf first) with a router SPIFFE id
+    /// (spiffe://DOMAIN/router/NAME): served to clients, and presented to the hubs.
+    #[arg(long, env = "TRIBUTARY_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, env = "TRIBUTARY_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// The trust bundle: the roots a client's and a hub's certificate must chain to (PEM).
+    #[arg(long, env = "TRIBUTARY_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// The SPIFFE trust domain of the mesh: peers' ids must be spiffe://DOMAIN/...
+    #[arg(long, default_value = tls::DEFAULT_TRUST_DOMAIN, env = "TRIBUTARY_TRUST_DOMAIN")]
+    trust_domain: String,
+    /// Serve plaintext instead of mutual TLS, and relay to the hubs in plaintext (they
+    /// must run with --insecure too): no identities, and only on loopback addresses
+    /// (local development and tests). Warns at start and every minute.
+    #[arg(long, env = "TRIBUTARY_INSECURE")]
+    insecure: bool,
 }
 
 fn main() -> anyhow::Result<()> {
     tributary_controlplane::config::init_logging("info");
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -80,6 +100,13 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    let files = tls::TlsFiles::from_flags(
+        args.tls_cert.clone(),
+        args.tls_key.clone(),
+        args.tls_ca.clone(),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let transport = tls::Transport::from_flags(files, args.insecure).map_err(anyhow::Error::msg)?;
     let store = open_store(&args).await?;
     let cfg = RouterConfig {
         listen: args.listen.clone(),
@@ -92,6 +119,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             stream_window: args.stream_window,
         },
         max_pending_streams: args.max_pending_streams as usize,
+        transport,
+        trust_domain: args.trust_domain.clone(),
     };
     tracing::info!(?cfg, store = %store.describe(), "starting router");
     let router = Router::start(cfg, store).await?;

@@ -7,6 +7,12 @@
 //! one command. Each agent follows the router's directory ([`agent::directory`]): it
 //! streams each environment's services to the replicas of shard `(environment, its
 //! zone)` only, and follows them as the assignment moves.
+//!
+//! Every hop is mutual TLS unless `--insecure`: the hubs' certificate authority, its
+//! root generated into the store (the state dir), issues each hub, the router and each
+//! agent its identity ([`crate::pki`]), so a new user sees the secure path first. The
+//! example's agents are in its registry of remote clusters
+//! (`examples/mesh/remote-clusters.yaml`), or the hubs would refuse them.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -20,10 +26,21 @@ use tracing::info;
 use tributary_controlplane::agent::{self, AgentConfig, ClusterState};
 use tributary_controlplane::app::{Hub, HubConfig, StoreBackend};
 use tributary_controlplane::config::watch::WatchConfig;
+use tributary_controlplane::identity::Identity;
+use tributary_controlplane::identity::tls::{self, ClientTls, TlsFiles, Transport};
 use tributary_store::SharedStore;
 use tributary_store::embedded::{Embedded, EmbeddedConfig};
 
 use crate::app::{Router, RouterConfig};
+use crate::pki::MeshPki;
+
+/// The router's name in its SPIFFE id (`router/mesh`).
+pub const ROUTER_NAME: &str = "mesh";
+/// The operator the mesh issues a certificate for (`operator/admin`): every hub's
+/// bootstrap operator, allowed to read and write through the admin APIs.
+pub const OPERATOR_NAME: &str = "admin";
+/// The namespace and service account of the sidecar certificate issued per environment.
+pub const PROXY_NAMESPACE: &str = "default";
 
 /// One file-mode agent: a remote cluster exported from static files.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +88,8 @@ pub struct MeshConfig {
     pub hub_host: std::net::IpAddr,
     pub router: RouterConfig,
     pub agents: Vec<AgentSpec>,
+    /// Plaintext on loopback (`--insecure`) instead of mutual TLS on every hop.
+    pub insecure: bool,
 }
 
 /// A running mesh.
@@ -80,6 +99,10 @@ pub struct Mesh {
     /// `(replica id, hub)`, in start order.
     pub hubs: Vec<(String, Hub)>,
     pub router: Router,
+    /// The certificates (`None` with `--insecure`).
+    pub pki: Option<Arc<MeshPki>>,
+    /// The environments of the config (one sidecar certificate each).
+    pub environments: Vec<String>,
     stop_agents: watch::Sender<bool>,
     agents: JoinSet<()>,
 }
@@ -104,6 +127,46 @@ impl Mesh {
             }
             None => Arc::new(Embedded::in_memory(embedded)?),
         };
+        let (_, config) = tributary_controlplane::config::watch::load(&cfg.config)
+            .map_err(|e| anyhow::anyhow!("--config: {e}"))?;
+        let environments: Vec<String> = config.environments.keys().cloned().collect();
+        let hub_defaults = HubConfig::local(cfg.config.clone());
+        let trust_domain = hub_defaults.identity.ca.trust_domain.clone();
+        let pki = if cfg.insecure {
+            None
+        } else {
+            let pki = MeshPki::open(
+                store.clone(),
+                hub_defaults.identity.ca.clone(),
+                cfg.state_dir.as_ref().map(|d| d.join("pki")),
+            )
+            .await?;
+            for env in &environments {
+                pki.issue(
+                    &format!("proxy-{env}"),
+                    Identity::Workload {
+                        env: env.clone(),
+                        namespace: PROXY_NAMESPACE.into(),
+                        service_account: PROXY_NAMESPACE.into(),
+                    },
+                )
+                .await?;
+            }
+            pki.issue(
+                "operator",
+                Identity::Operator {
+                    name: OPERATOR_NAME.into(),
+                },
+            )
+            .await?;
+            Some(Arc::new(pki))
+        };
+        let transport = async |name: &str, identity: Identity| -> anyhow::Result<Transport> {
+            Ok(match &pki {
+                None => Transport::Insecure,
+                Some(pki) => Transport::Mtls(pki.issue(name, identity).await?),
+            })
+        };
         let mut hubs = Vec::new();
         for i in 0..cfg.hubs {
             let id = format!("hub-{}", i + 1);
@@ -114,12 +177,33 @@ impl Mesh {
             h.replica_id = id.clone();
             h.replicas_per_shard = cfg.replicas_per_shard;
             h.lease_ttl = cfg.lease_ttl;
+            h.trust_domain = trust_domain.clone();
+            h.transport = transport(
+                &id,
+                Identity::Hub {
+                    replica: id.clone(),
+                },
+            )
+            .await?;
+            if pki.is_some() {
+                // By name: the hub matches `operator/NAME` certificates of its trust domain.
+                h.bootstrap_operators = vec![OPERATOR_NAME.to_string()];
+            }
             let hub = Hub::start(h)
                 .await
                 .with_context(|| format!("starting hub {id}"))?;
             hubs.push((id, hub));
         }
-        let router = Router::start(cfg.router.clone(), store.clone()).await?;
+        let mut router_cfg = cfg.router.clone();
+        router_cfg.trust_domain = trust_domain.clone();
+        router_cfg.transport = transport(
+            "router",
+            Identity::Router {
+                name: ROUTER_NAME.into(),
+            },
+        )
+        .await?;
+        let router = Router::start(router_cfg, store.clone()).await?;
         let (stop_agents, stop) = watch::channel(false);
         let mut agents = JoinSet::new();
         for spec in &cfg.agents {
@@ -138,6 +222,20 @@ impl Mesh {
             let directory = format!("http://{}", router.xds_addrs[0]);
             let mut a = AgentConfig::new(directory.clone(), &spec.cluster_id);
             a.zone = spec.zone.clone();
+            if let Transport::Mtls(files) = transport(
+                &format!("agent-{}", spec.cluster_id),
+                Identity::Agent {
+                    cluster: spec.cluster_id.clone(),
+                },
+            )
+            .await?
+            {
+                a.tls = Some(
+                    ClientTls::load(&files, &trust_domain, tls::ALPN_GRPC).with_context(|| {
+                        format!("agent {}: loading its certificate", spec.cluster_id)
+                    })?,
+                );
+            }
             let telemetry = Arc::new(agent::admin::Telemetry::new(&a, agent::new_incarnation()));
             let mut stop = stop.clone();
             agents.spawn(agent::directory::follow(
@@ -150,14 +248,35 @@ impl Mesh {
                 telemetry,
             ));
         }
-        info!(hubs = hubs.len(), agents = cfg.agents.len(), "mesh started");
+        if let Some(pki) = &pki {
+            let mut stop = stop.clone();
+            agents.spawn(pki.clone().keep_renewed(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            }));
+        }
+        info!(
+            hubs = hubs.len(),
+            agents = cfg.agents.len(),
+            mtls = pki.is_some(),
+            "mesh started"
+        );
         Ok(Mesh {
             store,
             hubs,
             router,
+            pki,
+            environments,
             stop_agents,
             agents,
         })
+    }
+
+    /// The files of an identity the mesh issued (`proxy-<env>`, `operator`, `router`,
+    /// `hub-<n>`, `agent-<cluster>`); `None` with `--insecure`.
+    pub fn files(&self, name: &str) -> Option<TlsFiles> {
+        self.pki
+            .as_ref()
+            .map(|p| crate::pki::files_in(p.dir(), name))
     }
 
     /// Where proxies and operators connect, for the terminal.
@@ -177,9 +296,54 @@ impl Mesh {
             "router admin:                  http://{}/status/routes, /metrics\n",
             self.router.admin_addr
         ));
+        let (scheme, admin_tls) = match self.files("operator") {
+            None => ("http", String::new()),
+            Some(f) => (
+                "https",
+                format!(
+                    " --tls-cert {} --tls-key {} --tls-ca {}",
+                    f.cert.display(),
+                    f.key.display(),
+                    f.ca.display()
+                ),
+            ),
+        };
+        match &self.pki {
+            None => out.push_str(
+                "transport: plaintext (--insecure): no identities, no authorization; loopback only\n",
+            ),
+            Some(pki) => {
+                out.push_str(&format!(
+                    "transport: mutual TLS on every hop; certificates of trust domain {} in {} (renewed at half-life)\n",
+                    pki.trust_domain(),
+                    pki.dir().display()
+                ));
+                for env in &self.environments {
+                    let f = crate::pki::files_in(pki.dir(), &format!("proxy-{env}"));
+                    out.push_str(&format!(
+                        "  a {env} sidecar ({}): cert {}, key {}, trust bundle {}\n",
+                        pki.id(Identity::Workload {
+                            env: env.clone(),
+                            namespace: PROXY_NAMESPACE.into(),
+                            service_account: PROXY_NAMESPACE.into(),
+                        }),
+                        f.cert.display(),
+                        f.key.display(),
+                        f.ca.display()
+                    ));
+                }
+                out.push_str(&format!(
+                    "  the admin APIs as {}: {}/operator/{{cert,key,ca}}.pem\n",
+                    pki.id(Identity::Operator {
+                        name: OPERATOR_NAME.into()
+                    }),
+                    pki.dir().display()
+                ));
+            }
+        }
         for (id, hub) in &self.hubs {
             out.push_str(&format!(
-                "hub {id}: xDS {}, admin http://{} (tributary ctl shards --admin {})\n",
+                "hub {id}: xDS {}, admin {scheme}://{} (tributary ctl shards --admin {}{admin_tls})\n",
                 hub.xds_addr, hub.admin_addr, hub.admin_addr
             ));
         }
@@ -209,7 +373,7 @@ impl Mesh {
                     .and_then(|id| self.hubs.iter().find(|(h, _)| *h == id))
                     .map_or(hub, |(_, h)| h);
                 out.push_str(&format!(
-                    "cross-zone locality: {} (each zone's view, other zones through their east-west gateways: http://{}/config_dump?env={first})\n",
+                    "cross-zone locality: {} (each zone's view, other zones through their east-west gateways: {scheme}://{}/config_dump?env={first})\n",
                     views.join(", "),
                     serving.admin_addr
                 ));

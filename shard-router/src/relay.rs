@@ -27,11 +27,13 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::HeaderMap;
 use hyper::{Request, Response, Uri};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use prometheus_client::metrics::gauge::Gauge;
 use tonic::Status;
 use tracing::{Instrument, debug, info, info_span, warn};
+use tributary_controlplane::identity::SpiffeId;
+use tributary_controlplane::identity::authz::PEER_ID_HEADER;
+use tributary_controlplane::identity::tls::ClientTls;
 
 use tributary_proto::directory::v1::directory_server::DirectoryServer;
 
@@ -42,6 +44,26 @@ use crate::first::{Dialect, FirstMessage, FirstRequestError, node_of};
 const DIRECTORY_PREFIX: &str = "/tributary.directory.v1.Directory/";
 use crate::metrics::{ReplicaLabels, RouterMetrics, ShardLabel};
 use crate::table::{Refusal, Route, Table};
+use crate::upstream::Upstream;
+
+/// Who the client of a request is: the SPIFFE id its certificate carries (put in the
+/// request's extensions by the listener), `None` on a plaintext (`--insecure`)
+/// listener. The relay forwards it to the replica in [`PEER_ID_HEADER`], and never a
+/// value the client sent itself.
+#[derive(Debug, Clone, Default)]
+pub struct ClientIdentity(pub Option<SpiffeId>);
+
+/// Sets [`PEER_ID_HEADER`] of a request going to a replica to the client's certified
+/// id, removing whatever the client put there: a hub believes the header from a
+/// router, so a client must not be able to choose it.
+pub fn set_forwarded_identity(headers: &mut HeaderMap, client: &ClientIdentity) {
+    headers.remove(PEER_ID_HEADER);
+    if let Some(id) = &client.0
+        && let Ok(v) = hyper::header::HeaderValue::from_str(&id.to_string())
+    {
+        headers.insert(PEER_ID_HEADER, v);
+    }
+}
 
 /// Bounds of the relay (flags of `tributary-router`).
 #[derive(Debug, Clone, Copy)]
@@ -252,7 +274,7 @@ struct Inner {
     /// The directory API, served here rather than relayed.
     directory: DirectoryServer<DirectoryService>,
     table: Arc<Table>,
-    client: Client<HttpConnector, Forwarded>,
+    client: Client<Upstream, Forwarded>,
     metrics: Arc<RouterMetrics>,
     limits: RelayLimits,
 }
@@ -264,10 +286,14 @@ pub struct Relay {
 }
 
 impl Relay {
-    pub fn new(table: Arc<Table>, metrics: Arc<RouterMetrics>, limits: RelayLimits) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(limits.connect_timeout));
+    /// `upstream_tls`: the router's own mutual TLS to the replicas; `None`: plaintext.
+    pub fn new(
+        table: Arc<Table>,
+        metrics: Arc<RouterMetrics>,
+        limits: RelayLimits,
+        upstream_tls: Option<ClientTls>,
+    ) -> Self {
+        let connector = Upstream::new(upstream_tls, limits.connect_timeout);
         let client = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
@@ -358,6 +384,11 @@ impl Inner {
             ));
         };
         let (parts, mut body) = req.into_parts();
+        let client = parts
+            .extensions
+            .get::<ClientIdentity>()
+            .cloned()
+            .unwrap_or_default();
         let mut first = FirstMessage::new(self.limits.max_first_request_bytes);
         let bad = |e: FirstRequestError| {
             let reason = match e {
@@ -405,7 +436,14 @@ impl Inner {
                 Status::invalid_argument("the stream ended before its first request"),
             ));
         };
-        let node = node_of(dialect, first.message(len)).map_err(bad)?;
+        let mut node = node_of(dialect, first.message(len)).map_err(bad)?;
+        // A certified workload or gateway that claims no environment is routed by the
+        // one its certificate names (the replica checks any claim against it).
+        if node.environment.is_none()
+            && let Some(env) = client.0.as_ref().and_then(|id| id.identity.environment())
+        {
+            node.environment = Some(env.to_string());
+        }
         let span = tracing::Span::current();
         span.record("node", node.id.as_str());
         let route = self.table.route(&node).map_err(refusal)?;
@@ -419,7 +457,8 @@ impl Inner {
             })
             .inc();
         debug!(node = %node.id, %shard, replica = %route.replica, protocol = dialect.name(), "routed");
-        self.forward(parts, first.into_bytes(), body, route).await
+        self.forward(parts, first.into_bytes(), body, route, &client)
+            .await
     }
 
     async fn forward(
@@ -428,6 +467,7 @@ impl Inner {
         first: Bytes,
         rest: Incoming,
         route: Route,
+        client: &ClientIdentity,
     ) -> Result<Response<RelayBody>, Refused> {
         let Route {
             shard,
@@ -463,6 +503,7 @@ impl Inner {
         );
         *up.uri_mut() = uri;
         up.headers_mut().remove(hyper::header::HOST);
+        set_forwarded_identity(up.headers_mut(), client);
         let gauge = self
             .metrics
             .streams
@@ -510,5 +551,37 @@ impl Inner {
             parts,
             RelayBody::Relayed(Box::new(body)),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tributary_controlplane::identity::Identity;
+
+    /// Whatever the client sent in `x-tributary-peer-id` never reaches a replica: a
+    /// certified client's header is its certificate's id, a plaintext one's is gone.
+    #[test]
+    fn the_forwarded_identity_is_the_certified_one_never_the_clients() {
+        let forged = "spiffe://tributary.local/env/prod/ns/shop/sa/web";
+        let staging = SpiffeId::new(
+            "tributary.local",
+            Identity::Workload {
+                env: "staging".into(),
+                namespace: "shop".into(),
+                service_account: "web".into(),
+            },
+        );
+        let mut h = HeaderMap::new();
+        h.insert(PEER_ID_HEADER, forged.parse().unwrap());
+        set_forwarded_identity(&mut h, &ClientIdentity(Some(staging.clone())));
+        let sent: Vec<_> = h.get_all(PEER_ID_HEADER).iter().collect();
+        assert_eq!(sent, vec![staging.to_string().as_str()]);
+
+        let mut h = HeaderMap::new();
+        h.append(PEER_ID_HEADER, forged.parse().unwrap());
+        h.append(PEER_ID_HEADER, forged.parse().unwrap());
+        set_forwarded_identity(&mut h, &ClientIdentity(None));
+        assert!(h.get(PEER_ID_HEADER).is_none(), "{h:?}");
     }
 }

@@ -36,6 +36,12 @@
 //! replica whose election key is the oldest at that revision: no two replicas assign
 //! shards at once (shards have no per-shard leader of their own yet).
 //!
+//! Every hop is mutual TLS, as in production: a test root issues each hub, the router,
+//! each agent (in the hubs' registry of remote clusters), the clients (a sidecar
+//! certificate per environment) and the operator that reads the hubs' admin APIs.
+//! (The hubs bind the veth's unique local address: mutual TLS may bind anything,
+//! plaintext only loopback.)
+//!
 //! Needs the `etcd` feature (hubs and router on etcd) and the `etcd` binary.
 
 #![cfg(feature = "etcd")]
@@ -53,6 +59,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep, timeout};
 use tokio_stream::wrappers::ReceiverStream;
 use tributary_controlplane::http_client;
+use tributary_controlplane::identity::Identity;
+use tributary_controlplane::identity::testing::TestCa;
+use tributary_controlplane::identity::tls::{self, ClientTls, TlsFiles};
 use tributary_proto::envoy::envoy::config::core::v3::address::Address as AddressKind;
 use tributary_proto::envoy::envoy::config::core::v3::{Locality, Node};
 use tributary_proto::envoy::envoy::config::endpoint::v3::ClusterLoadAssignment;
@@ -318,9 +327,15 @@ fn yaml_endpoints(addrs: &[String], zone: Option<&str>) -> String {
 }
 
 /// The hubs' config: the environments, `details` in both (same name) with
-/// `details_per_env` endpoints, and a service of each environment's own.
+/// `details_per_env` endpoints, a service of each environment's own, and the
+/// registry: each zone's cluster may export `reviews` into both environments.
 fn hub_config(details_per_env: u16) -> String {
     let mut docs = Vec::new();
+    for zone in ZONES {
+        docs.push(format!(
+            "apiVersion: tributary.io/v1alpha1\nkind: RemoteCluster\nmetadata: {{name: cluster-{zone}}}\nspec: {{environments: [prod, staging], namespaces: [shop, shop-staging]}}\n"
+        ));
+    }
     for env in ENVS {
         docs.push(format!(
             "apiVersion: tributary.io/v1alpha1\nkind: Environment\nmetadata: {{name: {env}}}\nspec: {{zones: [az1, az2]}}\n"
@@ -374,6 +389,50 @@ fn write_atomic(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
+// ------------------------------------------------------------------------- pki
+
+const TD: &str = tls::DEFAULT_TRUST_DOMAIN;
+/// The operator reading and writing the hubs' admin APIs (their bootstrap operator).
+const OPERATOR: &str = "faults";
+
+/// A test root and the files of every identity of the suite.
+struct Pki {
+    ca: TestCa,
+    dir: PathBuf,
+}
+
+impl Pki {
+    fn new(dir: &Path) -> Pki {
+        let dir = dir.join("pki");
+        std::fs::create_dir_all(&dir).unwrap();
+        Pki {
+            ca: TestCa::new(TD),
+            dir,
+        }
+    }
+
+    fn files(&self, name: &str, identity: Identity) -> TlsFiles {
+        self.ca.write(&self.dir, name, identity)
+    }
+
+    /// `--tls-cert F --tls-key F --tls-ca F` for a process of `identity`.
+    fn flags(&self, name: &str, identity: Identity) -> Vec<String> {
+        let f = self.files(name, identity);
+        [
+            ("--tls-cert", f.cert),
+            ("--tls-key", f.key),
+            ("--tls-ca", f.ca),
+        ]
+        .into_iter()
+        .flat_map(|(flag, p)| [flag.to_string(), p.display().to_string()])
+        .collect()
+    }
+
+    fn client(&self, name: &str, identity: Identity, alpn: &[&[u8]]) -> ClientTls {
+        ClientTls::load(&self.files(name, identity), TD, alpn).unwrap()
+    }
+}
+
 // --------------------------------------------------------------------- clients
 
 /// What a client should hold: `(reviews, details)` endpoint addresses.
@@ -411,6 +470,8 @@ struct Clients {
     /// Another environment's resource seen by a client: never allowed.
     violations: Mutex<Vec<String>>,
     stop: watch::Sender<bool>,
+    /// Each environment's sidecar certificate (workload `shop/web` of it).
+    tls: BTreeMap<&'static str, ClientTls>,
 }
 
 fn node(c: &ClientSpec) -> Node {
@@ -448,7 +509,7 @@ fn addresses(cla: &ClusterLoadAssignment) -> BTreeSet<String> {
 }
 
 impl Clients {
-    fn new() -> Arc<Clients> {
+    fn new(pki: &Pki) -> Arc<Clients> {
         let specs: Vec<ClientSpec> = (0..CLIENTS)
             .map(|i| {
                 let (env, zone) = (ENVS[i % 2], ZONES[(i / 2) % 2]);
@@ -465,6 +526,20 @@ impl Clients {
             changed: watch::channel(0).0,
             violations: Mutex::default(),
             stop: watch::channel(false).0,
+            tls: ENVS
+                .iter()
+                .map(|env| {
+                    let id = Identity::Workload {
+                        env: env.to_string(),
+                        namespace: "shop".into(),
+                        service_account: "web".into(),
+                    };
+                    (
+                        *env,
+                        pki.client(&format!("client-{env}"), id, tls::ALPN_GRPC),
+                    )
+                })
+                .collect(),
         })
     }
 
@@ -514,9 +589,12 @@ impl Clients {
             .unwrap();
             self.held[i].lock().unwrap().streams += 1;
             let stream = async {
-                let mut client = AggregatedDiscoveryServiceClient::connect(router.clone())
+                let channel = tonic::transport::Endpoint::from_shared(router.clone())
+                    .ok()?
+                    .connect_with_connector(self.tls[spec.env].connector())
                     .await
                     .ok()?;
+                let mut client = AggregatedDiscoveryServiceClient::new(channel);
                 client
                     .delta_aggregated_resources(ReceiverStream::new(rx))
                     .await
@@ -697,10 +775,21 @@ struct Suite {
     router_xds: String,
     router_admin: String,
     agents: BTreeMap<&'static str, Proc>,
+    pki: Pki,
+    /// The operator's TLS for the hubs' admin APIs.
+    admin_tls: ClientTls,
 }
 
-async fn get_json(addr: &str, path: &str) -> Value {
+/// The router's admin (plaintext: health, metrics and routes only).
+async fn router_json(addr: &str, path: &str) -> Value {
     http_client::get_json(addr, path)
+        .await
+        .unwrap_or(Value::Null)
+}
+
+/// A hub's admin, over mutual TLS as the operator.
+async fn get_json(tls: &ClientTls, addr: &str, path: &str) -> Value {
+    http_client::get_json_with(addr, Some(tls), path)
         .await
         .unwrap_or(Value::Null)
 }
@@ -708,17 +797,34 @@ async fn get_json(addr: &str, path: &str) -> Value {
 impl Suite {
     async fn start(net: Net, dir: tempfile::TempDir, etcd: EtcdServer) -> Suite {
         let bin = tributary_bin();
+        let pki = Pki::new(dir.path());
+        let admin_tls = pki.client(
+            "operator",
+            Identity::Operator {
+                name: OPERATOR.into(),
+            },
+            tls::ALPN_HTTP1,
+        );
         let mut hubs = BTreeMap::new();
         for i in 1..=HUBS {
             let id = format!("hub-{i}");
-            let hub = start_hub(&bin, dir.path(), &etcd.client_url, &id, net.host).await;
+            let hub = start_hub(&bin, dir.path(), &etcd.client_url, &id, net.host, &pki).await;
             hubs.insert(id, hub);
         }
-        let first = hubs.values().next().unwrap().admin.clone();
-        let (status, body) =
-            http_client::request(&first, "POST", "/config/apply", hub_config(2).as_bytes())
-                .await
-                .unwrap();
+        let first = hubs.values().next().unwrap();
+        let (status, body) = http_client::request_with(
+            &first.admin,
+            Some(&admin_tls),
+            "POST",
+            "/config/apply",
+            hub_config(2).as_bytes(),
+        )
+        .await
+        .unwrap_or_else(|e| {
+            let log = std::fs::read_to_string(&first.proc.log).unwrap_or_default();
+            let head: Vec<&str> = log.lines().take(40).collect();
+            panic!("applying the config: {e:#}\n{}", head.join("\n"))
+        });
         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
 
         let ready = dir.path().join("router.json");
@@ -735,6 +841,12 @@ impl Suite {
             "--ready-file",
             &ready.display().to_string(),
         ]);
+        cmd.args(pki.flags(
+            "router",
+            Identity::Router {
+                name: "faults".into(),
+            },
+        ));
         let mut router = Proc::spawn("tributary-router", cmd, dir.path().join("router.log"));
         let info = router.ready(&ready).await;
         let router_xds = format!("http://{}", info["xds"][0].as_str().unwrap());
@@ -749,6 +861,8 @@ impl Suite {
             router_xds,
             router_admin,
             agents: BTreeMap::new(),
+            pki,
+            admin_tls,
         };
         for zone in ZONES {
             suite.start_agent(zone);
@@ -785,15 +899,24 @@ impl Suite {
             "--debounce",
             "20ms",
         ];
+        let certified = self.pki.flags(
+            &format!("agent-{zone}"),
+            Identity::Agent {
+                cluster: format!("cluster-{zone}"),
+            },
+        );
         let cmd = match (&self.net.veth, zone) {
             (Some(v), "az2") => {
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", &v.ns]).arg(&self.bin).args(args);
+                c.args(["netns", "exec", &v.ns])
+                    .arg(&self.bin)
+                    .args(args)
+                    .args(&certified);
                 c
             }
             _ => {
                 let mut c = Command::new(&self.bin);
-                c.args(args);
+                c.args(args).args(&certified);
                 c
             }
         };
@@ -804,7 +927,7 @@ impl Suite {
 
     /// The router's table: shard → replica ids.
     async fn routes(&self) -> BTreeMap<String, BTreeSet<String>> {
-        let v = get_json(&self.router_admin, "/status/routes").await;
+        let v = router_json(&self.router_admin, "/status/routes").await;
         v["shards"]
             .as_array()
             .into_iter()
@@ -855,7 +978,7 @@ impl Suite {
     async fn homes(&self) -> BTreeMap<String, Vec<String>> {
         let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (id, h) in &self.hubs {
-            let v = get_json(&h.admin, "/status/sync").await;
+            let v = get_json(&self.admin_tls, &h.admin, "/status/sync").await;
             for c in v["clients"].as_array().into_iter().flatten() {
                 if let Some(n) = c["node_id"].as_str() {
                     out.entry(n.to_string()).or_default().push(id.clone());
@@ -907,7 +1030,12 @@ impl Suite {
             loop {
                 let mut dumps = Vec::new();
                 for r in replicas {
-                    let d = get_json(&self.hubs[r].admin, &format!("/config_dump?env={env}")).await;
+                    let d = get_json(
+                        &self.admin_tls,
+                        &self.hubs[r].admin,
+                        &format!("/config_dump?env={env}"),
+                    )
+                    .await;
                     dumps.push((r, d["resources"].clone()));
                 }
                 let agree = dumps.windows(2).all(|w| w[0].1 == w[1].1)
@@ -926,7 +1054,7 @@ impl Suite {
 
     /// The `(state, endpoints)` of `cluster` on hub `id`.
     async fn cluster_state(&self, id: &str, cluster: &str) -> Option<(String, u64)> {
-        let v = get_json(&self.hubs[id].admin, "/status/clusters").await;
+        let v = get_json(&self.admin_tls, &self.hubs[id].admin, "/status/clusters").await;
         v["clusters"]
             .as_array()
             .into_iter()
@@ -942,7 +1070,14 @@ impl Suite {
     }
 }
 
-async fn start_hub(bin: &Path, dir: &Path, etcd: &str, id: &str, host: Ipv6Addr) -> HubProc {
+async fn start_hub(
+    bin: &Path,
+    dir: &Path,
+    etcd: &str,
+    id: &str,
+    host: Ipv6Addr,
+    pki: &Pki,
+) -> HubProc {
     let state = dir.join(id);
     std::fs::create_dir_all(&state).unwrap();
     let ready = state.join("ready.json");
@@ -959,9 +1094,9 @@ async fn start_hub(bin: &Path, dir: &Path, etcd: &str, id: &str, host: Ipv6Addr)
         "2s",
         "--replicas-per-shard",
         "2",
-        "--insecure",
-        // The hubs' xDS address is on the veth pair this test made (fd00:7472::/48).
-        "--insecure-test-network",
+        "--bootstrap-operator",
+        OPERATOR,
+        // On the veth pair this test made (fd00:7472::/48), or [::1].
         "--xds-addr",
         &format!("[{host}]:0"),
         "--admin-addr",
@@ -977,6 +1112,7 @@ async fn start_hub(bin: &Path, dir: &Path, etcd: &str, id: &str, host: Ipv6Addr)
         "--ready-file",
         &ready.display().to_string(),
     ]);
+    cmd.args(pki.flags(id, Identity::Hub { replica: id.into() }));
     let mut proc = Proc::spawn(id, cmd, state.join("hub.log"));
     let info = proc.ready(&ready).await;
     HubProc {
@@ -1086,7 +1222,7 @@ async fn sharded_mesh_under_faults() {
     let mut suite = Suite::start(net, dir, etcd).await;
     let table = suite.settled().await;
 
-    let clients = Clients::new();
+    let clients = Clients::new(&suite.pki);
     for i in 0..CLIENTS {
         tokio::spawn(clients.clone().run(i, suite.router_xds.clone()));
     }
@@ -1125,7 +1261,7 @@ async fn sharded_mesh_under_faults() {
     // The victim is the elected assigner when it serves clients (so a new one must
     // take over and re-assign its shard), else the busiest replica.
     let any_admin = suite.hubs.values().next().unwrap().admin.clone();
-    let assigner = get_json(&any_admin, "/status/shards").await["leader"]
+    let assigner = get_json(&suite.admin_tls, &any_admin, "/status/shards").await["leader"]
         .as_str()
         .map(String::from);
     let (victim, victims) = match assigner.and_then(|a| load.get(a.as_str()).map(|n| (a, n))) {
@@ -1138,8 +1274,9 @@ async fn sharded_mesh_under_faults() {
     };
     let survivor = suite.hubs.keys().find(|h| **h != victim).unwrap().clone();
     *details.lock().unwrap() = 3;
-    let (status, body) = http_client::request(
+    let (status, body) = http_client::request_with(
         &suite.hubs[&survivor].admin,
+        Some(&suite.admin_tls),
         "POST",
         "/config/apply",
         hub_config(3).as_bytes(),

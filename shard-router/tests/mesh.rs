@@ -4,6 +4,10 @@
 //! lands on a replica of its shard and gets its environment's services — the config's
 //! and the agents' — and nothing of the other environment; a prod proxy of az1 gets
 //! az2's endpoints through az2's east-west gateway.
+//!
+//! As the README runs it, every hop is mutual TLS from the CA the mesh generates (the
+//! proxies here use the sidecar certificates it issues, the agents are certified and in
+//! the example's registry); with `--insecure`, plaintext.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -13,6 +17,8 @@ use prost::Message;
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tributary_controlplane::identity::tls::{self, ClientTls};
 use tributary_proto::envoy::envoy::config::core::v3::{Locality, Node, address};
 use tributary_proto::envoy::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, lb_endpoint::HostIdentifier,
@@ -51,8 +57,37 @@ fn node(id: &str, env: &str, zone: &str) -> Node {
     }
 }
 
+/// The README's main job as written: mutual TLS on every hop, from the CA the mesh
+/// generates into its store; proxies present the sidecar certificates it issued.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_example_mesh_routes_each_shards_proxies_to_its_replicas_with_its_environment_only() {
+    example_mesh(false).await;
+}
+
+/// The same with `--insecure`: plaintext on loopback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_mesh_runs_in_plaintext_with_insecure() {
+    example_mesh(true).await;
+}
+
+/// An xDS channel to the router: as the mesh's sidecar of `env` (mTLS), or plaintext.
+async fn channel(mesh: &Mesh, addr: std::net::SocketAddr, env: &str) -> Channel {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(10));
+    match mesh.files(&format!("proxy-{env}")) {
+        None => endpoint.connect().await.unwrap(),
+        Some(files) => {
+            let tls = ClientTls::load(&files, tls::DEFAULT_TRUST_DOMAIN, tls::ALPN_GRPC).unwrap();
+            endpoint
+                .connect_with_connector(tls.connector())
+                .await
+                .unwrap()
+        }
+    }
+}
+
+async fn example_mesh(insecure: bool) {
     let mut router = RouterConfig::local();
     router.listen = vec!["127.0.0.1:0".parse().unwrap(), "[::1]:0".parse().unwrap()];
     let mesh = Mesh::start(MeshConfig {
@@ -71,9 +106,30 @@ async fn the_example_mesh_routes_each_shards_proxies_to_its_replicas_with_its_en
                 .parse()
                 .unwrap(),
         ],
+        insecure,
     })
     .await
     .expect("the mesh starts");
+    assert_eq!(mesh.pki.is_none(), insecure);
+    if !insecure {
+        // Without a certificate, nothing: the router refuses a plaintext client.
+        let plain =
+            tonic::transport::Endpoint::from_shared(format!("http://{}", mesh.router.xds_addrs[0]))
+                .unwrap()
+                .connect()
+                .await;
+        if let Ok(ch) = plain {
+            let (_tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(1);
+            let r = timeout(
+                Duration::from_secs(10),
+                AggregatedDiscoveryServiceClient::new(ch)
+                    .delta_aggregated_resources(ReceiverStream::new(rx)),
+            )
+            .await
+            .expect("refused within the timeout");
+            assert!(r.is_err(), "the mesh's router served a plaintext client");
+        }
+    }
     // Settled: four shards, two replicas each, every hub serving two.
     let mut applied = mesh.router.table.applied();
     timeout(Duration::from_secs(10), async {
@@ -98,6 +154,37 @@ async fn the_example_mesh_routes_each_shards_proxies_to_its_replicas_with_its_en
     .unwrap_or_else(|_| panic!("not settled: {:?}", mesh.router.table.routes()));
     let text = mesh.describe();
     assert!(text.contains("shard staging/az2: hub-"), "{text}");
+    let transport = if insecure {
+        "transport: plaintext (--insecure)"
+    } else {
+        "transport: mutual TLS on every hop"
+    };
+    assert!(text.contains(transport), "{text}");
+    // The operator certificate it issued reads a hub's admin API (its bootstrap
+    // operator); nothing without it.
+    let admin = mesh.hubs[0].1.admin_addr.to_string();
+    let operator = mesh
+        .files("operator")
+        .map(|f| ClientTls::load(&f, tls::DEFAULT_TRUST_DOMAIN, tls::ALPN_HTTP1).unwrap());
+    let (status, body) = tributary_controlplane::http_client::request_with(
+        &admin,
+        operator.as_ref(),
+        "GET",
+        "/status/shards",
+        b"",
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    if !insecure {
+        let plain =
+            tributary_controlplane::http_client::request(&admin, "GET", "/status/shards", b"")
+                .await;
+        assert!(
+            plain.is_err(),
+            "a hub of the mesh answered plaintext: {plain:?}"
+        );
+    }
     assert!(
         text.contains("cross-zone locality: prod/az1, prod/az2 "),
         "{text}"
@@ -130,9 +217,7 @@ async fn the_example_mesh_routes_each_shards_proxies_to_its_replicas_with_its_en
         })
         .await
         .unwrap();
-        let mut stream = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
-            .await
-            .unwrap()
+        let mut stream = AggregatedDiscoveryServiceClient::new(channel(&mesh, addr, env).await)
             .delta_aggregated_resources(ReceiverStream::new(rx))
             .await
             .unwrap()

@@ -597,7 +597,9 @@ class Router:
                 "--features etcd` (or set TRIBUTARY_ROUTER_BIN)")
         argv = [str(binary), "--store", "etcd", "--etcd-endpoints", self.etcd.client_url,
                 "--listen", hostport(FAMILIES[self.family], 0), "--admin-addr", "127.0.0.1:0",
-                "--ready-file", str(self.ready_file)]
+                "--ready-file", str(self.ready_file),
+                # Plaintext on loopback, as the hubs: a router needs mTLS files or --insecure.
+                "--insecure"]
         env = dict(os.environ)
         env.setdefault("RUST_LOG", "info")
         self.proc = Proc("router", argv, self.log, env=env)

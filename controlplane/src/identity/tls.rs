@@ -896,25 +896,7 @@ impl Transport {
     /// Refuses a plaintext listener on anything but loopback; `flag` names the
     /// address's flag in the error.
     pub fn check_bind(&self, flag: &str, addr: SocketAddr) -> Result<(), String> {
-        self.check_bind_in(flag, addr, false)
-    }
-
-    /// As [`Self::check_bind`]; with `test_network` (`--insecure-test-network`) a
-    /// plaintext listener may also bind a unique local IPv6 address (`fc00::/7`): the
-    /// network namespaces that tests make for themselves. Never routable, never
-    /// `0.0.0.0` or `[::]`.
-    pub fn check_bind_in(
-        &self,
-        flag: &str,
-        addr: SocketAddr,
-        test_network: bool,
-    ) -> Result<(), String> {
-        let unique_local = match addr.ip() {
-            std::net::IpAddr::V6(v6) => (v6.segments()[0] & 0xfe00) == 0xfc00,
-            std::net::IpAddr::V4(_) => false,
-        };
         match self {
-            Transport::Insecure if test_network && unique_local => Ok(()),
             Transport::Insecure if !addr.ip().is_loopback() => Err(format!(
                 "--insecure serves plaintext and binds only loopback addresses, but {flag} is {addr}: bind 127.0.0.1 or [::1], or serve mutual TLS with --tls-cert, --tls-key and --tls-ca"
             )),
@@ -1036,6 +1018,32 @@ mod tests {
             spiffe_id_of(&bad, DEFAULT_TRUST_DOMAIN),
             Err(PeerIdError::Spiffe(_))
         ));
+    }
+
+    /// Under mutual TLS there is nothing to warn about, but the task still lasts until
+    /// `stop`: `tributary hub --tls-*` exited at once with "a hub task ended
+    /// unexpectedly" when it returned early.
+    #[tokio::test]
+    async fn the_insecure_warning_task_lasts_until_stop_under_mtls_too() {
+        let mtls = Transport::Mtls(TlsFiles {
+            cert: "c".into(),
+            key: "k".into(),
+            ca: "a".into(),
+        });
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            mtls.warn_while_insecure("test", Vec::new(), async move {
+                let _ = rx.await;
+            })
+            .await
+        });
+        // Let it run as far as it can: it must still be waiting for stop.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!task.is_finished(), "ended before stop");
+        tx.send(()).unwrap();
+        task.await.unwrap();
     }
 
     #[test]

@@ -49,6 +49,11 @@ struct Args {
     /// A file-mode agent: ZONE:CLUSTER_ID:PATH (repeatable), e.g. az1:east-1:examples/agent.
     #[arg(long = "agent")]
     agents: Vec<AgentSpec>,
+    /// Plaintext on loopback instead of mutual TLS on every hop (no identities, no
+    /// authorization). Without it, the hubs' CA (its root in the store, so in
+    /// --state-dir) issues the hubs, the router and the agents their certificates.
+    #[arg(long)]
+    insecure: bool,
 }
 
 fn parse_ttl(s: &str) -> Result<Duration, String> {
@@ -61,6 +66,7 @@ fn parse_ttl(s: &str) -> Result<Duration, String> {
 
 fn main() -> anyhow::Result<()> {
     tributary_controlplane::config::init_logging("warn");
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -81,6 +87,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         hub_host: args.hub_host,
         router,
         agents: args.agents,
+        insecure: args.insecure,
     };
     let mesh = Mesh::start(cfg).await?;
     // Show the assignment once it has settled — every shard with its replicas, every
