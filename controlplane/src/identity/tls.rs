@@ -1020,32 +1020,6 @@ mod tests {
         ));
     }
 
-    /// Under mutual TLS there is nothing to warn about, but the task still lasts until
-    /// `stop`: `tributary hub --tls-*` exited at once with "a hub task ended
-    /// unexpectedly" when it returned early.
-    #[tokio::test]
-    async fn the_insecure_warning_task_lasts_until_stop_under_mtls_too() {
-        let mtls = Transport::Mtls(TlsFiles {
-            cert: "c".into(),
-            key: "k".into(),
-            ca: "a".into(),
-        });
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            mtls.warn_while_insecure("test", Vec::new(), async move {
-                let _ = rx.await;
-            })
-            .await
-        });
-        // Let it run as far as it can: it must still be waiting for stop.
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
-        assert!(!task.is_finished(), "ended before stop");
-        tx.send(()).unwrap();
-        task.await.unwrap();
-    }
-
     #[test]
     fn a_partial_set_of_tls_flags_names_what_is_missing() {
         let err = TlsFiles::from_flags(Some("c".into()), None, None).unwrap_err();
