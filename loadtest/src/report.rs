@@ -122,10 +122,25 @@ pub struct Run {
     /// Per process of a control plane of several (sharded scenarios: hubs, router).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub processes: Option<Vec<ProcFigures>>,
+    /// From the start of the initial sync until every client's first connection was
+    /// up (TCP; with mutual TLS, TCP and the TLS handshake).
+    pub connect_s: f64,
+    /// With mutual TLS: the hub's xDS handshakes in the initial sync.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsFigures>,
     #[serde(skip)]
     pub samples: Vec<f64>,
     #[serde(skip)]
     pub client_samples: Vec<f64>,
+}
+
+/// The hub's TLS handshakes on its xDS listener during the initial sync
+/// (`tributary_tls_handshakes_total{listener="xds"}`, read from its `/metrics`
+/// before the clients connect and once every client has synced).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TlsFigures {
+    pub handshakes: u64,
+    pub handshake_failures: u64,
 }
 
 /// One process of a control plane of several: CPU per phase, resident memory and
@@ -381,6 +396,87 @@ pub fn to_json(
         v["peer"] = p;
     }
     v["runs"] = runs;
+    v
+}
+
+/// The `mtls` block of the JSON file: per mode (ours plaintext, ours with mutual TLS)
+/// medians over the runs, and, when both ran, what mutual TLS costs, each figure
+/// taken per run from the two modes of that run (same machine, minutes apart) and
+/// then the median over the runs: p99 ratios (mTLS / plaintext), the handshakes, the
+/// extra hub CPU and wall time of the initial sync and of connecting, and the CPU per
+/// handshake (extra initial-sync CPU / handshakes).
+pub fn mtls_json(plaintext: &[&Run], mtls: &[&Run]) -> serde_json::Value {
+    let sync_cpu = |r: &Run| {
+        r.phases
+            .get("initial_sync")
+            .map_or(0.0, |p| p.control_plane_cpu_s)
+    };
+    let mode = |runs: &[&Run]| -> serde_json::Value {
+        if runs.is_empty() {
+            return serde_json::Value::Null;
+        }
+        let m = |g: &dyn Fn(&Run) -> f64| median(runs.iter().map(|r| g(r)).collect());
+        let mut cpu = serde_json::Map::new();
+        for name in runs[0].phases.keys() {
+            cpu.insert(
+                name.clone(),
+                json!(m(&|r| r.phases.get(name).map_or(0.0, |p| p.control_plane_cpu_s))),
+            );
+        }
+        let tls: Vec<&TlsFigures> = runs.iter().filter_map(|r| r.tls.as_ref()).collect();
+        json!({
+            "name": runs[0].name,
+            "runs": runs.len(),
+            "p99_per_sample_ms": {
+                "all": m(&|r| r.convergence_ms.p99),
+                "sidecars": m(&|r| r.per_sample_ms.sidecars.p99),
+                "gateways": m(&|r| r.per_sample_ms.gateways.p99),
+            },
+            "p99_per_client_ms": {
+                "sidecars": m(&|r| r.per_client_ms.sidecars.p99),
+                "gateways": m(&|r| r.per_client_ms.gateways.p99),
+            },
+            "initial_sync_s": m(&|r| r.initial_sync_s),
+            "connect_s": m(&|r| r.connect_s),
+            "hub_cpu_s": cpu,
+            "handshakes": (!tls.is_empty()).then(|| median(tls.iter().map(|t| t.handshakes as f64).collect())),
+            "handshake_failures": tls.iter().map(|t| t.handshake_failures).sum::<u64>(),
+        })
+    };
+    let mut v = json!({
+        "goal": "p99 with mutual TLS within 10% of plaintext once streams are established",
+        "plaintext": mode(plaintext),
+        "mtls": mode(mtls),
+    });
+    let pairs: Vec<(&Run, &Run)> = plaintext.iter().copied().zip(mtls.iter().copied()).collect();
+    if pairs.is_empty() {
+        return v;
+    }
+    let m = |g: &dyn Fn(&Run, &Run) -> f64| median(pairs.iter().map(|(p, t)| g(p, t)).collect());
+    let ratio = |a: f64, b: f64| if a > 0.0 { b / a } else { 0.0 };
+    let handshakes = |t: &Run| t.tls.as_ref().map_or(0, |h| h.handshakes) as f64;
+    let p99 = json!({
+        "per_sample_all": m(&|p, t| ratio(p.convergence_ms.p99, t.convergence_ms.p99)),
+        "per_sample_sidecars": m(&|p, t| ratio(p.per_sample_ms.sidecars.p99, t.per_sample_ms.sidecars.p99)),
+        "per_sample_gateways": m(&|p, t| ratio(p.per_sample_ms.gateways.p99, t.per_sample_ms.gateways.p99)),
+        "per_client_sidecars": m(&|p, t| ratio(p.per_client_ms.sidecars.p99, t.per_client_ms.sidecars.p99)),
+        "per_client_gateways": m(&|p, t| ratio(p.per_client_ms.gateways.p99, t.per_client_ms.gateways.p99)),
+    });
+    let within = p99
+        .as_object()
+        .is_some_and(|o| o.values().all(|r| r.as_f64().is_some_and(|r| r > 0.0 && r <= 1.10)));
+    v["p99_mtls_over_plaintext"] = p99;
+    v["goal_met"] = json!(within);
+    v["handshake"] = json!({
+        "handshakes": m(&|_, t| handshakes(t)),
+        "extra_initial_sync_cpu_s": m(&|p, t| sync_cpu(t) - sync_cpu(p)),
+        "cpu_per_handshake_ms": m(&|p, t| {
+            let n = handshakes(t);
+            if n > 0.0 { (sync_cpu(t) - sync_cpu(p)) / n * 1000.0 } else { 0.0 }
+        }),
+        "extra_connect_s": m(&|p, t| t.connect_s - p.connect_s),
+        "extra_initial_sync_s": m(&|p, t| t.initial_sync_s - p.initial_sync_s),
+    });
     v
 }
 
