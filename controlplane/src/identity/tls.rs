@@ -931,7 +931,8 @@ impl Transport {
     }
 
     /// Logs that `what` serves plaintext, now and every [`INSECURE_WARNING_INTERVAL`]
-    /// until `stop` resolves; nothing when mutual TLS is on.
+    /// until `stop` resolves; nothing when mutual TLS is on. Either way it returns
+    /// only once `stop` resolves: callers run it as a task whose end means shutdown.
     pub async fn warn_while_insecure(
         &self,
         what: &'static str,
@@ -939,6 +940,7 @@ impl Transport {
         stop: impl Future<Output = ()>,
     ) {
         if *self != Transport::Insecure {
+            stop.await;
             return;
         }
         tokio::pin!(stop);
@@ -1039,5 +1041,35 @@ mod tests {
             msg.contains("--tls-ca") && msg.contains("missing-ca.crt"),
             "{msg}"
         );
+    }
+
+    /// The hub runs the warning as one of its tasks, and a task that ends is a failed
+    /// hub: with mutual TLS it must warn nothing and still last until `stop` (a hub
+    /// started with --tls-cert/--tls-key/--tls-ca exited at once: "a hub task ended
+    /// unexpectedly").
+    #[tokio::test(start_paused = true)]
+    async fn with_mutual_tls_the_warning_task_lasts_until_stop() {
+        let transport = Transport::Mtls(TlsFiles {
+            cert: "hub.crt".into(),
+            key: "hub.key".into(),
+            ca: "ca.crt".into(),
+        });
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let mut task = tokio::spawn(async move {
+            transport
+                .warn_while_insecure("the hub", Vec::new(), async {
+                    let _ = stop_rx.await;
+                })
+                .await
+        });
+        // Paused time: the clock jumps forward whenever every task waits, so a day
+        // passes at once unless the task ends on its own.
+        let ended = tokio::time::timeout(Duration::from_secs(86_400), &mut task).await;
+        assert!(ended.is_err(), "the task ended before stop: {ended:?}");
+        stop_tx.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(1), task)
+            .await
+            .expect("the task ends once stop resolves")
+            .unwrap();
     }
 }
