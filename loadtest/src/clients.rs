@@ -25,6 +25,7 @@ use prost::Message;
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
+use tributary_controlplane::identity::tls::TlsConnector;
 use tributary_proto::envoy::envoy::config::cluster::v3::Cluster;
 use tributary_proto::envoy::envoy::config::cluster::v3::cluster::{
     ClusterDiscoveryType, DiscoveryType,
@@ -40,7 +41,6 @@ use tributary_proto::envoy::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DiscoveryRequest,
 };
 use tributary_proto::envoy::google::protobuf::{Struct, Value, value::Kind};
-use tributary_controlplane::identity::tls::TlsConnector;
 use tributary_proto::type_url::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
 
 /// Type slots of [`Holdings`], in Envoy's order of initialization.
@@ -145,9 +145,7 @@ pub struct Shared {
     pub pending: AtomicUsize,
     pub done: Notify,
     pub synced: AtomicUsize,
-    /// Clients whose first connection is established (TCP, and TLS with `--mtls`).
-    pub connected: AtomicUsize,
-    /// When the last of them got its first connection.
+    /// When the last client got its first connection (TCP, and TLS with `--mtls`).
     pub last_connected: Mutex<Option<Instant>>,
     pub bytes: AtomicU64,
     pub messages: AtomicU64,
@@ -174,7 +172,6 @@ impl Shared {
             pending: AtomicUsize::new(0),
             done: Notify::new(),
             synced: AtomicUsize::new(0),
-            connected: AtomicUsize::new(0),
             last_connected: Mutex::new(None),
             bytes: AtomicU64::new(0),
             messages: AtomicU64::new(0),
@@ -192,7 +189,6 @@ impl Shared {
     fn first_connection(&self) {
         let mut last = self.last_connected.lock().unwrap();
         *last = Some(Instant::now());
-        self.connected.fetch_add(1, Ordering::AcqRel);
     }
 
     fn sample(&self, client: usize) {

@@ -678,7 +678,10 @@ impl<'a> ControlPlane<'a> {
                 String::from_utf8_lossy(&body)
             );
         }
-        Ok(Some(mtls::handshakes(&String::from_utf8_lossy(&body), "xds")))
+        Ok(Some(mtls::handshakes(
+            &String::from_utf8_lossy(&body),
+            "xds",
+        )))
     }
 
     fn procs(&self) -> Vec<&Proc> {
@@ -1503,7 +1506,11 @@ fn mtls_line(m: &serde_json::Value) -> Option<String> {
         f(p99, "per_sample_all"),
         f(p99, "per_client_sidecars"),
         f(p99, "per_client_gateways"),
-        if m["goal_met"].as_bool() == Some(true) { "met" } else { "not met" },
+        if m["goal_met"].as_bool() == Some(true) {
+            "met"
+        } else {
+            "not met"
+        },
         f(h, "handshakes"),
         f(h, "extra_initial_sync_cpu_s"),
         f(h, "cpu_per_handshake_ms"),
@@ -1584,12 +1591,7 @@ async fn main() -> anyhow::Result<()> {
         if r % 2 == 1 {
             this.reverse();
         }
-        eprintln!(
-            "\n== run {}/{}: {}",
-            r + 1,
-            args.runs,
-            this.join(", then ")
-        );
+        eprintln!("\n== run {}/{}: {}", r + 1, args.runs, this.join(", then "));
         let mut entry = serde_json::Map::new();
         entry.insert("run".into(), serde_json::json!(r + 1));
         entry.insert("first".into(), serde_json::json!(this[0]));
@@ -1609,13 +1611,7 @@ async fn main() -> anyhow::Result<()> {
         // Each run's figures are on disk as soon as it ends.
         if let Some(path) = &args.json {
             let partial = summary_json(
-                &args,
-                &size,
-                nofile,
-                &ours_runs,
-                &mtls_runs,
-                &peer_runs,
-                &run_json,
+                &args, &size, nofile, &ours_runs, &mtls_runs, &peer_runs, &run_json,
             );
             std::fs::write(path, serde_json::to_string_pretty(&partial)?)?;
         }
@@ -1635,13 +1631,7 @@ async fn main() -> anyhow::Result<()> {
         .collect();
     println!("\n{}", report::details(&numbered));
     let summary = summary_json(
-        &args,
-        &size,
-        nofile,
-        &ours_runs,
-        &mtls_runs,
-        &peer_runs,
-        &run_json,
+        &args, &size, nofile, &ours_runs, &mtls_runs, &peer_runs, &run_json,
     );
     if let Some(line) = mtls_line(&summary["mtls"]) {
         println!("\n{line}");

@@ -20,11 +20,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
-use tributary_controlplane::identity::{Identity, SpiffeId};
 use tributary_controlplane::identity::testing::TestCa;
 use tributary_controlplane::identity::tls::{
     self, ClientTls, DEFAULT_TRUST_DOMAIN, Reloading, TlsFiles,
 };
+use tributary_controlplane::identity::{Identity, SpiffeId};
 
 use crate::clients::Spec;
 use crate::scenario::{ENV, GATEWAY, Scenario, cluster_id, scope_name};
@@ -211,6 +211,49 @@ pub fn handshakes(metrics: &str, listener: &str) -> (u64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scenario::{Size, namespace};
+    use tributary_controlplane::identity::authz::{
+        AdminAction, authorize_admin, authorize_agent, export_refusal,
+    };
+
+    /// The hub's config with the registry parses, lets every agent's certificate
+    /// federate and export every service of the scenario, and lets the harness's
+    /// operator read the mesh-wide admin views (and write nothing).
+    #[test]
+    fn the_hub_config_grants_every_agent_its_exports_and_the_harness_its_reads() {
+        let sc = Scenario::new(Size::small());
+        let yaml = format!("{}---\n{}", sc.hub_config_yaml(), registry_yaml(&sc));
+        let mesh = tributary_controlplane::config::parse_files([("mesh.yaml", yaml.as_str())])
+            .unwrap_or_else(|e| panic!("the hub's config does not parse: {e:?}"));
+        let registry = &mesh.security.remote_clusters;
+        assert_eq!(registry.len(), sc.size.clusters);
+        for c in 0..sc.size.clusters {
+            let id = SpiffeId::new(
+                DEFAULT_TRUST_DOMAIN,
+                Identity::Agent {
+                    cluster: cluster_id(c),
+                },
+            );
+            authorize_agent(Some(&id), &cluster_id(c), registry).unwrap();
+            for i in 0..sc.size.services + sc.size.added_services {
+                assert_eq!(
+                    export_refusal(registry, &cluster_id(c), true, ENV, &namespace(i)),
+                    None
+                );
+            }
+        }
+        let operator = SpiffeId::new(
+            DEFAULT_TRUST_DOMAIN,
+            Identity::Operator {
+                name: OPERATOR.into(),
+            },
+        );
+        let operators = &mesh.security.operators;
+        for env in [None, Some(ENV)] {
+            authorize_admin(Some(&operator), operators, AdminAction::Read, env).unwrap();
+            authorize_admin(Some(&operator), operators, AdminAction::Write, env).unwrap_err();
+        }
+    }
 
     #[test]
     fn handshakes_are_read_per_listener_and_outcome() {

@@ -420,7 +420,10 @@ pub fn mtls_json(plaintext: &[&Run], mtls: &[&Run]) -> serde_json::Value {
         for name in runs[0].phases.keys() {
             cpu.insert(
                 name.clone(),
-                json!(m(&|r| r.phases.get(name).map_or(0.0, |p| p.control_plane_cpu_s))),
+                json!(m(&|r| r
+                    .phases
+                    .get(name)
+                    .map_or(0.0, |p| p.control_plane_cpu_s))),
             );
         }
         let tls: Vec<&TlsFigures> = runs.iter().filter_map(|r| r.tls.as_ref()).collect();
@@ -448,7 +451,11 @@ pub fn mtls_json(plaintext: &[&Run], mtls: &[&Run]) -> serde_json::Value {
         "plaintext": mode(plaintext),
         "mtls": mode(mtls),
     });
-    let pairs: Vec<(&Run, &Run)> = plaintext.iter().copied().zip(mtls.iter().copied()).collect();
+    let pairs: Vec<(&Run, &Run)> = plaintext
+        .iter()
+        .copied()
+        .zip(mtls.iter().copied())
+        .collect();
     if pairs.is_empty() {
         return v;
     }
@@ -462,9 +469,14 @@ pub fn mtls_json(plaintext: &[&Run], mtls: &[&Run]) -> serde_json::Value {
         "per_client_sidecars": m(&|p, t| ratio(p.per_client_ms.sidecars.p99, t.per_client_ms.sidecars.p99)),
         "per_client_gateways": m(&|p, t| ratio(p.per_client_ms.gateways.p99, t.per_client_ms.gateways.p99)),
     });
-    let within = p99
+    // A ratio of 0 is a role without samples (no gateways, say): not compared.
+    let ratios: Vec<f64> = p99
         .as_object()
-        .is_some_and(|o| o.values().all(|r| r.as_f64().is_some_and(|r| r > 0.0 && r <= 1.10)));
+        .into_iter()
+        .flat_map(|o| o.values().filter_map(|r| r.as_f64()))
+        .filter(|r| *r > 0.0)
+        .collect();
+    let within = !ratios.is_empty() && ratios.iter().all(|r| *r <= 1.10);
     v["p99_mtls_over_plaintext"] = p99;
     v["goal_met"] = json!(within);
     v["handshake"] = json!({
@@ -703,6 +715,71 @@ mod tests {
 #[cfg(test)]
 mod table_tests {
     use super::*;
+
+    /// Per run: ratios and costs from that run's two modes, then the median.
+    #[test]
+    fn mtls_block_pairs_each_run_with_its_own_plaintext_run() {
+        let run = |p99: f64, sync_cpu: f64, connect_s: f64, handshakes: Option<u64>| Run {
+            convergence_ms: Percentiles {
+                p99,
+                ..Percentiles::default()
+            },
+            per_client_ms: Split {
+                sidecars: Percentiles {
+                    p99,
+                    ..Percentiles::default()
+                },
+                ..Split::default()
+            },
+            connect_s,
+            phases: [(
+                "initial_sync".to_string(),
+                Phase {
+                    control_plane_cpu_s: sync_cpu,
+                    ..Phase::default()
+                },
+            )]
+            .into(),
+            tls: handshakes.map(|handshakes| TlsFigures {
+                handshakes,
+                handshake_failures: 0,
+            }),
+            ..Run::default()
+        };
+        // Run 2 is slower in both modes: unpaired medians would mix it with run 1.
+        let plain = [run(100.0, 10.0, 1.0, None), run(200.0, 20.0, 2.0, None)];
+        let mtls = [
+            run(105.0, 12.0, 1.5, Some(2000)),
+            run(240.0, 24.0, 2.5, Some(2000)),
+        ];
+        let v = mtls_json(
+            &plain.iter().collect::<Vec<_>>(),
+            &mtls.iter().collect::<Vec<_>>(),
+        );
+        let f = |path: &[&str]| path.iter().fold(&v, |v, k| &v[*k]).as_f64().unwrap();
+        assert!((f(&["p99_mtls_over_plaintext", "per_sample_all"]) - 1.125).abs() < 1e-9);
+        assert!((f(&["p99_mtls_over_plaintext", "per_client_sidecars"]) - 1.125).abs() < 1e-9);
+        // Median 1.125 > 1.10 (gateways have no samples: not compared).
+        assert_eq!(v["goal_met"], json!(false));
+        let close = [
+            run(104.0, 12.0, 1.5, Some(2000)),
+            run(210.0, 24.0, 2.5, Some(2000)),
+        ];
+        let v = mtls_json(
+            &plain.iter().collect::<Vec<_>>(),
+            &close.iter().collect::<Vec<_>>(),
+        );
+        assert_eq!(v["goal_met"], json!(true), "{v}");
+        assert!((f(&["handshake", "extra_initial_sync_cpu_s"]) - 3.0).abs() < 1e-9);
+        assert!((f(&["handshake", "cpu_per_handshake_ms"]) - 1.5).abs() < 1e-9);
+        assert!((f(&["handshake", "extra_connect_s"]) - 0.5).abs() < 1e-9);
+        assert_eq!(f(&["handshake", "handshakes"]), 2000.0);
+        assert_eq!(f(&["mtls", "handshakes"]), 2000.0);
+        assert!(v["plaintext"]["handshakes"].is_null());
+        // --mtls alone: its figures, nothing to compare.
+        let alone = mtls_json(&[], &mtls.iter().collect::<Vec<_>>());
+        assert!(alone["plaintext"].is_null() && alone.get("handshake").is_none());
+    }
 
     #[test]
     fn summary_table_is_right_aligned_columns() {
