@@ -25,6 +25,7 @@ use prost::Message;
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
+use tributary_controlplane::identity::tls::TlsConnector;
 use tributary_proto::envoy::envoy::config::cluster::v3::Cluster;
 use tributary_proto::envoy::envoy::config::cluster::v3::cluster::{
     ClusterDiscoveryType, DiscoveryType,
@@ -144,6 +145,8 @@ pub struct Shared {
     pub pending: AtomicUsize,
     pub done: Notify,
     pub synced: AtomicUsize,
+    /// When the last client got its first connection (TCP, and TLS with `--mtls`).
+    pub last_connected: Mutex<Option<Instant>>,
     pub bytes: AtomicU64,
     pub messages: AtomicU64,
     pub errors: AtomicUsize,
@@ -169,6 +172,7 @@ impl Shared {
             pending: AtomicUsize::new(0),
             done: Notify::new(),
             synced: AtomicUsize::new(0),
+            last_connected: Mutex::new(None),
             bytes: AtomicU64::new(0),
             messages: AtomicU64::new(0),
             errors: AtomicUsize::new(0),
@@ -179,6 +183,12 @@ impl Shared {
                 0,
             ))),
         }
+    }
+
+    /// A client's first connection is up.
+    fn first_connection(&self) {
+        let mut last = self.last_connected.lock().unwrap();
+        *last = Some(Instant::now());
     }
 
     fn sample(&self, client: usize) {
@@ -465,17 +475,28 @@ impl<'a> Client<'a> {
 /// or `stop` fires. Like Envoy, a client whose connection or stream fails before its
 /// first response tries again after a jittered exponential backoff (500 ms base, 30 s
 /// cap: Envoy's defaults for its xDS stream); each retry is counted. A stream that
-/// fails later is an error.
+/// fails later is an error. With `tls`, the connection is mutual TLS (the endpoint's
+/// URL is `http://`: the connector does TLS).
 pub async fn run(
     endpoint: tonic::transport::Endpoint,
+    tls: Option<TlsConnector>,
     spec: Spec,
     shared: Arc<Shared>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut attempt = 0u32;
+    let mut connected = false;
     loop {
         let mut answered = false;
-        let r = match endpoint.connect().await {
+        let channel = match &tls {
+            Some(c) => endpoint.connect_with_connector(c.clone()).await,
+            None => endpoint.connect().await,
+        };
+        if channel.is_ok() && !connected {
+            connected = true;
+            shared.first_connection();
+        }
+        let r = match channel {
             Ok(channel) if spec.delta => {
                 delta(channel, &spec, &shared, &mut stop, &mut answered).await
             }

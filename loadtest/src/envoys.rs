@@ -19,6 +19,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use tributary_controlplane::http_client;
+use tributary_controlplane::identity::tls::TlsFiles;
+
+use crate::mtls::Pki;
 
 pub struct Envoy {
     pub id: String,
@@ -35,9 +38,39 @@ fn split_hostport(addr: &str) -> anyhow::Result<(String, u16)> {
     Ok((sa.ip().to_string(), sa.port()))
 }
 
-fn bootstrap(id: &str, scope: &str, delta: bool, xds: &str) -> anyhow::Result<serde_json::Value> {
+/// The xDS cluster's transport socket with mutual TLS: the sidecar's certificate
+/// and key from files, the hub checked against the bundle and by its SPIFFE id.
+fn upstream_tls(files: &TlsFiles, hub_id: &str) -> serde_json::Value {
+    serde_json::json!({
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "common_tls_context": {
+                "alpn_protocols": ["h2"],
+                "tls_certificates": [{
+                    "certificate_chain": {"filename": files.cert},
+                    "private_key": {"filename": files.key},
+                }],
+                "validation_context": {
+                    "trusted_ca": {"filename": files.ca},
+                    "match_typed_subject_alt_names": [
+                        {"san_type": "URI", "matcher": {"exact": hub_id}},
+                    ],
+                },
+            },
+        },
+    })
+}
+
+fn bootstrap(
+    id: &str,
+    scope: &str,
+    delta: bool,
+    xds: &str,
+    tls: Option<serde_json::Value>,
+) -> anyhow::Result<serde_json::Value> {
     let (host, port) = split_hostport(xds)?;
-    Ok(serde_json::json!({
+    let mut boot = serde_json::json!({
         "node": {
             "id": id,
             "cluster": "loadtest",
@@ -70,11 +103,16 @@ fn bootstrap(id: &str, scope: &str, delta: bool, xds: &str) -> anyhow::Result<se
             ]}]},
         }]},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
-    }))
+    });
+    if let Some(tls) = tls {
+        boot["static_resources"]["clusters"][0]["transport_socket"] = tls;
+    }
+    Ok(boot)
 }
 
-/// Starts `n` Envoys against `xds`; sidecar `k` uses scope `scope_of(k)`. Returns
-/// once every admin endpoint answers (not once they are synced).
+/// Starts `n` Envoys against `xds`; sidecar `k` uses scope `scope_of(k)`, and with
+/// `pki` connects over mutual TLS as its scope's workload identity. Returns once
+/// every admin endpoint answers (not once they are synced).
 pub fn start(
     n: usize,
     envoy_bin: &str,
@@ -82,6 +120,7 @@ pub fn start(
     dir: &Path,
     cpus: Option<&str>,
     scope_of: impl Fn(usize) -> String,
+    pki: Option<&Pki>,
 ) -> anyhow::Result<Vec<Envoy>> {
     let mut out = Vec::new();
     for k in 0..n {
@@ -91,9 +130,13 @@ pub fn start(
         let d = dir.join(&id);
         std::fs::create_dir_all(&d)?;
         let boot = d.join("bootstrap.json");
+        let tls = match pki {
+            Some(p) => Some(upstream_tls(p.scope_files(&scope)?, &p.hub_id)),
+            None => None,
+        };
         std::fs::write(
             &boot,
-            serde_json::to_vec_pretty(&bootstrap(&id, &scope, delta, xds)?)?,
+            serde_json::to_vec_pretty(&bootstrap(&id, &scope, delta, xds, tls)?)?,
         )?;
         let admin_file = d.join("admin.txt");
         let _ = std::fs::remove_file(&admin_file);

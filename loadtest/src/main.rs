@@ -23,6 +23,7 @@
 mod check;
 mod clients;
 mod envoys;
+mod mtls;
 mod peer_control;
 mod procs;
 mod report;
@@ -141,6 +142,19 @@ struct Args {
     /// Skip the peer.
     #[arg(long)]
     no_peer: bool,
+    /// Run our control plane with mutual TLS instead of plaintext (`--insecure`): a
+    /// CA in the work dir, certificates for the hub, every agent (`cluster/{id}`, with
+    /// a `RemoteCluster` entry in the hub's config), every sidecar scope (a workload
+    /// identity) and the gateway; simulated clients, agents and real Envoys connect
+    /// over mTLS. The peer stays plaintext. Not with sharded scenarios or --hub-addr.
+    #[arg(long, conflicts_with = "compare_mtls")]
+    mtls: bool,
+    /// Each run runs ours twice, plaintext and with mutual TLS (as --mtls), and the
+    /// peer unless --no-peer; the order alternates between runs (odd runs: plaintext,
+    /// mTLS, peer; even runs the reverse). The JSON gains an `mtls` block: per mode
+    /// p99s, initial sync, hub CPU per phase, and the handshake cost.
+    #[arg(long)]
+    compare_mtls: bool,
     /// The hub's debounce quiet period (`--debounce-quiet`); default: the hub's own
     /// default (100 ms).
     #[arg(long)]
@@ -617,6 +631,9 @@ struct ControlPlane<'a> {
     /// Taken at phase boundaries while the phases' code holds the processes (a lock
     /// only for the push; never held across an await).
     records: std::sync::Mutex<Vec<(String, Vec<ProcSample>)>>,
+    /// With mutual TLS (`--mtls`): the certificates, and the hub's admin address
+    /// (its handshake counter).
+    mtls: Option<(Arc<mtls::Pki>, String)>,
 }
 
 impl<'a> ControlPlane<'a> {
@@ -638,7 +655,33 @@ impl<'a> ControlPlane<'a> {
             xds,
             detail: false,
             records: Default::default(),
+            mtls: None,
         }
+    }
+
+    /// The hub's completed and failed xDS handshakes so far (`None`: plaintext).
+    async fn tls_handshakes(&self) -> anyhow::Result<Option<(u64, u64)>> {
+        let Some((pki, admin)) = &self.mtls else {
+            return Ok(None);
+        };
+        let (code, body) = tributary_controlplane::http_client::request_with(
+            admin,
+            Some(&pki.admin),
+            "GET",
+            "/metrics",
+            b"",
+        )
+        .await?;
+        if code != 200 {
+            bail!(
+                "GET https://{admin}/metrics: {code}: {}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+        Ok(Some(mtls::handshakes(
+            &String::from_utf8_lossy(&body),
+            "xds",
+        )))
     }
 
     fn procs(&self) -> Vec<&Proc> {
@@ -787,6 +830,7 @@ async fn run_with(
 
     // Initial sync: every client at once, each on its own connection.
     eprintln!("{name}: {} clients connecting", specs.len());
+    let handshakes0 = cp.tls_handshakes().await?;
     let m = mark(&procs, &[]);
     let started = Instant::now();
     let mut endpoints: HashMap<String, tonic::transport::Endpoint> = HashMap::new();
@@ -804,8 +848,13 @@ async fn run_with(
                 ep
             }
         };
+        let tls = match &cp.mtls {
+            Some((pki, _)) => Some(pki.client(spec)?.connector()),
+            None => None,
+        };
         tasks.push(tokio::spawn(clients::run(
             ep,
+            tls,
             spec.clone(),
             shared.clone(),
             stop.clone(),
@@ -819,6 +868,7 @@ async fn run_with(
             &dir.join(format!("envoys-{name}")),
             args.cpu_harness.as_deref(),
             |k| scope_name(sc.scope_of(k)),
+            cp.mtls.as_ref().map(|(pki, _)| &**pki),
         )?
     } else {
         Vec::new()
@@ -842,6 +892,11 @@ async fn run_with(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let initial_sync_s = started.elapsed().as_secs_f64();
+    let connect_s = shared
+        .last_connected
+        .lock()
+        .unwrap()
+        .map_or(0.0, |t| t.duration_since(started).as_secs_f64());
     let envoy_ready = match envoys::wait_ready(&envoys, started, timeout).await {
         Ok(r) => r,
         Err(e) => {
@@ -853,6 +908,13 @@ async fn run_with(
     sync_phase.envoys_cpu_s += envoys_cpu0; // the Envoys' start-up belongs to the sync
     phases.insert("initial_sync".to_string(), sync_phase);
     cp.record("initial_sync").await;
+    let tls = match (handshakes0, cp.tls_handshakes().await?) {
+        (Some((ok0, failed0)), Some((ok1, failed1))) => Some(report::TlsFigures {
+            handshakes: ok1 - ok0,
+            handshake_failures: failed1 - failed0,
+        }),
+        _ => None,
+    };
     let after_sync = match after_sync {
         Some(f) => f(specs.clone()).await?,
         None => 0,
@@ -1092,6 +1154,8 @@ async fn run_with(
         content_check: content,
         real_envoys,
         processes: cp.figures(),
+        connect_s,
+        tls,
         client_samples: collected.client.iter().flatten().copied().collect(),
         samples: all_samples,
     };
@@ -1111,7 +1175,25 @@ fn hub_argv(
     state: &std::path::Path,
     extra: &[&str],
 ) -> Vec<String> {
+    hub_argv_tls(args, hub_bin, config, state, extra, None)
+}
+
+/// [`hub_argv`], serving mutual TLS with `pki`'s hub certificate instead of
+/// `--insecure` when given.
+fn hub_argv_tls(
+    args: &Args,
+    hub_bin: &std::path::Path,
+    config: &std::path::Path,
+    state: &std::path::Path,
+    extra: &[&str],
+    pki: Option<&mtls::Pki>,
+) -> Vec<String> {
     let _ = std::fs::remove_dir_all(state);
+    let transport = match pki {
+        Some(pki) => pki.hub_flags(),
+        // Loopback only: plaintext.
+        None => vec!["--insecure".to_string()],
+    };
     let mut argv: Vec<String> = [
         hub_bin.to_string_lossy().as_ref(),
         "hub",
@@ -1120,9 +1202,8 @@ fn hub_argv(
     ]
     .into_iter()
     .chain(extra.iter().copied())
+    .chain(transport.iter().map(String::as_str))
     .chain([
-        // Loopback only: plaintext (mutual TLS is measured with --hub-arg).
-        "--insecure",
         "--xds-addr",
         "127.0.0.1:0",
         "--admin-addr",
@@ -1152,11 +1233,16 @@ fn pinned(cpus: Option<&str>, argv: Vec<String>) -> Vec<String> {
     }
 }
 
+/// The name of our control plane's runs with mutual TLS.
+const OURS_MTLS: &str = "tributary+mtls";
+
+/// Our control plane: plaintext, or with mutual TLS (`tls`) everywhere.
 async fn ours(
     args: &Args,
     sc: &Scenario,
     dir: &std::path::Path,
     position: usize,
+    tls: bool,
 ) -> anyhow::Result<Run> {
     let hub_bin = match &args.hub_bin {
         Some(p) => p.clone(),
@@ -1164,8 +1250,24 @@ async fn ours(
     };
     let config = dir.join("hub-config");
     std::fs::create_dir_all(&config)?;
-    std::fs::write(config.join("mesh.yaml"), sc.hub_config_yaml())?;
-    let argv = hub_argv(args, &hub_bin, &config, &dir.join("hub-state"), &[]);
+    let pki = if tls {
+        Some(mtls::Pki::new(&dir.join("pki"), sc)?)
+    } else {
+        None
+    };
+    let mut yaml = sc.hub_config_yaml();
+    if pki.is_some() {
+        yaml = format!("{yaml}---\n{}", mtls::registry_yaml(sc));
+    }
+    std::fs::write(config.join("mesh.yaml"), yaml)?;
+    let argv = hub_argv_tls(
+        args,
+        &hub_bin,
+        &config,
+        &dir.join("hub-state"),
+        &[],
+        pki.as_deref(),
+    );
     let proc = match (&args.hub_addr, &args.hub_admin) {
         (Some(x), Some(a)) => Proc::attach(
             "hub",
@@ -1189,6 +1291,7 @@ async fn ours(
     for c in 0..sc.size.clusters {
         let (tx, rx) = watch::channel(Arc::new(sc.cluster_state(c)));
         let mut cfg = AgentConfig::new(format!("http://{xds}"), cluster_id(c));
+        cfg.tls = pki.as_ref().map(|p| p.agent(c));
         cfg.region = scenario::REGION.into();
         cfg.zone = format!("az{}", c % 3);
         if let Some(b) = batch {
@@ -1202,9 +1305,25 @@ async fn ours(
     }
     let want = sc.size.services * sc.size.ports;
     let deadline = Instant::now() + Duration::from_secs(args.phase_timeout_s);
+    let admin_tls = pki.as_ref().map(|p| &p.admin);
     loop {
-        let (_, body) = http(&admin, "GET", "/status/environments", b"").await?;
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        let (code, body) = tributary_controlplane::http_client::request_with(
+            &admin,
+            admin_tls,
+            "GET",
+            "/status/environments",
+            b"",
+        )
+        .await?;
+        // Not ready yet is retried; refused is not (the harness's operator grant).
+        if code == 401 || code == 403 {
+            bail!(
+                "GET {admin}/status/environments: {code}: {}; log: {}",
+                String::from_utf8_lossy(&body),
+                proc.log.display()
+            );
+        }
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
         let have = v["environments"]
             .as_array()
             .into_iter()
@@ -1225,11 +1344,12 @@ async fn ours(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let load = phase_since(m, &[&proc], &[]);
-    let cp = ControlPlane::single(&proc, &xds);
+    let mut cp = ControlPlane::single(&proc, &xds);
+    cp.mtls = pki.map(|p| (p, admin.clone()));
     let r = run(
         args,
         sc,
-        "tributary",
+        if tls { OURS_MTLS } else { "tributary" },
         position,
         &cp,
         Target::Ours { agents },
@@ -1324,7 +1444,12 @@ async fn peer(
 fn settings(args: &Args, nofile: u64) -> serde_json::Value {
     serde_json::json!({
         "runs": args.runs,
-        "order": "tributary first in odd runs, go-control-plane first in even runs",
+        "order": if args.compare_mtls {
+            "tributary, tributary+mtls, go-control-plane in odd runs; the reverse in even runs"
+        } else {
+            "tributary first in odd runs, go-control-plane first in even runs"
+        },
+        "mtls": if args.compare_mtls { "compare" } else if args.mtls { "on" } else { "off" },
         "agent_batch": args.agent_batch.clone().unwrap_or_else(|| "50ms (agent default)".into()),
         "hub_debounce_quiet": args.debounce.clone().unwrap_or_else(|| "100ms (hub default)".into()),
         "hub_args": args.hub_args,
@@ -1339,6 +1464,59 @@ fn settings(args: &Args, nofile: u64) -> serde_json::Value {
         },
         "nofile_limit": nofile,
     })
+}
+
+/// The JSON file: [`report::to_json`] of ours (plaintext; with --mtls alone, mTLS)
+/// and the peer, with an `mtls` block when mutual TLS ran
+/// ([`report::mtls_json`]).
+fn summary_json(
+    args: &Args,
+    size: &Size,
+    nofile: u64,
+    ours: &[Run],
+    mtls: &[Run],
+    peer: &[Run],
+    runs: &[serde_json::Value],
+) -> serde_json::Value {
+    let o: Vec<&Run> = ours.iter().collect();
+    let p: Vec<&Run> = peer.iter().collect();
+    let mut v = report::to_json(
+        size,
+        settings(args, nofile),
+        &o,
+        &p,
+        serde_json::Value::Array(runs.to_vec()),
+    );
+    if args.compare_mtls {
+        let t: Vec<&Run> = mtls.iter().collect();
+        v["mtls"] = report::mtls_json(&o, &t);
+    } else if args.mtls {
+        v["mtls"] = report::mtls_json(&[], &o);
+    }
+    v
+}
+
+/// The console line of the `mtls` block, when both modes ran.
+fn mtls_line(m: &serde_json::Value) -> Option<String> {
+    let h = m.get("handshake")?;
+    let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(0.0);
+    let p99 = &m["p99_mtls_over_plaintext"];
+    Some(format!(
+        "mutual TLS vs plaintext (medians of per-run figures): p99 per sample {:.2}x, per client sidecars {:.2}x, gateways {:.2}x (goal <= 1.10x: {}); {:.0} handshakes, {:+.2} s hub CPU in the initial sync ({:.2} ms per handshake), connecting {:+.2} s, initial sync {:+.2} s",
+        f(p99, "per_sample_all"),
+        f(p99, "per_client_sidecars"),
+        f(p99, "per_client_gateways"),
+        if m["goal_met"].as_bool() == Some(true) {
+            "met"
+        } else {
+            "not met"
+        },
+        f(h, "handshakes"),
+        f(h, "extra_initial_sync_cpu_s"),
+        f(h, "cpu_per_handshake_ms"),
+        f(h, "extra_connect_s"),
+        f(h, "extra_initial_sync_s"),
+    ))
 }
 
 /// Pins this process (every thread it has now; later ones inherit) to `cpus`.
@@ -1378,6 +1556,14 @@ async fn main() -> anyhow::Result<()> {
     if let Some(c) = &args.cpu_harness {
         pin_self(c)?;
     }
+    if (args.mtls || args.compare_mtls)
+        && (args.scenario.starts_with("sharded") || args.hub_addr.is_some())
+    {
+        bail!(
+            "--mtls and --compare-mtls start one hub of their own with certificates they make: they take --scenario ebay or small (got {:?}) and no --hub-addr",
+            args.scenario
+        );
+    }
     if args.scenario.starts_with("sharded") {
         let sc = Scenario::sharded(size.clone(), args.environments, args.zones)?;
         return sharded::main(&args, sc, size, nofile).await;
@@ -1386,88 +1572,71 @@ async fn main() -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("tributary-loadtest-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
 
+    // What each run runs, in order (reversed in even runs).
+    let mut order: Vec<&str> = match (args.compare_mtls, args.mtls) {
+        (true, _) => vec!["tributary", OURS_MTLS],
+        (false, true) => vec![OURS_MTLS],
+        (false, false) => vec!["tributary"],
+    };
+    if !args.no_peer {
+        order.push("go-control-plane");
+    }
+    // Ours (plaintext; with --mtls alone, mTLS), ours with mTLS (--compare-mtls), the peer.
     let mut ours_runs: Vec<Run> = Vec::new();
+    let mut mtls_runs: Vec<Run> = Vec::new();
     let mut peer_runs: Vec<Run> = Vec::new();
     let mut run_json = Vec::new();
     for r in 0..args.runs {
-        let peer_first = !args.no_peer && r % 2 == 1;
-        eprintln!(
-            "\n== run {}/{}: {} first",
-            r + 1,
-            args.runs,
-            if peer_first {
-                "go-control-plane"
-            } else {
-                "tributary"
-            }
-        );
+        let mut this: Vec<&str> = order.clone();
+        if r % 2 == 1 {
+            this.reverse();
+        }
+        eprintln!("\n== run {}/{}: {}", r + 1, args.runs, this.join(", then "));
         let mut entry = serde_json::Map::new();
-        let (o, p) = if peer_first {
-            let p = peer(&args, &sc, &dir, 1).await?;
-            let o = ours(&args, &sc, &dir, 2).await?;
-            (o, Some(p))
-        } else {
-            let o = ours(&args, &sc, &dir, 1).await?;
-            let p = if args.no_peer {
-                None
-            } else {
-                Some(peer(&args, &sc, &dir, 2).await?)
-            };
-            (o, p)
-        };
         entry.insert("run".into(), serde_json::json!(r + 1));
-        entry.insert(
-            "first".into(),
-            serde_json::json!(if peer_first {
-                "go-control-plane"
-            } else {
-                "tributary"
-            }),
-        );
-        entry.insert("tributary".into(), serde_json::json!(o));
-        if let Some(p) = &p {
-            entry.insert("go-control-plane".into(), serde_json::json!(p));
+        entry.insert("first".into(), serde_json::json!(this[0]));
+        for (i, &name) in this.iter().enumerate() {
+            let run = match name {
+                "go-control-plane" => peer(&args, &sc, &dir, i + 1).await?,
+                _ => ours(&args, &sc, &dir, i + 1, name == OURS_MTLS).await?,
+            };
+            entry.insert(name.into(), serde_json::json!(run));
+            match name {
+                "go-control-plane" => peer_runs.push(run),
+                OURS_MTLS if args.compare_mtls => mtls_runs.push(run),
+                _ => ours_runs.push(run),
+            }
         }
         run_json.push(serde_json::Value::Object(entry));
-        ours_runs.push(o);
-        peer_runs.extend(p);
         // Each run's figures are on disk as soon as it ends.
         if let Some(path) = &args.json {
-            let o: Vec<&Run> = ours_runs.iter().collect();
-            let p: Vec<&Run> = peer_runs.iter().collect();
-            let partial = report::to_json(
-                &size,
-                settings(&args, nofile),
-                &o,
-                &p,
-                serde_json::Value::Array(run_json.clone()),
+            let partial = summary_json(
+                &args, &size, nofile, &ours_runs, &mtls_runs, &peer_runs, &run_json,
             );
             std::fs::write(path, serde_json::to_string_pretty(&partial)?)?;
         }
     }
 
-    let all: Vec<Run> = ours_runs
-        .iter()
-        .zip(peer_runs.iter().map(Some).chain(std::iter::repeat(None)))
-        .flat_map(|(o, p)| std::iter::once(o.clone()).chain(p.cloned()))
+    let all: Vec<Run> = (0..args.runs)
+        .flat_map(|r| [ours_runs.get(r), mtls_runs.get(r), peer_runs.get(r)])
+        .flatten()
+        .cloned()
         .collect();
     println!("\n{}", report::table(&all));
     let numbered: Vec<(usize, &Run)> = ours_runs
         .iter()
         .enumerate()
+        .chain(mtls_runs.iter().enumerate())
         .chain(peer_runs.iter().enumerate())
         .collect();
     println!("\n{}", report::details(&numbered));
-    let o: Vec<&Run> = ours_runs.iter().collect();
-    let p: Vec<&Run> = peer_runs.iter().collect();
-    let summary = report::to_json(
-        &size,
-        settings(&args, nofile),
-        &o,
-        &p,
-        serde_json::Value::Array(run_json),
+    let summary = summary_json(
+        &args, &size, nofile, &ours_runs, &mtls_runs, &peer_runs, &run_json,
     );
-    if !p.is_empty() {
+    if let Some(line) = mtls_line(&summary["mtls"]) {
+        println!("\n{line}");
+    }
+    if !peer_runs.is_empty() {
         println!(
             "\nmedians over {} runs, peer / ours: p99 per sample {:.1}x, p99 sidecars per client {:.1}x, initial sync {:.2}x, rounds CPU {:.1}x, peak RSS {:.1}x",
             args.runs,

@@ -122,10 +122,25 @@ pub struct Run {
     /// Per process of a control plane of several (sharded scenarios: hubs, router).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub processes: Option<Vec<ProcFigures>>,
+    /// From the start of the initial sync until every client's first connection was
+    /// up (TCP; with mutual TLS, TCP and the TLS handshake).
+    pub connect_s: f64,
+    /// With mutual TLS: the hub's xDS handshakes in the initial sync.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsFigures>,
     #[serde(skip)]
     pub samples: Vec<f64>,
     #[serde(skip)]
     pub client_samples: Vec<f64>,
+}
+
+/// The hub's TLS handshakes on its xDS listener during the initial sync
+/// (`tributary_tls_handshakes_total{listener="xds"}`, read from its `/metrics`
+/// before the clients connect and once every client has synced).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TlsFigures {
+    pub handshakes: u64,
+    pub handshake_failures: u64,
 }
 
 /// One process of a control plane of several: CPU per phase, resident memory and
@@ -384,6 +399,99 @@ pub fn to_json(
     v
 }
 
+/// The `mtls` block of the JSON file: per mode (ours plaintext, ours with mutual TLS)
+/// medians over the runs, and, when both ran, what mutual TLS costs, each figure
+/// taken per run from the two modes of that run (same machine, minutes apart) and
+/// then the median over the runs: p99 ratios (mTLS / plaintext), the handshakes, the
+/// extra hub CPU and wall time of the initial sync and of connecting, and the CPU per
+/// handshake (extra initial-sync CPU / handshakes).
+pub fn mtls_json(plaintext: &[&Run], mtls: &[&Run]) -> serde_json::Value {
+    let sync_cpu = |r: &Run| {
+        r.phases
+            .get("initial_sync")
+            .map_or(0.0, |p| p.control_plane_cpu_s)
+    };
+    let mode = |runs: &[&Run]| -> serde_json::Value {
+        if runs.is_empty() {
+            return serde_json::Value::Null;
+        }
+        let m = |g: &dyn Fn(&Run) -> f64| median(runs.iter().map(|r| g(r)).collect());
+        let mut cpu = serde_json::Map::new();
+        for name in runs[0].phases.keys() {
+            cpu.insert(
+                name.clone(),
+                json!(m(&|r| r
+                    .phases
+                    .get(name)
+                    .map_or(0.0, |p| p.control_plane_cpu_s))),
+            );
+        }
+        let tls: Vec<&TlsFigures> = runs.iter().filter_map(|r| r.tls.as_ref()).collect();
+        json!({
+            "name": runs[0].name,
+            "runs": runs.len(),
+            "p99_per_sample_ms": {
+                "all": m(&|r| r.convergence_ms.p99),
+                "sidecars": m(&|r| r.per_sample_ms.sidecars.p99),
+                "gateways": m(&|r| r.per_sample_ms.gateways.p99),
+            },
+            "p99_per_client_ms": {
+                "sidecars": m(&|r| r.per_client_ms.sidecars.p99),
+                "gateways": m(&|r| r.per_client_ms.gateways.p99),
+            },
+            "initial_sync_s": m(&|r| r.initial_sync_s),
+            "connect_s": m(&|r| r.connect_s),
+            "hub_cpu_s": cpu,
+            "handshakes": (!tls.is_empty()).then(|| median(tls.iter().map(|t| t.handshakes as f64).collect())),
+            "handshake_failures": tls.iter().map(|t| t.handshake_failures).sum::<u64>(),
+        })
+    };
+    let mut v = json!({
+        "goal": "p99 with mutual TLS within 10% of plaintext once streams are established",
+        "plaintext": mode(plaintext),
+        "mtls": mode(mtls),
+    });
+    let pairs: Vec<(&Run, &Run)> = plaintext
+        .iter()
+        .copied()
+        .zip(mtls.iter().copied())
+        .collect();
+    if pairs.is_empty() {
+        return v;
+    }
+    let m = |g: &dyn Fn(&Run, &Run) -> f64| median(pairs.iter().map(|(p, t)| g(p, t)).collect());
+    let ratio = |a: f64, b: f64| if a > 0.0 { b / a } else { 0.0 };
+    let handshakes = |t: &Run| t.tls.as_ref().map_or(0, |h| h.handshakes) as f64;
+    let p99 = json!({
+        "per_sample_all": m(&|p, t| ratio(p.convergence_ms.p99, t.convergence_ms.p99)),
+        "per_sample_sidecars": m(&|p, t| ratio(p.per_sample_ms.sidecars.p99, t.per_sample_ms.sidecars.p99)),
+        "per_sample_gateways": m(&|p, t| ratio(p.per_sample_ms.gateways.p99, t.per_sample_ms.gateways.p99)),
+        "per_client_sidecars": m(&|p, t| ratio(p.per_client_ms.sidecars.p99, t.per_client_ms.sidecars.p99)),
+        "per_client_gateways": m(&|p, t| ratio(p.per_client_ms.gateways.p99, t.per_client_ms.gateways.p99)),
+    });
+    // A ratio of 0 is a role without samples (no gateways, say): not compared.
+    let ratios: Vec<f64> = p99
+        .as_object()
+        .into_iter()
+        .flat_map(|o| o.values().filter_map(|r| r.as_f64()))
+        .filter(|r| *r > 0.0)
+        .collect();
+    let within = !ratios.is_empty() && ratios.iter().all(|r| *r <= 1.10);
+    v["p99_mtls_over_plaintext"] = p99;
+    v["goal_met"] = json!(within);
+    v["handshake"] = json!({
+        "handshakes": m(&|_, t| handshakes(t)),
+        "extra_initial_sync_cpu_s": m(&|p, t| sync_cpu(t) - sync_cpu(p)),
+        "cpu_per_handshake_ms": m(&|p, t| {
+            let n = handshakes(t);
+            if n > 0.0 { (sync_cpu(t) - sync_cpu(p)) / n * 1000.0 } else { 0.0 }
+        }),
+        "extra_connect_s": m(&|p, t| t.connect_s - p.connect_s),
+        "extra_initial_sync_s": m(&|p, t| t.initial_sync_s - p.initial_sync_s),
+    });
+    v
+}
+
 /// Per run and control plane: the split figures and CPU per phase.
 pub fn details(runs: &[(usize, &Run)]) -> String {
     let mut rows = vec![vec![
@@ -607,6 +715,71 @@ mod tests {
 #[cfg(test)]
 mod table_tests {
     use super::*;
+
+    /// Per run: ratios and costs from that run's two modes, then the median.
+    #[test]
+    fn mtls_block_pairs_each_run_with_its_own_plaintext_run() {
+        let run = |p99: f64, sync_cpu: f64, connect_s: f64, handshakes: Option<u64>| Run {
+            convergence_ms: Percentiles {
+                p99,
+                ..Percentiles::default()
+            },
+            per_client_ms: Split {
+                sidecars: Percentiles {
+                    p99,
+                    ..Percentiles::default()
+                },
+                ..Split::default()
+            },
+            connect_s,
+            phases: [(
+                "initial_sync".to_string(),
+                Phase {
+                    control_plane_cpu_s: sync_cpu,
+                    ..Phase::default()
+                },
+            )]
+            .into(),
+            tls: handshakes.map(|handshakes| TlsFigures {
+                handshakes,
+                handshake_failures: 0,
+            }),
+            ..Run::default()
+        };
+        // Run 2 is slower in both modes: unpaired medians would mix it with run 1.
+        let plain = [run(100.0, 10.0, 1.0, None), run(200.0, 20.0, 2.0, None)];
+        let mtls = [
+            run(105.0, 12.0, 1.5, Some(2000)),
+            run(240.0, 24.0, 2.5, Some(2000)),
+        ];
+        let v = mtls_json(
+            &plain.iter().collect::<Vec<_>>(),
+            &mtls.iter().collect::<Vec<_>>(),
+        );
+        let f = |path: &[&str]| path.iter().fold(&v, |v, k| &v[*k]).as_f64().unwrap();
+        assert!((f(&["p99_mtls_over_plaintext", "per_sample_all"]) - 1.125).abs() < 1e-9);
+        assert!((f(&["p99_mtls_over_plaintext", "per_client_sidecars"]) - 1.125).abs() < 1e-9);
+        // Median 1.125 > 1.10 (gateways have no samples: not compared).
+        assert_eq!(v["goal_met"], json!(false));
+        let close = [
+            run(104.0, 12.0, 1.5, Some(2000)),
+            run(210.0, 24.0, 2.5, Some(2000)),
+        ];
+        let v = mtls_json(
+            &plain.iter().collect::<Vec<_>>(),
+            &close.iter().collect::<Vec<_>>(),
+        );
+        assert_eq!(v["goal_met"], json!(true), "{v}");
+        assert!((f(&["handshake", "extra_initial_sync_cpu_s"]) - 3.0).abs() < 1e-9);
+        assert!((f(&["handshake", "cpu_per_handshake_ms"]) - 1.5).abs() < 1e-9);
+        assert!((f(&["handshake", "extra_connect_s"]) - 0.5).abs() < 1e-9);
+        assert_eq!(f(&["handshake", "handshakes"]), 2000.0);
+        assert_eq!(f(&["mtls", "handshakes"]), 2000.0);
+        assert!(v["plaintext"]["handshakes"].is_null());
+        // --mtls alone: its figures, nothing to compare.
+        let alone = mtls_json(&[], &mtls.iter().collect::<Vec<_>>());
+        assert!(alone["plaintext"].is_null() && alone.get("handshake").is_none());
+    }
 
     #[test]
     fn summary_table_is_right_aligned_columns() {

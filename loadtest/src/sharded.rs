@@ -509,6 +509,7 @@ async fn measure(
         },
         detail: true,
         records: Default::default(),
+        mtls: None,
     };
 
     // The agents: per remote cluster, one stream to every replica serving a shard of
