@@ -247,6 +247,10 @@ fn bind(addr: SocketAddr, original_dst: bool) -> std::io::Result<TcpListener> {
         tokio::net::TcpSocket::new_v4()?
     };
     socket.set_reuseaddr(true)?;
+    // As Envoy's `enable_reuse_port` default: sidecars sharing a network namespace
+    // (Envoy and this proxy, or two proxies) can each bind the hub's fixed ports,
+    // such as `virtualOutbound`'s 15001.
+    socket.set_reuseport(true)?;
     socket.bind(addr)?;
     socket.listen(1024)
 }
@@ -256,6 +260,7 @@ fn bind_dual_stack(port: u16) -> std::io::Result<TcpListener> {
     let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
     socket.set_only_v6(false)?;
     socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
     socket.listen(1024)?;
