@@ -461,10 +461,15 @@ async fn renewed_hub_files_are_served_without_a_restart() {
     let renewed = ClientTls::load(&files, TD, tls::ALPN_GRPC).unwrap();
     // The hub picks the files up on its own: wait until a client of the new root is served.
     let deadline = tokio::time::Instant::now() + TIMEOUT;
+    // Until then a client that trusts only the new root refuses the hub's old
+    // certificate at connect (BadSignature), and the hub refuses the client's new one.
     loop {
-        if let Ok(names) = subscribe(&hub, &renewed, sidecar_node("n2", &[]), None).await {
-            assert_eq!(names, prod_clusters());
-            break;
+        let connects = channel(hub.hub.xds_addr, &renewed).await.is_ok();
+        if connects {
+            if let Ok(names) = subscribe(&hub, &renewed, sidecar_node("n2", &[]), None).await {
+                assert_eq!(names, prod_clusters());
+                break;
+            }
         }
         assert!(
             tokio::time::Instant::now() < deadline,
