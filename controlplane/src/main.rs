@@ -260,7 +260,8 @@ struct HubArgs {
     /// every minute.
     #[arg(long, env = "TRIBUTARY_INSECURE")]
     insecure: bool,
-    /// An operator (spiffe://DOMAIN/operator/NAME) allowed to read and write
+    /// The NAME of an operator (certificate id spiffe://DOMAIN/operator/NAME; the
+    /// full id of this trust domain is accepted too) allowed to read and write
     /// everything whatever the config's Operator objects say (repeatable): who
     /// writes the first Operator objects into a store. Keep the list short.
     #[arg(
@@ -501,6 +502,35 @@ fn validate(paths: &[PathBuf]) -> anyhow::Result<()> {
     }
 }
 
+/// `--bootstrap-operator`: operator names, given bare or as the operator's full SPIFFE
+/// id of this trust domain (what `tributary ca status` and the certificates show).
+fn operator_names(values: &[String], trust_domain: &str) -> anyhow::Result<Vec<String>> {
+    use tributary_controlplane::identity::{Identity, SpiffeId};
+    values
+        .iter()
+        .map(|v| {
+            if !v.starts_with("spiffe://") {
+                return if v.is_empty() || v.contains('/') {
+                    Err(anyhow::anyhow!(
+                        "--bootstrap-operator {v:?}: expected an operator NAME or spiffe://{trust_domain}/operator/NAME"
+                    ))
+                } else {
+                    Ok(v.clone())
+                };
+            }
+            match SpiffeId::parse(v) {
+                Ok(SpiffeId {
+                    trust_domain: td,
+                    identity: Identity::Operator { name },
+                }) if td == trust_domain => Ok(name),
+                _ => Err(anyhow::anyhow!(
+                    "--bootstrap-operator {v:?}: expected spiffe://{trust_domain}/operator/NAME (an operator of this hub's trust domain) or a bare NAME"
+                )),
+            }
+        })
+        .collect()
+}
+
 /// `--test-issuer DIR`: a throwaway root whose certificate tests read from DIR.
 fn test_issuer(
     dir: &std::path::Path,
@@ -544,7 +574,7 @@ async fn hub(args: HubArgs) -> anyhow::Result<()> {
     let cfg = HubConfig {
         transport,
         trust_domain: args.tls.trust_domain.clone(),
-        bootstrap_operators: args.bootstrap_operators,
+        bootstrap_operators: operator_names(&args.bootstrap_operators, &args.tls.trust_domain)?,
         mesh_identity,
         mesh_mtls: args.mesh_mtls,
         config_paths: args.config,
@@ -887,4 +917,35 @@ fn etcd_backend(_endpoints: Vec<String>) -> anyhow::Result<StoreBackend> {
     anyhow::bail!(
         "--store etcd: this tributary was built without etcd support; build it with `cargo build --release -p tributary-controlplane --features etcd` (needs protoc: Debian protobuf-compiler)"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::operator_names;
+
+    #[test]
+    fn bootstrap_operators_are_names_or_this_domains_operator_ids() {
+        let given = [
+            "admin".to_string(),
+            "spiffe://mesh.example/operator/oncall".to_string(),
+        ];
+        assert_eq!(
+            operator_names(&given, "mesh.example").unwrap(),
+            ["admin", "oncall"]
+        );
+        for bad in [
+            "spiffe://other.example/operator/oncall",
+            "spiffe://mesh.example/env/prod/ns/a/sa/b",
+            "operator/oncall",
+            "",
+        ] {
+            let err = operator_names(&[bad.to_string()], "mesh.example")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("--bootstrap-operator") && err.contains(bad),
+                "{err}"
+            );
+        }
+    }
 }
