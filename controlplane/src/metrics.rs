@@ -69,6 +69,7 @@ pub struct Metrics {
     pub xds_nacks: Family<TypeLabel, Counter>,
     pub xds_pump_seconds: Histogram,
     pub config_reloads: Counter,
+    pub config_reads: Counter,
     pub config_reload_errors: Counter,
     pub snapshots_published: Family<EnvLabel, Counter>,
     pub generation_seconds: Histogram,
@@ -104,6 +105,7 @@ impl Metrics {
             xds_nacks: Family::default(),
             xds_pump_seconds: Histogram::new(exponential_buckets(1e-6, 4.0, 12)),
             config_reloads: Counter::default(),
+            config_reads: Counter::default(),
             config_reload_errors: Counter::default(),
             snapshots_published: Family::default(),
             generation_seconds: Histogram::new(exponential_buckets(1e-5, 4.0, 12)),
@@ -145,6 +147,11 @@ impl Metrics {
             "config_reloads",
             "Config file sets applied",
             m.config_reloads.clone(),
+        );
+        r.register(
+            "config_reads",
+            "Times the config files were read: at start and after a change event (a read that finds the content unchanged applies nothing)",
+            m.config_reads.clone(),
         );
         r.register(
             "config_reload_errors",

@@ -140,6 +140,19 @@ fn watch_dirs(paths: &[PathBuf], files: &[PathBuf]) -> BTreeSet<PathBuf> {
     dirs
 }
 
+/// Whether a file event can mean new content. Opening or reading a file cannot: the
+/// native watcher reports those too (inotify `IN_OPEN`, `IN_CLOSE_NOWRITE`), and since
+/// the hub's own reload opens every file, acting on them re-read the config after
+/// every read, forever, once per debounce period.
+fn is_change(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    }
+}
+
 impl PathWatcher {
     /// Starts watching the directories of `paths`: natively when `cfg.mode` allows and
     /// it works, else by polling. Logs which backend is used.
@@ -147,11 +160,13 @@ impl PathWatcher {
         let signal = Arc::new(Notify::new());
         let handler = {
             let signal = signal.clone();
-            move |event: notify::Result<notify::Event>| {
-                if let Err(e) = &event {
+            move |event: notify::Result<notify::Event>| match &event {
+                Ok(event) if !is_change(&event.kind) => {}
+                Ok(_) => signal.notify_one(),
+                Err(e) => {
                     warn!(error = %e, "config watcher error; re-reading the config");
+                    signal.notify_one();
                 }
-                signal.notify_one();
             }
         };
         let dirs = watch_dirs(paths, &[]);
@@ -388,6 +403,7 @@ impl FileSource {
         last_error: &mut Option<String>,
     ) {
         let paths = self.paths.clone();
+        self.metrics.config_reads.inc();
         // File I/O and parsing off the async workers.
         let read = tokio::task::spawn_blocking(move || {
             let files = list_files(&paths)?;
@@ -623,5 +639,83 @@ mod tests {
             "one reload for the burst: {s:?}"
         );
         assert_eq!(metrics.config_reload_errors.get(), 0);
+    }
+
+    /// Reading or opening a file is not a change; writing, creating, removing and
+    /// renaming are, and so is anything the watcher cannot classify.
+    #[test]
+    fn only_events_that_can_change_content_count() {
+        use notify::event::{
+            AccessKind, AccessMode, CreateKind, DataChange, EventKind, ModifyKind, RemoveKind,
+        };
+        for quiet in [
+            EventKind::Access(AccessKind::Open(AccessMode::Any)),
+            EventKind::Access(AccessKind::Open(AccessMode::Read)),
+            EventKind::Access(AccessKind::Read),
+            EventKind::Access(AccessKind::Close(AccessMode::Read)),
+            EventKind::Access(AccessKind::Any),
+        ] {
+            assert!(!is_change(&quiet), "{quiet:?}");
+        }
+        for change in [
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+            EventKind::Create(CreateKind::File),
+            EventKind::Modify(ModifyKind::Data(DataChange::Any)),
+            EventKind::Modify(ModifyKind::Name(notify::event::RenameMode::To)),
+            EventKind::Remove(RemoveKind::File),
+            EventKind::Any,
+            EventKind::Other,
+        ] {
+            assert!(is_change(&change), "{change:?}");
+        }
+    }
+
+    /// The source's own reads (and anyone else's) do not make it read again: with the
+    /// native watcher, opening a file is an event, and acting on it re-read the whole
+    /// config every debounce period for as long as the hub ran.
+    #[tokio::test]
+    async fn reading_the_config_does_not_make_the_source_read_it_again() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), GOOD).unwrap();
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Arc::new(Metrics::new(&mut registry));
+        let debounce = Duration::from_millis(20);
+        let watch = WatchConfig {
+            poll_interval: Duration::from_secs(3600),
+            debounce,
+            ..WatchConfig::default()
+        };
+        let source = FileSource::new(vec![dir.path().to_path_buf()], watch, metrics.clone());
+        let (contents, mesh) = source.initial().unwrap();
+        let (tx, mut rx) = watch::channel(Arc::new(mesh));
+        rx.borrow_and_update();
+        tokio::spawn(source.run(contents, tx));
+        // An edit is applied: the watcher runs, and the source has read since.
+        let edit = GOOD.replace("port: 8080", "port: 8081");
+        std::fs::write(dir.path().join("a.yaml"), &edit).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), rx.changed())
+            .await
+            .expect("the edit applied")
+            .unwrap();
+        let reads = metrics.config_reads.get();
+        // Someone reads the file (an operator's `cat`, a backup); then fifty debounce
+        // periods pass: before the fix the source read the files about once a period.
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("a.yaml")).unwrap(),
+            edit
+        );
+        tokio::time::sleep(debounce * 50).await;
+        assert_eq!(
+            metrics.config_reads.get(),
+            reads,
+            "no read without a change (reads before: {reads})"
+        );
+        // A real change is still read, once.
+        std::fs::write(dir.path().join("a.yaml"), GOOD).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), rx.changed())
+            .await
+            .expect("the second edit applied")
+            .unwrap();
+        assert!(metrics.config_reads.get() > reads);
     }
 }
