@@ -659,7 +659,11 @@ impl Hub {
             let warn_csr = csr_addrs.clone();
             async move {
                 transport
-                    .warn_while_insecure("the hub", [vec![xds_addr, admin_addr], warn_csr].concat(), stop)
+                    .warn_while_insecure(
+                        "the hub",
+                        [vec![xds_addr, admin_addr], warn_csr].concat(),
+                        stop,
+                    )
                     .await;
                 Ok(())
             }

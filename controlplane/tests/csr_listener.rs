@@ -163,10 +163,15 @@ impl Secure {
 
     /// `method path` on the CSR listener without a certificate: status and JSON body.
     async fn csr_call(&self, method: &str, path: &str, body: &[u8]) -> (u16, serde_json::Value) {
-        let (status, resp) =
-            http_client::request_with(&self.csr_addr(), Some(&self.anonymous()), method, path, body)
-                .await
-                .unwrap();
+        let (status, resp) = http_client::request_with(
+            &self.csr_addr(),
+            Some(&self.anonymous()),
+            method,
+            path,
+            body,
+        )
+        .await
+        .unwrap();
         (
             status,
             serde_json::from_slice(&resp).unwrap_or(serde_json::Value::Null),
@@ -229,9 +234,13 @@ async fn a_new_workload_joins_with_a_join_token(host: &str) {
         .unwrap();
     assert_eq!(got.spiffe_id, PROD_WEB);
     assert_eq!(
-        verify_chain(&got.trust_bundle_pem, &got.cert.chain_pem, SystemTime::now())
-            .unwrap()
-            .to_string(),
+        verify_chain(
+            &got.trust_bundle_pem,
+            &got.cert.chain_pem,
+            SystemTime::now()
+        )
+        .unwrap()
+        .to_string(),
         PROD_WEB
     );
     let dir = s.files.path().join("web");
@@ -312,11 +321,13 @@ async fn missing_revoked_expired_and_other_environment_tokens_are_refused_with_a
 
     // An expired token: wait (on the clock) until its expiry has passed.
     let expiring = s.token(PROD_WEB, "1s").await;
-    let expires =
-        humantime::parse_rfc3339(expiring["expires"].as_str().unwrap()).unwrap();
+    let expires = humantime::parse_rfc3339(expiring["expires"].as_str().unwrap()).unwrap();
     let deadline = tokio::time::Instant::now() + TIMEOUT;
     while SystemTime::now() <= expires + Duration::from_millis(10) {
-        assert!(tokio::time::Instant::now() < deadline, "the token never expired");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the token never expired"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let err = request_certificate_from(
@@ -327,20 +338,20 @@ async fn missing_revoked_expired_and_other_environment_tokens_are_refused_with_a
     .await
     .unwrap_err()
     .to_string();
-    assert!(err.contains("HTTP 401") && err.contains("expired at"), "{err}");
+    assert!(
+        err.contains("HTTP 401") && err.contains("expired at"),
+        "{err}"
+    );
 
     // A token for staging cannot buy a prod certificate; the message names both,
     // and the token is not used up by the refusal.
     let staging = s.token(STAGING_WEB, "1h").await;
     let staging = Credential::JoinToken(staging["token"].as_str().unwrap().into());
-    let err = request_certificate_from(
-        &server,
-        &staging,
-        Some(&SpiffeId::parse(PROD_WEB).unwrap()),
-    )
-    .await
-    .unwrap_err()
-    .to_string();
+    let err =
+        request_certificate_from(&server, &staging, Some(&SpiffeId::parse(PROD_WEB).unwrap()))
+            .await
+            .unwrap_err()
+            .to_string();
     assert!(
         err.contains("HTTP 403")
             && err.contains(&format!("the CSR asks for {PROD_WEB}"))
@@ -399,10 +410,18 @@ async fn only_the_csr_route_is_served_and_the_admin_listener_still_needs_a_certi
     // The same paths on the admin listener, without a certificate: refused at the
     // handshake (TLS 1.3 may report it at the first read, as an error either way).
     for path in ["/healthz", "/config_dump?env=prod", "/v1/certificates"] {
-        let r =
-            http_client::request_with(&s.hub.hub.admin_addr.to_string(), Some(&s.anonymous()), "GET", path, b"")
-                .await;
-        assert!(r.is_err(), "the admin listener answered {path} without a certificate: {r:?}");
+        let r = http_client::request_with(
+            &s.hub.hub.admin_addr.to_string(),
+            Some(&s.anonymous()),
+            "GET",
+            path,
+            b"",
+        )
+        .await;
+        assert!(
+            r.is_err(),
+            "the admin listener answered {path} without a certificate: {r:?}"
+        );
     }
     // The operator still reaches it.
     let (status, _) = http_client::request_with(
@@ -419,9 +438,7 @@ async fn only_the_csr_route_is_served_and_the_admin_listener_still_needs_a_certi
 
 /// Sends the head of a POST whose body never completes, on its own TLS
 /// connection: the request holds its slot until the connection is used again.
-async fn hold_a_request(
-    s: &Secure,
-) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+async fn hold_a_request(s: &Secure) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let mut conn = s.anonymous().connect(&s.csr_addr()).await.unwrap();
     conn.write_all(
         format!(
@@ -449,22 +466,30 @@ async fn an_anonymous_caller_is_bounded_in_body_csr_size_and_concurrent_requests
     })
     .await;
     // A body past --csr-max-body-bytes.
-    let big = serde_json::to_vec(&serde_json::json!({"csr": "x".repeat(5000), "join_token": "a.b"}))
-        .unwrap();
+    let big =
+        serde_json::to_vec(&serde_json::json!({"csr": "x".repeat(5000), "join_token": "a.b"}))
+            .unwrap();
     let (status, body) = s.csr_call("POST", "/v1/certificates", &big).await;
     assert_eq!(status, 413, "{body}");
     assert!(
-        body["error"].as_str().unwrap().contains("--csr-max-body-bytes"),
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("--csr-max-body-bytes"),
         "{body}"
     );
     // A CSR past --csr-max-csr-bytes in a body within its bound.
-    let fat = serde_json::to_vec(&serde_json::json!({"csr": "x".repeat(2000), "join_token": "a.b"}))
-        .unwrap();
+    let fat =
+        serde_json::to_vec(&serde_json::json!({"csr": "x".repeat(2000), "join_token": "a.b"}))
+            .unwrap();
     let (status, body) = s.csr_call("POST", "/v1/certificates", &fat).await;
     assert_eq!(status, 413, "{body}");
     assert!(
         body["error"].as_str().unwrap().contains("2000 bytes")
-            && body["error"].as_str().unwrap().contains("--csr-max-csr-bytes"),
+            && body["error"]
+                .as_str()
+                .unwrap()
+                .contains("--csr-max-csr-bytes"),
         "{body}"
     );
 
@@ -477,14 +502,20 @@ async fn an_anonymous_caller_is_bounded_in_body_csr_size_and_concurrent_requests
         let (status, body) = s.csr_call("POST", "/v1/certificates", &no_credential).await;
         if status == 503 {
             assert!(
-                body["error"].as_str().unwrap().contains("--csr-max-concurrent"),
+                body["error"]
+                    .as_str()
+                    .unwrap()
+                    .contains("--csr-max-concurrent"),
                 "{body}"
             );
             break;
         }
         // Until the held request has been admitted, this one is served (400).
         assert_eq!(status, 400, "{body}");
-        assert!(tokio::time::Instant::now() < deadline, "never refused with 503");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never refused with 503"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Finish the held request (99 more bytes, not JSON): it is answered 400 and
@@ -572,9 +603,10 @@ async fn a_service_account_token_buys_a_first_certificate_over_the_csr_listener(
         .create(&pp, &ns)
         .await
         .unwrap();
-    let sa: ServiceAccount =
-        serde_json::from_value(serde_json::json!({"metadata": {"name": "web", "namespace": "shop"}}))
-            .unwrap();
+    let sa: ServiceAccount = serde_json::from_value(
+        serde_json::json!({"metadata": {"name": "web", "namespace": "shop"}}),
+    )
+    .unwrap();
     let accounts = Api::<ServiceAccount>::namespaced(client.clone(), "shop");
     accounts.create(&pp, &sa).await.unwrap();
     let answer: TokenRequest = accounts
@@ -641,4 +673,59 @@ async fn a_service_account_token_buys_a_first_certificate_over_the_csr_listener(
         .unwrap_err()
         .to_string();
     assert!(err.contains("HTTP 401"), "{err}");
+}
+
+/// `tributary cert request` (the real binary) with only the CA bundle and a join
+/// token: over the CSR listener; the files it writes serve on the mTLS xDS port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cert_request_command_uses_the_csr_listener_with_the_ca_bundle() {
+    let s = Secure::start("::1", |_| {}).await;
+    let token = s.token(PROD_WEB, "1h").await["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = s.files.path().join("cli");
+    let run = |server: String, ca: Option<PathBuf>| {
+        let (out, token) = (out.clone(), token.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tributary"));
+            cmd.args(["cert", "request", "--server", &server, "--token", &token])
+                .arg("--out")
+                .arg(&out)
+                .env("RUST_LOG", "off");
+            if let Some(ca) = ca {
+                cmd.arg("--ca").arg(ca);
+            }
+            let o = cmd.output().expect("running tributary");
+            (
+                o.status.success(),
+                String::from_utf8_lossy(&o.stderr).into_owned(),
+            )
+        })
+    };
+    // https:// without the bundle is refused before anything is sent.
+    let (ok, err) = run(format!("https://{}", s.csr_addr()), None)
+        .await
+        .unwrap();
+    assert!(!ok && err.contains("--ca"), "{err}");
+    let (ok, err) = run(format!("https://{}", s.csr_addr()), Some(s.bundle.clone()))
+        .await
+        .unwrap();
+    assert!(ok, "{err}");
+    assert!(err.contains(PROD_WEB), "{err}");
+    let tls = ClientTls::load(
+        &TlsFiles {
+            cert: out.join("cert.pem"),
+            key: out.join("key.pem"),
+            ca: out.join("ca.pem"),
+        },
+        TD,
+        tls::ALPN_GRPC,
+    )
+    .unwrap();
+    assert_eq!(
+        cds_names(s.hub.hub.xds_addr, &tls).await.unwrap().len(),
+        3,
+        "prod's clusters"
+    );
 }

@@ -278,18 +278,16 @@ pub fn ca_admin_routes(state: CaApi) -> Router {
 async fn post_certificate(State(api): State<CaApi>, body: axum::body::Bytes) -> Response {
     match parse_certificate_request(&body) {
         Ok(req) => answer_certificate(&api, req).await,
-        Err(refused) => refused,
+        Err(why) => error(StatusCode::BAD_REQUEST, why),
     }
 }
 
-/// The body of `POST /v1/certificates`, or the 400 answer saying what was expected.
-pub(crate) fn parse_certificate_request(body: &[u8]) -> Result<CertificateRequest, Response> {
+/// The body of `POST /v1/certificates`, or why it is refused (400) and what was
+/// expected.
+pub(crate) fn parse_certificate_request(body: &[u8]) -> Result<CertificateRequest, String> {
     serde_json::from_slice(body).map_err(|e| {
-        error(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "request body: {e} (expected {{\"csr\": PEM, \"join_token\" | \"kubernetes\": ...}})"
-            ),
+        format!(
+            "request body: {e} (expected {{\"csr\": PEM, \"join_token\" | \"kubernetes\": ...}})"
         )
     })
 }

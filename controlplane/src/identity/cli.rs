@@ -57,7 +57,7 @@ pub struct HubIdentityArgs {
     pub token_review_clusters: Option<PathBuf>,
     /// Where peers without a certificate get their first one: the CSR API alone,
     /// over TLS with the hub's certificate and no client certificate asked for
-    /// (repeatable; `[::]:19002` is dual-stack; loopback only with --insecure).
+    /// (repeatable; `[::]:19003` is dual-stack; loopback only with --insecure).
     #[arg(long = "csr-addr", default_value = super::csr_listener::DEFAULT_CSR_ADDR, env = "TRIBUTARY_CSR_ADDR", value_delimiter = ',')]
     pub csr_addrs: Vec<std::net::SocketAddr>,
     /// Largest request body the CSR listener reads (413 past it).
@@ -196,8 +196,8 @@ enum CertCommand {
     /// Get a certificate from the CSR API and write cert.pem, key.pem and ca.pem.
     #[command(group(clap::ArgGroup::new("credential").required(true).args(["token", "k8s_token_file"])))]
     Request {
-        /// The hub's CSR listener (--csr-addr), e.g. https://hub.example:19002 (with
-        /// --ca), or http://127.0.0.1:19002 for an --insecure hub.
+        /// The hub's CSR listener (--csr-addr), e.g. https://hub.example:19003 (with
+        /// --ca), or http://127.0.0.1:19003 for an --insecure hub.
         #[arg(long, env = "TRIBUTARY_CA_SERVER")]
         server: String,
         /// The CA bundle (PEM) the hub's certificate must chain to: TLS without a

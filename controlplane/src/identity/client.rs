@@ -373,6 +373,36 @@ mod tests {
     }
 
     #[test]
+    fn a_csr_server_is_tls_with_a_bundle_and_plaintext_without() {
+        let ca = || Some(PathBuf::from("bundle.pem"));
+        let s = CsrServer::new("https://hub:19003/", ca(), "td").unwrap();
+        assert_eq!((s.addr.as_str(), s.ca.is_some()), ("hub:19003", true));
+        assert_eq!(s.url(), "https://hub:19003");
+        let s = CsrServer::new("[::1]:19003", ca(), "td").unwrap();
+        assert_eq!(
+            (s.addr.as_str(), s.url()),
+            ("[::1]:19003", "https://[::1]:19003".into())
+        );
+        let s = CsrServer::new("http://127.0.0.1:19003", None, "td").unwrap();
+        assert_eq!(s.url(), "http://127.0.0.1:19003");
+        let err = CsrServer::new("https://hub:19003", None, "td")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--ca"), "{err}");
+        let err = CsrServer::new("http://hub:19003", ca(), "td")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("plaintext") && err.contains("bundle.pem"),
+            "{err}"
+        );
+        let err = CsrServer::new("ftp://hub", None, "td")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ftp://"), "{err}");
+    }
+
+    #[test]
     fn renewal_is_at_half_life_minus_up_to_a_tenth() {
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
         let day = Duration::from_secs(24 * 3600);

@@ -41,7 +41,7 @@ use super::api::{CaApi, answer_certificate, error, parse_certificate_request};
 use super::tls::{self, ServerTls, TlsConn, TlsError, TlsFiles, TlsMetrics, Transport};
 
 /// Default of `--csr-addr`.
-pub const DEFAULT_CSR_ADDR: &str = "127.0.0.1:19002";
+pub const DEFAULT_CSR_ADDR: &str = "127.0.0.1:19003";
 /// Default of `--csr-max-body-bytes`: a CSR, a service-account token (a JWT of a
 /// few KiB) and the JSON around them.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 64 << 10;
@@ -59,7 +59,7 @@ pub const CSR_PATH: &str = "/v1/certificates";
 /// Where the CSR listener binds and what it accepts from callers without identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CsrListenerConfig {
-    /// `--csr-addr` (repeatable: e.g. `127.0.0.1:19002` and `[::1]:19002`; `[::]`
+    /// `--csr-addr` (repeatable: e.g. `127.0.0.1:19003` and `[::1]:19003`; `[::]`
     /// is a dual-stack socket that serves IPv4 too).
     pub addrs: Vec<SocketAddr>,
     /// `--csr-max-body-bytes`: the largest request body read.
@@ -90,7 +90,7 @@ impl CsrListenerConfig {
     /// ports), and an empty or invalid set of bounds, naming the flag.
     pub fn check(&self, transport: &Transport) -> Result<(), String> {
         if self.addrs.is_empty() {
-            return Err("--csr-addr: expected at least one address (default 127.0.0.1:19002): peers without a certificate get their first one there".into());
+            return Err("--csr-addr: expected at least one address (default 127.0.0.1:19003): peers without a certificate get their first one there".into());
         }
         for addr in &self.addrs {
             transport.check_bind("--csr-addr", *addr)?;
@@ -231,7 +231,7 @@ async fn certificate(State(s): State<CsrState>, body: axum::body::Body) -> Respo
     };
     let req = match parse_certificate_request(&body) {
         Ok(r) => r,
-        Err(refused) => return refused,
+        Err(why) => return error(StatusCode::BAD_REQUEST, why),
     };
     if req.csr.len() > s.max_csr_bytes {
         return error(

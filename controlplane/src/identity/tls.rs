@@ -425,10 +425,7 @@ pub fn client_config(
 
 /// A server config that presents our certificate and asks for none: the CSR
 /// listener (`--csr-addr`), where a peer without a certificate gets its first one.
-pub fn server_auth_only_config(
-    files: &TlsFiles,
-    alpn: &[&[u8]],
-) -> Result<ServerConfig, TlsError> {
+pub fn server_auth_only_config(files: &TlsFiles, alpn: &[&[u8]]) -> Result<ServerConfig, TlsError> {
     let chain = load_certs("--tls-cert", &files.cert)?;
     let key = load_key(&files.key)?;
     let mut config = ServerConfig::builder_with_provider(provider())
