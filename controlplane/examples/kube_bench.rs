@@ -511,6 +511,8 @@ async fn one_run(
                 "127.0.0.1:0",
                 "--admin-addr",
                 "127.0.0.1:0",
+                "--csr-addr",
+                "127.0.0.1:0",
             ])
             .args(["--sync-wait", "0s", "--state-dir"])
             .arg(dir.path().join("state"))

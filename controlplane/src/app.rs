@@ -279,6 +279,9 @@ impl Source {
 pub struct Hub {
     pub xds_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The CSR listener's addresses (`--csr-addr`): the CSR API for peers without a
+    /// certificate (`identity::csr_listener`).
+    pub csr_addrs: Vec<SocketAddr>,
     pub snapshots: Arc<Snapshots>,
     pub sync: Arc<SyncRegistry>,
     pub metrics: Arc<Metrics>,
@@ -309,6 +312,10 @@ impl Hub {
                 .check_bind(flag, addr)
                 .map_err(anyhow::Error::msg)?;
         }
+        cfg.identity
+            .csr
+            .check(&cfg.transport)
+            .map_err(anyhow::Error::msg)?;
         let mut registry = Registry::default();
         let metrics = Arc::new(Metrics::new(&mut registry));
         let tls_metrics = TlsMetrics::new(&mut registry);
@@ -390,6 +397,11 @@ impl Hub {
             .with_context(|| format!("binding the admin address {}", cfg.admin_addr))?;
         let xds_addr = xds_listener.local_addr()?;
         let admin_addr = admin_listener.local_addr()?;
+        let csr_listeners = crate::identity::csr_listener::bind(&cfg.identity.csr).await?;
+        let csr_addrs = csr_listeners
+            .iter()
+            .map(|l| l.local_addr())
+            .collect::<std::io::Result<Vec<_>>>()?;
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let stop_rx = shutdown_rx.clone();
@@ -608,6 +620,21 @@ impl Hub {
             crate::identity::api::csr_routes(ca_api.clone())
                 .merge(crate::identity::api::ca_admin_routes(ca_api.clone())),
         );
+        // The CSR API alone, for peers without a certificate: the hub's certificate,
+        // none asked for.
+        let csr_tls = cfg
+            .transport
+            .files()
+            .map(|files| crate::identity::csr_listener::server_tls(files, &cfg.trust_domain))
+            .transpose()
+            .context("loading the TLS files for --csr-addr")?;
+        tasks.spawn(crate::identity::csr_listener::serve(
+            csr_listeners,
+            crate::identity::csr_listener::routes(ca_api.clone(), &cfg.identity.csr),
+            csr_tls,
+            tls_metrics.clone(),
+            shutdown_rx.clone(),
+        ));
         tasks.spawn({
             let stop = stopped();
             async move {
@@ -629,9 +656,14 @@ impl Hub {
         });
         tasks.spawn({
             let (transport, stop) = (cfg.transport.clone(), stopped());
+            let warn_csr = csr_addrs.clone();
             async move {
                 transport
-                    .warn_while_insecure("the hub", vec![xds_addr, admin_addr], stop)
+                    .warn_while_insecure(
+                        "the hub",
+                        [vec![xds_addr, admin_addr], warn_csr].concat(),
+                        stop,
+                    )
                     .await;
                 Ok(())
             }
@@ -640,10 +672,11 @@ impl Hub {
         if cfg.sync_wait.is_zero() {
             ready.store(true, Ordering::Release);
         }
-        info!(%xds_addr, %admin_addr, environments = ?snapshots.environments(), "hub ready");
+        info!(%xds_addr, %admin_addr, ?csr_addrs, environments = ?snapshots.environments(), "hub ready");
         Ok(Hub {
             xds_addr,
             admin_addr,
+            csr_addrs,
             snapshots,
             sync,
             metrics,

@@ -634,7 +634,11 @@ async fn hub(args: HubArgs) -> anyhow::Result<()> {
     tracing::info!(?cfg, "starting hub");
     let hub = Hub::start(cfg).await?;
     if let Some(path) = &args.ready_file {
-        let body = serde_json::json!({ "xds": hub.xds_addr.to_string(), "admin": hub.admin_addr.to_string() });
+        let body = serde_json::json!({
+            "xds": hub.xds_addr.to_string(),
+            "admin": hub.admin_addr.to_string(),
+            "csr": hub.csr_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        });
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, body.to_string())
             .with_context(|| format!("writing {}", tmp.display()))?;

@@ -178,6 +178,8 @@ mod on_etcd {
                     "127.0.0.1:0",
                     "--admin-addr",
                     "127.0.0.1:0",
+                    "--csr-addr",
+                    "127.0.0.1:0",
                     "--sync-wait",
                     "0s",
                     "--state-dir",

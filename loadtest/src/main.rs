@@ -1208,6 +1208,8 @@ fn hub_argv_tls(
         "127.0.0.1:0",
         "--admin-addr",
         "127.0.0.1:0",
+        "--csr-addr",
+        "127.0.0.1:0",
         "--sync-wait",
         "0s",
         "--state-dir",

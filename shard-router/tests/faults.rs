@@ -1101,6 +1101,8 @@ async fn start_hub(
         &format!("[{host}]:0"),
         "--admin-addr",
         "127.0.0.1:0",
+        "--csr-addr",
+        "127.0.0.1:0",
         "--sync-wait",
         "0s",
         "--heartbeat",

@@ -271,6 +271,7 @@ class Hub:
             transport = ["--insecure"]
         argv = [str(binary), "hub", *config, *transport,
                 "--xds-addr", hostport(host, self.xds_port), "--admin-addr", "127.0.0.1:0",
+                "--csr-addr", "127.0.0.1:0",
                 "--ready-file", str(self.ready_file), "--poll-interval", self.poll_interval,
                 # No agents feed these hubs: serve at once.
                 "--sync-wait", "0s", "--state-dir", str(self.dir / "state"),

@@ -12,9 +12,9 @@
 //! | `POST /v1/ca/finish-rotation` | | [`CaStatus`] (the old roots leave the bundle now) |
 //!
 //! [`csr_routes`] and [`ca_admin_routes`] are separate routers: the hub mounts both on
-//! its admin listener today; the CSR route must stay reachable by peers that have no
-//! certificate yet (it is how they get one), the admin routes need an operator
-//! identity once the admin listener authorizes.
+//! its admin listener (the admin routes need an operator identity there); peers that
+//! have no certificate yet reach the CSR route on the CSR listener
+//! ([`super::csr_listener`], `--csr-addr`), which serves nothing else.
 //!
 //! Errors are `{"error": "..."}`: 400 a malformed request or CSR, 401 a credential
 //! that proves nothing (unknown, expired, revoked or used-up token; a TokenReview
@@ -120,7 +120,7 @@ impl CsrError {
     }
 }
 
-fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
+pub(crate) fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
     (
         status,
         Json(serde_json::json!({ "error": message.to_string() })),
@@ -276,17 +276,25 @@ pub fn ca_admin_routes(state: CaApi) -> Router {
 }
 
 async fn post_certificate(State(api): State<CaApi>, body: axum::body::Bytes) -> Response {
-    let req: CertificateRequest = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "request body: {e} (expected {{\"csr\": PEM, \"join_token\" | \"kubernetes\": ...}})"
-                ),
-            );
-        }
-    };
+    match parse_certificate_request(&body) {
+        Ok(req) => answer_certificate(&api, req).await,
+        Err(why) => error(StatusCode::BAD_REQUEST, why),
+    }
+}
+
+/// The body of `POST /v1/certificates`, or why it is refused (400) and what was
+/// expected.
+pub(crate) fn parse_certificate_request(body: &[u8]) -> Result<CertificateRequest, String> {
+    serde_json::from_slice(body).map_err(|e| {
+        format!(
+            "request body: {e} (expected {{\"csr\": PEM, \"join_token\" | \"kubernetes\": ...}})"
+        )
+    })
+}
+
+/// Issues for `req` (see [`CaApi::certificate`]) and answers with the certificate or
+/// the refusal, logged.
+pub(crate) async fn answer_certificate(api: &CaApi, req: CertificateRequest) -> Response {
     match api.certificate(req).await {
         Ok(r) => Json(r).into_response(),
         Err(e) => {
@@ -454,11 +462,13 @@ async fn finish_rotation(State(api): State<CaApi>) -> Response {
 }
 
 /// The hub's identity settings (`--trust-domain`, `--cert-lifetime`, the CA's root,
-/// `--token-review-clusters`).
+/// `--token-review-clusters`, the CSR listener's `--csr-*`).
 #[derive(Clone, Debug)]
 pub struct IdentityConfig {
     pub ca: super::ca::CaConfig,
     pub review_clusters: Vec<super::tokenreview::ReviewCluster>,
+    /// Where peers without a certificate get their first one.
+    pub csr: super::csr_listener::CsrListenerConfig,
 }
 
 /// The default trust domain (`--trust-domain`).
@@ -469,6 +479,7 @@ impl Default for IdentityConfig {
         Self {
             ca: super::ca::CaConfig::new(DEFAULT_TRUST_DOMAIN),
             review_clusters: Vec::new(),
+            csr: Default::default(),
         }
     }
 }

@@ -8,7 +8,7 @@
 //! | `tributary ca rotate --root [--trust-window 24h] [--overlap 48h]` / `--intermediate CLUSTER\|mesh` | `POST /v1/ca/rotate` |
 //! | `tributary ca promote` | `POST /v1/ca/promote` |
 //! | `tributary ca finish-rotation` | `POST /v1/ca/finish-rotation` |
-//! | `tributary cert request --server URL (--token T \| --k8s-token-file F --cluster C) --out DIR [--renew]` | `POST /v1/certificates` |
+//! | `tributary cert request --server URL [--ca BUNDLE] (--token T \| --k8s-token-file F --cluster C) --out DIR [--renew]` | `POST /v1/certificates` (the CSR listener, `--csr-addr`) |
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -19,7 +19,9 @@ use tokio::sync::watch;
 use super::SpiffeId;
 use super::api::IdentityConfig;
 use super::ca::{CaConfig, SuppliedRoot};
-use super::client::{Credential, keep_renewed, request_certificate, write_atomically};
+use super::client::{
+    Credential, CsrServer, keep_renewed, request_certificate_from, write_atomically,
+};
 use crate::http_client;
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -53,6 +55,23 @@ pub struct HubIdentityArgs {
     /// reviews: clusters: [{id, kubeconfig, default_env?, audiences?}].
     #[arg(long, env = "TRIBUTARY_TOKEN_REVIEW_CLUSTERS")]
     pub token_review_clusters: Option<PathBuf>,
+    /// Where peers without a certificate get their first one: the CSR API alone,
+    /// over TLS with the hub's certificate and no client certificate asked for
+    /// (repeatable; `[::]:19003` is dual-stack; loopback only with --insecure).
+    #[arg(long = "csr-addr", default_value = super::csr_listener::DEFAULT_CSR_ADDR, env = "TRIBUTARY_CSR_ADDR", value_delimiter = ',')]
+    pub csr_addrs: Vec<std::net::SocketAddr>,
+    /// Largest request body the CSR listener reads (413 past it).
+    #[arg(long, default_value_t = super::csr_listener::DEFAULT_MAX_BODY_BYTES, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1024..=(16 << 20)))]
+    pub csr_max_body_bytes: usize,
+    /// Largest CSR (PEM) the CSR listener accepts (413 past it).
+    #[arg(long, default_value_t = super::csr_listener::DEFAULT_MAX_CSR_BYTES, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(256..=(1 << 20)))]
+    pub csr_max_csr_bytes: usize,
+    /// Certificate requests the CSR listener handles at once; more are answered 503.
+    #[arg(long, default_value_t = super::csr_listener::DEFAULT_MAX_CONCURRENT, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096))]
+    pub csr_max_concurrent: usize,
+    /// The most one request to the CSR listener may take (408 after).
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    pub csr_request_timeout: Duration,
 }
 
 impl HubIdentityArgs {
@@ -74,6 +93,13 @@ impl HubIdentityArgs {
             review_clusters: match &self.token_review_clusters {
                 Some(p) => super::tokenreview::read_clusters(p)?,
                 None => Vec::new(),
+            },
+            csr: super::csr_listener::CsrListenerConfig {
+                addrs: self.csr_addrs,
+                max_body_bytes: self.csr_max_body_bytes,
+                max_csr_bytes: self.csr_max_csr_bytes,
+                max_concurrent: self.csr_max_concurrent,
+                request_timeout: self.csr_request_timeout,
             },
         })
     }
@@ -170,9 +196,18 @@ enum CertCommand {
     /// Get a certificate from the CSR API and write cert.pem, key.pem and ca.pem.
     #[command(group(clap::ArgGroup::new("credential").required(true).args(["token", "k8s_token_file"])))]
     Request {
-        /// The hub's CSR API, e.g. http://127.0.0.1:19001.
+        /// The hub's CSR listener (--csr-addr), e.g. https://hub.example:19003 (with
+        /// --ca), or http://127.0.0.1:19003 for an --insecure hub.
         #[arg(long, env = "TRIBUTARY_CA_SERVER")]
         server: String,
+        /// The CA bundle (PEM) the hub's certificate must chain to: TLS without a
+        /// client certificate. With --renew, later requests trust the bundle the CA
+        /// handed out last (DIR/ca.pem), so they follow a root rotation.
+        #[arg(long, env = "TRIBUTARY_CA_BUNDLE")]
+        ca: Option<PathBuf>,
+        /// The SPIFFE trust domain the hub's certificate must be of.
+        #[arg(long, default_value = super::tls::DEFAULT_TRUST_DOMAIN, env = "TRIBUTARY_TRUST_DOMAIN")]
+        trust_domain: String,
         /// A join token.
         #[arg(long, env = "TRIBUTARY_JOIN_TOKEN", hide_env_values = true)]
         token: Option<String>,
@@ -319,6 +354,8 @@ pub async fn ca(args: CaArgs) -> anyhow::Result<()> {
 pub async fn cert(args: CertArgs) -> anyhow::Result<()> {
     let CertCommand::Request {
         server,
+        ca,
+        trust_domain,
         token,
         k8s_token_file,
         cluster,
@@ -347,8 +384,9 @@ pub async fn cert(args: CertArgs) -> anyhow::Result<()> {
         );
         Ok(())
     };
+    let mut server = CsrServer::new(&server, ca, &trust_domain)?;
     if !renew {
-        let o = request_certificate(&server, &credential, identity.as_ref()).await?;
+        let o = request_certificate_from(&server, &credential, identity.as_ref()).await?;
         return install(&o);
     }
     let (stop_tx, stop) = watch::channel(false);
@@ -360,9 +398,14 @@ pub async fn cert(args: CertArgs) -> anyhow::Result<()> {
     // that lasts (a service-account token, or the certificate itself once the hub
     // authenticates renewals over mTLS).
     let mut first = true;
+    let bundle = out.join(super::client::CA_FILE);
     keep_renewed(
         || {
             let again = !std::mem::replace(&mut first, false);
+            if again && server.ca.is_some() {
+                // The bundle of the last answer: it holds a new root during a rotation.
+                server.ca = Some(bundle.clone());
+            }
             let (server, credential, identity) =
                 (server.clone(), credential.clone(), identity.clone());
             async move {
@@ -371,7 +414,7 @@ pub async fn cert(args: CertArgs) -> anyhow::Result<()> {
                         "renewing with the join token: it must allow more than one use (--uses)"
                     );
                 }
-                request_certificate(&server, &credential, identity.as_ref()).await
+                request_certificate_from(&server, &credential, identity.as_ref()).await
             }
         },
         install,

@@ -65,12 +65,84 @@ pub fn new_csr(identity: Option<&SpiffeId>) -> anyhow::Result<(KeyPair, String)>
     Ok((key, csr.pem().context("encoding the CSR")?))
 }
 
-/// Requests a certificate from the CSR API at `server` (`http://host:port`).
+/// Where the CSR API is, and how the hub is checked: the hub's CSR listener
+/// (`--csr-addr`) over TLS, its certificate checked against a CA bundle (a peer
+/// without a certificate presents none), or plaintext to an `--insecure` hub.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CsrServer {
+    /// `host:port` or `[v6]:port`.
+    pub addr: String,
+    /// The bundle the hub's certificate must chain to; `None`: plaintext.
+    pub ca: Option<PathBuf>,
+    /// The trust domain the hub's SPIFFE id must be of.
+    pub trust_domain: String,
+}
+
+impl CsrServer {
+    /// From a URL: `https://host:port` needs `ca`; `http://host:port` is plaintext
+    /// and takes none; without a scheme, TLS when `ca` is given.
+    pub fn new(url: &str, ca: Option<PathBuf>, trust_domain: &str) -> anyhow::Result<Self> {
+        let (tls, addr) = match (url.split_once("://"), &ca) {
+            (Some(("https", rest)), Some(_)) => (true, rest),
+            (Some(("https", _)), None) => anyhow::bail!(
+                "--server {url}: TLS needs the CA bundle the hub's certificate chains to (--ca FILE)"
+            ),
+            (Some(("http", _)), Some(ca)) => anyhow::bail!(
+                "--server {url} is plaintext but --ca {} is given: use https://, or drop --ca for an --insecure hub",
+                ca.display()
+            ),
+            (Some(("http", rest)), None) => (false, rest),
+            (Some((scheme, _)), _) => {
+                anyhow::bail!("--server {url}: expected https:// or http://, not {scheme}://")
+            }
+            (None, ca) => (ca.is_some(), url),
+        };
+        Ok(Self {
+            addr: addr.trim_end_matches('/').to_string(),
+            ca: if tls { ca } else { None },
+            trust_domain: trust_domain.to_string(),
+        })
+    }
+
+    fn url(&self) -> String {
+        match self.ca {
+            Some(_) => format!("https://{}", self.addr),
+            None => format!("http://{}", self.addr),
+        }
+    }
+}
+
+/// Requests a certificate from the CSR API at `server` (`http://host:port`,
+/// plaintext: an `--insecure` hub).
 pub async fn request_certificate(
     server: &str,
     credential: &Credential,
     identity: Option<&SpiffeId>,
 ) -> anyhow::Result<Obtained> {
+    let server = CsrServer::new(server, None, super::tls::DEFAULT_TRUST_DOMAIN)?;
+    request_certificate_from(&server, credential, identity).await
+}
+
+/// Requests a certificate from the CSR API at `server`: over TLS without a client
+/// certificate when it names a CA bundle (read now, so a renewed bundle is used).
+pub async fn request_certificate_from(
+    server: &CsrServer,
+    credential: &Credential,
+    identity: Option<&SpiffeId>,
+) -> anyhow::Result<Obtained> {
+    let tls = match &server.ca {
+        Some(ca) => Some(super::tls::ClientTls {
+            config: std::sync::Arc::new(super::tls::Reloading::fixed(
+                super::tls::server_auth_only_client_config(
+                    "--ca",
+                    ca,
+                    &server.trust_domain,
+                    super::tls::ALPN_HTTP1,
+                )?,
+            )),
+        }),
+        None => None,
+    };
     let (key, csr) = new_csr(identity)?;
     let mut req = CertificateRequest {
         csr,
@@ -93,8 +165,15 @@ pub async fn request_certificate(
         }
     }
     let body = serde_json::to_vec(&req)?;
-    let (status, resp) =
-        crate::http_client::request(server, "POST", "/v1/certificates", &body).await?;
+    let server = server.url();
+    let (status, resp) = crate::http_client::request_with(
+        &server,
+        tls.as_ref(),
+        "POST",
+        super::csr_listener::CSR_PATH,
+        &body,
+    )
+    .await?;
     if status != 200 {
         let msg = serde_json::from_slice::<serde_json::Value>(&resp)
             .ok()
@@ -291,6 +370,36 @@ mod tests {
             },
             trust_bundle_pem: format!("bundle {tag}\n"),
         }
+    }
+
+    #[test]
+    fn a_csr_server_is_tls_with_a_bundle_and_plaintext_without() {
+        let ca = || Some(PathBuf::from("bundle.pem"));
+        let s = CsrServer::new("https://hub:19003/", ca(), "td").unwrap();
+        assert_eq!((s.addr.as_str(), s.ca.is_some()), ("hub:19003", true));
+        assert_eq!(s.url(), "https://hub:19003");
+        let s = CsrServer::new("[::1]:19003", ca(), "td").unwrap();
+        assert_eq!(
+            (s.addr.as_str(), s.url()),
+            ("[::1]:19003", "https://[::1]:19003".into())
+        );
+        let s = CsrServer::new("http://127.0.0.1:19003", None, "td").unwrap();
+        assert_eq!(s.url(), "http://127.0.0.1:19003");
+        let err = CsrServer::new("https://hub:19003", None, "td")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--ca"), "{err}");
+        let err = CsrServer::new("http://hub:19003", ca(), "td")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("plaintext") && err.contains("bundle.pem"),
+            "{err}"
+        );
+        let err = CsrServer::new("ftp://hub", None, "td")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ftp://"), "{err}");
     }
 
     #[test]

@@ -7,8 +7,9 @@
 //! refused, not trusted.
 //!
 //! The certificate authority ([`ca`]) issues those certificates: over the CSR API
-//! ([`api`]) to peers proving themselves with a Kubernetes service-account token
-//! ([`tokenreview`]) or a join token ([`tokens`]), and directly through
+//! ([`api`], served to peers without a certificate by [`csr_listener`]) to peers
+//! proving themselves with a Kubernetes service-account token ([`tokenreview`]) or a
+//! join token ([`tokens`]), and directly through
 //! [`CertificateIssuer`] (SDS). [`client`] is the requesting side (files, renewal at
 //! half-life), [`verify`] checks a chain against the trust bundle, [`cli`] holds the
 //! `token`, `ca` and `cert` commands. See `docs/security.md`.
@@ -18,6 +19,7 @@ pub mod authz;
 pub mod ca;
 pub mod cli;
 pub mod client;
+pub mod csr_listener;
 pub mod spiffe;
 pub mod test_issuer;
 pub mod testing;

@@ -423,6 +423,63 @@ pub fn client_config(
     Ok(config)
 }
 
+/// A server config that presents our certificate and asks for none: the CSR
+/// listener (`--csr-addr`), where a peer without a certificate gets its first one.
+pub fn server_auth_only_config(files: &TlsFiles, alpn: &[&[u8]]) -> Result<ServerConfig, TlsError> {
+    let chain = load_certs("--tls-cert", &files.cert)?;
+    let key = load_key(&files.key)?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|source| TlsError::Pair {
+            cert: files.cert.clone(),
+            key: files.key.clone(),
+            source,
+        })?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}
+
+/// A client config that presents no certificate and accepts a hub or a router of
+/// our trust domain whose chain ends at a root of the bundle `ca` (`flag` names it in
+/// errors): how a peer without a certificate reaches the CSR listener.
+pub fn server_auth_only_client_config(
+    flag: &'static str,
+    ca: &Path,
+    trust_domain: &str,
+    alpn: &[&[u8]],
+) -> Result<ClientConfig, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for (index, cert) in load_certs(flag, ca)?.into_iter().enumerate() {
+        roots.add(cert).map_err(|source| TlsError::BadAnchor {
+            flag,
+            path: ca.to_path_buf(),
+            index,
+            source,
+        })?;
+    }
+    let inner =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|source| TlsError::Verifier {
+                path: ca.to_path_buf(),
+                source,
+            })?;
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier {
+            inner,
+            trust_domain: trust_domain.to_string(),
+        }))
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}
+
 /// A config rebuilt whenever one of its files changes (a renewed certificate, a
 /// rotated bundle): new handshakes use the new config, established connections keep
 /// theirs. A rebuild that fails keeps the previous config and logs why.

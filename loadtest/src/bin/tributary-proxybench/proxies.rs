@@ -159,6 +159,8 @@ pub fn hub_argv(
         "--xds-addr".into(),
         any.clone(),
         "--admin-addr".into(),
+        any.clone(),
+        "--csr-addr".into(),
         any,
         "--sync-wait".into(),
         "0s".into(),
