@@ -198,8 +198,9 @@ fn parse_length(v: &[u8]) -> Option<u64> {
     if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    v.iter()
-        .try_fold(0u64, |n, d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
+    v.iter().try_fold(0u64, |n, d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
 }
 
 fn trim(v: &[u8]) -> &[u8] {
@@ -208,9 +209,7 @@ fn trim(v: &[u8]) -> &[u8] {
 
 /// The comma-separated tokens of a header value.
 fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
-    v.split(|b| *b == b',')
-        .map(trim)
-        .filter(|t| !t.is_empty())
+    v.split(|b| *b == b',').map(trim).filter(|t| !t.is_empty())
 }
 
 /// Whether header `name` is hop-by-hop on either side (RFC 9110 §7.6.1; as
@@ -219,9 +218,7 @@ fn hop_by_hop(name: &[u8], value: &[u8]) -> bool {
     match name.len() {
         2 => name.eq_ignore_ascii_case(b"te") && value != b"trailers",
         7 => name.eq_ignore_ascii_case(b"upgrade"),
-        10 => {
-            name.eq_ignore_ascii_case(b"connection") || name.eq_ignore_ascii_case(b"keep-alive")
-        }
+        10 => name.eq_ignore_ascii_case(b"connection") || name.eq_ignore_ascii_case(b"keep-alive"),
         14 => name.eq_ignore_ascii_case(b"content-length"),
         16 => name.eq_ignore_ascii_case(b"proxy-connection"),
         17 => name.eq_ignore_ascii_case(b"transfer-encoding"),
@@ -293,11 +290,7 @@ impl Chunked {
 
     /// Consumes bytes of `input` up to the end of the body; returns how many, calling
     /// `data` with the chunk data among them.
-    pub fn feed(
-        &mut self,
-        input: &[u8],
-        mut data: impl FnMut(&[u8]),
-    ) -> Result<usize, ChunkError> {
+    pub fn feed(&mut self, input: &[u8], mut data: impl FnMut(&[u8])) -> Result<usize, ChunkError> {
         use ChunkState::*;
         let mut i = 0;
         while i < input.len() && self.state != Done {
@@ -349,7 +342,13 @@ impl Chunked {
                         self.state = Data;
                     }
                 }
-                DataCr => self.state = if b == b'\r' { DataLf } else { return Err(ChunkError) },
+                DataCr => {
+                    self.state = if b == b'\r' {
+                        DataLf
+                    } else {
+                        return Err(ChunkError);
+                    }
+                }
                 DataLf => {
                     if b != b'\n' {
                         return Err(ChunkError);
@@ -372,7 +371,11 @@ impl Chunked {
                     if b != b'\n' {
                         return Err(ChunkError);
                     }
-                    self.state = if self.state == EndLf { Done } else { TrailerStart };
+                    self.state = if self.state == EndLf {
+                        Done
+                    } else {
+                        TrailerStart
+                    };
                 }
                 Done => unreachable!("the loop stops at Done"),
             }
@@ -637,12 +640,12 @@ impl Conn {
                         r = self.io.read_buf(&mut self.rbuf) => r,
                         _ = self.stop.changed() => return Next::Close,
                     },
-                    Some(d) => match tokio::time::timeout_at(d, self.io.read_buf(&mut self.rbuf))
-                        .await
-                    {
-                        Ok(r) => r,
-                        Err(_) => return Next::Close,
-                    },
+                    Some(d) => {
+                        match tokio::time::timeout_at(d, self.io.read_buf(&mut self.rbuf)).await {
+                            Ok(r) => r,
+                            Err(_) => return Next::Close,
+                        }
+                    }
                 };
                 match read {
                     Ok(0) | Err(_) => return Next::Close,
@@ -683,36 +686,30 @@ impl Conn {
             headers: head.headers,
             keep_xfcc,
         };
-        let route = match crate::http::route(
-            shared,
-            downstream,
-            &snapshot,
-            host,
-            head.path,
-            &visible,
-        ) {
-            Err(l) => Err(l),
-            Ok(action) => {
-                // A route that may pick a cluster this path cannot speak to goes to
-                // hyper's path whole (deciding per pick would skew a weighted split).
-                if action.clusters.names().any(|c| {
-                    snapshot
-                        .clusters
-                        .get(c)
-                        .is_some_and(|c| !c.speaks_plain_http1())
-                }) {
-                    return Err(Next::HandOver);
-                }
-                crate::http::admit(shared, &snapshot, action).map(|(cluster, admission)| {
-                    Forward {
-                        cluster,
-                        admission,
-                        timeout: action.timeout,
-                        retry: action.retry.clone().filter(|r| r.num_retries > 0),
+        let route =
+            match crate::http::route(shared, downstream, &snapshot, host, head.path, &visible) {
+                Err(l) => Err(l),
+                Ok(action) => {
+                    // A route that may pick a cluster this path cannot speak to goes to
+                    // hyper's path whole (deciding per pick would skew a weighted split).
+                    if action.clusters.names().any(|c| {
+                        snapshot
+                            .clusters
+                            .get(c)
+                            .is_some_and(|c| !c.speaks_plain_http1())
+                    }) {
+                        return Err(Next::HandOver);
                     }
-                })
-            }
-        };
+                    crate::http::admit(shared, &snapshot, action).map(|(cluster, admission)| {
+                        Forward {
+                            cluster,
+                            admission,
+                            timeout: action.timeout,
+                            retry: action.retry.clone().filter(|r| r.num_retries > 0),
+                        }
+                    })
+                }
+            };
         // The upstream head, up to what each try adds.
         let out = &mut self.head;
         out.clear();
@@ -890,7 +887,9 @@ impl Conn {
                 .pick(None)
                 .map_err(|u| Failed::Reply(crate::http::unavailable_reply(u)))?;
             cluster.stats.requests.inc();
-            let r = self.try_once(cluster, &endpoint.endpoint, Sending::Stream, req).await;
+            let r = self
+                .try_once(cluster, &endpoint.endpoint, Sending::Stream, req)
+                .await;
             settle(cluster, &endpoint.endpoint, &r);
             return r.map(|g| (g, endpoint));
         };
@@ -1295,11 +1294,7 @@ fn upstream_reply(o: Outcome) -> Local {
 
 /// Records how a try ended (outlier detection, stats); its outcome, unless the
 /// client ended it.
-fn settle(
-    cluster: &Cluster,
-    endpoint: &Endpoint,
-    r: &Result<Got, Failed>,
-) -> Option<Outcome> {
+fn settle(cluster: &Cluster, endpoint: &Endpoint, r: &Result<Got, Failed>) -> Option<Outcome> {
     let outcome = match r {
         Ok(g) => Outcome::Status(g.head.status),
         Err(Failed::Upstream(o)) => *o,
@@ -1338,9 +1333,7 @@ where
             }
         }
         let k = match kind {
-            BodyKind::Chunked => chunked
-                .feed(rbuf, |_| {})
-                .map_err(|_| PumpError::BadBody)?,
+            BodyKind::Chunked => chunked.feed(rbuf, |_| {}).map_err(|_| PumpError::BadBody)?,
             _ => (rbuf.len() as u64).min(left) as usize,
         };
         up.write_all(&rbuf[..k])
@@ -1479,7 +1472,9 @@ mod tests {
     fn parse(buf: &[u8]) -> String {
         let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
         match parse_request(buf, &mut storage) {
-            Parsed::Complete(h) => format!("{} {} {:?} close={}", h.method, h.path, h.body, h.close),
+            Parsed::Complete(h) => {
+                format!("{} {} {:?} close={}", h.method, h.path, h.body, h.close)
+            }
             other => format!("{other:?}"),
         }
     }
@@ -1498,13 +1493,22 @@ mod tests {
             parse(b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n"),
             "POST / Chunked close=false"
         );
-        assert!(parse(b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n").starts_with("Bad"));
+        assert!(
+            parse(b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n")
+                .starts_with("Bad")
+        );
         assert!(parse(b"POST / HTTP/1.1\r\ntransfer-encoding: gzip\r\n\r\n").starts_with("Bad"));
-        assert!(parse(b"POST / HTTP/1.1\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\n").starts_with("Bad"));
+        assert!(
+            parse(b"POST / HTTP/1.1\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\n")
+                .starts_with("Bad")
+        );
         assert!(parse(b"POST / HTTP/1.1\r\ncontent-length: -1\r\n\r\n").starts_with("Bad"));
         assert_eq!(parse(b"GET / HTTP/1.0\r\n\r\n"), "HandOver");
         assert_eq!(parse(b"GET http://x/ HTTP/1.1\r\n\r\n"), "HandOver");
-        assert_eq!(parse(b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"), "HandOver");
+        assert_eq!(
+            parse(b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"),
+            "HandOver"
+        );
         assert_eq!(parse(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), "HandOver");
         assert_eq!(parse(b"GET / HTTP/1.1\r\nHost: x\r\n"), "Partial");
         assert!(parse(b"GET / HTTP/1.1\r\nHo st: x\r\n\r\n").starts_with("Bad"));
@@ -1516,15 +1520,23 @@ mod tests {
         for split in 0..=body.len() - 4 {
             let mut c = Chunked::default();
             let mut data = Vec::new();
-            let a = c.feed(&body[..split], |d| data.extend_from_slice(d)).unwrap();
+            let a = c
+                .feed(&body[..split], |d| data.extend_from_slice(d))
+                .unwrap();
             assert_eq!(a, split);
-            let b = c.feed(&body[split..], |d| data.extend_from_slice(d)).unwrap();
+            let b = c
+                .feed(&body[split..], |d| data.extend_from_slice(d))
+                .unwrap();
             assert!(c.is_done());
             assert_eq!(a + b, body.len() - 4);
             assert_eq!(data, b"hello world");
         }
         assert!(Chunked::default().feed(b"zz\r\n", |_| {}).is_err());
         assert!(Chunked::default().feed(b"3\r\nabcX", |_| {}).is_err());
-        assert!(Chunked::default().feed(b"fffffffffffffffff\r\n", |_| {}).is_err());
+        assert!(
+            Chunked::default()
+                .feed(b"fffffffffffffffff\r\n", |_| {})
+                .is_err()
+        );
     }
 }

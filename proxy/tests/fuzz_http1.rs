@@ -43,7 +43,10 @@ fn parse(buf: &[u8]) -> String {
         Parsed::Complete(h) => {
             assert!(h.len <= buf.len() && h.len <= MAX_HEAD);
             assert!(h.target.starts_with('/') && h.target.starts_with(h.path));
-            format!("complete {} {:?} {} {}", h.len, h.body, h.close, h.expect_continue)
+            format!(
+                "complete {} {:?} {} {}",
+                h.len, h.body, h.close, h.expect_continue
+            )
         }
         Parsed::Partial => {
             assert!(buf.len() <= MAX_HEAD);

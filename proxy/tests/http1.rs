@@ -19,8 +19,8 @@ use tributary_proxy::cluster::{
     Assignment, Cluster, ClusterDef, EndpointDef, LbPolicy, Limits, LocalityEndpoints,
 };
 use tributary_proxy::config::{
-    ClusterChoice, Codec, ListenerConfig, NetworkFilter, PathMatch, Route, RouteAction,
-    RouteTable, Snapshot, VirtualHost, Xfcc,
+    ClusterChoice, Codec, ListenerConfig, NetworkFilter, PathMatch, Route, RouteAction, RouteTable,
+    Snapshot, VirtualHost, Xfcc,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(20);
@@ -274,7 +274,9 @@ async fn answer_with(
 async fn closed(s: &mut TcpStream) -> bool {
     let mut b = [0u8; 1];
     matches!(
-        tokio::time::timeout(TIMEOUT, s.read(&mut b)).await.expect("EOF within the timeout"),
+        tokio::time::timeout(TIMEOUT, s.read(&mut b))
+            .await
+            .expect("EOF within the timeout"),
         Ok(0) | Err(_)
     )
 }
@@ -291,8 +293,8 @@ async fn echo() -> (SocketAddr, mpsc::UnboundedReceiver<Received>) {
                 body.push(b':');
                 body.extend_from_slice(&r.body);
                 let _ = tx.send(r);
-                let mut out =
-                    format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len()).into_bytes();
+                let mut out = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len())
+                    .into_bytes();
                 out.extend_from_slice(&body);
                 if s.write_all(&out).await.is_err() {
                     return;
@@ -320,9 +322,15 @@ async fn pipelined_requests_are_answered_in_order_on_one_connection() {
         let mut buf = Vec::new();
         for want in ["/1:", "/2:xyz", "/3:"] {
             let a = answer(&mut c, &mut buf, false).await;
-            assert_eq!((a.status, String::from_utf8(a.body).unwrap()), (200, want.into()), "fast={fast}");
+            assert_eq!(
+                (a.status, String::from_utf8(a.body).unwrap()),
+                (200, want.into()),
+                "fast={fast}"
+            );
         }
-        let paths: Vec<String> = (0..3).map(|_| seen.try_recv().unwrap().path().to_string()).collect();
+        let paths: Vec<String> = (0..3)
+            .map(|_| seen.try_recv().unwrap().path().to_string())
+            .collect();
         assert_eq!(paths, ["/1", "/2", "/3"], "fast={fast}");
     }
 }
@@ -365,11 +373,16 @@ async fn chunked_request_and_response_bodies_are_streamed_not_buffered() {
         .await;
         let (_p, addr) = proxy(fast, b, Duration::from_secs(15)).await;
         let mut c = TcpStream::connect(addr).await.unwrap();
-        c.write_all(b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
-            .await
-            .unwrap();
+        c.write_all(
+            b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+        )
+        .await
+        .unwrap();
         // The first chunk reaches the backend before the client sends the rest.
-        let first = tokio::time::timeout(TIMEOUT, first_rx.recv()).await.unwrap().unwrap();
+        let first = tokio::time::timeout(TIMEOUT, first_rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(first, b"hello", "fast={fast}");
         c.write_all(b"6\r\n world\r\n0\r\n\r\n").await.unwrap();
         let mut buf = Vec::new();
@@ -395,9 +408,11 @@ async fn a_response_without_length_ends_with_the_upstream_close_and_the_client_k
             let mut buf = Vec::new();
             let r = receive(&mut s, &mut buf).await.unwrap();
             let body = format!("no length for {}", r.path());
-            s.write_all(format!("HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\n{body}").as_bytes())
-                .await
-                .unwrap();
+            s.write_all(
+                format!("HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\n{body}").as_bytes(),
+            )
+            .await
+            .unwrap();
             // Closing is the end of the body.
         })
         .await;
@@ -410,8 +425,17 @@ async fn a_response_without_length_ends_with_the_upstream_close_and_the_client_k
                 .unwrap();
             let a = answer(&mut c, &mut buf, false).await;
             assert_eq!(a.status, 200, "fast={fast}");
-            assert_eq!(header(&a.head, "transfer-encoding"), Some("chunked"), "{}", a.head);
-            assert_eq!(a.body, format!("no length for {path}").as_bytes(), "fast={fast}");
+            assert_eq!(
+                header(&a.head, "transfer-encoding"),
+                Some("chunked"),
+                "{}",
+                a.head
+            );
+            assert_eq!(
+                a.body,
+                format!("no length for {path}").as_bytes(),
+                "fast={fast}"
+            );
         }
     }
 }
@@ -422,15 +446,21 @@ async fn expect_100_continue_is_answered_before_the_body_is_sent() {
         let (b, mut seen) = echo().await;
         let (_p, addr) = proxy(fast, b, Duration::from_secs(15)).await;
         let mut c = TcpStream::connect(addr).await.unwrap();
-        c.write_all(b"PUT /x HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
-            .await
-            .unwrap();
+        c.write_all(
+            b"PUT /x HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n",
+        )
+        .await
+        .unwrap();
         let mut buf = Vec::new();
         let interim = answer(&mut c, &mut buf, false).await;
         assert_eq!(interim.status, 100, "fast={fast}: {}", interim.head);
         c.write_all(b"12345").await.unwrap();
         let a = answer(&mut c, &mut buf, false).await;
-        assert_eq!((a.status, a.body), (200, b"/x:12345".to_vec()), "fast={fast}");
+        assert_eq!(
+            (a.status, a.body),
+            (200, b"/x:12345".to_vec()),
+            "fast={fast}"
+        );
         assert_eq!(seen.recv().await.unwrap().body, b"12345");
     }
 }
@@ -459,7 +489,12 @@ async fn head_204_and_304_answers_have_no_body_and_the_connection_goes_on() {
         let mut buf = Vec::new();
         let a = answer(&mut c, &mut buf, true).await;
         assert_eq!(a.status, 200);
-        assert_eq!(header(&a.head, "content-length"), Some("10"), "fast={fast}: {}", a.head);
+        assert_eq!(
+            header(&a.head, "content-length"),
+            Some("10"),
+            "fast={fast}: {}",
+            a.head
+        );
         assert_eq!(answer(&mut c, &mut buf, false).await.status, 204);
         let a = answer(&mut c, &mut buf, false).await;
         assert_eq!(a.status, 304);
@@ -477,7 +512,9 @@ async fn an_upgrade_request_is_handed_to_hyper_with_the_bytes_already_read() {
         let (_p, addr) = proxy(fast, b, Duration::from_secs(15)).await;
         let mut c = TcpStream::connect(addr).await.unwrap();
         let mut buf = Vec::new();
-        c.write_all(b"GET /1 HTTP/1.1\r\nHost: a\r\nX-Case: 1\r\n\r\n").await.unwrap();
+        c.write_all(b"GET /1 HTTP/1.1\r\nHost: a\r\nX-Case: 1\r\n\r\n")
+            .await
+            .unwrap();
         assert_eq!(answer(&mut c, &mut buf, false).await.status, 200);
         // An upgrade and a request pipelined behind it, in one write.
         c.write_all(b"GET /2 HTTP/1.1\r\nHost: a\r\nX-Case: 2\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\nGET /3 HTTP/1.1\r\nHost: a\r\nX-Case: 3\r\n\r\n")
@@ -493,7 +530,11 @@ async fn an_upgrade_request_is_handed_to_hyper_with_the_bytes_already_read() {
             assert_eq!(cased, [false, false, false], "{heads:?}");
         }
         // The upgrade itself is not forwarded (hop-by-hop).
-        assert!(!heads[1].to_ascii_lowercase().contains("upgrade"), "{}", heads[1]);
+        assert!(
+            !heads[1].to_ascii_lowercase().contains("upgrade"),
+            "{}",
+            heads[1]
+        );
     }
 }
 
@@ -511,7 +552,12 @@ async fn malformed_requests_are_answered_400_and_the_connection_closed() {
             c.write_all(bad).await.unwrap();
             let mut buf = Vec::new();
             let a = answer(&mut c, &mut buf, false).await;
-            assert_eq!(a.status, 400, "fast={fast}: {}", String::from_utf8_lossy(bad));
+            assert_eq!(
+                a.status,
+                400,
+                "fast={fast}: {}",
+                String::from_utf8_lossy(bad)
+            );
             assert!(closed(&mut c).await, "fast={fast}");
         }
     }
@@ -543,7 +589,11 @@ async fn too_many_header_fields_are_answered_431_and_the_connection_closed() {
         let mut c = TcpStream::connect(addr).await.unwrap();
         c.write_all(&req).await.unwrap();
         let mut buf = Vec::new();
-        assert_eq!(answer(&mut c, &mut buf, false).await.status, 431, "fast={fast}");
+        assert_eq!(
+            answer(&mut c, &mut buf, false).await.status,
+            431,
+            "fast={fast}"
+        );
         assert!(closed(&mut c).await, "fast={fast}");
     }
 }
@@ -574,10 +624,16 @@ async fn upstream_failures_are_answered_503_and_504() {
         .await;
         let (_p, addr) = proxy(fast, rude, Duration::from_secs(15)).await;
         let mut c = TcpStream::connect(addr).await.unwrap();
-        c.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
         let mut buf = Vec::new();
         let a = answer(&mut c, &mut buf, false).await;
-        assert_eq!((a.status, a.body), (503, b"upstream reset before headers".to_vec()), "fast={fast}");
+        assert_eq!(
+            (a.status, a.body),
+            (503, b"upstream reset before headers".to_vec()),
+            "fast={fast}"
+        );
 
         // Never answers: the route's timeout.
         let (hold_tx, _hold) = tokio::sync::watch::channel(());
@@ -592,9 +648,15 @@ async fn upstream_failures_are_answered_503_and_504() {
         .await;
         let (_p, addr) = proxy(fast, silent, Duration::from_millis(200)).await;
         let mut c = TcpStream::connect(addr).await.unwrap();
-        c.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
         let a = answer(&mut c, &mut buf, false).await;
-        assert_eq!((a.status, a.body), (504, b"upstream request timeout".to_vec()), "fast={fast}");
+        assert_eq!(
+            (a.status, a.body),
+            (504, b"upstream request timeout".to_vec()),
+            "fast={fast}"
+        );
 
         // Nothing listens: a connect failure.
         let gone = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -602,9 +664,15 @@ async fn upstream_failures_are_answered_503_and_504() {
         drop(gone);
         let (_p, addr) = proxy(fast, gone_addr, Duration::from_secs(15)).await;
         let mut c = TcpStream::connect(addr).await.unwrap();
-        c.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
         let a = answer(&mut c, &mut buf, false).await;
-        assert_eq!((a.status, a.body), (503, b"upstream connect error".to_vec()), "fast={fast}");
+        assert_eq!(
+            (a.status, a.body),
+            (503, b"upstream connect error".to_vec()),
+            "fast={fast}"
+        );
     }
 }
 
@@ -617,7 +685,10 @@ async fn connection_close_is_honoured_and_the_upstream_connection_is_reused() {
             async move {
                 let mut buf = Vec::new();
                 while let Some(_r) = receive(&mut s, &mut buf).await {
-                    if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await.is_err() {
+                    if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -628,15 +699,25 @@ async fn connection_close_is_honoured_and_the_upstream_connection_is_reused() {
         let mut buf = Vec::new();
         for _ in 0..3 {
             let mut c = TcpStream::connect(addr).await.unwrap();
-            c.write_all(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").await.unwrap();
+            c.write_all(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+                .await
+                .unwrap();
             buf.clear();
             let a = answer(&mut c, &mut buf, false).await;
             assert_eq!(a.status, 200);
-            assert_eq!(header(&a.head, "connection"), Some("close"), "fast={fast}: {}", a.head);
+            assert_eq!(
+                header(&a.head, "connection"),
+                Some("close"),
+                "fast={fast}: {}",
+                a.head
+            );
             assert!(closed(&mut c).await, "fast={fast}");
         }
         // One pooled upstream connection carried all three.
         assert!(accepted.try_recv().is_ok());
-        assert!(accepted.try_recv().is_err(), "fast={fast}: a second upstream connection");
+        assert!(
+            accepted.try_recv().is_err(),
+            "fast={fast}: a second upstream connection"
+        );
     }
 }
