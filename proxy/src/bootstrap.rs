@@ -112,6 +112,10 @@ pub struct ListenersConfig {
     /// Seconds a removed listener's connections may take to finish (default 10).
     #[serde(default)]
     pub drain_timeout: Option<f64>,
+    /// Serve plaintext HTTP/1.1 downstream connections with the hand-written fast path
+    /// (`false`: every connection through hyper). Default on; `docs/proxy.md`.
+    #[serde(default)]
+    pub http1_fast_path: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

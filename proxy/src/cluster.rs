@@ -133,6 +133,10 @@ pub struct EndpointState {
     /// Milliseconds since the proxy's clock start until which it is ejected (0: not).
     ejected_until: AtomicU64,
     ejections: AtomicU32,
+    /// The HTTP/1.1 fast path's idle upstream connections to this endpoint, most
+    /// recent last. The lock is only held to push or pop one (never across an await);
+    /// it is uncontended on a one-worker proxy.
+    h1_idle: std::sync::Mutex<Vec<H1Conn>>,
 }
 
 #[derive(Debug)]
@@ -712,6 +716,100 @@ impl Cluster {
             self.stats.ejections.inc();
             tracing::info!(cluster = %self.def.name, endpoint = %endpoint.address, seconds = time.as_secs(), "outlier ejected");
         }
+    }
+}
+
+/// How long the HTTP/1.1 fast path keeps an idle upstream connection (hyper's pool:
+/// `pool_idle_timeout` 60 s above).
+const H1_IDLE: Duration = Duration::from_secs(60);
+
+/// A plaintext HTTP/1.1 upstream connection of the fast path ([`crate::http1`]): its
+/// socket, its read buffer (kept across requests), and its permit under the cluster's
+/// `max_connections` (shared with hyper's pool: both paths count against one limit).
+#[derive(Debug)]
+pub struct H1Conn {
+    pub stream: tokio::net::TcpStream,
+    pub buf: bytes::BytesMut,
+    /// It served a request before (the upstream may have closed it while it was idle).
+    pub reused: bool,
+    idle_since: Instant,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl H1Conn {
+    /// Whether the upstream has not closed it, without a system call unless the
+    /// reactor saw it readable (an idle connection that is readable has closed, or
+    /// sent bytes nobody asked for: either way it is not reused).
+    fn is_open(&self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match self.stream.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => {
+                let mut b = [0u8; 1];
+                matches!(self.stream.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+}
+
+impl Cluster {
+    /// Whether the HTTP/1.1 fast path speaks to this cluster itself: plaintext
+    /// HTTP/1.1 to its endpoints (not HTTP/2, not TLS, not `ORIGINAL_DST`).
+    pub fn speaks_plain_http1(&self) -> bool {
+        !self.def.http2 && self.tls.is_none() && !self.def.original_dst
+    }
+
+    /// An idle fast-path connection to `endpoint` that is still open, most recent first.
+    pub fn pooled_h1(&self, endpoint: &Endpoint) -> Option<H1Conn> {
+        let mut idle = endpoint.state.h1_idle.lock().ok()?;
+        while let Some(c) = idle.pop() {
+            if c.idle_since.elapsed() < H1_IDLE && c.is_open() {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    /// Returns a connection whose last exchange ended cleanly to `endpoint`'s pool.
+    pub fn release_h1(&self, endpoint: &Endpoint, mut c: H1Conn) {
+        c.reused = true;
+        c.idle_since = Instant::now();
+        if let Ok(mut idle) = endpoint.state.h1_idle.lock() {
+            // Drop the ones that idled too long (oldest first) while here.
+            let stale = idle
+                .iter()
+                .take_while(|c| c.idle_since.elapsed() >= H1_IDLE)
+                .count();
+            idle.drain(..stale);
+            idle.push(c);
+        }
+    }
+
+    /// A new fast-path connection to `endpoint`: waits for a permit under
+    /// `max_connections` (the request counts as pending meanwhile), then connects
+    /// within the cluster's connect timeout.
+    pub async fn connect_h1(&self, endpoint: &Endpoint) -> std::io::Result<H1Conn> {
+        let permit = self
+            .connections
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(std::io::Error::other)?;
+        let stream = tokio::time::timeout(
+            self.def.connect_timeout,
+            tokio::net::TcpStream::connect(endpoint.address),
+        )
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        stream.set_nodelay(true)?;
+        Ok(H1Conn {
+            stream,
+            buf: bytes::BytesMut::with_capacity(8 * 1024),
+            reused: false,
+            idle_since: Instant::now(),
+            _permit: permit,
+        })
     }
 }
 

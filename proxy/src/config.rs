@@ -148,9 +148,41 @@ pub struct VirtualHost {
     pub routes: Vec<Route>,
 }
 
+/// The request headers a route reads: hyper's `HeaderMap`, or the HTTP/1.1 fast path's
+/// parsed header slice ([`crate::http1`]), so that one matcher serves both paths and no
+/// map is built per request on the fast path.
+pub trait RequestHeaders {
+    /// The first value of header `name`, as bytes.
+    fn first_value(&self, name: &HeaderName) -> Option<&[u8]>;
+}
+
+impl RequestHeaders for HeaderMap {
+    fn first_value(&self, name: &HeaderName) -> Option<&[u8]> {
+        self.get(name).map(|v| v.as_bytes())
+    }
+}
+
+impl RequestHeaders for [httparse::Header<'_>] {
+    fn first_value(&self, name: &HeaderName) -> Option<&[u8]> {
+        let name = name.as_str();
+        self.iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    }
+}
+
+/// A header value as text when it is visible ASCII (and tabs), as `HeaderValue::to_str`.
+pub fn visible_ascii(v: &[u8]) -> Option<&str> {
+    if v.iter().all(|&b| b == b'\t' || (32..127).contains(&b)) {
+        std::str::from_utf8(v).ok()
+    } else {
+        None
+    }
+}
+
 impl VirtualHost {
     /// The first route whose match accepts the request.
-    pub fn route(&self, path: &str, headers: &HeaderMap) -> Option<&Route> {
+    pub fn route<H: RequestHeaders + ?Sized>(&self, path: &str, headers: &H) -> Option<&Route> {
         self.routes.iter().find(|r| r.matches(path, headers))
     }
 }
@@ -166,7 +198,7 @@ pub struct Route {
 
 impl Route {
     /// `path` is the request path without its query.
-    pub fn matches(&self, path: &str, headers: &HeaderMap) -> bool {
+    pub fn matches<H: RequestHeaders + ?Sized>(&self, path: &str, headers: &H) -> bool {
         let path_ok = match &self.path {
             PathMatch::Prefix(p) => path.starts_with(p.as_str()),
             PathMatch::Exact(p) => path == p,
@@ -175,8 +207,8 @@ impl Route {
         path_ok
             && (!self.grpc
                 || headers
-                    .get(hyper::header::CONTENT_TYPE)
-                    .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc")))
+                    .first_value(&hyper::header::CONTENT_TYPE)
+                    .is_some_and(|v| v.starts_with(b"application/grpc")))
             && self.headers.iter().all(|h| h.matches(headers))
     }
 }
@@ -208,13 +240,15 @@ pub enum HeaderValueMatch {
 }
 
 impl HeaderMatch {
-    pub fn matches(&self, headers: &HeaderMap) -> bool {
-        let value = headers.get(&self.name);
+    pub fn matches<H: RequestHeaders + ?Sized>(&self, headers: &H) -> bool {
+        let value = headers.first_value(&self.name);
         let hit = match (&self.value, value) {
             (HeaderValueMatch::Present(p), v) => v.is_some() == *p,
             (_, None) => false,
             (m, Some(v)) => {
-                let Ok(v) = v.to_str() else { return false };
+                let Some(v) = visible_ascii(v) else {
+                    return false;
+                };
                 match m {
                     HeaderValueMatch::Present(_) => unreachable!("handled above"),
                     HeaderValueMatch::Exact(s) => v == s,
@@ -250,6 +284,15 @@ pub enum ClusterChoice {
 }
 
 impl ClusterChoice {
+    /// Every cluster the choice may pick.
+    pub fn names(&self) -> impl Iterator<Item = &Arc<str>> {
+        let (one, weighted) = match self {
+            ClusterChoice::One(c) => (Some(c), &[][..]),
+            ClusterChoice::Weighted(items) => (None, &items[..]),
+        };
+        one.into_iter().chain(weighted.iter().map(|(c, _)| c))
+    }
+
     /// The cluster for a request, drawing `random` in `0..total` for a weighted split.
     pub fn pick(&self, random: impl FnOnce(u64) -> u64) -> &Arc<str> {
         match self {

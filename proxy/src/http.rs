@@ -20,8 +20,8 @@ use hyper::http::uri::{PathAndQuery, Scheme};
 use hyper::http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 
 use crate::Shared;
-use crate::cluster::{Admission, Cluster, InFlight, Unavailable, UpstreamBody};
-use crate::config::{Outcome, RetryPolicy};
+use crate::cluster::{Admission, Cluster, InFlight, RetrySlot, Unavailable, UpstreamBody};
+use crate::config::{Outcome, RequestHeaders, RetryPolicy, RouteAction, Snapshot};
 
 pub type ResponseBody = Either<Guarded, Full<Bytes>>;
 
@@ -64,22 +64,65 @@ pub const RETRY_BUFFER_LIMIT: usize = 1 << 20;
 /// Base of the jittered exponential back-off between retries (Envoy's default).
 const RETRY_BASE: Duration = Duration::from_millis(25);
 
-fn local(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
-    let mut r = Response::new(Either::Right(Full::new(Bytes::from_static(
-        text.as_bytes(),
-    ))));
-    *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    r
+/// A reply the proxy makes itself (no route, a circuit breaker, an upstream failure),
+/// the same on hyper's path and on the HTTP/1.1 fast path ([`crate::http1`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Local {
+    pub status: StatusCode,
+    pub text: &'static str,
+    /// A circuit breaker is open: Envoy's `x-envoy-overloaded: true`.
+    pub overloaded: bool,
 }
 
-fn overflow() -> Response<ResponseBody> {
-    let mut r = local(StatusCode::SERVICE_UNAVAILABLE, "upstream overflow");
-    r.headers_mut()
-        .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
-    r
+impl Local {
+    pub const fn new(status: StatusCode, text: &'static str) -> Local {
+        Local {
+            status,
+            text,
+            overloaded: false,
+        }
+    }
+
+    pub fn response(self) -> Response<ResponseBody> {
+        let mut r = Response::new(Either::Right(Full::new(Bytes::from_static(
+            self.text.as_bytes(),
+        ))));
+        *r.status_mut() = self.status;
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        if self.overloaded {
+            r.headers_mut()
+                .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
+        }
+        r
+    }
 }
+
+/// A circuit breaker is open (503, `x-envoy-overloaded`).
+pub const OVERFLOW: Local = Local {
+    status: StatusCode::SERVICE_UNAVAILABLE,
+    text: "upstream overflow",
+    overloaded: true,
+};
+/// The route's timeout passed before the upstream's response head arrived.
+pub const ROUTE_TIMEOUT: Local =
+    Local::new(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout");
+/// A try's `per_try_timeout` passed.
+pub const PER_TRY_TIMEOUT: Local =
+    Local::new(StatusCode::GATEWAY_TIMEOUT, "upstream per-try timeout");
+/// The upstream connection could not be made.
+pub const CONNECT_ERROR: Local =
+    Local::new(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error");
+/// The upstream closed, reset or answered garbage before a response head.
+pub const RESET: Local = Local::new(
+    StatusCode::SERVICE_UNAVAILABLE,
+    "upstream reset before headers",
+);
+/// A route that retries buffers the request body, up to [`RETRY_BUFFER_LIMIT`].
+pub const TOO_LARGE_TO_RETRY: Local = Local::new(
+    StatusCode::PAYLOAD_TOO_LARGE,
+    "request body too large to retry",
+);
 
 /// Hop-by-hop headers, never forwarded (RFC 9110 §7.6.1); `te` survives as `trailers` (gRPC).
 fn strip_hop_by_hop(h: &mut HeaderMap) {
@@ -119,6 +162,13 @@ pub struct Downstream {
 const XFCC: &str = "x-forwarded-client-cert";
 
 impl Downstream {
+    /// Whether a request without a client certificate (plaintext, the HTTP/1.1 fast
+    /// path) keeps the `x-forwarded-client-cert` it came with; [`Self::client_cert_header`]
+    /// decides the same for hyper's path.
+    pub fn keeps_xfcc_without_cert(&self) -> bool {
+        self.xfcc == crate::config::Xfcc::AlwaysForwardOnly
+    }
+
     /// Applies `forward_client_cert_details` to the request's headers.
     fn client_cert_header(&self, h: &mut HeaderMap) {
         use crate::config::Xfcc;
@@ -146,6 +196,58 @@ impl Downstream {
     }
 }
 
+/// The route action for a request (virtual host by `host`, then the first route whose
+/// match accepts `path` and `headers`): the one place both paths decide routes.
+pub fn route<'a, H: RequestHeaders + ?Sized>(
+    shared: &Shared,
+    downstream: &'a Downstream,
+    snapshot: &'a Snapshot,
+    host: &str,
+    path: &str,
+    headers: &H,
+) -> Result<&'a RouteAction, Local> {
+    let table = match &downstream.inline {
+        Some(t) => t,
+        None => match snapshot.routes.get(&downstream.route_config) {
+            Some(t) => t,
+            None => {
+                shared.metrics.no_route.inc();
+                return Err(Local::new(StatusCode::NOT_FOUND, "no route table"));
+            }
+        },
+    };
+    let Some(vhost) = table.virtual_host(host) else {
+        shared.metrics.no_route.inc();
+        return Err(Local::new(StatusCode::NOT_FOUND, "no virtual host"));
+    };
+    let Some(route) = vhost.route(path, headers) else {
+        shared.metrics.no_route.inc();
+        return Err(Local::new(StatusCode::NOT_FOUND, "no route"));
+    };
+    Ok(&route.action)
+}
+
+/// The cluster `action` picks (weighted), admitted under its circuit breakers.
+pub fn admit(
+    shared: &Shared,
+    snapshot: &Snapshot,
+    action: &RouteAction,
+) -> Result<(Arc<Cluster>, Admission), Local> {
+    let name = action.clusters.pick(|total| fastrand::u64(0..total));
+    let Some(cluster) = snapshot.clusters.get(name) else {
+        shared.metrics.no_route.inc();
+        return Err(Local::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "cluster not found",
+        ));
+    };
+    let cluster = cluster.clone();
+    let Ok(admission) = cluster.admit() else {
+        return Err(OVERFLOW);
+    };
+    Ok((cluster, admission))
+}
+
 /// Serves one request arriving on a listener whose manager is `downstream`.
 pub async fn handle(
     shared: Arc<Shared>,
@@ -154,16 +256,6 @@ pub async fn handle(
 ) -> Result<Response<ResponseBody>, Infallible> {
     downstream.client_cert_header(req.headers_mut());
     let snapshot = shared.snapshot.load_full();
-    let table = match &downstream.inline {
-        Some(t) => t,
-        None => match snapshot.routes.get(&downstream.route_config) {
-            Some(t) => t,
-            None => {
-                shared.metrics.no_route.inc();
-                return Ok(local(StatusCode::NOT_FOUND, "no route table"));
-            }
-        },
-    };
     let host = req
         .uri()
         .authority()
@@ -174,30 +266,27 @@ pub async fn handle(
                 .and_then(|h| h.to_str().ok())
         })
         .unwrap_or("");
-    let Some(vhost) = table.virtual_host(host) else {
-        shared.metrics.no_route.inc();
-        return Ok(local(StatusCode::NOT_FOUND, "no virtual host"));
+    let action = match route(
+        &shared,
+        &downstream,
+        &snapshot,
+        host,
+        req.uri().path(),
+        req.headers(),
+    ) {
+        Ok(a) => a,
+        Err(l) => return Ok(l.response()),
     };
-    let Some(route) = vhost.route(req.uri().path(), req.headers()) else {
-        shared.metrics.no_route.inc();
-        return Ok(local(StatusCode::NOT_FOUND, "no route"));
-    };
-    let action = &route.action;
-    let name = action.clusters.pick(|total| fastrand::u64(0..total));
-    let Some(cluster) = snapshot.clusters.get(name) else {
-        shared.metrics.no_route.inc();
-        return Ok(local(StatusCode::SERVICE_UNAVAILABLE, "cluster not found"));
-    };
-    let cluster = cluster.clone();
-    let Ok(admission) = cluster.admit() else {
-        return Ok(overflow());
+    let (cluster, admission) = match admit(&shared, &snapshot, action) {
+        Ok(c) => c,
+        Err(l) => return Ok(l.response()),
     };
     let retry = action.retry.clone().filter(|r| r.num_retries > 0);
     let forward = forward(cluster, req, retry);
     let mut response = match action.timeout {
         Some(t) => match tokio::time::timeout(t, forward).await {
             Ok(r) => r,
-            Err(_) => local(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
+            Err(_) => ROUTE_TIMEOUT.response(),
         },
         None => forward.await,
     };
@@ -205,6 +294,59 @@ pub async fn handle(
         body.admission = Some(admission);
     }
     Ok(response)
+}
+
+/// A request's retries under its route's policy, for both paths: counts the tries,
+/// holds one slot from the cluster's retry budget while it retries, and names the
+/// endpoint the next try avoids.
+#[derive(Debug)]
+pub struct Retries {
+    pub policy: RetryPolicy,
+    tries: u32,
+    slot: Option<RetrySlot>,
+    /// The endpoint the last try failed on.
+    pub avoid: Option<std::net::SocketAddr>,
+}
+
+impl Retries {
+    pub fn new(policy: RetryPolicy) -> Retries {
+        Retries {
+            policy,
+            tries: 0,
+            slot: None,
+            avoid: None,
+        }
+    }
+
+    /// After a try to `endpoint` ended with `outcome` (already [`finished`]): the
+    /// jittered back-off to wait before the next try, or `None` when this try's
+    /// answer is the request's.
+    pub fn again(
+        &mut self,
+        cluster: &Arc<Cluster>,
+        endpoint: std::net::SocketAddr,
+        outcome: Outcome,
+    ) -> Option<Duration> {
+        if self.tries >= self.policy.num_retries || !self.policy.retries(outcome) {
+            return None;
+        }
+        // One retry slot from the budget per request, held while it retries.
+        if self.slot.is_none() {
+            self.slot = cluster.retry_slot();
+            self.slot.as_ref()?;
+        }
+        self.tries += 1;
+        cluster.stats.retries.inc();
+        self.avoid = Some(endpoint);
+        let cap = RETRY_BASE.as_millis() as u64 * (1u64 << self.tries.min(6));
+        Some(Duration::from_millis(fastrand::u64(0..cap.max(1))))
+    }
+}
+
+/// Records how a try to `endpoint` ended: outlier detection's input and the stats.
+pub fn finished(cluster: &Cluster, endpoint: &crate::cluster::Endpoint, outcome: Outcome) {
+    cluster.record(endpoint, outcome);
+    count(cluster, outcome);
 }
 
 /// The upstream request's head, reusable across tries.
@@ -266,20 +408,14 @@ async fn forward(
         cluster.stats.requests.inc();
         let result = cluster.client().request(r).await;
         let (outcome, response) = classify(result, &endpoint);
-        cluster.record(&endpoint.endpoint, outcome);
-        count(&cluster, outcome);
+        finished(&cluster, &endpoint.endpoint, outcome);
         return response;
     };
 
     // Retries: the body is buffered so that each try can send it.
     let body = match Limited::new(body, RETRY_BUFFER_LIMIT).collect().await {
         Ok(b) => b.to_bytes(),
-        Err(_) => {
-            return local(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "request body too large to retry",
-            );
-        }
+        Err(_) => return TOO_LARGE_TO_RETRY.response(),
     };
     let head = Head {
         method: parts.method,
@@ -287,46 +423,29 @@ async fn forward(
         headers: parts.headers,
         version,
     };
-    let mut avoid = None;
-    let mut slot = None;
-    let mut tries = 0u32;
+    let mut retries = Retries::new(policy);
     loop {
-        let endpoint = match cluster.pick(avoid) {
+        let endpoint = match cluster.pick(retries.avoid) {
             Ok(e) => e,
             Err(u) => return unavailable(u),
         };
         let request = head.request(&endpoint.endpoint, Either::Right(Full::new(body.clone())));
         cluster.stats.requests.inc();
         let attempt = cluster.client().request(request);
-        let (outcome, response) = match policy.per_try_timeout {
+        let (outcome, response) = match retries.policy.per_try_timeout {
             Some(t) => match tokio::time::timeout(t, attempt).await {
                 Ok(r) => classify(r, &endpoint),
-                Err(_) => (
-                    Outcome::Timeout,
-                    local(StatusCode::GATEWAY_TIMEOUT, "upstream per-try timeout"),
-                ),
+                Err(_) => (Outcome::Timeout, PER_TRY_TIMEOUT.response()),
             },
             None => classify(attempt.await, &endpoint),
         };
-        cluster.record(&endpoint.endpoint, outcome);
-        count(&cluster, outcome);
-        if tries >= policy.num_retries || !policy.retries(outcome) {
+        finished(&cluster, &endpoint.endpoint, outcome);
+        let Some(backoff) = retries.again(&cluster, endpoint.endpoint.address, outcome) else {
             return response;
-        }
-        // One retry slot from the budget per request, held while it retries.
-        if slot.is_none() {
-            slot = cluster.retry_slot();
-            if slot.is_none() {
-                return response;
-            }
-        }
-        tries += 1;
-        cluster.stats.retries.inc();
-        avoid = Some(endpoint.endpoint.address);
+        };
         drop(endpoint);
         drop(response);
-        let cap = RETRY_BASE.as_millis() as u64 * (1u64 << tries.min(6));
-        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..cap.max(1)))).await;
+        tokio::time::sleep(backoff).await;
     }
 }
 
@@ -339,7 +458,7 @@ fn upstream_uri(endpoint: &crate::cluster::Endpoint, path_and_query: PathAndQuer
         .expect("scheme, authority and path make a URI")
 }
 
-fn count(cluster: &Cluster, outcome: Outcome) {
+pub fn count(cluster: &Cluster, outcome: Outcome) {
     match outcome {
         Outcome::Status(s) if s >= 500 => cluster.stats.responses_5xx.inc(),
         Outcome::Status(s) if s >= 400 => cluster.stats.responses_4xx.inc(),
@@ -348,13 +467,18 @@ fn count(cluster: &Cluster, outcome: Outcome) {
     };
 }
 
-fn unavailable(u: Unavailable) -> Response<ResponseBody> {
+/// The reply when no endpoint could take a request.
+pub fn unavailable_reply(u: Unavailable) -> Local {
     match u {
         Unavailable::NoHealthyUpstream => {
-            local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream")
+            Local::new(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream")
         }
-        Unavailable::Overflow => overflow(),
+        Unavailable::Overflow => OVERFLOW,
     }
+}
+
+fn unavailable(u: Unavailable) -> Response<ResponseBody> {
+    unavailable_reply(u).response()
 }
 
 fn classify(
@@ -378,19 +502,10 @@ fn classify(
                 ),
             )
         }
-        Err(e) if e.is_connect() => (
-            Outcome::ConnectFailure,
-            local(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error"),
-        ),
+        Err(e) if e.is_connect() => (Outcome::ConnectFailure, CONNECT_ERROR.response()),
         Err(e) => {
             tracing::debug!(error = %e, "upstream reset before headers");
-            (
-                Outcome::Reset,
-                local(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "upstream reset before headers",
-                ),
-            )
+            (Outcome::Reset, RESET.response())
         }
     }
 }

@@ -7,6 +7,7 @@
 //! - [`config`]: the typed, validated snapshot the data path reads without locks.
 //! - [`listener`]: binds listeners from LDS and drains removed ones.
 //! - [`http`]: the HTTP connection manager's data path (routing, retries, timeouts).
+//! - [`http1`]: its hand-written HTTP/1.1 fast path for plaintext connections.
 //! - [`tcp`]: the TCP proxy filter.
 //! - [`tls`]: downstream and upstream TLS with certificates from SDS.
 //! - [`cluster`]: Envoy clusters at run time: load balancing, outlier detection,
@@ -20,6 +21,7 @@ pub mod bootstrap;
 pub mod cluster;
 pub mod config;
 pub mod http;
+pub mod http1;
 pub mod listener;
 pub mod metrics;
 pub mod tcp;

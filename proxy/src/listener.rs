@@ -139,6 +139,7 @@ pub async fn manage(shared: Arc<Shared>, cfg: ListenersConfig, drain: Duration) 
                 (filter.clone(), tls.clone()),
                 stopped,
                 drain,
+                cfg.http1_fast_path != Some(false),
             ));
             if let Some(local) = local {
                 tracing::info!(listener = %name, address = %local, "listening");
@@ -203,29 +204,78 @@ async fn serve<S>(
                 xfcc: *xfcc,
                 client_cert,
             });
-            let service = hyper::service::service_fn(move |req| {
-                crate::http::handle(shared.clone(), downstream.clone(), req)
-            });
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            // ALPN decides the protocol over TLS; the codec otherwise.
-            match (alpn, codec) {
-                (Some(b"h2"), _) | (None, Codec::Http2) => builder = builder.http2_only(),
-                (Some(b"http/1.1"), _) | (None, Codec::Http1) => builder = builder.http1_only(),
-                _ => {}
-            }
-            builder.http1().timer(hyper_util::rt::TokioTimer::new());
-            let conn = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .into_owned();
-            if let Err(e) = watcher.watch(conn).await {
-                tracing::debug!(error = %e, "downstream connection ended");
-            }
+            serve_http(shared, downstream, stream, alpn, *codec, watcher).await;
         }
         NetworkFilter::Tcp { cluster } => {
             drop(watcher);
             crate::tcp::proxy(shared, cluster.clone(), stream, original_dst).await;
         }
     }
+}
+
+/// Serves one downstream connection with hyper's HTTP/1.1 and HTTP/2 server, under
+/// the listener's graceful shutdown. The HTTP/1.1 fast path ([`crate::http1`]) hands
+/// it the connections it does not serve itself.
+pub(crate) async fn serve_http<S>(
+    shared: Arc<Shared>,
+    downstream: Arc<crate::http::Downstream>,
+    stream: S,
+    alpn: Option<&[u8]>,
+    codec: Codec,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        crate::http::handle(shared.clone(), downstream.clone(), req)
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // ALPN decides the protocol over TLS; the codec otherwise.
+    match (alpn, codec) {
+        (Some(b"h2"), _) | (None, Codec::Http2) => builder = builder.http2_only(),
+        (Some(b"http/1.1"), _) | (None, Codec::Http1) => builder = builder.http1_only(),
+        _ => {}
+    }
+    builder.http1().timer(hyper_util::rt::TokioTimer::new());
+    let conn = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .into_owned();
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(error = %e, "downstream connection ended");
+    }
+}
+
+/// Serves one plaintext downstream connection: with the HTTP/1.1 fast path when it is
+/// on (`stop` is the listener's drain signal) and the HTTP connection manager may
+/// speak HTTP/1.1, otherwise with [`serve`].
+async fn serve_plain(
+    shared: Arc<Shared>,
+    filter: &NetworkFilter,
+    stream: TcpStream,
+    original_dst: Option<SocketAddr>,
+    fast_path: Option<watch::Receiver<bool>>,
+    watcher: hyper_util::server::graceful::Watcher,
+) {
+    if let (
+        Some(stop),
+        NetworkFilter::Http {
+            route_config,
+            codec: codec @ (Codec::Auto | Codec::Http1),
+            inline,
+            xfcc,
+        },
+    ) = (fast_path, filter)
+    {
+        let downstream = Arc::new(crate::http::Downstream {
+            route_config: route_config.clone(),
+            inline: inline.as_ref().map(|i| i.table.clone()),
+            xfcc: *xfcc,
+            client_cert: None,
+        });
+        crate::http1::serve(shared, downstream, *codec, stream, stop, watcher).await;
+        return;
+    }
+    serve(shared, filter, stream, None, None, original_dst, watcher).await;
 }
 
 /// Binds `addr`. An original-destination listener on `0.0.0.0` is bound dual-stack
@@ -363,9 +413,12 @@ async fn accept(
     (filter, tls): (Arc<ArcSwap<NetworkFilter>>, Arc<ArcSwapOption<ServerTls>>),
     mut stop: watch::Receiver<bool>,
     drain: Duration,
+    fast_path: bool,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut tcp = JoinSet::new();
+    // The drain signal, for the HTTP/1.1 fast path's connections.
+    let drain_signal = stop.clone();
     loop {
         tokio::select! {
             accepted = incoming.next() => {
@@ -387,7 +440,8 @@ async fn accept(
                 } else {
                     let shared = shared.clone();
                     let watcher = graceful.watcher();
-                    tcp.spawn(async move { serve(shared, &filter, stream, None, None, original_dst, watcher).await });
+                    let fast_path = fast_path.then(|| drain_signal.clone());
+                    tcp.spawn(async move { serve_plain(shared, &filter, stream, original_dst, fast_path, watcher).await });
                 }
             }
             _ = stop.wait_for(|s| *s) => break,
