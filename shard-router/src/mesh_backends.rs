@@ -1,6 +1,7 @@
 //! The one-command mesh's example backends: something real for its proxies to reach.
-//! For every endpoint of the config on a loopback address (the bundled example's
-//! `reviews` v1 on 127.0.0.1:19081 and v2 on [::1]:19082, …), a tiny HTTP server on
+//! For every endpoint of the config's HTTP/1.1 services on a loopback address (the
+//! bundled example's `reviews` v1 on 127.0.0.1:19081 and v2 on [::1]:19082, …; not the
+//! gRPC `ratings`), a tiny HTTP/1.1 server on
 //! that address answers every request with who it is — service, labels, environment,
 //! zone and address — so that `curl` through a gateway or a sidecar shows which
 //! backend the route picked. They are started once, from the config at start; endpoints
@@ -25,13 +26,15 @@ pub struct BackendSpec {
     pub answer: String,
 }
 
-/// A backend for every loopback endpoint port of `mesh`'s HTTP services, by address
-/// (the first service naming an address wins).
+/// A backend for every loopback endpoint port of `mesh`'s HTTP/1.1 service ports, by
+/// address (the first service naming an address wins).
 pub fn plan(mesh: &model::Mesh) -> Vec<BackendSpec> {
     let mut out: BTreeMap<SocketAddr, BackendSpec> = BTreeMap::new();
     for (env_name, env) in &mesh.environments {
         for service in env.services.values() {
-            for port in service.ports.iter().filter(|p| p.protocol.is_http()) {
+            // HTTP/1.1 ports only: the backends do not speak HTTP/2 (gRPC).
+            let http1 = |p: &&model::ServicePort| p.protocol.is_http() && !p.protocol.is_http2();
+            for port in service.ports.iter().filter(http1) {
                 for e in service.endpoints.iter().filter(|e| e.address.is_loopback()) {
                     let number = e
                         .ports
@@ -114,4 +117,38 @@ pub async fn start(specs: Vec<BackendSpec>) -> anyhow::Result<Backends> {
         specs,
         _tasks: tasks,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bundled example: its three HTTP/1.1 loopback endpoints, not gRPC `ratings`.
+    #[test]
+    fn the_examples_backends() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/mesh");
+        let (_, mesh) = tributary_controlplane::config::watch::load(&[dir]).unwrap();
+        let got: Vec<(String, String)> = plan(&mesh)
+            .into_iter()
+            .map(|b| (b.addr.to_string(), b.answer))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    "127.0.0.1:19081",
+                    "reviews (version=v1) of prod, zone az1, at 127.0.0.1:19081"
+                ),
+                (
+                    "127.0.0.1:19083",
+                    "reviews of staging, zone az2, at 127.0.0.1:19083"
+                ),
+                (
+                    "[::1]:19082",
+                    "reviews (version=v2) of prod, zone az1, at [::1]:19082"
+                ),
+            ]
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+        );
+    }
 }

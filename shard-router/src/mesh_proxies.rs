@@ -397,3 +397,67 @@ impl Proxies {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bundled example: a gateway per `Gateway`, a sidecar per environment on an
+    /// outbound address of its own, each with the identity its certificate carries.
+    #[test]
+    fn the_examples_proxies_and_their_bootstraps() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/mesh");
+        let (_, mesh) = tributary_controlplane::config::watch::load(&[dir]).unwrap();
+        let specs = plan(&mesh);
+        let got: Vec<(&str, &str, Identity)> = specs
+            .iter()
+            .map(|s| (s.name.as_str(), s.zone.as_str(), s.identity()))
+            .collect();
+        let workload = |env: &str| Identity::Workload {
+            env: env.into(),
+            namespace: "default".into(),
+            service_account: "default".into(),
+        };
+        let gateway = |env: &str| Identity::Gateway {
+            env: env.into(),
+            name: "edge".into(),
+        };
+        assert_eq!(
+            got,
+            [
+                ("gateway-prod-edge", "az1", gateway("prod")),
+                ("sidecar-prod", "az1", workload("prod")),
+                ("gateway-staging-edge", "az1", gateway("staging")),
+                ("sidecar-staging", "az1", workload("staging")),
+            ]
+        );
+        assert_eq!(
+            specs[3].role,
+            Role::Sidecar {
+                outbound: "127.0.0.2".parse().unwrap()
+            }
+        );
+        // HTTP/1.1 hosts only (not gRPC ratings).
+        assert_eq!(specs[1].hosts, [("reviews.prod".to_string(), 9080)]);
+        let files = TlsFiles {
+            cert: "/p/cert.pem".into(),
+            key: "/p/key.pem".into(),
+            ca: "/p/ca.pem".into(),
+        };
+        let xds: SocketAddr = "127.0.0.1:18000".parse().unwrap();
+        let admin: SocketAddr = "127.0.0.1:15000".parse().unwrap();
+        let b = bootstrap(&specs[0], xds, admin, Some(&files));
+        for want in [
+            "id: \"gateway-prod-edge\"",
+            "\"tributary.io/gateway\": \"edge\"",
+            "address: \"https://127.0.0.1:18000\"",
+            "cert: \"/p/cert.pem\"",
+        ] {
+            assert!(b.contains(want), "{want} not in\n{b}");
+        }
+        let b = bootstrap(&specs[1], xds, admin, None);
+        assert!(b.contains("address: \"http://127.0.0.1:18000\""), "{b}");
+        assert!(b.contains("outbound_address: \"127.0.0.1\""), "{b}");
+        assert!(!b.contains("tls:"), "{b}");
+    }
+}
