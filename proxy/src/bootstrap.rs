@@ -41,7 +41,8 @@ pub struct Bootstrap {
     /// listeners) are bound, so that applications can use the proxy explicitly.
     #[serde(default)]
     pub listeners: ListenersConfig,
-    /// Certificates for xDS mTLS. Not implemented yet: a bootstrap naming it is refused.
+    /// Mutual TLS on the xDS connection to the router or hub (`xds.address` is then
+    /// `https://`): our certificate, its key, and the bundle the server is checked against.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
 }
@@ -78,7 +79,8 @@ pub enum Protocol {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct XdsConfig {
-    /// `http://host:port` of the router or a hub (`http://[::1]:15010` for IPv6).
+    /// `http://host:port` of the router or a hub (`http://[::1]:15010` for IPv6);
+    /// `https://host:port` with `tls`.
     pub address: String,
     #[serde(default)]
     pub protocol: Protocol,
@@ -118,12 +120,32 @@ pub struct ListenersConfig {
     pub http1_fast_path: Option<bool>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// The proxy's own mTLS to the router or hub. The files are read at every connection
+/// attempt, so a certificate renewed on disk is used on the next connection.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
+    /// Our certificate chain, PEM, leaf first (its SPIFFE id names our identity).
     pub cert: PathBuf,
+    /// Its private key, PEM (PKCS#8, PKCS#1 or SEC1).
     pub key: PathBuf,
+    /// The trust bundle, PEM: the roots the server's chain must end at.
     pub ca: PathBuf,
+    /// The SPIFFE trust domain the server must be of; default: our certificate's.
+    #[serde(default)]
+    pub trust_domain: Option<String>,
+    /// The exact SPIFFE id the server must present; default: any `hub/*` or
+    /// `router/*` id of the trust domain.
+    #[serde(default)]
+    pub server_id: Option<String>,
+}
+
+/// A SPIFFE trust domain as the hub's `--trust-domain` accepts it.
+fn valid_trust_domain(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
+        })
 }
 
 impl Bootstrap {
@@ -165,11 +187,17 @@ impl Bootstrap {
                 ),
             )
         })?;
-        if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+        let expected = if b.tls.is_some() { "https" } else { "http" };
+        if uri.scheme_str() != Some(expected) || uri.authority().is_none() {
+            let why = if b.tls.is_some() {
+                "with `tls`, the connection is mutual TLS"
+            } else {
+                "https needs a `tls` block (cert, key, ca)"
+            };
             return Err(invalid(
                 "xds.address",
                 format!(
-                    "{:?}: expected http://HOST:PORT (https needs `tls`, not implemented yet)",
+                    "{:?}: expected {expected}://HOST:PORT ({why})",
                     b.xds.address
                 ),
             ));
@@ -177,11 +205,54 @@ impl Bootstrap {
         if b.workers == 0 {
             return Err(invalid("workers", "must be at least 1".into()));
         }
-        if b.tls.is_some() {
-            return Err(invalid(
-                "tls",
-                "xDS mTLS is not implemented yet in tributary-proxy; remove `tls`".into(),
-            ));
+        if let Some(tls) = &b.tls {
+            for (field, p) in [
+                ("tls.cert", &tls.cert),
+                ("tls.key", &tls.key),
+                ("tls.ca", &tls.ca),
+            ] {
+                if p.as_os_str().is_empty() {
+                    return Err(invalid(field, "must name a PEM file".into()));
+                }
+            }
+            if let Some(td) = &tls.trust_domain
+                && !valid_trust_domain(td)
+            {
+                return Err(invalid(
+                    "tls.trust_domain",
+                    format!(
+                        "{td:?}: expected lowercase [a-z0-9.-_], non-empty (e.g. tributary.local)"
+                    ),
+                ));
+            }
+            if let Some(id) = &tls.server_id {
+                let domain = id
+                    .strip_prefix("spiffe://")
+                    .and_then(|r| r.split_once('/'))
+                    .map(|(d, _)| d);
+                match domain {
+                    Some(d) if valid_trust_domain(d) => {
+                        if let Some(td) = &tls.trust_domain
+                            && td != d
+                        {
+                            return Err(invalid(
+                                "tls.server_id",
+                                format!(
+                                    "{id:?} is of trust domain {d:?}, but tls.trust_domain is {td:?}"
+                                ),
+                            ));
+                        }
+                    }
+                    _ => {
+                        return Err(invalid(
+                            "tls.server_id",
+                            format!(
+                                "{id:?}: expected a SPIFFE id, e.g. spiffe://tributary.local/router/mesh"
+                            ),
+                        ));
+                    }
+                }
+            }
         }
         Ok(b)
     }
@@ -231,5 +302,59 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("zoen"), "{e}");
+    }
+
+    #[test]
+    fn tls_needs_https_and_https_needs_tls() {
+        let tls = "tls:\n  cert: /pki/cert.pem\n  key: /pki/key.pem\n  ca: /pki/ca.pem\n";
+        let text = format!("{}{tls}", EXAMPLE.replace("http://", "https://"));
+        let b = Bootstrap::parse(Path::new("b.yaml"), &text).unwrap();
+        let t = b.tls.unwrap();
+        assert_eq!(t.cert, Path::new("/pki/cert.pem"));
+        assert_eq!((t.trust_domain, t.server_id), (None, None));
+        // tls with http://, https:// without tls: each refused, saying why.
+        let e = Bootstrap::parse(Path::new("b.yaml"), &format!("{EXAMPLE}{tls}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("xds.address") && e.contains("https://HOST:PORT"),
+            "{e}"
+        );
+        let e = Bootstrap::parse(Path::new("b.yaml"), &EXAMPLE.replace("http://", "https://"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("xds.address") && e.contains("needs a `tls` block"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn tls_fields_are_checked() {
+        let base = EXAMPLE.replace("http://", "https://");
+        let with =
+            |extra: &str| format!("{base}tls:\n  cert: c.pem\n  key: k.pem\n  ca: ca.pem\n{extra}");
+        let b = Bootstrap::parse(
+            Path::new("b.yaml"),
+            &with("  trust_domain: td.test\n  server_id: spiffe://td.test/router/mesh\n"),
+        )
+        .unwrap();
+        let t = b.tls.unwrap();
+        assert_eq!(t.trust_domain.as_deref(), Some("td.test"));
+        assert_eq!(t.server_id.as_deref(), Some("spiffe://td.test/router/mesh"));
+        for (extra, field) in [
+            ("  trust_domain: TD\n", "tls.trust_domain"),
+            ("  server_id: https://x/y\n", "tls.server_id"),
+            (
+                "  trust_domain: td.test\n  server_id: spiffe://other.test/hub/h\n",
+                "tls.server_id",
+            ),
+            ("  cert2: x\n", "cert2"),
+        ] {
+            let e = Bootstrap::parse(Path::new("b.yaml"), &with(extra))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("b.yaml") && e.contains(field), "{extra}: {e}");
+        }
     }
 }

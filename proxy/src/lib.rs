@@ -1,7 +1,7 @@
 //! The Tributary proxy: a lightweight data plane driven by the hub's xDS.
 //!
 //! Modules follow the words of DESIGN.md §10:
-//! - [`bootstrap`]: the bootstrap file (node, xDS server, admin, workers).
+//! - [`bootstrap`]: the bootstrap file (node, xDS server and its mTLS, admin, workers).
 //! - [`xds`]: the Delta/SotW ADS client; [`xds::translate`] turns xDS resources into
 //!   the typed config, or into the reasons a NACK names.
 //! - [`config`]: the typed, validated snapshot the data path reads without locks.
@@ -78,6 +78,7 @@ impl Proxy {
         let state = xds::XdsState::new(xds::node(&b.node), delta);
         tokio::spawn(xds::client::run(
             b.xds.address.clone(),
+            b.tls.clone().map(xds::tls::XdsTls::new),
             state,
             proxy.shared.clone(),
             delta,

@@ -27,7 +27,7 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
     let b = Bootstrap::load(&args.bootstrap)?;
-    tracing::info!(node = %b.node.id, environment = %b.node.environment, xds = %b.xds.address, protocol = ?b.xds.protocol, workers = b.workers, "starting");
+    tracing::info!(node = %b.node.id, environment = %b.node.environment, xds = %b.xds.address, protocol = ?b.xds.protocol, mtls = b.tls.is_some(), workers = b.workers, "starting");
     let runtime = if b.workers == 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()

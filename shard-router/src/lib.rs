@@ -12,7 +12,8 @@
 //! through the router to a live replica. [`app`] assembles it; [`admin`] serves
 //! health, metrics and the routing table; [`directory`] answers which replicas
 //! serve which shards (the directory API, on the xDS port); [`mesh`] runs the embedded store, hubs, the
-//! router and file-mode agents in one process (`tributary-mesh`).
+//! router and file-mode agents in one process (`tributary-mesh`), with `tributary-proxy`
+//! gateways and sidecars ([`mesh_proxies`]) and example backends ([`mesh_backends`]).
 
 pub mod admin;
 pub mod app;
@@ -20,6 +21,8 @@ pub mod directory;
 pub mod first;
 pub mod membership;
 pub mod mesh;
+pub mod mesh_backends;
+pub mod mesh_proxies;
 pub mod metrics;
 pub mod pki;
 pub mod relay;

@@ -13,6 +13,11 @@
 //! agent its identity ([`crate::pki`]), so a new user sees the secure path first. The
 //! example's agents are in its registry of remote clusters
 //! (`examples/mesh/remote-clusters.yaml`), or the hubs would refuse them.
+//!
+//! With [`MeshConfig::proxies`], it also runs the data plane a new user can `curl`:
+//! example backends on the config's loopback endpoints ([`crate::mesh_backends`]) and
+//! `tributary-proxy` gateways and sidecars connected through the router
+//! ([`crate::mesh_proxies`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -32,6 +37,8 @@ use tributary_store::SharedStore;
 use tributary_store::embedded::{Embedded, EmbeddedConfig};
 
 use crate::app::{Router, RouterConfig};
+use crate::mesh_backends::{self, Backends};
+use crate::mesh_proxies::{self, Proxies, ProxiesConfig};
 use crate::pki::MeshPki;
 
 /// The router's name in its SPIFFE id (`router/mesh`).
@@ -90,6 +97,9 @@ pub struct MeshConfig {
     pub agents: Vec<AgentSpec>,
     /// Plaintext on loopback (`--insecure`) instead of mutual TLS on every hop.
     pub insecure: bool,
+    /// Run `tributary-proxy` gateways and sidecars and the example backends
+    /// (`None`: `--no-proxies`).
+    pub proxies: Option<ProxiesConfig>,
 }
 
 /// A running mesh.
@@ -103,6 +113,10 @@ pub struct Mesh {
     pub pki: Option<Arc<MeshPki>>,
     /// The environments of the config (one sidecar certificate each).
     pub environments: Vec<String>,
+    /// The example backends (with [`MeshConfig::proxies`]).
+    pub backends: Option<Backends>,
+    /// The `tributary-proxy` processes (with [`MeshConfig::proxies`]).
+    pub proxies: Option<Proxies>,
     stop_agents: watch::Sender<bool>,
     agents: JoinSet<()>,
 }
@@ -254,10 +268,27 @@ impl Mesh {
                 let _ = stop.wait_for(|s| *s).await;
             }));
         }
+        // From here on, a failure drops what was started (proxies are killed by pid).
+        let (backends, proxies) = match &cfg.proxies {
+            None => (None, None),
+            Some(p) => {
+                let backends = mesh_backends::start(mesh_backends::plan(&config)).await?;
+                let proxies = Proxies::start(
+                    p,
+                    mesh_proxies::plan(&config),
+                    router.xds_addrs[0],
+                    pki.as_deref(),
+                    cfg.state_dir.as_ref().map(|d| d.join("proxies")),
+                )
+                .await?;
+                (Some(backends), Some(proxies))
+            }
+        };
         info!(
             hubs = hubs.len(),
             agents = cfg.agents.len(),
             mtls = pki.is_some(),
+            proxies = proxies.as_ref().map_or(0, |p| p.running.len()),
             "mesh started"
         );
         Ok(Mesh {
@@ -266,6 +297,8 @@ impl Mesh {
             router,
             pki,
             environments,
+            backends,
+            proxies,
             stop_agents,
             agents,
         })
@@ -351,6 +384,7 @@ impl Mesh {
             let r: Vec<&str> = s.replicas.iter().map(|r| r.replica.as_str()).collect();
             out.push_str(&format!("shard {}: {}\n", s.shard, r.join(", ")));
         }
+        out.push_str(&self.describe_proxies());
         // Zones with load assignments of their own: the other zones through their
         // east-west gateways (docs/locality.md).
         if let Some((_, hub)) = self.hubs.first() {
@@ -382,8 +416,40 @@ impl Mesh {
         out
     }
 
-    /// Stops the agents, the router, then the hubs.
+    /// The proxies, the backends and the `curl` commands that reach them.
+    fn describe_proxies(&self) -> String {
+        let (Some(proxies), Some(backends)) = (&self.proxies, &self.backends) else {
+            return String::new();
+        };
+        let mut out = String::new();
+        for b in &backends.specs {
+            out.push_str(&format!("example backend {}: {}\n", b.name, b.answer));
+        }
+        for p in &proxies.running {
+            out.push_str(&format!(
+                "tributary-proxy {} (pid {}): admin http://{}/ready, /config_dump; log {}\n",
+                p.spec.name,
+                p.pid(),
+                p.admin,
+                p.log.display()
+            ));
+        }
+        out.push_str(
+            "through the mesh (each answer names the backend, its environment and zone):\n",
+        );
+        for c in proxies.curls() {
+            out.push_str(&format!("  {c}\n"));
+        }
+        out
+    }
+
+    /// Stops the proxies (killed by pid) and the example backends, the agents, the
+    /// router, then the hubs.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        if let Some(p) = self.proxies.take() {
+            p.stop();
+        }
+        self.backends = None;
         let _ = self.stop_agents.send(true);
         self.agents.abort_all();
         self.router.shutdown().await?;

@@ -8,9 +8,18 @@
 //! As the README runs it, every hop is mutual TLS from the CA the mesh generates (the
 //! proxies here use the sidecar certificates it issues, the agents are certified and in
 //! the example's registry); with `--insecure`, plaintext.
+//!
+//! With its proxies (the README's main job): `tributary-proxy` gateways and sidecars
+//! connected through the router, over mTLS and with `--insecure`; `curl` through a
+//! gateway and through a sidecar's outbound listener gets the example backend's answer,
+//! the README's route edit takes effect without a restart, and stopping the mesh kills
+//! every proxy it started. These need the `tributary-proxy` binary next to the test's
+//! target dir (`cargo test --workspace` builds it; or `cargo build -p tributary-proxy`,
+//! or `TRIBUTARY_PROXY_BIN`).
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use prost::Message;
@@ -28,6 +37,7 @@ use tributary_proto::envoy::envoy::service::discovery::v3::aggregated_discovery_
 use tributary_proto::envoy::google::protobuf::{Struct, Value, value::Kind};
 use tributary_shard_router::app::RouterConfig;
 use tributary_shard_router::mesh::{Mesh, MeshConfig};
+use tributary_shard_router::mesh_proxies::ProxiesConfig;
 
 const CDS: &str = tributary_proto::type_url::CLUSTER;
 const EDS: &str = tributary_proto::type_url::ENDPOINT;
@@ -107,6 +117,7 @@ async fn example_mesh(insecure: bool) {
                 .unwrap(),
         ],
         insecure,
+        proxies: None,
     })
     .await
     .expect("the mesh starts");
@@ -336,4 +347,221 @@ async fn example_mesh(insecure: bool) {
         );
     }
     mesh.shutdown().await.unwrap();
+}
+
+/// The `tributary-proxy` binary: `TRIBUTARY_PROXY_BIN`, or the one cargo built into
+/// this test's target dir (`target/debug/deps/mesh-…` → `target/debug/tributary-proxy`).
+fn proxy_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("TRIBUTARY_PROXY_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("tributary-proxy");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it with `cargo build -p tributary-proxy` (`cargo test --workspace` builds it), or set TRIBUTARY_PROXY_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// The example binds fixed ports (gateways on 18080/18081, backends on 19081…): the
+/// tests that start its proxies run one at a time.
+static FIXED_PORTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// `GET /` with `Host: host` over HTTP/1.1, as `curl -H 'Host: …'` sends it:
+/// (status, body), or why it failed.
+async fn curl(addr: SocketAddr, host: &str) -> Result<(u16, String), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let io = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(
+            format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await?;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&out).into_owned())
+    };
+    let text = timeout(Duration::from_secs(10), io)
+        .await
+        .map_err(|_| format!("{addr}: no answer within 10 s"))?
+        .map_err(|e| format!("{addr}: {e}"))?;
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("{addr}: not HTTP: {text:?}"))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    Ok((status, body))
+}
+
+/// Copies the example config into a temporary directory (the test edits it).
+fn example_copy() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(examples("mesh")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    dir
+}
+
+/// The README's documented edit: every request for `reviews.prod` to v2.
+fn all_reviews_to_v2(config: &Path) {
+    let path = config.join("routes.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let edited = text
+        .replace("subset: v1, weight: 80}", "subset: v1, weight: 0}")
+        .replace("subset: v2, weight: 20}", "subset: v2, weight: 100}");
+    assert_ne!(
+        text, edited,
+        "the README's edit no longer applies to routes.yaml"
+    );
+    // Renamed into place: the hubs' watcher never reads half a file.
+    let tmp = config.join(".routes.yaml.tmp");
+    std::fs::write(&tmp, edited).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+}
+
+const REVIEWS_V1: &str = "reviews (version=v1) of prod, zone az1, at 127.0.0.1:19081";
+const REVIEWS_V2: &str = "reviews (version=v2) of prod, zone az1, at [::1]:19082";
+
+/// The README's main job with its proxies: mTLS through the router.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_through_the_example_meshs_gateway_and_sidecar_and_watch_a_route_edit() {
+    mesh_with_proxies(false).await;
+}
+
+/// The same with `--insecure`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_through_the_example_mesh_with_insecure() {
+    mesh_with_proxies(true).await;
+}
+
+async fn mesh_with_proxies(insecure: bool) {
+    let _one_at_a_time = FIXED_PORTS.lock().await;
+    let config = example_copy();
+    let state = tempfile::tempdir().unwrap();
+    let mesh = Mesh::start(MeshConfig {
+        config: vec![config.path().to_path_buf()],
+        state_dir: Some(state.path().to_path_buf()),
+        hubs: 2,
+        replicas_per_shard: 2,
+        lease_ttl: Duration::from_secs(2),
+        hub_host: "127.0.0.1".parse().unwrap(),
+        router: RouterConfig::local(),
+        agents: vec![
+            format!("az1:east-1:{}", examples("agent").display())
+                .parse()
+                .unwrap(),
+        ],
+        insecure,
+        proxies: Some(ProxiesConfig {
+            binary: proxy_bin(),
+        }),
+    })
+    .await
+    .expect("the mesh starts with its proxies, all ready");
+    let proxies = mesh.proxies.as_ref().unwrap();
+    let names: Vec<&str> = proxies
+        .running
+        .iter()
+        .map(|p| p.spec.name.as_str())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "gateway-prod-edge",
+            "sidecar-prod",
+            "gateway-staging-edge",
+            "sidecar-staging"
+        ]
+    );
+    // Each proxy's bootstrap: through the router, mTLS unless --insecure.
+    for p in &proxies.running {
+        let b = std::fs::read_to_string(&p.bootstrap).unwrap();
+        assert_eq!(b.contains("tls:"), !insecure, "{b}");
+        let scheme = if insecure { "http" } else { "https" };
+        assert!(
+            b.contains(&format!("{scheme}://{}", mesh.router.xds_addrs[0])),
+            "{b}"
+        );
+    }
+    // It prints the curl commands that work; run them.
+    let text = mesh.describe();
+    let gateway = "curl -s -H 'Host: reviews.prod' http://127.0.0.1:18080/";
+    let sidecar = "curl -s -H 'Host: reviews.prod' http://127.0.0.1:9080/";
+    let staging = "curl -s -H 'Host: reviews.staging' http://127.0.0.1:18081/";
+    for c in [gateway, sidecar, staging] {
+        assert!(text.contains(c), "{c} is not printed:\n{text}");
+    }
+    let prod_gw: SocketAddr = "127.0.0.1:18080".parse().unwrap();
+    let prod_sidecar: SocketAddr = "127.0.0.1:9080".parse().unwrap();
+    let (status, body) = curl("127.0.0.1:18081".parse().unwrap(), "reviews.staging")
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.starts_with("reviews of staging, zone az2, at 127.0.0.1:19083"),
+        "{body}"
+    );
+    // 80/20 before the edit: v1 answers (the chance of 40 misses is 0.2^40).
+    let mut seen = BTreeSet::new();
+    for _ in 0..20 {
+        for addr in [prod_gw, prod_sidecar] {
+            let (status, body) = curl(addr, "reviews.prod").await.unwrap();
+            assert_eq!(status, 200, "{addr}: {body}");
+            let who = [REVIEWS_V1, REVIEWS_V2]
+                .into_iter()
+                .find(|w| body.starts_with(w))
+                .unwrap_or_else(|| panic!("{addr}: not a reviews backend: {body}"));
+            seen.insert(who);
+        }
+    }
+    assert!(seen.contains(REVIEWS_V1), "{seen:?}");
+
+    // The documented edit: without a restart, every answer comes from v2 — through
+    // the gateway and the sidecar — within the deadline.
+    all_reviews_to_v2(config.path());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut streak = 0;
+    let mut last = String::new();
+    while streak < 20 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the route edit did not take effect within 30 s; last answer: {last}"
+        );
+        let addr = if streak % 2 == 0 {
+            prod_gw
+        } else {
+            prod_sidecar
+        };
+        let (status, body) = curl(addr, "reviews.prod").await.unwrap();
+        if status == 200 && body.starts_with(REVIEWS_V2) {
+            streak += 1;
+        } else {
+            streak = 0;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        last = body;
+    }
+
+    // Stop kills every proxy it started, by pid.
+    let pids: Vec<u32> = proxies.running.iter().map(|p| p.pid()).collect();
+    mesh.shutdown().await.unwrap();
+    for pid in pids {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "proxy pid {pid} still runs after the mesh stopped"
+        );
+    }
+    // Nothing answers on the gateway's port any more.
+    assert!(curl(prod_gw, "reviews.prod").await.is_err());
 }

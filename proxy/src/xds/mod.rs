@@ -13,6 +13,7 @@
 //!   SotW with the last accepted `version_info` per type.
 
 pub mod client;
+pub mod tls;
 pub mod translate;
 
 use std::collections::{BTreeMap, BTreeSet};

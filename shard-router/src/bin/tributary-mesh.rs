@@ -1,6 +1,7 @@
 //! `tributary-mesh`: the whole mesh in one command — the embedded store, hub replicas
-//! for every shard, the shard router and file-mode agents — printing where proxies and
-//! the admin connect. See `docs/router.md` and [`tributary_shard_router::mesh`].
+//! for every shard, the shard router and file-mode agents, and `tributary-proxy`
+//! gateways and sidecars with example backends to `curl` through — printing where
+//! proxies and the admin connect. See `docs/router.md` and [`tributary_shard_router::mesh`].
 //!
 //! (A binary of the router's crate rather than a `tributary` subcommand: the router
 //! builds on the hub's crate, so the hub's binary cannot embed the router.)
@@ -13,6 +14,7 @@ use clap::Parser;
 use tributary_controlplane::config::parse_duration;
 use tributary_shard_router::app::{RouterConfig, shutdown_signal};
 use tributary_shard_router::mesh::{AgentSpec, Mesh, MeshConfig};
+use tributary_shard_router::mesh_proxies::ProxiesConfig;
 
 /// Runs the embedded store, hub replicas, the shard router and file-mode agents in one process.
 #[derive(Debug, Parser)]
@@ -54,6 +56,13 @@ struct Args {
     /// --state-dir) issues the hubs, the router and the agents their certificates.
     #[arg(long)]
     insecure: bool,
+    /// The `tributary-proxy` binary for the gateways and sidecars; default: next to
+    /// this binary (`cargo build -p tributary-proxy` puts it there).
+    #[arg(long)]
+    proxy_bin: Option<PathBuf>,
+    /// Start no proxies and no example backends (only the control plane).
+    #[arg(long, conflicts_with = "proxy_bin")]
+    no_proxies: bool,
 }
 
 fn parse_ttl(s: &str) -> Result<Duration, String> {
@@ -75,6 +84,15 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    let proxies = if args.no_proxies {
+        None
+    } else {
+        let binary = match args.proxy_bin {
+            Some(p) => p,
+            None => std::env::current_exe()?.with_file_name("tributary-proxy"),
+        };
+        Some(ProxiesConfig { binary })
+    };
     let mut router = RouterConfig::local();
     router.listen = args.listen;
     router.admin_addr = args.admin_addr;
@@ -88,6 +106,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         router,
         agents: args.agents,
         insecure: args.insecure,
+        proxies,
     };
     let mesh = Mesh::start(cfg).await?;
     // Show the assignment once it has settled — every shard with its replicas, every
