@@ -40,11 +40,11 @@ const TD: &str = tls::DEFAULT_TRUST_DOMAIN;
 const TIMEOUT: Duration = Duration::from_secs(60);
 /// Streams measured (each its own client connection).
 const STREAMS: usize = 200;
-/// Services in the config (one cluster each in the CDS response, ~6 KB).
+/// Services in the config (one cluster each in the CDS response).
 const SERVICES: usize = 20;
 
-/// Bytes of the router's heap per relayed stream, at most. Measured 41,031 (see
-/// docs/benchmarks.md, "The router's memory per stream"): 28 KiB of it is what h2
+/// Bytes of the router's heap per relayed stream, at most. Measured 40,665–41,032
+/// (see docs/benchmarks.md, "The router's memory per stream, counted"): 28 KiB of it is what h2
 /// allocates per server connection whatever the traffic and cannot be sized from
 /// outside (a 16 KiB write buffer, an 8 KiB read buffer, a 4 KiB HPACK decoding
 /// buffer); the rest is the connection's and the stream's state on both of the
@@ -53,7 +53,7 @@ const SERVICES: usize = 20;
 const BOUND_PLAIN: usize = 42 << 10;
 /// Mutual TLS adds rustls' state per connection (its 4 KiB read buffer when idle,
 /// the record keys, the peer's certificate) and its session tickets: measured
-/// 51,720–52,159.
+/// 51,629–52,159.
 const BOUND_MTLS: usize = 53 << 10;
 
 #[derive(Debug, Clone, Copy)]
