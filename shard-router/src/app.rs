@@ -169,7 +169,7 @@ impl Router {
             tasks.spawn(accept(
                 incoming,
                 svc,
-                cfg.limits.stream_window as usize,
+                cfg.limits.stream_window,
                 stop.clone(),
             ));
         }
@@ -295,12 +295,14 @@ impl Incoming {
 
 /// Accepts connections until `stop`; each is served over HTTP/2 (gRPC's h2c prior
 /// knowledge, or `h2` over TLS) in its own task, and drains gracefully on `stop`. A
-/// stream queues at most `send_buffer` bytes for its client (the rest waits in the
-/// replica's window). Every request carries its connection's [`ClientIdentity`].
+/// stream holds at most `stream_window` bytes in each direction: it queues at most
+/// that for its client (the rest waits in the replica's window), and the client may
+/// send at most that ahead of what the replica took (the server's HTTP/2 stream and
+/// connection windows). Every request carries its connection's [`ClientIdentity`].
 pub(crate) async fn accept<S>(
     mut incoming: Incoming,
     svc: S,
-    send_buffer: usize,
+    stream_window: u32,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()>
 where
@@ -338,7 +340,7 @@ where
                     TokioIo::new(tcp),
                     peer,
                     with_identity(None),
-                    send_buffer,
+                    stream_window,
                     stop,
                 ));
             }
@@ -347,7 +349,7 @@ where
                     TokioIo::new(*conn),
                     peer,
                     with_identity(Some(id)),
-                    send_buffer,
+                    stream_window,
                     stop,
                 ));
             }
@@ -370,7 +372,7 @@ async fn serve<I, S>(
     io: I,
     peer: SocketAddr,
     svc: S,
-    send_buffer: usize,
+    stream_window: u32,
     mut stop: watch::Receiver<bool>,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -390,7 +392,13 @@ async fn serve<I, S>(
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20))
         .max_concurrent_streams(None)
-        .max_send_buf_size(send_buffer);
+        .max_send_buf_size(stream_window as usize)
+        // What a client may send ahead of what its replica took: hyper's default 1 MiB
+        // windows would let every client park 1 MiB in the router. A proxy's connection
+        // carries its one ADS stream, so the connection gets the stream's window too
+        // (a client that multiplexes streams shares it among them).
+        .initial_stream_window_size(stream_window)
+        .initial_connection_window_size(stream_window);
     let conn = builder.serve_connection(io, svc);
     tokio::pin!(conn);
     tokio::select! {
@@ -432,6 +440,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use bytes::Bytes;
+    use futures_util::StreamExt as _;
     use http_body_util::{BodyExt, Full, StreamBody};
     use hyper::body::Frame;
     use prost::Message;
@@ -478,6 +487,187 @@ mod tests {
         addr
     }
 
+    /// A replica that answers every stream at once and never reads its request body;
+    /// its HTTP/2 windows are the protocol's initial 65,535 bytes.
+    async fn deaf_replica() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let svc =
+                    hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| {
+                        // The body is kept, unread, for as long as the response lasts.
+                        let body = req.into_body();
+                        let chunks = futures_util::stream::pending::<
+                            Result<Frame<Bytes>, std::convert::Infallible>,
+                        >();
+                        async move {
+                            Ok::<_, std::convert::Infallible>(
+                                hyper::Response::builder()
+                                    .header("content-type", "application/grpc")
+                                    .body(StreamBody::new(futures_util::StreamExt::map(
+                                        chunks,
+                                        move |c| {
+                                            let _unread = &body;
+                                            c
+                                        },
+                                    )))
+                                    .unwrap(),
+                            )
+                        }
+                    });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .initial_stream_window_size(65_535)
+                        .initial_connection_window_size(65_535)
+                        .serve_connection(TokioIo::new(tcp), svc),
+                );
+            }
+        });
+        addr
+    }
+
+    /// A router for one shard `prod/az1` whose one replica is at `replica`.
+    async fn router_for(replica: SocketAddr, limits: RelayLimits) -> SocketAddr {
+        let shard = Shard {
+            environment: "prod".into(),
+            zone: "az1".into(),
+        };
+        let table = Arc::new(Table::new());
+        let replicas = BTreeMap::from([(
+            "r".to_string(),
+            ReplicaInfo {
+                id: "r".into(),
+                xds_addr: replica.to_string(),
+                admin_addr: String::new(),
+                shards: vec![shard.clone()],
+                streams: 0,
+                started_unix: 0.0,
+            },
+        )]);
+        let assignment = Assignment {
+            shards: vec![ShardAssignment {
+                shard,
+                replicas: vec!["r".into()],
+            }],
+            ..Default::default()
+        };
+        table.apply(&replicas, &assignment);
+        let metrics = Arc::new(RouterMetrics::new(&mut Registry::default()));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let router = listener.local_addr().unwrap();
+        let (stop_tx, stop) = watch::channel(false);
+        // Runs as long as the test's runtime.
+        std::mem::forget(stop_tx);
+        tokio::spawn(accept(
+            Incoming::Plain(listener),
+            Relay::new(table, metrics, limits, None),
+            limits.stream_window,
+            stop,
+        ));
+        router
+    }
+
+    /// A gRPC-framed Delta request of a node of `prod/az1`.
+    fn first_request(id: &str) -> Bytes {
+        let first = DeltaDiscoveryRequest {
+            node: Some(Node {
+                id: id.into(),
+                locality: Some(Locality {
+                    zone: "az1".into(),
+                    ..Default::default()
+                }),
+                metadata: Some(Struct {
+                    fields: [(
+                        "tributary.io/env".to_string(),
+                        Value {
+                            kind: Some(Kind::StringValue("prod".into())),
+                        },
+                    )]
+                    .into(),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let mut framed = vec![0u8];
+        framed.extend_from_slice(&(first.len() as u32).to_be_bytes());
+        framed.extend_from_slice(&first);
+        Bytes::from(framed)
+    }
+
+    /// Until `counter` stops moving for 500 ms (a window's worth moves in
+    /// microseconds on loopback), within 10 s; its last value.
+    async fn until_still(counter: &AtomicUsize, what: &str) -> usize {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut last = (counter.load(Ordering::Relaxed), tokio::time::Instant::now());
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let now = counter.load(Ordering::Relaxed);
+            if now != last.0 {
+                last = (now, tokio::time::Instant::now());
+            } else if last.1.elapsed() >= Duration::from_millis(500) {
+                return now;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what} is still moving ({now} bytes): nothing bounds the stream"
+            );
+        }
+    }
+
+    /// The other direction: a client that keeps sending while its replica reads
+    /// nothing holds at most `--stream-window` in the router: the router's window
+    /// towards the client (the server connection's stream and connection windows) and
+    /// a frame in hand, plus what the replica's own window took. Before the bound on
+    /// the server side, hyper's 1 MiB default windows let such a client park 1 MiB in
+    /// the router per stream: 1,064,960 bytes left the client here (bound: 180,223).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_whose_replica_reads_nothing_parks_at_most_the_stream_window_in_the_router() {
+        let limits = RelayLimits::default();
+        let router = router_for(deaf_replica().await, limits).await;
+
+        let sent = Arc::new(AtomicUsize::new(0));
+        let tcp = tokio::net::TcpStream::connect(router).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let body = futures_util::stream::once(futures_util::future::ready(Ok::<
+            _,
+            std::convert::Infallible,
+        >(Frame::data(
+            first_request("chatty"),
+        ))))
+        .chain(futures_util::stream::repeat_with({
+            let sent = sent.clone();
+            move || {
+                sent.fetch_add(16 << 10, Ordering::Relaxed);
+                Ok(Frame::data(Bytes::from(vec![0u8; 16 << 10])))
+            }
+        }));
+        let req = hyper::Request::post(format!("http://{router}{}", Dialect::DELTA_PATH))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(StreamBody::new(body))
+            .unwrap();
+        let response = send.send_request(req).await.unwrap();
+        assert_eq!(response.status(), 200);
+
+        let parked = until_still(&sent, "the client's upload").await;
+        let window = limits.stream_window as usize;
+        // The replica's window + the router's window towards the client + a frame in
+        // the router's hand and one in the client's, and a chunk of slack.
+        let bound = 65_535 + window + 3 * (16 << 10);
+        assert!(
+            parked <= bound,
+            "{parked} bytes left a client whose replica reads nothing (bound {bound})"
+        );
+    }
+
     /// A client that never reads what it is sent (HTTP/2's default 64 KiB windows) holds
     /// at most `--stream-window` in the router in each direction: the replica can hand
     /// over only its client's window, the router's queue for it, the router's window on
@@ -520,7 +710,7 @@ mod tests {
         tokio::spawn(accept(
             Incoming::Plain(listener),
             Relay::new(table, metrics, limits, None),
-            limits.stream_window as usize,
+            limits.stream_window,
             stop,
         ));
 

@@ -59,7 +59,8 @@ struct Args {
     avoid_unreachable_for: Duration,
     /// Bytes of a relayed stream the router holds at most in each direction: its
     /// HTTP/2 window on the replica's connection (which is shared by every stream to
-    /// that replica and has the largest window), and what it queues for a client.
+    /// that replica and has the largest window) and what it queues for a client; and
+    /// its HTTP/2 windows on the client's connection (what a client may send ahead).
     #[arg(long, default_value_t = tributary_shard_router::relay::DEFAULT_STREAM_WINDOW, value_parser = clap::value_parser!(u32).range(16384..=(1 << 30)))]
     stream_window: u32,
     /// Most streams being routed at once (reading the first request, connecting);

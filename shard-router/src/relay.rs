@@ -78,8 +78,9 @@ pub struct RelayLimits {
     /// (`--avoid-unreachable-for`).
     pub avoid_unreachable_for: Duration,
     /// Bytes of a relayed stream the router holds at most in each direction
-    /// (`--stream-window`): its HTTP/2 window on the replica's connection, and what it
-    /// queues for a client that has not taken the bytes yet.
+    /// (`--stream-window`): its HTTP/2 window on the replica's connection, what it
+    /// queues for a client that has not taken the bytes yet, and its HTTP/2 windows on
+    /// the client's connection.
     pub stream_window: u32,
 }
 
