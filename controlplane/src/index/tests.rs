@@ -466,22 +466,27 @@ fn a_resync_s_last_part_ends_the_debounce() {
     ix.hello(info("c1"), 0, 1).unwrap();
     ix.hello(info("c2"), 0, 2).unwrap();
     let svc = |n: &str| vec![change(ChangeKind::UpsertService(fed_service(n, "prod")))];
-    ix.apply_batch("c1", 1, part(1, true, svc("a")), t0).unwrap();
+    ix.apply_batch("c1", 1, part(1, true, svc("a")), t0)
+        .unwrap();
     let deadline = |ix: &Index| ix.debouncer.deadline(&cfg);
     assert_eq!(deadline(&ix), Some(t0 + cfg.quiet), "more parts to come");
     // c2's resync opens: c1's last part does not end the burst.
-    ix.apply_batch("c2", 2, part(1, true, svc("b")), t0).unwrap();
+    ix.apply_batch("c2", 2, part(1, true, svc("b")), t0)
+        .unwrap();
     let t1 = t0 + ms(30);
-    ix.apply_batch("c1", 1, part(2, false, svc("c")), t1).unwrap();
+    ix.apply_batch("c1", 1, part(2, false, svc("c")), t1)
+        .unwrap();
     assert_eq!(deadline(&ix), Some(t1 + cfg.quiet), "c2's resync is open");
     let t2 = t1 + ms(30);
-    ix.apply_batch("c2", 2, part(2, false, svc("d")), t2).unwrap();
+    ix.apply_batch("c2", 2, part(2, false, svc("d")), t2)
+        .unwrap();
     assert_eq!(deadline(&ix), Some(t2), "every resync ended: at once");
     ix.flush(t2);
     assert_eq!(deadline(&ix), None);
     // An incremental batch waits for the quiet period.
     let t3 = t2 + ms(500);
-    ix.apply_batch("c1", 1, batch(3, false, svc("e")), t3).unwrap();
+    ix.apply_batch("c1", 1, batch(3, false, svc("e")), t3)
+        .unwrap();
     assert_eq!(deadline(&ix), Some(t3 + cfg.quiet));
 }
 
