@@ -76,6 +76,12 @@ struct Args {
     /// profiled run include perf's overhead.
     #[arg(long)]
     perf_dir: Option<PathBuf>,
+    /// perf's `--call-graph` method for `--perf-dir`: `fp` (frame pointers, which
+    /// release builds omit: callers are mostly lost) or `dwarf` (unwinds from copied
+    /// stacks with the binary's unwind tables: whole call chains, larger files and
+    /// more overhead).
+    #[arg(long, default_value = "fp")]
+    perf_call_graph: String,
     /// Run the hub under this command (split at spaces), e.g. `valgrind --tool=massif
     /// --massif-out-file=hub.massif` for a heap profile; its figures are then the
     /// wrapper's.
@@ -102,10 +108,12 @@ fn command(bin: &Path, wrapper: Option<&String>) -> Command {
 struct Perf(Child);
 
 impl Perf {
-    fn start(pid: u32, out: &Path) -> anyhow::Result<Perf> {
+    fn start(pid: u32, out: &Path, call_graph: &str) -> anyhow::Result<Perf> {
         Ok(Perf(
             Command::new("perf")
-                .args(["record", "-e", "cpu-clock", "-F", "999", "-g", "-q", "-p"])
+                .args(["record", "-e", "cpu-clock", "-F", "999", "--call-graph"])
+                .arg(call_graph)
+                .args(["-q", "-p"])
                 .arg(pid.to_string())
                 .arg("-o")
                 .arg(out)
@@ -540,6 +548,7 @@ async fn one_run(
         Some(d) => Some(Perf::start(
             hub.0.id(),
             &d.join(format!("hub-{n}-{run}.data")),
+            &args.perf_call_graph,
         )?),
         None => None,
     };
@@ -565,6 +574,7 @@ async fn one_run(
         Some(d) => Some(Perf::start(
             agent.0.id(),
             &d.join(format!("agent-{n}-{run}.data")),
+            &args.perf_call_graph,
         )?),
         None => None,
     };

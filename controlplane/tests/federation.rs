@@ -88,10 +88,20 @@ struct TestAgent {
 
 impl TestAgent {
     fn start(hub: std::net::SocketAddr, cluster: &str, initial: ClusterState) -> TestAgent {
+        Self::start_with(hub, cluster, initial, Duration::from_millis(10))
+    }
+
+    /// With the agent's batching window (`--debounce`) set to `debounce`.
+    fn start_with(
+        hub: std::net::SocketAddr,
+        cluster: &str,
+        initial: ClusterState,
+        debounce: Duration,
+    ) -> TestAgent {
         let mut cfg = AgentConfig::new(format!("http://{hub}"), cluster);
         cfg.region = "region-1".into();
         cfg.zone = "az1".into();
-        cfg.debounce = Duration::from_millis(10);
+        cfg.debounce = debounce;
         cfg.backoff_max = Duration::from_millis(200);
         let (tx, rx) = watch::channel(Arc::new(initial));
         let (stop, stopped) = oneshot::channel::<()>();
@@ -457,6 +467,51 @@ async fn an_agent_restarted_while_listing_withdraws_nothing_before_its_list_ends
     })
     .await;
     assert!(status.iter().any(|c| c.id == "c1" && c.services == 4));
+    agent.stop().await;
+}
+
+/// The state that completes an agent's first list (it closes the open resync) is sent
+/// at once, not after the agent's batching window: nothing more is coming for the
+/// window to gather. The window here is 60 s; the complete state must be applied and
+/// published within 10 s (before, it waited the whole window).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_state_that_completes_the_first_list_is_sent_at_once() {
+    let (hub, _dir) = federated_hub(Duration::from_secs(60), Duration::ZERO, None).await;
+    let window = Duration::from_secs(60);
+    // The agent has listed service a (its endpoints not yet): sent at connect as the
+    // open resync's first part.
+    let mut listed = state(&["a"], &[]);
+    listed.endpoints.clear();
+    listed.listing = true;
+    let agent = TestAgent::start_with(hub.xds_addr, "c1", listed, window);
+    wait_clusters(&hub, "c1's resync open with a", |c| {
+        c.iter()
+            .any(|c| c.id == "c1" && c.resync_in_progress && c.services == 1)
+    })
+    .await;
+    let eps = [pb_endpoint("10.4.0.1", true), pb_endpoint("10.4.0.2", true)];
+    let mut rx = hub.index.watch_clusters();
+    agent.set(state(&["a", "b"], &eps));
+    let done = tokio::time::timeout(
+        Duration::from_secs(10),
+        rx.wait_for(|c| {
+            c.iter().any(|c| {
+                c.id == "c1"
+                    && !c.resync_in_progress
+                    && c.services == 2
+                    && c.endpoints == 4
+                    && c.published_version == c.last_version
+            })
+        }),
+    )
+    .await
+    .is_ok();
+    assert!(
+        done,
+        "the complete state was not sent within 10 s (the agent's window is {window:?})"
+    );
+    let snap = hub.snapshots.current("prod");
+    assert!(cla(&snap, &cla_name("b")).is_some_and(|c| endpoint_count(&c) == 2));
     agent.stop().await;
 }
 

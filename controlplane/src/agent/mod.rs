@@ -709,7 +709,14 @@ async fn exchange(
                 if changed.is_err() {
                     return Ok(()); // the source stopped: the agent is shutting down
                 }
-                dirty_at.get_or_insert(Instant::now() + cfg.debounce);
+                // The state that completes an open resync (the end of the source's first
+                // list) is sent at once: nothing more is coming for the window to gather.
+                let at = if resync_open && !state.borrow().listing {
+                    Instant::now()
+                } else {
+                    Instant::now() + cfg.debounce
+                };
+                dirty_at = Some(dirty_at.map_or(at, |d| d.min(at)));
             }
             _ = sleep_until(dirty_at), if can_send => {
                 dirty_at = None;

@@ -3,6 +3,9 @@
 //! Trailing edge: fire `quiet` after the last change, but never later than `cap`
 //! after the first one, and never later than `quiet` after an endpoint removal (a
 //! removed endpoint must stop receiving traffic promptly, whatever else is arriving).
+//! A burst whose end is known (a full resync's last part when no other resync is
+//! open: [`Debouncer::complete`]) fires at once: the quiet period exists to find the
+//! end of a burst, and waiting for it then only delays the push.
 //! Pure: the caller passes the time, so it is tested without a clock.
 
 use std::time::Duration;
@@ -29,6 +32,8 @@ pub struct Debouncer {
     first: Option<Instant>,
     last: Option<Instant>,
     first_removal: Option<Instant>,
+    /// The burst is known to be complete: fire then, without waiting for quiet.
+    complete: Option<Instant>,
 }
 
 impl Debouncer {
@@ -41,6 +46,14 @@ impl Debouncer {
         }
     }
 
+    /// The pending changes end a burst (e.g. a full resync's last part): fire at `now`
+    /// instead of after the quiet period. Nothing pending: nothing to fire.
+    pub fn complete(&mut self, now: Instant) {
+        if self.first.is_some() {
+            self.complete.get_or_insert(now);
+        }
+    }
+
     /// When to fire, if anything is pending.
     pub fn deadline(&self, cfg: &DebounceConfig) -> Option<Instant> {
         let first = self.first?;
@@ -48,6 +61,9 @@ impl Debouncer {
         let mut at = (last + cfg.quiet).min(first + cfg.cap);
         if let Some(r) = self.first_removal {
             at = at.min(r + cfg.quiet);
+        }
+        if let Some(c) = self.complete {
+            at = at.min(c);
         }
         Some(at)
     }
@@ -102,6 +118,31 @@ mod tests {
             d.deadline(&cfg),
             Some(t0 + 1000 * MS),
             "never later than the cap after the first change"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_complete_burst_fires_at_once() {
+        let cfg = DebounceConfig::default();
+        let mut d = Debouncer::default();
+        let t0 = Instant::now();
+        d.complete(t0);
+        assert_eq!(d.deadline(&cfg), None, "nothing pending, nothing to fire");
+        d.record(t0, false);
+        tokio::time::advance(30 * MS).await;
+        d.record(Instant::now(), false);
+        d.complete(Instant::now());
+        assert_eq!(
+            d.deadline(&cfg),
+            Some(t0 + 30 * MS),
+            "the end of the burst, not quiet after it"
+        );
+        d.fire(t0 + 30 * MS);
+        d.record(t0 + 40 * MS, false);
+        assert_eq!(
+            d.deadline(&cfg),
+            Some(t0 + 140 * MS),
+            "a fire forgets the completion"
         );
     }
 

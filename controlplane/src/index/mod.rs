@@ -766,6 +766,12 @@ impl Index {
             }
             self.debouncer.record(now, applied.removal);
         }
+        // A resync's last part ends its burst: nothing more of it is coming, so what it
+        // applied is published without waiting for the quiet period, unless another
+        // cluster's resync is still open (its parts belong to the same burst).
+        if resynced && !self.sources.clusters.values().any(|c| c.resync.is_some()) {
+            self.debouncer.complete(now);
+        }
         debug!(
             cluster,
             version,

@@ -453,6 +453,43 @@ fn the_published_version_follows_the_flush() {
     assert_eq!(status(&ix), (4, 4));
 }
 
+/// A full resync's last part publishes at once (nothing more of it is coming), unless
+/// another cluster's resync is still open; parts before it and incremental batches
+/// wait for the quiet period. (Before, the last part waited for the quiet period too:
+/// 100 ms added to every cluster's initial sync.)
+#[test]
+fn a_resync_s_last_part_ends_the_debounce() {
+    let (mut ix, _) = index();
+    let cfg = ix.cfg.debounce;
+    let ms = Duration::from_millis;
+    let t0 = Instant::now();
+    ix.hello(info("c1"), 0, 1).unwrap();
+    ix.hello(info("c2"), 0, 2).unwrap();
+    let svc = |n: &str| vec![change(ChangeKind::UpsertService(fed_service(n, "prod")))];
+    ix.apply_batch("c1", 1, part(1, true, svc("a")), t0)
+        .unwrap();
+    let deadline = |ix: &Index| ix.debouncer.deadline(&cfg);
+    assert_eq!(deadline(&ix), Some(t0 + cfg.quiet), "more parts to come");
+    // c2's resync opens: c1's last part does not end the burst.
+    ix.apply_batch("c2", 2, part(1, true, svc("b")), t0)
+        .unwrap();
+    let t1 = t0 + ms(30);
+    ix.apply_batch("c1", 1, part(2, false, svc("c")), t1)
+        .unwrap();
+    assert_eq!(deadline(&ix), Some(t1 + cfg.quiet), "c2's resync is open");
+    let t2 = t1 + ms(30);
+    ix.apply_batch("c2", 2, part(2, false, svc("d")), t2)
+        .unwrap();
+    assert_eq!(deadline(&ix), Some(t2), "every resync ended: at once");
+    ix.flush(t2);
+    assert_eq!(deadline(&ix), None);
+    // An incremental batch waits for the quiet period.
+    let t3 = t2 + ms(500);
+    ix.apply_batch("c1", 1, batch(3, false, svc("e")), t3)
+        .unwrap();
+    assert_eq!(deadline(&ix), Some(t3 + cfg.quiet));
+}
+
 /// An agent exporting its cluster as it lists it names a key in one part and may see
 /// the object go before the list ends: a delete inside the resync takes the naming
 /// back, so the last part deletes the key; nothing is deleted before that part.
