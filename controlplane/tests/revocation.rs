@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use common::*;
+use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tributary_controlplane::http_client;
@@ -171,9 +172,48 @@ impl Setup {
     }
 }
 
-/// A new connection as `tls`, a federation Hello for cluster-b: `Ok` at the Welcome,
-/// or the error (with its sources) that refused it.
-async fn hello(addr: SocketAddr, tls: &ClientTls) -> Result<(), String> {
+/// A federation session as `tls` (a new connection, a Hello for cluster-b) that
+/// reached its Welcome, then ended: `Ok` once the hub has released it (so that the
+/// next agent of cluster-b is not refused as a second live agent), or the error
+/// (with its sources) that refused it.
+async fn hello(s: &Setup, tls: &ClientTls) -> Result<(), String> {
+    let session = welcome(s.hub.hub.xds_addr, tls).await?;
+    drop(session);
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let (status, body) = http_client::request_with(
+            &s.hub.hub.admin_addr.to_string(),
+            Some(&s.operator().await),
+            "GET",
+            "/status/clusters",
+            b"",
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let live = v["clusters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["id"] == "cluster-b" && c["state"] == "connected");
+        if !live {
+            return Ok(());
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the hub still holds the ended session: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+type Session = (
+    mpsc::Sender<pb::AgentMessage>,
+    tonic::Streaming<pb::HubMessage>,
+);
+
+async fn welcome(addr: SocketAddr, tls: &ClientTls) -> Result<Session, String> {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect_timeout(TIMEOUT)
@@ -202,7 +242,7 @@ async fn hello(addr: SocketAddr, tls: &ClientTls) -> Result<(), String> {
             .expect("an answer within the timeout")
             .map_err(|e| format!("{e:?}"))?;
         match m.and_then(|m| m.kind) {
-            Some(hub_message::Kind::Welcome(_)) => return Ok(()),
+            Some(hub_message::Kind::Welcome(_)) => return Ok((tx, s)),
             Some(hub_message::Kind::Heartbeat(_)) => continue,
             other => return Err(format!("expected Welcome, got {other:?}")),
         }
@@ -211,9 +251,8 @@ async fn hello(addr: SocketAddr, tls: &ClientTls) -> Result<(), String> {
 
 async fn rotation_then_revocation(host: &str) {
     let s = Setup::start(host).await;
-    let addr = s.hub.hub.xds_addr;
     let old = s.agent("old").await;
-    hello(addr, &old).await.expect("the agent federates");
+    hello(&s, &old).await.expect("the agent federates");
 
     let cluster = Signer::Cluster("cluster-b".into());
     let status = s
@@ -226,10 +265,10 @@ async fn rotation_then_revocation(host: &str) {
     assert_eq!(status.intermediates["cluster/cluster-b"].retiring.len(), 1);
     let new = s.agent("new").await;
     // During the overlap: both intermediates' agents are accepted.
-    hello(addr, &old)
+    hello(&s, &old)
         .await
         .expect("the old intermediate during the overlap");
-    hello(addr, &new).await.expect("the new intermediate");
+    hello(&s, &new).await.expect("the new intermediate");
 
     let revoked_before = s.handshakes("revoked").await;
     let status = s
@@ -244,7 +283,7 @@ async fn rotation_then_revocation(host: &str) {
     // for the refusal (each attempt is a new handshake), within the timeout.
     let deadline = tokio::time::Instant::now() + TIMEOUT;
     let err = loop {
-        match hello(addr, &old).await {
+        match hello(&s, &old).await {
             Err(e) => break e,
             Ok(()) => {
                 assert!(
@@ -255,7 +294,18 @@ async fn rotation_then_revocation(host: &str) {
             }
         }
     };
-    assert!(err.contains("CertificateRevoked"), "{err}");
+    assert!(!err.contains("Welcome"), "refused by the TLS layer: {err}");
+    // What the refusal says, on the TLS layer: the hub's alert names revocation.
+    let mut conn = old
+        .connect(&s.hub.hub.xds_addr.to_string())
+        .await
+        .expect("TLS 1.3: the client finishes its handshake first");
+    let mut buf = [0u8; 64];
+    let alert = tokio::time::timeout(TIMEOUT, conn.read(&mut buf))
+        .await
+        .expect("the hub answers within the timeout")
+        .expect_err("the hub refuses the certificate");
+    assert!(alert.to_string().contains("CertificateRevoked"), "{alert}");
     // Counted as a revocation, not as an unknown CA.
     let deadline = tokio::time::Instant::now() + TIMEOUT;
     while s.handshakes("revoked").await <= revoked_before {
@@ -266,7 +316,7 @@ async fn rotation_then_revocation(host: &str) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // The new intermediate's agent is unaffected.
-    hello(addr, &new)
+    hello(&s, &new)
         .await
         .expect("the new intermediate after the finish");
 }
