@@ -87,7 +87,10 @@ async fn a_join_token_buys_one_certificate_for_its_identity_only() {
     // The roots, then the CRL of every CA (written to ca.pem, where every reader of
     // --tls-ca finds them).
     assert_eq!(got.trust_bundle_pem, h.hub.ca.trust_file_pem_at(now));
-    assert!(got.trust_bundle_pem.starts_with(&h.hub.ca.trust_bundle_pem()));
+    assert!(
+        got.trust_bundle_pem
+            .starts_with(&h.hub.ca.trust_bundle_pem())
+    );
     assert!(got.trust_bundle_pem.contains("-----BEGIN X509 CRL-----"));
     let lifetime = got
         .cert

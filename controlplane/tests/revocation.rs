@@ -162,7 +162,8 @@ impl Setup {
         .await
         .unwrap();
         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-        let prefix = format!("tributary_tls_handshakes_total{{listener=\"xds\",result=\"{result}\"}}");
+        let prefix =
+            format!("tributary_tls_handshakes_total{{listener=\"xds\",result=\"{result}\"}}");
         String::from_utf8(body.to_vec())
             .unwrap()
             .lines()

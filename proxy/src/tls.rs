@@ -494,9 +494,11 @@ impl Trust {
 
     /// A server-certificate verifier builder on these roots and CRLs.
     fn server_verifier(&self) -> rustls::client::ServerCertVerifierBuilder {
-        let mut b =
-            rustls::client::WebPkiServerVerifier::builder_with_provider(self.roots.clone(), provider())
-                .with_crls(self.crls.iter().cloned());
+        let mut b = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            self.roots.clone(),
+            provider(),
+        )
+        .with_crls(self.crls.iter().cloned());
         if self.only_leaf {
             b = b.only_check_end_entity_revocation();
         }
@@ -575,12 +577,15 @@ pub fn secret(s: &Secret) -> Result<SecretValue, Reason> {
                 None => Vec::new(),
                 Some(d) => {
                     let pem = inline(Some(d), "validation_context.crl")?;
-                    let crls = rustls::pki_types::CertificateRevocationListDer::pem_slice_iter(&pem)
-                        .enumerate()
-                        .map(|(i, c)| {
-                            c.map_err(|e| format!("validation_context.crl: CRL {i}: not PEM: {e}"))
-                        })
-                        .collect::<Result<Vec<_>, _>>()?;
+                    let crls =
+                        rustls::pki_types::CertificateRevocationListDer::pem_slice_iter(&pem)
+                            .enumerate()
+                            .map(|(i, c)| {
+                                c.map_err(|e| {
+                                    format!("validation_context.crl: CRL {i}: not PEM: {e}")
+                                })
+                            })
+                            .collect::<Result<Vec<_>, _>>()?;
                     if crls.is_empty() {
                         return Err("validation_context.crl: no X509 CRL in it".into());
                     }
@@ -1187,9 +1192,10 @@ mod tests {
         let SecretValue::Trust(trust) = super::secret(secret).unwrap() else {
             panic!("not a validation context")
         };
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
-            .collect::<Result<_, _>>()
-            .unwrap();
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .unwrap();
         trust
             .client_verifier()
             .build()
@@ -1225,9 +1231,14 @@ mod tests {
         // The old secret has no CRL of the new intermediate: its chains are refused
         // (why the hub pushes the new CRLs before certificates of the new chain).
         let err = verify(&before, &new.chain_pem).unwrap_err();
-        assert!(format!("{err:?}").contains("UnknownRevocationStatus"), "{err:?}");
+        assert!(
+            format!("{err:?}").contains("UnknownRevocationStatus"),
+            "{err:?}"
+        );
 
-        ca.finish_intermediate_rotation(&Signer::Mesh).await.unwrap();
+        ca.finish_intermediate_rotation(&Signer::Mesh)
+            .await
+            .unwrap();
         let after = rootca(&ca.trust_bundle_pem(), &ca.crl_pem());
         let err = verify(&after, &old.chain_pem).unwrap_err();
         assert!(format!("{err:?}").contains("Revoked"), "{err:?}");
@@ -1235,7 +1246,10 @@ mod tests {
         // Without CRLs nothing is checked: the revoked chain would pass.
         verify(&rootca(&ca.trust_bundle_pem(), ""), &old.chain_pem).unwrap();
         // A CRL that is not one is refused when the secret is read (a NACK).
-        let bad = rootca(&ca.trust_bundle_pem(), "-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n");
+        let bad = rootca(
+            &ca.trust_bundle_pem(),
+            "-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n",
+        );
         let err = super::secret(&bad).unwrap_err();
         assert!(err.contains("validation_context.crl"), "{err}");
     }

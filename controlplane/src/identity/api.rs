@@ -417,7 +417,7 @@ async fn rotate(State(api): State<CaApi>, body: axum::body::Bytes) -> Response {
             };
             let signer = match signer_named(name) {
                 Ok(s) => s,
-                Err(e) => return e,
+                Err(e) => return error(StatusCode::BAD_REQUEST, e),
             };
             api.ca.rotate_intermediate(&signer, overlap).await
         }
@@ -441,14 +441,14 @@ async fn promote(State(api): State<CaApi>) -> Response {
     }
 }
 
-/// An intermediate's name in the API: a remote cluster id, or `mesh`.
-fn signer_named(name: &str) -> Result<Signer, Response> {
+/// An intermediate's name in the API: a remote cluster id, or `mesh`; the error says
+/// what was expected.
+fn signer_named(name: &str) -> Result<Signer, String> {
     match name {
         "mesh" => Ok(Signer::Mesh),
         id => Signer::parse(&format!("cluster/{id}")).ok_or_else(|| {
-            error(
-                StatusCode::BAD_REQUEST,
-                format!("intermediate {id:?}: expected a remote cluster id ([A-Za-z0-9._-]) or \"mesh\""),
+            format!(
+                "intermediate {id:?}: expected a remote cluster id ([A-Za-z0-9._-]) or \"mesh\""
             )
         }),
     }
@@ -475,7 +475,7 @@ async fn finish_rotation(State(api): State<CaApi>, body: axum::body::Bytes) -> R
     let result = match &req.intermediate {
         Some(name) => match signer_named(name) {
             Ok(signer) => api.ca.finish_intermediate_rotation(&signer).await,
-            Err(e) => return e,
+            Err(e) => return error(StatusCode::BAD_REQUEST, e),
         },
         None => api.ca.finish_rotation().await,
     };

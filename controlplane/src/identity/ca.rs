@@ -412,7 +412,9 @@ pub struct Crls {
 
 impl std::fmt::Debug for Crls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Crls").field("count", &self.der.len()).finish()
+        f.debug_struct("Crls")
+            .field("count", &self.der.len())
+            .finish()
     }
 }
 
@@ -735,7 +737,9 @@ fn crls_for(
         .filter_map(|r| {
             let key = r.key_pem.as_deref()?;
             load_signing(&r.cert_pem, key)
-                .map_err(|e| warn!(error = %e, "a retiring root's key does not load: no CRL for it"))
+                .map_err(
+                    |e| warn!(error = %e, "a retiring root's key does not load: no CRL for it"),
+                )
                 .ok()
         })
         .collect();
@@ -774,7 +778,8 @@ fn crls_for(
                 }
             },
         };
-        crls.key.push_str(&format!("{}:{};", key.0, key.1.join(",")));
+        crls.key
+            .push_str(&format!("{}:{};", key.0, key.1.join(",")));
         crls.der.push(signed.0.clone());
         crls.pem.push_str(&signed.1);
         fresh.insert(key, signed);
@@ -790,7 +795,13 @@ fn sign_crl(
     ca: &Signing,
     revoked: &[&RevokedEntry],
     now: SystemTime,
-) -> Result<(rustls::pki_types::CertificateRevocationListDer<'static>, String), CaError> {
+) -> Result<
+    (
+        rustls::pki_types::CertificateRevocationListDer<'static>,
+        String,
+    ),
+    CaError,
+> {
     let this_update = now - BACKDATE;
     let params = rcgen::CertificateRevocationListParams {
         this_update: this_update.into(),
@@ -802,12 +813,12 @@ fn sign_crl(
             .iter()
             .map(|r| {
                 Ok(rcgen::RevokedCertParams {
-                    serial_number: SerialNumber::from_slice(&unhex(&r.serial).ok_or_else(|| {
-                        CaError::Corrupt {
+                    serial_number: SerialNumber::from_slice(&unhex(&r.serial).ok_or_else(
+                        || CaError::Corrupt {
                             key: REVOKED_KEY.into(),
                             message: format!("serial {:?} is not hex", r.serial),
-                        }
-                    })?),
+                        },
+                    )?),
                     revocation_time: from_unix(r.revoked_at).into(),
                     reason_code: Some(rcgen::RevocationReason::Superseded),
                     invalidity_date: None,
@@ -824,7 +835,7 @@ fn sign_crl(
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
@@ -1374,10 +1385,7 @@ impl Ca {
         }
         let mut txn = Txn {
             compares: vec![
-                Compare::mod_revision(
-                    key.clone(),
-                    old.map(|i| i.mod_revision).unwrap_or(0),
-                ),
+                Compare::mod_revision(key.clone(), old.map(|i| i.mod_revision).unwrap_or(0)),
                 Compare::mod_revision(ROOTS_KEY, state.roots_revision),
             ],
             success: vec![TxnOp::put(
@@ -1397,7 +1405,13 @@ impl Ca {
 
     /// Adds to `txn` the write of the revocations: `state`'s (less those expired at
     /// `now`) and `new`, compared on the revision `state` read.
-    fn add_revocations(&self, txn: &mut Txn, state: &CaState, new: Vec<RevokedEntry>, now: SystemTime) {
+    fn add_revocations(
+        &self,
+        txn: &mut Txn,
+        state: &CaState,
+        new: Vec<RevokedEntry>,
+        now: SystemTime,
+    ) {
         let mut entries: Vec<RevokedEntry> = state
             .revoked
             .iter()
@@ -1405,7 +1419,10 @@ impl Ca {
             .cloned()
             .collect();
         for n in new {
-            if !entries.iter().any(|e| e.issuer == n.issuer && e.serial == n.serial) {
+            if !entries
+                .iter()
+                .any(|e| e.issuer == n.issuer && e.serial == n.serial)
+            {
                 entries.push(n);
             }
         }
@@ -1436,7 +1453,15 @@ impl Ca {
                 .retiring
                 .iter()
                 .filter(|o| due(o))
-                .map(|o| revoked_intermediate(signer, &o.root, o.serial.clone(), o.signing.not_after, now))
+                .map(|o| {
+                    revoked_intermediate(
+                        signer,
+                        &o.root,
+                        o.serial.clone(),
+                        o.signing.not_after,
+                        now,
+                    )
+                })
                 .collect();
             if revoke.is_empty() {
                 return Ok(0);
@@ -1481,7 +1506,8 @@ impl Ca {
             .map(|(s, _)| s.clone())
             .collect();
         for signer in due {
-            self.revoke_retiring(&signer, now, |o| o.until <= now).await?;
+            self.revoke_retiring(&signer, now, |o| o.until <= now)
+                .await?;
         }
         Ok(())
     }
@@ -1495,7 +1521,8 @@ impl Ca {
                 signer.name()
             )));
         }
-        self.revoke_retiring(signer, SystemTime::now(), |_| true).await?;
+        self.revoke_retiring(signer, SystemTime::now(), |_| true)
+            .await?;
         Ok(self.status())
     }
 

@@ -630,11 +630,7 @@ impl ServerTls {
 
     /// Keeps this listener's CRLs those of the hub's CA: now, and at every change of
     /// what peers must trust (a revocation, a new intermediate), until `shutdown`.
-    pub async fn follow_ca_crls(
-        self,
-        ca: Arc<super::ca::Ca>,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
+    pub async fn follow_ca_crls(self, ca: Arc<super::ca::Ca>, mut shutdown: watch::Receiver<bool>) {
         let mut changes = ca.trust_changes();
         loop {
             changes.borrow_and_update();

@@ -510,7 +510,10 @@ async fn an_intermediate_rotation_keeps_the_old_one_for_the_overlap_then_revokes
     // Root, mesh and cluster/c1: one empty CRL each.
     let crls = crls_in(&ca.crl_pem());
     assert_eq!(crls.len(), 3, "{crls:?}");
-    assert!(crls.iter().all(|(_, revoked)| revoked.is_empty()), "{crls:?}");
+    assert!(
+        crls.iter().all(|(_, revoked)| revoked.is_empty()),
+        "{crls:?}"
+    );
     let mut trust = ca.trust_changes();
     trust.borrow_and_update();
 
@@ -522,7 +525,10 @@ async fn an_intermediate_rotation_keeps_the_old_one_for_the_overlap_then_revokes
     let retiring = &status.intermediates["cluster/c1"].retiring;
     assert_eq!(retiring.len(), 1, "{status:?}");
     assert_eq!(retiring[0].serial, old_serial);
-    assert!(trust.has_changed().unwrap(), "the new intermediate's CRL is announced");
+    assert!(
+        trust.has_changed().unwrap(),
+        "the new intermediate's CRL is announced"
+    );
     // The old intermediate keeps its CRL during the overlap (Envoy needs one per CA).
     assert_eq!(crls_in(&ca.crl_pem()).len(), 4);
     let after = ca.issue(&agent).unwrap();
@@ -534,14 +540,21 @@ async fn an_intermediate_rotation_keeps_the_old_one_for_the_overlap_then_revokes
 
     trust.borrow_and_update();
     let status = ca.finish_intermediate_rotation(&c1).await.unwrap();
-    assert!(status.intermediates["cluster/c1"].retiring.is_empty(), "{status:?}");
+    assert!(
+        status.intermediates["cluster/c1"].retiring.is_empty(),
+        "{status:?}"
+    );
     assert_eq!(status.revoked.len(), 1, "{status:?}");
     assert_eq!(status.revoked[0].serial, old_serial);
     assert_eq!(status.revoked[0].what, "intermediate cluster/c1");
     assert_eq!(status.revoked[0].issuer, status.root);
     assert!(trust.has_changed().unwrap(), "the revocation is announced");
     let crls = crls_in(&ca.crl_pem());
-    assert_eq!(crls.len(), 3, "the revoked intermediate needs no CRL of its own: {crls:?}");
+    assert_eq!(
+        crls.len(),
+        3,
+        "the revoked intermediate needs no CRL of its own: {crls:?}"
+    );
     let root_crl: Vec<_> = crls.iter().filter(|(_, r)| !r.is_empty()).collect();
     assert_eq!(root_crl.len(), 1, "{crls:?}");
     assert!(root_crl[0].0.contains("Tributary root"), "{crls:?}");
@@ -591,7 +604,10 @@ async fn an_intermediate_overlap_ends_by_the_clock_with_a_revocation() {
     .expect("revoked when the overlap ends")
     .unwrap();
     let status = ca.status();
-    assert!(status.intermediates["mesh"].retiring.is_empty(), "{status:?}");
+    assert!(
+        status.intermediates["mesh"].retiring.is_empty(),
+        "{status:?}"
+    );
     assert_eq!(
         status.revoked[0].serial,
         intermediate_serial(&before.chain_pem)
@@ -619,7 +635,10 @@ async fn an_intermediate_rotation_without_overlap_revokes_at_once() {
     let err = verify_chain(&ca.trust_file_pem_at(now), &before.chain_pem, now).unwrap_err();
     assert!(err.to_string().contains("Revoked"), "{err}");
     // Finishing again revokes nothing more, and an unknown signer is named.
-    let again = ca.finish_intermediate_rotation(&Signer::Mesh).await.unwrap();
+    let again = ca
+        .finish_intermediate_rotation(&Signer::Mesh)
+        .await
+        .unwrap();
     assert_eq!(again.revoked, status.revoked);
     let err = ca
         .finish_intermediate_rotation(&Signer::Cluster("nope".into()))
@@ -637,7 +656,9 @@ async fn intermediates_replaced_by_a_root_promotion_keep_their_crls_for_a_leaf_l
         .await
         .unwrap();
     let before = ca.issue(&id(WORKLOAD)).unwrap();
-    ca.rotate_root(Duration::ZERO, DEFAULT_OVERLAP).await.unwrap();
+    ca.rotate_root(Duration::ZERO, DEFAULT_OVERLAP)
+        .await
+        .unwrap();
     let status = ca.status();
     let retiring = &status.intermediates["mesh"].retiring;
     assert_eq!(retiring.len(), 1, "{status:?}");
