@@ -465,11 +465,11 @@ async fn renewed_hub_files_are_served_without_a_restart() {
     // certificate at connect (BadSignature), and the hub refuses the client's new one.
     loop {
         let connects = channel(hub.hub.xds_addr, &renewed).await.is_ok();
-        if connects {
-            if let Ok(names) = subscribe(&hub, &renewed, sidecar_node("n2", &[]), None).await {
-                assert_eq!(names, prod_clusters());
-                break;
-            }
+        if connects
+            && let Ok(names) = subscribe(&hub, &renewed, sidecar_node("n2", &[]), None).await
+        {
+            assert_eq!(names, prod_clusters());
+            break;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
