@@ -418,6 +418,16 @@ impl Hub {
             ca_follow.await;
             Ok(())
         });
+        // Our listeners refuse what the CA revoked, from its next change on.
+        for server in [&xds_tls, &admin_tls].into_iter().flatten() {
+            let follow = server
+                .clone()
+                .follow_ca_crls(ca_api.ca.clone(), shutdown_rx.clone());
+            tasks.spawn(async move {
+                follow.await;
+                Ok(())
+            });
+        }
 
         tasks.spawn({
             let stop = stopped();

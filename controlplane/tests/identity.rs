@@ -84,7 +84,14 @@ async fn a_join_token_buys_one_certificate_for_its_identity_only() {
         verify_chain(&got.trust_bundle_pem, &got.cert.chain_pem, now).unwrap(),
         want
     );
-    assert_eq!(got.trust_bundle_pem, h.hub.ca.trust_bundle_pem());
+    // The roots, then the CRL of every CA (written to ca.pem, where every reader of
+    // --tls-ca finds them).
+    assert_eq!(got.trust_bundle_pem, h.hub.ca.trust_file_pem_at(now));
+    assert!(
+        got.trust_bundle_pem
+            .starts_with(&h.hub.ca.trust_bundle_pem())
+    );
+    assert!(got.trust_bundle_pem.contains("-----BEGIN X509 CRL-----"));
     let lifetime = got
         .cert
         .not_after
@@ -285,20 +292,35 @@ async fn a_root_rotation_trusts_then_issues_from_the_new_root_then_drops_the_old
         "{body}"
     );
     // Bad rotation requests say what was expected.
-    for bad in [
-        serde_json::json!({"intermediate": "eu-1a", "overlap": "1h"}),
-        serde_json::json!({"intermediate": "eu-1a", "trust_window": "1h"}),
+    for (bad, needle) in [
+        (
+            serde_json::json!({"intermediate": "eu-1a", "overlap": "soon"}),
+            "overlap \"soon\"",
+        ),
+        (
+            serde_json::json!({"intermediate": "eu-1a", "trust_window": "1h"}),
+            "applies to a root rotation",
+        ),
+        (
+            serde_json::json!({"intermediate": "no/such"}),
+            "expected a remote cluster id",
+        ),
     ] {
         let (status, body) = post(&admin, "/v1/ca/rotate", bad).await;
         assert_eq!(status, 400, "{body}");
-        assert!(
-            body["error"]
-                .as_str()
-                .unwrap()
-                .contains("apply to a root rotation"),
-            "{body}"
-        );
+        assert!(body["error"].as_str().unwrap().contains(needle), "{body}");
     }
+    let (status, body) = post(
+        &admin,
+        "/v1/ca/finish-rotation",
+        serde_json::json!({"intermediate": "nope"}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("cluster/nope"),
+        "{body}"
+    );
     let (status, body) = post(
         &admin,
         "/v1/ca/rotate",
@@ -413,7 +435,9 @@ async fn the_cli_creates_a_token_gets_a_certificate_and_rotates() {
         status["intermediates"]["cluster/eu-1a"].is_object(),
         "{status}"
     );
-    let (ok, _, err) = run(&[
+    // A second rotation with an overlap: two intermediates retiring, then both
+    // revoked by finish-rotation.
+    let (ok, status, err) = run(&[
         "ca",
         "rotate",
         "--admin",
@@ -421,6 +445,50 @@ async fn the_cli_creates_a_token_gets_a_certificate_and_rotates() {
         "--intermediate",
         "eu-1a",
         "--overlap",
+        "1h",
+    ])
+    .await;
+    assert!(ok, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let retiring = status["intermediates"]["cluster/eu-1a"]["retiring"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(retiring.len(), 2, "{status}");
+    let (ok, status, err) = run(&[
+        "ca",
+        "finish-rotation",
+        "--admin",
+        &admin,
+        "--intermediate",
+        "eu-1a",
+    ])
+    .await;
+    assert!(ok, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert!(
+        status["intermediates"]["cluster/eu-1a"]["retiring"].is_null(),
+        "{status}"
+    );
+    let revoked: Vec<&str> = status["revoked"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["serial"].as_str().unwrap())
+        .collect();
+    let retired: Vec<&str> = retiring
+        .iter()
+        .map(|r| r["serial"].as_str().unwrap())
+        .collect();
+    assert_eq!(revoked, retired, "{status}");
+    let (ok, _, err) = run(&[
+        "ca",
+        "rotate",
+        "--admin",
+        &admin,
+        "--intermediate",
+        "eu-1a",
+        "--trust-window",
         "1h",
     ])
     .await;

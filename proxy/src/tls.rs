@@ -395,14 +395,18 @@ fn validation_matchers(
             .is_some_and(|b| b.value),
         "require_signed_certificate_timestamp",
     );
-    u.check(v.crl.is_some(), "crl");
+    // CRLs: in a secret (the trust they belong to), checked as Envoy does.
+    u.check(!trust_allowed && v.crl.is_some(), "crl");
     u.check(v.allow_expired_certificate, "allow_expired_certificate");
     u.check(v.trust_chain_verification != 0, "trust_chain_verification");
     u.check(
         v.custom_validator_config.is_some(),
         "custom_validator_config",
     );
-    u.check(v.only_verify_leaf_cert_crl, "only_verify_leaf_cert_crl");
+    u.check(
+        !trust_allowed && v.only_verify_leaf_cert_crl,
+        "only_verify_leaf_cert_crl",
+    );
     u.check(v.max_verify_depth.is_some(), "max_verify_depth");
     u.finish(field)?;
     v.match_typed_subject_alt_names
@@ -462,8 +466,44 @@ pub enum SecretValue {
         chain: Vec<CertificateDer<'static>>,
         key: Arc<PrivateKeyDer<'static>>,
     },
-    /// A `validation_context`: the trust bundle.
-    Trust(Arc<RootCertStore>),
+    /// A `validation_context`: the trust bundle and its CRLs.
+    Trust(Arc<Trust>),
+}
+
+/// A `validation_context` secret: roots, and CRLs checked as Envoy checks them: once
+/// any is given, every certificate of a chain (not the root) must be covered by a CRL
+/// of its issuer, and one listed is refused; with `only_verify_leaf_cert_crl` only
+/// the leaf is checked.
+#[derive(Debug)]
+pub struct Trust {
+    pub roots: Arc<RootCertStore>,
+    pub crls: Vec<rustls::pki_types::CertificateRevocationListDer<'static>>,
+    pub only_leaf: bool,
+}
+
+impl Trust {
+    /// A client-certificate verifier builder on these roots and CRLs.
+    fn client_verifier(&self) -> rustls::server::ClientCertVerifierBuilder {
+        let mut b = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
+            .with_crls(self.crls.iter().cloned());
+        if self.only_leaf {
+            b = b.only_check_end_entity_revocation();
+        }
+        b
+    }
+
+    /// A server-certificate verifier builder on these roots and CRLs.
+    fn server_verifier(&self) -> rustls::client::ServerCertVerifierBuilder {
+        let mut b = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            self.roots.clone(),
+            provider(),
+        )
+        .with_crls(self.crls.iter().cloned());
+        if self.only_leaf {
+            b = b.only_check_end_entity_revocation();
+        }
+        b
+    }
 }
 
 impl std::fmt::Debug for SecretValue {
@@ -473,7 +513,11 @@ impl std::fmt::Debug for SecretValue {
                 .debug_struct("Certificate")
                 .field("chain_len", &chain.len())
                 .finish_non_exhaustive(),
-            SecretValue::Trust(r) => f.debug_struct("Trust").field("roots", &r.len()).finish(),
+            SecretValue::Trust(t) => f
+                .debug_struct("Trust")
+                .field("roots", &t.roots.len())
+                .field("crls", &t.crls.len())
+                .finish(),
         }
     }
 }
@@ -529,7 +573,36 @@ pub fn secret(s: &Secret) -> Result<SecretValue, Reason> {
             if roots.is_empty() {
                 return Err("validation_context.trusted_ca: no certificate in it".into());
             }
-            Ok(SecretValue::Trust(Arc::new(roots)))
+            let crls = match &v.crl {
+                None => Vec::new(),
+                Some(d) => {
+                    let pem = inline(Some(d), "validation_context.crl")?;
+                    let crls =
+                        rustls::pki_types::CertificateRevocationListDer::pem_slice_iter(&pem)
+                            .enumerate()
+                            .map(|(i, c)| {
+                                c.map_err(|e| {
+                                    format!("validation_context.crl: CRL {i}: not PEM: {e}")
+                                })
+                            })
+                            .collect::<Result<Vec<_>, _>>()?;
+                    if crls.is_empty() {
+                        return Err("validation_context.crl: no X509 CRL in it".into());
+                    }
+                    crls
+                }
+            };
+            let trust = Trust {
+                roots: Arc::new(roots),
+                crls,
+                only_leaf: v.only_verify_leaf_cert_crl,
+            };
+            // A CRL that does not parse is refused here, not at the first handshake.
+            trust
+                .client_verifier()
+                .build()
+                .map_err(|e| format!("validation_context.crl: {e}"))?;
+            Ok(SecretValue::Trust(Arc::new(trust)))
         }
         Some(secret::Type::SessionTicketKeys(_)) => {
             Err("session_ticket_keys secrets are not supported".into())
@@ -597,7 +670,7 @@ impl SecretSet {
         }
     }
 
-    fn trust(&self, name: &str) -> Result<Arc<RootCertStore>, String> {
+    fn trust(&self, name: &str) -> Result<Arc<Trust>, String> {
         match self.secrets.get(name) {
             Some(SecretValue::Trust(r)) => Ok(r.clone()),
             Some(other) => Err(format!(
@@ -825,8 +898,7 @@ impl ServerTls {
                 .map_err(|e| e.to_string())?;
             let builder = match &self.context.validation {
                 Some(v) => {
-                    let roots = secrets.trust(&v.trust)?;
-                    let mut b = WebPkiClientVerifier::builder_with_provider(roots, provider());
+                    let mut b = secrets.trust(&v.trust)?.client_verifier();
                     if !self.context.require_client_certificate {
                         b = b.allow_unauthenticated();
                     }
@@ -917,11 +989,11 @@ impl ClientTls {
                 .validation
                 .as_ref()
                 .ok_or("no validation context")?;
-            let roots = secrets.trust(&v.trust)?;
-            let inner =
-                rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
-                    .build()
-                    .map_err(|e| format!("secret {:?}: {e}", v.trust))?;
+            let inner = secrets
+                .trust(&v.trust)?
+                .server_verifier()
+                .build()
+                .map_err(|e| format!("secret {:?}: {e}", v.trust))?;
             let builder = ClientConfig::builder_with_provider(provider())
                 .with_safe_default_protocol_versions()
                 .map_err(|e| e.to_string())?
@@ -1096,5 +1168,89 @@ mod tests {
         };
         let d = format!("{v:?}");
         assert_eq!(d, "Certificate { chain_len: 1, .. }");
+    }
+
+    /// The `ROOTCA` secret the hub serves: the CA's roots and every CA's CRL.
+    fn rootca(bundle: &str, crl: &str) -> Secret {
+        let inline = |v: &str| DataSource {
+            specifier: Some(Specifier::InlineString(v.to_string())),
+            ..Default::default()
+        };
+        Secret {
+            name: "ROOTCA".into(),
+            r#type: Some(secret::Type::ValidationContext(
+                CertificateValidationContext {
+                    trusted_ca: Some(inline(bundle)),
+                    crl: (!crl.is_empty()).then(|| inline(crl)),
+                    ..Default::default()
+                },
+            )),
+        }
+    }
+
+    fn verify(secret: &Secret, chain_pem: &str) -> Result<(), rustls::Error> {
+        let SecretValue::Trust(trust) = super::secret(secret).unwrap() else {
+            panic!("not a validation context")
+        };
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .unwrap();
+        trust
+            .client_verifier()
+            .build()
+            .unwrap()
+            .verify_client_cert(&chain[0], &chain[1..], UnixTime::now())
+            .map(|_| ())
+    }
+
+    /// CRLs in a `validation_context` secret are checked as Envoy checks them: a
+    /// chain whose intermediate a CRL lists is refused (`Revoked`), one whose every
+    /// CA has a CRL is served, and one whose intermediate has no CRL is refused too
+    /// (every CA of a chain needs one once CRLs are given).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_secrets_crls_are_checked_as_envoy_checks_them() {
+        use tributary_controlplane::identity::ca::{Ca, CaConfig, Signer};
+        use tributary_controlplane::identity::{CertificateIssuer, SpiffeId};
+        let store = std::sync::Arc::new(
+            tributary_store::embedded::Embedded::in_memory(Default::default()).unwrap(),
+        );
+        let ca = Ca::open(store, CaConfig::new("mesh.local")).await.unwrap();
+        let id = SpiffeId::parse("spiffe://mesh.local/env/prod/ns/shop/sa/web").unwrap();
+        let old = ca.issue(&id).unwrap();
+        let before = rootca(&ca.trust_bundle_pem(), &ca.crl_pem());
+        verify(&before, &old.chain_pem).expect("every CA has an empty CRL");
+
+        ca.rotate_intermediate(&Signer::Mesh, std::time::Duration::from_secs(3600))
+            .await
+            .unwrap();
+        let new = ca.issue(&id).unwrap();
+        let overlap = rootca(&ca.trust_bundle_pem(), &ca.crl_pem());
+        verify(&overlap, &old.chain_pem).expect("the old intermediate during the overlap");
+        verify(&overlap, &new.chain_pem).expect("the new intermediate");
+        // The old secret has no CRL of the new intermediate: its chains are refused
+        // (why the hub pushes the new CRLs before certificates of the new chain).
+        let err = verify(&before, &new.chain_pem).unwrap_err();
+        assert!(
+            format!("{err:?}").contains("UnknownRevocationStatus"),
+            "{err:?}"
+        );
+
+        ca.finish_intermediate_rotation(&Signer::Mesh)
+            .await
+            .unwrap();
+        let after = rootca(&ca.trust_bundle_pem(), &ca.crl_pem());
+        let err = verify(&after, &old.chain_pem).unwrap_err();
+        assert!(format!("{err:?}").contains("Revoked"), "{err:?}");
+        verify(&after, &new.chain_pem).expect("the new intermediate after the finish");
+        // Without CRLs nothing is checked: the revoked chain would pass.
+        verify(&rootca(&ca.trust_bundle_pem(), ""), &old.chain_pem).unwrap();
+        // A CRL that is not one is refused when the secret is read (a NACK).
+        let bad = rootca(
+            &ca.trust_bundle_pem(),
+            "-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n",
+        );
+        let err = super::secret(&bad).unwrap_err();
+        assert!(err.contains("validation_context.crl"), "{err}");
     }
 }

@@ -122,7 +122,7 @@ impl MeshPki {
         let obtained = Obtained {
             spiffe_id: id.to_string(),
             cert,
-            trust_bundle_pem: self.ca.trust_bundle_at(SystemTime::now()),
+            trust_bundle_pem: self.ca.trust_file_pem_at(SystemTime::now()),
         };
         write_atomically(&self.dir.join(name), &obtained)
             .with_context(|| format!("writing the certificate of {id}"))?;

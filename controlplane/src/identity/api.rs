@@ -7,9 +7,9 @@
 //! | `POST /v1/tokens` | `{"identity": "spiffe://...", "ttl": "1h", "uses": 1, "cluster": ID?}` | [`CreatedToken`] (201) |
 //! | `DELETE /v1/tokens/{id}` | | 204 |
 //! | `GET /v1/ca` | | [`CaStatus`] and the trust bundle |
-//! | `POST /v1/ca/rotate` | `{"root": true, "trust_window": "24h", "overlap": "48h"}` or `{"intermediate": "CLUSTER" \| "mesh"}` | [`CaStatus`] |
+//! | `POST /v1/ca/rotate` | `{"root": true, "trust_window": "24h", "overlap": "48h"}` or `{"intermediate": "CLUSTER" \| "mesh", "overlap": "24h"}` | [`CaStatus`] |
 //! | `POST /v1/ca/promote` | | [`CaStatus`] (the new root signs now) |
-//! | `POST /v1/ca/finish-rotation` | | [`CaStatus`] (the old roots leave the bundle now) |
+//! | `POST /v1/ca/finish-rotation` | none, or `{"intermediate": "CLUSTER" \| "mesh"}` | [`CaStatus`] (the old roots leave the bundle now; or the old intermediates are revoked now) |
 //!
 //! [`csr_routes`] and [`ca_admin_routes`] are separate routers: the hub mounts both on
 //! its admin listener (the admin routes need an operator identity there); peers that
@@ -249,7 +249,7 @@ impl CaApi {
         Ok(CertificateResponse {
             spiffe_id: id.to_string(),
             chain_pem: cert.chain_pem,
-            trust_bundle_pem: self.ca.trust_bundle_at(now),
+            trust_bundle_pem: self.ca.trust_file_pem_at(now),
             not_before: rfc3339(cert.not_before),
             not_after: rfc3339(cert.not_after),
         })
@@ -363,7 +363,7 @@ pub struct CaView {
 async fn ca_status(State(api): State<CaApi>) -> Response {
     Json(CaView {
         status: api.ca.status(),
-        trust_bundle_pem: api.ca.trust_bundle_at(SystemTime::now()),
+        trust_bundle_pem: api.ca.trust_file_pem_at(SystemTime::now()),
     })
     .into_response()
 }
@@ -377,8 +377,8 @@ pub struct RotateRequest {
     /// A remote cluster id, or `mesh`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub intermediate: Option<String>,
-    /// How long the old root stays trusted once the new one signs (root rotation
-    /// only); default 48h.
+    /// How long the old root stays trusted once the new one signs (default 48h), or
+    /// the old intermediate before it is revoked (default 24h).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub overlap: Option<String>,
     /// How long the new root is only trusted before it signs (root rotation only);
@@ -411,28 +411,23 @@ async fn rotate(State(api): State<CaApi>, body: axum::body::Bytes) -> Response {
             api.ca.rotate_root(trust_window, overlap).await
         }
         (false, Some(name)) => {
-            if req.overlap.is_some() || req.trust_window.is_some() {
+            if req.trust_window.is_some() {
                 return error(
                     StatusCode::BAD_REQUEST,
-                    "overlap and trust_window apply to a root rotation: a new intermediate is trusted at once \
-                     (it chains to the same root), and the old one's certificates stay valid until they expire",
+                    "trust_window applies to a root rotation: a new intermediate is trusted at once \
+                     (it chains to the same root)",
                 );
             }
-            let signer = match name.as_str() {
-                "mesh" => Signer::Mesh,
-                id => match Signer::parse(&format!("cluster/{id}")) {
-                    Some(s) => s,
-                    None => {
-                        return error(
-                            StatusCode::BAD_REQUEST,
-                            format!(
-                                "intermediate {id:?}: expected a remote cluster id ([A-Za-z0-9._-]) or \"mesh\""
-                            ),
-                        );
-                    }
-                },
+            let overlap = match req.overlap.as_deref().map(|s| duration("overlap", s)) {
+                None => super::ca::DEFAULT_INTERMEDIATE_OVERLAP,
+                Some(Ok(d)) => d,
+                Some(Err(e)) => return error(StatusCode::BAD_REQUEST, e),
             };
-            api.ca.rotate_intermediate(&signer).await
+            let signer = match signer_named(name) {
+                Ok(s) => s,
+                Err(e) => return error(StatusCode::BAD_REQUEST, e),
+            };
+            api.ca.rotate_intermediate(&signer, overlap).await
         }
         _ => {
             return error(
@@ -454,8 +449,45 @@ async fn promote(State(api): State<CaApi>) -> Response {
     }
 }
 
-async fn finish_rotation(State(api): State<CaApi>) -> Response {
-    match api.ca.finish_rotation().await {
+/// An intermediate's name in the API: a remote cluster id, or `mesh`; the error says
+/// what was expected.
+fn signer_named(name: &str) -> Result<Signer, String> {
+    match name {
+        "mesh" => Ok(Signer::Mesh),
+        id => Signer::parse(&format!("cluster/{id}")).ok_or_else(|| {
+            format!(
+                "intermediate {id:?}: expected a remote cluster id ([A-Za-z0-9._-]) or \"mesh\""
+            )
+        }),
+    }
+}
+
+/// `POST /v1/ca/finish-rotation`: the root rotation's, or with `{"intermediate":
+/// NAME}` that intermediate's (its previous intermediates are revoked now).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinishRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intermediate: Option<String>,
+}
+
+async fn finish_rotation(State(api): State<CaApi>, body: axum::body::Bytes) -> Response {
+    // No body, `null` or `{}`: the root rotation's.
+    let req: FinishRequest = match body.iter().all(u8::is_ascii_whitespace) {
+        true => FinishRequest::default(),
+        false => match serde_json::from_slice::<Option<FinishRequest>>(&body) {
+            Ok(r) => r.unwrap_or_default(),
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("request body: {e}")),
+        },
+    };
+    let result = match &req.intermediate {
+        Some(name) => match signer_named(name) {
+            Ok(signer) => api.ca.finish_intermediate_rotation(&signer).await,
+            Err(e) => return error(StatusCode::BAD_REQUEST, e),
+        },
+        None => api.ca.finish_rotation().await,
+    };
+    match result {
         Ok(s) => Json(s).into_response(),
         Err(e) => CsrError::from(e).into_response(),
     }

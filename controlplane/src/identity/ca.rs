@@ -57,6 +57,8 @@ pub const CA_PREFIX: &str = "/tributary/ca/";
 pub const ROOTS_KEY: &str = "/tributary/ca/roots";
 /// `{prefix}{signer}`: one signer's current intermediate (JSON).
 pub const INTERMEDIATES_PREFIX: &str = "/tributary/ca/intermediates/";
+/// The revoked certificates, listed in their issuers' CRLs (JSON).
+pub const REVOKED_KEY: &str = "/tributary/ca/revoked";
 
 /// Default lifetime of a leaf certificate (`--cert-lifetime`).
 pub const DEFAULT_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
@@ -76,6 +78,12 @@ pub const DEFAULT_OVERLAP: Duration = Duration::from_secs(48 * 3600);
 /// SDS clients receive the new bundle at once; file-based peers (agents, routers,
 /// `tributary cert request --renew`) only with their next renewal.
 pub const DEFAULT_TRUST_WINDOW: Duration = Duration::from_secs(24 * 3600);
+/// Default overlap of an intermediate rotation (`tributary ca rotate --intermediate
+/// NAME --overlap`): how long certificates of the replaced intermediate stay
+/// accepted before it is revoked. One leaf lifetime: by then every certificate it
+/// signed has expired, and every peer renewing at half-life has renewed twice onto
+/// the new one, so the revocation refuses nothing still in use.
+pub const DEFAULT_INTERMEDIATE_OVERLAP: Duration = Duration::from_secs(24 * 3600);
 /// Certificates start this long before they are issued, for peers whose clock is
 /// slightly behind.
 const BACKDATE: Duration = Duration::from_secs(60);
@@ -242,10 +250,24 @@ struct KeyedCert {
 }
 
 /// A root being rotated out: trusted until `until` (seconds since the epoch).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RetiringRoot {
     pub cert_pem: String,
     pub until: u64,
+    /// Its key, kept until it leaves the bundle so that it can sign its CRL (peers
+    /// that check every CA of a chain, as Envoy does, need one per CA). Roots retired
+    /// before CRLs existed have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_pem: Option<String>,
+}
+
+impl std::fmt::Debug for RetiringRoot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the key.
+        f.debug_struct("RetiringRoot")
+            .field("until", &self.until)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A new root in the first phase of a rotation: in the trust bundle, signing nothing
@@ -280,6 +302,7 @@ impl RootsRecord {
         self.retiring.push(RetiringRoot {
             cert_pem: self.active.cert_pem.clone(),
             until: unix(now + Duration::from_secs(incoming.overlap)),
+            key_pem: Some(self.active.key_pem.clone()),
         });
         self.active = incoming.keyed;
         true
@@ -295,11 +318,52 @@ struct IntermediateRecord {
     root: String,
     /// Its notAfter, seconds since the epoch.
     not_after: u64,
+    /// The signer's previous intermediates, still accepted until their overlap ends;
+    /// then each is revoked (its serial joins its root's CRL).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    retiring: Vec<RetiringIntermediate>,
+}
+
+/// A replaced intermediate in its overlap: it signs nothing, its certificates are
+/// accepted until `until` (seconds since the epoch), then it is revoked. Its key is
+/// kept until then to sign its own (empty) CRL.
+#[derive(Clone, Serialize, Deserialize)]
+struct RetiringIntermediate {
+    #[serde(flatten)]
+    keyed: KeyedCert,
+    /// SHA-256 (hex) of the root that signed it: the CRL that revokes it is that
+    /// root's.
+    root: String,
+    until: u64,
+}
+
+/// `/tributary/ca/revoked`: every revoked certificate that has not expired yet.
+#[derive(Clone, Default, Serialize, Deserialize)]
+struct RevokedRecord {
+    #[serde(default)]
+    entries: Vec<RevokedEntry>,
+}
+
+/// One revoked certificate, listed in its issuer's CRL until it expires.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RevokedEntry {
+    /// SHA-256 (hex) of the issuing CA's certificate: the CRL that lists it.
+    pub issuer: String,
+    /// The revoked certificate's serial number (hex, as its DER encodes it).
+    pub serial: String,
+    /// What it was (`intermediate mesh`, `intermediate cluster/east-1`, a SPIFFE id).
+    pub what: String,
+    /// When it was revoked (seconds since the epoch).
+    pub revoked_at: u64,
+    /// Its notAfter (seconds since the epoch): after it, the entry is dropped.
+    pub not_after: u64,
 }
 
 /// A loaded signing certificate: its PEM, and an issuer holding its key.
 struct Signing {
     cert_pem: String,
+    /// Kept to write the record again (a rotation moves it to the retiring ones).
+    key_pem: String,
     fingerprint: String,
     not_after: SystemTime,
     issuer: Issuer<'static, KeyPair>,
@@ -311,6 +375,17 @@ struct Intermediate {
     root: String,
     /// The store's mod revision of its key (0: not written yet).
     mod_revision: i64,
+    /// The signer's previous intermediates in their overlap (see
+    /// [`RetiringIntermediate`]).
+    retiring: Vec<OldIntermediate>,
+}
+
+/// A loaded [`RetiringIntermediate`].
+struct OldIntermediate {
+    signing: Signing,
+    root: String,
+    serial: String,
+    until: SystemTime,
 }
 
 /// A loaded incoming root (see [`IncomingRoot`]).
@@ -318,6 +393,29 @@ struct Incoming {
     cert_pem: String,
     fingerprint: String,
     signs_from: SystemTime,
+    signing: Arc<Signing>,
+}
+
+/// The CRLs peers check chains against: one per CA this replica holds a key of
+/// (every root in the bundle, every intermediate that signs or is in its overlap),
+/// each listing the revoked certificates that CA issued (empty when none). Envoy
+/// requires a CRL for every CA of a chain once it is given one, so none is left out.
+#[derive(Default)]
+pub struct Crls {
+    /// Every CRL, PEM, concatenated.
+    pub pem: String,
+    pub der: Vec<rustls::pki_types::CertificateRevocationListDer<'static>>,
+    /// What the CRLs say (each issuer with its revoked serials), to tell a change of
+    /// content from a re-signing.
+    key: String,
+}
+
+impl std::fmt::Debug for Crls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Crls")
+            .field("count", &self.der.len())
+            .finish()
+    }
 }
 
 /// One replica's view of the CA state; replaced whole, never mutated.
@@ -331,6 +429,11 @@ struct CaState {
     revision: i64,
     retiring: Vec<RetiringRoot>,
     intermediates: BTreeMap<Signer, Arc<Intermediate>>,
+    /// The revoked certificates (`/tributary/ca/revoked`) and its mod revision.
+    revoked: Vec<RevokedEntry>,
+    revoked_revision: i64,
+    /// Signed from the above by [`Ca::sign_crls`].
+    crls: Arc<Crls>,
 }
 
 /// The certificate authority. Cheap to share (`Arc<Ca>`); every method may be called
@@ -346,7 +449,23 @@ pub struct Ca {
     /// What `changes` was last bumped for: the trust bundle and each signer's
     /// intermediate (the lock is held only to compare and replace it).
     issued_from: std::sync::Mutex<(String, BTreeMap<Signer, String>)>,
+    /// Bumped whenever what a peer must trust changes: the roots or the CRLs (a new
+    /// intermediate's, a revocation). See [`CertificateIssuer::trust_changes`].
+    trust: watch::Sender<u64>,
+    /// What `trust` was last bumped for (roots and CRL contents).
+    trusted: std::sync::Mutex<String>,
+    /// CRLs already signed, by (issuer fingerprint, revoked serials): a reload that
+    /// changes nothing they say does not re-sign them.
+    crl_cache: std::sync::Mutex<CrlCache>,
 }
+
+type CrlCache = std::collections::HashMap<
+    (String, Vec<String>),
+    (
+        rustls::pki_types::CertificateRevocationListDer<'static>,
+        String,
+    ),
+>;
 
 impl std::fmt::Debug for Ca {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -391,6 +510,9 @@ pub struct CaStatus {
     pub retiring: Vec<RetiringStatus>,
     /// Each signer's intermediate: its fingerprint and notAfter.
     pub intermediates: BTreeMap<String, IntermediateStatus>,
+    /// The revoked certificates the CRLs list (until each expires).
+    #[serde(default)]
+    pub revoked: Vec<RevokedStatus>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -409,6 +531,29 @@ pub struct RetiringStatus {
 pub struct IntermediateStatus {
     pub fingerprint: String,
     pub root: String,
+    pub not_after: String,
+    /// The signer's previous intermediates, still accepted until `until`, then
+    /// revoked.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retiring: Vec<RetiringIntermediateStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RetiringIntermediateStatus {
+    pub fingerprint: String,
+    pub serial: String,
+    pub until: String,
+}
+
+/// A revoked certificate, as `GET /v1/ca` lists it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RevokedStatus {
+    pub what: String,
+    pub serial: String,
+    /// SHA-256 of the CA whose CRL lists it.
+    pub issuer: String,
+    pub revoked_at: String,
+    /// When it expires (and leaves the CRL).
     pub not_after: String,
 }
 
@@ -479,6 +624,7 @@ fn load_signing(cert_pem: &str, key_pem: &str) -> Result<Signing, String> {
     let issuer = Issuer::from_ca_cert_der(&der.clone().into(), key).map_err(|e| e.to_string())?;
     Ok(Signing {
         cert_pem: cert_pem.to_string(),
+        key_pem: key_pem.to_string(),
         fingerprint: fingerprint(&der),
         not_after,
         issuer,
@@ -539,6 +685,171 @@ fn generate_root(cfg: &CaConfig, now: SystemTime) -> Result<KeyedCert, CaError> 
     })
 }
 
+/// `i`'s retiring intermediates that `keep` selects, as stored.
+fn retiring_records(
+    i: &Intermediate,
+    keep: impl Fn(&OldIntermediate) -> bool,
+) -> Vec<RetiringIntermediate> {
+    i.retiring
+        .iter()
+        .filter(|o| keep(o))
+        .map(|o| RetiringIntermediate {
+            keyed: KeyedCert {
+                cert_pem: o.signing.cert_pem.clone(),
+                key_pem: o.signing.key_pem.clone(),
+            },
+            root: o.root.clone(),
+            until: unix(o.until),
+        })
+        .collect()
+}
+
+fn revoked_intermediate(
+    signer: &Signer,
+    root: &str,
+    serial: String,
+    not_after: SystemTime,
+    now: SystemTime,
+) -> RevokedEntry {
+    RevokedEntry {
+        issuer: root.to_string(),
+        serial,
+        what: format!("intermediate {}", signer.name()),
+        revoked_at: unix(now),
+        not_after: unix(not_after),
+    }
+}
+
+/// The CRLs of `state`: one per CA it holds a key of (every root in the bundle,
+/// every intermediate that signs or is in its overlap), each listing the revoked
+/// certificates that CA issued, signed anew only when that list changed.
+fn crls_for(
+    cache: &std::sync::Mutex<CrlCache>,
+    state: &CaState,
+    now: SystemTime,
+) -> Result<Crls, CaError> {
+    let mut cas: Vec<&Signing> = vec![&state.root];
+    cas.extend(state.incoming.iter().map(|i| &*i.signing));
+    let retiring_roots: Vec<Signing> = state
+        .retiring
+        .iter()
+        .filter(|r| from_unix(r.until) > now)
+        .filter_map(|r| {
+            let key = r.key_pem.as_deref()?;
+            load_signing(&r.cert_pem, key)
+                .map_err(
+                    |e| warn!(error = %e, "a retiring root's key does not load: no CRL for it"),
+                )
+                .ok()
+        })
+        .collect();
+    cas.extend(retiring_roots.iter());
+    for i in state.intermediates.values() {
+        cas.push(&i.signing);
+        cas.extend(i.retiring.iter().map(|o| &o.signing));
+    }
+    let mut cache = cache.lock().expect("CRL cache lock");
+    let mut fresh = CrlCache::new();
+    let mut crls = Crls::default();
+    for ca in cas {
+        let revoked: Vec<&RevokedEntry> = state
+            .revoked
+            .iter()
+            .filter(|r| r.issuer == ca.fingerprint)
+            .collect();
+        let mut serials: Vec<String> = revoked.iter().map(|r| r.serial.clone()).collect();
+        serials.sort();
+        let key = (ca.fingerprint.clone(), serials);
+        if fresh.contains_key(&key) {
+            continue;
+        }
+        let signed = match cache.get(&key) {
+            Some(c) => c.clone(),
+            None => match sign_crl(ca, &revoked, now) {
+                Ok(c) => c,
+                Err(e) => {
+                    // A CA that cannot sign CRLs (a supplied root without the
+                    // cRLSign key usage): no CRL at all, rather than a set that
+                    // leaves one CA of a chain out (Envoy would refuse every chain
+                    // through it). Revocation is then not enforced.
+                    warn!(error = %e, ca = %ca.fingerprint, "a CA cannot sign its CRL: revocation is not enforced");
+                    *cache = CrlCache::new();
+                    return Ok(Crls::default());
+                }
+            },
+        };
+        crls.key
+            .push_str(&format!("{}:{};", key.0, key.1.join(",")));
+        crls.der.push(signed.0.clone());
+        crls.pem.push_str(&signed.1);
+        fresh.insert(key, signed);
+    }
+    *cache = fresh;
+    Ok(crls)
+}
+
+/// A CRL of `ca` listing `revoked`, valid from now until the CA itself expires: it is
+/// replaced whenever what it lists changes, and peers get it pushed (SDS) or with
+/// their trust bundle, so it has no shorter refresh period to announce.
+fn sign_crl(
+    ca: &Signing,
+    revoked: &[&RevokedEntry],
+    now: SystemTime,
+) -> Result<
+    (
+        rustls::pki_types::CertificateRevocationListDer<'static>,
+        String,
+    ),
+    CaError,
+> {
+    let this_update = now - BACKDATE;
+    let params = rcgen::CertificateRevocationListParams {
+        this_update: this_update.into(),
+        next_update: ca.not_after.max(now + BACKDATE).into(),
+        // Increasing per issuer: the second it was signed.
+        crl_number: SerialNumber::from(unix(now)),
+        issuing_distribution_point: None,
+        revoked_certs: revoked
+            .iter()
+            .map(|r| {
+                Ok(rcgen::RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(&unhex(&r.serial).ok_or_else(
+                        || CaError::Corrupt {
+                            key: REVOKED_KEY.into(),
+                            message: format!("serial {:?} is not hex", r.serial),
+                        },
+                    )?),
+                    revocation_time: from_unix(r.revoked_at).into(),
+                    reason_code: Some(rcgen::RevocationReason::Superseded),
+                    invalidity_date: None,
+                })
+            })
+            .collect::<Result<_, CaError>>()?,
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    };
+    let crl = params
+        .signed_by(&ca.issuer)
+        .map_err(crypto("signing a CRL"))?;
+    let pem = crl.pem().map_err(crypto("encoding a CRL"))?;
+    Ok((crl.der().clone(), pem))
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// The serial number of a DER certificate, hex, as encoded.
+fn serial_of(der: &[u8]) -> Result<String, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
+    Ok(hex(cert.raw_serial()))
+}
+
 impl Ca {
     /// Opens the CA in `store`: loads its root (generating one, or storing the
     /// operator's, when the store has none) and the intermediates, and makes sure the
@@ -568,13 +879,18 @@ impl Ca {
             }
         }
         Self::init_roots(&store, &cfg).await?;
-        let state = Self::load(&store).await?;
+        let mut state = Self::load(&store).await?;
+        let crl_cache = std::sync::Mutex::default();
+        state.crls = Arc::new(crls_for(&crl_cache, &state, SystemTime::now())?);
         let ca = Arc::new(Ca {
             cfg,
             store,
             state: RwLock::new(Arc::new(state)),
             changes: watch::channel(0).0,
             issued_from: Default::default(),
+            trust: watch::channel(0).0,
+            trusted: Default::default(),
+            crl_cache,
         });
         // A trust window that ended while no replica ran.
         ca.promote_due(SystemTime::now()).await?;
@@ -645,8 +961,12 @@ impl Ca {
         let range = store.range(CA_PREFIX).await?;
         let mut roots = None;
         let mut intermediates = BTreeMap::new();
+        let mut revoked = (Vec::new(), 0);
         for kv in &range.kvs {
-            if kv.key == ROOTS_KEY {
+            if kv.key == REVOKED_KEY {
+                let rec: RevokedRecord = parse_record(&kv.key, &kv.value)?;
+                revoked = (rec.entries, kv.mod_revision);
+            } else if kv.key == ROOTS_KEY {
                 roots = Some((
                     parse_record::<RootsRecord>(&kv.key, &kv.value)?,
                     kv.mod_revision,
@@ -664,12 +984,34 @@ impl Ca {
                             message,
                         }
                     })?;
+                let corrupt = |message: String| CaError::Corrupt {
+                    key: kv.key.clone(),
+                    message,
+                };
+                let retiring = rec
+                    .retiring
+                    .iter()
+                    .map(|r| {
+                        let signing = load_signing(&r.keyed.cert_pem, &r.keyed.key_pem)
+                            .map_err(|m| corrupt(format!("retiring: {m}")))?;
+                        let serial = first_der(&r.keyed.cert_pem)
+                            .and_then(|d| serial_of(&d))
+                            .map_err(|m| corrupt(format!("retiring: {m}")))?;
+                        Ok(OldIntermediate {
+                            signing,
+                            root: r.root.clone(),
+                            serial,
+                            until: from_unix(r.until),
+                        })
+                    })
+                    .collect::<Result<Vec<_>, CaError>>()?;
                 intermediates.insert(
                     signer,
                     Arc::new(Intermediate {
                         signing,
                         root: rec.root,
                         mod_revision: kv.mod_revision,
+                        retiring,
                     }),
                 );
             }
@@ -697,9 +1039,10 @@ impl Ca {
                         }
                     })?;
                 Some(Incoming {
-                    cert_pem: signing.cert_pem,
-                    fingerprint: signing.fingerprint,
+                    cert_pem: signing.cert_pem.clone(),
+                    fingerprint: signing.fingerprint.clone(),
                     signs_from: from_unix(i.signs_from),
+                    signing: Arc::new(signing),
                 })
             }
             None => None,
@@ -711,12 +1054,16 @@ impl Ca {
             revision: range.revision,
             retiring: roots.retiring,
             intermediates,
+            revoked: revoked.0,
+            revoked_revision: revoked.1,
+            crls: Arc::default(),
         })
     }
 
     /// Reloads the state from the store.
     pub async fn reload(&self) -> Result<(), CaError> {
-        let state = Self::load(&self.store).await?;
+        let mut state = Self::load(&self.store).await?;
+        state.crls = Arc::new(crls_for(&self.crl_cache, &state, SystemTime::now())?);
         *self.state.write().expect("CA state lock") = Arc::new(state);
         self.note_changes();
         Ok(())
@@ -738,10 +1085,49 @@ impl Ca {
             .iter()
             .any(|(s, fp)| last.1.get(s).is_some_and(|before| before != fp));
         let changed = last.0 != bundle || replaced;
+        let trusted = format!("{bundle}{}", self.snapshot().crls.key);
         *last = (bundle, signers);
+        drop(last);
+        // Trust first: a peer told to re-issue also finds the new CRLs pushed.
+        let mut last = self.trusted.lock().expect("CA change lock");
+        if *last != trusted {
+            *last = trusted;
+            self.trust.send_modify(|n| *n += 1);
+        }
+        drop(last);
         if changed {
             self.changes.send_modify(|n| *n += 1);
         }
+    }
+
+    /// A receiver that changes whenever what a peer must trust changes: the roots,
+    /// or the CRLs (a revocation, an intermediate created, replaced or removed).
+    /// Certificates need not be re-issued for it; the bundle and CRLs must be sent
+    /// again.
+    pub fn trust_changes(&self) -> watch::Receiver<u64> {
+        self.trust.subscribe()
+    }
+
+    /// Every CRL, PEM (see [`Crls`]).
+    pub fn crl_pem(&self) -> String {
+        self.snapshot().crls.pem.clone()
+    }
+
+    /// Every CRL, DER, for rustls verifiers.
+    pub fn crls(&self) -> Vec<rustls::pki_types::CertificateRevocationListDer<'static>> {
+        self.snapshot().crls.der.clone()
+    }
+
+    /// The trust bundle at `now` followed by the CRLs: what a peer that verifies from
+    /// files writes to its `ca.pem` (the CSR API's `trust_bundle_pem`). Readers of
+    /// `--tls-ca` take the certificates as roots and check chains against the CRLs.
+    pub fn trust_file_pem_at(&self, now: SystemTime) -> String {
+        let mut pem = self.trust_bundle_at(now);
+        if !pem.ends_with('\n') {
+            pem.push('\n');
+        }
+        pem.push_str(&self.crl_pem());
+        pem
     }
 
     /// A receiver that changes whenever the trust bundle changes (a rotation's phase,
@@ -762,7 +1148,13 @@ impl Ca {
             .iter()
             .map(|r| from_unix(r.until))
             .filter(|t| *t > now);
-        incoming.chain(retiring).min()
+        // Retiring intermediates: their overlap's end (or now, once it has ended:
+        // the revocation is retried until it is written).
+        let intermediates = state
+            .intermediates
+            .values()
+            .flat_map(|i| i.retiring.iter().map(|o| o.until.max(now)));
+        incoming.chain(retiring).chain(intermediates).min()
     }
 
     /// Promotes the incoming root if its trust window has ended at `now`. Another
@@ -816,6 +1208,9 @@ impl Ca {
                 } => {
                     if let Err(e) = self.promote_due(SystemTime::now()).await {
                         warn!(error = %e, "promoting the incoming root at the end of its trust window");
+                    }
+                    if let Err(e) = self.revoke_due(SystemTime::now()).await {
+                        warn!(error = %e, "revoking the intermediates whose overlap ended");
                     }
                     self.note_changes();
                 }
@@ -900,6 +1295,7 @@ impl Ca {
             },
             root: state.root.fingerprint.clone(),
             not_after: unix(until),
+            retiring: Vec::new(),
         };
         let signing =
             load_signing(&record.keyed.cert_pem, &record.keyed.key_pem).map_err(CaError::Crypto)?;
@@ -908,6 +1304,7 @@ impl Ca {
                 signing,
                 root: record.root.clone(),
                 mod_revision: 0,
+                retiring: Vec::new(),
             },
             record,
         ))
@@ -932,31 +1329,201 @@ impl Ca {
             {
                 return Ok(i);
             }
-            let seen = state
-                .intermediates
-                .get(signer)
-                .map(|i| i.mod_revision)
-                .unwrap_or(0);
             let (_, record) = self.new_intermediate(&state, signer, now)?;
-            let txn = Txn {
-                compares: vec![
-                    Compare::mod_revision(key.clone(), seen),
-                    Compare::mod_revision(ROOTS_KEY, state.roots_revision),
-                ],
+            // The one it replaces (near its end, or under a root that no longer
+            // signs) stays accepted while its certificates can live: one leaf lifetime.
+            let not_after = record.not_after;
+            if self
+                .write_intermediate(&state, signer, record, now, self.cfg.cert_lifetime)
+                .await?
+            {
+                info!(signer = %signer.name(), not_after = %rfc3339(from_unix(not_after)), "new intermediate");
+            }
+        }
+        Err(CaError::Contended { what: key })
+    }
+
+    /// Stores `record` as `signer`'s intermediate if the signer, the roots and the
+    /// revocations are still as `state` read them; the intermediate it replaces joins
+    /// the retiring ones until `now + overlap` (a zero overlap revokes it at once).
+    /// Reloads either way; true if written.
+    async fn write_intermediate(
+        &self,
+        state: &CaState,
+        signer: &Signer,
+        mut record: IntermediateRecord,
+        now: SystemTime,
+        overlap: Duration,
+    ) -> Result<bool, CaError> {
+        let key = format!("{INTERMEDIATES_PREFIX}{}", signer.name());
+        let old = state.intermediates.get(signer);
+        let mut revoke = Vec::new();
+        if let Some(old) = old {
+            record.retiring = retiring_records(old, |_| true);
+            let replaced = RetiringIntermediate {
+                keyed: KeyedCert {
+                    cert_pem: old.signing.cert_pem.clone(),
+                    key_pem: old.signing.key_pem.clone(),
+                },
+                root: old.root.clone(),
+                until: unix(now + overlap),
+            };
+            if overlap.is_zero() {
+                let serial = first_der(&old.signing.cert_pem)
+                    .and_then(|d| serial_of(&d))
+                    .map_err(CaError::Crypto)?;
+                revoke.push(revoked_intermediate(
+                    signer,
+                    &old.root,
+                    serial,
+                    old.signing.not_after,
+                    now,
+                ));
+            } else {
+                record.retiring.push(replaced);
+            }
+        }
+        let mut txn = Txn {
+            compares: vec![
+                Compare::mod_revision(key.clone(), old.map(|i| i.mod_revision).unwrap_or(0)),
+                Compare::mod_revision(ROOTS_KEY, state.roots_revision),
+            ],
+            success: vec![TxnOp::put(
+                key.clone(),
+                serde_json::to_vec(&record).expect("serializable"),
+            )],
+            failure: vec![],
+        };
+        if !revoke.is_empty() {
+            self.add_revocations(&mut txn, state, revoke, now);
+        }
+        let done = self.store.txn(txn).await?.succeeded;
+        // Either way, what the store holds now is what every replica uses.
+        self.reload().await?;
+        Ok(done)
+    }
+
+    /// Adds to `txn` the write of the revocations: `state`'s (less those expired at
+    /// `now`) and `new`, compared on the revision `state` read.
+    fn add_revocations(
+        &self,
+        txn: &mut Txn,
+        state: &CaState,
+        new: Vec<RevokedEntry>,
+        now: SystemTime,
+    ) {
+        let mut entries: Vec<RevokedEntry> = state
+            .revoked
+            .iter()
+            .filter(|r| from_unix(r.not_after) > now)
+            .cloned()
+            .collect();
+        for n in new {
+            if !entries
+                .iter()
+                .any(|e| e.issuer == n.issuer && e.serial == n.serial)
+            {
+                entries.push(n);
+            }
+        }
+        txn.compares
+            .push(Compare::mod_revision(REVOKED_KEY, state.revoked_revision));
+        txn.success.push(TxnOp::put(
+            REVOKED_KEY,
+            serde_json::to_vec(&RevokedRecord { entries }).expect("serializable"),
+        ));
+    }
+
+    /// Ends the overlap of `signer`'s retiring intermediates that `due` selects: each
+    /// is revoked (its serial joins its root's CRL) and no longer accepted. Returns
+    /// how many were revoked.
+    async fn revoke_retiring(
+        &self,
+        signer: &Signer,
+        now: SystemTime,
+        due: impl Fn(&OldIntermediate) -> bool,
+    ) -> Result<usize, CaError> {
+        let key = format!("{INTERMEDIATES_PREFIX}{}", signer.name());
+        for _ in 0..WRITE_ATTEMPTS {
+            let state = self.snapshot();
+            let Some(current) = state.intermediates.get(signer) else {
+                return Ok(0);
+            };
+            let revoke: Vec<RevokedEntry> = current
+                .retiring
+                .iter()
+                .filter(|o| due(o))
+                .map(|o| {
+                    revoked_intermediate(
+                        signer,
+                        &o.root,
+                        o.serial.clone(),
+                        o.signing.not_after,
+                        now,
+                    )
+                })
+                .collect();
+            if revoke.is_empty() {
+                return Ok(0);
+            }
+            let n = revoke.len();
+            let record = IntermediateRecord {
+                keyed: KeyedCert {
+                    cert_pem: current.signing.cert_pem.clone(),
+                    key_pem: current.signing.key_pem.clone(),
+                },
+                root: current.root.clone(),
+                not_after: unix(current.signing.not_after),
+                retiring: retiring_records(current, |o| !due(o)),
+            };
+            let mut txn = Txn {
+                compares: vec![Compare::mod_revision(key.clone(), current.mod_revision)],
                 success: vec![TxnOp::put(
                     key.clone(),
                     serde_json::to_vec(&record).expect("serializable"),
                 )],
                 failure: vec![],
             };
-            let res = self.store.txn(txn).await?;
-            if res.succeeded {
-                info!(signer = %signer.name(), not_after = %rfc3339(from_unix(record.not_after)), "new intermediate");
-            }
-            // Either way, what the store holds now is what every replica uses.
+            self.add_revocations(&mut txn, &state, revoke, now);
+            let done = self.store.txn(txn).await?.succeeded;
             self.reload().await?;
+            if done {
+                info!(signer = %signer.name(), revoked = n, "intermediate rotation finished: the old intermediate is revoked");
+                return Ok(n);
+            }
         }
         Err(CaError::Contended { what: key })
+    }
+
+    /// Revokes every retiring intermediate whose overlap has ended at `now` (every
+    /// replica tries; the store's compare lets one write each).
+    async fn revoke_due(&self, now: SystemTime) -> Result<(), CaError> {
+        let due: Vec<Signer> = self
+            .snapshot()
+            .intermediates
+            .iter()
+            .filter(|(_, i)| i.retiring.iter().any(|o| o.until <= now))
+            .map(|(s, _)| s.clone())
+            .collect();
+        for signer in due {
+            self.revoke_retiring(&signer, now, |o| o.until <= now)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Ends `signer`'s intermediate rotation now: its previous intermediates are
+    /// revoked, so their certificates are refused from now on.
+    pub async fn finish_intermediate_rotation(&self, signer: &Signer) -> Result<CaStatus, CaError> {
+        if !self.snapshot().intermediates.contains_key(signer) {
+            return Err(CaError::Config(format!(
+                "no intermediate {}: `tributary ca status` lists them",
+                signer.name()
+            )));
+        }
+        self.revoke_retiring(signer, SystemTime::now(), |_| true)
+            .await?;
+        Ok(self.status())
     }
 
     /// Issues a certificate for `id` with a fresh key, signed by `signer`'s
@@ -1053,34 +1620,26 @@ impl Ca {
         })
     }
 
-    /// Rotates `signer`'s intermediate: a new one is stored and signs from now on.
-    /// Certificates of the old one keep verifying (they carry it, and the root is
-    /// unchanged) until they expire, within one leaf lifetime.
-    pub async fn rotate_intermediate(&self, signer: &Signer) -> Result<CaStatus, CaError> {
+    /// Rotates `signer`'s intermediate: a new one is stored and signs from now on
+    /// (it is trusted at once: it chains to the same root, and its CRL is published
+    /// with the write). The old one stays accepted for `overlap`, then it is revoked
+    /// (by [`Ca::run`], or now by [`Ca::finish_intermediate_rotation`]); a zero
+    /// overlap revokes it at once.
+    pub async fn rotate_intermediate(
+        &self,
+        signer: &Signer,
+        overlap: Duration,
+    ) -> Result<CaStatus, CaError> {
         let key = format!("{INTERMEDIATES_PREFIX}{}", signer.name());
         for _ in 0..WRITE_ATTEMPTS {
             let state = self.snapshot();
-            let seen = state
-                .intermediates
-                .get(signer)
-                .map(|i| i.mod_revision)
-                .unwrap_or(0);
-            let (_, record) = self.new_intermediate(&state, signer, SystemTime::now())?;
-            let txn = Txn {
-                compares: vec![
-                    Compare::mod_revision(key.clone(), seen),
-                    Compare::mod_revision(ROOTS_KEY, state.roots_revision),
-                ],
-                success: vec![TxnOp::put(
-                    key.clone(),
-                    serde_json::to_vec(&record).expect("serializable"),
-                )],
-                failure: vec![],
-            };
-            let done = self.store.txn(txn).await?.succeeded;
-            self.reload().await?;
-            if done {
-                info!(signer = %signer.name(), "rotated the intermediate");
+            let now = SystemTime::now();
+            let (_, record) = self.new_intermediate(&state, signer, now)?;
+            if self
+                .write_intermediate(&state, signer, record, now, overlap)
+                .await?
+            {
+                info!(signer = %signer.name(), overlap = %humantime::format_duration(overlap), "rotated the intermediate; the old one is accepted for the overlap");
                 return Ok(self.status());
             }
         }
@@ -1292,8 +1851,28 @@ impl Ca {
                             fingerprint: i.signing.fingerprint.clone(),
                             root: i.root.clone(),
                             not_after: rfc3339(i.signing.not_after),
+                            retiring: i
+                                .retiring
+                                .iter()
+                                .map(|o| RetiringIntermediateStatus {
+                                    fingerprint: o.signing.fingerprint.clone(),
+                                    serial: o.serial.clone(),
+                                    until: rfc3339(o.until),
+                                })
+                                .collect(),
                         },
                     )
+                })
+                .collect(),
+            revoked: state
+                .revoked
+                .iter()
+                .map(|r| RevokedStatus {
+                    what: r.what.clone(),
+                    serial: r.serial.clone(),
+                    issuer: r.issuer.clone(),
+                    revoked_at: rfc3339(from_unix(r.revoked_at)),
+                    not_after: rfc3339(from_unix(r.not_after)),
                 })
                 .collect(),
         }
@@ -1336,6 +1915,14 @@ impl CertificateIssuer for Ca {
 
     fn changes(&self) -> Option<watch::Receiver<u64>> {
         Some(Ca::changes(self))
+    }
+
+    fn crl_pem(&self) -> String {
+        Ca::crl_pem(self)
+    }
+
+    fn trust_changes(&self) -> Option<watch::Receiver<u64>> {
+        Some(Ca::trust_changes(self))
     }
 }
 

@@ -5,9 +5,9 @@
 //! | `tributary token create --identity ID --ttl 1h [--uses N] [--cluster C]` | `POST /v1/tokens` |
 //! | `tributary token revoke ID` | `DELETE /v1/tokens/{id}` |
 //! | `tributary ca status` | `GET /v1/ca` |
-//! | `tributary ca rotate --root [--trust-window 24h] [--overlap 48h]` / `--intermediate CLUSTER\|mesh` | `POST /v1/ca/rotate` |
+//! | `tributary ca rotate --root [--trust-window 24h] [--overlap 48h]` / `--intermediate CLUSTER\|mesh [--overlap 24h]` | `POST /v1/ca/rotate` |
 //! | `tributary ca promote` | `POST /v1/ca/promote` |
-//! | `tributary ca finish-rotation` | `POST /v1/ca/finish-rotation` |
+//! | `tributary ca finish-rotation [--intermediate CLUSTER\|mesh]` | `POST /v1/ca/finish-rotation` |
 //! | `tributary cert request --server URL [--ca BUNDLE] (--token T \| --k8s-token-file F --cluster C) --out DIR [--renew]` | `POST /v1/certificates` (the CSR listener, `--csr-addr`) |
 
 use std::path::PathBuf;
@@ -174,14 +174,20 @@ enum CaCommand {
         #[arg(long)]
         trust_window: Option<String>,
         /// How long the old root stays in the trust bundle once the new one signs
-        /// (default 48h; --root only).
+        /// (--root; default 48h), or how long certificates of the old intermediate
+        /// stay accepted before it is revoked (--intermediate; default 24h).
         #[arg(long)]
         overlap: Option<String>,
     },
     /// End a root rotation's trust window now: the new root signs from now on.
     Promote,
-    /// Remove the roots being rotated out from the trust bundle now.
-    FinishRotation,
+    /// Remove the roots being rotated out from the trust bundle now; with
+    /// --intermediate, revoke that signer's previous intermediates now.
+    FinishRotation {
+        /// A remote cluster id, or `mesh`.
+        #[arg(long)]
+        intermediate: Option<String>,
+    },
 }
 
 /// `tributary cert ...`.
@@ -306,10 +312,10 @@ pub async fn ca(args: CaArgs) -> anyhow::Result<()> {
             trust_window,
             overlap,
         } => {
-            if (overlap.is_some() || trust_window.is_some()) && !root {
+            if trust_window.is_some() && !root {
                 anyhow::bail!(
-                    "--trust-window and --overlap apply to --root only: a new intermediate is trusted at once \
-                     (it chains to the same root), and certificates of the old one stay valid until they expire"
+                    "--trust-window applies to --root only: a new intermediate is trusted at once \
+                     (it chains to the same root)"
                 );
             }
             let body = serde_json::json!({
@@ -337,14 +343,12 @@ pub async fn ca(args: CaArgs) -> anyhow::Result<()> {
             )
             .await?
         }
-        CaCommand::FinishRotation => {
-            call(
-                &args.admin,
-                "POST",
-                "/v1/ca/finish-rotation",
-                &serde_json::Value::Null,
-            )
-            .await?
+        CaCommand::FinishRotation { intermediate } => {
+            let body = match intermediate {
+                Some(name) => serde_json::json!({ "intermediate": name }),
+                None => serde_json::Value::Null,
+            };
+            call(&args.admin, "POST", "/v1/ca/finish-rotation", &body).await?
         }
     };
     println!("{}", serde_json::to_string_pretty(&out)?);

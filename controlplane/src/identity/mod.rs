@@ -66,4 +66,14 @@ pub trait CertificateIssuer: Send + Sync + std::fmt::Debug {
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         None
     }
+    /// The CRLs of every CA a peer may meet in a chain, PEM, concatenated (empty:
+    /// none; peers then check no revocation). Sent with the trust bundle.
+    fn crl_pem(&self) -> String {
+        String::new()
+    }
+    /// Changes whenever the bundle or the CRLs change without certificates needing
+    /// re-issue (a revocation, a new intermediate's CRL). `None`: never.
+    fn trust_changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 }

@@ -26,7 +26,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{
+    CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime,
+};
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{
@@ -236,6 +238,32 @@ fn load_roots(path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
     Ok(Arc::new(roots))
 }
 
+/// The CRLs in the trust bundle file (`X509 CRL` blocks next to the roots: the
+/// CSR API's `ca.pem` carries one per CA of the mesh).
+fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    let read = |source| TlsError::Read {
+        flag: "--tls-ca",
+        path: path.to_path_buf(),
+        source,
+    };
+    CertificateRevocationListDer::pem_file_iter(path)
+        .map_err(read)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(read)
+}
+
+/// CRLs checked by our verifiers: `first` (the hub's own CA's, current) then those of
+/// the bundle file. webpki uses the first CRL of a chain's issuer, so a CA's own CRL
+/// wins over an older copy in a file. A certificate whose issuer has no CRL here is
+/// not refused for it (a peer of another issuer, or a bundle without CRLs): the
+/// roots' CRLs, always present with our CA, are what revoke an intermediate.
+fn merged_crls(
+    first: &[CertificateRevocationListDer<'static>],
+    file: Vec<CertificateRevocationListDer<'static>>,
+) -> Vec<CertificateRevocationListDer<'static>> {
+    first.iter().cloned().chain(file).collect()
+}
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -362,8 +390,21 @@ pub fn server_config(
     trust_domain: &str,
     alpn: &[&[u8]],
 ) -> Result<ServerConfig, TlsError> {
+    server_config_with_crls(files, trust_domain, alpn, &[])
+}
+
+/// [`server_config`], also checking `crls` (before those of the bundle file).
+pub fn server_config_with_crls(
+    files: &TlsFiles,
+    trust_domain: &str,
+    alpn: &[&[u8]],
+    crls: &[CertificateRevocationListDer<'static>],
+) -> Result<ServerConfig, TlsError> {
     let roots = load_roots(&files.ca)?;
+    let crls = merged_crls(crls, load_crls(&files.ca)?);
     let inner = WebPkiClientVerifier::builder_with_provider(roots, provider())
+        .with_crls(crls)
+        .allow_unknown_revocation_status()
         .build()
         .map_err(|source| TlsError::Verifier {
             path: files.ca.clone(),
@@ -397,7 +438,10 @@ pub fn client_config(
     alpn: &[&[u8]],
 ) -> Result<ClientConfig, TlsError> {
     let roots = load_roots(&files.ca)?;
+    let crls = load_crls(&files.ca)?;
     let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
+        .with_crls(crls)
+        .allow_unknown_revocation_status()
         .build()
         .map_err(|source| TlsError::Verifier {
             path: files.ca.clone(),
@@ -487,6 +531,8 @@ pub struct Reloading<T> {
     current: Arc<RwLock<Arc<T>>>,
     /// Bumped after each successful rebuild (tests and metrics wait on it).
     generation: watch::Receiver<u64>,
+    /// Rebuilds now (what a file change does); `None` for a fixed config.
+    rebuild: Option<Arc<dyn Fn() + Send + Sync>>,
     _watcher: Option<notify::RecommendedWatcher>,
 }
 
@@ -512,13 +558,12 @@ impl<T: Send + Sync + 'static> Reloading<T> {
         let paths = [&files.cert, &files.key, &files.ca];
         let shared = current.clone();
         let names: Vec<PathBuf> = paths.iter().map(|p| p.to_path_buf()).collect();
-        let mut watcher = notify::recommended_watcher({
+        let rebuild: Arc<dyn Fn() + Send + Sync> = {
             let names = names.clone();
-            move |event: notify::Result<notify::Event>| {
-                let Ok(event) = event else { return };
-                if matches!(event.kind, notify::EventKind::Access(_)) {
-                    return;
-                }
+            // One rebuild at a time (file events and CRL updates come from two threads).
+            let build = Mutex::new(build);
+            Arc::new(move || {
+                let build = build.lock().unwrap();
                 match build() {
                     Ok(config) => {
                         *shared.write().unwrap() = Arc::new(config);
@@ -531,6 +576,16 @@ impl<T: Send + Sync + 'static> Reloading<T> {
                         warn!(error = %e, "TLS files changed but do not load; keeping the previous ones");
                     }
                 }
+            })
+        };
+        let mut watcher = notify::recommended_watcher({
+            let rebuild = rebuild.clone();
+            move |event: notify::Result<notify::Event>| {
+                let Ok(event) = event else { return };
+                if matches!(event.kind, notify::EventKind::Access(_)) {
+                    return;
+                }
+                rebuild();
             }
         })
         .map_err(|source| TlsError::Watch {
@@ -559,8 +614,17 @@ impl<T: Send + Sync + 'static> Reloading<T> {
         Ok(Self {
             current,
             generation,
+            rebuild: Some(rebuild),
             _watcher: Some(watcher),
         })
+    }
+
+    /// Rebuilds the config now, as a change of its files would (an input that is
+    /// not a file changed: the CA's CRLs).
+    pub fn reload_now(&self) {
+        if let Some(rebuild) = &self.rebuild {
+            rebuild();
+        }
     }
 
     /// A fixed config (tests, and callers that build their own).
@@ -568,6 +632,7 @@ impl<T: Send + Sync + 'static> Reloading<T> {
         Self {
             current: Arc::new(RwLock::new(Arc::new(config))),
             generation: watch::channel(0).1,
+            rebuild: None,
             _watcher: None,
         }
     }
@@ -589,6 +654,9 @@ impl<T: Send + Sync + 'static> Reloading<T> {
 pub struct ServerTls {
     pub config: Arc<Reloading<ServerConfig>>,
     pub trust_domain: String,
+    /// CRLs checked before the bundle file's (the hub's own CA's: see
+    /// [`ServerTls::set_crls`]).
+    crls: Arc<RwLock<Arc<Vec<CertificateRevocationListDer<'static>>>>>,
 }
 
 impl ServerTls {
@@ -596,14 +664,41 @@ impl ServerTls {
     pub fn load(files: &TlsFiles, trust_domain: &str, alpn: &[&[u8]]) -> Result<Self, TlsError> {
         let (f, td) = (files.clone(), trust_domain.to_string());
         let alpn: Vec<Vec<u8>> = alpn.iter().map(|p| p.to_vec()).collect();
+        let crls: Arc<RwLock<Arc<Vec<CertificateRevocationListDer<'static>>>>> = Arc::default();
+        let read = crls.clone();
         let config = Reloading::watch(files, move || {
             let alpn: Vec<&[u8]> = alpn.iter().map(|p| p.as_slice()).collect();
-            server_config(&f, &td, &alpn)
+            let crls = read.read().unwrap().clone();
+            server_config_with_crls(&f, &td, &alpn, &crls)
         })?;
         Ok(Self {
             config: Arc::new(config),
             trust_domain: trust_domain.to_string(),
+            crls,
         })
+    }
+
+    /// Checks client chains against `crls` from the next handshake on (established
+    /// connections keep theirs), ahead of the bundle file's CRLs.
+    pub fn set_crls(&self, crls: Vec<CertificateRevocationListDer<'static>>) {
+        *self.crls.write().unwrap() = Arc::new(crls);
+        self.config.reload_now();
+    }
+
+    /// Keeps this listener's CRLs those of the hub's CA: now, and at every change of
+    /// what peers must trust (a revocation, a new intermediate), until `shutdown`.
+    pub async fn follow_ca_crls(self, ca: Arc<super::ca::Ca>, mut shutdown: watch::Receiver<bool>) {
+        let mut changes = ca.trust_changes();
+        loop {
+            changes.borrow_and_update();
+            let (tls, crls) = (self.clone(), ca.crls());
+            // The rebuild reads the files: off the async workers.
+            let _ = tokio::task::spawn_blocking(move || tls.set_crls(crls)).await;
+            tokio::select! {
+                r = changes.changed() => if r.is_err() { return },
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+        }
     }
 }
 
@@ -707,7 +802,7 @@ pub fn plain_scheme(url: &str) -> String {
 pub struct HandshakeLabels {
     pub listener: &'static str,
     /// `ok`, or why the handshake failed: `no_certificate`, `unknown_ca`, `expired`,
-    /// `bad_identity`, `timeout`, `other`.
+    /// `revoked`, `bad_identity`, `timeout`, `other`.
     pub result: &'static str,
 }
 
@@ -723,7 +818,7 @@ impl TlsMetrics {
         let m = Self::default();
         registry.sub_registry_with_prefix("tributary_tls").register(
             "handshakes",
-            "TLS handshakes by listener and result (ok, no_certificate, unknown_ca, expired, bad_identity, timeout, other)",
+            "TLS handshakes by listener and result (ok, no_certificate, unknown_ca, expired, revoked, bad_identity, timeout, other)",
             m.handshakes.clone(),
         );
         m
@@ -743,6 +838,7 @@ pub fn failure_reason(e: &io::Error) -> &'static str {
             CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
                 "expired"
             }
+            CertificateError::Revoked => "revoked",
             CertificateError::Other(_) => "bad_identity",
             _ => "other",
         },

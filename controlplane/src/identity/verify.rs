@@ -11,7 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::ClientCertVerifier;
 
@@ -54,7 +54,9 @@ pub fn certs_from_pem(
 }
 
 /// A client-certificate verifier trusting `bundle_pem` (mTLS: every hop verifies its
-/// peer with this, on both sides).
+/// peer with this, on both sides). `X509 CRL` blocks in the bundle (the CSR API's
+/// `ca.pem` carries the CA's) are checked as the listeners check them: a certificate
+/// a CRL lists is refused, one whose issuer has no CRL there is not.
 pub fn client_verifier(bundle_pem: &str) -> Result<Arc<dyn ClientCertVerifier>, VerifyError> {
     let mut roots = RootCertStore::empty();
     for cert in certs_from_pem("the trust bundle", bundle_pem)? {
@@ -62,10 +64,18 @@ pub fn client_verifier(bundle_pem: &str) -> Result<Arc<dyn ClientCertVerifier>, 
             .add(cert)
             .map_err(|e| VerifyError::Untrusted(format!("a root of the trust bundle: {e}")))?;
     }
+    let crls = CertificateRevocationListDer::pem_slice_iter(bundle_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| VerifyError::Pem {
+            what: "a CRL of the trust bundle",
+            message: e.to_string(),
+        })?;
     WebPkiClientVerifier::builder_with_provider(
         Arc::new(roots),
         Arc::new(rustls::crypto::ring::default_provider()),
     )
+    .with_crls(crls)
+    .allow_unknown_revocation_status()
     .build()
     .map_err(|e| VerifyError::Untrusted(e.to_string()))
 }

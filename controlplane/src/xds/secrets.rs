@@ -46,6 +46,28 @@ const MIN_RENEWAL: Duration = Duration::from_secs(1);
 /// Retry after a failed issuance: doubling from the first to the last.
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(60);
+/// When the issuer's chain changes (a new intermediate or root signs), the new trust
+/// (bundle and CRLs) is pushed to every stream at once and certificates of the new
+/// chain only this much later: a peer that checks a CRL for every CA of a chain
+/// (Envoy) must hold the new intermediate's CRL before it is shown a certificate of
+/// it, or the handshake fails.
+pub const TRUST_LEAD: Duration = Duration::from_secs(2);
+
+/// What a proxy must trust: the roots, and the CRLs of every CA (may be empty).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Trust {
+    pub bundle_pem: String,
+    pub crl_pem: String,
+}
+
+impl Trust {
+    fn of(issuer: &dyn CertificateIssuer) -> Trust {
+        Trust {
+            bundle_pem: issuer.trust_bundle_pem(),
+            crl_pem: issuer.crl_pem(),
+        }
+    }
+}
 
 /// The hub's secrets: one snapshot channel per identity with a connected stream.
 pub struct Secrets {
@@ -303,6 +325,13 @@ async fn maintain(secrets: Arc<Secrets>, id: SpiffeId, tx: watch::Sender<Arc<Sna
     if let Some(rx) = issuer_changed.as_mut() {
         rx.borrow_and_update();
     }
+    // The bundle or the CRLs alone (a revocation, a new intermediate): pushed again
+    // with the same certificate.
+    let mut trust_changed = secrets.issuer.trust_changes();
+    if let Some(rx) = trust_changed.as_mut() {
+        rx.borrow_and_update();
+    }
+    let mut last: Option<IssuedCertificate> = None;
     let mut retry = RETRY_FIRST;
     loop {
         let issuer = secrets.issuer.clone();
@@ -311,16 +340,17 @@ async fn maintain(secrets: Arc<Secrets>, id: SpiffeId, tx: watch::Sender<Arc<Sna
         let issued = tokio::task::spawn_blocking(move || {
             issuer
                 .issue(&for_issuer)
-                .map(|cert| (cert, issuer.trust_bundle_pem()))
+                .map(|cert| (cert, Trust::of(&*issuer)))
         })
         .await
         .map_err(anyhow::Error::from)
         .and_then(|r| r);
         let wait = match issued {
-            Ok((cert, bundle)) => {
+            Ok((cert, trust)) => {
                 retry = RETRY_FIRST;
                 let renew = renewal_delay(&cert, SystemTime::now());
-                let seq = publish(&tx, &cert, &bundle);
+                let seq = publish(&tx, &cert, &trust);
+                last = Some(cert);
                 info!(identity = %id, seq, renew_in = ?renew, "issued a workload certificate");
                 renew
             }
@@ -341,6 +371,22 @@ async fn maintain(secrets: Arc<Secrets>, id: SpiffeId, tx: watch::Sender<Arc<Sna
                     }
                 }
                 changed = async {
+                    match trust_changed.as_mut() {
+                        Some(rx) => rx.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    match changed {
+                        Ok(()) => {
+                            if let Some(cert) = &last {
+                                let seq = publish(&tx, cert, &Trust::of(&*secrets.issuer));
+                                info!(identity = %id, seq, "the trust bundle or CRLs changed: pushed");
+                            }
+                        }
+                        Err(_) => trust_changed = None,
+                    }
+                }
+                changed = async {
                     match issuer_changed.as_mut() {
                         Some(rx) => rx.changed().await,
                         None => std::future::pending().await,
@@ -348,7 +394,30 @@ async fn maintain(secrets: Arc<Secrets>, id: SpiffeId, tx: watch::Sender<Arc<Sna
                 } => {
                     match changed {
                         Ok(()) => {
-                            info!(identity = %id, "the issuer's chain or trust bundle changed: re-issuing");
+                            // The new trust first (every identity's task does the same
+                            // at once), the certificate of the new chain TRUST_LEAD
+                            // later; a trust change meanwhile (a promotion is two
+                            // writes: the roots, then the intermediates) restarts the
+                            // lead, so the last CRLs are out before the certificate.
+                            info!(identity = %id, lead = ?TRUST_LEAD, "the issuer's chain or trust bundle changed: re-issuing");
+                            loop {
+                                if let Some(rx) = trust_changed.as_mut() {
+                                    rx.borrow_and_update();
+                                }
+                                if let Some(cert) = &last {
+                                    publish(&tx, cert, &Trust::of(&*secrets.issuer));
+                                }
+                                tokio::select! {
+                                    _ = tokio::time::sleep(TRUST_LEAD) => {}
+                                    _ = tx.closed() => {}
+                                }
+                                if !trust_changed.as_ref().is_some_and(|rx| rx.has_changed().unwrap_or(false)) {
+                                    break;
+                                }
+                            }
+                            if let Some(rx) = issuer_changed.as_mut() {
+                                rx.borrow_and_update();
+                            }
                             break;
                         }
                         // The issuer is gone: renewal at half-life only.
@@ -378,8 +447,10 @@ pub fn renewal_delay(cert: &IssuedCertificate, now: SystemTime) -> Duration {
         .max(MIN_RENEWAL)
 }
 
-/// The identity's two secrets, encoded.
-pub fn secret_resources(cert: &IssuedCertificate, bundle_pem: &str) -> [EncodedResource; 2] {
+/// The identity's two secrets, encoded: `default` (its certificate and key) and
+/// `ROOTCA` (the roots, and the CRLs of every CA when the issuer has them: Envoy then
+/// checks every certificate of a chain against its issuer's CRL).
+pub fn secret_resources(cert: &IssuedCertificate, trust: &Trust) -> [EncodedResource; 2] {
     let inline = |s: &str| DataSource {
         specifier: Some(Specifier::InlineString(s.to_string())),
         ..Default::default()
@@ -396,7 +467,8 @@ pub fn secret_resources(cert: &IssuedCertificate, bundle_pem: &str) -> [EncodedR
         name: ROOT_SECRET.into(),
         r#type: Some(secret::Type::ValidationContext(
             CertificateValidationContext {
-                trusted_ca: Some(inline(bundle_pem)),
+                trusted_ca: Some(inline(&trust.bundle_pem)),
+                crl: (!trust.crl_pem.is_empty()).then(|| inline(&trust.crl_pem)),
                 ..Default::default()
             },
         )),
@@ -413,12 +485,12 @@ pub fn secret_resources(cert: &IssuedCertificate, bundle_pem: &str) -> [EncodedR
 }
 
 /// Publishes the identity's secrets as its next snapshot; returns its seq.
-fn publish(tx: &watch::Sender<Arc<Snapshot>>, cert: &IssuedCertificate, bundle: &str) -> u64 {
+fn publish(tx: &watch::Sender<Arc<Snapshot>>, cert: &IssuedCertificate, trust: &Trust) -> u64 {
     let current = tx.borrow().clone();
     let mut resources = EnvResources::default();
     let mut changed: Changes = Default::default();
     let now = SystemTime::now();
-    for r in secret_resources(cert, bundle) {
+    for r in secret_resources(cert, trust) {
         let name: Arc<str> = r.name_arc().clone();
         if current.get(XdsType::Secret, &name) != Some(&r) {
             changed[XdsType::Secret as usize].insert(name.clone());

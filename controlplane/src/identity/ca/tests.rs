@@ -342,7 +342,7 @@ async fn an_intermediate_rotation_signs_with_the_new_one_and_old_leaves_still_ve
     let before = ca.issue(&agent).unwrap();
     let old = ca.status().intermediates["cluster/c1"].clone();
     let status = ca
-        .rotate_intermediate(&Signer::Cluster("c1".into()))
+        .rotate_intermediate(&Signer::Cluster("c1".into()), DEFAULT_INTERMEDIATE_OVERLAP)
         .await
         .unwrap();
     let new = status.intermediates["cluster/c1"].clone();
@@ -467,4 +467,205 @@ async fn a_trust_window_that_ended_while_no_replica_ran_is_promoted_at_open() {
     assert_eq!(status.root, new_fp);
     assert_eq!(status.phase, RotationPhase::IssuingFromNew);
     assert!(status.intermediates["mesh"].root == new_fp, "{status:?}");
+}
+
+/// The issuer names of the CRLs in `pem`, and the serials (hex) each lists.
+fn crls_in(pem: &str) -> Vec<(String, Vec<String>)> {
+    use rustls::pki_types::CertificateRevocationListDer;
+    use rustls::pki_types::pem::PemObject;
+    CertificateRevocationListDer::pem_slice_iter(pem.as_bytes())
+        .map(|c| {
+            let der = c.unwrap();
+            let (_, crl) = x509_parser::parse_x509_crl(&der).unwrap();
+            (
+                crl.issuer().to_string(),
+                crl.iter_revoked_certificates()
+                    .map(|r| hex(r.raw_serial()))
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+fn intermediate_serial(chain_pem: &str) -> String {
+    let der = certs_from_pem("chain", chain_pem).unwrap()[1].to_vec();
+    serial_of(&der).unwrap()
+}
+
+/// An intermediate rotation with an overlap: the new intermediate signs at once, the
+/// old one's certificates verify during the overlap; finishing it revokes the old
+/// one (its serial in the root's CRL), and its certificates are refused as revoked
+/// while the new one's still verify. Every CA has a CRL, empty unless it revoked
+/// something; another replica follows through the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_intermediate_rotation_keeps_the_old_one_for_the_overlap_then_revokes_it() {
+    let store = memory_store();
+    let ca = Ca::open(store.clone(), CaConfig::new("mesh.local"))
+        .await
+        .unwrap();
+    let agent = id("spiffe://mesh.local/cluster/c1");
+    let c1 = Signer::Cluster("c1".into());
+    let before = ca.issue(&agent).unwrap();
+    let mesh_leaf = ca.issue(&id(WORKLOAD)).unwrap();
+    // Root, mesh and cluster/c1: one empty CRL each.
+    let crls = crls_in(&ca.crl_pem());
+    assert_eq!(crls.len(), 3, "{crls:?}");
+    assert!(
+        crls.iter().all(|(_, revoked)| revoked.is_empty()),
+        "{crls:?}"
+    );
+    let mut trust = ca.trust_changes();
+    trust.borrow_and_update();
+
+    let status = ca
+        .rotate_intermediate(&c1, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let old_serial = intermediate_serial(&before.chain_pem);
+    let retiring = &status.intermediates["cluster/c1"].retiring;
+    assert_eq!(retiring.len(), 1, "{status:?}");
+    assert_eq!(retiring[0].serial, old_serial);
+    assert!(
+        trust.has_changed().unwrap(),
+        "the new intermediate's CRL is announced"
+    );
+    // The old intermediate keeps its CRL during the overlap (Envoy needs one per CA).
+    assert_eq!(crls_in(&ca.crl_pem()).len(), 4);
+    let after = ca.issue(&agent).unwrap();
+    assert_ne!(intermediate_serial(&after.chain_pem), old_serial);
+    let now = SystemTime::now();
+    let file = ca.trust_file_pem_at(now);
+    verify_chain(&file, &before.chain_pem, now).expect("the old intermediate during the overlap");
+    verify_chain(&file, &after.chain_pem, now).expect("the new intermediate");
+
+    trust.borrow_and_update();
+    let status = ca.finish_intermediate_rotation(&c1).await.unwrap();
+    assert!(
+        status.intermediates["cluster/c1"].retiring.is_empty(),
+        "{status:?}"
+    );
+    assert_eq!(status.revoked.len(), 1, "{status:?}");
+    assert_eq!(status.revoked[0].serial, old_serial);
+    assert_eq!(status.revoked[0].what, "intermediate cluster/c1");
+    assert_eq!(status.revoked[0].issuer, status.root);
+    assert!(trust.has_changed().unwrap(), "the revocation is announced");
+    let crls = crls_in(&ca.crl_pem());
+    assert_eq!(
+        crls.len(),
+        3,
+        "the revoked intermediate needs no CRL of its own: {crls:?}"
+    );
+    let root_crl: Vec<_> = crls.iter().filter(|(_, r)| !r.is_empty()).collect();
+    assert_eq!(root_crl.len(), 1, "{crls:?}");
+    assert!(root_crl[0].0.contains("Tributary root"), "{crls:?}");
+    assert_eq!(root_crl[0].1, vec![old_serial.clone()]);
+
+    let now = SystemTime::now();
+    let file = ca.trust_file_pem_at(now);
+    let err = verify_chain(&file, &before.chain_pem, now).unwrap_err();
+    assert!(err.to_string().contains("Revoked"), "{err}");
+    verify_chain(&file, &after.chain_pem, now).expect("the new intermediate still verifies");
+    verify_chain(&file, &mesh_leaf.chain_pem, now).expect("other signers are untouched");
+    // Without the CRLs (roots only) the old chain would still verify: the CRL is
+    // what refuses it.
+    verify_chain(&ca.trust_bundle_pem(), &before.chain_pem, now).unwrap();
+
+    // Another replica reads the same revocation from the store.
+    let replica = Ca::open(store, CaConfig::new("mesh.local")).await.unwrap();
+    assert_eq!(replica.status().revoked, ca.status().revoked);
+    let err = verify_chain(&replica.trust_file_pem_at(now), &before.chain_pem, now).unwrap_err();
+    assert!(err.to_string().contains("Revoked"), "{err}");
+}
+
+/// With no operator action the old intermediate is revoked when its overlap ends
+/// (by `run`'s clock): first the new intermediate's CRL is announced, then the
+/// revocation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_intermediate_overlap_ends_by_the_clock_with_a_revocation() {
+    let ca = Ca::open(memory_store(), CaConfig::new("mesh.local"))
+        .await
+        .unwrap();
+    let (stop_tx, stop) = watch::channel(false);
+    let clock = tokio::spawn(ca.clone().run(stop));
+    let before = ca.issue(&id(WORKLOAD)).unwrap();
+    let mut trust = ca.trust_changes();
+    trust.borrow_and_update();
+    ca.rotate_intermediate(&Signer::Mesh, Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert!(trust.has_changed().unwrap());
+    trust.borrow_and_update();
+    assert!(ca.status().revoked.is_empty(), "not during the overlap");
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        trust.wait_for(|_| !ca.status().revoked.is_empty()),
+    )
+    .await
+    .expect("revoked when the overlap ends")
+    .unwrap();
+    let status = ca.status();
+    assert!(
+        status.intermediates["mesh"].retiring.is_empty(),
+        "{status:?}"
+    );
+    assert_eq!(
+        status.revoked[0].serial,
+        intermediate_serial(&before.chain_pem)
+    );
+    let now = SystemTime::now();
+    assert!(verify_chain(&ca.trust_file_pem_at(now), &before.chain_pem, now).is_err());
+    let _ = stop_tx.send(true);
+    clock.await.unwrap();
+}
+
+/// A zero overlap revokes the old intermediate in the same write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_intermediate_rotation_without_overlap_revokes_at_once() {
+    let ca = Ca::open(memory_store(), CaConfig::new("mesh.local"))
+        .await
+        .unwrap();
+    let before = ca.issue(&id(WORKLOAD)).unwrap();
+    let status = ca
+        .rotate_intermediate(&Signer::Mesh, Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(status.intermediates["mesh"].retiring.is_empty());
+    assert_eq!(status.revoked.len(), 1);
+    let now = SystemTime::now();
+    let err = verify_chain(&ca.trust_file_pem_at(now), &before.chain_pem, now).unwrap_err();
+    assert!(err.to_string().contains("Revoked"), "{err}");
+    // Finishing again revokes nothing more, and an unknown signer is named.
+    let again = ca
+        .finish_intermediate_rotation(&Signer::Mesh)
+        .await
+        .unwrap();
+    assert_eq!(again.revoked, status.revoked);
+    let err = ca
+        .finish_intermediate_rotation(&Signer::Cluster("nope".into()))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("cluster/nope"), "{err}");
+}
+
+/// A root promotion replaces every intermediate; the replaced ones stay in their
+/// overlap (one leaf lifetime) with their CRLs, so certificates they signed keep
+/// verifying wherever every CA of a chain needs a CRL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn intermediates_replaced_by_a_root_promotion_keep_their_crls_for_a_leaf_lifetime() {
+    let ca = Ca::open(memory_store(), CaConfig::new("mesh.local"))
+        .await
+        .unwrap();
+    let before = ca.issue(&id(WORKLOAD)).unwrap();
+    ca.rotate_root(Duration::ZERO, DEFAULT_OVERLAP)
+        .await
+        .unwrap();
+    let status = ca.status();
+    let retiring = &status.intermediates["mesh"].retiring;
+    assert_eq!(retiring.len(), 1, "{status:?}");
+    assert_eq!(retiring[0].serial, intermediate_serial(&before.chain_pem));
+    // Two roots and two mesh intermediates: four CRLs.
+    let crls = crls_in(&ca.crl_pem());
+    assert_eq!(crls.len(), 4, "{crls:?}");
+    let now = SystemTime::now();
+    verify_chain(&ca.trust_file_pem_at(now), &before.chain_pem, now).unwrap();
 }
