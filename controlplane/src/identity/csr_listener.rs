@@ -117,10 +117,7 @@ pub fn server_tls(files: &TlsFiles, trust_domain: &str) -> Result<ServerTls, Tls
     let config = tls::Reloading::watch(files, move || {
         tls::server_auth_only_config(&f, tls::ALPN_HTTP1)
     })?;
-    Ok(ServerTls {
-        config: Arc::new(config),
-        trust_domain: trust_domain.to_string(),
-    })
+    Ok(ServerTls::server_auth_only(config, trust_domain))
 }
 
 /// Binds every `--csr-addr`.

@@ -678,6 +678,16 @@ impl ServerTls {
         })
     }
 
+    /// A listener of `config` that asks for no client certificate, so has no CRLs to
+    /// check (the CSR listener).
+    pub fn server_auth_only(config: Reloading<ServerConfig>, trust_domain: &str) -> Self {
+        Self {
+            config: Arc::new(config),
+            trust_domain: trust_domain.to_string(),
+            crls: Arc::default(),
+        }
+    }
+
     /// Checks client chains against `crls` from the next handshake on (established
     /// connections keep theirs), ahead of the bundle file's CRLs.
     pub fn set_crls(&self, crls: Vec<CertificateRevocationListDer<'static>>) {
