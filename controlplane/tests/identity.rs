@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::{TestHub, docs, service};
 use tributary_controlplane::http_client;
@@ -522,4 +522,49 @@ async fn the_cli_creates_a_token_gets_a_certificate_and_rotates() {
     assert!(ok, "{err}");
     assert_eq!(phase(&out), "steady", "{out}");
     h.hub.shutdown().await.unwrap();
+}
+
+/// An intermediate rotation that names no overlap keeps the old intermediate for one
+/// leaf lifetime, whatever `--cert-lifetime` is: a fixed 24 h revoked the old
+/// intermediate while leaves it signed under a longer lifetime were still in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_intermediate_rotation_without_an_overlap_keeps_the_old_one_a_leaf_lifetime() {
+    const LIFETIME: u64 = 72 * 3600;
+    let h = TestHub::start_with(
+        &[("mesh.yaml", docs(&[service("a", "prod", 8080)]))],
+        |cfg| {
+            cfg.admin_addr = "127.0.0.1:0".parse().unwrap();
+            cfg.identity.ca.cert_lifetime = Duration::from_secs(LIFETIME);
+        },
+    )
+    .await;
+    let admin = h.hub.admin_addr.to_string();
+    let unix = || {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    let before = unix();
+    let (status, body) = post(
+        &admin,
+        "/v1/ca/rotate",
+        serde_json::json!({"intermediate": "mesh"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let after = unix();
+    let retiring = body["intermediates"]["mesh"]["retiring"]
+        .as_array()
+        .unwrap_or_else(|| panic!("the old intermediate is retiring: {body}"));
+    assert_eq!(retiring.len(), 1, "{body}");
+    let until = humantime::parse_rfc3339(retiring[0]["until"].as_str().unwrap())
+        .unwrap()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        (before + LIFETIME..=after + LIFETIME).contains(&until),
+        "retiring until {until}, expected now + {LIFETIME} s ({before}..{after} + {LIFETIME})"
+    );
 }

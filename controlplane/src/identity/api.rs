@@ -419,7 +419,7 @@ async fn rotate(State(api): State<CaApi>, body: axum::body::Bytes) -> Response {
                 );
             }
             let overlap = match req.overlap.as_deref().map(|s| duration("overlap", s)) {
-                None => super::ca::DEFAULT_INTERMEDIATE_OVERLAP,
+                None => api.ca.default_intermediate_overlap(),
                 Some(Ok(d)) => d,
                 Some(Err(e)) => return error(StatusCode::BAD_REQUEST, e),
             };

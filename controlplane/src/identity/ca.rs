@@ -78,12 +78,6 @@ pub const DEFAULT_OVERLAP: Duration = Duration::from_secs(48 * 3600);
 /// SDS clients receive the new bundle at once; file-based peers (agents, routers,
 /// `tributary cert request --renew`) only with their next renewal.
 pub const DEFAULT_TRUST_WINDOW: Duration = Duration::from_secs(24 * 3600);
-/// Default overlap of an intermediate rotation (`tributary ca rotate --intermediate
-/// NAME --overlap`): how long certificates of the replaced intermediate stay
-/// accepted before it is revoked. One leaf lifetime: by then every certificate it
-/// signed has expired, and every peer renewing at half-life has renewed twice onto
-/// the new one, so the revocation refuses nothing still in use.
-pub const DEFAULT_INTERMEDIATE_OVERLAP: Duration = Duration::from_secs(24 * 3600);
 /// Certificates start this long before they are issued, for peers whose clock is
 /// slightly behind.
 const BACKDATE: Duration = Duration::from_secs(60);
@@ -1334,7 +1328,13 @@ impl Ca {
             // signs) stays accepted while its certificates can live: one leaf lifetime.
             let not_after = record.not_after;
             if self
-                .write_intermediate(&state, signer, record, now, self.cfg.cert_lifetime)
+                .write_intermediate(
+                    &state,
+                    signer,
+                    record,
+                    now,
+                    self.default_intermediate_overlap(),
+                )
                 .await?
             {
                 info!(signer = %signer.name(), not_after = %rfc3339(from_unix(not_after)), "new intermediate");
@@ -1618,6 +1618,16 @@ impl Ca {
             not_before: secs(leaf.validity().not_before),
             not_after: secs(leaf.validity().not_after),
         })
+    }
+
+    /// The overlap of an intermediate rotation that names none (`tributary ca rotate
+    /// --intermediate NAME` without `--overlap`): how long certificates of the replaced
+    /// intermediate stay accepted before it is revoked. One leaf lifetime
+    /// (`--cert-lifetime`): by then every certificate it signed has expired, and every
+    /// peer renewing at half-life has renewed onto the new one, so the revocation
+    /// refuses nothing still in use. (The CA's own replacements use the same.)
+    pub fn default_intermediate_overlap(&self) -> Duration {
+        self.cfg.cert_lifetime
     }
 
     /// Rotates `signer`'s intermediate: a new one is stored and signs from now on

@@ -5,7 +5,7 @@
 //! | `tributary token create --identity ID --ttl 1h [--uses N] [--cluster C]` | `POST /v1/tokens` |
 //! | `tributary token revoke ID` | `DELETE /v1/tokens/{id}` |
 //! | `tributary ca status` | `GET /v1/ca` |
-//! | `tributary ca rotate --root [--trust-window 24h] [--overlap 48h]` / `--intermediate CLUSTER\|mesh [--overlap 24h]` | `POST /v1/ca/rotate` |
+//! | `tributary ca rotate --root [--trust-window 24h] [--overlap 48h]` / `--intermediate CLUSTER\|mesh [--overlap DURATION]` | `POST /v1/ca/rotate` |
 //! | `tributary ca promote` | `POST /v1/ca/promote` |
 //! | `tributary ca finish-rotation [--intermediate CLUSTER\|mesh]` | `POST /v1/ca/finish-rotation` |
 //! | `tributary cert request --server URL [--ca BUNDLE] (--token T \| --k8s-token-file F --cluster C) --out DIR [--renew]` | `POST /v1/certificates` (the CSR listener, `--csr-addr`) |
@@ -175,7 +175,8 @@ enum CaCommand {
         trust_window: Option<String>,
         /// How long the old root stays in the trust bundle once the new one signs
         /// (--root; default 48h), or how long certificates of the old intermediate
-        /// stay accepted before it is revoked (--intermediate; default 24h).
+        /// stay accepted before it is revoked (--intermediate; default one
+        /// --cert-lifetime of the hub, 24h by default).
         #[arg(long)]
         overlap: Option<String>,
     },

@@ -342,7 +342,10 @@ async fn an_intermediate_rotation_signs_with_the_new_one_and_old_leaves_still_ve
     let before = ca.issue(&agent).unwrap();
     let old = ca.status().intermediates["cluster/c1"].clone();
     let status = ca
-        .rotate_intermediate(&Signer::Cluster("c1".into()), DEFAULT_INTERMEDIATE_OVERLAP)
+        .rotate_intermediate(
+            &Signer::Cluster("c1".into()),
+            ca.default_intermediate_overlap(),
+        )
         .await
         .unwrap();
     let new = status.intermediates["cluster/c1"].clone();
