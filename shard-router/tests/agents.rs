@@ -475,6 +475,9 @@ async fn a_hub_does_not_hold_a_slice_of_a_shard_it_does_not_serve() {
     cfg.zone = "az1".into();
     cfg.debounce = Duration::from_millis(10);
     let telemetry = Arc::new(Telemetry::new(&cfg, agent::new_incarnation()));
+    // The agent's ACK can come after the hub's last change (the hub flushes at a
+    // resync's last part): the wait wakes on the agent's status too.
+    wake.push(Box::new(telemetry.changes()));
     let (_state, rx) = watch::channel(Arc::new(cluster_state(&[
         ("prod", "10.1.0.1"),
         ("staging", "10.1.1.1"),
