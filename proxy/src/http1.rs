@@ -45,8 +45,9 @@ use crate::http::{Downstream, Local, Retries};
 pub const MAX_HEAD: usize = 60 * 1024;
 /// Most header fields in a head: Envoy's `max_headers_count` default. More: 431.
 pub const MAX_HEADERS: usize = 100;
-/// A request head must be complete this long after its first byte arrived (hyper's
-/// `header_read_timeout` default, which hyper's path applies).
+/// A request head must be complete this long after the connection began waiting for
+/// it, so an idle keep-alive connection is closed after it too (hyper's
+/// `header_read_timeout` default, which hyper's path applies the same way).
 const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest trailer section, and largest chunk extension, of a chunked body.
 const MAX_CHUNK_META: usize = 16 * 1024;
@@ -620,7 +621,11 @@ pub async fn serve(
 impl Conn {
     async fn run(&mut self) -> Next {
         loop {
-            let mut deadline = None;
+            // From the moment a head is awaited, the client has HEAD_TIMEOUT to send
+            // all of it: an idle keep-alive connection is closed after it too, as
+            // hyper's `header_read_timeout` does on the other path (idle clients must
+            // not keep a socket, a task and a buffer each for ever).
+            let deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
             let prepared = loop {
                 if !self.rbuf.is_empty() {
                     match self.prepare() {
@@ -632,20 +637,17 @@ impl Conn {
                             return Next::Close;
                         }
                     }
-                    deadline.get_or_insert_with(|| tokio::time::Instant::now() + HEAD_TIMEOUT);
                 }
                 self.rbuf.reserve(READ_CHUNK);
-                let read = match deadline {
-                    None => tokio::select! {
-                        r = self.io.read_buf(&mut self.rbuf) => r,
-                        _ = self.stop.changed() => return Next::Close,
+                // Between requests a drain closes the connection at once; a head
+                // already begun is read to its end (or its deadline).
+                let idle = self.rbuf.is_empty();
+                let read = tokio::select! {
+                    r = tokio::time::timeout_at(deadline, self.io.read_buf(&mut self.rbuf)) => match r {
+                        Ok(r) => r,
+                        Err(_) => return Next::Close,
                     },
-                    Some(d) => {
-                        match tokio::time::timeout_at(d, self.io.read_buf(&mut self.rbuf)).await {
-                            Ok(r) => r,
-                            Err(_) => return Next::Close,
-                        }
-                    }
+                    _ = self.stop.changed(), if idle => return Next::Close,
                 };
                 match read {
                     Ok(0) | Err(_) => return Next::Close,
