@@ -272,6 +272,23 @@ async fn agents_feed_each_replica_only_the_environments_of_its_shards() {
         format!("10.{}.{}.1", &zone[2..], if env == "prod" { 0 } else { 1 })
     };
     let zones = [("az1", "east-1"), ("az2", "west-1")];
+    let envs = ["prod", "staging"];
+    let mut wake = wake_ons(&mesh, &router, &envs);
+    // The agents start once the assignment has settled: an agent that joined while
+    // replicas were still being assigned could feed one that ends up serving none of
+    // its zone, which then keeps that cluster's (empty) record for the grace period.
+    wait_until("the assignment settles", &mut wake, || {
+        let table = routes(&router);
+        (table.len() == 4
+            && table.values().all(|r| r.len() == 2)
+            && mesh
+                .hubs
+                .keys()
+                .all(|h| table.values().filter(|r| r.contains(h)).count() == 2))
+        .then_some(())
+        .ok_or(format!("{table:?}"))
+    })
+    .await;
     let mut agents = Vec::new();
     for (zone, cluster) in zones {
         let state = cluster_state(&[
@@ -282,8 +299,6 @@ async fn agents_feed_each_replica_only_the_environments_of_its_shards() {
         let agent = follow(&router, cluster, zone, rx);
         agents.push((agent, _tx));
     }
-    let envs = ["prod", "staging"];
-    let mut wake = wake_ons(&mesh, &router, &envs);
     let table = wait_until(
         "every hub holds exactly its shards' slices",
         &mut wake,
