@@ -775,15 +775,32 @@ impl ClientCertVerifier for ClientVerifier {
     }
 }
 
-/// webpki's server check (chain and validity; the name is not checked, as Envoy does
-/// not without SAN matchers: endpoints are IPs), then the SAN matchers.
-#[derive(Debug)]
-struct ServerVerifier {
-    inner: Arc<rustls::client::WebPkiServerVerifier>,
-    san: Vec<SanMatcher>,
+/// What a server's certificate must show once webpki has accepted its chain: the SAN
+/// matchers of a cluster's validation context, or the SPIFFE id the xDS client expects.
+pub(crate) trait PeerCheck: std::fmt::Debug + Send + Sync {
+    fn check(&self, end_entity: &CertificateDer<'_>) -> Result<(), rustls::Error>;
 }
 
-impl ServerCertVerifier for ServerVerifier {
+/// A cluster's `match_typed_subject_alt_names`: any one matching SAN admits the peer.
+#[derive(Debug)]
+struct SanCheck(Vec<SanMatcher>);
+
+impl PeerCheck for SanCheck {
+    fn check(&self, end_entity: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+        check_sans(&self.0, end_entity)
+    }
+}
+
+/// webpki's server check of the chain and validity, but not of the name dialled (as
+/// Envoy does not without SAN matchers: endpoints are IPs), then `C`'s check of the
+/// identity. Signatures are webpki's.
+#[derive(Debug)]
+pub(crate) struct ServerVerifier<C> {
+    pub(crate) inner: Arc<rustls::client::WebPkiServerVerifier>,
+    pub(crate) check: C,
+}
+
+impl<C: PeerCheck> ServerCertVerifier for ServerVerifier<C> {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -805,7 +822,7 @@ impl ServerCertVerifier for ServerVerifier {
             )) => {}
             Err(e) => return Err(e),
         }
-        check_sans(&self.san, end_entity)?;
+        self.check.check(end_entity)?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -1000,7 +1017,7 @@ impl ClientTls {
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(ServerVerifier {
                     inner,
-                    san: v.san.clone(),
+                    check: SanCheck(v.san.clone()),
                 }));
             let mut config = match &self.context.certificate {
                 Some(name) => {

@@ -678,41 +678,8 @@ mod tests {
     async fn a_client_that_stops_reading_holds_at_most_the_stream_window_in_the_router() {
         let taken = Arc::new(AtomicUsize::new(0));
         let replica = endless_replica(taken.clone()).await;
-        let shard = Shard {
-            environment: "prod".into(),
-            zone: "az1".into(),
-        };
-        let table = Arc::new(Table::new());
-        let replicas = BTreeMap::from([(
-            "r".to_string(),
-            ReplicaInfo {
-                id: "r".into(),
-                xds_addr: replica.to_string(),
-                admin_addr: String::new(),
-                shards: vec![shard.clone()],
-                streams: 0,
-                started_unix: 0.0,
-            },
-        )]);
-        let assignment = Assignment {
-            shards: vec![ShardAssignment {
-                shard,
-                replicas: vec!["r".into()],
-            }],
-            ..Default::default()
-        };
-        table.apply(&replicas, &assignment);
         let limits = RelayLimits::default();
-        let metrics = Arc::new(RouterMetrics::new(&mut Registry::default()));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let router = listener.local_addr().unwrap();
-        let (_stop_tx, stop) = watch::channel(false);
-        tokio::spawn(accept(
-            Incoming::Plain(listener),
-            Relay::new(table, metrics, limits, None),
-            limits.stream_window,
-            stop,
-        ));
+        let router = router_for(replica, limits).await;
 
         // The client: one Delta stream, its first request, then nothing read.
         let tcp = tokio::net::TcpStream::connect(router).await.unwrap();

@@ -16,15 +16,13 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
-};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{CertificateError, ClientConfig, RootCertStore};
 use tokio::net::TcpStream;
 
 use crate::bootstrap::TlsConfig;
+use crate::tls::{PeerCheck, ServerVerifier};
 
 /// Why the xDS TLS files cannot be used; each names the bootstrap field and the file.
 #[derive(Debug, thiserror::Error)]
@@ -166,7 +164,10 @@ impl XdsTls {
             .with_safe_default_protocol_versions()
             .expect("ring supports the default protocol versions")
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Verifier { inner, expected }))
+            .with_custom_certificate_verifier(Arc::new(ServerVerifier {
+                inner,
+                check: expected,
+            }))
             .with_client_auth_cert(chain, key)
             .map_err(|source| Error::Pair {
                 cert: self.cfg.cert.clone(),
@@ -237,65 +238,15 @@ fn trust_domain_of(leaf: &[u8]) -> Option<String> {
         .find(|d| !d.is_empty())
 }
 
-/// webpki's check of the chain and validity (not of the name dialled), then the
-/// server's SPIFFE id.
-#[derive(Debug)]
-struct Verifier {
-    inner: Arc<rustls::client::WebPkiServerVerifier>,
-    expected: Expected,
-}
-
-impl ServerCertVerifier for Verifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.inner.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        ) {
-            Ok(_)
-            | Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => {}
-            Err(e) => return Err(e),
-        }
+/// The server's SPIFFE id, checked after webpki's check of the chain and validity.
+impl PeerCheck for Expected {
+    fn check(&self, end_entity: &CertificateDer<'_>) -> Result<(), rustls::Error> {
         let (uris, _) = crate::tls::sans(end_entity);
-        self.expected.check(&uris).map_err(|e| {
+        Expected::check(self, &uris).map_err(|e| {
             rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(
                 Arc::new(e),
             )))
-        })?;
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        })
     }
 }
 
