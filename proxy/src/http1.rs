@@ -38,6 +38,7 @@ use tokio::sync::watch;
 use crate::Shared;
 use crate::cluster::{Admission, Cluster, Endpoint, H1Conn};
 use crate::config::{Codec, Outcome, RequestHeaders, RetryPolicy, visible_ascii};
+use crate::deadline::Deadline;
 use crate::http::{Downstream, Local, Retries};
 
 /// Largest request (or upstream response) head, bytes: Envoy's
@@ -620,6 +621,10 @@ pub async fn serve(
 
 impl Conn {
     async fn run(&mut self) -> Next {
+        // One timer each for the head and the route timeout, kept from one request to
+        // the next (see `crate::deadline`: a timer per request woke the driver).
+        let mut head_timer = Deadline::new();
+        let mut route_timer = Deadline::new();
         loop {
             // From the moment a head is awaited, the client has HEAD_TIMEOUT to send
             // all of it: an idle keep-alive connection is closed after it too, as
@@ -643,10 +648,9 @@ impl Conn {
                 // already begun is read to its end (or its deadline).
                 let idle = self.rbuf.is_empty();
                 let read = tokio::select! {
-                    r = tokio::time::timeout_at(deadline, self.io.read_buf(&mut self.rbuf)) => match r {
-                        Ok(r) => r,
-                        Err(_) => return Next::Close,
-                    },
+                    biased;
+                    r = self.io.read_buf(&mut self.rbuf) => r,
+                    () = head_timer.until(deadline, HEAD_TIMEOUT) => return Next::Close,
                     _ = self.stop.changed(), if idle => return Next::Close,
                 };
                 match read {
@@ -654,7 +658,7 @@ impl Conn {
                     Ok(_) => {}
                 }
             };
-            match self.exchange(prepared).await {
+            match self.exchange(prepared, &mut route_timer).await {
                 Next::KeepAlive => {}
                 next => return next,
             }
@@ -784,7 +788,7 @@ impl Conn {
         ok
     }
 
-    async fn exchange(&mut self, p: Prepared) -> Next {
+    async fn exchange(&mut self, p: Prepared, route_timer: &mut Deadline) -> Next {
         self.rbuf.advance(p.head_len);
         self.body_done = matches!(p.body, BodyKind::None | BodyKind::Length(0));
         let Prepared {
@@ -826,9 +830,10 @@ impl Conn {
         let result = {
             let tries = self.tries(&cluster, &req, retry);
             match timeout {
-                Some(t) => match tokio::time::timeout(t, tries).await {
-                    Ok(r) => r,
-                    Err(_) => Err(Failed::Reply(crate::http::ROUTE_TIMEOUT)),
+                Some(t) => tokio::select! {
+                    biased;
+                    r = tries => r,
+                    () = route_timer.after(t) => Err(Failed::Reply(crate::http::ROUTE_TIMEOUT)),
                 },
                 None => tries.await,
             }

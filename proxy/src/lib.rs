@@ -20,6 +20,7 @@ pub mod admin;
 pub mod bootstrap;
 pub mod cluster;
 pub mod config;
+pub mod deadline;
 pub mod http;
 pub mod http1;
 pub mod listener;
