@@ -13,6 +13,7 @@ pub mod debounce;
 pub mod known;
 pub mod zones;
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -29,11 +30,11 @@ use self::zones::ZoneViews;
 use crate::catalog::{CatalogUpdate, RemoteCatalog, Summary};
 use crate::federation::{Batch, ChangeKind, ClusterInfo, FedEndpoint, FedService};
 use crate::metrics::{ClusterLabel, EnvLabel, Metrics};
-use crate::model::{Environment, Mesh, ObjectKey, Service};
+use crate::model::{Endpoint, Environment, Mesh, ObjectKey, Service};
 use crate::xds::XdsType;
 use crate::xds::generate::{
-    EnvResources, Generated, MeshTls, VirtualHostCache, endpoint_resources, service_resources_tls,
-    shared_resources_tls,
+    EnvResources, Generated, MeshTls, VirtualHostCache, endpoint_resources_with,
+    service_resources_with, shared_resources_tls,
 };
 use crate::xds::snapshot::{Changes, Snapshots};
 
@@ -209,8 +210,8 @@ struct ClusterState {
 /// last part, whatever the cluster holds and it did not name is deleted.
 #[derive(Debug, Default)]
 struct Resync {
-    services: HashSet<ObjectKey>,
-    endpoints: HashSet<ObjectKey>,
+    services: FastSet<ObjectKey>,
+    endpoints: FastSet<ObjectKey>,
 }
 
 /// One cluster's state as the index holds it (see [`Index::held`]).
@@ -240,7 +241,7 @@ struct Sources {
     catalog: RemoteCatalog,
 }
 
-type Declared = HashMap<ObjectKey, BTreeSet<String>>;
+type Declared = FastMap<ObjectKey, BTreeSet<String>>;
 
 fn declare(declared: &mut Declared, key: &ObjectKey, cluster: &str) {
     let set = declared.entry(key.clone()).or_default();
@@ -276,6 +277,9 @@ pub struct Work {
     pub virtual_hosts_encoded: u64,
     /// Cluster status entries computed.
     pub status_entries: u64,
+    /// Endpoints copied while merging services (see [`Merged`]): only those whose
+    /// cluster names a port differently, and those of environments with zone views.
+    pub endpoints_copied: u64,
 }
 
 #[derive(Debug, Default)]
@@ -292,20 +296,28 @@ struct EnvState {
     model: Environment,
     resources: EnvResources,
     /// Resource names each service generated, to withdraw what it no longer does.
-    owned: HashMap<ObjectKey, Vec<(XdsType, Arc<str>)>>,
+    owned: FastMap<ObjectKey, Vec<(XdsType, Arc<str>)>>,
     shared: Vec<(XdsType, Arc<str>)>,
     /// Host → every service claiming it, the owner first (see [`Claim`]).
     /// A sorted `Vec`: almost every host has one claimant, and a one-element B-tree
     /// set costs a whole node (about 600 bytes) per host.
-    claims: HashMap<String, Vec<Claim>>,
-    /// Service → the hosts it claims (its merged hosts, owned or not).
-    claimed: HashMap<ObjectKey, Vec<String>>,
+    claims: FastMap<String, Vec<Claim>>,
+    /// Service → the hosts it claims (its merged hosts, owned or not) and whether it
+    /// is defined in the file (its claims' rank depends on it).
+    claimed: FastMap<ObjectKey, Claimed>,
     /// The shared route tables' virtual hosts, encoded once per service version.
     vhosts: VirtualHostCache,
     /// Mesh mTLS of the environment as last generated (`None`: off).
     tls: Option<MeshTls>,
     /// Each zone's view and the zones' summaries.
     zones: ZoneViews,
+}
+
+/// What a service claims: see [`EnvState::claimed`].
+#[derive(Debug, Default, PartialEq)]
+struct Claimed {
+    in_file: bool,
+    hosts: Vec<String>,
 }
 
 /// A service's claim on a host. The owner is the smallest claim: (1) a service
@@ -344,6 +356,12 @@ pub struct Index {
     unpublished: BTreeSet<String>,
     catalog: watch::Sender<LocalCatalog>,
 }
+
+/// Hash maps and sets on the index's hot paths (keyed by names, touched per service
+/// and per host in every flush): foldhash, randomly seeded per map like std's
+/// default, rather than SipHash, which showed in the ingest's profile.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
 
 fn unix(t: SystemTime) -> f64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
@@ -920,19 +938,18 @@ impl Index {
             let started = std::time::Instant::now();
             let st = self.envs.entry(env.clone()).or_default();
             let trust_domain = self.cfg.mesh_trust_domain.as_deref();
-            let changes = flush_env(&self.sources, &env, trust_domain, st, d, &mut self.work);
-            // Each changed resource's convergence starts at the oldest change of this flush.
+            // Each changed resource's convergence starts at the oldest change of this
+            // flush (recorded as the resource is replaced or removed).
             let origin_at = origin.unwrap_or_else(SystemTime::now);
-            for ty in XdsType::ALL {
-                let i = ty as usize;
-                for name in &changes[i] {
-                    if st.resources.by_type[i].contains_key(name) {
-                        st.resources.origins[i].insert(name.clone(), origin_at);
-                    } else {
-                        st.resources.origins[i].remove(name);
-                    }
-                }
-            }
+            let changes = flush_env(
+                &self.sources,
+                &env,
+                trust_domain,
+                st,
+                d,
+                origin_at,
+                &mut self.work,
+            );
             let cfg = self.sources.file.environments.get(&env);
             st.zones
                 .publish(&env, cfg, &st.resources, &changes, origin, &self.snapshots);
@@ -1225,6 +1242,17 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
+/// A merged service (see [`merged`]): its spec, with no endpoints, and its endpoints,
+/// borrowed from the file and the clusters that hold them. An endpoint is copied only
+/// when its cluster names a port differently from the merged service (counted in
+/// [`Work::endpoints_copied`]): a flush after an endpoint change reads every endpoint
+/// of the touched services, and copying each (its locality's and ports' strings) cost
+/// as much as encoding it.
+struct Merged<'a> {
+    spec: Service,
+    endpoints: Vec<Cow<'a, Endpoint>>,
+}
+
 /// The merged service `key` of `env`: the file's definition and every cluster's
 /// declaration in that environment, with their endpoints.
 ///
@@ -1233,13 +1261,28 @@ async fn sleep_until(at: Option<Instant>) {
 /// does not depend on which cluster declared first: the file's first host, else
 /// `name.namespace.svc.cluster.local` when declared, else the smallest host. So one
 /// cluster can never take another's ports or rename the service under it.
-fn merged(sources: &Sources, env: &str, key: &ObjectKey, work: &mut Work) -> Option<Service> {
+fn merged<'a>(
+    sources: &'a Sources,
+    env: &str,
+    key: &ObjectKey,
+    work: &mut Work,
+) -> Option<Merged<'a>> {
     let file = sources
         .file
         .environments
         .get(env)
         .and_then(|e| e.services.get(key));
-    let mut svc = file.cloned();
+    let mut endpoints: Vec<Cow<'a, Endpoint>> = Vec::new();
+    let mut svc = file.map(|f| {
+        endpoints.extend(f.endpoints.iter().map(Cow::Borrowed));
+        Service {
+            key: f.key.clone(),
+            hosts: f.hosts.clone(),
+            ports: f.ports.clone(),
+            subsets: f.subsets.clone(),
+            endpoints: Vec::new(),
+        }
+    });
     work.merge_visits += 1;
     let declaring = sources.declared.get(key).into_iter().flatten();
     for c in declaring.filter_map(|id| sources.clusters.get(id)) {
@@ -1266,7 +1309,8 @@ fn merged(sources: &Sources, env: &str, key: &ObjectKey, work: &mut Work) -> Opt
         }
         if let Some(eps) = c.endpoints.get(key) {
             // Endpoints name ports as their cluster does; the merged service may name
-            // the same port number differently. Translate through the number.
+            // the same port number differently. Translate through the number (on a
+            // copy: only then is an endpoint copied).
             let rename: HashMap<&str, &str> = fs
                 .ports
                 .iter()
@@ -1278,28 +1322,33 @@ fn merged(sources: &Sources, env: &str, key: &ObjectKey, work: &mut Work) -> Opt
                 })
                 .filter(|(a, b)| a != b)
                 .collect();
-            s.endpoints.extend(eps.iter().map(|e| {
-                let mut e = e.endpoint.clone();
-                if !rename.is_empty() {
+            endpoints.reserve(eps.len());
+            if rename.is_empty() {
+                endpoints.extend(eps.iter().map(|e| Cow::Borrowed(&e.endpoint)));
+            } else {
+                work.endpoints_copied += eps.len() as u64;
+                endpoints.extend(eps.iter().map(|e| {
+                    let mut e = e.endpoint.clone();
                     e.ports = e
                         .ports
                         .into_iter()
                         .map(|(n, p)| (rename.get(n.as_str()).map_or(n, |r| r.to_string()), p))
                         .collect();
-                }
-                e
-            }));
+                    Cow::Owned(e)
+                }));
+            }
         }
     }
-    if let Some(s) = svc.as_mut().filter(|_| file.is_none()) {
+    let mut spec = svc?;
+    if file.is_none() {
         let conventional = format!("{}.{}.svc.cluster.local", key.name, key.namespace);
-        s.hosts.sort();
-        if let Some(i) = s.hosts.iter().position(|h| *h == conventional) {
-            let h = s.hosts.remove(i);
-            s.hosts.insert(0, h);
+        spec.hosts.sort();
+        if let Some(i) = spec.hosts.iter().position(|h| *h == conventional) {
+            let h = spec.hosts.remove(i);
+            spec.hosts.insert(0, h);
         }
     }
-    svc
+    Some(Merged { spec, endpoints })
 }
 
 /// A service settled in a flush (see [`flush_env`]).
@@ -1330,6 +1379,7 @@ fn flush_env(
     trust_domain: Option<&str>,
     st: &mut EnvState,
     d: EnvDirty,
+    origin: SystemTime,
     work: &mut Work,
 ) -> Changes {
     let mut changes: Changes = Default::default();
@@ -1361,7 +1411,11 @@ fn flush_env(
     let mut settled: BTreeMap<ObjectKey, Option<Settled>> = BTreeMap::new();
     while let Some(key) = queue.pop_first() {
         work.services_merged += 1;
-        let mut new = merged(sources, env, &key, work);
+        let (mut new, endpoints) = match merged(sources, env, &key, work) {
+            Some(m) => (Some(m.spec), m.endpoints),
+            None => (None, Vec::new()),
+        };
+        let endpoints: Vec<&Endpoint> = endpoints.iter().map(|e| e.as_ref()).collect();
         let in_file = sources
             .file
             .environments
@@ -1386,37 +1440,47 @@ fn flush_env(
                 new = None;
             }
         }
-        // Its zones' views and summaries, from its merged endpoints.
+        // Its zones' views and summaries, from its merged endpoints: the zone views
+        // read a whole service, so an environment with them gets a copy.
+        let cfg = sources.file.environments.get(env);
+        let with_endpoints = new
+            .as_ref()
+            .filter(|_| cfg.is_some_and(Environment::zone_views))
+            .map(|s| {
+                work.endpoints_copied += endpoints.len() as u64;
+                Service {
+                    endpoints: endpoints.iter().map(|e| (*e).clone()).collect(),
+                    ..s.clone()
+                }
+            });
         st.zones.settle(
-            sources.file.environments.get(env),
+            cfg,
             &key,
-            new.as_ref(),
+            with_endpoints.as_ref().or(new.as_ref()),
             sources.catalog.get(env).and_then(|c| c.get(&key)),
         );
+        drop(with_endpoints);
         // A touched service with the same spec regenerates its load assignments; the
         // content versions drop those that did not change. (A service settled again
         // because a host changed hands is generated again.)
         let old = st.model.services.get(&key);
-        let entry = match (old, &mut new) {
+        let entry = match (old, &new) {
             (None, None) => None,
             (Some(o), Some(n)) if same_spec(o, n) && !tls_changed => {
                 let mut generated = Generated::new();
-                endpoint_resources(n, &mut generated);
+                endpoint_resources_with(n, &endpoints, &mut generated);
                 Some((generated, false))
             }
             (_, n) => {
                 let mut generated = Generated::new();
                 if let Some(n) = n {
-                    service_resources_tls(n, st.tls.as_ref(), &mut generated);
+                    service_resources_with(n, &endpoints, st.tls.as_ref(), &mut generated);
                 }
                 Some((generated, true))
             }
         };
         // The model keeps each service's spec only: its endpoints are held in the
         // sources and in the encoded load assignments, not a third time here.
-        if let Some(n) = new.as_mut() {
-            n.endpoints = Vec::new();
-        }
         settled.insert(
             key,
             entry.map(|(generated, all)| Settled {
@@ -1455,7 +1519,7 @@ fn flush_env(
         };
     }
     for generated in inserts {
-        upsert(&mut st.resources, generated, &mut changes);
+        upsert(&mut st.resources, generated, origin, &mut changes);
     }
     if shared {
         let mut generated = Generated::new();
@@ -1465,14 +1529,22 @@ fn flush_env(
         work.resources_encoded += generated.len() as u64;
         work.virtual_hosts_encoded += st.vhosts.encoded - encoded;
         let old_names = std::mem::take(&mut st.shared);
-        st.shared = replace(&mut st.resources, &old_names, generated, &mut changes);
+        st.shared = replace(
+            &mut st.resources,
+            &old_names,
+            generated,
+            origin,
+            &mut changes,
+        );
         st.resources.roles = roles;
     }
     changes
 }
 
 /// Replaces the claims of `key` with `hosts`, and queues every other service that
-/// gained or lost a host by it. Costs O(hosts of `key`).
+/// gained or lost a host by it. Costs O(hosts of `key`); nothing when the service
+/// claims what it claimed already (an endpoint change: no claim is released or
+/// placed, so no host changes hands).
 fn claim_hosts(
     st: &mut EnvState,
     key: &ObjectKey,
@@ -1481,7 +1553,14 @@ fn claim_hosts(
     queue: &mut BTreeSet<ObjectKey>,
     work: &mut Work,
 ) {
-    let old = st.claimed.remove(key).unwrap_or_default();
+    let unchanged = match st.claimed.get(key) {
+        Some(c) => c.in_file == in_file && c.hosts == hosts,
+        None => hosts.is_empty(),
+    };
+    if unchanged {
+        return;
+    }
+    let old = st.claimed.remove(key).map(|c| c.hosts).unwrap_or_default();
     let owner = |st: &EnvState, h: &str| -> Option<ObjectKey> {
         st.claims
             .get(h)
@@ -1527,12 +1606,13 @@ fn claim_hosts(
         }
     }
     if !hosts.is_empty() {
-        st.claimed.insert(key.clone(), hosts);
+        st.claimed.insert(key.clone(), Claimed { in_file, hosts });
     }
 }
 
-/// Inserts `generated`, recording names whose version changed.
-fn upsert(res: &mut EnvResources, generated: Generated, changes: &mut Changes) {
+/// Inserts `generated`, recording names whose version changed and `origin` as the
+/// start of their convergence.
+fn upsert(res: &mut EnvResources, generated: Generated, origin: SystemTime, changes: &mut Changes) {
     for (ty, r) in generated {
         let name: Arc<str> = Arc::from(r.name());
         let same = res.by_type[ty as usize]
@@ -1540,6 +1620,7 @@ fn upsert(res: &mut EnvResources, generated: Generated, changes: &mut Changes) {
             .is_some_and(|o| o.version() == r.version());
         if !same {
             res.by_type[ty as usize].insert(name.clone(), r);
+            res.origins[ty as usize].insert(name.clone(), origin);
             changes[ty as usize].insert(name);
         }
     }
@@ -1560,6 +1641,7 @@ fn remove_stale(
     let keep: HashSet<&(XdsType, Arc<str>)> = names.iter().collect();
     for n in old {
         if !keep.contains(n) && res.by_type[n.0 as usize].remove(&n.1).is_some() {
+            res.origins[n.0 as usize].remove(&n.1);
             changes[n.0 as usize].insert(n.1.clone());
         }
     }
@@ -1571,10 +1653,11 @@ fn replace(
     res: &mut EnvResources,
     old: &[(XdsType, Arc<str>)],
     generated: Generated,
+    origin: SystemTime,
     changes: &mut Changes,
 ) -> Vec<(XdsType, Arc<str>)> {
     let names = remove_stale(res, old, &generated, changes);
-    upsert(res, generated, changes);
+    upsert(res, generated, origin, changes);
     names
 }
 

@@ -953,3 +953,243 @@ fn ingest_work_is_linear_in_services() {
         report.join("\n")
     );
 }
+
+/// Applies one incremental batch on `c1` (session 1) moving every service of `names`
+/// to new endpoint addresses (`round` picks them), then flushes.
+fn move_endpoints(ix: &mut Index, version: u64, names: &[String], round: u8) {
+    let changes = names
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let a = format!("10.{round}.{}.{}", i / 250, i % 250);
+            change(ChangeKind::UpsertEndpoints(
+                key(s),
+                set(vec![endpoint(&a, "c1")]),
+            ))
+        })
+        .collect();
+    ix.apply_batch("c1", 1, batch(version, false, changes), Instant::now())
+        .unwrap();
+    ix.flush(Instant::now());
+}
+
+/// An endpoint change leaves host ownership alone: the service claims the hosts it
+/// claimed, so the flush releases and places no claim and moves no host; it only
+/// reads each host's owner (one look-up per host). Before, every touched service
+/// released and placed all its claims again (five operations per host), which was a
+/// large part of the flush that ends a big cluster's first resync.
+#[test]
+fn an_endpoint_change_releases_and_places_no_host_claims() {
+    let (mut ix, snapshots) = index();
+    let names: Vec<String> = (0..200).map(|i| format!("s{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    connect(&mut ix, "c1", 1, &refs);
+    ix.flush(Instant::now());
+    let placed = ix.work();
+    let before = resources(&snapshots, "prod");
+    move_endpoints(&mut ix, 2, &names, 1);
+    let w = ix.work();
+    assert_eq!(w.services_merged - placed.services_merged, 200);
+    assert_eq!(
+        w.host_ops - placed.host_ops,
+        200,
+        "one owner look-up per host, no claim released or placed"
+    );
+    // Only the load assignments changed, and every one of them did.
+    let after = resources(&snapshots, "prod");
+    let changed: Vec<_> = after
+        .iter()
+        .filter(|r| !before.contains(r))
+        .map(|r| r.0)
+        .collect();
+    assert_eq!(changed.len(), 200);
+    assert!(changed.iter().all(|t| *t == XdsType::Endpoint));
+    assert_eq!(
+        ix.envs["prod"].claimed.len(),
+        200,
+        "every service still claims its host"
+    );
+}
+
+/// A claim's rank changes when its service becomes (or stops being) defined in the
+/// file, with the same hosts: ownership follows the rank, not the host list alone.
+#[test]
+fn a_claim_whose_rank_alone_changes_moves_the_host() {
+    let (mut ix, _snapshots) = index();
+    // `y` and `z` both claim "shared.example": `y` owns it (the lower name).
+    let mut y_svc = fed_service("y", "prod");
+    y_svc.hosts.push("shared.example".into());
+    let mut z_svc = fed_service("z", "prod");
+    z_svc.hosts.push("shared.example".into());
+    ix.hello(info("c1"), 0, 1).unwrap();
+    let ups = vec![
+        change(ChangeKind::UpsertService(y_svc)),
+        change(ChangeKind::UpsertService(z_svc)),
+    ];
+    ix.apply_batch("c1", 1, batch(1, false, ups), Instant::now())
+        .unwrap();
+    ix.flush(Instant::now());
+    let hosts = |ix: &Index, n: &str| ix.envs["prod"].model.services[&key(n)].hosts.clone();
+    assert_eq!(hosts(&ix, "z"), ["z.ns.svc.cluster.local"]);
+    // The file defines `z` with the hosts it already claims, in the same order: only
+    // the rank of its claims changes (file services own first).
+    let file = |hosts: &str| {
+        let text = format!(
+            "apiVersion: tributary.io/v1alpha1\nkind: Service\nmetadata: {{name: z, namespace: ns, environment: prod}}\nspec:\n  hosts: {hosts}\n  ports: [{{name: http, port: 80}}]\n"
+        );
+        crate::config::parse_files([("f.yaml", text.as_str())]).unwrap()
+    };
+    ix.set_file(
+        Arc::new(file("[z.ns.svc.cluster.local, shared.example]")),
+        Instant::now(),
+    );
+    ix.flush(Instant::now());
+    assert_eq!(
+        hosts(&ix, "z"),
+        ["z.ns.svc.cluster.local", "shared.example"]
+    );
+    assert_eq!(hosts(&ix, "y"), ["y.ns.svc.cluster.local"]);
+    // And back when the file lets it go.
+    ix.set_file(Arc::new(Mesh::default()), Instant::now());
+    ix.flush(Instant::now());
+    assert_eq!(hosts(&ix, "z"), ["z.ns.svc.cluster.local"]);
+    assert_eq!(
+        hosts(&ix, "y"),
+        ["y.ns.svc.cluster.local", "shared.example"]
+    );
+}
+
+/// The load assignment `name` of `env` as published, decoded: (address, port) of each
+/// endpoint, sorted.
+fn published_endpoints(snapshots: &Snapshots, env: &str, name: &str) -> Vec<(String, u32)> {
+    use prost::Message;
+    use tributary_proto::envoy::envoy::config::core::v3::address::Address;
+    use tributary_proto::envoy::envoy::config::core::v3::socket_address::PortSpecifier;
+    use tributary_proto::envoy::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
+    let s = snapshots.current(env);
+    let r = s.get(XdsType::Endpoint, name).expect("load assignment");
+    let cla = tributary_proto::envoy::envoy::config::endpoint::v3::ClusterLoadAssignment::decode(
+        r.body(),
+    )
+    .unwrap();
+    let mut v: Vec<(String, u32)> = cla
+        .endpoints
+        .iter()
+        .flat_map(|l| &l.lb_endpoints)
+        .filter_map(|lb| match &lb.host_identifier {
+            Some(HostIdentifier::Endpoint(e)) => match e.address.as_ref()?.address.as_ref()? {
+                Address::SocketAddress(sa) => match sa.port_specifier {
+                    Some(PortSpecifier::PortValue(p)) => Some((sa.address.clone(), p)),
+                    _ => None,
+                },
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// A flush after an endpoint change reads the touched services' endpoints where the
+/// clusters hold them: none is copied into the merged service (before, every endpoint
+/// of every touched service was, at every flush), and the load assignments carry the
+/// new endpoints.
+#[test]
+fn an_endpoint_change_copies_no_endpoint() {
+    let (mut ix, snapshots) = index();
+    let names: Vec<String> = (0..200).map(|i| format!("s{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    connect(&mut ix, "c1", 1, &refs);
+    ix.flush(Instant::now());
+    let before = ix.work();
+    move_endpoints(&mut ix, 2, &names, 7);
+    let w = ix.work();
+    assert_eq!(w.services_merged - before.services_merged, 200);
+    assert_eq!(w.endpoints_copied, 0, "no endpoint copied while merging");
+    assert_eq!(
+        published_endpoints(&snapshots, "prod", &cluster_name("s3")),
+        [("10.7.0.3".to_string(), 8080)]
+    );
+}
+
+/// Two clusters name port 80 of one service differently: the merged service names it
+/// as the first declaring cluster does, and the other cluster's endpoints are copied
+/// with their port renamed (the only copies a merge makes), so both serve port 80.
+#[test]
+fn endpoints_of_a_cluster_naming_a_port_differently_are_renamed() {
+    let (mut ix, snapshots) = index();
+    connect(&mut ix, "c1", 1, &["a"]);
+    ix.hello(info("c2"), 0, 2).unwrap();
+    let mut web = fed_service("a", "prod");
+    web.ports[0].name = "web".into();
+    let mut e = endpoint("10.9.0.1", "c2");
+    e.ports = [("web".to_string(), 9090)].into();
+    let changes = vec![
+        change(ChangeKind::UpsertService(web)),
+        change(ChangeKind::UpsertEndpoints(key("a"), set(vec![e]))),
+    ];
+    ix.apply_batch("c2", 2, batch(1, true, changes), Instant::now())
+        .unwrap();
+    ix.flush(Instant::now());
+    let octet = "c1".bytes().map(u32::from).sum::<u32>() % 250;
+    assert_eq!(
+        published_endpoints(&snapshots, "prod", &cluster_name("a")),
+        [
+            (format!("10.0.{octet}.0"), 8080),
+            ("10.9.0.1".to_string(), 9090)
+        ]
+    );
+    assert_eq!(
+        ix.envs["prod"].model.services[&key("a")].ports[0].name,
+        "http"
+    );
+    assert!(
+        ix.envs["prod"].model.services[&key("a")]
+            .endpoints
+            .is_empty(),
+        "the model holds specs only"
+    );
+    assert_eq!(ix.work().endpoints_copied, 1, "c2's endpoint, renamed");
+}
+
+/// Every resource of `env` has an origin and nothing else has one.
+fn assert_origins_follow_resources(ix: &Index, env: &str) {
+    let res = &ix.envs[env].resources;
+    for ty in XdsType::ALL {
+        let i = ty as usize;
+        let names: Vec<&Arc<str>> = res.by_type[i].keys().collect();
+        let origins: Vec<&Arc<str>> = res.origins[i].keys().collect();
+        assert_eq!(names, origins, "{ty:?}: origins follow the resources");
+    }
+}
+
+/// A resource's origin (where its convergence starts) is the oldest change of the
+/// flush that last changed it: kept while it does not change, dropped with it.
+#[test]
+fn a_resource_s_origin_is_the_flush_that_last_changed_it() {
+    let (mut ix, _snapshots) = index();
+    connect(&mut ix, "c1", 1, &["a", "b"]);
+    ix.flush(Instant::now());
+    assert_origins_follow_resources(&ix, "prod");
+    let eds = XdsType::Endpoint as usize;
+    let origin = |ix: &Index, name: &str| ix.envs["prod"].resources.origins[eds].get(name).copied();
+    let b_before = origin(&ix, &cluster_name("b")).unwrap();
+    let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+    let moved = Change {
+        origin: at,
+        kind: ChangeKind::UpsertEndpoints(key("a"), set(vec![endpoint("10.1.1.1", "c1")])),
+    };
+    ix.apply_batch("c1", 1, batch(2, false, vec![moved]), Instant::now())
+        .unwrap();
+    ix.flush(Instant::now());
+    assert_eq!(origin(&ix, &cluster_name("a")), Some(at));
+    assert_eq!(origin(&ix, &cluster_name("b")), Some(b_before), "unchanged");
+    assert_origins_follow_resources(&ix, "prod");
+    let gone = change(ChangeKind::DeleteService(key("b")));
+    ix.apply_batch("c1", 1, batch(3, false, vec![gone]), Instant::now())
+        .unwrap();
+    ix.flush(Instant::now());
+    assert_eq!(origin(&ix, &cluster_name("b")), None, "withdrawn");
+    assert_origins_follow_resources(&ix, "prod");
+}

@@ -271,6 +271,19 @@ pub fn service_resources(service: &Service, out: &mut Generated) {
 /// [`service_resources`] of an environment with mesh mTLS `tls`: the clusters carry
 /// its upstream transport socket.
 pub fn service_resources_tls(service: &Service, tls: Option<&MeshTls>, out: &mut Generated) {
+    let endpoints: Vec<&Endpoint> = service.endpoints.iter().collect();
+    service_resources_with(service, &endpoints, tls, out)
+}
+
+/// [`service_resources_tls`] of `service`'s spec with `endpoints` in place of its own:
+/// the index borrows a merged service's endpoints from the clusters that hold them
+/// rather than copying every one into the service.
+pub fn service_resources_with(
+    service: &Service,
+    endpoints: &[&Endpoint],
+    tls: Option<&MeshTls>,
+    out: &mut Generated,
+) {
     for port in &service.ports {
         for subset in subsets(service) {
             let name = cluster_name(port.port, subset.unwrap_or(""), service.canonical_host());
@@ -283,7 +296,7 @@ pub fn service_resources_tls(service: &Service, tls: Option<&MeshTls>, out: &mut
             out.push((XdsType::Cluster, encode(XdsType::Cluster, &name, &c)));
         }
     }
-    endpoint_resources(service, out);
+    endpoint_resources_with(service, endpoints, out);
     let first_port = service.ports.first().map(|p| p.port);
     for port in service.ports.iter().filter(|p| p.protocol.is_http()) {
         let route = port.port.to_string();
@@ -301,10 +314,17 @@ pub fn service_resources_tls(service: &Service, tls: Option<&MeshTls>, out: &mut
 
 /// The load assignments of `service`'s clusters: all an endpoint change touches.
 pub fn endpoint_resources(service: &Service, out: &mut Generated) {
+    let endpoints: Vec<&Endpoint> = service.endpoints.iter().collect();
+    endpoint_resources_with(service, &endpoints, out)
+}
+
+/// [`endpoint_resources`] with `endpoints` in place of the service's own (see
+/// [`service_resources_with`]).
+pub fn endpoint_resources_with(service: &Service, endpoints: &[&Endpoint], out: &mut Generated) {
     for port in &service.ports {
         for subset in subsets(service) {
             let name = cluster_name(port.port, subset.unwrap_or(""), service.canonical_host());
-            let cla = load_assignment(&name, service, port, subset);
+            let cla = load_assignment_with(&name, service, endpoints.iter().copied(), port, subset);
             out.push((XdsType::Endpoint, encode(XdsType::Endpoint, &name, &cla)));
         }
     }
@@ -660,10 +680,21 @@ pub fn load_assignment(
     port: &ServicePort,
     subset: Option<&str>,
 ) -> ClusterLoadAssignment {
+    load_assignment_with(name, service, &service.endpoints, port, subset)
+}
+
+/// [`load_assignment`] of `endpoints` in place of the service's own.
+pub fn load_assignment_with<'a>(
+    name: &str,
+    service: &Service,
+    endpoints: impl IntoIterator<Item = &'a Endpoint>,
+    port: &ServicePort,
+    subset: Option<&str>,
+) -> ClusterLoadAssignment {
     let selector = subset.and_then(|s| service.subset(s));
     let mut by_locality: BTreeMap<&crate::model::Locality, (u32, Vec<LbEndpoint>)> =
         BTreeMap::new();
-    for e in &service.endpoints {
+    for e in endpoints {
         if selector.is_some_and(|s| !s.selects(e)) {
             continue;
         }
