@@ -1856,6 +1856,28 @@ mod tests {
                 .starts_with("Bad")
         );
         assert!(parse(b"POST / HTTP/1.1\r\ntransfer-encoding: gzip\r\n\r\n").starts_with("Bad"));
+        assert_eq!(
+            parse(b"POST / HTTP/1.1\r\ntransfer-encoding: gzip, chunked\r\n\r\n"),
+            "POST / Chunked close=false"
+        );
+        assert_eq!(
+            parse(
+                b"POST / HTTP/1.1\r\ntransfer-encoding: gzip\r\ntransfer-encoding: chunked\r\n\r\n"
+            ),
+            "POST / Chunked close=false"
+        );
+        for bad in [
+            &b"POST / HTTP/1.1\r\ntransfer-encoding: chunked, gzip\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\ntransfer-encoding: \r\n\r\n",
+            b"GET / HTTP/1.1\r\nhost: a\r\nhost: a\r\n\r\n",
+        ] {
+            assert!(
+                parse(bad).starts_with("Bad"),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
         assert!(
             parse(b"POST / HTTP/1.1\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\n")
                 .starts_with("Bad")
@@ -1870,6 +1892,23 @@ mod tests {
         assert_eq!(parse(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), "HandOver");
         assert_eq!(parse(b"GET / HTTP/1.1\r\nHost: x\r\n"), "Partial");
         assert!(parse(b"GET / HTTP/1.1\r\nHo st: x\r\n\r\n").starts_with("Bad"));
+    }
+
+    #[test]
+    fn forbidden_trailers_are_left_out() {
+        let section = b"x-a: 1\r\nContent-Length: 3\r\nHOST: h\r\nx-b: 2\r\n\r\n";
+        assert!(!trailers_allowed(section));
+        let mut out = Vec::new();
+        filter_trailers(section, &mut out);
+        assert_eq!(out, b"x-a: 1\r\nx-b: 2\r\n\r\n");
+        assert!(trailers_allowed(b"\r\n"));
+        assert!(trailers_allowed(b"x-a: 1\r\n\r\n"));
+        let mut c = Chunked::default();
+        assert_eq!(
+            c.feed_chunks(b"1\r\na\r\n0\r\nx: 1\r\n\r\n", |_| {}),
+            Ok(9)
+        );
+        assert!(c.in_trailers());
     }
 
     #[test]
@@ -1890,6 +1929,19 @@ mod tests {
             assert_eq!(data, b"hello world");
         }
         assert!(Chunked::default().feed(b"zz\r\n", |_| {}).is_err());
+        for bad in [
+            &b"0\r\nx y: 1\r\n\r\n"[..],
+            b"0\r\n: v\r\n\r\n",
+            b"0\r\nname\r\n\r\n",
+            b"0\r\nx: a\x00b\r\n\r\n",
+            b"0\r\nx: a\r\n b\r\n\r\n",
+        ] {
+            assert!(
+                Chunked::default().feed(bad, |_| {}).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
         assert!(Chunked::default().feed(b"3\r\nabcX", |_| {}).is_err());
         assert!(
             Chunked::default()

@@ -247,8 +247,7 @@ pub(crate) async fn serve_http<S>(
     // version (or HTTP/2's preface) waits for a first byte without one: a client that
     // never sends one is closed after the same time.
     let stream = FirstByte {
-        deadline: (!http1_only)
-            .then(|| Box::pin(tokio::time::sleep(crate::http1::HEAD_TIMEOUT))),
+        deadline: (!http1_only).then(|| Box::pin(tokio::time::sleep(crate::http1::HEAD_TIMEOUT))),
         inner: stream,
     };
     let conn = builder
