@@ -1904,10 +1904,7 @@ mod tests {
         assert!(trailers_allowed(b"\r\n"));
         assert!(trailers_allowed(b"x-a: 1\r\n\r\n"));
         let mut c = Chunked::default();
-        assert_eq!(
-            c.feed_chunks(b"1\r\na\r\n0\r\nx: 1\r\n\r\n", |_| {}),
-            Ok(9)
-        );
+        assert_eq!(c.feed_chunks(b"1\r\na\r\n0\r\nx: 1\r\n\r\n", |_| {}), Ok(9));
         assert!(c.in_trailers());
     }
 

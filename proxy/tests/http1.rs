@@ -1333,10 +1333,10 @@ async fn request_trailers_are_checked_and_forbidden_ones_dropped() {
                 if let Some(i) = buf.windows(5).position(|w| w == b"0\r\n\r\n") {
                     break i + 5;
                 }
-                if let Some(i) = buf.windows(5).position(|w| w == b"\r\n0\r\n") {
-                    if let Some(j) = buf[i + 5..].windows(4).position(|w| w == b"\r\n\r\n") {
-                        break i + 5 + j + 4;
-                    }
+                if let Some(i) = buf.windows(5).position(|w| w == b"\r\n0\r\n")
+                    && let Some(j) = buf[i + 5..].windows(4).position(|w| w == b"\r\n\r\n")
+                {
+                    break i + 5 + j + 4;
                 }
                 if !signalled && buf.windows(5).any(|w| w == b"\r\n0\r\n") {
                     signalled = true;
