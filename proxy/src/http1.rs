@@ -9,8 +9,11 @@
 //! rewritten the same way. Bodies (`Content-Length`, chunked, or an upstream response
 //! delimited by its close, which goes downstream chunked) are streamed, never
 //! buffered whole, except for a route that retries, which buffers the request body as
-//! hyper's path does. A head and the body bytes already read go out in one write;
-//! no per-request allocation is made on the common path.
+//! hyper's path does. The request body keeps going upstream while an early response
+//! is relayed (full duplex: `Upload` is resumable). Transfer codings before the
+//! final `chunked` are forwarded; request trailers are checked and those that must
+//! not be trailers dropped. A head and the body bytes already read go out in one
+//! write; no per-request allocation is made on the common path.
 //!
 //! What it does not serve goes to hyper's path, decided before a byte of the request
 //! is consumed: the bytes read so far are handed over with the connection
