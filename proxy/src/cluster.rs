@@ -266,7 +266,9 @@ impl EndpointSet {
 #[derive(Debug)]
 pub struct Cluster {
     pub def: ClusterDef,
-    endpoints: ArcSwap<EndpointSet>,
+    /// Shared with the connector, which looks at the endpoints' idle fast-path
+    /// connections when it waits for a connection slot ([`acquire_slot`]).
+    endpoints: Arc<ArcSwap<EndpointSet>>,
     /// Whether a load assignment was received (EDS) or given (static).
     assigned: std::sync::atomic::AtomicBool,
     /// The connection pool, built on first use ([`Cluster::client`]).
@@ -361,7 +363,7 @@ impl Cluster {
             .unwrap_or_default();
         Cluster {
             def,
-            endpoints: ArcSwap::from_pointee(set),
+            endpoints: Arc::new(ArcSwap::from_pointee(set)),
             assigned: assigned.into(),
             client: std::sync::OnceLock::new(),
             rr: AtomicUsize::new(0),
@@ -384,6 +386,7 @@ impl Cluster {
             let connector = LimitedConnector {
                 inner: http,
                 permits: self.connections.clone(),
+                endpoints: self.endpoints.clone(),
                 tls: self.tls.clone(),
                 timeout: self.def.connect_timeout,
             };
@@ -438,7 +441,13 @@ impl Cluster {
             cluster: self.clone(),
         };
         let limits = &self.def.limits;
-        let open = limits.max_connections - self.connections.available_permits();
+        let mut open = limits.max_connections - self.connections.available_permits();
+        if open >= limits.max_connections {
+            // Idle fast-path connections the upstream closed are not open: they give
+            // their slots back before the request is counted as pending.
+            reap_idle_h1(&self.endpoints.load(), None);
+            open = limits.max_connections - self.connections.available_permits();
+        }
         let waiting = active.saturating_sub(open);
         if active >= limits.max_requests
             || (open >= limits.max_connections && waiting >= limits.max_pending_requests)
@@ -741,14 +750,75 @@ impl H1Conn {
     /// reactor saw it readable (an idle connection that is readable has closed, or
     /// sent bytes nobody asked for: either way it is not reused).
     fn is_open(&self) -> bool {
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        match self.stream.poll_read_ready(&mut cx) {
-            Poll::Pending => true,
-            Poll::Ready(Err(_)) => false,
-            Poll::Ready(Ok(())) => {
-                let mut b = [0u8; 1];
-                matches!(self.stream.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        // `try_read` reads only when the reactor saw the socket readable, and leaves
+        // the task registered for its readiness (if any) alone.
+        let mut b = [0u8; 1];
+        matches!(self.stream.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+
+    /// Whether it is still open, waking `cx` when that may change (it turns readable).
+    fn poll_open(&self, cx: &mut Context<'_>) -> bool {
+        loop {
+            match self.stream.poll_read_ready(cx) {
+                Poll::Pending => return true,
+                Poll::Ready(Err(_)) => return false,
+                // Readable but nothing to read (the readiness is cleared): ask again,
+                // which registers `cx`.
+                Poll::Ready(Ok(())) if self.is_open() => {}
+                Poll::Ready(Ok(())) => return false,
             }
+        }
+    }
+
+    fn expired(&self) -> bool {
+        self.idle_since.elapsed() >= H1_IDLE
+    }
+}
+
+/// Drops the idle fast-path connections of `set` that the upstream closed (or that
+/// idled too long), which gives their slots under `max_connections` back; with `cx`,
+/// the task is woken when one of those left may have closed. How many it dropped.
+fn reap_idle_h1(set: &EndpointSet, mut cx: Option<&mut Context<'_>>) -> usize {
+    let mut dropped = 0;
+    for e in set.priorities.iter().flat_map(|p| p.endpoints.iter()) {
+        let Ok(mut idle) = e.state.h1_idle.lock() else {
+            continue;
+        };
+        let before = idle.len();
+        idle.retain(|c| {
+            !c.expired()
+                && match cx.as_deref_mut() {
+                    Some(cx) => c.poll_open(cx),
+                    None => c.is_open(),
+                }
+        });
+        dropped += before - idle.len();
+    }
+    dropped
+}
+
+/// A slot under the cluster's `max_connections` for a new upstream connection, for
+/// both paths (shared with hyper's pool): while none is free, an idle fast-path
+/// connection the upstream closes gives its slot back at once, rather than hold it
+/// until it is next picked or 60 s old.
+async fn acquire_slot(
+    permits: &Arc<Semaphore>,
+    endpoints: &ArcSwap<EndpointSet>,
+) -> Result<OwnedSemaphorePermit, tokio::sync::AcquireError> {
+    if let Ok(p) = permits.clone().try_acquire_owned() {
+        return Ok(p);
+    }
+    loop {
+        let closed = std::future::poll_fn(|cx| {
+            if reap_idle_h1(&endpoints.load(), Some(cx)) > 0 {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        });
+        tokio::select! {
+            p = permits.clone().acquire_owned() => return p,
+            () = closed => {}
         }
     }
 }
@@ -764,7 +834,7 @@ impl Cluster {
     pub fn pooled_h1(&self, endpoint: &Endpoint) -> Option<H1Conn> {
         let mut idle = endpoint.state.h1_idle.lock().ok()?;
         while let Some(c) = idle.pop() {
-            if c.idle_since.elapsed() < H1_IDLE && c.is_open() {
+            if !c.expired() && c.is_open() {
                 return Some(c);
             }
         }
@@ -790,10 +860,7 @@ impl Cluster {
     /// `max_connections` (the request counts as pending meanwhile), then connects
     /// within the cluster's connect timeout.
     pub async fn connect_h1(&self, endpoint: &Endpoint) -> std::io::Result<H1Conn> {
-        let permit = self
-            .connections
-            .clone()
-            .acquire_owned()
+        let permit = acquire_slot(&self.connections, &self.endpoints)
             .await
             .map_err(std::io::Error::other)?;
         let stream = tokio::time::timeout(
@@ -820,6 +887,8 @@ impl Cluster {
 pub struct LimitedConnector {
     inner: HttpConnector,
     permits: Arc<Semaphore>,
+    /// The cluster's endpoints, whose idle fast-path connections hold slots too.
+    endpoints: Arc<ArcSwap<EndpointSet>>,
     /// Upstream TLS, handshaken after connecting (bounded by the connect timeout).
     tls: Option<Arc<crate::tls::ClientTls>>,
     timeout: Duration,
@@ -837,10 +906,11 @@ impl tower::Service<hyper::Uri> for LimitedConnector {
     fn call(&mut self, uri: hyper::Uri) -> Self::Future {
         let mut inner = self.inner.clone();
         let permits = self.permits.clone();
+        let endpoints = self.endpoints.clone();
         let tls = self.tls.clone();
         let timeout = self.timeout;
         Box::pin(async move {
-            let permit = permits.acquire_owned().await?;
+            let permit = acquire_slot(&permits, &endpoints).await?;
             let tcp = inner
                 .call(uri)
                 .await

@@ -124,6 +124,30 @@ pub const TOO_LARGE_TO_RETRY: Local = Local::new(
     "request body too large to retry",
 );
 
+/// A request the proxy will not forward as it is (several `Host` fields, a `Host`
+/// that disagrees with the target's authority).
+pub const BAD_REQUEST: Local = Local::new(StatusCode::BAD_REQUEST, "bad request");
+
+/// Whether a request names its host ambiguously: several `Host` fields (RFC 9112
+/// §3.2), or a `Host` other than the authority of its absolute-form target (or of
+/// HTTP/2's `:authority`, RFC 9113 §8.3.1). Routing by one while the upstream reads
+/// the other would let a client pick a route its `Host` does not.
+fn ambiguous_host(uri: &Uri, headers: &HeaderMap) -> bool {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return true;
+    }
+    match (uri.authority(), host) {
+        (Some(a), Some(h)) => {
+            let a = a.as_str();
+            let a = a.rsplit_once('@').map_or(a, |(_, a)| a);
+            !a.as_bytes().eq_ignore_ascii_case(h.as_bytes())
+        }
+        _ => false,
+    }
+}
+
 /// Hop-by-hop headers, never forwarded (RFC 9110 §7.6.1); `te` survives as `trailers` (gRPC).
 fn strip_hop_by_hop(h: &mut HeaderMap) {
     if let Some(c) = h.get(header::CONNECTION).cloned() {
@@ -134,13 +158,20 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
         }
         h.remove(header::CONNECTION);
     }
-    for name in [
-        "keep-alive",
-        "proxy-connection",
-        "transfer-encoding",
-        "upgrade",
-    ] {
+    for name in ["keep-alive", "proxy-connection", "upgrade"] {
         h.remove(name);
+    }
+    // `chunked` is the connection's framing (hyper writes its own), but other codings
+    // (`gzip, chunked`) describe the content and go on: hyper keeps a
+    // `transfer-encoding` it is given and frames it with `chunked` last.
+    let codings = h.get_all(header::TRANSFER_ENCODING).iter().any(|v| {
+        v.as_bytes()
+            .split(|b| *b == b',')
+            .map(<[u8]>::trim_ascii)
+            .any(|t| !t.is_empty() && !t.eq_ignore_ascii_case(b"chunked"))
+    });
+    if !codings {
+        h.remove(header::TRANSFER_ENCODING);
     }
     if h.get(header::TE).is_some_and(|v| v != "trailers") {
         h.remove(header::TE);
@@ -254,6 +285,12 @@ pub async fn handle(
     downstream: Arc<Downstream>,
     mut req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
+    if ambiguous_host(req.uri(), req.headers()) {
+        let mut r = BAD_REQUEST.response();
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return Ok(r);
+    }
     downstream.client_cert_header(req.headers_mut());
     let snapshot = shared.snapshot.load_full();
     let host = req
@@ -412,7 +449,12 @@ async fn forward(
         return response;
     };
 
-    // Retries: the body is buffered so that each try can send it.
+    // Retries: the body is buffered so that each try can send it. One declared over
+    // the limit is refused before it is first read, so before hyper tells a client
+    // that sent `Expect: 100-continue` to send it.
+    if hyper::body::Body::size_hint(&body).lower() > RETRY_BUFFER_LIMIT as u64 {
+        return TOO_LARGE_TO_RETRY.response();
+    }
     let body = match Limited::new(body, RETRY_BUFFER_LIMIT).collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => return TOO_LARGE_TO_RETRY.response(),

@@ -9,8 +9,11 @@
 //! rewritten the same way. Bodies (`Content-Length`, chunked, or an upstream response
 //! delimited by its close, which goes downstream chunked) are streamed, never
 //! buffered whole, except for a route that retries, which buffers the request body as
-//! hyper's path does. A head and the body bytes already read go out in one write;
-//! no per-request allocation is made on the common path.
+//! hyper's path does. The request body keeps going upstream while an early response
+//! is relayed (full duplex: `Upload` is resumable). Transfer codings before the
+//! final `chunked` are forwarded; request trailers are checked and those that must
+//! not be trailers dropped. A head and the body bytes already read go out in one
+//! write; no per-request allocation is made on the common path.
 //!
 //! What it does not serve goes to hyper's path, decided before a byte of the request
 //! is consumed: the bytes read so far are handed over with the connection
@@ -49,7 +52,7 @@ pub const MAX_HEADERS: usize = 100;
 /// A request head must be complete this long after the connection began waiting for
 /// it, so an idle keep-alive connection is closed after it too (hyper's
 /// `header_read_timeout` default, which hyper's path applies the same way).
-const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest trailer section, and largest chunk extension, of a chunked body.
 const MAX_CHUNK_META: usize = 16 * 1024;
 /// How long, and how many bytes, a connection closed with unread input is drained.
@@ -58,7 +61,7 @@ const LINGER_BYTES: usize = 1 << 20;
 /// Read buffer growth step.
 const READ_CHUNK: usize = 16 * 1024;
 
-const BAD_REQUEST: Local = Local::new(StatusCode::BAD_REQUEST, "bad request");
+const BAD_REQUEST: Local = crate::http::BAD_REQUEST;
 const HEAD_TOO_LARGE: Local = Local::new(
     StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
     "request header fields too large",
@@ -88,6 +91,9 @@ pub struct RequestHead<'b> {
     pub path: &'b str,
     pub host: Option<&'b [u8]>,
     pub body: BodyKind,
+    /// `Transfer-Encoding` names codings besides the final `chunked` (e.g. `gzip`):
+    /// they are forwarded, and only `chunked` is re-framed.
+    pub codings: bool,
     /// `Connection: close`.
     pub close: bool,
     /// `Expect: 100-continue`.
@@ -137,16 +143,24 @@ pub fn parse_request<'b>(buf: &'b [u8], storage: &'b mut [httparse::Header<'b>])
     }
     let headers: &'b [httparse::Header<'b>] = req.headers;
     let mut host = None;
+    let mut hosts = 0;
     let mut length: Option<u64> = None;
+    // Transfer codings in order (RFC 9112 §6.1): `chunked` must be the final one, once.
+    let mut encoded = false;
     let mut chunked = false;
-    let mut encodings = 0;
+    let mut codings = false;
     let mut close = false;
     let mut expect_continue = false;
     let mut connection = false;
     for h in headers {
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(b"host") {
-            host.get_or_insert(h.value);
+            // Several Host fields: which one routes is ambiguous (RFC 9112 §3.2).
+            hosts += 1;
+            if hosts > 1 {
+                return Parsed::Bad("several host headers");
+            }
+            host = Some(h.value);
         } else if name.eq_ignore_ascii_case(b"content-length") {
             let Some(n) = parse_length(h.value) else {
                 return Parsed::Bad("invalid content-length");
@@ -156,8 +170,18 @@ pub fn parse_request<'b>(buf: &'b [u8], storage: &'b mut [httparse::Header<'b>])
             }
             length = Some(n);
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            encodings += 1;
-            chunked = trim(h.value).eq_ignore_ascii_case(b"chunked");
+            encoded = true;
+            for coding in tokens(h.value) {
+                if chunked {
+                    // A coding after `chunked` (or `chunked` twice).
+                    return Parsed::Bad("transfer-encoding whose final coding is not chunked");
+                }
+                if coding.eq_ignore_ascii_case(b"chunked") {
+                    chunked = true;
+                } else {
+                    codings = true;
+                }
+            }
         } else if name.eq_ignore_ascii_case(b"connection") {
             connection = true;
             for token in tokens(h.value) {
@@ -173,12 +197,14 @@ pub fn parse_request<'b>(buf: &'b [u8], storage: &'b mut [httparse::Header<'b>])
             expect_continue = trim(h.value).eq_ignore_ascii_case(b"100-continue");
         }
     }
-    let body = match (encodings, chunked, length) {
-        (0, _, None) => BodyKind::None,
-        (0, _, Some(n)) => BodyKind::Length(n),
-        // Only `chunked` alone; with a length too it is a smuggling attempt (RFC 9112 §6.3).
-        (1, true, None) => BodyKind::Chunked,
-        _ => return Parsed::Bad("unsupported transfer-encoding"),
+    let body = match (encoded, chunked, length) {
+        (false, _, None) => BodyKind::None,
+        (false, _, Some(n)) => BodyKind::Length(n),
+        // With a length too it is a smuggling attempt (RFC 9112 §6.3).
+        (true, true, None) => BodyKind::Chunked,
+        (true, true, Some(_)) => return Parsed::Bad("transfer-encoding with content-length"),
+        // A request's final coding must be chunked (RFC 9112 §6.3): its length is unknown.
+        _ => return Parsed::Bad("transfer-encoding whose final coding is not chunked"),
     };
     let path = target.split_once('?').map_or(target, |(p, _)| p);
     Parsed::Complete(RequestHead {
@@ -188,6 +214,7 @@ pub fn parse_request<'b>(buf: &'b [u8], storage: &'b mut [httparse::Header<'b>])
         path,
         host,
         body,
+        codings,
         close,
         expect_continue,
         connection,
@@ -226,6 +253,32 @@ fn hop_by_hop(name: &[u8], value: &[u8]) -> bool {
         17 => name.eq_ignore_ascii_case(b"transfer-encoding"),
         _ => false,
     }
+}
+
+/// Appends one `transfer-encoding` line with the codings of every such field of
+/// `headers` but `chunked`, then `chunked` (the framing this path writes); nothing,
+/// and false, when they name only `chunked`. One line, since some servers refuse a
+/// field given twice.
+fn write_codings(out: &mut Vec<u8>, headers: &[httparse::Header<'_>]) -> bool {
+    let codings = headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))
+        .flat_map(|h| tokens(h.value))
+        .filter(|t| !t.eq_ignore_ascii_case(b"chunked"));
+    let mut first = true;
+    for coding in codings {
+        out.extend_from_slice(if first {
+            b"transfer-encoding: ".as_slice()
+        } else {
+            b", ".as_slice()
+        });
+        out.extend_from_slice(coding);
+        first = false;
+    }
+    if !first {
+        out.extend_from_slice(b", chunked\r\n");
+    }
+    !first
 }
 
 /// Whether a `Connection` header among `headers` names `name` (hop-by-hop too).
@@ -274,7 +327,10 @@ enum ChunkState {
     DataCr,
     DataLf,
     TrailerStart,
-    TrailerLine,
+    /// A trailer field's name (a token, RFC 9110 §5.1), up to its colon.
+    TrailerName,
+    /// Its value: visible characters, spaces and tabs (RFC 9110 §5.5).
+    TrailerValue,
     TrailerLf,
     EndLf,
     Done,
@@ -290,9 +346,38 @@ impl Chunked {
         self.state == ChunkState::Done
     }
 
+    /// Whether the chunks are over and the trailer section is being read.
+    pub fn in_trailers(&self) -> bool {
+        use ChunkState::*;
+        matches!(
+            self.state,
+            TrailerStart | TrailerName | TrailerValue | TrailerLf | EndLf
+        )
+    }
+
     /// Consumes bytes of `input` up to the end of the body; returns how many, calling
-    /// `data` with the chunk data among them.
-    pub fn feed(&mut self, input: &[u8], mut data: impl FnMut(&[u8])) -> Result<usize, ChunkError> {
+    /// `data` with the chunk data among them. Trailer fields are checked as header
+    /// fields are (a token, a colon, a value without control characters).
+    pub fn feed(&mut self, input: &[u8], data: impl FnMut(&[u8])) -> Result<usize, ChunkError> {
+        self.feed_to(input, data, false)
+    }
+
+    /// As [`Chunked::feed`], but stops where the trailer section begins (after the
+    /// last chunk's size line), so that the caller can look at the trailers whole.
+    pub fn feed_chunks(
+        &mut self,
+        input: &[u8],
+        data: impl FnMut(&[u8]),
+    ) -> Result<usize, ChunkError> {
+        self.feed_to(input, data, true)
+    }
+
+    fn feed_to(
+        &mut self,
+        input: &[u8],
+        mut data: impl FnMut(&[u8]),
+        stop_at_trailers: bool,
+    ) -> Result<usize, ChunkError> {
         use ChunkState::*;
         let mut i = 0;
         while i < input.len() && self.state != Done {
@@ -340,6 +425,9 @@ impl Chunked {
                     if self.size == 0 {
                         self.meta = 0;
                         self.state = TrailerStart;
+                        if stop_at_trailers {
+                            return Ok(i + 1);
+                        }
                     } else {
                         self.state = Data;
                     }
@@ -357,18 +445,20 @@ impl Chunked {
                     }
                     self.state = Size;
                 }
-                TrailerStart | TrailerLine => match b {
-                    b'\r' if self.state == TrailerStart => self.state = EndLf,
-                    b'\r' => self.state = TrailerLf,
-                    b'\n' => return Err(ChunkError),
-                    _ => {
-                        self.meta += 1;
-                        if self.meta > MAX_CHUNK_META {
-                            return Err(ChunkError);
-                        }
-                        self.state = TrailerLine;
+                TrailerStart | TrailerName | TrailerValue => {
+                    self.state = match (self.state, b) {
+                        (TrailerStart, b'\r') => EndLf,
+                        (TrailerStart | TrailerName, b) if is_tchar(b) => TrailerName,
+                        (TrailerName, b':') => TrailerValue,
+                        (TrailerValue, b'\r') => TrailerLf,
+                        (TrailerValue, b'\t' | b' '..=b'~' | 0x80..=0xff) => TrailerValue,
+                        _ => return Err(ChunkError),
+                    };
+                    self.meta += 1;
+                    if self.meta > MAX_CHUNK_META {
+                        return Err(ChunkError);
                     }
-                },
+                }
                 TrailerLf | EndLf => {
                     if b != b'\n' {
                         return Err(ChunkError);
@@ -385,6 +475,70 @@ impl Chunked {
         }
         Ok(i)
     }
+}
+
+/// Whether `b` may be part of a field name (`tchar`, RFC 9110 §5.6.2).
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// Whether a request trailer field may be forwarded: not framing, routing, hop-by-hop
+/// or otherwise a field a recipient must not take from trailers (RFC 9110 §6.5.1;
+/// the fields hyper's encoder refuses as trailers, and hop-by-hop ones).
+fn allowed_trailer(name: &[u8]) -> bool {
+    const FORBIDDEN: [&[u8]; 18] = [
+        b"authorization",
+        b"cache-control",
+        b"connection",
+        b"content-encoding",
+        b"content-length",
+        b"content-range",
+        b"content-type",
+        b"expect",
+        b"host",
+        b"keep-alive",
+        b"max-forwards",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"set-cookie",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    ];
+    !FORBIDDEN.iter().any(|f| f.eq_ignore_ascii_case(name))
+}
+
+/// The field lines of a complete trailer section (checked by [`Chunked`]), with the
+/// CRLF that ends each.
+fn trailer_lines(section: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = section;
+    std::iter::from_fn(move || {
+        let end = rest.windows(2).position(|w| w == b"\r\n")?;
+        if end == 0 {
+            return None;
+        }
+        let (line, after) = rest.split_at(end + 2);
+        rest = after;
+        Some(line)
+    })
+}
+
+fn trailer_name(line: &[u8]) -> &[u8] {
+    line.split(|b| *b == b':').next().unwrap_or(line)
+}
+
+/// Whether every field of a complete trailer section may be forwarded.
+fn trailers_allowed(section: &[u8]) -> bool {
+    trailer_lines(section).all(|l| allowed_trailer(trailer_name(l)))
+}
+
+/// Appends the trailer section with the fields that may not be forwarded left out.
+fn filter_trailers(section: &[u8], out: &mut Vec<u8>) {
+    for line in trailer_lines(section).filter(|l| allowed_trailer(trailer_name(l))) {
+        out.extend_from_slice(line);
+    }
+    out.extend_from_slice(b"\r\n");
 }
 
 /// A stream that yields `prefix` (bytes already read from it) before its own: how a
@@ -500,6 +654,8 @@ enum Next {
 struct Prepared {
     head_len: usize,
     body: BodyKind,
+    /// Transfer codings besides `chunked` were written into the upstream head.
+    codings: bool,
     close: bool,
     expect_continue: bool,
     head_request: bool,
@@ -521,6 +677,9 @@ struct Forward {
 struct ResponseHead {
     status: u16,
     body: BodyKind,
+    /// A `transfer-encoding` line with codings other than `chunked` (and `chunked`
+    /// last) is in the rewritten head.
+    codings: bool,
     keep_alive: bool,
     has_date: bool,
 }
@@ -530,8 +689,9 @@ struct ResponseHead {
 struct Got {
     conn: H1Conn,
     head: ResponseHead,
-    /// The whole request went upstream (the connection may be reused).
-    sent: bool,
+    /// The request body's progress upstream (`done`: the whole request went, so the
+    /// connection may be reused).
+    upload: Upload,
 }
 
 /// Why a request got no upstream answer.
@@ -724,7 +884,16 @@ impl Conn {
         out.extend_from_slice(head.target.as_bytes());
         out.extend_from_slice(b" HTTP/1.1\r\n");
         let mut has_host = false;
+        let mut codings_written = false;
         for h in head.headers {
+            if head.codings && h.name.eq_ignore_ascii_case("transfer-encoding") {
+                // The codings before `chunked` go on (`gzip, chunked`), only the final
+                // `chunked` is this path's own framing.
+                if !codings_written {
+                    codings_written = write_codings(out, head.headers);
+                }
+                continue;
+            }
             if hop_by_hop(h.name.as_bytes(), h.value)
                 || (!keep_xfcc && h.name.eq_ignore_ascii_case(XFCC))
                 || (head.connection && named_by_connection(head.headers, h.name))
@@ -740,6 +909,7 @@ impl Conn {
         Ok(Some(Prepared {
             head_len: head.len,
             body: head.body,
+            codings: head.codings,
             close: head.close,
             expect_continue: head.expect_continue,
             head_request: head.method == "HEAD",
@@ -793,6 +963,7 @@ impl Conn {
         self.body_done = matches!(p.body, BodyKind::None | BodyKind::Length(0));
         let Prepared {
             body,
+            codings,
             close,
             expect_continue,
             head_request,
@@ -823,6 +994,7 @@ impl Conn {
         let req = Req {
             idempotent,
             body,
+            codings,
             expect_continue,
             head_request,
             has_host,
@@ -900,7 +1072,11 @@ impl Conn {
             settle(cluster, &endpoint.endpoint, &r);
             return r.map(|g| (g, endpoint));
         };
-        // Retries: the body is buffered so that each try can send it.
+        // Retries: the body is buffered so that each try can send it. One declared
+        // over the limit is refused before the client is told to send it.
+        if matches!(req.body, BodyKind::Length(n) if n > crate::http::RETRY_BUFFER_LIMIT as u64) {
+            return Err(Failed::Reply(crate::http::TOO_LARGE_TO_RETRY));
+        }
         if req.expect_continue && !self.skip_check(req.body) {
             self.io
                 .write_all(CONTINUE)
@@ -1057,6 +1233,17 @@ impl Conn {
                     up.extend_from_slice(b"\r\n");
                     (0, true)
                 }
+                (Sending::Buffered(b), _) if req.codings => {
+                    // Its codings are in the head: chunked again, in one chunk.
+                    up.extend_from_slice(b"\r\n");
+                    if !b.is_empty() {
+                        let _ = write!(up, "{:x}\r\n", b.len());
+                        up.extend_from_slice(b);
+                        up.extend_from_slice(b"\r\n");
+                    }
+                    up.extend_from_slice(b"0\r\n\r\n");
+                    (0, true)
+                }
                 (Sending::Buffered(b), _) => {
                     let _ = write!(up, "content-length: {}\r\n\r\n", b.len());
                     up.extend_from_slice(b);
@@ -1070,11 +1257,32 @@ impl Conn {
                     (k, left == 0)
                 }
                 (Sending::Stream, BodyKind::Chunked) => {
-                    up.extend_from_slice(b"transfer-encoding: chunked\r\n\r\n");
-                    let k = chunked
-                        .feed(&self.rbuf, |_| {})
+                    if !req.codings {
+                        up.extend_from_slice(b"transfer-encoding: chunked\r\n");
+                    }
+                    up.extend_from_slice(b"\r\n");
+                    let mut k = chunked
+                        .feed_chunks(&self.rbuf, |_| {})
                         .map_err(|_| Failed::Reply(BAD_REQUEST))?;
                     up.extend_from_slice(&self.rbuf[..k]);
+                    if chunked.in_trailers() {
+                        // The trailer section goes in the same write if it is all here
+                        // (else the pump below takes it from its start).
+                        let mut t = chunked.clone();
+                        let n = t
+                            .feed(&self.rbuf[k..], |_| {})
+                            .map_err(|_| Failed::Reply(BAD_REQUEST))?;
+                        if t.is_done() {
+                            let section = &self.rbuf[k..k + n];
+                            if trailers_allowed(section) {
+                                up.extend_from_slice(section);
+                            } else {
+                                filter_trailers(section, up);
+                            }
+                            chunked = t;
+                            k += n;
+                        }
+                    }
                     (k, chunked.is_done())
                 }
             };
@@ -1093,6 +1301,16 @@ impl Conn {
                 tracing::debug!(error = %e, "upstream write failed");
                 return Err(Failed::Upstream(Outcome::Reset));
             }
+            let mut upload = Upload {
+                kind: req.body,
+                left,
+                chunked,
+                ready: 0,
+                held: 0,
+                trailers: None,
+                done: complete,
+                stopped: false,
+            };
             if complete {
                 let H1Conn { stream, buf, .. } = &mut conn;
                 self.wbuf.clear();
@@ -1100,11 +1318,7 @@ impl Conn {
                     Ok(head) => {
                         self.rbuf.advance(at_hand);
                         self.body_done = true;
-                        return Ok(Got {
-                            conn,
-                            head,
-                            sent: true,
-                        });
+                        return Ok(Got { conn, head, upload });
                     }
                     // A pooled connection the upstream closed as the request went out:
                     // sent again on another, if sending it twice is harmless.
@@ -1119,41 +1333,48 @@ impl Conn {
                 }
             }
             // The rest of the body streams while the response head is awaited (an
-            // upstream may answer before it has read the whole body).
+            // upstream may answer before it has read the whole body), and on while
+            // the response is relayed ([`Conn::respond`]): the pump is resumable.
             self.rbuf.advance(at_hand);
-            let (head, sent) = {
-                let (io, rbuf, wbuf) = (&mut self.io, &mut self.rbuf, &mut self.wbuf);
+            let head = {
+                let (io, rbuf, wbuf, scratch) =
+                    (&mut self.io, &mut self.rbuf, &mut self.wbuf, &mut self.up);
                 wbuf.clear();
                 let (mut down, _) = io.split();
                 let H1Conn { stream, buf, .. } = &mut conn;
                 let (mut ur, mut uw) = stream.split();
-                let pump = pump(&mut down, rbuf, &mut uw, left, chunked, req.body);
+                let pump = upload.pump(&mut down, rbuf, &mut uw, scratch);
                 let head = read_head(&mut ur, buf, wbuf, req.head_request);
                 tokio::pin!(pump, head);
-                let mut pumped = None;
-                let head = loop {
+                let mut pumped = false;
+                loop {
                     tokio::select! {
                         biased;
                         h = &mut head => break h,
-                        p = &mut pump, if pumped.is_none() => match p {
+                        p = &mut pump, if !pumped => match p {
                             Err(PumpError::Client) => return Err(Failed::Client),
                             Err(PumpError::BadBody) => return Err(Failed::Reply(BAD_REQUEST)),
-                            p => pumped = Some(p.is_ok()),
+                            Ok(()) | Err(PumpError::Upstream) => pumped = true,
                         },
                     }
-                };
-                (head, pumped == Some(true))
+                }
             };
-            self.body_done = sent;
+            self.body_done = upload.done;
             return match head {
-                Ok(head) => Ok(Got { conn, head, sent }),
+                Ok(head) => Ok(Got { conn, head, upload }),
                 Err(_) => Err(Failed::Upstream(Outcome::Reset)),
             };
         }
     }
 
     /// Sends an upstream answer downstream: the rewritten head, then the body as it
-    /// comes; the connection goes back to the pool if the exchange ended cleanly.
+    /// comes, while the rest of the request body (if any) still goes upstream (full
+    /// duplex: an upstream may answer before it has read the body, as a streaming
+    /// echo does); the connection goes back to the pool if the exchange ended cleanly.
+    /// A request body not all sent when the response ends is not sent further: the
+    /// upstream connection is dropped, and the client's closes after the response
+    /// (it said `connection: close`) with what it still sends drained for a while
+    /// (RFC 9112 §9.6).
     async fn respond(
         &mut self,
         got: Got,
@@ -1164,7 +1385,7 @@ impl Conn {
         let Got {
             mut conn,
             head,
-            sent,
+            mut upload,
         } = got;
         let close = close || !self.body_done || self.draining();
         let out = &mut self.wbuf;
@@ -1173,9 +1394,10 @@ impl Conn {
             BodyKind::Length(n) => {
                 let _ = write!(out, "content-length: {n}\r\n");
             }
-            BodyKind::Chunked | BodyKind::UntilClose => {
+            BodyKind::Chunked | BodyKind::UntilClose if !head.codings => {
                 out.extend_from_slice(b"transfer-encoding: chunked\r\n");
             }
+            BodyKind::Chunked | BodyKind::UntilClose => {}
         }
         if !head.has_date {
             date(out);
@@ -1184,87 +1406,36 @@ impl Conn {
             out.extend_from_slice(b"connection: close\r\n");
         }
         out.extend_from_slice(b"\r\n");
-        let ended = match head.body {
-            BodyKind::None => self.io.write_all(&self.wbuf).await.is_ok(),
-            BodyKind::Length(n) => {
-                let k = (conn.buf.len() as u64).min(n) as usize;
-                self.wbuf.extend_from_slice(&conn.buf[..k]);
-                conn.buf.advance(k);
-                let mut left = n - k as u64;
-                let mut ok = self.io.write_all(&self.wbuf).await.is_ok();
-                while ok && left > 0 {
-                    ok = read_into(&mut conn).await;
-                    if ok {
-                        let k = (conn.buf.len() as u64).min(left) as usize;
-                        ok = self.io.write_all(&conn.buf[..k]).await.is_ok();
-                        conn.buf.advance(k);
-                        left -= k as u64;
-                    }
-                }
-                ok
-            }
-            BodyKind::Chunked => {
-                let mut c = Chunked::default();
-                let mut first = true;
+        let ended = {
+            let (io, rbuf, wbuf, scratch) =
+                (&mut self.io, &mut self.rbuf, &mut self.wbuf, &mut self.up);
+            let (mut down_r, mut down_w) = io.split();
+            let H1Conn { stream, buf, .. } = &mut conn;
+            let (mut up_r, mut up_w) = stream.split();
+            let relay = relay(&mut down_w, wbuf, &mut up_r, buf, head.body);
+            if upload.done || upload.stopped {
+                relay.await
+            } else {
+                let pump = upload.pump(&mut down_r, rbuf, &mut up_w, scratch);
+                tokio::pin!(relay, pump);
+                let mut pumped = false;
                 loop {
-                    let Ok(k) = c.feed(&conn.buf, |_| {}) else {
-                        break false;
-                    };
-                    let w = if first {
-                        first = false;
-                        self.wbuf.extend_from_slice(&conn.buf[..k]);
-                        self.io.write_all(&self.wbuf).await
-                    } else {
-                        self.io.write_all(&conn.buf[..k]).await
-                    };
-                    conn.buf.advance(k);
-                    if w.is_err() {
-                        break false;
-                    }
-                    if c.is_done() {
-                        break true;
-                    }
-                    if !read_into(&mut conn).await {
-                        break false;
+                    tokio::select! {
+                        ended = &mut relay => break ended,
+                        p = &mut pump, if !pumped => match p {
+                            // The client broke off its request: so does the exchange.
+                            Err(PumpError::Client | PumpError::BadBody) => break false,
+                            // The upstream takes no more: its answer still comes.
+                            Ok(()) | Err(PumpError::Upstream) => pumped = true,
+                        },
                     }
                 }
-            }
-            BodyKind::UntilClose => {
-                // Re-framed as chunks: the client keeps its connection.
-                let mut ok = true;
-                loop {
-                    if !conn.buf.is_empty() {
-                        let _ = write!(self.wbuf, "{:x}\r\n", conn.buf.len());
-                        self.wbuf.extend_from_slice(&conn.buf);
-                        self.wbuf.extend_from_slice(b"\r\n");
-                        conn.buf.clear();
-                    }
-                    if !self.wbuf.is_empty() {
-                        ok = self.io.write_all(&self.wbuf).await.is_ok();
-                        self.wbuf.clear();
-                    }
-                    if !ok {
-                        break;
-                    }
-                    conn.buf.reserve(READ_CHUNK);
-                    match conn.stream.read_buf(&mut conn.buf).await {
-                        Ok(0) => {
-                            ok = self.io.write_all(b"0\r\n\r\n").await.is_ok();
-                            break;
-                        }
-                        Ok(_) => {}
-                        Err(_) => {
-                            ok = false;
-                            break;
-                        }
-                    }
-                }
-                ok
             }
         };
         self.wbuf.clear();
+        self.body_done = upload.done;
         if ended
-            && sent
+            && upload.done
             && head.keep_alive
             && head.body != BodyKind::UntilClose
             && conn.buf.is_empty()
@@ -1285,6 +1456,8 @@ struct Req {
     /// The method may be sent twice (RFC 9110 §9.2.2).
     idempotent: bool,
     body: BodyKind,
+    /// The head carries transfer codings besides `chunked` (the body must be chunked).
+    codings: bool,
     expect_continue: bool,
     head_request: bool,
     has_host: bool,
@@ -1311,51 +1484,228 @@ fn settle(cluster: &Cluster, endpoint: &Endpoint, r: &Result<Got, Failed>) -> Op
     Some(outcome)
 }
 
-/// Reads more of an upstream connection into its buffer; false at its end.
-async fn read_into(conn: &mut H1Conn) -> bool {
-    conn.buf.reserve(READ_CHUNK);
-    matches!(conn.stream.read_buf(&mut conn.buf).await, Ok(n) if n > 0)
+/// Where a streamed request body stands on its way upstream. Its [`Upload::pump`]
+/// is resumable: each await in it (a read from the client, one write upstream) is
+/// cancel-safe and the state is updated right after it, so a pump dropped when the
+/// response head arrives is taken up again while the response is relayed.
+#[derive(Debug)]
+struct Upload {
+    kind: BodyKind,
+    /// `Length`: bytes not yet decided (read and counted) from the client.
+    left: u64,
+    chunked: Chunked,
+    /// Bytes at the start of the read buffer decided and due upstream.
+    ready: usize,
+    /// Chunked: bytes of the trailer section held at the start of the read buffer
+    /// until it is complete (it is forwarded whole, its forbidden fields left out).
+    held: usize,
+    /// A filtered trailer section in the scratch buffer: bytes of it already sent.
+    trailers: Option<usize>,
+    /// The whole body went upstream.
+    done: bool,
+    /// The upstream took no more of it (a write failed).
+    stopped: bool,
 }
 
-/// Streams the rest of a request body (`left` bytes, or the rest of a chunked body
-/// whose decoder is `chunked`) from the client to the upstream.
-async fn pump<R, W>(
-    down: &mut R,
-    rbuf: &mut BytesMut,
-    up: &mut W,
-    mut left: u64,
-    mut chunked: Chunked,
-    kind: BodyKind,
-) -> Result<(), PumpError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    loop {
-        if rbuf.is_empty() {
-            rbuf.reserve(READ_CHUNK);
-            match down.read_buf(rbuf).await {
-                Ok(0) | Err(_) => return Err(PumpError::Client),
-                Ok(_) => {}
+impl Upload {
+    /// Streams the rest of the request body from the client (`down`, whose bytes
+    /// already read are in `rbuf`) to the upstream; `scratch` holds a trailer section
+    /// that had fields left out.
+    async fn pump<R, W>(
+        &mut self,
+        down: &mut R,
+        rbuf: &mut BytesMut,
+        up: &mut W,
+        scratch: &mut Vec<u8>,
+    ) -> Result<(), PumpError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        loop {
+            if let Some(sent) = self.trailers {
+                if sent == scratch.len() {
+                    self.trailers = None;
+                    self.done = true;
+                    return Ok(());
+                }
+                let n = self.write(up, &scratch[sent..]).await?;
+                self.trailers = Some(sent + n);
+                continue;
+            }
+            if self.ready > 0 {
+                let n = self.write(up, &rbuf[..self.ready]).await?;
+                rbuf.advance(n);
+                self.ready -= n;
+                continue;
+            }
+            match self.kind {
+                BodyKind::Chunked if self.chunked.is_done() => {
+                    self.done = true;
+                    return Ok(());
+                }
+                BodyKind::Chunked if self.chunked.in_trailers() => {
+                    if self.held == rbuf.len() {
+                        read(down, rbuf).await?;
+                    }
+                    let n = self
+                        .chunked
+                        .feed(&rbuf[self.held..], |_| {})
+                        .map_err(|_| PumpError::BadBody)?;
+                    self.held += n;
+                    if self.chunked.is_done() {
+                        let section = &rbuf[..self.held];
+                        if trailers_allowed(section) {
+                            self.ready = self.held;
+                        } else {
+                            scratch.clear();
+                            filter_trailers(section, scratch);
+                            rbuf.advance(self.held);
+                            self.trailers = Some(0);
+                        }
+                        self.held = 0;
+                    }
+                }
+                BodyKind::Chunked => {
+                    if rbuf.is_empty() {
+                        read(down, rbuf).await?;
+                    }
+                    self.ready = self
+                        .chunked
+                        .feed_chunks(rbuf, |_| {})
+                        .map_err(|_| PumpError::BadBody)?;
+                }
+                _ if self.left == 0 => {
+                    self.done = true;
+                    return Ok(());
+                }
+                _ => {
+                    if rbuf.is_empty() {
+                        read(down, rbuf).await?;
+                    }
+                    let k = (rbuf.len() as u64).min(self.left);
+                    self.left -= k;
+                    self.ready = k as usize;
+                }
             }
         }
-        let k = match kind {
-            BodyKind::Chunked => chunked.feed(rbuf, |_| {}).map_err(|_| PumpError::BadBody)?,
-            _ => (rbuf.len() as u64).min(left) as usize,
-        };
-        up.write_all(&rbuf[..k])
-            .await
-            .map_err(|_| PumpError::Upstream)?;
-        rbuf.advance(k);
-        left -= (k as u64).min(left);
-        let done = match kind {
-            BodyKind::Chunked => chunked.is_done(),
-            _ => left == 0,
-        };
-        if done {
-            return Ok(());
+    }
+
+    /// One write upstream (cancel-safe); how many bytes it took.
+    async fn write<W: AsyncWrite + Unpin>(
+        &mut self,
+        up: &mut W,
+        bytes: &[u8],
+    ) -> Result<usize, PumpError> {
+        match up.write(bytes).await {
+            Ok(n) if n > 0 => Ok(n),
+            _ => {
+                self.stopped = true;
+                Err(PumpError::Upstream)
+            }
         }
     }
+}
+
+/// Reads more of the client's bytes (cancel-safe).
+async fn read<R: AsyncRead + Unpin>(down: &mut R, rbuf: &mut BytesMut) -> Result<(), PumpError> {
+    rbuf.reserve(READ_CHUNK);
+    match down.read_buf(rbuf).await {
+        Ok(0) | Err(_) => Err(PumpError::Client),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// Relays an upstream response downstream: `wbuf` holds its rewritten head, `buf`
+/// what was read of the upstream after it; then the body, as `body` frames it (an
+/// answer delimited by the upstream's close goes out chunked). Whether it ended.
+async fn relay<W, R>(
+    down: &mut W,
+    wbuf: &mut Vec<u8>,
+    up: &mut R,
+    buf: &mut BytesMut,
+    body: BodyKind,
+) -> bool
+where
+    W: AsyncWrite + Unpin,
+    R: AsyncRead + Unpin,
+{
+    match body {
+        BodyKind::None => down.write_all(wbuf).await.is_ok(),
+        BodyKind::Length(n) => {
+            let k = (buf.len() as u64).min(n) as usize;
+            wbuf.extend_from_slice(&buf[..k]);
+            buf.advance(k);
+            let mut left = n - k as u64;
+            let mut ok = down.write_all(wbuf).await.is_ok();
+            while ok && left > 0 {
+                ok = read_more(up, buf).await;
+                if ok {
+                    let k = (buf.len() as u64).min(left) as usize;
+                    ok = down.write_all(&buf[..k]).await.is_ok();
+                    buf.advance(k);
+                    left -= k as u64;
+                }
+            }
+            ok
+        }
+        BodyKind::Chunked => {
+            let mut c = Chunked::default();
+            let mut first = true;
+            loop {
+                let Ok(k) = c.feed(buf, |_| {}) else {
+                    break false;
+                };
+                let w = if first {
+                    first = false;
+                    wbuf.extend_from_slice(&buf[..k]);
+                    down.write_all(wbuf).await
+                } else {
+                    down.write_all(&buf[..k]).await
+                };
+                buf.advance(k);
+                if w.is_err() {
+                    break false;
+                }
+                if c.is_done() {
+                    break true;
+                }
+                if !read_more(up, buf).await {
+                    break false;
+                }
+            }
+        }
+        BodyKind::UntilClose => {
+            // Re-framed as chunks: the client keeps its connection.
+            loop {
+                if !buf.is_empty() {
+                    let _ = write!(wbuf, "{:x}\r\n", buf.len());
+                    wbuf.extend_from_slice(buf);
+                    wbuf.extend_from_slice(b"\r\n");
+                    buf.clear();
+                }
+                if !wbuf.is_empty() {
+                    let ok = down.write_all(wbuf).await.is_ok();
+                    wbuf.clear();
+                    if !ok {
+                        break false;
+                    }
+                }
+                buf.reserve(READ_CHUNK);
+                match up.read_buf(buf).await {
+                    Ok(0) => break down.write_all(b"0\r\n\r\n").await.is_ok(),
+                    Ok(_) => {}
+                    Err(_) => break false,
+                }
+            }
+        }
+    }
+}
+
+/// Reads more of an upstream connection into its buffer; false at its end.
+async fn read_more<R: AsyncRead + Unpin>(up: &mut R, buf: &mut BytesMut) -> bool {
+    buf.reserve(READ_CHUNK);
+    matches!(up.read_buf(buf).await, Ok(n) if n > 0)
 }
 
 /// Reads an upstream response head (skipping interim 1xx answers) and writes its
@@ -1439,6 +1789,7 @@ fn rewrite_response(
         }
     }
     let bodiless = head_request || status == 204 || status == 304;
+    let mut codings = false;
     let body = if bodiless {
         BodyKind::None
     } else {
@@ -1454,6 +1805,13 @@ fn rewrite_response(
         // A bodiless answer keeps its content-length (HEAD, 304): it describes the
         // resource, not this message.
         let framing_kept = bodiless && name.eq_ignore_ascii_case(b"content-length");
+        if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            // Codings other than `chunked` go on, with `chunked` as the framing.
+            if !bodiless && !codings {
+                codings = write_codings(out, &*res.headers);
+            }
+            continue;
+        }
         if (hop_by_hop(name, h.value) && !framing_kept)
             || (connection && named_by_connection(&*res.headers, h.name))
         {
@@ -1467,6 +1825,7 @@ fn rewrite_response(
     Some(ResponseHead {
         status,
         body,
+        codings,
         keep_alive,
         has_date,
     })
@@ -1505,6 +1864,28 @@ mod tests {
                 .starts_with("Bad")
         );
         assert!(parse(b"POST / HTTP/1.1\r\ntransfer-encoding: gzip\r\n\r\n").starts_with("Bad"));
+        assert_eq!(
+            parse(b"POST / HTTP/1.1\r\ntransfer-encoding: gzip, chunked\r\n\r\n"),
+            "POST / Chunked close=false"
+        );
+        assert_eq!(
+            parse(
+                b"POST / HTTP/1.1\r\ntransfer-encoding: gzip\r\ntransfer-encoding: chunked\r\n\r\n"
+            ),
+            "POST / Chunked close=false"
+        );
+        for bad in [
+            &b"POST / HTTP/1.1\r\ntransfer-encoding: chunked, gzip\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\ntransfer-encoding: \r\n\r\n",
+            b"GET / HTTP/1.1\r\nhost: a\r\nhost: a\r\n\r\n",
+        ] {
+            assert!(
+                parse(bad).starts_with("Bad"),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
         assert!(
             parse(b"POST / HTTP/1.1\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\n")
                 .starts_with("Bad")
@@ -1519,6 +1900,20 @@ mod tests {
         assert_eq!(parse(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), "HandOver");
         assert_eq!(parse(b"GET / HTTP/1.1\r\nHost: x\r\n"), "Partial");
         assert!(parse(b"GET / HTTP/1.1\r\nHo st: x\r\n\r\n").starts_with("Bad"));
+    }
+
+    #[test]
+    fn forbidden_trailers_are_left_out() {
+        let section = b"x-a: 1\r\nContent-Length: 3\r\nHOST: h\r\nx-b: 2\r\n\r\n";
+        assert!(!trailers_allowed(section));
+        let mut out = Vec::new();
+        filter_trailers(section, &mut out);
+        assert_eq!(out, b"x-a: 1\r\nx-b: 2\r\n\r\n");
+        assert!(trailers_allowed(b"\r\n"));
+        assert!(trailers_allowed(b"x-a: 1\r\n\r\n"));
+        let mut c = Chunked::default();
+        assert_eq!(c.feed_chunks(b"1\r\na\r\n0\r\nx: 1\r\n\r\n", |_| {}), Ok(9));
+        assert!(c.in_trailers());
     }
 
     #[test]
@@ -1539,6 +1934,19 @@ mod tests {
             assert_eq!(data, b"hello world");
         }
         assert!(Chunked::default().feed(b"zz\r\n", |_| {}).is_err());
+        for bad in [
+            &b"0\r\nx y: 1\r\n\r\n"[..],
+            b"0\r\n: v\r\n\r\n",
+            b"0\r\nname\r\n\r\n",
+            b"0\r\nx: a\x00b\r\n\r\n",
+            b"0\r\nx: a\r\n b\r\n\r\n",
+        ] {
+            assert!(
+                Chunked::default().feed(bad, |_| {}).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
         assert!(Chunked::default().feed(b"3\r\nabcX", |_| {}).is_err());
         assert!(
             Chunked::default()

@@ -231,17 +231,92 @@ pub(crate) async fn serve_http<S>(
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // ALPN decides the protocol over TLS; the codec otherwise.
-    match (alpn, codec) {
-        (Some(b"h2"), _) | (None, Codec::Http2) => builder = builder.http2_only(),
-        (Some(b"http/1.1"), _) | (None, Codec::Http1) => builder = builder.http1_only(),
-        _ => {}
-    }
+    let http1_only = match (alpn, codec) {
+        (Some(b"h2"), _) | (None, Codec::Http2) => {
+            builder = builder.http2_only();
+            false
+        }
+        (Some(b"http/1.1"), _) | (None, Codec::Http1) => {
+            builder = builder.http1_only();
+            true
+        }
+        _ => false,
+    };
     builder.http1().timer(hyper_util::rt::TokioTimer::new());
+    // hyper's `header_read_timeout` (30 s) runs once HTTP/1.1 is chosen; sniffing the
+    // version (or HTTP/2's preface) waits for a first byte without one: a client that
+    // never sends one is closed after the same time.
+    let stream = FirstByte {
+        deadline: (!http1_only).then(|| Box::pin(tokio::time::sleep(crate::http1::HEAD_TIMEOUT))),
+        inner: stream,
+    };
     let conn = builder
         .serve_connection(TokioIo::new(stream), service)
         .into_owned();
     if let Err(e) = watcher.watch(conn).await {
         tracing::debug!(error = %e, "downstream connection ended");
+    }
+}
+
+/// A downstream stream whose first byte must come before `deadline` (then the
+/// deadline is dropped); reading fails with `TimedOut` after it.
+struct FirstByte<S> {
+    inner: S,
+    deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for FirstByte<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::future::Future as _;
+        use std::task::Poll;
+        let this = &mut *self;
+        let r = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        match (&r, &mut this.deadline) {
+            (_, None) => {}
+            (Poll::Ready(_), d) => *d = None,
+            (Poll::Pending, Some(d)) => {
+                if d.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(std::io::ErrorKind::TimedOut.into()));
+                }
+            }
+        }
+        r
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for FirstByte<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 }
 
