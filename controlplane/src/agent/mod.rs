@@ -709,7 +709,8 @@ async fn exchange(
         let current = state.borrow_and_update().clone();
         let close = !current.listing;
         let parts = Parts::Resync { close };
-        if let Some(v) = send_split(tx, ctx.mem, ctx.telemetry, limits, parts, full(&current)).await?
+        if let Some(v) =
+            send_split(tx, ctx.mem, ctx.telemetry, limits, parts, full(&current)).await?
             && close
         {
             ctx.in_flight.push_back((v, current.clone()));

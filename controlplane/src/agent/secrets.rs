@@ -75,7 +75,10 @@ impl SecretState {
             ));
         }
         let data = secret.data.as_ref();
-        let get = |k: &str| data.and_then(|d| d.get(k)).map(|b| Bytes::from(b.0.clone()));
+        let get = |k: &str| {
+            data.and_then(|d| d.get(k))
+                .map(|b| Bytes::from(b.0.clone()))
+        };
         let missing: Vec<&str> = ["tls.crt", "tls.key"]
             .into_iter()
             .filter(|k| get(k).is_none_or(|b| b.is_empty()))
@@ -219,7 +222,10 @@ impl Drop for Registration {
 
 /// The Secrets one session's hub asked for, and what it was sent of them.
 pub(super) struct SessionSecrets {
-    source: Option<(Registration, watch::Receiver<Arc<BTreeMap<ObjectKey, SecretState>>>)>,
+    source: Option<(
+        Registration,
+        watch::Receiver<Arc<BTreeMap<ObjectKey, SecretState>>>,
+    )>,
     asked: BTreeSet<ObjectKey>,
     sent: HashMap<ObjectKey, SecretState>,
     warned: bool,
@@ -334,9 +340,8 @@ pub async fn run_kube(client: Client, watch: SecretWatch) {
 
 async fn watch_one(client: Client, watch: SecretWatch, key: ObjectKey) {
     let api = Api::<Secret>::namespaced(client, &key.namespace);
-    let mut events = std::pin::pin!(
-        kube::runtime::watcher::watch_object(api, &key.name).default_backoff()
-    );
+    let mut events =
+        std::pin::pin!(kube::runtime::watcher::watch_object(api, &key.name).default_backoff());
     while let Some(ev) = events.next().await {
         match ev {
             Ok(Some(secret)) => watch.set(key.clone(), Some(SecretState::of(&secret))),
@@ -381,9 +386,13 @@ mod tests {
         );
         assert!(!format!("{:?}", SecretState::of(&s)).contains('K'));
         let opaque = secret("Opaque", &[("tls.crt", b"C"), ("tls.key", b"K")]);
-        assert!(matches!(SecretState::of(&opaque), SecretState::Invalid(m) if m.contains("Opaque")));
+        assert!(
+            matches!(SecretState::of(&opaque), SecretState::Invalid(m) if m.contains("Opaque"))
+        );
         let no_key = secret(TLS_SECRET_TYPE, &[("tls.crt", b"C")]);
-        assert!(matches!(SecretState::of(&no_key), SecretState::Invalid(m) if m.contains("tls.key")));
+        assert!(
+            matches!(SecretState::of(&no_key), SecretState::Invalid(m) if m.contains("tls.key"))
+        );
     }
 
     /// The source watches the union of what the sessions want; a session's wants end

@@ -1520,7 +1520,11 @@ fn build_credential(
     errors: &mut Vec<ConfigError>,
 ) -> Option<CredentialSource> {
     let spec = &doc.spec;
-    match (&spec.certificate, &spec.private_key, &spec.kubernetes_secret) {
+    match (
+        &spec.certificate,
+        &spec.private_key,
+        &spec.kubernetes_secret,
+    ) {
         (Some(certificate), Some(private_key), None) => {
             build_inline_credential(doc, certificate, private_key, errors)
                 .map(CredentialSource::Inline)

@@ -125,8 +125,10 @@ pub fn validate(chain: &[u8], key: &[u8], now: SystemTime) -> Result<SecretEvent
             subject(&parsed)
         ));
     }
-    let private_key = PrivateKeyDer::from_pem_slice(key)
-        .map_err(|_| "tls.key: not a PEM private key (PRIVATE KEY, EC PRIVATE KEY or RSA PRIVATE KEY)".to_string())?;
+    let private_key = PrivateKeyDer::from_pem_slice(key).map_err(|_| {
+        "tls.key: not a PEM private key (PRIVATE KEY, EC PRIVATE KEY or RSA PRIVATE KEY)"
+            .to_string()
+    })?;
     let provider = rustls::crypto::ring::default_provider();
     let signing = provider
         .key_provider
@@ -207,15 +209,25 @@ mod tests {
         let (cert, key) = issue(&["*.example.test"], later);
         let now = SystemTime::now();
         let ok = validate(cert.as_bytes(), key.serialize_pem().as_bytes(), now).unwrap();
-        assert!(matches!(ok, SecretEvent::Valid { ref credential, .. } if credential.certificate_pem == cert));
+        assert!(
+            matches!(ok, SecretEvent::Valid { ref credential, .. } if credential.certificate_pem == cert)
+        );
 
         let other = rcgen::KeyPair::generate().unwrap();
         let err = validate(cert.as_bytes(), other.serialize_pem().as_bytes(), now).unwrap_err();
         assert!(err.contains("does not match"), "{err}");
-        assert!(err.contains("*.example.test"), "names the certificate: {err}");
+        assert!(
+            err.contains("*.example.test"),
+            "names the certificate: {err}"
+        );
         assert!(!err.contains("PRIVATE"), "{err}");
 
-        let err = validate(cert.as_bytes(), key.serialize_pem().as_bytes(), now + Duration::from_secs(31 * 86_400)).unwrap_err();
+        let err = validate(
+            cert.as_bytes(),
+            key.serialize_pem().as_bytes(),
+            now + Duration::from_secs(31 * 86_400),
+        )
+        .unwrap_err();
         assert!(err.contains("expired"), "{err}");
 
         let err = validate(b"garbage", key.serialize_pem().as_bytes(), now).unwrap_err();
@@ -262,8 +274,14 @@ spec: {kubernetesSecret: {cluster: west, namespace: shop, name: wild}}
         let mut why: Vec<String> = refused.iter().map(|(s, w)| format!("{s}: {w}")).collect();
         why.sort();
         assert_eq!(why.len(), 2, "{why:?}");
-        assert!(why[0].contains("east/secret-place/wild") && why[0].contains("may export namespaces"), "{why:?}");
-        assert!(why[1].contains("east/shop/other") && why[1].contains("environments"), "{why:?}");
+        assert!(
+            why[0].contains("east/secret-place/wild") && why[0].contains("may export namespaces"),
+            "{why:?}"
+        );
+        assert!(
+            why[1].contains("east/shop/other") && why[1].contains("environments"),
+            "{why:?}"
+        );
         // A replica not serving prod asks for nothing of it.
         let (asked, _) = requested(&mesh, "east", true, |env| env != "prod");
         assert!(asked.is_empty());

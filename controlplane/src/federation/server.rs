@@ -304,16 +304,11 @@ impl Session<'_> {
         };
         let mesh = config.borrow().clone();
         let zone = &self.info.zone;
-        secrets::requested(
-            &mesh,
-            self.cluster,
-            self.security.peer.is_some(),
-            |env| {
-                self.membership
-                    .as_ref()
-                    .is_none_or(|m| m.federation_refusal(env, zone).is_none())
-            },
-        )
+        secrets::requested(&mesh, self.cluster, self.security.peer.is_some(), |env| {
+            self.membership
+                .as_ref()
+                .is_none_or(|m| m.federation_refusal(env, zone).is_none())
+        })
     }
 
     /// Tells the agent which Secrets to watch when that changed (the config, the
@@ -328,7 +323,10 @@ impl Session<'_> {
         for (secret, why) in &refused {
             warn!(%secret, reason = %why, "credential Secret not asked for: the cluster's grant does not cover it");
         }
-        info!(secrets = asked.len(), "asking the agent for credential Secrets");
+        info!(
+            secrets = asked.len(),
+            "asking the agent for credential Secrets"
+        );
         let msg = pb::WatchSecrets {
             secrets: asked
                 .iter()
@@ -358,7 +356,10 @@ impl Session<'_> {
             name: u.name,
         };
         let (wanted, refused) = self.secrets_wanted();
-        let asked = self.secrets_asked.as_ref().is_some_and(|a| a.contains(&key));
+        let asked = self
+            .secrets_asked
+            .as_ref()
+            .is_some_and(|a| a.contains(&key));
         if !asked || !wanted.contains(&key) {
             let why = refused
                 .iter()

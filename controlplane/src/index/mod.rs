@@ -603,14 +603,20 @@ impl Index {
                 held.not_after = Some(not_after);
                 let changed = held.good.as_ref() != Some(&credential);
                 held.good = Some(credential);
-                info!(cluster, namespace, name, changed, "credential Secret received");
+                info!(
+                    cluster,
+                    namespace, name, changed, "credential Secret received"
+                );
                 changed
             }
             SecretEvent::Invalid(why) => {
                 held.state = "invalid";
                 warn!(cluster, namespace, name, reason = %why, serving_last_good = held.good.is_some(), "credential Secret is invalid; not served (the last good certificate stays served)");
                 held.error = Some(why);
-                self.metrics.credential_secret_errors.get_or_create(&label()).inc();
+                self.metrics
+                    .credential_secret_errors
+                    .get_or_create(&label())
+                    .inc();
                 false
             }
             SecretEvent::Deleted => {
@@ -618,7 +624,10 @@ impl Index {
                 let why = "the Secret does not exist in its cluster".to_string();
                 warn!(cluster, namespace, name, reason = %why, serving_last_good = held.good.is_some(), "credential Secret deleted; the last good certificate stays served");
                 held.error = Some(why);
-                self.metrics.credential_secret_errors.get_or_create(&label()).inc();
+                self.metrics
+                    .credential_secret_errors
+                    .get_or_create(&label())
+                    .inc();
                 false
             }
         };
