@@ -129,7 +129,7 @@ struct Inner {
     /// The union of `wanted`: what the source watches.
     union: watch::Sender<BTreeSet<ObjectKey>>,
     /// What the source has seen of each watched Secret (absent: not known yet).
-    observed: watch::Sender<Arc<BTreeMap<ObjectKey, SecretState>>>,
+    observed: watch::Sender<SecretsSeen>,
     next_session: AtomicU64,
 }
 
@@ -165,7 +165,7 @@ impl SecretWatch {
     }
 
     /// What the source has seen.
-    pub fn observed(&self) -> watch::Receiver<Arc<BTreeMap<ObjectKey, SecretState>>> {
+    pub fn observed(&self) -> watch::Receiver<SecretsSeen> {
         self.inner.observed.subscribe()
     }
 
@@ -220,12 +220,12 @@ impl Drop for Registration {
     }
 }
 
+/// What the source has seen of each watched Secret (absent: not known yet).
+pub type SecretsSeen = Arc<BTreeMap<ObjectKey, SecretState>>;
+
 /// The Secrets one session's hub asked for, and what it was sent of them.
 pub(super) struct SessionSecrets {
-    source: Option<(
-        Registration,
-        watch::Receiver<Arc<BTreeMap<ObjectKey, SecretState>>>,
-    )>,
+    source: Option<(Registration, watch::Receiver<SecretsSeen>)>,
     asked: BTreeSet<ObjectKey>,
     sent: HashMap<ObjectKey, SecretState>,
     warned: bool,
