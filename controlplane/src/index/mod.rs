@@ -581,11 +581,9 @@ impl Index {
             .filter(|(_, e)| e.secret_credentials.values().any(|s| *s == secret))
             .map(|(env, _)| env.clone())
             .collect();
-        if envs.is_empty() {
-            // The config stopped naming it after the session asked for it.
-            debug!(%secret, "Secret named by no credential; not held");
-            return;
-        }
+        // Held even when no credential of the index's config names it yet: the
+        // session asked for it from the config it saw, which may be newer than the
+        // index's (the next config the index gets names it, or drops it).
         let held = self.sources.secrets.entry(secret.clone()).or_default();
         let label = || SecretLabel {
             cluster: secret.cluster.clone(),
@@ -642,7 +640,7 @@ impl Index {
         self.publish_status(&secret.cluster);
     }
 
-    /// Forgets the Secrets no credential names any more.
+    /// Forgets the Secrets no credential names (after each new config).
     fn prune_secrets(&mut self) {
         let named: HashSet<&SecretRef> = self
             .sources
@@ -1757,5 +1755,7 @@ fn replace(
     names
 }
 
+#[cfg(test)]
+mod secret_tests;
 #[cfg(test)]
 mod tests;
