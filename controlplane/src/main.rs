@@ -714,6 +714,10 @@ async fn remote(args: RemoteArgs) -> anyhow::Result<()> {
             zone: cfg.zone.clone(),
         };
         let client = agent::kube::client(&opts).await?;
+        // The Secrets of gateway credentials, each watched only once a hub asks for it.
+        let secrets = agent::secrets::SecretWatch::new();
+        tokio::spawn(agent::secrets::run_kube(client.clone(), secrets.clone()));
+        cfg.secrets = Some(secrets);
         tokio::spawn(agent::kube::run(client, opts, tx))
     };
     tracing::info!(?cfg, router = ?args.router, "starting agent");

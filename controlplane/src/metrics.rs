@@ -37,6 +37,14 @@ pub struct ClusterLabel {
     pub cluster: String,
 }
 
+/// A remote cluster's Kubernetes Secret (a gateway credential's source).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SecretLabel {
+    pub cluster: String,
+    pub namespace: String,
+    pub name: String,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
     pub kind: &'static str,
@@ -54,6 +62,12 @@ pub struct Metrics {
     pub federation_batches_rejected: Counter,
     /// Services an agent exported that its cluster's registry entry does not grant.
     pub federation_exports_refused: Family<ClusterLabel, Counter>,
+    /// Secrets an agent sent that the hub did not ask it for (or that its grant does
+    /// not cover).
+    pub federation_secrets_refused: Family<ClusterLabel, Counter>,
+    /// Secret updates the hub could not serve (invalid, or deleted at the source):
+    /// the last good credential stays served.
+    pub credential_secret_errors: Family<SecretLabel, Counter>,
     pub federation_clusters_connected: Gauge,
     pub federation_clusters_grace: Gauge,
     pub debounce_seconds: Histogram,
@@ -88,6 +102,8 @@ impl Metrics {
             federation_rejected: Counter::default(),
             federation_batches_rejected: Counter::default(),
             federation_exports_refused: Family::default(),
+            federation_secrets_refused: Family::default(),
+            credential_secret_errors: Family::default(),
             federation_clusters_connected: Gauge::default(),
             federation_clusters_grace: Gauge::default(),
             debounce_seconds: Histogram::new(exponential_buckets(1e-3, 2.0, 12)),
@@ -237,6 +253,16 @@ impl Metrics {
             "federation_exports_refused",
             "Services refused because the cluster's RemoteCluster grant does not cover their environment or namespace",
             self.federation_exports_refused.clone(),
+        );
+        r.register(
+            "federation_secrets_refused",
+            "Kubernetes Secrets an agent sent that the hub did not ask for, or that the cluster's RemoteCluster grant does not cover",
+            self.federation_secrets_refused.clone(),
+        );
+        r.register(
+            "credential_secret_errors",
+            "Updates of a credential's Kubernetes Secret that were not served (invalid, or deleted in its cluster); the last good certificate stays served",
+            self.credential_secret_errors.clone(),
         );
         r.register(
             "federation_clusters_connected",

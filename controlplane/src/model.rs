@@ -77,6 +77,25 @@ pub struct Environment {
     pub mtls: Option<bool>,
     /// Operator-supplied certificates that gateways serve (`Credential` objects).
     pub credentials: BTreeMap<ObjectKey, Credential>,
+    /// Credentials whose certificate and key are a remote cluster's Kubernetes Secret
+    /// (`spec.kubernetesSecret`): the hub asks that cluster's agent for it and keeps
+    /// what it sends in memory only (`docs/security.md`).
+    pub secret_credentials: BTreeMap<ObjectKey, SecretRef>,
+}
+
+/// A Kubernetes Secret of type `kubernetes.io/tls` in a remote cluster.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SecretRef {
+    /// The remote cluster's id (its agent's `--cluster-id`).
+    pub cluster: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for SecretRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}/{}", self.cluster, self.namespace, self.name)
+    }
 }
 
 /// A certificate chain and its private key, as PEM (a `Credential` object). Its

@@ -22,6 +22,7 @@ pub mod admin;
 pub mod directory;
 pub mod file;
 pub mod kube;
+pub mod secrets;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -69,6 +70,10 @@ pub struct AgentConfig {
     /// Mutual TLS to the hub (and the router's directory): this agent's certificate,
     /// `spiffe://{td}/cluster/{cluster-id}`. `None`: plaintext.
     pub tls: Option<crate::identity::tls::ClientTls>,
+    /// Where the Kubernetes Secrets the hubs ask for are watched (gateway
+    /// credentials, [`secrets`]); `None` (file mode): a hub's request is logged and
+    /// nothing is sent.
+    pub secrets: Option<secrets::SecretWatch>,
 }
 
 impl AgentConfig {
@@ -87,6 +92,7 @@ impl AgentConfig {
             max_batch: 5_000,
             max_batch_bytes: 256 << 10,
             tls: None,
+            secrets: None,
         }
     }
 }
@@ -566,22 +572,35 @@ async fn session(
     info!(hub = %cfg.hub, resume = welcome.resume, hub_version = welcome.hub_version, max_changes = limits.changes, max_bytes = limits.bytes, "connected to hub");
     telemetry.connected(welcome.resume);
     let mut in_flight = VecDeque::new();
+    let mut secrets = secrets::SessionSecrets::new(cfg.secrets.as_ref());
     let live = Live {
         cfg,
         tx: &tx,
         limits,
         resume: welcome.resume,
     };
-    match exchange(live, state, mem, telemetry, &mut inbound, &mut in_flight).await {
-        Err(AgentError::OutboundClosed) => {
-            Err(closing(cfg, mem, telemetry, &mut inbound, &mut in_flight).await)
-        }
+    let mut ctx = Ctx {
+        mem,
+        telemetry,
+        in_flight: &mut in_flight,
+        secrets: &mut secrets,
+    };
+    match exchange(live, state, &mut ctx, &mut inbound).await {
+        Err(AgentError::OutboundClosed) => Err(closing(cfg, &mut ctx, &mut inbound).await),
         other => other,
     }
 }
 
 /// The versions sent and not yet acknowledged, each with the state it completes.
 type InFlight = VecDeque<(u64, Arc<ClusterState>)>;
+
+/// What a session's hub messages update.
+struct Ctx<'a> {
+    mem: &'a mut Memory,
+    telemetry: &'a Telemetry,
+    in_flight: &'a mut InFlight,
+    secrets: &'a mut secrets::SessionSecrets,
+}
 
 /// What a session sends with, once welcomed.
 struct Live<'a> {
@@ -596,16 +615,14 @@ struct Live<'a> {
 /// status) may still be queued behind it. Bounded by the heartbeat period.
 async fn closing(
     cfg: &AgentConfig,
-    mem: &mut Memory,
-    telemetry: &Telemetry,
+    ctx: &mut Ctx<'_>,
     inbound: &mut tonic::Streaming<pb::HubMessage>,
-    in_flight: &mut InFlight,
 ) -> AgentError {
     let rest = async {
         loop {
             match inbound.message().await {
                 Ok(Some(msg)) => {
-                    if let Err(e) = on_hub_message(msg, mem, telemetry, in_flight) {
+                    if let Err(e) = on_hub_message(msg, ctx) {
                         return e;
                     }
                 }
@@ -620,12 +637,13 @@ async fn closing(
 }
 
 /// Applies one hub message; `Err` ends the session.
-fn on_hub_message(
-    msg: pb::HubMessage,
-    mem: &mut Memory,
-    telemetry: &Telemetry,
-    in_flight: &mut InFlight,
-) -> Result<(), AgentError> {
+fn on_hub_message(msg: pb::HubMessage, ctx: &mut Ctx<'_>) -> Result<(), AgentError> {
+    let Ctx {
+        mem,
+        telemetry,
+        in_flight,
+        secrets,
+    } = ctx;
     match msg.kind {
         Some(hub_message::Kind::Ack(ack)) => {
             for e in &ack.errors {
@@ -652,6 +670,10 @@ fn on_hub_message(
             })
         }
         Some(hub_message::Kind::Heartbeat(_)) => Ok(()),
+        Some(hub_message::Kind::WatchSecrets(w)) => {
+            secrets.on_watch(w);
+            Ok(())
+        }
         Some(hub_message::Kind::Reject(r)) => Err(AgentError::Rejected(r.message)),
         other => {
             warn!(?other, "unexpected hub message ignored");
@@ -665,10 +687,8 @@ fn on_hub_message(
 async fn exchange(
     live: Live<'_>,
     state: &mut watch::Receiver<Arc<ClusterState>>,
-    mem: &mut Memory,
-    telemetry: &Telemetry,
+    ctx: &mut Ctx<'_>,
     inbound: &mut tonic::Streaming<pb::HubMessage>,
-    in_flight: &mut InFlight,
 ) -> Result<(), AgentError> {
     let Live {
         cfg,
@@ -683,16 +703,17 @@ async fn exchange(
     // so a delete takes back an earlier part's naming) until its state is complete.
     let mut resync_open = false;
     if resume {
-        sent = mem.acked.clone();
+        sent = ctx.mem.acked.clone();
         dirty_at = Some(Instant::now()); // send what changed while away, at once
     } else {
         let current = state.borrow_and_update().clone();
         let close = !current.listing;
         let parts = Parts::Resync { close };
-        if let Some(v) = send_split(tx, mem, telemetry, limits, parts, full(&current)).await?
+        if let Some(v) =
+            send_split(tx, ctx.mem, ctx.telemetry, limits, parts, full(&current)).await?
             && close
         {
-            in_flight.push_back((v, current.clone()));
+            ctx.in_flight.push_back((v, current.clone()));
         }
         resync_open = !close;
         sent = current;
@@ -703,7 +724,7 @@ async fn exchange(
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
     loop {
-        let can_send = in_flight.len() < MAX_IN_FLIGHT;
+        let can_send = ctx.in_flight.len() < MAX_IN_FLIGHT;
         tokio::select! {
             changed = state.changed() => {
                 if changed.is_err() {
@@ -734,10 +755,10 @@ async fn exchange(
                 };
                 let changes = diff(&sent, &current, SystemTime::now());
                 // Only the last part's version stands for a complete state.
-                if let Some(v) = send_split(tx, mem, telemetry, limits, parts, changes).await?
+                if let Some(v) = send_split(tx, ctx.mem, ctx.telemetry, limits, parts, changes).await?
                     && close
                 {
-                    in_flight.push_back((v, current.clone()));
+                    ctx.in_flight.push_back((v, current.clone()));
                 }
                 resync_open &= !close;
                 sent = current;
@@ -745,7 +766,13 @@ async fn exchange(
             msg = inbound.message() => {
                 let Some(msg) = msg? else { return Ok(()) };
                 last_heard = Instant::now();
-                on_hub_message(msg, mem, telemetry, in_flight)?;
+                on_hub_message(msg, ctx)?;
+                // A new list from the hub: send what is already known of it.
+                send_secrets(tx, ctx.secrets).await?;
+            }
+            _ = ctx.secrets.changed() => {
+                // A watched Secret changed (rotated, deleted): send it to this hub if it asked.
+                send_secrets(tx, ctx.secrets).await?;
             }
             _ = heartbeat.tick() => {
                 if last_heard.elapsed() > cfg.heartbeat * 3 {
@@ -758,6 +785,17 @@ async fn exchange(
             }
         }
     }
+}
+
+/// Sends the Secrets whose state this session's hub has not been sent yet.
+async fn send_secrets(
+    tx: &mpsc::Sender<pb::AgentMessage>,
+    secrets: &mut secrets::SessionSecrets,
+) -> Result<(), AgentError> {
+    for msg in secrets.updates() {
+        tx.send(msg).await.map_err(|_| AgentError::OutboundClosed)?;
+    }
+    Ok(())
 }
 
 /// A channel to `url` within `cfg.connect_timeout`.

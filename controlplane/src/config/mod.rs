@@ -260,13 +260,24 @@ struct RawListenerTls {
     credential: String,
 }
 
-/// A certificate and key (never `Debug`-printed: the key is secret).
+/// A certificate and key (never `Debug`-printed: the key is secret), or the
+/// Kubernetes Secret that holds them.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawCredential {
-    certificate: String,
+    certificate: Option<String>,
     #[serde(rename = "privateKey")]
-    private_key: String,
+    private_key: Option<String>,
+    #[serde(rename = "kubernetesSecret")]
+    kubernetes_secret: Option<RawSecretRef>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSecretRef {
+    cluster: String,
+    namespace: String,
+    name: String,
 }
 
 // ---- parsing ----------------------------------------------------------------------
@@ -849,20 +860,27 @@ fn build_mesh(parsed: Parsed, errors: &mut Vec<ConfigError>) -> Mesh {
         }
     }
     for doc in &parsed.credentials {
-        if let Some(credential) = build_credential(doc, errors) {
-            mesh.environments
-                .entry(doc.env.clone())
-                .or_default()
-                .credentials
-                .insert(doc.key.clone(), credential);
+        let Some(source) = build_credential(doc, errors) else {
+            continue;
+        };
+        let env = mesh.environments.entry(doc.env.clone()).or_default();
+        match source {
+            CredentialSource::Inline(credential) => {
+                env.credentials.insert(doc.key.clone(), credential);
+            }
+            CredentialSource::Secret(secret) => {
+                env.secret_credentials.insert(doc.key.clone(), secret);
+            }
         }
     }
     for doc in &parsed.gateways {
         if let Some(gateway) = build_gateway(doc, errors) {
-            let credentials = mesh.environments.get(&doc.env).map(|e| &e.credentials);
+            let env = mesh.environments.get(&doc.env);
             for (i, l) in gateway.listeners.iter().enumerate() {
                 if let Some(key) = &l.tls
-                    && !credentials.is_some_and(|c| c.contains_key(key))
+                    && !env.is_some_and(|e| {
+                        e.credentials.contains_key(key) || e.secret_credentials.contains_key(key)
+                    })
                 {
                     errors.push(doc.err(
                         format!("spec.listeners[{i}].tls.credential"),
@@ -1488,14 +1506,93 @@ fn build_environment(
     (errors.len() == before).then_some((zones, locality))
 }
 
-/// A credential: a PEM certificate chain (the leaf first) and a PEM private key.
+/// Where a credential's certificate and key come from.
+enum CredentialSource {
+    Inline(crate::model::Credential),
+    Secret(crate::model::SecretRef),
+}
+
+/// A credential: a PEM certificate chain (the leaf first) and a PEM private key, or
+/// a remote cluster's Kubernetes Secret holding them (exactly one of the two).
 /// Errors never quote the key.
 fn build_credential(
     doc: &Doc<RawCredential>,
     errors: &mut Vec<ConfigError>,
+) -> Option<CredentialSource> {
+    let spec = &doc.spec;
+    match (
+        &spec.certificate,
+        &spec.private_key,
+        &spec.kubernetes_secret,
+    ) {
+        (Some(certificate), Some(private_key), None) => {
+            build_inline_credential(doc, certificate, private_key, errors)
+                .map(CredentialSource::Inline)
+        }
+        (None, None, Some(secret)) => {
+            build_secret_ref(doc, secret, errors).map(CredentialSource::Secret)
+        }
+        (_, _, Some(_)) => {
+            errors.push(doc.err(
+                "spec.kubernetesSecret",
+                "expected either spec.kubernetesSecret or spec.certificate and spec.privateKey, not both",
+            ));
+            None
+        }
+        (None, _, None) => {
+            errors.push(doc.err(
+                "spec.certificate",
+                "missing: expected spec.certificate and spec.privateKey (PEM), or spec.kubernetesSecret",
+            ));
+            None
+        }
+        (Some(_), None, None) => {
+            errors.push(doc.err(
+                "spec.privateKey",
+                "missing: a credential with spec.certificate needs its spec.privateKey",
+            ));
+            None
+        }
+    }
+}
+
+/// `spec.kubernetesSecret`: a remote cluster id, a namespace and a Secret name, each
+/// a valid Kubernetes name.
+fn build_secret_ref(
+    doc: &Doc<RawCredential>,
+    raw: &RawSecretRef,
+    errors: &mut Vec<ConfigError>,
+) -> Option<crate::model::SecretRef> {
+    let before = errors.len();
+    if !crate::identity::spiffe::valid_segment(&raw.cluster) {
+        errors.push(doc.err(
+            "spec.kubernetesSecret.cluster",
+            format!(
+                "{:?} is not a valid cluster id: expected [A-Za-z0-9._-] (a RemoteCluster's name)",
+                raw.cluster
+            ),
+        ));
+    }
+    for (field, value) in [("namespace", &raw.namespace), ("name", &raw.name)] {
+        if let Err(m) = check_dns_name(value) {
+            errors.push(doc.err(format!("spec.kubernetesSecret.{field}"), m));
+        }
+    }
+    (errors.len() == before).then(|| crate::model::SecretRef {
+        cluster: raw.cluster.clone(),
+        namespace: raw.namespace.clone(),
+        name: raw.name.clone(),
+    })
+}
+
+fn build_inline_credential(
+    doc: &Doc<RawCredential>,
+    certificate: &str,
+    private_key: &str,
+    errors: &mut Vec<ConfigError>,
 ) -> Option<crate::model::Credential> {
     let before = errors.len();
-    match x509_parser::pem::parse_x509_pem(doc.spec.certificate.as_bytes()) {
+    match x509_parser::pem::parse_x509_pem(certificate.as_bytes()) {
         Ok((_, pem)) if pem.label == "CERTIFICATE" => {
             if let Err(e) = pem.parse_x509() {
                 errors.push(doc.err(
@@ -1516,7 +1613,7 @@ fn build_credential(
             format!("not PEM ({e}), expected -----BEGIN CERTIFICATE-----"),
         )),
     }
-    match x509_parser::pem::parse_x509_pem(doc.spec.private_key.as_bytes()) {
+    match x509_parser::pem::parse_x509_pem(private_key.as_bytes()) {
         Ok((_, pem)) if pem.label.ends_with("PRIVATE KEY") => {}
         Ok((_, pem)) => errors.push(doc.err(
             "spec.privateKey",
@@ -1531,8 +1628,8 @@ fn build_credential(
         )),
     }
     (errors.len() == before).then(|| crate::model::Credential {
-        certificate_pem: doc.spec.certificate.clone(),
-        private_key_pem: doc.spec.private_key.clone(),
+        certificate_pem: certificate.to_string(),
+        private_key_pem: private_key.to_string(),
     })
 }
 

@@ -262,3 +262,72 @@ fn a_syntax_error_still_reports_the_documents_before_it() {
         "{errs:#?}"
     );
 }
+
+fn credential_errors(spec: &str) -> Vec<String> {
+    let doc = format!(
+        "apiVersion: tributary.io/v1alpha1\nkind: Credential\nmetadata: {{name: wild, environment: prod}}\nspec: {spec}\n"
+    );
+    match parse_files([("c.yaml", doc.as_str())]) {
+        Ok(_) => Vec::new(),
+        Err(ConfigErrors(errs)) => errs.iter().map(ToString::to_string).collect(),
+    }
+}
+
+/// A credential from a Kubernetes Secret: exactly one source, valid names, each
+/// error naming the file, the document and the field.
+#[test]
+fn kubernetes_secret_credentials_are_validated() {
+    let ok = "{kubernetesSecret: {cluster: east-1, namespace: shop, name: wild-tls}}";
+    assert_eq!(credential_errors(ok), Vec::<String>::new());
+    let mesh = parse_files([(
+        "c.yaml",
+        format!(
+            "apiVersion: tributary.io/v1alpha1\nkind: Credential\nmetadata: {{name: wild, environment: prod}}\nspec: {ok}\n"
+        )
+        .as_str(),
+    )])
+    .unwrap();
+    let env = &mesh.environments["prod"];
+    assert!(env.credentials.is_empty());
+    assert_eq!(
+        env.secret_credentials.values().next(),
+        Some(&crate::model::SecretRef {
+            cluster: "east-1".into(),
+            namespace: "shop".into(),
+            name: "wild-tls".into(),
+        })
+    );
+    for (spec, field, why) in [
+        (
+            "{kubernetesSecret: {cluster: east-1, namespace: Shop, name: wild-tls}}",
+            "spec.kubernetesSecret.namespace",
+            "\"Shop\" is not a valid name",
+        ),
+        (
+            "{kubernetesSecret: {cluster: 'east/1', namespace: shop, name: wild-tls}}",
+            "spec.kubernetesSecret.cluster",
+            "\"east/1\" is not a valid cluster id",
+        ),
+        (
+            "{kubernetesSecret: {cluster: east-1, namespace: shop, name: wild-tls}, certificate: x, privateKey: y}",
+            "spec.kubernetesSecret",
+            "not both",
+        ),
+        ("{}", "spec.certificate", "or spec.kubernetesSecret"),
+        (
+            "{kubernetesSecret: {cluster: east-1, namespace: shop}}",
+            "spec",
+            "missing field `name`",
+        ),
+    ] {
+        let errs = credential_errors(spec);
+        assert_eq!(errs.len(), 1, "{spec}: {errs:#?}");
+        for part in ["c.yaml", "Credential prod/default/wild", field, why] {
+            assert!(
+                errs[0].contains(part),
+                "{spec}: {:?} lacks {part:?}",
+                errs[0]
+            );
+        }
+    }
+}

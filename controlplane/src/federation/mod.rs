@@ -3,11 +3,14 @@
 //! - this module: the domain form of the protocol (no protobuf, no I/O);
 //! - [`convert`]: proto ↔ domain at the edge, validating every item;
 //! - [`server`]: the hub side of the stream (one session per agent);
+//! - [`secrets`]: gateway credentials from the agents' Kubernetes Secrets (what to
+//!   ask each agent for, and checking what it sends);
 //! - [`slice`]: a replica holds only the shards it serves (services of other shards'
 //!   environments are refused at the edge);
 //! - the agent side lives in [`crate::agent`].
 
 pub mod convert;
+pub mod secrets;
 pub mod server;
 pub mod slice;
 

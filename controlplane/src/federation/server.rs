@@ -24,13 +24,13 @@ use tributary_proto::federation::v1::federation_server::Federation;
 use tributary_proto::federation::v1::{self as pb, agent_message, hub_message};
 
 use super::slice::SliceGuard;
-use super::{Limits, convert};
+use super::{Limits, convert, secrets};
 use crate::identity::SpiffeId;
 use crate::identity::authz::{authorize_agent, export_refusal};
 use crate::index::{Command, IndexHandle};
 use crate::membership::Membership;
 use crate::metrics::{ClusterLabel, KindLabel, Metrics};
-use crate::model::Mesh;
+use crate::model::{Mesh, ObjectKey, SecretRef};
 
 #[derive(Debug)]
 pub struct FederationService {
@@ -254,6 +254,7 @@ async fn run(
             guard: SliceGuard::default(),
             security,
             grants: SliceGuard::default(),
+            secrets_asked: None,
         },
         heartbeat,
         &mut inbound,
@@ -285,9 +286,113 @@ struct Session<'a> {
     security: Security,
     /// The services this session refused because the registry does not grant them.
     grants: SliceGuard,
+    /// The Secrets this session last asked the agent for (`None`: not asked yet).
+    secrets_asked: Option<std::collections::BTreeSet<ObjectKey>>,
 }
 
 impl Session<'_> {
+    /// The Secrets the agent must send now (credentials of the environments this
+    /// replica serves, granted to the cluster), and why the others are not asked for.
+    fn secrets_wanted(
+        &self,
+    ) -> (
+        std::collections::BTreeSet<ObjectKey>,
+        Vec<(SecretRef, String)>,
+    ) {
+        let Some(config) = &self.security.config else {
+            return Default::default();
+        };
+        let mesh = config.borrow().clone();
+        let zone = &self.info.zone;
+        secrets::requested(&mesh, self.cluster, self.security.peer.is_some(), |env| {
+            self.membership
+                .as_ref()
+                .is_none_or(|m| m.federation_refusal(env, zone).is_none())
+        })
+    }
+
+    /// Tells the agent which Secrets to watch when that changed (the config, the
+    /// grant or the shards this replica serves). `Err`: the stream closed.
+    async fn ask_secrets(&mut self) -> Result<(), ()> {
+        let (asked, refused) = self.secrets_wanted();
+        if self.secrets_asked.as_ref() == Some(&asked)
+            || (self.secrets_asked.is_none() && asked.is_empty() && refused.is_empty())
+        {
+            return Ok(());
+        }
+        for (secret, why) in &refused {
+            warn!(%secret, reason = %why, "credential Secret not asked for: the cluster's grant does not cover it");
+        }
+        info!(
+            secrets = asked.len(),
+            "asking the agent for credential Secrets"
+        );
+        let msg = pb::WatchSecrets {
+            secrets: asked
+                .iter()
+                .map(|k| pb::SecretRef {
+                    namespace: k.namespace.clone(),
+                    name: k.name.clone(),
+                })
+                .collect(),
+        };
+        self.secrets_asked = Some(asked);
+        self.tx
+            .send(hub(hub_message::Kind::WatchSecrets(msg)))
+            .await
+            .map_err(|_| ())
+    }
+
+    /// A Secret from the agent: refused (counted) unless this session asked for it
+    /// and the grant still covers it; else checked and handed to the index.
+    async fn on_secret(&mut self, u: pb::SecretUpdate) -> Result<(), String> {
+        let key = ObjectKey {
+            namespace: u.namespace.clone(),
+            name: u.name.clone(),
+        };
+        let secret = SecretRef {
+            cluster: self.cluster.to_string(),
+            namespace: u.namespace,
+            name: u.name,
+        };
+        let (wanted, refused) = self.secrets_wanted();
+        let asked = self
+            .secrets_asked
+            .as_ref()
+            .is_some_and(|a| a.contains(&key));
+        if !asked || !wanted.contains(&key) {
+            let why = refused
+                .iter()
+                .find(|(s, _)| *s == secret)
+                .map_or("the hub did not ask for it", |(_, w)| w.as_str());
+            self.metrics
+                .federation_secrets_refused
+                .get_or_create(&ClusterLabel {
+                    cluster: self.cluster.to_string(),
+                })
+                .inc();
+            warn!(%secret, reason = %why, "Secret refused: not held");
+            return Ok(());
+        }
+        use tributary_proto::federation::v1::secret_update::State;
+        let event = match u.state {
+            Some(State::Tls(tls)) => {
+                // Parsing and signing checks are CPU work: off the async workers.
+                let now = SystemTime::now();
+                tokio::task::spawn_blocking(move || {
+                    secrets::validate(&tls.certificate_chain, &tls.private_key, now)
+                })
+                .await
+                .map_err(|e| format!("checking the Secret failed: {e}"))?
+                .unwrap_or_else(secrets::SecretEvent::Invalid)
+            }
+            Some(State::Deleted(_)) => secrets::SecretEvent::Deleted,
+            Some(State::Invalid(why)) => secrets::SecretEvent::Invalid(why),
+            None => secrets::SecretEvent::Invalid("the agent sent no state".into()),
+        };
+        self.index.send(Command::Secret { secret, event }).await
+    }
+
     /// Converts a batch and has the index apply it: `Ok` with the items rejected, or
     /// the reason the whole batch was not applied (the index has recorded it).
     async fn apply(&mut self, mut b: pb::ChangeBatch) -> Result<Vec<pb::ItemError>, String> {
@@ -390,6 +495,10 @@ async fn serve(
     inbound: &mut Streaming<pb::AgentMessage>,
 ) -> Result<(), Status> {
     let (metrics, tx) = (s.metrics, s.tx);
+    if s.ask_secrets().await.is_err() {
+        return Ok(());
+    }
+    let mut config = s.security.config.clone();
     let mut ticker = tokio::time::interval(heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_seen = tokio::time::Instant::now();
@@ -433,6 +542,10 @@ async fn serve(
                     Some(agent_message::Kind::Heartbeat(_)) => {
                         metrics.federation_messages.get_or_create(&KindLabel { kind: "heartbeat" }).inc();
                     }
+                    Some(agent_message::Kind::Secret(u)) => {
+                        metrics.federation_messages.get_or_create(&KindLabel { kind: "secret" }).inc();
+                        s.on_secret(u).await.map_err(Status::unavailable)?;
+                    }
                     Some(agent_message::Kind::Hello(_)) => {
                         return Err(Status::invalid_argument("Hello may only be the first message of a stream"));
                     }
@@ -442,7 +555,17 @@ async fn serve(
                     }
                 }
             }
+            Ok(()) = changed(&mut config) => {
+                // The config changed: its credentials may name other Secrets.
+                if s.ask_secrets().await.is_err() {
+                    return Ok(());
+                }
+            }
             _ = ticker.tick() => {
+                // The shards this replica serves may have moved.
+                if s.ask_secrets().await.is_err() {
+                    return Ok(());
+                }
                 if last_seen.elapsed() > heartbeat * 3 {
                     return Err(Status::deadline_exceeded(format!("no message from the agent for {:?}", last_seen.elapsed())));
                 }
@@ -451,5 +574,13 @@ async fn serve(
                 }
             }
         }
+    }
+}
+
+/// Resolves when the config changes (never without one; `Err` when it is gone).
+async fn changed(config: &mut Option<watch::Receiver<Arc<Mesh>>>) -> Result<(), ()> {
+    match config {
+        Some(rx) => rx.changed().await.map_err(|_| ()),
+        None => std::future::pending().await,
     }
 }

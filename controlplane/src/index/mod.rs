@@ -28,9 +28,10 @@ use self::debounce::{DebounceConfig, Debouncer};
 use self::known::{KnownCluster, KnownClusters};
 use self::zones::ZoneViews;
 use crate::catalog::{CatalogUpdate, RemoteCatalog, Summary};
+use crate::federation::secrets::SecretEvent;
 use crate::federation::{Batch, ChangeKind, ClusterInfo, FedEndpoint, FedService};
-use crate::metrics::{ClusterLabel, EnvLabel, Metrics};
-use crate::model::{Endpoint, Environment, Mesh, ObjectKey, Service};
+use crate::metrics::{ClusterLabel, EnvLabel, Metrics, SecretLabel};
+use crate::model::{Credential, Endpoint, Environment, Mesh, ObjectKey, SecretRef, Service};
 use crate::xds::XdsType;
 use crate::xds::generate::{
     EnvResources, Generated, MeshTls, VirtualHostCache, endpoint_resources_with,
@@ -92,6 +93,12 @@ pub enum Command {
     },
     /// Other zones' summaries changed in the store (the catalog watcher).
     Catalog(CatalogUpdate),
+    /// A credential's Kubernetes Secret, as its cluster's agent sent it and the
+    /// session checked it (`federation::secrets`).
+    Secret {
+        secret: SecretRef,
+        event: SecretEvent,
+    },
 }
 
 /// The summaries this hub computes of each shard's own endpoints, for the shard
@@ -178,6 +185,24 @@ pub struct ClusterStatus {
     /// Batches rejected (not applied) and the last reason.
     pub batches_rejected: u64,
     pub last_batch_error: Option<String>,
+    /// The credentials' Kubernetes Secrets this cluster's agent sent.
+    pub secrets: Vec<SecretStatus>,
+}
+
+/// A credential's Kubernetes Secret as `/status/clusters` shows it (never its data).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SecretStatus {
+    pub namespace: String,
+    pub name: String,
+    /// The last update: `valid`, `invalid` or `deleted` (in its cluster).
+    pub state: &'static str,
+    /// A valid pair is held and served (the last good one when `state` is not `valid`).
+    pub serving: bool,
+    /// Expiry of the served certificate.
+    pub not_after_unix: Option<f64>,
+    /// Why the last update was not served.
+    pub error: Option<String>,
+    pub updated_unix: Option<f64>,
 }
 
 #[derive(Debug, Default)]
@@ -239,6 +264,20 @@ struct Sources {
     declared: Declared,
     /// Summaries other zones published (the store's catalog).
     catalog: RemoteCatalog,
+    /// Credentials' Kubernetes Secrets from the agents: in memory only, held while
+    /// some credential names them.
+    secrets: BTreeMap<SecretRef, HeldSecret>,
+}
+
+/// One credential Secret: its last good pair (what gateways are served) and its
+/// last update.
+#[derive(Debug, Default)]
+struct HeldSecret {
+    good: Option<Credential>,
+    not_after: Option<SystemTime>,
+    state: &'static str,
+    error: Option<String>,
+    updated: Option<SystemTime>,
 }
 
 type Declared = FastMap<ObjectKey, BTreeSet<String>>;
@@ -287,6 +326,9 @@ struct EnvDirty {
     keys: BTreeSet<ObjectKey>,
     /// Routes or gateways changed.
     routing: bool,
+    /// A credential's Kubernetes Secret changed: the credentials and the shared
+    /// resources are generated again (content versions keep what did not change).
+    credentials: bool,
 }
 
 #[derive(Debug, Default)]
@@ -540,6 +582,101 @@ impl Index {
             }
             Command::Gone { cluster, session } => self.gone(&cluster, session, now),
             Command::Catalog(update) => self.apply_catalog(update, now),
+            Command::Secret { secret, event } => self.apply_secret(secret, event, now),
+        }
+    }
+
+    /// A credential's Secret from its cluster's agent. A valid pair replaces what is
+    /// served (pushed to the gateways over SDS when it differs); an invalid or deleted
+    /// Secret leaves the last good pair served, and is logged, counted and shown in
+    /// the cluster's status.
+    pub fn apply_secret(&mut self, secret: SecretRef, event: SecretEvent, now: Instant) {
+        let envs: Vec<String> = self
+            .sources
+            .file
+            .environments
+            .iter()
+            .filter(|(_, e)| e.secret_credentials.values().any(|s| *s == secret))
+            .map(|(env, _)| env.clone())
+            .collect();
+        // Held even when no credential of the index's config names it yet: the
+        // session asked for it from the config it saw, which may be newer than the
+        // index's (the next config the index gets names it, or drops it).
+        let held = self.sources.secrets.entry(secret.clone()).or_default();
+        let label = || SecretLabel {
+            cluster: secret.cluster.clone(),
+            namespace: secret.namespace.clone(),
+            name: secret.name.clone(),
+        };
+        let (cluster, namespace, name) = (&secret.cluster, &secret.namespace, &secret.name);
+        let changed = match event {
+            SecretEvent::Valid {
+                credential,
+                not_after,
+            } => {
+                held.state = "valid";
+                held.error = None;
+                held.not_after = Some(not_after);
+                let changed = held.good.as_ref() != Some(&credential);
+                held.good = Some(credential);
+                info!(
+                    cluster,
+                    namespace, name, changed, "credential Secret received"
+                );
+                changed
+            }
+            SecretEvent::Invalid(why) => {
+                held.state = "invalid";
+                warn!(cluster, namespace, name, reason = %why, serving_last_good = held.good.is_some(), "credential Secret is invalid; not served (the last good certificate stays served)");
+                held.error = Some(why);
+                self.metrics
+                    .credential_secret_errors
+                    .get_or_create(&label())
+                    .inc();
+                false
+            }
+            SecretEvent::Deleted => {
+                held.state = "deleted";
+                let why = "the Secret does not exist in its cluster".to_string();
+                warn!(cluster, namespace, name, reason = %why, serving_last_good = held.good.is_some(), "credential Secret deleted; the last good certificate stays served");
+                held.error = Some(why);
+                self.metrics
+                    .credential_secret_errors
+                    .get_or_create(&label())
+                    .inc();
+                false
+            }
+        };
+        held.updated = Some(SystemTime::now());
+        if changed {
+            for env in envs {
+                self.dirty.entry(env).or_default().credentials = true;
+            }
+            self.note_origin(SystemTime::now());
+            self.debouncer.record(now, false);
+        }
+        self.publish_status(&secret.cluster);
+    }
+
+    /// Forgets the Secrets no credential names (after each new config).
+    fn prune_secrets(&mut self) {
+        let named: HashSet<&SecretRef> = self
+            .sources
+            .file
+            .environments
+            .values()
+            .flat_map(|e| e.secret_credentials.values())
+            .collect();
+        let gone: Vec<SecretRef> = self
+            .sources
+            .secrets
+            .keys()
+            .filter(|s| !named.contains(s))
+            .cloned()
+            .collect();
+        for s in gone {
+            self.sources.secrets.remove(&s);
+            self.publish_status(&s.cluster);
         }
     }
 
@@ -652,6 +789,7 @@ impl Index {
                 || a.gateways != b.gateways
                 || a.sidecars != b.sidecars
                 || a.credentials != b.credentials
+                || a.secret_credentials != b.secret_credentials
                 || a.mtls != b.mtls;
             if a.zones != b.zones || a.locality != b.locality {
                 // Every service's zone views and summaries depend on these.
@@ -664,6 +802,7 @@ impl Index {
             self.note_origin(SystemTime::now());
             self.debouncer.record(now, true);
         }
+        self.prune_secrets();
     }
 
     pub fn hello(
@@ -1023,8 +1162,9 @@ impl Index {
         match self.sources.clusters.get(id) {
             Some(c) => {
                 self.work.status_entries += 1;
-                self.status_entries
-                    .insert(id.to_string(), cluster_status(id, c));
+                let mut status = cluster_status(id, c);
+                status.secrets = secret_statuses(&self.sources.secrets, id);
+                self.status_entries.insert(id.to_string(), status);
             }
             None => {
                 self.status_entries.remove(id);
@@ -1078,7 +1218,41 @@ fn cluster_status(id: &str, c: &ClusterState) -> ClusterStatus {
         },
         changes_applied: c.changes_applied,
         sessions: c.sessions,
+        secrets: Vec::new(),
     }
+}
+
+/// The credential Secrets held of `cluster`, in order.
+fn secret_statuses(secrets: &BTreeMap<SecretRef, HeldSecret>, cluster: &str) -> Vec<SecretStatus> {
+    secrets
+        .iter()
+        .filter(|(s, _)| s.cluster == cluster)
+        .map(|(s, h)| SecretStatus {
+            namespace: s.namespace.clone(),
+            name: s.name.clone(),
+            state: h.state,
+            serving: h.good.is_some(),
+            not_after_unix: h.not_after.map(unix),
+            error: h.error.clone(),
+            updated_unix: h.updated.map(unix),
+        })
+        .collect()
+}
+
+/// An environment's credentials: its own, and those of Kubernetes Secrets whose last
+/// good pair the hub holds (one not received yet, or never valid, is left out: its
+/// gateways' listeners wait for it).
+fn credentials_of(sources: &Sources, env: Option<&Environment>) -> BTreeMap<ObjectKey, Credential> {
+    let Some(env) = env else {
+        return BTreeMap::new();
+    };
+    let mut out = env.credentials.clone();
+    for (key, secret) in &env.secret_credentials {
+        if let Some(good) = sources.secrets.get(secret).and_then(|h| h.good.as_ref()) {
+            out.insert(key.clone(), good.clone());
+        }
+    }
+    out
 }
 
 /// What applying changes touched.
@@ -1400,7 +1574,10 @@ fn flush_env(
         st.model.routes = file.map(|e| e.routes.clone()).unwrap_or_default();
         st.model.gateways = file.map(|e| e.gateways.clone()).unwrap_or_default();
         st.model.sidecars = file.map(|e| e.sidecars.clone()).unwrap_or_default();
-        st.model.credentials = file.map(|e| e.credentials.clone()).unwrap_or_default();
+    }
+    if d.routing || d.credentials {
+        st.model.credentials = credentials_of(sources, sources.file.environments.get(env));
+        shared |= d.credentials;
     }
     // A service whose claim moves a host's ownership puts the services that gained or
     // lost it back on the list: they are re-merged in this same flush.
@@ -1661,5 +1838,7 @@ fn replace(
     names
 }
 
+#[cfg(test)]
+mod secret_tests;
 #[cfg(test)]
 mod tests;

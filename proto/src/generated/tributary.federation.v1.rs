@@ -2,7 +2,7 @@
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct AgentMessage {
-    #[prost(oneof = "agent_message::Kind", tags = "1, 2, 3")]
+    #[prost(oneof = "agent_message::Kind", tags = "1, 2, 3, 4")]
     pub kind: ::core::option::Option<agent_message::Kind>,
 }
 /// Nested message and enum types in `AgentMessage`.
@@ -16,12 +16,16 @@ pub mod agent_message {
         Batch(super::ChangeBatch),
         #[prost(message, tag = "3")]
         Heartbeat(super::Heartbeat),
+        /// The state of one Secret the hub asked for (WatchSecrets); sent when a session
+        /// starts, and whenever the Secret changes or is deleted.
+        #[prost(message, tag = "4")]
+        Secret(super::SecretUpdate),
     }
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct HubMessage {
-    #[prost(oneof = "hub_message::Kind", tags = "1, 2, 3, 4, 5")]
+    #[prost(oneof = "hub_message::Kind", tags = "1, 2, 3, 4, 5, 6")]
     pub kind: ::core::option::Option<hub_message::Kind>,
 }
 /// Nested message and enum types in `HubMessage`.
@@ -39,6 +43,10 @@ pub mod hub_message {
         Reject(super::Reject),
         #[prost(message, tag = "5")]
         BatchRejected(super::BatchRejected),
+        /// The Secrets this agent must watch and send, all of them: each WatchSecrets
+        /// replaces the previous one (an empty list: none).
+        #[prost(message, tag = "6")]
+        WatchSecrets(super::WatchSecrets),
     }
 }
 /// Identifies the cluster the agent speaks for.
@@ -234,6 +242,64 @@ pub struct BatchRejected {
 pub struct Reject {
     #[prost(string, tag = "1")]
     pub message: ::prost::alloc::string::String,
+}
+/// Kubernetes Secrets (type kubernetes.io/tls) that gateway credentials name, in the
+/// agent's cluster. The hub asks only for Secrets of namespaces the cluster's
+/// RemoteCluster grant covers, and refuses any other it is sent.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct WatchSecrets {
+    #[prost(message, repeated, tag = "1")]
+    pub secrets: ::prost::alloc::vec::Vec<SecretRef>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SecretRef {
+    #[prost(string, tag = "1")]
+    pub namespace: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub name: ::prost::alloc::string::String,
+}
+/// One watched Secret's current state. Only its key material is sent, never the
+/// whole object.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SecretUpdate {
+    #[prost(string, tag = "1")]
+    pub namespace: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(oneof = "secret_update::State", tags = "3, 4, 5")]
+    pub state: ::core::option::Option<secret_update::State>,
+}
+/// Nested message and enum types in `SecretUpdate`.
+pub mod secret_update {
+    #[allow(clippy::all)]
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum State {
+        /// The Secret's data.
+        #[prost(message, tag = "3")]
+        Tls(super::TlsSecret),
+        /// The Secret does not exist (deleted, or not created yet).
+        #[prost(bool, tag = "4")]
+        Deleted(bool),
+        /// The agent could not read it as a TLS Secret (wrong type, a key missing); why.
+        #[prost(string, tag = "5")]
+        Invalid(::prost::alloc::string::String),
+    }
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TlsSecret {
+    /// `tls.crt`: PEM, the leaf first.
+    #[prost(bytes = "bytes", tag = "1")]
+    pub certificate_chain: ::prost::bytes::Bytes,
+    /// `tls.key`: PEM.
+    #[prost(bytes = "bytes", tag = "2")]
+    pub private_key: ::prost::bytes::Bytes,
+    /// `ca.crt`, when the Secret has one (empty otherwise).
+    #[prost(bytes = "bytes", tag = "3")]
+    pub ca_certificate: ::prost::bytes::Bytes,
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
