@@ -72,6 +72,13 @@ pub struct HubIdentityArgs {
     /// The most one request to the CSR listener may take (408 after).
     #[arg(long, default_value = "30s", value_parser = duration)]
     pub csr_request_timeout: Duration,
+    /// Connections the CSR listener keeps open at once; one more is closed at once.
+    #[arg(long, default_value_t = super::csr_listener::DEFAULT_MAX_CONNECTIONS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65536))]
+    pub csr_max_connections: usize,
+    /// A connection to the CSR listener must send a request's headers within this
+    /// (counted from its opening, or its last answer), or it is closed.
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    pub csr_header_read_timeout: Duration,
 }
 
 impl HubIdentityArgs {
@@ -100,6 +107,8 @@ impl HubIdentityArgs {
                 max_csr_bytes: self.csr_max_csr_bytes,
                 max_concurrent: self.csr_max_concurrent,
                 request_timeout: self.csr_request_timeout,
+                max_connections: self.csr_max_connections,
+                header_read_timeout: self.csr_header_read_timeout,
             },
         })
     }
