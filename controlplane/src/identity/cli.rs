@@ -8,6 +8,7 @@
 //! | `tributary ca rotate --root [--trust-window 24h] [--overlap 48h]` / `--intermediate CLUSTER\|mesh [--overlap DURATION]` | `POST /v1/ca/rotate` |
 //! | `tributary ca promote` | `POST /v1/ca/promote` |
 //! | `tributary ca finish-rotation [--intermediate CLUSTER\|mesh]` | `POST /v1/ca/finish-rotation` |
+//! | `tributary ca revoke --serial HEX [--intermediate NAME]` | `POST /v1/ca/revoke` |
 //! | `tributary cert request --server URL [--ca BUNDLE] (--token T \| --k8s-token-file F --cluster C) --out DIR [--renew]` | `POST /v1/certificates` (the CSR listener, `--csr-addr`) |
 
 use std::path::PathBuf;
@@ -198,6 +199,18 @@ enum CaCommand {
         #[arg(long)]
         intermediate: Option<String>,
     },
+    /// Revoke one leaf certificate (a decommissioned cluster's agent, a leaked
+    /// workload key) by its serial: it joins the CRLs pushed to every hop.
+    Revoke {
+        /// The certificate's serial number, hex (`openssl x509 -noout -serial -in
+        /// cert.pem`; `serial=` and `:` allowed).
+        #[arg(long)]
+        serial: String,
+        /// The signer that issued it: a remote cluster id, or `mesh` (default: the
+        /// serial is listed by every intermediate's CRL).
+        #[arg(long)]
+        intermediate: Option<String>,
+    },
 }
 
 /// `tributary cert ...`.
@@ -359,6 +372,16 @@ pub async fn ca(args: CaArgs) -> anyhow::Result<()> {
                 None => serde_json::Value::Null,
             };
             call(&args.admin, "POST", "/v1/ca/finish-rotation", &body).await?
+        }
+        CaCommand::Revoke {
+            serial,
+            intermediate,
+        } => {
+            let mut body = serde_json::json!({ "serial": serial });
+            if let Some(name) = intermediate {
+                body["intermediate"] = name.into();
+            }
+            call(&args.admin, "POST", "/v1/ca/revoke", &body).await?
         }
     };
     println!("{}", serde_json::to_string_pretty(&out)?);
