@@ -829,7 +829,10 @@ async fn the_csr_client_sends_its_credential_only_to_a_hub_that_is_not_revoked()
                 .expect_err(what)
         );
         assert!(err.contains(refusal), "{what}: {err}");
-        let received = tokio::time::timeout(TIMEOUT, received).await.unwrap().unwrap();
+        let received = tokio::time::timeout(TIMEOUT, received)
+            .await
+            .unwrap()
+            .unwrap();
         assert!(
             !String::from_utf8_lossy(&received).contains(SECRET),
             "{what} was sent the join token"
@@ -844,7 +847,10 @@ async fn the_csr_client_sends_its_credential_only_to_a_hub_that_is_not_revoked()
         .unwrap_err()
         .to_string();
     assert!(err.contains("HTTP 503"), "{err}");
-    let received = tokio::time::timeout(TIMEOUT, received).await.unwrap().unwrap();
+    let received = tokio::time::timeout(TIMEOUT, received)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(String::from_utf8_lossy(&received).contains(SECRET));
 }
 
@@ -896,7 +902,10 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caller_that_does_not_send_its_request_head_in_time_is_closed() {
     let timeout = Duration::from_millis(500);
-    let s = Secure::start("127.0.0.1", |c| c.identity.csr.header_read_timeout = timeout).await;
+    let s = Secure::start("127.0.0.1", |c| {
+        c.identity.csr.header_read_timeout = timeout
+    })
+    .await;
     // Half a request head, then nothing.
     let started = tokio::time::Instant::now();
     let mut slow = s.anonymous().connect(&s.csr_addr()).await.unwrap();
@@ -910,7 +919,9 @@ async fn a_caller_that_does_not_send_its_request_head_in_time_is_closed() {
     for (what, conn) in [("half a head", &mut slow), ("nothing", &mut silent)] {
         let read = tokio::time::timeout(TIMEOUT, conn.read(&mut buf))
             .await
-            .unwrap_or_else(|_| panic!("a connection that sent {what} is still open after {TIMEOUT:?}"));
+            .unwrap_or_else(|_| {
+                panic!("a connection that sent {what} is still open after {TIMEOUT:?}")
+            });
         assert!(
             matches!(read, Ok(0) | Err(_)),
             "a connection that sent {what} got {read:?}"
@@ -947,7 +958,9 @@ async fn connections_over_the_cap_are_closed() {
     let mut third = s.anonymous().connect(&s.csr_addr()).await.unwrap();
     assert_eq!(ask_without_credential(&mut third).await, None);
     // The held ones are still served.
-    let answer = ask_without_credential(&mut held[0]).await.expect("an answer");
+    let answer = ask_without_credential(&mut held[0])
+        .await
+        .expect("an answer");
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     // One ends: its slot is free once the listener has seen it close.
     drop(held.pop());

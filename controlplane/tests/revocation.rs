@@ -352,8 +352,8 @@ async fn a_revoked_leaf_is_refused(host: &str) {
         .issue_with(&id, &Signer::Cluster("cluster-b".into()))
         .await
         .unwrap();
-    let leaf = rustls::pki_types::CertificateDer::from_pem_slice(issued.chain_pem.as_bytes())
-        .unwrap();
+    let leaf =
+        rustls::pki_types::CertificateDer::from_pem_slice(issued.chain_pem.as_bytes()).unwrap();
     let (_, cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
     let serial = cert.raw_serial_as_string();
     let files: TlsFiles = write_files(
@@ -365,7 +365,9 @@ async fn a_revoked_leaf_is_refused(host: &str) {
     );
     let decommissioned = ClientTls::load(&files, TD, tls::ALPN_GRPC).unwrap();
     let sibling = s.agent("sibling").await;
-    hello(&s, &decommissioned).await.expect("the agent federates");
+    hello(&s, &decommissioned)
+        .await
+        .expect("the agent federates");
     hello(&s, &sibling).await.expect("its sibling federates");
 
     let revoked_before = s.handshakes("revoked").await;

@@ -166,12 +166,7 @@ impl Router {
                     trust_domain: cfg.trust_domain.clone(),
                 },
             };
-            tasks.spawn(accept(
-                incoming,
-                svc,
-                cfg.limits,
-                stop.clone(),
-            ));
+            tasks.spawn(accept(incoming, svc, cfg.limits, stop.clone()));
         }
 
         let state = AdminState {

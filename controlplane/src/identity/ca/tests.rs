@@ -733,7 +733,10 @@ async fn a_leaf_revoked_by_serial_is_refused_and_its_siblings_are_not() {
         crls_in(&trust)
     );
     // Revoking it again changes nothing.
-    assert_eq!(ca.revoke_leaf(&serial, Some(&east)).await.unwrap().revoked, status.revoked);
+    assert_eq!(
+        ca.revoke_leaf(&serial, Some(&east)).await.unwrap().revoked,
+        status.revoked
+    );
     // Another replica reads the revocation from the store.
     let other = Ca::open(store, CaConfig::new("mesh.local")).await.unwrap();
     let err = verify_chain(&other.trust_file_pem_at(now), &revoked.chain_pem, now).unwrap_err();
@@ -748,7 +751,10 @@ async fn a_leaf_revoked_by_serial_is_refused_and_its_siblings_are_not() {
     assert!(err.to_string().contains("Revoked"), "{err}");
     // What is refused, and why.
     let err = ca.revoke_leaf("not-hex", None).await.unwrap_err();
-    assert!(err.to_string().contains("openssl x509 -noout -serial"), "{err}");
+    assert!(
+        err.to_string().contains("openssl x509 -noout -serial"),
+        "{err}"
+    );
     let err = ca
         .revoke_leaf(&serial, Some(&Signer::Cluster("nope".into())))
         .await
