@@ -251,7 +251,7 @@ fn reconcile(
 ) {
     let gone: Vec<String> = links
         .iter()
-        .filter(|(id, l)| !want.get(*id).is_some_and(|t| t.url == l.url))
+        .filter(|(id, l)| want.get(*id).is_none_or(|t| t.url != l.url))
         .map(|(id, _)| id.clone())
         .collect();
     for id in gone {
