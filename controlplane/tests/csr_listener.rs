@@ -729,3 +729,252 @@ async fn the_cert_request_command_uses_the_csr_listener_with_the_ca_bundle() {
         "prod's clusters"
     );
 }
+
+/// A TLS server presenting the certificate of `files` (no client certificate asked
+/// for), standing in for whatever a CSR client was pointed at: it records what the
+/// one client sends (until the join token's secret is in it, or the connection
+/// ends), answers 503 and closes. Returns its address and what it received.
+async fn recording_server(
+    files: TlsFiles,
+    secret: &'static str,
+) -> (SocketAddr, tokio::sync::oneshot::Receiver<Vec<u8>>) {
+    let config = tls::server_auth_only_config(&files, tls::ALPN_HTTP1).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut got = Vec::new();
+        if let Ok(mut conn) = acceptor.accept(tcp).await {
+            let mut buf = [0u8; 4096];
+            while !String::from_utf8_lossy(&got).contains(secret) {
+                match conn.read(&mut buf).await {
+                    Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
+                    _ => break,
+                }
+            }
+            let _ = conn
+                .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                .await;
+            let _ = conn.shutdown().await;
+        }
+        let _ = tx.send(got);
+    });
+    (addr, rx)
+}
+
+/// The CSR client sends its credential to a hub only: a router's certificate (of
+/// the same CA and trust domain: a compromised router, or a client pointed at one)
+/// is refused at the handshake, and so is a hub whose certificate a CRL of the
+/// bundle file revokes; the token never leaves the client. A valid hub is sent it.
+/// Before, any hub or router certificate was accepted and CRLs were not read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_csr_client_sends_its_credential_only_to_a_hub_that_is_not_revoked() {
+    const SECRET: &str = "s3cr3t-of-the-join-token";
+    let store: SharedStore = Arc::new(Embedded::in_memory(EmbeddedConfig::default()).unwrap());
+    let ca = Ca::open(store, CaConfig::new(TD)).await.unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let issue = async |name: &str, identity: Identity| -> TlsFiles {
+        let id = SpiffeId::new(TD, identity);
+        let cert = ca.issue_with(&id, &Signer::Mesh).await.unwrap();
+        let dir = files.path().join(name);
+        write_atomically(
+            &dir,
+            &Obtained {
+                spiffe_id: id.to_string(),
+                cert,
+                trust_bundle_pem: ca.trust_bundle_at(SystemTime::now()),
+            },
+        )
+        .unwrap();
+        TlsFiles {
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+            ca: dir.join("ca.pem"),
+        }
+    };
+    let hub = |name: &str| Identity::Hub {
+        replica: name.into(),
+    };
+    // A hub certificate of the mesh intermediate, which is then revoked (rotated
+    // with no overlap): its serial is in the root's CRL.
+    let revoked_hub = issue("revoked-hub", hub("old")).await;
+    ca.rotate_intermediate(&Signer::Mesh, Duration::ZERO)
+        .await
+        .unwrap();
+    let router = issue(
+        "router",
+        Identity::Router {
+            name: "edge".into(),
+        },
+    )
+    .await;
+    let good_hub = issue("hub", hub("a")).await;
+    // What `tributary cert request --ca` is given: the roots, then every CRL.
+    let bundle = files.path().join("bundle.pem");
+    std::fs::write(&bundle, ca.trust_file_pem_at(SystemTime::now())).unwrap();
+    let credential = Credential::JoinToken(format!("tok3n.{SECRET}"));
+
+    for (what, server_files, refusal) in [
+        ("a router", router, "not a hub"),
+        ("a revoked hub", revoked_hub, "Revoked"),
+    ] {
+        let (addr, received) = recording_server(server_files, SECRET).await;
+        let server = CsrServer::new(&format!("https://{addr}"), Some(bundle.clone()), TD).unwrap();
+        let err = format!(
+            "{:#}",
+            request_certificate_from(&server, &credential, None)
+                .await
+                .expect_err(what)
+        );
+        assert!(err.contains(refusal), "{what}: {err}");
+        let received = tokio::time::timeout(TIMEOUT, received)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            !String::from_utf8_lossy(&received).contains(SECRET),
+            "{what} was sent the join token"
+        );
+    }
+    // A hub of the trust domain, not revoked, is sent the request (and its 503 is
+    // the client's error).
+    let (addr, received) = recording_server(good_hub, SECRET).await;
+    let server = CsrServer::new(&format!("https://{addr}"), Some(bundle.clone()), TD).unwrap();
+    let err = request_certificate_from(&server, &credential, None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("HTTP 503"), "{err}");
+    let received = tokio::time::timeout(TIMEOUT, received)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&received).contains(SECRET));
+}
+
+/// Sends one certificate request without a credential on `conn` (keep-alive) and
+/// reads the answer: its status line and body, or `None` when the listener closes
+/// the connection first.
+async fn ask_without_credential<S>(conn: &mut S) -> Option<String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let body = r#"{"csr": "x"}"#;
+    let head = format!(
+        "POST /v1/certificates HTTP/1.1\r\nhost: hub\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.ok()?;
+    conn.flush().await.ok()?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&got).to_string();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(|v| v.trim().parse::<usize>().unwrap())
+                })
+                .unwrap_or(0);
+            if body.len() >= len {
+                return Some(format!("{} {body}", head.lines().next().unwrap()));
+            }
+        }
+        match tokio::time::timeout(TIMEOUT, conn.read(&mut buf))
+            .await
+            .expect("an answer or the connection closed, within the timeout")
+        {
+            Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => return None,
+        }
+    }
+}
+
+/// A slow-loris caller (a request head that never completes) is closed after
+/// `--csr-header-read-timeout`, and so is one that opens a connection and sends
+/// nothing; a caller that sends its request in time is answered. Before, the
+/// listener (axum's server, without a timer) held such connections forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_does_not_send_its_request_head_in_time_is_closed() {
+    let timeout = Duration::from_millis(500);
+    let s = Secure::start("127.0.0.1", |c| {
+        c.identity.csr.header_read_timeout = timeout
+    })
+    .await;
+    // Half a request head, then nothing.
+    let started = tokio::time::Instant::now();
+    let mut slow = s.anonymous().connect(&s.csr_addr()).await.unwrap();
+    slow.write_all(b"POST /v1/certificates HTTP/1.1\r\nhost: hub\r\ncontent-type: appl")
+        .await
+        .unwrap();
+    slow.flush().await.unwrap();
+    // Nothing at all.
+    let mut silent = s.anonymous().connect(&s.csr_addr()).await.unwrap();
+    let mut buf = [0u8; 1024];
+    for (what, conn) in [("half a head", &mut slow), ("nothing", &mut silent)] {
+        let read = tokio::time::timeout(TIMEOUT, conn.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| {
+                panic!("a connection that sent {what} is still open after {TIMEOUT:?}")
+            });
+        assert!(
+            matches!(read, Ok(0) | Err(_)),
+            "a connection that sent {what} got {read:?}"
+        );
+    }
+    assert!(
+        started.elapsed() >= timeout,
+        "closed before the timeout: {:?}",
+        started.elapsed()
+    );
+    // A whole request in time is served.
+    let mut conn = s.anonymous().connect(&s.csr_addr()).await.unwrap();
+    let answer = ask_without_credential(&mut conn).await.expect("an answer");
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+}
+
+/// With `--csr-max-connections 2`, two open connections (served, kept alive) are
+/// all there is: a third is closed without an answer; once one of the two ends, a
+/// new connection is served again. Before, there was no bound on connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_cap_are_closed() {
+    let s = Secure::start("127.0.0.1", |c| {
+        c.identity.csr.max_connections = 2;
+        c.identity.csr.header_read_timeout = Duration::from_secs(600);
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut conn = s.anonymous().connect(&s.csr_addr()).await.unwrap();
+        let answer = ask_without_credential(&mut conn).await.expect("an answer");
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        held.push(conn);
+    }
+    let mut third = s.anonymous().connect(&s.csr_addr()).await.unwrap();
+    assert_eq!(ask_without_credential(&mut third).await, None);
+    // The held ones are still served.
+    let answer = ask_without_credential(&mut held[0])
+        .await
+        .expect("an answer");
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    // One ends: its slot is free once the listener has seen it close.
+    drop(held.pop());
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let mut conn = s.anonymous().connect(&s.csr_addr()).await.unwrap();
+        if let Some(answer) = ask_without_credential(&mut conn).await {
+            assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no connection served after one of the two closed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use common::*;
+use rustls::pki_types::pem::PemObject;
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -330,4 +331,110 @@ async fn an_agent_of_a_revoked_intermediate_is_refused_and_the_new_one_accepted(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_of_a_revoked_intermediate_is_refused_over_ipv6() {
     rotation_then_revocation("::1").await;
+}
+
+/// `tributary ca revoke`'s API: one agent certificate of cluster-b, revoked by its
+/// serial (the decommissioned agent), is refused at the hub's handshake with
+/// `CertificateRevoked` and counted `revoked`; another agent certificate of the same
+/// intermediate keeps federating, and `ca status` lists the revocation.
+async fn a_revoked_leaf_is_refused(host: &str) {
+    let s = Setup::start(host).await;
+    let id = SpiffeId::new(
+        TD.to_string(),
+        Identity::Agent {
+            cluster: "cluster-b".into(),
+        },
+    );
+    let issued = s
+        .hub
+        .hub
+        .ca
+        .issue_with(&id, &Signer::Cluster("cluster-b".into()))
+        .await
+        .unwrap();
+    let leaf =
+        rustls::pki_types::CertificateDer::from_pem_slice(issued.chain_pem.as_bytes()).unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+    let serial = cert.raw_serial_as_string();
+    let files: TlsFiles = write_files(
+        s.dir.path(),
+        "decommissioned",
+        &issued.chain_pem,
+        &issued.key_pem,
+        &s.root.cert_pem,
+    );
+    let decommissioned = ClientTls::load(&files, TD, tls::ALPN_GRPC).unwrap();
+    let sibling = s.agent("sibling").await;
+    hello(&s, &decommissioned)
+        .await
+        .expect("the agent federates");
+    hello(&s, &sibling).await.expect("its sibling federates");
+
+    let revoked_before = s.handshakes("revoked").await;
+    let body = serde_json::json!({"serial": serial, "intermediate": "cluster-b"});
+    let (status, resp) = http_client::request_with(
+        &s.hub.hub.admin_addr.to_string(),
+        Some(&s.operator().await),
+        "POST",
+        "/v1/ca/revoke",
+        &serde_json::to_vec(&body).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&resp));
+    let resp: serde_json::Value = serde_json::from_slice(&resp).unwrap();
+    assert!(
+        resp["revoked"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["what"].as_str().unwrap().starts_with("leaf ")),
+        "{resp}"
+    );
+    // The listener rebuilds its verifier when the CA announces the new CRLs.
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let err = loop {
+        match hello(&s, &decommissioned).await {
+            Err(e) => break e,
+            Ok(()) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the revoked agent is still served"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    assert!(!err.contains("Welcome"), "refused by the TLS layer: {err}");
+    let mut conn = decommissioned
+        .connect(&s.hub.hub.xds_addr.to_string())
+        .await
+        .expect("TLS 1.3: the client finishes its handshake first");
+    let mut buf = [0u8; 64];
+    let alert = tokio::time::timeout(TIMEOUT, conn.read(&mut buf))
+        .await
+        .expect("the hub answers within the timeout")
+        .expect_err("the hub refuses the certificate");
+    assert!(alert.to_string().contains("CertificateRevoked"), "{alert}");
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while s.handshakes("revoked").await <= revoked_before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no handshake counted as revoked"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    hello(&s, &sibling)
+        .await
+        .expect("the sibling of the same intermediate still federates");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_agent_certificate_is_refused_at_the_hub() {
+    a_revoked_leaf_is_refused("127.0.0.1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_agent_certificate_is_refused_at_the_hub_over_ipv6() {
+    a_revoked_leaf_is_refused("::1").await;
 }

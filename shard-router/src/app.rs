@@ -166,12 +166,7 @@ impl Router {
                     trust_domain: cfg.trust_domain.clone(),
                 },
             };
-            tasks.spawn(accept(
-                incoming,
-                svc,
-                cfg.limits.stream_window,
-                stop.clone(),
-            ));
+            tasks.spawn(accept(incoming, svc, cfg.limits, stop.clone()));
         }
 
         let state = AdminState {
@@ -295,14 +290,16 @@ impl Incoming {
 
 /// Accepts connections until `stop`; each is served over HTTP/2 (gRPC's h2c prior
 /// knowledge, or `h2` over TLS) in its own task, and drains gracefully on `stop`. A
-/// stream holds at most `stream_window` bytes in each direction: it queues at most
-/// that for its client (the rest waits in the replica's window), and the client may
-/// send at most that ahead of what the replica took (the server's HTTP/2 stream and
-/// connection windows). Every request carries its connection's [`ClientIdentity`].
+/// stream holds at most `limits.stream_window` bytes in each direction: it queues at
+/// most that for its client (the rest waits in the replica's window), and the client
+/// may send at most that ahead of what the replica took (the server's HTTP/2 stream
+/// window); a connection carries at most `limits.max_streams_per_connection` streams
+/// at once, and its window is theirs together. Every request carries its
+/// connection's [`ClientIdentity`].
 pub(crate) async fn accept<S>(
     mut incoming: Incoming,
     svc: S,
-    stream_window: u32,
+    limits: RelayLimits,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()>
 where
@@ -340,7 +337,7 @@ where
                     TokioIo::new(tcp),
                     peer,
                     with_identity(None),
-                    stream_window,
+                    limits,
                     stop,
                 ));
             }
@@ -349,7 +346,7 @@ where
                     TokioIo::new(*conn),
                     peer,
                     with_identity(Some(id)),
-                    stream_window,
+                    limits,
                     stop,
                 ));
             }
@@ -372,7 +369,7 @@ async fn serve<I, S>(
     io: I,
     peer: SocketAddr,
     svc: S,
-    stream_window: u32,
+    limits: RelayLimits,
     mut stop: watch::Receiver<bool>,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -391,14 +388,16 @@ async fn serve<I, S>(
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20))
-        .max_concurrent_streams(None)
-        .max_send_buf_size(stream_window as usize)
+        .max_concurrent_streams(Some(limits.max_streams_per_connection))
+        .max_send_buf_size(limits.stream_window as usize)
         // What a client may send ahead of what its replica took: hyper's default 1 MiB
-        // windows would let every client park 1 MiB in the router. A proxy's connection
-        // carries its one ADS stream, so the connection gets the stream's window too
-        // (a client that multiplexes streams shares it among them).
-        .initial_stream_window_size(stream_window)
-        .initial_connection_window_size(stream_window);
+        // windows would let every client park 1 MiB in the router per stream.
+        .initial_stream_window_size(limits.stream_window)
+        // Every stream the connection may carry gets its whole window: one stream
+        // whose replica does not read holds back only itself, and h2's bound on small
+        // DATA frames buffered unread (half the connection window) scales with the
+        // streams (see `RelayLimits::client_connection_window`).
+        .initial_connection_window_size(limits.client_connection_window());
     let conn = builder.serve_connection(io, svc);
     tokio::pin!(conn);
     tokio::select! {
@@ -444,6 +443,7 @@ mod tests {
     use http_body_util::{BodyExt, Full, StreamBody};
     use hyper::body::Frame;
     use prost::Message;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use tributary_controlplane::membership::{Assignment, ReplicaInfo, Shard, ShardAssignment};
     use tributary_proto::envoy::envoy::config::core::v3::{Locality, Node};
     use tributary_proto::envoy::envoy::service::discovery::v3::DeltaDiscoveryRequest;
@@ -528,6 +528,40 @@ mod tests {
         addr
     }
 
+    /// A replica that answers every stream at once (headers, then nothing) and reads
+    /// its request body as it comes, as a hub does.
+    async fn listening_replica() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let svc =
+                    hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| {
+                        let mut body = req.into_body();
+                        tokio::spawn(async move { while let Some(Ok(_)) = body.frame().await {} });
+                        async move {
+                            Ok::<_, std::convert::Infallible>(
+                                hyper::Response::builder()
+                                    .header("content-type", "application/grpc")
+                                    .body(StreamBody::new(futures_util::stream::pending::<
+                                        Result<Frame<Bytes>, std::convert::Infallible>,
+                                    >()))
+                                    .unwrap(),
+                            )
+                        }
+                    });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        // Every stream the router relays (hyper's default is 200).
+                        .max_concurrent_streams(None)
+                        .serve_connection(TokioIo::new(tcp), svc),
+                );
+            }
+        });
+        addr
+    }
+
     /// A router for one shard `prod/az1` whose one replica is at `replica`.
     async fn router_for(replica: SocketAddr, limits: RelayLimits) -> SocketAddr {
         let shard = Shard {
@@ -563,7 +597,7 @@ mod tests {
         tokio::spawn(accept(
             Incoming::Plain(listener),
             Relay::new(table, metrics, limits, None),
-            limits.stream_window,
+            limits,
             stop,
         ));
         router
@@ -752,5 +786,125 @@ mod tests {
         let mut body = response.into_body();
         let f = body.frame().await.unwrap().unwrap();
         assert!(f.into_data().is_ok());
+    }
+
+    /// One HTTP/2 frame: its 9-byte header, then `payload`.
+    fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend_from_slice(&[kind, flags]);
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// A client that multiplexes `n` Delta streams on one connection, its bytes
+    /// written at once: the connection preface, then per stream its HEADERS and one
+    /// DATA frame with its first request (the stream stays open, as ADS streams do).
+    /// HPACK: the first stream's headers enter the dynamic table, later streams
+    /// index them.
+    fn multiplexing_client(n: u32) -> Vec<u8> {
+        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        out.extend(h2_frame(0x4, 0, 0, &[]));
+        let literal = |block: &mut Vec<u8>, prefix: u8, name: &str, value: &str| {
+            block.push(prefix);
+            if prefix == 0x40 {
+                block.push(name.len() as u8);
+                block.extend_from_slice(name.as_bytes());
+            }
+            block.push(value.len() as u8);
+            block.extend_from_slice(value.as_bytes());
+        };
+        for i in 0..n {
+            let stream = 2 * i + 1;
+            // :method POST, :scheme http (static table).
+            let mut block = vec![0x83, 0x86];
+            if i == 0 {
+                // Incremental indexing: :path (static name 4), :authority (1),
+                // content-type and te.
+                literal(&mut block, 0x44, "", Dialect::DELTA_PATH);
+                literal(&mut block, 0x41, "", "router");
+                literal(&mut block, 0x40, "content-type", "application/grpc");
+                literal(&mut block, 0x40, "te", "trailers");
+            } else {
+                // The dynamic table, newest first: te 62, content-type 63,
+                // :authority 64, :path 65.
+                block.extend_from_slice(&[0x80 | 65, 0x80 | 64, 0x80 | 63, 0x80 | 62]);
+            }
+            // END_HEADERS, not END_STREAM.
+            out.extend(h2_frame(0x1, 0x4, stream, &block));
+            out.extend(h2_frame(0x0, 0, stream, &first_request(&format!("s{i}"))));
+        }
+        out
+    }
+
+    /// A client multiplexing hundreds of streams on one connection, whose frames reach
+    /// the router faster than the relay reads them (what two busy cores did in CI, and
+    /// what this single-threaded runtime does every time: the connection reads all the
+    /// frames before any stream's relay task runs), has every stream answered, and
+    /// its connection is not closed. The connection's HTTP/2 window once was the one
+    /// stream's (`--stream-window`, 64 KiB), and h2 bounds the small DATA frames it
+    /// buffers unread by half the connection window: 400 first requests of ~50 bytes
+    /// exceeded it and h2 closed the connection with `GOAWAY ENHANCE_YOUR_CALM
+    /// too_many_data_frames`, failing every stream of the client.
+    #[tokio::test]
+    async fn a_client_multiplexing_hundreds_of_streams_has_each_answered_and_keeps_its_connection()
+    {
+        const N: u32 = 400;
+        let limits = RelayLimits::default();
+        let router = router_for(listening_replica().await, limits).await;
+        let mut tcp = tokio::net::TcpStream::connect(router).await.unwrap();
+        tcp.write_all(&multiplexing_client(N)).await.unwrap();
+
+        // Read the router's frames until every stream has its response headers.
+        let mut answered = std::collections::BTreeSet::new();
+        let mut buf = Vec::new();
+        let read = async {
+            while answered.len() < N as usize {
+                let mut chunk = [0u8; 16 << 10];
+                let got = tcp.read(&mut chunk).await.unwrap();
+                assert!(
+                    got > 0,
+                    "the router closed the connection; {} of {N} streams answered",
+                    answered.len()
+                );
+                buf.extend_from_slice(&chunk[..got]);
+                while buf.len() >= 9 {
+                    let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
+                    if buf.len() < 9 + len {
+                        break;
+                    }
+                    let (kind, flags, stream) = (
+                        buf[3],
+                        buf[4],
+                        u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff,
+                    );
+                    let payload = &buf[9..9 + len];
+                    match kind {
+                        // The replica's headers, relayed; a trailers-only answer
+                        // (END_STREAM) would be a refusal.
+                        0x1 if flags & 0x1 == 0 => {
+                            answered.insert(stream);
+                        }
+                        0x1 => panic!("stream {stream} was refused (a trailers-only answer)"),
+                        0x3 => panic!(
+                            "the router reset stream {stream} (error {:?})",
+                            &payload[..4]
+                        ),
+                        0x7 => panic!(
+                            "the router closed the connection: GOAWAY error {} {:?}, {} of {N} streams answered",
+                            u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]),
+                            String::from_utf8_lossy(&payload[8..]),
+                            answered.len()
+                        ),
+                        _ => {}
+                    }
+                    buf.drain(..9 + len);
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), read)
+            .await
+            .expect("every stream answered within 30 s");
+        assert_eq!(answered, (0..N).map(|i| 2 * i + 1).collect());
     }
 }

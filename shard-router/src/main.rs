@@ -60,9 +60,15 @@ struct Args {
     /// Bytes of a relayed stream the router holds at most in each direction: its
     /// HTTP/2 window on the replica's connection (which is shared by every stream to
     /// that replica and has the largest window) and what it queues for a client; and
-    /// its HTTP/2 windows on the client's connection (what a client may send ahead).
+    /// its HTTP/2 stream window on the client's connection (what a client may send
+    /// ahead).
     #[arg(long, default_value_t = tributary_shard_router::relay::DEFAULT_STREAM_WINDOW, value_parser = clap::value_parser!(u32).range(16384..=(1 << 30)))]
     stream_window: u32,
+    /// Streams a client may have open at once on one connection (HTTP/2's
+    /// SETTINGS_MAX_CONCURRENT_STREAMS); the connection's window is --stream-window
+    /// times this (at most 2 GiB).
+    #[arg(long, default_value_t = tributary_shard_router::relay::DEFAULT_MAX_STREAMS_PER_CONNECTION, value_parser = clap::value_parser!(u32).range(1..))]
+    max_streams_per_connection: u32,
     /// Most streams being routed at once (reading the first request, connecting);
     /// the rest wait their turn.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
@@ -118,6 +124,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             connect_timeout: args.connect_timeout,
             avoid_unreachable_for: args.avoid_unreachable_for,
             stream_window: args.stream_window,
+            max_streams_per_connection: args.max_streams_per_connection,
         },
         max_pending_streams: args.max_pending_streams as usize,
         transport,

@@ -79,13 +79,35 @@ pub struct RelayLimits {
     pub avoid_unreachable_for: Duration,
     /// Bytes of a relayed stream the router holds at most in each direction
     /// (`--stream-window`): its HTTP/2 window on the replica's connection, what it
-    /// queues for a client that has not taken the bytes yet, and its HTTP/2 windows on
-    /// the client's connection.
+    /// queues for a client that has not taken the bytes yet, and its HTTP/2 stream
+    /// window on the client's connection.
     pub stream_window: u32,
+    /// Streams a client may have open at once on one connection
+    /// (`--max-streams-per-connection`, HTTP/2's `SETTINGS_MAX_CONCURRENT_STREAMS`;
+    /// a client opens more as earlier ones end).
+    pub max_streams_per_connection: u32,
 }
 
 /// `--stream-window`'s default: HTTP/2's own initial window (65,535 bytes), rounded.
 pub const DEFAULT_STREAM_WINDOW: u32 = 64 << 10;
+
+/// `--max-streams-per-connection`'s default.
+pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+
+impl RelayLimits {
+    /// The HTTP/2 window of a client's connection: the sum of the windows of the
+    /// streams it may open (`--stream-window` × `--max-streams-per-connection`), at
+    /// most HTTP/2's largest. What one stream holds stays bounded by its own window;
+    /// a connection window of one stream's made a client's streams share it, so that
+    /// one stream whose replica does not read stalled its siblings, and h2 (which
+    /// closes a connection buffering more small DATA frames than half its window's
+    /// worth of framing overhead) closed a connection of a few hundred streams whose
+    /// first requests arrived faster than the relay read them.
+    pub fn client_connection_window(&self) -> u32 {
+        let sum = u64::from(self.stream_window) * u64::from(self.max_streams_per_connection);
+        sum.min(u64::from(REPLICA_CONNECTION_WINDOW)) as u32
+    }
+}
 
 /// The window of the one HTTP/2 connection to a replica, shared by every stream
 /// relayed there: HTTP/2's largest. Memory is bounded per stream (`stream_window`);
@@ -102,6 +124,7 @@ impl Default for RelayLimits {
             connect_timeout: Duration::from_secs(5),
             avoid_unreachable_for: Duration::from_secs(10),
             stream_window: DEFAULT_STREAM_WINDOW,
+            max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
         }
     }
 }

@@ -205,8 +205,12 @@ impl Telemetry {
 
     pub(super) fn connected(&self, resumed: bool) {
         self.metrics.sessions.inc();
-        self.metrics.connected.inc();
         self.update(|s| {
+            // Under the status lock, as `set_state`'s decrement: the gauge counts
+            // exactly the links whose state is `connected`.
+            if s.state != "connected" {
+                self.metrics.connected.inc();
+            }
             s.state = "connected";
             s.resumed = resumed;
             s.sessions += 1;

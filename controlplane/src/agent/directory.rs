@@ -249,14 +249,20 @@ fn reconcile(
     want: BTreeMap<String, Target>,
     revision: i64,
 ) {
-    links.retain(|id, l| {
-        let keep = want.get(id).is_some_and(|t| t.url == l.url);
-        if !keep {
+    let gone: Vec<String> = links
+        .iter()
+        .filter(|(id, l)| want.get(*id).is_none_or(|t| t.url != l.url))
+        .map(|(id, _)| id.clone())
+        .collect();
+    for id in gone {
+        if let Some(l) = links.remove(&id) {
             info!(replica = %id, url = %l.url, revision, "replica left this zone's shards: no longer fed");
-            telemetry.replica_gone(id);
+            // The link's session ends (its `connected` gauge drops) before the status
+            // stops listing it: whoever sees the status change sees the gauge too.
+            drop(l);
+            telemetry.replica_gone(&id);
         }
-        keep
-    });
+    }
     for (id, t) in want {
         if let Some(l) = links.get(&id) {
             l.environments.send_if_modified(|e| {

@@ -272,6 +272,7 @@ pub fn ca_admin_routes(state: CaApi) -> Router {
         .route("/v1/ca/rotate", post(rotate))
         .route("/v1/ca/promote", post(promote))
         .route("/v1/ca/finish-rotation", post(finish_rotation))
+        .route("/v1/ca/revoke", post(revoke_leaf))
         .with_state(state)
 }
 
@@ -488,6 +489,31 @@ async fn finish_rotation(State(api): State<CaApi>, body: axum::body::Bytes) -> R
         None => api.ca.finish_rotation().await,
     };
     match result {
+        Ok(s) => Json(s).into_response(),
+        Err(e) => CsrError::from(e).into_response(),
+    }
+}
+
+/// `POST /v1/ca/revoke`: one leaf certificate, by serial (hex), in the CRLs of
+/// `intermediate`'s intermediates (a remote cluster id or `mesh`; default every one).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeRequest {
+    pub serial: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intermediate: Option<String>,
+}
+
+async fn revoke_leaf(State(api): State<CaApi>, body: axum::body::Bytes) -> Response {
+    let req: RevokeRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("request body: {e}")),
+    };
+    let signer = match req.intermediate.as_deref().map(signer_named).transpose() {
+        Ok(s) => s,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    match api.ca.revoke_leaf(&req.serial, signer.as_ref()).await {
         Ok(s) => Json(s).into_response(),
         Err(e) => CsrError::from(e).into_response(),
     }

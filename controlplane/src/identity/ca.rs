@@ -451,6 +451,8 @@ pub struct Ca {
     /// CRLs already signed, by (issuer fingerprint, revoked serials): a reload that
     /// changes nothing they say does not re-sign them.
     crl_cache: std::sync::Mutex<CrlCache>,
+    /// The [`CaStatus::warnings`] last logged (each is logged when it appears).
+    warned: std::sync::Mutex<Vec<String>>,
 }
 
 type CrlCache = std::collections::HashMap<
@@ -507,6 +509,10 @@ pub struct CaStatus {
     /// The revoked certificates the CRLs list (until each expires).
     #[serde(default)]
     pub revoked: Vec<RevokedStatus>,
+    /// What an operator should act on (also logged when it appears): a root still
+    /// trusted without a CRL (retired before CRLs existed, so its key was not kept).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -838,6 +844,24 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
+/// A leaf's serial number as an operator copies it (`serial=3F:7A…`, any case) in
+/// the CA's form (lowercase hex of its DER bytes), or what was expected.
+fn leaf_serial(given: &str) -> Result<String, String> {
+    let t = given.trim();
+    let t = t.strip_prefix("serial=").unwrap_or(t);
+    let mut h: String = t.chars().filter(|c| *c != ':').collect();
+    h.make_ascii_lowercase();
+    if !h.len().is_multiple_of(2) {
+        h.insert(0, '0');
+    }
+    match unhex(&h) {
+        Some(b) if !b.is_empty() && b.len() <= 20 => Ok(h),
+        _ => Err(format!(
+            "serial {given:?}: expected a certificate's serial number in hex, as `openssl x509 -noout -serial` prints it (at most 20 bytes)"
+        )),
+    }
+}
+
 /// The serial number of a DER certificate, hex, as encoded.
 fn serial_of(der: &[u8]) -> Result<String, String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
@@ -885,6 +909,7 @@ impl Ca {
             trust: watch::channel(0).0,
             trusted: Default::default(),
             crl_cache,
+            warned: Default::default(),
         });
         // A trust window that ended while no replica ran.
         ca.promote_due(SystemTime::now()).await?;
@@ -1067,6 +1092,13 @@ impl Ca {
     /// was replaced, since it was last bumped. A signer's first intermediate (a new
     /// cluster's) does not: nothing was issued from it before.
     fn note_changes(&self) {
+        let warnings = warnings(&self.snapshot(), SystemTime::now());
+        let mut warned = self.warned.lock().expect("CA warning lock");
+        for w in warnings.iter().filter(|w| !warned.contains(w)) {
+            warn!("{w}");
+        }
+        *warned = warnings;
+        drop(warned);
         let bundle = self.trust_bundle_at(SystemTime::now());
         let signers: BTreeMap<Signer, String> = self
             .snapshot()
@@ -1526,6 +1558,76 @@ impl Ca {
         Ok(self.status())
     }
 
+    /// Revokes one leaf certificate by its serial number (hex, as `openssl x509
+    /// -noout -serial` prints it: `serial=` and `:` separators allowed, any case),
+    /// e.g. a decommissioned cluster's agent. The CA keeps no record of what it
+    /// issued, so the serial joins the CRL of every intermediate of `signer` (`None`:
+    /// every signer's), the current one and those in their overlap, each entry kept
+    /// until that intermediate expires (no leaf outlives its intermediate). Serials
+    /// are 127 random bits: no other certificate is revoked with it. The CRLs are
+    /// pushed like any revocation (SDS `ROOTCA`, the hubs' listeners, the next
+    /// `ca.pem`).
+    pub async fn revoke_leaf(
+        &self,
+        serial: &str,
+        signer: Option<&Signer>,
+    ) -> Result<CaStatus, CaError> {
+        let serial = leaf_serial(serial).map_err(CaError::Config)?;
+        for _ in 0..WRITE_ATTEMPTS {
+            let state = self.snapshot();
+            let now = SystemTime::now();
+            let signers: Vec<(&Signer, &Arc<Intermediate>)> = match signer {
+                Some(s) => match state.intermediates.get_key_value(s) {
+                    Some(one) => vec![one],
+                    None => {
+                        return Err(CaError::Config(format!(
+                            "no intermediate {}: `tributary ca status` lists them",
+                            s.name()
+                        )));
+                    }
+                },
+                None => state.intermediates.iter().collect(),
+            };
+            let new: Vec<RevokedEntry> = signers
+                .iter()
+                .flat_map(|(s, i)| {
+                    std::iter::once(&i.signing)
+                        .chain(i.retiring.iter().map(|o| &o.signing))
+                        .map(|ca| RevokedEntry {
+                            issuer: ca.fingerprint.clone(),
+                            serial: serial.clone(),
+                            what: format!("leaf {serial} (intermediate {})", s.name()),
+                            revoked_at: unix(now),
+                            not_after: unix(ca.not_after),
+                        })
+                })
+                .collect();
+            if new.iter().all(|n| {
+                state
+                    .revoked
+                    .iter()
+                    .any(|e| e.issuer == n.issuer && e.serial == n.serial)
+            }) {
+                return Ok(self.status());
+            }
+            let mut txn = Txn {
+                compares: vec![],
+                success: vec![],
+                failure: vec![],
+            };
+            self.add_revocations(&mut txn, &state, new, now);
+            let done = self.store.txn(txn).await?.succeeded;
+            self.reload().await?;
+            if done {
+                info!(%serial, signer = signer.map(Signer::name).unwrap_or_else(|| "every".into()), "revoked a leaf certificate: its serial joins its intermediates' CRLs");
+                return Ok(self.status());
+            }
+        }
+        Err(CaError::Contended {
+            what: REVOKED_KEY.into(),
+        })
+    }
+
     /// Issues a certificate for `id` with a fresh key, signed by `signer`'s
     /// intermediate (created and stored first when needed).
     pub async fn issue_with(
@@ -1885,8 +1987,31 @@ impl Ca {
                     not_after: rfc3339(from_unix(r.not_after)),
                 })
                 .collect(),
+            warnings: warnings(&state, now),
         }
     }
+}
+
+/// What [`CaStatus::warnings`] says about `state` at `now`: every root still in the
+/// trust bundle that has no CRL, because it was retired before CRLs existed and its
+/// key was not kept to sign one.
+fn warnings(state: &CaState, now: SystemTime) -> Vec<String> {
+    state
+        .retiring
+        .iter()
+        .filter(|r| from_unix(r.until) > now && r.key_pem.is_none())
+        .map(|r| {
+            let root = first_der(&r.cert_pem)
+                .map(|d| fingerprint(&d))
+                .unwrap_or_default();
+            format!(
+                "retiring root {root} (trusted until {}) has no CRL: it was retired before CRLs existed and its key was not kept. \
+                 Nothing it issued can be revoked, and Envoy and tributary-proxy (which require a CRL for every CA of a chain) \
+                 refuse every chain through it; `tributary ca finish-rotation` removes it from the bundle once no peer holds a certificate of it",
+                rfc3339(from_unix(r.until))
+            )
+        })
+        .collect()
 }
 
 fn parse_record<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, CaError> {

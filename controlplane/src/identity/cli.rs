@@ -8,6 +8,7 @@
 //! | `tributary ca rotate --root [--trust-window 24h] [--overlap 48h]` / `--intermediate CLUSTER\|mesh [--overlap DURATION]` | `POST /v1/ca/rotate` |
 //! | `tributary ca promote` | `POST /v1/ca/promote` |
 //! | `tributary ca finish-rotation [--intermediate CLUSTER\|mesh]` | `POST /v1/ca/finish-rotation` |
+//! | `tributary ca revoke --serial HEX [--intermediate NAME]` | `POST /v1/ca/revoke` |
 //! | `tributary cert request --server URL [--ca BUNDLE] (--token T \| --k8s-token-file F --cluster C) --out DIR [--renew]` | `POST /v1/certificates` (the CSR listener, `--csr-addr`) |
 
 use std::path::PathBuf;
@@ -72,6 +73,13 @@ pub struct HubIdentityArgs {
     /// The most one request to the CSR listener may take (408 after).
     #[arg(long, default_value = "30s", value_parser = duration)]
     pub csr_request_timeout: Duration,
+    /// Connections the CSR listener keeps open at once; one more is closed at once.
+    #[arg(long, default_value_t = super::csr_listener::DEFAULT_MAX_CONNECTIONS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65536))]
+    pub csr_max_connections: usize,
+    /// A connection to the CSR listener must send a request's headers within this
+    /// (counted from its opening, or its last answer), or it is closed.
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    pub csr_header_read_timeout: Duration,
 }
 
 impl HubIdentityArgs {
@@ -100,6 +108,8 @@ impl HubIdentityArgs {
                 max_csr_bytes: self.csr_max_csr_bytes,
                 max_concurrent: self.csr_max_concurrent,
                 request_timeout: self.csr_request_timeout,
+                max_connections: self.csr_max_connections,
+                header_read_timeout: self.csr_header_read_timeout,
             },
         })
     }
@@ -186,6 +196,18 @@ enum CaCommand {
     /// --intermediate, revoke that signer's previous intermediates now.
     FinishRotation {
         /// A remote cluster id, or `mesh`.
+        #[arg(long)]
+        intermediate: Option<String>,
+    },
+    /// Revoke one leaf certificate (a decommissioned cluster's agent, a leaked
+    /// workload key) by its serial: it joins the CRLs pushed to every hop.
+    Revoke {
+        /// The certificate's serial number, hex (`openssl x509 -noout -serial -in
+        /// cert.pem`; `serial=` and `:` allowed).
+        #[arg(long)]
+        serial: String,
+        /// The signer that issued it: a remote cluster id, or `mesh` (default: the
+        /// serial is listed by every intermediate's CRL).
         #[arg(long)]
         intermediate: Option<String>,
     },
@@ -350,6 +372,16 @@ pub async fn ca(args: CaArgs) -> anyhow::Result<()> {
                 None => serde_json::Value::Null,
             };
             call(&args.admin, "POST", "/v1/ca/finish-rotation", &body).await?
+        }
+        CaCommand::Revoke {
+            serial,
+            intermediate,
+        } => {
+            let mut body = serde_json::json!({ "serial": serial });
+            if let Some(name) = intermediate {
+                body["intermediate"] = name.into();
+            }
+            call(&args.admin, "POST", "/v1/ca/revoke", &body).await?
         }
     };
     println!("{}", serde_json::to_string_pretty(&out)?);

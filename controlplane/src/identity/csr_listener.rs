@@ -14,7 +14,11 @@
 //! (`--csr-max-body-bytes`) and the CSR in it (`--csr-max-csr-bytes`) are read up to
 //! their limits (413 past them), at most `--csr-max-concurrent` requests are handled
 //! at once (the next is answered 503 at once, not queued), each within
-//! `--csr-request-timeout` (408), and TLS handshakes are bounded like every listener's
+//! `--csr-request-timeout` (408); at most `--csr-max-connections` connections are
+//! open at once (one more is closed as soon as it is accepted), and a connection
+//! must send a request's headers within `--csr-header-read-timeout` (also when idle
+//! between requests), or it is closed: a slow or silent caller cannot hold
+//! connections open. TLS handshakes are bounded like every listener's
 //! ([`super::tls::accept_tls`], counted as `listener="csr"`). With `--insecure` it
 //! serves plaintext, on loopback only, like the hub's other ports.
 //!
@@ -34,8 +38,12 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::Response;
 use axum::routing::post;
-use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, mpsc, watch};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tracing::{debug, warn};
 
 use super::api::{CaApi, answer_certificate, error, parse_certificate_request};
 use super::tls::{self, ServerTls, TlsConn, TlsError, TlsFiles, TlsMetrics, Transport};
@@ -52,6 +60,10 @@ pub const DEFAULT_MAX_CSR_BYTES: usize = 8 << 10;
 pub const DEFAULT_MAX_CONCURRENT: usize = 32;
 /// Default of `--csr-request-timeout`: reading the body, a TokenReview and signing.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default of `--csr-max-connections`: as many as TLS handshakes may run at once.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+/// Default of `--csr-header-read-timeout`: as long as a TLS handshake may take.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The only route of the listener.
 pub const CSR_PATH: &str = "/v1/certificates";
@@ -70,6 +82,12 @@ pub struct CsrListenerConfig {
     pub max_concurrent: usize,
     /// `--csr-request-timeout`: the most one request may take (408 after).
     pub request_timeout: Duration,
+    /// `--csr-max-connections`: connections open at once (per hub, over every
+    /// `--csr-addr`); one more is closed at once.
+    pub max_connections: usize,
+    /// `--csr-header-read-timeout`: a connection that has not sent a whole request
+    /// head this long after it was opened or answered its last request is closed.
+    pub header_read_timeout: Duration,
 }
 
 impl Default for CsrListenerConfig {
@@ -81,6 +99,8 @@ impl Default for CsrListenerConfig {
             max_csr_bytes: DEFAULT_MAX_CSR_BYTES,
             max_concurrent: DEFAULT_MAX_CONCURRENT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
         }
     }
 }
@@ -104,6 +124,11 @@ impl CsrListenerConfig {
         if self.max_concurrent == 0 || self.request_timeout.is_zero() {
             return Err(
                 "--csr-max-concurrent and --csr-request-timeout must be more than 0".into(),
+            );
+        }
+        if self.max_connections == 0 || self.header_read_timeout.is_zero() {
+            return Err(
+                "--csr-max-connections and --csr-header-read-timeout must be more than 0".into(),
             );
         }
         Ok(())
@@ -144,8 +169,27 @@ struct CsrState {
     slots: Arc<Semaphore>,
 }
 
+/// The listener's routes ([`routes`]) and its bounds on connections, for [`serve`].
+#[derive(Clone, Debug)]
+pub struct CsrApp {
+    router: Router,
+    /// One permit per open connection (`--csr-max-connections`).
+    connections: Arc<Semaphore>,
+    max_connections: usize,
+    header_read_timeout: Duration,
+}
+
 /// `POST /v1/certificates` with the listener's bounds, and 404 for everything else.
-pub fn routes(api: CaApi, cfg: &CsrListenerConfig) -> Router {
+pub fn routes(api: CaApi, cfg: &CsrListenerConfig) -> CsrApp {
+    CsrApp {
+        router: router(api, cfg),
+        connections: Arc::new(Semaphore::new(cfg.max_connections)),
+        max_connections: cfg.max_connections,
+        header_read_timeout: cfg.header_read_timeout,
+    }
+}
+
+fn router(api: CaApi, cfg: &CsrListenerConfig) -> Router {
     let state = CsrState {
         api,
         max_body_bytes: cfg.max_body_bytes,
@@ -244,72 +288,132 @@ async fn certificate(State(s): State<CsrState>, body: axum::body::Body) -> Respo
 }
 
 /// Serves [`routes`] on every listener, over TLS when `tls` is given (plaintext
-/// otherwise: `--insecure`), until `shutdown` turns true.
+/// otherwise: `--insecure`), until `shutdown` turns true; then lets requests in
+/// progress finish for up to 5 s.
 pub async fn serve(
     listeners: Vec<TcpListener>,
-    app: Router,
+    app: CsrApp,
     tls: Option<ServerTls>,
     metrics: TlsMetrics,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let mut servers = tokio::task::JoinSet::new();
     for listener in listeners {
-        let app = app.clone();
-        let mut stop = shutdown.clone();
-        let stop = async move {
-            let _ = stop.wait_for(|s| *s).await;
+        let addr = listener.local_addr()?;
+        let incoming = match &tls {
+            None => Incoming::Plain(listener),
+            Some(t) => Incoming::Tls(tls::accept_tls(listener, t.clone(), metrics.clone(), "csr")),
         };
-        let tls = tls.clone();
-        let metrics = metrics.clone();
-        servers.spawn(async move {
-            let addr = listener.local_addr()?;
-            match tls {
-                None => {
-                    axum::serve(listener, app)
-                        .with_graceful_shutdown(stop)
-                        .await
-                }
-                Some(t) => {
-                    let incoming = tls::accept_tls(listener, t, metrics, "csr");
-                    axum::serve(CsrTlsListener { incoming, addr }, app)
-                        .with_graceful_shutdown(stop)
-                        .await
-                }
-            }
-            .with_context(|| format!("CSR listener {addr}"))
-        });
+        servers.spawn(accept(incoming, addr, app.clone(), shutdown.clone()));
     }
     while let Some(r) = servers.join_next().await {
-        r.context("CSR listener task")??;
+        r.context("CSR listener task")?;
     }
     Ok(())
 }
 
-/// Handshaken connections of [`tls::accept_tls`] as an axum listener.
-struct CsrTlsListener {
-    incoming: mpsc::Receiver<io::Result<TlsConn>>,
-    addr: SocketAddr,
+/// Connections of one listener: plaintext, or handshaken by [`tls::accept_tls`].
+enum Incoming {
+    Plain(TcpListener),
+    Tls(mpsc::Receiver<io::Result<TlsConn>>),
 }
 
-impl axum::serve::Listener for CsrTlsListener {
-    type Io = TlsConn;
-    type Addr = SocketAddr;
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<TlsConn>),
+}
 
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+impl Incoming {
+    async fn next(&mut self, addr: SocketAddr) -> (Conn, SocketAddr) {
         loop {
-            match self.incoming.recv().await {
-                Some(Ok(conn)) => {
-                    let peer = conn.get_ref().0.peer_addr().unwrap_or(self.addr);
-                    return (conn, peer);
-                }
-                Some(Err(_)) => continue,
-                // The accept task only ends when this listener is dropped.
-                None => std::future::pending::<()>().await,
+            match self {
+                Incoming::Plain(l) => match l.accept().await {
+                    Ok((tcp, peer)) => return (Conn::Plain(tcp), peer),
+                    Err(e) => {
+                        // Out of file descriptors, say: the connection waits in the
+                        // backlog while we back off.
+                        warn!(%addr, error = %e, "accepting a connection on the CSR listener");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                Incoming::Tls(rx) => match rx.recv().await {
+                    Some(Ok(conn)) => {
+                        let peer = conn.get_ref().0.peer_addr().unwrap_or(addr);
+                        return (Conn::Tls(Box::new(conn)), peer);
+                    }
+                    // Failed handshakes were logged and counted by `accept_tls`.
+                    Some(Err(_)) => continue,
+                    // The accept task only ends when this listener is dropped.
+                    None => std::future::pending::<()>().await,
+                },
             }
         }
     }
+}
 
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        Ok(self.addr)
+/// Accepts connections until `shutdown`, each served in its own task while one of
+/// `--csr-max-connections` permits is free (closed at once otherwise).
+async fn accept(
+    mut incoming: Incoming,
+    addr: SocketAddr,
+    app: CsrApp,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let (conn, peer) = tokio::select! {
+            c = incoming.next(addr) => c,
+            () = stopped(&mut shutdown) => break,
+        };
+        let Ok(permit) = app.connections.clone().try_acquire_owned() else {
+            warn!(%addr, %peer, max = app.max_connections, "closed a connection to the CSR listener: --csr-max-connections are open already");
+            drop(conn);
+            continue;
+        };
+        let (app, stop) = (app.clone(), shutdown.clone());
+        match conn {
+            Conn::Plain(io) => conns.spawn(serve_connection(io, peer, app, permit, stop)),
+            Conn::Tls(io) => conns.spawn(serve_connection(*io, peer, app, permit, stop)),
+        };
+        // Reap finished connection tasks so the set stays as large as the live ones.
+        while conns.try_join_next().is_some() {}
+    }
+    let drain = async { while conns.join_next().await.is_some() {} };
+    let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+}
+
+/// Resolves once `shutdown` turns true (or its sender is gone).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
+/// Serves one connection over HTTP/1.1, holding its `permit` until it ends. hyper
+/// closes it when a request head takes longer than `--csr-header-read-timeout`.
+async fn serve_connection<I>(
+    io: I,
+    peer: SocketAddr,
+    app: CsrApp,
+    _permit: OwnedSemaphorePermit,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = TowerToHyperService::new(app.router);
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(app.header_read_timeout);
+    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                debug!(%peer, error = %e, "a CSR listener connection ended with an error");
+            }
+        }
+        () = stopped(&mut shutdown) => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
     }
 }

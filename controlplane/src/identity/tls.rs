@@ -321,13 +321,17 @@ impl ClientCertVerifier for SpiffeClientVerifier {
 }
 
 /// Checks a server's chain against the bundle, then that it is a hub or a router of
-/// our trust domain. The DNS name / IP the client dialled is not checked (see the
-/// module comment): webpki checks the name last, after chain and validity, so a
-/// name mismatch alone is what is ignored.
+/// our trust domain (only a hub when `hub_only`). The DNS name / IP the client
+/// dialled is not checked (see the module comment): webpki checks the name last,
+/// after chain and validity, so a name mismatch alone is what is ignored.
 #[derive(Debug)]
 struct SpiffeServerVerifier {
     inner: Arc<rustls::client::WebPkiServerVerifier>,
     trust_domain: String,
+    /// The CSR client's check: a credential (a join token, a service-account token)
+    /// goes to a hub's CSR listener only, never to a router (which serves no CSR API,
+    /// and would otherwise collect the tokens of whoever was pointed at it).
+    hub_only: bool,
 }
 
 impl ServerCertVerifier for SpiffeServerVerifier {
@@ -354,7 +358,11 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         }
         let id = spiffe_id_of(end_entity, &self.trust_domain).map_err(rustls_general)?;
         match id.identity {
-            Identity::Hub { .. } | Identity::Router { .. } => Ok(ServerCertVerified::assertion()),
+            Identity::Hub { .. } => Ok(ServerCertVerified::assertion()),
+            Identity::Router { .. } if !self.hub_only => Ok(ServerCertVerified::assertion()),
+            _ if self.hub_only => Err(rustls::Error::General(format!(
+                "the server's certificate names {id}, which is not a hub: only a hub's CSR listener (--csr-addr) is sent a credential"
+            ))),
             _ => Err(rustls::Error::General(format!(
                 "the server's certificate names {id}, which is neither a hub nor a router"
             ))),
@@ -456,6 +464,7 @@ pub fn client_config(
         .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier {
             inner,
             trust_domain: trust_domain.to_string(),
+            hub_only: false,
         }))
         .with_client_auth_cert(chain, key)
         .map_err(|source| TlsError::Pair {
@@ -486,9 +495,11 @@ pub fn server_auth_only_config(files: &TlsFiles, alpn: &[&[u8]]) -> Result<Serve
     Ok(config)
 }
 
-/// A client config that presents no certificate and accepts a hub or a router of
-/// our trust domain whose chain ends at a root of the bundle `ca` (`flag` names it in
-/// errors): how a peer without a certificate reaches the CSR listener.
+/// A client config that presents no certificate and accepts only a hub of our trust
+/// domain whose chain ends at a root of the bundle `ca` (`flag` names it in errors)
+/// and is not revoked by a CRL in that file (the `X509 CRL` blocks the CSR API
+/// writes after the roots; a CA without one there is not checked): how a peer
+/// without a certificate reaches the CSR listener, and sends it its credential.
 pub fn server_auth_only_client_config(
     flag: &'static str,
     ca: &Path,
@@ -504,8 +515,17 @@ pub fn server_auth_only_client_config(
             source,
         })?;
     }
+    let crls = CertificateRevocationListDer::pem_file_iter(ca)
+        .and_then(|crls| crls.collect::<Result<Vec<_>, _>>())
+        .map_err(|source| TlsError::Read {
+            flag,
+            path: ca.to_path_buf(),
+            source,
+        })?;
     let inner =
         rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .with_crls(crls)
+            .allow_unknown_revocation_status()
             .build()
             .map_err(|source| TlsError::Verifier {
                 path: ca.to_path_buf(),
@@ -518,6 +538,7 @@ pub fn server_auth_only_client_config(
         .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier {
             inner,
             trust_domain: trust_domain.to_string(),
+            hub_only: true,
         }))
         .with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();

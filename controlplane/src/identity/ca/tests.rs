@@ -672,3 +672,128 @@ async fn intermediates_replaced_by_a_root_promotion_keep_their_crls_for_a_leaf_l
     let now = SystemTime::now();
     verify_chain(&ca.trust_file_pem_at(now), &before.chain_pem, now).unwrap();
 }
+
+fn leaf_serial_of(chain_pem: &str) -> String {
+    let der = certs_from_pem("chain", chain_pem).unwrap()[0].to_vec();
+    serial_of(&der).unwrap()
+}
+
+/// One leaf revoked by its serial (as `openssl x509 -noout -serial` prints it):
+/// the intermediate's CRL lists it, its chain is refused as revoked while a sibling
+/// of the same intermediate still verifies, `ca status` lists it, and another
+/// replica on the same store reads the same CRL. A serial that is not hex, or an
+/// intermediate that does not exist, is refused naming what was expected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaf_revoked_by_serial_is_refused_and_its_siblings_are_not() {
+    let store = memory_store();
+    let ca = Ca::open(store.clone(), CaConfig::new("mesh.local"))
+        .await
+        .unwrap();
+    let agent = SpiffeId::new(
+        "mesh.local",
+        Identity::Agent {
+            cluster: "east-1".into(),
+        },
+    );
+    let east = Signer::Cluster("east-1".into());
+    let revoked = ca.issue_with(&agent, &east).await.unwrap();
+    let sibling = ca.issue_with(&agent, &east).await.unwrap();
+    let serial = leaf_serial_of(&revoked.chain_pem);
+    let openssl = format!(
+        "serial={}",
+        serial
+            .as_bytes()
+            .chunks(2)
+            .map(|c| std::str::from_utf8(c).unwrap().to_ascii_uppercase())
+            .collect::<Vec<_>>()
+            .join(":")
+    );
+    let status = ca.revoke_leaf(&openssl, Some(&east)).await.unwrap();
+    assert_eq!(
+        status
+            .revoked
+            .iter()
+            .map(|r| (r.serial.as_str(), r.what.as_str()))
+            .collect::<Vec<_>>(),
+        vec![(
+            serial.as_str(),
+            format!("leaf {serial} (intermediate cluster/east-1)").as_str()
+        )]
+    );
+    let now = SystemTime::now();
+    let trust = ca.trust_file_pem_at(now);
+    let err = verify_chain(&trust, &revoked.chain_pem, now).unwrap_err();
+    assert!(err.to_string().contains("Revoked"), "{err}");
+    verify_chain(&trust, &sibling.chain_pem, now).expect("the sibling still verifies");
+    assert!(
+        crls_in(&trust)
+            .iter()
+            .any(|(issuer, serials)| issuer.contains("east-1") && serials == &vec![serial.clone()]),
+        "{:?}",
+        crls_in(&trust)
+    );
+    // Revoking it again changes nothing.
+    assert_eq!(
+        ca.revoke_leaf(&serial, Some(&east)).await.unwrap().revoked,
+        status.revoked
+    );
+    // Another replica reads the revocation from the store.
+    let other = Ca::open(store, CaConfig::new("mesh.local")).await.unwrap();
+    let err = verify_chain(&other.trust_file_pem_at(now), &revoked.chain_pem, now).unwrap_err();
+    assert!(err.to_string().contains("Revoked"), "{err}");
+    // Without --intermediate, every intermediate's CRL lists it.
+    let mesh_leaf = ca.issue(&id(WORKLOAD)).unwrap();
+    ca.revoke_leaf(&leaf_serial_of(&mesh_leaf.chain_pem), None)
+        .await
+        .unwrap();
+    let now = SystemTime::now();
+    let err = verify_chain(&ca.trust_file_pem_at(now), &mesh_leaf.chain_pem, now).unwrap_err();
+    assert!(err.to_string().contains("Revoked"), "{err}");
+    // What is refused, and why.
+    let err = ca.revoke_leaf("not-hex", None).await.unwrap_err();
+    assert!(
+        err.to_string().contains("openssl x509 -noout -serial"),
+        "{err}"
+    );
+    let err = ca
+        .revoke_leaf(&serial, Some(&Signer::Cluster("nope".into())))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("cluster/nope"), "{err}");
+}
+
+/// A root retired before CRLs existed (the store kept no key for it) has no CRL:
+/// `ca status` warns, naming it, while it is in the bundle, and the warning goes
+/// with it. A retiring root with its key has a CRL, and no warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retiring_root_without_a_crl_is_warned_about() {
+    let store = memory_store();
+    let ca = Ca::open(store.clone(), CaConfig::new("mesh.local"))
+        .await
+        .unwrap();
+    let old_root = ca.status().root;
+    ca.rotate_root(Duration::ZERO, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert_eq!(ca.status().retiring.len(), 1);
+    assert_eq!(ca.status().warnings, Vec::<String>::new());
+    // The record as a hub from before CRLs wrote it: no key for the retiring root.
+    let (kv, _) = store.get(ROOTS_KEY).await.unwrap();
+    let mut record: RootsRecord = serde_json::from_slice(&kv.unwrap().value).unwrap();
+    for r in &mut record.retiring {
+        r.key_pem = None;
+    }
+    store
+        .put(ROOTS_KEY, serde_json::to_vec(&record).unwrap(), 0)
+        .await
+        .unwrap();
+    ca.reload().await.unwrap();
+    let warnings = ca.status().warnings;
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains(&old_root) && warnings[0].contains("has no CRL"),
+        "{warnings:?}"
+    );
+    ca.finish_rotation().await.unwrap();
+    assert_eq!(ca.status().warnings, Vec::<String>::new());
+}
