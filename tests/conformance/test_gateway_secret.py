@@ -60,8 +60,10 @@ class SecretCa:
         self.pem = self.cert.public_bytes(serialization.Encoding.PEM).decode()
         self.path.write_text(self.pem)
 
-    def issue(self, pattern: str) -> tuple[str, str, str]:
-        """(chain PEM, key PEM, serial as Python's ssl shows it)."""
+    def issue(self, pattern: str, odd_hex_serial: bool = False) -> tuple[str, str, int]:
+        """(chain PEM, key PEM, serial number). `odd_hex_serial`: a serial of 37 hex
+        digits, which `ssl` shows with a leading 0 (whole bytes), so the test's own
+        comparison of serials is exercised on that case in every run."""
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes, serialization
         from cryptography.hazmat.primitives.asymmetric import ec
@@ -70,6 +72,8 @@ class SecretCa:
         now = datetime.datetime.now(datetime.timezone.utc)
         key = ec.generate_private_key(ec.SECP256R1())
         serial = x509.random_serial_number()
+        if odd_hex_serial:
+            serial = (1 << 144) | (serial % (1 << 144))
         cert = (x509.CertificateBuilder()
                 .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, pattern)]))
                 .issuer_name(self.name).public_key(key.public_key()).serial_number(serial)
@@ -79,7 +83,7 @@ class SecretCa:
                 .sign(self.key, hashes.SHA256()))
         key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption()).decode()
-        return cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem, f"{serial:X}"
+        return cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem, serial
 
 
 def tls_secret(chain: str, key: str, ca: str) -> dict:
@@ -97,7 +101,7 @@ def test_gateway_serves_a_kubernetes_secret_and_its_rotation(tmp_path, make_hub,
     try:
         with KubeEnv() as kube:
             ca = SecretCa(tmp_path)
-            chain1, key1, serial1 = ca.issue("*.example.test")
+            chain1, key1, serial1 = ca.issue("*.example.test", odd_hex_serial=True)
             kube.kubectl_json("POST", "/api/v1/namespaces", {"metadata": {"name": "shop"}})
             kube.kubectl_json("POST", "/api/v1/namespaces/shop/secrets",
                               tls_secret(chain1, key1, ca.pem))
@@ -138,13 +142,15 @@ def test_gateway_serves_a_kubernetes_secret_and_its_rotation(tmp_path, make_hub,
                             got += chunk
                         return tls.getpeercert(), got
 
-            def served(serial: str):
+            def served(serial: int):
                 def attempt():
                     try:
                         peer, got = https_get("shop.example.test")
                     except OSError:
                         return None
-                    return (peer, got) if peer["serialNumber"] == serial else None
+                    # Compared as numbers: ssl shows the serial as hex padded to whole
+                    # bytes ("06A1…"), so a text comparison fails whenever it starts with 0.
+                    return (peer, got) if int(peer["serialNumber"], 16) == serial else None
                 return attempt
 
             peer, got = wait_until(served(serial1), 30, "HTTPS with the Secret's certificate")

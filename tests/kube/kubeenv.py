@@ -23,7 +23,8 @@ lives in one temp dir (removed on exit unless keep_dir=True / $KUBEENV_KEEP=1):
   admin.crt/.key           client cert CN=tributary-admin, O=system:masters
   sa.key sa.pub            service-account signing key pair (RSA)
   kubeconfig               kubeconfig with embedded certs (context "tributary-test")
-  etcd.log apiserver.log   process logs (tail attached to startup errors)
+  etcd.log apiserver.log   process logs (tail attached to startup errors); the apiserver's
+                           log level is `verbosity=` or $KUBEENV_V (4 logs every request)
 
 Command line (for non-Python harnesses, e.g. Rust tests):
   python3 tests/kube/kubeenv.py serve
@@ -248,7 +249,7 @@ class KubeEnv:
         self.extra_apiserver_args = list(extra_apiserver_args or [])
         self.start_timeout = start_timeout
         self.keep_dir = keep_dir if keep_dir is not None else os.environ.get("KUBEENV_KEEP") == "1"
-        self.verbosity = verbosity
+        self.verbosity = verbosity or int(os.environ.get("KUBEENV_V", "0"))
         self.dir: Optional[Path] = None
         self.etcd_proc: Optional[subprocess.Popen] = None
         self.apiserver_proc: Optional[subprocess.Popen] = None
