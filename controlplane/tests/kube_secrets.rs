@@ -258,6 +258,14 @@ async fn rogue_agent(hub: std::net::SocketAddr, ca: &TestCa) -> Vec<fed::SecretR
     asked.secrets
 }
 
+/// The certificate chain a gateway connecting now is served.
+async fn served_to_a_new_gateway(xds: std::net::SocketAddr) -> String {
+    let mut g = Gateway::open(xds, &[SERVED]).await;
+    g.until("a certificate", |g| g.chain(SERVED).is_some())
+        .await;
+    g.chain(SERVED).unwrap().to_string()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_serves_a_kubernetes_secret_and_follows_its_rotation() {
     let kube_env = KubeEnv::start();
@@ -404,20 +412,16 @@ async fn a_gateway_serves_a_kubernetes_secret_and_follows_its_rotation() {
         namespace: "shop".into(),
         name: "wild-tls".into(),
     };
-    assert_eq!(
+    let errors = || {
         hub.hub
             .metrics
             .credential_secret_errors
             .get_or_create(&label)
-            .get(),
-        1
-    );
+            .get()
+    };
+    assert_eq!(errors(), 1);
     // A gateway connecting now is served the last good pair.
-    let mut fresh = Gateway::open(xds, &[SERVED]).await;
-    fresh
-        .until("the last good certificate", |g| g.chain(SERVED).is_some())
-        .await;
-    assert_eq!(fresh.chain(SERVED), Some(chain2.as_str()));
+    assert_eq!(served_to_a_new_gateway(xds).await, chain2);
 
     // Deleted: reported, the last good pair still served.
     shop.delete("wild-tls", &DeleteParams::default())
@@ -425,19 +429,8 @@ async fn a_gateway_serves_a_kubernetes_secret_and_follows_its_rotation() {
         .unwrap();
     let s = status_until(&mut status, "deleted", |s| s.state == "deleted").await;
     assert!(s.serving, "{s:?}");
-    assert_eq!(
-        hub.hub
-            .metrics
-            .credential_secret_errors
-            .get_or_create(&label)
-            .get(),
-        2
-    );
-    let mut after = Gateway::open(xds, &[SERVED]).await;
-    after
-        .until("the last good certificate", |g| g.chain(SERVED).is_some())
-        .await;
-    assert_eq!(after.chain(SERVED), Some(chain2.as_str()));
+    assert_eq!(errors(), 2);
+    assert_eq!(served_to_a_new_gateway(xds).await, chain2);
 
     // Re-created: served again.
     let (chain4, key4) = ca.wildcard();

@@ -210,6 +210,45 @@ async fn hello(s: &Setup, tls: &ClientTls) -> Result<(), String> {
     }
 }
 
+/// Waits until the hub refuses `revoked` at the TLS layer (the listener rebuilds its
+/// verifier when the CA announces the new CRLs: each attempt is a new handshake),
+/// then checks what the refusal says (the alert names revocation) and that it was
+/// counted as a revocation, not as an unknown CA.
+async fn refused_as_revoked(s: &Setup, revoked: &ClientTls, revoked_before: f64) {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let err = loop {
+        match hello(s, revoked).await {
+            Err(e) => break e,
+            Ok(()) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the revoked certificate's agent is still served"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    assert!(!err.contains("Welcome"), "refused by the TLS layer: {err}");
+    let mut conn = revoked
+        .connect(&s.hub.hub.xds_addr.to_string())
+        .await
+        .expect("TLS 1.3: the client finishes its handshake first");
+    let mut buf = [0u8; 64];
+    let alert = tokio::time::timeout(TIMEOUT, conn.read(&mut buf))
+        .await
+        .expect("the hub answers within the timeout")
+        .expect_err("the hub refuses the certificate");
+    assert!(alert.to_string().contains("CertificateRevoked"), "{alert}");
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while s.handshakes("revoked").await <= revoked_before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no handshake counted as revoked"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 type Session = (
     mpsc::Sender<pb::AgentMessage>,
     tonic::Streaming<pb::HubMessage>,
@@ -281,42 +320,7 @@ async fn rotation_then_revocation(host: &str) {
         .await
         .unwrap();
     assert_eq!(status.revoked.len(), 1, "{status:?}");
-    // The listener rebuilds its verifier when the CA announces the new CRLs; wait
-    // for the refusal (each attempt is a new handshake), within the timeout.
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    let err = loop {
-        match hello(&s, &old).await {
-            Err(e) => break e,
-            Ok(()) => {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "the revoked intermediate's agent is still served"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    };
-    assert!(!err.contains("Welcome"), "refused by the TLS layer: {err}");
-    // What the refusal says, on the TLS layer: the hub's alert names revocation.
-    let mut conn = old
-        .connect(&s.hub.hub.xds_addr.to_string())
-        .await
-        .expect("TLS 1.3: the client finishes its handshake first");
-    let mut buf = [0u8; 64];
-    let alert = tokio::time::timeout(TIMEOUT, conn.read(&mut buf))
-        .await
-        .expect("the hub answers within the timeout")
-        .expect_err("the hub refuses the certificate");
-    assert!(alert.to_string().contains("CertificateRevoked"), "{alert}");
-    // Counted as a revocation, not as an unknown CA.
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    while s.handshakes("revoked").await <= revoked_before {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no handshake counted as revoked"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    refused_as_revoked(&s, &old, revoked_before).await;
     // The new intermediate's agent is unaffected.
     hello(&s, &new)
         .await
@@ -391,39 +395,7 @@ async fn a_revoked_leaf_is_refused(host: &str) {
             .any(|r| r["what"].as_str().unwrap().starts_with("leaf ")),
         "{resp}"
     );
-    // The listener rebuilds its verifier when the CA announces the new CRLs.
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    let err = loop {
-        match hello(&s, &decommissioned).await {
-            Err(e) => break e,
-            Ok(()) => {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "the revoked agent is still served"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    };
-    assert!(!err.contains("Welcome"), "refused by the TLS layer: {err}");
-    let mut conn = decommissioned
-        .connect(&s.hub.hub.xds_addr.to_string())
-        .await
-        .expect("TLS 1.3: the client finishes its handshake first");
-    let mut buf = [0u8; 64];
-    let alert = tokio::time::timeout(TIMEOUT, conn.read(&mut buf))
-        .await
-        .expect("the hub answers within the timeout")
-        .expect_err("the hub refuses the certificate");
-    assert!(alert.to_string().contains("CertificateRevoked"), "{alert}");
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    while s.handshakes("revoked").await <= revoked_before {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no handshake counted as revoked"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    refused_as_revoked(&s, &decommissioned, revoked_before).await;
     hello(&s, &sibling)
         .await
         .expect("the sibling of the same intermediate still federates");

@@ -625,20 +625,16 @@ impl Index {
                 );
                 changed
             }
-            SecretEvent::Invalid(why) => {
-                held.state = "invalid";
-                warn!(cluster, namespace, name, reason = %why, serving_last_good = held.good.is_some(), "credential Secret is invalid; not served (the last good certificate stays served)");
-                held.error = Some(why);
-                self.metrics
-                    .credential_secret_errors
-                    .get_or_create(&label())
-                    .inc();
-                false
-            }
-            SecretEvent::Deleted => {
-                held.state = "deleted";
-                let why = "the Secret does not exist in its cluster".to_string();
-                warn!(cluster, namespace, name, reason = %why, serving_last_good = held.good.is_some(), "credential Secret deleted; the last good certificate stays served");
+            SecretEvent::Invalid(_) | SecretEvent::Deleted => {
+                let (state, why) = match event {
+                    SecretEvent::Invalid(why) => ("invalid", why),
+                    _ => (
+                        "deleted",
+                        "the Secret does not exist in its cluster".to_string(),
+                    ),
+                };
+                held.state = state;
+                warn!(cluster, namespace, name, state, reason = %why, serving_last_good = held.good.is_some(), "credential Secret not served (the last good certificate stays served)");
                 held.error = Some(why);
                 self.metrics
                     .credential_secret_errors
