@@ -59,6 +59,28 @@ struct Secure {
     operator: ClientTls,
 }
 
+/// Issues `identity` a certificate of the mesh intermediate and writes it, its key
+/// and the trust bundle under `dir/name`, as the bootstrap CSR client would.
+async fn issue_files(ca: &Ca, dir: &std::path::Path, name: &str, identity: Identity) -> TlsFiles {
+    let id = SpiffeId::new(TD, identity);
+    let cert = ca.issue_with(&id, &Signer::Mesh).await.unwrap();
+    let dir = dir.join(name);
+    write_atomically(
+        &dir,
+        &Obtained {
+            spiffe_id: id.to_string(),
+            cert,
+            trust_bundle_pem: ca.trust_bundle_at(SystemTime::now()),
+        },
+    )
+    .unwrap();
+    TlsFiles {
+        cert: dir.join("cert.pem"),
+        key: dir.join("key.pem"),
+        ca: dir.join("ca.pem"),
+    }
+}
+
 impl Secure {
     async fn start(host: &str, tweak: impl FnOnce(&mut HubConfig)) -> Secure {
         let store: SharedStore = Arc::new(Embedded::in_memory(EmbeddedConfig::default()).unwrap());
@@ -66,24 +88,8 @@ impl Secure {
         // (what the one-command mesh and a deployment's bootstrap do).
         let ca = Ca::open(store.clone(), CaConfig::new(TD)).await.unwrap();
         let files = tempfile::tempdir().unwrap();
-        let issue = async |name: &str, identity: Identity| -> TlsFiles {
-            let id = SpiffeId::new(TD, identity);
-            let cert = ca.issue_with(&id, &Signer::Mesh).await.unwrap();
-            let dir = files.path().join(name);
-            write_atomically(
-                &dir,
-                &Obtained {
-                    spiffe_id: id.to_string(),
-                    cert,
-                    trust_bundle_pem: ca.trust_bundle_at(SystemTime::now()),
-                },
-            )
-            .unwrap();
-            TlsFiles {
-                cert: dir.join("cert.pem"),
-                key: dir.join("key.pem"),
-                ca: dir.join("ca.pem"),
-            }
+        let issue = async |name: &str, identity: Identity| {
+            issue_files(&ca, files.path(), name, identity).await
         };
         let hub_files = issue(
             "hub",
@@ -775,25 +781,8 @@ async fn the_csr_client_sends_its_credential_only_to_a_hub_that_is_not_revoked()
     let store: SharedStore = Arc::new(Embedded::in_memory(EmbeddedConfig::default()).unwrap());
     let ca = Ca::open(store, CaConfig::new(TD)).await.unwrap();
     let files = tempfile::tempdir().unwrap();
-    let issue = async |name: &str, identity: Identity| -> TlsFiles {
-        let id = SpiffeId::new(TD, identity);
-        let cert = ca.issue_with(&id, &Signer::Mesh).await.unwrap();
-        let dir = files.path().join(name);
-        write_atomically(
-            &dir,
-            &Obtained {
-                spiffe_id: id.to_string(),
-                cert,
-                trust_bundle_pem: ca.trust_bundle_at(SystemTime::now()),
-            },
-        )
-        .unwrap();
-        TlsFiles {
-            cert: dir.join("cert.pem"),
-            key: dir.join("key.pem"),
-            ca: dir.join("ca.pem"),
-        }
-    };
+    let issue =
+        async |name: &str, identity: Identity| issue_files(&ca, files.path(), name, identity).await;
     let hub = |name: &str| Identity::Hub {
         replica: name.into(),
     };
