@@ -20,18 +20,22 @@ use hyper::http::uri::{PathAndQuery, Scheme};
 use hyper::http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 
 use crate::Shared;
-use crate::cluster::{Admission, Cluster, InFlight, RetrySlot, Unavailable, UpstreamBody};
+use crate::cluster::{
+    Admission, Cluster, Exchange, InFlight, RetrySlot, Unavailable, UpstreamBody,
+};
 use crate::config::{Outcome, RequestHeaders, RetryPolicy, RouteAction, Snapshot};
 
 pub type ResponseBody = Either<Guarded, Full<Bytes>>;
 
 /// An upstream response body that keeps its request counted, against the cluster's
-/// `max_requests` and as active on its endpoint (least request), until it ends.
+/// `max_requests` and as active on its endpoint (least request), and its HTTP/1.1
+/// connection busy (not to be closed for another endpoint's request), until it ends.
 #[derive(Debug)]
 pub struct Guarded {
     inner: Incoming,
     in_flight: Option<InFlight>,
     admission: Option<Admission>,
+    exchange: Option<Exchange>,
 }
 
 impl hyper::body::Body for Guarded {
@@ -46,6 +50,7 @@ impl hyper::body::Body for Guarded {
         if let std::task::Poll::Ready(None | Some(Err(_))) = &frame {
             self.in_flight = None;
             self.admission = None;
+            self.exchange = None;
         }
         frame
     }
@@ -532,6 +537,7 @@ fn classify(
             let status = r.status().as_u16();
             let (mut parts, body) = r.into_parts();
             strip_hop_by_hop(&mut parts.headers);
+            let exchange = Exchange::of(&mut parts.extensions);
             (
                 Outcome::Status(status),
                 Response::from_parts(
@@ -540,6 +546,7 @@ fn classify(
                         inner: body,
                         in_flight: Some(endpoint.again()),
                         admission: None,
+                        exchange,
                     }),
                 ),
             )

@@ -1005,7 +1005,8 @@ where
     .unwrap_or_else(|e| panic!("{what}: HTTP/2 handshake: {e}"));
     tokio::spawn(conn);
     let body = big_body();
-    let (tx, rx) = mpsc::channel::<Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>>(4);
+    let (tx, rx) =
+        mpsc::channel::<Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>>(4);
     let pieces = body.clone();
     tokio::spawn(async move {
         for piece in pieces.chunks(64 * 1024) {
@@ -1036,7 +1037,10 @@ where
         .unwrap_or_else(|_| panic!("{what}: response bytes within the timeout"))
     {
         let frame = frame.unwrap_or_else(|e| {
-            panic!("{what}: the response failed after {} bytes: {e}", echoed.len())
+            panic!(
+                "{what}: the response failed after {} bytes: {e}",
+                echoed.len()
+            )
         });
         if let Ok(d) = frame.into_data() {
             echoed.extend_from_slice(&d);
@@ -1065,8 +1069,12 @@ async fn an_upload_goes_on_while_an_early_response_streams_back() {
         let (_p, addr) = proxy(fast, b, Duration::from_secs(60)).await;
         for chunked_upload in [false, true] {
             let s = TcpStream::connect(addr).await.unwrap();
-            echo_upload_h1(s, chunked_upload, &format!("fast={fast} chunked={chunked_upload}"))
-                .await;
+            echo_upload_h1(
+                s,
+                chunked_upload,
+                &format!("fast={fast} chunked={chunked_upload}"),
+            )
+            .await;
         }
     }
 }
@@ -1077,7 +1085,10 @@ async fn an_upload_goes_on_while_an_early_response_streams_back() {
 fn test_tls(
     proxy: &Proxy,
     alpn: &[&str],
-) -> (tributary_proxy::tls::TlsContext, Vec<tributary_proxy::tls::ClientTls>) {
+) -> (
+    tributary_proxy::tls::TlsContext,
+    Vec<tributary_proxy::tls::ClientTls>,
+) {
     use tributary_controlplane::identity::test_issuer::TestIssuer;
     use tributary_controlplane::identity::{CertificateIssuer, SpiffeId};
     use tributary_proto::envoy::envoy::config::core::v3::{DataSource, data_source::Specifier};
@@ -1140,7 +1151,9 @@ fn test_tls(
                         trust: "roots".into(),
                         san: vec![SanMatcher {
                             uri: true,
-                            pattern: Pattern::Exact("spiffe://td.test/env/prod/ns/default/sa/srv".into()),
+                            pattern: Pattern::Exact(
+                                "spiffe://td.test/env/prod/ns/default/sa/srv".into(),
+                            ),
                             ignore_case: false,
                         }],
                     }),
@@ -1176,7 +1189,12 @@ async fn an_upload_streams_back_over_tls_and_http2() {
     for with_length in [true, false] {
         let s = tls_stream(&clients[0], tls).await;
         assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
-        echo_upload_h1(s, !with_length, &format!("TLS HTTP/1.1 length={with_length}")).await;
+        echo_upload_h1(
+            s,
+            !with_length,
+            &format!("TLS HTTP/1.1 length={with_length}"),
+        )
+        .await;
         let s = tls_stream(&clients[1], tls).await;
         assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
         echo_upload_h2(s, with_length, &format!("TLS h2 length={with_length}")).await;
@@ -1328,6 +1346,91 @@ async fn a_pooled_connection_the_upstream_closed_gives_its_slot_back() {
             .overflow
             .get();
         assert_eq!(stats, 0, "fast={fast}: overflows");
+    }
+}
+
+/// `max_connections: 1` and two endpoints that keep their connections open (round
+/// robin alternates between them): a request that needs a connection to the other
+/// endpoint closes the idle one instead of waiting for its idle timeout (60 s, the
+/// fast path's and hyper's pools alike); and one that waits while the only
+/// connection is busy gets the slot as soon as that connection's answer has ended.
+#[tokio::test]
+async fn an_idle_connection_to_one_endpoint_gives_its_slot_to_another() {
+    for fast in BOTH {
+        // Answers `/held` only once the test lets it.
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let named = |name: &'static str| {
+            let gate = gate.clone();
+            backend(move |mut s| {
+                let gate = gate.clone();
+                async move {
+                    let mut buf = Vec::new();
+                    while let Some(r) = receive(&mut s, &mut buf).await {
+                        if r.path() == "/held" {
+                            gate.acquire().await.unwrap().forget();
+                        }
+                        let out = format!("HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\n{name}");
+                        if s.write_all(out.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            })
+        };
+        let backends = [named("a").await, named("b").await];
+        let limits = Limits {
+            max_connections: 1,
+            ..Limits::default()
+        };
+        let (p, addr) = proxy_with(fast, &backends, Duration::from_secs(30), limits, None).await;
+        let send = |path: &str| {
+            let req = format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n");
+            async move {
+                let mut c = TcpStream::connect(addr).await.unwrap();
+                c.write_all(req.as_bytes()).await.unwrap();
+                c
+            }
+        };
+        let mut last = Vec::new();
+        for i in 0..4 {
+            let started = tokio::time::Instant::now();
+            let mut c = send(&format!("/{i}")).await;
+            let a = answer(&mut c, &mut Vec::new(), false).await;
+            assert_eq!(a.status, 200, "fast={fast}: request {i}: {}", a.head);
+            assert_ne!(a.body, last, "fast={fast}: round robin alternates");
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "fast={fast}: request {i} waited {:?} for the other endpoint's idle connection",
+                started.elapsed()
+            );
+            last = a.body;
+        }
+
+        // The only connection busy: the next request (to the other endpoint) waits...
+        let mut held = send("/held").await;
+        let mut next = send("/next").await;
+        let mut b = [0u8; 1];
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), next.read(&mut b))
+                .await
+                .is_err(),
+            "fast={fast}: answered while the only connection was busy"
+        );
+        // ...until that connection's answer ends, and no longer.
+        gate.add_permits(1);
+        let a = answer(&mut held, &mut Vec::new(), false).await;
+        assert_eq!(a.status, 200, "fast={fast}: {}", a.head);
+        let released = tokio::time::Instant::now();
+        let n = answer(&mut next, &mut Vec::new(), false).await;
+        assert_eq!(n.status, 200, "fast={fast}: {}", n.head);
+        assert_ne!(n.body, a.body, "fast={fast}: the other endpoint");
+        assert!(
+            released.elapsed() < Duration::from_secs(5),
+            "fast={fast}: the waiting request took {:?} after the busy connection turned idle",
+            released.elapsed()
+        );
+        let overflow = p.shared.snapshot.load().clusters["c"].stats.overflow.get();
+        assert_eq!(overflow, 0, "fast={fast}: overflows");
     }
 }
 
