@@ -226,8 +226,10 @@ pub(crate) async fn serve_http<S>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    // One route timer per connection, kept from one request to the next.
+    let timer = Arc::new(crate::http::RouteTimer::default());
     let service = hyper::service::service_fn(move |req| {
-        crate::http::handle(shared.clone(), downstream.clone(), req)
+        crate::http::handle(shared.clone(), downstream.clone(), timer.clone(), req)
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // ALPN decides the protocol over TLS; the codec otherwise.

@@ -713,6 +713,94 @@ async fn upstream_failures_are_answered_503_and_504() {
     }
 }
 
+/// hyper's path keeps one route timer per connection (`http::RouteTimer`), as the
+/// fast path does: on one keep-alive connection, a request that times out right
+/// after one that was answered (the timer kept, registered for the earlier
+/// deadline), and again after that, is answered 504 never before the route's timeout
+/// and soon after it; over h2c, two streams at once (one with the connection's timer,
+/// one with its own) both are.
+#[tokio::test]
+async fn the_route_timeout_fires_on_time_with_a_timer_kept_per_connection() {
+    let timeout = Duration::from_secs(1);
+    let (hold_tx, _hold) = tokio::sync::watch::channel(());
+    // Answers `/fast` at once and never answers `/slow`.
+    let b = backend(move |mut s| {
+        let mut hold = hold_tx.subscribe();
+        async move {
+            let mut buf = Vec::new();
+            while let Some(r) = receive(&mut s, &mut buf).await {
+                if r.path() == "/slow" {
+                    let _ = hold.changed().await;
+                    return;
+                }
+                if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let on_time = |what: &str, status: u16, took: Duration| {
+        assert_eq!(status, 504, "{what}");
+        assert!(
+            took >= timeout,
+            "{what}: 504 after {took:?}, before {timeout:?}"
+        );
+        assert!(took < timeout * 3, "{what}: 504 only after {took:?}");
+    };
+    let (_p, addr) = proxy(false, b, timeout).await;
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    let mut buf = Vec::new();
+    for path in ["/fast", "/slow", "/fast", "/slow", "/slow"] {
+        if path == "/slow" {
+            // 40 ms after an answered request: within the slack (1/16 of the
+            // timeout), so the timer registered for that one's deadline is kept,
+            // fires 40 ms ahead of this one's and must wait out the rest. (After a
+            // timed-out one, the timer has fired and is registered anew.)
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+        let started = tokio::time::Instant::now();
+        c.write_all(format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let a = answer(&mut c, &mut buf, false).await;
+        if path == "/fast" {
+            assert_eq!(a.status, 200, "{}", a.head);
+        } else {
+            on_time(&format!("HTTP/1.1 {path}"), a.status, started.elapsed());
+            assert_eq!(a.body, b"upstream request timeout");
+        }
+    }
+
+    // h2c: two streams at once on one connection.
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(TcpStream::connect(addr).await.unwrap()),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let get = |path: &str| {
+        hyper::Request::get(format!("http://a{path}"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap()
+    };
+    let r = sender.send_request(get("/fast")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let started = tokio::time::Instant::now();
+    let (one, two) = tokio::join!(
+        sender.clone().send_request(get("/slow")),
+        sender.send_request(get("/slow"))
+    );
+    let took = started.elapsed();
+    for r in [one, two] {
+        on_time("h2c", r.unwrap().status().as_u16(), took);
+    }
+}
+
 #[tokio::test]
 async fn connection_close_is_honoured_and_the_upstream_connection_is_reused() {
     for fast in BOTH {
