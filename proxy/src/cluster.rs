@@ -780,6 +780,17 @@ impl H1Conn {
     }
 }
 
+/// An idle fast-path connection to `endpoint` that is still open, most recent first.
+fn pooled_h1(endpoint: &Endpoint) -> Option<H1Conn> {
+    let mut idle = endpoint.state.h1_idle.lock().ok()?;
+    while let Some(c) = idle.pop() {
+        if !c.expired() && c.is_open() {
+            return Some(c);
+        }
+    }
+    None
+}
+
 /// Drops the idle fast-path connections of `set` that the upstream closed (or that
 /// idled too long), which gives their slots under `max_connections` back; with `cx`,
 /// the task is woken when one of those left may have closed. How many it dropped.
@@ -826,9 +837,13 @@ impl Slots {
 
     /// Closes one idle connection of the cluster to give its slot back: the fast
     /// path's (its slot comes back at once), else one of hyper's (once its connection
-    /// task has seen it end). Whether there was one.
-    fn close_idle(&self, set: &EndpointSet) -> bool {
+    /// task has seen it end); never one that the waiting connection's own pool would
+    /// take instead (`wanted`). Whether there was one.
+    fn close_idle(&self, set: &EndpointSet, wanted: Wanted<'_>) -> bool {
         for e in set.priorities.iter().flat_map(|p| p.endpoints.iter()) {
+            if matches!(wanted, Wanted::FastPath(w) if w == e.address) {
+                continue;
+            }
             let Ok(mut idle) = e.state.h1_idle.lock() else {
                 continue;
             };
@@ -841,8 +856,29 @@ impl Slots {
         let Ok(conns) = self.hyper.lock() else {
             return false;
         };
-        conns.iter().any(|c| c.close_if_idle())
+        conns.iter().any(|c| {
+            !matches!(wanted, Wanted::Hyper(w) if c.endpoint.as_ref() == Some(w))
+                && c.close_if_idle()
+        })
     }
+}
+
+/// Whom a new connection waiting for a slot is for.
+#[derive(Debug, Clone, Copy)]
+enum Wanted<'a> {
+    /// The fast path, to this endpoint: an idle fast-path connection to it that turns
+    /// up meanwhile is taken instead.
+    FastPath(SocketAddr),
+    /// hyper's pool, to this endpoint: the pool itself takes an idle connection of its
+    /// own to it that turns up meanwhile.
+    Hyper(&'a hyper::http::uri::Authority),
+}
+
+/// What a new connection waiting for a slot gets: a slot, or (the fast path) an idle
+/// connection to its endpoint that turned up meanwhile.
+enum Slot<T> {
+    Free(OwnedSemaphorePermit),
+    Idle(T),
 }
 
 /// A connection of hyper's pool that is busy: it was given a request, its answer
@@ -864,6 +900,8 @@ pub struct ConnState {
     /// The connection task's reader, woken to see it closing.
     reader: std::sync::Mutex<Option<Waker>>,
     slots: std::sync::Weak<Slots>,
+    /// The endpoint (hyper's pool key).
+    endpoint: Option<hyper::http::uri::Authority>,
 }
 
 impl ConnState {
@@ -945,13 +983,15 @@ impl Drop for Waiting<'_> {
 /// closed to make room, and one that turns idle later is closed then, rather than
 /// hold its slot until its idle timeout (60 s); an idle fast-path connection the
 /// upstream closes gives its slot back at once too.
-async fn acquire_slot(
+async fn acquire_slot<T>(
     permits: &Arc<Semaphore>,
     endpoints: &ArcSwap<EndpointSet>,
     slots: &Slots,
-) -> Result<OwnedSemaphorePermit, tokio::sync::AcquireError> {
+    wanted: Wanted<'_>,
+    mut idle_own: impl FnMut() -> Option<T>,
+) -> Result<Slot<T>, tokio::sync::AcquireError> {
     if let Ok(p) = permits.clone().try_acquire_owned() {
-        return Ok(p);
+        return Ok(Slot::Free(p));
     }
     slots.waiting.fetch_add(1, Ordering::SeqCst);
     let _waiting = Waiting(slots);
@@ -962,7 +1002,10 @@ async fn acquire_slot(
         let idle = slots.idle.notified();
         tokio::pin!(idle);
         idle.as_mut().enable();
-        if close && slots.close_idle(&endpoints.load()) {
+        if let Some(c) = idle_own() {
+            return Ok(Slot::Idle(c));
+        }
+        if close && slots.close_idle(&endpoints.load(), wanted) {
             close = false;
         }
         let closed = std::future::poll_fn(|cx| {
@@ -973,7 +1016,7 @@ async fn acquire_slot(
             }
         });
         tokio::select! {
-            p = permits.clone().acquire_owned() => return p,
+            p = permits.clone().acquire_owned() => return p.map(Slot::Free),
             () = closed => {}
             () = &mut idle => close = true,
         }
@@ -989,13 +1032,7 @@ impl Cluster {
 
     /// An idle fast-path connection to `endpoint` that is still open, most recent first.
     pub fn pooled_h1(&self, endpoint: &Endpoint) -> Option<H1Conn> {
-        let mut idle = endpoint.state.h1_idle.lock().ok()?;
-        while let Some(c) = idle.pop() {
-            if !c.expired() && c.is_open() {
-                return Some(c);
-            }
-        }
-        None
+        pooled_h1(endpoint)
     }
 
     /// Returns a connection whose last exchange ended cleanly to `endpoint`'s pool.
@@ -1016,11 +1053,22 @@ impl Cluster {
 
     /// A new fast-path connection to `endpoint`: waits for a permit under
     /// `max_connections` (the request counts as pending meanwhile), then connects
-    /// within the cluster's connect timeout.
+    /// within the cluster's connect timeout; or, if one to `endpoint` turns idle
+    /// while it waits, that one.
     pub async fn connect_h1(&self, endpoint: &Endpoint) -> std::io::Result<H1Conn> {
-        let permit = acquire_slot(&self.connections, &self.endpoints, &self.slots)
-            .await
-            .map_err(std::io::Error::other)?;
+        let permit = match acquire_slot(
+            &self.connections,
+            &self.endpoints,
+            &self.slots,
+            Wanted::FastPath(endpoint.address),
+            || pooled_h1(endpoint),
+        )
+        .await
+        .map_err(std::io::Error::other)?
+        {
+            Slot::Free(p) => p,
+            Slot::Idle(c) => return Ok(c),
+        };
         let stream = tokio::time::timeout(
             self.def.connect_timeout,
             tokio::net::TcpStream::connect(endpoint.address),
@@ -1073,7 +1121,20 @@ impl tower::Service<hyper::Uri> for LimitedConnector {
         let tls = self.tls.clone();
         let timeout = self.timeout;
         Box::pin(async move {
-            let permit = acquire_slot(&permits, &endpoints, &slots).await?;
+            let endpoint = uri.authority().cloned();
+            let permit = match endpoint.as_ref() {
+                Some(a) => {
+                    match acquire_slot(&permits, &endpoints, &slots, Wanted::Hyper(a), || {
+                        None::<std::convert::Infallible>
+                    })
+                    .await?
+                    {
+                        Slot::Free(p) => p,
+                        Slot::Idle(never) => match never {},
+                    }
+                }
+                None => permits.clone().acquire_owned().await?,
+            };
             let tcp = inner
                 .call(uri)
                 .await
@@ -1088,6 +1149,7 @@ impl tower::Service<hyper::Uri> for LimitedConnector {
                     state: AtomicU8::new(BUSY),
                     reader: std::sync::Mutex::new(None),
                     slots: Arc::downgrade(&slots),
+                    endpoint,
                 });
                 if let Ok(mut conns) = slots.hyper.lock() {
                     conns.push(c.clone());

@@ -1522,6 +1522,78 @@ async fn an_idle_connection_to_one_endpoint_gives_its_slot_to_another() {
     }
 }
 
+/// `max_connections: 1` and one endpoint: a request that waits while the only
+/// connection is busy goes on, as soon as that answer ends, on that same connection
+/// (neither waits for a slot the idle connection holds, nor closes it to open
+/// another).
+#[tokio::test]
+async fn a_request_waiting_for_the_only_connection_takes_it_when_it_turns_idle() {
+    for fast in BOTH {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let b = {
+            let (gate, accepted) = (gate.clone(), accepted.clone());
+            backend(move |mut s| {
+                let gate = gate.clone();
+                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async move {
+                    let mut buf = Vec::new();
+                    while let Some(r) = receive(&mut s, &mut buf).await {
+                        if r.path() == "/held" {
+                            gate.acquire().await.unwrap().forget();
+                        }
+                        if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            })
+            .await
+        };
+        let limits = Limits {
+            max_connections: 1,
+            ..Limits::default()
+        };
+        let (_p, addr) = proxy_with(fast, &[b], Duration::from_secs(30), limits, None).await;
+        let send = |path: &str| {
+            let req = format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n");
+            async move {
+                let mut c = TcpStream::connect(addr).await.unwrap();
+                c.write_all(req.as_bytes()).await.unwrap();
+                c
+            }
+        };
+        let mut held = send("/held").await;
+        let mut next = send("/next").await;
+        let mut b = [0u8; 1];
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), next.read(&mut b))
+                .await
+                .is_err(),
+            "fast={fast}: answered while the only connection was busy"
+        );
+        gate.add_permits(1);
+        let a = answer(&mut held, &mut Vec::new(), false).await;
+        assert_eq!(a.status, 200, "fast={fast}: {}", a.head);
+        let released = tokio::time::Instant::now();
+        let n = answer(&mut next, &mut Vec::new(), false).await;
+        assert_eq!(n.status, 200, "fast={fast}: {}", n.head);
+        assert!(
+            released.elapsed() < Duration::from_secs(5),
+            "fast={fast}: the waiting request took {:?} after the connection turned idle",
+            released.elapsed()
+        );
+        assert_eq!(
+            accepted.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "fast={fast}: one upstream connection for both"
+        );
+    }
+}
+
 /// Several `Host` fields, or a `Host` other than the authority of an absolute-form
 /// target: which one routes would be ambiguous, so 400 (RFC 9112 §3.2); the first
 /// one routed.
