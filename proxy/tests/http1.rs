@@ -1076,6 +1076,13 @@ where
         echoed.len(),
         body.len()
     );
+    // The client sent all it had and closed its side: the proxy closes the
+    // connection once the response is out.
+    let mut b = [0u8; 1];
+    let end = tokio::time::timeout(TIMEOUT, r.read(&mut b))
+        .await
+        .unwrap_or_else(|_| panic!("{what}: the connection is still open after the response"));
+    assert!(matches!(end, Ok(0) | Err(_)), "{what}: {end:?}");
 }
 
 /// As [`echo_upload_h1`] over HTTP/2 (prior knowledge, or ALPN over TLS): the body
