@@ -12,8 +12,8 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -279,6 +279,8 @@ pub struct Cluster {
     /// Endpoints currently ejected by outlier detection.
     ejected: AtomicUsize,
     connections: Arc<Semaphore>,
+    /// Who holds those slots idle, and who waits for one ([`acquire_slot`]).
+    slots: Arc<Slots>,
     pub stats: ClusterStats,
     /// Upstream TLS, for the TCP proxy (HTTP connections get it from the connector).
     pub tls: Option<Arc<crate::tls::ClientTls>>,
@@ -371,6 +373,7 @@ impl Cluster {
             retries_active: AtomicUsize::new(0),
             ejected: AtomicUsize::new(0),
             connections,
+            slots: Arc::default(),
             stats,
             tls,
         }
@@ -386,6 +389,8 @@ impl Cluster {
             let connector = LimitedConnector {
                 inner: http,
                 permits: self.connections.clone(),
+                slots: self.slots.clone(),
+                http2: self.def.http2,
                 endpoints: self.endpoints.clone(),
                 tls: self.tls.clone(),
                 timeout: self.def.connect_timeout,
@@ -775,6 +780,17 @@ impl H1Conn {
     }
 }
 
+/// An idle fast-path connection to `endpoint` that is still open, most recent first.
+fn pooled_h1(endpoint: &Endpoint) -> Option<H1Conn> {
+    let mut idle = endpoint.state.h1_idle.lock().ok()?;
+    while let Some(c) = idle.pop() {
+        if !c.expired() && c.is_open() {
+            return Some(c);
+        }
+    }
+    None
+}
+
 /// Drops the idle fast-path connections of `set` that the upstream closed (or that
 /// idled too long), which gives their slots under `max_connections` back; with `cx`,
 /// the task is woken when one of those left may have closed. How many it dropped.
@@ -797,18 +813,201 @@ fn reap_idle_h1(set: &EndpointSet, mut cx: Option<&mut Context<'_>>) -> usize {
     dropped
 }
 
+/// A cluster's upstream connections as the keeper of its `max_connections` slots
+/// sees them (the slots themselves are the cluster's semaphore): hyper's HTTP/1.1
+/// connections and whether each is idle, and how many new connections wait for a slot.
+#[derive(Debug, Default)]
+pub struct Slots {
+    /// hyper's open HTTP/1.1 connections (each removes itself when it closes).
+    hyper: std::sync::Mutex<Vec<Arc<ConnState>>>,
+    /// New connections waiting for a slot ([`acquire_slot`]).
+    waiting: AtomicUsize,
+    /// Notified when a connection turns idle while some wait.
+    idle: tokio::sync::Notify,
+}
+
+impl Slots {
+    /// After a connection turned idle (its state stored first): wakes those that
+    /// wait for a slot, so that they close it rather than wait for its idle timeout.
+    fn turned_idle(&self) {
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.idle.notify_waiters();
+        }
+    }
+
+    /// Closes one idle connection of the cluster to give its slot back: the fast
+    /// path's (its slot comes back at once), else one of hyper's (once its connection
+    /// task has seen it end); never one that the waiting connection's own pool would
+    /// take instead (`wanted`). Whether there was one.
+    fn close_idle(&self, set: &EndpointSet, wanted: Wanted<'_>) -> bool {
+        for e in set.priorities.iter().flat_map(|p| p.endpoints.iter()) {
+            if matches!(wanted, Wanted::FastPath(w) if w == e.address) {
+                continue;
+            }
+            let Ok(mut idle) = e.state.h1_idle.lock() else {
+                continue;
+            };
+            if !idle.is_empty() {
+                // The one idle longest.
+                drop(idle.remove(0));
+                return true;
+            }
+        }
+        let Ok(conns) = self.hyper.lock() else {
+            return false;
+        };
+        conns.iter().any(|c| {
+            !matches!(wanted, Wanted::Hyper(w) if c.endpoint.as_ref() == Some(w))
+                && c.close_if_idle()
+        })
+    }
+}
+
+/// Whom a new connection waiting for a slot is for.
+#[derive(Debug, Clone, Copy)]
+enum Wanted<'a> {
+    /// The fast path, to this endpoint: an idle fast-path connection to it that turns
+    /// up meanwhile is taken instead.
+    FastPath(SocketAddr),
+    /// hyper's pool, to this endpoint: the pool itself takes an idle connection of its
+    /// own to it that turns up meanwhile.
+    Hyper(&'a hyper::http::uri::Authority),
+}
+
+/// What a new connection waiting for a slot gets: a slot, or (the fast path) an idle
+/// connection to its endpoint that turned up meanwhile.
+enum Slot<T> {
+    Free(OwnedSemaphorePermit),
+    Idle(T),
+}
+
+/// A connection of hyper's pool that is busy: it was given a request, its answer
+/// has not ended.
+const BUSY: u8 = 0;
+/// Its last answer ended: it sits in hyper's pool.
+const IDLE: u8 = 1;
+/// Closed while idle to give its slot to another endpoint: it reads as ended.
+const CLOSING: u8 = 2;
+
+/// The state of one of hyper's HTTP/1.1 upstream connections (HTTP/2 ones carry many
+/// streams and are not tracked): busy from the moment hyper writes a request on it
+/// until the response body ends ([`Exchange`]), idle between; an idle one can be
+/// closed ([`Slots::close_idle`]): its reads then end, and hyper drops it as a
+/// connection the upstream closed while idle.
+#[derive(Debug)]
+pub struct ConnState {
+    state: AtomicU8,
+    /// The connection task's reader, woken to see it closing.
+    reader: std::sync::Mutex<Option<Waker>>,
+    slots: std::sync::Weak<Slots>,
+    /// The endpoint (hyper's pool key).
+    endpoint: Option<hyper::http::uri::Authority>,
+}
+
+impl ConnState {
+    fn close_if_idle(&self) -> bool {
+        if self
+            .state
+            .compare_exchange(IDLE, CLOSING, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return false;
+        }
+        if let Some(w) = self.reader.lock().ok().and_then(|mut r| r.take()) {
+            w.wake();
+        }
+        true
+    }
+
+    fn closing(&self) -> bool {
+        self.state.load(Ordering::Acquire) == CLOSING
+    }
+
+    /// hyper writes on it: a request (HTTP/1.1 writes nothing else). `false` once
+    /// it is closing.
+    fn begin(&self) -> bool {
+        match self.state.load(Ordering::Acquire) {
+            BUSY => true,
+            _ => self
+                .state
+                .compare_exchange(IDLE, BUSY, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok(),
+        }
+    }
+}
+
+/// Put in each response's extensions by hyper's pool (`Connected::extra`): the
+/// connection it came on.
+#[derive(Debug, Clone)]
+struct ConnHandle(Arc<ConnState>);
+
+/// One request's exchange on a connection of hyper's pool: while it is held the
+/// connection is busy; dropped when the response body ends (or is dropped).
+#[derive(Debug)]
+pub struct Exchange(Arc<ConnState>);
+
+impl Exchange {
+    /// The exchange of the response whose `extensions` these are (none for an HTTP/2
+    /// connection).
+    pub fn of(extensions: &mut hyper::http::Extensions) -> Option<Exchange> {
+        extensions.remove::<ConnHandle>().map(|h| Exchange(h.0))
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        if self
+            .0
+            .state
+            .compare_exchange(BUSY, IDLE, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+            && let Some(slots) = self.0.slots.upgrade()
+        {
+            slots.turned_idle();
+        }
+    }
+}
+
+/// Counts a new connection as waiting for a slot while it lives.
+struct Waiting<'a>(&'a Slots);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// A slot under the cluster's `max_connections` for a new upstream connection, for
-/// both paths (shared with hyper's pool): while none is free, an idle fast-path
-/// connection the upstream closes gives its slot back at once, rather than hold it
-/// until it is next picked or 60 s old.
-async fn acquire_slot(
+/// both paths (shared with hyper's pool). While none is free, an idle connection of
+/// the cluster (to another endpoint: one to this endpoint would have been used) is
+/// closed to make room, and one that turns idle later is closed then, rather than
+/// hold its slot until its idle timeout (60 s); an idle fast-path connection the
+/// upstream closes gives its slot back at once too.
+async fn acquire_slot<T>(
     permits: &Arc<Semaphore>,
     endpoints: &ArcSwap<EndpointSet>,
-) -> Result<OwnedSemaphorePermit, tokio::sync::AcquireError> {
+    slots: &Slots,
+    wanted: Wanted<'_>,
+    mut idle_own: impl FnMut() -> Option<T>,
+) -> Result<Slot<T>, tokio::sync::AcquireError> {
     if let Ok(p) = permits.clone().try_acquire_owned() {
-        return Ok(p);
+        return Ok(Slot::Free(p));
     }
+    slots.waiting.fetch_add(1, Ordering::SeqCst);
+    let _waiting = Waiting(slots);
+    // Closes one idle connection, then waits for a slot; closes another only when
+    // one more turns idle (the slot of the one closed may go to another waiter).
+    let mut close = true;
     loop {
+        let idle = slots.idle.notified();
+        tokio::pin!(idle);
+        idle.as_mut().enable();
+        if let Some(c) = idle_own() {
+            return Ok(Slot::Idle(c));
+        }
+        if close && slots.close_idle(&endpoints.load(), wanted) {
+            close = false;
+        }
         let closed = std::future::poll_fn(|cx| {
             if reap_idle_h1(&endpoints.load(), Some(cx)) > 0 {
                 Poll::Ready(())
@@ -817,8 +1016,9 @@ async fn acquire_slot(
             }
         });
         tokio::select! {
-            p = permits.clone().acquire_owned() => return p,
+            p = permits.clone().acquire_owned() => return p.map(Slot::Free),
             () = closed => {}
+            () = &mut idle => close = true,
         }
     }
 }
@@ -832,13 +1032,7 @@ impl Cluster {
 
     /// An idle fast-path connection to `endpoint` that is still open, most recent first.
     pub fn pooled_h1(&self, endpoint: &Endpoint) -> Option<H1Conn> {
-        let mut idle = endpoint.state.h1_idle.lock().ok()?;
-        while let Some(c) = idle.pop() {
-            if !c.expired() && c.is_open() {
-                return Some(c);
-            }
-        }
-        None
+        pooled_h1(endpoint)
     }
 
     /// Returns a connection whose last exchange ended cleanly to `endpoint`'s pool.
@@ -854,15 +1048,27 @@ impl Cluster {
             idle.drain(..stale);
             idle.push(c);
         }
+        self.slots.turned_idle();
     }
 
     /// A new fast-path connection to `endpoint`: waits for a permit under
     /// `max_connections` (the request counts as pending meanwhile), then connects
-    /// within the cluster's connect timeout.
+    /// within the cluster's connect timeout; or, if one to `endpoint` turns idle
+    /// while it waits, that one.
     pub async fn connect_h1(&self, endpoint: &Endpoint) -> std::io::Result<H1Conn> {
-        let permit = acquire_slot(&self.connections, &self.endpoints)
-            .await
-            .map_err(std::io::Error::other)?;
+        let permit = match acquire_slot(
+            &self.connections,
+            &self.endpoints,
+            &self.slots,
+            Wanted::FastPath(endpoint.address),
+            || pooled_h1(endpoint),
+        )
+        .await
+        .map_err(std::io::Error::other)?
+        {
+            Slot::Free(p) => p,
+            Slot::Idle(c) => return Ok(c),
+        };
         let stream = tokio::time::timeout(
             self.def.connect_timeout,
             tokio::net::TcpStream::connect(endpoint.address),
@@ -887,6 +1093,9 @@ impl Cluster {
 pub struct LimitedConnector {
     inner: HttpConnector,
     permits: Arc<Semaphore>,
+    slots: Arc<Slots>,
+    /// The cluster speaks HTTP/2 (its connections are not tracked in `slots`).
+    http2: bool,
     /// The cluster's endpoints, whose idle fast-path connections hold slots too.
     endpoints: Arc<ArcSwap<EndpointSet>>,
     /// Upstream TLS, handshaken after connecting (bounded by the connect timeout).
@@ -906,11 +1115,26 @@ impl tower::Service<hyper::Uri> for LimitedConnector {
     fn call(&mut self, uri: hyper::Uri) -> Self::Future {
         let mut inner = self.inner.clone();
         let permits = self.permits.clone();
+        let slots = self.slots.clone();
+        let http2 = self.http2;
         let endpoints = self.endpoints.clone();
         let tls = self.tls.clone();
         let timeout = self.timeout;
         Box::pin(async move {
-            let permit = acquire_slot(&permits, &endpoints).await?;
+            let endpoint = uri.authority().cloned();
+            let permit = match endpoint.as_ref() {
+                Some(a) => {
+                    match acquire_slot(&permits, &endpoints, &slots, Wanted::Hyper(a), || {
+                        None::<std::convert::Infallible>
+                    })
+                    .await?
+                    {
+                        Slot::Free(p) => p,
+                        Slot::Idle(never) => match never {},
+                    }
+                }
+                None => permits.clone().acquire_owned().await?,
+            };
             let tcp = inner
                 .call(uri)
                 .await
@@ -919,8 +1143,22 @@ impl tower::Service<hyper::Uri> for LimitedConnector {
             let io = crate::tls::upgrade(tcp, tls.as_deref(), timeout)
                 .await
                 .map_err(|e| Box::new(ConnectError(e.to_string())))?;
+            // Busy from the start: it is made for a request.
+            let state = (!http2 && !io.negotiated_h2()).then(|| {
+                let c = Arc::new(ConnState {
+                    state: AtomicU8::new(BUSY),
+                    reader: std::sync::Mutex::new(None),
+                    slots: Arc::downgrade(&slots),
+                    endpoint,
+                });
+                if let Ok(mut conns) = slots.hyper.lock() {
+                    conns.push(c.clone());
+                }
+                c
+            });
             Ok(LimitedConnection {
                 io: TokioIo::new(io),
+                state,
                 _permit: permit,
             })
         })
@@ -935,16 +1173,44 @@ pub struct ConnectError(String);
 #[derive(Debug)]
 pub struct LimitedConnection {
     io: TokioIo<crate::tls::Stream>,
+    /// An HTTP/1.1 connection's state, in the cluster's [`Slots`].
+    state: Option<Arc<ConnState>>,
     _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for LimitedConnection {
+    fn drop(&mut self) {
+        if let Some(c) = &self.state
+            && let Some(slots) = c.slots.upgrade()
+            && let Ok(mut conns) = slots.hyper.lock()
+        {
+            conns.retain(|o| !Arc::ptr_eq(o, c));
+        }
+    }
 }
 
 impl Connection for LimitedConnection {
     fn connected(&self) -> Connected {
         let c = Connected::new();
-        if self.io.inner().negotiated_h2() {
-            c.negotiated_h2()
-        } else {
-            c
+        match &self.state {
+            Some(s) => c.extra(ConnHandle(s.clone())),
+            None if self.io.inner().negotiated_h2() => c.negotiated_h2(),
+            None => c,
+        }
+    }
+}
+
+impl LimitedConnection {
+    /// Whether the connection was closed to make room (it then reads as ended).
+    fn closing(&self) -> bool {
+        self.state.as_ref().is_some_and(|s| s.closing())
+    }
+
+    /// Whether hyper may write on it (marks it busy).
+    fn begin(&self) -> std::io::Result<()> {
+        match &self.state {
+            Some(s) if !s.begin() => Err(std::io::ErrorKind::BrokenPipe.into()),
+            _ => Ok(()),
         }
     }
 }
@@ -955,7 +1221,25 @@ impl hyper::rt::Read for LimitedConnection {
         cx: &mut Context<'_>,
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        if self.closing() {
+            return Poll::Ready(Ok(()));
+        }
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if r.is_pending()
+            && let Some(s) = &self.state
+        {
+            if let Ok(mut w) = s.reader.lock() {
+                match &mut *w {
+                    Some(w) => w.clone_from(cx.waker()),
+                    None => *w = Some(cx.waker().clone()),
+                }
+            }
+            // Closed since it was looked at: its reader was not there to be woken.
+            if s.closing() {
+                return Poll::Ready(Ok(()));
+            }
+        }
+        r
     }
 }
 
@@ -965,6 +1249,7 @@ impl hyper::rt::Write for LimitedConnection {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
+        self.begin()?;
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -981,6 +1266,7 @@ impl hyper::rt::Write for LimitedConnection {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
+        self.begin()?;
         Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 }

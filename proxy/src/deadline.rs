@@ -61,6 +61,12 @@ impl Deadline {
     pub async fn after(&mut self, timeout: Duration) {
         self.until(Instant::now() + timeout, timeout).await
     }
+
+    /// When the timer registered with the driver fires.
+    #[cfg(test)]
+    pub(crate) fn registered(&self) -> Instant {
+        self.sleep.deadline()
+    }
 }
 
 #[cfg(test)]

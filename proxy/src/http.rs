@@ -20,18 +20,23 @@ use hyper::http::uri::{PathAndQuery, Scheme};
 use hyper::http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 
 use crate::Shared;
-use crate::cluster::{Admission, Cluster, InFlight, RetrySlot, Unavailable, UpstreamBody};
+use crate::cluster::{
+    Admission, Cluster, Exchange, InFlight, RetrySlot, Unavailable, UpstreamBody,
+};
 use crate::config::{Outcome, RequestHeaders, RetryPolicy, RouteAction, Snapshot};
+use crate::deadline::Deadline;
 
 pub type ResponseBody = Either<Guarded, Full<Bytes>>;
 
 /// An upstream response body that keeps its request counted, against the cluster's
-/// `max_requests` and as active on its endpoint (least request), until it ends.
+/// `max_requests` and as active on its endpoint (least request), and its HTTP/1.1
+/// connection busy (not to be closed for another endpoint's request), until it ends.
 #[derive(Debug)]
 pub struct Guarded {
     inner: Incoming,
     in_flight: Option<InFlight>,
     admission: Option<Admission>,
+    exchange: Option<Exchange>,
 }
 
 impl hyper::body::Body for Guarded {
@@ -46,6 +51,7 @@ impl hyper::body::Body for Guarded {
         if let std::task::Poll::Ready(None | Some(Err(_))) = &frame {
             self.in_flight = None;
             self.admission = None;
+            self.exchange = None;
         }
         frame
     }
@@ -279,10 +285,68 @@ pub fn admit(
     Ok((cluster, admission))
 }
 
-/// Serves one request arriving on a listener whose manager is `downstream`.
+/// One downstream connection's route timer on hyper's path: a [`Deadline`] kept from
+/// one request to the next, as the fast path keeps one per connection, so that a
+/// route timeout does not register (and remove) a timer with tokio's driver per
+/// request. It is lent to one request at a time: HTTP/1.1's requests come one after
+/// another; HTTP/2's streams run at once, and one that finds it lent to another
+/// stream times itself with its own timer (one `Sleep` serves one deadline; sharing it
+/// among streams would take a timer queue per connection).
+#[derive(Debug, Default)]
+pub struct RouteTimer(std::sync::Mutex<TimerSlot>);
+
+#[derive(Debug, Default)]
+enum TimerSlot {
+    /// Not made yet (a connection whose routes have no timeout never needs one).
+    #[default]
+    None,
+    Home(Deadline),
+    Lent,
+}
+
+impl RouteTimer {
+    /// The connection's timer, unless another request holds it.
+    fn lend(&self) -> Option<LentTimer<'_>> {
+        let mut slot = self.0.lock().ok()?;
+        let deadline = match std::mem::replace(&mut *slot, TimerSlot::Lent) {
+            TimerSlot::Home(d) => d,
+            TimerSlot::None => Deadline::new(),
+            TimerSlot::Lent => return None,
+        };
+        Some(LentTimer {
+            home: self,
+            deadline: Some(deadline),
+        })
+    }
+}
+
+/// The connection's timer while a request holds it; back home when dropped (the
+/// request answered, timed out, or cancelled).
+struct LentTimer<'a> {
+    home: &'a RouteTimer,
+    deadline: Option<Deadline>,
+}
+
+impl LentTimer<'_> {
+    fn deadline(&mut self) -> &mut Deadline {
+        self.deadline.as_mut().expect("held until dropped")
+    }
+}
+
+impl Drop for LentTimer<'_> {
+    fn drop(&mut self) {
+        if let (Some(d), Ok(mut slot)) = (self.deadline.take(), self.home.0.lock()) {
+            *slot = TimerSlot::Home(d);
+        }
+    }
+}
+
+/// Serves one request arriving on a listener whose manager is `downstream`, on a
+/// connection whose route timer is `timer`.
 pub async fn handle(
     shared: Arc<Shared>,
     downstream: Arc<Downstream>,
+    timer: Arc<RouteTimer>,
     mut req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     if ambiguous_host(req.uri(), req.headers()) {
@@ -321,10 +385,17 @@ pub async fn handle(
     let retry = action.retry.clone().filter(|r| r.num_retries > 0);
     let forward = forward(cluster, req, retry);
     let mut response = match action.timeout {
-        Some(t) => match tokio::time::timeout(t, forward).await {
-            Ok(r) => r,
-            Err(_) => ROUTE_TIMEOUT.response(),
-        },
+        Some(t) => {
+            let answered = match timer.lend() {
+                Some(mut lent) => tokio::select! {
+                    biased;
+                    r = forward => Some(r),
+                    () = lent.deadline().after(t) => None,
+                },
+                None => tokio::time::timeout(t, forward).await.ok(),
+            };
+            answered.unwrap_or_else(|| ROUTE_TIMEOUT.response())
+        }
         None => forward.await,
     };
     if let Either::Left(body) = response.body_mut() {
@@ -532,6 +603,7 @@ fn classify(
             let status = r.status().as_u16();
             let (mut parts, body) = r.into_parts();
             strip_hop_by_hop(&mut parts.headers);
+            let exchange = Exchange::of(&mut parts.extensions);
             (
                 Outcome::Status(status),
                 Response::from_parts(
@@ -540,6 +612,7 @@ fn classify(
                         inner: body,
                         in_flight: Some(endpoint.again()),
                         admission: None,
+                        exchange,
                     }),
                 ),
             )
@@ -549,5 +622,50 @@ fn classify(
             tracing::debug!(error = %e, "upstream reset before headers");
             (Outcome::Reset, RESET.response())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::Instant;
+
+    /// A connection's route timer goes to one request at a time, and comes back with
+    /// its registration when the request ends however it ends: the next request
+    /// within the slack keeps it (no new timer with the driver) and still times out
+    /// exactly on its own deadline; a request that finds it lent times itself.
+    #[tokio::test(start_paused = true)]
+    async fn a_connections_route_timer_is_kept_from_one_request_to_the_next() {
+        let timer = RouteTimer::default();
+        let t = Duration::from_secs(15);
+        let first = Instant::now();
+        {
+            let mut lent = timer.lend().expect("free");
+            assert!(timer.lend().is_none(), "lent to one request at a time");
+            // Answered after 10 ms: the timer stays registered for first + 15 s.
+            tokio::select! {
+                () = lent.deadline().after(t) => panic!("fired early"),
+                () = tokio::time::sleep(Duration::from_millis(10)) => {}
+            }
+        }
+        let mut lent = timer.lend().expect("back home once the request ended");
+        assert_eq!(lent.deadline().registered(), first + t);
+        // The next request's deadline is 10 ms later, within the slack: the timer is
+        // not moved, fires 10 ms ahead and waits out the rest.
+        let second = Instant::now();
+        lent.deadline().after(t).await;
+        assert_eq!(Instant::now(), second + t, "never early, never late");
+        drop(lent);
+
+        // A request cancelled while it holds the timer gives it back too.
+        let held = async {
+            let mut lent = timer.lend().unwrap();
+            lent.deadline().after(t).await;
+        };
+        tokio::select! {
+            () = held => panic!("fired early"),
+            () = tokio::time::sleep(Duration::from_millis(1)) => {}
+        }
+        assert!(timer.lend().is_some());
     }
 }

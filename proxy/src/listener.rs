@@ -226,8 +226,10 @@ pub(crate) async fn serve_http<S>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    // One route timer per connection, kept from one request to the next.
+    let timer = Arc::new(crate::http::RouteTimer::default());
     let service = hyper::service::service_fn(move |req| {
-        crate::http::handle(shared.clone(), downstream.clone(), req)
+        crate::http::handle(shared.clone(), downstream.clone(), timer.clone(), req)
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // ALPN decides the protocol over TLS; the codec otherwise.
@@ -243,6 +245,12 @@ pub(crate) async fn serve_http<S>(
         _ => false,
     };
     builder.http1().timer(hyper_util::rt::TokioTimer::new());
+    // A client that has sent its whole request may close its side (a half-close, as
+    // `shutdown(SHUT_WR)` or a dropped write half does) and still read the response,
+    // as on the fast path. Without this hyper took that FIN, mid-response, for the
+    // client gone and closed the connection, cutting a response that streams back
+    // while the upload goes on (an echo) once the client had written its last byte.
+    builder.http1().half_close(true);
     // hyper's `header_read_timeout` (30 s) runs once HTTP/1.1 is chosen; sniffing the
     // version (or HTTP/2's preface) waits for a first byte without one: a client that
     // never sends one is closed after the same time.

@@ -713,6 +713,94 @@ async fn upstream_failures_are_answered_503_and_504() {
     }
 }
 
+/// hyper's path keeps one route timer per connection (`http::RouteTimer`), as the
+/// fast path does: on one keep-alive connection, a request that times out right
+/// after one that was answered (the timer kept, registered for the earlier
+/// deadline), and again after that, is answered 504 never before the route's timeout
+/// and soon after it; over h2c, two streams at once (one with the connection's timer,
+/// one with its own) both are.
+#[tokio::test]
+async fn the_route_timeout_fires_on_time_with_a_timer_kept_per_connection() {
+    let timeout = Duration::from_secs(1);
+    let (hold_tx, _hold) = tokio::sync::watch::channel(());
+    // Answers `/fast` at once and never answers `/slow`.
+    let b = backend(move |mut s| {
+        let mut hold = hold_tx.subscribe();
+        async move {
+            let mut buf = Vec::new();
+            while let Some(r) = receive(&mut s, &mut buf).await {
+                if r.path() == "/slow" {
+                    let _ = hold.changed().await;
+                    return;
+                }
+                if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let on_time = |what: &str, status: u16, took: Duration| {
+        assert_eq!(status, 504, "{what}");
+        assert!(
+            took >= timeout,
+            "{what}: 504 after {took:?}, before {timeout:?}"
+        );
+        assert!(took < timeout * 3, "{what}: 504 only after {took:?}");
+    };
+    let (_p, addr) = proxy(false, b, timeout).await;
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    let mut buf = Vec::new();
+    for path in ["/fast", "/slow", "/fast", "/slow", "/slow"] {
+        if path == "/slow" {
+            // 40 ms after an answered request: within the slack (1/16 of the
+            // timeout), so the timer registered for that one's deadline is kept,
+            // fires 40 ms ahead of this one's and must wait out the rest. (After a
+            // timed-out one, the timer has fired and is registered anew.)
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+        let started = tokio::time::Instant::now();
+        c.write_all(format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let a = answer(&mut c, &mut buf, false).await;
+        if path == "/fast" {
+            assert_eq!(a.status, 200, "{}", a.head);
+        } else {
+            on_time(&format!("HTTP/1.1 {path}"), a.status, started.elapsed());
+            assert_eq!(a.body, b"upstream request timeout");
+        }
+    }
+
+    // h2c: two streams at once on one connection.
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(TcpStream::connect(addr).await.unwrap()),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let get = |path: &str| {
+        hyper::Request::get(format!("http://a{path}"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap()
+    };
+    let r = sender.send_request(get("/fast")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let started = tokio::time::Instant::now();
+    let (one, two) = tokio::join!(
+        sender.clone().send_request(get("/slow")),
+        sender.send_request(get("/slow"))
+    );
+    let took = started.elapsed();
+    for r in [one, two] {
+        on_time("h2c", r.unwrap().status().as_u16(), took);
+    }
+}
+
 #[tokio::test]
 async fn connection_close_is_honoured_and_the_upstream_connection_is_reused() {
     for fast in BOTH {
@@ -796,8 +884,12 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_head_timeout() {
 }
 
 /// Writes `body` as the client's request body (in pieces, chunked or not) from its
-/// own task, so that the test reads the response meanwhile.
-fn upload(mut w: tokio::net::tcp::OwnedWriteHalf, head: String, body: Vec<u8>, chunked: bool) {
+/// own task, so that the test reads the response meanwhile; then closes the client's
+/// sending side (a half-close: the response is still read).
+fn upload<W>(mut w: W, head: String, body: Vec<u8>, chunked: bool)
+where
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     tokio::spawn(async move {
         if w.write_all(head.as_bytes()).await.is_err() {
             return;
@@ -815,9 +907,10 @@ fn upload(mut w: tokio::net::tcp::OwnedWriteHalf, head: String, body: Vec<u8>, c
                 return;
             }
         }
-        if chunked {
-            let _ = w.write_all(b"0\r\n\r\n").await;
+        if chunked && w.write_all(b"0\r\n\r\n").await.is_err() {
+            return;
         }
+        let _ = w.shutdown().await;
     });
 }
 
@@ -827,171 +920,393 @@ fn big_body() -> Vec<u8> {
 }
 
 /// An upstream that sends its response head before it has read the request body, as
-/// a streaming echo does, then echoes each piece of the body as it reads it: the
-/// fast path must go on forwarding the body while it relays the response (it stopped
-/// sending the body once the head came, and both sides then waited for ever).
-/// Fast path only: hyper's path (server and legacy client) closes the client's
-/// connection partway through such an exchange (after ~1.6 MB of the 8 MiB echo
-/// here), a limit of that path this change does not touch.
-#[tokio::test]
-async fn an_upload_goes_on_while_an_early_response_streams_back() {
-    {
-        let fast = true;
-        let b = backend(|mut s| async move {
-            let mut buf = Vec::new();
-            let Some(n) = read_head(&mut s, &mut buf).await else {
-                return;
-            };
-            let head = String::from_utf8_lossy(&buf[..n]).to_string();
-            buf.drain(..n);
-            s.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-                .await
-                .unwrap();
-            // Echo as it comes: each piece read goes back as one chunk at once.
-            let (mut r, mut w) = s.into_split();
-            let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
-            let echo = tokio::spawn(async move {
-                while let Some(d) = rx.recv().await {
-                    let mut c = format!("{:x}\r\n", d.len()).into_bytes();
-                    c.extend_from_slice(&d);
-                    c.extend_from_slice(b"\r\n");
-                    if w.write_all(&c).await.is_err() {
-                        return;
-                    }
+/// a streaming echo does, then echoes each piece of the body as it reads it.
+async fn streaming_echo() -> SocketAddr {
+    backend(|mut s| async move {
+        let mut buf = Vec::new();
+        let Some(n) = read_head(&mut s, &mut buf).await else {
+            return;
+        };
+        let head = String::from_utf8_lossy(&buf[..n]).to_string();
+        buf.drain(..n);
+        s.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            .await
+            .unwrap();
+        // Echo as it comes: each piece read goes back as one chunk at once.
+        let (mut r, mut w) = s.into_split();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let echo = tokio::spawn(async move {
+            while let Some(d) = rx.recv().await {
+                let mut c = format!("{:x}\r\n", d.len()).into_bytes();
+                c.extend_from_slice(&d);
+                c.extend_from_slice(b"\r\n");
+                if w.write_all(&c).await.is_err() {
+                    return;
                 }
-                let _ = w.write_all(b"0\r\n\r\n").await;
-            });
-            let mut pending = buf;
-            if chunked(&head) {
-                // Decode chunk by chunk, echoing the data.
-                loop {
-                    let line_end = loop {
-                        if let Some(i) = pending.windows(2).position(|w| w == b"\r\n") {
-                            break i;
-                        }
-                        let mut chunk = vec![0u8; 64 * 1024];
-                        let n = tokio::time::timeout(TIMEOUT, r.read(&mut chunk))
-                            .await
-                            .expect("body bytes within the timeout")
-                            .unwrap();
-                        assert!(n > 0, "body cut short");
-                        pending.extend_from_slice(&chunk[..n]);
-                    };
-                    let size = usize::from_str_radix(
-                        std::str::from_utf8(&pending[..line_end]).unwrap(),
-                        16,
-                    )
-                    .unwrap();
-                    pending.drain(..line_end + 2);
-                    while pending.len() < size + 2 {
-                        let mut chunk = vec![0u8; 64 * 1024];
-                        let n = tokio::time::timeout(TIMEOUT, r.read(&mut chunk))
-                            .await
-                            .expect("body bytes within the timeout")
-                            .unwrap();
-                        assert!(n > 0, "chunk cut short");
-                        pending.extend_from_slice(&chunk[..n]);
+            }
+            let _ = w.write_all(b"0\r\n\r\n").await;
+        });
+        let mut pending = buf;
+        if chunked(&head) {
+            // Decode chunk by chunk, echoing the data.
+            loop {
+                let line_end = loop {
+                    if let Some(i) = pending.windows(2).position(|w| w == b"\r\n") {
+                        break i;
                     }
-                    if size == 0 {
-                        break;
-                    }
-                    tx.send(pending[..size].to_vec()).unwrap();
-                    pending.drain(..size + 2);
-                }
-            } else {
-                let mut left: usize = header(&head, "content-length").unwrap().parse().unwrap();
-                let k = left.min(pending.len());
-                if k > 0 {
-                    tx.send(pending[..k].to_vec()).unwrap();
-                }
-                left -= k;
-                while left > 0 {
                     let mut chunk = vec![0u8; 64 * 1024];
                     let n = tokio::time::timeout(TIMEOUT, r.read(&mut chunk))
                         .await
                         .expect("body bytes within the timeout")
                         .unwrap();
                     assert!(n > 0, "body cut short");
-                    let n = n.min(left);
-                    tx.send(chunk[..n].to_vec()).unwrap();
-                    left -= n;
-                }
-            }
-            drop(tx);
-            echo.await.unwrap();
-        })
-        .await;
-        let (_p, addr) = proxy(fast, b, Duration::from_secs(60)).await;
-        for chunked_upload in [false, true] {
-            let body = big_body();
-            let head = if chunked_upload {
-                "POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n".to_string()
-            } else {
-                format!(
-                    "POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
-                    body.len()
-                )
-            };
-            let (mut r, w) = TcpStream::connect(addr).await.unwrap().into_split();
-            upload(w, head, body.clone(), chunked_upload);
-            // The response, read while the upload goes on (every read has a timeout).
-            let mut stream_buf = Vec::new();
-            let got = tokio::time::timeout(Duration::from_secs(60), async {
-                loop {
+                    pending.extend_from_slice(&chunk[..n]);
+                };
+                let size =
+                    usize::from_str_radix(std::str::from_utf8(&pending[..line_end]).unwrap(), 16)
+                        .unwrap();
+                pending.drain(..line_end + 2);
+                while pending.len() < size + 2 {
                     let mut chunk = vec![0u8; 64 * 1024];
                     let n = tokio::time::timeout(TIMEOUT, r.read(&mut chunk))
                         .await
-                        .expect("response bytes within the timeout")
-                        .unwrap_or(0);
-                    if n == 0 {
-                        break;
-                    }
-                    stream_buf.extend_from_slice(&chunk[..n]);
-                    if stream_buf.ends_with(b"\r\n0\r\n\r\n") {
-                        break;
-                    }
+                        .expect("body bytes within the timeout")
+                        .unwrap();
+                    assert!(n > 0, "chunk cut short");
+                    pending.extend_from_slice(&chunk[..n]);
                 }
-            })
-            .await;
-            assert!(
-                got.is_ok(),
-                "fast={fast} chunked={chunked_upload}: no whole response within 60 s"
-            );
-            let n = stream_buf
-                .windows(4)
-                .position(|w| w == b"\r\n\r\n")
-                .expect("a response head")
-                + 4;
-            let head = String::from_utf8_lossy(&stream_buf[..n]).to_string();
-            assert!(head.starts_with("HTTP/1.1 200"), "fast={fast}: {head}");
-            assert!(chunked(&head), "fast={fast}: {head}");
-            // Decode the echo.
-            let mut rest = &stream_buf[n..];
-            let mut echoed = Vec::new();
-            assert!(
-                stream_buf.ends_with(b"\r\n0\r\n\r\n"),
-                "fast={fast} chunked={chunked_upload}: the response ended after {} bytes: {head}",
-                stream_buf.len()
-            );
-            loop {
-                let i = rest.windows(2).position(|w| w == b"\r\n").unwrap();
-                let size =
-                    usize::from_str_radix(std::str::from_utf8(&rest[..i]).unwrap(), 16).unwrap();
-                rest = &rest[i + 2..];
                 if size == 0 {
                     break;
                 }
-                echoed.extend_from_slice(&rest[..size]);
-                rest = &rest[size + 2..];
+                tx.send(pending[..size].to_vec()).unwrap();
+                pending.drain(..size + 2);
             }
-            assert!(
-                echoed == body,
-                "fast={fast} chunked={chunked_upload}: echoed {} of {} bytes",
-                echoed.len(),
-                body.len()
-            );
+        } else {
+            let mut left: usize = header(&head, "content-length").unwrap().parse().unwrap();
+            let k = left.min(pending.len());
+            if k > 0 {
+                tx.send(pending[..k].to_vec()).unwrap();
+            }
+            left -= k;
+            while left > 0 {
+                let mut chunk = vec![0u8; 64 * 1024];
+                let n = tokio::time::timeout(TIMEOUT, r.read(&mut chunk))
+                    .await
+                    .expect("body bytes within the timeout")
+                    .unwrap();
+                assert!(n > 0, "body cut short");
+                let n = n.min(left);
+                tx.send(chunk[..n].to_vec()).unwrap();
+                left -= n;
+            }
+        }
+        drop(tx);
+        echo.await.unwrap();
+    })
+    .await
+}
+
+/// One 8 MiB upload over `stream` (HTTP/1.1, chunked or with its length) to the
+/// [`streaming_echo`] behind the proxy, the response read while the upload goes on
+/// and the client's side closed once it is sent: the whole body must come back.
+async fn echo_upload_h1<S>(stream: S, chunked_upload: bool, what: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
+    let body = big_body();
+    let head = if chunked_upload {
+        "POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n".to_string()
+    } else {
+        format!(
+            "POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+    };
+    let (mut r, w) = tokio::io::split(stream);
+    upload(w, head, body.clone(), chunked_upload);
+    // The response, read while the upload goes on (every read has a timeout).
+    let mut stream_buf = Vec::new();
+    let got = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let mut chunk = vec![0u8; 64 * 1024];
+            let n = tokio::time::timeout(TIMEOUT, r.read(&mut chunk))
+                .await
+                .expect("response bytes within the timeout")
+                .unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            stream_buf.extend_from_slice(&chunk[..n]);
+            if stream_buf.ends_with(b"\r\n0\r\n\r\n") {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(got.is_ok(), "{what}: no whole response within 60 s");
+    let n = stream_buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a response head")
+        + 4;
+    let head = String::from_utf8_lossy(&stream_buf[..n]).to_string();
+    assert!(head.starts_with("HTTP/1.1 200"), "{what}: {head}");
+    assert!(chunked(&head), "{what}: {head}");
+    assert!(
+        stream_buf.ends_with(b"\r\n0\r\n\r\n"),
+        "{what}: the response ended after {} bytes: {head}",
+        stream_buf.len()
+    );
+    // Decode the echo.
+    let mut rest = &stream_buf[n..];
+    let mut echoed = Vec::new();
+    loop {
+        let i = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+        let size = usize::from_str_radix(std::str::from_utf8(&rest[..i]).unwrap(), 16).unwrap();
+        rest = &rest[i + 2..];
+        if size == 0 {
+            break;
+        }
+        echoed.extend_from_slice(&rest[..size]);
+        rest = &rest[size + 2..];
+    }
+    assert!(
+        echoed == body,
+        "{what}: echoed {} of {} bytes",
+        echoed.len(),
+        body.len()
+    );
+    // The client sent all it had and closed its side: the proxy closes the
+    // connection once the response is out.
+    let mut b = [0u8; 1];
+    let end = tokio::time::timeout(TIMEOUT, r.read(&mut b))
+        .await
+        .unwrap_or_else(|_| panic!("{what}: the connection is still open after the response"));
+    assert!(matches!(end, Ok(0) | Err(_)), "{what}: {end:?}");
+}
+
+/// As [`echo_upload_h1`] over HTTP/2 (prior knowledge, or ALPN over TLS): the body
+/// sent in 64 KiB frames from its own task, with `content-length` or without.
+async fn echo_upload_h2<S>(stream: S, with_length: bool, what: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use http_body_util::BodyExt;
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{what}: HTTP/2 handshake: {e}"));
+    tokio::spawn(conn);
+    let body = big_body();
+    let (tx, rx) =
+        mpsc::channel::<Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>>(4);
+    let pieces = body.clone();
+    tokio::spawn(async move {
+        for piece in pieces.chunks(64 * 1024) {
+            let frame = hyper::body::Frame::data(bytes::Bytes::copy_from_slice(piece));
+            if tx.send(Ok(frame)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut req = hyper::Request::post("http://a/echo");
+    if with_length {
+        req = req.header("content-length", body.len());
+    }
+    let req = req
+        .body(http_body_util::StreamBody::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+        .unwrap();
+    let response = tokio::time::timeout(TIMEOUT, sender.send_request(req))
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no response head within the timeout"))
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(response.status(), 200, "{what}");
+    let mut received = response.into_body();
+    let mut echoed = Vec::new();
+    while let Some(frame) = tokio::time::timeout(TIMEOUT, received.frame())
+        .await
+        .unwrap_or_else(|_| panic!("{what}: response bytes within the timeout"))
+    {
+        let frame = frame.unwrap_or_else(|e| {
+            panic!(
+                "{what}: the response failed after {} bytes: {e}",
+                echoed.len()
+            )
+        });
+        if let Ok(d) = frame.into_data() {
+            echoed.extend_from_slice(&d);
         }
     }
+    assert!(
+        echoed == body,
+        "{what}: echoed {} of {} bytes",
+        echoed.len(),
+        body.len()
+    );
+}
+
+/// An upstream that sends its response head before it has read the request body, as
+/// a streaming echo does, then echoes each piece of the body as it reads it, while
+/// the client closes its sending side once its body is sent: both paths go on
+/// forwarding the body while they relay the response (the fast path stopped sending
+/// the body once the head came, and both sides then waited for ever; hyper's path
+/// took the client's half-close for a client gone and cut the response, after
+/// ~0.5–1.7 MB of the 8 MiB echo). Plaintext here; TLS and HTTP/2 in
+/// [`an_upload_streams_back_over_tls_and_http2`].
+#[tokio::test]
+async fn an_upload_goes_on_while_an_early_response_streams_back() {
+    let b = streaming_echo().await;
+    for fast in BOTH {
+        let (_p, addr) = proxy(fast, b, Duration::from_secs(60)).await;
+        for chunked_upload in [false, true] {
+            let s = TcpStream::connect(addr).await.unwrap();
+            echo_upload_h1(
+                s,
+                chunked_upload,
+                &format!("fast={fast} chunked={chunked_upload}"),
+            )
+            .await;
+        }
+    }
+}
+
+/// A listener's TLS for the tests: a certificate from a test CA (in the proxy's
+/// secrets as `srv`), no client certificate asked for, ALPN h2 and http/1.1; and a
+/// client's TLS that trusts that CA and offers `alpn`.
+fn test_tls(
+    proxy: &Proxy,
+    alpn: &[&str],
+) -> (
+    tributary_proxy::tls::TlsContext,
+    Vec<tributary_proxy::tls::ClientTls>,
+) {
+    use tributary_controlplane::identity::test_issuer::TestIssuer;
+    use tributary_controlplane::identity::{CertificateIssuer, SpiffeId};
+    use tributary_proto::envoy::envoy::config::core::v3::{DataSource, data_source::Specifier};
+    use tributary_proto::envoy::envoy::extensions::transport_sockets::tls::v3::{
+        CertificateValidationContext, Secret, TlsCertificate, secret,
+    };
+    use tributary_proxy::tls::{ClientTls, Pattern, SanMatcher, SecretSet, TlsContext, Validation};
+    let inline = |s: &str| {
+        Some(DataSource {
+            specifier: Some(Specifier::InlineString(s.to_string())),
+            ..Default::default()
+        })
+    };
+    let ca = TestIssuer::new("test root", Duration::from_secs(3600)).unwrap();
+    let cert = ca
+        .issue(&SpiffeId::parse("spiffe://td.test/env/prod/ns/default/sa/srv").unwrap())
+        .unwrap();
+    let mut secrets = SecretSet {
+        generation: 1,
+        ..Default::default()
+    };
+    for s in [
+        Secret {
+            name: "srv".into(),
+            r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
+                certificate_chain: inline(&cert.chain_pem),
+                private_key: inline(&cert.key_pem),
+                ..Default::default()
+            })),
+        },
+        Secret {
+            name: "roots".into(),
+            r#type: Some(secret::Type::ValidationContext(
+                CertificateValidationContext {
+                    trusted_ca: inline(&ca.trust_bundle_pem()),
+                    ..Default::default()
+                },
+            )),
+        },
+    ] {
+        let v = tributary_proxy::tls::secret(&s).unwrap();
+        secrets.secrets.insert(s.name, v);
+    }
+    let secrets = Arc::new(arc_swap::ArcSwap::from_pointee(secrets));
+    proxy.shared.secrets.store(secrets.load_full());
+    let server = TlsContext {
+        certificate: Some("srv".into()),
+        validation: None,
+        alpn: vec!["h2".into(), "http/1.1".into()],
+        require_client_certificate: false,
+        sni: None,
+    };
+    let clients = alpn
+        .iter()
+        .map(|a| {
+            ClientTls::new(
+                TlsContext {
+                    certificate: None,
+                    validation: Some(Validation {
+                        trust: "roots".into(),
+                        san: vec![SanMatcher {
+                            uri: true,
+                            pattern: Pattern::Exact(
+                                "spiffe://td.test/env/prod/ns/default/sa/srv".into(),
+                            ),
+                            ignore_case: false,
+                        }],
+                    }),
+                    alpn: vec![a.to_string()],
+                    require_client_certificate: false,
+                    sni: None,
+                },
+                secrets.clone(),
+            )
+        })
+        .collect();
+    (server, clients)
+}
+
+/// [`an_upload_goes_on_while_an_early_response_streams_back`] on hyper's other ways
+/// in: HTTP/1.1 over TLS (the client closes with `close_notify` and a FIN once its
+/// body is sent), HTTP/2 over TLS (ALPN) and h2c (prior knowledge, handed from the
+/// fast path to hyper), with and without a length.
+#[tokio::test]
+async fn an_upload_streams_back_over_tls_and_http2() {
+    let b = streaming_echo().await;
+    let (p, plain) = proxy(true, b, Duration::from_secs(60)).await;
+    let (server, clients) = test_tls(&p, &["http/1.1", "h2"]);
+    let mut listener = p.shared.listeners.borrow()["l"].clone();
+    listener.name = "tls".into();
+    listener.tls = Some(server);
+    p.shared.listeners.send_modify(|l| {
+        l.insert("tls".into(), listener);
+    });
+    let tls = tokio::time::timeout(TIMEOUT, p.listener_addr("tls"))
+        .await
+        .unwrap();
+    for with_length in [true, false] {
+        let s = tls_stream(&clients[0], tls).await;
+        assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+        echo_upload_h1(
+            s,
+            !with_length,
+            &format!("TLS HTTP/1.1 length={with_length}"),
+        )
+        .await;
+        let s = tls_stream(&clients[1], tls).await;
+        assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        echo_upload_h2(s, with_length, &format!("TLS h2 length={with_length}")).await;
+        let s = TcpStream::connect(plain).await.unwrap();
+        echo_upload_h2(s, with_length, &format!("h2c length={with_length}")).await;
+    }
+}
+
+async fn tls_stream(
+    tls: &tributary_proxy::tls::ClientTls,
+    addr: SocketAddr,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    tokio::time::timeout(TIMEOUT, tls.connect(tcp, addr.ip()))
+        .await
+        .expect("a TLS handshake within the timeout")
+        .expect("the proxy's certificate is accepted")
 }
 
 /// An upstream that answers at once (413 with its whole body) and then reads the
@@ -1126,6 +1441,163 @@ async fn a_pooled_connection_the_upstream_closed_gives_its_slot_back() {
             .overflow
             .get();
         assert_eq!(stats, 0, "fast={fast}: overflows");
+    }
+}
+
+/// `max_connections: 1` and two endpoints that keep their connections open (round
+/// robin alternates between them): a request that needs a connection to the other
+/// endpoint closes the idle one instead of waiting for its idle timeout (60 s, the
+/// fast path's and hyper's pools alike); and one that waits while the only
+/// connection is busy gets the slot as soon as that connection's answer has ended.
+#[tokio::test]
+async fn an_idle_connection_to_one_endpoint_gives_its_slot_to_another() {
+    for fast in BOTH {
+        // Answers `/held` only once the test lets it.
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let named = |name: &'static str| {
+            let gate = gate.clone();
+            backend(move |mut s| {
+                let gate = gate.clone();
+                async move {
+                    let mut buf = Vec::new();
+                    while let Some(r) = receive(&mut s, &mut buf).await {
+                        if r.path() == "/held" {
+                            gate.acquire().await.unwrap().forget();
+                        }
+                        let out = format!("HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\n{name}");
+                        if s.write_all(out.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            })
+        };
+        let backends = [named("a").await, named("b").await];
+        let limits = Limits {
+            max_connections: 1,
+            ..Limits::default()
+        };
+        let (p, addr) = proxy_with(fast, &backends, Duration::from_secs(30), limits, None).await;
+        let send = |path: &str| {
+            let req = format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n");
+            async move {
+                let mut c = TcpStream::connect(addr).await.unwrap();
+                c.write_all(req.as_bytes()).await.unwrap();
+                c
+            }
+        };
+        let mut last = Vec::new();
+        for i in 0..4 {
+            let started = tokio::time::Instant::now();
+            let mut c = send(&format!("/{i}")).await;
+            let a = answer(&mut c, &mut Vec::new(), false).await;
+            assert_eq!(a.status, 200, "fast={fast}: request {i}: {}", a.head);
+            assert_ne!(a.body, last, "fast={fast}: round robin alternates");
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "fast={fast}: request {i} waited {:?} for the other endpoint's idle connection",
+                started.elapsed()
+            );
+            last = a.body;
+        }
+
+        // The only connection busy: the next request (to the other endpoint) waits...
+        let mut held = send("/held").await;
+        let mut next = send("/next").await;
+        let mut b = [0u8; 1];
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), next.read(&mut b))
+                .await
+                .is_err(),
+            "fast={fast}: answered while the only connection was busy"
+        );
+        // ...until that connection's answer ends, and no longer.
+        gate.add_permits(1);
+        let a = answer(&mut held, &mut Vec::new(), false).await;
+        assert_eq!(a.status, 200, "fast={fast}: {}", a.head);
+        let released = tokio::time::Instant::now();
+        let n = answer(&mut next, &mut Vec::new(), false).await;
+        assert_eq!(n.status, 200, "fast={fast}: {}", n.head);
+        assert_ne!(n.body, a.body, "fast={fast}: the other endpoint");
+        assert!(
+            released.elapsed() < Duration::from_secs(5),
+            "fast={fast}: the waiting request took {:?} after the busy connection turned idle",
+            released.elapsed()
+        );
+        let overflow = p.shared.snapshot.load().clusters["c"].stats.overflow.get();
+        assert_eq!(overflow, 0, "fast={fast}: overflows");
+    }
+}
+
+/// `max_connections: 1` and one endpoint: a request that waits while the only
+/// connection is busy goes on, as soon as that answer ends, on that same connection
+/// (neither waits for a slot the idle connection holds, nor closes it to open
+/// another).
+#[tokio::test]
+async fn a_request_waiting_for_the_only_connection_takes_it_when_it_turns_idle() {
+    for fast in BOTH {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let b = {
+            let (gate, accepted) = (gate.clone(), accepted.clone());
+            backend(move |mut s| {
+                let gate = gate.clone();
+                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async move {
+                    let mut buf = Vec::new();
+                    while let Some(r) = receive(&mut s, &mut buf).await {
+                        if r.path() == "/held" {
+                            gate.acquire().await.unwrap().forget();
+                        }
+                        if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            })
+            .await
+        };
+        let limits = Limits {
+            max_connections: 1,
+            ..Limits::default()
+        };
+        let (_p, addr) = proxy_with(fast, &[b], Duration::from_secs(30), limits, None).await;
+        let send = |path: &str| {
+            let req = format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n");
+            async move {
+                let mut c = TcpStream::connect(addr).await.unwrap();
+                c.write_all(req.as_bytes()).await.unwrap();
+                c
+            }
+        };
+        let mut held = send("/held").await;
+        let mut next = send("/next").await;
+        let mut b = [0u8; 1];
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), next.read(&mut b))
+                .await
+                .is_err(),
+            "fast={fast}: answered while the only connection was busy"
+        );
+        gate.add_permits(1);
+        let a = answer(&mut held, &mut Vec::new(), false).await;
+        assert_eq!(a.status, 200, "fast={fast}: {}", a.head);
+        let released = tokio::time::Instant::now();
+        let n = answer(&mut next, &mut Vec::new(), false).await;
+        assert_eq!(n.status, 200, "fast={fast}: {}", n.head);
+        assert!(
+            released.elapsed() < Duration::from_secs(5),
+            "fast={fast}: the waiting request took {:?} after the connection turned idle",
+            released.elapsed()
+        );
+        assert_eq!(
+            accepted.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "fast={fast}: one upstream connection for both"
+        );
     }
 }
 
