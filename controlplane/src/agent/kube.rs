@@ -936,7 +936,11 @@ pub async fn run(client: Client, opts: KubeOptions, tx: watch::Sender<Arc<Cluste
 /// apiserver (1.30) answers such a list in one response, which the lean decoding of
 /// [`KubeService`] and [`KubeSlice`] keeps small.
 fn watcher_config() -> watcher::Config {
-    watcher::Config::default().any_semantic()
+    let mut wc = watcher::Config::default().any_semantic();
+    // kube-rs drops `resourceVersion=0` from a list that sets a page size (the
+    // apiserver would read such a list from etcd): the cache's list is unpaged.
+    wc.page_size = None;
+    wc
 }
 
 /// Events already received are applied together (`ready_chunks`): a list page of 500
@@ -1606,11 +1610,34 @@ mod lean_tests {
     }
 
     /// Everything is listed from the apiserver's watch cache (`resourceVersion=0`),
-    /// not from etcd, with the watch resuming from the list's version.
-    #[test]
-    fn lists_come_from_the_watch_cache() {
+    /// not from etcd: the list request the watcher sends, as an apiserver receives it.
+    #[tokio::test]
+    async fn lists_come_from_the_watch_cache() {
+        use tokio::io::AsyncReadExt;
         let wc = watcher_config();
         assert_eq!(wc.list_semantic, ListSemantic::Any);
-        assert_eq!(wc.initial_list_strategy, watcher::InitialListStrategy::ListWatch);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let client = Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+        let watch = tokio::spawn(async move {
+            let mut events = std::pin::pin!(watcher::watcher(Api::<KubeSlice>::all(client), wc));
+            events.next().await; // Init
+            events.next().await // the list
+        });
+        let (mut conn, _) = tokio::time::timeout(std::time::Duration::from_secs(10), listener.accept())
+            .await
+            .expect("the watcher lists")
+            .unwrap();
+        let mut buf = vec![0; 4096];
+        let n = conn.read(&mut buf).await.unwrap();
+        let request = String::from_utf8_lossy(&buf[..n]);
+        let line = request.lines().next().unwrap();
+        assert!(
+            line.starts_with("GET /apis/discovery.k8s.io/v1/endpointslices?"),
+            "{line}"
+        );
+        assert!(line.contains("resourceVersion=0"), "not from the cache: {line}");
+        assert!(!line.contains("limit="), "paged lists are read from etcd: {line}");
+        watch.abort();
     }
 }
