@@ -6,7 +6,8 @@
 //! are watched as metadata only), so the agent never keeps whole objects: Services
 //! and EndpointSlices are decoded straight into their views ([`KubeService`],
 //! [`KubeSlice`]; the rest of each object is skipped by the JSON decoder), and every
-//! kind is listed from the apiserver's watch cache ([`watcher_config`]). Each
+//! kind is listed in pages from etcd, or from the apiserver's watch cache with
+//! `--kube-list-from-cache` ([`watcher_config`]). Each
 //! watcher event names what it touched (a service; a namespace's services when its
 //! label changed; the services with endpoints on a node when its zone changed) and
 //! only those services are recomputed ([`Source`]). A relist (`Init` … `InitDone`) is
@@ -53,6 +54,9 @@ pub struct KubeOptions {
     pub default_env: Option<String>,
     /// Zone of endpoints that name none and whose node has no zone label.
     pub zone: String,
+    /// List from the apiserver's watch cache (`--kube-list-from-cache`; see
+    /// [`watcher_config`]). Off: quorum reads from etcd in pages of 500.
+    pub list_from_cache: bool,
 }
 
 /// A client from `--kubeconfig`, or the default (in-cluster, then `$KUBECONFIG`).
@@ -262,6 +266,20 @@ mod wire {
     }
 }
 
+/// Views are kept for as long as their objects exist: their lists exactly sized (the
+/// decoder grows a list by doubling from 4, so one address would hold room for four,
+/// ten endpoints for sixteen).
+trait Exact {
+    fn exact(self) -> Self;
+}
+
+impl<T> Exact for Vec<T> {
+    fn exact(mut self) -> Self {
+        self.shrink_to_fit();
+        self
+    }
+}
+
 impl From<wire::Service> for KubeService {
     fn from(s: wire::Service) -> KubeService {
         let spec = s.spec;
@@ -282,7 +300,8 @@ impl From<wire::Service> for KubeService {
                     port: port as u32,
                 }
             })
-            .collect();
+            .collect::<Vec<_>>()
+            .exact();
         KubeService {
             metadata: s.metadata.unwrap_or_default().into_object_meta(true),
             view: ServiceView {
@@ -312,7 +331,8 @@ impl From<wire::EndpointSlice> for KubeSlice {
                 .into_iter()
                 .flatten()
                 .filter_map(|p| Some((p.name.filter(|n| !n.is_empty()), p.port? as u32)))
-                .collect(),
+                .collect::<Vec<_>>()
+                .exact(),
             endpoints: s
                 .endpoints
                 .into_iter()
@@ -322,7 +342,7 @@ impl From<wire::EndpointSlice> for KubeSlice {
                     // Per the EndpointSlice API, an unset `ready` means ready.
                     let ready = c.and_then(|c| c.ready).unwrap_or(true);
                     EndpointView {
-                        addresses: e.addresses.unwrap_or_default(),
+                        addresses: e.addresses.unwrap_or_default().exact(),
                         ready,
                         serving: c.and_then(|c| c.serving).unwrap_or(ready),
                         terminating: c.and_then(|c| c.terminating).unwrap_or(false),
@@ -335,7 +355,8 @@ impl From<wire::EndpointSlice> for KubeSlice {
                         zone: e.zone,
                     }
                 })
-                .collect(),
+                .collect::<Vec<_>>()
+                .exact(),
         };
         KubeSlice {
             metadata: meta.into_object_meta(false),
@@ -904,7 +925,7 @@ impl Source {
 /// it comes, as a partial state, then complete). Watch errors are retried with the watcher's default backoff. Namespaces
 /// and Nodes are watched as metadata only (their labels are all the agent reads).
 pub async fn run(client: Client, opts: KubeOptions, tx: watch::Sender<Arc<ClusterState>>) {
-    let wc = watcher_config();
+    let wc = watcher_config(&opts);
     let services = watcher::watcher(Api::<KubeService>::all(client.clone()), wc.clone())
         .default_backoff()
         .map(|e| WatchEvent::Service(Box::new(e)));
@@ -929,16 +950,23 @@ pub async fn run(client: Client, opts: KubeOptions, tx: watch::Sender<Arc<Cluste
     publish(events, &mut Source::default(), &opts, &tx).await
 }
 
-/// How every kind is listed and watched: lists (the first one and every relist after
-/// a watch expired) are served from the apiserver's watch cache (`resourceVersion=0`,
-/// as client-go's informers list), not read from etcd; the watch then resumes from the
-/// list's version, so nothing that changed after the cached list is missed. The
-/// apiserver (1.30) answers such a list in one response, which the lean decoding of
-/// [`KubeService`] and [`KubeSlice`] keeps small.
-fn watcher_config() -> watcher::Config {
+/// How every kind is listed and watched. By default a list is a quorum read from
+/// etcd in pages of 500 (kube-runtime's default), each page decoded lean
+/// ([`KubeService`], [`KubeSlice`]) and dropped before the next. With
+/// `list_from_cache` (`--kube-list-from-cache`), lists (the first one and every relist
+/// after a watch expired) are served from the apiserver's watch cache
+/// (`resourceVersion=0`, as client-go's informers list): no etcd reads, and the watch
+/// resumes from the list's version, so nothing that changed after the cached list is
+/// missed. The apiserver (1.30) answers such a list in one response (kube-rs leaves
+/// `resourceVersion=0` out of a list with a page size, so none is set): tens of MiB at
+/// 10,000 EndpointSlices, whose buffers glibc's malloc then partly keeps resident. At
+/// 10,000 services it made the agent's peak RSS 144–154 MiB instead of 141–143 MiB
+/// (docs/benchmarks.md), hence off by default.
+fn watcher_config(opts: &KubeOptions) -> watcher::Config {
+    if !opts.list_from_cache {
+        return watcher::Config::default();
+    }
     let mut wc = watcher::Config::default().any_semantic();
-    // kube-rs drops `resourceVersion=0` from a list that sets a page size (the
-    // apiserver would read such a list from etcd): the cache's list is unpaged.
     wc.page_size = None;
     wc
 }
@@ -1515,28 +1543,26 @@ mod lean_tests {
     }
 
     fn slices() -> Vec<serde_json::Value> {
-        let labels = |svc: &str| {
-            json!({SERVICE_NAME_LABEL: svc, "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io", "app": "web"})
-        };
+        let labels = |svc: &str| json!({SERVICE_NAME_LABEL: svc, "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io", "app": "web"});
         vec![
             json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-                "metadata": meta("shop", "web-abcde", labels("web")),
-                "addressType": "IPv4",
-                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"},
-                          {"name": "api", "port": 8443, "appProtocol": "kubernetes.io/h2c"},
-                          {"name": "", "port": 9090}, {"name": "noport"}],
-                "endpoints": [
-                    {"addresses": ["10.1.0.1"], "conditions": {"ready": true, "serving": true, "terminating": false},
-                     "nodeName": "n1", "zone": "az1", "hints": {"forZones": [{"name": "az1"}]},
-                     "targetRef": {"kind": "Pod", "namespace": "shop", "name": "web-1", "uid": "u1"}},
-                    {"addresses": ["10.1.0.2"], "conditions": {"ready": false, "serving": true, "terminating": true},
-                     "nodeName": "n2", "targetRef": {"kind": "Pod", "name": "web-2"}},
-                    {"addresses": ["10.1.0.3"], "conditions": {"ready": false},
-                     "hostname": "web-3", "zone": "az2"},
-                    {"addresses": ["10.1.0.4"], "conditions": {},
-                     "hostname": "host-4", "targetRef": {"kind": "Pod", "name": "web-4"}},
-                    {"addresses": ["10.1.0.5"]},
-                ]}),
+            "metadata": meta("shop", "web-abcde", labels("web")),
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"},
+                      {"name": "api", "port": 8443, "appProtocol": "kubernetes.io/h2c"},
+                      {"name": "", "port": 9090}, {"name": "noport"}],
+            "endpoints": [
+                {"addresses": ["10.1.0.1"], "conditions": {"ready": true, "serving": true, "terminating": false},
+                 "nodeName": "n1", "zone": "az1", "hints": {"forZones": [{"name": "az1"}]},
+                 "targetRef": {"kind": "Pod", "namespace": "shop", "name": "web-1", "uid": "u1"}},
+                {"addresses": ["10.1.0.2"], "conditions": {"ready": false, "serving": true, "terminating": true},
+                 "nodeName": "n2", "targetRef": {"kind": "Pod", "name": "web-2"}},
+                {"addresses": ["10.1.0.3"], "conditions": {"ready": false},
+                 "hostname": "web-3", "zone": "az2"},
+                {"addresses": ["10.1.0.4"], "conditions": {},
+                 "hostname": "host-4", "targetRef": {"kind": "Pod", "name": "web-4"}},
+                {"addresses": ["10.1.0.5"]},
+            ]}),
             json!({"metadata": meta("shop", "web-v6", labels("web")),
                 "addressType": "IPv6",
                 "ports": [{"port": 8080}],
@@ -1559,7 +1585,12 @@ mod lean_tests {
         for v in services() {
             let full: Service = serde_json::from_value(v.clone()).unwrap();
             let lean: KubeService = serde_json::from_value(v).unwrap();
-            assert_eq!(lean.view, full_service_view(&full), "{:?}", full.metadata.name);
+            assert_eq!(
+                lean.view,
+                full_service_view(&full),
+                "{:?}",
+                full.metadata.name
+            );
             assert_eq!(key_of(&lean), key_of(&full));
             assert_eq!(lean.resource_version(), full.resource_version());
             assert_eq!(lean.labels(), full.labels());
@@ -1567,9 +1598,28 @@ mod lean_tests {
         for v in slices() {
             let full: EndpointSlice = serde_json::from_value(v.clone()).unwrap();
             let lean: KubeSlice = serde_json::from_value(v).unwrap();
-            assert_eq!(lean.view, full_slice_view(&full), "{:?}", full.metadata.name);
+            assert_eq!(
+                lean.view,
+                full_slice_view(&full),
+                "{:?}",
+                full.metadata.name
+            );
             assert_eq!(key_of(&lean), key_of(&full));
             assert_eq!(lean.resource_version(), full.resource_version());
+        }
+        // Views are kept: their lists hold no spare room.
+        for v in slices() {
+            let lean: KubeSlice = serde_json::from_value(v).unwrap();
+            let view = &lean.view;
+            assert_eq!(view.endpoints.capacity(), view.endpoints.len());
+            assert_eq!(view.ports.capacity(), view.ports.len());
+            for e in &view.endpoints {
+                assert_eq!(e.addresses.capacity(), e.addresses.len());
+            }
+        }
+        for v in services() {
+            let lean: KubeService = serde_json::from_value(v).unwrap();
+            assert_eq!(lean.view.ports.capacity(), lean.view.ports.len());
         }
         // As a list page arrives (what the watcher decodes).
         let page = json!({"apiVersion": "v1", "kind": "ServiceList",
@@ -1587,7 +1637,7 @@ mod lean_tests {
         let opts = KubeOptions {
             default_env: Some("prod".into()),
             zone: "fallback".into(),
-        ..Default::default()
+            ..Default::default()
         };
         let mut objs = Objects::default();
         for v in services() {
@@ -1598,24 +1648,40 @@ mod lean_tests {
             let s: KubeSlice = serde_json::from_value(v).unwrap();
             objs.put_slice(key_of(&s), s.view);
         }
-        let (svc, eps) = objs.export(&ObjectKey { namespace: "shop".into(), name: "web".into() }, &opts);
+        let (svc, eps) = objs.export(
+            &ObjectKey {
+                namespace: "shop".into(),
+                name: "web".into(),
+            },
+            &opts,
+        );
         assert_eq!(svc.unwrap().ports.len(), 6);
         let eps = eps.unwrap().endpoints;
         let addrs: Vec<&str> = eps.iter().map(|e| e.addresses[0].as_str()).collect();
-        assert_eq!(addrs, ["10.1.0.1", "10.1.0.2", "10.1.0.3", "10.1.0.4", "10.1.0.5", "fd00:1::1"]);
+        assert_eq!(
+            addrs,
+            [
+                "10.1.0.1",
+                "10.1.0.2",
+                "10.1.0.3",
+                "10.1.0.4",
+                "10.1.0.5",
+                "fd00:1::1"
+            ]
+        );
         assert_eq!(eps[1].name, "web-2");
         assert!(!eps[1].ready && eps[1].serving && eps[1].terminating);
-        assert_eq!((eps[2].name.as_str(), eps[2].zone.as_str()), ("web-3", "az2"));
+        assert_eq!(
+            (eps[2].name.as_str(), eps[2].zone.as_str()),
+            ("web-3", "az2")
+        );
         assert!(!eps[2].ready && !eps[2].serving);
     }
 
-    /// Everything is listed from the apiserver's watch cache (`resourceVersion=0`),
-    /// not from etcd: the list request the watcher sends, as an apiserver receives it.
-    #[tokio::test]
-    async fn lists_come_from_the_watch_cache() {
+    /// The list request the watcher sends, as an apiserver receives it.
+    async fn list_request(opts: &KubeOptions) -> String {
         use tokio::io::AsyncReadExt;
-        let wc = watcher_config();
-        assert_eq!(wc.list_semantic, ListSemantic::Any);
+        let wc = watcher_config(opts);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let client = Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
@@ -1624,20 +1690,45 @@ mod lean_tests {
             events.next().await; // Init
             events.next().await // the list
         });
-        let (mut conn, _) = tokio::time::timeout(std::time::Duration::from_secs(10), listener.accept())
-            .await
-            .expect("the watcher lists")
-            .unwrap();
+        let (mut conn, _) =
+            tokio::time::timeout(std::time::Duration::from_secs(10), listener.accept())
+                .await
+                .expect("the watcher lists")
+                .unwrap();
         let mut buf = vec![0; 4096];
         let n = conn.read(&mut buf).await.unwrap();
+        watch.abort();
         let request = String::from_utf8_lossy(&buf[..n]);
-        let line = request.lines().next().unwrap();
+        let line = request.lines().next().unwrap().to_string();
         assert!(
             line.starts_with("GET /apis/discovery.k8s.io/v1/endpointslices?"),
             "{line}"
         );
-        assert!(line.contains("resourceVersion=0"), "not from the cache: {line}");
-        assert!(!line.contains("limit="), "paged lists are read from etcd: {line}");
-        watch.abort();
+        line
+    }
+
+    /// With `--kube-list-from-cache`, lists come from the apiserver's watch cache
+    /// (`resourceVersion=0`, unpaged), not from etcd; by default they are quorum reads
+    /// in pages of 500.
+    #[tokio::test]
+    async fn lists_come_from_the_watch_cache_when_asked() {
+        let cached = KubeOptions {
+            list_from_cache: true,
+            ..Default::default()
+        };
+        assert_eq!(watcher_config(&cached).list_semantic, ListSemantic::Any);
+        let line = list_request(&cached).await;
+        assert!(
+            line.contains("resourceVersion=0"),
+            "not from the cache: {line}"
+        );
+        assert!(
+            !line.contains("limit="),
+            "kube-rs drops resourceVersion=0 from paged lists: {line}"
+        );
+
+        let line = list_request(&KubeOptions::default()).await;
+        assert!(line.contains("limit=500"), "{line}");
+        assert!(!line.contains("resourceVersion"), "{line}");
     }
 }
