@@ -62,9 +62,11 @@ struct Args {
     nodes: usize,
     /// The `tributary` binaries (comma-separated; default: the one built beside this
     /// example). With several, each run tries each of them in turn against the same
-    /// apiserver contents (an A/B comparison under the same load).
+    /// apiserver contents (an A/B comparison under the same load). An entry may add
+    /// agent flags after the path, separated by spaces (e.g.
+    /// `"target/release/tributary --kube-list-from-cache"`).
     #[arg(long, value_delimiter = ',')]
-    bin: Vec<PathBuf>,
+    bin: Vec<String>,
     /// Give up on a run after this many seconds.
     #[arg(long, default_value = "300", value_parser = |s: &str| s.parse::<u64>().map(Duration::from_secs))]
     timeout: Duration,
@@ -495,7 +497,7 @@ struct RunResult {
 }
 
 async fn one_run(
-    bin: &Path,
+    (bin, agent_flags): &(PathBuf, Vec<String>),
     kube: &KubeEnv,
     client: &kube::Client,
     args: &Args,
@@ -566,6 +568,7 @@ async fn one_run(
                 "--kubeconfig",
             ])
             .arg(&kube.kubeconfig)
+            .args(agent_flags)
             .env("RUST_LOG", log_filter())
             .stdout(Stdio::null())
             .spawn()?,
@@ -596,10 +599,14 @@ async fn one_run(
     let arrived = update_latency(xds, client, args, n, round).await?;
     let ms = |d: Option<&Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
     Ok(RunResult {
-        bin: bin
-            .file_name()
-            .map(|f| f.to_string_lossy().to_string())
-            .unwrap_or_default(),
+        bin: std::iter::once(
+            bin.file_name()
+                .map(|f| f.to_string_lossy().to_string())
+                .unwrap_or_default(),
+        )
+        .chain(agent_flags.iter().cloned())
+        .collect::<Vec<_>>()
+        .join(" "),
         services: n,
         endpoints: n * args.endpoints,
         run,
@@ -634,18 +641,26 @@ fn load() -> String {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let bins = if args.bin.is_empty() {
-        vec![
+    let bins: Vec<(PathBuf, Vec<String>)> = if args.bin.is_empty() {
+        vec![(
             std::env::current_exe()?
                 .parent()
                 .and_then(Path::parent)
                 .map(|d| d.join("tributary"))
                 .ok_or_else(|| anyhow::anyhow!("cannot locate the tributary binary; pass --bin"))?,
-        ]
+            Vec::new(),
+        )]
     } else {
-        args.bin.clone()
+        args.bin
+            .iter()
+            .map(|entry| {
+                let mut words = entry.split_whitespace().map(String::from);
+                let path = PathBuf::from(words.next().unwrap_or_default());
+                (path, words.collect())
+            })
+            .collect()
     };
-    for bin in &bins {
+    for (bin, _) in &bins {
         anyhow::ensure!(
             bin.exists(),
             "{} does not exist: cargo build --release -p tributary-controlplane --bin tributary",

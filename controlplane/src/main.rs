@@ -368,6 +368,10 @@ struct RemoteArgs {
     /// environment (default: do not export them).
     #[arg(long)]
     default_env: Option<String>,
+    /// List Kubernetes objects from the apiserver's watch cache (resourceVersion=0,
+    /// unpaged, as client-go informers do) instead of quorum reads from etcd in pages.
+    #[arg(long)]
+    kube_list_from_cache: bool,
     /// Changes within this window are sent in one batch.
     #[arg(long, default_value = "50ms", value_parser = parse_positive_duration)]
     debounce: Duration,
@@ -712,6 +716,7 @@ async fn remote(args: RemoteArgs) -> anyhow::Result<()> {
             kubeconfig: args.kubeconfig,
             default_env: args.default_env,
             zone: cfg.zone.clone(),
+            list_from_cache: args.kube_list_from_cache,
         };
         let client = agent::kube::client(&opts).await?;
         // The Secrets of gateway credentials, each watched only once a hub asks for it.

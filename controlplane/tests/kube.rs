@@ -119,6 +119,8 @@ async fn kubernetes_objects_reach_xds_clients() {
         kubeconfig: Some(kube_env.kubeconfig.clone()),
         default_env: None,
         zone: "az-default".into(),
+        // One test lists from the apiserver's watch cache, the other from etcd.
+        list_from_cache: true,
     };
     let client = agent::kube::client(&opts).await.unwrap();
     let namespaces: Api<Namespace> = Api::all(client.clone());
@@ -292,6 +294,7 @@ async fn node_zones_and_namespace_labels_are_followed() {
         kubeconfig: Some(kube_env.kubeconfig.clone()),
         default_env: None,
         zone: "az-default".into(),
+        list_from_cache: false,
     };
     let client = agent::kube::client(&opts).await.unwrap();
     let pp = PostParams::default();

@@ -280,6 +280,7 @@ async fn a_gateway_serves_a_kubernetes_secret_and_follows_its_rotation() {
         kubeconfig: Some(kube_env.kubeconfig.clone()),
         default_env: None,
         zone: "az1".into(),
+        list_from_cache: false,
     };
     let client = agent::kube::client(&opts).await.unwrap();
     let pp = PostParams::default();

@@ -3,7 +3,11 @@
 //!
 //! Objects are reduced as they arrive to what the export reads ([`ServiceView`],
 //! [`SliceView`], a namespace's env label, a node's zone label; Namespaces and Nodes
-//! are watched as metadata only), so the agent never keeps whole objects. Each
+//! are watched as metadata only), so the agent never keeps whole objects: Services
+//! and EndpointSlices are decoded straight into their views ([`KubeService`],
+//! [`KubeSlice`]; the rest of each object is skipped by the JSON decoder), and every
+//! kind is listed in pages from etcd, or from the apiserver's watch cache with
+//! `--kube-list-from-cache` ([`watcher_config`]). Each
 //! watcher event names what it touched (a service; a namespace's services when its
 //! label changed; the services with endpoints on a node when its zone changed) and
 //! only those services are recomputed ([`Source`]). A relist (`Init` … `InitDone`) is
@@ -27,6 +31,7 @@ use std::time::SystemTime;
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::core::PartialObjectMeta;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
@@ -49,6 +54,9 @@ pub struct KubeOptions {
     pub default_env: Option<String>,
     /// Zone of endpoints that name none and whose node has no zone label.
     pub zone: String,
+    /// List from the apiserver's watch cache (`--kube-list-from-cache`; see
+    /// [`watcher_config`]). Off: quorum reads from etcd in pages of 500.
+    pub list_from_cache: bool,
 }
 
 /// A client from `--kubeconfig`, or the default (in-cluster, then `$KUBECONFIG`).
@@ -77,33 +85,6 @@ pub struct ServiceView {
     pub ports: Vec<pb::ServicePort>,
 }
 
-impl ServiceView {
-    pub fn of(svc: &Service) -> ServiceView {
-        let spec = svc.spec.as_ref();
-        let ports = spec
-            .and_then(|s| s.ports.as_ref())
-            .into_iter()
-            .flatten()
-            .map(|p| {
-                let name = p
-                    .name
-                    .clone()
-                    .filter(|n| !n.is_empty())
-                    .unwrap_or_else(|| p.port.to_string());
-                pb::ServicePort {
-                    protocol: protocol_of(&name, p.app_protocol.as_deref(), p.protocol.as_deref()),
-                    name,
-                    port: p.port as u32,
-                }
-            })
-            .collect();
-        ServiceView {
-            external_name: spec.and_then(|s| s.type_.as_deref()) == Some("ExternalName"),
-            ports,
-        }
-    }
-}
-
 /// An EndpointSlice, reduced to what the export reads.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SliceView {
@@ -130,51 +111,257 @@ pub struct EndpointView {
 }
 
 impl SliceView {
-    pub fn of(s: &EndpointSlice) -> SliceView {
-        SliceView {
-            service: slice_service(s),
-            routable: matches!(s.address_type.as_str(), "IPv4" | "IPv6"),
-            ports: s
-                .ports
-                .iter()
-                .flatten()
-                .filter_map(|p| {
-                    let name = p.name.clone().filter(|n| !n.is_empty());
-                    Some((name, p.port? as u32))
-                })
-                .collect(),
-            endpoints: s
-                .endpoints
-                .iter()
-                .map(|e| {
-                    let c = e.conditions.as_ref();
-                    // Per the EndpointSlice API, an unset `ready` means ready.
-                    let ready = c.and_then(|c| c.ready).unwrap_or(true);
-                    EndpointView {
-                        addresses: e.addresses.clone(),
-                        ready,
-                        serving: c.and_then(|c| c.serving).unwrap_or(ready),
-                        terminating: c.and_then(|c| c.terminating).unwrap_or(false),
-                        node: e.node_name.clone().unwrap_or_default(),
-                        name: e
-                            .target_ref
-                            .as_ref()
-                            .and_then(|r| r.name.clone())
-                            .or_else(|| e.hostname.clone())
-                            .unwrap_or_default(),
-                        zone: e.zone.clone(),
-                    }
-                })
-                .collect(),
-        }
-    }
-
     /// Nodes whose zone label this slice's endpoints fall back to.
     fn zone_nodes(&self) -> impl Iterator<Item = &str> {
         self.endpoints
             .iter()
             .filter(|e| e.zone.is_none() && !e.node.is_empty())
             .map(|e| e.node.as_str())
+    }
+}
+
+/// A Service as the agent decodes it from the API: its identity and its
+/// [`ServiceView`], built while the JSON is read. Everything else a Service carries
+/// (`managedFields`, annotations, status, cluster IPs, selectors …) is skipped by the
+/// decoder, never allocated: a list from the apiserver's watch cache comes in one
+/// response, not in pages, and decoding it whole must stay small.
+/// `tests::lean_decoding_matches_the_full_objects` checks it against k8s-openapi's
+/// decoding of the same objects.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(from = "wire::Service")]
+pub struct KubeService {
+    /// Name, namespace, labels and resourceVersion only.
+    pub metadata: ObjectMeta,
+    pub view: ServiceView,
+}
+
+/// An EndpointSlice as the agent decodes it: its identity and its [`SliceView`] (see
+/// [`KubeService`]). Its labels are read into [`SliceView::service`] and not kept.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(from = "wire::EndpointSlice")]
+pub struct KubeSlice {
+    /// Name, namespace and resourceVersion only.
+    pub metadata: ObjectMeta,
+    pub view: SliceView,
+}
+
+macro_rules! lean_resource {
+    ($lean:ty, $full:ty) => {
+        impl Resource for $lean {
+            type DynamicType = ();
+            type Scope = <$full as Resource>::Scope;
+            fn kind(_: &()) -> std::borrow::Cow<'_, str> {
+                <$full as Resource>::kind(&())
+            }
+            fn group(_: &()) -> std::borrow::Cow<'_, str> {
+                <$full as Resource>::group(&())
+            }
+            fn version(_: &()) -> std::borrow::Cow<'_, str> {
+                <$full as Resource>::version(&())
+            }
+            fn plural(_: &()) -> std::borrow::Cow<'_, str> {
+                <$full as Resource>::plural(&())
+            }
+            fn meta(&self) -> &ObjectMeta {
+                &self.metadata
+            }
+            fn meta_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    };
+}
+lean_resource!(KubeService, Service);
+lean_resource!(KubeSlice, EndpointSlice);
+
+/// The wire shapes of the fields the agent reads (k8s-openapi's names and defaults:
+/// a missing or `null` list is empty, a missing `port` is 0); serde skips the rest.
+mod wire {
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize, Default)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Meta {
+        pub name: Option<String>,
+        pub namespace: Option<String>,
+        pub labels: Option<BTreeMap<String, String>>,
+        /// The watcher resumes from the last object's version.
+        pub resource_version: Option<String>,
+    }
+
+    impl Meta {
+        pub fn into_object_meta(self, keep_labels: bool) -> ObjectMeta {
+            ObjectMeta {
+                name: self.name,
+                namespace: self.namespace,
+                labels: if keep_labels { self.labels } else { None },
+                resource_version: self.resource_version,
+                ..Default::default()
+            }
+        }
+    }
+
+    #[derive(Debug, Deserialize)]
+    pub struct Service {
+        #[serde(default)]
+        pub metadata: Option<Meta>,
+        pub spec: Option<ServiceSpec>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    pub struct ServiceSpec {
+        #[serde(rename = "type")]
+        pub type_: Option<String>,
+        pub ports: Option<Vec<ServicePort>>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct ServicePort {
+        pub name: Option<String>,
+        pub port: Option<i32>,
+        pub app_protocol: Option<String>,
+        pub protocol: Option<String>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct EndpointSlice {
+        pub metadata: Option<Meta>,
+        pub address_type: Option<String>,
+        pub ports: Option<Vec<EndpointPort>>,
+        pub endpoints: Option<Vec<Endpoint>>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    pub struct EndpointPort {
+        pub name: Option<String>,
+        pub port: Option<i32>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Endpoint {
+        pub addresses: Option<Vec<String>>,
+        pub conditions: Option<Conditions>,
+        pub node_name: Option<String>,
+        pub target_ref: Option<TargetRef>,
+        pub hostname: Option<String>,
+        pub zone: Option<String>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    pub struct Conditions {
+        pub ready: Option<bool>,
+        pub serving: Option<bool>,
+        pub terminating: Option<bool>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    pub struct TargetRef {
+        pub name: Option<String>,
+    }
+}
+
+/// Views are kept for as long as their objects exist: their lists exactly sized (the
+/// decoder grows a list by doubling from 4, so one address would hold room for four,
+/// ten endpoints for sixteen).
+trait Exact {
+    fn exact(self) -> Self;
+}
+
+impl<T> Exact for Vec<T> {
+    fn exact(mut self) -> Self {
+        self.shrink_to_fit();
+        self
+    }
+}
+
+impl From<wire::Service> for KubeService {
+    fn from(s: wire::Service) -> KubeService {
+        let spec = s.spec;
+        let external_name = spec.as_ref().and_then(|s| s.type_.as_deref()) == Some("ExternalName");
+        let ports = spec
+            .and_then(|s| s.ports)
+            .into_iter()
+            .flatten()
+            .map(|p| {
+                let port = p.port.unwrap_or_default();
+                let name = p
+                    .name
+                    .filter(|n| !n.is_empty())
+                    .unwrap_or_else(|| port.to_string());
+                pb::ServicePort {
+                    protocol: protocol_of(&name, p.app_protocol.as_deref(), p.protocol.as_deref()),
+                    name,
+                    port: port as u32,
+                }
+            })
+            .collect::<Vec<_>>()
+            .exact();
+        KubeService {
+            metadata: s.metadata.unwrap_or_default().into_object_meta(true),
+            view: ServiceView {
+                external_name,
+                ports,
+            },
+        }
+    }
+}
+
+impl From<wire::EndpointSlice> for KubeSlice {
+    fn from(s: wire::EndpointSlice) -> KubeSlice {
+        let mut meta = s.metadata.unwrap_or_default();
+        let service = meta
+            .labels
+            .as_mut()
+            .and_then(|l| l.remove(SERVICE_NAME_LABEL))
+            .map(|name| ObjectKey {
+                namespace: meta.namespace.clone().unwrap_or_default(),
+                name,
+            });
+        let view = SliceView {
+            service,
+            routable: matches!(s.address_type.as_deref(), Some("IPv4" | "IPv6")),
+            ports: s
+                .ports
+                .into_iter()
+                .flatten()
+                .filter_map(|p| Some((p.name.filter(|n| !n.is_empty()), p.port? as u32)))
+                .collect::<Vec<_>>()
+                .exact(),
+            endpoints: s
+                .endpoints
+                .into_iter()
+                .flatten()
+                .map(|e| {
+                    let c = e.conditions.as_ref();
+                    // Per the EndpointSlice API, an unset `ready` means ready.
+                    let ready = c.and_then(|c| c.ready).unwrap_or(true);
+                    EndpointView {
+                        addresses: e.addresses.unwrap_or_default().exact(),
+                        ready,
+                        serving: c.and_then(|c| c.serving).unwrap_or(ready),
+                        terminating: c.and_then(|c| c.terminating).unwrap_or(false),
+                        node: e.node_name.unwrap_or_default(),
+                        name: e
+                            .target_ref
+                            .and_then(|r| r.name)
+                            .or(e.hostname)
+                            .unwrap_or_default(),
+                        zone: e.zone,
+                    }
+                })
+                .collect::<Vec<_>>()
+                .exact(),
+        };
+        KubeSlice {
+            metadata: meta.into_object_meta(false),
+            view,
+        }
     }
 }
 
@@ -201,14 +388,6 @@ fn key_of<K: Resource>(o: &K) -> ObjectKey {
         namespace: o.namespace().unwrap_or_default(),
         name: o.name_any(),
     }
-}
-
-fn slice_service(s: &EndpointSlice) -> Option<ObjectKey> {
-    let svc = s.labels().get(SERVICE_NAME_LABEL)?;
-    Some(ObjectKey {
-        namespace: s.namespace().unwrap_or_default(),
-        name: svc.clone(),
-    })
 }
 
 impl Objects {
@@ -520,11 +699,11 @@ fn node_zone(n: &PartialObjectMeta<Node>) -> String {
 }
 
 impl Source {
-    fn on_service(&mut self, ev: Event<Service>) -> Touched {
+    fn on_service(&mut self, ev: Event<KubeService>) -> Touched {
         match ev {
             Event::Apply(s) => {
                 let k = key_of(&s);
-                self.objs.put_service(k.clone(), ServiceView::of(&s));
+                self.objs.put_service(k.clone(), s.view);
                 Touched::keys(vec![k])
             }
             Event::Delete(s) => {
@@ -537,7 +716,7 @@ impl Source {
                 Touched::keys(vec![])
             }
             Event::InitApply(s) => {
-                let (k, view) = (key_of(&s), ServiceView::of(&s));
+                let (k, view) = (key_of(&s), s.view);
                 if !self.listed[0] {
                     // The first list: nothing complete to protect, and its services are
                     // exported as they come (`next_partial`); the swap at its end
@@ -562,9 +741,9 @@ impl Source {
         }
     }
 
-    fn on_slice(&mut self, ev: Event<EndpointSlice>) -> Touched {
+    fn on_slice(&mut self, ev: Event<KubeSlice>) -> Touched {
         match ev {
-            Event::Apply(s) => Touched::keys(self.objs.put_slice(key_of(&s), SliceView::of(&s))),
+            Event::Apply(s) => Touched::keys(self.objs.put_slice(key_of(&s), s.view)),
             Event::Delete(s) => {
                 Touched::keys(self.objs.remove_slice(&key_of(&s)).into_iter().collect())
             }
@@ -575,7 +754,7 @@ impl Source {
             Event::InitApply(s) => {
                 self.slice_buf
                     .get_or_insert_with(HashMap::new)
-                    .insert(key_of(&s), SliceView::of(&s));
+                    .insert(key_of(&s), s.view);
                 Touched::keys(vec![])
             }
             Event::InitDone => {
@@ -746,11 +925,11 @@ impl Source {
 /// it comes, as a partial state, then complete). Watch errors are retried with the watcher's default backoff. Namespaces
 /// and Nodes are watched as metadata only (their labels are all the agent reads).
 pub async fn run(client: Client, opts: KubeOptions, tx: watch::Sender<Arc<ClusterState>>) {
-    let wc = watcher::Config::default();
-    let services = watcher::watcher(Api::<Service>::all(client.clone()), wc.clone())
+    let wc = watcher_config(&opts);
+    let services = watcher::watcher(Api::<KubeService>::all(client.clone()), wc.clone())
         .default_backoff()
         .map(|e| WatchEvent::Service(Box::new(e)));
-    let slices = watcher::watcher(Api::<EndpointSlice>::all(client.clone()), wc.clone())
+    let slices = watcher::watcher(Api::<KubeSlice>::all(client.clone()), wc.clone())
         .default_backoff()
         .map(|e| WatchEvent::Slice(Box::new(e)));
     let namespaces = watcher::watcher(
@@ -771,6 +950,27 @@ pub async fn run(client: Client, opts: KubeOptions, tx: watch::Sender<Arc<Cluste
     publish(events, &mut Source::default(), &opts, &tx).await
 }
 
+/// How every kind is listed and watched. By default a list is a quorum read from
+/// etcd in pages of 500 (kube-runtime's default), each page decoded lean
+/// ([`KubeService`], [`KubeSlice`]) and dropped before the next. With
+/// `list_from_cache` (`--kube-list-from-cache`), lists (the first one and every relist
+/// after a watch expired) are served from the apiserver's watch cache
+/// (`resourceVersion=0`, as client-go's informers list): no etcd reads, and the watch
+/// resumes from the list's version, so nothing that changed after the cached list is
+/// missed. The apiserver (1.30) answers such a list in one response (kube-rs leaves
+/// `resourceVersion=0` out of a list with a page size, so none is set): tens of MiB at
+/// 10,000 EndpointSlices, whose buffers glibc's malloc then partly keeps resident. At
+/// 10,000 services it made the agent's peak RSS 144–154 MiB instead of 141–143 MiB
+/// (docs/benchmarks.md), hence off by default.
+fn watcher_config(opts: &KubeOptions) -> watcher::Config {
+    if !opts.list_from_cache {
+        return watcher::Config::default();
+    }
+    let mut wc = watcher::Config::default().any_semantic();
+    wc.page_size = None;
+    wc
+}
+
 /// Events already received are applied together (`ready_chunks`): a list page of 500
 /// objects is one new state, not 500 (each of which copied the paths of the
 /// persistent maps that the previous state still shares).
@@ -778,8 +978,8 @@ const MAX_EVENTS_PER_STATE: usize = 1_000;
 
 /// One watcher event of any kind (boxed: a chunk holds up to a thousand).
 enum WatchEvent {
-    Service(Box<watcher::Result<Event<Service>>>),
-    Slice(Box<watcher::Result<Event<EndpointSlice>>>),
+    Service(Box<watcher::Result<Event<KubeService>>>),
+    Slice(Box<watcher::Result<Event<KubeSlice>>>),
     Namespace(Box<watcher::Result<Event<PartialObjectMeta<Namespace>>>>),
     Node(Box<watcher::Result<Event<PartialObjectMeta<Node>>>>),
 }
@@ -881,7 +1081,7 @@ mod tests {
 
     use super::*;
 
-    fn service(ns: &str, name: &str) -> Service {
+    fn service(ns: &str, name: &str) -> KubeService {
         serde_json::from_value(json!({
             "metadata": {"namespace": ns, "name": name},
             "spec": {"ports": [{"name": "http", "port": 80}]},
@@ -890,7 +1090,7 @@ mod tests {
     }
 
     /// A slice of `svc` with one endpoint on `node` (no zone of its own).
-    fn slice(ns: &str, svc: &str, node: &str, addr: &str) -> EndpointSlice {
+    fn slice(ns: &str, svc: &str, node: &str, addr: &str) -> KubeSlice {
         serde_json::from_value(json!({
             "metadata": {"namespace": ns, "name": format!("{svc}-x"),
                          "labels": {SERVICE_NAME_LABEL: svc}},
@@ -1193,11 +1393,15 @@ mod tests {
     /// The agent keeps reduced views, never whole objects: what the export reads.
     #[test]
     fn views_keep_what_the_export_reads() {
-        let mut s = service("a", "web");
-        s.metadata.annotations = Some([("big".to_string(), "x".repeat(10_000))].into());
-        let v = ServiceView::of(&s);
+        let s: KubeService = serde_json::from_value(json!({
+            "metadata": {"namespace": "a", "name": "web",
+                         "annotations": {"big": "x".repeat(10_000)}},
+            "spec": {"ports": [{"name": "http", "port": 80}]},
+        }))
+        .unwrap();
+        assert_eq!(s.metadata.annotations, None, "annotations are not decoded");
         assert_eq!(
-            v,
+            s.view,
             ServiceView {
                 external_name: false,
                 ports: vec![pb::ServicePort {
@@ -1207,9 +1411,324 @@ mod tests {
                 }],
             }
         );
-        let sv = SliceView::of(&slice("a", "web", "n1", "10.0.0.1"));
+        let sv = slice("a", "web", "n1", "10.0.0.1").view;
         assert_eq!(sv.service, Some(key("a", "web")));
         assert_eq!(sv.endpoints[0].name, "web-pod");
         assert!(sv.endpoints[0].ready && sv.endpoints[0].serving);
+    }
+}
+
+#[cfg(test)]
+mod lean_tests {
+    use k8s_openapi::api::core::v1::Service;
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    use kube::runtime::watcher::ListSemantic;
+    use serde_json::json;
+
+    use super::*;
+
+    /// The views as the agent built them from k8s-openapi's whole objects before it
+    /// decoded lean ones: the reference the lean decoding must match.
+    fn full_service_view(svc: &Service) -> ServiceView {
+        let spec = svc.spec.as_ref();
+        let ports = spec
+            .and_then(|s| s.ports.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|p| {
+                let name = p
+                    .name
+                    .clone()
+                    .filter(|n| !n.is_empty())
+                    .unwrap_or_else(|| p.port.to_string());
+                pb::ServicePort {
+                    protocol: protocol_of(&name, p.app_protocol.as_deref(), p.protocol.as_deref()),
+                    name,
+                    port: p.port as u32,
+                }
+            })
+            .collect();
+        ServiceView {
+            external_name: spec.and_then(|s| s.type_.as_deref()) == Some("ExternalName"),
+            ports,
+        }
+    }
+
+    fn full_slice_view(s: &EndpointSlice) -> SliceView {
+        SliceView {
+            service: s.labels().get(SERVICE_NAME_LABEL).map(|svc| ObjectKey {
+                namespace: s.namespace().unwrap_or_default(),
+                name: svc.clone(),
+            }),
+            routable: matches!(s.address_type.as_str(), "IPv4" | "IPv6"),
+            ports: s
+                .ports
+                .iter()
+                .flatten()
+                .filter_map(|p| Some((p.name.clone().filter(|n| !n.is_empty()), p.port? as u32)))
+                .collect(),
+            endpoints: s
+                .endpoints
+                .iter()
+                .map(|e| {
+                    let c = e.conditions.as_ref();
+                    let ready = c.and_then(|c| c.ready).unwrap_or(true);
+                    EndpointView {
+                        addresses: e.addresses.clone(),
+                        ready,
+                        serving: c.and_then(|c| c.serving).unwrap_or(ready),
+                        terminating: c.and_then(|c| c.terminating).unwrap_or(false),
+                        node: e.node_name.clone().unwrap_or_default(),
+                        name: e
+                            .target_ref
+                            .as_ref()
+                            .and_then(|r| r.name.clone())
+                            .or_else(|| e.hostname.clone())
+                            .unwrap_or_default(),
+                        zone: e.zone.clone(),
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// Metadata as an apiserver returns it: managed fields, annotations, owners.
+    fn meta(ns: &str, name: &str, labels: serde_json::Value) -> serde_json::Value {
+        json!({
+            "name": name, "namespace": ns, "uid": "6f1c0a52-0000-4000-8000-000000000001",
+            "resourceVersion": "48213", "generation": 3,
+            "creationTimestamp": "2026-11-26T10:00:00Z",
+            "labels": labels,
+            "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{\"big\":true}",
+                            "endpoints.kubernetes.io/last-change-trigger-time": "2026-11-26T10:00:01Z"},
+            "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": name,
+                                 "uid": "6f1c0a52-0000-4000-8000-000000000002",
+                                 "controller": true, "blockOwnerDeletion": true}],
+            "managedFields": [{"manager": "kube-controller-manager", "operation": "Update",
+                               "apiVersion": "discovery.k8s.io/v1", "time": "2026-11-26T10:00:01Z",
+                               "fieldsType": "FieldsV1",
+                               "fieldsV1": {"f:addressType": {}, "f:endpoints": {}, "f:metadata": {"f:labels": {".": {}}}}}],
+        })
+    }
+
+    fn services() -> Vec<serde_json::Value> {
+        vec![
+            // Dual-stack, named and unnamed ports, appProtocol, UDP, status.
+            json!({"apiVersion": "v1", "kind": "Service",
+                "metadata": meta("shop", "web", json!({"app": "web"})),
+                "spec": {"type": "ClusterIP", "clusterIP": "10.0.0.10",
+                         "clusterIPs": ["10.0.0.10", "fd00:10:96::a"],
+                         "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "RequireDualStack",
+                         "selector": {"app": "web"}, "sessionAffinity": "None",
+                         "internalTrafficPolicy": "Cluster",
+                         "ports": [
+                            {"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"},
+                            {"name": "api", "port": 8443, "targetPort": "https", "appProtocol": "kubernetes.io/h2c"},
+                            {"port": 9090, "protocol": "TCP"},
+                            {"name": "", "port": 9091},
+                            {"name": "dns", "port": 53, "protocol": "UDP"},
+                            {"name": "grpc-web", "port": 7070, "appProtocol": "tcp"},
+                         ]},
+                "status": {"loadBalancer": {}}}),
+            // IPv6 only, headless.
+            json!({"metadata": meta("shop", "db", json!(null)),
+                "spec": {"clusterIP": "None", "ipFamilies": ["IPv6"],
+                         "ports": [{"name": "mysql", "port": 3306}]}}),
+            json!({"metadata": meta("shop", "ext", json!({})),
+                "spec": {"type": "ExternalName", "externalName": "example.com",
+                         "ports": [{"name": "https", "port": 443}]}}),
+            json!({"metadata": meta("shop", "bare", json!({})), "spec": {"ports": null}}),
+            json!({"metadata": {"name": "nospec"}}),
+        ]
+    }
+
+    fn slices() -> Vec<serde_json::Value> {
+        let labels = |svc: &str| json!({SERVICE_NAME_LABEL: svc, "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io", "app": "web"});
+        vec![
+            json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": meta("shop", "web-abcde", labels("web")),
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"},
+                      {"name": "api", "port": 8443, "appProtocol": "kubernetes.io/h2c"},
+                      {"name": "", "port": 9090}, {"name": "noport"}],
+            "endpoints": [
+                {"addresses": ["10.1.0.1"], "conditions": {"ready": true, "serving": true, "terminating": false},
+                 "nodeName": "n1", "zone": "az1", "hints": {"forZones": [{"name": "az1"}]},
+                 "targetRef": {"kind": "Pod", "namespace": "shop", "name": "web-1", "uid": "u1"}},
+                {"addresses": ["10.1.0.2"], "conditions": {"ready": false, "serving": true, "terminating": true},
+                 "nodeName": "n2", "targetRef": {"kind": "Pod", "name": "web-2"}},
+                {"addresses": ["10.1.0.3"], "conditions": {"ready": false},
+                 "hostname": "web-3", "zone": "az2"},
+                {"addresses": ["10.1.0.4"], "conditions": {},
+                 "hostname": "host-4", "targetRef": {"kind": "Pod", "name": "web-4"}},
+                {"addresses": ["10.1.0.5"]},
+            ]}),
+            json!({"metadata": meta("shop", "web-v6", labels("web")),
+                "addressType": "IPv6",
+                "ports": [{"port": 8080}],
+                "endpoints": [{"addresses": ["fd00:1::1"], "nodeName": "n3",
+                               "conditions": {"ready": true, "serving": null, "terminating": null},
+                               "deprecatedTopology": {"kubernetes.io/hostname": "n3"}}]}),
+            json!({"metadata": meta("shop", "web-fqdn", labels("web")),
+                "addressType": "FQDN", "endpoints": [{"addresses": ["web.example.com"]}]}),
+            json!({"metadata": meta("shop", "orphan", json!({"app": "x"})),
+                "addressType": "IPv4", "ports": null, "endpoints": null}),
+        ]
+    }
+
+    /// The lean decoding keeps every field the agent exports: on realistic objects
+    /// (dual-stack and headless Services, named and unnamed ports, EndpointSlice
+    /// conditions, zones, hints, hostnames, FQDN slices) it yields the same views and
+    /// identity as k8s-openapi's whole decoding, in objects and in a list page.
+    #[test]
+    fn lean_decoding_matches_the_full_objects() {
+        for v in services() {
+            let full: Service = serde_json::from_value(v.clone()).unwrap();
+            let lean: KubeService = serde_json::from_value(v).unwrap();
+            assert_eq!(
+                lean.view,
+                full_service_view(&full),
+                "{:?}",
+                full.metadata.name
+            );
+            assert_eq!(key_of(&lean), key_of(&full));
+            assert_eq!(lean.resource_version(), full.resource_version());
+            assert_eq!(lean.labels(), full.labels());
+        }
+        for v in slices() {
+            let full: EndpointSlice = serde_json::from_value(v.clone()).unwrap();
+            let lean: KubeSlice = serde_json::from_value(v).unwrap();
+            assert_eq!(
+                lean.view,
+                full_slice_view(&full),
+                "{:?}",
+                full.metadata.name
+            );
+            assert_eq!(key_of(&lean), key_of(&full));
+            assert_eq!(lean.resource_version(), full.resource_version());
+        }
+        // Views are kept: their lists hold no spare room.
+        for v in slices() {
+            let lean: KubeSlice = serde_json::from_value(v).unwrap();
+            let view = &lean.view;
+            assert_eq!(view.endpoints.capacity(), view.endpoints.len());
+            assert_eq!(view.ports.capacity(), view.ports.len());
+            for e in &view.endpoints {
+                assert_eq!(e.addresses.capacity(), e.addresses.len());
+            }
+        }
+        for v in services() {
+            let lean: KubeService = serde_json::from_value(v).unwrap();
+            assert_eq!(lean.view.ports.capacity(), lean.view.ports.len());
+        }
+        // As a list page arrives (what the watcher decodes).
+        let page = json!({"apiVersion": "v1", "kind": "ServiceList",
+            "metadata": {"resourceVersion": "48300"}, "items": services()});
+        let lean: kube::core::ObjectList<KubeService> =
+            serde_json::from_value(page.clone()).unwrap();
+        let full: kube::core::ObjectList<Service> = serde_json::from_value(page).unwrap();
+        assert_eq!(lean.metadata.resource_version.as_deref(), Some("48300"));
+        let views = |l: &[KubeService]| l.iter().map(|s| s.view.clone()).collect::<Vec<_>>();
+        assert_eq!(
+            views(&lean.items),
+            full.items.iter().map(full_service_view).collect::<Vec<_>>()
+        );
+        // What the export of the listed objects reads, end to end.
+        let opts = KubeOptions {
+            default_env: Some("prod".into()),
+            zone: "fallback".into(),
+            ..Default::default()
+        };
+        let mut objs = Objects::default();
+        for v in services() {
+            let s: KubeService = serde_json::from_value(v).unwrap();
+            objs.put_service(key_of(&s), s.view);
+        }
+        for v in slices() {
+            let s: KubeSlice = serde_json::from_value(v).unwrap();
+            objs.put_slice(key_of(&s), s.view);
+        }
+        let (svc, eps) = objs.export(
+            &ObjectKey {
+                namespace: "shop".into(),
+                name: "web".into(),
+            },
+            &opts,
+        );
+        assert_eq!(svc.unwrap().ports.len(), 6);
+        let eps = eps.unwrap().endpoints;
+        let addrs: Vec<&str> = eps.iter().map(|e| e.addresses[0].as_str()).collect();
+        assert_eq!(
+            addrs,
+            [
+                "10.1.0.1",
+                "10.1.0.2",
+                "10.1.0.3",
+                "10.1.0.4",
+                "10.1.0.5",
+                "fd00:1::1"
+            ]
+        );
+        assert_eq!(eps[1].name, "web-2");
+        assert!(!eps[1].ready && eps[1].serving && eps[1].terminating);
+        assert_eq!(
+            (eps[2].name.as_str(), eps[2].zone.as_str()),
+            ("web-3", "az2")
+        );
+        assert!(!eps[2].ready && !eps[2].serving);
+    }
+
+    /// The list request the watcher sends, as an apiserver receives it.
+    async fn list_request(opts: &KubeOptions) -> String {
+        use tokio::io::AsyncReadExt;
+        let wc = watcher_config(opts);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let client = Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+        let watch = tokio::spawn(async move {
+            let mut events = std::pin::pin!(watcher::watcher(Api::<KubeSlice>::all(client), wc));
+            events.next().await; // Init
+            events.next().await // the list
+        });
+        let (mut conn, _) =
+            tokio::time::timeout(std::time::Duration::from_secs(10), listener.accept())
+                .await
+                .expect("the watcher lists")
+                .unwrap();
+        let mut buf = vec![0; 4096];
+        let n = conn.read(&mut buf).await.unwrap();
+        watch.abort();
+        let request = String::from_utf8_lossy(&buf[..n]);
+        let line = request.lines().next().unwrap().to_string();
+        assert!(
+            line.starts_with("GET /apis/discovery.k8s.io/v1/endpointslices?"),
+            "{line}"
+        );
+        line
+    }
+
+    /// With `--kube-list-from-cache`, lists come from the apiserver's watch cache
+    /// (`resourceVersion=0`, unpaged), not from etcd; by default they are quorum reads
+    /// in pages of 500.
+    #[tokio::test]
+    async fn lists_come_from_the_watch_cache_when_asked() {
+        let cached = KubeOptions {
+            list_from_cache: true,
+            ..Default::default()
+        };
+        assert_eq!(watcher_config(&cached).list_semantic, ListSemantic::Any);
+        let line = list_request(&cached).await;
+        assert!(
+            line.contains("resourceVersion=0"),
+            "not from the cache: {line}"
+        );
+        assert!(
+            !line.contains("limit="),
+            "kube-rs drops resourceVersion=0 from paged lists: {line}"
+        );
+
+        let line = list_request(&KubeOptions::default()).await;
+        assert!(line.contains("limit=500"), "{line}");
+        assert!(!line.contains("resourceVersion"), "{line}");
     }
 }
