@@ -1444,6 +1444,46 @@ async fn a_pooled_connection_the_upstream_closed_gives_its_slot_back() {
     }
 }
 
+/// Opens a connection to `addr` and sends `GET path` on it.
+async fn get(addr: SocketAddr, path: &str) -> TcpStream {
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    c.write_all(format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    c
+}
+
+/// With `max_connections: 1`: sends `/held` (which the backend answers only once
+/// `gate` gets a permit), then `/next`, which must wait while the only connection is
+/// busy, and be answered within 5 s once `/held`'s answer has ended. Both answers.
+async fn next_waits_for_held(
+    addr: SocketAddr,
+    gate: &tokio::sync::Semaphore,
+    fast: bool,
+) -> (Answer, Answer) {
+    let mut held = get(addr, "/held").await;
+    let mut next = get(addr, "/next").await;
+    let mut b = [0u8; 1];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), next.read(&mut b))
+            .await
+            .is_err(),
+        "fast={fast}: answered while the only connection was busy"
+    );
+    gate.add_permits(1);
+    let a = answer(&mut held, &mut Vec::new(), false).await;
+    assert_eq!(a.status, 200, "fast={fast}: {}", a.head);
+    let released = tokio::time::Instant::now();
+    let n = answer(&mut next, &mut Vec::new(), false).await;
+    assert_eq!(n.status, 200, "fast={fast}: {}", n.head);
+    assert!(
+        released.elapsed() < Duration::from_secs(5),
+        "fast={fast}: the waiting request took {:?} after the busy connection turned idle",
+        released.elapsed()
+    );
+    (a, n)
+}
+
 /// `max_connections: 1` and two endpoints that keep their connections open (round
 /// robin alternates between them): a request that needs a connection to the other
 /// endpoint closes the idle one instead of waiting for its idle timeout (60 s, the
@@ -1478,18 +1518,10 @@ async fn an_idle_connection_to_one_endpoint_gives_its_slot_to_another() {
             ..Limits::default()
         };
         let (p, addr) = proxy_with(fast, &backends, Duration::from_secs(30), limits, None).await;
-        let send = |path: &str| {
-            let req = format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n");
-            async move {
-                let mut c = TcpStream::connect(addr).await.unwrap();
-                c.write_all(req.as_bytes()).await.unwrap();
-                c
-            }
-        };
         let mut last = Vec::new();
         for i in 0..4 {
             let started = tokio::time::Instant::now();
-            let mut c = send(&format!("/{i}")).await;
+            let mut c = get(addr, &format!("/{i}")).await;
             let a = answer(&mut c, &mut Vec::new(), false).await;
             assert_eq!(a.status, 200, "fast={fast}: request {i}: {}", a.head);
             assert_ne!(a.body, last, "fast={fast}: round robin alternates");
@@ -1501,29 +1533,10 @@ async fn an_idle_connection_to_one_endpoint_gives_its_slot_to_another() {
             last = a.body;
         }
 
-        // The only connection busy: the next request (to the other endpoint) waits...
-        let mut held = send("/held").await;
-        let mut next = send("/next").await;
-        let mut b = [0u8; 1];
-        assert!(
-            tokio::time::timeout(Duration::from_millis(500), next.read(&mut b))
-                .await
-                .is_err(),
-            "fast={fast}: answered while the only connection was busy"
-        );
-        // ...until that connection's answer ends, and no longer.
-        gate.add_permits(1);
-        let a = answer(&mut held, &mut Vec::new(), false).await;
-        assert_eq!(a.status, 200, "fast={fast}: {}", a.head);
-        let released = tokio::time::Instant::now();
-        let n = answer(&mut next, &mut Vec::new(), false).await;
-        assert_eq!(n.status, 200, "fast={fast}: {}", n.head);
+        // The only connection busy: the next request (to the other endpoint) waits
+        // until that connection's answer ends, and no longer.
+        let (a, n) = next_waits_for_held(addr, &gate, fast).await;
         assert_ne!(n.body, a.body, "fast={fast}: the other endpoint");
-        assert!(
-            released.elapsed() < Duration::from_secs(5),
-            "fast={fast}: the waiting request took {:?} after the busy connection turned idle",
-            released.elapsed()
-        );
         let overflow = p.shared.snapshot.load().clusters["c"].stats.overflow.get();
         assert_eq!(overflow, 0, "fast={fast}: overflows");
     }
@@ -1565,34 +1578,7 @@ async fn a_request_waiting_for_the_only_connection_takes_it_when_it_turns_idle()
             ..Limits::default()
         };
         let (_p, addr) = proxy_with(fast, &[b], Duration::from_secs(30), limits, None).await;
-        let send = |path: &str| {
-            let req = format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n");
-            async move {
-                let mut c = TcpStream::connect(addr).await.unwrap();
-                c.write_all(req.as_bytes()).await.unwrap();
-                c
-            }
-        };
-        let mut held = send("/held").await;
-        let mut next = send("/next").await;
-        let mut b = [0u8; 1];
-        assert!(
-            tokio::time::timeout(Duration::from_millis(500), next.read(&mut b))
-                .await
-                .is_err(),
-            "fast={fast}: answered while the only connection was busy"
-        );
-        gate.add_permits(1);
-        let a = answer(&mut held, &mut Vec::new(), false).await;
-        assert_eq!(a.status, 200, "fast={fast}: {}", a.head);
-        let released = tokio::time::Instant::now();
-        let n = answer(&mut next, &mut Vec::new(), false).await;
-        assert_eq!(n.status, 200, "fast={fast}: {}", n.head);
-        assert!(
-            released.elapsed() < Duration::from_secs(5),
-            "fast={fast}: the waiting request took {:?} after the connection turned idle",
-            released.elapsed()
-        );
+        next_waits_for_held(addr, &gate, fast).await;
         assert_eq!(
             accepted.load(std::sync::atomic::Ordering::SeqCst),
             1,
