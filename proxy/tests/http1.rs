@@ -585,10 +585,7 @@ async fn malformed_requests_are_answered_400_and_the_connection_closed() {
             b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: x\r\n\r\n",
             b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabc",
         ] {
-            let mut c = TcpStream::connect(addr).await.unwrap();
-            c.write_all(bad).await.unwrap();
-            let mut buf = Vec::new();
-            let a = answer(&mut c, &mut buf, false).await;
+            let (mut c, a) = send_raw(addr, bad).await;
             assert_eq!(
                 a.status,
                 400,
@@ -1414,10 +1411,7 @@ async fn a_pooled_connection_the_upstream_closed_gives_its_slot_back() {
         .enumerate()
         {
             let started = tokio::time::Instant::now();
-            let mut c = TcpStream::connect(addr).await.unwrap();
-            c.write_all(req.as_bytes()).await.unwrap();
-            let mut buf = Vec::new();
-            let a = answer(&mut c, &mut buf, false).await;
+            let (_, a) = send_raw(addr, req.as_bytes()).await;
             assert_eq!(
                 (a.status, a.body),
                 (200, b"ok".to_vec()),
@@ -1442,6 +1436,14 @@ async fn a_pooled_connection_the_upstream_closed_gives_its_slot_back() {
             .get();
         assert_eq!(stats, 0, "fast={fast}: overflows");
     }
+}
+
+/// Opens a connection to `addr`, writes `raw` and reads the answer.
+async fn send_raw(addr: SocketAddr, raw: &[u8]) -> (TcpStream, Answer) {
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    c.write_all(raw).await.unwrap();
+    let a = answer(&mut c, &mut Vec::new(), false).await;
+    (c, a)
 }
 
 /// Opens a connection to `addr` and sends `GET path` on it.
@@ -1605,10 +1607,7 @@ async fn several_hosts_or_a_host_other_than_the_target_are_answered_400() {
             ("GET http://a/4 HTTP/1.1\r\nHost: a\r\n\r\n", 200),
             ("GET http://A:80/5 HTTP/1.1\r\nHost: a:80\r\n\r\n", 200),
         ] {
-            let mut c = TcpStream::connect(addr).await.unwrap();
-            c.write_all(req.as_bytes()).await.unwrap();
-            let mut buf = Vec::new();
-            let a = answer(&mut c, &mut buf, false).await;
+            let (_, a) = send_raw(addr, req.as_bytes()).await;
             assert_eq!(a.status, want, "fast={fast}: {req:?}: {}", a.head);
         }
         let paths: Vec<String> = std::iter::from_fn(|| seen.try_recv().ok())
@@ -1718,10 +1717,7 @@ async fn transfer_codings_before_chunked_are_kept_and_another_final_coding_is_40
                 b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n",
                 b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n0\r\n\r\n",
             ] {
-                let mut c = TcpStream::connect(addr).await.unwrap();
-                c.write_all(bad).await.unwrap();
-                let mut buf = Vec::new();
-                let a = answer(&mut c, &mut buf, false).await;
+                let (_, a) = send_raw(addr, bad).await;
                 assert_eq!(
                     a.status,
                     400,
