@@ -225,3 +225,15 @@ def run_go_client(tmp_path, go_client):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "envoy: tests that run Envoy")
+
+
+@pytest.fixture(params=["GRPC", "DELTA_GRPC"])
+def api_type(request):
+    """The xDS transport a peer speaks: State of the World or Delta ADS."""
+    return request.param
+
+
+@pytest.fixture(params=["ipv4", "ipv6"])
+def family(request):
+    """The address family every process of a test binds and connects on."""
+    return request.param

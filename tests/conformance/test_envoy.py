@@ -29,16 +29,6 @@ ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 NACK_REGEX = "/nack[a-z]{500}"
 
 
-@pytest.fixture(params=["GRPC", "DELTA_GRPC"])
-def api_type(request):
-    return request.param
-
-
-@pytest.fixture(params=["ipv4", "ipv6"])
-def family(request):
-    return request.param
-
-
 def reviews_mesh(addr: str, backends: dict[str, HttpBackend], gw_port: int,
                  default_split: dict[str, int] | None = None, extra_rules: list[dict] | None = None) -> list[dict]:
     split = default_split or {"v1": 80, "v2": 20}

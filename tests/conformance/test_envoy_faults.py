@@ -16,11 +16,6 @@ from peers import (
 ADDR = FAMILIES["ipv4"]
 
 
-@pytest.fixture(params=["GRPC", "DELTA_GRPC"])
-def api_type(request):
-    return request.param
-
-
 def occupied_port() -> tuple[socket.socket, int]:
     """A listening socket holding a loopback port (without SO_REUSEPORT, so Envoy's
     listener cannot bind it)."""

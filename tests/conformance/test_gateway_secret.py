@@ -28,16 +28,6 @@ from kubeenv import KubeEnv  # noqa: E402
 CLUSTER_ID = "east-1"
 
 
-@pytest.fixture(params=["GRPC", "DELTA_GRPC"])
-def api_type(request):
-    return request.param
-
-
-@pytest.fixture(params=["ipv4", "ipv6"])
-def family(request):
-    return request.param
-
-
 class SecretCa:
     """A CA that issues certificates for one wildcard pattern."""
 

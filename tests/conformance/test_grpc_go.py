@@ -5,14 +5,8 @@ process and xDS client."""
 
 from __future__ import annotations
 
-import pytest
 
 from peers import EMPTY, GREETER_TARGET, UNARY, dest, greeter_mesh, share
-
-
-@pytest.fixture(params=["ipv4", "ipv6"])
-def family(request):
-    return request.param
 
 
 def _ok(out: dict, n: int) -> dict[str, int]:

@@ -7,16 +7,10 @@ from __future__ import annotations
 
 import time
 
-import pytest
 
 from peers import EMPTY, GREETER_TARGET, UNARY, dest, greeter_mesh, share, wait_until
 
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
-
-
-@pytest.fixture(params=["ipv4", "ipv6"])
-def family(request):
-    return request.param
 
 
 def test_rpcs_reach_backend(family, make_hub, make_grpc_backend, make_py_grpc_client):

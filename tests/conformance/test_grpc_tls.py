@@ -29,11 +29,6 @@ PROD_TARGET = f"xds:///greeter.prod:{GREETER_PORT}"
 STAGING_TARGET = f"xds:///greeter.staging:{GREETER_PORT}"
 
 
-@pytest.fixture(params=["ipv4", "ipv6"])
-def family(request):
-    return request.param
-
-
 class Pki:
     """A root and the leaf certificates it signs, written as PEM files."""
 

@@ -35,16 +35,6 @@ CLUSTER = f"outbound|{PORT}||{HOST}"
 CLIENT_ID = f"spiffe://{TD}/env/prod/ns/default/sa/client"
 
 
-@pytest.fixture(params=["GRPC", "DELTA_GRPC"])
-def api_type(request):
-    return request.param
-
-
-@pytest.fixture(params=["ipv4", "ipv6"])
-def family(request):
-    return request.param
-
-
 class XfccBackend:
     """An HTTP/1.1 server on loopback that records the `x-forwarded-client-cert`
     header of every request it answers."""

@@ -30,11 +30,6 @@ from test_rotation import (Load, ca_call, connection_stats, data_listener_stat, 
                            fingerprint, held)
 
 
-@pytest.fixture(params=["GRPC", "DELTA_GRPC"])
-def api_type(request):
-    return request.param
-
-
 def cert_request(hub, out: Path, identity: str) -> tuple[Path, Path, Path]:
     """A certificate of the hub's CA for `identity` through the CSR API, as a peer
     with file certificates gets it: a join token, then `tributary cert request`.

@@ -18,7 +18,6 @@ import json
 import threading
 import urllib.request
 
-import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -26,11 +25,6 @@ from peers import wait_until
 from test_mtls import CLUSTER, HOST, TD, Mesh
 
 LOAD_THREADS = 4
-
-
-@pytest.fixture(params=["GRPC", "DELTA_GRPC"])
-def api_type(request):
-    return request.param
 
 
 def ca_call(hub, method: str, path: str, body: dict | None = None) -> dict:

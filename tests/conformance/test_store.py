@@ -28,11 +28,6 @@ CLUSTER = f"outbound|{PORT}||{HOST}"
 OUTAGE_S = 30
 
 
-@pytest.fixture(params=["GRPC", "DELTA_GRPC"])
-def api_type(request):
-    return request.param
-
-
 def mesh(backends: list[HttpBackend], gw_addr: str, gw_port: int) -> list[dict]:
     return [
         service("reviews", [HOST], [{"name": "http", "port": PORT, "protocol": "HTTP"}],
