@@ -5,7 +5,6 @@ process and xDS client."""
 
 from __future__ import annotations
 
-
 from peers import EMPTY, GREETER_TARGET, UNARY, dest, greeter_mesh, share
 
 

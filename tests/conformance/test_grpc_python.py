@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import time
 
-
 from peers import EMPTY, GREETER_TARGET, UNARY, dest, greeter_mesh, share, wait_until
 
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
