@@ -67,8 +67,23 @@ fn pump(
     true
 }
 
-fn handshake(server: &Arc<ServerConfig>, client: &Arc<ClientConfig>) -> Sides {
-    let mut clocks = Sides::default();
+/// Hands the TLS bytes `wire` to `conn` and processes them.
+fn feed<D>(conn: &mut rustls::ConnectionCommon<D>, mut wire: &[u8], what: &str) {
+    while !wire.is_empty() {
+        conn.read_tls(&mut wire).unwrap();
+        conn.process_new_packets().expect(what);
+    }
+}
+
+/// A full handshake between a new server and a new client connection, each side's
+/// time added to its clock in `clocks`; until both are done and nothing is in flight
+/// (the server's session tickets, sent after the client's Finished, are part of its
+/// handshake).
+fn connect(
+    server: &Arc<ServerConfig>,
+    client: &Arc<ClientConfig>,
+    clocks: &mut Sides,
+) -> (ServerConnection, ClientConnection) {
     let t = Instant::now();
     let mut s = ServerConnection::new(server.clone()).expect("server connection");
     clocks.server += t.elapsed();
@@ -76,37 +91,29 @@ fn handshake(server: &Arc<ServerConfig>, client: &Arc<ClientConfig>) -> Sides {
     let name = ServerName::try_from("hub.tributary.invalid").unwrap();
     let mut c = ClientConnection::new(client.clone(), name).expect("client connection");
     clocks.client += t.elapsed();
-    // Until both are done and nothing is in flight (the server's session tickets,
-    // sent after the client's Finished, are part of its handshake).
     loop {
         let c_to_s = pump(
             &mut |buf| c.write_tls(buf).unwrap(),
-            &mut |bytes| {
-                let mut rd = bytes;
-                while !rd.is_empty() {
-                    s.read_tls(&mut rd).unwrap();
-                    s.process_new_packets().expect("the hub accepts the client");
-                }
-            },
+            &mut |bytes| feed(&mut s, bytes, "the hub accepts the client"),
             &mut clocks.client,
             &mut clocks.server,
         );
         let s_to_c = pump(
             &mut |buf| s.write_tls(buf).unwrap(),
-            &mut |bytes| {
-                let mut rd = bytes;
-                while !rd.is_empty() {
-                    c.read_tls(&mut rd).unwrap();
-                    c.process_new_packets().expect("the client accepts the hub");
-                }
-            },
+            &mut |bytes| feed(&mut c, bytes, "the client accepts the hub"),
             &mut clocks.server,
             &mut clocks.client,
         );
         if !c_to_s && !s_to_c && !c.is_handshaking() && !s.is_handshaking() {
-            break;
+            return (s, c);
         }
     }
+}
+
+/// One full handshake's time on each side.
+fn handshake(server: &Arc<ServerConfig>, client: &Arc<ClientConfig>) -> Sides {
+    let mut clocks = Sides::default();
+    let (s, _) = connect(server, client, &mut clocks);
     assert!(
         s.peer_certificates().is_some(),
         "the client presented a certificate"
@@ -117,39 +124,7 @@ fn handshake(server: &Arc<ServerConfig>, client: &Arc<ClientConfig>) -> Sides {
 /// (server encrypt, client decrypt) time for `mib` MiB written as 16 KiB writes, and
 /// the cipher suite negotiated.
 fn bulk(server: &Arc<ServerConfig>, client: &Arc<ClientConfig>, mib: usize) -> (Sides, String) {
-    let name = ServerName::try_from("hub.tributary.invalid").unwrap();
-    let mut s = ServerConnection::new(server.clone()).unwrap();
-    let mut c = ClientConnection::new(client.clone(), name).unwrap();
-    let mut scratch = Sides::default();
-    loop {
-        let a = pump(
-            &mut |buf| c.write_tls(buf).unwrap(),
-            &mut |bytes| {
-                let mut rd = bytes;
-                while !rd.is_empty() {
-                    s.read_tls(&mut rd).unwrap();
-                    s.process_new_packets().unwrap();
-                }
-            },
-            &mut scratch.client,
-            &mut scratch.server,
-        );
-        let b = pump(
-            &mut |buf| s.write_tls(buf).unwrap(),
-            &mut |bytes| {
-                let mut rd = bytes;
-                while !rd.is_empty() {
-                    c.read_tls(&mut rd).unwrap();
-                    c.process_new_packets().unwrap();
-                }
-            },
-            &mut scratch.server,
-            &mut scratch.client,
-        );
-        if !a && !b && !c.is_handshaking() && !s.is_handshaking() {
-            break;
-        }
-    }
+    let (mut s, mut c) = connect(server, client, &mut Sides::default());
     let chunk = vec![0x5au8; 16 * 1024];
     let mut plain = vec![0u8; 64 * 1024];
     let mut clocks = Sides::default();
@@ -160,12 +135,8 @@ fn bulk(server: &Arc<ServerConfig>, client: &Arc<ClientConfig>, mib: usize) -> (
         s.write_tls(&mut wire).unwrap();
         clocks.server += t.elapsed();
         let t = Instant::now();
-        let mut rd = &wire[..];
         let mut got = 0;
-        while !rd.is_empty() {
-            c.read_tls(&mut rd).unwrap();
-            c.process_new_packets().unwrap();
-        }
+        feed(&mut c, &wire, "the client decrypts");
         while got < chunk.len() {
             got += c.reader().read(&mut plain).unwrap();
         }
