@@ -162,7 +162,7 @@ pub struct ProcPhase {
     /// `VmRSS` at the phase's end.
     pub rss_bytes: u64,
     /// xDS streams open at the phase's end (hubs: `tributary_xds_connections`; the
-    /// router: `tributary_router_streams`).
+    /// router: `tributary_router_connections`).
     pub streams: u64,
 }
 

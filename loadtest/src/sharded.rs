@@ -483,7 +483,7 @@ async fn measure(
         proc: &est.router,
         label: "router".into(),
         role: "router",
-        streams: Some((est.router_admin.clone(), "tributary_router_streams")),
+        streams: Some((est.router_admin.clone(), "tributary_router_connections")),
         shards: Vec::new(),
     });
     procs.push(Measured {
@@ -973,8 +973,8 @@ mod tests {
 
     #[test]
     fn gauges_are_summed_over_their_series() {
-        let text = "# TYPE tributary_router_streams gauge\ntributary_router_streams{replica=\"a\",shard=\"prod/az0\"} 3\ntributary_router_streams{replica=\"b\",shard=\"prod/az1\"} 4\ntributary_router_streams_total 100\ntributary_xds_connections 2\n";
-        assert_eq!(crate::sum_metric(text, "tributary_router_streams"), 7);
+        let text = "# TYPE tributary_router_connections gauge\ntributary_router_connections{replica=\"a\",shard=\"prod/az0\"} 3\ntributary_router_connections{replica=\"b\",shard=\"prod/az1\"} 4\ntributary_router_connections_total 100\ntributary_xds_connections 2\n";
+        assert_eq!(crate::sum_metric(text, "tributary_router_connections"), 7);
         assert_eq!(crate::sum_metric(text, "tributary_xds_connections"), 2);
         assert_eq!(crate::sum_metric(text, "tributary_missing"), 0);
     }

@@ -11,14 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tower::ServiceBuilder;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 use tributary_controlplane::identity::tls::{
     self, ClientTls, ServerTls, TlsConn, TlsMetrics, Transport,
 };
@@ -27,7 +25,7 @@ use tributary_store::SharedStore;
 
 use crate::admin::{self, AdminState};
 use crate::metrics::RouterMetrics;
-use crate::relay::{ClientIdentity, Relay, RelayLimits};
+use crate::relay::{ClientConn, ClientIdentity, Conn, Relay, RelayLimits, Routed};
 use crate::table::Table;
 
 /// Everything a router needs to start. Built by `main` from flags, or by tests.
@@ -166,7 +164,7 @@ impl Router {
                     trust_domain: cfg.trust_domain.clone(),
                 },
             };
-            tasks.spawn(accept(incoming, svc, cfg.limits, stop.clone()));
+            tasks.spawn(accept(incoming, svc, stop.clone()));
         }
 
         let state = AdminState {
@@ -288,26 +286,13 @@ impl Incoming {
     }
 }
 
-/// Accepts connections until `stop`; each is served over HTTP/2 (gRPC's h2c prior
-/// knowledge, or `h2` over TLS) in its own task, and drains gracefully on `stop`. A
-/// stream holds at most `limits.stream_window` bytes in each direction: it queues at
-/// most that for its client (the rest waits in the replica's window), and the client
-/// may send at most that ahead of what the replica took (the server's HTTP/2 stream
-/// window); a connection carries at most `limits.max_streams_per_connection` streams
-/// at once, and its window is theirs together. Every request carries its
-/// connection's [`ClientIdentity`].
-pub(crate) async fn accept<S>(
-    mut incoming: Incoming,
-    svc: S,
-    limits: RelayLimits,
-    mut stop: watch::Receiver<bool>,
-) -> anyhow::Result<()>
+/// Accepts connections until `stop`; each is routed by `svc` (the relay behind the
+/// admission limit: at most `--max-pending-streams` connections are being routed at
+/// once) and then relayed or served in its own task, which ends on `stop`.
+pub(crate) async fn accept<S>(mut incoming: Incoming, svc: S, mut stop: watch::Receiver<bool>) -> anyhow::Result<()>
 where
-    S: tower::Service<
-            hyper::Request<hyper::body::Incoming>,
-            Response = hyper::Response<crate::relay::RelayBody>,
-            Error = std::convert::Infallible,
-        > + Clone
+    S: tower::Service<ClientConn, Response = Routed, Error = std::convert::Infallible>
+        + Clone
         + Send
         + 'static,
     S::Future: Send + 'static,
@@ -321,36 +306,26 @@ where
             },
             () = stopped(&mut stop) => break,
         };
-        let with_identity = |id: Option<SpiffeId>| {
-            let identity = ClientIdentity(id);
-            ServiceBuilder::new()
-                .map_request(move |mut req: hyper::Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(identity.clone());
-                    req
-                })
-                .service(svc.clone())
+        let conn = match accepted {
+            Accepted::Plain(tcp, peer) => ClientConn {
+                io: Conn::Plain(tcp),
+                peer,
+                identity: ClientIdentity(None),
+            },
+            Accepted::Tls(tls, peer, id) => ClientConn {
+                io: Conn::Tls(tls),
+                peer,
+                identity: ClientIdentity(Some(id)),
+            },
         };
-        let stop = stop.clone();
-        match accepted {
-            Accepted::Plain(tcp, peer) => {
-                conns.spawn(serve(
-                    TokioIo::new(tcp),
-                    peer,
-                    with_identity(None),
-                    limits,
-                    stop,
-                ));
-            }
-            Accepted::Tls(conn, peer, id) => {
-                conns.spawn(serve(
-                    TokioIo::new(*conn),
-                    peer,
-                    with_identity(Some(id)),
-                    limits,
-                    stop,
-                ));
-            }
-        }
+        let (svc, stop) = (svc.clone(), stop.clone());
+        conns.spawn(async move {
+            let routed = match tower::ServiceExt::oneshot(svc, conn).await {
+                Ok(r) => r,
+                Err(e) => match e {},
+            };
+            routed.run(stop).await;
+        });
         // Reap finished connection tasks so the set stays as large as the live ones.
         while conns.try_join_next().is_some() {}
     }
@@ -362,54 +337,6 @@ where
     {}
     conns.abort_all();
     Ok(())
-}
-
-/// Serves one connection over HTTP/2 until it ends, or drains it on `stop`.
-async fn serve<I, S>(
-    io: I,
-    peer: SocketAddr,
-    svc: S,
-    limits: RelayLimits,
-    mut stop: watch::Receiver<bool>,
-) where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    S: tower::Service<
-            hyper::Request<hyper::body::Incoming>,
-            Response = hyper::Response<crate::relay::RelayBody>,
-            Error = std::convert::Infallible,
-        > + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    let svc = TowerToHyperService::new(svc);
-    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    builder
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(20))
-        .max_concurrent_streams(Some(limits.max_streams_per_connection))
-        .max_send_buf_size(limits.stream_window as usize)
-        // What a client may send ahead of what its replica took: hyper's default 1 MiB
-        // windows would let every client park 1 MiB in the router per stream.
-        .initial_stream_window_size(limits.stream_window)
-        // Every stream the connection may carry gets its whole window: one stream
-        // whose replica does not read holds back only itself, and h2's bound on small
-        // DATA frames buffered unread (half the connection window) scales with the
-        // streams (see `RelayLimits::client_connection_window`).
-        .initial_connection_window_size(limits.client_connection_window());
-    let conn = builder.serve_connection(io, svc);
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                debug!(%peer, error = %e, "xDS connection ended with an error");
-            }
-            return;
-        }
-        () = stopped(&mut stop) => conn.as_mut().graceful_shutdown(),
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
 }
 
 /// Resolves once `stop` turns true (or its sender is gone).
@@ -451,6 +378,7 @@ mod tests {
 
     use super::*;
     use crate::first::Dialect;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
 
     /// A replica that answers any stream with data for as long as it may send: counts
     /// the bytes its HTTP/2 connection took from it.
@@ -597,7 +525,6 @@ mod tests {
         tokio::spawn(accept(
             Incoming::Plain(listener),
             Relay::new(table, metrics, limits, None),
-            limits,
             stop,
         ));
         router
@@ -652,14 +579,14 @@ mod tests {
         }
     }
 
-    /// The other direction: a client that keeps sending while its replica reads
-    /// nothing holds at most `--stream-window` in the router: the router's window
-    /// towards the client (the server connection's stream and connection windows) and
-    /// a frame in hand, plus what the replica's own window took. Before the bound on
-    /// the server side, hyper's 1 MiB default windows let such a client park 1 MiB in
-    /// the router per stream: 1,064,960 bytes left the client here (bound: 180,223).
+    /// A client that keeps sending while its replica reads nothing parks nothing in
+    /// the router beyond one read: HTTP/2's flow control runs end to end, from the
+    /// replica's windows to the client, and the router reads no more from a client
+    /// while its replica has not taken the last read. (Under the HTTP/2 relay,
+    /// hyper's default 1 MiB windows once let such a client park 1 MiB per stream:
+    /// 1,064,960 bytes left the client here.)
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_client_whose_replica_reads_nothing_parks_at_most_the_stream_window_in_the_router() {
+    async fn a_client_whose_replica_reads_nothing_parks_at_most_one_read_in_the_router() {
         let limits = RelayLimits::default();
         let router = router_for(deaf_replica().await, limits).await;
 
@@ -692,24 +619,23 @@ mod tests {
         assert_eq!(response.status(), 200);
 
         let parked = until_still(&sent, "the client's upload").await;
-        let window = limits.stream_window as usize;
-        // The replica's window + the router's window towards the client + a frame in
-        // the router's hand and one in the client's, and a chunk of slack.
-        let bound = 65_535 + window + 3 * (16 << 10);
+        // The replica's window (HTTP/2 flow control runs from the client to the
+        // replica, through the router) + what one read of the router took + a frame
+        // in the client's hand, and a chunk of slack.
+        let bound = 65_535 + crate::relay::CHUNK + 3 * (16 << 10);
         assert!(
             parked <= bound,
             "{parked} bytes left a client whose replica reads nothing (bound {bound})"
         );
     }
 
-    /// A client that never reads what it is sent (HTTP/2's default 64 KiB windows) holds
-    /// at most `--stream-window` in the router in each direction: the replica can hand
-    /// over only its client's window, the router's queue for it, the router's window on
-    /// the replica's connection and the replica's own send buffer (hyper's 400 KiB).
-    /// Before the bound, hyper's defaults let the router take 2 MiB from the replica
-    /// and queue more, per stream: 2.1 MB left the replica here (bound: 0.67 MB).
+    /// A client that never reads what it is sent (HTTP/2's default 64 KiB windows)
+    /// holds at most one read in the router: the replica can hand over only its
+    /// client's window, and the router reads no more from a replica while the client
+    /// has not taken the last read. (Under the HTTP/2 relay, hyper's defaults once let
+    /// the router take 2 MiB from the replica per stream: 2.1 MB left it here.)
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_client_that_stops_reading_holds_at_most_the_stream_window_in_the_router() {
+    async fn a_client_that_stops_reading_holds_at_most_one_read_in_the_router() {
         let taken = Arc::new(AtomicUsize::new(0));
         let replica = endless_replica(taken.clone()).await;
         let limits = RelayLimits::default();
@@ -773,10 +699,9 @@ mod tests {
                 "the replica is still sending ({now} bytes): nothing bounds the stream"
             );
         }
-        let window = limits.stream_window as usize;
-        // Client window + router queue + router window + the replica's send buffer,
-        // and a chunk of slack for each.
-        let bound = 65_535 + 2 * window + (400 << 10) + 4 * (16 << 10);
+        // Client window + what one read of the router took + the replica's send
+        // buffer, and a chunk of slack for each.
+        let bound = 65_535 + crate::relay::CHUNK + (400 << 10) + 4 * (16 << 10);
         assert!(
             last.0 <= bound,
             "{} bytes left the replica for a client that reads nothing (bound {bound})",
@@ -838,14 +763,12 @@ mod tests {
     }
 
     /// A client multiplexing hundreds of streams on one connection, whose frames reach
-    /// the router faster than the relay reads them (what two busy cores did in CI, and
-    /// what this single-threaded runtime does every time: the connection reads all the
-    /// frames before any stream's relay task runs), has every stream answered, and
-    /// its connection is not closed. The connection's HTTP/2 window once was the one
-    /// stream's (`--stream-window`, 64 KiB), and h2 bounds the small DATA frames it
-    /// buffers unread by half the connection window: 400 first requests of ~50 bytes
-    /// exceeded it and h2 closed the connection with `GOAWAY ENHANCE_YOUR_CALM
-    /// too_many_data_frames`, failing every stream of the client.
+    /// the router at once, has every stream answered (by the replica its first stream
+    /// was routed to), and its connection is not closed. (Under the HTTP/2 relay, the
+    /// connection's window was once one stream's, 64 KiB, and h2 bounds the small DATA
+    /// frames it buffers unread by half the connection window: 400 first requests of
+    /// ~50 bytes exceeded it and h2 closed the connection with `GOAWAY
+    /// ENHANCE_YOUR_CALM too_many_data_frames`, failing every stream of the client.)
     #[tokio::test]
     async fn a_client_multiplexing_hundreds_of_streams_has_each_answered_and_keeps_its_connection()
     {

@@ -114,6 +114,8 @@ pub enum FirstRequestError {
         "the first request carries no node: node.id, node.locality.zone and node.metadata[\"{ENV_METADATA_KEY}\"] pick the shard"
     )]
     NoNode,
+    #[error("the stream ended before its first request")]
+    Ended,
 }
 
 /// Decodes the node of one first request (the protobuf bytes, without the prefix).

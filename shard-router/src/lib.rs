@@ -28,4 +28,4 @@ pub mod pki;
 pub mod relay;
 pub mod rendezvous;
 pub mod table;
-pub mod upstream;
+pub mod wire;

@@ -57,18 +57,6 @@ struct Args {
     /// crashed replica's clients move at once, not after its lease expires).
     #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
     avoid_unreachable_for: Duration,
-    /// Bytes of a relayed stream the router holds at most in each direction: its
-    /// HTTP/2 window on the replica's connection (which is shared by every stream to
-    /// that replica and has the largest window) and what it queues for a client; and
-    /// its HTTP/2 stream window on the client's connection (what a client may send
-    /// ahead).
-    #[arg(long, default_value_t = tributary_shard_router::relay::DEFAULT_STREAM_WINDOW, value_parser = clap::value_parser!(u32).range(16384..=(1 << 30)))]
-    stream_window: u32,
-    /// Streams a client may have open at once on one connection (HTTP/2's
-    /// SETTINGS_MAX_CONCURRENT_STREAMS); the connection's window is --stream-window
-    /// times this (at most 2 GiB).
-    #[arg(long, default_value_t = tributary_shard_router::relay::DEFAULT_MAX_STREAMS_PER_CONNECTION, value_parser = clap::value_parser!(u32).range(1..))]
-    max_streams_per_connection: u32,
     /// Most streams being routed at once (reading the first request, connecting);
     /// the rest wait their turn.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
@@ -123,8 +111,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
             first_request_timeout: args.first_request_timeout,
             connect_timeout: args.connect_timeout,
             avoid_unreachable_for: args.avoid_unreachable_for,
-            stream_window: args.stream_window,
-            max_streams_per_connection: args.max_streams_per_connection,
         },
         max_pending_streams: args.max_pending_streams as usize,
         transport,

@@ -24,15 +24,16 @@ pub struct ReasonLabel {
 
 #[derive(Debug)]
 pub struct RouterMetrics {
-    /// Relayed streams open now, per replica and shard.
-    pub streams: Family<ReplicaLabels, Gauge>,
-    /// Streams routed to a replica, per shard.
+    /// Relayed client connections open now, per replica and shard (Envoy and gRPC's
+    /// xDS clients open one ADS stream per connection).
+    pub connections: Family<ReplicaLabels, Gauge>,
+    /// Connections routed to a replica, per shard.
     pub routed: Family<ShardLabel, Counter>,
-    /// Streams refused before reaching a replica, per reason.
+    /// Connections whose first stream was refused or unreadable, per reason.
     pub refused: Family<ReasonLabel, Counter>,
-    /// Relayed streams ended because their replica left the shard.
+    /// Relayed connections closed because their replica left the shard.
     pub ended_by_membership: Counter,
-    /// Relayed streams ended because the connection to the replica failed.
+    /// Relayed connections closed because the connection to the replica failed.
     pub upstream_failures: Counter,
     /// Live replica registrations.
     pub replicas: Gauge,
@@ -41,7 +42,7 @@ pub struct RouterMetrics {
 impl RouterMetrics {
     pub fn new(registry: &mut Registry) -> Self {
         let m = Self {
-            streams: Family::default(),
+            connections: Family::default(),
             routed: Family::default(),
             refused: Family::default(),
             ended_by_membership: Counter::default(),
@@ -50,28 +51,28 @@ impl RouterMetrics {
         };
         let r = registry.sub_registry_with_prefix("tributary_router");
         r.register(
-            "streams",
-            "Relayed xDS streams open now, per replica and shard",
-            m.streams.clone(),
+            "connections",
+            "Relayed client connections open now, per replica and shard",
+            m.connections.clone(),
         );
         r.register(
             "routed",
-            "xDS streams routed to a replica, per shard",
+            "Client connections routed to a replica (by their first xDS stream), per shard",
             m.routed.clone(),
         );
         r.register(
             "refused",
-            "xDS streams refused before reaching a replica, per reason",
+            "Client connections whose first stream was refused or unreadable, per reason",
             m.refused.clone(),
         );
         r.register(
             "ended_by_membership",
-            "Relayed streams ended with UNAVAILABLE because their replica left the shard",
+            "Relayed connections closed because their replica left the shard",
             m.ended_by_membership.clone(),
         );
         r.register(
             "upstream_failures",
-            "Relayed streams ended because the connection to their replica failed",
+            "Relayed connections closed because the connection to their replica failed (or could not be made)",
             m.upstream_failures.clone(),
         );
         r.register(

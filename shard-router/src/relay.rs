@@ -1,69 +1,68 @@
-//! The relay: a `tower::Service` over HTTP/2 requests that routes each ADS stream by
-//! its first request and then passes bytes through.
+//! The relay: a `tower::Service` over client connections that routes each by the
+//! node of its first ADS request, then copies bytes between the client and a replica.
 //!
-//! For each stream it reads body frames until the first gRPC message is whole
-//! ([`FirstMessage`]), decodes only the node from it ([`node_of`]), asks the
-//! [`Table`] for a replica, and opens the same method on that replica with the bytes
-//! read so far re-sent verbatim followed by the rest of the client's body as it comes.
-//! The replica's response (headers, body frames, trailers) goes back as is. Nothing
-//! after the first message is decoded, in either direction.
+//! For each connection it sends the router's connection preface, reads the client's
+//! first frames until the first stream's first gRPC message is whole ([`FirstStream`]),
+//! decodes only the node from it ([`crate::first::node_of`]), asks the [`Table`] for a
+//! replica and connects to it. Every byte read so far is then replayed to the replica
+//! and the rest copied both ways as it comes ([`Relayed`]); nothing after the first
+//! message is decoded, in either direction, and the router holds no HTTP/2 state: an
+//! idle relayed connection costs two sockets and a small task, with no buffer (bytes
+//! pass through one scratch buffer per thread; only bytes a peer is not taking yet are
+//! held, per connection). The edits to the client's frames are in [`ClientFrames`].
 //!
-//! The response body is wrapped ([`Relayed`]) so that the stream ends with
-//! `UNAVAILABLE` trailers when the replica leaves the shard (the table's gone signal)
-//! or the connection to it fails; the client then reconnects through the router and
-//! lands on a live replica. A refused stream gets a trailers-only gRPC error naming
-//! what was missing or unknown and which shards exist.
+//! A connection is routed once, by its first stream: every stream on it goes to the
+//! same replica. Envoy and gRPC's xDS clients open one ADS stream per connection to
+//! their xDS server, each for one node; a replica refuses a node of a shard it does
+//! not serve.
+//!
+//! When the replica leaves the shard (the table's gone signal) or its connection
+//! fails, the relayed connection is closed; the client sees its stream fail with
+//! `UNAVAILABLE`, reconnects through the router and lands on a live replica. A
+//! connection whose first stream the router does not relay (the directory API, which
+//! it serves itself, or a refused stream) is served here over HTTP/2 ([`Local`]): a
+//! refused stream gets a trailers-only gRPC error naming what was missing or unknown
+//! and which shards exist, and its connection is then closed, so that the client's
+//! next attempt is routed afresh.
 
+use std::cell::RefCell;
 use std::convert::Infallible;
 use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::BodyExt;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::header::HeaderMap;
-use hyper::{Request, Response, Uri};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use bytes::BytesMut;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus_client::metrics::gauge::Gauge;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, watch};
 use tonic::Status;
 use tracing::{Instrument, debug, info, info_span, warn};
 use tributary_controlplane::identity::SpiffeId;
-use tributary_controlplane::identity::authz::PEER_ID_HEADER;
 use tributary_controlplane::identity::tls::ClientTls;
-
 use tributary_proto::directory::v1::directory_server::DirectoryServer;
 
 use crate::directory::DirectoryService;
-use crate::first::{Dialect, FirstMessage, FirstRequestError, node_of};
-
-/// Paths of the directory API, which the router serves itself.
-const DIRECTORY_PREFIX: &str = "/tributary.directory.v1.Directory/";
+use crate::first::{Dialect, FirstRequestError};
 use crate::metrics::{ReplicaLabels, RouterMetrics, ShardLabel};
 use crate::table::{Refusal, Route, Table};
-use crate::upstream::Upstream;
+use crate::wire::{
+    ClientFrames, FirstStream, OpenStreams, PeekError, Peeked, ROUTER_SETTINGS, ServerFrames,
+};
 
-/// Who the client of a request is: the SPIFFE id its certificate carries (put in the
-/// request's extensions by the listener), `None` on a plaintext (`--insecure`)
-/// listener. The relay forwards it to the replica in [`PEER_ID_HEADER`], and never a
-/// value the client sent itself.
+/// Paths of the directory API, which the router serves itself.
+pub const DIRECTORY_PREFIX: &str = "/tributary.directory.v1.Directory/";
+
+/// Who the client of a connection is: the SPIFFE id its certificate carries, `None`
+/// on a plaintext (`--insecure`) listener. Under mutual TLS the relay forwards it to
+/// the replica with each stream's headers ([`ClientFrames`]).
 #[derive(Debug, Clone, Default)]
 pub struct ClientIdentity(pub Option<SpiffeId>);
-
-/// Sets [`PEER_ID_HEADER`] of a request going to a replica to the client's certified
-/// id, removing whatever the client put there: a hub believes the header from a
-/// router, so a client must not be able to choose it.
-pub fn set_forwarded_identity(headers: &mut HeaderMap, client: &ClientIdentity) {
-    headers.remove(PEER_ID_HEADER);
-    if let Some(id) = &client.0
-        && let Ok(v) = hyper::header::HeaderValue::from_str(&id.to_string())
-    {
-        headers.insert(PEER_ID_HEADER, v);
-    }
-}
 
 /// Bounds of the relay (flags of `tributary-router`).
 #[derive(Debug, Clone, Copy)]
@@ -77,44 +76,7 @@ pub struct RelayLimits {
     /// How long a replica the relay could not reach is avoided for new streams
     /// (`--avoid-unreachable-for`).
     pub avoid_unreachable_for: Duration,
-    /// Bytes of a relayed stream the router holds at most in each direction
-    /// (`--stream-window`): its HTTP/2 window on the replica's connection, what it
-    /// queues for a client that has not taken the bytes yet, and its HTTP/2 stream
-    /// window on the client's connection.
-    pub stream_window: u32,
-    /// Streams a client may have open at once on one connection
-    /// (`--max-streams-per-connection`, HTTP/2's `SETTINGS_MAX_CONCURRENT_STREAMS`;
-    /// a client opens more as earlier ones end).
-    pub max_streams_per_connection: u32,
 }
-
-/// `--stream-window`'s default: HTTP/2's own initial window (65,535 bytes), rounded.
-pub const DEFAULT_STREAM_WINDOW: u32 = 64 << 10;
-
-/// `--max-streams-per-connection`'s default.
-pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 1024;
-
-impl RelayLimits {
-    /// The HTTP/2 window of a client's connection: the sum of the windows of the
-    /// streams it may open (`--stream-window` × `--max-streams-per-connection`), at
-    /// most HTTP/2's largest. What one stream holds stays bounded by its own window;
-    /// a connection window of one stream's made a client's streams share it, so that
-    /// one stream whose replica does not read stalled its siblings, and h2 (which
-    /// closes a connection buffering more small DATA frames than half its window's
-    /// worth of framing overhead) closed a connection of a few hundred streams whose
-    /// first requests arrived faster than the relay read them.
-    pub fn client_connection_window(&self) -> u32 {
-        let sum = u64::from(self.stream_window) * u64::from(self.max_streams_per_connection);
-        sum.min(u64::from(REPLICA_CONNECTION_WINDOW)) as u32
-    }
-}
-
-/// The window of the one HTTP/2 connection to a replica, shared by every stream
-/// relayed there: HTTP/2's largest. Memory is bounded per stream (`stream_window`);
-/// a smaller connection window would let a few clients that read slowly hold all of
-/// it, and stall every other client of that replica (head-of-line blocking across
-/// clients).
-pub const REPLICA_CONNECTION_WINDOW: u32 = (1 << 31) - 1;
 
 impl Default for RelayLimits {
     fn default() -> Self {
@@ -123,184 +85,103 @@ impl Default for RelayLimits {
             first_request_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             avoid_unreachable_for: Duration::from_secs(10),
-            stream_window: DEFAULT_STREAM_WINDOW,
-            max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
         }
     }
 }
 
-/// The request body sent to the replica: the bytes read to route it, then the rest.
+/// A connection, plaintext or over TLS (the client's: a TLS server stream; the
+/// replica's: a TLS client stream).
 #[derive(Debug)]
-pub struct Forwarded {
-    first: Option<Bytes>,
-    rest: Incoming,
+pub enum Conn<T> {
+    Plain(TcpStream),
+    Tls(Box<T>),
 }
 
-impl Body for Forwarded {
-    type Data = Bytes;
-    type Error = hyper::Error;
+/// A client's connection to the router.
+pub type ClientIo = Conn<tokio_rustls::server::TlsStream<TcpStream>>;
+/// The router's connection to a replica.
+pub type ReplicaIo = Conn<tokio_rustls::client::TlsStream<TcpStream>>;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        if let Some(b) = self.first.take() {
-            return Poll::Ready(Some(Ok(Frame::data(b))));
-        }
-        Pin::new(&mut self.rest).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.first.is_none() && self.rest.is_end_stream()
-    }
-}
-
-/// Decrements a replica's stream gauge when the relayed stream ends.
-#[derive(Debug)]
-struct StreamGuard(Gauge);
-
-impl Drop for StreamGuard {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
-type Gone = Pin<Box<dyn Future<Output = ()> + Send>>;
-
-/// The response body: the replica's, ended with `UNAVAILABLE` when the replica
-/// leaves the shard or its connection fails.
-pub struct Relayed {
-    inner: Incoming,
-    gone: Gone,
-    ended: bool,
-    route: Arc<str>,
-    metrics: Arc<RouterMetrics>,
-    /// Marks the replica unreachable when its connection breaks.
-    on_failure: Option<Box<dyn FnOnce() + Send>>,
-    _guard: StreamGuard,
-}
-
-impl std::fmt::Debug for Relayed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Relayed")
-            .field("route", &self.route)
-            .field("ended", &self.ended)
-            .finish()
-    }
-}
-
-fn trailers(status: &Status) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    if status.add_header(&mut h).is_err() {
-        // Only a message that cannot be a header value fails; the code alone still is.
-        h.insert("grpc-status", (status.code() as i32).into());
-    }
-    h
-}
-
-impl Body for Relayed {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        if self.ended {
-            return Poll::Ready(None);
-        }
-        if self.gone.as_mut().poll(cx).is_ready() {
-            self.ended = true;
-            self.metrics.ended_by_membership.inc();
-            info!(route = %self.route, "replica left the shard: ending the relayed stream with UNAVAILABLE");
-            let s = Status::unavailable(format!(
-                "{} left its shard (lease expired, deregistered or reassigned); reconnect to be routed to a live replica",
-                self.route
-            ));
-            return Poll::Ready(Some(Ok(Frame::trailers(trailers(&s)))));
-        }
-        match Pin::new(&mut self.inner).poll_frame(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(None) => {
-                self.ended = true;
-                Poll::Ready(None)
-            }
-            Poll::Ready(Some(Ok(frame))) => {
-                if frame.is_trailers() {
-                    self.ended = true;
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => {
-                self.ended = true;
-                self.metrics.upstream_failures.inc();
-                if let Some(f) = self.on_failure.take() {
-                    f();
-                }
-                debug!(route = %self.route, error = %e, "the connection to the replica failed");
-                let s = Status::unavailable(format!(
-                    "the connection to {} failed: {e}; reconnect to be routed to a live replica",
-                    self.route
-                ));
-                Poll::Ready(Some(Ok(Frame::trailers(trailers(&s)))))
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.ended
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
-    }
-}
-
-/// A response body: relayed, the router's own gRPC service (the directory), or empty
-/// (a trailers-only error).
-#[derive(Debug, Default)]
-pub enum RelayBody {
-    Relayed(Box<Relayed>),
-    Own(tonic::body::Body),
-    #[default]
-    Empty,
-}
-
-impl Body for RelayBody {
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(
+impl<T: AsyncRead + Unpin> AsyncRead for Conn<T> {
+    fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            RelayBody::Relayed(r) => Pin::new(r.as_mut())
-                .poll_frame(cx)
-                .map(|f| f.map(|f| f.map_err(|e| match e {}))),
-            RelayBody::Own(b) => Pin::new(b).poll_frame(cx),
-            RelayBody::Empty => Poll::Ready(None),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            RelayBody::Relayed(r) => r.is_end_stream(),
-            RelayBody::Own(b) => b.is_end_stream(),
-            RelayBody::Empty => true,
+            Conn::Plain(io) => Pin::new(io).poll_read(cx, buf),
+            Conn::Tls(io) => Pin::new(io.as_mut()).poll_read(cx, buf),
         }
     }
 }
 
-/// Shared by every stream.
+impl<T: AsyncWrite + Unpin> AsyncWrite for Conn<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(io) => Pin::new(io).poll_write(cx, buf),
+            Conn::Tls(io) => Pin::new(io.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(io) => Pin::new(io).poll_flush(cx),
+            Conn::Tls(io) => Pin::new(io.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(io) => Pin::new(io).poll_shutdown(cx),
+            Conn::Tls(io) => Pin::new(io.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// An accepted client connection, with its client's certified identity.
+#[derive(Debug)]
+pub struct ClientConn {
+    pub io: ClientIo,
+    pub peer: SocketAddr,
+    pub identity: ClientIdentity,
+}
+
+/// What routing a connection came to.
+#[derive(Debug)]
+pub enum Routed {
+    /// Relay it to a replica.
+    Replica(Relayed),
+    /// Serve it here: the directory API, or a refusal.
+    Local(Local),
+    /// Nothing to answer on (not HTTP/2, or gone before its first stream): closed.
+    Closed,
+}
+
+impl Routed {
+    /// Relays or serves the connection until it ends, or until `stop`.
+    pub async fn run(self, stop: watch::Receiver<bool>) {
+        match self {
+            Routed::Replica(r) => r.run(stop).await,
+            Routed::Local(l) => l.serve(stop).await,
+            Routed::Closed => {}
+        }
+    }
+}
+
+/// Shared by every connection.
 #[derive(Debug)]
 struct Inner {
     /// The directory API, served here rather than relayed.
     directory: DirectoryServer<DirectoryService>,
     table: Arc<Table>,
-    client: Client<Upstream, Forwarded>,
     metrics: Arc<RouterMetrics>,
     limits: RelayLimits,
+    /// The router's own mutual TLS to the replicas; `None`: plaintext.
+    upstream_tls: Option<ClientTls>,
 }
 
 /// The relay service (one clone per connection; they share everything).
@@ -317,69 +198,38 @@ impl Relay {
         limits: RelayLimits,
         upstream_tls: Option<ClientTls>,
     ) -> Self {
-        let connector = Upstream::new(upstream_tls, limits.connect_timeout);
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .http2_only(true)
-            .http2_initial_stream_window_size(limits.stream_window)
-            .http2_initial_connection_window_size(REPLICA_CONNECTION_WINDOW)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .http2_keep_alive_timeout(Duration::from_secs(20))
-            .build(connector);
         Self {
             inner: Arc::new(Inner {
                 directory: DirectoryServer::new(DirectoryService::new(table.clone())),
                 table,
-                client,
                 metrics,
                 limits,
+                upstream_tls,
             }),
         }
     }
 }
 
-impl tower::Service<Request<Incoming>> for Relay {
-    type Response = Response<RelayBody>;
+impl tower::Service<ClientConn> for Relay {
+    type Response = Routed;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<RelayBody>, Infallible>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Routed, Infallible>> + Send>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        if req.uri().path().starts_with(DIRECTORY_PREFIX) {
-            let mut directory = self.inner.directory.clone();
-            return Box::pin(async move {
-                let r = match tower::Service::call(&mut directory, req).await {
-                    Ok(r) => r,
-                    Err(e) => match e {},
-                };
-                Ok(r.map(RelayBody::Own))
-            });
-        }
+    fn call(&mut self, conn: ClientConn) -> Self::Future {
         let inner = self.inner.clone();
-        // Routing runs in a span that names the stream once its node is read.
+        // Routing runs in a span that names the connection once its node is read.
         let span = info_span!(
             "route",
+            peer = %conn.peer,
             node = tracing::field::Empty,
             shard = tracing::field::Empty,
             replica = tracing::field::Empty
         );
-        Box::pin(
-            async move {
-                Ok(match inner.relay(req).await {
-                    Ok(r) => r,
-                    Err((reason, status)) => {
-                        inner.metrics.refuse(reason);
-                        info!(code = ?status.code(), message = status.message(), "stream refused");
-                        status.into_http()
-                    }
-                })
-            }
-            .instrument(span),
-        )
+        Box::pin(async move { Ok(inner.route(conn).await) }.instrument(span))
     }
 }
 
@@ -394,83 +244,97 @@ fn refusal(r: Refusal) -> Refused {
     (reason, Status::new(r.code(), r.to_string()))
 }
 
+fn bad_first_request(e: FirstRequestError) -> Refused {
+    let reason = match e {
+        FirstRequestError::TooLarge { .. } => "first_request_too_large",
+        FirstRequestError::Ended => "no_first_request",
+        _ => "bad_first_request",
+    };
+    (reason, Status::invalid_argument(e.to_string()))
+}
+
+/// How reading a connection's first stream ended.
+enum Read {
+    Peeked(Peeked),
+    Broken(PeekError),
+    /// The client closed (or broke) its connection first.
+    Gone,
+}
+
 impl Inner {
-    async fn relay(&self, req: Request<Incoming>) -> Result<Response<RelayBody>, Refused> {
-        let Some(dialect) = Dialect::from_path(req.uri().path()) else {
-            return Err((
-                "unknown_method",
-                Status::unimplemented(format!(
-                    "the shard router relays {} and {} (and serves {DIRECTORY_PREFIX}) only, not {}",
+    /// Serves `conn` here: the directory API, or the refusal of its first stream.
+    fn local(self: &Arc<Self>, conn: ClientConn, head: BytesMut, refused: Option<Refused>) -> Routed {
+        let refused = refused.map(|(reason, status)| {
+            self.metrics.refuse(reason);
+            info!(code = ?status.code(), message = status.message(), "stream refused");
+            status
+        });
+        Routed::Local(Local {
+            conn,
+            head,
+            refused,
+            inner: self.clone(),
+        })
+    }
+
+    async fn route(self: Arc<Self>, mut conn: ClientConn) -> Routed {
+        let mut head = BytesMut::new();
+        let read = tokio::time::timeout(
+            self.limits.first_request_timeout,
+            self.read_first(&mut conn.io, &mut head),
+        )
+        .await;
+        let peeked = match read {
+            Err(_) => {
+                let status = Status::deadline_exceeded(format!(
+                    "no whole first request within --first-request-timeout ({})",
+                    humantime::format_duration(self.limits.first_request_timeout)
+                ));
+                return self.local(conn, head, Some(("first_request_timeout", status)));
+            }
+            Ok(Read::Gone) => {
+                self.metrics.refuse("no_first_request");
+                debug!("the client closed its connection before its first request");
+                return Routed::Closed;
+            }
+            Ok(Read::Broken(e)) => {
+                self.metrics.refuse("not_grpc");
+                info!(error = %e, "closing a connection the router cannot read");
+                return Routed::Closed;
+            }
+            Ok(Read::Peeked(p)) => p,
+        };
+        let (dialect, node) = match peeked {
+            Peeked::Other { path } if path.starts_with(DIRECTORY_PREFIX) => {
+                return self.local(conn, head, None);
+            }
+            Peeked::Other { path } => {
+                let status = Status::unimplemented(format!(
+                    "the shard router relays {} and {} (and serves {DIRECTORY_PREFIX}) only, not {path}",
                     Dialect::SOTW_PATH,
                     Dialect::DELTA_PATH,
-                    req.uri().path()
-                )),
-            ));
-        };
-        let (parts, mut body) = req.into_parts();
-        let client = parts
-            .extensions
-            .get::<ClientIdentity>()
-            .cloned()
-            .unwrap_or_default();
-        let mut first = FirstMessage::new(self.limits.max_first_request_bytes);
-        let bad = |e: FirstRequestError| {
-            let reason = match e {
-                FirstRequestError::TooLarge { .. } => "first_request_too_large",
-                _ => "bad_first_request",
-            };
-            (reason, Status::invalid_argument(e.to_string()))
-        };
-        let read = async {
-            loop {
-                match body.frame().await {
-                    None => return Ok(None),
-                    Some(Err(e)) => {
-                        return Err((
-                            "client_error",
-                            Status::cancelled(format!("reading the first request failed: {e}")),
-                        ));
-                    }
-                    Some(Ok(f)) => {
-                        if let Ok(data) = f.into_data()
-                            && let Some(len) = first.push(&data).map_err(bad)?
-                        {
-                            return Ok(Some(len));
-                        }
-                    }
-                }
-            }
-        };
-        let len = match tokio::time::timeout(self.limits.first_request_timeout, read).await {
-            Err(_) => {
-                return Err((
-                    "first_request_timeout",
-                    Status::deadline_exceeded(format!(
-                        "no whole first request within --first-request-timeout ({})",
-                        humantime::format_duration(self.limits.first_request_timeout)
-                    )),
                 ));
+                return self.local(conn, head, Some(("unknown_method", status)));
             }
-            Ok(r) => r?,
+            Peeked::Ads { dialect, node } => (dialect, node),
         };
-        let Some(len) = len else {
-            // The client closed before its first request: nothing to route.
-            return Err((
-                "no_first_request",
-                Status::invalid_argument("the stream ended before its first request"),
-            ));
+        let mut node = match node {
+            Ok(node) => node,
+            Err(e) => return self.local(conn, head, Some(bad_first_request(e))),
         };
-        let mut node = node_of(dialect, first.message(len)).map_err(bad)?;
         // A certified workload or gateway that claims no environment is routed by the
         // one its certificate names (the replica checks any claim against it).
         if node.environment.is_none()
-            && let Some(env) = client.0.as_ref().and_then(|id| id.identity.environment())
+            && let Some(env) = conn.identity.0.as_ref().and_then(|id| id.identity.environment())
         {
             node.environment = Some(env.to_string());
         }
         let span = tracing::Span::current();
         span.record("node", node.id.as_str());
-        let route = self.table.route(&node).map_err(refusal)?;
+        let route = match self.table.route(&node) {
+            Ok(route) => route,
+            Err(r) => return self.local(conn, head, Some(refusal(r))),
+        };
         let shard = route.shard.to_string();
         span.record("shard", shard.as_str());
         span.record("replica", &*route.replica);
@@ -481,131 +345,493 @@ impl Inner {
             })
             .inc();
         debug!(node = %node.id, %shard, replica = %route.replica, protocol = dialect.name(), "routed");
-        self.forward(parts, first.into_bytes(), body, route, &client)
-            .await
-    }
-
-    async fn forward(
-        &self,
-        parts: hyper::http::request::Parts,
-        first: Bytes,
-        rest: Incoming,
-        route: Route,
-        client: &ClientIdentity,
-    ) -> Result<Response<RelayBody>, Refused> {
         let Route {
-            shard,
             replica,
             addr,
             mut gone,
+            ..
         } = route;
         let label = format!("replica {replica} ({addr}) of shard {shard}");
-        let uri: Uri = match format!(
-            "http://{addr}{}",
-            parts
-                .uri
-                .path_and_query()
-                .map(|p| p.as_str())
-                .unwrap_or("/")
-        )
-        .parse()
-        {
-            Ok(u) => u,
-            Err(e) => {
-                return Err((
-                    "bad_request",
-                    Status::internal(format!("building the replica's URI: {e}")),
-                ));
-            }
-        };
-        let mut up = Request::from_parts(
-            parts,
-            Forwarded {
-                first: Some(first),
-                rest,
-            },
-        );
-        *up.uri_mut() = uri;
-        up.headers_mut().remove(hyper::header::HOST);
-        set_forwarded_identity(up.headers_mut(), client);
-        let gauge = self
-            .metrics
-            .streams
-            .get_or_create(&ReplicaLabels {
-                replica: replica.to_string(),
-                shard: shard.to_string(),
-            })
-            .clone();
-        let response = tokio::select! {
-            r = self.client.request(up) => r,
+        let connected = tokio::select! {
+            c = self.connect(addr) => c,
             _ = gone.wait_for(|g| *g) => {
-                return Err(("replica_left", Status::unavailable(format!("{label} left its shard while connecting; reconnect"))));
+                let status = Status::unavailable(format!("{label} left its shard while connecting; reconnect"));
+                return self.local(conn, head, Some(("replica_left", status)));
             }
         };
-        let response = match response {
-            Ok(r) => r,
+        let replica_io = match connected {
+            Ok(io) => io,
             Err(e) => {
                 warn!(%replica, %addr, error = %e, "cannot reach the replica; avoiding it for new streams");
                 self.metrics.upstream_failures.inc();
                 self.table
                     .avoid(&replica, addr, self.limits.avoid_unreachable_for);
-                return Err((
-                    "replica_unreachable",
-                    Status::unavailable(format!("cannot reach {label}: {e}; reconnect")),
-                ));
+                let status = Status::unavailable(format!("cannot reach {label}: {e}; reconnect"));
+                return self.local(conn, head, Some(("replica_unreachable", status)));
             }
         };
+        let gauge = self
+            .metrics
+            .connections
+            .get_or_create(&ReplicaLabels {
+                replica: replica.to_string(),
+                shard,
+            })
+            .clone();
         gauge.inc();
-        let (parts, inner) = response.into_parts();
-        let body = Relayed {
-            inner,
-            gone: Box::pin(async move {
-                let _ = gone.wait_for(|g| *g).await;
-            }),
-            ended: false,
-            route: Arc::from(label),
-            metrics: self.metrics.clone(),
-            on_failure: Some({
-                let (table, hold) = (self.table.clone(), self.limits.avoid_unreachable_for);
-                Box::new(move || table.avoid(&replica, addr, hold))
-            }),
+        let forwarded = conn.identity.0.as_ref().map(|id| id.to_string());
+        let mut frames = ClientFrames::new(forwarded.as_deref());
+        // The bytes read so far go first, with the same edits as the rest.
+        let (mut up, mut open) = (Half::default(), OpenStreams::default());
+        frames.feed(&head, Some(&mut up.pending), &mut open);
+        Routed::Replica(Relayed {
+            client: conn.io,
+            replica: replica_io,
+            frames,
+            up,
+            open,
+            gone,
+            name: replica,
+            addr,
+            inner: self.clone(),
             _guard: StreamGuard(gauge),
+        })
+    }
+
+    /// Sends the router's connection preface, then reads into `head` until the first
+    /// stream is known.
+    async fn read_first(&self, io: &mut ClientIo, head: &mut BytesMut) -> Read {
+        if io.write_all(&ROUTER_SETTINGS).await.is_err() || io.flush().await.is_err() {
+            return Read::Gone;
+        }
+        let mut first = FirstStream::new(self.limits.max_first_request_bytes);
+        loop {
+            head.reserve(4096);
+            match io.read_buf(head).await {
+                Ok(0) | Err(_) => return Read::Gone,
+                Ok(_) => {}
+            }
+            match first.advance(head) {
+                Ok(None) => {}
+                Ok(Some(p)) => return Read::Peeked(p),
+                Err(e) => return Read::Broken(e),
+            }
+        }
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> io::Result<ReplicaIo> {
+        let timeout = self.limits.connect_timeout;
+        let connecting = async {
+            match &self.upstream_tls {
+                None => {
+                    let tcp = TcpStream::connect(addr).await?;
+                    tcp.set_nodelay(true)?;
+                    Ok(Conn::Plain(tcp))
+                }
+                Some(tls) => tls
+                    .connect(&addr.to_string())
+                    .await
+                    .map(|s| Conn::Tls(Box::new(s)))
+                    .map_err(|e| io::Error::new(e.kind(), format!("mutual TLS: {e}"))),
+            }
         };
-        Ok(Response::from_parts(
-            parts,
-            RelayBody::Relayed(Box::new(body)),
-        ))
+        tokio::time::timeout(timeout, connecting)
+            .await
+            .unwrap_or_else(|_| {
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "no connection within --connect-timeout ({})",
+                        humantime::format_duration(timeout)
+                    ),
+                ))
+            })
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tributary_controlplane::identity::Identity;
+/// Decrements a replica's connection gauge when the relayed connection ends.
+#[derive(Debug)]
+struct StreamGuard(Gauge);
 
-    /// Whatever the client sent in `x-tributary-peer-id` never reaches a replica: a
-    /// certified client's header is its certificate's id, a plaintext one's is gone.
-    #[test]
-    fn the_forwarded_identity_is_the_certified_one_never_the_clients() {
-        let forged = "spiffe://tributary.local/env/prod/ns/shop/sa/web";
-        let staging = SpiffeId::new(
-            "tributary.local",
-            Identity::Workload {
-                env: "staging".into(),
-                namespace: "shop".into(),
-                service_account: "web".into(),
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// A client's connection relayed to a replica.
+#[derive(Debug)]
+pub struct Relayed {
+    client: ClientIo,
+    replica: ReplicaIo,
+    frames: ClientFrames,
+    /// Client to replica: starts with the bytes read to route it.
+    up: Half,
+    /// The streams those bytes opened, and later ones.
+    open: OpenStreams,
+    gone: watch::Receiver<bool>,
+    /// The replica's id and address.
+    name: Arc<str>,
+    addr: SocketAddr,
+    inner: Arc<Inner>,
+    _guard: StreamGuard,
+}
+
+/// How long the router tries to hand a client the end of its relayed connection.
+const ENDING_TIMEOUT: Duration = Duration::from_secs(1);
+
+impl Relayed {
+    async fn run(self, mut stop: watch::Receiver<bool>) {
+        let Relayed {
+            mut client,
+            mut replica,
+            mut frames,
+            mut up,
+            mut open,
+            mut gone,
+            name,
+            addr,
+            inner,
+            _guard,
+        } = self;
+        let mut server_frames = ServerFrames::default();
+        let mut down = Half::default();
+        let splice = Splice {
+            client: &mut client,
+            replica: &mut replica,
+            frames: &mut frames,
+            server_frames: &mut server_frames,
+            open: &mut open,
+            up: &mut up,
+            down: &mut down,
+        };
+        let label = format!("replica {name} ({addr})");
+        let why = tokio::select! {
+            end = splice => match end {
+                Ok(()) => {
+                    debug!(replica = %name, "the client closed its relayed connection");
+                    return;
+                }
+                Err(Failed::Client(e)) => {
+                    debug!(replica = %name, error = %e, "the client's connection failed");
+                    return;
+                }
+                Err(Failed::Replica(e)) => {
+                    warn!(replica = %name, %addr, error = %e, "the connection to the replica failed; its client reconnects, and the replica is avoided for new streams");
+                    inner.metrics.upstream_failures.inc();
+                    inner.table.avoid(&name, addr, inner.limits.avoid_unreachable_for);
+                    format!("the connection to {label} broke ({e}); reconnect")
+                }
             },
-        );
-        let mut h = HeaderMap::new();
-        h.insert(PEER_ID_HEADER, forged.parse().unwrap());
-        set_forwarded_identity(&mut h, &ClientIdentity(Some(staging.clone())));
-        let sent: Vec<_> = h.get_all(PEER_ID_HEADER).iter().collect();
-        assert_eq!(sent, vec![staging.to_string().as_str()]);
+            _ = gone.wait_for(|g| *g) => {
+                inner.metrics.ended_by_membership.inc();
+                info!(replica = %name, "the replica left its shard: ending its relayed connection so that the client reconnects");
+                format!("{label} left its shard (lease expired, shut down, or the assignment moved the shard); reconnect through the router")
+            }
+            () = crate::app::stopped(&mut stop) => "the shard router is shutting down; reconnect".to_string(),
+        };
+        drop(replica);
+        // Ends the client's open streams with UNAVAILABLE naming why, where the
+        // replica's bytes stopped between two frames (else the connection just closes).
+        if down.pending.is_empty() && server_frames.at_boundary() {
+            let ending = crate::wire::ending(&open, tonic::Code::Unavailable, &why);
+            let _ = tokio::time::timeout(ENDING_TIMEOUT, async {
+                client.write_all(&ending).await?;
+                client.flush().await?;
+                client.shutdown().await
+            })
+            .await;
+        }
+    }
+}
 
-        let mut h = HeaderMap::new();
-        h.append(PEER_ID_HEADER, forged.parse().unwrap());
-        h.append(PEER_ID_HEADER, forged.parse().unwrap());
-        set_forwarded_identity(&mut h, &ClientIdentity(None));
-        assert!(h.get(PEER_ID_HEADER).is_none(), "{h:?}");
+/// Bytes read from one side and not yet taken by the other.
+#[derive(Debug, Default)]
+struct Half {
+    pending: Vec<u8>,
+    flush: bool,
+    eof: bool,
+}
+
+/// What the relay copies through: one buffer per thread, used within one poll.
+struct Scratch {
+    read: Box<[u8]>,
+    edited: Vec<u8>,
+}
+
+/// The most read from a socket at once.
+pub(crate) const CHUNK: usize = 16 << 10;
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch {
+        read: vec![0; CHUNK].into_boxed_slice(),
+        edited: Vec::new(),
+    });
+}
+
+/// Which side of a relayed connection failed.
+#[derive(Debug)]
+enum Failed {
+    Client(io::Error),
+    Replica(io::Error),
+}
+
+/// How a direction's frames are followed (and the client's edited).
+enum Follow<'a> {
+    Client(&'a mut ClientFrames, &'a mut OpenStreams),
+    Server(&'a mut ServerFrames, &'a mut OpenStreams),
+}
+
+/// Copies `r` to `w` until `r` ends and `w` is shut down. Reads go into the thread's
+/// scratch buffer and are written at once; only what `w` does not take now is kept
+/// (in `half`), and read no more until it is taken. `Err(true)`: reading failed.
+fn poll_copy<R, W>(
+    cx: &mut Context<'_>,
+    mut r: Pin<&mut R>,
+    mut w: Pin<&mut W>,
+    half: &mut Half,
+    mut follow: Follow<'_>,
+) -> Poll<Result<(), (bool, io::Error)>>
+where
+    R: AsyncRead + ?Sized,
+    W: AsyncWrite + ?Sized,
+{
+    let write_zero = || (false, io::Error::from(io::ErrorKind::WriteZero));
+    loop {
+        while !half.pending.is_empty() {
+            let n = ready!(w.as_mut().poll_write(cx, &half.pending)).map_err(|e| (false, e))?;
+            if n == 0 {
+                return Poll::Ready(Err(write_zero()));
+            }
+            half.pending.drain(..n);
+        }
+        if half.pending.capacity() > 0 {
+            // Nothing held while idle.
+            half.pending = Vec::new();
+        }
+        if half.flush {
+            ready!(w.as_mut().poll_flush(cx)).map_err(|e| (false, e))?;
+            half.flush = false;
+        }
+        if half.eof {
+            ready!(w.as_mut().poll_shutdown(cx)).map_err(|e| (false, e))?;
+            return Poll::Ready(Ok(()));
+        }
+        let read = SCRATCH.with(|s| {
+            let Scratch { read, edited } = &mut *s.borrow_mut();
+            let mut buf = ReadBuf::new(read);
+            ready!(r.as_mut().poll_read(cx, &mut buf)).map_err(|e| (true, e))?;
+            let got = buf.filled();
+            if got.is_empty() {
+                return Poll::Ready(Ok(true));
+            }
+            let data: &[u8] = match &mut follow {
+                Follow::Client(f, open) if f.edits() => {
+                    edited.clear();
+                    f.feed(got, Some(edited), open);
+                    &edited[..]
+                }
+                Follow::Client(f, open) => {
+                    f.feed(got, None, open);
+                    got
+                }
+                Follow::Server(f, open) => {
+                    f.feed(got, open);
+                    got
+                }
+            };
+            let mut off = 0;
+            while off < data.len() {
+                match w.as_mut().poll_write(cx, &data[off..]) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(write_zero())),
+                    Poll::Ready(Ok(n)) => off += n,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err((false, e))),
+                    Poll::Pending => break,
+                }
+            }
+            half.pending.extend_from_slice(&data[off..]);
+            half.flush = true;
+            Poll::Ready(Ok(false))
+        });
+        if ready!(read)? {
+            half.eof = true;
+        }
+    }
+}
+
+/// Both directions of a relayed connection; ends when either side has closed and
+/// what it sent is passed on, or when either fails.
+struct Splice<'a> {
+    client: &'a mut ClientIo,
+    replica: &'a mut ReplicaIo,
+    frames: &'a mut ClientFrames,
+    server_frames: &'a mut ServerFrames,
+    open: &'a mut OpenStreams,
+    up: &'a mut Half,
+    down: &'a mut Half,
+}
+
+impl Future for Splice<'_> {
+    type Output = Result<(), Failed>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let up = poll_copy(
+            cx,
+            Pin::new(&mut *this.client),
+            Pin::new(&mut *this.replica),
+            this.up,
+            Follow::Client(this.frames, this.open),
+        );
+        match up {
+            Poll::Ready(Ok(())) => return Poll::Ready(Ok(())),
+            Poll::Ready(Err((true, e))) => return Poll::Ready(Err(Failed::Client(e))),
+            Poll::Ready(Err((false, e))) => return Poll::Ready(Err(Failed::Replica(e))),
+            Poll::Pending => {}
+        }
+        match poll_copy(
+            cx,
+            Pin::new(&mut *this.replica),
+            Pin::new(&mut *this.client),
+            this.down,
+            Follow::Server(this.server_frames, this.open),
+        ) {
+            // The replica closed its connection: whatever the reason, the client
+            // must reconnect.
+            Poll::Ready(Ok(())) => Poll::Ready(Err(Failed::Replica(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the replica closed the connection",
+            )))),
+            Poll::Ready(Err((true, e))) => Poll::Ready(Err(Failed::Replica(e))),
+            Poll::Ready(Err((false, e))) => Poll::Ready(Err(Failed::Client(e))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// A connection the router serves itself over HTTP/2: the directory API, or the
+/// refusal of its first stream.
+#[derive(Debug)]
+pub struct Local {
+    conn: ClientConn,
+    /// The client's bytes read so far.
+    head: BytesMut,
+    /// Why its first stream was refused, if it was.
+    refused: Option<Status>,
+    inner: Arc<Inner>,
+}
+
+impl Local {
+    async fn serve(self, mut stop: watch::Receiver<bool>) {
+        let Local {
+            conn,
+            head,
+            refused,
+            inner,
+        } = self;
+        let mut frames = ClientFrames::new(None);
+        let mut out = Vec::new();
+        frames.feed(&head, Some(&mut out), &mut OpenStreams::default());
+        let io = Replayed {
+            io: conn.io,
+            out,
+            at: 0,
+            frames,
+        };
+        let answered = Arc::new(Notify::new());
+        let svc = hyper::service::service_fn({
+            let answered = answered.clone();
+            move |req: hyper::Request<hyper::body::Incoming>| {
+                let (inner, refused, answered) =
+                    (inner.clone(), refused.clone(), answered.clone());
+                async move {
+                    let path = req.uri().path();
+                    if path.starts_with(DIRECTORY_PREFIX) {
+                        let mut directory = inner.directory.clone();
+                        return tower::Service::call(&mut directory, req).await;
+                    }
+                    let status = match refused {
+                        Some(status) => status,
+                        None => Status::failed_precondition(format!(
+                            "the shard router routes a connection by its first stream; this one serves {DIRECTORY_PREFIX}: open {path} on a connection of its own"
+                        )),
+                    };
+                    answered.notify_one();
+                    Ok::<_, Infallible>(status.into_http())
+                }
+            }
+        });
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(Duration::from_secs(20));
+        let conn = builder.serve_connection(TokioIo::new(io), svc);
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    debug!(error = %e, "a connection served by the router ended with an error");
+                }
+                return;
+            }
+            () = answered.notified() => conn.as_mut().graceful_shutdown(),
+            () = crate::app::stopped(&mut stop) => conn.as_mut().graceful_shutdown(),
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    }
+}
+
+/// A client's connection served here: the bytes read to route it first, then the
+/// rest, through [`ClientFrames`] (which drops the acknowledgement of the router's
+/// own SETTINGS: the local HTTP/2 server sends its own).
+struct Replayed {
+    io: ClientIo,
+    out: Vec<u8>,
+    at: usize,
+    frames: ClientFrames,
+}
+
+impl AsyncRead for Replayed {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        while this.at == this.out.len() {
+            this.out.clear();
+            this.at = 0;
+            let mut chunk = [0u8; 4096];
+            let mut read = ReadBuf::new(&mut chunk);
+            ready!(Pin::new(&mut this.io).poll_read(cx, &mut read))?;
+            if read.filled().is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+            this.frames
+                .feed(read.filled(), Some(&mut this.out), &mut OpenStreams::default());
+        }
+        let n = buf.remaining().min(this.out.len() - this.at);
+        buf.put_slice(&this.out[this.at..this.at + n]);
+        this.at += n;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Replayed {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }

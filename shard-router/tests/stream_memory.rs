@@ -10,8 +10,9 @@
 //!
 //! Measured: the router's heap before and after `STREAMS` Delta streams have synced
 //! (every client ACKed its CDS response at the hub), and again after a config change
-//! pushed to every stream and ACKed. A warm-up stream opens the router's connection
-//! to the hub first, so its one-time cost is not counted against the streams.
+//! pushed to every stream and ACKed. A warm-up stream goes first, so that one-time
+//! costs (the thread's copy buffer, metric families) are not counted against the
+//! streams.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
@@ -71,18 +72,17 @@ const STREAMS: usize = 200;
 /// Services in the config (one cluster each in the CDS response).
 const SERVICES: usize = 20;
 
-/// Bytes of the router's heap per relayed stream, at most. Measured 40,665–41,032
-/// (see docs/benchmarks.md, "The router's memory per stream, counted"): 28 KiB of it is what h2
-/// allocates per server connection whatever the traffic and cannot be sized from
-/// outside (a 16 KiB write buffer, an 8 KiB read buffer, a 4 KiB HPACK decoding
-/// buffer); the rest is the connection's and the stream's state on both of the
-/// router's connections (tasks, h2 stream slabs, the relay). A regression guard,
-/// with ~2 KiB of room: the goal of 10 KiB needs h2 changed.
-const BOUND_PLAIN: usize = 42 << 10;
-/// Mutual TLS adds rustls' state per connection (its 4 KiB read buffer when idle,
-/// the record keys, the peer's certificate) and its session tickets: measured
-/// 51,629–52,159.
-const BOUND_MTLS: usize = 53 << 10;
+/// Bytes of the router's heap per relayed stream, at most: the goal, 10 KiB.
+/// Measured 4,284 (see docs/benchmarks.md, "The router's memory per stream, counted"):
+/// the router relays a connection as bytes and holds no HTTP/2 state, so an idle
+/// relayed stream is its task, two sockets' registrations and the relay's state.
+/// (Under the HTTP/2 relay it was 40,665–41,032, 28 KiB of it h2's fixed buffers
+/// per client connection.)
+const BOUND_PLAIN: usize = 10 << 10;
+/// Mutual TLS adds two rustls sessions (the client's and the replica's): their read
+/// buffers when idle, record keys, the peers' certificates and session tickets:
+/// measured 22,405 (under the HTTP/2 relay, 51,629–52,159). ~2 KiB of room.
+const BOUND_MTLS: usize = 24 << 10;
 
 #[derive(Debug, Clone, Copy)]
 struct Figures {
@@ -295,7 +295,7 @@ async fn measure(mtls: bool) -> Figures {
     .expect("the router lists the hub");
 
     peer.send(&format!("router {}", router.xds_addrs[0]));
-    // The warm-up stream opens the router's connection to the hub.
+    // The warm-up stream: one-time costs (the copy buffer, metric families) first.
     peer.send("open 1");
     peer.expect("synced");
     let before = settled_heap().await;

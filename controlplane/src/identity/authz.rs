@@ -21,36 +21,45 @@ use crate::xds::server::{NodeInfo, Role};
 pub const PEER_ID_HEADER: &str = "x-tributary-peer-id";
 
 /// Who a stream is for: the direct peer, or, when the direct peer is a router that
-/// forwards [`PEER_ID_HEADER`], the proxy it vouches for. The header of any other
-/// peer is ignored (a workload cannot pose as another by setting it).
+/// forwards [`PEER_ID_HEADER`], the proxy it vouches for. `forwarded` holds every
+/// value of the header on the stream. The header of any other peer is ignored (a
+/// workload cannot pose as another by setting it). A router adds exactly one value
+/// after the client's own headers and passes those on untouched, so a stream from a
+/// router with more than one value is a client that set the header itself: refused.
 pub fn effective_peer(
     direct: Option<SpiffeId>,
-    forwarded: Option<&str>,
+    forwarded: &[&str],
     trust_domain: &str,
 ) -> Result<Option<SpiffeId>, Status> {
-    match (&direct, forwarded) {
-        (
-            Some(SpiffeId {
-                identity: Identity::Router { name },
-                ..
-            }),
-            Some(header),
-        ) => {
-            let id = SpiffeId::parse(header).map_err(|e| {
-                Status::permission_denied(format!(
-                    "router {name} forwarded {PEER_ID_HEADER} {header:?}, which is not a SPIFFE id: {e}"
-                ))
-            })?;
-            if id.trust_domain != trust_domain {
-                return Err(Status::permission_denied(format!(
-                    "router {name} forwarded {PEER_ID_HEADER} {id}, of trust domain {:?}; this mesh trusts {trust_domain:?}",
-                    id.trust_domain
-                )));
-            }
-            Ok(Some(id))
+    let Some(SpiffeId {
+        identity: Identity::Router { name },
+        ..
+    }) = &direct
+    else {
+        return Ok(direct);
+    };
+    let header = match forwarded {
+        [] => return Ok(direct),
+        [one] => *one,
+        more => {
+            return Err(Status::permission_denied(format!(
+                "router {name} forwarded {} values of {PEER_ID_HEADER}; it adds exactly one, so its client set the header itself",
+                more.len()
+            )));
         }
-        _ => Ok(direct),
+    };
+    let id = SpiffeId::parse(header).map_err(|e| {
+        Status::permission_denied(format!(
+            "router {name} forwarded {PEER_ID_HEADER} {header:?}, which is not a SPIFFE id: {e}"
+        ))
+    })?;
+    if id.trust_domain != trust_domain {
+        return Err(Status::permission_denied(format!(
+            "router {name} forwarded {PEER_ID_HEADER} {id}, of trust domain {:?}; this mesh trusts {trust_domain:?}",
+            id.trust_domain
+        )));
     }
+    Ok(Some(id))
 }
 
 fn kind(identity: &Identity) -> &'static str {
@@ -374,12 +383,18 @@ mod tests {
     fn only_a_router_may_forward_a_peer_id() {
         let forwarded = workload("prod").to_string();
         let router = id(Identity::Router { name: "r".into() });
-        let got = effective_peer(Some(router), Some(&forwarded), TD).unwrap();
+        let got = effective_peer(Some(router.clone()), &[&forwarded], TD).unwrap();
         assert_eq!(got, Some(workload("prod")));
         // A staging workload setting the header stays itself.
-        let got = effective_peer(Some(workload("staging")), Some(&forwarded), TD).unwrap();
+        let got = effective_peer(Some(workload("staging")), &[&forwarded], TD).unwrap();
         assert_eq!(got, Some(workload("staging")));
         // Plaintext: the header means nothing.
-        assert_eq!(effective_peer(None, Some(&forwarded), TD).unwrap(), None);
+        assert_eq!(effective_peer(None, &[&forwarded], TD).unwrap(), None);
+        // A client behind a router that set the header itself: the router's value
+        // comes after the client's, and the stream is refused.
+        let e = effective_peer(Some(router), &[&forwarded, &workload("staging").to_string()], TD)
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert!(e.message().contains("set the header itself"), "{}", e.message());
     }
 }

@@ -159,11 +159,13 @@ impl AdsServer {
     /// Who the stream is for, from its TLS session (and a router's forwarded id).
     fn stream_peer<T>(&self, request: &Request<T>) -> Result<Option<SpiffeId>, Status> {
         let direct = crate::identity::tls::request_peer(request, &self.trust_domain)?;
-        let forwarded = request
+        let forwarded: Vec<&str> = request
             .metadata()
-            .get(PEER_ID_HEADER)
-            .and_then(|v| v.to_str().ok());
-        effective_peer(direct, forwarded, &self.trust_domain)
+            .get_all(PEER_ID_HEADER)
+            .iter()
+            .map(|v| v.to_str().unwrap_or(""))
+            .collect();
+        effective_peer(direct, &forwarded, &self.trust_domain)
     }
 
     /// Refuses clients of shards that `membership`'s assignment gives to other replicas.

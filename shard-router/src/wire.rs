@@ -1,0 +1,920 @@
+//! HTTP/2 on a client's connection, as little of it as the router needs: the framing of
+//! the connection's first frames, to read its first stream's path and first request
+//! ([`FirstStream`]), and of the frames the client sends after, to relay them as bytes
+//! with two edits ([`ClientFrames`]).
+//!
+//! The router routes a *connection*, not each stream: it reads the first request of
+//! the connection's first stream, picks the replica, replays every byte read so far to
+//! it and from then on copies bytes both ways. HTTP/2's state (HPACK tables, flow
+//! control windows, stream ids, settings) is the client's and the replica's alone;
+//! the router holds no HTTP/2 connection of its own, so a relayed connection costs it
+//! two sockets and the state of one copy loop.
+//!
+//! Two edits keep that exact:
+//! - **SETTINGS.** A client may wait for the server's connection preface (a SETTINGS
+//!   frame) before it opens a stream (gRPC-Go does), so the router sends one of its
+//!   own, empty (every setting at its default, the most conservative), before it knows
+//!   the replica. The replica's own SETTINGS then reach the client as a later SETTINGS
+//!   frame, which HTTP/2 allows; the client acknowledges both, in order, and the router
+//!   drops the first acknowledgement, its own, so that the replica sees exactly one
+//!   acknowledgement for the one SETTINGS frame it sent.
+//! - **The forwarded identity.** Under mutual TLS the router appends the client's
+//!   certified SPIFFE id to each stream's request headers as one more header field
+//!   ([`PEER_ID_HEADER`]), in a CONTINUATION frame after the client's own header block,
+//!   encoded as a literal that is never indexed, so the HPACK tables of client and
+//!   replica stay in step. A hub believes the field from a router only, and refuses a
+//!   stream that carries it twice (a client that set it itself).
+
+use bytes::Bytes;
+
+use tributary_controlplane::identity::authz::PEER_ID_HEADER;
+
+use crate::first::{Dialect, FirstMessage, FirstRequestError, NodeIdentity, node_of};
+
+/// The client's connection preface (RFC 9113 §3.4).
+pub const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The router's connection preface: an empty SETTINGS frame (every setting at its
+/// default).
+pub const ROUTER_SETTINGS: [u8; 9] = [0, 0, 0, SETTINGS, 0, 0, 0, 0, 0];
+
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const GOAWAY: u8 = 0x7;
+const CONTINUATION: u8 = 0x9;
+
+const END_STREAM: u8 = 0x1;
+const ACK: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+const PADDED: u8 = 0x8;
+const PRIORITY: u8 = 0x20;
+
+/// `SETTINGS_MAX_FRAME_SIZE`'s default, which the router's empty SETTINGS leaves in
+/// force: no client frame before the replica's settings may be larger.
+const MAX_FRAME: usize = 16_384;
+
+/// Bytes the router reads at most besides the first request itself before the first
+/// request is whole (headers, SETTINGS, WINDOW_UPDATE, PING, other streams' frames).
+pub const HEAD_SLACK: usize = 64 << 10;
+
+/// A frame's 9-byte header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FrameHeader {
+    len: usize,
+    kind: u8,
+    flags: u8,
+    stream: u32,
+}
+
+impl FrameHeader {
+    fn parse(b: &[u8]) -> Self {
+        Self {
+            len: u32::from_be_bytes([0, b[0], b[1], b[2]]) as usize,
+            kind: b[3],
+            flags: b[4],
+            stream: u32::from_be_bytes([b[5], b[6], b[7], b[8]]) & 0x7fff_ffff,
+        }
+    }
+
+    fn encode(&self) -> [u8; 9] {
+        let len = (self.len as u32).to_be_bytes();
+        let stream = self.stream.to_be_bytes();
+        [
+            len[1], len[2], len[3], self.kind, self.flags, stream[0], stream[1], stream[2],
+            stream[3],
+        ]
+    }
+}
+
+/// What the first stream of a connection asks for, once the router has read enough.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peeked {
+    /// An ADS stream: the node its first request names, or why it names none.
+    Ads {
+        dialect: Dialect,
+        node: Result<NodeIdentity, FirstRequestError>,
+    },
+    /// Any other method: the router serves it itself (the directory API) or refuses it.
+    Other { path: String },
+}
+
+/// Why the router cannot read a connection's first stream at all; the connection is
+/// closed (there is no HTTP/2 stream to answer on).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeekError {
+    #[error(
+        "the connection does not start with HTTP/2's preface: the router speaks gRPC (HTTP/2 with prior knowledge, or h2 over TLS) only"
+    )]
+    NotHttp2,
+    #[error("HTTP/2 protocol error in the client's first frames: {0}")]
+    Protocol(String),
+    #[error(
+        "more than {0} bytes arrived before the first stream's first request was whole (--max-first-request-bytes plus 64 KiB)"
+    )]
+    TooMuch(usize),
+}
+
+/// Reads a connection's first frames (what the client sent so far, whole) until the
+/// first stream's path, and for ADS its first request, are known.
+#[derive(Debug)]
+pub struct FirstStream {
+    /// Bytes of the connection parsed into whole frames so far.
+    parsed: usize,
+    /// The first stream's id (0: no HEADERS yet).
+    stream: u32,
+    /// Its header block, until END_HEADERS.
+    block: Vec<u8>,
+    dialect: Option<Dialect>,
+    message: FirstMessage,
+    max_head: usize,
+}
+
+impl FirstStream {
+    pub fn new(max_first_request_bytes: usize) -> Self {
+        Self {
+            parsed: 0,
+            stream: 0,
+            block: Vec::new(),
+            dialect: None,
+            message: FirstMessage::new(max_first_request_bytes),
+            max_head: max_first_request_bytes + HEAD_SLACK,
+        }
+    }
+
+    /// Parses what `head` (every byte the client sent so far) adds; `Ok(None)` until
+    /// the client has sent enough.
+    pub fn advance(&mut self, head: &[u8]) -> Result<Option<Peeked>, PeekError> {
+        if self.parsed == 0 {
+            let n = head.len().min(PREFACE.len());
+            if head[..n] != PREFACE[..n] {
+                return Err(PeekError::NotHttp2);
+            }
+            if n < PREFACE.len() {
+                return Ok(None);
+            }
+            self.parsed = PREFACE.len();
+        }
+        loop {
+            let rest = &head[self.parsed..];
+            if rest.len() < 9 {
+                break;
+            }
+            let h = FrameHeader::parse(rest);
+            if h.len > MAX_FRAME {
+                return Err(PeekError::Protocol(format!(
+                    "a frame of {} bytes, more than SETTINGS_MAX_FRAME_SIZE ({MAX_FRAME})",
+                    h.len
+                )));
+            }
+            if rest.len() < 9 + h.len {
+                break;
+            }
+            self.parsed += 9 + h.len;
+            if let Some(peeked) = self.frame(h, &rest[9..9 + h.len])? {
+                return Ok(Some(peeked));
+            }
+        }
+        if head.len() > self.max_head {
+            return Err(PeekError::TooMuch(self.max_head));
+        }
+        Ok(None)
+    }
+
+    fn frame(&mut self, h: FrameHeader, payload: &[u8]) -> Result<Option<Peeked>, PeekError> {
+        let ended = |dialect| {
+            Ok(Some(Peeked::Ads {
+                dialect,
+                node: Err(FirstRequestError::Ended),
+            }))
+        };
+        match h.kind {
+            GOAWAY => Err(PeekError::Protocol(
+                "the client sent GOAWAY before its first request".into(),
+            )),
+            HEADERS if self.stream == 0 => {
+                if h.stream == 0 {
+                    return Err(PeekError::Protocol("HEADERS on stream 0".into()));
+                }
+                self.stream = h.stream;
+                let fragment = unpadded(h, payload)?;
+                let fragment = if h.flags & PRIORITY != 0 {
+                    fragment.get(5..).ok_or_else(|| {
+                        PeekError::Protocol("HEADERS shorter than its priority".into())
+                    })?
+                } else {
+                    fragment
+                };
+                self.block.extend_from_slice(fragment);
+                self.headers_done(h)
+            }
+            CONTINUATION if h.stream == self.stream && self.dialect.is_none() => {
+                self.block.extend_from_slice(payload);
+                self.headers_done(h)
+            }
+            DATA if h.stream == self.stream && self.stream != 0 => {
+                let Some(dialect) = self.dialect else {
+                    return Err(PeekError::Protocol("DATA before its stream's headers".into()));
+                };
+                let data = unpadded(h, payload)?;
+                match self.message.push(data) {
+                    Err(e) => Ok(Some(Peeked::Ads {
+                        dialect,
+                        node: Err(e),
+                    })),
+                    Ok(Some(len)) => Ok(Some(Peeked::Ads {
+                        dialect,
+                        node: node_of(dialect, self.message.message(len)),
+                    })),
+                    Ok(None) if h.flags & END_STREAM != 0 => ended(dialect),
+                    Ok(None) => Ok(None),
+                }
+            }
+            // The client's trailers or a reset: the first stream ended unread.
+            HEADERS | RST_STREAM if h.stream == self.stream && self.stream != 0 => {
+                match self.dialect {
+                    Some(dialect) => ended(dialect),
+                    None => Err(PeekError::Protocol(
+                        "the first stream ended inside its header block".into(),
+                    )),
+                }
+            }
+            // SETTINGS, WINDOW_UPDATE, PING, PRIORITY and other streams' frames: the
+            // replica reads them when they are replayed.
+            _ => Ok(None),
+        }
+    }
+
+    /// After a HEADERS or CONTINUATION frame of the first stream: its path once the
+    /// block is whole.
+    fn headers_done(&mut self, h: FrameHeader) -> Result<Option<Peeked>, PeekError> {
+        if h.flags & END_HEADERS == 0 {
+            if self.block.len() > self.max_head {
+                return Err(PeekError::TooMuch(self.max_head));
+            }
+            return Ok(None);
+        }
+        // The connection's first header block: the decoder's dynamic table starts
+        // empty, as the client's encoder's did.
+        let fields = hpack::Decoder::new()
+            .decode(&self.block)
+            .map_err(|e| PeekError::Protocol(format!("the first request's headers: HPACK {e:?}")))?;
+        self.block = Vec::new();
+        let path = fields
+            .into_iter()
+            .find(|(name, _)| name == b":path")
+            .map(|(_, value)| String::from_utf8_lossy(&value).into_owned())
+            .ok_or_else(|| PeekError::Protocol("the first request has no :path".into()))?;
+        let Some(dialect) = Dialect::from_path(&path) else {
+            return Ok(Some(Peeked::Other { path }));
+        };
+        self.dialect = Some(dialect);
+        // HEADERS with END_STREAM: a stream without a body.
+        let headers_ended = h.kind == HEADERS && h.flags & END_STREAM != 0;
+        Ok(headers_ended.then_some(Peeked::Ads {
+            dialect,
+            node: Err(FirstRequestError::Ended),
+        }))
+    }
+}
+
+/// A DATA or HEADERS payload without its padding.
+fn unpadded(h: FrameHeader, payload: &[u8]) -> Result<&[u8], PeekError> {
+    if h.flags & PADDED == 0 {
+        return Ok(payload);
+    }
+    let pad = *payload
+        .first()
+        .ok_or_else(|| PeekError::Protocol("a padded frame without its pad length".into()))?
+        as usize;
+    payload
+        .get(1..payload.len().saturating_sub(pad))
+        .filter(|_| pad < payload.len())
+        .ok_or_else(|| PeekError::Protocol("padding longer than its frame".into()))
+}
+
+/// The streams open on a relayed connection, followed from both directions' frames:
+/// opened by the client's HEADERS, ended by the replica's END_STREAM or by either
+/// side's RST_STREAM. With each, whether the replica has sent its response headers
+/// (so that the router, ending the stream itself, sends trailers, not headers).
+#[derive(Debug, Default)]
+pub struct OpenStreams(Vec<(u32, bool)>);
+
+impl OpenStreams {
+    fn open(&mut self, stream: u32) {
+        self.0.push((stream, false));
+    }
+
+    fn end(&mut self, stream: u32) {
+        self.0.retain(|(s, _)| *s != stream);
+    }
+
+    fn responded(&mut self, stream: u32) {
+        if let Some(s) = self.0.iter_mut().find(|(s, _)| *s == stream) {
+            s.1 = true;
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The highest stream id opened (0: none).
+    pub fn last(&self) -> u32 {
+        self.0.iter().map(|(s, _)| *s).max().unwrap_or(0)
+    }
+}
+
+/// A frame header being read from a byte stream that may cut it anywhere.
+#[derive(Debug, Default)]
+struct HeaderBytes {
+    bytes: [u8; 9],
+    have: usize,
+}
+
+impl HeaderBytes {
+    /// Takes what `input` holds of the header; the header once whole.
+    fn take(&mut self, input: &mut &[u8]) -> Option<FrameHeader> {
+        let n = (9 - self.have).min(input.len());
+        self.bytes[self.have..self.have + n].copy_from_slice(&input[..n]);
+        self.have += n;
+        *input = &input[n..];
+        if self.have < 9 {
+            return None;
+        }
+        self.have = 0;
+        Some(FrameHeader::parse(&self.bytes))
+    }
+}
+
+/// The frames a client sends on a relayed connection, passed on with the router's two
+/// edits (see the module's documentation): its acknowledgement of the router's own
+/// SETTINGS dropped, and under mutual TLS the forwarded identity added to each
+/// stream's headers. Fed the connection's bytes in order, from its first; once
+/// neither edit is left to do, bytes pass as they come and are only followed
+/// ([`OpenStreams`]).
+#[derive(Debug)]
+pub struct ClientFrames {
+    preface_left: usize,
+    /// The frame header being read (held back until whole while edits are left).
+    header: HeaderBytes,
+    /// Bytes of `header` are held back, not passed on yet.
+    withheld: bool,
+    /// Payload bytes of the current frame still to pass.
+    left: usize,
+    /// The router's SETTINGS are not acknowledged yet.
+    drop_ack: bool,
+    /// The forwarded identity's header field (HPACK), added to each new stream's
+    /// request headers.
+    identity: Option<Bytes>,
+    /// The highest stream id whose request headers began.
+    opened: u32,
+    /// The stream whose header block continues in CONTINUATION frames.
+    open_block: Option<u32>,
+    /// After the current frame's payload, add the identity in a CONTINUATION frame
+    /// on this stream.
+    add_after: Option<u32>,
+}
+
+impl ClientFrames {
+    /// `forwarded`: the client's certified SPIFFE id, `None` on a plaintext listener.
+    pub fn new(forwarded: Option<&str>) -> Self {
+        Self {
+            preface_left: PREFACE.len(),
+            header: HeaderBytes::default(),
+            withheld: false,
+            left: 0,
+            drop_ack: true,
+            identity: forwarded.map(|id| literal_never_indexed(PEER_ID_HEADER, id)),
+            opened: 0,
+            open_block: None,
+            add_after: None,
+        }
+    }
+
+    /// Edits are left to do: bytes must go through [`Self::feed`] with an output.
+    pub fn edits(&self) -> bool {
+        self.drop_ack || self.identity.is_some() || self.withheld
+    }
+
+    /// Follows `input`; with `out`, appends what of it goes on to the replica
+    /// (without, while no edits are left, `input` goes on as it is).
+    pub fn feed(&mut self, mut input: &[u8], mut out: Option<&mut Vec<u8>>, open: &mut OpenStreams) {
+        fn put(out: &mut Option<&mut Vec<u8>>, bytes: &[u8]) {
+            if let Some(out) = out {
+                out.extend_from_slice(bytes);
+            }
+        }
+        while !input.is_empty() {
+            if self.preface_left > 0 || self.left > 0 {
+                let pass = if self.preface_left > 0 {
+                    &mut self.preface_left
+                } else {
+                    &mut self.left
+                };
+                let n = (*pass).min(input.len());
+                put(&mut out, &input[..n]);
+                input = &input[n..];
+                *pass -= n;
+                if self.left == 0 && self.preface_left == 0 {
+                    self.frame_passed(&mut out);
+                }
+                continue;
+            }
+            let Some(mut h) = self.header.take(&mut input) else {
+                self.withheld = out.is_some();
+                continue;
+            };
+            self.withheld = false;
+            if h.kind == SETTINGS && h.flags & ACK != 0 && h.len == 0 && self.drop_ack {
+                self.drop_ack = false;
+                continue;
+            }
+            match h.kind {
+                HEADERS if h.stream > self.opened => {
+                    self.opened = h.stream;
+                    open.open(h.stream);
+                    if self.identity.is_some() {
+                        self.block_of(&mut h);
+                    }
+                }
+                CONTINUATION if self.identity.is_some() && self.open_block == Some(h.stream) => {
+                    self.block_of(&mut h)
+                }
+                RST_STREAM => open.end(h.stream),
+                _ => {}
+            }
+            put(&mut out, &h.encode());
+            self.left = h.len;
+            if h.len == 0 {
+                self.frame_passed(&mut out);
+            }
+        }
+    }
+
+    /// A frame of a new stream's request header block: the identity goes after the
+    /// block's last frame, which therefore no longer ends it.
+    fn block_of(&mut self, h: &mut FrameHeader) {
+        if h.flags & END_HEADERS != 0 {
+            h.flags &= !END_HEADERS;
+            self.open_block = None;
+            self.add_after = Some(h.stream);
+        } else {
+            self.open_block = Some(h.stream);
+        }
+    }
+
+    fn frame_passed(&mut self, out: &mut Option<&mut Vec<u8>>) {
+        if let (Some(stream), Some(field), Some(out)) =
+            (self.add_after.take(), &self.identity, out.as_deref_mut())
+        {
+            let h = FrameHeader {
+                len: field.len(),
+                kind: CONTINUATION,
+                flags: END_HEADERS,
+                stream,
+            };
+            out.extend_from_slice(&h.encode());
+            out.extend_from_slice(field);
+        }
+    }
+}
+
+/// The frames a replica sends on a relayed connection: passed on as they are, and
+/// followed, so that the router knows where a frame ends and which streams the
+/// replica has answered or ended ([`OpenStreams`]).
+#[derive(Debug, Default)]
+pub struct ServerFrames {
+    header: HeaderBytes,
+    left: usize,
+    /// Inside a header block (HEADERS without END_HEADERS, until its CONTINUATION
+    /// with it): no other frame may come in between.
+    in_block: bool,
+}
+
+impl ServerFrames {
+    pub fn feed(&mut self, mut input: &[u8], open: &mut OpenStreams) {
+        while !input.is_empty() {
+            if self.left > 0 {
+                let n = self.left.min(input.len());
+                input = &input[n..];
+                self.left -= n;
+                continue;
+            }
+            let Some(h) = self.header.take(&mut input) else {
+                continue;
+            };
+            match h.kind {
+                HEADERS | CONTINUATION => {
+                    self.in_block = h.flags & END_HEADERS == 0;
+                    if h.kind == HEADERS {
+                        open.responded(h.stream);
+                        if h.flags & END_STREAM != 0 {
+                            open.end(h.stream);
+                        }
+                    }
+                }
+                DATA if h.flags & END_STREAM != 0 => open.end(h.stream),
+                RST_STREAM => open.end(h.stream),
+                _ => {}
+            }
+            self.left = h.len;
+        }
+    }
+
+    /// Between two frames, outside a header block: the router may add frames of its
+    /// own here.
+    pub fn at_boundary(&self) -> bool {
+        self.header.have == 0 && self.left == 0 && !self.in_block
+    }
+}
+
+/// What the router sends a client to end its relayed connection itself: for each open
+/// stream a gRPC status (trailers, or a trailers-only response where the replica has
+/// not answered yet), then GOAWAY. Every field is a literal never indexed (or, for
+/// `:status`, the static table), so the client's HPACK table, which the replica's
+/// encoder keeps in step, is not touched.
+pub fn ending(open: &OpenStreams, code: tonic::Code, message: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    let status = (code as i32).to_string();
+    // grpc-message is percent-encoded: keep printable ASCII other than '%'.
+    let message: String = message
+        .chars()
+        .map(|c| if (' '..='~').contains(&c) && c != '%' { c } else { '?' })
+        .collect();
+    for &(stream, responded) in &open.0 {
+        let mut block = Vec::new();
+        if !responded {
+            block.push(0x88); // :status: 200
+            block.extend_from_slice(&literal_never_indexed("content-type", "application/grpc"));
+        }
+        block.extend_from_slice(&literal_never_indexed("grpc-status", &status));
+        block.extend_from_slice(&literal_never_indexed("grpc-message", &message));
+        let h = FrameHeader {
+            len: block.len(),
+            kind: HEADERS,
+            flags: END_HEADERS | END_STREAM,
+            stream,
+        };
+        out.extend_from_slice(&h.encode());
+        out.extend_from_slice(&block);
+    }
+    let mut goaway = open.last().to_be_bytes().to_vec();
+    goaway.extend_from_slice(&0u32.to_be_bytes()); // NO_ERROR
+    let h = FrameHeader {
+        len: goaway.len(),
+        kind: GOAWAY,
+        flags: 0,
+        stream: 0,
+    };
+    out.extend_from_slice(&h.encode());
+    out.extend_from_slice(&goaway);
+    out
+}
+
+/// One header field as an HPACK literal never indexed, with a literal name and no
+/// Huffman coding (RFC 7541 §6.2.3): it leaves both ends' dynamic tables as they are.
+pub fn literal_never_indexed(name: &str, value: &str) -> Bytes {
+    let mut b = Vec::with_capacity(3 + name.len() + value.len() + 4);
+    b.push(0x10);
+    hpack_int(&mut b, 0, 7, name.len());
+    b.extend_from_slice(name.as_bytes());
+    hpack_int(&mut b, 0, 7, value.len());
+    b.extend_from_slice(value.as_bytes());
+    Bytes::from(b)
+}
+
+/// An HPACK integer with an `n`-bit prefix (RFC 7541 §5.1), `first` holding the
+/// bits above the prefix.
+fn hpack_int(out: &mut Vec<u8>, first: u8, n: u32, mut v: usize) {
+    let max = (1usize << n) - 1;
+    if v < max {
+        out.push(first | v as u8);
+        return;
+    }
+    out.push(first | max as u8);
+    v -= max;
+    while v >= 128 {
+        out.push((v % 128) as u8 | 0x80);
+        v /= 128;
+    }
+    out.push(v as u8);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+    use tributary_proto::envoy::envoy::config::core::v3::{Locality, Node};
+    use tributary_proto::envoy::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+    use tributary_proto::envoy::google::protobuf::{Struct, Value, value::Kind};
+
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut f = FrameHeader {
+            len: payload.len(),
+            kind,
+            flags,
+            stream,
+        }
+        .encode()
+        .to_vec();
+        f.extend_from_slice(payload);
+        f
+    }
+
+    fn request_headers(path: &str) -> Vec<u8> {
+        hpack::Encoder::new().encode(vec![
+            (&b":method"[..], &b"POST"[..]),
+            (b":scheme", b"http"),
+            (b":path", path.as_bytes()),
+            (b":authority", b"router"),
+            (b"content-type", b"application/grpc"),
+        ])
+    }
+
+    fn first_request(env: &str, zone: &str) -> Vec<u8> {
+        let msg = DeltaDiscoveryRequest {
+            node: Some(Node {
+                id: "n1".into(),
+                locality: Some(Locality {
+                    zone: zone.into(),
+                    ..Default::default()
+                }),
+                metadata: Some(Struct {
+                    fields: [(
+                        "tributary.io/env".to_string(),
+                        Value {
+                            kind: Some(Kind::StringValue(env.into())),
+                        },
+                    )]
+                    .into(),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let mut framed = vec![0u8];
+        framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+        framed.extend_from_slice(&msg);
+        framed
+    }
+
+    /// A client's connection: preface, SETTINGS, the acknowledgement of the router's
+    /// SETTINGS, a WINDOW_UPDATE, then the first stream's headers (split into HEADERS
+    /// and CONTINUATION) and its first request over two padded DATA frames.
+    fn client_connection() -> Vec<u8> {
+        let mut c = PREFACE.to_vec();
+        c.extend(frame(SETTINGS, 0, 0, &[0, 3, 0, 0, 0, 100]));
+        c.extend(frame(SETTINGS, ACK, 0, &[]));
+        c.extend(frame(0x8, 0, 0, &1000u32.to_be_bytes()));
+        let block = request_headers(Dialect::DELTA_PATH);
+        let (a, b) = block.split_at(5);
+        c.extend(frame(HEADERS, 0, 1, a));
+        c.extend(frame(CONTINUATION, END_HEADERS, 1, b));
+        let body = first_request("prod", "az1");
+        let (x, y) = body.split_at(7);
+        let mut padded = vec![3u8];
+        padded.extend_from_slice(x);
+        padded.extend_from_slice(&[0, 0, 0]);
+        c.extend(frame(DATA, PADDED, 1, &padded));
+        c.extend(frame(DATA, 0, 1, y));
+        c
+    }
+
+    #[test]
+    fn the_first_request_is_read_whatever_the_reads_cut() {
+        let conn = client_connection();
+        let want = Peeked::Ads {
+            dialect: Dialect::Delta,
+            node: Ok(NodeIdentity {
+                id: "n1".into(),
+                environment: Some("prod".into()),
+                zone: Some("az1".into()),
+            }),
+        };
+        // Every prefix of the connection: nothing until the last byte, then the node.
+        let mut first = FirstStream::new(1 << 20);
+        for end in 1..conn.len() {
+            assert_eq!(first.advance(&conn[..end]), Ok(None), "after {end} bytes");
+        }
+        assert_eq!(first.advance(&conn), Ok(Some(want)));
+    }
+
+    #[test]
+    fn other_methods_and_broken_connections_are_told_apart() {
+        let mut c = PREFACE.to_vec();
+        c.extend(frame(SETTINGS, 0, 0, &[]));
+        c.extend(frame(
+            HEADERS,
+            END_HEADERS,
+            1,
+            &request_headers("/tributary.directory.v1.Directory/Watch"),
+        ));
+        assert_eq!(
+            FirstStream::new(1 << 20).advance(&c),
+            Ok(Some(Peeked::Other {
+                path: "/tributary.directory.v1.Directory/Watch".into()
+            }))
+        );
+        assert_eq!(
+            FirstStream::new(1 << 20).advance(b"GET / HTTP/1.1\r\n"),
+            Err(PeekError::NotHttp2)
+        );
+        let mut big = PREFACE.to_vec();
+        big.extend(frame(0x8, 0, 0, &vec![0; MAX_FRAME + 1]));
+        assert!(matches!(
+            FirstStream::new(1 << 20).advance(&big),
+            Err(PeekError::Protocol(_))
+        ));
+        // A stream that ends before its first request.
+        let mut ended = PREFACE.to_vec();
+        ended.extend(frame(
+            HEADERS,
+            END_HEADERS | END_STREAM,
+            1,
+            &request_headers(Dialect::SOTW_PATH),
+        ));
+        assert_eq!(
+            FirstStream::new(1 << 20).advance(&ended),
+            Ok(Some(Peeked::Ads {
+                dialect: Dialect::Sotw,
+                node: Err(FirstRequestError::Ended)
+            }))
+        );
+    }
+
+    /// Feeds `input` in pieces of `cut` bytes.
+    /// Passes on what the router's copy loop would: through `feed`'s output while
+    /// edits are left, else the input as it is.
+    fn feed_in_pieces(frames: &mut ClientFrames, input: &[u8], cut: usize) -> Vec<u8> {
+        let (mut out, mut open) = (Vec::new(), OpenStreams::default());
+        for piece in input.chunks(cut) {
+            if frames.edits() {
+                frames.feed(piece, Some(&mut out), &mut open);
+            } else {
+                frames.feed(piece, None, &mut open);
+                out.extend_from_slice(piece);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_routers_settings_ack_is_dropped_and_nothing_else() {
+        let conn = client_connection();
+        let mut want = conn.clone();
+        let ack = frame(SETTINGS, ACK, 0, &[]);
+        let at = PREFACE.len() + 15;
+        assert_eq!(want[at..at + 9], ack[..]);
+        want.drain(at..at + 9);
+        // A second acknowledgement (the replica's SETTINGS) passes.
+        let mut conn2 = conn.clone();
+        conn2.extend(&ack);
+        want.extend(&ack);
+        for cut in [1, 2, 8, 9, 10, 1000] {
+            let mut frames = ClientFrames::new(None);
+            assert_eq!(feed_in_pieces(&mut frames, &conn2, cut), want, "cut {cut}");
+            assert!(!frames.edits());
+        }
+    }
+
+    #[test]
+    fn the_forwarded_identity_ends_each_new_streams_headers() {
+        let id = "spiffe://tributary.local/env/prod/ns/shop/sa/".to_string() + &"x".repeat(150);
+        let block = request_headers(Dialect::DELTA_PATH);
+        let mut conn = PREFACE.to_vec();
+        // Stream 1: one HEADERS frame; stream 3: HEADERS + CONTINUATION; then stream
+        // 1's trailers, which get nothing.
+        conn.extend(frame(HEADERS, END_HEADERS, 1, &block));
+        conn.extend(frame(DATA, 0, 1, b"abc"));
+        conn.extend(frame(HEADERS, 0, 3, &block[..4]));
+        conn.extend(frame(CONTINUATION, END_HEADERS, 3, &block[4..]));
+        conn.extend(frame(HEADERS, END_HEADERS | END_STREAM, 1, &block[..2]));
+        for cut in [1, 7, 9, 64, 4096] {
+            let mut frames = ClientFrames::new(Some(&id));
+            let out = feed_in_pieces(&mut frames, &conn, cut);
+            // Walk the frames out: each stream's header block decodes to its own
+            // fields and the identity, last.
+            let mut rest = &out[PREFACE.len()..];
+            let mut blocks: Vec<(u32, Vec<u8>)> = Vec::new();
+            let mut open = None;
+            while !rest.is_empty() {
+                let h = FrameHeader::parse(rest);
+                let payload = &rest[9..9 + h.len];
+                match h.kind {
+                    HEADERS if open.is_none() => {
+                        blocks.push((h.stream, payload.to_vec()));
+                        open = (h.flags & END_HEADERS == 0).then_some(h.stream);
+                    }
+                    CONTINUATION => {
+                        assert_eq!(open, Some(h.stream), "cut {cut}");
+                        blocks.last_mut().unwrap().1.extend_from_slice(payload);
+                        open = (h.flags & END_HEADERS == 0).then_some(h.stream);
+                    }
+                    _ => assert_eq!(open, None, "a frame inside a header block, cut {cut}"),
+                }
+                rest = &rest[9 + h.len..];
+            }
+            let streams: Vec<u32> = blocks.iter().map(|b| b.0).collect();
+            assert_eq!(streams, vec![1, 3, 1], "cut {cut}");
+            let mut decoder = hpack::Decoder::new();
+            for (i, (_, block)) in blocks.iter().enumerate() {
+                let fields = decoder.decode(block).unwrap();
+                let forwarded: Vec<_> = fields
+                    .iter()
+                    .filter(|(n, _)| n == PEER_ID_HEADER.as_bytes())
+                    .collect();
+                if i == 2 {
+                    assert!(forwarded.is_empty(), "trailers got the identity, cut {cut}");
+                    continue;
+                }
+                assert_eq!(fields.last().unwrap().0, PEER_ID_HEADER.as_bytes());
+                assert_eq!(forwarded.len(), 1, "cut {cut}");
+                assert_eq!(forwarded[0].1, id.as_bytes(), "cut {cut}");
+            }
+        }
+    }
+
+    /// Streams are followed from both sides, in either mode, whatever the reads cut;
+    /// the router's own ending of the connection decodes to a gRPC status per open
+    /// stream (trailers-only where the replica has not answered) and GOAWAY.
+    #[test]
+    fn open_streams_are_followed_and_ended_with_a_status() {
+        let block = request_headers(Dialect::DELTA_PATH);
+        let mut client = PREFACE.to_vec();
+        client.extend(frame(SETTINGS, ACK, 0, &[]));
+        for stream in [1, 3, 5] {
+            client.extend(frame(HEADERS, END_HEADERS, stream, &block));
+            client.extend(frame(DATA, 0, stream, b"abcdef"));
+        }
+        client.extend(frame(RST_STREAM, 0, 5, &[0, 0, 0, 8]));
+        let mut server = frame(SETTINGS, 0, 0, &[]);
+        server.extend(frame(HEADERS, END_HEADERS, 1, &[0x88]));
+        server.extend(frame(DATA, 0, 1, &[0; 40]));
+        server.extend(frame(HEADERS, 0, 1, &[]));
+        server.extend(frame(CONTINUATION, END_HEADERS, 1, &[]));
+        for cut in [1, 5, 9, 13, 1000] {
+            let mut open = OpenStreams::default();
+            let mut frames = ClientFrames::new(None);
+            let mut server_frames = ServerFrames::default();
+            for piece in client.chunks(cut) {
+                if frames.edits() {
+                    frames.feed(piece, Some(&mut Vec::new()), &mut open);
+                } else {
+                    frames.feed(piece, None, &mut open);
+                }
+            }
+            for (i, piece) in server.chunks(cut).enumerate() {
+                server_frames.feed(piece, &mut open);
+                let passed = (i + 1) * cut;
+                // Inside the HEADERS + CONTINUATION block (bytes 9+10+49 .. +18): no
+                // boundary.
+                if passed > 68 && passed < 86 {
+                    assert!(!server_frames.at_boundary(), "cut {cut}, {passed} bytes");
+                }
+            }
+            assert!(server_frames.at_boundary(), "cut {cut}");
+            assert_eq!(open.0, vec![(1, true), (3, false)], "cut {cut}");
+            assert_eq!(open.last(), 3);
+        }
+        let mut open = OpenStreams::default();
+        open.open(1);
+        open.responded(1);
+        open.open(3);
+        let out = ending(&open, tonic::Code::Unavailable, "replica a left; 100% gone");
+        let mut rest = &out[..];
+        let mut decoder = hpack::Decoder::new();
+        let mut seen = Vec::new();
+        while !rest.is_empty() {
+            let h = FrameHeader::parse(rest);
+            let payload = &rest[9..9 + h.len];
+            if h.kind == HEADERS {
+                assert_eq!(h.flags, END_HEADERS | END_STREAM);
+                let fields: Vec<(String, String)> = decoder
+                    .decode(payload)
+                    .unwrap()
+                    .into_iter()
+                    .map(|(n, v)| (String::from_utf8(n).unwrap(), String::from_utf8(v).unwrap()))
+                    .collect();
+                seen.push((h.stream, fields));
+            } else {
+                assert_eq!(h.kind, GOAWAY);
+                assert_eq!(&payload[..4], &3u32.to_be_bytes());
+            }
+            rest = &rest[9 + h.len..];
+        }
+        let trailers = |pseudo: bool| {
+            let mut f = Vec::new();
+            if pseudo {
+                f.push((":status".to_string(), "200".to_string()));
+                f.push(("content-type".into(), "application/grpc".into()));
+            }
+            f.push(("grpc-status".into(), "14".into()));
+            f.push(("grpc-message".into(), "replica a left; 100? gone".into()));
+            f
+        };
+        assert_eq!(seen, vec![(1, trailers(false)), (3, trailers(true))]);
+    }
+}
