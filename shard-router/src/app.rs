@@ -289,7 +289,11 @@ impl Incoming {
 /// Accepts connections until `stop`; each is routed by `svc` (the relay behind the
 /// admission limit: at most `--max-pending-streams` connections are being routed at
 /// once) and then relayed or served in its own task, which ends on `stop`.
-pub(crate) async fn accept<S>(mut incoming: Incoming, svc: S, mut stop: watch::Receiver<bool>) -> anyhow::Result<()>
+pub(crate) async fn accept<S>(
+    mut incoming: Incoming,
+    svc: S,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()>
 where
     S: tower::Service<ClientConn, Response = Routed, Error = std::convert::Infallible>
         + Clone

@@ -263,7 +263,12 @@ enum Read {
 
 impl Inner {
     /// Serves `conn` here: the directory API, or the refusal of its first stream.
-    fn local(self: &Arc<Self>, conn: ClientConn, head: BytesMut, refused: Option<Refused>) -> Routed {
+    fn local(
+        self: &Arc<Self>,
+        conn: ClientConn,
+        head: BytesMut,
+        refused: Option<Refused>,
+    ) -> Routed {
         let refused = refused.map(|(reason, status)| {
             self.metrics.refuse(reason);
             info!(code = ?status.code(), message = status.message(), "stream refused");
@@ -325,7 +330,11 @@ impl Inner {
         // A certified workload or gateway that claims no environment is routed by the
         // one its certificate names (the replica checks any claim against it).
         if node.environment.is_none()
-            && let Some(env) = conn.identity.0.as_ref().and_then(|id| id.identity.environment())
+            && let Some(env) = conn
+                .identity
+                .0
+                .as_ref()
+                .and_then(|id| id.identity.environment())
         {
             node.environment = Some(env.to_string());
         }
@@ -742,8 +751,7 @@ impl Local {
         let svc = hyper::service::service_fn({
             let answered = answered.clone();
             move |req: hyper::Request<hyper::body::Incoming>| {
-                let (inner, refused, answered) =
-                    (inner.clone(), refused.clone(), answered.clone());
+                let (inner, refused, answered) = (inner.clone(), refused.clone(), answered.clone());
                 async move {
                     let path = req.uri().path();
                     if path.starts_with(DIRECTORY_PREFIX) {
@@ -808,8 +816,11 @@ impl AsyncRead for Replayed {
             if read.filled().is_empty() {
                 return Poll::Ready(Ok(()));
             }
-            this.frames
-                .feed(read.filled(), Some(&mut this.out), &mut OpenStreams::default());
+            this.frames.feed(
+                read.filled(),
+                Some(&mut this.out),
+                &mut OpenStreams::default(),
+            );
         }
         let n = buf.remaining().min(this.out.len() - this.at);
         buf.put_slice(&this.out[this.at..this.at + n]);

@@ -215,7 +215,9 @@ impl FirstStream {
             }
             DATA if h.stream == self.stream && self.stream != 0 => {
                 let Some(dialect) = self.dialect else {
-                    return Err(PeekError::Protocol("DATA before its stream's headers".into()));
+                    return Err(PeekError::Protocol(
+                        "DATA before its stream's headers".into(),
+                    ));
                 };
                 let data = unpadded(h, payload)?;
                 match self.message.push(data) {
@@ -257,9 +259,9 @@ impl FirstStream {
         }
         // The connection's first header block: the decoder's dynamic table starts
         // empty, as the client's encoder's did.
-        let fields = hpack::Decoder::new()
-            .decode(&self.block)
-            .map_err(|e| PeekError::Protocol(format!("the first request's headers: HPACK {e:?}")))?;
+        let fields = hpack::Decoder::new().decode(&self.block).map_err(|e| {
+            PeekError::Protocol(format!("the first request's headers: HPACK {e:?}"))
+        })?;
         self.block = Vec::new();
         let path = fields
             .into_iter()
@@ -400,7 +402,12 @@ impl ClientFrames {
 
     /// Follows `input`; with `out`, appends what of it goes on to the replica
     /// (without, while no edits are left, `input` goes on as it is).
-    pub fn feed(&mut self, mut input: &[u8], mut out: Option<&mut Vec<u8>>, open: &mut OpenStreams) {
+    pub fn feed(
+        &mut self,
+        mut input: &[u8],
+        mut out: Option<&mut Vec<u8>>,
+        open: &mut OpenStreams,
+    ) {
         fn put(out: &mut Option<&mut Vec<u8>>, bytes: &[u8]) {
             if let Some(out) = out {
                 out.extend_from_slice(bytes);
@@ -541,7 +548,13 @@ pub fn ending(open: &OpenStreams, code: tonic::Code, message: &str) -> Vec<u8> {
     // grpc-message is percent-encoded: keep printable ASCII other than '%'.
     let message: String = message
         .chars()
-        .map(|c| if (' '..='~').contains(&c) && c != '%' { c } else { '?' })
+        .map(|c| {
+            if (' '..='~').contains(&c) && c != '%' {
+                c
+            } else {
+                '?'
+            }
+        })
         .collect();
     for &(stream, responded) in &open.0 {
         let mut block = Vec::new();

@@ -392,9 +392,17 @@ mod tests {
         assert_eq!(effective_peer(None, &[&forwarded], TD).unwrap(), None);
         // A client behind a router that set the header itself: the router's value
         // comes after the client's, and the stream is refused.
-        let e = effective_peer(Some(router), &[&forwarded, &workload("staging").to_string()], TD)
-            .unwrap_err();
+        let e = effective_peer(
+            Some(router),
+            &[&forwarded, &workload("staging").to_string()],
+            TD,
+        )
+        .unwrap_err();
         assert_eq!(e.code(), tonic::Code::PermissionDenied);
-        assert!(e.message().contains("set the header itself"), "{}", e.message());
+        assert!(
+            e.message().contains("set the header itself"),
+            "{}",
+            e.message()
+        );
     }
 }
