@@ -590,6 +590,11 @@ class Router:
         self.xds: tuple[str, int] | None = None
         self.admin: tuple[str, int] | None = None
 
+    @property
+    def xds_hostport(self) -> str:
+        assert self.xds
+        return hostport(*self.xds)
+
     def start(self, timeout: float = 20.0):
         binary = router_binary()
         if not binary.exists():

@@ -13,6 +13,11 @@ IPv4 and IPv6:
   the kill until another replica serves it);
 - replicas agree: the two live replicas of the shard publish identical resources and
   versions (`/config_dump`).
+
+And proxyless gRPC through the router: the Go xDS client (which waits for the
+server's connection preface before it opens its ADS stream: the router sends one of
+its own before it knows the replica) and the Python one get their config from the
+replica of their shard and reach the backend.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ import time
 import pytest
 
 from peers import (
-    FAMILIES, Envoy, Etcd, HttpBackend, HttpClient, Hub, Router, dest, endpoint, endpoints,
-    free_port, gateway, http_get_json, route, service, wait_until,
+    FAMILIES, GREETER_TARGET, Envoy, Etcd, HttpBackend, HttpClient, Hub, Router, dest, endpoint,
+    endpoints, free_port, gateway, greeter_mesh, http_get_json, route, service, wait_until,
 )
 
 HOST = "reviews.prod"
@@ -34,10 +39,13 @@ CLUSTER = f"outbound|{PORT}||{HOST}"
 TTL = "2s"
 
 
+PROD_AZ1 = {"apiVersion": "tributary.io/v1alpha1", "kind": "Environment",
+            "metadata": {"name": "prod"}, "spec": {"zones": ["az1"]}}
+
+
 def mesh(backends: list[HttpBackend], gw_addr: str, gw_port: int) -> list[dict]:
     return [
-        {"apiVersion": "tributary.io/v1alpha1", "kind": "Environment",
-         "metadata": {"name": "prod"}, "spec": {"zones": ["az1"]}},
+        PROD_AZ1,
         service("reviews", [HOST], [{"name": "http", "port": PORT, "protocol": "HTTP"}]),
         endpoints("reviews", [endpoint(b.host, b.port) for b in backends]),
         route("reviews", [HOST], [{"destinations": [dest("reviews")]}], port=PORT),
@@ -120,3 +128,37 @@ def test_envoy_through_the_router_fails_over_when_its_replica_is_killed(tmp_path
         etcd.stop()
         b1.stop()
         b2.stop()
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_grpc_xds_clients_through_the_router(tmp_path, family, make_grpc_backend, run_go_client,
+                                            make_py_grpc_client):
+    b1 = make_grpc_backend("b1", family)
+    etcd = Etcd(tmp_path).start()
+    hub = router = None
+    try:
+        hub = Hub(tmp_path / "hub-a", family=family,
+                  extra_args=["--store", "etcd", "--etcd-endpoints", etcd.client_url,
+                              "--replica-id", "hub-a", "--lease-ttl", TTL])
+        hub.write_config([PROD_AZ1] + greeter_mesh({"b1": b1}))
+        hub.start()
+        router = Router(tmp_path, etcd, family).start()
+        wait_until(lambda: router.routes().get("prod/az1") == ["hub-a"], 20,
+                   "prod/az1 served by hub-a in the router's table")
+        out = run_go_client(router, GREETER_TARGET, 50)
+        assert out.get("errors") == 0 and out["counts"] == {"b1": 50}, out
+        node = f"py-router-{family}"
+        py = make_py_grpc_client(router, GREETER_TARGET, node_id=node)
+        out = py.run(50)
+        assert out["counts"] == {"b1": 50} and out["errors"] == 0, out
+        # The replica serves it, through the router.
+        assert hub.client(node), hub.sync_status()
+        m = router.metrics()
+        routed = sum(v for k, v in m.items() if k.startswith("tributary_router_routed_total"))
+        assert routed >= 2, m
+    finally:
+        if router:
+            router.stop()
+        if hub:
+            hub.stop()
+        etcd.stop()
