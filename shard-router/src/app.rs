@@ -834,4 +834,63 @@ mod tests {
             .expect("every stream answered within 30 s");
         assert_eq!(answered, (0..N).map(|i| 2 * i + 1).collect());
     }
+
+    /// A client that opens its first stream and never sends its first request gets
+    /// `DEADLINE_EXCEEDED` at `--first-request-timeout`, answered by the router itself;
+    /// one that opens no stream is closed then; one that does not speak HTTP/2 is
+    /// closed at once. Nothing of any of them reaches a replica.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_without_a_first_request_is_answered_or_closed() {
+        let limits = RelayLimits {
+            first_request_timeout: Duration::from_millis(300),
+            ..Default::default()
+        };
+        let taken = Arc::new(AtomicUsize::new(0));
+        let router = router_for(endless_replica(taken.clone()).await, limits).await;
+
+        let tcp = tokio::net::TcpStream::connect(router).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = hyper::Request::post(format!("http://{router}{}", Dialect::DELTA_PATH))
+            .header("content-type", "application/grpc")
+            .body(StreamBody::new(futures_util::stream::pending::<
+                Result<Frame<Bytes>, std::convert::Infallible>,
+            >()))
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        let response = tokio::time::timeout(Duration::from_secs(5), send.send_request(req))
+            .await
+            .expect("an answer within 5 s")
+            .unwrap();
+        assert!(started.elapsed() >= limits.first_request_timeout);
+        assert_eq!(response.headers()["grpc-status"], "4", "{response:?}");
+        let message = response.headers()["grpc-message"].to_str().unwrap();
+        assert!(message.contains("--first-request-timeout"), "{message}");
+
+        // Silent: the router's connection preface (an empty SETTINGS frame), then the
+        // end of the connection.
+        let mut silent = tokio::net::TcpStream::connect(router).await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut got))
+            .await
+            .expect("closed within 5 s")
+            .unwrap();
+        assert_eq!(got, crate::wire::ROUTER_SETTINGS);
+
+        // Not HTTP/2.
+        let mut http1 = tokio::net::TcpStream::connect(router).await.unwrap();
+        http1
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let started = tokio::time::Instant::now();
+        http1.read_to_end(&mut got).await.unwrap();
+        assert!(started.elapsed() < limits.first_request_timeout);
+        assert_eq!(got, crate::wire::ROUTER_SETTINGS);
+        assert_eq!(taken.load(Ordering::Relaxed), 0);
+    }
 }

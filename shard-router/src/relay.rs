@@ -284,12 +284,19 @@ impl Inner {
 
     async fn route(self: Arc<Self>, mut conn: ClientConn) -> Routed {
         let mut head = BytesMut::new();
+        let mut first = FirstStream::new(self.limits.max_first_request_bytes);
         let read = tokio::time::timeout(
             self.limits.first_request_timeout,
-            self.read_first(&mut conn.io, &mut head),
+            Self::read_first(&mut conn.io, &mut head, &mut first),
         )
         .await;
         let peeked = match read {
+            Err(_) if !first.has_stream() => {
+                // No stream to answer on: a client that said nothing.
+                self.metrics.refuse("first_request_timeout");
+                info!("closing a connection that opened no stream within --first-request-timeout");
+                return Routed::Closed;
+            }
             Err(_) => {
                 let status = Status::deadline_exceeded(format!(
                     "no whole first request within --first-request-timeout ({})",
@@ -409,11 +416,10 @@ impl Inner {
 
     /// Sends the router's connection preface, then reads into `head` until the first
     /// stream is known.
-    async fn read_first(&self, io: &mut ClientIo, head: &mut BytesMut) -> Read {
+    async fn read_first(io: &mut ClientIo, head: &mut BytesMut, first: &mut FirstStream) -> Read {
         if io.write_all(&ROUTER_SETTINGS).await.is_err() || io.flush().await.is_err() {
             return Read::Gone;
         }
-        let mut first = FirstStream::new(self.limits.max_first_request_bytes);
         loop {
             head.reserve(4096);
             match io.read_buf(head).await {

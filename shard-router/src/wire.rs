@@ -143,6 +143,12 @@ impl FirstStream {
         }
     }
 
+    /// The client has begun its first stream (sent its HEADERS): there is a stream to
+    /// answer on.
+    pub fn has_stream(&self) -> bool {
+        self.stream != 0
+    }
+
     /// Parses what `head` (every byte the client sent so far) adds; `Ok(None)` until
     /// the client has sent enough.
     pub fn advance(&mut self, head: &[u8]) -> Result<Option<Peeked>, PeekError> {
