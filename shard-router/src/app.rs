@@ -534,6 +534,23 @@ mod tests {
         router
     }
 
+    /// An HTTP/2 client connection to `router` (hyper's defaults), driven in the
+    /// background.
+    async fn h2_client<B>(router: SocketAddr) -> hyper::client::conn::http2::SendRequest<B>
+    where
+        B: hyper::body::Body + Send + Unpin + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let tcp = tokio::net::TcpStream::connect(router).await.unwrap();
+        let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        send
+    }
+
     /// A gRPC-framed Delta request of a node of `prod/az1`.
     fn first_request(id: &str) -> Bytes {
         let first = DeltaDiscoveryRequest {
@@ -595,12 +612,7 @@ mod tests {
         let router = router_for(deaf_replica().await, limits).await;
 
         let sent = Arc::new(AtomicUsize::new(0));
-        let tcp = tokio::net::TcpStream::connect(router).await.unwrap();
-        let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .handshake(TokioIo::new(tcp))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
+        let mut send = h2_client(router).await;
         let body = futures_util::stream::once(futures_util::future::ready(Ok::<
             _,
             std::convert::Infallible,
@@ -848,12 +860,7 @@ mod tests {
         let taken = Arc::new(AtomicUsize::new(0));
         let router = router_for(endless_replica(taken.clone()).await, limits).await;
 
-        let tcp = tokio::net::TcpStream::connect(router).await.unwrap();
-        let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .handshake(TokioIo::new(tcp))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
+        let mut send = h2_client(router).await;
         let req = hyper::Request::post(format!("http://{router}{}", Dialect::DELTA_PATH))
             .header("content-type", "application/grpc")
             .body(StreamBody::new(futures_util::stream::pending::<
