@@ -25,7 +25,7 @@ use tributary_store::SharedStore;
 
 use crate::admin::{self, AdminState};
 use crate::metrics::RouterMetrics;
-use crate::relay::{ClientConn, ClientIdentity, Conn, Relay, RelayLimits, Routed};
+use crate::relay::{ClientConn, ClientIdentity, Conn, Relay, RelayLimits};
 use crate::table::Table;
 
 /// Everything a router needs to start. Built by `main` from flags, or by tests.
@@ -154,9 +154,6 @@ impl Router {
         let limit = tower::limit::GlobalConcurrencyLimitLayer::new(cfg.max_pending_streams.max(1));
         let relay = Relay::new(table.clone(), metrics.clone(), cfg.limits, upstream_tls);
         for listener in listeners {
-            let svc = ServiceBuilder::new()
-                .layer(limit.clone())
-                .service(relay.clone());
             let incoming = match &server_tls {
                 None => Incoming::Plain(listener),
                 Some(t) => Incoming::Tls {
@@ -164,7 +161,7 @@ impl Router {
                     trust_domain: cfg.trust_domain.clone(),
                 },
             };
-            tasks.spawn(accept(incoming, svc, stop.clone()));
+            tasks.spawn(accept(incoming, relay.clone(), limit.clone(), stop.clone()));
         }
 
         let state = AdminState {
@@ -286,21 +283,16 @@ impl Incoming {
     }
 }
 
-/// Accepts connections until `stop`; each is routed by `svc` (the relay behind the
-/// admission limit: at most `--max-pending-streams` connections are being routed at
-/// once) and then relayed or served in its own task, which ends on `stop`.
-pub(crate) async fn accept<S>(
+/// Accepts connections until `stop`; each, in its own task, has its first stream read
+/// by `relay`, is routed by it behind the admission limit (at most
+/// `--max-pending-streams` connections being routed, connecting to their replica, at
+/// once), and is then relayed or served until it ends or `stop`.
+pub(crate) async fn accept(
     mut incoming: Incoming,
-    svc: S,
+    relay: Relay,
+    limit: tower::limit::GlobalConcurrencyLimitLayer,
     mut stop: watch::Receiver<bool>,
-) -> anyhow::Result<()>
-where
-    S: tower::Service<ClientConn, Response = Routed, Error = std::convert::Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
+) -> anyhow::Result<()> {
     let mut conns = JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -322,9 +314,11 @@ where
                 identity: ClientIdentity(Some(id)),
             },
         };
-        let (svc, stop) = (svc.clone(), stop.clone());
+        let (relay, limit, stop) = (relay.clone(), limit.clone(), stop.clone());
         conns.spawn(async move {
-            let routed = match tower::ServiceExt::oneshot(svc, conn).await {
+            let first = relay.read_first(conn).await;
+            let svc = ServiceBuilder::new().layer(limit).service(relay);
+            let routed = match tower::ServiceExt::oneshot(svc, first).await {
                 Ok(r) => r,
                 Err(e) => match e {},
             };
@@ -529,6 +523,7 @@ mod tests {
         tokio::spawn(accept(
             Incoming::Plain(listener),
             Relay::new(table, metrics, limits, None),
+            tower::limit::GlobalConcurrencyLimitLayer::new(1024),
             stop,
         ));
         router
@@ -600,14 +595,15 @@ mod tests {
         }
     }
 
-    /// A client that keeps sending while its replica reads nothing parks nothing in
-    /// the router beyond one read: HTTP/2's flow control runs end to end, from the
-    /// replica's windows to the client, and the router reads no more from a client
-    /// while its replica has not taken the last read. (Under the HTTP/2 relay,
-    /// hyper's default 1 MiB windows once let such a client park 1 MiB per stream:
-    /// 1,064,960 bytes left the client here.)
+    /// A client that keeps sending while its replica reads nothing can send no more
+    /// than the replica's HTTP/2 window (plus what the sockets and one read hold):
+    /// flow control runs end to end through the router, which adds no window of its
+    /// own. (Under the HTTP/2 relay, hyper's default 1 MiB windows once let such a
+    /// client park 1 MiB per stream in the router: 1,064,960 bytes left the client
+    /// here.) The router's own share, at most one read per direction, is what
+    /// `tests/stream_memory.rs` bounds.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_client_whose_replica_reads_nothing_parks_at_most_one_read_in_the_router() {
+    async fn a_client_whose_replica_reads_nothing_sends_no_more_than_the_replicas_window() {
         let limits = RelayLimits::default();
         let router = router_for(deaf_replica().await, limits).await;
 
@@ -646,12 +642,12 @@ mod tests {
     }
 
     /// A client that never reads what it is sent (HTTP/2's default 64 KiB windows)
-    /// holds at most one read in the router: the replica can hand over only its
-    /// client's window, and the router reads no more from a replica while the client
-    /// has not taken the last read. (Under the HTTP/2 relay, hyper's defaults once let
-    /// the router take 2 MiB from the replica per stream: 2.1 MB left it here.)
+    /// is sent no more than its window: the replica can hand over only what the
+    /// client's window allows (plus its own send buffer), through a router that adds
+    /// no window of its own. (Under the HTTP/2 relay, hyper's defaults once let the
+    /// router take 2 MiB from the replica per stream: 2.1 MB left it here.)
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_client_that_stops_reading_holds_at_most_one_read_in_the_router() {
+    async fn a_client_that_stops_reading_is_sent_no_more_than_its_window() {
         let taken = Arc::new(AtomicUsize::new(0));
         let replica = endless_replica(taken.clone()).await;
         let limits = RelayLimits::default();
@@ -860,6 +856,8 @@ mod tests {
         let taken = Arc::new(AtomicUsize::new(0));
         let router = router_for(endless_replica(taken.clone()).await, limits).await;
 
+        // Timed from before the connection: the router's clock starts at its accept.
+        let started = tokio::time::Instant::now();
         let mut send = h2_client(router).await;
         let req = hyper::Request::post(format!("http://{router}{}", Dialect::DELTA_PATH))
             .header("content-type", "application/grpc")
@@ -867,7 +865,6 @@ mod tests {
                 Result<Frame<Bytes>, std::convert::Infallible>,
             >()))
             .unwrap();
-        let started = tokio::time::Instant::now();
         let response = tokio::time::timeout(Duration::from_secs(5), send.send_request(req))
             .await
             .expect("an answer within 5 s")
@@ -879,12 +876,14 @@ mod tests {
 
         // Silent: the router's connection preface (an empty SETTINGS frame), then the
         // end of the connection.
+        let started = tokio::time::Instant::now();
         let mut silent = tokio::net::TcpStream::connect(router).await.unwrap();
         let mut got = Vec::new();
         tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut got))
             .await
             .expect("closed within 5 s")
             .unwrap();
+        assert!(started.elapsed() >= limits.first_request_timeout);
         assert_eq!(got, crate::wire::ROUTER_SETTINGS);
 
         // Not HTTP/2.

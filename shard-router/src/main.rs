@@ -57,8 +57,15 @@ struct Args {
     /// crashed replica's clients move at once, not after its lease expires).
     #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
     avoid_unreachable_for: Duration,
-    /// Most streams being routed at once (reading the first request, connecting);
-    /// the rest wait their turn.
+    /// Gone with the HTTP/2 relay (the router relays bytes and holds no HTTP/2
+    /// windows); accepted, with a warning, so that an existing command line still starts.
+    #[arg(long, hide = true)]
+    stream_window: Option<String>,
+    /// Gone with the HTTP/2 relay; accepted, with a warning.
+    #[arg(long, hide = true)]
+    max_streams_per_connection: Option<String>,
+    /// Most connections being routed at once (connecting to their replica, once their
+    /// first request is read); the rest wait their turn.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     max_pending_streams: u32,
     /// Once ready, write {"xds": [ADDR...], "admin": ADDR} (JSON) to this file.
@@ -95,6 +102,19 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    for (flag, given) in [
+        ("--stream-window", args.stream_window.is_some()),
+        (
+            "--max-streams-per-connection",
+            args.max_streams_per_connection.is_some(),
+        ),
+    ] {
+        if given {
+            tracing::warn!(
+                "{flag} is ignored: the router relays each connection as bytes and holds no HTTP/2 windows or streams of its own (docs/router.md)"
+            );
+        }
+    }
     let files = tls::TlsFiles::from_flags(
         args.tls_cert.clone(),
         args.tls_key.clone(),

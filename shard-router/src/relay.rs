@@ -52,7 +52,8 @@ use crate::first::{Dialect, FirstRequestError};
 use crate::metrics::{ReplicaLabels, RouterMetrics, ShardLabel};
 use crate::table::{Refusal, Route, Table};
 use crate::wire::{
-    ClientFrames, FirstStream, OpenStreams, PeekError, Peeked, ROUTER_SETTINGS, ServerFrames,
+    ClientFrames, FirstStream, HeaderBlockError, OpenStreams, PeekError, Peeked, ROUTER_SETTINGS,
+    ServerFrames,
 };
 
 /// Paths of the directory API, which the router serves itself.
@@ -210,7 +211,38 @@ impl Relay {
     }
 }
 
-impl tower::Service<ClientConn> for Relay {
+impl Relay {
+    /// Sends the router's connection preface and reads the connection's first stream
+    /// (within `--first-request-timeout`). Outside the admission limit: a client
+    /// that is slow to send its first request holds no routing slot.
+    pub async fn read_first(&self, mut conn: ClientConn) -> FirstRead {
+        let mut head = BytesMut::new();
+        let mut first = FirstStream::new(self.inner.limits.max_first_request_bytes);
+        let read = tokio::time::timeout(
+            self.inner.limits.first_request_timeout,
+            Inner::read_first(&mut conn.io, &mut head, &mut first),
+        )
+        .await
+        .unwrap_or(if first.has_stream() {
+            Read::TimedOut
+        } else {
+            Read::Silent
+        });
+        FirstRead { conn, head, read }
+    }
+}
+
+/// A connection whose first stream the router has read (or tried to): what
+/// [`Relay`] routes.
+#[derive(Debug)]
+pub struct FirstRead {
+    conn: ClientConn,
+    /// Every byte the client sent so far.
+    head: BytesMut,
+    read: Read,
+}
+
+impl tower::Service<FirstRead> for Relay {
     type Response = Routed;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Routed, Infallible>> + Send>>;
@@ -219,17 +251,17 @@ impl tower::Service<ClientConn> for Relay {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, conn: ClientConn) -> Self::Future {
+    fn call(&mut self, first: FirstRead) -> Self::Future {
         let inner = self.inner.clone();
         // Routing runs in a span that names the connection once its node is read.
         let span = info_span!(
             "route",
-            peer = %conn.peer,
+            peer = %first.conn.peer,
             node = tracing::field::Empty,
             shard = tracing::field::Empty,
             replica = tracing::field::Empty
         );
-        Box::pin(async move { Ok(inner.route(conn).await) }.instrument(span))
+        Box::pin(async move { Ok(inner.route(first).await) }.instrument(span))
     }
 }
 
@@ -254,11 +286,16 @@ fn bad_first_request(e: FirstRequestError) -> Refused {
 }
 
 /// How reading a connection's first stream ended.
+#[derive(Debug)]
 enum Read {
     Peeked(Peeked),
     Broken(PeekError),
     /// The client closed (or broke) its connection first.
     Gone,
+    /// No whole first request within `--first-request-timeout`, on a stream begun.
+    TimedOut,
+    /// No stream begun within `--first-request-timeout`.
+    Silent,
 }
 
 impl Inner {
@@ -282,39 +319,33 @@ impl Inner {
         })
     }
 
-    async fn route(self: Arc<Self>, mut conn: ClientConn) -> Routed {
-        let mut head = BytesMut::new();
-        let mut first = FirstStream::new(self.limits.max_first_request_bytes);
-        let read = tokio::time::timeout(
-            self.limits.first_request_timeout,
-            Self::read_first(&mut conn.io, &mut head, &mut first),
-        )
-        .await;
+    async fn route(self: Arc<Self>, first: FirstRead) -> Routed {
+        let FirstRead { conn, head, read } = first;
         let peeked = match read {
-            Err(_) if !first.has_stream() => {
+            Read::Silent => {
                 // No stream to answer on: a client that said nothing.
                 self.metrics.refuse("first_request_timeout");
                 info!("closing a connection that opened no stream within --first-request-timeout");
                 return Routed::Closed;
             }
-            Err(_) => {
+            Read::TimedOut => {
                 let status = Status::deadline_exceeded(format!(
                     "no whole first request within --first-request-timeout ({})",
                     humantime::format_duration(self.limits.first_request_timeout)
                 ));
                 return self.local(conn, head, Some(("first_request_timeout", status)));
             }
-            Ok(Read::Gone) => {
+            Read::Gone => {
                 self.metrics.refuse("no_first_request");
                 debug!("the client closed its connection before its first request");
                 return Routed::Closed;
             }
-            Ok(Read::Broken(e)) => {
+            Read::Broken(e) => {
                 self.metrics.refuse("not_grpc");
                 info!(error = %e, "closing a connection the router cannot read");
                 return Routed::Closed;
             }
-            Ok(Read::Peeked(p)) => p,
+            Read::Peeked(p) => p,
         };
         let (dialect, node) = match peeked {
             Peeked::Other { path } if path.starts_with(DIRECTORY_PREFIX) => {
@@ -399,7 +430,12 @@ impl Inner {
         let mut frames = ClientFrames::new(forwarded.as_deref());
         // The bytes read so far go first, with the same edits as the rest.
         let (mut up, mut open) = (Half::default(), OpenStreams::default());
-        frames.feed(&head, Some(&mut up.pending), &mut open);
+        up.shutdown = true;
+        if let Err(e) = frames.feed(&head, Some(&mut up.pending), &mut open) {
+            self.metrics.refuse("not_grpc");
+            info!(error = %e, "closing a connection the router cannot relay");
+            return Routed::Closed;
+        }
         Routed::Replica(Relayed {
             client: conn.io,
             replica: replica_io,
@@ -522,14 +558,25 @@ impl Relayed {
         };
         let label = format!("replica {name} ({addr})");
         let why = tokio::select! {
+            // The router's own stop first: its shutdown also closes every route.
+            biased;
+            () = crate::app::stopped(&mut stop) => "the shard router is shutting down; reconnect".to_string(),
             end = splice => match end {
-                Ok(()) => {
+                Ok(Closed::Client) => {
                     debug!(replica = %name, "the client closed its relayed connection");
                     return;
                 }
                 Err(Failed::Client(e)) => {
                     debug!(replica = %name, error = %e, "the client's connection failed");
                     return;
+                }
+                Ok(Closed::Replica) => {
+                    // Not avoided: a replica also closes a connection whose client
+                    // broke HTTP/2, and one that is gone is avoided at the next
+                    // connect.
+                    info!(replica = %name, %addr, "the replica closed a relayed connection; its client reconnects");
+                    inner.metrics.upstream_failures.inc();
+                    format!("{label} closed the connection; reconnect")
                 }
                 Err(Failed::Replica(e)) => {
                     warn!(replica = %name, %addr, error = %e, "the connection to the replica failed; its client reconnects, and the replica is avoided for new streams");
@@ -543,20 +590,20 @@ impl Relayed {
                 info!(replica = %name, "the replica left its shard: ending its relayed connection so that the client reconnects");
                 format!("{label} left its shard (lease expired, shut down, or the assignment moved the shard); reconnect through the router")
             }
-            () = crate::app::stopped(&mut stop) => "the shard router is shutting down; reconnect".to_string(),
         };
         drop(replica);
         // Ends the client's open streams with UNAVAILABLE naming why, where the
-        // replica's bytes stopped between two frames (else the connection just closes).
-        if down.pending.is_empty() && server_frames.at_boundary() {
-            let ending = crate::wire::ending(&open, tonic::Code::Unavailable, &why);
-            let _ = tokio::time::timeout(ENDING_TIMEOUT, async {
+        // replica's bytes stopped between two frames (else the connection just
+        // closes), then the connection.
+        let _ = tokio::time::timeout(ENDING_TIMEOUT, async {
+            if down.pending.is_empty() && server_frames.at_boundary() {
+                let ending = server_frames.ending(&open, tonic::Code::Unavailable, &why);
                 client.write_all(&ending).await?;
                 client.flush().await?;
-                client.shutdown().await
-            })
-            .await;
-        }
+            }
+            client.shutdown().await
+        })
+        .await;
     }
 }
 
@@ -566,6 +613,9 @@ struct Half {
     pending: Vec<u8>,
     flush: bool,
     eof: bool,
+    /// Shut the writer down at the reader's end (client to replica); the other way,
+    /// the router may still end the client's streams itself.
+    shutdown: bool,
 }
 
 /// What the relay copies through: one buffer per thread, used within one poll.
@@ -629,7 +679,9 @@ where
             half.flush = false;
         }
         if half.eof {
-            ready!(w.as_mut().poll_shutdown(cx)).map_err(|e| (false, e))?;
+            if half.shutdown {
+                ready!(w.as_mut().poll_shutdown(cx)).map_err(|e| (false, e))?;
+            }
             return Poll::Ready(Ok(()));
         }
         let read = SCRATCH.with(|s| {
@@ -640,14 +692,16 @@ where
             if got.is_empty() {
                 return Poll::Ready(Ok(true));
             }
+            let invalid =
+                |e: HeaderBlockError| (true, io::Error::new(io::ErrorKind::InvalidData, e));
             let data: &[u8] = match &mut follow {
                 Follow::Client(f, open) if f.edits() => {
                     edited.clear();
-                    f.feed(got, Some(edited), open);
+                    f.feed(got, Some(edited), open).map_err(invalid)?;
                     &edited[..]
                 }
                 Follow::Client(f, open) => {
-                    f.feed(got, None, open);
+                    f.feed(got, None, open).map_err(invalid)?;
                     got
                 }
                 Follow::Server(f, open) => {
@@ -686,8 +740,15 @@ struct Splice<'a> {
     down: &'a mut Half,
 }
 
+/// Which side closed a relayed connection first.
+#[derive(Debug)]
+enum Closed {
+    Client,
+    Replica,
+}
+
 impl Future for Splice<'_> {
-    type Output = Result<(), Failed>;
+    type Output = Result<Closed, Failed>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
@@ -699,7 +760,7 @@ impl Future for Splice<'_> {
             Follow::Client(this.frames, this.open),
         );
         match up {
-            Poll::Ready(Ok(())) => return Poll::Ready(Ok(())),
+            Poll::Ready(Ok(())) => return Poll::Ready(Ok(Closed::Client)),
             Poll::Ready(Err((true, e))) => return Poll::Ready(Err(Failed::Client(e))),
             Poll::Ready(Err((false, e))) => return Poll::Ready(Err(Failed::Replica(e))),
             Poll::Pending => {}
@@ -711,12 +772,9 @@ impl Future for Splice<'_> {
             this.down,
             Follow::Server(this.server_frames, this.open),
         ) {
-            // The replica closed its connection: whatever the reason, the client
-            // must reconnect.
-            Poll::Ready(Ok(())) => Poll::Ready(Err(Failed::Replica(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the replica closed the connection",
-            )))),
+            // The replica closed its connection (all it sent is passed on): the
+            // client must reconnect.
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(Closed::Replica)),
             Poll::Ready(Err((true, e))) => Poll::Ready(Err(Failed::Replica(e))),
             Poll::Ready(Err((false, e))) => Poll::Ready(Err(Failed::Client(e))),
             Poll::Pending => Poll::Pending,
@@ -744,15 +802,23 @@ impl Local {
             refused,
             inner,
         } = self;
+        // Without an identity to add, nothing is scanned and the frames cannot fail.
         let mut frames = ClientFrames::new(None);
-        let mut out = Vec::new();
-        frames.feed(&head, Some(&mut out), &mut OpenStreams::default());
+        let (mut out, mut open) = (Vec::new(), OpenStreams::default());
+        if frames.feed(&head, Some(&mut out), &mut open).is_err() {
+            return;
+        }
         let io = Replayed {
             io: conn.io,
             out,
             at: 0,
             frames,
+            open,
         };
+        // A refused connection is closed once its refusal is out, and at the latest
+        // after REFUSED_LINGER (a first stream that never completes its headers, or
+        // was reset, is never answered).
+        let refused_deadline = refused.is_some();
         let answered = Arc::new(Notify::new());
         let svc = hyper::service::service_fn({
             let answered = answered.clone();
@@ -790,6 +856,7 @@ impl Local {
                 return;
             }
             () = answered.notified() => conn.as_mut().graceful_shutdown(),
+            () = tokio::time::sleep(REFUSED_LINGER), if refused_deadline => conn.as_mut().graceful_shutdown(),
             () = crate::app::stopped(&mut stop) => conn.as_mut().graceful_shutdown(),
         }
         let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
@@ -804,7 +871,11 @@ struct Replayed {
     out: Vec<u8>,
     at: usize,
     frames: ClientFrames,
+    open: OpenStreams,
 }
+
+/// How long a connection whose first stream was refused stays open at most.
+const REFUSED_LINGER: Duration = Duration::from_secs(5);
 
 impl AsyncRead for Replayed {
     fn poll_read(
@@ -822,11 +893,9 @@ impl AsyncRead for Replayed {
             if read.filled().is_empty() {
                 return Poll::Ready(Ok(()));
             }
-            this.frames.feed(
-                read.filled(),
-                Some(&mut this.out),
-                &mut OpenStreams::default(),
-            );
+            this.frames
+                .feed(read.filled(), Some(&mut this.out), &mut this.open)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         }
         let n = buf.remaining().min(this.out.len() - this.at);
         buf.put_slice(&this.out[this.at..this.at + n]);

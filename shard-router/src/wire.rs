@@ -55,6 +55,12 @@ const PRIORITY: u8 = 0x20;
 /// force: no client frame before the replica's settings may be larger.
 const MAX_FRAME: usize = 16_384;
 
+/// The first request's header block, at most: gRPC's requests take a few hundred
+/// bytes.
+const FIRST_BLOCK_MAX: usize = 16 << 10;
+/// Header fields in the first request's header block, at most.
+const FIRST_BLOCK_FIELDS: usize = 64;
+
 /// Bytes the router reads at most besides the first request itself before the first
 /// request is whole (headers, SETTINGS, WINDOW_UPDATE, PING, other streams' frames).
 pub const HEAD_SLACK: usize = 64 << 10;
@@ -257,18 +263,34 @@ impl FirstStream {
     /// After a HEADERS or CONTINUATION frame of the first stream: its path once the
     /// block is whole.
     fn headers_done(&mut self, h: FrameHeader) -> Result<Option<Peeked>, PeekError> {
+        if self.block.len() > FIRST_BLOCK_MAX {
+            return Err(PeekError::Protocol(format!(
+                "the first request's headers take more than {FIRST_BLOCK_MAX} bytes"
+            )));
+        }
         if h.flags & END_HEADERS == 0 {
-            if self.block.len() > self.max_head {
-                return Err(PeekError::TooMuch(self.max_head));
-            }
             return Ok(None);
         }
+        // Only a block of whole fields, few of them, with no table larger than the
+        // default goes to the decoder: it allocates what the fields name and trusts
+        // its input.
+        let mut scan = BlockScan::new(4096);
+        let bad =
+            |what: String| PeekError::Protocol(format!("the first request's headers: {what}"));
+        scan.feed(&self.block).map_err(|e| bad(e.to_string()))?;
+        if !scan.whole() {
+            return Err(bad(HeaderBlockError::MidField.to_string()));
+        }
+        if scan.fields() > FIRST_BLOCK_FIELDS {
+            return Err(bad(format!("more than {FIRST_BLOCK_FIELDS} fields")));
+        }
         // The connection's first header block: the decoder's dynamic table starts
-        // empty, as the client's encoder's did.
-        let fields = hpack::Decoder::new().decode(&self.block).map_err(|e| {
-            PeekError::Protocol(format!("the first request's headers: HPACK {e:?}"))
-        })?;
-        self.block = Vec::new();
+        // empty, as the client's encoder's did. Defence in depth: the decoder is
+        // not ours, and a panic in it ends only this connection, not the task.
+        let block = std::mem::take(&mut self.block);
+        let fields = std::panic::catch_unwind(|| hpack::Decoder::new().decode(&block))
+            .map_err(|_| bad("HPACK: the decoder failed".into()))?
+            .map_err(|e| bad(format!("HPACK {e:?}")))?;
         let path = fields
             .into_iter()
             .find(|(name, _)| name == b":path")
@@ -383,6 +405,13 @@ pub struct ClientFrames {
     /// After the current frame's payload, add the identity in a CONTINUATION frame
     /// on this stream.
     add_after: Option<u32>,
+    /// The request header block the identity goes after, followed field by field: it
+    /// must end on a whole field, or the client's last bytes would swallow the
+    /// router's field (a block ending inside a literal makes the router's bytes its
+    /// value, and the client's own forged field the only one the hub sees).
+    scan: Option<BlockScan>,
+    /// Where the current frame's payload is, while its fragment is scanned.
+    fragment: Option<Fragment>,
 }
 
 impl ClientFrames {
@@ -398,6 +427,8 @@ impl ClientFrames {
             opened: 0,
             open_block: None,
             add_after: None,
+            scan: None,
+            fragment: None,
         }
     }
 
@@ -407,31 +438,39 @@ impl ClientFrames {
     }
 
     /// Follows `input`; with `out`, appends what of it goes on to the replica
-    /// (without, while no edits are left, `input` goes on as it is).
+    /// (without, while no edits are left, `input` goes on as it is). An error: the
+    /// client's bytes cannot be relayed (the connection must close; what was passed
+    /// on leaves the replica inside an unfinished header block, which it never acts
+    /// on).
     pub fn feed(
         &mut self,
         mut input: &[u8],
         mut out: Option<&mut Vec<u8>>,
         open: &mut OpenStreams,
-    ) {
+    ) -> Result<(), HeaderBlockError> {
         fn put(out: &mut Option<&mut Vec<u8>>, bytes: &[u8]) {
             if let Some(out) = out {
                 out.extend_from_slice(bytes);
             }
         }
         while !input.is_empty() {
-            if self.preface_left > 0 || self.left > 0 {
-                let pass = if self.preface_left > 0 {
-                    &mut self.preface_left
-                } else {
-                    &mut self.left
-                };
-                let n = (*pass).min(input.len());
+            if self.preface_left > 0 {
+                let n = self.preface_left.min(input.len());
                 put(&mut out, &input[..n]);
                 input = &input[n..];
-                *pass -= n;
-                if self.left == 0 && self.preface_left == 0 {
-                    self.frame_passed(&mut out);
+                self.preface_left -= n;
+                continue;
+            }
+            if self.left > 0 {
+                let n = self.left.min(input.len());
+                if let (Some(fragment), Some(scan)) = (&mut self.fragment, &mut self.scan) {
+                    scan.feed(fragment.take(&input[..n])?)?;
+                }
+                put(&mut out, &input[..n]);
+                input = &input[n..];
+                self.left -= n;
+                if self.left == 0 {
+                    self.frame_passed(&mut out)?;
                 }
                 continue;
             }
@@ -449,11 +488,12 @@ impl ClientFrames {
                     self.opened = h.stream;
                     open.open(h.stream);
                     if self.identity.is_some() {
-                        self.block_of(&mut h);
+                        self.scan = Some(BlockScan::new(u64::MAX));
+                        self.block_of(&mut h)?;
                     }
                 }
                 CONTINUATION if self.identity.is_some() && self.open_block == Some(h.stream) => {
-                    self.block_of(&mut h)
+                    self.block_of(&mut h)?
                 }
                 RST_STREAM => open.end(h.stream),
                 _ => {}
@@ -461,14 +501,17 @@ impl ClientFrames {
             put(&mut out, &h.encode());
             self.left = h.len;
             if h.len == 0 {
-                self.frame_passed(&mut out);
+                self.frame_passed(&mut out)?;
             }
         }
+        Ok(())
     }
 
-    /// A frame of a new stream's request header block: the identity goes after the
-    /// block's last frame, which therefore no longer ends it.
-    fn block_of(&mut self, h: &mut FrameHeader) {
+    /// A frame of a new stream's request header block: its fragment is scanned, and
+    /// the identity goes after the block's last frame, which therefore no longer
+    /// ends it.
+    fn block_of(&mut self, h: &mut FrameHeader) -> Result<(), HeaderBlockError> {
+        self.fragment = Some(Fragment::new(h)?);
         if h.flags & END_HEADERS != 0 {
             h.flags &= !END_HEADERS;
             self.open_block = None;
@@ -476,12 +519,18 @@ impl ClientFrames {
         } else {
             self.open_block = Some(h.stream);
         }
+        Ok(())
     }
 
-    fn frame_passed(&mut self, out: &mut Option<&mut Vec<u8>>) {
-        if let (Some(stream), Some(field), Some(out)) =
-            (self.add_after.take(), &self.identity, out.as_deref_mut())
-        {
+    fn frame_passed(&mut self, out: &mut Option<&mut Vec<u8>>) -> Result<(), HeaderBlockError> {
+        self.fragment = None;
+        let Some(stream) = self.add_after.take() else {
+            return Ok(());
+        };
+        if !self.scan.take().is_some_and(|scan| scan.whole()) {
+            return Err(HeaderBlockError::MidField);
+        }
+        if let (Some(field), Some(out)) = (&self.identity, out.as_deref_mut()) {
             let h = FrameHeader {
                 len: field.len(),
                 kind: CONTINUATION,
@@ -490,6 +539,219 @@ impl ClientFrames {
             };
             out.extend_from_slice(&h.encode());
             out.extend_from_slice(field);
+        }
+        Ok(())
+    }
+}
+
+/// Why the router cannot pass a client's header block on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderBlockError {
+    #[error("a request header block ends inside a header field (HPACK)")]
+    MidField,
+    #[error("an HPACK integer longer than 4 bytes")]
+    IntegerTooLong,
+    #[error("an HPACK dynamic table size update to {0} bytes, more than {1}")]
+    TableSize(u64, u64),
+    #[error("a HEADERS frame shorter than its padding and priority")]
+    Padding,
+}
+
+/// Where a frame's payload is, for a HEADERS or CONTINUATION frame whose header
+/// block fragment is scanned: HEADERS may carry a pad length and a priority before
+/// it and padding after it.
+#[derive(Debug)]
+struct Fragment {
+    pos: usize,
+    len: usize,
+    front: usize,
+    padded: bool,
+    pad: usize,
+}
+
+impl Fragment {
+    fn new(h: &FrameHeader) -> Result<Self, HeaderBlockError> {
+        let headers = h.kind == HEADERS;
+        let padded = headers && h.flags & PADDED != 0;
+        let priority = if headers && h.flags & PRIORITY != 0 {
+            5
+        } else {
+            0
+        };
+        let front = usize::from(padded) + priority;
+        if front > h.len {
+            return Err(HeaderBlockError::Padding);
+        }
+        Ok(Self {
+            pos: 0,
+            len: h.len,
+            front,
+            padded,
+            pad: 0,
+        })
+    }
+
+    /// The bytes of `chunk`, the payload from `pos` on, inside the fragment.
+    fn take<'a>(&mut self, chunk: &'a [u8]) -> Result<&'a [u8], HeaderBlockError> {
+        let start = self.pos;
+        if self.padded && start == 0 && !chunk.is_empty() {
+            self.pad = usize::from(chunk[0]);
+            if self.front + self.pad > self.len {
+                return Err(HeaderBlockError::Padding);
+            }
+        }
+        self.pos += chunk.len();
+        let lo = self.front.clamp(start, self.pos);
+        let hi = (self.len - self.pad).clamp(lo, self.pos);
+        Ok(&chunk[lo - start..hi - start])
+    }
+}
+
+/// Follows a header block representation by representation (RFC 7541 §6), reading
+/// only the integers and string lengths (no table, no Huffman): whether the bytes so
+/// far end on a whole field, and how many fields there are.
+#[derive(Debug, Clone)]
+pub struct BlockScan {
+    state: Scan,
+    fields: usize,
+    max_table: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scan {
+    /// At a representation's first byte.
+    Field,
+    /// In a prefix integer's continuation bytes.
+    Int {
+        value: u64,
+        shift: u32,
+        next: Next,
+    },
+    /// At a string's first byte (Huffman bit and length prefix); `strings`: this one
+    /// and those after it in the field.
+    StrHead {
+        strings: u8,
+    },
+    Str {
+        left: u64,
+        strings: u8,
+    },
+}
+
+/// What an integer is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// An indexed field's index.
+    Index,
+    /// A literal's name index (0: a literal name follows).
+    Literal,
+    SizeUpdate,
+    /// A string's length.
+    Length {
+        strings: u8,
+    },
+}
+
+impl BlockScan {
+    /// `max_table`: the largest dynamic table size update allowed.
+    pub fn new(max_table: u64) -> Self {
+        Self {
+            state: Scan::Field,
+            fields: 0,
+            max_table,
+        }
+    }
+
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<(), HeaderBlockError> {
+        for &b in bytes {
+            self.state = match self.state {
+                Scan::Field => {
+                    let (prefix, next) = match b {
+                        0x80.. => (7, Next::Index),
+                        0x40.. => (6, Next::Literal),
+                        0x20.. => (5, Next::SizeUpdate),
+                        _ => (4, Next::Literal),
+                    };
+                    if next != Next::SizeUpdate {
+                        self.fields += 1;
+                    }
+                    self.int_start(b, prefix, next)?
+                }
+                Scan::Int { value, shift, next } => {
+                    if shift > 21 {
+                        return Err(HeaderBlockError::IntegerTooLong);
+                    }
+                    let value = value + (u64::from(b & 0x7f) << shift);
+                    if b & 0x80 != 0 {
+                        Scan::Int {
+                            value,
+                            shift: shift + 7,
+                            next,
+                        }
+                    } else {
+                        self.int_done(value, next)?
+                    }
+                }
+                Scan::StrHead { strings } => self.int_start(b, 7, Next::Length { strings })?,
+                Scan::Str { left, strings } if left > 1 => Scan::Str {
+                    left: left - 1,
+                    strings,
+                },
+                Scan::Str { strings, .. } => Self::string_done(strings),
+            };
+        }
+        Ok(())
+    }
+
+    /// The bytes so far end on a whole field.
+    pub fn whole(&self) -> bool {
+        self.state == Scan::Field
+    }
+
+    /// Header fields begun so far.
+    pub fn fields(&self) -> usize {
+        self.fields
+    }
+
+    fn int_start(&self, b: u8, prefix: u32, next: Next) -> Result<Scan, HeaderBlockError> {
+        let max = (1u64 << prefix) - 1;
+        let v = u64::from(b) & max;
+        if v < max {
+            self.int_done(v, next)
+        } else {
+            Ok(Scan::Int {
+                value: max,
+                shift: 0,
+                next,
+            })
+        }
+    }
+
+    fn int_done(&self, value: u64, next: Next) -> Result<Scan, HeaderBlockError> {
+        Ok(match next {
+            Next::Index => Scan::Field,
+            Next::Literal => Scan::StrHead {
+                strings: if value == 0 { 2 } else { 1 },
+            },
+            Next::SizeUpdate if value > self.max_table => {
+                return Err(HeaderBlockError::TableSize(value, self.max_table));
+            }
+            Next::SizeUpdate => Scan::Field,
+            Next::Length { strings } if value == 0 => Self::string_done(strings),
+            Next::Length { strings } => Scan::Str {
+                left: value,
+                strings,
+            },
+        })
+    }
+
+    fn string_done(strings: u8) -> Scan {
+        if strings > 1 {
+            Scan::StrHead {
+                strings: strings - 1,
+            }
+        } else {
+            Scan::Field
         }
     }
 }
@@ -504,6 +766,11 @@ pub struct ServerFrames {
     /// Inside a header block (HEADERS without END_HEADERS, until its CONTINUATION
     /// with it): no other frame may come in between.
     in_block: bool,
+    /// The last stream id of the replica's GOAWAY, once it sent one (streams above
+    /// it are refused, and the client knows).
+    goaway: Option<u32>,
+    /// Reading the last stream id of a GOAWAY: its bytes so far.
+    goaway_id: Option<([u8; 4], usize)>,
 }
 
 impl ServerFrames {
@@ -511,6 +778,16 @@ impl ServerFrames {
         while !input.is_empty() {
             if self.left > 0 {
                 let n = self.left.min(input.len());
+                if let Some((id, have)) = &mut self.goaway_id {
+                    let k = (4 - *have).min(n);
+                    id[*have..*have + k].copy_from_slice(&input[..k]);
+                    *have += k;
+                    if *have == 4 {
+                        let last = u32::from_be_bytes(*id) & 0x7fff_ffff;
+                        self.goaway = Some(self.goaway.map_or(last, |g| g.min(last)));
+                        self.goaway_id = None;
+                    }
+                }
                 input = &input[n..];
                 self.left -= n;
                 continue;
@@ -519,6 +796,7 @@ impl ServerFrames {
                 continue;
             };
             match h.kind {
+                GOAWAY if h.len >= 8 => self.goaway_id = Some(([0; 4], 0)),
                 HEADERS | CONTINUATION => {
                     self.in_block = h.flags & END_HEADERS == 0;
                     if h.kind == HEADERS {
@@ -541,55 +819,60 @@ impl ServerFrames {
     pub fn at_boundary(&self) -> bool {
         self.header.have == 0 && self.left == 0 && !self.in_block
     }
-}
 
-/// What the router sends a client to end its relayed connection itself: for each open
-/// stream a gRPC status (trailers, or a trailers-only response where the replica has
-/// not answered yet), then GOAWAY. Every field is a literal never indexed (or, for
-/// `:status`, the static table), so the client's HPACK table, which the replica's
-/// encoder keeps in step, is not touched.
-pub fn ending(open: &OpenStreams, code: tonic::Code, message: &str) -> Vec<u8> {
-    let mut out = Vec::new();
-    let status = (code as i32).to_string();
-    // grpc-message is percent-encoded: keep printable ASCII other than '%'.
-    let message: String = message
-        .chars()
-        .map(|c| {
-            if (' '..='~').contains(&c) && c != '%' {
-                c
-            } else {
-                '?'
+    /// What the router sends a client to end its relayed connection itself, where
+    /// [`Self::at_boundary`]: for each open stream a gRPC status (trailers, or a
+    /// trailers-only response where the replica has not answered yet), then GOAWAY.
+    /// After a GOAWAY of the replica's, only the streams it still serves get a status
+    /// and no second GOAWAY is sent (its last stream id must not grow). Every field is
+    /// a literal never indexed (or, for `:status`, the static table), so the client's
+    /// HPACK table, which the replica's encoder keeps in step, is not touched.
+    pub fn ending(&self, open: &OpenStreams, code: tonic::Code, message: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        let status = (code as i32).to_string();
+        // grpc-message is percent-encoded: keep printable ASCII other than '%'.
+        let message: String = message
+            .chars()
+            .map(|c| {
+                if (' '..='~').contains(&c) && c != '%' {
+                    c
+                } else {
+                    '?'
+                }
+            })
+            .collect();
+        let served = |stream: u32| self.goaway.is_none_or(|last| stream <= last);
+        for &(stream, responded) in open.0.iter().filter(|(s, _)| served(*s)) {
+            let mut block = Vec::new();
+            if !responded {
+                block.push(0x88); // :status: 200
+                block.extend_from_slice(&literal_never_indexed("content-type", "application/grpc"));
             }
-        })
-        .collect();
-    for &(stream, responded) in &open.0 {
-        let mut block = Vec::new();
-        if !responded {
-            block.push(0x88); // :status: 200
-            block.extend_from_slice(&literal_never_indexed("content-type", "application/grpc"));
+            block.extend_from_slice(&literal_never_indexed("grpc-status", &status));
+            block.extend_from_slice(&literal_never_indexed("grpc-message", &message));
+            let h = FrameHeader {
+                len: block.len(),
+                kind: HEADERS,
+                flags: END_HEADERS | END_STREAM,
+                stream,
+            };
+            out.extend_from_slice(&h.encode());
+            out.extend_from_slice(&block);
         }
-        block.extend_from_slice(&literal_never_indexed("grpc-status", &status));
-        block.extend_from_slice(&literal_never_indexed("grpc-message", &message));
-        let h = FrameHeader {
-            len: block.len(),
-            kind: HEADERS,
-            flags: END_HEADERS | END_STREAM,
-            stream,
-        };
-        out.extend_from_slice(&h.encode());
-        out.extend_from_slice(&block);
+        if self.goaway.is_none() {
+            let mut goaway = open.last().to_be_bytes().to_vec();
+            goaway.extend_from_slice(&0u32.to_be_bytes()); // NO_ERROR
+            let h = FrameHeader {
+                len: goaway.len(),
+                kind: GOAWAY,
+                flags: 0,
+                stream: 0,
+            };
+            out.extend_from_slice(&h.encode());
+            out.extend_from_slice(&goaway);
+        }
+        out
     }
-    let mut goaway = open.last().to_be_bytes().to_vec();
-    goaway.extend_from_slice(&0u32.to_be_bytes()); // NO_ERROR
-    let h = FrameHeader {
-        len: goaway.len(),
-        kind: GOAWAY,
-        flags: 0,
-        stream: 0,
-    };
-    out.extend_from_slice(&h.encode());
-    out.extend_from_slice(&goaway);
-    out
 }
 
 /// One header field as an HPACK literal never indexed, with a literal name and no
@@ -771,9 +1054,9 @@ mod tests {
         let (mut out, mut open) = (Vec::new(), OpenStreams::default());
         for piece in input.chunks(cut) {
             if frames.edits() {
-                frames.feed(piece, Some(&mut out), &mut open);
+                frames.feed(piece, Some(&mut out), &mut open).unwrap();
             } else {
-                frames.feed(piece, None, &mut open);
+                frames.feed(piece, None, &mut open).unwrap();
                 out.extend_from_slice(piece);
             }
         }
@@ -880,9 +1163,11 @@ mod tests {
             let mut server_frames = ServerFrames::default();
             for piece in client.chunks(cut) {
                 if frames.edits() {
-                    frames.feed(piece, Some(&mut Vec::new()), &mut open);
+                    frames
+                        .feed(piece, Some(&mut Vec::new()), &mut open)
+                        .unwrap();
                 } else {
-                    frames.feed(piece, None, &mut open);
+                    frames.feed(piece, None, &mut open).unwrap();
                 }
             }
             for (i, piece) in server.chunks(cut).enumerate() {
@@ -902,7 +1187,11 @@ mod tests {
         open.open(1);
         open.responded(1);
         open.open(3);
-        let out = ending(&open, tonic::Code::Unavailable, "replica a left; 100% gone");
+        let out = ServerFrames::default().ending(
+            &open,
+            tonic::Code::Unavailable,
+            "replica a left; 100% gone",
+        );
         let mut rest = &out[..];
         let mut decoder = hpack::Decoder::new();
         let mut seen = Vec::new();
@@ -935,5 +1224,144 @@ mod tests {
             f
         };
         assert_eq!(seen, vec![(1, trailers(false)), (3, trailers(true))]);
+    }
+
+    /// A client's header block that ends inside a field would swallow the router's
+    /// identity field: its last byte begins a literal whose name index needs one more
+    /// byte, and the router's bytes would become that field's value and the next
+    /// one's, leaving the client's own forged `x-tributary-peer-id` the only one the
+    /// hub sees. The router refuses to pass such a block on: nothing is added, and
+    /// the error closes the connection.
+    #[test]
+    fn a_header_block_ending_inside_a_field_is_refused_not_completed() {
+        let id = format!(
+            "spiffe://tributary.local/env/staging/ns/shop/sa/{}",
+            "w".repeat(68)
+        );
+        let mut forged = request_headers(Dialect::DELTA_PATH);
+        forged.extend_from_slice(&literal_never_indexed(
+            PEER_ID_HEADER,
+            "spiffe://tributary.local/env/prod/ns/shop/sa/web",
+        ));
+        forged.push(0x0f); // a literal without indexing, name index 15 + more bytes
+        let mut conn = PREFACE.to_vec();
+        conn.extend(frame(
+            HEADERS,
+            END_HEADERS,
+            1,
+            &request_headers(Dialect::DELTA_PATH),
+        ));
+        conn.extend(frame(HEADERS, END_HEADERS, 3, &forged));
+        for cut in [1, 9, 4096] {
+            let mut frames = ClientFrames::new(Some(&id));
+            let (mut out, mut open) = (Vec::new(), OpenStreams::default());
+            let mut failed = None;
+            for piece in conn.chunks(cut) {
+                if let Err(e) = frames.feed(piece, Some(&mut out), &mut open) {
+                    failed = Some(e);
+                    break;
+                }
+            }
+            assert_eq!(failed, Some(HeaderBlockError::MidField), "cut {cut}");
+            // Stream 1 got the identity; stream 3's block was passed on unfinished
+            // (END_HEADERS cleared) and nothing was added to it.
+            let injected = frame(
+                CONTINUATION,
+                END_HEADERS,
+                3,
+                &literal_never_indexed(PEER_ID_HEADER, &id),
+            );
+            assert!(
+                !out.windows(injected.len()).any(|w| w == injected),
+                "cut {cut}"
+            );
+            let ok = frame(
+                CONTINUATION,
+                END_HEADERS,
+                1,
+                &literal_never_indexed(PEER_ID_HEADER, &id),
+            );
+            assert!(out.windows(ok.len()).any(|w| w == ok), "cut {cut}");
+        }
+        // The same block with padding and a priority, cut mid-field: also refused.
+        let mut padded = vec![2u8];
+        padded.extend_from_slice(&[0, 0, 0, 0, 16]);
+        padded.extend_from_slice(&forged);
+        padded.extend_from_slice(&[0, 0]);
+        let mut conn = PREFACE.to_vec();
+        conn.extend(frame(HEADERS, END_HEADERS | PADDED | PRIORITY, 1, &padded));
+        let mut frames = ClientFrames::new(Some(&id));
+        assert_eq!(
+            frames.feed(&conn, Some(&mut Vec::new()), &mut OpenStreams::default()),
+            Err(HeaderBlockError::MidField)
+        );
+        // Without the stray byte, the padded block passes and gets the identity.
+        let mut whole = vec![2u8];
+        whole.extend_from_slice(&[0, 0, 0, 0, 16]);
+        whole.extend_from_slice(&forged[..forged.len() - 1]);
+        whole.extend_from_slice(&[0, 0]);
+        let mut conn = PREFACE.to_vec();
+        conn.extend(frame(HEADERS, END_HEADERS | PADDED | PRIORITY, 1, &whole));
+        let mut out = Vec::new();
+        ClientFrames::new(Some(&id))
+            .feed(&conn, Some(&mut out), &mut OpenStreams::default())
+            .unwrap();
+        assert!(out.ends_with(&literal_never_indexed(PEER_ID_HEADER, &id)));
+    }
+
+    /// The first header block goes to the HPACK decoder only whole, small, and with
+    /// no table larger than the default: a truncated size update (which made the
+    /// decoder panic) and a table size or field count meant to make it allocate are
+    /// refused as protocol errors.
+    #[test]
+    fn the_first_header_block_is_bounded_before_it_is_decoded() {
+        let first = |block: &[u8]| {
+            let mut c = PREFACE.to_vec();
+            c.extend(frame(HEADERS, END_HEADERS, 1, block));
+            FirstStream::new(1 << 20).advance(&c)
+        };
+        for (block, what) in [
+            (vec![0x3f], "ends inside"),
+            (vec![0x3f, 0xe1, 0x7f], "size update"),
+            (vec![0x82; 65], "more than 64 fields"),
+            (
+                vec![0x3f, 0xff, 0xff, 0xff, 0xff, 0x7f],
+                "longer than 4 bytes",
+            ),
+        ] {
+            match first(&block) {
+                Err(PeekError::Protocol(m)) => assert!(m.contains(what), "{m}"),
+                other => panic!("{block:?}: {other:?}"),
+            }
+        }
+        let big = literal_never_indexed("x", &"y".repeat(FIRST_BLOCK_MAX));
+        assert!(matches!(first(&big), Err(PeekError::Protocol(m)) if m.contains("more than")));
+    }
+
+    /// After the replica's own GOAWAY, the router's ending gives a status only to the
+    /// streams the replica still serves, and sends no GOAWAY of its own (whose last
+    /// stream id could only grow).
+    #[test]
+    fn the_ending_respects_the_replicas_goaway() {
+        let mut open = OpenStreams::default();
+        for s in [1, 3, 5] {
+            open.open(s);
+        }
+        let mut server = ServerFrames::default();
+        let mut goaway = 3u32.to_be_bytes().to_vec();
+        goaway.extend_from_slice(&0u32.to_be_bytes());
+        for piece in frame(GOAWAY, 0, 0, &goaway).chunks(2) {
+            server.feed(piece, &mut open);
+        }
+        let out = server.ending(&open, tonic::Code::Unavailable, "gone");
+        let mut rest = &out[..];
+        let mut streams = Vec::new();
+        while !rest.is_empty() {
+            let h = FrameHeader::parse(rest);
+            assert_eq!(h.kind, HEADERS);
+            streams.push(h.stream);
+            rest = &rest[9 + h.len..];
+        }
+        assert_eq!(streams, vec![1, 3]);
     }
 }
