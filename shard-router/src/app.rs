@@ -86,6 +86,10 @@ fn router_identity(files: &tls::TlsFiles, trust_domain: &str) -> anyhow::Result<
     }
 }
 
+/// Connections that may read their first request at once, per `--max-pending-streams`
+/// (each holds at most `--max-first-request-bytes` plus 64 KiB while it reads).
+pub const FIRST_READS_PER_PENDING_STREAM: usize = 4;
+
 /// A running router.
 #[derive(Debug)]
 pub struct Router {
@@ -153,6 +157,10 @@ impl Router {
         // One admission limit shared by every listener and connection.
         let limit = tower::limit::GlobalConcurrencyLimitLayer::new(cfg.max_pending_streams.max(1));
         let relay = Relay::new(table.clone(), metrics.clone(), cfg.limits, upstream_tls);
+        // Connections reading their first request at once, shared by every listener.
+        let first_reads = Arc::new(tokio::sync::Semaphore::new(
+            FIRST_READS_PER_PENDING_STREAM * cfg.max_pending_streams.max(1),
+        ));
         for listener in listeners {
             let incoming = match &server_tls {
                 None => Incoming::Plain(listener),
@@ -161,7 +169,13 @@ impl Router {
                     trust_domain: cfg.trust_domain.clone(),
                 },
             };
-            tasks.spawn(accept(incoming, relay.clone(), limit.clone(), stop.clone()));
+            tasks.spawn(accept(
+                incoming,
+                relay.clone(),
+                limit.clone(),
+                first_reads.clone(),
+                stop.clone(),
+            ));
         }
 
         let state = AdminState {
@@ -291,6 +305,7 @@ pub(crate) async fn accept(
     mut incoming: Incoming,
     relay: Relay,
     limit: tower::limit::GlobalConcurrencyLimitLayer,
+    first_reads: Arc<tokio::sync::Semaphore>,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let mut conns = JoinSet::new();
@@ -315,8 +330,15 @@ pub(crate) async fn accept(
             },
         };
         let (relay, limit, stop) = (relay.clone(), limit.clone(), stop.clone());
+        let first_reads = first_reads.clone();
         conns.spawn(async move {
+            // What reading first requests may hold at once is bounded too: a
+            // connection waits here holding only its socket.
+            let Ok(reading) = first_reads.acquire_owned().await else {
+                return;
+            };
             let first = relay.read_first(conn).await;
+            drop(reading);
             let svc = ServiceBuilder::new().layer(limit).service(relay);
             let routed = match tower::ServiceExt::oneshot(svc, first).await {
                 Ok(r) => r,
@@ -524,6 +546,7 @@ mod tests {
             Incoming::Plain(listener),
             Relay::new(table, metrics, limits, None),
             tower::limit::GlobalConcurrencyLimitLayer::new(1024),
+            Arc::new(tokio::sync::Semaphore::new(4096)),
             stop,
         ));
         router

@@ -44,7 +44,7 @@ struct Args {
     #[arg(long, value_delimiter = ',', env = "TRIBUTARY_ETCD_ENDPOINTS")]
     etcd_endpoints: Vec<String>,
     /// Largest first request read to route a stream (bytes).
-    #[arg(long, default_value_t = tributary_controlplane::app::DEFAULT_MAX_REQUEST_BYTES)]
+    #[arg(long, default_value_t = tributary_shard_router::relay::DEFAULT_MAX_FIRST_REQUEST_BYTES)]
     max_first_request_bytes: usize,
     /// A client must send its whole first request within this.
     #[arg(long, default_value = "30s", value_parser = parse_positive_duration)]

@@ -56,6 +56,10 @@ use crate::wire::{
     ServerFrames,
 };
 
+/// The refusal reason of a connection whose client's header block the router cannot
+/// pass on (it would end inside a field, under mutual TLS: see [`ClientFrames`]).
+const HEADER_BLOCK: &str = "header_block";
+
 /// Paths of the directory API, which the router serves itself.
 pub const DIRECTORY_PREFIX: &str = "/tributary.directory.v1.Directory/";
 
@@ -64,6 +68,10 @@ pub const DIRECTORY_PREFIX: &str = "/tributary.directory.v1.Directory/";
 /// the replica with each stream's headers ([`ClientFrames`]).
 #[derive(Debug, Clone, Default)]
 pub struct ClientIdentity(pub Option<SpiffeId>);
+
+/// `--max-first-request-bytes`'s default: an xDS client's first request is its node
+/// and a few names, a few KiB (Envoy's, with its extension list, ~10 KiB).
+pub const DEFAULT_MAX_FIRST_REQUEST_BYTES: usize = 1 << 20;
 
 /// Bounds of the relay (flags of `tributary-router`).
 #[derive(Debug, Clone, Copy)]
@@ -82,7 +90,7 @@ pub struct RelayLimits {
 impl Default for RelayLimits {
     fn default() -> Self {
         Self {
-            max_first_request_bytes: tributary_controlplane::app::DEFAULT_MAX_REQUEST_BYTES,
+            max_first_request_bytes: DEFAULT_MAX_FIRST_REQUEST_BYTES,
             first_request_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             avoid_unreachable_for: Duration::from_secs(10),
@@ -365,6 +373,17 @@ impl Inner {
             Ok(node) => node,
             Err(e) => return self.local(conn, head, Some(bad_first_request(e))),
         };
+        // The bytes read so far go first, with the same edits as the rest: checked
+        // before anything is routed or connected.
+        let forwarded = conn.identity.0.as_ref().map(|id| id.to_string());
+        let mut frames = ClientFrames::new(forwarded.as_deref());
+        let (mut up, mut open) = (Half::default(), OpenStreams::default());
+        up.shutdown = true;
+        if let Err(e) = frames.feed(&head, Some(&mut up.pending), &mut open) {
+            self.metrics.refuse(HEADER_BLOCK);
+            info!(error = %e, "closing a connection the router cannot relay");
+            return Routed::Closed;
+        }
         // A certified workload or gateway that claims no environment is routed by the
         // one its certificate names (the replica checks any claim against it).
         if node.environment.is_none()
@@ -426,16 +445,6 @@ impl Inner {
             })
             .clone();
         gauge.inc();
-        let forwarded = conn.identity.0.as_ref().map(|id| id.to_string());
-        let mut frames = ClientFrames::new(forwarded.as_deref());
-        // The bytes read so far go first, with the same edits as the rest.
-        let (mut up, mut open) = (Half::default(), OpenStreams::default());
-        up.shutdown = true;
-        if let Err(e) = frames.feed(&head, Some(&mut up.pending), &mut open) {
-            self.metrics.refuse("not_grpc");
-            info!(error = %e, "closing a connection the router cannot relay");
-            return Routed::Closed;
-        }
         Routed::Replica(Relayed {
             client: conn.io,
             replica: replica_io,
@@ -567,7 +576,12 @@ impl Relayed {
                     return;
                 }
                 Err(Failed::Client(e)) => {
-                    debug!(replica = %name, error = %e, "the client's connection failed");
+                    if e.kind() == io::ErrorKind::InvalidData {
+                        inner.metrics.refuse(HEADER_BLOCK);
+                        info!(replica = %name, error = %e, "closing a relayed connection whose client's frames the router cannot pass on");
+                    } else {
+                        debug!(replica = %name, error = %e, "the client's connection failed");
+                    }
                     return;
                 }
                 Ok(Closed::Replica) => {
@@ -597,7 +611,8 @@ impl Relayed {
         // closes), then the connection.
         let _ = tokio::time::timeout(ENDING_TIMEOUT, async {
             if down.pending.is_empty() && server_frames.at_boundary() {
-                let ending = server_frames.ending(&open, tonic::Code::Unavailable, &why);
+                let ending =
+                    server_frames.ending(&open, frames.opened(), tonic::Code::Unavailable, &why);
                 client.write_all(&ending).await?;
                 client.flush().await?;
             }

@@ -41,6 +41,7 @@ pub const ROUTER_SETTINGS: [u8; 9] = [0, 0, 0, SETTINGS, 0, 0, 0, 0, 0];
 const DATA: u8 = 0x0;
 const HEADERS: u8 = 0x1;
 const RST_STREAM: u8 = 0x3;
+const PUSH_PROMISE: u8 = 0x5;
 const SETTINGS: u8 = 0x4;
 const GOAWAY: u8 = 0x7;
 const CONTINUATION: u8 = 0x9;
@@ -349,11 +350,6 @@ impl OpenStreams {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
-
-    /// The highest stream id opened (0: none).
-    pub fn last(&self) -> u32 {
-        self.0.iter().map(|(s, _)| *s).max().unwrap_or(0)
-    }
 }
 
 /// A frame header being read from a byte stream that may cut it anywhere.
@@ -430,6 +426,11 @@ impl ClientFrames {
             scan: None,
             fragment: None,
         }
+    }
+
+    /// The highest stream id whose request headers the client began.
+    pub fn opened(&self) -> u32 {
+        self.opened
     }
 
     /// Edits are left to do: bytes must go through [`Self::feed`] with an output.
@@ -549,7 +550,7 @@ impl ClientFrames {
 pub enum HeaderBlockError {
     #[error("a request header block ends inside a header field (HPACK)")]
     MidField,
-    #[error("an HPACK integer longer than 4 bytes")]
+    #[error("an HPACK integer with more than 4 continuation bytes")]
     IntegerTooLong,
     #[error("an HPACK dynamic table size update to {0} bytes, more than {1}")]
     TableSize(u64, u64),
@@ -797,7 +798,7 @@ impl ServerFrames {
             };
             match h.kind {
                 GOAWAY if h.len >= 8 => self.goaway_id = Some(([0; 4], 0)),
-                HEADERS | CONTINUATION => {
+                HEADERS | CONTINUATION | PUSH_PROMISE => {
                     self.in_block = h.flags & END_HEADERS == 0;
                     if h.kind == HEADERS {
                         open.responded(h.stream);
@@ -823,11 +824,18 @@ impl ServerFrames {
     /// What the router sends a client to end its relayed connection itself, where
     /// [`Self::at_boundary`]: for each open stream a gRPC status (trailers, or a
     /// trailers-only response where the replica has not answered yet), then GOAWAY.
-    /// After a GOAWAY of the replica's, only the streams it still serves get a status
-    /// and no second GOAWAY is sent (its last stream id must not grow). Every field is
+    /// After a GOAWAY of the replica's, only the streams it still serves get a status,
+    /// and the router's GOAWAY names no higher last stream id than the replica's
+    /// (it must not grow): `highest` is the highest stream id the client opened. Every field is
     /// a literal never indexed (or, for `:status`, the static table), so the client's
     /// HPACK table, which the replica's encoder keeps in step, is not touched.
-    pub fn ending(&self, open: &OpenStreams, code: tonic::Code, message: &str) -> Vec<u8> {
+    pub fn ending(
+        &self,
+        open: &OpenStreams,
+        highest: u32,
+        code: tonic::Code,
+        message: &str,
+    ) -> Vec<u8> {
         let mut out = Vec::new();
         let status = (code as i32).to_string();
         // grpc-message is percent-encoded: keep printable ASCII other than '%'.
@@ -859,8 +867,11 @@ impl ServerFrames {
             out.extend_from_slice(&h.encode());
             out.extend_from_slice(&block);
         }
-        if self.goaway.is_none() {
-            let mut goaway = open.last().to_be_bytes().to_vec();
+        // The last stream id the client may count as seen: the highest it opened,
+        // never more than a GOAWAY of the replica's said (it must not grow).
+        let last = self.goaway.map_or(highest, |g| g.min(highest));
+        {
+            let mut goaway = last.to_be_bytes().to_vec();
             goaway.extend_from_slice(&0u32.to_be_bytes()); // NO_ERROR
             let h = FrameHeader {
                 len: goaway.len(),
@@ -1181,7 +1192,7 @@ mod tests {
             }
             assert!(server_frames.at_boundary(), "cut {cut}");
             assert_eq!(open.0, vec![(1, true), (3, false)], "cut {cut}");
-            assert_eq!(open.last(), 3);
+            assert_eq!(frames.opened(), 5);
         }
         let mut open = OpenStreams::default();
         open.open(1);
@@ -1189,6 +1200,7 @@ mod tests {
         open.open(3);
         let out = ServerFrames::default().ending(
             &open,
+            3,
             tonic::Code::Unavailable,
             "replica a left; 100% gone",
         );
@@ -1283,18 +1295,48 @@ mod tests {
             );
             assert!(out.windows(ok.len()).any(|w| w == ok), "cut {cut}");
         }
-        // The same block with padding and a priority, cut mid-field: also refused.
+        // The same block with padding and a priority, cut mid-field, whatever the
+        // reads cut: also refused, and nothing of the block ends it.
         let mut padded = vec![2u8];
         padded.extend_from_slice(&[0, 0, 0, 0, 16]);
         padded.extend_from_slice(&forged);
         padded.extend_from_slice(&[0, 0]);
         let mut conn = PREFACE.to_vec();
         conn.extend(frame(HEADERS, END_HEADERS | PADDED | PRIORITY, 1, &padded));
-        let mut frames = ClientFrames::new(Some(&id));
-        assert_eq!(
-            frames.feed(&conn, Some(&mut Vec::new()), &mut OpenStreams::default()),
-            Err(HeaderBlockError::MidField)
-        );
+        for cut in 1..=conn.len() {
+            let mut frames = ClientFrames::new(Some(&id));
+            let (mut out, mut open) = (Vec::new(), OpenStreams::default());
+            let failed = conn
+                .chunks(cut)
+                .find_map(|piece| frames.feed(piece, Some(&mut out), &mut open).err());
+            assert_eq!(failed, Some(HeaderBlockError::MidField), "cut {cut}");
+            let h = FrameHeader::parse(&out[PREFACE.len()..]);
+            assert_eq!(h.flags & END_HEADERS, 0, "cut {cut}");
+            assert_eq!(out.len(), conn.len(), "cut {cut}: something was added");
+        }
+        // Other blocks ending inside a field: a literal with an indexed name needing
+        // more bytes, a literal name's length, a string, a size update, and a block
+        // whose last frame is a CONTINUATION.
+        for tail in [
+            &[0x7f][..],
+            &[0x1f],
+            &[0x10],
+            &[0x10, 0x05, b'a', b'b'],
+            &[0x3f],
+        ] {
+            let mut block = request_headers(Dialect::DELTA_PATH);
+            block.extend_from_slice(tail);
+            let (a, b) = block.split_at(3);
+            let mut conn = PREFACE.to_vec();
+            conn.extend(frame(HEADERS, 0, 1, a));
+            conn.extend(frame(CONTINUATION, END_HEADERS, 1, b));
+            let mut frames = ClientFrames::new(Some(&id));
+            assert_eq!(
+                frames.feed(&conn, Some(&mut Vec::new()), &mut OpenStreams::default()),
+                Err(HeaderBlockError::MidField),
+                "{tail:?}"
+            );
+        }
         // Without the stray byte, the padded block passes and gets the identity.
         let mut whole = vec![2u8];
         whole.extend_from_slice(&[0, 0, 0, 0, 16]);
@@ -1326,7 +1368,7 @@ mod tests {
             (vec![0x82; 65], "more than 64 fields"),
             (
                 vec![0x3f, 0xff, 0xff, 0xff, 0xff, 0x7f],
-                "longer than 4 bytes",
+                "more than 4 continuation bytes",
             ),
         ] {
             match first(&block) {
@@ -1334,13 +1376,20 @@ mod tests {
                 other => panic!("{block:?}: {other:?}"),
             }
         }
+        // A block larger than FIRST_BLOCK_MAX, in frames each within the frame size.
         let big = literal_never_indexed("x", &"y".repeat(FIRST_BLOCK_MAX));
-        assert!(matches!(first(&big), Err(PeekError::Protocol(m)) if m.contains("more than")));
+        let (a, b) = big.split_at(MAX_FRAME);
+        let mut c = PREFACE.to_vec();
+        c.extend(frame(HEADERS, 0, 1, a));
+        c.extend(frame(CONTINUATION, END_HEADERS, 1, b));
+        assert!(
+            matches!(FirstStream::new(1 << 20).advance(&c), Err(PeekError::Protocol(m)) if m.contains("headers take more than")),
+        );
     }
 
     /// After the replica's own GOAWAY, the router's ending gives a status only to the
-    /// streams the replica still serves, and sends no GOAWAY of its own (whose last
-    /// stream id could only grow).
+    /// streams the replica still serves, and its GOAWAY names no higher last stream id
+    /// than the replica's.
     #[test]
     fn the_ending_respects_the_replicas_goaway() {
         let mut open = OpenStreams::default();
@@ -1353,15 +1402,20 @@ mod tests {
         for piece in frame(GOAWAY, 0, 0, &goaway).chunks(2) {
             server.feed(piece, &mut open);
         }
-        let out = server.ending(&open, tonic::Code::Unavailable, "gone");
+        let out = server.ending(&open, 5, tonic::Code::Unavailable, "gone");
         let mut rest = &out[..];
-        let mut streams = Vec::new();
+        let (mut streams, mut goaways) = (Vec::new(), Vec::new());
         while !rest.is_empty() {
             let h = FrameHeader::parse(rest);
-            assert_eq!(h.kind, HEADERS);
-            streams.push(h.stream);
+            match h.kind {
+                HEADERS => streams.push(h.stream),
+                GOAWAY => goaways.push(u32::from_be_bytes(rest[9..13].try_into().unwrap())),
+                k => panic!("frame type {k}"),
+            }
             rest = &rest[9 + h.len..];
         }
         assert_eq!(streams, vec![1, 3]);
+        // The last stream id is the replica's, not the higher one the client opened.
+        assert_eq!(goaways, vec![3]);
     }
 }

@@ -73,7 +73,7 @@ const STREAMS: usize = 200;
 const SERVICES: usize = 20;
 
 /// Bytes of the router's heap per relayed stream, at most: the goal, 10 KiB.
-/// Measured 4,708 (see docs/benchmarks.md, "The router's memory per stream, counted"):
+/// Measured 4,724 (see docs/benchmarks.md, "The router's memory per stream, counted"):
 /// the router relays a connection as bytes and holds no HTTP/2 state, so an idle
 /// relayed stream is its task, two sockets' registrations and the relay's state.
 /// (Under the HTTP/2 relay it was 40,665–41,032, 28 KiB of it h2's fixed buffers
@@ -81,7 +81,7 @@ const SERVICES: usize = 20;
 const BOUND_PLAIN: usize = 10 << 10;
 /// Mutual TLS adds two rustls sessions (the client's and the replica's): their read
 /// buffers when idle, record keys, the peers' certificates and session tickets:
-/// measured 22,844–22,863 (under the HTTP/2 relay, 51,629–52,159). ~1.7 KiB of room.
+/// measured 22,827–22,880 (under the HTTP/2 relay, 51,629–52,159). ~1.7 KiB of room.
 const BOUND_MTLS: usize = 24 << 10;
 
 #[derive(Debug, Clone, Copy)]
