@@ -2,9 +2,10 @@
 //! node of its first ADS request, then copies bytes between the client and a replica.
 //!
 //! For each connection it sends the router's connection preface, reads the client's
-//! first frames until the first stream's first gRPC message is whole ([`FirstStream`]),
-//! decodes only the node from it ([`crate::first::node_of`]), asks the [`Table`] for a
-//! replica and connects to it. Every byte read so far is then replayed to the replica
+//! first frames until the first stream's first gRPC message is whole ([`FirstStream`];
+//! [`Relay::read_first`], outside the admission limit), decodes only the node from it
+//! ([`crate::first::node_of`]), asks the [`Table`] for a replica and connects to it
+//! (the service, behind the limit). Every byte read so far is then replayed to the replica
 //! and the rest copied both ways as it comes ([`Relayed`]); nothing after the first
 //! message is decoded, in either direction, and the router holds no HTTP/2 state: an
 //! idle relayed connection costs two sockets and a small task, with no buffer (bytes
@@ -16,9 +17,11 @@
 //! their xDS server, each for one node; a replica refuses a node of a shard it does
 //! not serve.
 //!
-//! When the replica leaves the shard (the table's gone signal) or its connection
-//! fails, the relayed connection is closed; the client sees its stream fail with
-//! `UNAVAILABLE`, reconnects through the router and lands on a live replica. A
+//! When the replica leaves the shard (the table's gone signal), its connection fails
+//! or closes, or the router stops, the router ends the client's open streams with
+//! `UNAVAILABLE` trailers naming why (at a frame boundary of the replica's bytes, see
+//! [`crate::wire::ServerFrames::ending`]) and closes the connection; the client
+//! reconnects through the router and lands on a live replica. A
 //! connection whose first stream the router does not relay (the directory API, which
 //! it serves itself, or a refused stream) is served here over HTTP/2 ([`Local`]): a
 //! refused stream gets a trailers-only gRPC error naming what was missing or unknown
