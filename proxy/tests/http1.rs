@@ -911,6 +911,27 @@ where
     });
 }
 
+/// What one read of `r` brings, within [`TIMEOUT`]; `what` if the stream ended.
+async fn read_more<R: tokio::io::AsyncRead + Unpin>(r: &mut R, what: &str) -> Vec<u8> {
+    let mut chunk = vec![0u8; 64 * 1024];
+    let n = tokio::time::timeout(TIMEOUT, r.read(&mut chunk))
+        .await
+        .expect("body bytes within the timeout")
+        .unwrap();
+    assert!(n > 0, "{what}");
+    chunk.truncate(n);
+    chunk
+}
+
+/// The request head of an upload of `len` bytes to `path`: chunked, or with its length.
+fn upload_head(path: &str, chunked: bool, len: usize) -> String {
+    if chunked {
+        format!("POST {path} HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+    } else {
+        format!("POST {path} HTTP/1.1\r\nHost: a\r\nContent-Length: {len}\r\n\r\n")
+    }
+}
+
 /// The body of an upload: 8 MiB that are not all alike.
 fn big_body() -> Vec<u8> {
     (0..8 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect()
@@ -951,26 +972,14 @@ async fn streaming_echo() -> SocketAddr {
                     if let Some(i) = pending.windows(2).position(|w| w == b"\r\n") {
                         break i;
                     }
-                    let mut chunk = vec![0u8; 64 * 1024];
-                    let n = tokio::time::timeout(TIMEOUT, r.read(&mut chunk))
-                        .await
-                        .expect("body bytes within the timeout")
-                        .unwrap();
-                    assert!(n > 0, "body cut short");
-                    pending.extend_from_slice(&chunk[..n]);
+                    pending.extend_from_slice(&read_more(&mut r, "body cut short").await);
                 };
                 let size =
                     usize::from_str_radix(std::str::from_utf8(&pending[..line_end]).unwrap(), 16)
                         .unwrap();
                 pending.drain(..line_end + 2);
                 while pending.len() < size + 2 {
-                    let mut chunk = vec![0u8; 64 * 1024];
-                    let n = tokio::time::timeout(TIMEOUT, r.read(&mut chunk))
-                        .await
-                        .expect("body bytes within the timeout")
-                        .unwrap();
-                    assert!(n > 0, "chunk cut short");
-                    pending.extend_from_slice(&chunk[..n]);
+                    pending.extend_from_slice(&read_more(&mut r, "chunk cut short").await);
                 }
                 if size == 0 {
                     break;
@@ -986,14 +995,10 @@ async fn streaming_echo() -> SocketAddr {
             }
             left -= k;
             while left > 0 {
-                let mut chunk = vec![0u8; 64 * 1024];
-                let n = tokio::time::timeout(TIMEOUT, r.read(&mut chunk))
-                    .await
-                    .expect("body bytes within the timeout")
-                    .unwrap();
-                assert!(n > 0, "body cut short");
-                let n = n.min(left);
-                tx.send(chunk[..n].to_vec()).unwrap();
+                let mut chunk = read_more(&mut r, "body cut short").await;
+                chunk.truncate(left);
+                let n = chunk.len();
+                tx.send(chunk).unwrap();
                 left -= n;
             }
         }
@@ -1011,14 +1016,7 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
 {
     let body = big_body();
-    let head = if chunked_upload {
-        "POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n".to_string()
-    } else {
-        format!(
-            "POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        )
-    };
+    let head = upload_head("/echo", chunked_upload, body.len());
     let (mut r, w) = tokio::io::split(stream);
     upload(w, head, body.clone(), chunked_upload);
     // The response, read while the upload goes on (every read has a timeout).
@@ -1333,14 +1331,7 @@ async fn an_early_complete_answer_is_relayed_and_the_connection_closed() {
         let (_p, addr) = proxy(fast, b, Duration::from_secs(60)).await;
         for chunked_upload in [false, true] {
             let body = big_body();
-            let head = if chunked_upload {
-                "POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n".to_string()
-            } else {
-                format!(
-                    "POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
-                    body.len()
-                )
-            };
+            let head = upload_head("/up", chunked_upload, body.len());
             let (mut r, w) = TcpStream::connect(addr).await.unwrap().into_split();
             upload(w, head, body, chunked_upload);
             let mut got = Vec::new();
