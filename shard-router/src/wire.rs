@@ -346,10 +346,6 @@ impl OpenStreams {
             s.1 = true;
         }
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
 }
 
 /// A frame header being read from a byte stream that may cut it anywhere.
