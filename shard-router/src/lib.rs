@@ -19,6 +19,7 @@ pub mod admin;
 pub mod app;
 pub mod directory;
 pub mod first;
+pub mod hpack;
 pub mod membership;
 pub mod mesh;
 pub mod mesh_backends;

@@ -30,6 +30,7 @@ use bytes::Bytes;
 use tributary_controlplane::identity::authz::PEER_ID_HEADER;
 
 use crate::first::{Dialect, FirstMessage, FirstRequestError, NodeIdentity, node_of};
+use crate::hpack;
 
 /// The client's connection preface (RFC 9113 §3.4).
 pub const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -61,6 +62,10 @@ const MAX_FRAME: usize = 16_384;
 const FIRST_BLOCK_MAX: usize = 16 << 10;
 /// Header fields in the first request's header block, at most.
 const FIRST_BLOCK_FIELDS: usize = 64;
+/// The first request's fields, decoded, at most (names, values and 32 per field, as
+/// SETTINGS_MAX_HEADER_LIST_SIZE counts them): a field may repeat an entry of the
+/// dynamic table in one byte.
+const FIRST_LIST_MAX: usize = 64 << 10;
 
 /// Bytes the router reads at most besides the first request itself before the first
 /// request is whole (headers, SETTINGS, WINDOW_UPDATE, PING, other streams' frames).
@@ -273,8 +278,7 @@ impl FirstStream {
             return Ok(None);
         }
         // Only a block of whole fields, few of them, with no table larger than the
-        // default goes to the decoder: it allocates what the fields name and trusts
-        // its input.
+        // default goes to the decoder.
         let mut scan = BlockScan::new(4096);
         let bad =
             |what: String| PeekError::Protocol(format!("the first request's headers: {what}"));
@@ -286,12 +290,11 @@ impl FirstStream {
             return Err(bad(format!("more than {FIRST_BLOCK_FIELDS} fields")));
         }
         // The connection's first header block: the decoder's dynamic table starts
-        // empty, as the client's encoder's did. Defence in depth: the decoder is
-        // not ours, and a panic in it ends only this connection, not the task.
+        // empty, as the client's encoder's did.
         let block = std::mem::take(&mut self.block);
-        let fields = std::panic::catch_unwind(|| hpack::Decoder::new().decode(&block))
-            .map_err(|_| bad("HPACK: the decoder failed".into()))?
-            .map_err(|e| bad(format!("HPACK {e:?}")))?;
+        let fields = hpack::Decoder::new(hpack::DEFAULT_TABLE_SIZE, FIRST_LIST_MAX)
+            .decode(&block)
+            .map_err(|e| bad(format!("HPACK: {e}")))?;
         let path = fields
             .into_iter()
             .find(|(name, _)| name == b":path")
@@ -932,14 +935,18 @@ mod tests {
         f
     }
 
+    /// A gRPC request's header block: `:method` and `:scheme` from the static table,
+    /// `:path` Huffman-coded and added to the dynamic table (as h2 and gRPC's clients
+    /// send it), the rest literals.
     fn request_headers(path: &str) -> Vec<u8> {
-        hpack::Encoder::new().encode(vec![
-            (&b":method"[..], &b"POST"[..]),
-            (b":scheme", b"http"),
-            (b":path", path.as_bytes()),
-            (b":authority", b"router"),
-            (b"content-type", b"application/grpc"),
-        ])
+        let mut b = vec![0x83, 0x86];
+        let coded = hpack::huffman_encode(path.as_bytes());
+        b.push(0x44);
+        hpack_int(&mut b, 0x80, 7, coded.len());
+        b.extend_from_slice(&coded);
+        b.extend_from_slice(&literal_never_indexed(":authority", "router"));
+        b.extend_from_slice(&literal_never_indexed("content-type", "application/grpc"));
+        b
     }
 
     fn first_request(env: &str, zone: &str) -> Vec<u8> {
@@ -1128,7 +1135,7 @@ mod tests {
             }
             let streams: Vec<u32> = blocks.iter().map(|b| b.0).collect();
             assert_eq!(streams, vec![1, 3, 1], "cut {cut}");
-            let mut decoder = hpack::Decoder::new();
+            let mut decoder = hpack::Decoder::new(hpack::DEFAULT_TABLE_SIZE, usize::MAX);
             for (i, (_, block)) in blocks.iter().enumerate() {
                 let fields = decoder.decode(block).unwrap();
                 let forwarded: Vec<_> = fields
@@ -1201,7 +1208,7 @@ mod tests {
             "replica a left; 100% gone",
         );
         let mut rest = &out[..];
-        let mut decoder = hpack::Decoder::new();
+        let mut decoder = hpack::Decoder::new(hpack::DEFAULT_TABLE_SIZE, usize::MAX);
         let mut seen = Vec::new();
         while !rest.is_empty() {
             let h = FrameHeader::parse(rest);
