@@ -1,5 +1,6 @@
-//! HPACK decoding (RFC 7541): the header fields of a block, with the dynamic table
-//! the connection's earlier blocks built.
+//! HPACK (RFC 7541): decoding the header fields of a block, with the dynamic table
+//! the connection's earlier blocks built; and the integers of the literals the router
+//! adds itself ([`crate::wire::literal_never_indexed`]).
 //!
 //! The router decodes one header block per connection, its first request's, for the
 //! `:path` ([`crate::wire::FirstStream`]); later blocks pass through unread
@@ -38,6 +39,23 @@ pub enum HpackError {
 #[cfg(test)]
 pub(crate) fn huffman_encode(src: &[u8]) -> Vec<u8> {
     huffman::encode(src)
+}
+
+/// Appends an integer with an `n`-bit prefix (RFC 7541 §5.1), `first` holding the
+/// bits above the prefix.
+pub fn encode_int(out: &mut Vec<u8>, first: u8, n: u32, mut v: usize) {
+    let max = (1usize << n) - 1;
+    if v < max {
+        out.push(first | v as u8);
+        return;
+    }
+    out.push(first | max as u8);
+    v -= max;
+    while v >= 128 {
+        out.push((v % 128) as u8 | 0x80);
+        v /= 128;
+    }
+    out.push(v as u8);
 }
 
 /// A header field: name and value, as octets.
@@ -418,7 +436,8 @@ mod huffman {
 
     #[cfg(test)]
     pub(crate) fn encode(src: &[u8]) -> Vec<u8> {
-        let codes = codes();
+        static CODES: std::sync::OnceLock<Vec<(u32, u8)>> = std::sync::OnceLock::new();
+        let codes = CODES.get_or_init(codes);
         let (mut acc, mut bits, mut out) = (0u64, 0u32, Vec::new());
         for &b in src {
             let (code, len) = codes[usize::from(b)];
@@ -724,23 +743,8 @@ mod tests {
         } else {
             (0, s.to_vec())
         };
-        int(out, flag, 7, bytes.len());
+        encode_int(out, flag, 7, bytes.len());
         out.extend_from_slice(&bytes);
-    }
-
-    fn int(out: &mut Vec<u8>, first: u8, n: u32, mut v: usize) {
-        let max = (1usize << n) - 1;
-        if v < max {
-            out.push(first | v as u8);
-            return;
-        }
-        out.push(first | max as u8);
-        v -= max;
-        while v >= 128 {
-            out.push((v % 128) as u8 | 0x80);
-            v /= 128;
-        }
-        out.push(v as u8);
     }
 
     proptest::proptest! {
@@ -781,13 +785,13 @@ mod tests {
                     let (field, indexing) = match how {
                         // Indexed, from the static table.
                         0 => {
-                            int(&mut bytes, 0x80, 7, static_index as usize);
+                            encode_int(&mut bytes, 0x80, 7, static_index as usize);
                             let (n, v) = STATIC_TABLE[static_index as usize - 1];
                             ((n.as_bytes().to_vec(), v.as_bytes().to_vec()), false)
                         }
                         // Indexed, the oldest dynamic entry (if there is one).
                         1 if !model.is_empty() => {
-                            int(&mut bytes, 0x80, 7, 61 + model.len());
+                            encode_int(&mut bytes, 0x80, 7, 61 + model.len());
                             (model[model.len() - 1].clone(), false)
                         }
                         // Literal with incremental indexing, a literal name.
@@ -799,13 +803,13 @@ mod tests {
                         }
                         // Incremental indexing, a static name.
                         3 => {
-                            int(&mut bytes, 0x40, 6, static_index as usize);
+                            encode_int(&mut bytes, 0x40, 6, static_index as usize);
                             string(&mut bytes, &value, coded);
                             ((static_name(), value), true)
                         }
                         // Without indexing, a static name.
                         4 => {
-                            int(&mut bytes, 0x00, 4, static_index as usize);
+                            encode_int(&mut bytes, 0x00, 4, static_index as usize);
                             string(&mut bytes, &value, coded);
                             ((static_name(), value), false)
                         }

@@ -890,28 +890,11 @@ impl ServerFrames {
 pub fn literal_never_indexed(name: &str, value: &str) -> Bytes {
     let mut b = Vec::with_capacity(3 + name.len() + value.len() + 4);
     b.push(0x10);
-    hpack_int(&mut b, 0, 7, name.len());
+    hpack::encode_int(&mut b, 0, 7, name.len());
     b.extend_from_slice(name.as_bytes());
-    hpack_int(&mut b, 0, 7, value.len());
+    hpack::encode_int(&mut b, 0, 7, value.len());
     b.extend_from_slice(value.as_bytes());
     Bytes::from(b)
-}
-
-/// An HPACK integer with an `n`-bit prefix (RFC 7541 §5.1), `first` holding the
-/// bits above the prefix.
-fn hpack_int(out: &mut Vec<u8>, first: u8, n: u32, mut v: usize) {
-    let max = (1usize << n) - 1;
-    if v < max {
-        out.push(first | v as u8);
-        return;
-    }
-    out.push(first | max as u8);
-    v -= max;
-    while v >= 128 {
-        out.push((v % 128) as u8 | 0x80);
-        v /= 128;
-    }
-    out.push(v as u8);
 }
 
 #[cfg(test)]
@@ -942,7 +925,7 @@ mod tests {
         let mut b = vec![0x83, 0x86];
         let coded = hpack::huffman_encode(path.as_bytes());
         b.push(0x44);
-        hpack_int(&mut b, 0x80, 7, coded.len());
+        hpack::encode_int(&mut b, 0x80, 7, coded.len());
         b.extend_from_slice(&coded);
         b.extend_from_slice(&literal_never_indexed(":authority", "router"));
         b.extend_from_slice(&literal_never_indexed("content-type", "application/grpc"));
