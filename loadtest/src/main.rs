@@ -96,6 +96,12 @@ struct Args {
     /// and leaves the router running with an empty profile).
     #[arg(long)]
     router_wrapper: Option<String>,
+    /// Sharded scenarios: also measure every client through HAProxy, a peer relay,
+    /// side by side in each run: TCP mode, one frontend per replica forwarding to it,
+    /// each client on the frontend of the replica the router would pick; pinned as the
+    /// router, one thread (Debian's `haproxy`).
+    #[arg(long)]
+    haproxy_bin: Option<PathBuf>,
     #[arg(long)]
     clusters: Option<usize>,
     #[arg(long)]

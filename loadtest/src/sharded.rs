@@ -2,7 +2,7 @@
 //! served by `--replicas-per-shard` hub processes on a real etcd, every client
 //! through `tributary-router` — against direct connections to the same replicas.
 //!
-//! Each run measures both ways of connecting, alternating which goes first, each on a
+//! Each run measures each way of connecting, rotating which goes first, each on a
 //! fresh set of processes (etcd, `environments x zones x replicas-per-shard` hubs
 //! with `--store etcd`, the router; pinned like the control plane of the `ebay`
 //! scenario):
@@ -11,7 +11,11 @@
 //!   among the live replicas of its `(environment, zone)` shard;
 //! - **direct**: every client connects straight to that same replica (the harness
 //!   reads the router's table and makes the same choice with
-//!   [`tributary_shard_router::rendezvous::pick`]); the router runs idle.
+//!   [`tributary_shard_router::rendezvous::pick`]); the router runs idle;
+//! - **haproxy** (with `--haproxy-bin`): every client connects to HAProxy, a peer
+//!   relay in TCP mode with one frontend per replica, on the frontend of that same
+//!   replica; HAProxy is pinned as the router, which runs idle. It measures what the
+//!   extra hop costs when the relay reads nothing and routes nothing.
 //!
 //! The harness's agents feed each replica what an agent following the directory
 //! would: per remote cluster, one federation stream to every replica serving a shard
@@ -52,6 +56,9 @@ use crate::{
 pub enum Mode {
     Router,
     Direct,
+    /// Through HAProxy, a peer relay (`--haproxy-bin`): the same extra hop as the
+    /// router's, by a relay that reads nothing.
+    Haproxy,
 }
 
 impl Mode {
@@ -59,8 +66,74 @@ impl Mode {
         match self {
             Mode::Router => "router",
             Mode::Direct => "direct",
+            Mode::Haproxy => "haproxy",
         }
     }
+}
+
+/// HAProxy relaying each replica's clients: one TCP frontend per replica.
+struct PeerRelay {
+    proc: Proc,
+    /// A replica's xDS address to its frontend's.
+    frontends: HashMap<String, String>,
+}
+
+/// Starts HAProxy in TCP mode with a frontend on a free loopback port for every
+/// replica in `routes`, pinned as the router, one thread; waits until each listens.
+async fn start_haproxy(
+    args: &Args,
+    bin: &Path,
+    routes: &Routes,
+    dir: &Path,
+    timeout: Duration,
+) -> anyhow::Result<PeerRelay> {
+    let mut cfg = String::from(
+        "global\n    maxconn 8000\n    nbthread 1\n\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 1h\n    timeout server 1h\n",
+    );
+    let mut frontends = HashMap::new();
+    for r in routes.values().flatten() {
+        if frontends.contains_key(&r.xds) {
+            continue;
+        }
+        let front = format!("127.0.0.1:{}", free_port()?);
+        cfg += &format!(
+            "\nlisten {}\n    bind {front}\n    server {} {}\n",
+            r.id, r.id, r.xds
+        );
+        frontends.insert(r.xds.clone(), front);
+    }
+    let path = dir.join("haproxy.cfg");
+    std::fs::write(&path, cfg)?;
+    let cpus = args
+        .cpu_router
+        .as_deref()
+        .or(args.cpu_control_plane.as_deref());
+    let argv = pinned(
+        cpus,
+        vec![
+            bin.to_string_lossy().into_owned(),
+            "-db".into(),
+            "-f".into(),
+            path.to_string_lossy().into_owned(),
+        ],
+    );
+    let mut proc = Proc::spawn("haproxy", &argv, dir)?;
+    let deadline = Instant::now() + timeout;
+    for front in frontends.values() {
+        while tokio::net::TcpStream::connect(front).await.is_err() {
+            if let Some(status) = proc.exited() {
+                bail!("haproxy exited with {status}; log: {}", proc.log.display());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "haproxy not listening on {front} within {timeout:?}; log: {}",
+                    proc.log.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(PeerRelay { proc, frontends })
 }
 
 /// One replica as the router's table lists it.
@@ -462,6 +535,13 @@ async fn measure(
         sc.shards().len() * args.replicas_per_shard
     );
     let est = start_estate(args, sc, dir).await?;
+    let peer = match (mode, &args.haproxy_bin) {
+        (Mode::Haproxy, Some(bin)) => {
+            Some(start_haproxy(args, bin, &est.routes, dir, timeout).await?)
+        }
+        (Mode::Haproxy, None) => bail!("the haproxy mode needs --haproxy-bin"),
+        _ => None,
+    };
     let served = est.served();
     let mut procs: Vec<Measured<'_>> = est
         .hubs
@@ -493,6 +573,19 @@ async fn measure(
         streams: None,
         shards: Vec::new(),
     });
+    if let Some(p) = &peer {
+        procs.push(Measured {
+            proc: &p.proc,
+            label: "haproxy".into(),
+            role: "haproxy",
+            streams: None,
+            shards: Vec::new(),
+        });
+    }
+    let frontends = peer
+        .as_ref()
+        .map(|p| p.frontends.clone())
+        .unwrap_or_default();
     let routes = est.routes.clone();
     let router_xds = est.router_xds.clone();
     let cp = ControlPlane {
@@ -504,6 +597,11 @@ async fn measure(
                 replica_for(&routes, s)
                     .map(|r| r.xds.clone())
                     // No replica: the run reports the client as misplaced and lost.
+                    .unwrap_or_else(|| "127.0.0.1:1".into())
+            }),
+            Mode::Haproxy => Box::new(move |s: &Spec| {
+                replica_for(&routes, s)
+                    .and_then(|r| frontends.get(&r.xds).cloned())
                     .unwrap_or_else(|| "127.0.0.1:1".into())
             }),
         },
@@ -563,6 +661,7 @@ async fn measure(
     if let Err(e) = loaded {
         let _ = stop_tx.send(true);
         drop(cp);
+        drop(peer);
         est.stop();
         return Err(e);
     }
@@ -583,21 +682,25 @@ async fn measure(
     .await;
     let _ = stop_tx.send(true);
     drop(cp);
+    if let Some(p) = peer {
+        p.proc.stop();
+    }
     est.stop();
     r
 }
 
-/// Figures of the router process in one run (router mode).
-fn router_figures(run: &Run) -> Option<serde_json::Value> {
-    let p = run
-        .processes
-        .as_ref()?
-        .iter()
-        .find(|p| p.role == "router")?;
+/// Figures of the relay process (`role`: the router, or HAProxy) in one run of its
+/// mode; `clients`: its streams when it has no gauge of its own (HAProxy).
+fn relay_figures(run: &Run, role: &str, clients: usize) -> Option<serde_json::Value> {
+    let p = run.processes.as_ref()?.iter().find(|p| p.role == role)?;
     let idle = p.phases.get("load")?.rss_bytes as f64;
     let sync = p.phases.get("initial_sync")?;
     let rounds = p.phases.get("rounds")?;
-    let streams = sync.streams as f64;
+    let streams = if sync.streams > 0 {
+        sync.streams as f64
+    } else {
+        clients as f64
+    };
     let per_k = |cpu: f64| {
         if streams > 0.0 {
             cpu / streams * 1000.0
@@ -613,7 +716,7 @@ fn router_figures(run: &Run) -> Option<serde_json::Value> {
         }
     };
     Some(json!({
-        "streams": sync.streams,
+        "streams": streams as u64,
         "cpu_initial_sync_s": sync.cpu_s,
         "cpu_rounds_s": rounds.cpu_s,
         "cpu_per_1000_streams_initial_sync_s": per_k(sync.cpu_s),
@@ -680,12 +783,15 @@ pub async fn main(args: &Args, sc: Scenario, size: Size, nofile: u64) -> anyhow:
         }
         anyhow::Ok(v)
     };
+    let mut modes = vec![Mode::Router, Mode::Direct];
+    if args.haproxy_bin.is_some() {
+        modes.push(Mode::Haproxy);
+    }
+    let clients = sc.size.sidecars + sc.size.gateways;
     for r in 0..args.runs {
-        let order = if r % 2 == 0 {
-            [Mode::Router, Mode::Direct]
-        } else {
-            [Mode::Direct, Mode::Router]
-        };
+        // Which mode goes first rotates from run to run.
+        let mut order = modes.clone();
+        order.rotate_left(r % modes.len());
         eprintln!(
             "\n== run {}/{}: {} first",
             r + 1,
@@ -701,8 +807,18 @@ pub async fn main(args: &Args, sc: Scenario, size: Size, nofile: u64) -> anyhow:
             let mut v = serde_json::to_value(&run)?;
             v["misplaced_clients"] = json!(misplaced);
             v["replicas"] = replica_figures(&run);
-            if let Some(f) = router_figures(&run).filter(|_| mode == Mode::Router) {
-                v["router"] = f;
+            match mode {
+                Mode::Router => {
+                    if let Some(f) = relay_figures(&run, "router", clients) {
+                        v["router"] = f;
+                    }
+                }
+                Mode::Haproxy => {
+                    if let Some(f) = relay_figures(&run, "haproxy", clients) {
+                        v["relay"] = f;
+                    }
+                }
+                Mode::Direct => {}
             }
             entry.insert(mode.name().into(), v);
             by_mode.entry(mode.name()).or_default().push(run);
@@ -732,6 +848,18 @@ pub async fn main(args: &Args, sc: Scenario, size: Size, nofile: u64) -> anyhow:
             .unwrap_or(0.0)
             / 1024.0,
     );
+    if args.haproxy_bin.is_some() {
+        let c = &summary["haproxy_comparison"];
+        let m = |v: &serde_json::Value| v["median"].as_f64().unwrap_or(0.0);
+        println!(
+            "through HAProxy (the peer relay), medians: p99 per sample haproxy / direct {:.2}x, router / haproxy {:.2}x; p99 per client (sidecars) haproxy / direct {:.2}x; HAProxy CPU per 1,000 streams: initial sync {:.3} s, rounds {:.3} s",
+            m(&c["p99_per_sample_haproxy_over_direct"]),
+            m(&c["p99_per_sample_router_over_haproxy"]),
+            m(&c["p99_per_client_sidecars_haproxy_over_direct"]),
+            m(&summary["haproxy_process"]["cpu_per_1000_streams_initial_sync_s"]),
+            m(&summary["haproxy_process"]["cpu_per_1000_streams_rounds_s"]),
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
     let failures: Vec<String> = by_mode
         .values()
@@ -764,22 +892,44 @@ fn to_json(
     by_mode: &BTreeMap<&str, Vec<Run>>,
     runs_json: &[serde_json::Value],
 ) -> serde_json::Value {
-    let router: Vec<&Run> = by_mode.get("router").into_iter().flatten().collect();
-    let direct: Vec<&Run> = by_mode.get("direct").into_iter().flatten().collect();
-    // Paired per run: both modes of one run share the machine's state at the time.
-    let ratio = |f: fn(&Run) -> f64| {
+    let mode = |m: &str| -> Vec<&Run> { by_mode.get(m).into_iter().flatten().collect() };
+    let (router, direct, haproxy) = (mode("router"), mode("direct"), mode("haproxy"));
+    // Paired per run: the modes of one run share the machine's state at the time.
+    let pair = |a: &[&Run], b: &[&Run], f: fn(&Run) -> f64| {
         spread(
-            router
-                .iter()
-                .zip(&direct)
+            a.iter()
+                .zip(b)
                 .filter(|(_, d)| f(d) > 0.0)
                 .map(|(r, d)| f(r) / f(d))
                 .collect(),
         )
     };
-    let router_figs: Vec<serde_json::Value> =
-        router.iter().filter_map(|r| router_figures(r)).collect();
-    let rf = |key: &str| spread(router_figs.iter().filter_map(|v| v[key].as_f64()).collect());
+    let ratio = |f: fn(&Run) -> f64| pair(&router, &direct, f);
+    let clients = sc.size.sidecars + sc.size.gateways;
+    let router_figs: Vec<serde_json::Value> = router
+        .iter()
+        .filter_map(|r| relay_figures(r, "router", clients))
+        .collect();
+    let haproxy_figs: Vec<serde_json::Value> = haproxy
+        .iter()
+        .filter_map(|r| relay_figures(r, "haproxy", clients))
+        .collect();
+    let process = |figs: &[serde_json::Value]| {
+        let rf = |key: &str| spread(figs.iter().filter_map(|v| v[key].as_f64()).collect());
+        json!({
+            "streams": rf("streams"),
+            "cpu_initial_sync_s": rf("cpu_initial_sync_s"),
+            "cpu_rounds_s": rf("cpu_rounds_s"),
+            "cpu_per_1000_streams_initial_sync_s": rf("cpu_per_1000_streams_initial_sync_s"),
+            "cpu_per_1000_streams_rounds_s": rf("cpu_per_1000_streams_rounds_s"),
+            "rss_idle_bytes": rf("rss_idle_bytes"),
+            "rss_after_sync_bytes": rf("rss_after_sync_bytes"),
+            "peak_rss_bytes": rf("peak_rss_bytes"),
+            "bytes_per_stream_after_sync": rf("bytes_per_stream_after_sync"),
+            "bytes_per_stream_after_rounds": rf("bytes_per_stream_after_rounds"),
+            "bytes_per_stream_peak": rf("bytes_per_stream_peak"),
+        })
+    };
     let hubs = sc.shards().len() * args.replicas_per_shard;
     json!({
         "scenario": size,
@@ -787,7 +937,7 @@ fn to_json(
         "settings": {
             "scenario": args.scenario,
             "runs": args.runs,
-            "order": "router first in odd runs, direct first in even runs; each mode on fresh processes",
+            "order": "router, direct (and haproxy with --haproxy-bin) in turn, the first mode rotating from run to run; each mode on fresh processes",
             "hubs": hubs,
             "replicas_per_shard": args.replicas_per_shard,
             "store": "etcd (one member, on the control plane's CPUs)",
@@ -803,7 +953,8 @@ fn to_json(
                 "harness_cpus": args.cpu_harness,
             },
             "nofile_limit": nofile,
-            "control_plane_figures": "hub.cpu_s and phases.*.control_plane_cpu_s: the sum over every hub, the router and etcd; hub.peak_rss_bytes: the sum of their peaks",
+            "control_plane_figures": "hub.cpu_s and phases.*.control_plane_cpu_s: the sum over every hub, the router, etcd (and HAProxy in its mode); hub.peak_rss_bytes: the sum of their peaks",
+            "haproxy": args.haproxy_bin.as_ref().map(|_| "TCP mode, one frontend per replica, nbthread 1, pinned as the router; the router runs idle in this mode"),
         },
         "router": report::summary(&router),
         "direct": report::summary(&direct),
@@ -817,19 +968,16 @@ fn to_json(
             "initial_sync_router_over_direct": ratio(|r| r.initial_sync_s),
             "rounds_cpu_router_over_direct": ratio(|r| r.phases.get("rounds").map_or(0.0, |p| p.control_plane_cpu_s)),
         },
-        "router_process": {
-            "streams": rf("streams"),
-            "cpu_initial_sync_s": rf("cpu_initial_sync_s"),
-            "cpu_rounds_s": rf("cpu_rounds_s"),
-            "cpu_per_1000_streams_initial_sync_s": rf("cpu_per_1000_streams_initial_sync_s"),
-            "cpu_per_1000_streams_rounds_s": rf("cpu_per_1000_streams_rounds_s"),
-            "rss_idle_bytes": rf("rss_idle_bytes"),
-            "rss_after_sync_bytes": rf("rss_after_sync_bytes"),
-            "peak_rss_bytes": rf("peak_rss_bytes"),
-            "bytes_per_stream_after_sync": rf("bytes_per_stream_after_sync"),
-            "bytes_per_stream_after_rounds": rf("bytes_per_stream_after_rounds"),
-            "bytes_per_stream_peak": rf("bytes_per_stream_peak"),
-        },
+        "router_process": process(&router_figs),
+        "haproxy": (!haproxy.is_empty()).then(|| report::summary(&haproxy)),
+        "haproxy_comparison": (!haproxy.is_empty()).then(|| json!({
+            "p99_per_sample_haproxy_over_direct": pair(&haproxy, &direct, |r| r.convergence_ms.p99),
+            "p99_per_client_sidecars_haproxy_over_direct": pair(&haproxy, &direct, |r| r.per_client_ms.sidecars.p99),
+            "p99_per_client_gateways_haproxy_over_direct": pair(&haproxy, &direct, |r| r.per_client_ms.gateways.p99),
+            "p99_per_sample_router_over_haproxy": pair(&router, &haproxy, |r| r.convergence_ms.p99),
+            "rounds_cpu_haproxy_over_direct": pair(&haproxy, &direct, |r| r.phases.get("rounds").map_or(0.0, |p| p.control_plane_cpu_s)),
+        })),
+        "haproxy_process": (!haproxy.is_empty()).then(|| process(&haproxy_figs)),
         "runs": runs_json,
     })
 }
@@ -846,21 +994,26 @@ fn table(runs_json: &[serde_json::Value]) -> String {
         "cfg p99",
         "initial sync",
         "CPU rounds cp/harness",
-        "router CPU sync/rounds",
-        "router streams",
-        "router KiB/stream",
+        "relay CPU sync/rounds",
+        "relay streams",
+        "relay KiB/stream",
         "hub RSS med/max",
         "hub streams min/max",
         "lost/bad/misplaced",
     ]);
     let f = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
     for r in runs_json {
-        for mode in ["router", "direct"] {
+        for mode in ["router", "direct", "haproxy"] {
             let v = &r[mode];
             if v.is_null() {
                 continue;
             }
-            let rt = &v["router"];
+            // The relay's figures: the router's, or HAProxy's.
+            let rt = if v["router"].is_null() {
+                &v["relay"]
+            } else {
+                &v["router"]
+            };
             let rounds = &v["phases"]["rounds"];
             t.add_row(vec![
                 format!("{}", r["run"]),
