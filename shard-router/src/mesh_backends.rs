@@ -1,6 +1,6 @@
 //! The one-command mesh's example backends: something real for its proxies to reach.
 //! For every endpoint of the config's HTTP/1.1 services on a loopback address (the
-//! bundled example's `reviews` v1 on 127.0.0.1:19081 and v2 on [::1]:19082, …; not the
+//! bundled example's `reviews` v1 on `127.0.0.1:19081` and v2 on `[::1]:19082`, …; not the
 //! gRPC `ratings`), a tiny HTTP/1.1 server on
 //! that address answers every request with who it is — service, labels, environment,
 //! zone and address — so that `curl` through a gateway or a sidecar shows which
