@@ -77,9 +77,10 @@ pub struct Decoder {
 }
 
 impl Decoder {
-    /// A connection's decoder: `table_size` is this end's SETTINGS_HEADER_TABLE_SIZE;
-    /// a block whose fields take more than `max_list` bytes (the names, the values and
-    /// 32 per field, as SETTINGS_MAX_HEADER_LIST_SIZE counts) is refused.
+    /// A connection's decoder: `table_size` is this end's SETTINGS_HEADER_TABLE_SIZE
+    /// (fixed: the router never changes its settings); a block whose fields take more
+    /// than `max_list` bytes (the names, the values and 32 per field, as
+    /// SETTINGS_MAX_HEADER_LIST_SIZE counts) is refused before more is allocated.
     pub fn new(table_size: usize, max_list: usize) -> Self {
         Self {
             table: VecDeque::new(),
@@ -93,19 +94,27 @@ impl Decoder {
     /// The fields of one header block, in order; the dynamic table is left as the
     /// block leaves it, for the connection's next block.
     pub fn decode(&mut self, block: &[u8]) -> Result<Vec<Field>, HpackError> {
-        let mut r = Reader { rest: block };
+        let mut r = Reader {
+            rest: block,
+            max_list: self.max_list,
+        };
         let mut fields = Vec::new();
         let mut list = 0usize;
         while let Some(&first) = r.rest.first() {
+            // What the field may still take, its 32 aside.
+            let budget = self.max_list.saturating_sub(list + 32);
             let field = match first {
                 // Indexed (§6.1).
                 0x80.. => {
                     let (name, value) = self.entry(r.int(7)?)?;
+                    if name.len() + value.len() > budget {
+                        return Err(HpackError::ListTooLarge(self.max_list));
+                    }
                     (name.to_vec(), value.to_vec())
                 }
                 // Literal with incremental indexing (§6.2.1).
                 0x40.. => {
-                    let field = self.literal(&mut r, 6)?;
+                    let field = self.literal(&mut r, 6, budget)?;
                     self.insert(field.clone());
                     field
                 }
@@ -124,7 +133,7 @@ impl Decoder {
                     continue;
                 }
                 // Literal without indexing (§6.2.2) or never indexed (§6.2.3).
-                _ => self.literal(&mut r, 4)?,
+                _ => self.literal(&mut r, 4, budget)?,
             };
             list += field.0.len() + field.1.len() + 32;
             if list > self.max_list {
@@ -136,13 +145,14 @@ impl Decoder {
     }
 
     /// A literal field whose name index has a `prefix`-bit prefix (0: the name is a
-    /// string too).
-    fn literal(&self, r: &mut Reader<'_>, prefix: u32) -> Result<Field, HpackError> {
+    /// string too), its name and value within `budget` bytes together.
+    fn literal(&self, r: &mut Reader<'_>, prefix: u32, budget: usize) -> Result<Field, HpackError> {
         let name = match r.int(prefix)? {
-            0 => r.string(self.max_list)?,
+            0 => r.string(budget)?,
             index => self.entry(index)?.0.to_vec(),
         };
-        Ok((name, r.string(self.max_list)?))
+        let value = r.string(budget.saturating_sub(name.len()))?;
+        Ok((name, value))
     }
 
     /// Entry `index` of the static table (1–61) then the dynamic one (§2.3.3).
@@ -256,6 +266,8 @@ const STATIC_TABLE: [(&str, &str); 61] = [
 /// A block's bytes not read yet.
 struct Reader<'a> {
     rest: &'a [u8],
+    /// The decoder's limit, for its error.
+    max_list: usize,
 }
 
 impl<'a> Reader<'a> {
@@ -287,25 +299,29 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// A string literal (§5.2), Huffman-decoded if it is coded; one longer than
-    /// `max` is refused before it is read.
+    /// A string literal (§5.2), Huffman-decoded if it is coded; refused as soon as
+    /// it is known to decode to more than `max` bytes (a plain one before it is
+    /// copied, a coded one at its `max + 1`st octet).
     fn string(&mut self, max: usize) -> Result<Vec<u8>, HpackError> {
         let coded = self.rest.first().is_some_and(|b| b & 0x80 != 0);
         let len = self.int(7)?;
-        if len > max as u64 {
-            return Err(HpackError::ListTooLarge(max));
+        let too_large = HpackError::ListTooLarge(self.max_list);
+        if !coded && len > max as u64 {
+            return Err(too_large);
         }
-        let len = len as usize;
-        if len > self.rest.len() {
-            return Err(HpackError::Truncated);
-        }
+        let len = usize::try_from(len)
+            .ok()
+            .filter(|l| *l <= self.rest.len())
+            .ok_or(HpackError::Truncated)?;
         let (bytes, rest) = self.rest.split_at(len);
         self.rest = rest;
         if !coded {
             return Ok(bytes.to_vec());
         }
-        let mut out = Vec::with_capacity(len + len / 2);
-        huffman::decode(bytes, &mut out)?;
+        let mut out = Vec::with_capacity(len.min(max));
+        if !huffman::decode(bytes, &mut out, max)? {
+            return Err(too_large);
+        }
         Ok(out)
     }
 }
@@ -374,9 +390,10 @@ mod huffman {
         Canonical { count, symbols }
     }
 
-    /// Appends the octets `src` codes to `out`. Refused: EOS inside the string, and
-    /// padding other than up to 7 bits of EOS's prefix (all ones; §5.2).
-    pub(super) fn decode(src: &[u8], out: &mut Vec<u8>) -> Result<(), HpackError> {
+    /// Appends the octets `src` codes to `out`, at most `max` of them (`Ok(false)`:
+    /// there were more). Refused: EOS inside the string, and padding other than up to
+    /// 7 bits of EOS's prefix (all ones; §5.2).
+    pub(super) fn decode(src: &[u8], out: &mut Vec<u8>, max: usize) -> Result<bool, HpackError> {
         // The code read so far, the first code of its length, and where that
         // length's symbols start (the canonical decoding of RFC 1951's `puff`).
         let (mut code, mut first, mut at, mut len) = (0u32, 0u32, 0usize, 0usize);
@@ -393,6 +410,9 @@ mod huffman {
                     let symbol = CANONICAL.symbols[at + offset as usize];
                     if symbol == EOS {
                         return Err(HpackError::Huffman("EOS inside it"));
+                    }
+                    if out.len() == max {
+                        return Ok(false);
                     }
                     out.push(symbol as u8);
                     (code, first, at, len) = (0, 0, 0, 0);
@@ -413,7 +433,7 @@ mod huffman {
         if !ones {
             return Err(HpackError::Huffman("padding that is not EOS's prefix"));
         }
-        Ok(())
+        Ok(true)
     }
 
     /// The canonical code of each symbol, derived from LENGTHS as RFC 7541
@@ -468,7 +488,8 @@ mod huffman {
 
         fn decoded(src: &[u8]) -> Result<Vec<u8>, HpackError> {
             let mut out = Vec::new();
-            decode(src, &mut out).map(|()| out)
+            assert!(decode(src, &mut out, usize::MAX)?);
+            Ok(out)
         }
 
         #[test]
@@ -524,13 +545,21 @@ mod huffman {
                 decoded(&[0b0000_0000]),
                 Err(HpackError::Huffman("padding that is not EOS's prefix"))
             );
-            // A whole byte of ones after a whole code: 8 bits of padding.
+            // 8 bits of padding alone, and 13 after "ab" (11 bits of codes).
+            assert_eq!(
+                decoded(&[0xff]),
+                Err(HpackError::Huffman("more than 7 bits of padding"))
+            );
             let mut long = encode(b"ab");
             long.push(0xff);
-            assert!(
-                matches!(decoded(&long), Err(HpackError::Huffman(_))),
-                "{long:?}"
+            assert_eq!(
+                decoded(&long),
+                Err(HpackError::Huffman("more than 7 bits of padding"))
             );
+            // At most `max` octets: one more is refused, not appended.
+            let mut out = Vec::new();
+            assert_eq!(decode(&encode(b"abc"), &mut out, 2), Ok(false));
+            assert_eq!(out, b"ab");
             // EOS itself (30 ones), padded with two more ones.
             assert_eq!(
                 decoded(&[0xff, 0xff, 0xff, 0xff]),
@@ -755,32 +784,52 @@ mod tests {
         })]
 
         /// Fields encoded every way (indexed from either table, literals of each
-        /// kind with a literal or indexed name, Huffman-coded or not) decode to
-        /// themselves, over blocks that share a small dynamic table; and no input
-        /// makes the decoder panic.
+        /// kind with a literal, static or dynamic name, Huffman-coded or not, some
+        /// larger than the table), over blocks that share a small dynamic table and
+        /// may start by resizing it, decode to themselves, and the table is what an
+        /// independent model of it says; and no input makes the decoder panic.
         #[test]
         fn fuzz_hpack(
             blocks in proptest::collection::vec(
-                proptest::collection::vec(
-                    (
-                        proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
-                        proptest::collection::vec(proptest::prelude::any::<u8>(), 0..90),
-                        0u8..6,
-                        proptest::prelude::any::<bool>(),
-                        1u64..62,
+                (
+                    proptest::option::of(0usize..=256),
+                    proptest::collection::vec(
+                        (
+                            proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
+                            proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+                            0u8..7,
+                            proptest::prelude::any::<bool>(),
+                            1u64..62,
+                            proptest::prelude::any::<proptest::sample::Index>(),
+                        ),
+                        0..12,
                     ),
-                    0..12,
                 ),
                 1..4,
             ),
             garbage in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
         ) {
             let mut d = Decoder::new(256, 64 << 10);
-            // The encoder's own account of the dynamic table, newest first.
+            // The encoder's own account of the dynamic table, newest first, and its
+            // size limit.
             let mut model: Vec<Field> = Vec::new();
-            for block in blocks {
+            let mut max = 256;
+            let size = |f: &Field| f.0.len() + f.1.len() + 32;
+            let fit = |model: &mut Vec<Field>, max: usize, room: usize| {
+                let mut total: usize = model.iter().map(size).sum();
+                while total + room > max {
+                    let Some(old) = model.pop() else { break };
+                    total -= size(&old);
+                }
+            };
+            for (resize, block) in blocks {
                 let (mut bytes, mut want) = (Vec::new(), Vec::new());
-                for (name, value, how, coded, static_index) in block {
+                if let Some(to) = resize {
+                    encode_int(&mut bytes, 0x20, 5, to);
+                    max = to;
+                    fit(&mut model, max, 0);
+                }
+                for (name, value, how, coded, static_index, pick) in block {
                     let static_name = || STATIC_TABLE[static_index as usize - 1].0.as_bytes().to_vec();
                     let (field, indexing) = match how {
                         // Indexed, from the static table.
@@ -789,13 +838,21 @@ mod tests {
                             let (n, v) = STATIC_TABLE[static_index as usize - 1];
                             ((n.as_bytes().to_vec(), v.as_bytes().to_vec()), false)
                         }
-                        // Indexed, the oldest dynamic entry (if there is one).
+                        // Indexed, any dynamic entry (if there is one).
                         1 if !model.is_empty() => {
-                            encode_int(&mut bytes, 0x80, 7, 61 + model.len());
-                            (model[model.len() - 1].clone(), false)
+                            let k = pick.index(model.len());
+                            encode_int(&mut bytes, 0x80, 7, 62 + k);
+                            (model[k].clone(), false)
+                        }
+                        // Incremental indexing, the name of a dynamic entry.
+                        6 if !model.is_empty() => {
+                            let k = pick.index(model.len());
+                            encode_int(&mut bytes, 0x40, 6, 62 + k);
+                            string(&mut bytes, &value, coded);
+                            ((model[k].0.clone(), value), true)
                         }
                         // Literal with incremental indexing, a literal name.
-                        1 | 2 => {
+                        1 | 2 | 6 => {
                             bytes.push(0x40);
                             string(&mut bytes, &name, coded);
                             string(&mut bytes, &value, !coded);
@@ -822,13 +879,9 @@ mod tests {
                         }
                     };
                     if indexing {
-                        let size = |f: &Field| f.0.len() + f.1.len() + 32;
-                        let mut total: usize = model.iter().map(size).sum();
-                        while total + size(&field) > 256 {
-                            let Some(old) = model.pop() else { break };
-                            total -= size(&old);
-                        }
-                        if size(&field) <= 256 {
+                        // Larger than the table: it empties the table (§4.4).
+                        fit(&mut model, max, size(&field));
+                        if size(&field) <= max {
                             model.insert(0, field.clone());
                         }
                     }
@@ -838,6 +891,8 @@ mod tests {
                 proptest::prop_assert_eq!(got.as_ref(), Ok(&want));
                 proptest::prop_assert_eq!(table(&d), model.clone());
             }
+            // Garbage, on a decoder whose table the blocks filled, and on a fresh one.
+            let _ = d.decode(&garbage);
             let _ = Decoder::new(DEFAULT_TABLE_SIZE, 1 << 10).decode(&garbage);
         }
     }

@@ -1362,6 +1362,29 @@ mod tests {
                 other => panic!("{block:?}: {other:?}"),
             }
         }
+        // Blocks the scan lets through and the decoder refuses: an index beyond an
+        // empty dynamic table, a size update after a field, a Huffman-coded :path
+        // padded with zeros, and one large entry repeated past FIRST_LIST_MAX.
+        let mut bad_padding = vec![0x83, 0x44, 0x81];
+        bad_padding.push(0x00);
+        let mut repeated = vec![0x40, 1, b'x'];
+        hpack::encode_int(&mut repeated, 0, 7, 4000);
+        repeated.extend([b'a'; 4000]);
+        repeated.extend([0xbe; 16]);
+        for (block, what) in [
+            (vec![0x83, 0xbe], "HPACK: index 62"),
+            (
+                vec![0x83, 0x20],
+                "HPACK: a dynamic table size update after a header field",
+            ),
+            (bad_padding, "HPACK: a Huffman-coded string"),
+            (repeated, "HPACK: header fields of more than 65536 bytes"),
+        ] {
+            match first(&block) {
+                Err(PeekError::Protocol(m)) => assert!(m.contains(what), "{m}"),
+                other => panic!("{block:?}: {other:?}"),
+            }
+        }
         // A block larger than FIRST_BLOCK_MAX, in frames each within the frame size.
         let big = literal_never_indexed("x", &"y".repeat(FIRST_BLOCK_MAX));
         let (a, b) = big.split_at(MAX_FRAME);
